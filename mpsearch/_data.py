@@ -1,0 +1,77 @@
+"""Calibration data: any iterable of batches (tensors, tuples, dicts) or a DataLoader."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from mpsearch._validation import invalid
+
+Batch = torch.Tensor | tuple[Any, ...] | list[Any] | Mapping[str, Any]
+
+
+def as_batches(data: Any, *, argument: str = "calib_data") -> list[Batch]:
+    """Materialise calibration data as a list of batches, refusing empty or malformed input.
+
+    >>> len(as_batches([torch.zeros(2, 3), torch.zeros(2, 3)]))
+    2
+    """
+    if isinstance(data, torch.Tensor):
+        batches: list[Batch] = [data]
+    elif isinstance(data, Iterable) and not isinstance(data, (str, bytes, Mapping)):
+        batches = list(data)
+    elif isinstance(data, Mapping):
+        batches = [data]
+    else:
+        raise invalid(
+            argument, data, "an iterable of batches (tensors, tuples or dicts) or a DataLoader"
+        )
+    if not batches:
+        raise invalid(argument, data, "a non-empty iterable of batches")
+    for i, batch in enumerate(batches):
+        if not isinstance(batch, (torch.Tensor, tuple, list, Mapping)):
+            raise invalid(
+                f"{argument}[{i}]", batch, "a tensor, a tuple/list of tensors or a dict of tensors"
+            )
+    return batches
+
+
+def run_model(model: nn.Module, batch: Batch) -> Any:
+    """Call ``model`` on one batch: ``model(x)``, ``model(*batch)`` or ``model(**batch)``."""
+    if isinstance(batch, torch.Tensor):
+        return model(batch)
+    if isinstance(batch, Mapping):
+        return model(**batch)
+    return model(*batch)
+
+
+def output_tensor(output: Any) -> torch.Tensor:
+    """The main tensor of a model output: the tensor itself, the first of a tuple, ``logits`` of a dict."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, Mapping):
+        for key in ("logits", "out", "output"):
+            if key in output:
+                return output_tensor(output[key])
+        return output_tensor(next(iter(output.values())))
+    if isinstance(output, (tuple, list)) and output:
+        return output_tensor(output[0])
+    if hasattr(output, "logits"):
+        return output_tensor(output.logits)
+    raise TypeError(
+        f"Cannot find an output tensor in a model output of type {type(output).__name__}."
+    )
+
+
+def batch_size(batch: Batch) -> int:
+    """Number of samples in a batch (leading dimension of its first tensor)."""
+    if isinstance(batch, torch.Tensor):
+        return int(batch.shape[0]) if batch.dim() else 1
+    values = batch.values() if isinstance(batch, Mapping) else batch
+    for value in values:
+        if isinstance(value, torch.Tensor):
+            return int(value.shape[0]) if value.dim() else 1
+    return 1

@@ -1,0 +1,58 @@
+"""Shared wording for argument errors: name the argument, the value, what is accepted."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+
+def _show(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def invalid(argument: str, value: Any, accepted: str) -> ValueError:
+    """A ``ValueError`` in the project's one template.
+
+    >>> str(invalid("latency_ms", -3, "a positive number"))
+    "The 'latency_ms' argument must be a positive number. Got -3 instead."
+    """
+    return ValueError(f"The {argument!r} argument must be {accepted}. Got {_show(value)} instead.")
+
+
+def unknown(argument: str, value: Any, choices: Iterable[str]) -> ValueError:
+    """A ``ValueError`` for a name that is not one of ``choices``, listing them."""
+    listed = ", ".join(repr(c) for c in sorted(choices))
+    return ValueError(
+        f"The {argument!r} argument must be one of {listed}. Got {_show(value)} instead."
+    )
+
+
+def check_positive(argument: str, value: Any, *, allow_none: bool = False) -> None:
+    """Raise unless ``value`` is a finite number > 0 (or ``None`` when allowed)."""
+    if value is None and allow_none:
+        return
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not value > 0
+        or value != value
+    ):
+        raise invalid(argument, value, "a positive number")
+    if value == float("inf"):
+        raise invalid(argument, value, "a finite positive number")
+
+
+def check_fraction(
+    argument: str, value: Any, *, open_low: bool = True, open_high: bool = True
+) -> None:
+    """Raise unless ``value`` is a number within (0, 1) (ends open or closed as asked)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if ok:
+        low_ok = value > 0 if open_low else value >= 0
+        high_ok = value < 1 if open_high else value <= 1
+        ok = low_ok and high_ok
+    if not ok:
+        lo = "(0" if open_low else "[0"
+        hi = "1)" if open_high else "1]"
+        raise invalid(argument, value, f"a number in {lo}, {hi}")

@@ -1,0 +1,132 @@
+"""``quantize(model, plan, backend)``: a new model that runs each layer in its planned scheme."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from mpsearch._data import as_batches, run_model
+from mpsearch._validation import invalid
+from mpsearch.backends._registry import Backend, get_backend
+from mpsearch.layers import quantizable_layers, replace_layers
+from mpsearch.plan import PrecisionPlan
+from mpsearch.schemes import Observer, get_scheme, make_observer
+
+PlanLike = PrecisionPlan | Mapping[str, str] | str
+
+
+def as_plan(plan: PlanLike, *, argument: str = "plan") -> PrecisionPlan:
+    """A ``PrecisionPlan`` from a plan, a ``{layer: scheme}`` mapping or one scheme name."""
+    if isinstance(plan, PrecisionPlan):
+        return plan
+    if isinstance(plan, str):
+        return PrecisionPlan.uniform(plan)
+    if isinstance(plan, Mapping):
+        return PrecisionPlan(dict(plan))
+    raise invalid(argument, plan, "a PrecisionPlan, a {layer: scheme} mapping or a scheme name")
+
+
+def check_assignment(model: nn.Module, assignment: Mapping[str, str], backend: Backend) -> None:
+    """Refuse, before any work, every (layer, scheme) the backend or the layer shape cannot take."""
+    reason = backend.unavailable_reason()
+    if reason:
+        raise ValueError(f"The {backend.name!r} backend cannot run here: {reason}")
+    layers = quantizable_layers(model)
+    problems = []
+    for name, scheme_name in assignment.items():
+        scheme = get_scheme(scheme_name)
+        layer = layers[name]
+        why = scheme.applicability_error(tuple(layer.weight.shape)) or backend.unsupported_reason(
+            layer, scheme
+        )
+        if why:
+            problems.append(f"  {name} ({type(layer).__name__}) in {scheme_name!r}: {why}")
+    if problems:
+        raise ValueError(
+            f"The plan cannot run on the {backend.name!r} backend:\n"
+            + "\n".join(problems)
+            + "\nChange those layers' schemes, or use backend='simulate' for quality-only runs."
+        )
+
+
+def collect_activation_ranges(
+    model: nn.Module,
+    calib: Iterable[Any],
+    layers: Iterable[str],
+    *,
+    observer: str | Observer = "minmax",
+) -> dict[str, tuple[float, float]]:
+    """Run ``calib`` through ``model`` (full precision) and observe each layer's input range."""
+    batches = as_batches(calib, argument="calib")
+    modules = quantizable_layers(model)
+    observers = {name: make_observer(observer) for name in layers}
+    if isinstance(observer, Observer) and len(observers) > 1:
+        raise invalid(
+            "observer", observer, "an observer name or factory when several layers are observed"
+        )
+    handles = [
+        modules[name].register_forward_pre_hook(
+            lambda _m, args, _n=name: observers[_n].update(args[0])
+        )
+        for name in observers
+    ]
+    try:
+        with torch.inference_mode():
+            for batch in batches:
+                run_model(model, batch)
+    finally:
+        for h in handles:
+            h.remove()
+    return {name: obs.range() for name, obs in observers.items()}
+
+
+def quantize(
+    model: nn.Module,
+    plan: PlanLike,
+    *,
+    backend: str | Backend = "simulate",
+    calib: Iterable[Any] | None = None,
+    observer: str | Observer = "minmax",
+    inplace: bool = False,
+) -> nn.Module:
+    """A model whose layers run in the plan's schemes on ``backend``; ``model`` is left untouched.
+
+    Activation quantization is dynamic (ranges from each input at run time) unless ``calib``
+    batches are passed: then static per-tensor ranges come from ``observer`` (``minmax``,
+    ``percentile`` or ``mse``) on the full-precision model.
+
+    >>> net = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10)).eval()
+    >>> qnet = quantize(net, PrecisionPlan({"0": "w8a8"}, default="bf16"))
+    >>> qnet(torch.randn(2, 64)).shape
+    torch.Size([2, 10])
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"The 'model' argument must be a torch.nn.Module. Got {type(model).__name__} instead."
+        )
+    plan = as_plan(plan)
+    impl = get_backend(backend)
+    assignment = plan.resolve(model)
+    check_assignment(model, assignment, impl)
+    target = model if inplace else copy.deepcopy(model)
+    target.eval()
+    to_change = {n: s for n, s in assignment.items() if s != "fp32" or impl.real}
+    ranges: dict[str, tuple[float, float]] = {}
+    if calib is not None:
+        static = [n for n, s in to_change.items() if get_scheme(s).quantizes_activations]
+        if static:
+            ranges = collect_activation_ranges(target, calib, static, observer=observer)
+    layers = quantizable_layers(target)
+    replacements = {
+        name: impl.quantize_layer(layers[name], get_scheme(scheme), act_range=ranges.get(name))
+        for name, scheme in to_change.items()
+    }
+    replace_layers(target, replacements)
+    result = impl.finalize(target, assignment)
+    result.mpsearch_assignment = dict(assignment)
+    result.mpsearch_backend = impl.name
+    return result

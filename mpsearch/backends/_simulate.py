@@ -1,0 +1,65 @@
+"""The ``simulate`` backend: fake quantization of any scheme, on any device, for quality."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from mpsearch.backends._registry import Backend
+from mpsearch.layers import layer_forward
+from mpsearch.schemes import Scheme, fake_quantize
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class SimulatedLayer(nn.Module):
+    """A layer whose weight is fake-quantized once and whose input is fake-quantized per call.
+
+    The arithmetic then runs in the scheme's ``compute_dtype``; the output is cast back to
+    the input's dtype. The wrapped layer is only read, never modified.
+    """
+
+    def __init__(
+        self, layer: nn.Module, scheme: Scheme, *, act_range: tuple[float, float] | None = None
+    ) -> None:
+        super().__init__()
+        self.scheme = scheme
+        self.layer_type = type(layer).__name__
+        self.inner = layer
+        self.compute_dtype = _DTYPES[scheme.compute_dtype]
+        with torch.no_grad():
+            wq = fake_quantize(layer.weight.detach().float(), scheme.weight)
+        self.register_buffer("weight_q", wq.to(self.compute_dtype), persistent=True)
+        bias = getattr(layer, "bias", None)
+        self.register_buffer(
+            "bias_c",
+            None if bias is None else bias.detach().to(self.compute_dtype),
+            persistent=True,
+        )
+        self.act_range = act_range
+
+    def forward(self, x: Tensor) -> Tensor:
+        out_dtype = x.dtype
+        act = self.scheme.activation
+        if act is not None and not act.is_identity:
+            lo, hi = self.act_range if self.act_range is not None else (None, None)
+            x = fake_quantize(x.float(), act, lo=lo, hi=hi)
+        y = layer_forward(self.inner, x.to(self.compute_dtype), self.weight_q, self.bias_c)
+        return y.to(out_dtype)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.layer_type}, scheme={self.scheme.name!r}, static={self.act_range is not None}"
+        )
+
+
+class SimulateBackend(Backend):
+    """Fake quantization: every scheme, every device; quality only, no real speed-up."""
+
+    name = "simulate"
+    real = False
+
+    def quantize_layer(
+        self, layer: nn.Module, scheme: Scheme, *, act_range: tuple[float, float] | None = None
+    ) -> nn.Module:
+        return SimulatedLayer(layer, scheme, act_range=act_range)

@@ -1,0 +1,202 @@
+"""PrecisionPlan: layer name -> scheme, with exact-name and regex rules and a default."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from mpsearch._validation import invalid, unknown
+from mpsearch.layers import quantizable_layers
+from mpsearch.schemes import SCHEMES, get_scheme
+
+PLAN_FORMAT = "mpsearch.plan"
+PLAN_VERSION = 1
+REGEX_PREFIX = "re:"
+
+
+class PrecisionPlan:
+    """Which scheme each quantizable layer runs in.
+
+    Keys of ``rules`` are exact layer names (as in ``model.named_modules()``) or regular
+    expressions written ``"re:<pattern>"`` (matched with ``re.fullmatch``). Precedence: an
+    exact name wins; otherwise the first regex, in insertion order, that matches; otherwise
+    ``default``.
+
+    >>> plan = PrecisionPlan({"conv1": "w8a8", "re:fc.*": "w4a16"}, default="bf16")
+    >>> plan.scheme_for("fc2"), plan.scheme_for("conv1"), plan.scheme_for("conv2")
+    ('w4a16', 'w8a8', 'bf16')
+    >>> PrecisionPlan.from_json(plan.to_json()) == plan
+    True
+    """
+
+    __slots__ = ("_compiled", "default", "metadata", "rules")
+
+    def __init__(
+        self,
+        rules: Mapping[str, str] | None = None,
+        *,
+        default: str = "fp32",
+        metadata: Mapping[str, Any] | None = None,
+    ) -> None:
+        rules = dict(rules or {})
+        if not isinstance(default, str):
+            raise invalid("default", default, "a scheme name")
+        get_scheme(default, argument="default")
+        compiled: list[tuple[str, re.Pattern[str]]] = []
+        for key, scheme in rules.items():
+            if not isinstance(key, str) or not key:
+                raise invalid("rules", key, "a layer name or 're:<regex>' string")
+            if not isinstance(scheme, str) or scheme not in SCHEMES:
+                raise unknown(f"rules[{key!r}]", scheme, SCHEMES)
+            if key.startswith(REGEX_PREFIX):
+                try:
+                    compiled.append((key, re.compile(key[len(REGEX_PREFIX) :])))
+                except re.error as exc:
+                    raise invalid(
+                        f"rules[{key!r}]", key, f"a valid regular expression ({exc})"
+                    ) from None
+        self.rules: dict[str, str] = rules
+        self.default = default
+        self.metadata: dict[str, Any] = dict(metadata or {})
+        self._compiled = compiled
+
+    # -- lookup ---------------------------------------------------------------------------------
+    def scheme_for(self, layer: str) -> str:
+        """The scheme name this plan gives ``layer``."""
+        if layer in self.rules and not layer.startswith(REGEX_PREFIX):
+            return self.rules[layer]
+        for key, pattern in self._compiled:
+            if pattern.fullmatch(layer):
+                return self.rules[key]
+        return self.default
+
+    def resolve(self, model: nn.Module | Iterable[str]) -> dict[str, str]:
+        """``{layer name: scheme name}`` for every quantizable layer of ``model``.
+
+        ``model`` may also be the list of layer names. An exact rule naming a layer the model
+        lacks, or a regex that matches no layer, is refused with the list of valid names.
+        """
+        if isinstance(model, nn.Module):
+            names = list(quantizable_layers(model))
+        else:
+            names = list(model)
+        known = set(names)
+        for key, _pattern in self._compiled:
+            if not any(_pattern.fullmatch(n) for n in names):
+                raise ValueError(
+                    f"The plan rule {key!r} matches no quantizable layer. Layers: {_listing(names)}."
+                )
+        for key in self.rules:
+            if not key.startswith(REGEX_PREFIX) and key not in known:
+                raise ValueError(
+                    f"The plan names layer {key!r}, which the model does not have as a quantizable "
+                    f"layer. Layers: {_listing(names)}."
+                )
+        return {name: self.scheme_for(name) for name in names}
+
+    @classmethod
+    def uniform(cls, scheme: str, **kwargs: Any) -> PrecisionPlan:
+        """Every layer in ``scheme``."""
+        return cls({}, default=scheme, **kwargs)
+
+    @classmethod
+    def from_assignment(
+        cls, assignment: Mapping[str, str], *, default: str = "fp32", **kwargs: Any
+    ) -> PrecisionPlan:
+        """A plan of exact names only (as the search produces)."""
+        return cls(dict(assignment), default=default, **kwargs)
+
+    # -- comparison -----------------------------------------------------------------------------
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, PrecisionPlan):
+            return NotImplemented
+        return (
+            list(self.rules.items()) == list(other.rules.items())
+            and self.default == other.default
+            and self.metadata == other.metadata
+        )
+
+    def __hash__(self) -> int:
+        return hash((tuple(self.rules.items()), self.default))
+
+    def __repr__(self) -> str:
+        return f"PrecisionPlan({self.rules!r}, default={self.default!r})"
+
+    # -- JSON -----------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": PLAN_FORMAT,
+            "version": PLAN_VERSION,
+            "default": self.default,
+            "rules": dict(self.rules),
+            "schemes": {
+                name: SCHEMES[name].to_dict()
+                for name in sorted({self.default, *self.rules.values()})
+            },
+            "metadata": self.metadata,
+        }
+
+    def to_json(self, *, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> PrecisionPlan:
+        if not isinstance(data, Mapping) or data.get("format") != PLAN_FORMAT:
+            raise ValueError(
+                f'Not an mpsearch plan: expected a JSON object with "format": {PLAN_FORMAT!r}.'
+            )
+        version = data.get("version")
+        if version != PLAN_VERSION:
+            raise ValueError(
+                f"Unsupported plan version {version!r}: this mpsearch reads version {PLAN_VERSION}. "
+                "Re-export the plan with a matching mpsearch."
+            )
+        for name, definition in (data.get("schemes") or {}).items():
+            if name in SCHEMES and SCHEMES[name].to_dict() != definition:
+                raise ValueError(
+                    f"The plan's scheme {name!r} differs from the registered scheme of that name; "
+                    "register the plan's definition under another name or use the matching mpsearch."
+                )
+        return cls(
+            data.get("rules", {}),
+            default=data.get("default", "fp32"),
+            metadata=data.get("metadata"),
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> PrecisionPlan:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"A plan must be JSON: {exc}") from None
+        return cls.from_dict(data)
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write the plan as JSON, atomically."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as fh:
+            fh.write(self.to_json())
+            tmp = fh.name
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> PrecisionPlan:
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise ValueError(f"Cannot read plan file {str(path)!r}: {exc.strerror}.") from None
+        return cls.from_json(text)
+
+
+def _listing(names: list[str], limit: int = 30) -> str:
+    shown = ", ".join(repr(n) for n in names[:limit])
+    return shown + (f", ... ({len(names)} in all)" if len(names) > limit else "")

@@ -1,0 +1,180 @@
+"""Precision schemes: what one layer's weights and activations are stored and computed in."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from mpsearch._validation import unknown
+from mpsearch.schemes._fakequant import group_error
+from mpsearch.schemes._quantspec import QuantSpec
+
+COMPUTE_DTYPES: tuple[str, ...] = ("fp32", "bf16", "fp16")
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """One precision choice for one layer.
+
+    ``weight`` and ``activation`` say how the layer's weight and its input are quantized
+    (``activation=None``: the input is only cast to ``compute_dtype``). ``compute_dtype`` is the
+    dtype of the arithmetic that is not integer (``bf16`` for weight-only schemes, as their
+    CPU kernels take bf16 activations).
+
+    >>> s = SCHEMES["w4a16"]
+    >>> s.bits_per_weight((64, 128))   # 4 bits + (bf16 scale + 4-bit zero) per 32 weights
+    4.625
+    """
+
+    name: str
+    weight: QuantSpec
+    activation: QuantSpec | None = None
+    compute_dtype: str = "fp32"
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        if self.compute_dtype not in COMPUTE_DTYPES:
+            raise unknown("compute_dtype", self.compute_dtype, COMPUTE_DTYPES)
+
+    @property
+    def weight_bits(self) -> int:
+        """Nominal bits of one weight element (without scales)."""
+        return self.weight.fmt.bits
+
+    @property
+    def activation_bits(self) -> int:
+        if self.activation is not None:
+            return self.activation.fmt.bits
+        return 32 if self.compute_dtype == "fp32" else 16
+
+    @property
+    def quantizes_activations(self) -> bool:
+        return self.activation is not None and self.activation.scaled
+
+    def weight_storage_bits(self, shape: tuple[int, ...]) -> int:
+        """Exact bits to store a weight of ``shape`` in this scheme (scales and zero points included)."""
+        return self.weight.storage_bits(tuple(shape))
+
+    def bits_per_weight(self, shape: tuple[int, ...]) -> float:
+        """Exact storage bits per weight element for a weight of ``shape``."""
+        numel = 1
+        for d in shape:
+            numel *= d
+        return self.weight_storage_bits(shape) / numel
+
+    def applicability_error(self, shape: tuple[int, ...]) -> str | None:
+        """Why this scheme cannot quantize a weight of ``shape`` (``None`` when it can)."""
+        return group_error(tuple(shape), self.weight)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Scheme:
+        data = dict(data)
+        data["weight"] = QuantSpec(**data["weight"])
+        if data.get("activation") is not None:
+            data["activation"] = QuantSpec(**data["activation"])
+        return cls(**data)
+
+
+def _int_w(
+    bits: int, *, group: int | None = None, symmetric: bool = True, scale: str = "fp32"
+) -> QuantSpec:
+    return QuantSpec(
+        f"int{bits}",
+        granularity="group" if group else "channel",
+        group_size=group,
+        symmetric=symmetric,
+        scale_dtype=scale,
+        zero_point_bits=0 if symmetric else bits,
+    )
+
+
+_BF16 = QuantSpec("bf16", granularity="none")
+_FP16 = QuantSpec("fp16", granularity="none")
+_ACT_INT8 = QuantSpec("int8", granularity="tensor", symmetric=False, zero_point_bits=8)
+
+SCHEMES: dict[str, Scheme] = {}
+
+
+def register_scheme(scheme: Scheme, *, overwrite: bool = False) -> Scheme:
+    """Add ``scheme`` to :data:`SCHEMES` under its name.
+
+    >>> register_scheme(Scheme("w4a16_g128", _int_w(4, group=128, symmetric=False, scale="bf16"),
+    ...                        _BF16, "bf16"), overwrite=True).name
+    'w4a16_g128'
+    """
+    if not isinstance(scheme, Scheme):
+        raise TypeError(
+            f"The 'scheme' argument must be a Scheme. Got {type(scheme).__name__} instead."
+        )
+    if scheme.name in SCHEMES and not overwrite and SCHEMES[scheme.name] != scheme:
+        raise ValueError(
+            f"A different scheme named {scheme.name!r} is registered; pass overwrite=True."
+        )
+    SCHEMES[scheme.name] = scheme
+    return scheme
+
+
+def get_scheme(name: str | Scheme, *, argument: str = "scheme") -> Scheme:
+    """The registered scheme called ``name`` (a ``Scheme`` is returned as is).
+
+    >>> get_scheme("w8a8").weight_bits
+    8
+    """
+    if isinstance(name, Scheme):
+        return name
+    if name not in SCHEMES:
+        raise unknown(argument, name, SCHEMES)
+    return SCHEMES[name]
+
+
+for _scheme in (
+    Scheme("fp32", QuantSpec("fp32", granularity="none"), None, "fp32", "full precision"),
+    Scheme("bf16", _BF16, _BF16, "bf16", "bfloat16 weights and activations"),
+    Scheme("fp16", _FP16, _FP16, "fp16", "float16 weights and activations"),
+    Scheme(
+        "fp8",
+        QuantSpec("fp8_e4m3", granularity="channel"),
+        QuantSpec("fp8_e4m3", granularity="tensor"),
+        "fp32",
+        "fp8 e4m3 weights (per-channel scale) and activations (per-tensor scale)",
+    ),
+    Scheme(
+        "w8a8",
+        _int_w(8),
+        _ACT_INT8,
+        "fp32",
+        "int8 per-channel weights, int8 per-tensor activations",
+    ),
+    Scheme("w8a16", _int_w(8), _BF16, "bf16", "int8 per-channel weight-only, bf16 activations"),
+    Scheme(
+        "w4a16",
+        _int_w(4, group=32, symmetric=False, scale="bf16"),
+        _BF16,
+        "bf16",
+        "int4 asymmetric weight-only, groups of 32, bf16 activations",
+    ),
+    Scheme(
+        "w4a8",
+        _int_w(4, group=32, scale="bf16"),
+        _ACT_INT8,
+        "fp32",
+        "int4 symmetric weights in groups of 32, int8 per-tensor activations",
+    ),
+    Scheme(
+        "w2a16",
+        _int_w(2, group=32, symmetric=False, scale="bf16"),
+        _BF16,
+        "bf16",
+        "2-bit asymmetric weight-only, groups of 32, bf16 activations",
+    ),
+    Scheme(
+        "fp4",
+        QuantSpec("fp4_e2m1", granularity="group", group_size=32, scale_dtype="e8m0"),
+        _BF16,
+        "bf16",
+        "fp4 e2m1 weights in blocks of 32 with power-of-two (e8m0) scales (MXFP4), bf16 activations",
+    ),
+):
+    register_scheme(_scheme)
