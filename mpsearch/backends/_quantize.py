@@ -46,10 +46,13 @@ def check_assignment(model: nn.Module, assignment: Mapping[str, str], backend: B
         if why:
             problems.append(f"  {name} ({type(layer).__name__}) in {scheme_name!r}: {why}")
     if problems:
+        hint = "Change those layers' schemes"
+        if backend.real:
+            hint += ", or use backend='simulate' for quality-only runs"
         raise ValueError(
             f"The plan cannot run on the {backend.name!r} backend:\n"
             + "\n".join(problems)
-            + "\nChange those layers' schemes, or use backend='simulate' for quality-only runs."
+            + f"\n{hint}."
         )
 
 

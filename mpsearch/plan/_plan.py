@@ -54,7 +54,7 @@ class PrecisionPlan:
             if not isinstance(key, str) or not key:
                 raise invalid("rules", key, "a layer name or 're:<regex>' string")
             if not isinstance(scheme, str) or scheme not in SCHEMES:
-                raise unknown(f"rules[{key!r}]", scheme, SCHEMES)
+                raise unknown(f"rules[{key}]", scheme, SCHEMES)
             if key.startswith(REGEX_PREFIX):
                 try:
                     compiled.append((key, re.compile(key[len(REGEX_PREFIX) :])))
