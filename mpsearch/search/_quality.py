@@ -1,0 +1,85 @@
+"""Quality of a plan: the user's ``evaluate(model)`` or fidelity to the fp32 model."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from mpsearch._data import as_batches, output_tensor, run_model
+from mpsearch.backends import get_backend
+from mpsearch.layers import quantizable_layers, swapped
+from mpsearch.schemes import get_scheme
+
+
+class Fidelity:
+    """Agreement of a model with the fp32 model's outputs on held-out data (no labels needed).
+
+    For outputs whose last dimension holds class scores (float, size >= 2), the fraction of
+    positions whose arg-max agrees; otherwise ``1 - MSE / Var(reference)`` (1 is perfect).
+
+    >>> net = nn.Linear(4, 3).eval()
+    >>> Fidelity(net, [torch.randn(16, 4)])(net)
+    1.0
+    """
+
+    def __init__(self, reference: nn.Module, data: Iterable[Any]) -> None:
+        self.batches = as_batches(data, argument="eval_data")
+        with torch.inference_mode():
+            self.reference = [output_tensor(run_model(reference, b)).float() for b in self.batches]
+        first = self.reference[0]
+        self.classification = (
+            first.is_floating_point() and first.dim() >= 2 and first.shape[-1] >= 2
+        )
+        if not all(torch.isfinite(r).all() for r in self.reference):
+            raise ValueError(
+                "The fp32 model gives NaN or inf outputs on 'eval_data'; check the data."
+            )
+
+    def __call__(self, model: nn.Module) -> float:
+        agree, total, sq, var = 0.0, 0, 0.0, 0.0
+        with torch.inference_mode():
+            for batch, ref in zip(self.batches, self.reference, strict=True):
+                out = output_tensor(run_model(model, batch)).float()
+                if self.classification:
+                    agree += float((out.argmax(-1) == ref.argmax(-1)).sum())
+                    total += ref[..., 0].numel()
+                else:
+                    sq += float(((out - ref) ** 2).sum())
+                    var += float(((ref - ref.mean()) ** 2).sum())
+        if self.classification:
+            return agree / total
+        return 1.0 - sq / max(var, 1e-12)
+
+
+class PlanRunner:
+    """Runs ``evaluate`` on ``model`` with a plan's layers swapped in, restoring them after.
+
+    Quantized layers are built once per (layer, scheme) and reused across plans, so a trial
+    costs one evaluation, never a re-quantization of the whole model. A lock serialises
+    evaluations that share the model.
+    """
+
+    def __init__(self, model: nn.Module, *, backend: str = "simulate") -> None:
+        self.model = model
+        self.backend = get_backend(backend)
+        self.layers = quantizable_layers(model)
+        self._cache: dict[tuple[str, str], nn.Module] = {}
+        self._lock = threading.Lock()
+
+    def layer(self, name: str, scheme: str) -> nn.Module:
+        key = (name, scheme)
+        if key not in self._cache:
+            self._cache[key] = self.backend.quantize_layer(self.layers[name], get_scheme(scheme))
+        return self._cache[key]
+
+    def __call__(
+        self, assignment: Mapping[str, str], evaluate: Callable[[nn.Module], float]
+    ) -> float:
+        with self._lock:
+            swaps = {n: self.layer(n, s) for n, s in assignment.items() if s != "fp32"}
+            with swapped(self.model, swaps):
+                return evaluate(self.model)

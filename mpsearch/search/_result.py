@@ -1,0 +1,184 @@
+"""SearchResult: the study, its Pareto front, plans, best plan under a budget, hypervolume."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import numpy as np
+import optuna
+import pandas as pd
+
+from mpsearch.plan import PrecisionPlan
+from mpsearch.search._budget import Budget, as_budget
+from mpsearch.search._pareto import hypervolume, pareto_mask
+from mpsearch.search._space import ResolvedSpace
+from mpsearch.search._table import ChoiceTable
+
+_MAXIMIZE = {"quality": True, "memory_mb": False, "latency_ms": False}
+_COLUMN = {"quality": "quality", "memory": "memory_mb", "latency": "latency_ms"}
+
+
+@dataclass
+class SearchResult:
+    """What :func:`search` found.
+
+    ``study`` is the Optuna study; ``trials`` one row per finished trial; ``pareto`` the
+    non-dominated feasible trials whose quality was truly evaluated, cheapest first;
+    ``plans`` their :class:`PrecisionPlan` in the same order.
+    """
+
+    study: optuna.Study
+    space: ResolvedSpace
+    table: ChoiceTable
+    objectives: tuple[str, ...]
+    limits: tuple[float | None, float | None]
+    fp32_memory_mb: float
+    fp32_latency_ms: float
+    wall_time_s: float = 0.0
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    @cached_property
+    def trials(self) -> pd.DataFrame:
+        rows = []
+        for t in self.study.get_trials(deepcopy=False):
+            if (
+                t.state == optuna.trial.TrialState.RUNNING
+                or t.state == optuna.trial.TrialState.WAITING
+            ):
+                continue
+            complete = t.state == optuna.trial.TrialState.COMPLETE
+            rows.append(
+                {
+                    "trial": t.number,
+                    "state": t.state.name,
+                    "quality": t.values[0] if complete else np.nan,
+                    "memory_mb": t.user_attrs.get("memory_mb", np.nan),
+                    "latency_ms": t.user_attrs.get("latency_ms", np.nan),
+                    "feasible": all(v <= 0 for v in t.constraints.values()),
+                    "origin": t.user_attrs.get("origin", "sampler"),
+                    "quality_source": t.user_attrs.get("quality_source", ""),
+                    "proxy_error": t.user_attrs.get("proxy_error", np.nan),
+                    "reason": t.user_attrs.get(
+                        "fail_reason", t.user_attrs.get("pruned_reason", "")
+                    ),
+                    "assignment": t.user_attrs.get("plan"),
+                }
+            )
+        return pd.DataFrame(rows)
+
+    @property
+    def n_true_evaluations(self) -> int:
+        """How many plans had their quality truly evaluated (not memoised, not proxy, not pruned)."""
+        df = self.trials
+        return int((df["quality_source"] == "true").sum()) if len(df) else 0
+
+    def _evaluated(self) -> pd.DataFrame:
+        df = self.trials
+        if not len(df):
+            return df
+        return df[(df["state"] == "COMPLETE") & df["quality_source"].isin(["true", "memo"])]
+
+    @cached_property
+    def pareto(self) -> pd.DataFrame:
+        df = self._evaluated()
+        df = df[df["feasible"]] if len(df) else df
+        if not len(df):
+            return pd.DataFrame(
+                columns=["trial", "quality", "memory_mb", "latency_ms", "origin", "plan"]
+            )
+        cols = [_COLUMN[o] for o in self.objectives]
+        pts = df[cols].to_numpy(dtype=float)
+        front = df[pareto_mask(pts, [_MAXIMIZE[c] for c in cols])]
+        front = front.drop_duplicates(subset=["quality", "memory_mb", "latency_ms"])
+        front = front.sort_values(
+            ["memory_mb", "latency_ms", "quality"], ascending=[True, True, False]
+        )
+        out = front[["trial", "quality", "memory_mb", "latency_ms", "origin"]].copy()
+        out["plan"] = [self._plan(row) for row in front.itertuples(index=False)]
+        return out.reset_index(drop=True)
+
+    def _plan(self, row: object) -> PrecisionPlan:
+        return PrecisionPlan.from_assignment(
+            row.assignment,
+            metadata={
+                "trial": int(row.trial),
+                "quality": float(row.quality),
+                "memory_mb": float(row.memory_mb),
+                "latency_ms": float(row.latency_ms),
+            },
+        )
+
+    @property
+    def plans(self) -> list[PrecisionPlan]:
+        """The Pareto plans, cheapest (in memory) first."""
+        return list(self.pareto["plan"])
+
+    def best(self, budget: Budget | dict | None = None) -> PrecisionPlan:
+        """The truly evaluated plan with the best quality that meets ``budget`` (default: the search's).
+
+        Ties go to the smaller, then faster plan.
+        """
+        if budget is None:
+            memory_mb, latency_ms = self.limits
+        else:
+            memory_mb, latency_ms = as_budget(budget).limits(
+                fp32_memory_mb=self.fp32_memory_mb, fp32_latency_ms=self.fp32_latency_ms
+            )
+        df = self._evaluated()
+        if len(df):
+            ok = np.ones(len(df), dtype=bool)
+            if memory_mb is not None:
+                ok &= df["memory_mb"].to_numpy() <= memory_mb
+            if latency_ms is not None:
+                ok &= df["latency_ms"].to_numpy() <= latency_ms
+            df = df[ok]
+        if not len(df):
+            raise ValueError(
+                f"No evaluated plan meets the budget (memory_mb={memory_mb}, latency_ms={latency_ms}); run more trials or relax it."
+            )
+        row = df.sort_values(
+            ["quality", "memory_mb", "latency_ms"], ascending=[False, True, True]
+        ).iloc[0]
+        return self._plan(row)
+
+    def reference_point(self) -> tuple[float, float, float]:
+        """Default hypervolume reference: (lowest true quality seen, fp32 memory, fp32 latency)."""
+        df = self._evaluated()
+        q = float(df["quality"].min()) if len(df) else 0.0
+        return (q, self.fp32_memory_mb, self.fp32_latency_ms)
+
+    def hypervolume(
+        self, reference: tuple[float, float, float] | None = None, *, upto_trial: int | None = None
+    ) -> float:
+        """Hypervolume of the front over (quality, memory MB, latency ms) against ``reference``."""
+        ref = reference or self.reference_point()
+        df = self._evaluated()
+        if len(df):
+            df = df[df["feasible"]]
+        if upto_trial is not None and len(df):
+            df = df[df["trial"] <= upto_trial]
+        pts = (
+            df[["quality", "memory_mb", "latency_ms"]].to_numpy(dtype=float)
+            if len(df)
+            else np.zeros((0, 3))
+        )
+        return hypervolume(pts, ref, [True, False, False])
+
+    def hypervolume_history(
+        self, reference: tuple[float, float, float] | None = None
+    ) -> pd.DataFrame:
+        """Hypervolume after each true evaluation: columns ``true_evaluations``, ``trial``, ``hypervolume``."""
+        ref = reference or self.reference_point()
+        df = self.trials
+        rows, count = [], 0
+        for t in df[df["quality_source"] == "true"]["trial"]:
+            count += 1
+            rows.append(
+                {
+                    "true_evaluations": count,
+                    "trial": int(t),
+                    "hypervolume": self.hypervolume(ref, upto_trial=int(t)),
+                }
+            )
+        return pd.DataFrame(rows)

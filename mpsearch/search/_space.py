@@ -1,0 +1,315 @@
+"""Search spaces: which schemes each layer may take, pinned layers, tied groups (YAML)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from torch import nn
+
+from mpsearch._validation import invalid
+from mpsearch.layers import quantizable_layers
+from mpsearch.schemes import SCHEMES, get_scheme
+
+SPACES_DIR = Path(__file__).resolve().parents[2] / "search_spaces"
+_SELECTORS = ("type", "regex", "name")
+
+
+class SpaceError(ValueError):
+    """A search space that does not fit the model or names unknown schemes."""
+
+
+@dataclass
+class ResolvedSpace:
+    """A space applied to one model: the choices of each searched parameter.
+
+    ``params`` maps a parameter name (a layer name, or ``group:<first layer>`` for tied
+    layers) to its layers; ``choices`` maps it to its schemes, in the space's order.
+    ``pinned`` holds the layers fixed to one scheme; ``dropped`` says which scheme was removed
+    from which layer and why (the layer's shape or the backend cannot take it).
+    """
+
+    layers: list[str]
+    params: dict[str, list[str]]
+    choices: dict[str, list[str]]
+    pinned: dict[str, str]
+    dropped: dict[str, dict[str, str]] = field(default_factory=dict)
+
+    def assignment(self, params: Mapping[str, str]) -> dict[str, str]:
+        """``{layer: scheme}`` for every layer from one value per parameter."""
+        out = dict(self.pinned)
+        for param, layers in self.params.items():
+            for layer in layers:
+                out[layer] = params[param]
+        return {name: out[name] for name in self.layers}
+
+    def params_of(self, assignment: Mapping[str, str]) -> dict[str, str]:
+        """The parameter values of an assignment (the inverse of :meth:`assignment`)."""
+        return {param: assignment[layers[0]] for param, layers in self.params.items()}
+
+    def layer_choices(self, layer: str) -> list[str]:
+        if layer in self.pinned:
+            return [self.pinned[layer]]
+        for param, layers in self.params.items():
+            if layer in layers:
+                return self.choices[param]
+        raise KeyError(layer)
+
+    def contains(self, assignment: Mapping[str, str]) -> bool:
+        return all(assignment.get(layer) in self.layer_choices(layer) for layer in self.layers)
+
+    @property
+    def size(self) -> int:
+        n = 1
+        for c in self.choices.values():
+            n *= len(c)
+        return n
+
+
+@dataclass
+class SearchSpace:
+    """Which schemes each layer may take.
+
+    ``schemes`` is the default list; ``rules`` (applied in order, later ones win) set the list
+    for layers selected by ``type`` (class name), ``regex`` (full match on the name) or
+    ``name``; ``pin`` fixes layers (``first``/``last`` name the first/last quantizable layer);
+    ``groups`` ties layers (a list of names/``re:`` patterns per group) to one choice.
+
+    >>> space = SearchSpace(schemes=["bf16", "w8a8"], pin={"first": "bf16"})
+    >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    >>> space.resolve(net).choices
+    {'2': ['bf16', 'w8a8']}
+    """
+
+    schemes: list[str]
+    rules: list[dict[str, Any]] = field(default_factory=list)
+    pin: dict[str, str] = field(default_factory=dict)
+    groups: list[list[str]] = field(default_factory=list)
+    name: str = "custom"
+    source: str = "<space>"
+
+    def __post_init__(self) -> None:
+        self._check_schemes("schemes", self.schemes)
+        for i, rule in enumerate(self.rules):
+            where = f"rules[{i}]"
+            if not isinstance(rule, Mapping):
+                raise SpaceError(f"{self.source}: {where} must be a mapping. Got {rule!r} instead.")
+            selectors = [k for k in _SELECTORS if k in rule]
+            unknown_keys = set(rule) - {*_SELECTORS, "schemes"}
+            if len(selectors) != 1 or unknown_keys or "schemes" not in rule:
+                raise SpaceError(
+                    f"{self.source}: {where} must have exactly one of 'type', 'regex', 'name' and a "
+                    f"'schemes' list. Got {dict(rule)!r} instead."
+                )
+            self._check_schemes(f"{where}.schemes", rule["schemes"])
+        for key, scheme in self.pin.items():
+            self._check_schemes(f"pin.{key}", [scheme])
+
+    def _check_schemes(self, where: str, schemes: Any) -> None:
+        if not isinstance(schemes, Sequence) or isinstance(schemes, str) or not schemes:
+            raise SpaceError(
+                f"{self.source}: {where} must be a non-empty list of scheme names. Got {schemes!r} instead."
+            )
+        for s in schemes:
+            if s not in SCHEMES:
+                raise SpaceError(
+                    f"{self.source}: {where} names unknown scheme {s!r}. Known schemes: "
+                    + ", ".join(sorted(SCHEMES))
+                    + "."
+                )
+
+    # -- loading ------------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], *, source: str = "<space>") -> SearchSpace:
+        if not isinstance(data, Mapping):
+            raise SpaceError(
+                f"{source}: a search space must be a mapping. Got {type(data).__name__} instead."
+            )
+        allowed = {"name", "description", "schemes", "rules", "pin", "groups"}
+        extra = set(data) - allowed
+        if extra:
+            raise SpaceError(
+                f"{source}: unknown key(s) {sorted(extra)}; accepted keys: {sorted(allowed)}."
+            )
+        if "schemes" not in data:
+            raise SpaceError(f"{source}: the key 'schemes' (default list of schemes) is missing.")
+        groups = [[g] if isinstance(g, str) else list(g) for g in data.get("groups") or []]
+        return cls(
+            schemes=list(data["schemes"]),
+            rules=list(data.get("rules") or []),
+            pin=dict(data.get("pin") or {}),
+            groups=groups,
+            name=str(data.get("name", Path(source).stem)),
+            source=source,
+        )
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> SearchSpace:
+        """Load a space from a YAML file (errors name the file, the key and the layer)."""
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text())
+        except OSError as exc:
+            raise SpaceError(
+                f"Cannot read search space file {str(path)!r}: {exc.strerror}."
+            ) from None
+        except yaml.YAMLError as exc:
+            raise SpaceError(f"{path}: not valid YAML: {exc}") from None
+        return cls.from_dict(data, source=str(path))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "schemes": list(self.schemes),
+            "rules": self.rules,
+            "pin": self.pin,
+            "groups": self.groups,
+        }
+
+    # -- applying to a model ----------------------------------------------------------------------
+    def resolve(self, model: nn.Module, *, supported: Any = None) -> ResolvedSpace:
+        """Apply the space to ``model``.
+
+        ``supported(layer, scheme) -> bool`` (e.g. ``CostModel.supported``) removes choices the
+        backend cannot run. Schemes the layer's shape cannot take are removed too.
+        """
+        modules = quantizable_layers(model)
+        names = list(modules)
+        listing = ", ".join(repr(n) for n in names[:20]) + (" ..." if len(names) > 20 else "")
+        choices = {n: list(self.schemes) for n in names}
+        for i, rule in enumerate(self.rules):
+            if "type" in rule:
+                hit = [n for n in names if type(modules[n]).__name__ == rule["type"]]
+                kinds = sorted({type(m).__name__ for m in modules.values()})
+                if not hit:
+                    raise SpaceError(
+                        f"{self.source}: rules[{i}].type {rule['type']!r} matches no layer; layer types: {kinds}."
+                    )
+            elif "regex" in rule:
+                try:
+                    pattern = re.compile(rule["regex"])
+                except re.error as exc:
+                    raise SpaceError(
+                        f"{self.source}: rules[{i}].regex is not a valid regular expression: {exc}."
+                    ) from None
+                hit = [n for n in names if pattern.fullmatch(n)]
+                if not hit:
+                    raise SpaceError(
+                        f"{self.source}: rules[{i}].regex {rule['regex']!r} matches no layer. Layers: {listing}."
+                    )
+            else:
+                if rule["name"] not in modules:
+                    raise SpaceError(
+                        f"{self.source}: rules[{i}].name: layer {rule['name']!r} is not a quantizable layer of the model. Layers: {listing}."
+                    )
+                hit = [rule["name"]]
+            for n in hit:
+                choices[n] = list(rule["schemes"])
+        pinned: dict[str, str] = {}
+        for key, scheme in self.pin.items():
+            layer = {"first": names[0], "last": names[-1]}.get(key, key)
+            if layer not in modules:
+                raise SpaceError(
+                    f"{self.source}: pin.{key}: layer {key!r} is not a quantizable layer of the model. Layers: {listing}."
+                )
+            pinned[layer] = scheme
+        dropped: dict[str, dict[str, str]] = {}
+        for n in names:
+            shape = tuple(modules[n].weight.shape)
+            keep = []
+            for s in [pinned[n]] if n in pinned else choices[n]:
+                why = get_scheme(s).applicability_error(shape)
+                if why is None and supported is not None and not supported(n, s):
+                    why = "the backend has no kernel for it"
+                if why:
+                    dropped.setdefault(n, {})[s] = why
+                else:
+                    keep.append(s)
+            if not keep:
+                reasons = "; ".join(f"{s}: {w}" for s, w in dropped[n].items())
+                raise SpaceError(
+                    f"{self.source}: layer {n!r} has no usable scheme left ({reasons})."
+                )
+            if n in pinned:
+                continue
+            choices[n] = keep
+        params: dict[str, list[str]] = {}
+        grouped: set[str] = set()
+        for gi, group in enumerate(self.groups):
+            members: list[str] = []
+            for entry in group:
+                if entry.startswith("re:"):
+                    members += [n for n in names if re.fullmatch(entry[3:], n)]
+                elif entry in modules:
+                    members.append(entry)
+                else:
+                    raise SpaceError(
+                        f"{self.source}: groups[{gi}]: layer {entry!r} is not a quantizable layer of the model. Layers: {listing}."
+                    )
+            members = [m for m in dict.fromkeys(members) if m not in pinned]
+            if not members:
+                raise SpaceError(f"{self.source}: groups[{gi}] matches no searchable layer.")
+            overlap = grouped.intersection(members)
+            if overlap:
+                raise SpaceError(
+                    f"{self.source}: groups[{gi}]: layer(s) {sorted(overlap)} already belong to another group."
+                )
+            grouped.update(members)
+            common = [s for s in choices[members[0]] if all(s in choices[m] for m in members)]
+            if not common:
+                raise SpaceError(f"{self.source}: groups[{gi}]: the tied layers share no scheme.")
+            for m in members:
+                choices[m] = common
+            params[f"group:{members[0]}"] = members
+        for n in names:
+            if n not in pinned and n not in grouped:
+                params[n] = [n]
+        ordered = dict(sorted(params.items(), key=lambda kv: names.index(kv[1][0])))
+        return ResolvedSpace(
+            layers=names,
+            params=ordered,
+            choices={p: list(choices[ls[0]]) for p, ls in ordered.items()},
+            pinned=pinned,
+            dropped=dropped,
+        )
+
+
+def model_family(model: nn.Module) -> str:
+    """``transformer`` (attention, embeddings or layer norms), ``cnn`` (convolutions) or ``mlp``."""
+    kinds = {type(m) for m in model.modules()}
+    if kinds & {nn.Embedding, nn.LayerNorm, nn.MultiheadAttention}:
+        return "transformer"
+    if kinds & {nn.Conv1d, nn.Conv2d}:
+        return "cnn"
+    return "mlp"
+
+
+def load_space(
+    space: SearchSpace | str | Path | Mapping[str, Any] | None, model: nn.Module
+) -> SearchSpace:
+    """A space from a ``SearchSpace``, a YAML path, a bundled name (``cnn``...), a dict or ``None``.
+
+    ``None`` picks the bundled default space of the model's family (:func:`model_family`).
+    """
+    if isinstance(space, SearchSpace):
+        return space
+    if space is None:
+        space = model_family(model)
+    if isinstance(space, Mapping):
+        return SearchSpace.from_dict(space)
+    if isinstance(space, (str, Path)):
+        path = Path(space)
+        if path.suffix in (".yaml", ".yml") or path.exists():
+            return SearchSpace.from_yaml(path)
+        bundled = SPACES_DIR / f"{space}.yaml"
+        if bundled.exists():
+            return SearchSpace.from_yaml(bundled)
+        names = sorted(p.stem for p in SPACES_DIR.glob("*.yaml"))
+        raise invalid("space", space, f"a YAML path or one of the bundled spaces {names}")
+    raise invalid(
+        "space", space, "a SearchSpace, a YAML path, a bundled space name, a dict or None"
+    )

@@ -1,0 +1,108 @@
+"""Per-layer error and cost of every choice, gathered from a profile and a cost model."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from mpsearch.search._space import ResolvedSpace
+
+
+class ProfileLike(Protocol):
+    """What the search needs of a sensitivity profile (``mpsearch.SensitivityProfile``)."""
+
+    def error(self, layer: str, scheme: str, metric: str = ...) -> float: ...
+
+
+class CostLike(Protocol):
+    """What the search needs of a cost model (``mpsearch.CostModel``)."""
+
+    fp32_memory_bytes: int
+    fp32_latency_ms: float
+
+    def memory_bytes(self, plan: Any) -> int: ...
+
+    def latency_ms(self, plan: Any) -> float: ...
+
+
+@dataclass
+class ChoiceTable:
+    """For each searched parameter and each of its choices: error, memory bytes, latency ms.
+
+    A parameter's figures sum over its tied layers. ``base_memory`` and ``base_latency``
+    are what the plan does not change (the other tensors, the fixed overhead, pinned layers)
+    so that ``memory = base_memory + sum(memory of the choices)`` exactly, and latency
+    approximately (the cost model's own prediction is the reference).
+    """
+
+    space: ResolvedSpace
+    error: dict[str, dict[str, float]]
+    memory: dict[str, dict[str, float]]
+    latency: dict[str, dict[str, float]]
+    base_memory: float
+    base_latency: float
+
+    @classmethod
+    def build(
+        cls, space: ResolvedSpace, profile: ProfileLike, cost: CostLike, *, metric: str = "e2e"
+    ) -> ChoiceTable:
+        layer_cost = _per_layer_costs(cost, space)
+        error: dict[str, dict[str, float]] = {}
+        memory: dict[str, dict[str, float]] = {}
+        latency: dict[str, dict[str, float]] = {}
+        for param, layers in space.params.items():
+            error[param], memory[param], latency[param] = {}, {}, {}
+            for s in space.choices[param]:
+                errs = [
+                    0.0 if s == "fp32" else float(profile.error(layer, s, metric))
+                    for layer in layers
+                ]
+                if any(math.isnan(e) for e in errs):
+                    continue  # skipped by the profiler: not a usable choice
+                error[param][s] = sum(errs)
+                memory[param][s] = sum(layer_cost[(layer, s)][0] for layer in layers)
+                latency[param][s] = sum(layer_cost[(layer, s)][1] for layer in layers)
+        searched = [layer for layers in space.params.values() for layer in layers]
+        reference = space.assignment({p: space.choices[p][0] for p in space.params})
+        reference.update(dict.fromkeys(searched, "fp32"))
+        base_memory = cost.memory_bytes(reference) - sum(
+            layer_cost[(n, "fp32")][0] for n in searched
+        )
+        base_latency = cost.latency_ms(reference) - sum(
+            layer_cost[(n, "fp32")][1] for n in searched
+        )
+        return cls(space, error, memory, latency, float(base_memory), float(base_latency))
+
+    def choices(self, param: str) -> list[str]:
+        return list(self.error[param])
+
+    def totals(self, params: Mapping[str, str]) -> tuple[float, float, float]:
+        """``(error, memory bytes, latency ms)`` of one value per parameter (additive model)."""
+        err = sum(self.error[p][s] for p, s in params.items())
+        mem = self.base_memory + sum(self.memory[p][s] for p, s in params.items())
+        lat = self.base_latency + sum(self.latency[p][s] for p, s in params.items())
+        return err, mem, lat
+
+
+def _per_layer_costs(cost: Any, space: ResolvedSpace) -> dict[tuple[str, str], tuple[float, float]]:
+    """``{(layer, scheme): (memory bytes, latency ms)}`` from the cost model's table."""
+    table = cost.table
+    out: dict[tuple[str, str], tuple[float, float]] = {}
+    for row in table.itertuples(index=False):
+        out[(row.layer, row.scheme)] = (float(row.memory_bytes), float(row.latency_ms))
+    missing = [
+        (layer, s)
+        for p, layers in space.params.items()
+        for layer in layers
+        for s in [*space.choices[p], "fp32"]
+        if (layer, s) not in out
+    ]
+    if missing:
+        shown = ", ".join(f"{layer}/{s}" for layer, s in missing[:8])
+        raise ValueError(
+            f"The cost model has no figures for {len(missing)} (layer, scheme) pair(s) of the search space "
+            f"({shown}); measure it with schemes covering the space (plus 'fp32')."
+        )
+    return out

@@ -1,0 +1,153 @@
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import optuna
+import pytest
+from fake_search import (
+    LAYERS,
+    SCHEMES,
+    FakeCost,
+    FakeProfile,
+    brute_force_best,
+    fake_model,
+    known_quality,
+)
+
+from mpsearch.search import Budget, ChoiceTable, SearchSpace, baselines, pareto_mask, search
+
+SPACE = SearchSpace(schemes=SCHEMES)
+MEMORY_MB = 0.02  # fp32 needs 0.065 MB, the smallest plan 0.0125 MB
+
+
+def _search(tmp_path, **kwargs):
+    options = dict(
+        profile=FakeProfile(),
+        cost=FakeCost(),
+        evaluate=known_quality,
+        space=SPACE,
+        storage=f"sqlite:///{tmp_path}/s.db",
+        seed=0,
+    )
+    options.update(kwargs)
+    return search(fake_model(), **options)
+
+
+def _table():
+    return ChoiceTable.build(SPACE.resolve(fake_model()), FakeProfile(), FakeCost())
+
+
+def test_ilp_equals_brute_force_optimum() -> None:
+    for memory_mb in (0.015, MEMORY_MB, 0.03, 0.05):
+        expected = brute_force_best(memory_mb=memory_mb)
+        assert baselines.ilp_assignment(_table(), memory_bytes=memory_mb * 1e6) == expected
+    expected = brute_force_best(latency_ms=0.9)
+    assert baselines.ilp_assignment(_table(), latency_ms=0.9) == expected
+
+
+def test_search_finds_known_optimum_under_budget(tmp_path) -> None:
+    res = _search(
+        tmp_path, budget=Budget(memory_mb=MEMORY_MB), objectives=("quality",), n_trials=30
+    )
+    best = res.best()
+    assert best.resolve(LAYERS) == brute_force_best(memory_mb=MEMORY_MB)
+    assert best.metadata["quality"] == pytest.approx(known_quality_of(best.resolve(LAYERS)))
+
+
+def test_sampler_alone_finds_optimum_without_warm_start(tmp_path) -> None:
+    res = _search(
+        tmp_path,
+        budget=Budget(memory_mb=MEMORY_MB),
+        objectives=("quality",),
+        n_trials=150,
+        warm_start=False,
+        screen=False,
+    )
+    assert res.best().resolve(LAYERS) == brute_force_best(memory_mb=MEMORY_MB)
+
+
+def known_quality_of(assignment: dict[str, str]) -> float:
+    from fake_search import SENS
+
+    return 1.0 - sum(SENS[ly][s] for ly, s in assignment.items())
+
+
+def test_pareto_front_is_non_dominated_and_covers_baselines(tmp_path) -> None:
+    res = _search(tmp_path, n_trials=60)
+    front = res.pareto
+    pts = front[["quality", "memory_mb", "latency_ms"]].to_numpy()
+    assert pareto_mask(pts, [True, False, False]).all()
+    assert (np.diff(front["memory_mb"].to_numpy()) >= 0).all()
+    cost = FakeCost()
+    for params in baselines.uniform_assignments(_table()).values():
+        q, m, lat = (
+            known_quality_of(params),
+            cost.memory_bytes(params) / 1e6,
+            cost.latency_ms(params),
+        )
+        assert (
+            (pts[:, 0] >= q - 1e-12) & (pts[:, 1] <= m + 1e-12) & (pts[:, 2] <= lat + 1e-12)
+        ).any()
+    assert res.hypervolume() > 0
+    hist = res.hypervolume_history()
+    assert hist["hypervolume"].is_monotonic_increasing
+    assert hist["hypervolume"].iloc[-1] == pytest.approx(res.hypervolume())
+    assert res.n_true_evaluations == len(hist)
+
+
+def test_every_trial_records_all_constraints(tmp_path) -> None:
+    res = _search(tmp_path, budget=Budget(memory_mb=0.03, latency_ms=0.9), n_trials=25)
+    complete = res.study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    assert complete and all(set(t.constraints) == {"memory", "latency"} for t in complete)
+
+
+def test_infeasible_budget_is_refused_with_smallest_value(tmp_path) -> None:
+    with pytest.raises(
+        ValueError, match=r"memory budget 0\.001 MB cannot be met: .* needs 0\.0125 MB"
+    ):
+        _search(tmp_path, budget=Budget(memory_mb=0.001))
+    with pytest.raises(ValueError, match=r"latency budget 0\.1 ms cannot be met: .* at 0\.3875 ms"):
+        _search(tmp_path, budget=Budget(latency_ms=0.1))
+    assert not (tmp_path / "s.db").exists()
+
+
+def test_failing_and_nan_evaluations_are_recorded_and_study_goes_on(tmp_path) -> None:
+    calls = {"n": 0}
+
+    def flaky(model):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("out of memory")
+        if calls["n"] == 3:
+            return math.nan
+        return known_quality(model)
+
+    res = _search(tmp_path, evaluate=flaky, n_trials=10, screen=False)
+    df = res.trials
+    failed = df[df["state"] == "FAIL"]
+    assert len(failed) == 2
+    assert set(failed["reason"]) == {
+        "evaluate raised RuntimeError: out of memory",
+        "evaluate returned nan; it must return a finite number",
+    }
+    assert (df["state"] == "COMPLETE").sum() == 8
+
+
+def test_bad_arguments(tmp_path) -> None:
+    with pytest.raises(ValueError, match="'objectives' argument must be"):
+        _search(tmp_path, objectives=("speed",))
+    with pytest.raises(ValueError, match="'n_trials' argument must be a positive integer"):
+        _search(tmp_path, n_trials=0)
+    with pytest.raises(ValueError, match="'memory_mb' argument must be a positive number. Got -3"):
+        Budget(memory_mb=-3)
+    with pytest.raises(ValueError, match="'sampler' argument must be one of"):
+        _search(tmp_path, sampler="cmaes-please")
+    with pytest.raises(ValueError, match="'evaluate' argument must be a callable"):
+        _search(tmp_path, evaluate=None)
+
+
+def test_seeded_runs_are_reproducible(tmp_path) -> None:
+    a = _search(tmp_path / "a", n_trials=30, budget=Budget(memory_mb=0.03))
+    b = _search(tmp_path / "b", n_trials=30, budget=Budget(memory_mb=0.03))
+    assert list(a.trials["assignment"]) == list(b.trials["assignment"])
