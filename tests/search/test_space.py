@@ -1,0 +1,109 @@
+from __future__ import annotations
+
+import pytest
+from torch import nn
+
+from mpsearch.search import SearchSpace, SpaceError, load_space, model_family
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 8, 3)  # input size 9: no group-32 schemes
+        self.conv2 = nn.Conv2d(8, 32, 2)  # input size 32
+        self.fc1 = nn.Linear(64, 64)
+        self.fc2 = nn.Linear(64, 10)
+
+
+def _write(tmp_path, text: str):
+    path = tmp_path / "space.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_rules_pins_and_shape_filtering(tmp_path) -> None:
+    path = _write(
+        tmp_path,
+        """
+name: t
+schemes: [fp32, bf16, w8a8, w4a16]
+rules:
+  - {type: Conv2d, schemes: [bf16, w8a8, w4a16]}
+  - {name: fc2, schemes: [bf16, w8a8]}
+pin: {first: bf16}
+""",
+    )
+    space = SearchSpace.from_yaml(path).resolve(Net())
+    assert space.pinned == {"conv1": "bf16"}
+    assert space.choices == {
+        "conv2": ["bf16", "w8a8", "w4a16"],
+        "fc1": ["fp32", "bf16", "w8a8", "w4a16"],
+        "fc2": ["bf16", "w8a8"],
+    }
+    assignment = space.assignment({"conv2": "w8a8", "fc1": "w4a16", "fc2": "bf16"})
+    assert assignment == {"conv1": "bf16", "conv2": "w8a8", "fc1": "w4a16", "fc2": "bf16"}
+    assert space.params_of(assignment) == {"conv2": "w8a8", "fc1": "w4a16", "fc2": "bf16"}
+
+
+def test_unusable_schemes_are_dropped_with_reason() -> None:
+    space = SearchSpace(schemes=["bf16", "w4a16"]).resolve(Net())
+    assert space.choices["conv1"] == ["bf16"]
+    assert "does not divide" in space.dropped["conv1"]["w4a16"]
+    no_int8 = SearchSpace(schemes=["bf16", "w8a8"]).resolve(
+        Net(), supported=lambda n, s: s != "w8a8"
+    )
+    assert all(c == ["bf16"] for c in no_int8.choices.values())
+
+
+def test_groups_tie_layers() -> None:
+    space = SearchSpace(schemes=["bf16", "w8a8"], groups=[["re:fc.*"]]).resolve(Net())
+    assert space.params["group:fc1"] == ["fc1", "fc2"]
+    assert (
+        space.assignment({"conv1": "bf16", "conv2": "bf16", "group:fc1": "w8a8"})["fc2"] == "w8a8"
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            "schemes: [bf16, int3]",
+            r"space.yaml: schemes names unknown scheme 'int3'. Known schemes: .*w8a8",
+        ),
+        (
+            "schemes: [bf16]\nrules:\n  - {name: fc9, schemes: [w8a8]}",
+            r"rules\[0\].name: layer 'fc9' is not a quantizable layer .*'conv1'",
+        ),
+        (
+            "schemes: [bf16]\nrules:\n  - {regex: 'head.*', schemes: [w8a8]}",
+            r"rules\[0\].regex 'head.\*' matches no layer",
+        ),
+        (
+            "schemes: [bf16]\nrules:\n  - {type: LSTM, schemes: [w8a8]}",
+            r"rules\[0\].type 'LSTM' matches no layer; layer types: \['Conv2d', 'Linear'\]",
+        ),
+        ("schemes: [bf16]\npin: {fc7: bf16}", r"pin.fc7: layer 'fc7' is not a quantizable layer"),
+        ("schemes: [bf16]\nbudget: 3", r"unknown key\(s\) \['budget'\]"),
+        (
+            "schemes: [w4a16]\npin: {first: w4a16}",
+            r"layer 'conv1' has no usable scheme left \(w4a16: group_size=32",
+        ),
+        ("rules: []", r"the key 'schemes' .* is missing"),
+        ("schemes: [bf16\n", r"not valid YAML"),
+    ],
+)
+def test_bad_spaces_name_file_key_and_layer(tmp_path, text: str, message: str) -> None:
+    path = _write(tmp_path, text)
+    with pytest.raises(SpaceError, match=message):
+        SearchSpace.from_yaml(path).resolve(Net())
+
+
+def test_bundled_spaces_load_and_family_detection() -> None:
+    assert model_family(Net()) == "cnn"
+    assert model_family(nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 4))) == "transformer"
+    assert model_family(nn.Sequential(nn.Linear(4, 4))) == "mlp"
+    for name in ("cnn", "transformer", "mlp", "aggressive"):
+        assert load_space(name, Net()).name == name
+    assert load_space(None, Net()).name == "cnn"
+    with pytest.raises(ValueError, match="one of the bundled spaces"):
+        load_space("huge", Net())
