@@ -1,5 +1,8 @@
 """Executing plans: ``simulate`` (fake quantization) and real-kernel backends, chosen by name."""
 
+from mpsearch.backends._cpu import CPU_KERNELS, CpuBackend, register_cpu_kernel
+from mpsearch.backends._cuda import CUDA_KERNELS, CudaBackend
+from mpsearch.backends._kernels import Kernel, KernelBackend, RealLayer, storage_bytes
 from mpsearch.backends._quantize import (
     as_plan,
     check_assignment,
@@ -10,10 +13,19 @@ from mpsearch.backends._registry import BACKENDS, Backend, get_backend, register
 from mpsearch.backends._simulate import SimulateBackend, SimulatedLayer
 
 register_backend("simulate", SimulateBackend)
+register_backend("cpu", CpuBackend)
+register_backend("cuda", CudaBackend)
 
 __all__ = [
     "BACKENDS",
+    "CPU_KERNELS",
+    "CUDA_KERNELS",
     "Backend",
+    "CpuBackend",
+    "CudaBackend",
+    "Kernel",
+    "KernelBackend",
+    "RealLayer",
     "SimulateBackend",
     "SimulatedLayer",
     "as_plan",
@@ -22,4 +34,6 @@ __all__ = [
     "get_backend",
     "quantize",
     "register_backend",
+    "register_cpu_kernel",
+    "storage_bytes",
 ]

@@ -2,8 +2,10 @@
 
 from mpsearch.search import baselines
 from mpsearch.search._budget import Budget
+from mpsearch.search._leases import LeasePolicy, sweep_expired
 from mpsearch.search._pareto import hypervolume, pareto_mask
 from mpsearch.search._quality import Fidelity, PlanRunner
+from mpsearch.search._reseed import ReseededSampler
 from mpsearch.search._result import SearchResult
 from mpsearch.search._search import (
     SAMPLERS,
@@ -13,7 +15,9 @@ from mpsearch.search._search import (
     warm_start_params,
 )
 from mpsearch.search._space import ResolvedSpace, SearchSpace, SpaceError, load_space, model_family
+from mpsearch.search._storage import make_storage, safe_url, storage_kind
 from mpsearch.search._table import ChoiceTable
+from mpsearch.search._workers import WorkerPool, WorkerSpec, run_workers
 
 __all__ = [
     "SAMPLERS",
@@ -21,17 +25,26 @@ __all__ = [
     "ChoiceTable",
     "EvaluationError",
     "Fidelity",
+    "LeasePolicy",
     "PlanRunner",
+    "ReseededSampler",
     "ResolvedSpace",
     "SearchResult",
     "SearchSpace",
     "SpaceError",
+    "WorkerPool",
+    "WorkerSpec",
     "baselines",
     "hypervolume",
     "load_space",
     "make_sampler",
+    "make_storage",
     "model_family",
     "pareto_mask",
+    "run_workers",
+    "safe_url",
     "search",
+    "storage_kind",
+    "sweep_expired",
     "warm_start_params",
 ]

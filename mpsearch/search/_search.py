@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
+import contextlib
+import logging
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -16,17 +16,33 @@ import optuna
 import torch
 from torch import nn
 
+from mpsearch._data import as_batches, run_model
 from mpsearch._validation import check_positive, invalid, unknown
 from mpsearch.search import baselines
 from mpsearch.search._budget import Budget, as_budget
+from mpsearch.search._fingerprint import check_fingerprint, fingerprint_parts
+from mpsearch.search._leases import (
+    SIGTERM_REASON,
+    LeasePolicy,
+    Terminated,
+    TrialLease,
+    next_expiry,
+    retry_params,
+    sigterm_handler,
+    sweep_expired,
+    worker_id,
+)
 from mpsearch.search._quality import Fidelity, PlanRunner
+from mpsearch.search._reseed import ReseededSampler
 from mpsearch.search._result import SearchResult
 from mpsearch.search._space import ResolvedSpace, SearchSpace, load_space
 from mpsearch.search._storage import make_storage
 from mpsearch.search._table import ChoiceTable, CostLike, ProfileLike
 
 OBJECTIVES: dict[str, str] = {"quality": "maximize", "memory": "minimize", "latency": "minimize"}
-FINGERPRINT_ATTR = "mpsearch_fingerprint"
+WARM_STARTED_ATTR = "mpsearch_warm_started"
+BUDGET_REASON = "study budget reached"
+_logger = logging.getLogger(__name__)
 
 
 class EvaluationError(RuntimeError):
@@ -47,12 +63,17 @@ SAMPLERS: dict[str, Callable[[int | None, int], optuna.samplers.BaseSampler]] = 
 def make_sampler(
     sampler: str | optuna.samplers.BaseSampler, *, seed: int | None, n_objectives: int
 ) -> optuna.samplers.BaseSampler:
-    """A sampler from its registry name (``tpe``, ``nsga2``, ``random``) or any Optuna sampler."""
+    """A sampler from its registry name (``tpe``, ``nsga2``, ``random``) or any Optuna sampler.
+
+    A named sampler with a ``seed`` draws trial ``k`` from ``(seed, k)`` and the study only
+    (:class:`ReseededSampler`), so a resumed study proposes what an uninterrupted one would.
+    """
     if isinstance(sampler, optuna.samplers.BaseSampler):
         return sampler
     if sampler not in SAMPLERS:
         raise unknown("sampler", sampler, SAMPLERS)
-    return SAMPLERS[sampler](seed, n_objectives)
+    made = SAMPLERS[sampler](seed, n_objectives)
+    return made if seed is None else ReseededSampler(made, seed=seed)
 
 
 @dataclass
@@ -100,6 +121,9 @@ def search(
     n_jobs: int = 1,
     timeout: float | None = None,
     show_progress_bar: bool = False,
+    example_input: Any = None,
+    lease: LeasePolicy | None = None,
+    handle_sigterm: bool = True,
 ) -> SearchResult:
     """Search per-layer schemes; return the Pareto front of quality × memory × latency.
 
@@ -107,14 +131,180 @@ def search(
     fp32 model on ``eval_data``; memory (exact) and latency (predicted) come from ``cost``.
     ``budget`` limits become Optuna constraints (every trial records all of them). With
     ``objectives=("quality",)`` the search maximises quality under the budget; otherwise it
-    returns the whole front. Warm starts (uniform, greedy, ILP plans) are enqueued first;
-    with ``screen`` a candidate whose proxy-predicted quality (calibrated on true
+    returns the whole front. Warm starts (uniform, greedy, ILP plans) are enqueued first, once
+    per study; with ``screen`` a candidate whose proxy-predicted quality (calibrated on true
     evaluations) is clearly dominated is pruned before its true evaluation.
+
+    Persistence: ``n_trials`` is the study's total of COMPLETE trials, whoever ran them, so
+    ``load_if_exists=True`` resumes a study up to it and several processes (see
+    :func:`run_workers`) or machines sharing ``storage`` (a journal file or PostgreSQL, see
+    :func:`make_storage`) split it. A study made for another model, profile, cost, schemes,
+    space or budget is refused. Each running trial holds a lease (``lease``); a trial whose
+    worker died is failed within ``lease.lease_s`` and retried ``lease.max_retry`` times. On
+    SIGTERM (``handle_sigterm``) the running trial is failed with reason ``"SIGTERM"``,
+    retried, and the process exits with status 143. The model is first run once on
+    ``example_input`` (or the first ``eval_data`` batch), and a failure is refused up front.
 
     >>> res = search(model, profile=prof, cost=cost, eval_data=held_out,
     ...              budget=Budget(memory_fraction=0.3), n_trials=60)   # doctest: +SKIP
     >>> res.best().resolve(model)                                        # doctest: +SKIP
     """
+    check_positive("timeout", timeout, allow_none=True)
+    prepared = _prepare(
+        model,
+        profile=profile,
+        cost=cost,
+        evaluate=evaluate,
+        eval_data=eval_data,
+        budget=budget,
+        space=space,
+        objectives=objectives,
+        n_trials=n_trials,
+        sampler=sampler,
+        seed=seed,
+        storage=storage,
+        study_name=study_name,
+        load_if_exists=load_if_exists,
+        warm_start=warm_start,
+        screen=screen,
+        metric=metric,
+        quality_backend=quality_backend,
+        example_input=example_input,
+        lease=lease,
+    )
+    started = time.perf_counter()
+    prepared.drive(
+        timeout=timeout,
+        n_jobs=n_jobs,
+        show_progress_bar=show_progress_bar,
+        handle_sigterm=handle_sigterm,
+    )
+    return prepared.result(wall_time_s=time.perf_counter() - started)
+
+
+@dataclass
+class _Prepared:
+    """A study ready to run: created or loaded, checked, warm-started; and its objective."""
+
+    study: optuna.Study
+    objective: _Objective
+    resolved: ResolvedSpace
+    table: ChoiceTable
+    objectives: tuple[str, ...]
+    limits: tuple[float | None, float | None]
+    cost: CostLike
+    n_trials: int
+    policy: LeasePolicy
+
+    def result(self, *, wall_time_s: float = 0.0) -> SearchResult:
+        return SearchResult(
+            study=self.study,
+            space=self.resolved,
+            table=self.table,
+            objectives=self.objectives,
+            limits=self.limits,
+            fp32_memory_mb=self.cost.fp32_memory_bytes / 1e6,
+            fp32_latency_ms=self.cost.fp32_latency_ms,
+            wall_time_s=wall_time_s,
+        )
+
+    def drive(
+        self,
+        *,
+        timeout: float | None = None,
+        n_jobs: int = 1,
+        show_progress_bar: bool = False,
+        handle_sigterm: bool = True,
+    ) -> None:
+        """Run trials until the study holds ``n_trials`` COMPLETE ones (counting every worker's).
+
+        Before each round, expired leases are swept; while the running trials of other
+        workers could fill the budget, this one waits for them (or for their leases to expire).
+        """
+        study, policy, n = self.study, self.policy, self.n_trials
+        deadline = None if timeout is None else time.monotonic() + timeout
+        max_failures = max(n, 10)
+        guard = sigterm_handler() if handle_sigterm else contextlib.nullcontext()
+        with guard:
+            try:
+                while True:
+                    sweep_expired(study, policy)
+                    trials = study.get_trials(deepcopy=False)
+                    complete = sum(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
+                    running = sum(t.state == optuna.trial.TrialState.RUNNING for t in trials)
+                    if complete >= n:
+                        return
+                    remaining = None if deadline is None else deadline - time.monotonic()
+                    if remaining is not None and remaining <= 0:
+                        return
+                    if self.objective.n_failed >= max_failures:
+                        _logger.warning(
+                            "Stopping: %d trials failed in this process (see their fail_reason).",
+                            self.objective.n_failed,
+                        )
+                        return
+                    free = n - complete - running
+                    if free <= 0:  # others' running trials may fill the budget: wait for them
+                        expiry = next_expiry(study, policy)
+                        pause = policy.renew_s if expiry is None else expiry - time.time() + 0.05
+                        pause = min(max(pause, 0.05), policy.renew_s, 1.0)
+                        time.sleep(pause if remaining is None else min(pause, remaining))
+                        continue
+                    try:
+                        study.optimize(
+                            self.objective,
+                            n_trials=free,
+                            timeout=remaining,
+                            n_jobs=n_jobs,
+                            catch=(EvaluationError,),
+                            callbacks=[
+                                optuna.study.MaxTrialsCallback(
+                                    n, states=(optuna.trial.TrialState.COMPLETE,)
+                                )
+                            ],
+                            show_progress_bar=show_progress_bar,
+                        )
+                    except (ValueError, optuna.exceptions.UpdateFinishedTrialError) as exc:
+                        # our trial was failed by another worker's sweep (our lease lapsed)
+                        if not self.objective.lost_lease or (
+                            isinstance(exc, ValueError) and "Cannot tell" not in str(exc)
+                        ):
+                            raise
+                        _logger.warning("Lost the lease of a trial; going on: %s", exc)
+                        self.objective.lost_lease = False
+            except KeyboardInterrupt as exc:
+                for frozen in self.objective.interrupted:
+                    retry_params(study, frozen, policy, reason=self.objective.interrupt_reason)
+                if isinstance(exc, Terminated):
+                    raise SystemExit(143) from None
+                raise
+
+
+def _prepare(
+    model: nn.Module,
+    *,
+    profile: ProfileLike,
+    cost: CostLike,
+    evaluate: Callable[[nn.Module], float] | None = None,
+    eval_data: Iterable[Any] | None = None,
+    budget: Budget | Mapping[str, float] | None = None,
+    space: SearchSpace | str | Path | Mapping[str, Any] | None = None,
+    objectives: Sequence[str] = ("quality", "memory", "latency"),
+    n_trials: int = 100,
+    sampler: str | optuna.samplers.BaseSampler = "tpe",
+    seed: int | None = 0,
+    storage: str | optuna.storages.BaseStorage | None = None,
+    study_name: str | None = None,
+    load_if_exists: bool = False,
+    warm_start: bool = True,
+    screen: bool = True,
+    metric: str = "e2e",
+    quality_backend: str = "simulate",
+    example_input: Any = None,
+    lease: LeasePolicy | None = None,
+    workers: int = 1,
+) -> _Prepared:
+    """Check every input, open the storage, create or load the study, enqueue warm starts."""
     if not isinstance(model, nn.Module):
         raise TypeError(
             f"The 'model' argument must be a torch.nn.Module. Got {type(model).__name__} instead."
@@ -132,7 +322,9 @@ def search(
         raise invalid("objectives", objectives, "a tuple that includes 'quality'")
     if not isinstance(n_trials, int) or isinstance(n_trials, bool) or n_trials < 1:
         raise invalid("n_trials", n_trials, "a positive integer")
-    check_positive("timeout", timeout, allow_none=True)
+    if lease is not None and not isinstance(lease, LeasePolicy):
+        raise invalid("lease", lease, "a LeasePolicy(lease_s=..., max_retry=...) or None")
+    policy = lease or LeasePolicy()
     budget = as_budget(budget)
     if evaluate is None and eval_data is None:
         raise invalid(
@@ -143,18 +335,22 @@ def search(
     if evaluate is not None and not callable(evaluate):
         raise invalid("evaluate", evaluate, "a callable(model) -> float")
     model.eval()
+    eval_batches = None if eval_data is None else as_batches(eval_data, argument="eval_data")
+    _check_model_runs(model, example_input, eval_batches)
     resolved = load_space(space, model).resolve(model, supported=getattr(cost, "supported", None))
     table = ChoiceTable.build(resolved, profile, cost, metric=metric)
     limits = budget.limits(
         fp32_memory_mb=cost.fp32_memory_bytes / 1e6, fp32_latency_ms=cost.fp32_latency_ms
     )
     _check_feasible(table, limits)
-    quality_fn = evaluate if evaluate is not None else Fidelity(model, eval_data)
+    quality_fn = evaluate if evaluate is not None else Fidelity(model, eval_batches)
     sampler_obj = make_sampler(sampler, seed=seed, n_objectives=len(objectives))
 
-    fingerprint = _fingerprint(model, resolved, objectives, limits, metric)
-    study_name = study_name or f"mpsearch-{type(model).__name__.lower()}-{fingerprint[:8]}"
-    storage = make_storage(_default_storage(storage, study_name))
+    parts = fingerprint_parts(model, resolved, table, objectives, limits, metric)
+    study_name = (
+        study_name or f"mpsearch-{type(model).__name__.lower()}-{parts['model weights'][:8]}"
+    )
+    storage = make_storage(_default_storage(storage, study_name), workers=workers)
     study = optuna.create_study(
         storage=storage,
         study_name=study_name,
@@ -162,13 +358,14 @@ def search(
         directions=[OBJECTIVES[o] for o in objectives],
         load_if_exists=load_if_exists,
     )
-    _check_fingerprint(study, fingerprint, resolved, objectives, limits)
-    if len(objectives) > 1:
+    check_fingerprint(study, parts, resolved, objectives, limits)
+    if len(objectives) > 1 and not study.metric_names:
         study.set_metric_names(list(objectives))
 
-    if warm_start:
+    if warm_start and not study.user_attrs.get(WARM_STARTED_ATTR):
         for origin, params in warm_start_params(table, limits).items():
             study.enqueue_trial(params, user_attrs={"origin": origin}, skip_if_exists=True)
+        study.set_user_attr(WARM_STARTED_ATTR, worker_id())
 
     objective = _Objective(
         resolved=resolved,
@@ -180,35 +377,38 @@ def search(
         quality_fn=quality_fn,
         screen=_Screen() if screen else None,
         study=study,
+        n_trials=n_trials,
+        policy=policy,
     )
-    done = sum(t.state in _FINISHED for t in study.get_trials(deepcopy=False))
-    started = time.perf_counter()
-    if n_trials - done > 0:
-        study.optimize(
-            objective,
-            n_trials=n_trials - done,
-            timeout=timeout,
-            n_jobs=n_jobs,
-            catch=(EvaluationError,),
-            show_progress_bar=show_progress_bar,
-        )
-    return SearchResult(
+    return _Prepared(
         study=study,
-        space=resolved,
+        objective=objective,
+        resolved=resolved,
         table=table,
         objectives=objectives,
         limits=limits,
-        fp32_memory_mb=cost.fp32_memory_bytes / 1e6,
-        fp32_latency_ms=cost.fp32_latency_ms,
-        wall_time_s=time.perf_counter() - started,
+        cost=cost,
+        n_trials=n_trials,
+        policy=policy,
     )
 
 
-_FINISHED = (
-    optuna.trial.TrialState.COMPLETE,
-    optuna.trial.TrialState.PRUNED,
-    optuna.trial.TrialState.FAIL,
-)
+def _check_model_runs(model: nn.Module, example_input: Any, eval_batches: list[Any] | None) -> None:
+    """Run the fp32 model once on the example input (or first eval batch); refuse it if it fails."""
+    if example_input is not None:
+        probe, what = example_input, "'example_input'"
+    elif eval_batches:
+        probe, what = eval_batches[0], "the first 'eval_data' batch"
+    else:
+        return
+    try:
+        with torch.inference_mode():
+            run_model(model, probe)
+    except Exception as exc:
+        raise ValueError(
+            f"The model fails on {what} before any quantization ({type(exc).__name__}: {exc}). "
+            "Fix the model or the input (shape, dtype, device) before searching."
+        ) from exc
 
 
 def warm_start_params(
@@ -282,53 +482,6 @@ def _check_feasible(table: ChoiceTable, limits: tuple[float | None, float | None
             )
 
 
-def _fingerprint(
-    model: nn.Module, space: ResolvedSpace, objectives: Sequence[str], limits: Any, metric: str
-) -> str:
-    h = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(
-            tensor.detach().cpu().contiguous().view(-1).view(dtype=torch.uint8).numpy().tobytes()
-        )
-    h.update(
-        json.dumps(
-            [space.params, space.choices, space.pinned, list(objectives), limits, metric],
-            sort_keys=True,
-        ).encode()
-    )
-    return h.hexdigest()
-
-
-def _check_fingerprint(
-    study: optuna.Study,
-    fingerprint: str,
-    space: ResolvedSpace,
-    objectives: Sequence[str],
-    limits: Any,
-) -> None:
-    stored = study.user_attrs.get(FINGERPRINT_ATTR)
-    summary = {
-        "params": space.choices,
-        "pinned": space.pinned,
-        "objectives": list(objectives),
-        "limits": list(limits),
-    }
-    if stored is None:
-        study.set_user_attr(FINGERPRINT_ATTR, fingerprint)
-        study.set_user_attr("mpsearch_space", summary)
-        return
-    if stored != fingerprint:
-        before = study.user_attrs.get("mpsearch_space", {})
-        changed = [k for k in summary if before.get(k) != json.loads(json.dumps(summary[k]))] or [
-            "model weights or metric"
-        ]
-        raise ValueError(
-            f"The study {study.study_name!r} was made for another model, space or budget (changed: {', '.join(changed)}). "
-            "Use a new study_name, or restore the original setup to resume it."
-        )
-
-
 def _default_storage(storage: Any, study_name: str) -> Any:
     if storage is not None:
         return storage
@@ -350,6 +503,8 @@ class _Objective:
         quality_fn: Callable[[nn.Module], float],
         screen: _Screen | None,
         study: optuna.Study,
+        n_trials: int = 100,
+        policy: LeasePolicy | None = None,
     ) -> None:
         self.resolved = resolved
         self.table = table
@@ -360,7 +515,13 @@ class _Objective:
         self.quality_fn = quality_fn
         self.screen = screen
         self.study = study
+        self.n_trials = n_trials
+        self.policy = policy or LeasePolicy()
         self.memo: dict[tuple[str, ...], float] = {}
+        self.n_failed = 0
+        self.lost_lease = False
+        self.interrupted: list[optuna.trial.FrozenTrial] = []
+        self.interrupt_reason = SIGTERM_REASON
 
     def _true_history(self) -> list[optuna.trial.FrozenTrial]:
         return [
@@ -372,6 +533,45 @@ class _Objective:
         ]
 
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, ...]:
+        with TrialLease(self.study, trial, self.policy) as lease:
+            try:
+                self._claim_slot(trial)
+                return self._run(trial)
+            except KeyboardInterrupt as exc:  # SIGTERM or Ctrl-C: Optuna fails the trial
+                self.interrupt_reason = (
+                    SIGTERM_REASON if isinstance(exc, Terminated) else "interrupted"
+                )
+                with contextlib.suppress(Exception):
+                    trial.set_user_attr("fail_reason", self.interrupt_reason)
+                self.interrupted.append(self.study._storage.get_trial(trial._trial_id))
+                raise
+            finally:
+                self.lost_lease = self.lost_lease or lease.lost
+
+    def _claim_slot(self, trial: optuna.Trial) -> None:
+        """Prune this trial if the COMPLETE trials and the ones started before it fill the budget.
+
+        Trials are ranked by start time, then number, so among workers racing for the last
+        slots exactly the first ones run: the study never exceeds ``n_trials`` COMPLETE trials.
+        """
+        sweep_expired(self.study, self.policy)
+        mine = (trial.datetime_start, trial.number)
+        complete = ahead = 0
+        for t in self.study.get_trials(deepcopy=False):
+            if t.state == optuna.trial.TrialState.COMPLETE:
+                complete += 1
+            elif (
+                t.state == optuna.trial.TrialState.RUNNING
+                and t.number != trial.number
+                and (t.datetime_start, t.number) < mine
+            ):
+                ahead += 1
+        if complete + ahead >= self.n_trials:
+            self.study.stop()
+            trial.set_user_attr("pruned_reason", BUDGET_REASON)
+            raise optuna.TrialPruned(BUDGET_REASON)
+
+    def _run(self, trial: optuna.Trial) -> float | tuple[float, ...]:
         params = {
             p: trial.suggest_categorical(p, self.table.choices(p)) for p in self.resolved.params
         }
@@ -393,6 +593,8 @@ class _Objective:
         feasible = all(v <= 0 for v in violations)
         key = tuple(assignment.values())
         history = self._true_history()
+        for t in history:  # every worker's (and every earlier run's) true evaluations
+            self.memo.setdefault(tuple(t.user_attrs["plan"].values()), t.values[0])
         if key in self.memo:
             quality, source = self.memo[key], "memo"
         elif not feasible and len(self.objectives) == 1:
@@ -417,6 +619,7 @@ class _Objective:
             value = self.runner(assignment, self.quality_fn)
         except Exception as exc:  # recorded on the trial; the study goes on
             reason = f"evaluate raised {type(exc).__name__}: {exc}"
+            self.n_failed += 1
             trial.set_user_attr("fail_reason", reason)
             raise EvaluationError(reason) from exc
         if (
@@ -425,6 +628,7 @@ class _Objective:
             or not math.isfinite(value)
         ):
             reason = f"evaluate returned {value!r}; it must return a finite number"
+            self.n_failed += 1
             trial.set_user_attr("fail_reason", reason)
             raise EvaluationError(reason)
         return float(value)

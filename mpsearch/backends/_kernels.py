@@ -1,0 +1,455 @@
+"""Real low-precision layer modules and the kernel registry shared by the real backends.
+
+Every real module takes a float input of any dtype and returns the input's dtype (the
+boundary casts live inside the module, as in ``SimulatedLayer``), so layers of different
+precisions compose without a whole-model pass. Their tensors are exactly what they store:
+:func:`storage_bytes` sums them, packed (opaque) kernel weights included.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from mpsearch.backends._registry import Backend
+from mpsearch.schemes import Scheme, qparams, quantize_codes
+
+TORCH_DTYPES: dict[str, torch.dtype] = {
+    "fp32": torch.float32,
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+}
+
+ActRange = tuple[float, float] | None
+
+
+class RealLayer(nn.Module):
+    """Base of the real low-precision modules: knows its scheme and its packed tensors."""
+
+    scheme_name: str = ""
+
+    def packed_tensors(self) -> dict[str, Tensor]:
+        """Kernel-owned tensors that are neither parameters nor buffers (opaque packed weights)."""
+        return {}
+
+    def extra_repr(self) -> str:
+        return f"scheme={self.scheme_name!r}"
+
+
+def _tensor_bytes(t: Tensor) -> int:
+    return int(t.numel()) * int(t.element_size())
+
+
+def storage_bytes(module: nn.Module) -> int:
+    """Exact bytes of every tensor ``module`` holds: parameters, buffers and packed weights.
+
+    Tensors shared between modules are counted once.
+
+    >>> storage_bytes(nn.Linear(4, 2))   # 8 weights + 2 biases in float32
+    40
+    """
+    seen: set[int] = set()
+    total = 0
+    for t in [*module.parameters(), *module.buffers()]:
+        key = t.data_ptr() if t.layout == torch.strided and t.numel() else id(t)
+        if key in seen:
+            continue
+        seen.add(key)
+        total += _tensor_bytes(t)
+    for m in module.modules():
+        if isinstance(m, RealLayer):
+            total += sum(_tensor_bytes(t) for t in m.packed_tensors().values())
+    return total
+
+
+# ---------------------------------------------------------------- float casts (fp32/bf16/fp16)
+
+
+class CastLayer(RealLayer):
+    """The layer itself with its weight and bias stored in ``dtype`` (channels-last for 2-D
+    convolutions, fp32 included: oneDNN runs them faster, and every conv of a mixed plan then
+    hands the next one the same layout). Input cast to ``dtype``, output cast
+    back to the input's dtype (its memory format kept)."""
+
+    def __init__(self, layer: nn.Module, scheme: Scheme, *, device: str | None = None) -> None:
+        super().__init__()
+        self.scheme_name = scheme.name
+        self.dtype = TORCH_DTYPES[scheme.compute_dtype]
+        self.channels_last = isinstance(layer, nn.Conv2d)
+        inner = copy.deepcopy(layer).to(device=device, dtype=self.dtype)
+        if self.channels_last:
+            inner = inner.to(memory_format=torch.channels_last)
+        self.inner = inner.requires_grad_(False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out_dtype = x.dtype
+        if self.channels_last and x.dim() == 4:
+            x = x.to(self.dtype, memory_format=torch.channels_last)
+        else:
+            x = x.to(self.dtype)
+        return self.inner(x).to(out_dtype)
+
+
+# ---------------------------------------------------------------- int8 x int8 (oneDNN)
+
+
+def _weight_codes(weight: Tensor, scheme: Scheme) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Integer codes, scales and zero points of ``weight`` under the scheme's weight spec,
+    computed by the same functions as the simulation (codes shaped like ``weight``)."""
+    spec = scheme.weight
+    w = weight.detach().float()
+    rows = (
+        w.reshape(w.shape[0], -1)
+        if spec.granularity == "channel"
+        else w.reshape(-1, spec.group_size)
+    )
+    lo = rows.amin(dim=1, keepdim=True)
+    hi = rows.amax(dim=1, keepdim=True)
+    scale, zero = qparams(lo, hi, spec)
+    codes = quantize_codes(rows, scale, zero, spec)
+    return codes, scale.reshape(-1), None if zero is None else zero.reshape(-1)
+
+
+class _ActQuant:
+    """Per-tensor asymmetric uint8 activation quantization, static or dynamic, as in the scheme."""
+
+    def __init__(self, scheme: Scheme, act_range: ActRange) -> None:
+        assert scheme.activation is not None
+        self.spec = scheme.activation
+        self.static: tuple[float, int] | None = None
+        if act_range is not None:
+            scale, zero = qparams(
+                torch.tensor([[act_range[0]]]), torch.tensor([[act_range[1]]]), self.spec
+            )
+            self.static = (float(scale), int(zero))
+
+    def __call__(self, x: Tensor) -> tuple[Tensor, float, int]:
+        x = x.float()
+        if self.static is not None:
+            scale, zero = self.static
+        else:
+            lo, hi = torch.aminmax(x)
+            s, z = qparams(lo.reshape(1, 1), hi.reshape(1, 1), self.spec)
+            scale, zero = float(s), int(z)
+        q = torch.round(x / scale).add_(zero).clamp_(0, 255).to(torch.uint8)
+        return q, scale, zero
+
+
+class _PackedInt8(RealLayer):
+    """Shared state of the oneDNN int8 modules: an opaque packed weight, saved as its dense form."""
+
+    _packed: Tensor
+
+    def packed_tensors(self) -> dict[str, Tensor]:
+        return {"packed_weight": self._packed}
+
+    def _pack(self, codes: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _dense(self) -> Tensor:
+        raise NotImplementedError
+
+    def _save_to_state_dict(self, destination: Any, prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination[prefix + "weight_int8"] = self._dense()
+
+    def _load_from_state_dict(
+        self,
+        state_dict: Mapping[str, Any],
+        prefix: str,
+        local_metadata: Any,
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        key = prefix + "weight_int8"
+        if key in state_dict:
+            self._packed = self._pack(state_dict[key])
+        elif strict:
+            missing_keys.append(key)
+        rest = {k: v for k, v in state_dict.items() if k != key}
+        super()._load_from_state_dict(
+            rest, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_packed"] = self._dense()
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        dense = state.pop("_packed")
+        super().__setstate__(state)
+        self._packed = self._pack(dense)
+
+
+class Int8Linear(_PackedInt8):
+    """``w8a8`` Linear: int8 per-channel weights x uint8 per-tensor activations on oneDNN
+    (``onednn::qlinear_pointwise``), float32 output. Activation scales are computed per call
+    (dynamic) or fixed by ``act_range`` (static), with the scheme's own ``qparams``."""
+
+    def __init__(self, layer: nn.Linear, scheme: Scheme, *, act_range: ActRange = None) -> None:
+        super().__init__()
+        self.scheme_name = scheme.name
+        codes, scale, _ = _weight_codes(layer.weight, scheme)
+        self.out_features, self.in_features = layer.weight.shape
+        self.register_buffer("w_scale", scale.float().contiguous())
+        self.register_buffer("w_zero", torch.zeros(self.out_features, dtype=torch.long))
+        bias = layer.bias
+        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
+        self._packed = self._pack(codes.to(torch.int8))
+        self.act = _ActQuant(scheme, act_range)
+
+    def _pack(self, codes: Tensor) -> Tensor:
+        return torch.ops.onednn.qlinear_prepack(codes.to(torch.int8).contiguous(), None)
+
+    def _dense(self) -> Tensor:
+        return self._packed.to_dense().t().contiguous()
+
+    def forward(self, x: Tensor) -> Tensor:
+        out_dtype = x.dtype
+        shape = x.shape
+        q, scale, zero = self.act(x.reshape(-1, self.in_features))
+        y = torch.ops.onednn.qlinear_pointwise(
+            q, scale, zero, self._packed, self.w_scale, self.w_zero, self.bias,
+            1.0, 0, torch.float32, "none", [], "",
+        )  # fmt: skip
+        return y.reshape(*shape[:-1], self.out_features).to(out_dtype)
+
+
+class Int8Conv(_PackedInt8):
+    """``w8a8`` Conv1d/Conv2d on oneDNN (``onednn::qconv_pointwise``), channels-last, float32
+    output; a Conv1d runs as a Conv2d of height 1."""
+
+    def __init__(
+        self, layer: nn.Conv1d | nn.Conv2d, scheme: Scheme, *, act_range: ActRange = None
+    ) -> None:
+        super().__init__()
+        self.scheme_name = scheme.name
+        self.is_1d = isinstance(layer, nn.Conv1d)
+        codes, scale, _ = _weight_codes(layer.weight, scheme)
+        weight_shape = tuple(layer.weight.shape)
+        codes = codes.reshape(weight_shape).to(torch.int8)
+        pair = (lambda v: (1, *v)) if self.is_1d else (lambda v: tuple(v))
+        pad = (lambda v: (0, *v)) if self.is_1d else (lambda v: tuple(v))
+        if self.is_1d:
+            codes = codes.unsqueeze(2)
+        self.stride = list(pair(layer.stride))
+        self.padding = list(pad(layer.padding))
+        self.dilation = list(pair(layer.dilation))
+        self.groups = layer.groups
+        self.out_channels = layer.out_channels
+        self.register_buffer("w_scale", scale.float().contiguous())
+        self.register_buffer("w_zero", torch.zeros(self.out_channels, dtype=torch.long))
+        bias = layer.bias
+        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
+        self._packed = self._pack(codes)
+        self.act = _ActQuant(scheme, act_range)
+
+    def _pack(self, codes: Tensor) -> Tensor:
+        return torch.ops.onednn.qconv_prepack(
+            codes.to(torch.int8).contiguous(), self.w_scale, 1.0, 0,
+            self.stride, self.padding, self.dilation, self.groups, None,
+        )  # fmt: skip
+
+    def _dense(self) -> Tensor:
+        return self._packed.to_dense().contiguous()
+
+    def forward(self, x: Tensor) -> Tensor:
+        out_dtype = x.dtype
+        if self.is_1d:
+            x = x.unsqueeze(2)
+        q, scale, zero = self.act(x)
+        q = q.contiguous(memory_format=torch.channels_last)
+        y = torch.ops.onednn.qconv_pointwise(
+            q, scale, zero, self._packed, self.w_scale, self.w_zero, self.bias,
+            self.stride, self.padding, self.dilation, self.groups,
+            1.0, 0, torch.float32, "none", [], "",
+        )  # fmt: skip
+        if self.is_1d:
+            y = y.squeeze(2)
+        return y.to(out_dtype)
+
+
+# ---------------------------------------------------------------- weight-only (aten packed mm)
+
+
+class Int8WeightOnlyLinear(RealLayer):
+    """``w8a16`` Linear: int8 per-channel weights, bf16 activations, ``aten._weight_int8pack_mm``.
+
+    Differs from the scheme in one detail: the kernel takes its per-channel scales in bf16
+    (the scheme's are fp32); the bytes counted are the real bf16 ones.
+    """
+
+    def __init__(self, layer: nn.Linear, scheme: Scheme, *, act_range: ActRange = None) -> None:
+        super().__init__()
+        self.scheme_name = scheme.name
+        codes, scale, _ = _weight_codes(layer.weight, scheme)
+        self.out_features, self.in_features = layer.weight.shape
+        self.register_buffer("weight_int8", codes.to(torch.int8).contiguous())
+        self.register_buffer("scales", scale.to(torch.bfloat16))
+        bias = layer.bias
+        self.register_buffer("bias", None if bias is None else bias.detach().to(torch.bfloat16))
+
+    def forward(self, x: Tensor) -> Tensor:
+        out_dtype = x.dtype
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        y = torch.ops.aten._weight_int8pack_mm(x2, self.weight_int8, self.scales)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*shape[:-1], self.out_features).to(out_dtype)
+
+
+class Int4WeightOnlyLinear(RealLayer):
+    """``w4a16`` Linear: int4 asymmetric grouped weights, bf16 activations,
+    ``aten._weight_int4pack_mm_for_cpu``.
+
+    The kernel dequantizes as ``(q - 8) * scale + offset`` with a bf16 ``offset``; the
+    scheme's integer zero point ``z`` becomes ``offset = (8 - z) * scale`` (rounded to bf16,
+    the one difference from the scheme). Output rows are padded to a multiple of 16 (a kernel
+    requirement); the padding's bytes are counted.
+    """
+
+    def __init__(self, layer: nn.Linear, scheme: Scheme, *, act_range: ActRange = None) -> None:
+        super().__init__()
+        self.scheme_name = scheme.name
+        group = scheme.weight.group_size
+        assert group is not None
+        self.group_size = group
+        n, k = layer.weight.shape
+        self.out_features, self.in_features = n, k
+        codes, scale, zero = _weight_codes(layer.weight, scheme)
+        assert zero is not None
+        codes = codes.reshape(n, k).to(torch.int32)
+        scale = scale.reshape(n, k // group)
+        offset = (8.0 - zero.reshape(n, k // group)) * scale
+        n_pad = -n % 16
+        if n_pad:
+            codes = torch.cat([codes, torch.full((n_pad, k), 8, dtype=torch.int32)])
+            scale = torch.cat([scale, torch.ones(n_pad, k // group)])
+            offset = torch.cat([offset, torch.zeros(n_pad, k // group)])
+        self.register_buffer(
+            "weight_int4", torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.contiguous(), 1)
+        )
+        sz = torch.stack([scale.t(), offset.t()], dim=-1).to(torch.bfloat16).contiguous()
+        self.register_buffer("scales_and_zeros", sz)
+        bias = layer.bias
+        self.register_buffer("bias", None if bias is None else bias.detach().to(torch.bfloat16))
+
+    def forward(self, x: Tensor) -> Tensor:
+        out_dtype = x.dtype
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+            x2, self.weight_int4, self.group_size, self.scales_and_zeros
+        )
+        if y.shape[-1] != self.out_features:
+            y = y[:, : self.out_features]
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*shape[:-1], self.out_features).to(out_dtype)
+
+
+# ---------------------------------------------------------------- registry and backend base
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """How a real backend runs one (layer type, scheme): a module factory, a description of
+    the kernel (for tables and messages) and an optional check of the layer's own limits."""
+
+    build: Callable[..., nn.Module]
+    description: str
+    check: Callable[[nn.Module, Scheme], str | None] | None = None
+
+
+KernelTable = dict[tuple[type[nn.Module], str], Kernel]
+
+
+def conv_int8_check(layer: nn.Module, scheme: Scheme) -> str | None:
+    """oneDNN int8 convolutions take numeric zero padding only."""
+    if isinstance(layer.padding, str) or getattr(layer, "padding_mode", "zeros") != "zeros":
+        return (
+            f"the int8 convolution kernel takes numeric zero padding only (this layer has "
+            f"padding={layer.padding!r}, padding_mode={layer.padding_mode!r})"
+        )
+    return None
+
+
+class KernelBackend(Backend):
+    """A real backend driven by a table ``{(layer type, scheme name): Kernel}``."""
+
+    real = True
+    kernels: KernelTable
+
+    def kernel_for(self, layer: nn.Module, scheme: Scheme) -> Kernel | None:
+        for kind in type(layer).__mro__:
+            kernel = self.kernels.get((kind, scheme.name))
+            if kernel is not None:
+                return kernel
+        return None
+
+    def schemes_for(self, layer_type: type[nn.Module]) -> list[str]:
+        """Scheme names this backend runs for ``layer_type``."""
+        return sorted(
+            {s for (kind, s) in self.kernels if issubclass(layer_type, kind)},
+            key=lambda s: (s != "fp32", s),
+        )
+
+    def unsupported_reason(self, layer: nn.Module, scheme: Scheme) -> str | None:
+        kernel = self.kernel_for(layer, scheme)
+        kind = type(layer).__name__
+        if kernel is None:
+            known = self.schemes_for(type(layer))
+            why = self.missing_reason(type(layer), scheme)
+            return (
+                f"the {self.name!r} backend has no real kernel for {scheme.name!r} on {kind}"
+                + (f" ({why})" if why else "")
+                + f"; it runs {', '.join(map(repr, known)) or 'no scheme'} for {kind}; "
+                f"{scheme.name!r} stays available to backend='simulate'"
+            )
+        return kernel.check(layer, scheme) if kernel.check is not None else None
+
+    def missing_reason(self, layer_type: type[nn.Module], scheme: Scheme) -> str | None:
+        """Extra words on why a (layer type, scheme) has no kernel here."""
+        return None
+
+    def quantize_layer(
+        self, layer: nn.Module, scheme: Scheme, *, act_range: tuple[float, float] | None = None
+    ) -> nn.Module:
+        kernel = self.kernel_for(layer, scheme)
+        if kernel is None:
+            raise ValueError(
+                f"{type(layer).__name__} in {scheme.name!r}: {self.unsupported_reason(layer, scheme)}"
+            )
+        with torch.no_grad():
+            return kernel.build(layer, scheme, act_range=act_range)
+
+    def kernel_table(self) -> list[dict[str, str]]:
+        """One row per registered (layer type, scheme): the kernel that runs it."""
+        return [
+            {"layer_type": kind.__name__, "scheme": s, "kernel": k.description}
+            for (kind, s), k in self.kernels.items()
+        ]
+
+
+__all__ = [
+    "TORCH_DTYPES",
+    "CastLayer",
+    "Int4WeightOnlyLinear",
+    "Int8Conv",
+    "Int8Linear",
+    "Int8WeightOnlyLinear",
+    "Kernel",
+    "KernelBackend",
+    "RealLayer",
+    "conv_int8_check",
+    "storage_bytes",
+]

@@ -1,0 +1,418 @@
+"""``measure_cost``: exact memory and measured latency per (layer, scheme); ``CostModel``
+predicts a plan's memory and latency from them and checks itself against real runs."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from mpsearch._data import Batch, run_model
+from mpsearch._validation import check_positive, invalid
+from mpsearch.backends import Backend, as_plan, get_backend, quantize, storage_bytes
+from mpsearch.backends._quantize import PlanLike
+from mpsearch.cost._cache import cache_key, read_cache, write_cache
+from mpsearch.cost._timing import TIMERS, device_name, median_ms, threads
+from mpsearch.layers import quantizable_layers
+from mpsearch.plan import PrecisionPlan
+from mpsearch.schemes import Scheme, get_scheme
+
+_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+COLUMNS = ["layer", "scheme", "memory_bytes", "latency_ms", "supported", "reason"]
+
+
+def ideal_layer_bytes(layer: nn.Module, scheme: Scheme) -> int:
+    """Bytes of ``layer`` stored ideally in ``scheme``: packed weight bits (scales and zero
+    points included) rounded up to bytes, plus the bias in the scheme's compute dtype.
+
+    >>> ideal_layer_bytes(nn.Linear(64, 32), get_scheme("w8a8"))   # 2048 + 32 fp32 scales + bias
+    2304
+    """
+    weight_bytes = math.ceil(scheme.weight_storage_bits(tuple(layer.weight.shape)) / 8)
+    bias = getattr(layer, "bias", None)
+    bias_bytes = 0 if bias is None else bias.numel() * _BYTES[scheme.compute_dtype]
+    return weight_bytes + bias_bytes
+
+
+def _own_bytes(layer: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in [*layer.parameters(), *layer.buffers()])
+
+
+def _capture_inputs(
+    model: nn.Module, example_input: Batch, names: Sequence[str]
+) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+    """Each layer's first input during one forward, and how many times it is called."""
+    inputs: dict[str, torch.Tensor] = {}
+    calls = dict.fromkeys(names, 0)
+
+    def hook(name: str):
+        def pre(_m: nn.Module, args: tuple[Any, ...]) -> None:
+            calls[name] += 1
+            if name not in inputs:
+                inputs[name] = args[0].detach().clone(memory_format=torch.preserve_format)
+
+        return pre
+
+    handles = [model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
+    try:
+        with torch.inference_mode():
+            run_model(model, example_input)
+    finally:
+        for h in handles:
+            h.remove()
+    never = [n for n in names if calls[n] == 0]
+    if never:
+        raise ValueError(
+            f"Layers {never} are never called by the model on 'example_input'; pass "
+            "layers= without them, or an example input that runs them."
+        )
+    return inputs, calls
+
+
+class CostModel:
+    """Memory (exact bytes) and latency (measured on this device) of every (layer, scheme),
+    and predictions for whole plans.
+
+    ``latency_ms(plan) = intercept_ms + slope * sum of the plan's per-layer times``: each
+    per-layer time is measured on the real module with the layer's real input (fp32 in,
+    fp32 out, so the dtype conversions at its boundaries are inside it); the intercept (the
+    rest of the model: norms, activations, Python dispatch) and slope are fitted by least
+    squares on end-to-end runs of the uniform plans (``fit_table``).
+
+    >>> net = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 8)).eval()
+    >>> cost = measure_cost(net, torch.randn(4, 32), schemes=["bf16"], repeats=3, warmup=1)
+    >>> cost.memory_bytes({"0": "bf16", "2": "fp32"}) < cost.fp32_memory_bytes
+    True
+    """
+
+    def __init__(
+        self,
+        *,
+        table: pd.DataFrame,
+        model: nn.Module,
+        example_input: Batch,
+        backend: Backend,
+        rest_bytes: int,
+        fp32_memory_bytes: int,
+        fp32_latency_ms: float,
+        fit: dict[str, Any],
+        meta: dict[str, Any],
+        settings: dict[str, Any],
+    ) -> None:
+        self.table = table
+        self.model = model
+        self.example_input = example_input
+        self.backend = backend
+        self.rest_bytes = rest_bytes
+        self.fp32_memory_bytes = fp32_memory_bytes
+        self.fp32_latency_ms = fp32_latency_ms
+        self.intercept_ms = float(fit["intercept_ms"])
+        self.slope = float(fit["slope"])
+        self.fit_table = pd.DataFrame(fit["points"])
+        self.meta = meta
+        self.settings = settings
+        self.layers: list[str] = list(dict.fromkeys(table["layer"]))
+        self.schemes: list[str] = list(dict.fromkeys(table["scheme"]))
+        indexed = table.set_index(["layer", "scheme"])
+        self._memory = indexed["memory_bytes"].to_dict()
+        self._latency = indexed["latency_ms"].to_dict()
+        self._supported = indexed["supported"].to_dict()
+        self._reason = indexed["reason"].to_dict()
+
+    # -------------------------------------------------------------- lookups
+
+    def supported(self, layer: str, scheme: str) -> bool:
+        """Whether the backend runs ``layer`` in ``scheme`` (``False`` for unmeasured pairs)."""
+        return bool(self._supported.get((layer, scheme), False))
+
+    def assignment(self, plan: PlanLike) -> dict[str, str]:
+        """``{layer: scheme}`` of ``plan`` over the measured layers; refuses pairs not measured
+        or not supported (with the reason)."""
+        resolved = as_plan(plan).resolve(self.model)
+        problems = []
+        for name, scheme in resolved.items():
+            if name not in self.layers:
+                if scheme != "fp32":
+                    problems.append(
+                        f"  {name}: not measured (measure_cost(layers=...) left it out)"
+                    )
+            elif (name, scheme) not in self._supported:
+                problems.append(
+                    f"  {name}: scheme {scheme!r} was not measured (schemes={self.schemes})"
+                )
+            elif not self._supported[(name, scheme)]:
+                problems.append(f"  {name} in {scheme!r}: {self._reason[(name, scheme)]}")
+        if problems:
+            raise ValueError(
+                f"The plan has no cost on the {self.backend.name!r} backend:\n"
+                + "\n".join(problems)
+            )
+        return {n: s for n, s in resolved.items() if n in self.layers}
+
+    def memory_bytes(self, plan: PlanLike) -> int:
+        """Exact bytes of the quantized model's tensors under ``plan``."""
+        chosen = self.assignment(plan)
+        return int(self.rest_bytes + sum(self._memory[(n, s)] for n, s in chosen.items()))
+
+    def memory_mb(self, plan: PlanLike) -> float:
+        """:meth:`memory_bytes` in MB (10**6 bytes)."""
+        return self.memory_bytes(plan) / 1e6
+
+    def layer_sum_ms(self, plan: PlanLike) -> float:
+        """Sum of the plan's measured per-layer times (no intercept, no slope)."""
+        chosen = self.assignment(plan)
+        return float(sum(self._latency[(n, s)] for n, s in chosen.items()))
+
+    def latency_ms(self, plan: PlanLike) -> float:
+        """Predicted end-to-end latency of ``plan`` in ms on the measured device."""
+        return self.intercept_ms + self.slope * self.layer_sum_ms(plan)
+
+    # -------------------------------------------------------------- real runs
+
+    def measure(self, plan: PlanLike, *, repeats: int | None = None) -> float:
+        """Median end-to-end ms of the model really quantized by ``plan`` on the backend."""
+        qmodel = quantize(self.model, plan, backend=self.backend)
+        return _time_model(qmodel, self.example_input, self.settings, repeats=repeats)
+
+    def validate(self, plans: Iterable[PlanLike], *, repeats: int | None = None) -> pd.DataFrame:
+        """Predicted vs measured latency for ``plans``: one row each with the relative error."""
+        rows = []
+        for i, plan in enumerate(plans):
+            predicted = self.latency_ms(plan)
+            measured = self.measure(plan, repeats=repeats)
+            rows.append(
+                {
+                    "plan": i,
+                    "predicted_ms": predicted,
+                    "measured_ms": measured,
+                    "rel_error": abs(predicted - measured) / measured,
+                }
+            )
+        return pd.DataFrame(rows)
+
+    def __repr__(self) -> str:
+        return (
+            f"CostModel(backend={self.backend.name!r}, layers={len(self.layers)}, "
+            f"schemes={self.schemes}, device={self.meta.get('device')!r})"
+        )
+
+
+def _time_model(
+    model: nn.Module, example_input: Batch, settings: dict[str, Any], *, repeats: int | None = None
+) -> float:
+    with threads(settings["num_threads"]):
+        return median_ms(
+            lambda: run_model(model, example_input),
+            repeats=repeats or settings["repeats"],
+            warmup=settings["warmup"],
+            timer=settings["timer"],
+        )
+
+
+def _fit(points: list[dict[str, Any]]) -> dict[str, Any]:
+    """Least squares ``measured = intercept + slope * layer_sum`` (slope 1 when ill-posed)."""
+    x = np.array([p["layer_sum_ms"] for p in points])
+    y = np.array([p["measured_ms"] for p in points])
+    intercept, slope = float(np.mean(y - x)), 1.0
+    if len(points) >= 2 and np.ptp(x) > 1e-3 * max(float(np.mean(x)), 1e-9):
+        a = np.stack([np.ones_like(x), x], axis=1)
+        (c0, c1), *_ = np.linalg.lstsq(a, y, rcond=None)
+        if c1 > 0:
+            intercept, slope = float(c0), float(c1)
+    for p in points:
+        p["predicted_ms"] = intercept + slope * p["layer_sum_ms"]
+        p["rel_error"] = abs(p["predicted_ms"] - p["measured_ms"]) / p["measured_ms"]
+    return {"intercept_ms": intercept, "slope": slope, "points": points}
+
+
+def measure_cost(
+    model: nn.Module,
+    example_input: Batch,
+    *,
+    schemes: Sequence[str],
+    backend: str | Backend = "cpu",
+    layers: Sequence[str] | None = None,
+    repeats: int = 20,
+    warmup: int = 3,
+    cache_dir: str | Path | None = None,
+    num_threads: int | None = None,
+    timer: str = "wall",
+) -> CostModel:
+    """Measure memory and latency of every (layer, scheme) of ``model`` on ``backend``.
+
+    Memory is exact: the bytes of the real quantized layer's tensors (for ``simulate``, the
+    scheme's ideal storage). Latency is the median of ``repeats`` runs (after ``warmup``) of
+    each quantized layer on the input it receives when ``example_input`` runs through the
+    model; whole-model runs of the uniform plans fit the intercept and slope of the
+    prediction. ``timer="process"`` times this process's CPU time instead of the wall clock
+    (steadier on a shared machine; use it with ``num_threads=1``). With ``cache_dir`` the
+    results are stored per device, model layer shapes, schemes and backend, and reused.
+
+    >>> net = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 8)).eval()
+    >>> cost = measure_cost(net, torch.randn(4, 32), schemes=["bf16", "w8a8"], repeats=3)
+    >>> sorted(cost.schemes)
+    ['bf16', 'fp32', 'w8a8']
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"The 'model' argument must be a torch.nn.Module. Got {type(model).__name__} instead."
+        )
+    if isinstance(schemes, str) or not isinstance(schemes, Sequence) or not schemes:
+        raise invalid("schemes", schemes, "a non-empty list of scheme names")
+    scheme_objs = [get_scheme(s, argument="schemes") for s in dict.fromkeys(["fp32", *schemes])]
+    check_positive("repeats", repeats)
+    if not isinstance(warmup, int) or warmup < 0:
+        raise invalid("warmup", warmup, "a non-negative integer")
+    check_positive("num_threads", num_threads, allow_none=True)
+    if timer not in TIMERS:
+        raise invalid("timer", timer, f"one of {sorted(TIMERS)}")
+    impl = get_backend(backend)
+    reason = impl.unavailable_reason()
+    if reason:
+        raise ValueError(f"The {impl.name!r} backend cannot run here: {reason}")
+    model = model.eval()
+    all_layers = quantizable_layers(model)
+    names = list(all_layers) if layers is None else list(layers)
+    unknown_names = [n for n in names if n not in all_layers]
+    if unknown_names or not names:
+        raise invalid(
+            "layers",
+            layers,
+            f"a non-empty list of quantizable layer names of the model ({list(all_layers)[:8]}...)",
+        )
+    settings = {
+        "repeats": int(repeats),
+        "warmup": warmup,
+        "num_threads": num_threads,
+        "timer": timer,
+    }
+
+    # Inputs as the backend's own fp32 model sees them (layouts included, e.g. channels-last).
+    reference = quantize(model, PrecisionPlan.uniform("fp32"), backend=impl) if impl.real else model
+    inputs, calls = _capture_inputs(reference, example_input, names)
+    with threads(num_threads) as n_threads:
+        meta = {
+            "device": device_name(impl.name),
+            "torch": torch.__version__,
+            "backend": impl.name,
+            "num_threads": n_threads,
+            "timer": timer,
+        }
+    key = cache_key(
+        {
+            **meta,
+            "schemes": [s.name for s in scheme_objs],
+            "layers": [
+                (
+                    n,
+                    type(all_layers[n]).__name__,
+                    tuple(all_layers[n].weight.shape),
+                    tuple(inputs[n].shape),
+                    calls[n],
+                )
+                for n in names
+            ],
+            "model_bytes": storage_bytes(model),
+            "repeats": repeats,
+            "warmup": warmup,
+        }
+    )
+    path = None if cache_dir is None else Path(cache_dir) / f"cost-{impl.name}-{key}.json"
+    payload = read_cache(path, key) if path is not None else None
+    if payload is None:
+        payload = _measure(model, example_input, impl, scheme_objs, names, inputs, calls, settings)
+        payload["meta"] = meta
+        if path is not None:
+            write_cache(path, key, payload)
+    return CostModel(
+        table=pd.DataFrame(payload["rows"], columns=COLUMNS),
+        model=model,
+        example_input=example_input,
+        backend=impl,
+        rest_bytes=payload["rest_bytes"],
+        fp32_memory_bytes=payload["fp32_memory_bytes"],
+        fp32_latency_ms=payload["fp32_latency_ms"],
+        fit=payload["fit"],
+        meta=payload["meta"],
+        settings=settings,
+    )
+
+
+def _measure(
+    model: nn.Module,
+    example_input: Batch,
+    impl: Backend,
+    schemes: list[Scheme],
+    names: list[str],
+    inputs: Mapping[str, torch.Tensor],
+    calls: Mapping[str, int],
+    settings: dict[str, Any],
+) -> dict[str, Any]:
+    all_layers = quantizable_layers(model)
+    rows = []
+    for name in names:
+        layer = all_layers[name]
+        x = inputs[name]
+        for scheme in schemes:
+            why = scheme.applicability_error(tuple(layer.weight.shape)) or impl.unsupported_reason(
+                layer, scheme
+            )
+            if why:
+                rows.append([name, scheme.name, None, None, False, why])
+                continue
+            if impl.real:
+                module = impl.quantize_layer(layer, scheme)
+                memory = storage_bytes(module)
+            else:
+                module = layer if scheme.name == "fp32" else impl.quantize_layer(layer, scheme)
+                memory = (
+                    _own_bytes(layer) if scheme.name == "fp32" else ideal_layer_bytes(layer, scheme)
+                )
+            with threads(settings["num_threads"]):
+                ms = median_ms(
+                    lambda m=module, x=x: m(x),
+                    repeats=settings["repeats"],
+                    warmup=settings["warmup"],
+                    timer=settings["timer"],
+                )
+            rows.append([name, scheme.name, int(memory), ms * calls[name], True, ""])
+    table = pd.DataFrame(rows, columns=COLUMNS)
+    measured_layers_bytes = sum(_own_bytes(all_layers[n]) for n in names)
+    fp32_memory = storage_bytes(model)
+    rest_bytes = fp32_memory - measured_layers_bytes
+
+    # End-to-end: the untouched model, then the uniform plans (unsupported layers stay fp32).
+    fp32_ms = _time_model(model, example_input, settings)
+    supported = table.set_index(["layer", "scheme"])["supported"].to_dict()
+    latency = table.set_index(["layer", "scheme"])["latency_ms"].to_dict()
+    points = []
+    for scheme in schemes:
+        assignment = {n: (scheme.name if supported[(n, scheme.name)] else "fp32") for n in names}
+        plan = PrecisionPlan(assignment, default="fp32")
+        qmodel = quantize(model, plan, backend=impl)
+        points.append(
+            {
+                "plan": f"uniform {scheme.name}",
+                "layer_sum_ms": float(sum(latency[(n, s)] for n, s in assignment.items())),
+                "measured_ms": _time_model(qmodel, example_input, settings),
+            }
+        )
+    return {
+        "rows": [
+            [None if isinstance(v, float) and math.isnan(v) else v for v in r]
+            for r in table.itertuples(index=False)
+        ],
+        "rest_bytes": int(rest_bytes),
+        "fp32_memory_bytes": int(fp32_memory),
+        "fp32_latency_ms": float(fp32_ms),
+        "fit": _fit(points),
+    }
+
+
+__all__ = ["COLUMNS", "CostModel", "ideal_layer_bytes", "measure_cost"]

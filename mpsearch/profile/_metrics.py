@@ -1,0 +1,149 @@
+"""Error measures: layer-output MSE/SQNR and end-to-end output metrics (KL, MSE, callables)."""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from mpsearch._validation import invalid
+
+MetricFn = Callable[[Tensor, Tensor], float]
+
+
+def kl_divergence(ref: Tensor, out: Tensor) -> float:
+    """Mean KL(softmax(ref) || softmax(out)) over all rows (last dimension = classes), in nats.
+
+    >>> kl_divergence(torch.tensor([[1.0, 2.0]]), torch.tensor([[1.0, 2.0]]))
+    0.0
+    """
+    ref64 = torch.log_softmax(ref.double().reshape(-1, ref.shape[-1]), dim=-1)
+    out64 = torch.log_softmax(out.double().reshape(-1, out.shape[-1]), dim=-1)
+    kl = (ref64.exp() * (ref64 - out64)).sum(dim=-1)
+    return float(kl.clamp_min(0.0).mean())
+
+
+def mean_squared_error(ref: Tensor, out: Tensor) -> float:
+    """Mean squared difference of two outputs (float64 accumulation).
+
+    >>> mean_squared_error(torch.tensor([1.0, 2.0]), torch.tensor([1.0, 4.0]))
+    2.0
+    """
+    return float((ref.double() - out.double()).pow(2).mean())
+
+
+E2E_METRICS: dict[str, MetricFn] = {"kl": kl_divergence, "mse": mean_squared_error}
+
+
+def auto_metric(output: Tensor) -> str:
+    """The end-to-end metric chosen for a model output.
+
+    ``"kl"`` (KL divergence of the softmax over the last dimension) when the output is a floating
+    tensor with at least 2 dimensions and a last dimension of at least 2 (class logits: ``[B, C]``
+    or per-token ``[B, T, V]``); ``"mse"`` otherwise (regressors: ``[B]``, ``[B, 1]``, integer
+    outputs). Pass ``metric="mse"`` for multi-output regressors.
+
+    >>> auto_metric(torch.zeros(4, 10)), auto_metric(torch.zeros(4, 1))
+    ('kl', 'mse')
+    """
+    if output.is_floating_point() and output.dim() >= 2 and output.shape[-1] >= 2:
+        return "kl"
+    return "mse"
+
+
+def callable_id(fn: Any) -> str:
+    """A stable identity of a callable for cache keys: its qualified name and source text."""
+    if fn is None:
+        return ""
+    name = f"{getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', type(fn).__name__)}"
+    try:
+        source = inspect.getsource(fn)
+    except (OSError, TypeError):
+        source = ""
+    return f"{name}\n{source}"
+
+
+def resolve_metric(metric: Any, reference: Tensor) -> tuple[str, MetricFn]:
+    """``(name, function)`` for the ``metric`` argument given the fp32 output ``reference``."""
+    if metric is None:
+        name = auto_metric(reference)
+        return name, E2E_METRICS[name]
+    if isinstance(metric, str):
+        if metric not in E2E_METRICS:
+            raise invalid("metric", metric, f"None, one of {sorted(E2E_METRICS)} or a callable")
+        return metric, E2E_METRICS[metric]
+    if callable(metric):
+        return getattr(metric, "__name__", type(metric).__name__), metric
+    raise invalid("metric", metric, f"None, one of {sorted(E2E_METRICS)} or a callable")
+
+
+def call_metric(fn: MetricFn, name: str, ref: Tensor, out: Tensor, where: str) -> float:
+    """``fn(ref, out)`` as a float, with a clear error naming the metric and ``where``."""
+    try:
+        value = fn(ref, out)
+        value = float(value)
+    except Exception as exc:
+        raise RuntimeError(
+            f"The metric {name!r} failed on {where}: {type(exc).__name__}: {exc}. "
+            "A metric callable must take (reference_output, output) tensors and return a float."
+        ) from exc
+    if math.isnan(value):
+        raise RuntimeError(f"The metric {name!r} returned NaN on {where}.")
+    return value
+
+
+@dataclass
+class LocalStats:
+    """Running sums for a layer output's MSE and SQNR over calibration batches."""
+
+    err: float = 0.0
+    signal: float = 0.0
+    count: int = 0
+    finite: bool = True
+
+    def update(self, ref: Tensor, out: Tensor) -> None:
+        diff = out.double() - ref.double()
+        e = float(diff.pow(2).sum())
+        if not math.isfinite(e):
+            self.finite = False
+        self.err += e
+        self.signal += float(ref.double().pow(2).sum())
+        self.count += ref.numel()
+
+    @property
+    def mse(self) -> float:
+        return self.err / self.count if self.finite else math.inf
+
+    @property
+    def sqnr_db(self) -> float:
+        if not self.finite:
+            return -math.inf
+        if self.err == 0.0:
+            return math.inf
+        if self.signal == 0.0:
+            return -math.inf
+        return 10.0 * math.log10(self.signal / self.err)
+
+
+@dataclass
+class E2EStats:
+    """Sample-weighted mean of a per-batch end-to-end metric."""
+
+    total: float = 0.0
+    weight: int = 0
+    finite: bool = True
+
+    def update(self, value: float, n: int) -> None:
+        if not math.isfinite(value):
+            self.finite = False
+        self.total += value * n
+        self.weight += n
+
+    @property
+    def mean(self) -> float:
+        return self.total / self.weight if self.finite else math.inf

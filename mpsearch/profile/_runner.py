@@ -1,0 +1,363 @@
+"""Running one layer's quantized variants through the rest of the model.
+
+Two runners share one interface:
+
+- ``GraphRunner`` (the fast path): the model is traced with ``torch.fx``. One fp32 pass per
+  calibration batch stores the values the later runs need: each layer's input and output, and
+  every value a layer's *suffix* (the nodes downstream of it) reads from outside the suffix.
+  For a (layer, batch), the S quantized outputs are computed from the cached input and only the
+  suffix is re-executed, once for all S schemes concatenated along the batch dimension when the
+  model was checked to be batch-independent, else once per scheme.
+- ``HookRunner`` (the fallback when tracing fails or a layer is called more than once): a
+  forward hook substitutes the layer's output and the whole model is re-run per scheme.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import operator
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, fx, nn
+from torch.utils import _pytree as pytree
+
+from mpsearch._data import Batch, batch_size, output_tensor, run_model
+from mpsearch.layers import is_quantizable
+from mpsearch.layers._batchnorm import fold_graph
+
+Pair = tuple[Tensor, Tensor]
+
+_INPLACE_FUNCTIONS: dict[Any, Any] = {
+    operator.iadd: operator.add,
+    operator.isub: operator.sub,
+    operator.imul: operator.mul,
+    operator.itruediv: operator.truediv,
+}
+
+
+def _remove_inplace(gm: fx.GraphModule) -> None:
+    """Rewrite in-place ops out of ``gm`` so that cached values are never mutated by later ops."""
+    for module in gm.modules():
+        if getattr(module, "inplace", False) is True:
+            module.inplace = False
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in _INPLACE_FUNCTIONS:
+            node.target = _INPLACE_FUNCTIONS[node.target]
+        elif (
+            node.op == "call_method"
+            and node.target.endswith("_")
+            and not node.target.startswith("_")
+        ):
+            plain = node.target[:-1]
+            if hasattr(torch.Tensor, plain):
+                node.target = plain
+        if node.kwargs.get("inplace") is True:
+            node.kwargs = {**node.kwargs, "inplace": False}
+    gm.recompile()
+
+
+def _close(a: Tensor, b: Tensor, rtol: float) -> bool:
+    if a.shape != b.shape:
+        return False
+    a, b = a.double(), b.double()
+    scale = float(b.abs().max()) if b.numel() else 0.0
+    return bool((a - b).abs().max() <= rtol * (scale + 1e-12)) if a.numel() else True
+
+
+class GraphRunner:
+    """The fx fast path (see the module docstring)."""
+
+    mode = "graph"
+
+    def __init__(
+        self,
+        gm: fx.GraphModule,
+        batches: Sequence[Batch],
+        signature: inspect.Signature,
+        layers: Sequence[str],
+    ) -> None:
+        self.gm = gm
+        self.batches = batches
+        self.signature = signature
+        self.nodes: list[fx.Node] = list(gm.graph.nodes)
+        self.output_node = next(n for n in self.nodes if n.op == "output")
+        calls: dict[str, list[fx.Node]] = {}
+        for node in self.nodes:
+            if node.op == "call_module" and node.target in layers:
+                calls.setdefault(node.target, []).append(node)
+        for name, found in calls.items():
+            node = found[0]
+            if len(found) > 1:
+                raise _Unsupported(f"layer {name!r} is called {len(found)} times")
+            if len(node.args) != 1 or node.kwargs or not isinstance(node.args[0], fx.Node):
+                raise _Unsupported(f"layer {name!r} is called with extra arguments")
+        self.layer_node = {name: found[0] for name, found in calls.items()}
+        self.called = set(self.layer_node)
+        position = {node: i for i, node in enumerate(self.nodes)}
+        self.suffix: dict[str, list[fx.Node]] = {}
+        self.boundary: dict[str, set[fx.Node]] = {}
+        keep: set[fx.Node] = set()
+        for name, start in self.layer_node.items():
+            down = {start}
+            for node in self.nodes[position[start] + 1 :]:
+                if any(a in down for a in node.all_input_nodes):
+                    down.add(node)
+            suffix = [n for n in self.nodes if n in down and n is not start]
+            border = {a for n in suffix for a in n.all_input_nodes if a not in down}
+            self.suffix[name] = suffix
+            self.boundary[name] = border
+            keep |= border | {start, start.args[0]}
+        keep |= set(self.output_node.all_input_nodes)
+        self.keep = keep
+        self.store: list[dict[fx.Node, Any]] = []
+        self.reference: list[Tensor] = []
+        with torch.inference_mode():
+            for batch in batches:
+                env = self._execute_all(batch)
+                self.store.append({n: env[n] for n in keep})
+                self.reference.append(output_tensor(env[self.output_node]).float())
+        self.batchable = self._check_batching(layers)
+
+    # -- execution -------------------------------------------------------------------------
+    def _placeholders(self, batch: Batch) -> dict[str, Any]:
+        if isinstance(batch, torch.Tensor):
+            bound = self.signature.bind(batch)
+        elif isinstance(batch, Mapping):
+            bound = self.signature.bind(**batch)
+        else:
+            bound = self.signature.bind(*batch)
+        bound.apply_defaults()
+        return dict(bound.arguments)
+
+    def _run_node(self, node: fx.Node, env: dict[fx.Node, Any]) -> Any:
+        args = fx.node.map_arg(node.args, lambda n: env[n])
+        kwargs = fx.node.map_arg(node.kwargs, lambda n: env[n])
+        if node.op == "call_module":
+            return self.gm.get_submodule(node.target)(*args, **kwargs)
+        if node.op == "call_function":
+            return node.target(*args, **kwargs)
+        if node.op == "call_method":
+            obj, *rest = args
+            return getattr(obj, node.target)(*rest, **kwargs)
+        if node.op == "get_attr":
+            value: Any = self.gm
+            for part in node.target.split("."):
+                value = getattr(value, part)
+            return value
+        if node.op == "output":
+            return args[0]
+        raise RuntimeError(f"unexpected fx node op {node.op!r}")
+
+    def _execute_all(self, batch: Batch) -> dict[fx.Node, Any]:
+        inputs = self._placeholders(batch)
+        env: dict[fx.Node, Any] = {}
+        for node in self.nodes:
+            if node.op == "placeholder":
+                name = node.target.lstrip("*")
+                if name in inputs:
+                    env[node] = inputs[name]
+                elif node.args:
+                    env[node] = node.args[0]
+                else:
+                    raise _Unsupported(f"cannot bind the model input {name!r}")
+            else:
+                env[node] = self._run_node(node, env)
+        return env
+
+    def _check_batching(self, layers: Sequence[str]) -> dict[str, bool]:
+        """Which layers' suffixes may run all schemes at once, concatenated along dim 0.
+
+        The first batch is also run as its first half. The model must give the same outputs
+        for that half (so samples do not interact), and every value a suffix reads from
+        outside must either have the batch as its leading dimension or not depend on the batch
+        size at all (a batch size read as an int would break concatenation).
+        """
+        no = dict.fromkeys(self.layer_node, False)
+        batch = self.batches[0]
+        full = batch_size(batch)
+        if full < 2:
+            return no
+        half = full // 2
+
+        def cut(t: Any) -> Any:
+            if isinstance(t, torch.Tensor) and t.dim() >= 1 and t.shape[0] == full:
+                return t[:half]
+            return t
+
+        try:
+            with torch.inference_mode():
+                env = self._execute_all(pytree.tree_map(cut, batch))
+        except Exception:
+            return no
+        out_half = output_tensor(env[self.output_node]).float()
+        ref = self.reference[0]
+        if out_half.shape[:1] != (half,) or ref.shape[:1] != (full,):
+            return no
+        if not _close(out_half, ref[:half], 1e-4):
+            return no
+        kinds: dict[fx.Node, str] = {}
+        for node in self.keep:
+            kinds[node] = _kind(self.store[0][node], env[node], full, half)
+        result = {}
+        for name, start in self.layer_node.items():
+            result[name] = kinds[start] == "batch" and all(
+                kinds[n] != "unsafe" for n in self.boundary[name]
+            )
+        self.kinds = kinds
+        return result
+
+    def run(
+        self, layer: str, qlayers: Sequence[nn.Module], b: int
+    ) -> tuple[list[list[Pair]], list[Tensor]]:
+        """Local (reference, quantized) output pairs and final output tensors, one per scheme."""
+        start = self.layer_node[layer]
+        store = self.store[b]
+        x, y_ref = store[start.args[0]], store[start]
+        outs_q = [q(x) for q in qlayers]
+        pairs = [[(y_ref, y)] for y in outs_q]
+        suffix, border = self.suffix[layer], self.boundary[layer]
+        n = len(outs_q)
+        if self.batchable.get(layer, False) and n > 1:
+            env = {
+                node: _repeat(store[node], n) if self.kinds[node] == "batch" else store[node]
+                for node in border
+            }
+            env[start] = torch.cat(outs_q)
+            for node in suffix:
+                env[node] = self._run_node(node, env)
+            out = output_tensor(env[self.output_node]).float()
+            return pairs, list(out.chunk(n))
+        finals = []
+        for y in outs_q:
+            env = {node: store[node] for node in border}
+            env[start] = y
+            for node in suffix:
+                env[node] = self._run_node(node, env)
+            finals.append(output_tensor(env[self.output_node]).float())
+        return pairs, finals
+
+    def layer_input(self, layer: str, b: int) -> Tensor:
+        return self.store[b][self.layer_node[layer].args[0]]
+
+
+def _kind(full_value: Any, half_value: Any, full: int, half: int) -> str:
+    if isinstance(full_value, torch.Tensor):
+        if not isinstance(half_value, torch.Tensor):
+            return "unsafe"
+        if full_value.shape == half_value.shape:
+            return "const"
+        if (
+            full_value.dim() >= 1
+            and full_value.shape[0] == full
+            and half_value.shape[0] == half
+            and full_value.shape[1:] == half_value.shape[1:]
+        ):
+            return "batch"
+        return "unsafe"
+    leaves = pytree.tree_leaves(full_value)
+    if any(isinstance(v, torch.Tensor) for v in leaves):
+        return "unsafe"
+    try:
+        return "const" if full_value == half_value else "unsafe"
+    except Exception:
+        return "unsafe"
+
+
+def _repeat(t: Tensor, n: int) -> Tensor:
+    return t.repeat(n, *([1] * (t.dim() - 1)))
+
+
+class _Unsupported(Exception):
+    """The fast path cannot handle this model (the hook runner is used instead)."""
+
+
+class HookRunner:
+    """The fallback: substitute a layer's output with a forward hook and re-run the whole model."""
+
+    mode = "hooks"
+
+    def __init__(self, model: nn.Module, batches: Sequence[Batch], layers: Sequence[str]) -> None:
+        self.gm = model
+        self.batches = batches
+        counts = dict.fromkeys(layers, 0)
+        handles = []
+        for name in layers:
+
+            def count(_m: nn.Module, _args: Any, _name: str = name) -> None:
+                counts[_name] += 1
+
+            handles.append(model.get_submodule(name).register_forward_pre_hook(count))
+        self.reference = []
+        try:
+            with torch.inference_mode():
+                for batch in batches:
+                    self.reference.append(output_tensor(run_model(model, batch)).float())
+        finally:
+            for h in handles:
+                h.remove()
+        self.called = {name for name, c in counts.items() if c}
+
+    def run(
+        self, layer: str, qlayers: Sequence[nn.Module], b: int
+    ) -> tuple[list[list[Pair]], list[Tensor]]:
+        module = self.gm.get_submodule(layer)
+        all_pairs, finals = [], []
+        for q in qlayers:
+            pairs: list[Pair] = []
+
+            def substitute(
+                _m: nn.Module, args: Any, out: Tensor, _q: nn.Module = q, _p: list = pairs
+            ) -> Tensor:
+                y = _q(args[0])
+                _p.append((out, y))
+                return y
+
+            handle = module.register_forward_hook(substitute)
+            try:
+                finals.append(output_tensor(run_model(self.gm, self.batches[b])).float())
+            finally:
+                handle.remove()
+            all_pairs.append(pairs)
+        return all_pairs, finals
+
+
+Runner = GraphRunner | HookRunner
+
+
+def build_runner(
+    model: nn.Module,
+    batches: Sequence[Batch],
+    layers: Sequence[str],
+    *,
+    fold_bn: bool,
+    warn: Callable[[str], None],
+) -> Runner:
+    """The graph runner when ``model`` traces and checks out, else the hook runner."""
+    reason = ""
+    for fold in (True, False) if fold_bn else (False,):
+        work = copy.deepcopy(model).eval()
+        try:
+            gm = fx.symbolic_trace(work)
+            if fold:
+                fold_graph(gm)
+            _remove_inplace(gm)
+            runner = GraphRunner(gm, batches, inspect.signature(model.forward), layers)
+        except Exception as exc:
+            reason = f"{type(exc).__name__}: {exc}"
+            continue
+        with torch.inference_mode():
+            direct = output_tensor(run_model(model, batches[0])).float()
+        if _close(runner.reference[0], direct, 1e-4 if fold else 1e-6):
+            return runner
+        reason = "the traced graph does not reproduce the model's output"
+    work = copy.deepcopy(model).eval()
+    has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in work.modules())
+    note = " BatchNorm is left unfolded." if (fold_bn and has_bn) else ""
+    warn(
+        f"profile: using the slower hook runner (whole model re-run per layer and scheme) "
+        f"because the fx fast path is unavailable ({reason}).{note}"
+    )
+    return HookRunner(work, batches, [n for n in layers if is_quantizable(work.get_submodule(n))])

@@ -1,0 +1,53 @@
+"""Bundled reference workloads: small trained models with their data splits and quality measure.
+
+They need no network: the digits come with scikit-learn, the text with Python's
+``pydoc_data``, and the ResNet-18 is seeded random. Trained weights are cached on disk.
+
+>>> from mpsearch.workloads import load_workload
+>>> wl = load_workload("digits_cnn", seed=0)  # doctest: +SKIP
+>>> wl.evaluate(wl.model)  # doctest: +SKIP
+0.994...
+"""
+
+from __future__ import annotations
+
+# Importing the builder modules registers them in WORKLOADS.
+from mpsearch.workloads import _digits, _resnet, _text  # noqa: F401
+from mpsearch.workloads._base import (
+    METRICS,
+    TASKS,
+    WORKLOADS,
+    Task,
+    Workload,
+    WorkloadBuilder,
+    load_workload,
+    negative_mse,
+    register_workload,
+    split_indices,
+    top1_accuracy,
+)
+from mpsearch.workloads._cache import CACHE_VERSION, CacheWarning, default_cache_dir
+from mpsearch.workloads._digits import DigitsCNN, DigitsMLP
+from mpsearch.workloads._resnet import ResNet18
+from mpsearch.workloads._text import CharTransformer
+
+__all__ = [
+    "CACHE_VERSION",
+    "METRICS",
+    "TASKS",
+    "WORKLOADS",
+    "CacheWarning",
+    "CharTransformer",
+    "DigitsCNN",
+    "DigitsMLP",
+    "ResNet18",
+    "Task",
+    "Workload",
+    "WorkloadBuilder",
+    "default_cache_dir",
+    "load_workload",
+    "negative_mse",
+    "register_workload",
+    "split_indices",
+    "top1_accuracy",
+]

@@ -1,0 +1,159 @@
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from torch import nn
+
+import mpsearch as mps
+from mpsearch.backends import CpuBackend, RealLayer, get_backend, storage_bytes
+
+# Tolerances of real kernels against the simulation of the same scheme (SQNR in dB).
+# fp32/bf16/fp16/w8a8 follow the scheme's arithmetic exactly (same codes and scales);
+# w8a16 stores its scales in bf16, w4a16 its zero offsets in bf16 (kernel conventions).
+SQNR_MIN = {"fp32": 80.0, "bf16": 80.0, "fp16": 80.0, "w8a8": 60.0, "w8a16": 35.0, "w4a16": 30.0}
+
+
+def sqnr(ref: torch.Tensor, out: torch.Tensor) -> float:
+    noise = (ref - out).pow(2).sum().clamp_min(1e-30)
+    return float(10 * torch.log10(ref.pow(2).sum() / noise))
+
+
+def _layers() -> dict[str, tuple[nn.Module, torch.Tensor]]:
+    torch.manual_seed(0)
+    return {
+        "Linear": (nn.Linear(64, 40), torch.randn(3, 5, 64)),
+        "Conv1d": (nn.Conv1d(16, 32, 3, padding=1), torch.randn(4, 16, 20)),
+        "Conv2d": (nn.Conv2d(8, 32, 3, padding=1, stride=2), torch.randn(2, 8, 12, 12)),
+    }
+
+
+CASES = [
+    (kind, scheme, static)
+    for kind in ("Linear", "Conv1d", "Conv2d")
+    for scheme in SQNR_MIN
+    for static in (False, True)
+    if (kind == "Linear" or scheme not in ("w8a16", "w4a16")) and (not static or scheme == "w8a8")
+]
+
+
+@pytest.mark.parametrize(("kind", "scheme", "static"), CASES)
+def test_real_matches_simulate(kind: str, scheme: str, static: bool) -> None:
+    layer, x = _layers()[kind]
+    layer.eval()
+    s = mps.get_scheme(scheme)
+    act_range = (-2.5, 3.0) if static else None
+    with torch.no_grad():
+        real = get_backend("cpu").quantize_layer(layer, s, act_range=act_range)
+        sim = get_backend("simulate").quantize_layer(layer, s, act_range=act_range)
+        out, ref = real(x), sim(x)
+    assert isinstance(real, RealLayer)
+    assert out.dtype == torch.float32 and out.shape == ref.shape
+    assert sqnr(ref, out) >= SQNR_MIN[scheme]
+
+
+def test_weights_are_stored_in_low_precision() -> None:
+    layer = nn.Linear(64, 32)
+    cpu = CpuBackend()
+    dtypes = {
+        name: {
+            t.dtype for t in cpu.quantize_layer(layer, mps.get_scheme(name)).state_dict().values()
+        }
+        for name in ("bf16", "fp16", "w8a16", "w4a16", "w8a8")
+    }
+    assert dtypes["bf16"] == {torch.bfloat16}
+    assert dtypes["fp16"] == {torch.float16}
+    assert torch.int8 in dtypes["w8a16"] and torch.float32 not in dtypes["w8a16"]
+    assert torch.uint8 in dtypes["w4a16"]
+    assert torch.int8 in dtypes["w8a8"]
+    # 4-bit weights: half a byte per weight, plus the bf16 scale/offset pairs per group of 32.
+    w4 = cpu.quantize_layer(layer, mps.get_scheme("w4a16"))
+    assert storage_bytes(w4) == 32 * 64 // 2 + (64 // 32) * 32 * 2 * 2 + 32 * 2
+
+
+def test_w4a16_pads_output_rows_to_16() -> None:
+    torch.manual_seed(1)
+    layer = nn.Linear(64, 10)
+    x = torch.randn(3, 64)
+    real = CpuBackend().quantize_layer(layer, mps.get_scheme("w4a16"))
+    sim = get_backend("simulate").quantize_layer(layer, mps.get_scheme("w4a16"))
+    assert real(x).shape == (3, 10)
+    assert sqnr(sim(x), real(x)) >= SQNR_MIN["w4a16"]
+
+
+@pytest.mark.parametrize("scheme", ["fp8", "fp4", "w2a16", "w4a8"])
+def test_scheme_without_kernel_is_refused_before_any_work(scheme: str) -> None:
+    net = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Conv1d(1, 4, 3)).eval()
+    calls = []
+    net[0].register_forward_pre_hook(lambda *_: calls.append(1))
+    with pytest.raises(ValueError) as info:
+        mps.quantize(net, {"0": scheme}, backend="cpu", calib=[torch.randn(2, 64)])
+    message = str(info.value)
+    assert "0 (Linear)" in message and repr(scheme) in message
+    assert "'bf16'" in message and "'w8a8'" in message  # what it can run instead
+    assert calls == []  # refused before calibration ran
+
+
+def test_weight_only_conv_is_refused_with_alternatives() -> None:
+    reason = CpuBackend().unsupported_reason(nn.Conv2d(4, 4, 3), mps.get_scheme("w8a16"))
+    assert reason is not None and "Conv2d" in reason and "'w8a8'" in reason
+
+
+def _net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.Conv2d(16, 16, 3),
+        nn.Flatten(),
+        nn.Linear(16 * 6 * 6, 64),
+        nn.ReLU(),
+        nn.Linear(64, 10),
+    ).eval()
+
+
+PLAN = mps.PrecisionPlan({"0": "w8a8", "3": "bf16", "5": "w4a16", "7": "w8a16"})
+
+
+def test_quantized_model_matches_simulate_end_to_end() -> None:
+    net = _net()
+    x = torch.randn(4, 3, 8, 8)
+    real = mps.quantize(net, PLAN, backend="cpu")
+    sim = mps.quantize(net, PLAN, backend="simulate")
+    with torch.no_grad():
+        assert sqnr(sim(x), real(x)) >= 30.0
+
+
+@pytest.mark.parametrize("calib", [False, True])
+def test_save_and_load_give_identical_outputs(calib: bool) -> None:
+    net = _net()
+    x = torch.randn(4, 3, 8, 8)
+    batches = [torch.randn(4, 3, 8, 8)] if calib else None
+    qnet = mps.quantize(net, PLAN, backend="cpu", calib=batches)
+    with torch.no_grad():
+        y = qnet(x)
+        buffer = io.BytesIO()
+        torch.save(qnet, buffer)
+        buffer.seek(0)
+        whole = torch.load(buffer, weights_only=False)
+        assert torch.equal(whole(x), y)
+        skeleton = mps.quantize(_net().apply(_perturb), PLAN, backend="cpu", calib=batches)
+        assert not torch.equal(skeleton(x), y)
+        skeleton.load_state_dict(qnet.state_dict())
+        assert torch.equal(skeleton(x), y)
+
+
+def _perturb(module: nn.Module) -> None:
+    if isinstance(module, (nn.Linear, nn.Conv2d)):
+        with torch.no_grad():
+            module.weight.mul_(1.5)
+
+
+def test_storage_bytes_equals_state_dict_bytes() -> None:
+    qnet = mps.quantize(_net(), PLAN, backend="cpu")
+    state = qnet.state_dict()
+    expected = sum(t.numel() * t.element_size() for t in state.values())
+    assert storage_bytes(qnet) == expected
+    assert storage_bytes(qnet) < storage_bytes(_net())

@@ -1,0 +1,187 @@
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import mpsearch as mps
+from mpsearch.backends import storage_bytes
+from mpsearch.cost import CostCacheWarning, CostModel, ideal_layer_bytes, measure_cost
+from mpsearch.cost._cache import read_cache, write_cache
+
+SCHEMES = ["bf16", "w8a8", "w4a16", "fp8"]
+
+
+def _net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.Conv2d(16, 16, 3),
+        nn.Flatten(),
+        nn.Linear(16 * 6 * 6, 64),
+        nn.ReLU(),
+        nn.Linear(64, 32),
+    ).eval()
+
+
+X = torch.randn(4, 3, 8, 8)
+
+
+@pytest.fixture(scope="module")
+def cost() -> CostModel:
+    return measure_cost(_net(), X, schemes=SCHEMES, backend="cpu", repeats=2, warmup=1)
+
+
+PLANS = [
+    "fp32",
+    "bf16",
+    {"0": "w8a8", "3": "bf16", "5": "w4a16", "7": "w8a8"},
+    mps.PrecisionPlan({"re:[57]": "w4a16"}, default="w8a8"),
+]
+
+
+@pytest.mark.parametrize("plan", PLANS)
+def test_memory_equals_bytes_of_quantized_model(cost: CostModel, plan) -> None:
+    qnet = mps.quantize(_net(), plan, backend="cpu")
+    state_bytes = sum(t.numel() * t.element_size() for t in qnet.state_dict().values())
+    assert cost.memory_bytes(plan) == state_bytes == storage_bytes(qnet)
+    assert cost.memory_mb(plan) == pytest.approx(state_bytes / 1e6)
+
+
+def test_fp32_references(cost: CostModel) -> None:
+    assert cost.fp32_memory_bytes == storage_bytes(_net())
+    assert cost.memory_bytes("fp32") == cost.fp32_memory_bytes
+    assert cost.fp32_latency_ms > 0
+
+
+def test_table_and_support(cost: CostModel) -> None:
+    assert list(cost.table.columns) == [
+        "layer",
+        "scheme",
+        "memory_bytes",
+        "latency_ms",
+        "supported",
+        "reason",
+    ]
+    assert cost.layers == ["0", "3", "5", "7"]
+    assert cost.schemes == ["fp32", *SCHEMES]
+    assert len(cost.table) == 4 * 5
+    assert cost.supported("5", "w4a16") and not cost.supported("0", "w4a16")
+    assert not cost.supported("5", "fp8")
+    row = cost.table[(cost.table.layer == "5") & (cost.table.scheme == "fp8")].iloc[0]
+    assert "fp8" in row.reason and "simulate" in row.reason
+
+
+def test_latency_prediction_api(cost: CostModel) -> None:
+    plan = {"0": "w8a8", "3": "bf16", "5": "w4a16", "7": "w8a8"}
+    assert cost.layer_sum_ms(plan) > 0
+    assert cost.latency_ms(plan) == pytest.approx(
+        cost.intercept_ms + cost.slope * cost.layer_sum_ms(plan)
+    )
+    assert cost.latency_ms(mps.PrecisionPlan(plan)) == cost.latency_ms(plan)
+    assert set(cost.fit_table.columns) >= {
+        "plan",
+        "layer_sum_ms",
+        "measured_ms",
+        "predicted_ms",
+        "rel_error",
+    }
+    assert cost.measure(plan, repeats=2) > 0
+    report = cost.validate([plan, "bf16"], repeats=2)
+    assert list(report.columns) == ["plan", "predicted_ms", "measured_ms", "rel_error"]
+    assert len(report) == 2
+
+
+def test_unsupported_plan_is_refused(cost: CostModel) -> None:
+    with pytest.raises(ValueError, match=r"0 in 'w4a16'"):
+        cost.memory_bytes({"0": "w4a16"})
+    with pytest.raises(ValueError, match="not measured"):
+        cost.latency_ms({"0": "w8a16"})
+
+
+def test_layers_subset_and_simulate_backend() -> None:
+    net = _net()
+    cost = measure_cost(
+        net, X, schemes=["w4a16", "fp4"], backend="simulate", layers=["5"], repeats=1, warmup=0
+    )
+    layer = net[5]
+    # Ideal storage: 4-bit codes + (bf16 scale + 4-bit zero) per group of 32, fp32-free bias in bf16.
+    expected = (576 * 64 * 4 + (576 * 64 // 32) * (16 + 4)) // 8 + 64 * 2
+    assert ideal_layer_bytes(layer, mps.get_scheme("w4a16")) == expected
+    assert cost.memory_bytes({"5": "w4a16"}) == storage_bytes(net) - 4 * (576 * 64 + 64) + expected
+    assert cost.supported("5", "fp4")
+    with pytest.raises(ValueError, match="not measured"):
+        cost.memory_bytes({"0": "bf16"})
+
+
+def test_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="'schemes'"):
+        measure_cost(_net(), X, schemes=[])
+    with pytest.raises(ValueError, match="'layers'"):
+        measure_cost(_net(), X, schemes=["bf16"], layers=["nope"])
+    with pytest.raises(ValueError, match="'repeats'"):
+        measure_cost(_net(), X, schemes=["bf16"], repeats=0)
+    with pytest.raises(ValueError, match="no CUDA|cannot run"):
+        if torch.cuda.is_available():
+            pytest.skip("a CUDA device is present")
+        measure_cost(_net(), X, schemes=["bf16"], backend="cuda")
+
+
+def test_cache_reused_and_keyed(tmp_path) -> None:
+    first = measure_cost(_net(), X, schemes=["bf16"], repeats=1, warmup=0, cache_dir=tmp_path)
+    files = list(tmp_path.glob("cost-cpu-*.json"))
+    assert len(files) == 1
+    assert not list(tmp_path.glob("*.tmp"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        second = measure_cost(_net(), X, schemes=["bf16"], repeats=1, warmup=0, cache_dir=tmp_path)
+    assert second.table.equals(first.table)
+    assert second.intercept_ms == first.intercept_ms
+    # Another scheme list is another key: a second file, the first untouched.
+    measure_cost(_net(), X, schemes=["w8a8"], repeats=1, warmup=0, cache_dir=tmp_path)
+    assert len(list(tmp_path.glob("cost-cpu-*.json"))) == 2
+
+
+@pytest.mark.parametrize("damage", ["torn", "edited", "other_key", "other_format"])
+def test_damaged_cache_is_not_trusted(tmp_path, damage: str) -> None:
+    path = tmp_path / "c.json"
+    write_cache(path, "k1", {"rows": [1, 2, 3]})
+    assert read_cache(path, "k1") == {"rows": [1, 2, 3]}
+    text = path.read_text()
+    if damage == "torn":
+        path.write_text(text[: len(text) // 2])
+    elif damage == "edited":
+        record = json.loads(text)
+        record["payload"]["rows"][0] = 99
+        path.write_text(json.dumps(record))
+    elif damage == "other_format":
+        record = json.loads(text)
+        record["format"] = 0
+        path.write_text(json.dumps(record))
+    key = "k2" if damage == "other_key" else "k1"
+    with pytest.warns(CostCacheWarning):
+        assert read_cache(path, key) is None
+
+
+def test_torn_cache_file_is_remeasured(tmp_path) -> None:
+    measure_cost(_net(), X, schemes=["bf16"], repeats=1, warmup=0, cache_dir=tmp_path)
+    (path,) = tmp_path.glob("cost-cpu-*.json")
+    path.write_text(path.read_text()[:100])
+    with pytest.warns(CostCacheWarning):
+        cost = measure_cost(_net(), X, schemes=["bf16"], repeats=1, warmup=0, cache_dir=tmp_path)
+    assert cost.supported("0", "bf16")
+    assert json.loads(path.read_text())["format"] == 1  # rewritten whole
+
+
+def test_atomic_write_leaves_old_file_on_failure(tmp_path) -> None:
+    path = tmp_path / "c.json"
+    write_cache(path, "k", {"a": 1})
+    with pytest.raises(TypeError):
+        write_cache(path, "k", {"a": object()})
+    assert read_cache(path, "k") == {"a": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["c.json"]
