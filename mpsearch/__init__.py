@@ -6,23 +6,37 @@
 """
 
 from mpsearch.backends import BACKENDS, get_backend, quantize, register_backend
-from mpsearch.layers import quantizable_layers
+from mpsearch.cost import CostModel, measure_cost
+from mpsearch.layers import fold_batchnorm, quantizable_layers
 from mpsearch.plan import PrecisionPlan
+from mpsearch.profile import SensitivityProfile
+from mpsearch.profile import profile as profile
 from mpsearch.schemes import SCHEMES, QuantSpec, Scheme, get_scheme, register_scheme
+from mpsearch.search import Budget, SearchResult, SearchSpace, run_workers, search
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS",
     "SCHEMES",
+    "Budget",
+    "CostModel",
     "PrecisionPlan",
     "QuantSpec",
     "Scheme",
+    "SearchResult",
+    "SearchSpace",
+    "SensitivityProfile",
     "__version__",
+    "fold_batchnorm",
     "get_backend",
     "get_scheme",
+    "measure_cost",
+    "profile",
     "quantizable_layers",
     "quantize",
     "register_backend",
     "register_scheme",
+    "run_workers",
+    "search",
 ]
