@@ -54,6 +54,8 @@ class StudyConfig:
     quality: str = "task"
     output_dir: str | None = None
     cache_dir: str = "studies/.cache"
+    num_threads: int | None = 1
+    timer: str = "process"
     load_if_exists: bool = True
 
     def __post_init__(self) -> None:
@@ -62,7 +64,11 @@ class StudyConfig:
         if self.quality not in QUALITY:
             raise unknown("quality", self.quality, QUALITY)
         if ":" not in self.workload and self.workload not in WORKLOADS:
-            raise invalid("workload", self.workload, f"one of {sorted(WORKLOADS)} or 'package.module:function'")
+            raise invalid(
+                "workload",
+                self.workload,
+                f"one of {sorted(WORKLOADS)} or 'package.module:function'",
+            )
         if not isinstance(self.n_trials, int) or self.n_trials < 1:
             raise invalid("n_trials", self.n_trials, "a positive integer")
         Budget(**self.budget)  # validates the budget's keys and values now
@@ -127,7 +133,9 @@ def build_workload(spec: str, *, seed: int = 0) -> Workload:
     return factory(seed=seed)
 
 
-def run_study(config: StudyConfig, *, log: Callable[[str], None] = print, progress: bool | None = None) -> StudyOutcome:
+def run_study(
+    config: StudyConfig, *, log: Callable[[str], None] = print, progress: bool | None = None
+) -> StudyOutcome:
     """Run (or resume) the study ``config`` describes and summarise it.
 
     The summary compares, measured in this run on the real backend: fp32, each uniform plan,
@@ -138,18 +146,32 @@ def run_study(config: StudyConfig, *, log: Callable[[str], None] = print, progre
     t0 = time.perf_counter()
     wl = build_workload(config.workload, seed=config.seed)
     timings["workload_s"] = time.perf_counter() - t0
-    log(f"workload {wl.name}: {sum(p.numel() for p in wl.model.parameters()):,} parameters, fp32 quality {wl.evaluate(wl.model):.4f}")
+    log(
+        f"workload {wl.name}: {sum(p.numel() for p in wl.model.parameters()):,} parameters, fp32 quality {wl.evaluate(wl.model):.4f}"
+    )
 
     t0 = time.perf_counter()
     cache = Path(config.cache_dir)
-    prof = profile(wl.model, wl.calib, schemes=config.schemes, cache_dir=cache / "profile", progress=progress)
+    prof = profile(
+        wl.model, wl.calib, schemes=config.schemes, cache_dir=cache / "profile", progress=progress
+    )
     timings["profile_s"] = time.perf_counter() - t0
     log(f"profile: {len(prof.table)} (layer, scheme) rows in {timings['profile_s']:.1f} s")
 
     t0 = time.perf_counter()
-    cost = measure_cost(wl.model, wl.example_input, schemes=["fp32", *config.schemes], backend=config.backend, cache_dir=cache / "cost")
+    cost = measure_cost(
+        wl.model,
+        wl.example_input,
+        schemes=["fp32", *config.schemes],
+        backend=config.backend,
+        cache_dir=cache / "cost",
+        num_threads=config.num_threads,
+        timer=config.timer,
+    )
     timings["cost_s"] = time.perf_counter() - t0
-    log(f"cost model ({config.backend}): fp32 {cost.fp32_memory_bytes / 1e6:.3f} MB, {cost.fp32_latency_ms:.3f} ms, measured in {timings['cost_s']:.1f} s")
+    log(
+        f"cost model ({config.backend}): fp32 {cost.fp32_memory_bytes / 1e6:.3f} MB, {cost.fp32_latency_ms:.3f} ms, measured in {timings['cost_s']:.1f} s"
+    )
 
     t0 = time.perf_counter()
     evaluate = wl.evaluate if config.quality == "task" else None
@@ -170,7 +192,9 @@ def run_study(config: StudyConfig, *, log: Callable[[str], None] = print, progre
         load_if_exists=config.load_if_exists,
     )
     timings["search_s"] = time.perf_counter() - t0
-    log(f"search: {len(result.trials)} trials, {result.n_true_evaluations} true evaluations, {len(result.pareto)} plans on the front, {timings['search_s']:.1f} s")
+    log(
+        f"search: {len(result.trials)} trials, {result.n_true_evaluations} true evaluations, {len(result.pareto)} plans on the front, {timings['search_s']:.1f} s"
+    )
 
     best = result.best()
     summary = summarize(wl, cost, {"best": best, **_uniform_plans(result)}, backend=config.backend)
@@ -184,12 +208,23 @@ def run_study(config: StudyConfig, *, log: Callable[[str], None] = print, progre
 def _uniform_plans(result: SearchResult) -> dict[str, PrecisionPlan]:
     df = result.trials
     uniform = df[df["origin"].str.startswith("uniform:") & (df["state"] == "COMPLETE")]
-    return {row.origin: PrecisionPlan.from_assignment(row.assignment) for row in uniform.itertuples()}
+    return {
+        row.origin: PrecisionPlan.from_assignment(row.assignment) for row in uniform.itertuples()
+    }
 
 
-def summarize(wl: Workload, cost: CostModel, plans: dict[str, PrecisionPlan], *, backend: str) -> pd.DataFrame:
+def summarize(
+    wl: Workload, cost: CostModel, plans: dict[str, PrecisionPlan], *, backend: str
+) -> pd.DataFrame:
     """Quality, exact memory and measured latency of fp32 and each plan, with ratios to fp32."""
-    rows = [{"plan": "fp32", "quality": wl.evaluate(wl.model), "memory_mb": cost.fp32_memory_bytes / 1e6, "latency_ms": cost.measure("fp32")}]
+    rows = [
+        {
+            "plan": "fp32",
+            "quality": wl.evaluate(wl.model),
+            "memory_mb": cost.fp32_memory_bytes / 1e6,
+            "latency_ms": cost.measure("fp32"),
+        }
+    ]
     for name, plan in plans.items():
         qmodel = quantize(wl.model, plan, backend=backend)
         rows.append(
