@@ -11,6 +11,7 @@ from mpsearch.layers import fold_batchnorm, quantizable_layers
 from mpsearch.plan import PrecisionPlan
 from mpsearch.profile import SensitivityProfile
 from mpsearch.profile import profile as profile
+from mpsearch.runtime import CalibrationReport, Controller
 from mpsearch.schemes import SCHEMES, QuantSpec, Scheme, get_scheme, register_scheme
 from mpsearch.search import Budget, SearchResult, SearchSpace, run_workers, search
 
@@ -20,6 +21,8 @@ __all__ = [
     "BACKENDS",
     "SCHEMES",
     "Budget",
+    "CalibrationReport",
+    "Controller",
     "CostModel",
     "PrecisionPlan",
     "QuantSpec",

@@ -88,7 +88,8 @@ def _check_study(study, n_trials):
 def test_four_workers_share_a_journal_study(tmp_path) -> None:
     pool = _pool(tmp_path, f"journal:///{tmp_path}/study.log", 24, workers=4, delay=0.02)
     res = pool.run()
-    assert pool.wait() == [0, 0, 0, 0]
+    codes = pool.wait()
+    assert codes == [0, 0, 0, 0], [pool.log(i)[-3000:] for i, c in enumerate(codes) if c]
     for i in range(4):
         assert "Traceback" not in pool.log(i)
     trials = _check_study(res.study, 24)

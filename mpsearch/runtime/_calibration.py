@@ -1,0 +1,263 @@
+"""Threshold calibration with a distribution-free guarantee: Learn-then-Test (Angelopoulos et al.).
+
+The cascade has one shared threshold ``t``: an input leaves stage ``k`` (served by variant
+``k``) when its score there is ``<= t`` and is escalated otherwise; the last variant always
+serves. The candidate thresholds form a fixed grid ordered from the most conservative
+(``-inf``: escalate everything, so the served answer *is* the most precise variant's answer
+and the risk is exactly 0) to the most aggressive (``+inf``: never escalate). For each
+candidate the null hypothesis "risk(t) > eps" gets a p-value from the binomial tail of the
+0/1 losses on the calibration inputs; fixed-sequence testing walks the grid in order and
+accepts candidates while their p-value is ``<= delta``, stopping at the first failure. The
+most aggressive accepted threshold is chosen. Then, with probability ``>= 1 - delta`` over
+the calibration draw, ``risk(chosen) <= eps``, where risk is the probability that the served
+answer is wrong in the sense of the loss (differs from the most precise variant, or, with
+labels, is wrong where the most precise variant is right).
+
+Assumption: the calibration inputs and the inputs served later are drawn i.i.d. from the
+same distribution (exchangeable), and the grid does not depend on the calibration inputs
+used for testing (built-in scorers use a fixed grid; learned or unbounded scorers are fitted
+on a separate ``fit`` part of the calibration data).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from mpsearch._validation import check_fraction, unknown
+
+PValueFn = Callable[[int, int, float], float]
+
+
+def binomial_pvalue(k: int, n: int, eps: float) -> float:
+    """P-value of "risk > eps" after ``k`` losses in ``n`` 0/1 trials: ``P(Binom(n, eps) <= k)``.
+
+    Exact for 0/1 losses (the most powerful valid choice for them).
+
+    >>> round(binomial_pvalue(0, 100, 0.05), 4)
+    0.0059
+    """
+    if n == 0:
+        return 1.0
+    return float(stats.binom.cdf(k, n, eps))
+
+
+def hoeffding_bentkus_pvalue(k: int, n: int, eps: float) -> float:
+    """Hoeffding-Bentkus p-value of "risk > eps" for losses in ``[0, 1]`` with mean ``k / n``.
+
+    ``min(exp(-n h(min(r, eps), eps)), e * P(Binom(n, eps) <= ceil(n r)))`` (Bates et al. 2021).
+
+    >>> hoeffding_bentkus_pvalue(0, 100, 0.05) >= binomial_pvalue(0, 100, 0.05)
+    True
+    """
+    if n == 0:
+        return 1.0
+    r = min(k / n, eps)
+
+    def kl(a: float, b: float) -> float:
+        left = 0.0 if a == 0 else a * math.log(a / b)
+        right = 0.0 if a == 1 else (1 - a) * math.log((1 - a) / (1 - b))
+        return left + right
+
+    hoeffding = math.exp(-n * kl(r, eps))
+    bentkus = math.e * float(stats.binom.cdf(math.ceil(n * (k / n)), n, eps))
+    return min(1.0, hoeffding, bentkus)
+
+
+PVALUES: dict[str, PValueFn] = {
+    "binomial": binomial_pvalue,
+    "hoeffding_bentkus": hoeffding_bentkus_pvalue,
+}
+
+
+def fixed_sequence_test(pvalues: Sequence[float], delta: float) -> int:
+    """Index of the last hypothesis accepted by fixed-sequence testing (``-1``: none).
+
+    Hypotheses are tested in the given order at level ``delta`` each; testing stops at the
+    first p-value above ``delta`` (this controls the family-wise error at ``delta``).
+
+    >>> fixed_sequence_test([0.01, 0.05, 0.2, 0.01], 0.1)
+    1
+    """
+    check_fraction("delta", delta)
+    last = -1
+    for i, p in enumerate(pvalues):
+        if not p <= delta:
+            break
+        last = i
+    return last
+
+
+def default_grid(points_per_decade: int = 20, lowest: float = 1e-7) -> np.ndarray:
+    """The fixed threshold grid for scores in ``[0, 1]``: ``-inf``, log-spaced, ``+inf``.
+
+    >>> g = default_grid()
+    >>> bool(g[0] == -np.inf and g[-1] == np.inf and np.all(np.diff(g[1:-1]) > 0))
+    True
+    """
+    decades = -math.log10(lowest)
+    inner = np.logspace(math.log10(lowest), 0.0, round(decades * points_per_decade) + 1)
+    return np.concatenate([[-np.inf], inner, [np.inf]])
+
+
+def quantile_grid(scores: np.ndarray, levels: int = 200) -> np.ndarray:
+    """A grid from the quantiles of ``scores`` (held-out ``fit`` scores), with ``-inf``/``+inf``."""
+    finite = np.asarray(scores, dtype=np.float64).ravel()
+    inner = np.unique(np.quantile(finite, np.linspace(0.0, 1.0, levels))) if finite.size else []
+    return np.concatenate([[-np.inf], inner, [np.inf]])
+
+
+def served_stage(stage_scores: np.ndarray, threshold: float) -> np.ndarray:
+    """Which variant serves each input: the first stage whose score is ``<= threshold``.
+
+    ``stage_scores`` is ``[K - 1, N]`` (the last variant has no score: it always serves).
+
+    >>> served_stage(np.array([[0.1, 0.9, 0.9], [0.5, 0.1, 0.9]]), 0.3).tolist()
+    [0, 1, 2]
+    """
+    scores = np.asarray(stage_scores, dtype=np.float64)
+    if scores.ndim != 2:
+        raise ValueError(f"stage_scores must be [K - 1, N]; got shape {scores.shape}.")
+    stop = np.vstack([scores <= threshold, np.ones((1, scores.shape[1]), dtype=bool)])
+    return stop.argmax(axis=0)
+
+
+def cascade_cost(served: np.ndarray, costs: Sequence[float]) -> np.ndarray:
+    """Per-input cost of the cascade: every pass up to the serving variant is paid.
+
+    >>> cascade_cost(np.array([0, 1, 2]), [1.0, 2.0, 4.0]).tolist()
+    [1.0, 3.0, 7.0]
+    """
+    return np.cumsum(np.asarray(costs, dtype=np.float64))[np.asarray(served)]
+
+
+def served_answers(stage_answers: np.ndarray, served: np.ndarray) -> np.ndarray:
+    """The answer each input gets: ``stage_answers[served[i], i]``."""
+    answers = np.asarray(stage_answers)
+    return answers[np.asarray(served), np.arange(answers.shape[1])]
+
+
+def losses(
+    stage_answers: np.ndarray, served: np.ndarray, labels: np.ndarray | None, kind: str
+) -> np.ndarray:
+    """0/1 loss per input: ``disagreement`` with the last variant, or ``quality_drop``.
+
+    ``quality_drop`` counts inputs the served variant gets wrong while the most precise one
+    gets right; its mean bounds the accuracy drop from above (so controlling it controls
+    the drop).
+    """
+    answers = served_answers(stage_answers, served)
+    reference = np.asarray(stage_answers)[-1]
+    if kind == "disagreement":
+        return (answers != reference).astype(np.int64)
+    if labels is None:
+        raise ValueError("The 'quality_drop' loss needs labels.")
+    return ((answers != labels) & (reference == labels)).astype(np.int64)
+
+
+@dataclass
+class LTTResult:
+    """What Learn-then-Test chose: the index into the grid, the threshold, the per-grid table."""
+
+    index: int
+    threshold: float
+    certified: bool
+    table: pd.DataFrame
+
+
+def learn_then_test(
+    stage_scores: np.ndarray,
+    stage_answers: np.ndarray,
+    *,
+    targets: Mapping[str, float],
+    delta: float,
+    grid: np.ndarray | None = None,
+    labels: np.ndarray | None = None,
+    method: str = "binomial",
+) -> LTTResult:
+    """Choose the most aggressive threshold of ``grid`` certified for every target in ``targets``.
+
+    ``targets`` maps a loss kind (``"disagreement"``, ``"quality_drop"``) to its ``eps``; with
+    several, a candidate's p-value is the largest of its per-target p-values (valid for the
+    intersection of the targets). ``grid[0]`` must be ``-inf`` (always escalate, risk 0): it
+    is never tested and is the fallback when nothing else is certified.
+
+    >>> scores = np.array([[0.0, 0.0, 0.9, 0.9]])
+    >>> answers = np.array([[1, 1, 0, 0], [1, 1, 1, 1]])
+    >>> r = learn_then_test(scores, answers, targets={"disagreement": 0.5}, delta=0.5,
+    ...                     grid=np.array([-np.inf, 0.5, np.inf]))
+    >>> r.threshold
+    0.5
+    """
+    check_fraction("delta", delta)
+    if method not in PVALUES:
+        raise unknown("method", method, PVALUES)
+    for kind, eps in targets.items():
+        check_fraction(f"max_{kind}", eps)
+    grid = default_grid() if grid is None else np.asarray(grid, dtype=np.float64)
+    if grid.size == 0 or grid[0] != -np.inf:
+        raise ValueError("The threshold grid must start with -inf (always escalate).")
+    pvalue = PVALUES[method]
+    n = int(np.asarray(stage_answers).shape[1])
+    rows: list[dict[str, Any]] = []
+    pvalues: list[float] = []
+    for t in grid[1:]:
+        served = served_stage(stage_scores, float(t))
+        row: dict[str, Any] = {"threshold": float(t)}
+        worst = 0.0
+        for kind, eps in targets.items():
+            k = int(losses(stage_answers, served, labels, kind).sum())
+            row[kind] = k / n if n else float("nan")
+            p = pvalue(k, n, eps)
+            row[f"pvalue_{kind}"] = p
+            worst = max(worst, p)
+        row["pvalue"] = worst
+        pvalues.append(worst)
+        rows.append(row)
+    last = fixed_sequence_test(pvalues, delta)
+    table = pd.DataFrame(rows)
+    table["accepted"] = np.arange(len(rows)) <= last
+    index = last + 1  # position in grid (grid[0] = -inf is the untested fallback)
+    return LTTResult(index=index, threshold=float(grid[index]), certified=last >= 0, table=table)
+
+
+@dataclass
+class CalibrationReport:
+    """The outcome of ``Controller.calibrate``: thresholds, expected routing, cost, risk.
+
+    ``share`` is the expected fraction of inputs served by each variant and
+    ``expected_cost_ms`` the expected cost per input (every pass an escalated input runs is
+    paid), both measured on the held-out calibration inputs used for testing.
+    """
+
+    threshold: float
+    thresholds: tuple[float, ...]
+    certified: bool
+    targets: dict[str, float]
+    delta: float
+    method: str
+    scorer: str
+    version: int
+    n_calibration: int
+    n_fit: int
+    n_test: int
+    variants: tuple[str, ...]
+    share: dict[str, float]
+    expected_cost_ms: float
+    reference_cost_ms: float
+    variant_costs_ms: dict[str, float]
+    empirical_disagreement: float
+    empirical_quality_drop: float | None
+    pvalue: float | None
+    table: pd.DataFrame = field(repr=False)
+
+    def summary(self) -> dict[str, Any]:
+        """The report as a flat dict (no table), e.g. for a results row."""
+        out = {k: v for k, v in self.__dict__.items() if k != "table"}
+        return out

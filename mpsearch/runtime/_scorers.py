@@ -1,0 +1,239 @@
+"""Difficulty scorers: from a variant's per-input logits to one score per input (higher = harder).
+
+Convention: a scorer maps per-input logits ``[B, C]`` to a score ``[B]`` where a **higher
+score means a harder input**; the controller escalates an input to the next variant when its
+score is above the stage's threshold. The built-in scores lie in ``[0, 1]``.
+
+Per-input answer: for classifier outputs ``[B, C]`` the answer is ``argmax`` over ``C``;
+for language-model outputs ``[B, T, V]`` the answer is the **next-token prediction at the
+last position** (``logits[:, -1].argmax(-1)``), and the scores see those last-position logits.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from mpsearch._data import output_tensor
+from mpsearch._validation import invalid, unknown
+
+ScoreFn = Callable[[Tensor], Tensor]
+
+
+def answer_logits(output: Any) -> Tensor:
+    """Per-input logits ``[B, C]`` of a model output (the last position of ``[B, T, V]``).
+
+    >>> answer_logits(torch.zeros(2, 5, 7)).shape
+    torch.Size([2, 7])
+    """
+    logits = output_tensor(output)
+    if logits.dim() == 1:
+        return logits.unsqueeze(-1)
+    if logits.dim() == 2:
+        return logits
+    if logits.dim() == 3:
+        return logits[:, -1, :]
+    raise ValueError(
+        "The controller needs per-input logits [B, C] or language-model logits [B, T, V]; "
+        f"got an output of shape {tuple(logits.shape)}."
+    )
+
+
+def max_softmax_score(logits: Tensor) -> Tensor:
+    """``1 - max softmax probability`` (0: fully confident).
+
+    >>> max_softmax_score(torch.tensor([[0.0, 0.0]])).tolist()
+    [0.5]
+    """
+    logits = logits.float()
+    top = logits.max(dim=-1, keepdim=True).values
+    # 1 - p_max = 1 - 1 / sum(exp(l - l_max)): one exp/sum, no full softmax normalisation.
+    return 1.0 - (logits - top).exp().sum(dim=-1).reciprocal()
+
+
+def margin_score(logits: Tensor) -> Tensor:
+    """``1 - (p_1 - p_2)``, one minus the gap between the two largest probabilities.
+
+    >>> margin_score(torch.tensor([[0.0, 0.0]])).tolist()
+    [1.0]
+    """
+    probs = torch.softmax(logits.float(), dim=-1)
+    if probs.shape[-1] < 2:
+        return torch.zeros(probs.shape[0])
+    top2 = probs.topk(2, dim=-1).values
+    return 1.0 - (top2[:, 0] - top2[:, 1])
+
+
+def entropy_score(logits: Tensor) -> Tensor:
+    """Entropy of the softmax divided by ``log C`` (0: one-hot, 1: uniform).
+
+    >>> [round(v, 4) for v in entropy_score(torch.zeros(1, 4)).tolist()]
+    [1.0]
+    """
+    logits = logits.float()
+    n = logits.shape[-1]
+    if n < 2:
+        return torch.zeros(logits.shape[0])
+    logp = torch.log_softmax(logits, dim=-1)
+    entropy = -(logp.exp() * logp).sum(dim=-1)
+    return (entropy / math.log(n)).clamp_(0.0, 1.0)
+
+
+class Scorer:
+    """A difficulty score, per stage of the cascade; higher = harder.
+
+    ``bounded`` scorers return values in ``[0, 1]`` (their thresholds come from a fixed
+    grid); ``learned`` ones are fitted during calibration on a held-out part of the data.
+    """
+
+    name: str = "scorer"
+    bounded: bool = True
+    learned: bool = False
+
+    def __call__(self, logits: Tensor, stage: int = 0) -> Tensor:
+        raise NotImplementedError
+
+    def fit(self, stage_logits: Sequence[Tensor], stage_targets: Sequence[np.ndarray]) -> None:
+        """Learn from per-stage logits and "escalation would change the answer" targets."""
+
+
+class FunctionScorer(Scorer):
+    """A scorer from a plain function ``logits [B, C] -> scores [B]`` (same for every stage).
+
+    >>> FunctionScorer(max_softmax_score, name="max_softmax")(torch.zeros(1, 2)).tolist()
+    [0.5]
+    """
+
+    def __init__(self, fn: ScoreFn, *, name: str | None = None, bounded: bool = False) -> None:
+        if not callable(fn):
+            raise invalid("scorer", fn, "a scorer name or a callable logits -> scores")
+        self.fn = fn
+        self.name = name or getattr(fn, "__name__", "callable")
+        self.bounded = bounded
+
+    def __call__(self, logits: Tensor, stage: int = 0) -> Tensor:
+        return self.fn(logits)
+
+
+def gate_features(logits: Tensor, *, k: int = 4) -> Tensor:
+    """Features of the learned gate: sorted top-``k`` softmax probabilities, entropy, margin.
+
+    >>> gate_features(torch.zeros(3, 10)).shape
+    torch.Size([3, 6])
+    """
+    probs = torch.softmax(logits.float(), dim=-1)
+    k = min(k, probs.shape[-1])
+    top = probs.topk(k, dim=-1).values
+    if k < 4:
+        top = torch.cat([top, torch.zeros(probs.shape[0], 4 - k)], dim=-1)
+    return torch.cat([top, entropy_score(logits).unsqueeze(-1), margin_score(logits)[:, None]], -1)
+
+
+def fit_logistic(
+    features: np.ndarray, targets: np.ndarray, *, l2: float = 1e-2, steps: int = 50
+) -> np.ndarray:
+    """L2-regularised logistic regression by Newton's method; returns ``[weights..., bias]``.
+
+    Deterministic and well defined even when ``targets`` has a single class.
+
+    >>> w = fit_logistic(np.array([[0.0], [1.0]]), np.array([0.0, 1.0]))
+    >>> bool(w[0] > 0)
+    True
+    """
+    x = np.hstack([np.asarray(features, dtype=np.float64), np.ones((len(features), 1))])
+    y = np.asarray(targets, dtype=np.float64)
+    w = np.zeros(x.shape[1])
+    reg = np.full(x.shape[1], l2)
+    reg[-1] = 1e-8
+    for _ in range(steps):
+        p = 1.0 / (1.0 + np.exp(-np.clip(x @ w, -30, 30)))
+        grad = x.T @ (p - y) / len(y) + reg * w
+        hess = (x * (p * (1 - p))[:, None]).T @ x / len(y) + np.diag(reg)
+        step = np.linalg.solve(hess, grad)
+        w -= step
+        if np.abs(step).max() < 1e-9:
+            break
+    return w
+
+
+class GateScorer(Scorer):
+    """A small learned gate per stage: logistic regression on :func:`gate_features`.
+
+    It predicts the probability that escalating from this stage would change the answer
+    (the stage's answer differs from the most precise variant's); that probability is the score.
+
+    >>> gate = GateScorer()
+    >>> gate.fit([torch.tensor([[3.0, 0.0], [0.1, 0.0]])], [np.array([0, 1])])
+    >>> bool(gate(torch.tensor([[0.1, 0.0]]))[0] > gate(torch.tensor([[3.0, 0.0]]))[0])
+    True
+    """
+
+    name = "gate"
+    bounded = True
+    learned = True
+
+    def __init__(self, *, l2: float = 1e-2) -> None:
+        self.l2 = l2
+        self.weights: list[tuple[Tensor, float]] = []
+
+    def fit(self, stage_logits: Sequence[Tensor], stage_targets: Sequence[np.ndarray]) -> None:
+        self.weights = []
+        for logits, targets in zip(stage_logits, stage_targets, strict=True):
+            if len(targets) == 0:
+                raise invalid("data", "0 samples", "calibration data with samples to fit the gate")
+            w = fit_logistic(gate_features(logits).double().numpy(), targets, l2=self.l2)
+            self.weights.append((torch.tensor(w[:-1], dtype=torch.float32), float(w[-1])))
+
+    def __call__(self, logits: Tensor, stage: int = 0) -> Tensor:
+        if not self.weights:
+            raise RuntimeError(
+                "The 'gate' scorer is not fitted yet: call Controller.calibrate(...) first."
+            )
+        w, b = self.weights[min(stage, len(self.weights) - 1)]
+        return torch.sigmoid(gate_features(logits) @ w + b)
+
+
+SCORERS: dict[str, Callable[[], Scorer]] = {
+    "max_softmax": lambda: FunctionScorer(max_softmax_score, name="max_softmax", bounded=True),
+    "margin": lambda: FunctionScorer(margin_score, name="margin", bounded=True),
+    "entropy": lambda: FunctionScorer(entropy_score, name="entropy", bounded=True),
+    "gate": GateScorer,
+}
+
+
+def make_scorer(scorer: str | Scorer | ScoreFn) -> Scorer:
+    """A :class:`Scorer` from a name in ``SCORERS``, a ``Scorer`` or a callable.
+
+    >>> make_scorer("entropy").name
+    'entropy'
+    """
+    if isinstance(scorer, Scorer):
+        return scorer
+    if isinstance(scorer, str):
+        if scorer not in SCORERS:
+            raise unknown("scorer", scorer, SCORERS)
+        return SCORERS[scorer]()
+    if callable(scorer):
+        return FunctionScorer(scorer)
+    raise invalid("scorer", scorer, f"one of {sorted(SCORERS)}, a Scorer or a callable")
+
+
+def check_scores(scores: Any, n: int, name: str) -> Tensor:
+    """Refuse scores that are not a finite float tensor of shape ``[n]``."""
+    if not isinstance(scores, Tensor) or tuple(scores.shape) != (n,):
+        shape = tuple(scores.shape) if isinstance(scores, Tensor) else type(scores).__name__
+        raise ValueError(
+            f"The scorer {name!r} must return a tensor of shape [{n}] (one score per input, "
+            f"higher = harder). Got {shape} instead."
+        )
+    if bool(torch.isnan(scores).any()):
+        raise ValueError(
+            f"The scorer {name!r} returned NaN scores; a scorer must return finite numbers "
+            "(higher = harder)."
+        )
+    return scores

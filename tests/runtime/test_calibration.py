@@ -1,0 +1,158 @@
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from mpsearch.runtime import (
+    binomial_pvalue,
+    cascade_cost,
+    default_grid,
+    fixed_sequence_test,
+    hoeffding_bentkus_pvalue,
+    learn_then_test,
+    losses,
+    served_stage,
+)
+
+
+def test_fixed_sequence_stops_at_first_failure() -> None:
+    assert fixed_sequence_test([0.01, 0.02, 0.09, 0.11, 0.0], 0.1) == 2
+    assert fixed_sequence_test([0.2, 0.0], 0.1) == -1
+    assert fixed_sequence_test([], 0.1) == -1
+    assert fixed_sequence_test([0.1], 0.1) == 0  # p <= delta is a rejection
+
+
+def test_binomial_pvalue_is_the_binomial_tail() -> None:
+    assert binomial_pvalue(0, 100, 0.05) == pytest.approx(0.95**100)
+    assert binomial_pvalue(3, 50, 0.1) == pytest.approx(stats.binom.cdf(3, 50, 0.1))
+    assert binomial_pvalue(0, 0, 0.1) == 1.0
+
+
+def test_hoeffding_bentkus_is_valid_but_weaker() -> None:
+    for k, n, eps in [(0, 100, 0.05), (3, 200, 0.05), (10, 100, 0.05)]:
+        hb = hoeffding_bentkus_pvalue(k, n, eps)
+        assert binomial_pvalue(k, n, eps) <= hb + 1e-12
+        assert 0 <= hb <= 1
+    assert hoeffding_bentkus_pvalue(10, 100, 0.05) == 1.0  # observed risk above eps
+
+
+def test_served_stage_and_cost() -> None:
+    scores = np.array([[0.1, 0.5, 0.9, 0.9], [0.0, 0.2, 0.3, 0.9]])
+    assert served_stage(scores, 0.4).tolist() == [0, 1, 1, 2]
+    assert served_stage(scores, -math.inf).tolist() == [2, 2, 2, 2]
+    assert served_stage(scores, math.inf).tolist() == [0, 0, 0, 0]
+    assert cascade_cost(np.array([0, 1, 2]), [1.0, 10.0, 100.0]).tolist() == [1.0, 11.0, 111.0]
+
+
+def test_losses_disagreement_and_quality_drop() -> None:
+    answers = np.array([[0, 1, 2, 3], [0, 0, 0, 3]])  # stage 0 vs reference (stage 1)
+    served = np.array([0, 0, 0, 0])
+    labels = np.array([0, 1, 0, 0])
+    assert losses(answers, served, None, "disagreement").tolist() == [0, 1, 1, 0]
+    # wrong where the reference is right: input 2 only (input 1: reference wrong).
+    assert losses(answers, served, labels, "quality_drop").tolist() == [0, 0, 1, 0]
+
+
+def test_ltt_chooses_the_known_threshold() -> None:
+    """Constructed example: n = 100 inputs, grid [-inf, 0.1, 0.2, 0.3, 0.4, inf].
+
+    The cheap answer is wrong on inputs whose score is >= 0.25 (10 of them, scores 0.25) and
+    on one more input with score 0.15; all the rest have score 0.05. Losses at each
+    threshold: 0.1 -> 0, 0.2 -> 1, 0.3 -> 11, 0.4 -> 11, inf -> 11. With eps = 0.05 and
+    delta = 0.1: p(0) = 0.95^100 = 0.0059, p(1) = P(Bin <= 1) = 0.037, p(11) ~ 0.99. So
+    fixed-sequence testing accepts 0.1 and 0.2 and stops at 0.3: the chosen threshold is 0.2.
+    """
+    n = 100
+    scores = np.full(n, 0.05)
+    answers_cheap = np.zeros(n, dtype=int)
+    scores[:10] = 0.25
+    answers_cheap[:10] = 1
+    scores[10] = 0.15
+    answers_cheap[10] = 1
+    answers = np.stack([answers_cheap, np.zeros(n, dtype=int)])
+    grid = np.array([-np.inf, 0.1, 0.2, 0.3, 0.4, np.inf])
+    result = learn_then_test(
+        scores[None], answers, targets={"disagreement": 0.05}, delta=0.1, grid=grid
+    )
+    assert result.table["disagreement"].tolist() == [0.0, 0.01, 0.11, 0.11, 0.11]
+    expected_p = [stats.binom.cdf(k, n, 0.05) for k in (0, 1, 11, 11, 11)]
+    np.testing.assert_allclose(result.table["pvalue"], expected_p)
+    assert result.table["accepted"].tolist() == [True, True, False, False, False]
+    assert result.threshold == 0.2 and result.index == 2 and result.certified
+    # A stricter delta rejects only the zero-loss candidate: threshold 0.1.
+    strict = learn_then_test(
+        scores[None], answers, targets={"disagreement": 0.05}, delta=0.02, grid=grid
+    )
+    assert strict.threshold == 0.1
+    # Too few samples for eps: nothing certified, the fallback always escalates.
+    tiny = learn_then_test(
+        scores[None, :20], answers[:, :20], targets={"disagreement": 0.05}, delta=0.1, grid=grid
+    )
+    assert tiny.threshold == -np.inf and not tiny.certified
+
+
+def test_ltt_with_two_targets_takes_the_larger_pvalue() -> None:
+    n = 100
+    scores = np.full((1, n), 0.05)
+    scores[0, :2] = 0.5
+    answers = np.zeros((2, n), dtype=int)
+    answers[0, :2] = 1  # two disagreements at thresholds >= 0.5
+    labels = np.zeros(n, dtype=int)
+    labels[0] = 1  # reference wrong on input 0: only input 1 counts as a quality drop
+    grid = np.array([-np.inf, 0.1, 1.0])
+    result = learn_then_test(
+        scores,
+        answers,
+        targets={"disagreement": 0.05, "quality_drop": 0.05},
+        delta=0.1,
+        grid=grid,
+        labels=labels,
+    )
+    row = result.table.iloc[1]
+    assert row["pvalue_disagreement"] == pytest.approx(stats.binom.cdf(2, n, 0.05))
+    assert row["pvalue_quality_drop"] == pytest.approx(stats.binom.cdf(1, n, 0.05))
+    assert row["pvalue"] == row["pvalue_disagreement"]
+
+
+def test_ltt_refuses_bad_arguments() -> None:
+    s, a = np.zeros((1, 5)), np.zeros((2, 5), dtype=int)
+    with pytest.raises(ValueError, match="'delta'"):
+        learn_then_test(s, a, targets={"disagreement": 0.1}, delta=1.0)
+    with pytest.raises(ValueError, match="'max_disagreement'"):
+        learn_then_test(s, a, targets={"disagreement": 0.0}, delta=0.1)
+    with pytest.raises(ValueError, match="'method'"):
+        learn_then_test(s, a, targets={"disagreement": 0.1}, delta=0.1, method="magic")
+    with pytest.raises(ValueError, match="-inf"):
+        learn_then_test(s, a, targets={"disagreement": 0.1}, delta=0.1, grid=np.array([0.5]))
+
+
+def test_default_grid_shape() -> None:
+    g = default_grid()
+    assert g[0] == -np.inf and g[-1] == np.inf
+    assert g[1] == pytest.approx(1e-7) and g[-2] == pytest.approx(1.0)
+    assert np.all(np.diff(g) > 0)
+
+
+def test_guarantee_holds_over_random_draws() -> None:
+    """Monte Carlo: the cheap answer is wrong w.p. rising with the score; the violation rate of
+    the target over 200 calibration draws stays below delta."""
+    rng = np.random.default_rng(0)
+    eps, delta, n = 0.05, 0.1, 400
+    grid = np.concatenate([[-np.inf], np.linspace(0.01, 1.0, 100), [np.inf]])
+
+    def draw(m: int) -> tuple[np.ndarray, np.ndarray]:
+        score = rng.random(m)
+        wrong = rng.random(m) < score**3
+        return score[None], np.stack([wrong.astype(int), np.zeros(m, dtype=int)])
+
+    big_s, big_a = draw(50_000)
+    violations = 0
+    for _ in range(200):
+        s, a = draw(n)
+        t = learn_then_test(s, a, targets={"disagreement": eps}, delta=delta, grid=grid).threshold
+        risk = losses(big_a, served_stage(big_s, t), None, "disagreement").mean()
+        violations += risk > eps
+    assert violations / 200 <= delta

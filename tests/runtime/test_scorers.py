@@ -1,0 +1,64 @@
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from mpsearch.runtime import (
+    SCORERS,
+    GateScorer,
+    answer_logits,
+    entropy_score,
+    fit_logistic,
+    make_scorer,
+    margin_score,
+    max_softmax_score,
+)
+
+
+def test_builtin_scores_match_their_definitions() -> None:
+    logits = torch.tensor([[2.0, 1.0, 0.0], [0.0, 0.0, 0.0], [10.0, -10.0, -10.0]])
+    p = torch.softmax(logits, -1)
+    torch.testing.assert_close(max_softmax_score(logits), 1 - p.max(-1).values)
+    top2 = p.topk(2, -1).values
+    torch.testing.assert_close(margin_score(logits), 1 - (top2[:, 0] - top2[:, 1]))
+    h = -(p * p.log()).sum(-1) / math.log(3)
+    torch.testing.assert_close(entropy_score(logits), h)
+    # Higher = harder: the uniform row is the hardest for every built-in score.
+    for name in ("max_softmax", "margin", "entropy"):
+        s = make_scorer(name)(logits)
+        assert int(s.argmax()) == 1 and int(s.argmin()) == 2
+        assert bool(((s >= 0) & (s <= 1)).all())
+
+
+def test_answer_logits_takes_the_last_position_of_a_language_model() -> None:
+    out = torch.arange(2 * 3 * 4, dtype=torch.float32).view(2, 3, 4)
+    torch.testing.assert_close(answer_logits(out), out[:, -1])
+    torch.testing.assert_close(answer_logits({"logits": out[:, 0]}), out[:, 0])
+    with pytest.raises(ValueError, match="shape"):
+        answer_logits(torch.zeros(1, 2, 3, 4))
+
+
+def test_registry_and_errors() -> None:
+    assert set(SCORERS) == {"max_softmax", "margin", "entropy", "gate"}
+    assert isinstance(make_scorer("gate"), GateScorer)
+    with pytest.raises(ValueError, match="'scorer'.*'entropy'"):
+        make_scorer("nope")
+    with pytest.raises(ValueError, match="'scorer'"):
+        make_scorer(3)
+    with pytest.raises(RuntimeError, match="not fitted"):
+        GateScorer()(torch.zeros(1, 3))
+
+
+def test_logistic_regression_matches_a_separable_rule() -> None:
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(400, 2))
+    y = (x[:, 0] - 0.5 * x[:, 1] > 0).astype(float)
+    w = fit_logistic(x, y, l2=1e-4)
+    pred = (np.hstack([x, np.ones((400, 1))]) @ w > 0).astype(float)
+    assert (pred == y).mean() > 0.97
+    # One class only: still finite and predicting that class.
+    w1 = fit_logistic(x, np.zeros(400))
+    assert np.all(np.isfinite(w1)) and (np.hstack([x, np.ones((400, 1))]) @ w1 < 0).all()
