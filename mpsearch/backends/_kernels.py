@@ -98,6 +98,12 @@ class CastLayer(RealLayer):
 # ---------------------------------------------------------------- int8 x int8 (oneDNN)
 
 
+def _bf16_bias(layer: nn.Module) -> Tensor | None:
+    """The layer's bias in bf16, the dtype the weight-only kernels add it in."""
+    bias = layer.bias
+    return None if bias is None else bias.detach().to(torch.bfloat16)
+
+
 def _weight_codes(weight: Tensor, scheme: Scheme) -> tuple[Tensor, Tensor, Tensor | None]:
     """Integer codes, scales and zero points of ``weight`` under the scheme's weight spec,
     computed by the same functions as the simulation (codes shaped like ``weight``)."""
@@ -294,8 +300,7 @@ class Int8WeightOnlyLinear(RealLayer):
         self.out_features, self.in_features = layer.weight.shape
         self.register_buffer("weight_int8", codes.to(torch.int8).contiguous())
         self.register_buffer("scales", scale.to(torch.bfloat16))
-        bias = layer.bias
-        self.register_buffer("bias", None if bias is None else bias.detach().to(torch.bfloat16))
+        self.register_buffer("bias", _bf16_bias(layer))
 
     def forward(self, x: Tensor) -> Tensor:
         out_dtype = x.dtype
@@ -340,8 +345,7 @@ class Int4WeightOnlyLinear(RealLayer):
         )
         sz = torch.stack([scale.t(), offset.t()], dim=-1).to(torch.bfloat16).contiguous()
         self.register_buffer("scales_and_zeros", sz)
-        bias = layer.bias
-        self.register_buffer("bias", None if bias is None else bias.detach().to(torch.bfloat16))
+        self.register_buffer("bias", _bf16_bias(layer))
 
     def forward(self, x: Tensor) -> Tensor:
         out_dtype = x.dtype
