@@ -1,16 +1,23 @@
 """A whole study from one config: workload → profile → cost → search → quantize → summary.
 
-This is what ``mpsearch run`` and the search-run scripts in ``studies/`` call. It only uses the
-public API; everything it computes is cached or stored (profile rows, latency tables, the
-Optuna study), so a rerun resumes instead of starting over.
+This is what ``mpsearch run`` / ``profile`` / ``cost`` / ``search`` and the search-run scripts
+in ``studies/`` call. It only uses the public API. The steps live in :class:`StudySteps`, each
+computed at most once per process and cached or stored on disk (profile rows, latency tables,
+the Optuna study), so a rerun, or ``mpsearch search`` after ``mpsearch profile``, reuses what
+was computed instead of starting over. What a step produced is written to the study's output
+directory (``studies/out/<study>/``) as a :class:`~mpsearch.report.StudyRecord`, which
+``mpsearch report`` reads.
 """
 
 from __future__ import annotations
 
 import importlib
+import json
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +29,7 @@ from mpsearch.backends import quantize
 from mpsearch.cost import CostModel, measure_cost
 from mpsearch.plan import PrecisionPlan
 from mpsearch.profile import SensitivityProfile, profile
+from mpsearch.report import FILES, StudyRecord
 from mpsearch.search import Budget, SearchResult, search
 from mpsearch.workloads import WORKLOADS, Workload, load_workload
 
@@ -119,6 +127,7 @@ class StudyOutcome:
     summary: pd.DataFrame
     timings: dict[str, float]
     plan_path: Path
+    record: StudyRecord | None = None
 
 
 def build_workload(spec: str, *, seed: int = 0) -> Workload:
@@ -133,76 +142,239 @@ def build_workload(spec: str, *, seed: int = 0) -> Workload:
     return factory(seed=seed)
 
 
+def _quiet(_: str) -> None:
+    return None
+
+
+class StudySteps:
+    """The steps of one study, each run at most once (on first use) and cached on disk.
+
+    ``workload`` → ``profile`` (rows cached under ``cache_dir/profile``) and ``cost``
+    (``cache_dir/cost``) → ``result`` (the Optuna study in ``storage``, resumed) →
+    :meth:`measure` (fp32, the uniform plans and the chosen one on the real backend).
+    Asking for a later step runs the earlier ones it needs; :meth:`save` writes whatever was
+    computed to the output directory. ``log`` receives one line per finished step;
+    ``progress`` shows progress bars (``None``: when stderr is a terminal).
+
+    >>> steps = StudySteps(StudyConfig.from_yaml("studies/digits.yaml"))   # doctest: +SKIP
+    >>> steps.profile.pivot("e2e")            # profiles (or reads the cache)  # doctest: +SKIP
+    >>> steps.result.pareto                   # reuses that profile            # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        config: StudyConfig,
+        *,
+        log: Callable[[str], None] | None = print,
+        progress: bool | None = None,
+    ) -> None:
+        if not isinstance(config, StudyConfig):
+            raise invalid("config", config, "a StudyConfig")
+        if progress is not None and not isinstance(progress, bool):
+            raise invalid("progress", progress, "None, True or False")
+        self.config = config
+        self.log = log or _quiet
+        self.progress = progress
+        self.timings: dict[str, float] = {}
+        self._summary: pd.DataFrame | None = None
+
+    @property
+    def _show_progress(self) -> bool:
+        return self.progress if self.progress is not None else sys.stderr.isatty()
+
+    def _timed(self, key: str, started: float) -> float:
+        self.timings[key] = time.perf_counter() - started
+        return self.timings[key]
+
+    @cached_property
+    def workload(self) -> Workload:
+        """The study's workload (trained weights cached by the workload itself)."""
+        t0 = time.perf_counter()
+        wl = build_workload(self.config.workload, seed=self.config.seed)
+        self._timed("workload_s", t0)
+        return wl
+
+    @cached_property
+    def fp32_quality(self) -> float:
+        """The workload's quality in fp32 (its ``evaluate`` on the test split)."""
+        quality = float(self.workload.evaluate(self.workload.model))
+        wl = self.workload
+        n = sum(p.numel() for p in wl.model.parameters())
+        self.log(f"workload {wl.name}: {n:,} parameters, fp32 quality {quality:.4f}")
+        return quality
+
+    @cached_property
+    def profile(self) -> SensitivityProfile:
+        """The sensitivity profile (rows cached under ``cache_dir/profile``)."""
+        wl, _ = self.workload, self.fp32_quality
+        t0 = time.perf_counter()
+        prof = profile(
+            wl.model,
+            wl.calib,
+            schemes=self.config.schemes,
+            cache_dir=Path(self.config.cache_dir) / "profile",
+            progress=self._show_progress,
+        )
+        s = self._timed("profile_s", t0)
+        self.log(f"profile: {len(prof.table)} (layer, scheme) rows in {s:.1f} s")
+        return prof
+
+    @cached_property
+    def cost(self) -> CostModel:
+        """The cost model on the study's backend (cached under ``cache_dir/cost``)."""
+        wl, _ = self.workload, self.fp32_quality
+        t0 = time.perf_counter()
+        cost = measure_cost(
+            wl.model,
+            wl.example_input,
+            schemes=["fp32", *self.config.schemes],
+            backend=self.config.backend,
+            cache_dir=Path(self.config.cache_dir) / "cost",
+            num_threads=self.config.num_threads,
+            timer=self.config.timer,
+        )
+        s = self._timed("cost_s", t0)
+        self.log(
+            f"cost model ({self.config.backend}): fp32 {cost.fp32_memory_bytes / 1e6:.3f} MB, "
+            f"{cost.fp32_latency_ms:.3f} ms, measured in {s:.1f} s"
+        )
+        return cost
+
+    @cached_property
+    def result(self) -> SearchResult:
+        """The search (the Optuna study in ``storage``, resumed up to ``n_trials``)."""
+        config, wl = self.config, self.workload
+        prof, cost = self.profile, self.cost
+        t0 = time.perf_counter()
+        result = search(
+            wl.model,
+            profile=prof,
+            cost=cost,
+            evaluate=wl.evaluate if config.quality == "task" else None,
+            eval_data=wl.calib,
+            budget=Budget(**config.budget) if config.budget else None,
+            space=config.space,
+            objectives=tuple(config.objectives),
+            n_trials=config.n_trials,
+            sampler=config.sampler,
+            seed=config.seed,
+            storage=config.storage_url,
+            study_name=config.study_name,
+            load_if_exists=config.load_if_exists,
+            show_progress_bar=self._show_progress,
+        )
+        s = self._timed("search_s", t0)
+        self.log(
+            f"search: {len(result.trials)} trials, {result.n_true_evaluations} true evaluations, "
+            f"{len(result.pareto)} plans on the front, {s:.1f} s"
+        )
+        return result
+
+    @cached_property
+    def best(self) -> PrecisionPlan:
+        """The best plan under the study's budget."""
+        return self.result.best()
+
+    def measure(self) -> pd.DataFrame:
+        """fp32, each uniform plan and the chosen plan measured on the real backend (see :func:`summarize`)."""
+        if self._summary is None:
+            plans = {"best": self.best, **_uniform_plans(self.result)}
+            t0 = time.perf_counter()
+            self._summary = summarize(
+                self.workload,
+                self.cost,
+                plans,
+                backend=self.config.backend,
+                progress=self._show_progress,
+            )
+            s = self._timed("measure_s", t0)
+            self.log(
+                f"measured {len(plans) + 1} plans on the {self.config.backend!r} backend in {s:.1f} s"
+            )
+        return self._summary
+
+    def record(self) -> StudyRecord:
+        """What has been computed so far, as a :class:`~mpsearch.report.StudyRecord`."""
+        done = self.__dict__
+        info: dict[str, Any] = {
+            "workload": self.config.workload,
+            "config": self.config.to_dict(),
+            "timings": dict(self.timings),
+        }
+        if "fp32_quality" in done:
+            info["fp32_quality"] = self.fp32_quality
+        rec = StudyRecord(name=str(self.config.study_name), info=info)
+        if "profile" in done:
+            rec.profile = self.profile.table
+        if "cost" in done:
+            info["fp32_memory_mb"] = self.cost.fp32_memory_bytes / 1e6
+            info["fp32_latency_ms"] = self.cost.fp32_latency_ms
+            rec.cost = self.cost.table
+        if "result" in done:
+            res = self.result
+            info["fp32_memory_mb"] = res.fp32_memory_mb
+            info["fp32_latency_ms"] = res.fp32_latency_ms
+            info["limits"] = {"memory_mb": res.limits[0], "latency_ms": res.limits[1]}
+            rec.trials, rec.pareto = res.trials, res.pareto
+            try:
+                rec.best = self.best
+            except ValueError:
+                rec.best = None
+        rec.summary = self._summary
+        return rec
+
+    def save(self) -> StudyRecord:
+        """Write what has been computed to the output directory; return the record written.
+
+        A ``summary.csv`` measured for another chosen plan (an earlier run) is removed when the
+        chosen plan changes, so that the report never mixes two searches.
+        """
+        rec = self.record()
+        out = self.config.out_dir
+        old_plan, old_info = out / FILES["best"], out / FILES["info"]
+        if rec.best is not None and rec.summary is None and old_plan.exists():
+            if PrecisionPlan.load(old_plan).rules != rec.best.rules:
+                (out / FILES["summary"]).unlink(missing_ok=True)
+        if old_info.exists():
+            try:
+                previous = json.loads(old_info.read_text())
+            except ValueError:
+                previous = {}
+            previous.pop("name", None)
+            timings = {**previous.get("timings", {}), **rec.info["timings"]}
+            rec.info = {**previous, **rec.info, "timings": timings}
+        rec.save(out)
+        return rec
+
+
 def run_study(
-    config: StudyConfig, *, log: Callable[[str], None] = print, progress: bool | None = None
+    config: StudyConfig, *, log: Callable[[str], None] | None = print, progress: bool | None = None
 ) -> StudyOutcome:
-    """Run (or resume) the study ``config`` describes and summarise it.
+    """Run (or resume) the study ``config`` describes, summarise it and save its outputs.
 
     The summary compares, measured in this run on the real backend: fp32, each uniform plan,
     and the best plan under the budget (quality on the workload's test split, exact memory,
-    median end-to-end latency), with ratios to fp32.
+    median end-to-end latency), with ratios to fp32. Everything is written to
+    ``config.out_dir`` (see :class:`StudySteps`).
+
+    >>> outcome = run_study(StudyConfig.from_yaml("studies/digits.yaml"))   # doctest: +SKIP
+    >>> outcome.summary[["plan", "speedup"]]                                 # doctest: +SKIP
     """
-    timings: dict[str, float] = {}
-    t0 = time.perf_counter()
-    wl = build_workload(config.workload, seed=config.seed)
-    timings["workload_s"] = time.perf_counter() - t0
-    log(
-        f"workload {wl.name}: {sum(p.numel() for p in wl.model.parameters()):,} parameters, fp32 quality {wl.evaluate(wl.model):.4f}"
+    steps = StudySteps(config, log=log, progress=progress)
+    summary = steps.measure()
+    record = steps.save()
+    return StudyOutcome(
+        config,
+        steps.workload,
+        steps.profile,
+        steps.cost,
+        steps.result,
+        steps.best,
+        summary,
+        steps.timings,
+        config.out_dir / FILES["best"],
+        record,
     )
-
-    t0 = time.perf_counter()
-    cache = Path(config.cache_dir)
-    prof = profile(
-        wl.model, wl.calib, schemes=config.schemes, cache_dir=cache / "profile", progress=progress
-    )
-    timings["profile_s"] = time.perf_counter() - t0
-    log(f"profile: {len(prof.table)} (layer, scheme) rows in {timings['profile_s']:.1f} s")
-
-    t0 = time.perf_counter()
-    cost = measure_cost(
-        wl.model,
-        wl.example_input,
-        schemes=["fp32", *config.schemes],
-        backend=config.backend,
-        cache_dir=cache / "cost",
-        num_threads=config.num_threads,
-        timer=config.timer,
-    )
-    timings["cost_s"] = time.perf_counter() - t0
-    log(
-        f"cost model ({config.backend}): fp32 {cost.fp32_memory_bytes / 1e6:.3f} MB, {cost.fp32_latency_ms:.3f} ms, measured in {timings['cost_s']:.1f} s"
-    )
-
-    t0 = time.perf_counter()
-    evaluate = wl.evaluate if config.quality == "task" else None
-    result = search(
-        wl.model,
-        profile=prof,
-        cost=cost,
-        evaluate=evaluate,
-        eval_data=wl.calib,
-        budget=Budget(**config.budget) if config.budget else None,
-        space=config.space,
-        objectives=tuple(config.objectives),
-        n_trials=config.n_trials,
-        sampler=config.sampler,
-        seed=config.seed,
-        storage=config.storage_url,
-        study_name=config.study_name,
-        load_if_exists=config.load_if_exists,
-    )
-    timings["search_s"] = time.perf_counter() - t0
-    log(
-        f"search: {len(result.trials)} trials, {result.n_true_evaluations} true evaluations, {len(result.pareto)} plans on the front, {timings['search_s']:.1f} s"
-    )
-
-    best = result.best()
-    summary = summarize(wl, cost, {"best": best, **_uniform_plans(result)}, backend=config.backend)
-    out = config.out_dir
-    out.mkdir(parents=True, exist_ok=True)
-    plan_path = best.save(out / "best_plan.json")
-    summary.to_csv(out / "summary.csv", index=False)
-    return StudyOutcome(config, wl, prof, cost, result, best, summary, timings, plan_path)
 
 
 def _uniform_plans(result: SearchResult) -> dict[str, PrecisionPlan]:
@@ -214,9 +386,19 @@ def _uniform_plans(result: SearchResult) -> dict[str, PrecisionPlan]:
 
 
 def summarize(
-    wl: Workload, cost: CostModel, plans: dict[str, PrecisionPlan], *, backend: str
+    wl: Workload,
+    cost: CostModel,
+    plans: dict[str, PrecisionPlan],
+    *,
+    backend: str,
+    progress: bool = False,
 ) -> pd.DataFrame:
-    """Quality, exact memory and measured latency of fp32 and each plan, with ratios to fp32."""
+    """Quality, exact memory and measured latency of fp32 and each plan, with ratios to fp32.
+
+    >>> summarize(wl, cost, {"w8a8": PrecisionPlan.uniform("w8a8")}, backend="cpu")  # doctest: +SKIP
+    """
+    from tqdm.auto import tqdm
+
     rows = [
         {
             "plan": "fp32",
@@ -225,7 +407,7 @@ def summarize(
             "latency_ms": cost.measure("fp32"),
         }
     ]
-    for name, plan in plans.items():
+    for name, plan in tqdm(plans.items(), desc="measure", disable=not progress, leave=False):
         qmodel = quantize(wl.model, plan, backend=backend)
         rows.append(
             {
