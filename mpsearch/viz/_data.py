@@ -41,7 +41,7 @@ def bit_allocation_data(
 ) -> pd.DataFrame:
     """Weight bits per layer (columns) for each plan (rows), and the scheme names alongside.
 
-    >>> bit_allocation_data([PrecisionPlan(default="w8a8")], ["fc1", "fc2"]).loc[0, "fc1"]
+    >>> int(bit_allocation_data([PrecisionPlan(default="w8a8")], ["fc1", "fc2"]).loc[0, "fc1"])
     8
     """
     labels = list(labels) if labels is not None else [f"plan {i}" for i in range(len(plans))]
