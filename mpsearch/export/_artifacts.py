@@ -1,0 +1,161 @@
+"""The quantized-model files: a state dict for mpsearch's backend modules, and a ``torch.export``
+program that loads with ``torch.export.load`` alone.
+
+- **state dict** (``model.qstate.pt``): ``torch.save`` of a plain dict (tensors, strings, numbers:
+  it loads with ``torch.load(..., weights_only=True)`` anywhere) holding the plan's JSON, the
+  backend name, the static activation ranges and the quantized model's ``state_dict()`` (int8
+  codes, int4 packed weights, scales, zero points, bf16 weights, the untouched layers).
+  *Running* it needs the same architecture and mpsearch's backend modules:
+  :func:`load_quantized` rebuilds them and loads the tensors (strict).
+- **program** (``model.pt2``): ``torch.export.save`` of the quantized model. It runs the real
+  CPU kernels that ``torch.export`` can capture (bf16/fp16 casts, ``aten._weight_int8pack_mm``,
+  ``aten._weight_int4pack_mm_for_cpu``); ``w8a8`` layers hold opaque oneDNN packed weights and
+  compute their activation scale with a host sync (``float(scale)``), which ``torch.export``
+  cannot capture, so in the program they run in their ``simulate`` form (fake quantization,
+  plain aten ops). It loads and runs with ``torch.export.load(path).module()`` in a process that
+  has never imported mpsearch.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mpsearch.backends import RealLayer, get_backend, quantize
+from mpsearch.layers import quantizable_layers, replace_layers
+from mpsearch.plan import PrecisionPlan
+from mpsearch.schemes import get_scheme
+
+STATE_FORMAT = "mpsearch.quantized-state"
+STATE_VERSION = 1
+
+Ranges = Mapping[str, tuple[float, float]]
+
+
+def build_quantized(
+    model: nn.Module, plan: PrecisionPlan, *, backend: str, ranges: Ranges
+) -> nn.Module:
+    """``quantize(model, plan, backend)`` with the given static activation ranges."""
+    qm = quantize(model, plan, backend=backend)
+    if ranges:
+        impl = get_backend(backend)
+        assignment = plan.resolve(model)
+        originals = quantizable_layers(model)
+        with torch.no_grad():
+            replace_layers(
+                qm,
+                {
+                    name: impl.quantize_layer(
+                        originals[name], get_scheme(assignment[name]), act_range=tuple(r)
+                    )
+                    for name, r in ranges.items()
+                },
+            )
+    return qm.eval()
+
+
+def state_payload(
+    qm: nn.Module, plan: PrecisionPlan, *, backend: str, ranges: Ranges
+) -> dict[str, Any]:
+    """What ``model.qstate.pt`` holds (only types ``torch.load(weights_only=True)`` accepts)."""
+    return {
+        "format": STATE_FORMAT,
+        "version": STATE_VERSION,
+        "backend": backend,
+        "plan_json": plan.to_json(),
+        "act_ranges": {name: [float(lo), float(hi)] for name, (lo, hi) in ranges.items()},
+        "state_dict": {k: v.detach().clone() for k, v in qm.state_dict().items()},
+    }
+
+
+def load_quantized(model: nn.Module, path: str | Path) -> nn.Module:
+    """Load a ``model.qstate.pt`` written by ``export_plan`` into ``model``'s architecture.
+
+    ``model`` is an instance of the exported model's class (its own weights do not matter:
+    every tensor comes from the file). Returns the quantized model on the saved backend.
+
+    >>> qm = load_quantized(DigitsMLP(), "out/model.qstate.pt")  # doctest: +SKIP
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"The 'model' argument must be a torch.nn.Module. Got {type(model).__name__} instead."
+        )
+    try:
+        payload = torch.load(str(path), weights_only=True, map_location="cpu")
+    except (OSError, RuntimeError) as exc:
+        raise ValueError(f"Cannot read quantized state {str(path)!r}: {exc}") from None
+    if not isinstance(payload, dict) or payload.get("format") != STATE_FORMAT:
+        raise ValueError(f"{str(path)!r} is not an mpsearch quantized state ({STATE_FORMAT!r}).")
+    if payload.get("version") != STATE_VERSION:
+        raise ValueError(
+            f"Unsupported quantized-state version {payload.get('version')!r}: this mpsearch "
+            f"reads version {STATE_VERSION}."
+        )
+    plan = PrecisionPlan.from_json(payload["plan_json"])
+    ranges = {k: (v[0], v[1]) for k, v in payload["act_ranges"].items()}
+    qm = build_quantized(model, plan, backend=payload["backend"], ranges=ranges)
+    qm.load_state_dict(payload["state_dict"], strict=True)
+    return qm
+
+
+def program_model(
+    qm: nn.Module, model: nn.Module, plan: PrecisionPlan, *, ranges: Ranges
+) -> tuple[nn.Module, list[str]]:
+    """The module ``torch.export`` captures: ``qm`` with every layer holding opaque packed
+    kernel weights (oneDNN ``w8a8``) swapped for its ``simulate`` form. Returns it and the
+    names swapped."""
+    opaque = [
+        name for name, m in qm.named_modules() if isinstance(m, RealLayer) and m.packed_tensors()
+    ]
+    if not opaque:
+        return qm, []
+    assignment = plan.resolve(model)
+    originals = quantizable_layers(model)
+    sim = get_backend("simulate")
+    target = _shallow_copy(qm)
+    with torch.no_grad():
+        replace_layers(
+            target,
+            {
+                name: sim.quantize_layer(
+                    originals[name], get_scheme(assignment[name]), act_range=ranges.get(name)
+                )
+                for name in opaque
+            },
+        )
+    return target.eval(), opaque
+
+
+def _shallow_copy(module: nn.Module) -> nn.Module:
+    """A copy of ``module``'s module tree sharing its tensors (for swapping a few layers)."""
+    import copy
+
+    memo: dict[int, Any] = {}
+    for t in [*module.parameters(), *module.buffers()]:
+        memo[id(t)] = t
+    for m in module.modules():
+        if isinstance(m, RealLayer):
+            memo[id(m)] = m
+    return copy.deepcopy(module, memo)
+
+
+def export_program(model: nn.Module, args: tuple[Any, ...]) -> torch.export.ExportedProgram:
+    """``torch.export.export`` with a dynamic batch dimension on every tensor input."""
+    batch = torch.export.Dim("batch", min=1)
+    dynamic = tuple(
+        {0: batch} if isinstance(a, torch.Tensor) and a.dim() > 0 else None for a in args
+    )
+    try:
+        return torch.export.export(model, args, dynamic_shapes=dynamic)
+    except Exception:
+        return torch.export.export(model, args)
+
+
+def plan_json_check(path: Path, plan: PrecisionPlan) -> bool:
+    """Whether the JSON file at ``path`` reads back as ``plan``."""
+    return PrecisionPlan.from_dict(json.loads(path.read_text())) == plan

@@ -1,0 +1,390 @@
+"""``export_plan``: a chosen plan and its quantized model written as files, each one checked."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from mpsearch._data import output_tensor, run_model
+from mpsearch._validation import invalid, unknown
+from mpsearch.backends import as_plan, check_assignment, collect_activation_ranges, get_backend
+from mpsearch.backends._quantize import PlanLike
+from mpsearch.export._artifacts import (
+    build_quantized,
+    export_program,
+    plan_json_check,
+    program_model,
+    state_payload,
+)
+from mpsearch.export._qdq import ONNX_ACCEPTED, onnx_refusal
+from mpsearch.plan import PrecisionPlan
+from mpsearch.schemes import Observer, get_scheme
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+
+@dataclass
+class ExportRecord:
+    """One file written by :func:`export_plan` and how it was checked.
+
+    ``check`` is the max abs difference between the file's outputs, run back, and the PyTorch
+    model it was written from (0.0 for a plan that reads back equal); ``top1_agreement`` the
+    share of equal ``argmax`` over the last output dimension; ``details`` format specifics
+    (ONNX node counts, opset, ...).
+    """
+
+    format: str
+    path: Path
+    bytes: int
+    check: float
+    top1_agreement: float | None
+    reference: str
+    notes: str
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ExportResult:
+    """The files :func:`export_plan` wrote: ``paths`` (format -> file) and one record each.
+
+    >>> res.paths["onnx"].name, res.to_frame().columns[:4].tolist()  # doctest: +SKIP
+    ('model.onnx', ['format', 'path', 'bytes', 'check'])
+    """
+
+    out_dir: Path
+    records: list[ExportRecord]
+
+    @property
+    def paths(self) -> dict[str, Path]:
+        return {r.format: r.path for r in self.records}
+
+    def record(self, fmt: str) -> ExportRecord:
+        """The record of format ``fmt``."""
+        for r in self.records:
+            if r.format == fmt:
+                return r
+        raise unknown("fmt", fmt, [r.format for r in self.records])
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per file: format, path, bytes, check, top1_agreement, reference, notes."""
+        import pandas as pd
+
+        return pd.DataFrame(
+            [
+                {
+                    "format": r.format,
+                    "path": str(r.path),
+                    "bytes": r.bytes,
+                    "check": r.check,
+                    "top1_agreement": r.top1_agreement,
+                    "reference": r.reference,
+                    "notes": r.notes,
+                }
+                for r in self.records
+            ]
+        )
+
+
+@dataclass
+class _Job:
+    """Everything the format writers share; the quantized models are built once, lazily."""
+
+    model: nn.Module
+    plan: PrecisionPlan
+    assignment: dict[str, str]
+    backend: str
+    ranges: dict[str, tuple[float, float]]
+    args: tuple[Any, ...]
+    check_inputs: list[tuple[Any, ...]]
+    static: frozenset[str] = frozenset()
+    _cache: dict[str, nn.Module] = field(default_factory=dict)
+
+    def quantized(self, backend: str) -> nn.Module:
+        if backend not in self._cache:
+            self._cache[backend] = build_quantized(
+                self.model, self.plan, backend=backend, ranges=self.ranges
+            )
+        return self._cache[backend]
+
+
+@dataclass(frozen=True)
+class ExportFormat:
+    """One export format: its file name, a check run before any work (returns problems) and
+    the writer (writes to the temporary path it is given, returns check, agreement, reference,
+    notes, details)."""
+
+    filename: str
+    validate: Callable[[_Job], list[str]]
+    write: Callable[[_Job, Path], tuple[float, float | None, str, str, dict[str, Any]]]
+    description: str
+
+
+# ---------------------------------------------------------------- comparing outputs
+
+
+def _outputs(fn: Callable[..., Any], inputs: Sequence[tuple[Any, ...]]) -> list[torch.Tensor]:
+    with torch.inference_mode():
+        return [output_tensor(fn(*args)).float() for args in inputs]
+
+
+def _compare(got: list[torch.Tensor], want: list[torch.Tensor]) -> tuple[float, float]:
+    diff = 0.0
+    agree = total = 0
+    for g, w in zip(got, want, strict=True):
+        diff = max(diff, float((g - w).abs().max()))
+        agree += int((g.argmax(-1) == w.argmax(-1)).sum())
+        total += w.argmax(-1).numel()
+    return diff, agree / max(total, 1)
+
+
+# ---------------------------------------------------------------- the formats
+
+
+def _no_problems(job: _Job) -> list[str]:
+    return []
+
+
+def _write_plan(job: _Job, path: Path):
+    path.write_text(job.plan.to_json())
+    same = plan_json_check(path, job.plan)
+    if not same:
+        raise RuntimeError(f"The plan written to {path} does not read back equal to the plan.")
+    notes = f"{len(job.assignment)} layers: " + ", ".join(
+        f"{n}={s}" for n, s in job.assignment.items()
+    )
+    return 0.0, None, "PrecisionPlan.from_json", notes, {}
+
+
+def _real_problems(job: _Job) -> list[str]:
+    try:
+        check_assignment(job.model, job.assignment, get_backend(job.backend))
+    except ValueError as exc:
+        return [str(exc)]
+    return []
+
+
+def _write_state(job: _Job, path: Path):
+    from mpsearch.export._artifacts import load_quantized
+
+    qm = job.quantized(job.backend)
+    payload = state_payload(qm, job.plan, backend=job.backend, ranges=job.ranges)
+    torch.save(payload, path)
+    reloaded = load_quantized(_fresh_copy(job.model), path)
+    diff, agree = _compare(_outputs(reloaded, job.check_inputs), _outputs(qm, job.check_inputs))
+    notes = (
+        f"state dict of the {job.backend!r} model ({len(payload['state_dict'])} tensors) + plan + "
+        f"{len(job.ranges)} static ranges; run it with mpsearch.export.load_quantized(model, path)"
+    )
+    return diff, agree, f"quantize(backend={job.backend!r})", notes, {}
+
+
+def _write_program(job: _Job, path: Path):
+    qm = job.quantized(job.backend)
+    target, swapped = program_model(qm, job.model, job.plan, ranges=job.ranges)
+    program = export_program(target, job.args)
+    torch.export.save(program, str(path))
+    loaded = torch.export.load(str(path)).module()
+    got = _outputs(loaded, job.check_inputs)
+    diff, agree = _compare(got, _outputs(target, job.check_inputs))
+    real_diff, real_agree = _compare(got, _outputs(qm, job.check_inputs))
+    notes = f"torch.export program of the {job.backend!r} model; loads with torch.export.load"
+    if swapped:
+        notes += (
+            f"; {', '.join(swapped)} (w8a8: opaque oneDNN weights) run in simulate form, "
+            f"max abs diff {real_diff:.3g} / top-1 {real_agree:.3f} vs the real kernels"
+        )
+    details = {"simulated_layers": swapped, "diff_vs_real": real_diff, "agree_vs_real": real_agree}
+    return diff, agree, "the same model in PyTorch", notes, details
+
+
+def _onnx_problems(job: _Job) -> list[str]:
+    from mpsearch.export._onnx import onnx_static_refusal
+
+    problems = []
+    for name, scheme_name in job.assignment.items():
+        scheme = get_scheme(scheme_name)
+        why = onnx_refusal(scheme)
+        if why is None and name in job.static:
+            why = onnx_static_refusal(scheme)
+        if why:
+            problems.append(f"  {name} in {scheme_name!r}: {why}")
+    if problems:
+        return [
+            "The plan cannot be written as ONNX Q/DQ:\n"
+            + "\n".join(problems)
+            + f"\nONNX export accepts: {ONNX_ACCEPTED}."
+        ]
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+        import onnxscript  # noqa: F401
+    except ImportError as exc:
+        return [f"ONNX export needs onnx, onnxscript and onnxruntime ({exc}); pip install them."]
+    return []
+
+
+def _write_onnx(job: _Job, path: Path):
+    from mpsearch.export._onnx import QDQ_OPS, check_onnx, write_onnx
+
+    sim = job.quantized("simulate")
+    schemes = [get_scheme(s) for s in job.assignment.values()]
+    info = write_onnx(sim, job.args, path, schemes=schemes)
+    checked = check_onnx(path, sim, job.check_inputs)
+    counts = info["node_counts"]
+    qdq = {op: counts.get(op, 0) for op in QDQ_OPS}
+    notes = (
+        f"opset {info['opset']}; simulate plan as Q/DQ: "
+        + ", ".join(f"{op} {n}" for op, n in qdq.items())
+        + f", Cast {counts.get('Cast', 0)}; checked in ONNX Runtime (CPU)"
+    )
+    details = {**info, **checked, "qdq_nodes": qdq}
+    return (
+        checked["max_abs_diff"],
+        checked["top1_agreement"],
+        "quantize(backend='simulate')",
+        notes,
+        details,
+    )
+
+
+EXPORT_FORMATS: dict[str, ExportFormat] = {
+    "plan": ExportFormat("plan.json", _no_problems, _write_plan, "the plan's JSON"),
+    "state_dict": ExportFormat(
+        "model.qstate.pt", _real_problems, _write_state, "quantized state dict + plan"
+    ),
+    "program": ExportFormat(
+        "model.pt2", _real_problems, _write_program, "torch.export program (.pt2)"
+    ),
+    "onnx": ExportFormat("model.onnx", _onnx_problems, _write_onnx, "simulate plan as ONNX Q/DQ"),
+}
+
+
+# ---------------------------------------------------------------- helpers
+
+
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """A temporary path next to ``path``, renamed onto ``path`` when the block succeeds.
+
+    A failed or killed write leaves no file at ``path`` (an interrupted one at most leaves
+    the hidden temporary, removed here on any exception).
+
+    >>> with atomic_path(Path(tmp) / "a.txt") as t:  # doctest: +SKIP
+    ...     t.write_text("done")
+    """
+    stem, dot, ext = path.name.partition(".")
+    tmp = path.with_name(f".{stem}.{os.getpid()}.tmp{dot}{ext}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _fresh_copy(model: nn.Module) -> nn.Module:
+    import copy
+
+    return copy.deepcopy(model)
+
+
+def _as_args(example_input: Any, argument: str) -> tuple[Any, ...]:
+    args = example_input if isinstance(example_input, tuple) else (example_input,)
+    if not args or not all(isinstance(a, torch.Tensor) for a in args):
+        raise invalid(argument, example_input, "a tensor or a tuple of tensors")
+    return args
+
+
+def _formats(formats: str | Iterable[str]) -> list[str]:
+    chosen = [formats] if isinstance(formats, str) else list(formats)
+    if not chosen:
+        raise invalid("formats", formats, f"a non-empty list of {sorted(EXPORT_FORMATS)}")
+    for f in chosen:
+        if f not in EXPORT_FORMATS:
+            raise unknown("formats", f, EXPORT_FORMATS)
+    return list(dict.fromkeys(chosen))
+
+
+def export_plan(
+    model: nn.Module,
+    plan: PlanLike,
+    out_dir: str | os.PathLike[str],
+    *,
+    example_input: Any,
+    backend: str = "cpu",
+    formats: str | Iterable[str] = ("plan", "state_dict", "program", "onnx"),
+    calib: Iterable[Any] | None = None,
+    observer: str | Observer = "minmax",
+    check_inputs: Sequence[Any] | None = None,
+) -> ExportResult:
+    """Write ``plan`` and ``model`` quantized by it to ``out_dir``, one file per format, and
+    check each file by running it back against the PyTorch model it came from.
+
+    Formats (:data:`EXPORT_FORMATS`): ``plan`` (``plan.json``), ``state_dict``
+    (``model.qstate.pt``: the ``backend`` model's tensors, for
+    :func:`~mpsearch.export.load_quantized` into the same architecture), ``program``
+    (``model.pt2``: ``torch.export``, loads without mpsearch), ``onnx`` (``model.onnx``: the
+    ``simulate`` plan with QuantizeLinear/DequantizeLinear, run in ONNX Runtime). Activation
+    ranges are dynamic unless ``calib`` batches are given (static, from ``observer``). The
+    checks run on ``check_inputs`` (default: ``example_input``). Every argument, every layer's
+    scheme on ``backend`` and, for ``onnx``, every scheme's ONNX form are checked before any
+    work; each file is written to a temporary name and renamed, so no half file is left.
+
+    >>> res = export_plan(model, {"fc1": "w8a8"}, "out", example_input=x)  # doctest: +SKIP
+    >>> res.to_frame()[["format", "bytes", "check"]]  # doctest: +SKIP
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"The 'model' argument must be a torch.nn.Module. Got {type(model).__name__} instead."
+        )
+    plan = as_plan(plan)
+    if not isinstance(out_dir, (str, os.PathLike)):
+        raise invalid("out_dir", out_dir, "a directory path")
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise invalid("out_dir", str(out), "a directory (or a path to create); it is a file")
+    chosen = _formats(formats)
+    get_backend(backend)
+    if not isinstance(backend, str):
+        raise invalid("backend", backend, "a backend name")
+    args = _as_args(example_input, "example_input")
+    inputs = [args] if check_inputs is None else [_as_args(b, "check_inputs") for b in check_inputs]
+    if not inputs:
+        raise invalid("check_inputs", check_inputs, "a non-empty list of inputs or None")
+    assignment = plan.resolve(model)
+    model = model.eval()
+    static = frozenset(
+        n
+        for n, s in assignment.items()
+        if calib is not None and s != "fp32" and get_scheme(s).quantizes_activations
+    )
+    job = _Job(model, plan, assignment, backend, {}, args, inputs, static)
+    problems = [p for f in chosen for p in EXPORT_FORMATS[f].validate(job)]
+    if problems:
+        raise ValueError("\n".join(dict.fromkeys(problems)))
+    run_model(model, args)  # the example input must run before any file is written
+    if static:
+        job.ranges = collect_activation_ranges(model, calib, sorted(static), observer=observer)
+    out.mkdir(parents=True, exist_ok=True)
+    records = []
+    for fmt_name in chosen:
+        fmt = EXPORT_FORMATS[fmt_name]
+        path = out / fmt.filename
+        with atomic_path(path) as tmp:
+            check, agree, reference, notes, details = fmt.write(job, tmp)
+        records.append(
+            ExportRecord(
+                fmt_name, path, path.stat().st_size, check, agree, reference, notes, details
+            )
+        )
+    return ExportResult(out, records)
+
+
+__all__ = ["EXPORT_FORMATS", "ExportFormat", "ExportRecord", "ExportResult", "export_plan"]
