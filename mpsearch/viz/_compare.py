@@ -77,6 +77,34 @@ def method_fronts_data(result: Any, *, x: str = "memory_mb") -> pd.DataFrame:
     return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=columns)
 
 
+def hypervolume_reference(
+    result: Any, *, margin: float = 0.01, cover_all: bool = False
+) -> tuple[float, float, float]:
+    """A hypervolume reference point ``(quality, memory_mb, latency_ms)`` for comparing methods.
+
+    Quality: the lowest truly evaluated quality minus ``margin`` times the highest (so plans
+    tied at the lowest quality, as on an easy task, still add volume); memory and latency:
+    ``result.fp32_memory_mb`` / ``result.fp32_latency_ms`` (the convention of
+    ``benchmarks/bench_search.py``). With ``cover_all`` they are raised to the largest value
+    any evaluated plan has, so plans costlier than fp32 (e.g. latency on a machine where the
+    quantized kernels lose) still count.
+
+    >>> hypervolume_reference(res)  # doctest: +SKIP
+    (0.9845, 0.362, 2.15)
+    """
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0 <= margin < 1:
+        raise invalid("margin", margin, "a number in [0, 1)")
+    df = _evaluated(result)
+    if not len(df):
+        return (0.0, float(result.fp32_memory_mb), float(result.fp32_latency_ms))
+    quality = float(df["quality"].min()) - margin * abs(float(df["quality"].max()))
+    memory, latency = float(result.fp32_memory_mb), float(result.fp32_latency_ms)
+    if cover_all:
+        memory = max(memory, float(df["memory_mb"].max()))
+        latency = max(latency, float(df["latency_ms"].max()))
+    return (quality, memory, latency)
+
+
 def method_hypervolume_data(
     result: Any, *, reference: tuple[float, float, float] | None = None
 ) -> pd.DataFrame:

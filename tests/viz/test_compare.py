@@ -12,6 +12,7 @@ from mpsearch.search import Budget, SearchSpace, hypervolume, search
 from mpsearch.viz import (
     evaluations_to_reach,
     front_2d,
+    hypervolume_reference,
     method_budget_data,
     method_fronts_data,
     method_hypervolume_data,
@@ -140,3 +141,15 @@ def test_plot_method_fronts_draws_one_series_per_method() -> None:
         "greedy",
         "ilp",
     ]
+
+
+def test_hypervolume_reference() -> None:
+    res = fake_result()
+    # feasible, truly evaluated plans: lowest quality 0.90, highest 0.99
+    assert hypervolume_reference(res) == pytest.approx((0.90 - 0.01 * 0.99, 4.0, 4.0))
+    assert hypervolume_reference(res, margin=0.0) == pytest.approx((0.90, 4.0, 4.0))
+    res.fp32_latency_ms = 2.0  # plans slower than fp32 exist (trials 0, 2, 4)
+    assert hypervolume_reference(res, margin=0.0)[2] == 2.0
+    assert hypervolume_reference(res, margin=0.0, cover_all=True)[2] == 4.0
+    with pytest.raises(ValueError, match="'margin' argument"):
+        hypervolume_reference(res, margin=1.5)
