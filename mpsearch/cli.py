@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -122,8 +123,11 @@ def _run_setup(parser: argparse.ArgumentParser) -> Runner:
     def run(ns: argparse.Namespace) -> int:
         steps = _steps(ns)
         summary = steps.measure()
+        curve = steps.controller()
         steps.save()
         config = steps.config
+        if curve is not None:
+            _table(curve, title="run-time controller (per-input latency, disagreement with fp32)")
         _table(
             summary,
             title=f"best plan under the budget {config.budget or '(none)'}: "
@@ -148,9 +152,14 @@ def _profile_setup(parser: argparse.ArgumentParser) -> Runner:
     parser.epilog = _epilog("mpsearch profile studies/digits.yaml --metric sqnr_db")
 
     def run(ns: argparse.Namespace) -> int:
+        from mpsearch._validation import unknown
+        from mpsearch.profile._result import METRICS
+
+        if ns.metric not in METRICS:
+            raise unknown("metric", ns.metric, METRICS)
         steps = _steps(ns)
         prof = steps.profile
-        wide = prof.pivot(ns.metric).reset_index()  # refuses an unknown metric
+        wide = prof.pivot(ns.metric).reset_index()
         steps.save()
         sizes = prof.table.drop_duplicates("layer").set_index("layer")["params"]
         wide.insert(1, "params", wide["layer"].map(sizes))
@@ -292,10 +301,15 @@ def _export_setup(parser: argparse.ArgumentParser) -> Runner:
             if not formats:
                 raise ValueError(f"--formats: no format named in {ns.formats!r}.")
         try:
-            from mpsearch.export import export_plan
+            from mpsearch.export import EXPORT_FORMATS, export_plan
         except ImportError as exc:
             print(f"mpsearch export: cannot export here: {exc}", file=sys.stderr)
             return EXIT_ERROR
+        from mpsearch._validation import unknown
+
+        for name in formats or ():
+            if name not in EXPORT_FORMATS:
+                raise unknown("formats", name, EXPORT_FORMATS)
         steps = _steps(ns)
         wl = steps.workload
         options: dict[str, Any] = {
@@ -345,6 +359,10 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(part.strip() for part in text.splitlines() if part.strip())
 
 
+def _show_warning(message: Warning | str, category: type[Warning], *_: Any, **__: Any) -> None:
+    print(f"mpsearch: warning: {message}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``mpsearch`` with ``argv`` (default ``sys.argv[1:]``); return the exit code.
 
@@ -354,7 +372,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     ns = parser.parse_args(argv)
     try:
-        return COMMANDS[ns.command][1](ns)
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            warnings.filterwarnings("ignore", message=r".*is experimental \(supported from")
+            return COMMANDS[ns.command][1](ns)
     except (ValueError, TypeError, FileNotFoundError) as exc:
         print(f"mpsearch {ns.command}: error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -24,9 +24,10 @@ from typing import Any
 import pandas as pd
 import yaml
 
+from mpsearch._data import output_tensor, run_model
 from mpsearch._validation import invalid, unknown
 from mpsearch.backends import quantize
-from mpsearch.cost import CostModel, measure_cost
+from mpsearch.cost import TIMERS, CostModel, measure_cost
 from mpsearch.plan import PrecisionPlan
 from mpsearch.profile import SensitivityProfile, profile
 from mpsearch.report import FILES, StudyRecord
@@ -65,6 +66,7 @@ class StudyConfig:
     num_threads: int | None = 1
     timer: str = "process"
     load_if_exists: bool = True
+    controller: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.study_name is None:
@@ -80,6 +82,7 @@ class StudyConfig:
         if not isinstance(self.n_trials, int) or self.n_trials < 1:
             raise invalid("n_trials", self.n_trials, "a positive integer")
         Budget(**self.budget)  # validates the budget's keys and values now
+        ControllerCurve(**(self.controller or {}))  # likewise the controller curve's settings
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> StudyConfig:
@@ -112,6 +115,137 @@ class StudyConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass
+class ControllerCurve:
+    """Settings of the controller curve a study may measure (config key ``controller``).
+
+    For each ``epsilons`` target a cascade :class:`~mpsearch.runtime.Controller` over the
+    front's plans and fp32 (at most ``max_variants``, cheapest first) is calibrated on the
+    calibration split (``max_disagreement=eps``, ``delta``, ``scorer``) and measured on the
+    test split, next to each variant served alone. Empty ``epsilons``: no curve.
+
+    >>> ControllerCurve(epsilons=[0.01, 0.05]).scorer
+    'max_softmax'
+    """
+
+    epsilons: list[float] = field(default_factory=list)
+    scorer: str = "max_softmax"
+    delta: float = 0.1
+    max_variants: int = 3
+    repeats: int = 3
+
+    def __post_init__(self) -> None:
+        from mpsearch.runtime import SCORERS
+
+        if not isinstance(self.epsilons, list) or not all(
+            isinstance(e, (int, float)) and not isinstance(e, bool) and 0 < e < 1
+            for e in self.epsilons
+        ):
+            raise invalid("controller.epsilons", self.epsilons, "a list of numbers in (0, 1)")
+        if self.scorer not in SCORERS:
+            raise unknown("controller.scorer", self.scorer, SCORERS)
+        if not isinstance(self.delta, (int, float)) or not 0 < self.delta < 1:
+            raise invalid("controller.delta", self.delta, "a number in (0, 1)")
+        for name in ("max_variants", "repeats"):
+            value = getattr(self, name)
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int)
+                or value < (2 if name == "max_variants" else 1)
+            ):
+                raise invalid(f"controller.{name}", value, "a positive integer (max_variants >= 2)")
+
+
+def controller_curve(
+    wl: Workload,
+    plans: list[PrecisionPlan],
+    *,
+    backend: str,
+    settings: ControllerCurve,
+    num_threads: int | None = 1,
+    timer: str = "process",
+    progress: bool = False,
+) -> pd.DataFrame:
+    """Measure the run-time controller's curve on ``wl``: one row per method, in the
+    ``controller.csv`` format of :mod:`mpsearch.report` (``method``, ``latency_ms`` per input,
+    ``disagreement`` with fp32, ``accuracy``, ``epsilon``).
+
+    ``plans`` (plus fp32) are the cascade's variants; ``static:<variant>`` rows serve one
+    variant to every input, ``ctrl:<scorer>:<eps>`` rows the calibrated cascade. Latency is
+    the best of ``settings.repeats`` runs of each test batch, per input, timed by ``timer``
+    (``"process"``: CPU time, steady on a shared machine) with ``num_threads`` threads.
+
+    >>> controller_curve(wl, res.plans, backend="cpu",
+    ...                  settings=ControllerCurve(epsilons=[0.01]))  # doctest: +SKIP
+    """
+    import numpy as np
+    import torch
+    from tqdm.auto import tqdm
+
+    from mpsearch.runtime import Controller
+
+    fp32 = PrecisionPlan.uniform("fp32")
+    seen, cheap = set(), []
+    for plan in plans:
+        key = tuple(sorted(plan.resolve(wl.model).items()))
+        if key not in seen and any(v != "fp32" for _, v in key):
+            seen.add(key)
+            cheap.append(plan)
+    variants = [*cheap[: settings.max_variants - 1], fp32]
+    clock = TIMERS[timer]
+    ctrl = Controller(
+        wl.model, variants, backend=backend, scorer=settings.scorer, example_input=wl.example_input
+    )
+    labels = wl.test_labels if wl.task == "classification" else None
+
+    def answers(out: Any) -> torch.Tensor:
+        logits = output_tensor(out)
+        return (logits[:, -1] if logits.dim() == 3 else logits).argmax(-1)
+
+    with torch.inference_mode():
+        reference = [answers(run_model(wl.model, b)) for b in wl.test]
+
+    def serve(fn: Any) -> dict[str, float]:
+        per_input, agree, correct, n = [], 0, 0, 0
+        with torch.inference_mode():
+            for batch, ref, target in zip(wl.test, reference, labels or reference, strict=True):
+                times = []
+                for _ in range(settings.repeats):
+                    t0 = clock()
+                    out = fn(batch) if fn is ctrl else run_model(fn, batch)
+                    times.append(clock() - t0)
+                per_input.append(min(times) * 1e3 / len(ref))
+                answer = answers(out)
+                agree += int((answer == ref).sum())
+                correct += int((answer == target).sum())
+                n += len(answer)
+        return {
+            "latency_ms": float(np.mean(per_input)),
+            "disagreement": 1.0 - agree / n,
+            "accuracy": correct / n if labels is not None else float("nan"),
+        }
+
+    rows = []
+    before = torch.get_num_threads()
+    if num_threads is not None:
+        torch.set_num_threads(num_threads)
+    jobs = [("static", v) for v in ctrl.variants] + [("ctrl", e) for e in settings.epsilons]
+    try:
+        for kind, item in tqdm(jobs, desc="controller", disable=not progress, leave=False):
+            if kind == "static":
+                row = {"method": f"static:{item.name}", "epsilon": float("nan")}
+                rows.append({**row, **serve(item.module)})
+            else:
+                ctrl.calibrate(wl.calib, max_disagreement=float(item), delta=settings.delta)
+                row = {"method": f"ctrl:{settings.scorer}:{item:g}", "epsilon": float(item)}
+                rows.append({**row, **serve(ctrl)})
+    finally:
+        torch.set_num_threads(before)
+    return pd.DataFrame(
+        rows, columns=["method", "latency_ms", "disagreement", "accuracy", "epsilon"]
+    )
 
 
 @dataclass
@@ -177,6 +311,7 @@ class StudySteps:
         self.progress = progress
         self.timings: dict[str, float] = {}
         self._summary: pd.DataFrame | None = None
+        self._controller: pd.DataFrame | None = None
 
     @property
     def _show_progress(self) -> bool:
@@ -293,6 +428,30 @@ class StudySteps:
             )
         return self._summary
 
+    def controller(self) -> pd.DataFrame | None:
+        """The controller curve (see :class:`ControllerCurve`), or ``None`` when the config asks none.
+
+        Variants: the chosen plan, then the front's plans cheapest first, then fp32.
+        """
+        settings = ControllerCurve(**(self.config.controller or {}))
+        if not settings.epsilons:
+            return None
+        if self._controller is None:
+            plans = [self.best, *self.result.plans]
+            t0 = time.perf_counter()
+            self._controller = controller_curve(
+                self.workload,
+                plans,
+                backend=self.config.backend,
+                settings=settings,
+                num_threads=self.config.num_threads,
+                timer=self.config.timer,
+                progress=self._show_progress,
+            )
+            s = self._timed("controller_s", t0)
+            self.log(f"controller curve: {len(self._controller)} methods measured in {s:.1f} s")
+        return self._controller
+
     def record(self) -> StudyRecord:
         """What has been computed so far, as a :class:`~mpsearch.report.StudyRecord`."""
         done = self.__dict__
@@ -321,6 +480,7 @@ class StudySteps:
             except ValueError:
                 rec.best = None
         rec.summary = self._summary
+        rec.controller = self._controller
         return rec
 
     def save(self) -> StudyRecord:
@@ -362,6 +522,7 @@ def run_study(
     """
     steps = StudySteps(config, log=log, progress=progress)
     summary = steps.measure()
+    steps.controller()
     record = steps.save()
     return StudyOutcome(
         config,

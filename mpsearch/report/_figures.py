@@ -122,9 +122,9 @@ def report_figures(record: StudyRecord) -> dict[str, bytes]:
         )
     if record.layers and (record.pareto is not None or record.best is not None):
         n = (len(record.pareto) if record.pareto is not None else 0) + 1
-        jobs["bits"] = (lambda ax: draw_bits(record, ax), (7.0, 1.8 + 0.3 * n))
+        jobs["bits"] = (lambda ax: draw_bits(record, ax), (7.0, 1.5 + 0.22 * n))
     if record.controller is not None and len(record.controller):
-        jobs["controller"] = (lambda ax: draw_controller(record, ax), (6.0, 4.0))
+        jobs["controller"] = (lambda ax: draw_controller(record, ax), (5.4, 3.6))
     out = {}
     for name, (draw, size) in jobs.items():
         ax = _new_axes(*size)

@@ -33,7 +33,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from mpsearch._validation import invalid
 from mpsearch.plan import PrecisionPlan
 
 CONTROLLER_COLUMNS: tuple[str, ...] = ("method", "latency_ms", "disagreement", "accuracy")
@@ -134,14 +133,18 @@ class StudyRecord:
         """Read whatever a study wrote to ``out_dir``; a missing directory is refused."""
         out = Path(out_dir)
         if not out.is_dir():
-            raise invalid("out_dir", str(out), "an existing study output directory")
+            raise ValueError(
+                f"No study output directory at {str(out)!r}: run `mpsearch run` (or `mpsearch "
+                "search`) on the study's config first, or name an existing directory."
+            )
         path = out / FILES["info"]
         info: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
         name = str(info.pop("name", out.name))
 
         def frame(part: str) -> pd.DataFrame | None:
             p = out / FILES[part]
-            return pd.read_csv(p) if p.exists() else None
+            # names stay text: layer "0" of an nn.Sequential must not become the integer 0
+            return pd.read_csv(p, dtype=_TEXT_COLUMNS) if p.exists() else None
 
         trials = frame("trials")
         if trials is not None and "assignment" in trials.columns:
@@ -188,6 +191,9 @@ class StudyRecord:
         if self.pareto is not None and len(self.pareto):
             return list(self.pareto["plan"].iloc[0].rules)
         return list(self.best.rules) if self.best is not None else []
+
+
+_TEXT_COLUMNS = {c: str for c in ("layer", "scheme", "plan", "origin", "method", "reason")}
 
 
 def _dumps(value: Any) -> str:
