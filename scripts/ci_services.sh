@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Start the services some tests use. Today: a throw-away PostgreSQL on loopback, for the
-# multi-machine study tests (tests/search/test_workers.py).
+# Start the services some tests use: a throw-away PostgreSQL on loopback, for the
+# multi-machine study tests (tests/search/test_workers.py); and, best effort, install headless
+# Chromium (Debian's chromium) for the report rendering tests (tests/report).
 #
 # On success the server's URL is written to .ci-postgres-url in the repository root (and,
 # under GitHub Actions, exported as MPSEARCH_TEST_POSTGRES_URL through $GITHUB_ENV); the tests
@@ -52,6 +53,27 @@ as_owner() {  # run a command as the server's owner (postgres when we are root)
         "$@"
     fi
 }
+
+ensure_chromium() {  # headless Chromium for the report rendering test: best effort, never fatal
+    local c
+    for c in chromium chromium-browser google-chrome; do
+        if command -v "$c" >/dev/null 2>&1; then say "Chromium: $(command -v "$c")"; return 0; fi
+    done
+    if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
+        say "installing chromium from the Debian packages (for tests/report)"
+        if timeout 900 apt-get install -y -q chromium >/dev/null 2>&1 ||
+            { timeout 300 apt-get update -q >/dev/null 2>&1 &&
+                timeout 900 apt-get install -y -q chromium >/dev/null 2>&1; }; then
+            say "Chromium installed"
+            return 0
+        fi
+        say "chromium could not be installed; the report rendering tests will be skipped"
+    else
+        say "no Chromium and no root apt-get to install it; the report rendering tests will be skipped"
+    fi
+    return 0
+}
+[ "${1:-}" = "stop" ] || ensure_chromium
 
 BIN="$(find_bin)"
 if [ "${1:-}" = "stop" ]; then
