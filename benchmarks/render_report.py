@@ -1,6 +1,6 @@
 """Render the digits study's report in headless Chromium, save a screenshot, check its figures.
 
-Run: ``python benchmarks/render_report.py [--config studies/digits.yaml] [--height 4200]``.
+Run: ``python benchmarks/render_report.py [--config studies/digits.yaml] [--height 2800]``.
 
 Uses the study's saved outputs (``studies/out/<study>/``), running the study first
 (``run_study``: profile → cost → search → measure → controller curve) when they are missing.
@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="studies/digits.yaml")
     parser.add_argument("--width", type=int, default=1200)
-    parser.add_argument("--height", type=int, default=4200)
+    parser.add_argument("--height", type=int, default=2800)
     args = parser.parse_args(argv)
 
     chromium = find_chromium()
