@@ -7,6 +7,7 @@
 
 from mpsearch.backends import BACKENDS, get_backend, quantize, register_backend
 from mpsearch.cost import CostModel, measure_cost
+from mpsearch.export import export_plan as export_plan
 from mpsearch.layers import fold_batchnorm, quantizable_layers
 from mpsearch.plan import PrecisionPlan
 from mpsearch.profile import SensitivityProfile

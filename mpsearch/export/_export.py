@@ -238,12 +238,17 @@ def _write_onnx(job: _Job, path: Path):
     schemes = [get_scheme(s) for s in job.assignment.values()]
     info = write_onnx(sim, job.args, path, schemes=schemes)
     checked = check_onnx(path, sim, job.check_inputs)
+    basic = check_onnx(path, sim, job.check_inputs, optimization="basic")
+    checked["max_abs_diff_basic"] = basic["max_abs_diff"]
+    checked["top1_agreement_basic"] = basic["top1_agreement"]
     counts = info["node_counts"]
     qdq = {op: counts.get(op, 0) for op in QDQ_OPS}
     notes = (
         f"opset {info['opset']}; simulate plan as Q/DQ: "
         + ", ".join(f"{op} {n}" for op, n in qdq.items())
-        + f", Cast {counts.get('Cast', 0)}; checked in ONNX Runtime (CPU)"
+        + f", Cast {counts.get('Cast', 0)}; ONNX Runtime CPU, default optimizations (basic "
+        f"level only: max abs diff {basic['max_abs_diff']:.3g}, top-1 "
+        f"{basic['top1_agreement']:.4f})"
     )
     details = {**info, **checked, "qdq_nodes": qdq}
     return (

@@ -123,8 +123,6 @@ def _weight_refusal(spec: QuantSpec) -> str | None:
     if fmt.kind == "int":
         if fmt.bits not in _INT_BITS:
             return f"{fmt.bits}-bit integers have no ONNX type (8, 4 and 2 bits have)"
-        if spec.granularity == "tensor":
-            return None
         return None
     if spec.format in _FP8_DTYPES:
         if spec.granularity == "group":
@@ -184,7 +182,12 @@ ONNX_ACCEPTED = (
 
 
 def needs_opset(schemes: list[Scheme]) -> int:
-    """The ONNX opset the schemes need: 21 (int4, blocked DequantizeLinear), 25 for int2."""
+    """The ONNX opset the schemes need: 21 (int4, blocked DequantizeLinear), 25 for int2.
+
+    >>> from mpsearch.schemes import get_scheme
+    >>> needs_opset([get_scheme("w4a16")]), needs_opset([get_scheme("w2a16")])
+    (21, 25)
+    """
     two_bit = any(s.weight.fmt.kind == "int" and s.weight.fmt.bits == 2 for s in schemes)
     return 25 if two_bit else 21
 
@@ -199,7 +202,13 @@ def _round(x: Tensor, name: str) -> Tensor:
 
 class QDQLayer(nn.Module):
     """The export form of one ``SimulatedLayer``: weight codes, scales and zero points as
-    buffers, quantization steps as ``mpsearch_export`` ops (see the module docstring)."""
+    buffers, quantization steps as ``mpsearch_export`` ops (see the module docstring).
+
+    >>> from mpsearch.schemes import get_scheme
+    >>> sim = SimulatedLayer(nn.Linear(64, 8), get_scheme("w4a16"))
+    >>> QDQLayer(sim).codes.dtype, tuple(QDQLayer(sim).scale.shape)
+    (torch.uint8, (8, 2))
+    """
 
     def __init__(self, sim: SimulatedLayer) -> None:
         super().__init__()
@@ -308,7 +317,13 @@ def _codes(weight: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor, Tensor | No
 
 
 def to_qdq(model: nn.Module) -> nn.Module:
-    """Replace every ``SimulatedLayer`` of ``model`` (in place) by its :class:`QDQLayer`."""
+    """Replace every ``SimulatedLayer`` of ``model`` (in place) by its :class:`QDQLayer`.
+
+    >>> from mpsearch.backends import quantize
+    >>> net = quantize(nn.Sequential(nn.Linear(64, 8)), "w8a8", backend="simulate")
+    >>> type(to_qdq(net)[0]).__name__
+    'QDQLayer'
+    """
     for name, module in list(model.named_modules()):
         if isinstance(module, SimulatedLayer):
             model.set_submodule(name, QDQLayer(module))
