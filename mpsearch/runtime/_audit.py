@@ -1,4 +1,10 @@
-"""The audit log: one row per served input, bounded in memory, optionally mirrored to disk."""
+"""The audit log: one row per served input, bounded in memory, optionally mirrored to disk.
+
+Rows arrive in blocks (one block per served call). A block is a list of row tuples or any
+object with ``len()`` and a ``rows()`` method returning them: the controller appends one
+compact record per call and its rows are only expanded when the log is read (``frame()``) or
+written to a sink, which keeps the per-call cost of auditing to a few microseconds.
+"""
 
 from __future__ import annotations
 
@@ -8,13 +14,25 @@ import threading
 from collections import deque
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Protocol, TextIO
 
 import pandas as pd
 
 from mpsearch._validation import invalid
 
 SINK_FORMATS = (".csv", ".jsonl")
+
+
+class RowBlock(Protocol):
+    """A block of audit rows expanded on demand."""
+
+    def __len__(self) -> int: ...
+
+    def rows(self) -> list[tuple[Any, ...]]: ...
+
+
+def _rows(block: Any) -> list[tuple[Any, ...]]:
+    return block if isinstance(block, list) else block.rows()
 
 
 class AuditLog:
@@ -39,7 +57,9 @@ class AuditLog:
         if isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1:
             raise invalid("audit_size", max_rows, "a positive integer")
         self.columns = tuple(columns)
-        self._rows: deque[tuple[Any, ...]] = deque(maxlen=max_rows)
+        self.max_rows = max_rows
+        self._blocks: deque[Any] = deque()
+        self._kept = 0  # rows in the blocks kept (the oldest block may hold a few extra)
         self._lock = threading.Lock()
         self._total = 0
         self._file: TextIO | None = None
@@ -70,29 +90,39 @@ class AuditLog:
         with self._lock:
             self.extend_locked(rows)
 
-    def extend_locked(self, rows: Iterable[tuple[Any, ...]]) -> None:
-        """Append rows; the caller already holds :attr:`lock`."""
-        rows = list(rows)
-        self._rows.extend(rows)
-        self._total += len(rows)
+    def extend_locked(self, rows: Iterable[tuple[Any, ...]] | RowBlock) -> None:
+        """Append rows or one :class:`RowBlock`; the caller already holds :attr:`lock`."""
+        block = rows if isinstance(rows, list) or hasattr(rows, "rows") else list(rows)
+        size = len(block)
+        if not size:
+            return
+        self._blocks.append(block)
+        self._kept += size
+        self._total += size
+        blocks = self._blocks
+        while self._kept - len(blocks[0]) >= self.max_rows:
+            self._kept -= len(blocks.popleft())
         if self._file is not None:
+            expanded = _rows(block)
             if self._writer is not None:
-                self._writer.writerows(rows)
+                self._writer.writerows(expanded)
             else:
-                for row in rows:
+                for row in expanded:
                     self._file.write(json.dumps(dict(zip(self.columns, row, strict=True))) + "\n")
             self._file.flush()
 
     def frame(self) -> pd.DataFrame:
-        """The rows in memory as a DataFrame (oldest first)."""
+        """The newest ``max_rows`` rows as a DataFrame (oldest first)."""
         with self._lock:
-            rows = list(self._rows)
-        return pd.DataFrame(rows, columns=list(self.columns))
+            blocks = list(self._blocks)
+        rows = [row for block in blocks for row in _rows(block)]
+        return pd.DataFrame(rows[-self.max_rows :], columns=list(self.columns))
 
     def clear(self) -> None:
         """Forget the rows in memory (the sink keeps them)."""
         with self._lock:
-            self._rows.clear()
+            self._blocks.clear()
+            self._kept = 0
 
     def close(self) -> None:
         """Close the sink file, if any."""
@@ -103,4 +133,4 @@ class AuditLog:
                 self._writer = None
 
     def __len__(self) -> int:
-        return len(self._rows)
+        return min(self._kept, self.max_rows)

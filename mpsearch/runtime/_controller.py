@@ -9,7 +9,6 @@ Learn-then-Test (see :mod:`mpsearch.runtime._calibration`), and every decision i
 
 from __future__ import annotations
 
-import itertools
 import math
 import statistics
 import threading
@@ -41,7 +40,13 @@ from mpsearch.runtime._calibration import (
     quantile_grid,
     served_stage,
 )
-from mpsearch.runtime._scorers import Scorer, answer_logits, check_scores, make_scorer
+from mpsearch.runtime._scorers import (
+    Scorer,
+    answer_logits,
+    check_score_array,
+    logits_array,
+    make_scorer,
+)
 
 ScorerLike = str | Scorer | Callable[[Tensor], Tensor]
 
@@ -111,6 +116,36 @@ def _cast(output: Any, dtype: torch.dtype | None) -> Any:
     return output
 
 
+_ALL = np.zeros(0, dtype=np.int64)
+"""Sentinel of :func:`_hard_rows`: every row is hard."""
+_SMALL = 16
+"""Batches up to this size are routed in plain Python (NumPy calls cost more on few rows)."""
+
+
+def _hard_rows(scores: Any, m: int, threshold: float, name: str) -> np.ndarray | None:
+    """Positions whose score is above ``threshold``: ``None`` if none, ``_ALL`` if all.
+
+    Also refuses scores that are not a NaN-free array of shape ``[m]``.
+    """
+    if not isinstance(scores, np.ndarray) or scores.shape != (m,):
+        check_score_array(scores, m, name)  # raises with the shape it got
+    if m <= _SMALL:
+        values = scores.tolist()
+        if any(v != v for v in values):
+            check_score_array(scores, m, name)  # raises the NaN error
+        hard = [i for i, v in enumerate(values) if v > threshold]
+        if not hard:
+            return None
+        return _ALL if len(hard) == m else np.asarray(hard, dtype=np.int64)
+    if np.isnan(scores).any():
+        check_score_array(scores, m, name)
+    mask = scores > threshold
+    count = int(np.count_nonzero(mask))
+    if count == 0:
+        return None
+    return _ALL if count == m else np.flatnonzero(mask)
+
+
 def time_module(module: nn.Module, batch: Any, *, repeats: int = 3) -> float:
     """Median wall time (ms) of ``module`` on ``batch`` after one warm-up call.
 
@@ -125,6 +160,85 @@ def time_module(module: nn.Module, batch: Any, *, repeats: int = 3) -> float:
             run_model(module, batch)
             times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)
+
+
+class _CallRecord:
+    """One served call, kept compact in the audit log and expanded to rows when read."""
+
+    __slots__ = (
+        "call_id",
+        "decide",
+        "first_id",
+        "infer",
+        "latency",
+        "n",
+        "names",
+        "stages",
+        "threshold",
+        "version",
+        "width",
+    )
+
+    def __init__(
+        self,
+        n: int,
+        stages: list[list[Any]],
+        threshold: float,
+        version: int,
+        latency: float,
+        infer: float,
+        decide: float,
+        ctrl: Controller,
+    ) -> None:
+        self.n = n
+        self.stages = stages
+        self.threshold = threshold
+        self.version = version
+        self.latency = latency
+        self.infer = infer
+        self.decide = decide
+        self.names = ctrl._names
+        self.width = len(ctrl._names) - 1
+        self.call_id = 0
+        self.first_id = 0
+
+    def __len__(self) -> int:
+        return self.n
+
+    def rows(self) -> list[tuple[Any, ...]]:
+        n = self.n
+        served = np.zeros(n, dtype=np.int64)
+        cost = np.zeros(n)
+        scores = np.full((self.width, n), math.nan)
+        for k, (rows, per_row, s) in enumerate(self.stages):
+            where = slice(None) if rows is None else rows
+            served[where] = k
+            cost[where] += per_row * 1e3
+            if s is not None:
+                scores[k, where] = s
+        served_list = served.tolist()
+        cost_list = cost.tolist()
+        score_cols = scores.tolist()
+        names = self.names
+        tail = (self.threshold, self.version, self.latency * 1e3)
+        infer_ms, decide_ms = self.infer * 1e3, self.decide * 1e3
+        return [
+            (
+                self.first_id + i,
+                self.call_id,
+                i,
+                n,
+                served_list[i],
+                names[served_list[i]],
+                served_list[i] + 1,
+                *(col[i] for col in score_cols),
+                *tail,
+                cost_list[i],
+                infer_ms,
+                decide_ms,
+            )
+            for i in range(n)
+        ]
 
 
 class Controller:
@@ -237,8 +351,9 @@ class Controller:
             "decision_ms",
         ]
         self._audit = AuditLog(columns, max_rows=audit_size, sink=audit_sink)
-        self._ids = itertools.count()
-        self._calls = itertools.count()
+        self._names = tuple(v.name for v in self.variants)
+        self._next_id = 0
+        self._next_call = 0
         self._stats = {"calls": 0, "samples": 0, "inference_s": 0.0, "decision_s": 0.0}
         self._stats_lock = threading.Lock()
 
@@ -283,110 +398,60 @@ class Controller:
 
         Returns the same type and shape as ``model(x)``.
         """
-        start = time.perf_counter()
+        clock = time.perf_counter
+        start = clock()
         n = batch_size(x)
         threshold, version = self._threshold, self._version
-        last = len(self.variants) - 1
-        served = torch.zeros(n, dtype=torch.long)
-        scores: list[Tensor] = []
-        stages: list[tuple[Tensor | None, float]] = []  # (rows run, time per row)
-        infer = decide = 0.0
+        variants = self.variants
+        last = len(variants) - 1
+        scorer = self.scorer
+        name = scorer.name
+        # per stage reached: (rows of x that ran it, or None for all; seconds per row; scores)
+        stages: list[list[Any]] = []
+        decide = 0.0
         with torch.inference_mode():
-            t0 = time.perf_counter()
-            out = run_model(self.variants[0].module, x)
-            t1 = time.perf_counter()
-            infer += t1 - t0
-            stages.append((None, (t1 - t0) / max(n, 1)))
+            t0 = clock()
+            out = run_model(variants[0].module, x)
+            t1 = clock()
+            infer = t1 - t0
+            stages.append([None, infer / (n or 1), None])
             final = out
-            rows: Tensor | None = None  # rows of x still in the cascade (None: all)
+            rows: np.ndarray | None = None  # rows of x still in the cascade (None: all)
             for k in range(last):
-                t1 = time.perf_counter()
-                m = n if rows is None else int(rows.numel())
-                s = check_scores(self.scorer(answer_logits(out), k), m, self.scorer.name)
-                full = torch.full((n,), math.nan) if rows is not None else None
-                if full is not None:
-                    full[rows] = s.float()
-                    scores.append(full)
-                else:
-                    scores.append(s.float())
-                hard = s > threshold
-                n_hard = int(hard.sum())
-                if n_hard == 0:
-                    decide += time.perf_counter() - t1
+                m = n if rows is None else len(rows)
+                s = scorer.score_array(logits_array(answer_logits(out)), k)
+                pos = _hard_rows(s, m, threshold, name)
+                stages[-1][2] = s
+                if pos is None:
+                    decide += clock() - t1
                     break
-                if n_hard < m:
-                    pos = hard.nonzero().squeeze(1)
+                if pos is not _ALL:
                     rows = pos if rows is None else rows[pos]
-                sub = x if rows is None else _take(x, rows, n)
-                t2 = time.perf_counter()
+                index = None if rows is None else torch.from_numpy(rows)
+                sub = x if index is None else _take(x, index, n)
+                t2 = clock()
                 decide += t2 - t1
-                out = run_model(self.variants[k + 1].module, sub)
-                t3 = time.perf_counter()
-                infer += t3 - t2
-                stages.append((rows, (t3 - t2) / (n if rows is None else int(rows.numel()))))
-                if rows is None:
-                    final = out
-                    served.fill_(k + 1)
-                else:
-                    final = _scatter(final, rows, out, n)
-                    served[rows] = k + 1
-                decide += time.perf_counter() - t3
-            final = _cast(final, self._out_dtype)
-        latency_ms = (time.perf_counter() - start) * 1e3
-        self._record(n, served, scores, stages, threshold, version, latency_ms, infer, decide)
-        return final
-
-    def _record(
-        self,
-        n: int,
-        served: Tensor,
-        scores: list[Tensor],
-        stages: list[tuple[Tensor | None, float]],
-        threshold: float,
-        version: int,
-        latency_ms: float,
-        infer: float,
-        decide: float,
-    ) -> None:
-        cost = np.zeros(n)
-        for rows, per_row in stages:
-            if rows is None:
-                cost += per_row * 1e3
-            else:
-                cost[rows.numpy()] += per_row * 1e3
-        k = len(self.variants)
-        score_cols = [s.tolist() for s in scores]
-        score_cols += [[math.nan] * n] * (k - 1 - len(scores))
-        variant = served.tolist()
-        names = [v.name for v in self.variants]
+                out = run_model(variants[k + 1].module, sub)
+                t1 = clock()
+                infer += t1 - t2
+                stages.append([rows, (t1 - t2) / (n if rows is None else len(rows)), None])
+                final = out if index is None else _scatter(final, index, out, n)
+            if self._out_dtype is not None:
+                final = _cast(final, self._out_dtype)
+        latency = clock() - start
+        record = _CallRecord(n, stages, threshold, version, latency, infer, decide, self)
         with self._audit.lock:
-            call_id = next(self._calls)
-            first = next(self._ids)
-            self._ids = itertools.count(first + n)
-            rows = [
-                (
-                    first + i,
-                    call_id,
-                    i,
-                    n,
-                    variant[i],
-                    names[variant[i]],
-                    variant[i] + 1,
-                    *(col[i] for col in score_cols),
-                    threshold,
-                    version,
-                    latency_ms,
-                    float(cost[i]),
-                    infer * 1e3,
-                    decide * 1e3,
-                )
-                for i in range(n)
-            ]
-            self._audit.extend_locked(rows)
-            self._stats["calls"] += 1
-            self._stats["samples"] += n
-            self._stats["inference_s"] += infer
-            self._stats["decision_s"] += decide
+            record.call_id = self._next_call
+            record.first_id = self._next_id
+            self._next_call += 1
+            self._next_id += n
+            self._audit.extend_locked(record)
+            stats = self._stats
+            stats["calls"] += 1
+            stats["samples"] += n
+            stats["inference_s"] += infer
+            stats["decision_s"] += decide
+        return final
 
     @property
     def audit(self) -> pd.DataFrame:
@@ -441,6 +506,7 @@ class Controller:
         fit_fraction: float | None = None,
         grid: Sequence[float] | None = None,
         seed: int = 0,
+        outputs: Sequence[Tensor] | None = None,
     ) -> CalibrationReport:
         """Choose the threshold so that, w.p. ``>= 1 - delta``, the served answers meet the target.
 
@@ -451,7 +517,9 @@ class Controller:
         bounds the accuracy drop. Both may be given. The guarantee (Learn-then-Test, fixed
         sequence over a fixed grid) assumes future inputs are i.i.d. with ``data``. Learned or
         unbounded scorers are fitted on a ``fit_fraction`` share of ``data`` (default 0.3;
-        0 for the built-in fixed scorers) and tested on the rest.
+        0 for the built-in fixed scorers) and tested on the rest. ``outputs`` may pass the
+        per-variant logits of :meth:`stage_outputs` on ``data`` to reuse them across calls
+        (e.g. a sweep of targets) instead of running every variant again.
 
         >>> report = ctrl.calibrate(calib_batches, max_disagreement=0.01, delta=0.1)  # doctest: +SKIP
         >>> report.share  # doctest: +SKIP
@@ -484,7 +552,22 @@ class Controller:
         batches = as_batches(data, argument="data")
         label_array = self._labels(labels, batches) if labels is not None else None
 
-        logits = self.stage_outputs(batches)
+        if outputs is None:
+            logits = self.stage_outputs(batches)
+        else:
+            n_data = sum(batch_size(b) for b in batches)
+            logits = list(outputs) if isinstance(outputs, (list, tuple)) else []
+            if len(logits) != len(self.variants) or any(
+                not isinstance(lg, Tensor) or lg.dim() != 2 or lg.shape[0] != n_data
+                for lg in logits
+            ):
+                raise invalid(
+                    "outputs",
+                    outputs,
+                    f"the {len(self.variants)} per-variant logits [N={n_data}, C] returned by "
+                    "stage_outputs(data)",
+                )
+            logits = [lg.float() for lg in logits]
         n = int(logits[0].shape[0])
         answers = np.stack([lg.argmax(-1).numpy() for lg in logits])
         if label_array is not None and label_array.shape[0] != n:
@@ -509,7 +592,9 @@ class Controller:
         stage_scores = (
             np.stack(
                 [
-                    check_scores(self.scorer(logits[s], s), n, self.scorer.name).double().numpy()
+                    check_score_array(
+                        self.scorer.score_array(logits[s].numpy(), s), n, self.scorer.name
+                    ).astype(np.float64)
                     for s in range(k - 1)
                 ]
             )

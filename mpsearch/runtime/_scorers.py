@@ -44,16 +44,69 @@ def answer_logits(output: Any) -> Tensor:
     )
 
 
+def logits_array(logits: Tensor) -> np.ndarray:
+    """Per-input logits ``[B, C]`` as a float32 NumPy array (no copy when already float32).
+
+    >>> logits_array(torch.zeros(2, 3)).shape
+    (2, 3)
+    """
+    if logits.dtype is not torch.float32:
+        logits = logits.float()
+    if logits.requires_grad:
+        logits = logits.detach()
+    if logits.device.type != "cpu":
+        logits = logits.cpu()
+    return logits.numpy()
+
+
+# The scores are computed in NumPy, in place where possible: on the small per-input arrays of
+# a served batch (one row at batch 1) a NumPy ufunc costs about a microsecond where a torch op
+# costs several, and the same code scores the calibration data, so served and calibrated
+# scores are the same function.
+
+
+def _shifted_exp(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(z, exp(z))`` with ``z = logits - max``; ``exp(z)`` sums to ``>= 1`` per row."""
+    z = logits - logits.max(axis=-1, keepdims=True)
+    return z, np.exp(z)
+
+
+def _max_softmax(logits: np.ndarray) -> np.ndarray:
+    # 1 - p_max = 1 - 1 / sum(exp(l - l_max)) = (t - 1) / t: one exp and one sum.
+    t = np.exp(logits - logits.max(axis=-1, keepdims=True)).sum(axis=-1)
+    return (t - 1.0) / t
+
+
+def _margin(logits: np.ndarray) -> np.ndarray:
+    c = logits.shape[-1]
+    if c < 2:
+        return np.zeros(logits.shape[0], dtype=logits.dtype)
+    part = np.partition(logits, c - 2, axis=-1)
+    first = part[:, -1:]
+    # p1 - p2 = (1 - exp(l2 - l1)) / sum(exp(l - l1))
+    t = np.exp(logits - first).sum(axis=-1)
+    gap = 1.0 - np.exp(part[:, -2] - first[:, 0])
+    return 1.0 - gap / t
+
+
+def _entropy(logits: np.ndarray) -> np.ndarray:
+    n = logits.shape[-1]
+    if n < 2:
+        return np.zeros(logits.shape[0], dtype=logits.dtype)
+    z, e = _shifted_exp(logits)
+    t = e.sum(axis=-1)
+    # H = log t - sum(e z) / t
+    h = np.log(t) - np.einsum("ij,ij->i", e, z) / t
+    return np.clip(h / math.log(n), 0.0, 1.0)
+
+
 def max_softmax_score(logits: Tensor) -> Tensor:
     """``1 - max softmax probability`` (0: fully confident).
 
     >>> max_softmax_score(torch.tensor([[0.0, 0.0]])).tolist()
     [0.5]
     """
-    logits = logits.float()
-    top = logits.max(dim=-1, keepdim=True).values
-    # 1 - p_max = 1 - 1 / sum(exp(l - l_max)): one exp/sum, no full softmax normalisation.
-    return 1.0 - (logits - top).exp().sum(dim=-1).reciprocal()
+    return torch.from_numpy(np.asarray(_max_softmax(logits_array(logits))))
 
 
 def margin_score(logits: Tensor) -> Tensor:
@@ -62,11 +115,7 @@ def margin_score(logits: Tensor) -> Tensor:
     >>> margin_score(torch.tensor([[0.0, 0.0]])).tolist()
     [1.0]
     """
-    probs = torch.softmax(logits.float(), dim=-1)
-    if probs.shape[-1] < 2:
-        return torch.zeros(probs.shape[0])
-    top2 = probs.topk(2, dim=-1).values
-    return 1.0 - (top2[:, 0] - top2[:, 1])
+    return torch.from_numpy(np.asarray(_margin(logits_array(logits))))
 
 
 def entropy_score(logits: Tensor) -> Tensor:
@@ -75,13 +124,7 @@ def entropy_score(logits: Tensor) -> Tensor:
     >>> [round(v, 4) for v in entropy_score(torch.zeros(1, 4)).tolist()]
     [1.0]
     """
-    logits = logits.float()
-    n = logits.shape[-1]
-    if n < 2:
-        return torch.zeros(logits.shape[0])
-    logp = torch.log_softmax(logits, dim=-1)
-    entropy = -(logp.exp() * logp).sum(dim=-1)
-    return (entropy / math.log(n)).clamp_(0.0, 1.0)
+    return torch.from_numpy(np.asarray(_entropy(logits_array(logits))))
 
 
 class Scorer:
@@ -98,6 +141,15 @@ class Scorer:
     def __call__(self, logits: Tensor, stage: int = 0) -> Tensor:
         raise NotImplementedError
 
+    def score_array(self, logits: np.ndarray, stage: int = 0) -> np.ndarray:
+        """Scores ``[B]`` of float32 logits ``[B, C]`` as a NumPy array (the serving fast path).
+
+        The default calls :meth:`__call__` on a tensor view and checks its result; the
+        built-in scorers compute directly in NumPy.
+        """
+        n = logits.shape[0]
+        return check_scores(self(torch.from_numpy(logits), stage), n, self.name).double().numpy()
+
     def fit(self, stage_logits: Sequence[Tensor], stage_targets: Sequence[np.ndarray]) -> None:
         """Learn from per-stage logits and "escalation would change the answer" targets."""
 
@@ -109,15 +161,46 @@ class FunctionScorer(Scorer):
     [0.5]
     """
 
-    def __init__(self, fn: ScoreFn, *, name: str | None = None, bounded: bool = False) -> None:
+    def __init__(
+        self,
+        fn: ScoreFn,
+        *,
+        name: str | None = None,
+        bounded: bool = False,
+        array_fn: Callable[[np.ndarray], np.ndarray] | None = None,
+    ) -> None:
         if not callable(fn):
             raise invalid("scorer", fn, "a scorer name or a callable logits -> scores")
         self.fn = fn
+        self.array_fn = array_fn
         self.name = name or getattr(fn, "__name__", "callable")
         self.bounded = bounded
 
     def __call__(self, logits: Tensor, stage: int = 0) -> Tensor:
         return self.fn(logits)
+
+    def score_array(self, logits: np.ndarray, stage: int = 0) -> np.ndarray:
+        if self.array_fn is None:
+            return super().score_array(logits, stage)
+        return self.array_fn(logits)
+
+
+def _gate_features(logits: np.ndarray, k: int = 4) -> np.ndarray:
+    z, e = _shifted_exp(logits)
+    t = e.sum(axis=-1, keepdims=True)
+    probs = e / t
+    c = probs.shape[-1]
+    kk = min(k, c)
+    top = -np.sort(-np.partition(probs, c - kk, axis=-1)[:, c - kk :], axis=-1)
+    if kk < k:
+        top = np.hstack([top, np.zeros((probs.shape[0], k - kk), dtype=probs.dtype)])
+    if c >= 2:
+        h = np.log(t[:, 0]) - np.einsum("ij,ij->i", e, z) / t[:, 0]
+        entropy = np.clip(h / math.log(c), 0.0, 1.0)
+        margin = 1.0 - (top[:, 0] - top[:, 1])
+    else:
+        entropy = margin = np.zeros(probs.shape[0], dtype=probs.dtype)
+    return np.hstack([top, entropy[:, None], margin[:, None]])
 
 
 def gate_features(logits: Tensor, *, k: int = 4) -> Tensor:
@@ -126,12 +209,7 @@ def gate_features(logits: Tensor, *, k: int = 4) -> Tensor:
     >>> gate_features(torch.zeros(3, 10)).shape
     torch.Size([3, 6])
     """
-    probs = torch.softmax(logits.float(), dim=-1)
-    k = min(k, probs.shape[-1])
-    top = probs.topk(k, dim=-1).values
-    if k < 4:
-        top = torch.cat([top, torch.zeros(probs.shape[0], 4 - k)], dim=-1)
-    return torch.cat([top, entropy_score(logits).unsqueeze(-1), margin_score(logits)[:, None]], -1)
+    return torch.from_numpy(_gate_features(logits_array(logits), k))
 
 
 def fit_logistic(
@@ -179,29 +257,38 @@ class GateScorer(Scorer):
 
     def __init__(self, *, l2: float = 1e-2) -> None:
         self.l2 = l2
-        self.weights: list[tuple[Tensor, float]] = []
+        self.weights: list[tuple[np.ndarray, float]] = []
 
     def fit(self, stage_logits: Sequence[Tensor], stage_targets: Sequence[np.ndarray]) -> None:
         self.weights = []
         for logits, targets in zip(stage_logits, stage_targets, strict=True):
             if len(targets) == 0:
                 raise invalid("data", "0 samples", "calibration data with samples to fit the gate")
-            w = fit_logistic(gate_features(logits).double().numpy(), targets, l2=self.l2)
-            self.weights.append((torch.tensor(w[:-1], dtype=torch.float32), float(w[-1])))
+            features = _gate_features(logits_array(logits)).astype(np.float64)
+            w = fit_logistic(features, targets, l2=self.l2)
+            self.weights.append((w[:-1].copy(), float(w[-1])))
 
-    def __call__(self, logits: Tensor, stage: int = 0) -> Tensor:
+    def score_array(self, logits: np.ndarray, stage: int = 0) -> np.ndarray:
         if not self.weights:
             raise RuntimeError(
                 "The 'gate' scorer is not fitted yet: call Controller.calibrate(...) first."
             )
         w, b = self.weights[min(stage, len(self.weights) - 1)]
-        return torch.sigmoid(gate_features(logits) @ w + b)
+        z = _gate_features(logits) @ w + b
+        return 1.0 / (1.0 + np.exp(-np.clip(z, -30.0, 30.0)))
+
+    def __call__(self, logits: Tensor, stage: int = 0) -> Tensor:
+        return torch.from_numpy(self.score_array(logits_array(logits), stage))
 
 
 SCORERS: dict[str, Callable[[], Scorer]] = {
-    "max_softmax": lambda: FunctionScorer(max_softmax_score, name="max_softmax", bounded=True),
-    "margin": lambda: FunctionScorer(margin_score, name="margin", bounded=True),
-    "entropy": lambda: FunctionScorer(entropy_score, name="entropy", bounded=True),
+    "max_softmax": lambda: FunctionScorer(
+        max_softmax_score, name="max_softmax", bounded=True, array_fn=_max_softmax
+    ),
+    "margin": lambda: FunctionScorer(margin_score, name="margin", bounded=True, array_fn=_margin),
+    "entropy": lambda: FunctionScorer(
+        entropy_score, name="entropy", bounded=True, array_fn=_entropy
+    ),
     "gate": GateScorer,
 }
 
@@ -221,6 +308,22 @@ def make_scorer(scorer: str | Scorer | ScoreFn) -> Scorer:
     if callable(scorer):
         return FunctionScorer(scorer)
     raise invalid("scorer", scorer, f"one of {sorted(SCORERS)}, a Scorer or a callable")
+
+
+def check_score_array(scores: Any, n: int, name: str) -> np.ndarray:
+    """Refuse scores that are not a NaN-free array of shape ``[n]`` (the serving fast path)."""
+    if not isinstance(scores, np.ndarray) or scores.shape != (n,):
+        shape = scores.shape if isinstance(scores, np.ndarray) else type(scores).__name__
+        raise ValueError(
+            f"The scorer {name!r} must return one score per input, shape [{n}] (higher = "
+            f"harder). Got {shape} instead."
+        )
+    if np.isnan(scores).any():
+        raise ValueError(
+            f"The scorer {name!r} returned NaN scores; a scorer must return finite numbers "
+            "(higher = harder)."
+        )
+    return scores
 
 
 def check_scores(scores: Any, n: int, name: str) -> Tensor:

@@ -12,7 +12,7 @@ They need no network: the digits come with scikit-learn, the text with Python's
 from __future__ import annotations
 
 # Importing the builder modules registers them in WORKLOADS.
-from mpsearch.workloads import _digits, _resnet, _text  # noqa: F401
+from mpsearch.workloads import _char_mlp, _digits, _resnet, _text  # noqa: F401
 from mpsearch.workloads._base import (
     METRICS,
     TASKS,
@@ -27,6 +27,7 @@ from mpsearch.workloads._base import (
     top1_accuracy,
 )
 from mpsearch.workloads._cache import CACHE_VERSION, CacheWarning, default_cache_dir
+from mpsearch.workloads._char_mlp import CharMLP
 from mpsearch.workloads._digits import DigitsCNN, DigitsMLP
 from mpsearch.workloads._resnet import ResNet18
 from mpsearch.workloads._text import CharTransformer
@@ -37,6 +38,7 @@ __all__ = [
     "TASKS",
     "WORKLOADS",
     "CacheWarning",
+    "CharMLP",
     "CharTransformer",
     "DigitsCNN",
     "DigitsMLP",

@@ -339,3 +339,72 @@ def test_real_cpu_backend_cascade() -> None:
     with torch.inference_mode():
         torch.testing.assert_close(y[hard], net(x)[hard], rtol=0, atol=0)
     assert ctrl.variants[1].module is net
+
+
+# --- serving fast path, lazy audit, reused calibration outputs ----------------------------------
+
+
+def test_small_and_large_batches_route_alike(model, make_inputs) -> None:
+    """Batches up to 16 rows are routed in plain Python, larger ones in NumPy: same decisions."""
+    ctrl, _ = _calibrated(model, make_inputs)
+    x, _ = make_inputs(64, seed=5)
+    hard = (x[:, 0] > 0.5).long().tolist()
+    for chunk in (1, 7, 16, 17, 64):
+        ctrl.audit_log.clear()
+        for part in x.split(chunk):
+            ctrl(part)
+        assert ctrl.audit["variant"].tolist() == hard, chunk
+
+
+@pytest.mark.parametrize("n", [3, 40])
+def test_nan_scores_are_refused_on_both_routing_paths(model, make_inputs, n) -> None:
+    def nan_on_second(logits: torch.Tensor) -> torch.Tensor:
+        s = torch.zeros(logits.shape[0])
+        s[1] = math.nan
+        return s
+
+    ctrl = _ctrl(model, scorer=nan_on_second)
+    ctrl.set_threshold(0.5)
+    with pytest.raises(ValueError, match="NaN"):
+        ctrl(make_inputs(n, seed=0)[0])
+
+
+def test_audit_keeps_the_newest_rows_across_uneven_batches(model, make_inputs) -> None:
+    ctrl = _ctrl(model, audit_size=10)
+    sizes = [3, 7, 1, 12, 2]
+    for seed, size in enumerate(sizes):
+        ctrl(make_inputs(size, seed=seed)[0])
+    total = sum(sizes)
+    log = ctrl.audit
+    assert len(ctrl.audit_log) == 10 and ctrl.audit_log.total == total
+    assert log["input_id"].tolist() == list(range(total - 10, total))
+    # call ids and positions follow the batches
+    assert log["call_id"].tolist() == [3] * 8 + [4] * 2
+    assert log["position"].tolist() == [*range(4, 12), 0, 1]
+    assert (log["batch_size"] == [12] * 8 + [2] * 2).all()
+
+
+def test_calibrate_reuses_stage_outputs(model, make_inputs) -> None:
+    ctrl = _ctrl(model)
+    x, _ = make_inputs(400, seed=1)
+    data = list(x.split(32))
+    outputs = ctrl.stage_outputs(data)
+    fresh = ctrl.calibrate(data, max_disagreement=0.05)
+    reused = ctrl.calibrate(data, max_disagreement=0.05, outputs=outputs)
+    assert reused.threshold == fresh.threshold and reused.share == fresh.share
+    with pytest.raises(ValueError, match="'outputs'"):
+        ctrl.calibrate(data, max_disagreement=0.05, outputs=outputs[:1])
+    with pytest.raises(ValueError, match="'outputs'"):
+        ctrl.calibrate(data, max_disagreement=0.05, outputs=[o[:10] for o in outputs])
+
+
+def test_served_scores_equal_calibration_scores(model, make_inputs) -> None:
+    """The audit's per-input scores are exactly the scores calibration sees for those inputs."""
+    for scorer in ("max_softmax", "margin", "entropy", "gate"):
+        ctrl, _ = _calibrated(model, make_inputs, scorer=scorer)
+        x, _ = make_inputs(50, seed=9)
+        for row in x.split(1):
+            ctrl(row)
+        logits = ctrl.stage_outputs([x])[0]
+        expected = ctrl.scorer.score_array(logits.numpy(), 0).astype(np.float64)
+        np.testing.assert_allclose(ctrl.audit["score_0"].to_numpy(), expected, rtol=1e-6)

@@ -62,3 +62,33 @@ def test_logistic_regression_matches_a_separable_rule() -> None:
     # One class only: still finite and predicting that class.
     w1 = fit_logistic(x, np.zeros(400))
     assert np.all(np.isfinite(w1)) and (np.hstack([x, np.ones((400, 1))]) @ w1 < 0).all()
+
+
+def test_numpy_fast_path_matches_torch_definitions_on_random_logits() -> None:
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(200, 37, generator=g) * 4
+    p = torch.softmax(logits.double(), -1)
+    top2 = p.topk(2, -1).values
+    expected = {
+        "max_softmax": 1 - p.max(-1).values,
+        "margin": 1 - (top2[:, 0] - top2[:, 1]),
+        "entropy": -(p * p.log()).sum(-1) / math.log(37),
+    }
+    for name, want in expected.items():
+        got = make_scorer(name).score_array(logits.numpy(), 0)
+        assert got.shape == (200,)
+        np.testing.assert_allclose(got, want.numpy(), atol=2e-6)
+        # one row at a time gives the same scores as the whole batch
+        rows = np.concatenate(
+            [make_scorer(name).score_array(r, 0) for r in logits.numpy()[:20, None]]
+        )
+        np.testing.assert_array_equal(rows, got[:20])
+
+
+def test_callable_scorer_goes_through_score_array_with_checks() -> None:
+    scorer = make_scorer(lambda logits: logits[:, 0])
+    out = scorer.score_array(np.array([[1.0, 2.0], [3.0, 4.0]], dtype=np.float32), 0)
+    np.testing.assert_array_equal(out, [1.0, 3.0])
+    bad = make_scorer(lambda logits: logits)
+    with pytest.raises(ValueError, match="shape"):
+        bad.score_array(np.zeros((2, 2), dtype=np.float32), 0)
