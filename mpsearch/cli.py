@@ -339,7 +339,9 @@ def build_parser() -> argparse.ArgumentParser:
             "mpsearch search studies/digits.yaml --n-trials 80",
             "mpsearch report studies/digits.yaml",
             "mpsearch COMMAND --help                   # each command's options",
-        ),
+        )
+        + "\n\nexit codes: 0 done, 1 unexpected error, 2 bad input (a one-line message), "
+        "130 interrupted (caches and studies keep what was finished; rerun to resume)",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (add, _runner, help_text) in COMMANDS.items():
