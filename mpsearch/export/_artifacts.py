@@ -11,8 +11,8 @@ program that loads with ``torch.export.load`` alone.
   CPU kernels that ``torch.export`` can capture (bf16/fp16 casts, ``aten._weight_int8pack_mm``,
   ``aten._weight_int4pack_mm_for_cpu``); ``w8a8`` layers hold opaque oneDNN packed weights and
   compute their activation scale with a host sync (``float(scale)``), which ``torch.export``
-  cannot capture, so in the program they run in their ``simulate`` form (fake quantization,
-  plain aten ops). It loads and runs with ``torch.export.load(path).module()`` in a process that
+  cannot capture, so in the program they run as int8 codes dequantized by plain aten ops
+  with fake-quantized activations: the ``simulate`` arithmetic exactly, int8 weights on disk. It loads and runs with ``torch.export.load(path).module()`` in a process that
   has never imported mpsearch.
 """
 
@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from mpsearch.backends import RealLayer, get_backend, quantize
+from mpsearch.export._qdq import QDQLayer
 from mpsearch.layers import quantizable_layers, replace_layers
 from mpsearch.plan import PrecisionPlan
 from mpsearch.schemes import get_scheme
@@ -107,8 +108,8 @@ def program_model(
     qm: nn.Module, model: nn.Module, plan: PrecisionPlan, *, ranges: Ranges
 ) -> tuple[nn.Module, list[str]]:
     """The module ``torch.export`` captures: ``qm`` with every layer holding opaque packed
-    kernel weights (oneDNN ``w8a8``) swapped for its ``simulate`` form. Returns it and the
-    names swapped."""
+    kernel weights (oneDNN ``w8a8``) swapped for a decomposed :class:`QDQLayer` (the
+    ``simulate`` arithmetic, int8 codes). Returns it and the names swapped."""
     opaque = [
         name for name, m in qm.named_modules() if isinstance(m, RealLayer) and m.packed_tensors()
     ]
@@ -119,15 +120,16 @@ def program_model(
     sim = get_backend("simulate")
     target = _shallow_copy(qm)
     with torch.no_grad():
-        replace_layers(
-            target,
-            {
-                name: sim.quantize_layer(
+        swaps = {
+            name: QDQLayer(
+                sim.quantize_layer(
                     originals[name], get_scheme(assignment[name]), act_range=ranges.get(name)
-                )
-                for name in opaque
-            },
-        )
+                ),
+                decomposed=True,
+            )
+            for name in opaque
+        }
+    replace_layers(target, swaps)
     return target.eval(), opaque
 
 

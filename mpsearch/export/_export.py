@@ -198,7 +198,8 @@ def _write_program(job: _Job, path: Path):
     notes = f"torch.export program of the {job.backend!r} model; loads with torch.export.load"
     if swapped:
         notes += (
-            f"; {', '.join(swapped)} (w8a8: opaque oneDNN weights) run in simulate form, "
+            f"; {', '.join(swapped)} (w8a8: opaque oneDNN weights) run as int8 codes + "
+            "fake-quantized activations (simulate arithmetic), "
             f"max abs diff {real_diff:.3g} / top-1 {real_agree:.3f} vs the real kernels"
         )
     details = {"simulated_layers": swapped, "diff_vs_real": real_diff, "agree_vs_real": real_agree}

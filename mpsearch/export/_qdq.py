@@ -31,6 +31,8 @@ only the accumulation differs from PyTorch's bf16 kernels.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import Tensor, nn
 
@@ -46,8 +48,7 @@ _INT_BITS = (8, 4, 2)
 # ---------------------------------------------------------------- the custom ops (eager math)
 
 
-@torch.library.custom_op("mpsearch_export::dequantize_weight", mutates_args=())
-def dequantize_weight(
+def _dequantize_weight(
     codes: Tensor, scale: Tensor, zero: Tensor | None, block_size: int, bits: int
 ) -> Tensor:
     """``(codes - zero) * scale`` per channel (``block_size == 0``: scale ``[N]`` on axis 0) or
@@ -65,16 +66,30 @@ def dequantize_weight(
     return c * s
 
 
+@torch.library.custom_op("mpsearch_export::dequantize_weight", mutates_args=())
+def dequantize_weight(
+    codes: Tensor, scale: Tensor, zero: Tensor | None, block_size: int, bits: int
+) -> Tensor:
+    """The custom op of :func:`_dequantize_weight` (ONNX: ``DequantizeLinear``)."""
+    return _dequantize_weight(codes, scale, zero, block_size, bits)
+
+
 @dequantize_weight.register_fake
 def _(codes: Tensor, scale: Tensor, zero: Tensor | None, block_size: int, bits: int) -> Tensor:
     return torch.empty(codes.shape, dtype=torch.float32, device=codes.device)
 
 
-@torch.library.custom_op("mpsearch_export::qdq_dynamic", mutates_args=())
-def qdq_dynamic(x: Tensor, kind: str) -> Tensor:
+def _qdq_dynamic(x: Tensor, kind: str) -> Tensor:
     """Per-tensor fake quantization with the range taken from ``x`` (``kind``: ``uint8``
     asymmetric, ``int8`` symmetric, or an fp8 format name)."""
     return fake_quantize(x.float(), _ACT_SPECS[kind])
+
+
+@torch.library.custom_op("mpsearch_export::qdq_dynamic", mutates_args=())
+def qdq_dynamic(x: Tensor, kind: str) -> Tensor:
+    """The custom op of :func:`_qdq_dynamic` (ONNX: ``DynamicQuantizeLinear`` or a computed
+    scale, then ``QuantizeLinear`` + ``DequantizeLinear``)."""
+    return _qdq_dynamic(x, kind)
 
 
 @qdq_dynamic.register_fake
@@ -82,8 +97,7 @@ def _(x: Tensor, kind: str) -> Tensor:
     return torch.empty(x.shape, dtype=torch.float32, device=x.device)
 
 
-@torch.library.custom_op("mpsearch_export::qdq_static", mutates_args=())
-def qdq_static(x: Tensor, scale: float, zero: int, kind: str) -> Tensor:
+def _qdq_static(x: Tensor, scale: float, zero: int, kind: str) -> Tensor:
     """Per-tensor fake quantization with a fixed (calibrated) ``scale`` and ``zero``."""
     spec = _ACT_SPECS[kind]
     s = torch.tensor([[scale]])
@@ -92,6 +106,12 @@ def qdq_static(x: Tensor, scale: float, zero: int, kind: str) -> Tensor:
     codes = quantize_codes(rows, s, z, spec)
     out = (codes - z if z is not None else codes) * s
     return out.reshape(x.shape)
+
+
+@torch.library.custom_op("mpsearch_export::qdq_static", mutates_args=())
+def qdq_static(x: Tensor, scale: float, zero: int, kind: str) -> Tensor:
+    """The custom op of :func:`_qdq_static` (ONNX: ``QuantizeLinear`` + ``DequantizeLinear``)."""
+    return _qdq_static(x, scale, zero, kind)
 
 
 @qdq_static.register_fake
@@ -202,7 +222,9 @@ def _round(x: Tensor, name: str) -> Tensor:
 
 class QDQLayer(nn.Module):
     """The export form of one ``SimulatedLayer``: weight codes, scales and zero points as
-    buffers, quantization steps as ``mpsearch_export`` ops (see the module docstring).
+    buffers, quantization steps as ``mpsearch_export`` ops (see the module docstring), or,
+    with ``decomposed=True``, as the plain aten ops of their eager math (for a ``torch.export``
+    program that loads without mpsearch: the codes stay int8/int4 in the file).
 
     >>> from mpsearch.schemes import get_scheme
     >>> sim = SimulatedLayer(nn.Linear(64, 8), get_scheme("w4a16"))
@@ -210,12 +232,13 @@ class QDQLayer(nn.Module):
     (torch.uint8, (8, 2))
     """
 
-    def __init__(self, sim: SimulatedLayer) -> None:
+    def __init__(self, sim: SimulatedLayer, *, decomposed: bool = False) -> None:
         super().__init__()
         scheme = sim.scheme
         self.scheme_name = scheme.name
         self.compute = scheme.compute_dtype
-        self.inner = sim.inner
+        self.decomposed = decomposed
+        self.inner = _weightless(sim.inner)
         weight = sim.inner.weight.detach().float()
         self.weight_shape = tuple(weight.shape)
         spec = scheme.weight
@@ -251,9 +274,12 @@ class QDQLayer(nn.Module):
 
     def _weight(self) -> Tensor:
         if self.weight_kind == "codes":
-            w = torch.ops.mpsearch_export.dequantize_weight(
-                self.codes, self.scale, self.zero, self.block_size, self.bits
+            dequantize = (
+                _dequantize_weight
+                if self.decomposed
+                else torch.ops.mpsearch_export.dequantize_weight
             )
+            w = dequantize(self.codes, self.scale, self.zero, self.block_size, self.bits)
             w = w.reshape(self.weight_shape)
         else:
             w = self.weight_f.float()
@@ -263,11 +289,14 @@ class QDQLayer(nn.Module):
         out_dtype = x.dtype
         x = x.float()
         if self.act_kind is not None:
+            ops = torch.ops.mpsearch_export
             if self.act_static is None:
-                x = torch.ops.mpsearch_export.qdq_dynamic(x, self.act_kind)
+                dynamic = _qdq_dynamic if self.decomposed else ops.qdq_dynamic
+                x = dynamic(x, self.act_kind)
             else:
                 scale, zero = self.act_static
-                x = torch.ops.mpsearch_export.qdq_static(x, scale, zero, self.act_kind)
+                static = _qdq_static if self.decomposed else ops.qdq_static
+                x = static(x, scale, zero, self.act_kind)
         elif self.act_cast is not None:
             x = _round(x, self.act_cast)
         x = _round(x, self.compute)
@@ -277,6 +306,13 @@ class QDQLayer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"scheme={self.scheme_name!r}, static={self.act_static is not None}"
+
+
+def _weightless(layer: nn.Module) -> nn.Module:
+    """A copy of ``layer`` without its weight and bias (only its hyperparameters are read)."""
+    light = copy.copy(layer)
+    light._parameters = dict.fromkeys(layer._parameters)
+    return light
 
 
 def _codes(weight: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor, Tensor | None]:

@@ -144,6 +144,8 @@ def test_program_runs_in_a_process_without_mpsearch(
     qm = mps.quantize(mlp.model, MLP_PLAN, backend="cpu")
     target, swapped = program_model(qm, mlp.model, MLP_PLAN, ranges={})
     assert swapped == ["fc1"] == mlp_export.record("program").details["simulated_layers"]
+    state = torch.export.load(mlp_export.paths["program"]).state_dict
+    assert state["fc1.codes"].dtype == torch.int8  # w8a8 weights stay int8 in the program
     with torch.inference_mode():
         assert torch.equal(got, target(x))
 
@@ -264,6 +266,7 @@ def test_qdq_layer_equals_simulated_layer(scheme: str, static: bool) -> None:
         qdq = QDQLayer(sim)
         with torch.inference_mode():
             want, got = sim(inp), qdq(inp)
+            assert torch.equal(QDQLayer(sim, decomposed=True)(inp), got)
         # bf16 arithmetic is emulated in fp32 with rounded inputs and output: 1 bf16 ulp
         tol = 0.0 if get_scheme(scheme).compute_dtype == "fp32" else 2**-7 * float(want.abs().max())
         assert float((got - want).abs().max()) <= tol, (scheme, type(layer).__name__)
@@ -294,7 +297,7 @@ class _Untraceable(_Tiny):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = torch.relu(self.fc1(x))
-        if float(h.sum()) > 0:
+        if float(h.detach().sum()) > 0:
             h = h * 2
         return self.fc2(h)
 
