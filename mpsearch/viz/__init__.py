@@ -3,6 +3,7 @@ and only when a drawing function is called; plotly only for :func:`pareto_figure
 
 from mpsearch.viz._compare import (
     METHODS,
+    baseline_params,
     evaluations_to_reach,
     front_2d,
     hypervolume_reference,
@@ -30,6 +31,7 @@ from mpsearch.viz._tradeoff import (
 
 __all__ = [
     "METHODS",
+    "baseline_params",
     "bit_allocation_data",
     "cascade_arrays",
     "controller_tradeoff_data",

@@ -1,9 +1,13 @@
 """The search against its baselines, from one study: fronts, hypervolumes, best plan per budget.
 
 Every study made by :func:`mpsearch.search` truly evaluates the uniform, greedy and ILP plans
-it is warm-started with (their trials carry ``origin`` ``uniform:*``, ``greedy:*``,
-``ilp:*``). So each baseline's front is the front of its own trials, and mpsearch's is the
-front of every plan the study evaluated, all measured the same way, on the same reference.
+it is warm-started with. So each baseline's front is the front of its own plans, and
+mpsearch's is the front of every plan the study evaluated, all measured the same way, on the
+same reference. Which plans are a baseline's: with the result's choice table (a result from
+:func:`~mpsearch.search` has it; pass ``table=`` to :func:`load_result`), every plan the
+baseline proposes (:func:`baseline_params`), also when another method proposed it first;
+without it, the trials' ``origin`` (``uniform:*``, ``greedy:*``, ``ilp:*``), which names only
+the first method that proposed a plan.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from mpsearch._validation import check_fraction, invalid
-from mpsearch.search import Budget, hypervolume
+from mpsearch.search import Budget, ChoiceTable, baselines, hypervolume
 
 METHODS = ("mpsearch", "uniform", "greedy", "ilp")
 _COST_AXES = ("memory_mb", "latency_ms")
@@ -33,8 +37,72 @@ def _evaluated(result: Any) -> pd.DataFrame:
     return df
 
 
-def _by_method(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
-    return {m: df if m == "mpsearch" else df[df["kind"] == m] for m in METHODS}
+def baseline_params(
+    table: ChoiceTable,
+    limits: tuple[float | None, float | None] = (None, None),
+    *,
+    n_greedy: int = 8,
+    n_ilp: int = 6,
+) -> dict[str, list[dict[str, str]]]:
+    """The plans (one value per searched parameter) each baseline proposes, as
+    :func:`mpsearch.search.warm_start_params` builds them, but without removing a plan that an
+    earlier method proposed too. ``limits`` is ``(memory MB, latency ms)`` (``None``: none).
+
+    ``uniform``: every layer in one scheme; ``greedy``: ``n_greedy`` points along the greedy
+    walk and the walk's plan at the budget; ``ilp``: the ILP plan at the budget and at
+    ``n_ilp`` memory levels between the smallest and the largest plan.
+
+    >>> sorted(baseline_params(res.table, res.limits))  # doctest: +SKIP
+    ['greedy', 'ilp', 'uniform']
+    """
+    memory_limit = None if limits[0] is None else limits[0] * 1e6
+    latency_limit = limits[1]
+    out: dict[str, list[dict[str, str]]] = {
+        "uniform": list(baselines.uniform_assignments(table).values()),
+        "greedy": [],
+        "ilp": [],
+    }
+    objective = "latency" if memory_limit is None and latency_limit is not None else "memory"
+    path = baselines.greedy_path(table, objective=objective)
+    picks = sorted({round(i * (len(path) - 1) / max(n_greedy - 1, 1)) for i in range(n_greedy)})
+    out["greedy"] = [path[i] for i in picks]
+    at_budget = baselines.greedy_assignment(
+        table, memory_bytes=memory_limit, latency_ms=latency_limit
+    )
+    if at_budget is not None:
+        out["greedy"].append(at_budget)
+    if memory_limit is not None or latency_limit is not None:
+        ilp = baselines.ilp_assignment(table, memory_bytes=memory_limit, latency_ms=latency_limit)
+        if ilp is not None:
+            out["ilp"].append(ilp)
+    lo = table.base_memory + sum(min(m.values()) for m in table.memory.values())
+    hi = table.base_memory + sum(max(m.values()) for m in table.memory.values())
+    for k in range(n_ilp):
+        level = lo + (hi - lo) * (k + 1) / (n_ilp + 1)
+        if memory_limit is not None:
+            level = min(level, memory_limit)
+        ilp = baselines.ilp_assignment(table, memory_bytes=level, latency_ms=latency_limit)
+        if ilp is not None:
+            out["ilp"].append(ilp)
+    return out
+
+
+def _by_method(df: pd.DataFrame, result: Any) -> dict[str, pd.DataFrame]:
+    table = getattr(result, "table", None)
+    if not isinstance(table, ChoiceTable) or not table.error or not len(df):
+        return {m: df if m == "mpsearch" else df[df["kind"] == m] for m in METHODS}
+    params = list(table.error)
+    proposed = {
+        method: {tuple(p[k] for k in params) for p in plans}
+        for method, plans in baseline_params(table, result.limits).items()
+    }
+    keys = [
+        tuple(table.space.params_of(a)[k] for k in params) if a else None for a in df["assignment"]
+    ]
+    out = {"mpsearch": df}
+    for method in METHODS[1:]:
+        out[method] = df[[k in proposed[method] for k in keys]]
+    return out
 
 
 def front_2d(points: pd.DataFrame, x: str, y: str = "quality") -> pd.DataFrame:
@@ -67,7 +135,7 @@ def method_fronts_data(result: Any, *, x: str = "memory_mb") -> pd.DataFrame:
     if x not in _COST_AXES:
         raise invalid("x", x, f"one of {list(_COST_AXES)}")
     parts = []
-    for method, part in _by_method(_evaluated(result)).items():
+    for method, part in _by_method(_evaluated(result), result).items():
         if not len(part):
             continue
         front = front_2d(part, x)[["trial", "quality", x, "origin"]]
@@ -120,7 +188,7 @@ def method_hypervolume_data(
     if len(ref) != 3:
         raise invalid("reference", reference, "a (quality, memory_mb, latency_ms) triple")
     rows = []
-    for method, part in _by_method(_evaluated(result)).items():
+    for method, part in _by_method(_evaluated(result), result).items():
         pts = part[["quality", "memory_mb", "latency_ms"]].to_numpy(dtype=float)
         rows.append(
             {
@@ -154,7 +222,7 @@ def method_budget_data(
         limits[label] = b.limits(
             fp32_memory_mb=result.fp32_memory_mb, fp32_latency_ms=result.fp32_latency_ms
         )
-    by_method = _by_method(_evaluated(result))
+    by_method = _by_method(_evaluated(result), result)
     rows = []
     for label, (memory_mb, latency_ms) in limits.items():
         for method, part in by_method.items():

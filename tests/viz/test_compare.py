@@ -6,10 +6,10 @@ from types import SimpleNamespace
 import numpy as np
 import pandas as pd
 import pytest
-from fake_search import SCHEMES, FakeCost, FakeProfile, fake_model, known_quality
 
-from mpsearch.search import Budget, SearchSpace, hypervolume, search
+from mpsearch.search import Budget, hypervolume, warm_start_params
 from mpsearch.viz import (
+    baseline_params,
     evaluations_to_reach,
     front_2d,
     hypervolume_reference,
@@ -108,16 +108,30 @@ def test_evaluations_to_reach() -> None:
         evaluations_to_reach(h, 1.5)
 
 
-def test_on_a_real_study_mpsearch_front_contains_the_search_front(tmp_path) -> None:
-    res = search(
-        fake_model(),
-        profile=FakeProfile(),
-        cost=FakeCost(),
-        evaluate=known_quality,
-        space=SearchSpace(schemes=SCHEMES),
-        storage=f"sqlite:///{tmp_path / 's.db'}",
-        n_trials=20,
-    )
+@pytest.mark.parametrize("study", ["stored_front", "stored_budget"])
+def test_on_a_real_study_mpsearch_front_contains_the_search_front(study, request) -> None:
+    res = request.getfixturevalue(study)[1]
+    # the baselines' proposals are exactly the warm starts, before de-duplication across methods
+    warm = warm_start_params(res.table, res.limits)
+    mine = baseline_params(res.table, res.limits)
+
+    def key(p):
+        return tuple(p[k] for k in res.table.error)
+
+    assert {key(p) for p in warm.values()} == {key(p) for ps in mine.values() for p in ps}
+    for origin, p in warm.items():
+        assert key(p) in {key(q) for q in mine[origin.split(":")[0]]}
+    # with the table, a baseline counts every plan it proposed, even one another method named first
+    df = res.trials[
+        (res.trials["state"] == "COMPLETE") & res.trials["quality_source"].isin(["true", "memo"])
+    ]
+    df = df[df["feasible"]]
+    points = method_hypervolume_data(res).set_index("method")["points"]
+    for method in ("uniform", "greedy", "ilp"):
+        by_origin = int(df["origin"].str.startswith(method + ":").sum())
+        proposed = {key(p) for p in mine[method]}
+        in_table = sum(key(res.space.params_of(a)) in proposed for a in df["assignment"])
+        assert points[method] == in_table >= by_origin
     fronts = method_fronts_data(res)
     assert {"mpsearch", "uniform", "greedy", "ilp"} == set(fronts["method"])
     # every 2-D (memory, quality) front point is on the 3-D front too

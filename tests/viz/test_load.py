@@ -3,27 +3,14 @@ from __future__ import annotations
 import optuna
 import pandas as pd
 import pytest
-from fake_search import SCHEMES, FakeCost, FakeProfile, fake_model, known_quality
+from fake_search import FakeCost
 
-from mpsearch.search import Budget, SearchSpace, search
 from mpsearch.viz import hypervolume_data, load_result, method_hypervolume_data
 
 
-@pytest.fixture(scope="module")
-def stored(tmp_path_factory):
-    url = f"sqlite:///{tmp_path_factory.mktemp('load') / 's.db'}"
-    res = search(
-        fake_model(),
-        profile=FakeProfile(),
-        cost=FakeCost(),
-        evaluate=known_quality,
-        space=SearchSpace(schemes=SCHEMES),
-        budget=Budget(memory_fraction=0.6),
-        storage=url,
-        study_name="fake",
-        n_trials=20,
-    )
-    return url, res
+@pytest.fixture
+def stored(stored_budget):
+    return stored_budget
 
 
 def test_load_result_rebuilds_the_front_from_storage_alone(stored) -> None:
@@ -43,7 +30,22 @@ def test_load_result_rebuilds_the_front_from_storage_alone(stored) -> None:
     assert loaded.best() == res.best()
     assert loaded.hypervolume() == pytest.approx(res.hypervolume())
     pd.testing.assert_frame_equal(hypervolume_data(loaded), hypervolume_data(res))
-    pd.testing.assert_frame_equal(method_hypervolume_data(loaded), method_hypervolume_data(res))
+    # with the study's choice table the baselines' plans are matched exactly as on the original
+    with_table = load_result(
+        url,
+        "fake",
+        table=res.table,
+        fp32_memory_mb=res.fp32_memory_mb,
+        fp32_latency_ms=res.fp32_latency_ms,
+    )
+    pd.testing.assert_frame_equal(method_hypervolume_data(with_table), method_hypervolume_data(res))
+    assert with_table.space == res.space
+    # without it, by the trials' origin (the first method that proposed each plan)
+    by_origin = method_hypervolume_data(loaded).set_index("method")["points"]
+    evaluated = res.trials[
+        res.trials["quality_source"].isin(["true", "memo"]) & res.trials["feasible"]
+    ]
+    assert by_origin["greedy"] == int(evaluated["origin"].str.startswith("greedy:").sum())
     assert loaded.space.layers == res.space.layers
     assert loaded.space.choices == res.space.choices
 

@@ -2,10 +2,8 @@ from __future__ import annotations
 
 import matplotlib
 import pytest
-from fake_search import SCHEMES, FakeCost, FakeProfile, fake_model, known_quality
 
 from mpsearch.plan import PrecisionPlan
-from mpsearch.search import SearchSpace, search
 from mpsearch.viz import (
     bit_allocation_data,
     pareto_data,
@@ -17,18 +15,9 @@ from mpsearch.viz import (
 matplotlib.use("Agg")
 
 
-@pytest.fixture(scope="module")
-def result(tmp_path_factory):
-    db = tmp_path_factory.mktemp("viz") / "s.db"
-    return search(
-        fake_model(),
-        profile=FakeProfile(),
-        cost=FakeCost(),
-        evaluate=known_quality,
-        space=SearchSpace(schemes=SCHEMES),
-        storage=f"sqlite:///{db}",
-        n_trials=25,
-    )
+@pytest.fixture
+def result(stored_front):
+    return stored_front[1]
 
 
 def test_pareto_data_marks_exactly_the_front(result) -> None:
