@@ -135,7 +135,10 @@ def _weight_refusal(spec: QuantSpec) -> str | None:
     if spec.is_identity:
         return None
     if spec.scale_dtype == "e8m0":
-        return "power-of-two (e8m0) scales have no ONNX Runtime DequantizeLinear kernel"
+        return (
+            "power-of-two (e8m0) scales and fp4 e2m1 codes: ONNX Runtime 1.32 has no "
+            "DequantizeLinear kernel for FLOAT4E2M1 (nor e8m0 scales)"
+        )
     if spec.granularity == "none":
         if spec.format in _ROUND_DTYPES:
             return None
