@@ -65,5 +65,9 @@ def bit_allocation_data(
 def hypervolume_data(
     result: Any, reference: tuple[float, float, float] | None = None
 ) -> pd.DataFrame:
-    """Hypervolume after each true evaluation (columns ``true_evaluations``, ``trial``, ``hypervolume``)."""
+    """Hypervolume after each true evaluation (columns ``true_evaluations``, ``trial``, ``hypervolume``).
+
+    >>> hypervolume_data(res)["hypervolume"].iloc[-1] == res.hypervolume()  # doctest: +SKIP
+    True
+    """
     return result.hypervolume_history(reference)

@@ -22,7 +22,10 @@ def _axes(ax: Any) -> Any:
 
 
 def plot_pareto(result: Any, *, x: str = "memory_mb", y: str = "quality", ax: Any = None) -> Any:
-    """Scatter of evaluated plans by origin, the front drawn as a step line."""
+    """Scatter of evaluated plans by origin, the front drawn as a step line.
+
+    >>> plot_pareto(res, x="latency_ms")  # doctest: +SKIP
+    """
     ax = _axes(ax)
     df = pareto_data(result, x=x, y=y)
     for kind, part in df.groupby("kind"):
@@ -44,7 +47,10 @@ def plot_bit_allocation(
     labels: Sequence[str] | None = None,
     ax: Any = None,
 ) -> Any:
-    """Heat map of weight bits per layer for each plan."""
+    """Heat map of weight bits per layer for each plan.
+
+    >>> plot_bit_allocation(res.plans, res.space.layers)  # doctest: +SKIP
+    """
     ax = _axes(ax)
     df = bit_allocation_data(plans, layers, labels=labels)
     image = ax.imshow(df[list(layers)].to_numpy(dtype=float), aspect="auto", cmap="viridis")
@@ -55,7 +61,10 @@ def plot_bit_allocation(
 
 
 def plot_hypervolume(result: Any, *, ax: Any = None) -> Any:
-    """Hypervolume against the number of true evaluations."""
+    """Hypervolume against the number of true evaluations.
+
+    >>> plot_hypervolume(res)  # doctest: +SKIP
+    """
     ax = _axes(ax)
     df = hypervolume_data(result)
     ax.plot(df["true_evaluations"], df["hypervolume"], marker=".")

@@ -32,7 +32,15 @@ def test_notebook_is_stored_without_outputs(name: str) -> None:
 def workdir(tmp_path_factory) -> dict[str, str]:
     """Environment of the notebooks: a temporary study storage and caches, small settings."""
     tmp = tmp_path_factory.mktemp("notebooks")
-    return {
+    env = {}
+    from jupyter_client.kernelspec import find_kernel_specs
+
+    if "python3" not in find_kernel_specs():  # register this interpreter's ipykernel, in tmp
+        from ipykernel.kernelspec import install
+
+        install(prefix=str(tmp / "jupyter"), kernel_name="python3")
+        env["JUPYTER_PATH"] = str(tmp / "jupyter" / "share" / "jupyter")
+    return env | {
         "MPSEARCH_NB_SMALL": "1",
         "MPSEARCH_NB_CONFIG": str(ROOT / "studies" / "digits.yaml"),
         "MPSEARCH_NB_STORAGE": f"sqlite:///{tmp / 'study.db'}",
