@@ -97,6 +97,16 @@ def call_metric(fn: MetricFn, name: str, ref: Tensor, out: Tensor, where: str) -
     return value
 
 
+def signal_of(ref: Tensor) -> float:
+    """``sum(ref**2)`` in float64 accumulation (the SQNR numerator of one output).
+
+    >>> signal_of(torch.tensor([1.0, 2.0]))
+    5.0
+    """
+    r = ref.float()
+    return float(torch.sum(r * r, dtype=torch.float64))
+
+
 @dataclass
 class LocalStats:
     """Running sums for a layer output's MSE and SQNR over calibration batches."""
@@ -106,13 +116,17 @@ class LocalStats:
     count: int = 0
     finite: bool = True
 
-    def update(self, ref: Tensor, out: Tensor) -> None:
-        diff = out.double() - ref.double()
-        e = float(diff.pow(2).sum())
+    def update(self, ref: Tensor, out: Tensor, *, signal: float | None = None) -> None:
+        """Add one (reference, quantized) output pair; ``signal``: ``sum(ref**2)`` if known.
+
+        The difference is taken in float32 and its squares summed in float64.
+        """
+        diff = out.float() - ref.float()
+        e = float(torch.sum(diff * diff, dtype=torch.float64))
         if not math.isfinite(e):
             self.finite = False
         self.err += e
-        self.signal += float(ref.double().pow(2).sum())
+        self.signal += signal_of(ref) if signal is None else signal
         self.count += ref.numel()
 
     @property

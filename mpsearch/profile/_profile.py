@@ -19,6 +19,13 @@ from mpsearch._validation import invalid, unknown
 from mpsearch.backends import get_backend
 from mpsearch.layers import quantizable_layers, swapped
 from mpsearch.profile._cache import CODE_VERSION, RowCache, hash_batches, hash_model, hash_text
+from mpsearch.profile._e2e import (
+    check_e2e_samples,
+    choose_e2e_samples,
+    first_samples,
+    total_samples,
+)
+from mpsearch.profile._emulate import profile_layer
 from mpsearch.profile._hessian import hutchinson_traces
 from mpsearch.profile._metrics import (
     E2EStats,
@@ -26,6 +33,7 @@ from mpsearch.profile._metrics import (
     call_metric,
     callable_id,
     resolve_metric,
+    signal_of,
 )
 from mpsearch.profile._result import COLUMNS, SensitivityProfile
 from mpsearch.profile._runner import build_runner
@@ -57,6 +65,38 @@ def _finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(t).all()) if t.is_floating_point() else True
 
 
+def _add_local(local: list[LocalStats], pairs: list[list[tuple[torch.Tensor, ...]]]) -> None:
+    """Add each scheme's (reference, quantized) pairs; each reference's signal computed once."""
+    signals: dict[int, float] = {}
+    for stats, scheme_pairs in zip(local, pairs, strict=True):
+        for j, (y_ref, y_q) in enumerate(scheme_pairs):
+            if j not in signals:
+                signals[j] = signal_of(y_ref)
+            stats.update(y_ref, y_q, signal=signals[j])
+
+
+def _add_e2e(
+    e2e: list[E2EStats],
+    finals: list[torch.Tensor],
+    runner: Any,
+    b: int,
+    name: str,
+    schemes: list[Scheme],
+    metric_name: str,
+    metric_fn: Callable[[torch.Tensor, torch.Tensor], float],
+) -> None:
+    """Add each scheme's end-to-end metric on e2e batch ``b`` (inf for a non-finite output)."""
+    ref = runner.reference[b]
+    n = batch_size(runner.e2e_batches[b])
+    for stats, out, scheme in zip(e2e, finals, schemes, strict=True):
+        if _finite(out):
+            where = f"layer {name!r}, scheme {scheme.name!r}, batch {b}"
+            value = call_metric(metric_fn, metric_name, ref, out, where)
+        else:
+            value = math.inf
+        stats.update(value, n)
+
+
 def profile(
     model: nn.Module,
     calib_data: Any,
@@ -72,6 +112,7 @@ def profile(
     max_batches: int | None = None,
     fold_bn: bool = True,
     hessian_samples: int = 8,
+    e2e_samples: int | str | None = "auto",
 ) -> SensitivityProfile:
     """Measure each quantizable layer's error under each scheme, one layer quantized at a time.
 
@@ -96,10 +137,27 @@ def profile(
     hooks (the whole model re-run per pair). BatchNorm is folded into the preceding conv
     (``fold_bn=True``) so that the folded weight is what gets quantized.
 
+    ``e2e_samples`` picks the samples ``e2e`` is measured on (``mse``, ``sqnr_db``,
+    ``task_drop`` and ``hessian`` always use all of ``calib_data``):
+
+    - ``None``: every calibration sample (exact mode);
+    - an int ``n``: the first ``n`` samples, in order (the last batch used is cut). The ``e2e``
+      column then equals exact mode's on ``calib_data`` cut to those samples;
+    - ``"auto"`` (default): exact mode when its end-to-end work is at most one fp32 pass over
+      the calibration data per scheme, else the first ``ceil(N / D)`` of the N samples (at
+      least 16), D being that work in passes: ``sum`` over layers of the share of the model's
+      multiply-accumulates downstream of the layer (about L/2 on a ResNet, well under 1 on a
+      small CNN whose first convolutions dominate). It keeps the end-to-end part near one pass
+      per scheme, so a profile costs a few passes per scheme on any depth. D is computed from
+      the traced graph and the data's shapes, never from timings, so the choice is the same on
+      every run. ``prof.info`` records ``e2e_samples``, ``calib_samples`` and
+      ``downstream_passes`` (D).
+
     Cache: with ``cache_dir``, each row is appended to a JSONL file as soon as it is computed,
     keyed by hashes of the model's weights, the calibration data, the scheme definition, the
-    metric, ``evaluate`` / ``loss_fn`` (name and source) and the code version: a killed run
-    resumes where it stopped, a changed model never reuses rows.
+    metric, ``evaluate`` / ``loss_fn`` (name and source), the code version and the number of
+    samples ``e2e`` was measured on: a killed run resumes where it stopped, a changed model
+    never reuses rows, and a row measured on a subset is never reused as an exact one.
 
     Pairs a scheme cannot take (e.g. a group size that does not divide the layer's input
     size) are kept as ``status="skipped"`` rows with the ``reason``, and summarised in a warning.
@@ -136,6 +194,7 @@ def profile(
         or hessian_samples < 1
     ):
         raise invalid("hessian_samples", hessian_samples, "a positive integer")
+    check_e2e_samples(e2e_samples)
     all_layers = list(quantizable_layers(model))
     if layers is None:
         names = all_layers
@@ -168,6 +227,7 @@ def profile(
             progress=progress,
             fold_bn=fold_bn,
             hessian_samples=hessian_samples,
+            e2e_samples=e2e_samples,
         )
     finally:
         model.train(was_training)
@@ -187,23 +247,27 @@ def _profile(
     progress: bool | None,
     fold_bn: bool,
     hessian_samples: int,
+    e2e_samples: int | str | None,
 ) -> SensitivityProfile:
     notes: list[str] = []
     runner = build_runner(model, batches, names, fold_bn=fold_bn, warn=notes.append)
     for note in notes:
         warnings.warn(note, stacklevel=3)
-    for i, ref in enumerate(runner.reference):
+    for i, ref in enumerate(runner.outputs):
         if not _finite(ref):
             raise ValueError(
                 f"The fp32 model's output on calibration batch {i} is not finite (NaN or inf); "
                 "check the 'calib_data' batches and the model before profiling."
             )
-    e2e_name, e2e_fn = resolve_metric(metric, runner.reference[0])
-    probe = call_metric(e2e_fn, e2e_name, runner.reference[0], runner.reference[0], "fp32 vs fp32")
+    e2e_name, e2e_fn = resolve_metric(metric, runner.outputs[0])
+    probe = call_metric(e2e_fn, e2e_name, runner.outputs[0], runner.outputs[0], "fp32 vs fp32")
     if not math.isfinite(probe):
         raise ValueError(f"The metric {e2e_name!r} returned {probe} for identical outputs.")
     work = runner.gm
     modules = {n: work.get_submodule(n) for n in names if n in runner.called}
+    n_samples = total_samples(batches)
+    downstream = runner.downstream_passes()
+    n_e2e = choose_e2e_samples(e2e_samples, n_samples, downstream)
     original = quantizable_layers(model)
 
     # ---- rows: skips, cache keys ------------------------------------------------------------
@@ -235,6 +299,7 @@ def _profile(
             impl.name,
             str(fold_bn),
             runner.mode,
+            f"e2e_samples={n_e2e}",
         )
         cache = RowCache(cache_dir / f"profile-{model_hash[:16]}.jsonl")
 
@@ -254,6 +319,9 @@ def _profile(
                 n_cached += 1
             else:
                 todo.setdefault(name, []).append(scheme)
+
+    if todo:
+        runner.prepare_e2e(batches if n_e2e >= n_samples else first_samples(batches, n_e2e))
 
     baseline = None
     if evaluate is not None:
@@ -280,24 +348,21 @@ def _profile(
     try:
         for name, todo_schemes in todo.items():
             layer = modules[name]
-            qlayers = [impl.quantize_layer(layer, s) for s in todo_schemes]
+            qlayers = [profile_layer(impl, layer, s) for s in todo_schemes]
             local = [LocalStats() for _ in todo_schemes]
             e2e = [E2EStats() for _ in todo_schemes]
             with torch.inference_mode():
                 for b in range(len(batches)):
-                    pairs, finals = runner.run(name, qlayers, b)
-                    n = batch_size(batches[b])
-                    ref = runner.reference[b]
-                    for i, scheme in enumerate(todo_schemes):
-                        for y_ref, y_q in pairs[i]:
-                            local[i].update(y_ref, y_q)
-                        out = finals[i]
-                        if _finite(out):
-                            where = f"layer {name!r}, scheme {scheme.name!r}, batch {b}"
-                            value = call_metric(e2e_fn, e2e_name, ref, out, where)
-                        else:
-                            value = math.inf
-                        e2e[i].update(value, n)
+                    if runner.shared:
+                        pairs, finals = runner.run(name, qlayers, b)
+                        _add_e2e(e2e, finals, runner, b, name, todo_schemes, e2e_name, e2e_fn)
+                    else:
+                        pairs = runner.local(name, qlayers, b)
+                    _add_local(local, pairs)
+                if not runner.shared:
+                    for b in range(len(runner.e2e_batches)):
+                        finals = runner.e2e(name, qlayers, b)
+                        _add_e2e(e2e, finals, runner, b, name, todo_schemes, e2e_name, e2e_fn)
             for i, scheme in enumerate(todo_schemes):
                 row = {
                     "mse": local[i].mse,
@@ -368,5 +433,8 @@ def _profile(
             "cached_rows": n_cached,
             "batches": len(batches),
             "fold_bn": fold_bn,
+            "calib_samples": n_samples,
+            "e2e_samples": n_e2e,
+            "downstream_passes": round(downstream, 4),
         },
     )

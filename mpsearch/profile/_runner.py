@@ -10,6 +10,10 @@ Two runners share one interface:
   model was checked to be batch-independent, else once per scheme.
 - ``HookRunner`` (the fallback when tracing fails or a layer is called more than once): a
   forward hook substitutes the layer's output and the whole model is re-run per scheme.
+
+Both measure local errors on every calibration batch and end-to-end errors on the *e2e batches*
+(``prepare_e2e``): the same batches (``shared``: one run gives both), or the first samples of
+them, which then get their own fp32 pass and store.
 """
 
 from __future__ import annotations
@@ -112,14 +116,46 @@ class GraphRunner:
             keep |= border | {start, start.args[0]}
         keep |= set(self.output_node.all_input_nodes)
         self.keep = keep
+        self.layers = list(layers)
         self.store: list[dict[fx.Node, Any]] = []
-        self.reference: list[Tensor] = []
+        self.outputs: list[Tensor] = []
+        self.node_cost: dict[fx.Node, float] = {}
         with torch.inference_mode():
             for batch in batches:
                 env = self._execute_all(batch)
+                if not self.node_cost:
+                    self.node_cost = _node_costs(self.gm, self.nodes, env)
                 self.store.append({n: env[n] for n in keep})
-                self.reference.append(output_tensor(env[self.output_node]).float())
-        self.batchable = self._check_batching(layers)
+                self.outputs.append(output_tensor(env[self.output_node]).float())
+        self.e2e_batches: Sequence[Batch] = batches
+        self.e2e_store = self.store
+        self.reference = self.outputs
+        self.shared = True
+        self.batchable: dict[str, bool] = {}
+        self.kinds: dict[fx.Node, str] = {}
+
+    def downstream_passes(self) -> float:
+        """End-to-end work per scheme on all batches, in fp32 passes: sum of suffix costs."""
+        total = sum(self.node_cost.values())
+        if total <= 0:
+            return float(len(self.layer_node))
+        down = sum(self.node_cost[n] for suffix in self.suffix.values() for n in suffix)
+        return down / total
+
+    def prepare_e2e(self, e2e_batches: Sequence[Batch]) -> None:
+        """Measure end-to-end errors on ``e2e_batches`` (``self.batches`` itself: shared runs)."""
+        if e2e_batches is not self.batches:
+            local_nodes = {n for s in self.layer_node.values() for n in (s, s.args[0])}
+            self.store = [{n: s[n] for n in local_nodes} for s in self.store]
+            self.e2e_store, self.reference = [], []
+            with torch.inference_mode():
+                for batch in e2e_batches:
+                    env = self._execute_all(batch)
+                    self.e2e_store.append({n: env[n] for n in self.keep})
+                    self.reference.append(output_tensor(env[self.output_node]).float())
+            self.e2e_batches = e2e_batches
+            self.shared = False
+        self.batchable = self._check_batching(self.layers)
 
     # -- execution -------------------------------------------------------------------------
     def _placeholders(self, batch: Batch) -> dict[str, Any]:
@@ -176,7 +212,7 @@ class GraphRunner:
         size at all (a batch size read as an int would break concatenation).
         """
         no = dict.fromkeys(self.layer_node, False)
-        batch = self.batches[0]
+        batch = self.e2e_batches[0]
         full = batch_size(batch)
         if full < 2:
             return no
@@ -200,7 +236,7 @@ class GraphRunner:
             return no
         kinds: dict[fx.Node, str] = {}
         for node in self.keep:
-            kinds[node] = _kind(self.store[0][node], env[node], full, half)
+            kinds[node] = _kind(self.e2e_store[0][node], env[node], full, half)
         result = {}
         for name, start in self.layer_node.items():
             result[name] = kinds[start] == "batch" and all(
@@ -209,15 +245,17 @@ class GraphRunner:
         self.kinds = kinds
         return result
 
-    def run(
-        self, layer: str, qlayers: Sequence[nn.Module], b: int
-    ) -> tuple[list[list[Pair]], list[Tensor]]:
-        """Local (reference, quantized) output pairs and final output tensors, one per scheme."""
+    def _quantized(
+        self, layer: str, qlayers: Sequence[nn.Module], store: dict[fx.Node, Any]
+    ) -> tuple[Tensor, list[Tensor]]:
         start = self.layer_node[layer]
-        store = self.store[b]
-        x, y_ref = store[start.args[0]], store[start]
-        outs_q = [q(x) for q in qlayers]
-        pairs = [[(y_ref, y)] for y in outs_q]
+        x = store[start.args[0]]
+        return store[start], [q(x) for q in qlayers]
+
+    def _downstream(
+        self, layer: str, outs_q: Sequence[Tensor], store: dict[fx.Node, Any]
+    ) -> list[Tensor]:
+        start = self.layer_node[layer]
         suffix, border = self.suffix[layer], self.boundary[layer]
         n = len(outs_q)
         if self.batchable.get(layer, False) and n > 1:
@@ -229,7 +267,7 @@ class GraphRunner:
             for node in suffix:
                 env[node] = self._run_node(node, env)
             out = output_tensor(env[self.output_node]).float()
-            return pairs, list(out.chunk(n))
+            return list(out.chunk(n))
         finals = []
         for y in outs_q:
             env = {node: store[node] for node in border}
@@ -237,10 +275,25 @@ class GraphRunner:
             for node in suffix:
                 env[node] = self._run_node(node, env)
             finals.append(output_tensor(env[self.output_node]).float())
-        return pairs, finals
+        return finals
 
-    def layer_input(self, layer: str, b: int) -> Tensor:
-        return self.store[b][self.layer_node[layer].args[0]]
+    def run(
+        self, layer: str, qlayers: Sequence[nn.Module], b: int
+    ) -> tuple[list[list[Pair]], list[Tensor]]:
+        """Shared mode: local (reference, quantized) output pairs and final outputs on batch b."""
+        y_ref, outs_q = self._quantized(layer, qlayers, self.store[b])
+        return [[(y_ref, y)] for y in outs_q], self._downstream(layer, outs_q, self.store[b])
+
+    def local(self, layer: str, qlayers: Sequence[nn.Module], b: int) -> list[list[Pair]]:
+        """Local (reference, quantized) output pairs of ``layer`` on calibration batch b."""
+        y_ref, outs_q = self._quantized(layer, qlayers, self.store[b])
+        return [[(y_ref, y)] for y in outs_q]
+
+    def e2e(self, layer: str, qlayers: Sequence[nn.Module], b: int) -> list[Tensor]:
+        """Final outputs, one per quantized variant of ``layer``, on e2e batch b."""
+        store = self.e2e_store[b]
+        _, outs_q = self._quantized(layer, qlayers, store)
+        return self._downstream(layer, outs_q, store)
 
 
 def _kind(full_value: Any, half_value: Any, full: int, half: int) -> str:
@@ -264,6 +317,60 @@ def _kind(full_value: Any, half_value: Any, full: int, half: int) -> str:
         return "const" if full_value == half_value else "unsafe"
     except Exception:
         return "unsafe"
+
+
+def _matmul_cost(out_numel: int, args: Sequence[Any]) -> float:
+    return float(out_numel * args[0].shape[-1])
+
+
+def _weight_cost(out_numel: int, args: Sequence[Any]) -> float:
+    weight = args[1]
+    return float(out_numel * (weight.numel() // weight.shape[0]))
+
+
+def _attention_cost(out_numel: int, args: Sequence[Any]) -> float:
+    return float(2 * out_numel * args[1].shape[-2])
+
+
+_FUNCTION_COSTS: dict[Any, Callable[[int, Sequence[Any]], float]] = {
+    torch.matmul: _matmul_cost,
+    operator.matmul: _matmul_cost,
+    torch.bmm: _matmul_cost,
+    torch.mm: _matmul_cost,
+    torch.nn.functional.linear: _weight_cost,
+    torch.nn.functional.conv1d: _weight_cost,
+    torch.nn.functional.conv2d: _weight_cost,
+    torch.nn.functional.conv3d: _weight_cost,
+    torch.nn.functional.scaled_dot_product_attention: _attention_cost,
+}
+
+
+def _node_costs(gm: fx.GraphModule, nodes: Sequence[fx.Node], env: dict[fx.Node, Any]) -> dict:
+    """A deterministic work estimate per node from one batch's values (no timings).
+
+    Multiply-accumulates for convolutions, linear layers, matrix products and attention; the
+    number of output elements for every other operation.
+    """
+    costs: dict[fx.Node, float] = {}
+    for node in nodes:
+        if node.op in ("placeholder", "get_attr", "output"):
+            costs[node] = 0.0
+            continue
+        leaves = pytree.tree_leaves(env[node])
+        numel = sum(t.numel() for t in leaves if isinstance(t, torch.Tensor))
+        cost = float(numel)
+        try:
+            if node.op == "call_module":
+                module = gm.get_submodule(node.target)
+                if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
+                    cost = _weight_cost(numel, (None, module.weight))
+            elif node.op == "call_function" and node.target in _FUNCTION_COSTS:
+                args = fx.node.map_arg(node.args, lambda n: env[n])
+                cost = _FUNCTION_COSTS[node.target](numel, args)
+        except (AttributeError, IndexError, TypeError):
+            cost = float(numel)
+        costs[node] = cost
+    return costs
 
 
 def _repeat(t: Tensor, n: int) -> Tensor:
@@ -290,18 +397,34 @@ class HookRunner:
                 counts[_name] += 1
 
             handles.append(model.get_submodule(name).register_forward_pre_hook(count))
-        self.reference = []
+        self.outputs: list[Tensor] = []
         try:
             with torch.inference_mode():
                 for batch in batches:
-                    self.reference.append(output_tensor(run_model(model, batch)).float())
+                    self.outputs.append(output_tensor(run_model(model, batch)).float())
         finally:
             for h in handles:
                 h.remove()
         self.called = {name for name, c in counts.items() if c}
+        self.e2e_batches: Sequence[Batch] = batches
+        self.reference = self.outputs
+        self.shared = True
 
-    def run(
-        self, layer: str, qlayers: Sequence[nn.Module], b: int
+    def downstream_passes(self) -> float:
+        """End-to-end work per scheme, in fp32 passes: the whole model once per layer."""
+        return float(len(self.called))
+
+    def prepare_e2e(self, e2e_batches: Sequence[Batch]) -> None:
+        """Measure end-to-end errors on ``e2e_batches`` (``self.batches`` itself: shared runs)."""
+        if e2e_batches is self.batches:
+            return
+        with torch.inference_mode():
+            self.reference = [output_tensor(run_model(self.gm, b)).float() for b in e2e_batches]
+        self.e2e_batches = e2e_batches
+        self.shared = False
+
+    def _substituted(
+        self, layer: str, qlayers: Sequence[nn.Module], batch: Batch
     ) -> tuple[list[list[Pair]], list[Tensor]]:
         module = self.gm.get_submodule(layer)
         all_pairs, finals = [], []
@@ -317,11 +440,37 @@ class HookRunner:
 
             handle = module.register_forward_hook(substitute)
             try:
-                finals.append(output_tensor(run_model(self.gm, self.batches[b])).float())
+                finals.append(output_tensor(run_model(self.gm, batch)).float())
             finally:
                 handle.remove()
             all_pairs.append(pairs)
         return all_pairs, finals
+
+    def run(
+        self, layer: str, qlayers: Sequence[nn.Module], b: int
+    ) -> tuple[list[list[Pair]], list[Tensor]]:
+        """Shared mode: local (reference, quantized) output pairs and final outputs on batch b."""
+        return self._substituted(layer, qlayers, self.batches[b])
+
+    def local(self, layer: str, qlayers: Sequence[nn.Module], b: int) -> list[list[Pair]]:
+        """Local pairs on batch b from one fp32 pass (every call of the layer, fp32 inputs)."""
+        module = self.gm.get_submodule(layer)
+        all_pairs: list[list[Pair]] = [[] for _ in qlayers]
+
+        def record(_m: nn.Module, args: Any, out: Tensor) -> None:
+            for q, pairs in zip(qlayers, all_pairs, strict=True):
+                pairs.append((out, q(args[0])))
+
+        handle = module.register_forward_hook(record)
+        try:
+            run_model(self.gm, self.batches[b])
+        finally:
+            handle.remove()
+        return all_pairs
+
+    def e2e(self, layer: str, qlayers: Sequence[nn.Module], b: int) -> list[Tensor]:
+        """Final outputs, one per quantized variant of ``layer``, on e2e batch b."""
+        return self._substituted(layer, qlayers, self.e2e_batches[b])[1]
 
 
 Runner = GraphRunner | HookRunner
@@ -350,7 +499,7 @@ def build_runner(
             continue
         with torch.inference_mode():
             direct = output_tensor(run_model(model, batches[0])).float()
-        if _close(runner.reference[0], direct, 1e-4 if fold else 1e-6):
+        if _close(runner.outputs[0], direct, 1e-4 if fold else 1e-6):
             return runner
         reason = "the traced graph does not reproduce the model's output"
     work = copy.deepcopy(model).eval()

@@ -1,0 +1,155 @@
+"""End-to-end errors on a subset of the calibration samples: exact semantics, auto, cache, errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from profile_models import (
+    SENSITIVITY,
+    DataDependent,
+    DictInput,
+    KnownSensitivity,
+    batches,
+    chain,
+)
+
+from mpsearch.profile import profile
+from mpsearch.profile._e2e import (
+    AUTO_E2E_PASSES,
+    AUTO_EXACT_PASSES,
+    AUTO_MIN_SAMPLES,
+    choose_e2e_samples,
+    first_samples,
+)
+
+SCHEMES = ["bf16", "w8a8", "w4a16"]
+LOCAL = ["mse", "sqnr_db"]
+
+
+def test_first_samples_cuts_every_batch_kind() -> None:
+    x = batches(3, 4, 5)
+    cut = first_samples(x, 6)
+    assert [b.shape[0] for b in cut] == [4, 2]
+    assert torch.equal(cut[1], x[1][:2]) and cut[0] is x[0]
+    as_dict = [{"image": b, "flag": 3, "table": torch.zeros(7)} for b in x]
+    got = first_samples(as_dict, 5)
+    assert [b["image"].shape[0] for b in got] == [4, 1]
+    assert got[1]["flag"] == 3 and got[1]["table"].shape == (7,)  # not batch-sized: unchanged
+    as_tuple = [(b, b[:, :2]) for b in x]
+    got = first_samples(as_tuple, 3)
+    assert isinstance(got[0], tuple) and [t.shape[0] for t in got[0]] == [3, 3]
+    assert len(first_samples(x, 12)) == 3 and len(first_samples(x, 100)) == 3
+
+
+def test_choose_e2e_samples_rules() -> None:
+    assert choose_e2e_samples(None, 256, 50.0) == 256
+    assert choose_e2e_samples(64, 256, 0.1) == 64
+    assert choose_e2e_samples(1000, 256, 9.0) == 256
+    assert choose_e2e_samples("auto", 256, AUTO_EXACT_PASSES) == 256
+    deep = AUTO_EXACT_PASSES + 8.0
+    assert choose_e2e_samples("auto", 256, deep) == max(
+        AUTO_MIN_SAMPLES, int(np.ceil(256 * AUTO_E2E_PASSES / deep))
+    )
+    assert choose_e2e_samples("auto", 256, 1000.0) == AUTO_MIN_SAMPLES
+    assert choose_e2e_samples("auto", 10, 1000.0) == 10  # never more than there are
+
+
+@pytest.fixture(scope="module")
+def known_calib() -> list[torch.Tensor]:
+    return batches(4, 128, 64)
+
+
+@pytest.fixture(scope="module")
+def exact(known_calib: list[torch.Tensor]) -> pd.DataFrame:
+    prof = profile(
+        KnownSensitivity().eval(), known_calib, schemes=SCHEMES, metric="mse", e2e_samples=None
+    )
+    assert prof.info["e2e_samples"] == prof.info["calib_samples"] == 512
+    return prof
+
+
+@pytest.mark.parametrize("n", [1, 200, 256])
+def test_subset_e2e_equals_exact_mode_on_that_subset(known_calib, exact, n: int) -> None:
+    model = KnownSensitivity().eval()
+    fast = profile(model, known_calib, schemes=SCHEMES, metric="mse", e2e_samples=n)
+    assert fast.info["e2e_samples"] == n and fast.info["calib_samples"] == 512
+    on_subset = profile(
+        model, first_samples(known_calib, n), schemes=SCHEMES, metric="mse", e2e_samples=None
+    )
+    # e2e: exactly exact mode's on the first n samples; local errors: exactly exact mode's
+    pd.testing.assert_frame_equal(fast.pivot("e2e"), on_subset.pivot("e2e"), check_exact=True)
+    for metric in LOCAL:
+        pd.testing.assert_frame_equal(fast.pivot(metric), exact.pivot(metric), check_exact=True)
+    assert not fast.pivot("e2e").equals(exact.pivot("e2e"))  # really another sample
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_known_ranking_holds_on_a_subset(known_calib, scheme: str) -> None:
+    model = KnownSensitivity().eval()
+    fast = profile(model, known_calib, schemes=[scheme], metric="mse", e2e_samples=32)
+    for metric in ("mse", "e2e"):
+        order = list(fast.pivot(metric)[scheme].sort_values().index)
+        assert order == sorted(SENSITIVITY, key=SENSITIVITY.get), metric
+    ratios = fast.pivot("e2e")[scheme] / fast.pivot("e2e")[scheme]["b1"]
+    if scheme != "bf16":  # bf16 rounds the output too: not exactly k times
+        for name, k in SENSITIVITY.items():
+            assert ratios[name] == pytest.approx(k, rel=0.15)
+
+
+def test_cache_never_mixes_subset_and_exact_rows(tmp_path, known_calib) -> None:
+    model = KnownSensitivity().eval()
+    run = {"schemes": ["w8a8"], "metric": "mse", "cache_dir": tmp_path}
+    exact = profile(model, known_calib, e2e_samples=None, **run)
+    fast = profile(model, known_calib, e2e_samples=64, **run)
+    assert fast.info["cached_rows"] == 0 and fast.info["computed_rows"] == 4
+    other = profile(model, known_calib, e2e_samples=65, **run)
+    assert other.info["cached_rows"] == 0
+    again = profile(model, known_calib, e2e_samples=64, **run)
+    assert again.info["cached_rows"] == 4
+    pd.testing.assert_frame_equal(again.table, fast.table, check_exact=True)
+    # at least every sample is the exact mode itself: its rows are reused
+    whole = profile(model, known_calib, e2e_samples=10_000, **run)
+    assert whole.info["cached_rows"] == 4 and whole.info["e2e_samples"] == 512
+    pd.testing.assert_frame_equal(whole.table, exact.table, check_exact=True)
+
+
+def test_auto_keeps_small_models_exact_and_subsamples_deep_ones() -> None:
+    calib = batches(4, 64, 32)
+    shallow = profile(chain(2), calib, schemes=["w8a8"])
+    assert shallow.info["downstream_passes"] <= AUTO_EXACT_PASSES
+    assert shallow.info["e2e_samples"] == 256
+    deep = profile(chain(24), calib, schemes=["w8a8"])
+    d = deep.info["downstream_passes"]
+    assert 10.0 < d < 12.0  # about L/2 for 24 equal layers
+    assert deep.info["e2e_samples"] == choose_e2e_samples("auto", 256, d) < 256
+    exact_deep = profile(chain(24), calib, schemes=["w8a8"], e2e_samples=None)
+    pd.testing.assert_frame_equal(deep.pivot("mse"), exact_deep.pivot("mse"), check_exact=True)
+
+
+def _dict_inputs() -> list[dict[str, torch.Tensor]]:
+    return [
+        {"image": x, "extra": y}
+        for x, y in zip(batches(3, 6, 16), batches(3, 6, 8, seed=1), strict=True)
+    ]
+
+
+def test_hook_runner_subset_equals_graph_runner_subset() -> None:
+    torch.manual_seed(0)
+    fast_model = DictInput().eval()
+    slow_model = DataDependent().eval()
+    slow_model.load_state_dict(fast_model.state_dict())
+    graph = profile(fast_model, _dict_inputs(), schemes=SCHEMES[:2], e2e_samples=8)
+    with pytest.warns(UserWarning, match="hook runner"):
+        hooks = profile(slow_model, _dict_inputs(), schemes=SCHEMES[:2], e2e_samples=8)
+    assert graph.info["runner"] == "graph" and hooks.info["runner"] == "hooks"
+    assert graph.info["e2e_samples"] == hooks.info["e2e_samples"] == 8
+    for metric in ("mse", "sqnr_db", "e2e"):
+        np.testing.assert_allclose(graph.pivot(metric), hooks.pivot(metric), rtol=1e-5)
+
+
+@pytest.mark.parametrize("value", [0, -3, True, 2.5, "fast", "AUTO", [8]])
+def test_bad_e2e_samples(value: object) -> None:
+    with pytest.raises(ValueError, match=r"'e2e_samples' argument must be 'auto', None"):
+        profile(chain(2), batches(1, 2, 32), e2e_samples=value)

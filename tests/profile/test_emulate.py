@@ -1,0 +1,49 @@
+"""The profiler's float32 emulation of bf16/fp16 simulate layers matches the real kernels."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from mpsearch.backends import SimulatedLayer, get_backend
+from mpsearch.profile._emulate import EmulatedLayer, profile_layer
+from mpsearch.schemes import get_scheme
+
+
+def _layers() -> dict[str, tuple[nn.Module, torch.Tensor]]:
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    return {
+        "conv2d": (nn.Conv2d(16, 32, 3, padding=1).eval(), torch.randn(4, 16, 8, 8, generator=g)),
+        "conv1d": (nn.Conv1d(16, 32, 5, bias=False).eval(), torch.randn(4, 16, 20, generator=g)),
+        "linear": (nn.Linear(64, 32).eval(), torch.randn(8, 64, generator=g)),
+    }
+
+
+@pytest.mark.parametrize("scheme", ["bf16", "fp16", "w4a16", "w8a16"])
+@pytest.mark.parametrize("kind", ["conv2d", "conv1d", "linear"])
+def test_emulation_matches_the_real_reduced_precision_kernel(kind: str, scheme: str) -> None:
+    layer, x = _layers()[kind]
+    s = get_scheme(scheme)
+    if s.applicability_error(tuple(layer.weight.shape)):
+        pytest.skip("scheme does not apply to this shape")
+    real, fast = SimulatedLayer(layer, s), EmulatedLayer(layer, s)
+    with torch.inference_mode():
+        y_real, y_fast = real(x), fast(x)
+    assert y_fast.dtype == y_real.dtype == torch.float32
+    # same products, float32 sums in another order: at most one step of the output format
+    eps = 2.0**-7 if s.compute_dtype == "bf16" else 2.0**-10
+    tol = eps * y_real.abs() + 1e-5 * float(y_real.abs().max())
+    assert bool(((y_fast - y_real).abs() <= tol).all())
+    # and most outputs are bit-identical
+    assert float((y_fast == y_real).float().mean()) > 0.9
+
+
+def test_profile_layer_emulates_only_reduced_precision_compute() -> None:
+    impl = get_backend("simulate")
+    layer = nn.Linear(64, 64)
+    assert type(profile_layer(impl, layer, get_scheme("bf16"))) is EmulatedLayer
+    assert type(profile_layer(impl, layer, get_scheme("w4a16"))) is EmulatedLayer
+    assert type(profile_layer(impl, layer, get_scheme("w8a8"))) is SimulatedLayer
+    assert type(profile_layer(impl, layer, get_scheme("fp32"))) is SimulatedLayer
