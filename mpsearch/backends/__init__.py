@@ -2,7 +2,14 @@
 
 from mpsearch.backends._cpu import CPU_KERNELS, CpuBackend, register_cpu_kernel
 from mpsearch.backends._cuda import CUDA_KERNELS, CudaBackend
-from mpsearch.backends._kernels import Kernel, KernelBackend, RealLayer, storage_bytes
+from mpsearch.backends._kernels import (
+    Kernel,
+    KernelBackend,
+    RealLayer,
+    int8_activation_spec,
+    onednn_u8s8_saturates,
+    storage_bytes,
+)
 from mpsearch.backends._quantize import (
     as_plan,
     check_assignment,
@@ -32,6 +39,8 @@ __all__ = [
     "check_assignment",
     "collect_activation_ranges",
     "get_backend",
+    "int8_activation_spec",
+    "onednn_u8s8_saturates",
     "quantize",
     "register_backend",
     "register_cpu_kernel",

@@ -74,6 +74,8 @@ FORMATS: dict[str, NumberFormat] = {
     ),
     "fp4_e2m1": NumberFormat("fp4_e2m1", "float", 4, 2, 1, _float_max(2, 1, ieee=False)),
     "int8": NumberFormat("int8", "int", 8),
+    # 7-bit activation codes: what oneDNN's u8 x s8 kernels take on CPUs without VNNI
+    "int7": NumberFormat("int7", "int", 7),
     "int4": NumberFormat("int4", "int", 4),
     "int2": NumberFormat("int2", "int", 2),
 }

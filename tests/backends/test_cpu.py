@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import io
 
 import pytest
@@ -7,7 +8,14 @@ import torch
 from torch import nn
 
 import mpsearch as mps
-from mpsearch.backends import CpuBackend, RealLayer, get_backend, storage_bytes
+from mpsearch.backends import (
+    CpuBackend,
+    RealLayer,
+    get_backend,
+    int8_activation_spec,
+    onednn_u8s8_saturates,
+    storage_bytes,
+)
 
 # Tolerances of real kernels against the simulation of the same scheme (SQNR in dB).
 # fp32/bf16/fp16/w8a8 follow the scheme's arithmetic exactly (same codes and scales);
@@ -43,10 +51,15 @@ def test_real_matches_simulate(kind: str, scheme: str, static: bool) -> None:
     layer, x = _layers()[kind]
     layer.eval()
     s = mps.get_scheme(scheme)
+    # the simulation of what the oneDNN kernels run here (7-bit activation codes on CPUs whose
+    # u8 x s8 kernels saturate); the scheme itself elsewhere
+    ran = (
+        dataclasses.replace(s, activation=int8_activation_spec(s)) if s.quantizes_activations else s
+    )
     act_range = (-2.5, 3.0) if static else None
     with torch.no_grad():
         real = get_backend("cpu").quantize_layer(layer, s, act_range=act_range)
-        sim = get_backend("simulate").quantize_layer(layer, s, act_range=act_range)
+        sim = get_backend("simulate").quantize_layer(layer, ran, act_range=act_range)
         out, ref = real(x), sim(x)
     assert isinstance(real, RealLayer)
     assert out.dtype == torch.float32 and out.shape == ref.shape
@@ -115,6 +128,32 @@ def _net() -> nn.Module:
 
 
 PLAN = mps.PrecisionPlan({"0": "w8a8", "3": "bf16", "5": "w4a16", "7": "w8a16"})
+
+
+@pytest.mark.parametrize("kind", ["Linear", "Conv2d"])
+def test_int8_kernels_do_exact_integer_arithmetic_on_extreme_codes(kind: str) -> None:
+    """Full-scale activations times full-scale weights: the products that saturate int16 pair
+    sums on CPUs without VNNI. The output must equal the integer arithmetic of the codes."""
+    torch.manual_seed(0)
+    layer = nn.Linear(64, 16) if kind == "Linear" else nn.Conv2d(16, 8, 3, padding=1)
+    with torch.no_grad():
+        layer.weight.copy_(torch.sign(torch.randn_like(layer.weight)).abs())  # all codes 127
+        layer.bias.zero_()
+    x = torch.full((2, 64) if kind == "Linear" else (2, 16, 5, 5), 3.0)  # all codes at qmax
+    real = get_backend("cpu").quantize_layer(layer, mps.get_scheme("w8a8"), act_range=(0.0, 3.0))
+    with torch.no_grad():
+        q, scale, zero = real.act(x)
+        x_hat = (q.float() - zero) * scale
+        w_hat = layer.weight.double()  # codes 127 with scale 1/127: exactly the weight
+        ref = (
+            layer(x_hat)
+            if kind == "Linear"
+            else nn.functional.conv2d(x_hat, layer.weight, padding=1)
+        )
+        out = real(x)
+    assert int(q.max()) == (127 if onednn_u8s8_saturates() else 255)
+    assert w_hat.abs().max() == 1.0
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-4)
 
 
 def test_quantized_model_matches_simulate_end_to_end() -> None:
