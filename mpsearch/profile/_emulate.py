@@ -17,10 +17,12 @@ import torch
 from torch import Tensor, nn
 
 from mpsearch.backends import SimulatedLayer
+from mpsearch.backends._simulate import SimulateBackend
 from mpsearch.layers import layer_forward
 from mpsearch.schemes import Scheme, fake_quantize
 
 _EMULATED = (torch.bfloat16, torch.float16)
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class EmulatedLayer(SimulatedLayer):
@@ -41,13 +43,21 @@ class EmulatedLayer(SimulatedLayer):
         super().__init__(layer, scheme, act_range=act_range)
         self.weight_f32 = self.weight_q.float()
         self.bias_f32 = None if self.bias_c is None else self.bias_c.float()
+        act = scheme.activation
+        self._act_is_compute_dtype = (
+            act is not None
+            and not act.scaled
+            and act.fmt.torch_dtype is not None
+            and act.fmt.torch_dtype == self.compute_dtype
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         if not x.is_cpu or self.compute_dtype not in _EMULATED:
             return super().forward(x)
         out_dtype = x.dtype
         act = self.scheme.activation
-        if act is not None and not act.is_identity:
+        # an activation format that is the compute dtype itself is applied by the cast below
+        if act is not None and not act.is_identity and not self._act_is_compute_dtype:
             lo, hi = self.act_range if self.act_range is not None else (None, None)
             x = fake_quantize(x.float(), act, lo=lo, hi=hi)
         xc = x.to(self.compute_dtype).float()
@@ -63,7 +73,6 @@ def profile_layer(impl: object, layer: nn.Module, scheme: Scheme) -> nn.Module:
     >>> type(profile_layer(get_backend("simulate"), nn.Linear(4, 4), get_scheme("bf16"))).__name__
     'EmulatedLayer'
     """
-    quantized = impl.quantize_layer(layer, scheme)  # type: ignore[attr-defined]
-    if type(quantized) is SimulatedLayer and quantized.compute_dtype in _EMULATED:
-        return EmulatedLayer(layer, scheme, act_range=quantized.act_range)
-    return quantized
+    if type(impl) is SimulateBackend and _DTYPES.get(scheme.compute_dtype) in _EMULATED:
+        return EmulatedLayer(layer, scheme)
+    return impl.quantize_layer(layer, scheme)  # type: ignore[attr-defined]

@@ -98,13 +98,12 @@ def call_metric(fn: MetricFn, name: str, ref: Tensor, out: Tensor, where: str) -
 
 
 def signal_of(ref: Tensor) -> float:
-    """``sum(ref**2)`` in float64 accumulation (the SQNR numerator of one output).
+    """``sum(ref**2)`` (the SQNR numerator of one output), float32 cascade summation.
 
     >>> signal_of(torch.tensor([1.0, 2.0]))
     5.0
     """
-    r = ref.float()
-    return float(torch.sum(r * r, dtype=torch.float64))
+    return float(ref.float().square().sum())
 
 
 @dataclass
@@ -119,10 +118,10 @@ class LocalStats:
     def update(self, ref: Tensor, out: Tensor, *, signal: float | None = None) -> None:
         """Add one (reference, quantized) output pair; ``signal``: ``sum(ref**2)`` if known.
 
-        The difference is taken in float32 and its squares summed in float64.
+        The difference and its squares are float32, summed by torch's cascade summation.
         """
         diff = out.float() - ref.float()
-        e = float(torch.sum(diff * diff, dtype=torch.float64))
+        e = float(diff.square_().sum())
         if not math.isfinite(e):
             self.finite = False
         self.err += e
