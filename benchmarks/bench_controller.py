@@ -81,9 +81,9 @@ class Setup:
 
 
 SETUPS = {
-    "digits_cnn": Setup(n_calib=359, n_test=None, n_b1=360),
-    "char_mlp": Setup(n_calib=8000, n_test=4000, n_b1=500),
-    "text_transformer": Setup(n_calib=735, n_test=735, n_b1=300),
+    "digits_cnn": Setup(n_calib=359, n_test=None, n_b1=200),
+    "char_mlp": Setup(n_calib=8000, n_test=3000, n_b1=300),
+    "text_transformer": Setup(n_calib=735, n_test=735, n_b1=150),
 }
 
 

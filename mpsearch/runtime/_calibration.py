@@ -95,15 +95,23 @@ def fixed_sequence_test(pvalues: Sequence[float], delta: float) -> int:
 
 
 def default_grid(points_per_decade: int = 20, lowest: float = 1e-7) -> np.ndarray:
-    """The fixed threshold grid for scores in ``[0, 1]``: ``-inf``, log-spaced, ``+inf``.
+    """The fixed threshold grid for scores in ``[0, 1]``: ``-inf``, log-spaced near 0 *and*
+    near 1, ``+inf``.
+
+    Points are log-spaced in ``s`` from ``lowest`` to 0.5 and in ``1 - s`` from 0.5 down to
+    ``lowest``, so scores crowded near 1 (a low-confidence model: ``max_softmax``, ``margin``
+    close to 1 for most inputs) get thresholds as fine as scores crowded near 0.
 
     >>> g = default_grid()
     >>> bool(g[0] == -np.inf and g[-1] == np.inf and np.all(np.diff(g[1:-1]) > 0))
     True
+    >>> bool(np.any((g > 0.99) & (g < 0.999)))
+    True
     """
-    decades = -math.log10(lowest)
-    inner = np.logspace(math.log10(lowest), 0.0, round(decades * points_per_decade) + 1)
-    return np.concatenate([[-np.inf], inner, [np.inf]])
+    decades = math.log10(0.5 / lowest)
+    low = np.logspace(math.log10(lowest), math.log10(0.5), round(decades * points_per_decade) + 1)
+    high = 1.0 - low[::-1][1:]
+    return np.concatenate([[-np.inf], low, high, [np.inf]])
 
 
 def quantile_grid(scores: np.ndarray, levels: int = 200) -> np.ndarray:

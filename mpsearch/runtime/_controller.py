@@ -129,6 +129,11 @@ def _hard_rows(scores: Any, m: int, threshold: float, name: str) -> np.ndarray |
     """
     if not isinstance(scores, np.ndarray) or scores.shape != (m,):
         check_score_array(scores, m, name)  # raises with the shape it got
+    if m == 1:
+        value = scores.item()
+        if value != value:
+            check_score_array(scores, m, name)  # raises the NaN error
+        return _ALL if value > threshold else None
     if m <= _SMALL:
         values = scores.tolist()
         if any(v != v for v in values):

@@ -50,13 +50,11 @@ def logits_array(logits: Tensor) -> np.ndarray:
     >>> logits_array(torch.zeros(2, 3)).shape
     (2, 3)
     """
-    if logits.dtype is not torch.float32:
-        logits = logits.float()
-    if logits.requires_grad:
-        logits = logits.detach()
-    if logits.device.type != "cpu":
-        logits = logits.cpu()
-    return logits.numpy()
+    try:
+        array = logits.numpy()  # one call on the common path: float32, CPU, no grad
+    except (TypeError, RuntimeError):  # bf16, another device, or a tensor needing grad
+        return logits.detach().float().cpu().numpy()
+    return array if array.dtype == np.float32 else array.astype(np.float32)
 
 
 # The scores are computed in NumPy, in place where possible: on the small per-input arrays of

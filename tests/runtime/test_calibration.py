@@ -156,3 +156,50 @@ def test_guarantee_holds_over_random_draws() -> None:
         risk = losses(big_a, served_stage(big_s, t), None, "disagreement").mean()
         violations += risk > eps
     assert violations / 200 <= delta
+
+
+def test_guarantee_bounds_the_true_risk_not_the_test_split_rate() -> None:
+    """Scores uniform on [0, 1], the cheap answer wrong w.p. score**3: the risk of threshold t
+    is exactly t**4 / 4. Over 300 calibration draws the chosen threshold's true risk exceeds
+    eps at most delta of the time; an independent test split of the same size, on which the
+    served disagreement scatters binomially around the true risk, exceeds eps more often."""
+    rng = np.random.default_rng(3)
+    eps, delta, n = 0.05, 0.1, 400
+    grid = np.concatenate([[-np.inf], np.linspace(0.01, 1.0, 100), [np.inf]])
+
+    def draw(m: int) -> tuple[np.ndarray, np.ndarray]:
+        score = rng.random(m)
+        wrong = rng.random(m) < score**3
+        return score[None], np.stack([wrong.astype(int), np.zeros(m, dtype=int)])
+
+    # Here the bound is tight (3000 draws give 0.0997: the binomial p-value at the first
+    # threshold whose risk exceeds eps is 0.099), so the 300-draw rate is checked against delta
+    # plus three Monte Carlo standard errors.
+    tolerance = 3 * (delta * (1 - delta) / 300) ** 0.5
+    true_viol = split_viol = 0
+    draws = 300
+    for _ in range(draws):
+        s, a = draw(n)
+        t = learn_then_test(s, a, targets={"disagreement": eps}, delta=delta, grid=grid).threshold
+        true_risk = min(t, 1.0) ** 4 / 4 if t > 0 else 0.0
+        true_viol += true_risk > eps
+        ts, ta = draw(n)
+        split_viol += losses(ta, served_stage(ts, t), None, "disagreement").mean() > eps
+    assert true_viol / draws <= delta + tolerance
+    assert split_viol > true_viol
+
+
+def test_default_grid_resolves_scores_crowded_near_one() -> None:
+    """A low-confidence model's scores sit near 1. The old grid (log-spaced near 0 only) had
+    nothing between 0.89 and 1, so it escalated every input; the grid is now as fine near 1."""
+    rng = np.random.default_rng(0)
+    n = 4000
+    score = 1.0 - 1e-3 * rng.random(n)  # all in (0.999, 1]
+    wrong = score > 1.0 - 1e-4  # the hardest 10% are wrong
+    answers = np.stack([wrong.astype(int), np.zeros(n, dtype=int)])
+    res = learn_then_test(score[None], answers, targets={"disagreement": 0.01}, delta=0.1)
+    served = served_stage(score[None], res.threshold)
+    assert res.certified
+    assert 0.99 < res.threshold < 1.0
+    assert (served == 1).mean() < 0.2  # escalates the hard tenth, not everything
+    assert losses(answers, served, None, "disagreement").mean() <= 0.01
