@@ -26,7 +26,8 @@ _COST_AXES = ("memory_mb", "latency_ms")
 
 
 def _evaluated(result: Any) -> pd.DataFrame:
-    """Feasible COMPLETE trials whose quality was truly evaluated (or memoised), with ``kind``."""
+    """Feasible COMPLETE trials whose quality was truly evaluated (or memoised), one per plan,
+    with ``kind`` (the first part of ``origin``)."""
     df = result.trials
     if not len(df):
         return pd.DataFrame(columns=["trial", "quality", "memory_mb", "latency_ms", "kind"])
@@ -34,7 +35,11 @@ def _evaluated(result: Any) -> pd.DataFrame:
         (df["state"] == "COMPLETE") & df["quality_source"].isin(["true", "memo"]) & df["feasible"]
     ].copy()
     df["kind"] = df["origin"].str.split(":").str[0]
-    return df
+    # one point per plan: a memoised re-run of a plan (quality_source "memo") is not a new point
+    if "assignment" in df.columns:
+        keys = [tuple(sorted(a.items())) if isinstance(a, dict) else None for a in df["assignment"]]
+        return df[~pd.Series(keys, index=df.index).duplicated() | df["assignment"].isna()]
+    return df.drop_duplicates(subset=["quality", "memory_mb", "latency_ms"])
 
 
 def baseline_params(

@@ -1,9 +1,13 @@
 """The controller's trade-off: quality against average cost per input, vs each static variant.
 
-Every variant is run once on the same inputs; from their answers, the first-stage difficulty
+Every variant is run once on the same inputs; from their answers, the per-stage difficulty
 scores and the variants' measured costs, the served variant, answer and cost of any
-threshold follow exactly (:func:`~mpsearch.runtime.served_stage`,
-:func:`~mpsearch.runtime.cascade_cost`). So a whole curve costs one pass per variant.
+threshold follow (:func:`~mpsearch.runtime.served_stage`,
+:func:`~mpsearch.runtime.cascade_cost`). So a whole curve costs one pass per variant. It is
+exact for variants whose output on an input does not depend on the rest of its batch
+(weight-only, bf16, static activation ranges); with dynamic per-tensor activation scales
+(``w8a8`` without calibration data) a later stage, which serves only the escalated inputs,
+may score a few inputs slightly differently than on the full batch.
 """
 
 from __future__ import annotations
@@ -37,10 +41,17 @@ def cascade_arrays(controller: Any, data: Any) -> tuple[np.ndarray, np.ndarray, 
     logits = controller.stage_outputs(data)
     answers = np.stack([lg.argmax(-1).numpy() for lg in logits])
     k, n = answers.shape
+    scorer = controller.scorer
+
+    def stage_scores(lg: Any, stage: int) -> np.ndarray:
+        # the serving path's scoring (float32 NumPy logits), so that thresholds route alike
+        if hasattr(scorer, "score_array"):
+            array = lg.detach().float().cpu().numpy()
+            return np.asarray(scorer.score_array(array, stage), dtype=np.float64)
+        return scorer(lg, stage).double().numpy()
+
     scores = (
-        np.stack([controller.scorer(logits[s], s).double().numpy() for s in range(k - 1)])
-        if k > 1
-        else np.zeros((0, n))
+        np.stack([stage_scores(logits[s], s) for s in range(k - 1)]) if k > 1 else np.zeros((0, n))
     )
     return answers, scores, costs
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -106,5 +107,8 @@ def test_controller_tradeoff_runs_on_the_study_plans(workdir, monkeypatch) -> No
     text = outputs_text(nb)
     assert "plans from study 'nb_digits'" in text
     assert "eps=0.01" in text and "eps=0.05" in text
-    assert "agreement (served)" in text  # the check cell ran (it asserts agreement)
+    # the controller serving the test split for real agrees with the offline table (up to the
+    # few inputs that dynamic activation scales may route differently)
+    found = re.search(r"largest agreement difference, served vs table: ([0-9.e-]+)", text)
+    assert found and float(found.group(1)) <= 0.02
     assert images(nb) >= 3

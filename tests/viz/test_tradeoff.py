@@ -95,13 +95,15 @@ def test_variant_share_and_difficulty_examples() -> None:
 
 
 def test_tradeoff_of_a_real_controller_matches_what_it_serves() -> None:
+    # weight-only variants: an input's output does not depend on the rest of its batch (with
+    # dynamic per-tensor activation scales, as in w8a8, it does, slightly)
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 10)).eval()
     gen = torch.Generator().manual_seed(1)
     calib = [torch.randn(64, 32, generator=gen) for _ in range(4)]
     test = torch.randn(200, 32, generator=gen)
     ctrl = Controller(
-        net, ["w4a16", "w8a8", "fp32"], backend="simulate", example_input=calib[0], order="given"
+        net, ["w4a16", "w8a16", "fp32"], backend="simulate", example_input=calib[0], order="given"
     )
     ctrl.calibrate(calib, max_disagreement=0.05, delta=0.2)
     answers, scores, costs = cascade_arrays(ctrl, [test])
@@ -115,6 +117,7 @@ def test_tradeoff_of_a_real_controller_matches_what_it_serves() -> None:
         reference = net(test).argmax(-1).numpy()
     row = df.set_index("setting").loc["calibrated"]
     assert row["agreement"] == pytest.approx(float((served == reference).mean()))
+    assert 0 < row[names[0]] < 1  # a real mix: some inputs escalated, some not
     audit = ctrl.audit.tail(200)
     for k, name in enumerate(names):
         assert row[name] == pytest.approx(float((audit["variant"] == k).mean()))
