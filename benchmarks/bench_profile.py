@@ -54,13 +54,15 @@ def forward_time(model: torch.nn.Module, batches: list, repeats: int = 3) -> lis
 
 def speed(name: str, e2e_samples: int | str | None = "auto") -> tuple[dict, object]:
     wl = load_workload(name, seed=0)
-    before = forward_time(wl.model, wl.calib)
+    repeats = 10 if name == "digits_cnn" else 3
+    load = os.getloadavg()[0]
+    before = forward_time(wl.model, wl.calib, repeats)
     start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         prof = profile(wl.model, wl.calib, schemes=SCHEMES, progress=False, e2e_samples=e2e_samples)
     wall = time.perf_counter() - start
-    after = forward_time(wl.model, wl.calib)
+    after = forward_time(wl.model, wl.calib, repeats)
     fwd = statistics.median(before + after)
     row = {
         "workload": name,
@@ -75,6 +77,8 @@ def speed(name: str, e2e_samples: int | str | None = "auto") -> tuple[dict, obje
         "forward_s": fwd,
         "ratio": wall / fwd,
         "target": 3 * len(SCHEMES),
+        "load": load,
+        "timings": len(before) + len(after),
     }
     return row, prof
 
@@ -151,10 +155,14 @@ def main() -> None:
     row, _ = speed("digits_cnn")
     rows.append(row)
     print(row, flush=True)
+    # auto, exact, auto again: the two auto runs show how much the machine's load moved
+    row, fast = speed("resnet18", "auto")
+    rows.append(row)
+    print(row, flush=True)
     row, exact = speed("resnet18", None)
     rows.append(row)
     print(row, flush=True)
-    row, fast = speed("resnet18", "auto")
+    row, _ = speed("resnet18", "auto")
     rows.append(row)
     print(row, flush=True)
     fid = fidelity(fast, exact)
@@ -165,14 +173,16 @@ def main() -> None:
         "# Profiler benchmark",
         "",
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, schemes {SCHEMES}, "
-        "simulate backend, no cache. Forward time: median of 6 timings of one fp32 pass over "
-        "all calibration batches (the user's model, BatchNorm unfolded), taken right before and "
-        "after each profile.",
+        "simulate backend, no cache. Forward time: median of the timings (column `n`) of one "
+        "fp32 pass over all calibration batches (the user's model, BatchNorm unfolded), half "
+        "taken right before and half right after each profile. ResNet-18 runs auto, exact, "
+        "auto again in that order.",
         "",
         f"Machine load (1/5/15-min load average on 2 cores, shared with other jobs): "
         f"{'/'.join(f'{v:.1f}' for v in load_start)} at the start, "
-        f"{'/'.join(f'{v:.1f}' for v in load_end)} at the end. Absolute seconds are noisy; "
-        "each ratio is measured side by side.",
+        f"{'/'.join(f'{v:.1f}' for v in load_end)} at the end; column `load`: the 1-min load "
+        "average when the row started. Absolute seconds are noisy; each ratio is measured "
+        "side by side.",
         "",
         "`e2e samples`: calibration samples the end-to-end errors were measured on (local "
         "errors always use all of them); `D`: the end-to-end work per scheme in exact mode, in "
@@ -180,14 +190,15 @@ def main() -> None:
         "uses to choose (exact when D <= 2, else about one pass per scheme).",
         "",
         "| workload | e2e_samples | quantizable layers | batches | runner | e2e samples | D | "
-        "profile (s) | fp32 pass (s) | ratio | target (3 x S) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "load | profile (s) | fp32 pass (s) | n | ratio | target (3 x S) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['workload']} | {r['mode']} | {r['layers']} | {r['batches']} | {r['runner']} | "
             f"{r['e2e_samples']} / {r['calib_samples']} | {r['downstream']:.2f} | "
-            f"{r['profile_s']:.2f} | {r['forward_s']:.4f} | {r['ratio']:.1f} | {r['target']} |"
+            f"{r['load']:.1f} | {r['profile_s']:.2f} | {r['forward_s']:.4f} | {r['timings']} | "
+            f"{r['ratio']:.1f} | {r['target']} |"
         )
     per = ", ".join(f"{k} {v:.3f}" for k, v in fid["per_scheme"].items())
     lines += [
