@@ -4,12 +4,11 @@ Run: ``python benchmarks/bench_profile.py``. Prints a table and writes
 ``benchmarks/results/profile.md``.
 
 1. For the digits CNN and the ResNet-18 workload: wall time of ``profile`` (3 schemes, no
-   cache) vs one fp32 forward pass over the same calibration batches, measured side by side
-   (median of the forward timings taken right before and right after the profile), their
-   ratio, and the target ``3 x (number of schemes)``. The digits CNN runs with the default
-   ``e2e_samples="auto"`` (which keeps exact mode there); ResNet-18 runs in exact mode
-   (``e2e_samples=None``) and in the default auto mode, which measures end-to-end errors on
-   the first samples only.
+   cache) vs one fp32 forward pass over the same calibration batches, interleaved (profiles
+   between pass timings; medians), their ratio in wall and in process CPU time, and the target
+   ``3 x (number of schemes)``. The digits CNN runs with the default ``e2e_samples="auto"``
+   (which keeps exact mode there); ResNet-18 runs in the default auto mode, which measures
+   end-to-end errors on the first samples only, and in exact mode (``e2e_samples=None``).
 2. ResNet-18, auto vs exact: Spearman rank correlation of the ``e2e`` column over all
    (layer, scheme) rows, and of the ``e2e`` ranking of layers per scheme.
 3. On the trained digits CNN: ``prof.predict(plan)`` (sum of single-layer KL errors) vs the
@@ -40,30 +39,47 @@ N_PLANS = 40
 RESULTS = Path(__file__).parent / "results" / "profile.md"
 
 
-def forward_time(model: torch.nn.Module, batches: list, repeats: int = 3) -> list[float]:
-    times = []
+def forward_time(model: torch.nn.Module, batches: list) -> tuple[float, float]:
+    """Wall and process-CPU seconds of one fp32 pass over all ``batches``."""
     with torch.inference_mode():
-        run_model(model, batches[0])
-        for _ in range(repeats):
-            start = time.perf_counter()
-            for batch in batches:
-                run_model(model, batch)
-            times.append(time.perf_counter() - start)
-    return times
+        wall, cpu = time.perf_counter(), time.process_time()
+        for batch in batches:
+            run_model(model, batch)
+        return time.perf_counter() - wall, time.process_time() - cpu
 
 
-def speed(name: str, e2e_samples: int | str | None = "auto") -> tuple[dict, object]:
+def speed(
+    name: str, e2e_samples: int | str | None = "auto", *, repeats: int = 1, passes: int = 3
+) -> tuple[dict, object]:
+    """``repeats`` profiles, each between ``passes`` fp32 passes, all interleaved.
+
+    Ratios: median profile time / median pass time, for wall time and for process CPU time
+    (the CPU ratio is less sensitive to other jobs taking the 2 cores away).
+    """
     wl = load_workload(name, seed=0)
-    repeats = 10 if name == "digits_cnn" else 3
     load = os.getloadavg()[0]
-    before = forward_time(wl.model, wl.calib, repeats)
-    start = time.perf_counter()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        prof = profile(wl.model, wl.calib, schemes=SCHEMES, progress=False, e2e_samples=e2e_samples)
-    wall = time.perf_counter() - start
-    after = forward_time(wl.model, wl.calib, repeats)
-    fwd = statistics.median(before + after)
+    forward_time(wl.model, wl.calib)  # warm-up
+    fwd_wall, fwd_cpu, prof_wall, prof_cpu = [], [], [], []
+    prof = None
+    for _ in range(repeats):
+        for _ in range(passes):
+            w, c = forward_time(wl.model, wl.calib)
+            fwd_wall.append(w)
+            fwd_cpu.append(c)
+        wall, cpu = time.perf_counter(), time.process_time()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            prof = profile(
+                wl.model, wl.calib, schemes=SCHEMES, progress=False, e2e_samples=e2e_samples
+            )
+        prof_wall.append(time.perf_counter() - wall)
+        prof_cpu.append(time.process_time() - cpu)
+    for _ in range(passes):
+        w, c = forward_time(wl.model, wl.calib)
+        fwd_wall.append(w)
+        fwd_cpu.append(c)
+    fwd, fwd_c = statistics.median(fwd_wall), statistics.median(fwd_cpu)
+    wall, cpu = statistics.median(prof_wall), statistics.median(prof_cpu)
     row = {
         "workload": name,
         "mode": "exact" if e2e_samples is None else str(e2e_samples),
@@ -74,11 +90,13 @@ def speed(name: str, e2e_samples: int | str | None = "auto") -> tuple[dict, obje
         "calib_samples": prof.info["calib_samples"],
         "downstream": prof.info["downstream_passes"],
         "profile_s": wall,
+        "profile_runs": [round(t, 2) for t in prof_wall],
         "forward_s": fwd,
         "ratio": wall / fwd,
+        "cpu_ratio": cpu / fwd_c,
         "target": 3 * len(SCHEMES),
         "load": load,
-        "timings": len(before) + len(after),
+        "timings": len(fwd_wall),
     }
     return row, prof
 
@@ -152,20 +170,17 @@ def main() -> None:
     torch.manual_seed(0)
     load_start = os.getloadavg()
     rows = []
-    row, _ = speed("digits_cnn")
-    rows.append(row)
-    print(row, flush=True)
-    # auto, exact, auto again: the two auto runs show how much the machine's load moved
-    row, fast = speed("resnet18", "auto")
-    rows.append(row)
-    print(row, flush=True)
-    row, exact = speed("resnet18", None)
-    rows.append(row)
-    print(row, flush=True)
-    row, _ = speed("resnet18", "auto")
-    rows.append(row)
-    print(row, flush=True)
-    fid = fidelity(fast, exact)
+    profiles = {}
+    for name, mode, repeats, passes in (
+        ("digits_cnn", "auto", 5, 4),
+        ("resnet18", "auto", 2, 2),
+        ("resnet18", None, 1, 3),
+    ):
+        row, prof = speed(name, mode, repeats=repeats, passes=passes)
+        rows.append(row)
+        print(row, flush=True)
+        profiles[(name, mode)] = prof
+    fid = fidelity(profiles[("resnet18", "auto")], profiles[("resnet18", None)])
     print(fid, flush=True)
     proxy = proxy_quality()
     load_end = os.getloadavg()
@@ -173,10 +188,10 @@ def main() -> None:
         "# Profiler benchmark",
         "",
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, schemes {SCHEMES}, "
-        "simulate backend, no cache. Forward time: median of the timings (column `n`) of one "
-        "fp32 pass over all calibration batches (the user's model, BatchNorm unfolded), half "
-        "taken right before and half right after each profile. ResNet-18 runs auto, exact, "
-        "auto again in that order.",
+        "simulate backend, no cache. Each row: `runs` profiles interleaved with `n` timings of "
+        "one fp32 pass over all calibration batches (the user's model, BatchNorm unfolded); "
+        "ratio = median profile time / median pass time, in wall time and in process CPU time "
+        "(CPU time is less sensitive to other jobs taking the cores).",
         "",
         f"Machine load (1/5/15-min load average on 2 cores, shared with other jobs): "
         f"{'/'.join(f'{v:.1f}' for v in load_start)} at the start, "
@@ -190,15 +205,17 @@ def main() -> None:
         "uses to choose (exact when D <= 2, else about one pass per scheme).",
         "",
         "| workload | e2e_samples | quantizable layers | batches | runner | e2e samples | D | "
-        "load | profile (s) | fp32 pass (s) | n | ratio | target (3 x S) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "load | profile runs (s) | fp32 pass (s) | n | ratio (wall) | ratio (CPU) | "
+        "target (3 x S) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['workload']} | {r['mode']} | {r['layers']} | {r['batches']} | {r['runner']} | "
             f"{r['e2e_samples']} / {r['calib_samples']} | {r['downstream']:.2f} | "
-            f"{r['load']:.1f} | {r['profile_s']:.2f} | {r['forward_s']:.4f} | {r['timings']} | "
-            f"{r['ratio']:.1f} | {r['target']} |"
+            f"{r['load']:.1f} | {', '.join(f'{t:.2f}' for t in r['profile_runs'])} | "
+            f"{r['forward_s']:.4f} | {r['timings']} | {r['ratio']:.1f} | {r['cpu_ratio']:.1f} | "
+            f"{r['target']} |"
         )
     per = ", ".join(f"{k} {v:.3f}" for k, v in fid["per_scheme"].items())
     lines += [

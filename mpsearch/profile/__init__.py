@@ -13,6 +13,13 @@ the name); ``SensitivityProfile`` holds its table.
 
 from mpsearch.layers._batchnorm import fold_batchnorm
 from mpsearch.profile._cache import CODE_VERSION, hash_batches, hash_model
+from mpsearch.profile._e2e import (
+    AUTO_E2E_PASSES,
+    AUTO_EXACT_PASSES,
+    AUTO_MIN_SAMPLES,
+    choose_e2e_samples,
+    first_samples,
+)
 from mpsearch.profile._hessian import hutchinson_traces
 from mpsearch.profile._metrics import E2E_METRICS, auto_metric, kl_divergence, mean_squared_error
 from mpsearch.profile._plotdata import heatmap_data
@@ -20,12 +27,17 @@ from mpsearch.profile._profile import DEFAULT_SCHEMES, profile
 from mpsearch.profile._result import COLUMNS, SensitivityProfile
 
 __all__ = [
+    "AUTO_E2E_PASSES",
+    "AUTO_EXACT_PASSES",
+    "AUTO_MIN_SAMPLES",
     "CODE_VERSION",
     "COLUMNS",
     "DEFAULT_SCHEMES",
     "E2E_METRICS",
     "SensitivityProfile",
     "auto_metric",
+    "choose_e2e_samples",
+    "first_samples",
     "fold_batchnorm",
     "hash_batches",
     "hash_model",

@@ -15,13 +15,13 @@ from profile_models import (
     chain,
 )
 
-from mpsearch.profile import profile
-from mpsearch.profile._e2e import (
+from mpsearch.profile import (
     AUTO_E2E_PASSES,
     AUTO_EXACT_PASSES,
     AUTO_MIN_SAMPLES,
     choose_e2e_samples,
     first_samples,
+    profile,
 )
 
 SCHEMES = ["bf16", "w8a8", "w4a16"]
