@@ -10,15 +10,13 @@ import pytest
 import torch
 from torch import nn
 
-from mpsearch.workloads import WORKLOADS, CharMLP, Workload, load_workload
+from mpsearch.workloads import WORKLOADS, CharMLP, Workload
 from mpsearch.workloads._char_mlp import CharMLPConfig, build_char_mlp_workload, contexts
 from mpsearch.workloads._text import corpus
 
 SMALL = CharMLPConfig(hidden=128, n_hidden=2, steps=150, train_batch=64, lr=3e-3)
 SMALL_FLOOR = 0.24
 """Next-character accuracy the small configuration must reach (measured: 0.260)."""
-FULL_FLOOR = 0.38
-"""Next-character accuracy the registered ``char_mlp`` must reach (measured: 0.398)."""
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -108,11 +106,3 @@ def test_model_layers_are_plain_linear() -> None:
     assert linears == ["layers.0", "layers.1", "layers.2", "head"]
     with pytest.raises(ValueError, match="n_hidden"):
         CharMLP(vocab_size=96, n_hidden=0)
-
-
-@pytest.mark.slow
-def test_registered_char_mlp_reaches_its_floor() -> None:
-    wl = load_workload("char_mlp", seed=0, n_calib=64, n_test=2048)
-    assert wl.evaluate(wl.model) >= FULL_FLOOR
-    widths = [m.out_features for m in wl.model.layers]
-    assert widths == [1536] * 4

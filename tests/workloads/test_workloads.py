@@ -23,6 +23,7 @@ from mpsearch.workloads import (
 )
 from mpsearch.workloads import _digits as digits_module
 from mpsearch.workloads import _text as text_module
+from mpsearch.workloads._char_mlp import CharMLPConfig, build_char_mlp_workload
 
 QUANTIZABLE = (nn.Linear, nn.Conv2d)
 
@@ -73,17 +74,26 @@ def text(cache_root: Path) -> Workload:
 
 
 @pytest.fixture(scope="module")
+def char_mlp(cache_root: Path) -> Workload:
+    """``char_mlp``'s builder on a small configuration (the registered one trains for minutes)."""
+    config = CharMLPConfig(hidden=128, n_hidden=2, steps=150, train_batch=64, lr=3e-3)
+    return build_char_mlp_workload(
+        config, name="char_mlp", seed=0, cache_dir=cache_root, n_calib=64, n_test=256, batch_size=32
+    )
+
+
+@pytest.fixture(scope="module")
 def all_workloads(
-    digits: Workload, mlp: Workload, resnet: Workload, text: Workload
+    digits: Workload, mlp: Workload, resnet: Workload, text: Workload, char_mlp: Workload
 ) -> dict[str, Workload]:
-    return {w.name: w for w in (digits, mlp, resnet, text)}
+    return {w.name: w for w in (digits, mlp, resnet, text, char_mlp)}
 
 
 # --- registry and arguments -------------------------------------------------------------------
 
 
 def test_registry_names() -> None:
-    assert set(WORKLOADS) == {"digits_cnn", "mlp", "resnet18", "text_transformer"}
+    assert set(WORKLOADS) == {"char_mlp", "digits_cnn", "mlp", "resnet18", "text_transformer"}
 
 
 def test_unknown_name_lists_available_names() -> None:
