@@ -171,15 +171,22 @@ def main() -> None:
     load_start = os.getloadavg()
     rows = []
     profiles = {}
-    for name, mode, repeats, passes in (
-        ("digits_cnn", "auto", 5, 4),
-        ("resnet18", "auto", 2, 2),
-        ("resnet18", None, 1, 3),
-    ):
-        row, prof = speed(name, mode, repeats=repeats, passes=passes)
-        rows.append(row)
-        print(row, flush=True)
-        profiles[(name, mode)] = prof
+    threads = torch.get_num_threads()
+    # 2 threads (the default here), then 1 thread: with one thread a process's CPU time is its
+    # own work, so the CPU-time ratio holds still while other jobs load the 2 shared cores
+    for n_threads in (threads, 1):
+        torch.set_num_threads(n_threads)
+        for name, mode, repeats, passes in (
+            ("digits_cnn", "auto", 5, 4),
+            ("resnet18", "auto", 1, 3),
+            ("resnet18", None, 1, 3),
+        ):
+            row, prof = speed(name, mode, repeats=repeats, passes=passes)
+            row["threads"] = n_threads
+            rows.append(row)
+            print(row, flush=True)
+            profiles.setdefault((name, mode), prof)
+    torch.set_num_threads(threads)
     fid = fidelity(profiles[("resnet18", "auto")], profiles[("resnet18", None)])
     print(fid, flush=True)
     proxy = proxy_quality()
@@ -187,11 +194,12 @@ def main() -> None:
     lines = [
         "# Profiler benchmark",
         "",
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, schemes {SCHEMES}, "
+        f"torch {torch.__version__}, schemes {SCHEMES}, "
         "simulate backend, no cache. Each row: `runs` profiles interleaved with `n` timings of "
         "one fp32 pass over all calibration batches (the user's model, BatchNorm unfolded); "
         "ratio = median profile time / median pass time, in wall time and in process CPU time "
-        "(CPU time is less sensitive to other jobs taking the cores).",
+        "(with 1 thread the CPU time is the process's own work, so that ratio is the one "
+        "least moved by other jobs on the shared cores).",
         "",
         f"Machine load (1/5/15-min load average on 2 cores, shared with other jobs): "
         f"{'/'.join(f'{v:.1f}' for v in load_start)} at the start, "
@@ -204,14 +212,15 @@ def main() -> None:
         'fp32 passes (from the traced graph\'s multiply-accumulates), which `e2e_samples="auto"` '
         "uses to choose (exact when D <= 2, else about one pass per scheme).",
         "",
-        "| workload | e2e_samples | quantizable layers | batches | runner | e2e samples | D | "
-        "load | profile runs (s) | fp32 pass (s) | n | ratio (wall) | ratio (CPU) | "
-        "target (3 x S) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| workload | e2e_samples | threads | quantizable layers | batches | runner | "
+        "e2e samples | D | load | profile runs (s) | fp32 pass (s) | n | ratio (wall) | "
+        "ratio (CPU) | target (3 x S) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['workload']} | {r['mode']} | {r['layers']} | {r['batches']} | {r['runner']} | "
+            f"| {r['workload']} | {r['mode']} | {r['threads']} | {r['layers']} | {r['batches']} | "
+            f"{r['runner']} | "
             f"{r['e2e_samples']} / {r['calib_samples']} | {r['downstream']:.2f} | "
             f"{r['load']:.1f} | {', '.join(f'{t:.2f}' for t in r['profile_runs'])} | "
             f"{r['forward_s']:.4f} | {r['timings']} | {r['ratio']:.1f} | {r['cpu_ratio']:.1f} | "
