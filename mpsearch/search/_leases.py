@@ -128,6 +128,9 @@ class TrialLease:
         if self._thread is not None:
             self._thread.join()
         TrialLease.active.pop(self.trial_id, None)
+        if not self.lost:  # failed by a sweep since the last renewal (a stalled, loaded worker)?
+            with contextlib.suppress(Exception):
+                self.lost = self.storage.get_trial(self.trial_id).state.is_finished()
 
 
 def _expiry(trial: FrozenTrial, policy: LeasePolicy) -> float:

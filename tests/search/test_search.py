@@ -16,6 +16,7 @@ from fake_search import (
 )
 
 from mpsearch.search import Budget, ChoiceTable, SearchSpace, baselines, pareto_mask, search
+from mpsearch.search._leases import LeasePolicy, TrialLease
 
 SPACE = SearchSpace(schemes=SCHEMES)
 MEMORY_MB = 0.02  # fp32 needs 0.065 MB, the smallest plan 0.0125 MB
@@ -155,3 +156,18 @@ def test_seeded_runs_are_reproducible(tmp_path) -> None:
     a = _search(tmp_path / "a", n_trials=30, budget=Budget(memory_mb=0.03))
     b = _search(tmp_path / "b", n_trials=30, budget=Budget(memory_mb=0.03))
     assert list(a.trials["assignment"]) == list(b.trials["assignment"])
+
+
+def test_lease_notices_a_sweep_that_happened_since_its_last_renewal(tmp_path) -> None:
+    """Under load a lease can lapse between two renewals and another worker's sweep fail the
+    trial; the lease must report it as lost on exit, so the worker goes on instead of dying
+    on Optuna's "Cannot tell a FAIL trial"."""
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path}/s.db")
+    trial = study.ask()
+    with TrialLease(study, trial, LeasePolicy(lease_s=600.0)) as lease:
+        study._storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
+    assert lease.lost
+    trial = study.ask()
+    with TrialLease(study, trial, LeasePolicy(lease_s=600.0)) as lease:
+        pass
+    assert not lease.lost
