@@ -172,6 +172,34 @@ def batched(data: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
     return [chunk.clone() for chunk in torch.split(data, batch_size)]
 
 
+def labelled_workload(
+    name: str,
+    model: nn.Module,
+    *,
+    calib: tuple[torch.Tensor, torch.Tensor],
+    test: tuple[torch.Tensor, torch.Tensor],
+    batch_size: int,
+    task: Task = "classification",
+    info: dict[str, Any],
+) -> Workload:
+    """A workload from ``(inputs, labels)`` calibration and test splits, cut into batches of
+    ``batch_size``, with its fp32 quality measured into ``info["fp32_quality"]``."""
+    test_batches = batched(test[0], batch_size)
+    workload = Workload(
+        name=name,
+        model=model,
+        calib=batched(calib[0], batch_size),
+        test=test_batches,
+        test_labels=batched(test[1], batch_size),
+        example_input=test_batches[0].clone(),
+        task=task,
+        calib_labels=batched(calib[1], batch_size),
+        info=info,
+    )
+    workload.info["fp32_quality"] = workload.evaluate(model)
+    return workload
+
+
 def check_int(argument: str, value: Any, *, minimum: int) -> None:
     """Raise ``ValueError`` unless ``value`` is an ``int`` (not a bool) of at least ``minimum``."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from mpsearch.workloads._base import Workload, batched, register_workload, take
+from mpsearch.workloads._base import Workload, labelled_workload, register_workload, take
 from mpsearch.workloads._cache import fingerprint, load_or_train
 from mpsearch.workloads._text import corpus
 
@@ -160,20 +160,14 @@ def build_char_mlp_workload(
     n_cal = take("n_calib", n_calib, len(calib_x))
     n_tst = take("n_test", n_test, len(test_x), default=N_TEST)
     calib_idx, test_idx = calib_order[:n_cal], test_order[:n_tst]
-    test = batched(test_x[test_idx], batch_size)
-    workload = Workload(
-        name=name,
-        model=model,
-        calib=batched(calib_x[calib_idx], batch_size),
-        test=test,
-        test_labels=batched(test_y[test_idx], batch_size),
-        example_input=test[0].clone(),
-        task="classification",
-        calib_labels=batched(calib_y[calib_idx], batch_size),
+    return labelled_workload(
+        name,
+        model,
+        calib=(calib_x[calib_idx], calib_y[calib_idx]),
+        test=(test_x[test_idx], test_y[test_idx]),
+        batch_size=batch_size,
         info={**info, "vocab": text.vocab, "vocab_size": text.vocab_size},
     )
-    workload.info["fp32_quality"] = workload.evaluate(model)
-    return workload
 
 
 @register_workload("char_mlp")

@@ -14,7 +14,7 @@ from torch.nn import functional as F
 
 from mpsearch.workloads._base import (
     Workload,
-    batched,
+    labelled_workload,
     register_workload,
     split_indices,
     take,
@@ -148,20 +148,14 @@ def _build(
         build=model_factory,
         train=lambda m: _train(m, x[train_idx], labels[train_idx], config, seed=seed),
     )
-    test = batched(x[test_idx], batch_size)
-    workload = Workload(
-        name=name,
-        model=model,
-        calib=batched(x[calib_idx], batch_size),
-        test=test,
-        test_labels=batched(labels[test_idx], batch_size),
-        example_input=test[0].clone(),
-        task="classification",
-        calib_labels=batched(labels[calib_idx], batch_size),
+    return labelled_workload(
+        name,
+        model,
+        calib=(x[calib_idx], labels[calib_idx]),
+        test=(x[test_idx], labels[test_idx]),
+        batch_size=batch_size,
         info=info,
     )
-    workload.info["fp32_quality"] = workload.evaluate(model)
-    return workload
 
 
 @register_workload("digits_cnn")

@@ -14,7 +14,13 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from mpsearch.workloads._base import Workload, register_workload, split_indices, take
+from mpsearch.workloads._base import (
+    Workload,
+    labelled_workload,
+    register_workload,
+    split_indices,
+    take,
+)
 from mpsearch.workloads._cache import fingerprint, load_or_train
 
 UNKNOWN = 0
@@ -267,18 +273,12 @@ def build_text_transformer(
     test_x, test_y = windows(text.test, config.seq_len)
     n_cal = take("n_calib", n_calib, len(calib_x))
     n_tst = take("n_test", n_test, len(test_x), default=N_TEST)
-    calib = [b.clone() for b in torch.split(calib_x[:n_cal], batch_size)]
-    test = [b.clone() for b in torch.split(test_x[:n_tst], batch_size)]
-    workload = Workload(
-        name="text_transformer",
-        model=model,
-        calib=calib,
-        test=test,
-        test_labels=[b.clone() for b in torch.split(test_y[:n_tst], batch_size)],
-        example_input=test[0].clone(),
+    return labelled_workload(
+        "text_transformer",
+        model,
+        calib=(calib_x[:n_cal], calib_y[:n_cal]),
+        test=(test_x[:n_tst], test_y[:n_tst]),
+        batch_size=batch_size,
         task="language_model",
-        calib_labels=[b.clone() for b in torch.split(calib_y[:n_cal], batch_size)],
         info={**info, "vocab": text.vocab, "vocab_size": text.vocab_size},
     )
-    workload.info["fp32_quality"] = workload.evaluate(model)
-    return workload
