@@ -22,10 +22,27 @@ def kl_divergence(ref: Tensor, out: Tensor) -> float:
     >>> kl_divergence(torch.tensor([[1.0, 2.0]]), torch.tensor([[1.0, 2.0]]))
     0.0
     """
-    ref64 = torch.log_softmax(ref.double().reshape(-1, ref.shape[-1]), dim=-1)
-    out64 = torch.log_softmax(out.double().reshape(-1, out.shape[-1]), dim=-1)
-    kl = (ref64.exp() * (ref64 - out64)).sum(dim=-1)
-    return float(kl.clamp_min(0.0).mean())
+    return KLAgainst(ref)(out)
+
+
+def _log_probs(t: Tensor) -> Tensor:
+    return torch.log_softmax(t.double().reshape(-1, t.shape[-1]), dim=-1)
+
+
+class KLAgainst:
+    """``kl_divergence(ref, out)`` for many ``out``: the reference's softmax computed once.
+
+    >>> KLAgainst(torch.tensor([[1.0, 2.0]]))(torch.tensor([[1.0, 2.0]]))
+    0.0
+    """
+
+    def __init__(self, ref: Tensor) -> None:
+        self.log_p = _log_probs(ref)
+        self.p = self.log_p.exp()
+
+    def __call__(self, out: Tensor) -> float:
+        kl = (self.p * (self.log_p - _log_probs(out))).sum(dim=-1)
+        return float(kl.clamp_min(0.0).mean())
 
 
 def mean_squared_error(ref: Tensor, out: Tensor) -> float:
