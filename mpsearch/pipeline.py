@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -553,31 +554,41 @@ def summarize(
     *,
     backend: str,
     progress: bool = False,
+    rounds: int = 3,
 ) -> pd.DataFrame:
     """Quality, exact memory and measured latency of fp32 and each plan, with ratios to fp32.
+
+    ``fp32`` is the user's model as it is. Each plan is quantized once; latencies are the
+    median over ``rounds`` rounds that time every model in turn (so a burst of load on a shared
+    machine does not land on one plan only), each round a median of the cost model's repeats.
 
     >>> summarize(wl, cost, {"w8a8": PrecisionPlan.uniform("w8a8")}, backend="cpu")  # doctest: +SKIP
     """
     from tqdm.auto import tqdm
 
+    models = {"fp32": wl.model}
     rows = [
         {
             "plan": "fp32",
             "quality": wl.evaluate(wl.model),
             "memory_mb": cost.fp32_memory_bytes / 1e6,
-            "latency_ms": cost.measure("fp32"),
         }
     ]
     for name, plan in tqdm(plans.items(), desc="measure", disable=not progress, leave=False):
-        qmodel = quantize(wl.model, plan, backend=backend)
+        models[name] = quantize(wl.model, plan, backend=backend)
         rows.append(
             {
                 "plan": name,
-                "quality": wl.evaluate(qmodel),
+                "quality": wl.evaluate(models[name]),
                 "memory_mb": cost.memory_bytes(plan) / 1e6,
-                "latency_ms": cost.measure(plan),
             }
         )
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for _ in range(rounds):
+        for name, module in models.items():
+            times[name].append(cost.time_module(module))
+    for row in rows:
+        row["latency_ms"] = statistics.median(times[row["plan"]])
     df = pd.DataFrame(rows)
     df["memory_ratio"] = df["memory_mb"] / df.loc[0, "memory_mb"]
     df["speedup"] = df.loc[0, "latency_ms"] / df["latency_ms"]

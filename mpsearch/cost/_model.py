@@ -177,8 +177,12 @@ class CostModel:
 
     def measure(self, plan: PlanLike, *, repeats: int | None = None) -> float:
         """Median end-to-end ms of the model really quantized by ``plan`` on the backend."""
-        qmodel = quantize(self.model, plan, backend=self.backend)
-        return _time_model(qmodel, self.example_input, self.settings, repeats=repeats)
+        return self.time_module(quantize(self.model, plan, backend=self.backend), repeats=repeats)
+
+    def time_module(self, module: nn.Module, *, repeats: int | None = None) -> float:
+        """Median ms of ``module`` on the example input, timed as this cost model was (threads,
+        timer, warm-up): e.g. the user's own fp32 model next to quantized ones."""
+        return _time_model(module, self.example_input, self.settings, repeats=repeats)
 
     def validate(self, plans: Iterable[PlanLike], *, repeats: int | None = None) -> pd.DataFrame:
         """Predicted vs measured latency for ``plans``: one row each with the relative error."""
