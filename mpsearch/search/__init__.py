@@ -10,6 +10,7 @@ from mpsearch.search._result import SearchResult
 from mpsearch.search._search import (
     SAMPLERS,
     EvaluationError,
+    baseline_plans,
     make_sampler,
     search,
     warm_start_params,
@@ -34,6 +35,7 @@ __all__ = [
     "SpaceError",
     "WorkerPool",
     "WorkerSpec",
+    "baseline_plans",
     "baselines",
     "hypervolume",
     "load_space",

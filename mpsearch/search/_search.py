@@ -411,17 +411,21 @@ def _check_model_runs(model: nn.Module, example_input: Any, eval_batches: list[A
         ) from exc
 
 
-def warm_start_params(
+def baseline_plans(
     table: ChoiceTable,
     limits: tuple[float | None, float | None],
     *,
     n_greedy: int = 8,
     n_ilp: int = 6,
 ) -> dict[str, dict[str, str]]:
-    """Warm-start parameter sets by origin: uniform plans, greedy walk points, ILP plans.
+    """Every plan the baselines propose, by origin (``uniform:<scheme>``, ``greedy:<i>``,
+    ``greedy:budget``, ``ilp:budget``, ``ilp:<level>MB``), duplicates across origins kept.
 
     ILP plans are solved at the budget and at ``n_ilp`` memory levels spread between the
     smallest and the largest plan (so the front is seeded across its whole range).
+
+    >>> sorted({o.split(":")[0] for o in baseline_plans(table, (None, None))})  # doctest: +SKIP
+    ['greedy', 'ilp', 'uniform']
     """
     memory_limit = None if limits[0] is None else limits[0] * 1e6
     latency_limit = limits[1]
@@ -452,6 +456,19 @@ def warm_start_params(
         ilp = baselines.ilp_assignment(table, memory_bytes=level, latency_ms=latency_limit)
         if ilp is not None:
             out[f"ilp:{level / 1e6:.4g}MB"] = ilp
+    return out
+
+
+def warm_start_params(
+    table: ChoiceTable,
+    limits: tuple[float | None, float | None],
+    *,
+    n_greedy: int = 8,
+    n_ilp: int = 6,
+) -> dict[str, dict[str, str]]:
+    """Warm-start parameter sets by origin: :func:`baseline_plans`, each plan once (under the
+    first origin that proposed it)."""
+    out = baseline_plans(table, limits, n_greedy=n_greedy, n_ilp=n_ilp)
     unique: dict[tuple[str, ...], str] = {}
     for origin, params in out.items():
         unique.setdefault(tuple(params[p] for p in table.error), origin)

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from mpsearch._validation import check_fraction, invalid
-from mpsearch.search import Budget, ChoiceTable, baselines, hypervolume
+from mpsearch.search import Budget, ChoiceTable, baseline_plans, hypervolume
 
 METHODS = ("mpsearch", "uniform", "greedy", "ilp")
 _COST_AXES = ("memory_mb", "latency_ms")
@@ -60,35 +60,9 @@ def baseline_params(
     >>> sorted(baseline_params(res.table, res.limits))  # doctest: +SKIP
     ['greedy', 'ilp', 'uniform']
     """
-    memory_limit = None if limits[0] is None else limits[0] * 1e6
-    latency_limit = limits[1]
-    out: dict[str, list[dict[str, str]]] = {
-        "uniform": list(baselines.uniform_assignments(table).values()),
-        "greedy": [],
-        "ilp": [],
-    }
-    objective = "latency" if memory_limit is None and latency_limit is not None else "memory"
-    path = baselines.greedy_path(table, objective=objective)
-    picks = sorted({round(i * (len(path) - 1) / max(n_greedy - 1, 1)) for i in range(n_greedy)})
-    out["greedy"] = [path[i] for i in picks]
-    at_budget = baselines.greedy_assignment(
-        table, memory_bytes=memory_limit, latency_ms=latency_limit
-    )
-    if at_budget is not None:
-        out["greedy"].append(at_budget)
-    if memory_limit is not None or latency_limit is not None:
-        ilp = baselines.ilp_assignment(table, memory_bytes=memory_limit, latency_ms=latency_limit)
-        if ilp is not None:
-            out["ilp"].append(ilp)
-    lo = table.base_memory + sum(min(m.values()) for m in table.memory.values())
-    hi = table.base_memory + sum(max(m.values()) for m in table.memory.values())
-    for k in range(n_ilp):
-        level = lo + (hi - lo) * (k + 1) / (n_ilp + 1)
-        if memory_limit is not None:
-            level = min(level, memory_limit)
-        ilp = baselines.ilp_assignment(table, memory_bytes=level, latency_ms=latency_limit)
-        if ilp is not None:
-            out["ilp"].append(ilp)
+    out: dict[str, list[dict[str, str]]] = {"uniform": [], "greedy": [], "ilp": []}
+    for origin, params in baseline_plans(table, limits, n_greedy=n_greedy, n_ilp=n_ilp).items():
+        out[origin.split(":")[0]].append(params)
     return out
 
 
