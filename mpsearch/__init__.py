@@ -7,7 +7,6 @@
 
 from mpsearch.backends import BACKENDS, get_backend, quantize, register_backend
 from mpsearch.cost import CostModel, measure_cost
-from mpsearch.export import export_plan as export_plan
 from mpsearch.layers import fold_batchnorm, quantizable_layers
 from mpsearch.plan import PrecisionPlan
 from mpsearch.profile import SensitivityProfile
@@ -17,6 +16,16 @@ from mpsearch.schemes import SCHEMES, QuantSpec, Scheme, get_scheme, register_sc
 from mpsearch.search import Budget, SearchResult, SearchSpace, run_workers, search
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> object:
+    """``mps.export_plan`` is imported on first use (its ONNX custom ops register then)."""
+    if name == "export_plan":
+        from mpsearch.export import export_plan
+
+        return export_plan
+    raise AttributeError(f"module 'mpsearch' has no attribute {name!r}")
+
 
 __all__ = [
     "BACKENDS",
@@ -32,6 +41,7 @@ __all__ = [
     "SearchSpace",
     "SensitivityProfile",
     "__version__",
+    "export_plan",
     "fold_batchnorm",
     "get_backend",
     "get_scheme",

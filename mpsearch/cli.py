@@ -122,9 +122,11 @@ def _run_setup(parser: argparse.ArgumentParser) -> Runner:
 
     def run(ns: argparse.Namespace) -> int:
         steps = _steps(ns)
-        summary = steps.measure()
-        curve = steps.controller()
-        steps.save()
+        try:
+            summary = steps.measure()
+            curve = steps.controller()
+        finally:  # the study's outputs are written even when no plan meets the budget
+            steps.save()
         config = steps.config
         if curve is not None:
             _table(curve, title="run-time controller (per-input latency, disagreement with fp32)")

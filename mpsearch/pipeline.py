@@ -487,15 +487,19 @@ class StudySteps:
     def save(self) -> StudyRecord:
         """Write what has been computed to the output directory; return the record written.
 
-        A ``summary.csv`` measured for another chosen plan (an earlier run) is removed when the
-        chosen plan changes, so that the report never mixes two searches.
+        ``summary.csv`` and ``controller.csv`` measured for another chosen plan (an earlier
+        run) are removed when the chosen plan changes or no plan meets the budget any more, so
+        that the report never mixes two searches.
         """
         rec = self.record()
         out = self.config.out_dir
         old_plan, old_info = out / FILES["best"], out / FILES["info"]
-        if rec.best is not None and rec.summary is None and old_plan.exists():
-            if PrecisionPlan.load(old_plan).rules != rec.best.rules:
-                (out / FILES["summary"]).unlink(missing_ok=True)
+        if old_plan.exists() and (
+            rec.best is None or PrecisionPlan.load(old_plan).rules != rec.best.rules
+        ):
+            for key, fresh in (("summary", rec.summary), ("controller", rec.controller)):
+                if fresh is None:
+                    (out / FILES[key]).unlink(missing_ok=True)
         if old_info.exists():
             try:
                 previous = json.loads(old_info.read_text())
@@ -522,9 +526,11 @@ def run_study(
     >>> outcome.summary[["plan", "speedup"]]                                 # doctest: +SKIP
     """
     steps = StudySteps(config, log=log, progress=progress)
-    summary = steps.measure()
-    steps.controller()
-    record = steps.save()
+    try:
+        summary = steps.measure()
+        steps.controller()
+    finally:  # what was computed is written even when no plan meets the budget
+        record = steps.save()
     return StudyOutcome(
         config,
         steps.workload,

@@ -8,13 +8,13 @@ onnx, onnxscript and onnxruntime are imported only when an ONNX file is written 
 ['onnx', 'plan', 'program', 'state_dict']
 """
 
+from mpsearch._io import atomic_path
 from mpsearch.export._artifacts import load_quantized
 from mpsearch.export._export import (
     EXPORT_FORMATS,
     ExportFormat,
     ExportRecord,
     ExportResult,
-    atomic_path,
     export_plan,
 )
 from mpsearch.export._qdq import ONNX_ACCEPTED, QDQLayer, onnx_refusal, to_qdq

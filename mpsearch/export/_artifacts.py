@@ -19,6 +19,7 @@ program that loads with ``torch.export.load`` alone.
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -147,14 +148,21 @@ def _shallow_copy(module: nn.Module) -> nn.Module:
 
 
 def export_program(model: nn.Module, args: tuple[Any, ...]) -> torch.export.ExportedProgram:
-    """``torch.export.export`` with a dynamic batch dimension on every tensor input."""
+    """``torch.export.export`` with a dynamic batch dimension on every tensor input; where the
+    model pins its batch size, a static-shape program with a warning saying so."""
     batch = torch.export.Dim("batch", min=1)
     dynamic = tuple(
         {0: batch} if isinstance(a, torch.Tensor) and a.dim() > 0 else None for a in args
     )
     try:
         return torch.export.export(model, args, dynamic_shapes=dynamic)
-    except Exception:
+    except Exception as exc:
+        warnings.warn(
+            "torch.export could not keep the batch dimension dynamic "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); the "
+            "program is exported for the example input's batch size only.",
+            stacklevel=2,
+        )
         return torch.export.export(model, args)
 
 

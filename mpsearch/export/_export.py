@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -13,6 +12,7 @@ import torch
 from torch import nn
 
 from mpsearch._data import output_tensor, run_model
+from mpsearch._io import atomic_path
 from mpsearch._validation import invalid, unknown
 from mpsearch.backends import as_plan, check_assignment, collect_activation_ranges, get_backend
 from mpsearch.backends._quantize import PlanLike
@@ -276,25 +276,6 @@ EXPORT_FORMATS: dict[str, ExportFormat] = {
 # ---------------------------------------------------------------- helpers
 
 
-@contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
-    """A temporary path next to ``path``, renamed onto ``path`` when the block succeeds.
-
-    A failed or killed write leaves no file at ``path`` (an interrupted one at most leaves
-    the hidden temporary, removed here on any exception).
-
-    >>> with atomic_path(Path(tmp) / "a.txt") as t:  # doctest: +SKIP
-    ...     t.write_text("done")
-    """
-    stem, dot, ext = path.name.partition(".")
-    tmp = path.with_name(f".{stem}.{os.getpid()}.tmp{dot}{ext}")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _fresh_copy(model: nn.Module) -> nn.Module:
     import copy
 
@@ -365,32 +346,36 @@ def export_plan(
     if not inputs:
         raise invalid("check_inputs", check_inputs, "a non-empty list of inputs or None")
     assignment = plan.resolve(model)
-    model = model.eval()
-    static = frozenset(
-        n
-        for n, s in assignment.items()
-        if calib is not None and s != "fp32" and get_scheme(s).quantizes_activations
-    )
-    job = _Job(model, plan, assignment, backend, {}, args, inputs, static)
-    problems = [p for f in chosen for p in EXPORT_FORMATS[f].validate(job)]
-    if problems:
-        raise ValueError("\n".join(dict.fromkeys(problems)))
-    run_model(model, args)  # the example input must run before any file is written
-    if static:
-        job.ranges = collect_activation_ranges(model, calib, sorted(static), observer=observer)
-    out.mkdir(parents=True, exist_ok=True)
-    records = []
-    for fmt_name in chosen:
-        fmt = EXPORT_FORMATS[fmt_name]
-        path = out / fmt.filename
-        with atomic_path(path) as tmp:
-            check, agree, reference, notes, details = fmt.write(job, tmp)
-        records.append(
-            ExportRecord(
-                fmt_name, path, path.stat().st_size, check, agree, reference, notes, details
-            )
+    was_training = model.training
+    model.eval()
+    try:
+        static = frozenset(
+            n
+            for n, s in assignment.items()
+            if calib is not None and s != "fp32" and get_scheme(s).quantizes_activations
         )
-    return ExportResult(out, records)
+        job = _Job(model, plan, assignment, backend, {}, args, inputs, static)
+        problems = [p for f in chosen for p in EXPORT_FORMATS[f].validate(job)]
+        if problems:
+            raise ValueError("\n".join(dict.fromkeys(problems)))
+        run_model(model, args)  # the example input must run before any file is written
+        if static:
+            job.ranges = collect_activation_ranges(model, calib, sorted(static), observer=observer)
+        out.mkdir(parents=True, exist_ok=True)
+        records = []
+        for fmt_name in chosen:
+            fmt = EXPORT_FORMATS[fmt_name]
+            path = out / fmt.filename
+            with atomic_path(path) as tmp:
+                check, agree, reference, notes, details = fmt.write(job, tmp)
+            records.append(
+                ExportRecord(
+                    fmt_name, path, path.stat().st_size, check, agree, reference, notes, details
+                )
+            )
+        return ExportResult(out, records)
+    finally:
+        model.train(was_training)
 
 
 __all__ = ["EXPORT_FORMATS", "ExportFormat", "ExportRecord", "ExportResult", "export_plan"]

@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from mpsearch._io import atomic_path, write_text_atomic
 from mpsearch.plan import PrecisionPlan
 
 CONTROLLER_COLUMNS: tuple[str, ...] = ("method", "latency_ms", "disagreement", "accuracy")
@@ -105,26 +106,28 @@ class StudyRecord:
         out.mkdir(parents=True, exist_ok=True)
         if self.info or not (out / FILES["info"]).exists():
             info = {"name": self.name, **self.info}
-            (out / FILES["info"]).write_text(json.dumps(_jsonable(info), indent=2) + "\n")
+            write_text_atomic(out / FILES["info"], json.dumps(_jsonable(info), indent=2) + "\n")
         for part in ("profile", "cost", "summary"):
             frame = getattr(self, part)
             if frame is not None:
-                frame.to_csv(out / FILES[part], index=False)
+                _write_csv(frame, out / FILES[part])
         if self.trials is not None:
             trials = self.trials.copy()
             if "assignment" in trials.columns:
                 trials["assignment"] = [_dumps(a) for a in trials["assignment"]]
-            trials.to_csv(out / FILES["trials"], index=False)
+            _write_csv(trials, out / FILES["trials"])
         if self.pareto is not None:
             pareto = self.pareto.copy()
             pareto["plan"] = [
                 _dumps(p.rules if isinstance(p, PrecisionPlan) else p) for p in pareto["plan"]
             ]
-            pareto.to_csv(out / FILES["pareto"], index=False)
+            _write_csv(pareto, out / FILES["pareto"])
         if self.best is not None:
             self.best.save(out / FILES["best"])
+        elif self.pareto is not None:  # a search ran and no plan meets the budget
+            (out / FILES["best"]).unlink(missing_ok=True)
         if self.controller is not None:
-            check_controller_frame(self.controller).to_csv(out / FILES["controller"], index=False)
+            _write_csv(check_controller_frame(self.controller), out / FILES["controller"])
         self.out_dir = out
         return out
 
@@ -150,7 +153,9 @@ class StudyRecord:
         if trials is not None and "assignment" in trials.columns:
             trials["assignment"] = [_loads(a) for a in trials["assignment"]]
             trials["reason"] = trials.get("reason", pd.Series(dtype=str)).fillna("")
-            trials["quality_source"] = trials["quality_source"].fillna("")
+            trials["quality_source"] = trials.get(
+                "quality_source", pd.Series("", index=trials.index)
+            ).fillna("")
         pareto = frame("pareto")
         if pareto is not None:
             pareto["plan"] = [
@@ -218,3 +223,8 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
     return value
+
+
+def _write_csv(frame: pd.DataFrame, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        frame.to_csv(tmp, index=False)

@@ -13,6 +13,7 @@ from typing import Any
 
 import pandas as pd
 
+from mpsearch._io import write_text_atomic
 from mpsearch._validation import invalid
 from mpsearch.report._data import (
     controller_curve_data,
@@ -137,8 +138,8 @@ def write_report(source: Any, out_path: str | Path | None = None) -> tuple[Path,
         raise invalid("out_path", str(out_path), "a path ending in .html")
     html_path.parent.mkdir(parents=True, exist_ok=True)
     md_path = html_path.with_suffix(".md")
-    html_path.write_text(report.html(), encoding="utf-8")
-    md_path.write_text(report.markdown(), encoding="utf-8")
+    write_text_atomic(html_path, report.html())
+    write_text_atomic(md_path, report.markdown())
     return html_path, md_path
 
 

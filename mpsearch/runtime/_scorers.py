@@ -309,7 +309,12 @@ def make_scorer(scorer: str | Scorer | ScoreFn) -> Scorer:
 
 
 def check_score_array(scores: Any, n: int, name: str) -> np.ndarray:
-    """Refuse scores that are not a NaN-free array of shape ``[n]`` (the serving fast path)."""
+    """Refuse scores that are not a NaN-free array of shape ``[n]`` (the serving fast path;
+    ``+inf`` always escalates, ``-inf`` never).
+
+    >>> check_score_array(np.array([0.1, 0.9]), 2, "margin")
+    array([0.1, 0.9])
+    """
     if not isinstance(scores, np.ndarray) or scores.shape != (n,):
         shape = scores.shape if isinstance(scores, np.ndarray) else type(scores).__name__
         raise ValueError(
@@ -318,14 +323,14 @@ def check_score_array(scores: Any, n: int, name: str) -> np.ndarray:
         )
     if np.isnan(scores).any():
         raise ValueError(
-            f"The scorer {name!r} returned NaN scores; a scorer must return finite numbers "
-            "(higher = harder)."
+            f"The scorer {name!r} returned NaN scores; a scorer must return numbers "
+            "(higher = harder; +inf always escalates)."
         )
     return scores
 
 
 def check_scores(scores: Any, n: int, name: str) -> Tensor:
-    """Refuse scores that are not a finite float tensor of shape ``[n]``."""
+    """Refuse scores that are not a NaN-free float tensor of shape ``[n]``."""
     if not isinstance(scores, Tensor) or tuple(scores.shape) != (n,):
         shape = tuple(scores.shape) if isinstance(scores, Tensor) else type(scores).__name__
         raise ValueError(
@@ -334,7 +339,7 @@ def check_scores(scores: Any, n: int, name: str) -> Tensor:
         )
     if bool(torch.isnan(scores).any()):
         raise ValueError(
-            f"The scorer {name!r} returned NaN scores; a scorer must return finite numbers "
-            "(higher = harder)."
+            f"The scorer {name!r} returned NaN scores; a scorer must return numbers "
+            "(higher = harder; +inf always escalates)."
         )
     return scores

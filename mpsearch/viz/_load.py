@@ -89,6 +89,12 @@ def load_result(
         table=table,
         objectives=tuple(summary.get("objectives", ("quality", "memory", "latency"))),
         limits=(limits[0], limits[1]),
-        fp32_memory_mb=float(fp32_memory_mb or max(memory, default=math.nan)),
-        fp32_latency_ms=float(fp32_latency_ms or max(latency, default=math.nan)),
+        fp32_memory_mb=float(fp32_memory_mb or _nanmax(memory)),
+        fp32_latency_ms=float(fp32_latency_ms or _nanmax(latency)),
     )
+
+
+def _nanmax(values: list[float]) -> float:
+    """The largest value that is not NaN (NaN when there is none)."""
+    finite = [v for v in values if not math.isnan(v)]
+    return max(finite, default=math.nan)

@@ -3,6 +3,7 @@ round-tripped (ONNX in ONNX Runtime, the program in a process that never imports
 
 from __future__ import annotations
 
+import copy
 import subprocess
 import sys
 import textwrap
@@ -379,3 +380,18 @@ def test_failed_export_leaves_no_partial_file(tmp_path: Path) -> None:
             formats=("plan", "program"),
         )  # fmt: skip
     assert sorted(p.name for p in tmp_path.iterdir()) == ["plan.json"]
+
+
+def test_export_leaves_the_models_mode_and_import_mpsearch_registers_no_export_ops(
+    mlp: Workload, tmp_path: Path
+) -> None:
+    model = copy.deepcopy(mlp.model).train()
+    export_plan(model, {"fc1": "w8a8"}, tmp_path, example_input=mlp.example_input, formats="plan")
+    assert model.training
+    done = subprocess.run(
+        [sys.executable, "-c", "import sys, mpsearch; print('mpsearch.export' in sys.modules)"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.stdout.strip() == "False", done.stderr[-2000:]

@@ -139,3 +139,21 @@ def test_record_round_trips_through_its_directory(fake_record, tmp_path) -> None
     assert front_table(back).equals(front_table(fake_record))
     with pytest.raises(ValueError, match="No study output directory"):
         StudyRecord.load(tmp_path / "missing")
+
+
+def test_a_rerun_without_a_plan_under_the_budget_leaves_no_stale_plan(
+    fake_record, tmp_path
+) -> None:
+    fake_record.save(tmp_path / "out")
+    assert (tmp_path / "out" / "best_plan.json").exists()
+    fake_record.best = None  # the rerun's search found no plan meeting the budget
+    fake_record.save(tmp_path / "out")
+    assert not (tmp_path / "out" / "best_plan.json").exists()
+    assert StudyRecord.load(tmp_path / "out").best is None
+
+
+def test_trials_without_a_quality_source_column_load(fake_record, tmp_path) -> None:
+    fake_record.trials = fake_record.trials.drop(columns=["quality_source"], errors="ignore")
+    fake_record.save(tmp_path / "out")
+    back = StudyRecord.load(tmp_path / "out")
+    assert set(back.trials["quality_source"]) == {""}
