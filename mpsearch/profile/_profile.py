@@ -68,13 +68,16 @@ def _finite(t: torch.Tensor) -> bool:
 
 
 def _add_local(local: list[LocalStats], pairs: list[list[tuple[torch.Tensor, ...]]]) -> None:
-    """Add each scheme's (reference, quantized) pairs; each reference's signal computed once."""
-    signals: dict[int, float] = {}
+    """Add each scheme's (reference, quantized) pairs; the signal of a reference tensor shared
+    by several schemes is computed once (keyed by the tensor itself: with the hook runner a
+    layer's later calls have per-scheme references)."""
+    signals: dict[int, float] = {}  # id of a reference tensor, alive in ``pairs`` meanwhile
     for stats, scheme_pairs in zip(local, pairs, strict=True):
-        for j, (y_ref, y_q) in enumerate(scheme_pairs):
-            if j not in signals:
-                signals[j] = signal_of(y_ref)
-            stats.update(y_ref, y_q, signal=signals[j])
+        for y_ref, y_q in scheme_pairs:
+            key = id(y_ref)
+            if key not in signals:
+                signals[key] = signal_of(y_ref)
+            stats.update(y_ref, y_q, signal=signals[key])
 
 
 def _add_e2e(

@@ -310,3 +310,34 @@ def test_silent_without_tty(capsys) -> None:
         warnings.simplefilter("error")
         profile(chain(2), batches(1, 2, 32), schemes=["w8a8"])
     assert capsys.readouterr().err == ""
+
+
+class _TwiceCalled(nn.Module):
+    """One Linear applied twice, with data-dependent control flow (the hook runner)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(16, 16)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.lin(x))
+        if bool(h.sum() > -1e9):  # data-dependent: not traceable
+            h = torch.relu(self.lin(h))
+        return self.head(h)
+
+
+def test_a_schemes_rows_do_not_depend_on_the_other_schemes_profiled() -> None:
+    """With the hook runner the reference of a layer's second call depends on the scheme (its
+    input went through the quantized first call): each scheme's SQNR uses its own signal."""
+    torch.manual_seed(0)
+    model = _TwiceCalled().eval()
+    data = batches(3, 8, 16)
+    with pytest.warns(UserWarning, match="hook runner"):
+        both = profile(model, data, schemes=["w4a16", "w8a8"], progress=False, e2e_samples=None)
+    with pytest.warns(UserWarning, match="hook runner"):
+        alone = profile(model, data, schemes=["w8a8"], progress=False, e2e_samples=None)
+    for metric in ("mse", "sqnr_db", "e2e"):
+        np.testing.assert_allclose(
+            both.pivot(metric)["w8a8"], alone.pivot(metric)["w8a8"], rtol=1e-6
+        )
