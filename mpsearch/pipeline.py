@@ -43,8 +43,9 @@ class StudyConfig:
     """Everything a study needs, loadable from YAML (unknown keys are refused).
 
     ``workload`` is a bundled workload name (``digits_cnn``, ``resnet18``,
-    ``text_transformer``, ``mlp``) or ``"package.module:function"`` returning a
-    :class:`~mpsearch.workloads.Workload`.
+    ``text_transformer``, ``mlp``, ``char_mlp``) or ``"package.module:function"`` returning a
+    :class:`~mpsearch.workloads.Workload`. ``profile_batches`` profiles on the first calibration
+    batches only (``None``: all of them).
 
     >>> StudyConfig(workload="digits_cnn", n_trials=40).study_name
     'digits_cnn'
@@ -59,6 +60,7 @@ class StudyConfig:
     budget: dict[str, float] = field(default_factory=dict)
     objectives: list[str] = field(default_factory=lambda: ["quality", "memory", "latency"])
     n_trials: int = 60
+    profile_batches: int | None = None
     sampler: str = "tpe"
     storage: str | None = None
     quality: str = "task"
@@ -82,6 +84,14 @@ class StudyConfig:
             )
         if not isinstance(self.n_trials, int) or self.n_trials < 1:
             raise invalid("n_trials", self.n_trials, "a positive integer")
+        if self.profile_batches is not None and (
+            isinstance(self.profile_batches, bool)
+            or not isinstance(self.profile_batches, int)
+            or self.profile_batches < 1
+        ):
+            raise invalid(
+                "profile_batches", self.profile_batches, "a positive integer or null (all batches)"
+            )
         Budget(**self.budget)  # validates the budget's keys and values now
         ControllerCurve(**(self.controller or {}))  # likewise the controller curve's settings
 
@@ -348,6 +358,7 @@ class StudySteps:
             wl.model,
             wl.calib,
             schemes=self.config.schemes,
+            max_batches=self.config.profile_batches,
             cache_dir=Path(self.config.cache_dir) / "profile",
             progress=self._show_progress,
         )

@@ -1,11 +1,11 @@
 """The digits CNN (scikit-learn's digits, trained here) searched on this CPU's real kernels.
 
-Runs the study of studies/digits.yaml (seed 0; quality, memory and latency; memory budget 30 %
-of fp32) and prints the figures of benchmarks/bench_search.py for it: hypervolume of mpsearch
+Runs the study of studies/digits_cnn.yaml (seed 0; quality, memory and latency; the whole front,
+as bench_search) and prints the figures of benchmarks/bench_search.py for it: hypervolume of mpsearch
 vs the uniform, greedy and ILP plans, true evaluations, best quality at each budget, and the
 chosen plan's measured speed-up.
 
-    python studies/digits_cnn.py             # the full study (resumes studies/digits.db)
+    python studies/digits_cnn.py             # the full study (resumes studies/digits_cnn.db)
     python studies/digits_cnn.py --smoke     # a few trials, in a separate study
 """
 
@@ -17,4 +17,4 @@ from pathlib import Path
 from _common import main
 
 if __name__ == "__main__":
-    sys.exit(main(Path(__file__).with_name("digits.yaml"), description=__doc__))
+    sys.exit(main(Path(__file__).with_name("digits_cnn.yaml"), description=__doc__))

@@ -30,12 +30,21 @@ def test_help_names_the_options_and_the_config_loads(script: str, tmp_path: Path
         assert option in out.stdout
     from mpsearch.pipeline import StudyConfig
 
-    config = StudyConfig.from_yaml(
-        STUDIES / {"digits_cnn.py": "digits.yaml"}.get(script, script.replace(".py", ".yaml"))
-    )
-    assert config.seed == 0 and config.workload == script.replace(".py", "").replace(
-        "digits_cnn", "digits_cnn"
-    )
+    config = StudyConfig.from_yaml(STUDIES / script.replace(".py", ".yaml"))
+    # the benchmark's settings (benchmarks/bench_search.py): whole front, its profile batches
+    assert config.seed == 0 and config.workload == script.replace(".py", "")
+    assert config.budget == {} and config.profile_batches == BENCH_PROFILE_BATCHES[script]
+
+
+BENCH_PROFILE_BATCHES = {"digits_cnn.py": 4, "resnet18.py": 1, "text_transformer.py": 4}
+
+
+@pytest.mark.parametrize("value", [0, -1, 1.5, True, "4"])
+def test_bad_profile_batches_is_refused(value: object) -> None:
+    from mpsearch.pipeline import StudyConfig
+
+    with pytest.raises(ValueError, match="'profile_batches'"):
+        StudyConfig(workload="digits_cnn", profile_batches=value)
 
 
 def test_bad_trial_count_is_refused_before_any_work(tmp_path: Path) -> None:
@@ -63,7 +72,7 @@ def test_digits_smoke_run_prints_the_benchmark_figures(tmp_path: Path) -> None:
     )
     assert out.returncode == 0, out.stderr[-2000:]
     text = out.stdout
-    assert "study 'digits-smoke': digits_cnn, 5 trials, seed 0" in text
+    assert "study 'digits_cnn-smoke': digits_cnn, 5 trials, seed 0" in text
     assert "| mpsearch |" in text and "| uniform |" in text and "| mem 30% |" in text
     assert (tmp_path / "out" / "benchmark.md").read_text() in text
     assert (tmp_path / "out" / "best_plan.json").exists()
