@@ -302,12 +302,8 @@ def _export_setup(parser: argparse.ArgumentParser) -> Runner:
             formats = [f.strip() for f in ns.formats.split(",") if f.strip()]
             if not formats:
                 raise ValueError(f"--formats: no format named in {ns.formats!r}.")
-        try:
-            from mpsearch.export import EXPORT_FORMATS, export_plan
-        except ImportError as exc:
-            print(f"mpsearch export: cannot export here: {exc}", file=sys.stderr)
-            return EXIT_ERROR
         from mpsearch._validation import unknown
+        from mpsearch.export import EXPORT_FORMATS, export_plan
 
         for name in formats or ():
             if name not in EXPORT_FORMATS:

@@ -94,13 +94,16 @@ def quantize(
     backend: str | Backend = "simulate",
     calib: Iterable[Any] | None = None,
     observer: str | Observer = "minmax",
+    act_ranges: Mapping[str, tuple[float, float]] | None = None,
     inplace: bool = False,
 ) -> nn.Module:
     """A model whose layers run in the plan's schemes on ``backend``; ``model`` is left untouched.
 
     Activation quantization is dynamic (ranges from each input at run time) unless ``calib``
     batches are passed: then static per-tensor ranges come from ``observer`` (``minmax``,
-    ``percentile`` or ``mse``) on the full-precision model.
+    ``percentile`` or ``mse``) on the full-precision model. ``act_ranges`` gives such ranges
+    directly (``{layer: (lo, hi)}``, e.g. observed once and reused); the other layers stay
+    dynamic.
 
     >>> net = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10)).eval()
     >>> qnet = quantize(net, PrecisionPlan({"0": "w8a8"}, default="bf16"))
@@ -118,7 +121,13 @@ def quantize(
     target = model if inplace else copy.deepcopy(model)
     target.eval()
     to_change = {n: s for n, s in assignment.items() if s != "fp32" or impl.real}
-    ranges: dict[str, tuple[float, float]] = {}
+    if calib is not None and act_ranges is not None:
+        raise invalid(
+            "act_ranges", dict(act_ranges), "None when calib batches are given (one or the other)"
+        )
+    ranges: dict[str, tuple[float, float]] = {
+        name: (float(lo), float(hi)) for name, (lo, hi) in (act_ranges or {}).items()
+    }
     if calib is not None:
         static = [n for n, s in to_change.items() if get_scheme(s).quantizes_activations]
         if static:

@@ -43,22 +43,7 @@ def build_quantized(
     model: nn.Module, plan: PrecisionPlan, *, backend: str, ranges: Ranges
 ) -> nn.Module:
     """``quantize(model, plan, backend)`` with the given static activation ranges."""
-    qm = quantize(model, plan, backend=backend)
-    if ranges:
-        impl = get_backend(backend)
-        assignment = plan.resolve(model)
-        originals = quantizable_layers(model)
-        with torch.no_grad():
-            replace_layers(
-                qm,
-                {
-                    name: impl.quantize_layer(
-                        originals[name], get_scheme(assignment[name]), act_range=tuple(r)
-                    )
-                    for name, r in ranges.items()
-                },
-            )
-    return qm.eval()
+    return quantize(model, plan, backend=backend, act_ranges=ranges).eval()
 
 
 def state_payload(

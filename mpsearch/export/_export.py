@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -177,7 +178,7 @@ def _write_state(job: _Job, path: Path):
     qm = job.quantized(job.backend)
     payload = state_payload(qm, job.plan, backend=job.backend, ranges=job.ranges)
     torch.save(payload, path)
-    reloaded = load_quantized(_fresh_copy(job.model), path)
+    reloaded = load_quantized(copy.deepcopy(job.model), path)
     diff, agree = _compare(_outputs(reloaded, job.check_inputs), _outputs(qm, job.check_inputs))
     notes = (
         f"state dict of the {job.backend!r} model ({len(payload['state_dict'])} tensors) + plan + "
@@ -274,12 +275,6 @@ EXPORT_FORMATS: dict[str, ExportFormat] = {
 
 
 # ---------------------------------------------------------------- helpers
-
-
-def _fresh_copy(model: nn.Module) -> nn.Module:
-    import copy
-
-    return copy.deepcopy(model)
 
 
 def _as_args(example_input: Any, argument: str) -> tuple[Any, ...]:

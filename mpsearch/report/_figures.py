@@ -12,8 +12,6 @@ from typing import Any
 from mpsearch.report._data import controller_curve_data, speedup_table
 from mpsearch.report._record import StudyRecord
 
-FigureFn = Callable[[StudyRecord, Any], None]
-
 
 def _new_axes(width: float = 6.4, height: float = 4.0) -> Any:
     from matplotlib.figure import Figure

@@ -45,10 +45,8 @@ def cascade_arrays(controller: Any, data: Any) -> tuple[np.ndarray, np.ndarray, 
 
     def stage_scores(lg: Any, stage: int) -> np.ndarray:
         # the serving path's scoring (float32 NumPy logits), so that thresholds route alike
-        if hasattr(scorer, "score_array"):
-            array = lg.detach().float().cpu().numpy()
-            return np.asarray(scorer.score_array(array, stage), dtype=np.float64)
-        return scorer(lg, stage).double().numpy()
+        array = lg.detach().float().cpu().numpy()
+        return np.asarray(scorer.score_array(array, stage), dtype=np.float64)
 
     scores = (
         np.stack([stage_scores(logits[s], s) for s in range(k - 1)]) if k > 1 else np.zeros((0, n))

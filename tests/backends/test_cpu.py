@@ -196,3 +196,17 @@ def test_storage_bytes_equals_state_dict_bytes() -> None:
     expected = sum(t.numel() * t.element_size() for t in state.values())
     assert storage_bytes(qnet) == expected
     assert storage_bytes(qnet) < storage_bytes(_net())
+
+
+def test_given_activation_ranges_equal_observed_ones() -> None:
+    net = _net()
+    batches = [torch.randn(4, 3, 8, 8)]
+    x = torch.randn(4, 3, 8, 8)
+    observed = mps.quantize(net, PLAN, backend="cpu", calib=batches)
+    static = [n for n, s in PLAN.resolve(net).items() if mps.get_scheme(s).quantizes_activations]
+    ranges = mps.backends.collect_activation_ranges(net, batches, static)
+    given = mps.quantize(net, PLAN, backend="cpu", act_ranges=ranges)
+    with torch.no_grad():
+        assert torch.equal(given(x), observed(x))
+    with pytest.raises(ValueError, match="'act_ranges'"):
+        mps.quantize(net, PLAN, backend="cpu", calib=batches, act_ranges=ranges)
