@@ -3,10 +3,14 @@
 from mpsearch.backends._cpu import CPU_KERNELS, CpuBackend, register_cpu_kernel
 from mpsearch.backends._cuda import CUDA_KERNELS, CudaBackend
 from mpsearch.backends._kernels import (
+    FbgemmInt8Linear,
+    Int8Linear,
     Kernel,
     KernelBackend,
     RealLayer,
+    fbgemm_int8_linear_preferred,
     int8_activation_spec,
+    int8_kernel_scheme,
     onednn_u8s8_saturates,
     storage_bytes,
 )
@@ -30,6 +34,8 @@ __all__ = [
     "Backend",
     "CpuBackend",
     "CudaBackend",
+    "FbgemmInt8Linear",
+    "Int8Linear",
     "Kernel",
     "KernelBackend",
     "RealLayer",
@@ -38,8 +44,10 @@ __all__ = [
     "as_plan",
     "check_assignment",
     "collect_activation_ranges",
+    "fbgemm_int8_linear_preferred",
     "get_backend",
     "int8_activation_spec",
+    "int8_kernel_scheme",
     "onednn_u8s8_saturates",
     "quantize",
     "register_backend",

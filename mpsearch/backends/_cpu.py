@@ -7,7 +7,9 @@ Kernel choices were measured (1 thread, 6 x Linear(2048); ResNet-18 convolutions
 (layer, scheme)            chosen kernel                          measured against
 =========================  =====================================  ===========================
 Linear w8a8                oneDNN ``qlinear_pointwise`` (2.3 ms    ``quantize_dynamic`` 4.1 ms,
-                           at batch 32)                           torchao int8 dynamic 6.2 ms
+                           at batch 32); fbgemm where oneDNN      torchao int8 dynamic 6.2 ms;
+                           lacks VNNI (AVX2 EPYC, 4096x4096:      oneDNN 8.1 / 13.8 ms
+                           0.72 ms at batch 1, 7.5 at batch 32)   (fp32 4.3 / 30 ms)
 Conv w8a8                  oneDNN ``qconv_pointwise``             (fp32 channels-last 0.9 ms)
                            (0.46 ms, 64ch 16x16)
 Conv bf16                  channels-last bf16 (0.15 ms)           NCHW bf16 0.37 ms
@@ -24,6 +26,7 @@ from torch import nn
 
 from mpsearch.backends._kernels import (
     CastLayer,
+    FbgemmInt8Linear,
     Int4WeightOnlyLinear,
     Int8Conv,
     Int8Linear,
@@ -32,6 +35,7 @@ from mpsearch.backends._kernels import (
     KernelBackend,
     KernelTable,
     conv_int8_check,
+    fbgemm_int8_linear_preferred,
 )
 from mpsearch.schemes import Scheme
 
@@ -40,11 +44,19 @@ def _cast(layer: nn.Module, scheme: Scheme, *, act_range: tuple[float, float] | 
     return CastLayer(layer, scheme)
 
 
+def _int8_linear(layer: nn.Module, scheme: Scheme, *, act_range: tuple[float, float] | None = None):
+    kind = FbgemmInt8Linear if fbgemm_int8_linear_preferred() else Int8Linear
+    return kind(layer, scheme, act_range=act_range)
+
+
 _CAST = Kernel(_cast, "the layer in the scheme's dtype (2-D convolutions channels-last)")
 
 CPU_KERNELS: KernelTable = {
     **{(kind, s): _CAST for kind in (nn.Linear, nn.Conv1d, nn.Conv2d) for s in ("fp32", "bf16", "fp16")},
-    (nn.Linear, "w8a8"): Kernel(Int8Linear, "oneDNN qlinear_pointwise, u8 x s8 -> fp32"),
+    (nn.Linear, "w8a8"): Kernel(
+        _int8_linear,
+        "u8 x s8 -> fp32: fbgemm on CPUs without VNNI, else oneDNN qlinear_pointwise",
+    ),
     (nn.Conv1d, "w8a8"): Kernel(Int8Conv, "oneDNN qconv_pointwise (as 2-D)", conv_int8_check),
     (nn.Conv2d, "w8a8"): Kernel(Int8Conv, "oneDNN qconv_pointwise, channels-last", conv_int8_check),
     (nn.Linear, "w8a16"): Kernel(Int8WeightOnlyLinear, "aten._weight_int8pack_mm (bf16 x s8)"),

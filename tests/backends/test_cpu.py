@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import dataclasses
 import io
 
 import pytest
@@ -10,9 +9,11 @@ from torch import nn
 import mpsearch as mps
 from mpsearch.backends import (
     CpuBackend,
+    FbgemmInt8Linear,
+    Int8Linear,
     RealLayer,
     get_backend,
-    int8_activation_spec,
+    int8_kernel_scheme,
     onednn_u8s8_saturates,
     storage_bytes,
 )
@@ -51,11 +52,9 @@ def test_real_matches_simulate(kind: str, scheme: str, static: bool) -> None:
     layer, x = _layers()[kind]
     layer.eval()
     s = mps.get_scheme(scheme)
-    # the simulation of what the oneDNN kernels run here (7-bit activation codes on CPUs whose
+    # the simulation of what the int8 kernels run here (7-bit weight codes on CPUs whose
     # u8 x s8 kernels saturate); the scheme itself elsewhere
-    ran = (
-        dataclasses.replace(s, activation=int8_activation_spec(s)) if s.quantizes_activations else s
-    )
+    ran = int8_kernel_scheme(s) if s.quantizes_activations else s
     act_range = (-2.5, 3.0) if static else None
     with torch.no_grad():
         real = get_backend("cpu").quantize_layer(layer, s, act_range=act_range)
@@ -137,23 +136,55 @@ def test_int8_kernels_do_exact_integer_arithmetic_on_extreme_codes(kind: str) ->
     torch.manual_seed(0)
     layer = nn.Linear(64, 16) if kind == "Linear" else nn.Conv2d(16, 8, 3, padding=1)
     with torch.no_grad():
-        layer.weight.copy_(torch.sign(torch.randn_like(layer.weight)).abs())  # all codes 127
+        layer.weight.copy_(torch.sign(torch.randn_like(layer.weight)))  # all codes +-qmax
         layer.bias.zero_()
-    x = torch.full((2, 64) if kind == "Linear" else (2, 16, 5, 5), 3.0)  # all codes at qmax
+    x = torch.full((2, 64) if kind == "Linear" else (2, 16, 5, 5), 3.0)  # all codes 255
     real = get_backend("cpu").quantize_layer(layer, mps.get_scheme("w8a8"), act_range=(0.0, 3.0))
+    state = real.state_dict()
+    codes, w_scale = state["weight_int8"].double(), state["w_scale"].double()
     with torch.no_grad():
         q, scale, zero = real.act(x)
-        x_hat = (q.float() - zero) * scale
-        w_hat = layer.weight.double()  # codes 127 with scale 1/127: exactly the weight
+        x_hat = (q.double() - zero) * scale
+        w_hat = codes * w_scale.reshape(-1, *[1] * (codes.dim() - 1))
         ref = (
-            layer(x_hat)
+            nn.functional.linear(x_hat, w_hat)
             if kind == "Linear"
-            else nn.functional.conv2d(x_hat, layer.weight, padding=1)
+            else nn.functional.conv2d(x_hat, w_hat, padding=1)
         )
         out = real(x)
-    assert int(q.max()) == (127 if onednn_u8s8_saturates() else 255)
-    assert w_hat.abs().max() == 1.0
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-4)
+    assert int(q.max()) == 255
+    assert int(codes.abs().max()) == (63 if onednn_u8s8_saturates() else 127)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("static", [False, True])
+@pytest.mark.parametrize("module", [Int8Linear, FbgemmInt8Linear])
+def test_each_int8_linear_kernel_matches_simulate_and_round_trips(
+    module: type[nn.Module], static: bool
+) -> None:
+    """Both w8a8 Linear kernels (the backend picks one per CPU) are exact and serialisable."""
+    if module is FbgemmInt8Linear and "fbgemm" not in torch.backends.quantized.supported_engines:
+        pytest.skip("no fbgemm engine in this torch build")
+    torch.manual_seed(0)
+    layer, x = nn.Linear(64, 40).eval(), torch.randn(3, 5, 64) * 2
+    s = mps.get_scheme("w8a8")
+    act_range = (-2.5, 3.0) if static else None
+    with torch.no_grad():
+        real = module(layer, s, act_range=act_range)
+        sim = get_backend("simulate").quantize_layer(
+            layer, int8_kernel_scheme(s), act_range=act_range
+        )
+        y = real(x)
+        assert sqnr(sim(x), y) >= SQNR_MIN["w8a8"]
+        buffer = io.BytesIO()
+        torch.save(real, buffer)
+        buffer.seek(0)
+        assert torch.equal(torch.load(buffer, weights_only=False)(x), y)
+        other = module(nn.Linear(64, 40), s, act_range=act_range)
+        other.load_state_dict(real.state_dict())
+        assert torch.equal(other(x), y)
+    state_bytes = sum(t.numel() * t.element_size() for t in real.state_dict().values())
+    assert storage_bytes(real) == state_bytes
 
 
 def test_quantized_model_matches_simulate_end_to_end() -> None:
