@@ -11,11 +11,11 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -305,10 +305,11 @@ def fbgemm_int8_linear_preferred() -> bool:
 
 
 class FbgemmInt8Linear(_PackedInt8):
-    """``w8a8`` Linear on fbgemm (``quantized::linear_with_input_q_dq_qweight_dq_output_fp32``):
-    int8 per-channel weights x uint8 per-tensor activations, float32 output, with the
-    activation scale and zero point (8 bits, :func:`int8_kernel_scheme`) computed here (per call,
-    or fixed by ``act_range``) in float32, as ``qparams`` does.
+    """``w8a8`` Linear on fbgemm: int8 per-channel weights (:func:`int8_kernel_scheme`) x uint8
+    per-tensor activations, float32 output. Dynamic activation ranges: ``quantized::
+    linear_dynamic``, whose min/max scale and zero point equal ``qparams``'s (bit-identical
+    outputs on the char-MLP test split); static (``act_range``): ``quantized::
+    linear_with_input_q_dq_qweight_dq_output_fp32`` with the scheme's scale and zero point.
 
     The packed int8 weight is held by fbgemm; its bytes are counted from its shape (as for
     oneDNN's, the kernel's own padding and per-column offsets are not).
@@ -324,16 +325,17 @@ class FbgemmInt8Linear(_PackedInt8):
         bias = layer.bias
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
         self.act = _ActQuant(scheme, act_range)
-        self._qmax = np.float32(self.act.qmax)
         self._packed = self._pack(codes.to(torch.int8))
 
     def _pack(self, codes: Tensor) -> Any:
-        qweight = torch._make_per_channel_quantized_tensor(
-            codes.to(torch.int8).contiguous(),
-            self.w_scale.double(),
-            torch.zeros(self.out_features, dtype=torch.long),
-            0,
-        )
+        with warnings.catch_warnings():  # torch 2.13 deprecates quantized tensors (the pin)
+            warnings.simplefilter("ignore", UserWarning)
+            qweight = torch._make_per_channel_quantized_tensor(
+                codes.to(torch.int8).contiguous(),
+                self.w_scale.double(),
+                torch.zeros(self.out_features, dtype=torch.long),
+                0,
+            )
         engine = torch.backends.quantized.engine
         torch.backends.quantized.engine = "fbgemm"
         try:
@@ -352,20 +354,14 @@ class FbgemmInt8Linear(_PackedInt8):
     def forward(self, x: Tensor) -> Tensor:
         out_dtype = x.dtype
         shape = x.shape
-        x2 = x.reshape(-1, self.in_features).float().contiguous()
-        if self.act.static is not None:
-            scale, zero = self.act.static
+        x2 = x.reshape(-1, self.in_features).float()
+        if self.act.static is None:  # fbgemm's own per-tensor min/max qparams: the scheme's
+            y = torch.ops.quantized.linear_dynamic(x2, self._packed, False)
         else:
-            low, high = torch.aminmax(x2)
-            lo = min(np.float32(low.item()), np.float32(0.0))
-            hi = max(np.float32(high.item()), np.float32(0.0))
-            span = hi - lo
-            s = span / self._qmax if span > 0 else np.float32(1.0)
-            scale = float(s)
-            zero = int(min(max(np.round(-lo / s), 0), self.act.qmax))
-        y = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(
-            x2, scale, zero, self._packed
-        )
+            scale, zero = self.act.static
+            y = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(
+                x2.contiguous(), scale, zero, self._packed
+            )
         return y.reshape(*shape[:-1], self.out_features).to(out_dtype)
 
 
