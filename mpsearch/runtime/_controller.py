@@ -44,7 +44,7 @@ from mpsearch.runtime._scorers import (
     Scorer,
     answer_logits,
     check_score_array,
-    logits_array,
+    check_scores,
     make_scorer,
 )
 
@@ -119,32 +119,33 @@ def _cast(output: Any, dtype: torch.dtype | None) -> Any:
 _ALL = np.zeros(0, dtype=np.int64)
 """Sentinel of :func:`_hard_rows`: every row is hard."""
 _SMALL = 16
-"""Batches up to this size are routed in plain Python (NumPy calls cost more on few rows)."""
+"""Batches up to this size are routed on Python floats (fewer calls than tensor ops)."""
 
 
 def _hard_rows(scores: Any, m: int, threshold: float, name: str) -> np.ndarray | None:
     """Positions whose score is above ``threshold``: ``None`` if none, ``_ALL`` if all.
 
-    Also refuses scores that are not a NaN-free array of shape ``[m]``.
+    Also refuses scores that are not a NaN-free tensor of shape ``[m]``.
     """
-    if not isinstance(scores, np.ndarray) or scores.shape != (m,):
-        check_score_array(scores, m, name)  # raises with the shape it got
+    if not isinstance(scores, Tensor) or scores.shape != (m,):
+        check_scores(scores, m, name)  # raises with the shape it got
     if m == 1:
         value = scores.item()
         if value != value:
-            check_score_array(scores, m, name)  # raises the NaN error
+            check_scores(scores, m, name)  # raises the NaN error
         return _ALL if value > threshold else None
     if m <= _SMALL:
         values = scores.tolist()
         if any(v != v for v in values):
-            check_score_array(scores, m, name)  # raises the NaN error
+            check_scores(scores, m, name)  # raises the NaN error
         hard = [i for i, v in enumerate(values) if v > threshold]
         if not hard:
             return None
         return _ALL if len(hard) == m else np.asarray(hard, dtype=np.int64)
-    if np.isnan(scores).any():
-        check_score_array(scores, m, name)
-    mask = scores > threshold
+    array = scores.numpy() if scores.dtype != torch.bfloat16 else scores.float().numpy()
+    if np.isnan(array).any():
+        check_scores(scores, m, name)
+    mask = array > threshold
     count = int(np.count_nonzero(mask))
     if count == 0:
         return None
@@ -220,7 +221,7 @@ class _CallRecord:
             served[where] = k
             cost[where] += per_row * 1e3
             if s is not None:
-                scores[k, where] = s
+                scores[k, where] = s.double().numpy()
         served_list = served.tolist()
         cost_list = cost.tolist()
         score_cols = scores.tolist()
@@ -424,7 +425,7 @@ class Controller:
             rows: np.ndarray | None = None  # rows of x still in the cascade (None: all)
             for k in range(last):
                 m = n if rows is None else len(rows)
-                s = scorer.score_array(logits_array(answer_logits(out)), k)
+                s = scorer.score(answer_logits(out), k)
                 pos = _hard_rows(s, m, threshold, name)
                 stages[-1][2] = s
                 if pos is None:

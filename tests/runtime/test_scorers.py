@@ -64,7 +64,7 @@ def test_logistic_regression_matches_a_separable_rule() -> None:
     assert np.all(np.isfinite(w1)) and (np.hstack([x, np.ones((400, 1))]) @ w1 < 0).all()
 
 
-def test_numpy_fast_path_matches_torch_definitions_on_random_logits() -> None:
+def test_builtin_scores_match_their_definitions_on_random_logits() -> None:
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(200, 37, generator=g) * 4
     p = torch.softmax(logits.double(), -1)
