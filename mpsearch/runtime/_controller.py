@@ -129,11 +129,6 @@ def _hard_rows(scores: Any, m: int, threshold: float, name: str) -> np.ndarray |
     """
     if not isinstance(scores, Tensor) or scores.shape != (m,):
         check_scores(scores, m, name)  # raises with the shape it got
-    if m == 1:
-        value = scores.item()
-        if value != value:
-            check_scores(scores, m, name)  # raises the NaN error
-        return _ALL if value > threshold else None
     if m <= _SMALL:
         values = scores.tolist()
         if any(v != v for v in values):
@@ -221,7 +216,7 @@ class _CallRecord:
             served[where] = k
             cost[where] += per_row * 1e3
             if s is not None:
-                scores[k, where] = s.double().numpy()
+                scores[k, where] = np.asarray(s, dtype=np.float64)
         served_list = served.tolist()
         cost_list = cost.tolist()
         score_cols = scores.tolist()
@@ -425,8 +420,14 @@ class Controller:
             rows: np.ndarray | None = None  # rows of x still in the cascade (None: all)
             for k in range(last):
                 m = n if rows is None else len(rows)
-                s = scorer.score(answer_logits(out), k)
-                pos = _hard_rows(s, m, threshold, name)
+                if m == 1:
+                    s = scorer.score_one(answer_logits(out), k)
+                    if s != s:
+                        check_scores(torch.tensor([s]), 1, name)  # raises the NaN error
+                    pos = _ALL if s > threshold else None
+                else:
+                    s = scorer.score(answer_logits(out), k)
+                    pos = _hard_rows(s, m, threshold, name)
                 stages[-1][2] = s
                 if pos is None:
                     decide += clock() - t1

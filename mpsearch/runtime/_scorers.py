@@ -56,24 +56,38 @@ def _as_float(logits: Tensor) -> Tensor:
 
 
 def max_softmax_score(logits: Tensor) -> Tensor:
-    """``1 - max softmax probability`` (0: fully confident).
+    """``1 - max softmax probability`` (0: fully confident), in float64 from float32
+    probabilities.
 
     >>> max_softmax_score(torch.tensor([[0.0, 0.0]])).tolist()
     [0.5]
     """
-    return 1.0 - torch.softmax(_as_float(logits), -1).amax(-1)
+    return 1.0 - torch.softmax(_as_float(logits), -1).amax(-1).double()
+
+
+def _max_softmax_one(logits: Tensor) -> float:
+    # the same float64 arithmetic on the same float32 probability as max_softmax_score
+    return 1.0 - torch.softmax(_as_float(logits), -1).max().item()
 
 
 def margin_score(logits: Tensor) -> Tensor:
-    """``1 - (p_1 - p_2)``, one minus the gap between the two largest probabilities.
+    """``1 - (p_1 - p_2)``, one minus the gap between the two largest probabilities, in
+    float64 from float32 probabilities.
 
     >>> margin_score(torch.tensor([[0.0, 0.0]])).tolist()
     [1.0]
     """
     if logits.shape[-1] < 2:
-        return torch.zeros(logits.shape[0])
-    top = torch.softmax(_as_float(logits), -1).topk(2, dim=-1).values
+        return torch.zeros(logits.shape[0], dtype=torch.float64)
+    top = torch.softmax(_as_float(logits), -1).topk(2, dim=-1).values.double()
     return 1.0 - (top[:, 0] - top[:, 1])
+
+
+def _margin_one(logits: Tensor) -> float:
+    if logits.shape[-1] < 2:
+        return 0.0
+    p1, p2 = torch.softmax(_as_float(logits), -1).topk(2, dim=-1).values.view(2).tolist()
+    return 1.0 - (p1 - p2)
 
 
 def entropy_score(logits: Tensor) -> Tensor:
@@ -108,6 +122,14 @@ class Scorer:
         controller checks shape and NaNs)."""
         return self(logits, stage)
 
+    def score_one(self, logits: Tensor, stage: int = 0) -> float:
+        """The score of one input (logits ``[1, C]``) as a float, equal to :meth:`score`'s (the
+        batch-1 serving path: built-in scorers take two tensor ops here)."""
+        scores = self.score(logits, stage)
+        if not isinstance(scores, Tensor) or tuple(scores.shape) != (1,):
+            check_scores(scores, 1, self.name)  # raises with the shape it got
+        return scores.item()
+
     def score_array(self, logits: np.ndarray, stage: int = 0) -> np.ndarray:
         """Checked scores ``[B]`` (float64) of float32 logits ``[B, C]`` as a NumPy array.
 
@@ -136,16 +158,23 @@ class FunctionScorer(Scorer):
         name: str | None = None,
         bounded: bool = False,
         array_fn: Callable[[np.ndarray], np.ndarray] | None = None,
+        one_fn: Callable[[Tensor], float] | None = None,
     ) -> None:
         if not callable(fn):
             raise invalid("scorer", fn, "a scorer name or a callable logits -> scores")
         self.fn = fn
         self.array_fn = array_fn
+        self.one_fn = one_fn
         self.name = name or getattr(fn, "__name__", "callable")
         self.bounded = bounded
 
     def __call__(self, logits: Tensor, stage: int = 0) -> Tensor:
         return self.fn(logits)
+
+    def score_one(self, logits: Tensor, stage: int = 0) -> float:
+        if self.one_fn is None:
+            return super().score_one(logits, stage)
+        return self.one_fn(logits)
 
     def score_array(self, logits: np.ndarray, stage: int = 0) -> np.ndarray:
         if self.array_fn is None:
@@ -243,8 +272,10 @@ class GateScorer(Scorer):
 
 
 SCORERS: dict[str, Callable[[], Scorer]] = {
-    "max_softmax": lambda: FunctionScorer(max_softmax_score, name="max_softmax", bounded=True),
-    "margin": lambda: FunctionScorer(margin_score, name="margin", bounded=True),
+    "max_softmax": lambda: FunctionScorer(
+        max_softmax_score, name="max_softmax", bounded=True, one_fn=_max_softmax_one
+    ),
+    "margin": lambda: FunctionScorer(margin_score, name="margin", bounded=True, one_fn=_margin_one),
     "entropy": lambda: FunctionScorer(entropy_score, name="entropy", bounded=True),
     "gate": GateScorer,
 }

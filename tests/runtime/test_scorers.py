@@ -21,8 +21,8 @@ from mpsearch.runtime import (
 def test_builtin_scores_match_their_definitions() -> None:
     logits = torch.tensor([[2.0, 1.0, 0.0], [0.0, 0.0, 0.0], [10.0, -10.0, -10.0]])
     p = torch.softmax(logits, -1)
-    torch.testing.assert_close(max_softmax_score(logits), 1 - p.max(-1).values)
-    top2 = p.topk(2, -1).values
+    torch.testing.assert_close(max_softmax_score(logits), 1 - p.max(-1).values.double())
+    top2 = p.topk(2, -1).values.double()
     torch.testing.assert_close(margin_score(logits), 1 - (top2[:, 0] - top2[:, 1]))
     h = -(p * p.log()).sum(-1) / math.log(3)
     torch.testing.assert_close(entropy_score(logits), h)
@@ -31,6 +31,21 @@ def test_builtin_scores_match_their_definitions() -> None:
         s = make_scorer(name)(logits)
         assert int(s.argmax()) == 1 and int(s.argmin()) == 2
         assert bool(((s >= 0) & (s <= 1)).all())
+
+
+@pytest.mark.parametrize("name", ["max_softmax", "margin", "entropy", "gate"])
+def test_score_one_equals_the_batch_score_exactly(name: str) -> None:
+    """The batch-1 serving path gives the very number calibration computes in a batch."""
+    logits = torch.randn(64, 37, generator=torch.Generator().manual_seed(3)) * 4
+    scorer = make_scorer(name)
+    if scorer.learned:
+        scorer.fit([logits], [(logits.argmax(-1) % 2).numpy().astype(float)])
+    batch = scorer.score(logits, 0).tolist()
+    rows = [scorer.score_one(row[None], 0) for row in logits]
+    if scorer.learned:  # a [1, 6] @ [6] product rounds apart from a [64, 6] one in float32
+        np.testing.assert_allclose(rows, batch, rtol=1e-6)
+    else:
+        assert rows == batch
 
 
 def test_answer_logits_takes_the_last_position_of_a_language_model() -> None:
