@@ -28,12 +28,11 @@ from mpsearch.profile._e2e import (
 from mpsearch.profile._emulate import profile_layer
 from mpsearch.profile._hessian import hutchinson_traces
 from mpsearch.profile._metrics import (
+    E2EScorer,
     E2EStats,
-    KLAgainst,
     LocalStats,
     call_metric,
     callable_id,
-    kl_divergence,
     resolve_metric,
     signal_of,
 )
@@ -82,26 +81,16 @@ def _add_local(local: list[LocalStats], pairs: list[list[tuple[torch.Tensor, ...
 
 def _add_e2e(
     e2e: list[E2EStats],
-    finals: list[torch.Tensor],
-    runner: Any,
-    b: int,
-    name: str,
-    schemes: list[Scheme],
-    metric_name: str,
-    metric_fn: Callable[[torch.Tensor, torch.Tensor], float],
+    finals: torch.Tensor,
+    scorer: E2EScorer,
+    n: int,
+    where: tuple[str, list[Scheme], int],
 ) -> None:
-    """Add each scheme's end-to-end metric on e2e batch ``b`` (inf for a non-finite output)."""
-    ref = runner.reference[b]
-    n = batch_size(runner.e2e_batches[b])
-    if metric_fn is kl_divergence:  # the same numbers, the reference's softmax taken once
-        against = KLAgainst(ref)
-        metric_fn = lambda _ref, out: against(out)  # noqa: E731
-    for stats, out, scheme in zip(e2e, finals, schemes, strict=True):
-        if _finite(out):
-            where = f"layer {name!r}, scheme {scheme.name!r}, batch {b}"
-            value = call_metric(metric_fn, metric_name, ref, out, where)
-        else:
-            value = math.inf
+    """Add each scheme's end-to-end metric on one e2e batch of ``n`` samples (``finals[i]``:
+    scheme i's output; inf for a non-finite output). ``where``: (layer, schemes, batch)."""
+    name, schemes, b = where
+    labels = [f"layer {name!r}, scheme {s.name!r}, batch {b}" for s in schemes]
+    for stats, value in zip(e2e, scorer(finals, labels), strict=True):
         stats.update(value, n)
 
 
@@ -331,8 +320,13 @@ def _profile(
             else:
                 todo.setdefault(name, []).append(scheme)
 
+    scorers: list[E2EScorer] = []
+    sizes: list[int] = []
     if todo:
         runner.prepare_e2e(batches if n_e2e >= n_samples else first_samples(batches, n_e2e))
+        # per e2e batch: the reference's share of the metric, computed once for all layers
+        scorers = [E2EScorer(ref, e2e_name, e2e_fn) for ref in runner.reference]
+        sizes = [batch_size(b) for b in runner.e2e_batches]
 
     baseline = None
     if evaluate is not None:
@@ -366,14 +360,14 @@ def _profile(
                 for b in range(len(batches)):
                     if runner.shared:
                         pairs, finals = runner.run(name, qlayers, b)
-                        _add_e2e(e2e, finals, runner, b, name, todo_schemes, e2e_name, e2e_fn)
+                        _add_e2e(e2e, finals, scorers[b], sizes[b], (name, todo_schemes, b))
                     else:
                         pairs = runner.local(name, qlayers, b)
                     _add_local(local, pairs)
                 if not runner.shared:
                     for b in range(len(runner.e2e_batches)):
                         finals = runner.e2e(name, qlayers, b)
-                        _add_e2e(e2e, finals, runner, b, name, todo_schemes, e2e_name, e2e_fn)
+                        _add_e2e(e2e, finals, scorers[b], sizes[b], (name, todo_schemes, b))
             for i, scheme in enumerate(todo_schemes):
                 row = {
                     "mse": local[i].mse,
