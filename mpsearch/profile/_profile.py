@@ -129,8 +129,9 @@ def profile(
       (``hessian_samples`` Hessian-vector products per batch, each about one backward pass).
 
     Speed: the model is traced with torch.fx; one fp32 pass caches what later runs need, and
-    for each layer only the part of the network downstream of it is re-run, all schemes at
-    once concatenated along the batch dimension. Models that do not trace fall back to forward
+    for each layer only the part of the network downstream of it is re-run, several schemes at
+    once concatenated along the batch dimension where that saves work. CPU max pooling runs as
+    an exact, faster maximum of strided views. Models that do not trace fall back to forward
     hooks (the whole model re-run per pair). BatchNorm is folded into the preceding conv
     (``fold_bn=True``) so that the folded weight is what gets quantized. With the ``simulate``
     backend on CPU, layers computing in bf16/fp16 run as an exact-product float32 emulation

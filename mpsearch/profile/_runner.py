@@ -6,8 +6,11 @@ Two runners share one interface:
   calibration batch stores the values the later runs need: each layer's input and output, and
   every value a layer's *suffix* (the nodes downstream of it) reads from outside the suffix.
   For a (layer, batch), the S quantized outputs are computed from the cached input and only the
-  suffix is re-executed, once for all S schemes concatenated along the batch dimension when the
-  model was checked to be batch-independent, else once per scheme.
+  suffix is re-executed: several schemes at once, concatenated along the batch dimension, when
+  the model was checked to be batch-independent and that saves work (small activations, or
+  large weights used for few rows: see ``CONCAT_BYTES``), else once per scheme. Nodes are
+  compiled once into direct calls, and a slow CPU operation with an exact faster equivalent
+  (max pooling) runs that (:mod:`mpsearch.profile._fastops`).
 - ``HookRunner`` (the fallback when tracing fails or a layer is called more than once): a
   forward hook substitutes the layer's output and the whole model is re-run per scheme.
 
@@ -59,12 +62,14 @@ _INPLACE_FUNCTIONS: dict[Any, Any] = {
 
 def _remove_inplace(gm: fx.GraphModule) -> None:
     """Rewrite in-place ops out of ``gm`` so that cached values are never mutated by later ops."""
+    changed = False
     for module in gm.modules():
         if getattr(module, "inplace", False) is True:
             module.inplace = False
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target in _INPLACE_FUNCTIONS:
             node.target = _INPLACE_FUNCTIONS[node.target]
+            changed = True
         elif (
             node.op == "call_method"
             and node.target.endswith("_")
@@ -73,9 +78,12 @@ def _remove_inplace(gm: fx.GraphModule) -> None:
             plain = node.target[:-1]
             if hasattr(torch.Tensor, plain):
                 node.target = plain
+                changed = True
         if node.kwargs.get("inplace") is True:
             node.kwargs = {**node.kwargs, "inplace": False}
-    gm.recompile()
+            changed = True
+    if changed:
+        gm.recompile()
 
 
 def _close(a: Tensor, b: Tensor, rtol: float) -> bool:
