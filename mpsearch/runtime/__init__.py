@@ -39,6 +39,7 @@ from mpsearch.runtime._scorers import (
     margin_score,
     max_softmax_score,
 )
+from mpsearch.runtime._selection import rank_cascades
 
 __all__ = [
     "PVALUES",
@@ -67,6 +68,7 @@ __all__ = [
     "max_softmax_score",
     "plan_label",
     "quantile_grid",
+    "rank_cascades",
     "served_answers",
     "served_stage",
     "time_module",
