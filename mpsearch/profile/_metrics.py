@@ -44,10 +44,15 @@ class KLAgainst:
         kl = (self.p * (self.log_p - _log_probs(out))).sum(dim=-1)
         return float(kl.clamp_min(0.0).mean())
 
-    def many(self, outs: Tensor) -> Tensor:
-        """The KL of each ``outs[i]`` (float64 ``[len(outs)]``), in one set of operations."""
+    def terms(self, outs: Tensor) -> Tensor:
+        """Per-row KL of each ``outs[i]``: float64 ``[len(outs), rows]`` (its mean: the KL)."""
         log_q = torch.log_softmax(outs.double().reshape(len(outs), -1, outs.shape[-1]), dim=-1)
-        return (self.p * (self.log_p - log_q)).sum(dim=-1).clamp_min(0.0).mean(dim=1)
+        return (self.p * (self.log_p - log_q)).sum(dim=-1).clamp_min(0.0)
+
+    @staticmethod
+    def count(shape: torch.Size) -> int:
+        """Number of terms (rows) of one output of ``shape``."""
+        return math.prod(shape) // shape[-1]
 
 
 def mean_squared_error(ref: Tensor, out: Tensor) -> float:
@@ -66,51 +71,87 @@ class _MSEAgainst:
     def __init__(self, ref: Tensor) -> None:
         self.ref = ref.double()
 
-    def many(self, outs: Tensor) -> Tensor:
-        return (outs.double() - self.ref).pow(2).reshape(len(outs), -1).mean(dim=1)
+    def terms(self, outs: Tensor) -> Tensor:
+        return (outs.double() - self.ref).pow(2).reshape(len(outs), -1)
+
+    @staticmethod
+    def count(shape: torch.Size) -> int:
+        return math.prod(shape)
 
 
 BATCHED_METRICS: dict[MetricFn, Callable[[Tensor], Any]] = {
     kl_divergence: KLAgainst,
     mean_squared_error: _MSEAgainst,
 }
-"""Built-in metric -> a class built from the reference output whose ``many(outs)`` gives the
-metric of every ``outs[i]`` at once (the same numbers up to the order of float64 sums)."""
+"""Built-in metric -> a class built from a reference output whose ``terms(outs)`` gives, for
+every ``outs[i]`` at once, terms whose mean is the metric (float64 ``[len(outs), count]``)."""
 
 
 class E2EScorer:
-    """The end-to-end metric of many outputs against one reference batch.
+    """The end-to-end metric of each scheme's output on each e2e batch, against the references.
 
-    Built-in metrics (:data:`BATCHED_METRICS`) score all outputs in one set of tensor
-    operations, their reference's share (e.g. its softmax) computed once; a callable metric is
-    called per output. A non-finite output scores ``inf`` without calling the metric.
+    Built-in metrics (:data:`BATCHED_METRICS`) score all schemes on all batches in one set of
+    tensor operations (the references' share, e.g. their softmax, computed once; the numbers
+    equal the metric's own up to the order of float64 sums); a callable metric is called per
+    output. A non-finite output scores ``inf`` (a callable is not called on it).
 
     >>> ref = torch.tensor([[1.0, 2.0]])
-    >>> E2EScorer(ref, "kl", kl_divergence)(torch.stack([ref, ref + torch.inf]), ["a", "b"])
-    [0.0, inf]
+    >>> scorer = E2EScorer([ref], "kl", kl_divergence)
+    >>> scorer([torch.stack([ref, ref + torch.inf])], lambda b, i: f"batch {b}, output {i}")
+    [[0.0, inf]]
     """
 
-    def __init__(self, ref: Tensor, name: str, fn: MetricFn) -> None:
-        self.ref, self.name, self.fn = ref, name, fn
-        batched = BATCHED_METRICS.get(fn)
-        self.batched = None if batched is None else batched(ref)
+    def __init__(self, refs: Sequence[Tensor], name: str, fn: MetricFn) -> None:
+        self.refs, self.name, self.fn = list(refs), name, fn
+        self.kind = BATCHED_METRICS.get(fn)
+        self.joint = None
+        shapes = {tuple(r.shape[1:]) for r in self.refs}
+        if self.kind is not None and len(shapes) == 1 and all(r.dim() >= 1 for r in self.refs):
+            self.joint = self.kind(torch.cat(self.refs))
+            self.counts = [self.kind.count(r.shape) for r in self.refs]
+        self._per_batch: dict[int, Any] = {}
 
-    def __call__(self, outs: Tensor, where: Sequence[str]) -> list[float]:
-        """Metric of each ``outs[i]`` vs the reference; ``where[i]`` names it in errors."""
-        if outs.is_floating_point():
-            finite = torch.isfinite(outs.reshape(len(outs), -1)).all(dim=1).tolist()
+    def __call__(
+        self, outs: Sequence[Tensor], where: Callable[[int, int], str]
+    ) -> list[list[float]]:
+        """``values[b][i]``: the metric of ``outs[b][i]`` (output i on e2e batch b) against the
+        reference of batch b; ``where(b, i)`` names that output in error messages."""
+        if self.kind is None:
+            return [self._called(b, out, where) for b, out in enumerate(outs)]
+        if self.joint is not None and all(o.shape[2:] == outs[0].shape[2:] for o in outs):
+            terms = self.joint.terms(torch.cat(list(outs), dim=1))
+            if len(set(self.counts)) == 1:
+                means = terms.view(len(terms), len(outs), -1).mean(dim=-1)
+            else:
+                means = torch.stack([t.mean(dim=1) for t in terms.split(self.counts, 1)], 1)
+            values = means.T.tolist()
         else:
-            finite = [True] * len(outs)
-        if self.batched is None:
-            return [
-                call_metric(self.fn, self.name, self.ref, out, label) if ok else math.inf
-                for out, ok, label in zip(outs, finite, where, strict=True)
+            values = [
+                self._batched(b).terms(out).mean(dim=1).tolist() for b, out in enumerate(outs)
             ]
-        values = self.batched.many(outs).tolist()
-        for value, ok, label in zip(values, finite, where, strict=True):
-            if ok and math.isnan(value):
-                raise RuntimeError(f"The metric {self.name!r} returned NaN on {label}.")
-        return [v if ok else math.inf for v, ok in zip(values, finite, strict=True)]
+        for b, row in enumerate(values):
+            for i, value in enumerate(row):
+                if not math.isfinite(value):  # a non-finite output, or the metric's NaN
+                    if bool(torch.isfinite(outs[b][i]).all()):
+                        if math.isnan(value):
+                            raise RuntimeError(
+                                f"The metric {self.name!r} returned NaN on {where(b, i)}."
+                            )
+                    else:
+                        row[i] = math.inf
+        return values
+
+    def _batched(self, b: int) -> Any:
+        if b not in self._per_batch:
+            self._per_batch[b] = self.kind(self.refs[b])  # type: ignore[misc]
+        return self._per_batch[b]
+
+    def _called(self, b: int, outs: Tensor, where: Callable[[int, int], str]) -> list[float]:
+        finite = torch.isfinite(outs.reshape(len(outs), -1)).all(dim=1).tolist()
+        return [
+            call_metric(self.fn, self.name, self.refs[b], out, where(b, i)) if ok else math.inf
+            for i, (out, ok) in enumerate(zip(outs, finite, strict=True))
+        ]
 
 
 def auto_metric(output: Tensor) -> str:

@@ -81,17 +81,21 @@ def _add_local(local: list[LocalStats], pairs: list[list[tuple[torch.Tensor, ...
 
 def _add_e2e(
     e2e: list[E2EStats],
-    finals: torch.Tensor,
+    finals: list[torch.Tensor],
     scorer: E2EScorer,
-    n: int,
-    where: tuple[str, list[Scheme], int],
+    sizes: list[int],
+    name: str,
+    schemes: list[Scheme],
 ) -> None:
-    """Add each scheme's end-to-end metric on one e2e batch of ``n`` samples (``finals[i]``:
-    scheme i's output; inf for a non-finite output). ``where``: (layer, schemes, batch)."""
-    name, schemes, b = where
-    labels = [f"layer {name!r}, scheme {s.name!r}, batch {b}" for s in schemes]
-    for stats, value in zip(e2e, scorer(finals, labels), strict=True):
-        stats.update(value, n)
+    """Add each scheme's end-to-end metric on every e2e batch (``finals[b][i]``: scheme i's
+    output on e2e batch b, of ``sizes[b]`` samples; inf for a non-finite output)."""
+
+    def where(b: int, i: int) -> str:
+        return f"layer {name!r}, scheme {schemes[i].name!r}, batch {b}"
+
+    for values, n in zip(scorer(finals, where), sizes, strict=True):
+        for stats, value in zip(e2e, values, strict=True):
+            stats.update(value, n)
 
 
 def profile(
@@ -321,12 +325,12 @@ def _profile(
             else:
                 todo.setdefault(name, []).append(scheme)
 
-    scorers: list[E2EScorer] = []
+    scorer = E2EScorer([], e2e_name, e2e_fn)
     sizes: list[int] = []
     if todo:
         runner.prepare_e2e(batches if n_e2e >= n_samples else first_samples(batches, n_e2e))
-        # per e2e batch: the reference's share of the metric, computed once for all layers
-        scorers = [E2EScorer(ref, e2e_name, e2e_fn) for ref in runner.reference]
+        # the references' share of the metric (e.g. their softmax), computed once for all layers
+        scorer = E2EScorer(runner.reference, e2e_name, e2e_fn)
         sizes = [batch_size(b) for b in runner.e2e_batches]
 
     baseline = None
@@ -357,18 +361,18 @@ def _profile(
             qlayers = [profile_layer(impl, layer, s) for s in todo_schemes]
             local = [LocalStats() for _ in todo_schemes]
             e2e = [E2EStats() for _ in todo_schemes]
+            finals: list[torch.Tensor] = []  # per e2e batch: [scheme, *output shape]
             with torch.inference_mode():
                 for b in range(len(batches)):
                     if runner.shared:
-                        pairs, finals = runner.run(name, qlayers, b)
-                        _add_e2e(e2e, finals, scorers[b], sizes[b], (name, todo_schemes, b))
+                        pairs, final = runner.run(name, qlayers, b)
+                        finals.append(final)
                     else:
                         pairs = runner.local(name, qlayers, b)
                     _add_local(local, pairs)
                 if not runner.shared:
-                    for b in range(len(runner.e2e_batches)):
-                        finals = runner.e2e(name, qlayers, b)
-                        _add_e2e(e2e, finals, scorers[b], sizes[b], (name, todo_schemes, b))
+                    finals = [runner.e2e(name, qlayers, b) for b in range(len(sizes))]
+                _add_e2e(e2e, finals, scorer, sizes, name, todo_schemes)
             for i, scheme in enumerate(todo_schemes):
                 row = {
                     "mse": local[i].mse,

@@ -1,4 +1,5 @@
-"""End-to-end metrics scored for many outputs at once equal the metric of each output."""
+"""End-to-end metrics scored for all schemes and batches at once equal the metric of each
+output on its own batch."""
 
 from __future__ import annotations
 
@@ -10,59 +11,77 @@ import torch
 from mpsearch.profile import kl_divergence, mean_squared_error
 from mpsearch.profile._metrics import E2EScorer
 
+BUILTIN = [("kl", kl_divergence), ("mse", mean_squared_error)]
 
-def _outputs() -> tuple[torch.Tensor, torch.Tensor]:
+
+def _where(b: int, i: int) -> str:
+    return f"batch {b}, output {i}"
+
+
+def _case(sizes: list[int], *trailing: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """References per batch and 3 outputs per batch near them."""
+    g = torch.Generator().manual_seed(sum(sizes))
+    refs = [torch.randn(n, *trailing, generator=g) * 3 for n in sizes]
+    outs = [r + 0.1 * torch.randn(3, *r.shape, generator=g) for r in refs]
+    return refs, outs
+
+
+@pytest.mark.parametrize(("name", "fn"), BUILTIN)
+@pytest.mark.parametrize(
+    ("sizes", "trailing"),
+    [([16, 16, 16], (10,)), ([16, 16, 5], (10,)), ([4, 4], (5, 7))],
+)
+def test_builtin_metrics_equal_one_output_at_a_time(name, fn, sizes, trailing) -> None:
+    refs, outs = _case(sizes, *trailing)
+    scorer = E2EScorer(refs, name, fn)
+    assert scorer.joint is not None  # one set of operations for every batch
+    got = scorer(outs, _where)
+    want = [[fn(ref, out) for out in batch] for ref, batch in zip(refs, outs, strict=True)]
+    assert len(got) == len(sizes)
+    for g_row, w_row in zip(got, want, strict=True):
+        assert g_row == pytest.approx(w_row, rel=1e-12, abs=1e-15)
+        assert all(v > 0 for v in g_row)
+
+
+def test_batches_of_other_shapes_are_scored_one_batch_at_a_time() -> None:
     g = torch.Generator().manual_seed(0)
-    ref = torch.randn(16, 10, generator=g) * 3
-    outs = ref + 0.1 * torch.randn(4, 16, 10, generator=g)
-    return ref, outs
+    refs = [torch.randn(4, 5, 7, generator=g), torch.randn(4, 3, 7, generator=g)]
+    outs = [torch.stack([r, r + 0.2]) for r in refs]
+    scorer = E2EScorer(refs, "kl", kl_divergence)
+    assert scorer.joint is None
+    got = scorer(outs, _where)
+    assert got[0][0] == got[1][0] == 0.0
+    for b in range(2):
+        assert got[b][1] == pytest.approx(kl_divergence(refs[b], outs[b][1]), rel=1e-12)
 
 
-@pytest.mark.parametrize(("name", "fn"), [("kl", kl_divergence), ("mse", mean_squared_error)])
-def test_batched_builtin_metrics_equal_one_at_a_time(name: str, fn) -> None:
-    ref, outs = _outputs()
-    scorer = E2EScorer(ref, name, fn)
-    assert scorer.batched is not None
-    got = scorer(outs, [f"output {i}" for i in range(len(outs))])
-    want = [fn(ref, out) for out in outs]
-    assert got == pytest.approx(want, rel=1e-12, abs=1e-15)
-    assert all(v > 0 for v in got)
-
-
-def test_per_token_logits_are_scored_per_row() -> None:
-    g = torch.Generator().manual_seed(1)
-    ref = torch.randn(4, 5, 7, generator=g)
-    outs = torch.stack([ref, ref + 0.2 * torch.randn(4, 5, 7, generator=g)])
-    got = E2EScorer(ref, "kl", kl_divergence)(outs, ["a", "b"])
-    assert got[0] == 0.0
-    assert got[1] == pytest.approx(kl_divergence(ref, outs[1]), rel=1e-12)
-
-
-def test_non_finite_output_scores_inf_and_others_are_kept() -> None:
-    ref, outs = _outputs()
-    outs[1, 3, 2] = torch.inf
-    outs[2, 0, 0] = torch.nan
-    for name, fn in (("kl", kl_divergence), ("mse", mean_squared_error)):
-        got = E2EScorer(ref, name, fn)(outs, ["a", "b", "c", "d"])
-        assert got[1] == got[2] == math.inf
-        assert got[0] == pytest.approx(fn(ref, outs[0]), rel=1e-12)
+@pytest.mark.parametrize(("name", "fn"), BUILTIN)
+def test_non_finite_output_scores_inf_and_others_are_kept(name, fn) -> None:
+    refs, outs = _case([8, 8], 10)
+    outs[0][1, 3, 2] = torch.inf
+    outs[1][2, 0, 0] = torch.nan
+    outs[1][0, 1, 1] = -torch.inf
+    got = E2EScorer(refs, name, fn)(outs, _where)
+    assert got[0][1] == got[1][2] == got[1][0] == math.inf
+    assert got[0][0] == pytest.approx(fn(refs[0], outs[0][0]), rel=1e-12)
+    assert got[1][1] == pytest.approx(fn(refs[1], outs[1][1]), rel=1e-12)
 
 
 def test_callable_metric_is_called_per_finite_output_with_where_in_errors() -> None:
-    ref, outs = _outputs()
-    outs[3, 0, 0] = torch.inf
+    refs, outs = _case([8, 8], 10)
+    outs[1][2, 0, 0] = torch.inf
     calls = []
 
     def max_abs(r: torch.Tensor, o: torch.Tensor) -> float:
         calls.append(o.shape)
         return float((r - o).abs().max())
 
-    got = E2EScorer(ref, "max_abs", max_abs)(outs, ["a", "b", "c", "d"])
-    assert len(calls) == 3 and got[3] == math.inf
-    assert got[:3] == [max_abs(ref, o) for o in outs[:3]]
+    got = E2EScorer(refs, "max_abs", max_abs)(outs, _where)
+    assert len(calls) == 5 and got[1][2] == math.inf
+    assert got[0] == [max_abs(refs[0], o) for o in outs[0]]
 
     def nan_metric(r: torch.Tensor, o: torch.Tensor) -> float:
         return math.nan
 
-    with pytest.raises(RuntimeError, match="'nan_metric' returned NaN on layer 'x', batch 2"):
-        E2EScorer(ref, "nan_metric", nan_metric)(outs[:1], ["layer 'x', batch 2"])
+    with pytest.raises(RuntimeError, match="'nan_metric' returned NaN on batch 0, output 0"):
+        E2EScorer(refs, "nan_metric", nan_metric)(outs, _where)
