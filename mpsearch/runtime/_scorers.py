@@ -86,7 +86,7 @@ def margin_score(logits: Tensor) -> Tensor:
 def _margin_one(logits: Tensor) -> float:
     if logits.shape[-1] < 2:
         return 0.0
-    p1, p2 = torch.softmax(_as_float(logits), -1).topk(2, dim=-1).values.view(2).tolist()
+    p1, p2 = torch.softmax(_as_float(logits), -1).topk(2, dim=-1).values.tolist()[0]
     return 1.0 - (p1 - p2)
 
 
