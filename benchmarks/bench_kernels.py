@@ -213,8 +213,9 @@ def bench_large_linear(out: list[str], repeats: int) -> None:
         rows.append(row)
     out.append("## 6 x Linear(2048): speed-up over fp32 (1 thread, CPU time)\n")
     out.append(
-        "Our backend's kernels (bf16, w8a8 oneDNN, w8a16/w4a16 aten packed) next to torch's "
-        "`quantize_dynamic` and torchao int8 dynamic, as fp32_ms / ms (higher is faster).\n"
+        "Our backend's kernels (bf16, w8a8 on fbgemm where oneDNN lacks VNNI, else oneDNN, "
+        "w8a16/w4a16 aten packed) next to torch's `quantize_dynamic` and torchao int8 dynamic, "
+        "as fp32_ms / ms (higher is faster).\n"
     )
     out.append(
         table(

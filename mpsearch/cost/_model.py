@@ -15,7 +15,14 @@ from torch import nn
 
 from mpsearch._data import Batch, run_model
 from mpsearch._validation import check_positive, invalid
-from mpsearch.backends import Backend, as_plan, get_backend, quantize, storage_bytes
+from mpsearch.backends import (
+    Backend,
+    KernelBackend,
+    as_plan,
+    get_backend,
+    quantize,
+    storage_bytes,
+)
 from mpsearch.backends._quantize import PlanLike
 from mpsearch.cost._cache import cache_key, read_cache, write_cache
 from mpsearch.cost._timing import TIMERS, device_name, median_ms, threads
@@ -325,6 +332,8 @@ def measure_cost(
             "model_bytes": storage_bytes(model),
             "repeats": repeats,
             "warmup": warmup,
+            # which kernel runs each (layer type, scheme): a new kernel is a new measurement
+            "kernels": impl.kernel_table() if isinstance(impl, KernelBackend) else None,
         }
     )
     path = None if cache_dir is None else Path(cache_dir) / f"cost-{impl.name}-{key}.json"

@@ -147,6 +147,21 @@ def test_cache_reused_and_keyed(tmp_path) -> None:
     assert len(list(tmp_path.glob("cost-cpu-*.json"))) == 2
 
 
+def test_a_new_kernel_is_a_new_cache_key(tmp_path) -> None:
+    """Costs measured on one kernel are never reused for another (e.g. after an upgrade)."""
+    measure_cost(_net(), X, schemes=["w8a8"], repeats=1, warmup=0, cache_dir=tmp_path)
+    key = (nn.Linear, "w8a8")
+    kernel = mps.backends.CPU_KERNELS[key]
+    try:
+        mps.backends.register_cpu_kernel(
+            nn.Linear, "w8a8", mps.backends.Kernel(kernel.build, "another int8 kernel")
+        )
+        measure_cost(_net(), X, schemes=["w8a8"], repeats=1, warmup=0, cache_dir=tmp_path)
+    finally:
+        mps.backends.register_cpu_kernel(nn.Linear, "w8a8", kernel)
+    assert len(list(tmp_path.glob("cost-cpu-*.json"))) == 2
+
+
 @pytest.mark.parametrize("damage", ["torn", "edited", "other_key", "other_format"])
 def test_damaged_cache_is_not_trusted(tmp_path, damage: str) -> None:
     path = tmp_path / "c.json"
