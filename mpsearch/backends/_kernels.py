@@ -255,6 +255,22 @@ class _PackedInt8(RealLayer):
         self._packed = self._pack(dense)
 
 
+def _init_int8_linear(
+    module: _PackedInt8, layer: nn.Linear, scheme: Scheme, act_range: ActRange
+) -> None:
+    """The state both ``w8a8`` Linear modules hold: codes packed by ``module._pack`` (after the
+    scales and bias, which fbgemm packs in), scales, bias, activation quantizer."""
+    module.scheme_name = scheme.name
+    scheme = int8_kernel_scheme(scheme)
+    codes, scale, _ = _weight_codes(layer.weight, scheme)
+    module.out_features, module.in_features = layer.weight.shape
+    module.register_buffer("w_scale", scale.float().contiguous())
+    bias = layer.bias
+    module.register_buffer("bias", None if bias is None else bias.detach().float().clone())
+    module.act = _ActQuant(scheme, act_range)
+    module._packed = module._pack(codes.to(torch.int8))
+
+
 class Int8Linear(_PackedInt8):
     """``w8a8`` Linear: int8 per-channel weights x uint8 per-tensor activations on oneDNN
     (``onednn::qlinear_pointwise``), float32 output. Activation scales are computed per call
@@ -262,16 +278,8 @@ class Int8Linear(_PackedInt8):
 
     def __init__(self, layer: nn.Linear, scheme: Scheme, *, act_range: ActRange = None) -> None:
         super().__init__()
-        self.scheme_name = scheme.name
-        scheme = int8_kernel_scheme(scheme)
-        codes, scale, _ = _weight_codes(layer.weight, scheme)
-        self.out_features, self.in_features = layer.weight.shape
-        self.register_buffer("w_scale", scale.float().contiguous())
-        self.register_buffer("w_zero", torch.zeros(self.out_features, dtype=torch.long))
-        bias = layer.bias
-        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
-        self._packed = self._pack(codes.to(torch.int8))
-        self.act = _ActQuant(scheme, act_range)
+        self.register_buffer("w_zero", torch.zeros(layer.out_features, dtype=torch.long))
+        _init_int8_linear(self, layer, scheme, act_range)
 
     def _pack(self, codes: Tensor) -> Tensor:
         return torch.ops.onednn.qlinear_prepack(codes.to(torch.int8).contiguous(), None)
@@ -317,15 +325,7 @@ class FbgemmInt8Linear(_PackedInt8):
 
     def __init__(self, layer: nn.Linear, scheme: Scheme, *, act_range: ActRange = None) -> None:
         super().__init__()
-        self.scheme_name = scheme.name
-        scheme = int8_kernel_scheme(scheme)
-        codes, scale, _ = _weight_codes(layer.weight, scheme)
-        self.out_features, self.in_features = layer.weight.shape
-        self.register_buffer("w_scale", scale.float().contiguous())
-        bias = layer.bias
-        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
-        self.act = _ActQuant(scheme, act_range)
-        self._packed = self._pack(codes.to(torch.int8))
+        _init_int8_linear(self, layer, scheme, act_range)
 
     def _pack(self, codes: Tensor) -> Any:
         with warnings.catch_warnings():  # torch 2.13 deprecates quantized tensors (the pin)
