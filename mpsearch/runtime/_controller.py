@@ -611,10 +611,10 @@ class Controller:
         if grid is not None:
             grid_arr = np.concatenate([[-np.inf], np.sort(np.asarray(grid, dtype=np.float64))])
             grid_arr = np.unique(grid_arr)
-        elif self.scorer.bounded:
+        elif self.scorer.bounded and not self.scorer.learned:
             grid_arr = default_grid()
-        else:
-            grid_arr = quantile_grid(stage_scores[:, fit_idx])
+        else:  # learned or unbounded scores: thresholds at the fit split's score quantiles
+            grid_arr = quantile_grid(stage_scores[:, fit_idx], levels=1000)
         test_labels = None if label_array is None else label_array[test_idx]
         result = learn_then_test(
             stage_scores[:, test_idx],

@@ -233,6 +233,9 @@ class GateScorer(Scorer):
 
     It predicts the probability that escalating from this stage would change the answer
     (the stage's answer differs from the most precise variant's); that probability is the score.
+    The features lie in ``[0, 1]`` and escalations are rare, so the L2 penalty is light: on the
+    char-MLP cascade at 0.5% disagreement, ``l2=1e-2`` shrank the gate to a near-constant and
+    escalated 59% of inputs, ``l2=1e-6`` 3.5% (the margin score alone: 3.9%).
 
     >>> gate = GateScorer()
     >>> gate.fit([torch.tensor([[3.0, 0.0], [0.1, 0.0]])], [np.array([0, 1])])
@@ -244,7 +247,7 @@ class GateScorer(Scorer):
     bounded = True
     learned = True
 
-    def __init__(self, *, l2: float = 1e-2) -> None:
+    def __init__(self, *, l2: float = 1e-6) -> None:
         self.l2 = l2
         self.weights: list[tuple[np.ndarray, float]] = []
         self._linear: list[tuple[Tensor, float]] = []
@@ -257,7 +260,7 @@ class GateScorer(Scorer):
             features = gate_features(torch.as_tensor(logits)).double().numpy()
             w = fit_logistic(features, targets, l2=self.l2)
             self.weights.append((w[:-1].copy(), float(w[-1])))
-        self._linear = [(torch.from_numpy(w).float(), b) for w, b in self.weights]
+        self._linear = [(torch.from_numpy(w), b) for w, b in self.weights]  # float64
 
     def score(self, logits: Tensor, stage: int = 0) -> Tensor:
         if not self._linear:
@@ -265,7 +268,7 @@ class GateScorer(Scorer):
                 "The 'gate' scorer is not fitted yet: call Controller.calibrate(...) first."
             )
         w, b = self._linear[min(stage, len(self._linear) - 1)]
-        return torch.sigmoid(gate_features(logits) @ w + b)
+        return torch.sigmoid(gate_features(logits).double() @ w + b)
 
     def __call__(self, logits: Tensor, stage: int = 0) -> Tensor:
         return self.score(logits, stage)
