@@ -22,6 +22,7 @@ from pathlib import Path
 
 import onnxruntime as ort
 import torch
+from _tables import md_table  # benchmarks/ is the script's folder
 
 import mpsearch as mps
 from mpsearch.cost import median_ms
@@ -38,15 +39,6 @@ PLANS = {
         {"re:.*fc1": "w8a8", "re:.*q_proj": "w4a16"}, default="w8a16"
     ),
 }
-
-
-def table(rows: list[dict], columns: list[str]) -> str:
-    def fmt(v):
-        return f"{v:.3g}" if isinstance(v, float) else str(v)
-
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(fmt(r[c]) for c in columns) + " |" for r in rows]
-    return "\n".join(lines)
 
 
 def ort_session(path: Path, level: str) -> ort.InferenceSession:
@@ -147,11 +139,11 @@ def main() -> None:
             + ". Backend `cpu` for the state dict and program, `simulate` for ONNX; dynamic "
             "activation ranges.",
             "## ONNX Runtime vs PyTorch `simulate` (all test batches)",
-            table(check_rows, check_cols),
+            md_table(check_rows, check_cols),
             "## File sizes (bytes)",
-            table(size_rows, size_cols),
+            md_table(size_rows, size_cols),
             f"## Latency (median of {repeats}, process CPU time, 1 thread; ratio to fp32 eager)",
-            table(speed_rows, speed_cols),
+            md_table(speed_rows, speed_cols),
         ]
     )
     OUT.write_text(text + "\n")

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import torch
+from _tables import md_table  # benchmarks/ is the script's folder
 from torch import nn
 
 import mpsearch as mps
@@ -30,15 +31,6 @@ SCHEMES = ["bf16", "fp16", "w8a8", "w8a16", "w4a16"]
 WORKLOADS = {"digits_cnn": 32, "resnet18": 8, "text_transformer": 32}
 OUT = Path(__file__).parent / "results" / "kernels.md"
 TIMING = {"num_threads": 1, "timer": "process"}
-
-
-def table(rows: list[dict], columns: list[str]) -> str:
-    def fmt(v):
-        return f"{v:.3g}" if isinstance(v, float) else str(v)
-
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(fmt(r[c]) for c in columns) + " |" for r in rows]
-    return "\n".join(lines)
 
 
 def fastest_plan(cost, exclude: tuple[str, ...] = ()) -> dict[str, str]:
@@ -139,7 +131,7 @@ def bench_workload(name: str, batch: int, n_random: int, repeats: int, out: list
         f"Quality: `workload.evaluate` ({wl.task}); target = within 1% of fp32 ({target:.4g}).\n"
     )
     out.append(
-        table(
+        md_table(
             rows,
             ["plan", "latency_ms", "x_fp32", "memory_MB", "mem_x_fp32", "quality", "meets_target"],
         )
@@ -218,7 +210,7 @@ def bench_large_linear(out: list[str], repeats: int) -> None:
         "as fp32_ms / ms (higher is faster).\n"
     )
     out.append(
-        table(
+        md_table(
             rows,
             [
                 "batch",

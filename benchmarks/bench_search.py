@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import optuna
 import torch
+from _tables import md_table  # benchmarks/ is the script's folder
 
 from mpsearch.cost import measure_cost
 from mpsearch.profile import profile
@@ -51,17 +52,6 @@ BUDGETS = {
 N_GREEDY, N_ILP = 10, 8
 OUT = Path(__file__).parent / "results" / "search.md"
 STUDIES = Path("studies")
-
-
-def md_table(rows: list[dict], columns: list[str]) -> str:
-    def fmt(v: object) -> str:
-        if isinstance(v, float):
-            return f"{v:.4g}"
-        return str(v)
-
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
-    return "\n".join(lines)
 
 
 class Evaluator:
@@ -262,14 +252,16 @@ def report(r: dict) -> str:
         f"{r['n_true']} true evaluations, search wall time {r['wall_s']:.1f} s, "
         f"Pareto front {r['front']} plans.\n"
     )
-    budgets = md_table(r["budget_rows"], ["budget", "mpsearch", "uniform", "greedy", "ILP"])
+    budgets = md_table(
+        r["budget_rows"], ["budget", "mpsearch", "uniform", "greedy", "ILP"], digits=4
+    )
     notes = [f"- {row['budget']}: {row['_note']}" for row in r["budget_rows"] if "_note" in row]
     hv_best = max(r["hv"].values()) or 1.0
     hv_row = {"metric": "hypervolume"} | {k: v for k, v in r["hv"].items()}
     rel_row = {"metric": "relative to best"} | {k: v / hv_best for k, v in r["hv"].items()}
     pts_row = {"metric": "front points"} | r["n_points"]
     hv_table = md_table(
-        [hv_row, rel_row, pts_row], ["metric", "mpsearch", "uniform", "greedy", "ILP"]
+        [hv_row, rel_row, pts_row], ["metric", "mpsearch", "uniform", "greedy", "ILP"], digits=4
     )
     ref = r["ref"]
     tail = (

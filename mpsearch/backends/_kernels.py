@@ -207,7 +207,8 @@ class _ActQuant:
 
 
 class _PackedInt8(RealLayer):
-    """Shared state of the oneDNN int8 modules: an opaque packed weight, saved as its dense form."""
+    """Shared state of the int8 x int8 modules (oneDNN, fbgemm): an opaque packed weight, saved
+    as its dense int8 codes."""
 
     _packed: Tensor
 

@@ -136,6 +136,13 @@ def test_default_grid_shape() -> None:
     assert np.all(np.diff(g) > 0)
 
 
+def _cubic_draw(rng: np.random.Generator, m: int) -> tuple[np.ndarray, np.ndarray]:
+    """Scores uniform on [0, 1]; the cheap answer is wrong with probability score**3."""
+    score = rng.random(m)
+    wrong = rng.random(m) < score**3
+    return score[None], np.stack([wrong.astype(int), np.zeros(m, dtype=int)])
+
+
 def test_guarantee_holds_over_random_draws() -> None:
     """Monte Carlo: the cheap answer is wrong w.p. rising with the score; the violation rate of
     the target over 200 calibration draws stays below delta."""
@@ -144,9 +151,7 @@ def test_guarantee_holds_over_random_draws() -> None:
     grid = np.concatenate([[-np.inf], np.linspace(0.01, 1.0, 100), [np.inf]])
 
     def draw(m: int) -> tuple[np.ndarray, np.ndarray]:
-        score = rng.random(m)
-        wrong = rng.random(m) < score**3
-        return score[None], np.stack([wrong.astype(int), np.zeros(m, dtype=int)])
+        return _cubic_draw(rng, m)
 
     big_s, big_a = draw(50_000)
     violations = 0
@@ -168,9 +173,7 @@ def test_guarantee_bounds_the_true_risk_not_the_test_split_rate() -> None:
     grid = np.concatenate([[-np.inf], np.linspace(0.01, 1.0, 100), [np.inf]])
 
     def draw(m: int) -> tuple[np.ndarray, np.ndarray]:
-        score = rng.random(m)
-        wrong = rng.random(m) < score**3
-        return score[None], np.stack([wrong.astype(int), np.zeros(m, dtype=int)])
+        return _cubic_draw(rng, m)
 
     # Here the bound is tight (3000 draws give 0.0997: the binomial p-value at the first
     # threshold whose risk exceeds eps is 0.099), so the 300-draw rate is checked against delta
