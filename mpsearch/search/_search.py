@@ -507,6 +507,30 @@ def _default_storage(storage: Any, study_name: str) -> Any:
     return f"sqlite:///{folder / study_name}.db"
 
 
+def _budget_full(trials: list[optuna.trial.FrozenTrial], number: int, n_trials: int) -> bool:
+    """Whether the COMPLETE trials and the live ones ahead of trial ``number`` fill ``n_trials``.
+
+    Ahead means a smaller trial number: the storage hands numbers out in the order trials are
+    written, so every trial ahead of this one is already visible to it, and among workers racing
+    for the last slots exactly the first ones run. (Start times, taken from each process's clock
+    before the write, can disagree with that order: two workers then both saw themselves first.)
+    Enqueued WAITING trials ahead count too: they will run before the study is done.
+
+    >>> from optuna.trial import TrialState, create_trial
+    >>> done = create_trial(state=TrialState.COMPLETE, value=1.0)
+    >>> _budget_full([done], 1, 2), _budget_full([done], 1, 1)
+    (False, True)
+    """
+    live = (optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING)
+    complete = ahead = 0
+    for t in trials:
+        if t.state == optuna.trial.TrialState.COMPLETE:
+            complete += 1
+        elif t.state in live and t.number < number:
+            ahead += 1
+    return complete + ahead >= n_trials
+
+
 class _Objective:
     def __init__(
         self,
@@ -566,24 +590,10 @@ class _Objective:
                 self.lost_lease = self.lost_lease or lease.lost
 
     def _claim_slot(self, trial: optuna.Trial) -> None:
-        """Prune this trial if the COMPLETE trials and the ones started before it fill the budget.
-
-        Trials are ranked by start time, then number, so among workers racing for the last
-        slots exactly the first ones run: the study never exceeds ``n_trials`` COMPLETE trials.
-        """
+        """Prune this trial if the COMPLETE trials and the ones ahead of it fill the budget
+        (:func:`_budget_full`): the study never exceeds ``n_trials`` COMPLETE trials."""
         sweep_expired(self.study, self.policy)
-        mine = (trial.datetime_start, trial.number)
-        complete = ahead = 0
-        for t in self.study.get_trials(deepcopy=False):
-            if t.state == optuna.trial.TrialState.COMPLETE:
-                complete += 1
-            elif (
-                t.state == optuna.trial.TrialState.RUNNING
-                and t.number != trial.number
-                and (t.datetime_start, t.number) < mine
-            ):
-                ahead += 1
-        if complete + ahead >= self.n_trials:
+        if _budget_full(self.study.get_trials(deepcopy=False), trial.number, self.n_trials):
             self.study.stop()
             trial.set_user_attr("pruned_reason", BUDGET_REASON)
             raise optuna.TrialPruned(BUDGET_REASON)
