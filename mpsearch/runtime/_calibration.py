@@ -17,6 +17,35 @@ Assumption: the calibration inputs and the inputs served later are drawn i.i.d. 
 same distribution (exchangeable), and the grid does not depend on the calibration inputs
 used for testing (built-in scorers use a fixed grid; learned or unbounded scorers are fitted
 on a separate ``fit`` part of the calibration data).
+
+Finite test set (``test_size=m``, "transductive" mode). The guarantee above is about the
+population risk; the loss *rate* measured on ``m`` further inputs scatters binomially around
+it, so it exceeds ``eps`` more often than ``delta``. With ``test_size`` the guarantee is instead:
+for the ``n`` calibration inputs and the next ``m`` inputs, all ``N = n + m`` exchangeable,
+``P(#losses among the m inputs > eps * m) <= delta``. Procedure and proof:
+
+* Envelope losses: ``env_i(t) = max over grid t' <= t of loss_i(t')``, so the set of lossy
+  inputs only grows along the grid (for 2 variants this is the plain loss; with more, escalating
+  to a middle variant can create a loss that a later threshold removes). ``env >= loss``, so
+  bounding the envelope count bounds the loss count.
+* Condition on the pool of ``N`` inputs; by exchangeability the calibration set is a uniformly
+  random ``n``-subset. Order the pool's lossy inputs by the grid index where their envelope
+  loss first becomes 1 (ties in any split-independent order): at every ``t`` the lossy set is a
+  prefix of that sequence. Let ``t0`` be the smallest count with ``t0 / m > eps`` (exact
+  rational arithmetic on the float ``eps``, so it is never above the count a float comparison
+  would call a violation).
+* The accepted thresholds are those with calibration envelope count ``k <= c`` (``c`` depends
+  only on ``n, m, eps, delta``). A violation at the chosen one is a prefix holding ``<= c``
+  calibration and ``>= t0`` test inputs, i.e. the ``t0``-th lossy test input comes within the
+  first ``min(L, c + t0)`` lossy inputs. The calibration inputs among the first ``j`` lossy
+  ones are hypergeometric, so ``P(violation) <= p(c)`` with
+  ``p(k) = max over j in [t0, k + t0] of HypergeomCDF(j - t0; N, n, j)`` (the max equals its
+  last term, since the count of test inputs among the first ``j`` can only grow with ``j``; it
+  is kept as a running max so that rounding cannot break monotonicity). A candidate is accepted
+  iff ``p(k) <= delta``; ``p`` is monotone in ``k`` and ``k`` in ``t``, so fixed-sequence testing
+  picks the last such candidate. With several targets each gets ``delta / #targets``
+  (Bonferroni: the prefix argument is per target); the table's ``pvalue`` column is then
+  ``min(1, #targets * max_kind p_kind)``. As ``m`` grows this approaches the binomial test.
 """
 
 from __future__ import annotations
@@ -24,13 +53,14 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from fractions import Fraction
 from typing import Any
 
 import numpy as np
 import pandas as pd
 from scipy import stats
 
-from mpsearch._validation import check_fraction, unknown
+from mpsearch._validation import check_fraction, invalid, unknown
 
 PValueFn = Callable[[int, int, float], float]
 
@@ -169,6 +199,44 @@ def losses(
     return ((answers != labels) & (reference == labels)).astype(np.int64)
 
 
+def first_violating_count(eps: float, test_size: int) -> int:
+    """The smallest loss count ``T`` with ``T / test_size > eps`` (exact, on the float ``eps``).
+
+    Exact rational arithmetic: never above the count a float comparison (``T / m > eps`` or
+    ``T > eps * m``) would call a violation, so the guarantee holds for those too.
+
+    >>> first_violating_count(0.005, 3000), first_violating_count(0.5, 4)
+    (16, 3)
+    """
+    return math.floor(Fraction(eps) * test_size) + 1
+
+
+def transductive_pvalues(
+    counts: np.ndarray | Sequence[int], n: int, test_size: int, eps: float
+) -> np.ndarray:
+    """P-values of "more than ``eps * test_size`` losses among the next ``test_size`` inputs".
+
+    ``counts`` are calibration (envelope) loss counts out of ``n``; for each,
+    ``p(k) = max over j in [t0, k + t0] of HypergeomCDF(j - t0; n + m, n, j)`` with ``m =
+    test_size`` and ``t0 = first_violating_count(eps, m)``: the chance that among the first ``j``
+    lossy inputs of the pool at most ``j - t0`` are calibration inputs. Vectorised over the
+    distinct counts; the running max is taken over them (the max over ``j`` is its last term).
+
+    >>> round(float(transductive_pvalues([0], 8, 4, 0.5)[0]), 4)  # C(4, 3) / C(12, 3)
+    0.0182
+    """
+    k = np.asarray(counts, dtype=np.int64)
+    if k.size == 0:
+        return np.zeros(0)
+    if n == 0:
+        return np.ones(k.shape)
+    t0 = first_violating_count(eps, test_size)
+    distinct, where = np.unique(k, return_inverse=True)
+    cdf = stats.hypergeom.cdf(distinct, n + test_size, n, distinct + t0)
+    pvalues = np.clip(np.maximum.accumulate(np.nan_to_num(cdf, nan=1.0)), 0.0, 1.0)
+    return pvalues[where].reshape(k.shape)
+
+
 @dataclass
 class LTTResult:
     """What Learn-then-Test chose: the index into the grid, the threshold, the per-grid table."""
@@ -188,6 +256,7 @@ def learn_then_test(
     grid: np.ndarray | None = None,
     labels: np.ndarray | None = None,
     method: str = "binomial",
+    test_size: int | None = None,
 ) -> LTTResult:
     """Choose the most aggressive threshold of ``grid`` certified for every target in ``targets``.
 
@@ -195,6 +264,11 @@ def learn_then_test(
     several, a candidate's p-value is the largest of its per-target p-values (valid for the
     intersection of the targets). ``grid[0]`` must be ``-inf`` (always escalate, risk 0): it
     is never tested and is the fallback when nothing else is certified.
+
+    ``test_size=m`` switches to the finite-test-set guarantee (module docstring): the loss
+    count among the next ``m`` inputs exceeds ``eps * m`` with probability ``<= delta``. It
+    needs ``method="binomial"``; p-values are hypergeometric on envelope loss counts (table
+    column ``envelope_<kind>``: their rate), each target tested at ``delta / #targets``.
 
     >>> scores = np.array([[0.0, 0.0, 0.9, 0.9]])
     >>> answers = np.array([[1, 1, 0, 0], [1, 1, 1, 1]])
@@ -206,11 +280,28 @@ def learn_then_test(
     check_fraction("delta", delta)
     if method not in PVALUES:
         raise unknown("method", method, PVALUES)
+    if test_size is not None:
+        if (
+            isinstance(test_size, (bool, np.bool_))
+            or not isinstance(test_size, (int, np.integer))
+            or test_size < 1
+        ):
+            raise invalid("test_size", test_size, "a positive integer (or None)")
+        if method != "binomial":
+            raise ValueError(
+                f"The 'method' argument must be 'binomial' when 'test_size' is given (the "
+                f"finite-test-set mode uses exact hypergeometric p-values). Got method={method!r} "
+                f"with test_size={test_size!r} instead."
+            )
     for kind, eps in targets.items():
         check_fraction(f"max_{kind}", eps)
     grid = default_grid() if grid is None else np.asarray(grid, dtype=np.float64)
     if grid.size == 0 or grid[0] != -np.inf:
         raise ValueError("The threshold grid must start with -inf (always escalate).")
+    if test_size is not None:
+        return _learn_then_test_finite(
+            stage_scores, stage_answers, targets, delta, grid, labels, int(test_size)
+        )
     pvalue = PVALUES[method]
     n = int(np.asarray(stage_answers).shape[1])
     rows: list[dict[str, Any]] = []
@@ -235,13 +326,55 @@ def learn_then_test(
     return LTTResult(index=index, threshold=float(grid[index]), certified=last >= 0, table=table)
 
 
+def _learn_then_test_finite(
+    stage_scores: np.ndarray,
+    stage_answers: np.ndarray,
+    targets: Mapping[str, float],
+    delta: float,
+    grid: np.ndarray,
+    labels: np.ndarray | None,
+    test_size: int,
+) -> LTTResult:
+    """``learn_then_test`` with ``test_size``: envelope losses, hypergeometric p-values."""
+    n = int(np.asarray(stage_answers).shape[1])
+    kinds = list(targets)
+    first = served_stage(stage_scores, float(grid[0]))
+    envelope = {kind: losses(stage_answers, first, labels, kind) for kind in kinds}
+    plain = {kind: np.zeros(grid.size - 1, dtype=np.int64) for kind in kinds}
+    counts = {kind: np.zeros(grid.size - 1, dtype=np.int64) for kind in kinds}
+    for g, t in enumerate(grid[1:]):
+        served = served_stage(stage_scores, float(t))
+        for kind in kinds:
+            loss = losses(stage_answers, served, labels, kind)
+            np.maximum(envelope[kind], loss, out=envelope[kind])
+            plain[kind][g] = int(loss.sum())
+            counts[kind][g] = int(envelope[kind].sum())
+    columns: dict[str, Any] = {"threshold": grid[1:].astype(np.float64)}
+    worst = np.zeros(grid.size - 1)
+    for kind in kinds:
+        p = transductive_pvalues(counts[kind], n, test_size, targets[kind])
+        columns[kind] = plain[kind] / n if n else np.full(grid.size - 1, np.nan)
+        columns[f"envelope_{kind}"] = counts[kind] / n if n else np.full(grid.size - 1, np.nan)
+        columns[f"pvalue_{kind}"] = p
+        worst = np.maximum(worst, p)
+    # Bonferroni over targets: each is tested at delta / len(kinds).
+    combined = np.minimum(1.0, len(kinds) * worst) if len(kinds) > 1 else worst
+    columns["pvalue"] = combined
+    last = fixed_sequence_test(combined.tolist(), delta)
+    table = pd.DataFrame(columns)
+    table["accepted"] = np.arange(grid.size - 1) <= last
+    index = last + 1
+    return LTTResult(index=index, threshold=float(grid[index]), certified=last >= 0, table=table)
+
+
 @dataclass
 class CalibrationReport:
     """The outcome of ``Controller.calibrate``: thresholds, expected routing, cost, risk.
 
     ``share`` is the expected fraction of inputs served by each variant and
     ``expected_cost_ms`` the expected cost per input (every pass an escalated input runs is
-    paid), both measured on the held-out calibration inputs used for testing.
+    paid), both measured on the held-out calibration inputs used for testing. ``test_size``
+    is ``None`` for the population guarantee, else the ``m`` of the finite-test-set guarantee.
     """
 
     threshold: float
@@ -264,6 +397,7 @@ class CalibrationReport:
     empirical_quality_drop: float | None
     pvalue: float | None
     table: pd.DataFrame = field(repr=False)
+    test_size: int | None = None
 
     def summary(self) -> dict[str, Any]:
         """The report as a flat dict (no table), e.g. for a results row."""
