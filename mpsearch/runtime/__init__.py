@@ -38,6 +38,7 @@ from mpsearch.runtime._scorers import (
     make_scorer,
     margin_score,
     max_softmax_score,
+    ratio_score,
 )
 from mpsearch.runtime._selection import rank_cascades
 
@@ -69,6 +70,7 @@ __all__ = [
     "plan_label",
     "quantile_grid",
     "rank_cascades",
+    "ratio_score",
     "served_answers",
     "served_stage",
     "time_module",

@@ -1,9 +1,9 @@
 """The audit log: one row per served input, bounded in memory, optionally mirrored to disk.
 
-Rows arrive in blocks (one block per served call). A block is a list of row tuples or any
-object with ``len()`` and a ``rows()`` method returning them: the controller appends one
-compact record per call and its rows are only expanded when the log is read (``frame()``) or
-written to a sink, which keeps the per-call cost of auditing to a few microseconds.
+Rows arrive in blocks (one block per served call): a list of row tuples, or any compact record
+that the log's ``expand`` function turns into rows. The controller appends one tuple per call
+and its rows are only expanded when the log is read (``frame()``) or written to a sink, which
+keeps the per-call cost of auditing to a tuple and a lock.
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import csv
 import json
 import threading
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, Protocol, TextIO
+from typing import Any, TextIO
 
 import pandas as pd
 
@@ -22,24 +22,15 @@ from mpsearch._validation import invalid
 
 SINK_FORMATS = (".csv", ".jsonl")
 
-
-class RowBlock(Protocol):
-    """A block of audit rows expanded on demand."""
-
-    def __len__(self) -> int: ...
-
-    def rows(self) -> list[tuple[Any, ...]]: ...
-
-
-def _rows(block: Any) -> list[tuple[Any, ...]]:
-    return block if isinstance(block, list) else block.rows()
+Rows = list[tuple[Any, ...]]
 
 
 class AuditLog:
     """A thread-safe ring buffer of decision rows with an optional CSV / JSONL sink.
 
     Only the newest ``max_rows`` rows stay in memory; every row also goes to ``sink`` (a
-    ``.csv`` or ``.jsonl`` path, appended to) when one is given.
+    ``.csv`` or ``.jsonl`` path, appended to) when one is given. ``expand`` turns a compact
+    block appended with :meth:`append_locked` into its rows.
 
     >>> log = AuditLog(["input_id", "variant"], max_rows=2)
     >>> log.extend([(0, "a"), (1, "b"), (2, "a")])
@@ -53,12 +44,14 @@ class AuditLog:
         *,
         max_rows: int = 100_000,
         sink: str | Path | None = None,
+        expand: Callable[[Any], Rows] | None = None,
     ) -> None:
         if isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1:
             raise invalid("audit_size", max_rows, "a positive integer")
         self.columns = tuple(columns)
         self.max_rows = max_rows
-        self._blocks: deque[Any] = deque()
+        self._expand = expand
+        self._blocks: deque[tuple[int, Any]] = deque()  # (rows in the block, block)
         self._kept = 0  # rows in the blocks kept (the oldest block may hold a few extra)
         self._lock = threading.Lock()
         self._total = 0
@@ -87,35 +80,40 @@ class AuditLog:
 
     def extend(self, rows: Iterable[tuple[Any, ...]]) -> None:
         """Append rows (takes the lock)."""
+        rows = list(rows)
         with self._lock:
-            self.extend_locked(rows)
+            self.append_locked(len(rows), rows)
 
-    def extend_locked(self, rows: Iterable[tuple[Any, ...]] | RowBlock) -> None:
-        """Append rows or one :class:`RowBlock`; the caller already holds :attr:`lock`."""
-        block = rows if isinstance(rows, list) or hasattr(rows, "rows") else list(rows)
-        size = len(block)
+    def append_locked(self, size: int, block: Any) -> None:
+        """Append one block of ``size`` rows: a list of row tuples, or a record ``expand``
+        turns into them. The caller already holds :attr:`lock`."""
         if not size:
             return
-        self._blocks.append(block)
+        blocks = self._blocks
+        blocks.append((size, block))
         self._kept += size
         self._total += size
-        blocks = self._blocks
-        while self._kept - len(blocks[0]) >= self.max_rows:
-            self._kept -= len(blocks.popleft())
+        while self._kept - blocks[0][0] >= self.max_rows:
+            self._kept -= blocks.popleft()[0]
         if self._file is not None:
-            expanded = _rows(block)
-            if self._writer is not None:
-                self._writer.writerows(expanded)
-            else:
-                for row in expanded:
-                    self._file.write(json.dumps(dict(zip(self.columns, row, strict=True))) + "\n")
-            self._file.flush()
+            self._write(self._file, self._rows(block))
+
+    def _rows(self, block: Any) -> Rows:
+        return block if isinstance(block, list) else self._expand(block)  # type: ignore[misc]
+
+    def _write(self, file: TextIO, rows: Rows) -> None:
+        if self._writer is not None:
+            self._writer.writerows(rows)
+        else:
+            for row in rows:
+                file.write(json.dumps(dict(zip(self.columns, row, strict=True))) + "\n")
+        file.flush()
 
     def frame(self) -> pd.DataFrame:
         """The newest ``max_rows`` rows as a DataFrame (oldest first)."""
         with self._lock:
-            blocks = list(self._blocks)
-        rows = [row for block in blocks for row in _rows(block)]
+            blocks = [block for _, block in self._blocks]
+        rows = [row for block in blocks for row in self._rows(block)]
         return pd.DataFrame(rows[-self.max_rows :], columns=list(self.columns))
 
     def clear(self) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import statistics
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -118,33 +117,35 @@ def _cast(output: Any, dtype: torch.dtype | None) -> Any:
 
 _ALL = np.zeros(0, dtype=np.int64)
 """Sentinel of :func:`_hard_rows`: every row is hard."""
-_SMALL = 16
-"""Batches up to this size are routed on Python floats (fewer calls than tensor ops)."""
+_SMALL = 256
+"""Batches up to this size are scored and routed on Python floats (fewer calls than tensor ops:
+right after a pass each call costs several us)."""
 
 
-def _hard_rows(scores: Any, m: int, threshold: float, name: str) -> np.ndarray | None:
-    """Positions whose score is above ``threshold``: ``None`` if none, ``_ALL`` if all.
-
-    Also refuses scores that are not a NaN-free tensor of shape ``[m]``.
-    """
-    if not isinstance(scores, Tensor) or scores.shape != (m,):
-        check_scores(scores, m, name)  # raises with the shape it got
+def _hard_rows(
+    scorer: Scorer, logits: Tensor, stage: int, m: int, threshold: float
+) -> tuple[Any, Any]:
+    """The scores at ``stage`` of ``m > 1`` inputs and the positions whose score is above ``threshold``:
+    ``None`` if none, ``_ALL`` if all. Refuses scores that are not ``m`` numbers free of NaN."""
     if m <= _SMALL:
-        values = scores.tolist()
-        if any(v != v for v in values):
-            check_scores(scores, m, name)  # raises the NaN error
+        values = scorer.score_list(logits, stage)
+        if len(values) != m or any(v != v for v in values):
+            check_scores(torch.tensor(values, dtype=torch.float64), m, scorer.name)  # raises
         hard = [i for i, v in enumerate(values) if v > threshold]
         if not hard:
-            return None
-        return _ALL if len(hard) == m else np.asarray(hard, dtype=np.int64)
+            return values, None
+        return values, (_ALL if len(hard) == m else np.asarray(hard, dtype=np.int64))
+    scores = scorer.score(logits, stage)
+    if not isinstance(scores, Tensor) or scores.shape != (m,):
+        check_scores(scores, m, scorer.name)  # raises with the shape it got
     array = scores.numpy() if scores.dtype != torch.bfloat16 else scores.float().numpy()
     if np.isnan(array).any():
-        check_scores(scores, m, name)
+        check_scores(scores, m, scorer.name)
     mask = array > threshold
     count = int(np.count_nonzero(mask))
     if count == 0:
-        return None
-    return _ALL if count == m else np.flatnonzero(mask)
+        return scores, None
+    return scores, (_ALL if count == m else np.flatnonzero(mask))
 
 
 def time_module(module: nn.Module, batch: Any, *, repeats: int = 3) -> float:
@@ -163,85 +164,6 @@ def time_module(module: nn.Module, batch: Any, *, repeats: int = 3) -> float:
     return statistics.median(times)
 
 
-class _CallRecord:
-    """One served call, kept compact in the audit log and expanded to rows when read."""
-
-    __slots__ = (
-        "call_id",
-        "decide",
-        "first_id",
-        "infer",
-        "latency",
-        "n",
-        "names",
-        "stages",
-        "threshold",
-        "version",
-        "width",
-    )
-
-    def __init__(
-        self,
-        n: int,
-        stages: list[list[Any]],
-        threshold: float,
-        version: int,
-        latency: float,
-        infer: float,
-        decide: float,
-        ctrl: Controller,
-    ) -> None:
-        self.n = n
-        self.stages = stages
-        self.threshold = threshold
-        self.version = version
-        self.latency = latency
-        self.infer = infer
-        self.decide = decide
-        self.names = ctrl._names
-        self.width = len(ctrl._names) - 1
-        self.call_id = 0
-        self.first_id = 0
-
-    def __len__(self) -> int:
-        return self.n
-
-    def rows(self) -> list[tuple[Any, ...]]:
-        n = self.n
-        served = np.zeros(n, dtype=np.int64)
-        cost = np.zeros(n)
-        scores = np.full((self.width, n), math.nan)
-        for k, (rows, per_row, s) in enumerate(self.stages):
-            where = slice(None) if rows is None else rows
-            served[where] = k
-            cost[where] += per_row * 1e3
-            if s is not None:
-                scores[k, where] = np.asarray(s, dtype=np.float64)
-        served_list = served.tolist()
-        cost_list = cost.tolist()
-        score_cols = scores.tolist()
-        names = self.names
-        tail = (self.threshold, self.version, self.latency * 1e3)
-        infer_ms, decide_ms = self.infer * 1e3, self.decide * 1e3
-        return [
-            (
-                self.first_id + i,
-                self.call_id,
-                i,
-                n,
-                served_list[i],
-                names[served_list[i]],
-                served_list[i] + 1,
-                *(col[i] for col in score_cols),
-                *tail,
-                cost_list[i],
-                infer_ms,
-                decide_ms,
-            )
-            for i in range(n)
-        ]
-
-
 class Controller:
     """Per-input precision switching: a cascade of quantized variants with calibrated thresholds.
 
@@ -249,7 +171,8 @@ class Controller:
     plans share one variant) and ordered by measured cost on ``example_input`` (given order
     when there is none). An input runs through the cheapest variant; ``scorer`` turns its
     per-input logits into a difficulty score (**higher = harder**: ``max_softmax`` is
-    ``1 - p_max``, ``margin`` ``1 - (p1 - p2)``, ``entropy`` the normalised entropy, ``gate``
+    ``1 - p_max``, ``margin`` ``1 - (p1 - p2)``, ``ratio`` ``p2 / p1``, ``entropy`` the
+    normalised entropy, ``gate``
     a logistic regression fitted during calibration, or any callable ``logits [B, C] ->
     scores [B]`` following the same convention); when the score is above the threshold the
     input is re-run on the next variant. The last variant is the reference ("most precise").
@@ -351,12 +274,13 @@ class Controller:
             "inference_ms",
             "decision_ms",
         ]
-        self._audit = AuditLog(columns, max_rows=audit_size, sink=audit_sink)
+        self._audit = AuditLog(
+            columns, max_rows=audit_size, sink=audit_sink, expand=self._audit_rows
+        )
         self._names = tuple(v.name for v in self.variants)
         self._next_id = 0
         self._next_call = 0
-        self._stats = {"calls": 0, "samples": 0, "inference_s": 0.0, "decision_s": 0.0}
-        self._stats_lock = threading.Lock()
+        self._totals: list[Any] = [0, 0, 0.0, 0.0]  # calls, samples, inference_s, decision_s
 
     # -- set-up ---------------------------------------------------------------------------------
     @staticmethod
@@ -397,68 +321,110 @@ class Controller:
     def __call__(self, x: Any) -> Any:
         """Serve one batch: cheapest variant first, escalating only the hard inputs.
 
-        Returns the same type and shape as ``model(x)``.
+        Returns the same type and shape as ``model(x)``. Runs under ``torch.inference_mode``
+        (entering it only when the caller has not: a serving loop inside one saves that cost).
         """
+        if torch.is_inference_mode_enabled():
+            return self._serve(x)
+        with torch.inference_mode():
+            return self._serve(x)
+
+    def _serve(self, x: Any) -> Any:
+        # Every call and conversion here runs right after a pass that flushed the caches (a
+        # few us each on small models), so the path is kept to the few it needs.
         clock = time.perf_counter
         start = clock()
-        n = batch_size(x)
+        n = (x.shape[0] if x.dim() else 1) if type(x) is Tensor else batch_size(x)
         threshold, version = self._threshold, self._version
         variants = self.variants
         last = len(variants) - 1
         scorer = self.scorer
-        name = scorer.name
         # per stage reached: (rows of x that ran it, or None for all; seconds per row; scores)
         stages: list[list[Any]] = []
         decide = 0.0
-        with torch.inference_mode():
-            t0 = clock()
-            out = run_model(variants[0].module, x)
+        t0 = clock()
+        out = run_model(variants[0].module, x)
+        t1 = clock()
+        infer = t1 - t0
+        stages.append([None, infer / (n or 1), None])
+        final = out
+        rows: np.ndarray | None = None  # rows of x still in the cascade (None: all)
+        for k in range(last):
+            logits = out if type(out) is Tensor and out.dim() == 2 else answer_logits(out)
+            m = n if rows is None else len(rows)
+            if m == 1:
+                s = scorer.score_one(logits, k)
+                if s != s:
+                    check_scores(torch.tensor([s]), 1, scorer.name)  # raises the NaN error
+                pos = _ALL if s > threshold else None
+            else:
+                s, pos = _hard_rows(scorer, logits, k, m, threshold)
+            stages[-1][2] = s
+            if pos is None:
+                decide += clock() - t1
+                break
+            if pos is not _ALL:
+                rows = pos if rows is None else rows[pos]
+            index = None if rows is None else torch.from_numpy(rows)
+            sub = x if index is None else _take(x, index, n)
+            t2 = clock()
+            decide += t2 - t1
+            out = run_model(variants[k + 1].module, sub)
             t1 = clock()
-            infer = t1 - t0
-            stages.append([None, infer / (n or 1), None])
-            final = out
-            rows: np.ndarray | None = None  # rows of x still in the cascade (None: all)
-            for k in range(last):
-                m = n if rows is None else len(rows)
-                if m == 1:
-                    s = scorer.score_one(answer_logits(out), k)
-                    if s != s:
-                        check_scores(torch.tensor([s]), 1, name)  # raises the NaN error
-                    pos = _ALL if s > threshold else None
-                else:
-                    s = scorer.score(answer_logits(out), k)
-                    pos = _hard_rows(s, m, threshold, name)
-                stages[-1][2] = s
-                if pos is None:
-                    decide += clock() - t1
-                    break
-                if pos is not _ALL:
-                    rows = pos if rows is None else rows[pos]
-                index = None if rows is None else torch.from_numpy(rows)
-                sub = x if index is None else _take(x, index, n)
-                t2 = clock()
-                decide += t2 - t1
-                out = run_model(variants[k + 1].module, sub)
-                t1 = clock()
-                infer += t1 - t2
-                stages.append([rows, (t1 - t2) / (n if rows is None else len(rows)), None])
-                final = out if index is None else _scatter(final, index, out, n)
-            if self._out_dtype is not None:
-                final = _cast(final, self._out_dtype)
+            infer += t1 - t2
+            stages.append([rows, (t1 - t2) / (n if rows is None else len(rows)), None])
+            final = out if index is None else _scatter(final, index, out, n)
+        if self._out_dtype is not None:
+            final = _cast(final, self._out_dtype)
         latency = clock() - start
-        record = _CallRecord(n, stages, threshold, version, latency, infer, decide, self)
         with self._audit.lock:
-            record.call_id = self._next_call
-            record.first_id = self._next_id
-            self._next_call += 1
-            self._next_id += n
-            self._audit.extend_locked(record)
-            stats = self._stats
-            stats["calls"] += 1
-            stats["samples"] += n
-            stats["inference_s"] += infer
-            stats["decision_s"] += decide
+            call_id, first_id = self._next_call, self._next_id
+            self._next_call, self._next_id = call_id + 1, first_id + n
+            self._audit.append_locked(
+                n, (call_id, first_id, n, stages, threshold, version, latency, infer, decide)
+            )
+            totals = self._totals
+            totals[0] += 1
+            totals[1] += n
+            totals[2] += infer
+            totals[3] += decide
         return final
+
+    def _audit_rows(self, record: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+        """The audit rows of one served call (expanded only when the log is read or written)."""
+        call_id, first_id, n, stages, threshold, version, latency, infer, decide = record
+        served = np.zeros(n, dtype=np.int64)
+        cost = np.zeros(n)
+        scores = np.full((len(self._names) - 1, n), math.nan)
+        for k, (rows, per_row, s) in enumerate(stages):
+            where = slice(None) if rows is None else rows
+            served[where] = k
+            cost[where] += per_row * 1e3
+            if s is not None:
+                scores[k, where] = np.asarray(s, dtype=np.float64)
+        served_list = served.tolist()
+        cost_list = cost.tolist()
+        score_cols = scores.tolist()
+        names = self._names
+        tail = (threshold, version, latency * 1e3)
+        infer_ms, decide_ms = infer * 1e3, decide * 1e3
+        return [
+            (
+                first_id + i,
+                call_id,
+                i,
+                n,
+                served_list[i],
+                names[served_list[i]],
+                served_list[i] + 1,
+                *(col[i] for col in score_cols),
+                *tail,
+                cost_list[i],
+                infer_ms,
+                decide_ms,
+            )
+            for i in range(n)
+        ]
 
     @property
     def audit(self) -> pd.DataFrame:
@@ -486,7 +452,9 @@ class Controller:
         0.004
         """
         with self._audit.lock:
-            s = dict(self._stats)
+            s = dict(
+                zip(("calls", "samples", "inference_s", "decision_s"), self._totals, strict=True)
+            )
         s["decision_share"] = s["decision_s"] / s["inference_s"] if s["inference_s"] else math.nan
         return s
 

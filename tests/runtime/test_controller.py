@@ -345,22 +345,23 @@ def test_real_cpu_backend_cascade() -> None:
 
 
 def test_small_and_large_batches_route_alike(model, make_inputs) -> None:
-    """Batches up to 16 rows are routed in plain Python, larger ones in NumPy: same decisions."""
+    """Batches up to 256 rows are scored and routed on Python floats, larger ones in NumPy,
+    single inputs on the batch-1 path: same decisions."""
     ctrl, _ = _calibrated(model, make_inputs)
-    x, _ = make_inputs(64, seed=5)
+    x, _ = make_inputs(600, seed=5)
     hard = (x[:, 0] > 0.5).long().tolist()
-    for chunk in (1, 7, 16, 17, 64):
+    for chunk in (1, 7, 256, 257, 600):
         ctrl.audit_log.clear()
         for part in x.split(chunk):
             ctrl(part)
         assert ctrl.audit["variant"].tolist() == hard, chunk
 
 
-@pytest.mark.parametrize("n", [3, 40])
-def test_nan_scores_are_refused_on_both_routing_paths(model, make_inputs, n) -> None:
+@pytest.mark.parametrize("n", [1, 3, 300])
+def test_nan_scores_are_refused_on_every_routing_path(model, make_inputs, n) -> None:
     def nan_on_second(logits: torch.Tensor) -> torch.Tensor:
         s = torch.zeros(logits.shape[0])
-        s[1] = math.nan
+        s[min(1, len(s) - 1)] = math.nan
         return s
 
     ctrl = _ctrl(model, scorer=nan_on_second)
@@ -399,12 +400,33 @@ def test_calibrate_reuses_stage_outputs(model, make_inputs) -> None:
 
 
 def test_served_scores_equal_calibration_scores(model, make_inputs) -> None:
-    """The audit's per-input scores are exactly the scores calibration sees for those inputs."""
-    for scorer in ("max_softmax", "margin", "entropy", "gate"):
+    """The audit's per-input scores are exactly the scores calibration sees for those inputs,
+    served one by one or in batches."""
+    for scorer in ("max_softmax", "margin", "ratio", "entropy", "gate"):
         ctrl, _ = _calibrated(model, make_inputs, scorer=scorer)
         x, _ = make_inputs(50, seed=9)
-        for row in x.split(1):
-            ctrl(row)
         logits = ctrl.stage_outputs([x])[0]
         expected = ctrl.scorer.score_array(logits.numpy(), 0).astype(np.float64)
-        np.testing.assert_allclose(ctrl.audit["score_0"].to_numpy(), expected, rtol=1e-6)
+        for chunk in (1, 8):
+            ctrl.audit_log.clear()
+            for part in x.split(chunk):
+                ctrl(part)
+            served = ctrl.audit["score_0"].to_numpy()
+            if scorer == "gate":  # a [1, 6] @ [6] product may round apart from a [50, 6] one
+                np.testing.assert_allclose(served, expected, rtol=1e-12)
+            else:
+                assert served.tolist() == expected.tolist(), (scorer, chunk)
+
+
+def test_serving_inside_and_outside_inference_mode_alike(model, make_inputs) -> None:
+    """A caller's own inference mode is reused (no second guard); answers and routes are equal."""
+    ctrl, _ = _calibrated(model, make_inputs)
+    x, _ = make_inputs(40, seed=11)
+    outside = [ctrl(part) for part in x.split(4)]
+    with torch.inference_mode():
+        inside = [ctrl(part) for part in x.split(4)]
+    assert all(a.is_inference() and b.is_inference() for a, b in zip(outside, inside, strict=True))
+    for a, b in zip(outside, inside, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    variants = ctrl.audit["variant"].to_numpy()
+    assert (variants[:40] == variants[40:]).all() and variants.sum() > 0

@@ -15,6 +15,7 @@ from mpsearch.runtime import (
     make_scorer,
     margin_score,
     max_softmax_score,
+    ratio_score,
 )
 
 
@@ -26,26 +27,62 @@ def test_builtin_scores_match_their_definitions() -> None:
     torch.testing.assert_close(margin_score(logits), 1 - (top2[:, 0] - top2[:, 1]))
     h = -(p * p.log()).sum(-1) / math.log(3)
     torch.testing.assert_close(entropy_score(logits), h)
+    torch.testing.assert_close(ratio_score(logits), (top2[:, 1] / top2[:, 0]), rtol=1e-6, atol=0)
+    assert ratio_score(logits).tolist() == [math.exp(-1.0), 1.0, math.exp(-20.0)]
     # Higher = harder: the uniform row is the hardest for every built-in score.
-    for name in ("max_softmax", "margin", "entropy"):
+    for name in ("max_softmax", "margin", "ratio", "entropy"):
         s = make_scorer(name)(logits)
         assert int(s.argmax()) == 1 and int(s.argmin()) == 2
         assert bool(((s >= 0) & (s <= 1)).all())
 
 
-@pytest.mark.parametrize("name", ["max_softmax", "margin", "entropy", "gate"])
-def test_score_one_equals_the_batch_score_exactly(name: str) -> None:
-    """The batch-1 serving path gives the very number calibration computes in a batch."""
+@pytest.mark.parametrize("name", ["max_softmax", "margin", "ratio", "entropy", "gate"])
+def test_score_one_and_score_list_equal_the_batch_score_exactly(name: str) -> None:
+    """The serving paths give the very numbers calibration computes in a batch."""
     logits = torch.randn(64, 37, generator=torch.Generator().manual_seed(3)) * 4
     scorer = make_scorer(name)
     if scorer.learned:
         scorer.fit([logits], [(logits.argmax(-1) % 2).numpy().astype(float)])
     batch = scorer.score(logits, 0).tolist()
     rows = [scorer.score_one(row[None], 0) for row in logits]
+    small = [v for part in logits.split(5) for v in scorer.score_list(part, 0)]
     if scorer.learned:  # a [1, 6] @ [6] product may round apart from a [64, 6] one
         np.testing.assert_allclose(rows, batch, rtol=1e-12)
+        np.testing.assert_allclose(small, batch, rtol=1e-12)
     else:
         assert rows == batch
+        assert small == batch
+
+
+@pytest.mark.parametrize(
+    "row",
+    [
+        [1.0, float("nan"), 0.0],  # NaN after the maximum: the batch score is NaN too
+        [float("nan"), 1.0, 0.0],
+        [float("inf"), 1.0, 0.0],  # score 0: the top answer is infinitely ahead
+        [float("inf"), float("inf"), 0.0],  # inf - inf: NaN
+        [float("inf"), float("-inf"), 0.0],
+        [2.0, 2.0, 1.0],  # a tie: 1
+        [3.0],  # one class: 0
+    ],
+)
+def test_ratio_one_follows_the_batch_path_on_edge_rows(row: list[float]) -> None:
+    """The batch-1 ratio is taken on Python floats; non-finite rows go the tensor way."""
+    scorer = make_scorer("ratio")
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        logits = torch.tensor([row], dtype=dtype)
+        one, batch = scorer.score_one(logits), scorer.score(logits).item()
+        assert one == batch or (math.isnan(one) and math.isnan(batch)), (row, dtype)
+
+
+def test_ratio_one_on_many_classes_and_low_precision_logits() -> None:
+    gen = torch.Generator().manual_seed(5)
+    scorer = make_scorer("ratio")
+    for classes in (2, 96, 512, 513, 5000):  # Python floats up to 512 classes, topk beyond
+        logits = torch.randn(8, classes, generator=gen) * 3
+        for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+            lg = logits.to(dtype)
+            assert [scorer.score_one(r[None]) for r in lg] == scorer.score(lg).tolist()
 
 
 def test_answer_logits_takes_the_last_position_of_a_language_model() -> None:
@@ -57,7 +94,7 @@ def test_answer_logits_takes_the_last_position_of_a_language_model() -> None:
 
 
 def test_registry_and_errors() -> None:
-    assert set(SCORERS) == {"max_softmax", "margin", "entropy", "gate"}
+    assert set(SCORERS) == {"max_softmax", "margin", "ratio", "entropy", "gate"}
     assert isinstance(make_scorer("gate"), GateScorer)
     with pytest.raises(ValueError, match="'scorer'.*'entropy'"):
         make_scorer("nope")
