@@ -33,6 +33,7 @@ from mpsearch.runtime._calibration import (
     PVALUES,
     CalibrationReport,
     cascade_cost,
+    check_test_size,
     default_grid,
     learn_then_test,
     losses,
@@ -482,6 +483,7 @@ class Controller:
         grid: Sequence[float] | None = None,
         seed: int = 0,
         outputs: Sequence[Tensor] | None = None,
+        test_size: int | None = None,
     ) -> CalibrationReport:
         """Choose the threshold so that, w.p. ``>= 1 - delta``, the served answers meet the target.
 
@@ -490,7 +492,10 @@ class Controller:
         ``max_quality_drop`` (needs ``labels``, aligned batch by batch with ``data``) bounds
         the rate of inputs the served variant gets wrong while the reference gets right, which
         bounds the accuracy drop. Both may be given. The guarantee (Learn-then-Test, fixed
-        sequence over a fixed grid) assumes future inputs are i.i.d. with ``data``. Learned or
+        sequence over a fixed grid) assumes future inputs are i.i.d. with ``data`` and bounds
+        the rate over the input distribution; ``test_size=m`` bounds instead the empirical rate
+        over the next ``m`` inputs served, which must be exchangeable with ``data`` (exact
+        hypergeometric test, slightly stricter, see :mod:`mpsearch.runtime._calibration`). Learned or
         unbounded scorers are fitted on a ``fit_fraction`` share of ``data`` (default 0.3;
         0 for the built-in fixed scorers) and tested on the rest. ``outputs`` may pass the
         per-variant logits of :meth:`stage_outputs` on ``data`` to reuse them across calls
@@ -517,6 +522,7 @@ class Controller:
         check_fraction("delta", delta)
         if method not in PVALUES:
             raise unknown("method", method, PVALUES)
+        check_test_size(test_size, method)
         learned = self.scorer.learned or not self.scorer.bounded
         if fit_fraction is None:
             fit_fraction = 0.3 if learned else 0.0
@@ -592,6 +598,7 @@ class Controller:
             grid=grid_arr,
             labels=test_labels,
             method=method,
+            test_size=test_size,
         )
         costs = self._costs(batches[0])
         served = served_stage(stage_scores[:, test_idx], result.threshold)
@@ -626,6 +633,7 @@ class Controller:
             empirical_quality_drop=drop,
             pvalue=pv,
             table=result.table,
+            test_size=test_size,
         )
         return self.report
 

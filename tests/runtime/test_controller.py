@@ -430,3 +430,33 @@ def test_serving_inside_and_outside_inference_mode_alike(model, make_inputs) -> 
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     variants = ctrl.audit["variant"].to_numpy()
     assert (variants[:40] == variants[40:]).all() and variants.sum() > 0
+
+
+def test_finite_test_size_calibration(model, make_inputs) -> None:
+    """``test_size`` reaches Learn-then-Test's finite-test-set mode and the report."""
+    from mpsearch.runtime import default_grid, learn_then_test
+
+    ctrl = _ctrl(model, scorer="margin")
+    x, _ = make_inputs(400, seed=1)
+    data = list(x.split(32))
+    outputs = ctrl.stage_outputs(data)
+    # the cheap variant also disagrees on some unmarked inputs: flip 6 reference answers
+    flipped = outputs[1].clone()
+    flipped[:6] = flipped[:6].roll(1, dims=-1)
+    stage = [outputs[0], flipped]
+    report = ctrl.calibrate(data, max_disagreement=0.05, test_size=50, outputs=stage)
+    scores = ctrl.scorer.score_array(outputs[0].numpy(), 0)[None]
+    answers = np.stack([o.argmax(-1).numpy() for o in stage])
+    expected = learn_then_test(
+        scores, answers, targets={"disagreement": 0.05}, delta=0.1, test_size=50
+    )
+    assert report.threshold == expected.threshold and report.test_size == 50
+    population = ctrl.calibrate(data, max_disagreement=0.05, outputs=stage)
+    assert population.test_size is None
+    grid = list(default_grid())
+    assert grid.index(report.threshold) <= grid.index(population.threshold)
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match="'test_size'"):
+            ctrl.calibrate(data, max_disagreement=0.05, test_size=bad)
+    with pytest.raises(ValueError, match="'method'"):
+        ctrl.calibrate(data, test_size=50, method="hoeffding_bentkus")
