@@ -20,7 +20,7 @@ on a separate ``fit`` part of the calibration data).
 
 Finite test set (``test_size=m``, "transductive" mode). The guarantee above is about the
 population risk; the loss *rate* measured on ``m`` further inputs scatters binomially around
-it, so it exceeds ``eps`` more often than ``delta``. With ``test_size`` the guarantee is instead:
+it, so it exceeds ``eps`` in more than a ``delta`` share of draws. With ``test_size`` the guarantee is instead:
 for the ``n`` calibration inputs and the next ``m`` inputs, all ``N = n + m`` exchangeable,
 ``P(#losses among the m inputs > eps * m) <= delta``. Procedure and proof:
 
@@ -237,6 +237,30 @@ def transductive_pvalues(
     return pvalues[where].reshape(k.shape)
 
 
+def check_test_size(test_size: Any, method: str) -> None:
+    """Raise unless ``test_size`` is ``None`` or a positive integer used with ``"binomial"``.
+
+    Cheap: callers run it before any long work (``Controller.calibrate`` before the models).
+
+    >>> check_test_size(3000, "binomial")
+    >>> check_test_size(None, "hoeffding_bentkus")
+    """
+    if test_size is None:
+        return
+    if (
+        isinstance(test_size, (bool, np.bool_))
+        or not isinstance(test_size, (int, np.integer))
+        or test_size < 1
+    ):
+        raise invalid("test_size", test_size, "a positive integer (or None)")
+    if method != "binomial":
+        raise ValueError(
+            f"The 'method' argument must be 'binomial' when 'test_size' is given (the "
+            f"finite-test-set mode uses exact hypergeometric p-values). Got method={method!r} "
+            f"with test_size={test_size!r} instead."
+        )
+
+
 @dataclass
 class LTTResult:
     """What Learn-then-Test chose: the index into the grid, the threshold, the per-grid table."""
@@ -280,19 +304,7 @@ def learn_then_test(
     check_fraction("delta", delta)
     if method not in PVALUES:
         raise unknown("method", method, PVALUES)
-    if test_size is not None:
-        if (
-            isinstance(test_size, (bool, np.bool_))
-            or not isinstance(test_size, (int, np.integer))
-            or test_size < 1
-        ):
-            raise invalid("test_size", test_size, "a positive integer (or None)")
-        if method != "binomial":
-            raise ValueError(
-                f"The 'method' argument must be 'binomial' when 'test_size' is given (the "
-                f"finite-test-set mode uses exact hypergeometric p-values). Got method={method!r} "
-                f"with test_size={test_size!r} instead."
-            )
+    check_test_size(test_size, method)
     for kind, eps in targets.items():
         check_fraction(f"max_{kind}", eps)
     grid = default_grid() if grid is None else np.asarray(grid, dtype=np.float64)

@@ -17,7 +17,11 @@ import pytest
 from scipy import stats
 
 from mpsearch.runtime import learn_then_test, losses, served_stage
-from mpsearch.runtime._calibration import first_violating_count, transductive_pvalues
+from mpsearch.runtime._calibration import (
+    check_test_size,
+    first_violating_count,
+    transductive_pvalues,
+)
 
 
 def _exact_pvalue(k: int, n: int, m: int, eps: float) -> Fraction:
@@ -306,6 +310,11 @@ def test_finite_mode_refuses_bad_arguments() -> None:
             learn_then_test(s, a, **args, test_size=bad)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="'method'.*test_size"):
         learn_then_test(s, a, **args, method="hoeffding_bentkus", test_size=10)
+    with pytest.raises(ValueError, match="'test_size'"):
+        check_test_size(2.5, "binomial")
+    with pytest.raises(ValueError, match="'method'.*test_size"):
+        check_test_size(10, "hoeffding_bentkus")
+    check_test_size(None, "hoeffding_bentkus")
     with pytest.raises(ValueError, match="'method'"):
         learn_then_test(s, a, **args, method="magic", test_size=10)
     s, a = np.zeros((1, 200)), np.zeros((2, 200), dtype=int)
