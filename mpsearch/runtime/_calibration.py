@@ -20,9 +20,10 @@ on a separate ``fit`` part of the calibration data).
 
 Finite test set (``test_size=m``, "transductive" mode). The guarantee above is about the
 population risk; the loss *rate* measured on ``m`` further inputs scatters binomially around
-it, so it exceeds ``eps`` in more than a ``delta`` share of draws. With ``test_size`` the guarantee is instead:
-for the ``n`` calibration inputs and the next ``m`` inputs, all ``N = n + m`` exchangeable,
-``P(#losses among the m inputs > eps * m) <= delta``. Procedure and proof:
+it, so it exceeds ``eps`` in more than a ``delta`` share of draws. With ``test_size`` the
+guarantee is instead: for the ``n`` calibration inputs and the next ``m`` inputs, all
+``N = n + m`` exchangeable, ``P(#losses among the m inputs > eps * m) <= delta``. Procedure
+and proof:
 
 * Envelope losses: ``env_i(t) = max over grid t' <= t of loss_i(t')``, so the set of lossy
   inputs only grows along the grid (for 2 variants this is the plain loss; with more, escalating

@@ -126,13 +126,14 @@ right after a pass each call costs several us)."""
 def _hard_rows(
     scorer: Scorer, logits: Tensor, stage: int, m: int, threshold: float
 ) -> tuple[Any, Any]:
-    """The scores at ``stage`` of ``m > 1`` inputs and the positions whose score is above ``threshold``:
-    ``None`` if none, ``_ALL`` if all. Refuses scores that are not ``m`` numbers free of NaN."""
+    """The scores at ``stage`` of ``m > 1`` inputs and the positions whose score is above
+    ``threshold`` (``None`` if none, ``_ALL`` if all). Refuses scores that are not ``m``
+    numbers free of NaN."""
     if m <= _SMALL:
         values = scorer.score_list(logits, stage)
-        if len(values) != m or any(v != v for v in values):
+        hard = [i for i, v in enumerate(values) if not v <= threshold]  # NaN lands here too
+        if len(values) != m or any(values[i] != values[i] for i in hard):
             check_scores(torch.tensor(values, dtype=torch.float64), m, scorer.name)  # raises
-        hard = [i for i, v in enumerate(values) if v > threshold]
         if not hard:
             return values, None
         return values, (_ALL if len(hard) == m else np.asarray(hard, dtype=np.int64))
@@ -354,7 +355,8 @@ class Controller:
             logits = out if type(out) is Tensor and out.dim() == 2 else answer_logits(out)
             m = n if rows is None else len(rows)
             if m == 1:
-                s = scorer.score_one(logits, k)
+                one = getattr(scorer, "one_fn", None)  # a FunctionScorer's: one call less
+                s = one(logits) if one is not None else scorer.score_one(logits, k)
                 if s != s:
                     check_scores(torch.tensor([s]), 1, scorer.name)  # raises the NaN error
                 pos = _ALL if s > threshold else None
@@ -494,14 +496,14 @@ class Controller:
         bounds the accuracy drop. Both may be given. The guarantee (Learn-then-Test, fixed
         sequence over a fixed grid) assumes future inputs are i.i.d. with ``data`` and bounds
         the rate over the input distribution; ``test_size=m`` bounds instead the empirical rate
-        over the next ``m`` inputs served, which must be exchangeable with ``data`` (exact
-        hypergeometric test, slightly stricter, see :mod:`mpsearch.runtime._calibration`). Learned or
-        unbounded scorers are fitted on a ``fit_fraction`` share of ``data`` (default 0.3;
-        0 for the built-in fixed scorers) and tested on the rest. ``outputs`` may pass the
-        per-variant logits of :meth:`stage_outputs` on ``data`` to reuse them across calls
-        (e.g. a sweep of targets) instead of running every variant again.
+        over the next ``m`` inputs served, which must be exchangeable with ``data`` (an exact
+        hypergeometric test, slightly stricter: see :mod:`mpsearch.runtime._calibration`).
+        Learned or unbounded scorers are fitted on a ``fit_fraction`` share of ``data``
+        (default 0.3; 0 for the built-in fixed scorers) and tested on the rest. ``outputs``
+        may pass the per-variant logits of :meth:`stage_outputs` on ``data`` to reuse them
+        across calls (e.g. a sweep of targets) instead of running every variant again.
 
-        >>> report = ctrl.calibrate(calib_batches, max_disagreement=0.01, delta=0.1)  # doctest: +SKIP
+        >>> report = ctrl.calibrate(calib, max_disagreement=0.01, delta=0.1)  # doctest: +SKIP
         >>> report.share  # doctest: +SKIP
         {'w8a8': 0.93, 'bf16': 0.07}
         """

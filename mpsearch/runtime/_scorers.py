@@ -131,16 +131,15 @@ _PY_TOP2_MAX_CLASSES = 512
 
 
 def _ratio_one(logits: Tensor) -> float:
-    c = logits.shape[-1]
-    if c < 2:
-        return 0.0
-    if c <= _PY_TOP2_MAX_CLASSES and logits.dtype in _PY_TOP2:
+    if logits.dtype in _PY_TOP2 and 2 <= logits.shape[-1] <= _PY_TOP2_MAX_CLASSES:
         row = logits.tolist()[0]
         total = sum(row)
         if total - total == 0.0:  # all finite; else the tensor path's NaN / inf semantics
             a = max(row)
             row.remove(a)
             return _exp(max(row) - a)
+    if logits.shape[-1] < 2:
+        return 0.0
     a, b = _as_float(logits).topk(2, dim=-1)[0].tolist()[0]
     return _exp(b - a)
 
