@@ -138,11 +138,11 @@ class ControllerCurve:
     test split, next to each variant served alone. Empty ``epsilons``: no curve.
 
     >>> ControllerCurve(epsilons=[0.01, 0.05]).scorer
-    'max_softmax'
+    'ratio'
     """
 
     epsilons: list[float] = field(default_factory=list)
-    scorer: str = "max_softmax"
+    scorer: str = "ratio"
     delta: float = 0.1
     max_variants: int = 3
     repeats: int = 3

@@ -114,7 +114,7 @@ def test_run_end_to_end_writes_plan_summary_controller_and_report(steps_done) ->
     assert best["memory_ratio"] <= 0.5 + 1e-9
     assert set(plan.rules.values()) <= {"fp32", "bf16", "w8a8"}
     curve = pd.read_csv(out_dir / "controller.csv")
-    assert {"static:fp32", "ctrl:max_softmax:0.05"} <= set(curve["method"])
+    assert {"static:fp32", "ctrl:ratio:0.05"} <= set(curve["method"])
     assert curve["disagreement"].between(0, 1).all() and (curve["latency_ms"] > 0).all()
     assert 'id="fig-controller"' in (out_dir / "report.html").read_text()
     assert "search: 12 trials" not in out  # --quiet

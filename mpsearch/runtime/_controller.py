@@ -172,8 +172,8 @@ class Controller:
     ``plans`` are quantized once on ``backend`` (an all-fp32 plan reuses ``model``; identical
     plans share one variant) and ordered by measured cost on ``example_input`` (given order
     when there is none). An input runs through the cheapest variant; ``scorer`` turns its
-    per-input logits into a difficulty score (**higher = harder**: ``max_softmax`` is
-    ``1 - p_max``, ``margin`` ``1 - (p1 - p2)``, ``ratio`` ``p2 / p1``, ``entropy`` the
+    per-input logits into a difficulty score (**higher = harder**: ``ratio`` (the default) is
+    ``p2 / p1``, ``max_softmax`` ``1 - p_max``, ``margin`` ``1 - (p1 - p2)``, ``entropy`` the
     normalised entropy, ``gate``
     a logistic regression fitted during calibration, or any callable ``logits [B, C] ->
     scores [B]`` following the same convention); when the score is above the threshold the
@@ -200,7 +200,7 @@ class Controller:
         plans: Sequence[PrecisionPlan | Mapping[str, str] | str],
         *,
         backend: str | Backend = "cpu",
-        scorer: ScorerLike = "max_softmax",
+        scorer: ScorerLike = "ratio",
         example_input: Any = None,
         calib: Sequence[Any] | None = None,
         order: str = "cost",

@@ -35,7 +35,7 @@ def rank_cascades(
     reference_cost: float,
     max_disagreement: float = 0.005,
     delta: float = 0.1,
-    scorer: str | Scorer = "margin",
+    scorer: str | Scorer = "ratio",
     escalation_cost: float | None = None,
 ) -> pd.DataFrame:
     """Rank the two-variant cascades ``candidate -> reference`` by predicted cost per input.
@@ -84,7 +84,9 @@ def rank_cascades(
     check_fraction("delta", delta)
     score = make_scorer(scorer)
     if score.learned or not score.bounded:
-        raise invalid("scorer", score.name, "a fixed bounded scorer (max_softmax, margin, entropy)")
+        raise invalid(
+            "scorer", score.name, "a fixed bounded scorer (ratio, max_softmax, margin, entropy)"
+        )
     ref_answer = reference.argmax(-1).numpy()
     rows = []
     for name in names:

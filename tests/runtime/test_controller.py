@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from mpsearch.plan import PrecisionPlan
-from mpsearch.runtime import Controller, GateScorer, max_softmax_score
+from mpsearch.runtime import Controller, GateScorer, ratio_score
 
 
 def _ctrl(model: nn.Module, plans=("w8a8", "fp32"), **kwargs) -> Controller:
@@ -55,7 +55,9 @@ def test_report_shares_and_cost(model, make_inputs) -> None:
     assert report.expected_cost_ms == pytest.approx(expected)
     assert report.version == ctrl.thresholds_version == 1
     assert report.thresholds == (ctrl.threshold,)
-    assert 0.0 < ctrl.threshold < 0.75  # between easy (~1e-4) and hard (~0.75) scores
+    scores = ctrl.scorer.score_array(ctrl.stage_outputs([x])[0].numpy(), 0)
+    hard = (x[:, 0] > 0.5).numpy()
+    assert scores[~hard].max() <= ctrl.threshold < scores[hard].min()  # splits easy from hard
 
 
 def test_uncalibrated_controller_serves_the_reference(model, make_inputs) -> None:
@@ -100,7 +102,7 @@ def test_audit_matches_decisions(model, make_inputs) -> None:
     assert log["position"].tolist() == list(range(10)) + list(range(7))
     assert log["batch_size"].tolist() == [10] * 10 + [7] * 7
     x = torch.cat([x1, x2])
-    scores = max_softmax_score(ctrl.variants[0].module(x).detach())
+    scores = ratio_score(ctrl.variants[0].module(x).detach())  # the default scorer
     np.testing.assert_allclose(log["score_0"].to_numpy(), scores.numpy(), rtol=1e-6)
     hard = (scores > ctrl.threshold).long().tolist()
     assert log["variant"].tolist() == hard
@@ -240,7 +242,7 @@ def test_language_model_outputs_keep_their_shape() -> None:
     tokens = torch.randint(0, 16, (12, 5), generator=torch.Generator().manual_seed(0))
     report = ctrl.calibrate([tokens], max_disagreement=0.5, delta=0.5)
     assert report.n_calibration == 12
-    scores = max_softmax_score(ctrl.variants[0].module(tokens)[:, -1].detach())
+    scores = ratio_score(ctrl.variants[0].module(tokens)[:, -1].detach())
     ctrl.set_threshold(float(scores.median()))
     out = ctrl(tokens)
     assert out.shape == (12, 5, 16)
@@ -330,7 +332,8 @@ def test_real_cpu_backend_cascade() -> None:
     net = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10)).eval()
     x = torch.randn(40, 64, generator=torch.Generator().manual_seed(0))
     ctrl = Controller(net, ["w8a8", "fp32"], backend="cpu", order="given")
-    scores = max_softmax_score(ctrl.variants[0].module(x).detach())
+    assert ctrl.scorer.name == "ratio"  # the default
+    scores = ratio_score(ctrl.variants[0].module(x).detach())
     ctrl.set_threshold(float(scores.median()))
     y = ctrl(x)
     hard = scores > ctrl.threshold
