@@ -608,6 +608,87 @@ def goal(result: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+def overlay_data(result: dict[str, Any]) -> pd.DataFrame:
+    """The figure's points, per batch size: every static plan (with its Pareto mark), each swept
+    scorer's controller settings, and the random-routing and oracle baselines of that batch
+    size's regime: test disagreement with fp32 against measured mean latency per input."""
+    table, extra = result["table"], result["extra"]
+    rows = []
+    for bs in (1, 32):
+        col = f"b{bs}_mean_ms"
+        reg = next(r.name for r in result["regimes"] if f"b{bs}" in r.name.split("+"))
+        for t in table.itertuples(index=False):
+            if t.regime == "static":
+                series, pareto = "static", getattr(t, f"pareto_b{bs}") == "*"
+            elif t.regime == reg and t.method.split(":")[1] in SWEEP_SCORERS:
+                series, pareto = f"controller ({t.method.split(':')[1]})", False
+            else:
+                continue
+            rows.append((bs, series, t.method, getattr(t, col), t.disagreement, pareto))
+        for e in extra[extra["regime"] == reg].itertuples(index=False):
+            kind = e.method.split(":")
+            if kind[0] == "oracle" or (kind[1] == SWEEP_SCORERS[0]):
+                series = "oracle" if kind[0] == "oracle" else f"random ({kind[1]} shares)"
+                rows.append((bs, series, e.method, getattr(e, col), e.disagreement, False))
+    return pd.DataFrame(
+        rows, columns=["batch", "series", "method", "latency_ms", "disagreement", "pareto"]
+    )
+
+
+def draw_overlay(results: list[dict[str, Any]], path: Path) -> None:
+    """Draw :func:`overlay_data` per workload and batch size into one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(
+        len(results), 2, figsize=(11, 3.6 * len(results)), squeeze=False, constrained_layout=True
+    )
+    styles = {"static": ("s", "tab:red"), "oracle": ("*", "black")}
+    for row, r in zip(axes, results, strict=True):
+        data = overlay_data(r)
+        for ax, bs in zip(row, (1, 32), strict=True):
+            d = data[data["batch"] == bs]
+            for series, g in d.groupby("series", sort=False):
+                g = g.sort_values("latency_ms")
+                marker, color = styles.get(series, ("o", None))
+                if series == "static":
+                    ax.scatter(
+                        g["latency_ms"],
+                        100 * g["disagreement"],
+                        marker=marker,
+                        color=color,
+                        label="static plans (filled: Pareto)",
+                        facecolors=[color if p else "none" for p in g["pareto"]],
+                    )
+                    for t in g.itertuples(index=False):
+                        ax.annotate(
+                            t.method[7:],
+                            (t.latency_ms, 100 * t.disagreement),
+                            fontsize=6,
+                            color=color,
+                        )
+                else:
+                    line = "-" if series.startswith("controller") else ":"
+                    ax.plot(
+                        g["latency_ms"],
+                        100 * g["disagreement"],
+                        marker=marker,
+                        linestyle=line,
+                        color=color,
+                        label=series,
+                        markersize=4,
+                    )
+            ax.axhline(100 * GOAL_EPS, color="0.6", linewidth=0.8, linestyle="--")
+            ax.set_title(f"{r['name']}, batch {bs}", fontsize=9)
+            ax.set_xlabel("mean latency per input (ms)")
+            ax.set_ylabel("disagreement with fp32 (%)")
+            ax.legend(fontsize=6)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def to_markdown(results: list[dict[str, Any]], backend: str, elapsed: float, threads: int) -> str:
     cpu = "unknown CPU"
     try:
@@ -632,6 +713,14 @@ def to_markdown(results: list[dict[str, Any]], backend: str, elapsed: float, thr
         "that regime (the plan -> fp32 cascade predicted cheapest at that batch size), "
         "calibrated for disagreement <= eps. `pareto_*`: static plans on the latency / "
         "disagreement front at that batch size.",
+        "",
+        "![controller vs static plans](controller.png)",
+        "",
+        "`controller.png`: test disagreement with fp32 against measured mean latency per input, "
+        "per workload and batch size: the static plans (filled: on the Pareto front), the "
+        f"controller's eps sweep per scorer ({', '.join(SWEEP_SCORERS)}), random routing with "
+        f"the {SWEEP_SCORERS[0]} controller's shares, and the oracle; dashed: the "
+        f"{GOAL_EPS:.1%} target.",
         "",
     ]
     summary = []
@@ -807,8 +896,10 @@ def main(argv: list[str] | None = None) -> None:
         results.append(run_workload(w, backend))
         print(f"{w}: {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
     text = to_markdown(results, backend, time.perf_counter() - start, args.threads)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(text)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    draw_overlay(results, out.with_suffix(".png"))
     print(text)
 
 
