@@ -84,6 +84,14 @@ class AuditLog:
         with self._lock:
             self.append_locked(len(rows), rows)
 
+    def extend_locked(self, rows: Iterable[tuple[Any, ...]]) -> None:
+        """Append rows (or an object with a ``rows()`` method); the caller holds :attr:`lock`.
+
+        Kept for callers of the first audit API; :meth:`append_locked` appends a compact block.
+        """
+        block = rows.rows() if hasattr(rows, "rows") else list(rows)
+        self.append_locked(len(block), block)
+
     def append_locked(self, size: int, block: Any) -> None:
         """Append one block of ``size`` rows: a list of row tuples, or a record ``expand``
         turns into them. The caller already holds :attr:`lock`."""

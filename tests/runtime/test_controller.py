@@ -463,3 +463,15 @@ def test_finite_test_size_calibration(model, make_inputs) -> None:
             ctrl.calibrate(data, max_disagreement=0.05, test_size=bad)
     with pytest.raises(ValueError, match="'method'"):
         ctrl.calibrate(data, test_size=50, method="hoeffding_bentkus")
+
+
+def test_audit_log_appends_rows_and_compact_blocks() -> None:
+    from mpsearch.runtime import AuditLog
+
+    log = AuditLog(["a", "b"], max_rows=3, expand=lambda rec: [(rec, i) for i in range(2)])
+    log.extend([(0, 0)])
+    with log.lock:
+        log.append_locked(2, 7)  # expanded only when read
+        log.extend_locked([(1, 1)])
+    assert log.frame().values.tolist() == [[7, 0], [7, 1], [1, 1]]
+    assert log.total == 4 and len(log) == 3
