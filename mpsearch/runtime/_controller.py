@@ -341,31 +341,31 @@ class Controller:
         variants = self.variants
         last = len(variants) - 1
         scorer = self.scorer
+        one = getattr(scorer, "one_fn", None)  # a FunctionScorer's batch-1 score: a call less
         # per stage reached: (rows of x that ran it, or None for all; seconds per row; scores)
-        stages: list[list[Any]] = []
+        stages: list[tuple[Any, float, Any]] = []
         decide = 0.0
         t0 = clock()
         out = run_model(variants[0].module, x)
         t1 = clock()
-        infer = t1 - t0
-        stages.append([None, infer / (n or 1), None])
+        infer = stage_time = t1 - t0
         final = out
         rows: np.ndarray | None = None  # rows of x still in the cascade (None: all)
         for k in range(last):
             logits = out if type(out) is Tensor and out.dim() == 2 else answer_logits(out)
             m = n if rows is None else len(rows)
             if m == 1:
-                one = getattr(scorer, "one_fn", None)  # a FunctionScorer's: one call less
                 s = one(logits) if one is not None else scorer.score_one(logits, k)
                 if s != s:
                     check_scores(torch.tensor([s]), 1, scorer.name)  # raises the NaN error
                 pos = _ALL if s > threshold else None
             else:
                 s, pos = _hard_rows(scorer, logits, k, m, threshold)
-            stages[-1][2] = s
             if pos is None:
                 decide += clock() - t1
+                stages.append((rows, stage_time / (m or 1), s))
                 break
+            stages.append((rows, stage_time / m, s))
             if pos is not _ALL:
                 rows = pos if rows is None else rows[pos]
             index = None if rows is None else torch.from_numpy(rows)
@@ -374,9 +374,11 @@ class Controller:
             decide += t2 - t1
             out = run_model(variants[k + 1].module, sub)
             t1 = clock()
-            infer += t1 - t2
-            stages.append([rows, (t1 - t2) / (n if rows is None else len(rows)), None])
+            stage_time = t1 - t2
+            infer += stage_time
             final = out if index is None else _scatter(final, index, out, n)
+        else:  # the last variant ran (on ``rows``)
+            stages.append((rows, stage_time / ((n if rows is None else len(rows)) or 1), None))
         if self._out_dtype is not None:
             final = _cast(final, self._out_dtype)
         latency = clock() - start
