@@ -174,10 +174,10 @@ class Controller:
     when there is none). An input runs through the cheapest variant; ``scorer`` turns its
     per-input logits into a difficulty score (**higher = harder**: ``ratio`` (the default) is
     ``p2 / p1``, ``max_softmax`` ``1 - p_max``, ``margin`` ``1 - (p1 - p2)``, ``entropy`` the
-    normalised entropy, ``gate``
-    a logistic regression fitted during calibration, or any callable ``logits [B, C] ->
-    scores [B]`` following the same convention); when the score is above the threshold the
-    input is re-run on the next variant. The last variant is the reference ("most precise").
+    normalised entropy, ``gate`` a logistic regression fitted during calibration, or any
+    callable ``logits [B, C] -> scores [B]`` following the same convention); when the score
+    is above the threshold the input is re-run on the next variant. The last variant is the
+    reference ("most precise").
     Until :meth:`calibrate` is called the threshold is ``-inf``: every input is escalated, so
     the served answer is the reference's.
 

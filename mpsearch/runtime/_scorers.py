@@ -44,12 +44,12 @@ def answer_logits(output: Any) -> Tensor:
     )
 
 
-# The scores are computed with a few torch ops on the logits tensor. Right after a pass of the
-# model every op and conversion runs with cold caches (on the char-MLP at batch 1, ~10 us per torch
-# op), so the cost of a batch-1 decision is counted in calls, not elements: ``score_one`` takes the
-# fewest calls that give the batch path's very number (``ratio``: one ``tolist`` and Python
-# arithmetic). Calibration and serving call the same functions, so served and calibrated scores
-# are equal.
+# The scores are computed with a few torch ops on the logits tensor. Right after a pass of
+# the model every op and conversion runs with cold caches (on the char-MLP at batch 1, ~10 us
+# per torch op), so the cost of a batch-1 decision is counted in calls, not elements:
+# ``score_one`` takes the fewest calls that give the batch path's very number (``ratio``: one
+# ``tolist`` and Python arithmetic). Calibration and serving call the same functions, so
+# served and calibrated scores are equal.
 
 
 def _as_float(logits: Tensor) -> Tensor:
