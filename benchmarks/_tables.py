@@ -3,18 +3,28 @@
 from __future__ import annotations
 
 
-def md_table(rows: list[dict], columns: list[str], *, digits: int = 3) -> str:
-    """A GitHub Markdown table of ``rows`` (floats to ``digits`` significant digits; a missing
-    cell is left empty).
+def md_table(
+    rows: list[dict], columns: list[str], *, digits: int = 3, decimals: int | None = None
+) -> str:
+    """A GitHub Markdown table of ``rows`` (floats to ``digits`` significant digits, or to
+    ``decimals`` places with NaN left empty; a missing cell is left empty).
 
     >>> print(md_table([{"a": 1.23456, "b": "x"}], ["a", "b"]))
     | a | b |
     |---|---|
     | 1.23 | x |
+    >>> print(md_table([{"a": 1.23456, "b": float("nan")}], ["a", "b"], decimals=2))
+    | a | b |
+    |---|---|
+    | 1.23 |  |
     """
 
     def fmt(v: object) -> str:
-        return f"{v:.{digits}g}" if isinstance(v, float) else str(v)
+        if not isinstance(v, float):
+            return str(v)
+        if decimals is None:
+            return f"{v:.{digits}g}"
+        return "" if v != v else f"{v:.{decimals}f}"
 
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]

@@ -46,6 +46,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+from _tables import md_table  # benchmarks/ is the script's folder
 from scipy import stats
 
 from mpsearch.backends import BACKENDS, quantize
@@ -133,18 +134,9 @@ def timed(fn: Any, x: torch.Tensor) -> tuple[Any, float]:
     return y, (time.perf_counter() - start) * 1e3
 
 
-def md_table(frame: pd.DataFrame) -> str:
-    """A GitHub markdown table (floats with 4 significant decimals) without tabulate."""
-
-    def cell(v: object) -> str:
-        if isinstance(v, float):
-            return "" if v != v else f"{v:.4f}"
-        return str(v)
-
-    head = "| " + " | ".join(map(str, frame.columns)) + " |"
-    rule = "|" + "|".join("---" for _ in frame.columns) + "|"
-    body = ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
-    return "\n".join([head, rule, *body])
+def frame_table(frame: pd.DataFrame) -> str:
+    """``frame`` as a Markdown table, floats to 4 decimals (NaN left empty)."""
+    return md_table(frame.to_dict("records"), [str(c) for c in frame.columns], decimals=4)
 
 
 def pctl(values: list[float], q: float) -> float:
@@ -738,7 +730,7 @@ def to_markdown(results: list[dict[str, Any]], backend: str, elapsed: float, thr
             "batch 32: plan + share x fp32 at batch 4, the escalated rows re-run together); the "
             "cheapest prediction per batch size is the regime's cascade:",
             "",
-            md_table(
+            frame_table(
                 pd.DataFrame(
                     [
                         {
@@ -778,7 +770,7 @@ def to_markdown(results: list[dict[str, Any]], backend: str, elapsed: float, thr
             ]
         if r["skipped"]:
             lines += [f"Plans the backend refused: {r['skipped']}", ""]
-        lines += [md_table(r["table"]), ""]
+        lines += [frame_table(r["table"]), ""]
         lines += [
             "Baselines per regime (computed from the per-variant test answers and the static "
             "plans' mean latencies): random routing with the controller's escalation share "
@@ -786,7 +778,7 @@ def to_markdown(results: list[dict[str, Any]], backend: str, elapsed: float, thr
             "fp32, else fp32; one pass). `ctrl_offline_mismatch`: inputs where the controller's "
             "served answer differs from its offline reconstruction (0 expected).",
             "",
-            md_table(r["extra"]),
+            frame_table(r["extra"]),
             "",
         ]
         rep_rows = []
@@ -811,7 +803,7 @@ def to_markdown(results: list[dict[str, Any]], backend: str, elapsed: float, thr
             "calibration inputs; cost = the variants' measured batch-32 cost per input, every "
             "pass paid):",
             "",
-            md_table(pd.DataFrame(rep_rows)),
+            frame_table(pd.DataFrame(rep_rows)),
             "",
             "Decision overhead per scorer, on calls served by the cheap variant alone "
             "(`decision` = scoring + routing time inside a call; `external` = a never-escalating "
@@ -825,7 +817,7 @@ def to_markdown(results: list[dict[str, Any]], backend: str, elapsed: float, thr
             "cheap variant, full test batches, as at batch 1): `steady_b32_*`. The goal checks "
             "use the steady-serving figures:",
             "",
-            md_table(r["overhead"]),
+            frame_table(r["overhead"]),
             "",
             f"Guarantee over {N_SPLITS} random draws per eps and scorer (the batch-1 cascade, "
             "pool = calibration + test inputs). `violation_true_risk`: calibration sets of "
@@ -840,7 +832,7 @@ def to_markdown(results: list[dict[str, Any]], backend: str, elapsed: float, thr
             f"by delta = {DELTA}, assuming only that calibration and test inputs are "
             "exchangeable).",
             "",
-            md_table(r["splits"]),
+            frame_table(r["splits"]),
             "",
         ]
         goals = goal(r)
@@ -865,7 +857,7 @@ def to_markdown(results: list[dict[str, Any]], backend: str, elapsed: float, thr
             )
             summary.append({"workload": r["name"], **g})
         lines.append("")
-    lines += ["## Summary of goal checks", "", md_table(pd.DataFrame(summary)), ""]
+    lines += ["## Summary of goal checks", "", frame_table(pd.DataFrame(summary)), ""]
     return "\n".join(lines)
 
 
