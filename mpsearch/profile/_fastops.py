@@ -88,9 +88,9 @@ def _pool_call(original: Callable[..., Any], params: inspect.BoundArguments) -> 
         return None
     if min(*kernel, *stride, *dilation) < 1 or min(padding) < 0:
         return None
-    if kernel[0] * kernel[1] > MAX_WINDOW or padding[0] > kernel[0] // 2:
-        return None
-    if padding[1] > kernel[1] // 2:
+    if kernel[0] * kernel[1] > MAX_WINDOW or any(
+        p > k // 2 for p, k in zip(padding, kernel, strict=True)
+    ):
         return None
 
     def call(x: Any, *rest: Any, **kwargs: Any) -> Any:
@@ -138,7 +138,7 @@ def _function_pool(target: Any, args: Sequence[Any], kwargs: dict[str, Any]) -> 
 def _module_pool(module: nn.Module) -> Callable | None:
     if type(module) is not nn.MaxPool2d:  # a subclass may compute something else
         return None
-    params = inspect.signature(_max_pool2d_signature).bind(
+    params = _SIGNATURES[F.max_pool2d].bind(
         None,
         module.kernel_size,
         module.stride,
