@@ -45,6 +45,7 @@ from mpsearch.runtime._scorers import (
     answer_logits,
     check_score_array,
     check_scores,
+    cut_point,
     make_scorer,
 )
 
@@ -83,7 +84,7 @@ def plan_label(assignment: Mapping[str, str]) -> str:
 def _take(batch: Any, index: Tensor, n: int) -> Any:
     """The rows ``index`` of every tensor in ``batch`` whose leading dimension is ``n``."""
     if isinstance(batch, Tensor):
-        return batch.index_select(0, index) if batch.dim() and batch.shape[0] == n else batch
+        return batch.index_select(0, index) if batch.ndim and batch.shape[0] == n else batch
     if isinstance(batch, Mapping):
         return {k: _take(v, index, n) for k, v in batch.items()}
     if isinstance(batch, (tuple, list)):
@@ -94,7 +95,7 @@ def _take(batch: Any, index: Tensor, n: int) -> Any:
 def _scatter(full: Any, index: Tensor, part: Any, n: int) -> Any:
     """Write ``part`` (outputs for rows ``index``) into ``full`` (outputs for all ``n`` rows)."""
     if isinstance(full, Tensor):
-        if full.dim() and full.shape[0] == n and isinstance(part, Tensor):
+        if full.ndim and full.shape[0] == n and isinstance(part, Tensor):
             full[index] = part.to(full.dtype)
         return full
     if isinstance(full, Mapping):
@@ -116,6 +117,21 @@ def _cast(output: Any, dtype: torch.dtype | None) -> Any:
     return output
 
 
+_Rule = tuple[
+    float,
+    int,
+    float,
+    Callable[[float], float] | None,
+    Callable[[Tensor, int], float],
+    Callable[[Tensor, int], list[float]],
+    Callable[[Tensor], float] | None,
+]
+"""What one call reads of the thresholds in force, at once: ``(threshold, version, cut, link,
+one, many, fast)``. ``one`` / ``many`` score one input / a small batch at a stage; with a
+``link`` they return raw values compared with ``cut`` (see :func:`cut_point`), else scores
+compared with ``cut == threshold``. ``fast`` is ``one`` without the stage (a call less), when
+the scorer has one."""
+
 _ALL = np.zeros(0, dtype=np.int64)
 """Sentinel of :func:`_hard_rows`: every row is hard."""
 _SMALL = 256
@@ -124,19 +140,20 @@ right after a pass each call costs several us)."""
 
 
 def _hard_rows(
-    scorer: Scorer, logits: Tensor, stage: int, m: int, threshold: float
-) -> tuple[Any, Any]:
-    """The scores at ``stage`` of ``m > 1`` inputs and the positions whose score is above
-    ``threshold`` (``None`` if none, ``_ALL`` if all). Refuses scores that are not ``m``
-    numbers free of NaN."""
+    scorer: Scorer, logits: Tensor, stage: int, m: int, rule: _Rule
+) -> tuple[Any, Any, Callable[[float], float] | None]:
+    """The scores at ``stage`` of ``m > 1`` inputs, the positions whose score is above the
+    threshold (``None`` if none, ``_ALL`` if all) and the link still to apply to the scores
+    (raw values) or ``None``. Refuses scores that are not ``m`` numbers free of NaN."""
+    threshold, _, cut, link, _, many, _ = rule
     if m <= _SMALL:
-        values = scorer.score_list(logits, stage)
-        hard = [i for i, v in enumerate(values) if not v <= threshold]  # NaN lands here too
+        values = many(logits, stage)
+        hard = [i for i, v in enumerate(values) if not v <= cut]  # NaN lands here too
         if len(values) != m or any(values[i] != values[i] for i in hard):
             check_scores(torch.tensor(values, dtype=torch.float64), m, scorer.name)  # raises
         if not hard:
-            return values, None
-        return values, (_ALL if len(hard) == m else np.asarray(hard, dtype=np.int64))
+            return values, None, link
+        return values, (_ALL if len(hard) == m else np.asarray(hard, dtype=np.int64)), link
     scores = scorer.score(logits, stage)
     if not isinstance(scores, Tensor) or scores.shape != (m,):
         check_scores(scores, m, scorer.name)  # raises with the shape it got
@@ -146,8 +163,8 @@ def _hard_rows(
     mask = array > threshold
     count = int(np.count_nonzero(mask))
     if count == 0:
-        return scores, None
-    return scores, (_ALL if count == m else np.flatnonzero(mask))
+        return scores, None, None
+    return scores, (_ALL if count == m else np.flatnonzero(mask)), None
 
 
 def time_module(module: nn.Module, batch: Any, *, repeats: int = 3) -> float:
@@ -256,8 +273,7 @@ class Controller:
                 ref = output_tensor(run_model(model, example_input))
             self._out_dtype = ref.dtype if ref.is_floating_point() else None
         self.variants: tuple[Variant, ...] = tuple(variants)
-        self._threshold = -math.inf
-        self._version = 0
+        self._rule = self._make_rule(-math.inf, 0)
         self.report: CalibrationReport | None = None
         k = len(self.variants)
         columns = [
@@ -295,15 +311,25 @@ class Controller:
             for v in variants
         ]
 
+    def _make_rule(self, threshold: float, version: int) -> _Rule:
+        scorer = self.scorer
+        fast = getattr(scorer, "one_fn", None)  # a FunctionScorer's: raw values if it has a link
+        cut = None if scorer.link is None else cut_point(scorer.link, threshold)
+        if cut is not None:
+            return (threshold, version, cut, scorer.link, scorer.raw_one, scorer.raw_list, fast)
+        # no link, or no raw value at or below the threshold: decide on the scores themselves
+        fast = fast if scorer.link is None else None
+        return (threshold, version, threshold, None, scorer.score_one, scorer.score_list, fast)
+
     @property
     def threshold(self) -> float:
         """The escalation threshold in force (an input is escalated when its score is above it)."""
-        return self._threshold
+        return self._rule[0]
 
     @property
     def thresholds_version(self) -> int:
         """Incremented each time the thresholds change (recorded in every audit row)."""
-        return self._version
+        return self._rule[1]
 
     def set_threshold(self, threshold: float) -> None:
         """Set the shared escalation threshold by hand (``-inf``: always escalate).
@@ -316,8 +342,7 @@ class Controller:
             or threshold != threshold
         ):
             raise invalid("threshold", threshold, "a number (-inf and inf allowed)")
-        self._threshold = float(threshold)
-        self._version += 1
+        self._rule = self._make_rule(float(threshold), self._rule[1] + 1)
 
     # -- serving --------------------------------------------------------------------------------
     def __call__(self, x: Any) -> Any:
@@ -336,14 +361,14 @@ class Controller:
         # few us each on small models), so the path is kept to the few it needs.
         clock = time.perf_counter
         start = clock()
-        n = (x.shape[0] if x.dim() else 1) if type(x) is Tensor else batch_size(x)
-        threshold, version = self._threshold, self._version
+        n = (x.shape[0] if x.ndim else 1) if type(x) is Tensor else batch_size(x)
+        rule = self._rule
+        cut, link, one, fast = rule[2], rule[3], rule[4], rule[6]
         variants = self.variants
         last = len(variants) - 1
-        scorer = self.scorer
-        one = getattr(scorer, "one_fn", None)  # a FunctionScorer's batch-1 score: a call less
-        # per stage reached: (rows of x that ran it, or None for all; seconds per row; scores)
-        stages: list[tuple[Any, float, Any]] = []
+        # per stage reached: (rows of x that ran it, or None for all; seconds per row; scores;
+        # the link still to apply to them)
+        stages: list[tuple[Any, float, Any, Any]] = []
         decide = 0.0
         t0 = clock()
         out = run_model(variants[0].module, x)
@@ -351,21 +376,23 @@ class Controller:
         infer = stage_time = t1 - t0
         final = out
         rows: np.ndarray | None = None  # rows of x still in the cascade (None: all)
-        for k in range(last):
-            logits = out if type(out) is Tensor and out.dim() == 2 else answer_logits(out)
+        k = 0
+        while k < last:  # (a for loop's range costs ~2 us more right after the pass)
+            logits = out if type(out) is Tensor and out.ndim == 2 else answer_logits(out)
             m = n if rows is None else len(rows)
             if m == 1:
-                s = one(logits) if one is not None else scorer.score_one(logits, k)
+                s = fast(logits) if fast is not None else one(logits, k)
                 if s != s:
-                    check_scores(torch.tensor([s]), 1, scorer.name)  # raises the NaN error
-                pos = _ALL if s > threshold else None
+                    check_scores(torch.tensor([s]), 1, self.scorer.name)  # raises the NaN error
+                pos = _ALL if s > cut else None
+                lk = link
             else:
-                s, pos = _hard_rows(scorer, logits, k, m, threshold)
+                s, pos, lk = _hard_rows(self.scorer, logits, k, m, rule)
             if pos is None:
                 decide += clock() - t1
-                stages.append((rows, stage_time / (m or 1), s))
+                stages.append((rows, stage_time / (m or 1), s, lk))
                 break
-            stages.append((rows, stage_time / m, s))
+            stages.append((rows, stage_time / m, s, lk))
             if pos is not _ALL:
                 rows = pos if rows is None else rows[pos]
             index = None if rows is None else torch.from_numpy(rows)
@@ -377,8 +404,10 @@ class Controller:
             stage_time = t1 - t2
             infer += stage_time
             final = out if index is None else _scatter(final, index, out, n)
+            k += 1
         else:  # the last variant ran (on ``rows``)
-            stages.append((rows, stage_time / ((n if rows is None else len(rows)) or 1), None))
+            m = n if rows is None else len(rows)
+            stages.append((rows, stage_time / (m or 1), None, None))
         if self._out_dtype is not None:
             final = _cast(final, self._out_dtype)
         latency = clock() - start
@@ -386,7 +415,7 @@ class Controller:
             call_id, first_id = self._next_call, self._next_id
             self._next_call, self._next_id = call_id + 1, first_id + n
             self._audit.append_locked(
-                n, (call_id, first_id, n, stages, threshold, version, latency, infer, decide)
+                n, (call_id, first_id, n, stages, rule[0], rule[1], latency, infer, decide)
             )
             totals = self._totals
             totals[0] += 1
@@ -401,10 +430,12 @@ class Controller:
         served = np.zeros(n, dtype=np.int64)
         cost = np.zeros(n)
         scores = np.full((len(self._names) - 1, n), math.nan)
-        for k, (rows, per_row, s) in enumerate(stages):
+        for k, (rows, per_row, s, link) in enumerate(stages):
             where = slice(None) if rows is None else rows
             served[where] = k
             cost[where] += per_row * 1e3
+            if link is not None:
+                s = link(s) if isinstance(s, float) else [link(v) for v in s]
             if s is not None:
                 scores[k, where] = np.asarray(s, dtype=np.float64)
         served_list = served.tolist()
@@ -613,8 +644,7 @@ class Controller:
             ref_acc = float((answers[-1, test_idx] == test_labels).mean())
             got = answers[served, test_idx]
             drop = ref_acc - float((got == test_labels).mean())
-        self._threshold = result.threshold
-        self._version += 1
+        self._rule = self._make_rule(result.threshold, self._rule[1] + 1)
         pv = float(result.table["pvalue"].iloc[result.index - 1]) if result.index > 0 else None
         self.report = CalibrationReport(
             threshold=result.threshold,
@@ -624,7 +654,7 @@ class Controller:
             delta=float(delta),
             method=method,
             scorer=self.scorer.name,
-            version=self._version,
+            version=self._rule[1],
             n_calibration=n,
             n_fit=n_fit,
             n_test=len(test_idx),
@@ -661,5 +691,5 @@ class Controller:
         names = ", ".join(v.name for v in self.variants)
         return (
             f"Controller([{names}], backend={self.backend!r}, scorer={self.scorer.name!r}, "
-            f"threshold={self._threshold:g})"
+            f"threshold={self._rule[0]:g})"
         )

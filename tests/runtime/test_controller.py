@@ -421,6 +421,32 @@ def test_served_scores_equal_calibration_scores(model, make_inputs) -> None:
                 assert served.tolist() == expected.tolist(), (scorer, chunk)
 
 
+def test_raw_decisions_equal_score_decisions_at_every_threshold(model, make_inputs) -> None:
+    """The ratio scorer decides on logit gaps against the threshold's cut point: the served
+    variant is ``score > threshold`` exactly, also at a threshold equal to an input's score and
+    one float either side, at 0 and 1, and below every score (no cut point: every input
+    escalates); the audit holds the scores themselves."""
+    ctrl = _ctrl(model, scorer="ratio")
+    x, _ = make_inputs(300, seed=12)
+    logits = ctrl.stage_outputs([x])[0]
+    scores = ctrl.scorer.score_array(logits.numpy(), 0)
+    mid = float(np.sort(scores)[150])
+    thresholds = [mid, math.nextafter(mid, -math.inf), math.nextafter(mid, math.inf)]
+    thresholds += [0.0, 1.0, -0.5, -math.inf, math.inf]
+    for t in thresholds:
+        ctrl.set_threshold(t)
+        assert ctrl.threshold == t
+        expected = (scores > t).astype(int).tolist()
+        for chunk in (1, 7, 300):  # batch 1, Python-float batches, the tensor path
+            ctrl.audit_log.clear()
+            for part in x.split(chunk):
+                ctrl(part)
+            audit = ctrl.audit
+            assert audit["variant"].tolist() == expected, (t, chunk)
+            assert audit["score_0"].tolist() == scores.tolist(), (t, chunk)
+            assert (audit["threshold"] == t).all()
+
+
 def test_serving_inside_and_outside_inference_mode_alike(model, make_inputs) -> None:
     """A caller's own inference mode is reused (no second guard); answers and routes are equal."""
     ctrl, _ = _calibrated(model, make_inputs)

@@ -8,8 +8,10 @@ import torch
 
 from mpsearch.runtime import (
     SCORERS,
+    FunctionScorer,
     GateScorer,
     answer_logits,
+    cut_point,
     entropy_score,
     fit_logistic,
     make_scorer,
@@ -83,6 +85,62 @@ def test_ratio_one_on_many_classes_and_low_precision_logits() -> None:
         for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
             lg = logits.to(dtype)
             assert [scorer.score_one(r[None]) for r in lg] == scorer.score(lg).tolist()
+
+
+@pytest.mark.parametrize(
+    "row",
+    [
+        [0.0, 1.0],
+        [1.0, 0.0],
+        [1.0, 1.0],
+        [0.0, 0.0, 1.0],
+        [0.0, 2.0, 1.0],
+        [3.0, 3.0, 3.0],
+        [1.0, 2.0, 3.0, 4.0, 5.0],
+        [5.0, 4.0, 3.0, 2.0, 1.0],
+        [-1.0, -3.0, -1.0, -2.0],
+    ],
+)
+def test_ratio_one_takes_the_runner_up_from_the_heap(row: list[float]) -> None:
+    """The batch-1 gap comes from a heapified row: the runner-up is one of the top's children."""
+    top = sorted(row, reverse=True)
+    assert make_scorer("ratio").score_one(torch.tensor([row])) == math.exp(top[1] - top[0])
+
+
+def test_cut_point_splits_raw_values_exactly() -> None:
+    """``link(v) > t`` exactly when ``v > cut_point(link, t)``: checked at the cut and its
+    neighbours for ``exp`` (overflowing far up) and a step link."""
+    rng = np.random.default_rng(0)
+    thresholds = [0.0, 1e-300, 5e-324, 0.25, 0.5, 1.0 - 1e-16, 1.0, 2.0, 1e308, math.inf]
+    for t in thresholds + rng.uniform(0, 1, 50).tolist():
+        x = cut_point(math.exp, t)
+        assert x is not None and math.exp(x) <= t
+        if x != math.inf:
+            up = math.nextafter(x, math.inf)
+            assert up == math.inf or math.exp(up) > t
+    for t in (-1e-300, -1.0, -math.inf):  # exp(-inf) = 0 is already above t: no cut
+        assert cut_point(math.exp, t) is None
+
+    def step(v: float) -> float:
+        return float(v >= 1.0)
+
+    assert cut_point(step, 0.5) == math.nextafter(1.0, -math.inf)
+    assert cut_point(step, 1.0) == math.inf
+    assert cut_point(step, -0.5) is None
+
+
+def test_function_scorer_link_needs_its_raw_functions() -> None:
+    def gap(lg: torch.Tensor) -> float:
+        return 0.0
+
+    with pytest.raises(ValueError, match="'link'"):
+        FunctionScorer(ratio_score, link=math.exp)
+    with pytest.raises(ValueError, match="'link'"):
+        FunctionScorer(ratio_score, one_fn=gap, list_fn=lambda lg: [0.0], link=3.0)
+    scorer = FunctionScorer(ratio_score, one_fn=gap, list_fn=lambda lg: [0.0, -1.0], link=math.exp)
+    assert scorer.score_one(torch.zeros(1, 2)) == 1.0 and scorer.raw_one(torch.zeros(1, 2)) == 0.0
+    assert scorer.score_list(torch.zeros(2, 2)) == [1.0, math.exp(-1.0)]
+    assert scorer.raw_list(torch.zeros(2, 2)) == [0.0, -1.0]
 
 
 def test_answer_logits_takes_the_last_position_of_a_language_model() -> None:
