@@ -149,7 +149,7 @@ def _hard_rows(
     if m <= _SMALL:
         values = many(logits, stage)
         hard = [i for i, v in enumerate(values) if not v <= cut]  # NaN lands here too
-        if len(values) != m or any(values[i] != values[i] for i in hard):
+        if len(values) != m or (hard and any(values[i] != values[i] for i in hard)):
             check_scores(torch.tensor(values, dtype=torch.float64), m, scorer.name)  # raises
         if not hard:
             return values, None, link

@@ -21,12 +21,12 @@ import torch
 from torch import Tensor
 
 from mpsearch._data import output_tensor
+from mpsearch._validation import invalid, unknown
 
 try:
     from heapq import heapify_max as _heapify_max  # Python >= 3.14
 except ImportError:  # the same C function, private before 3.14
     from heapq import _heapify_max
-from mpsearch._validation import invalid, unknown
 
 ScoreFn = Callable[[Tensor], Tensor]
 
@@ -59,8 +59,11 @@ def answer_logits(output: Any) -> Tensor:
 # served and calibrated scores are equal.
 
 
+_F32 = torch.float32
+
+
 def _as_float(logits: Tensor) -> Tensor:
-    return logits if logits.dtype == torch.float32 else logits.float()
+    return logits if logits.dtype is _F32 else logits.float()
 
 
 def max_softmax_score(logits: Tensor) -> Tensor:
@@ -158,9 +161,13 @@ def _ratio_gap_one(logits: Tensor) -> float:
 
 
 def _ratio_gap_list(logits: Tensor) -> list[float]:
-    if logits.shape[-1] < 2:
+    try:  # the class-count check only when topk fails: a getter less on the serving path
+        top = (logits if logits.dtype is _F32 else logits.float()).topk(2)[0]
+    except RuntimeError:
+        if logits.shape[-1] >= 2:
+            raise
         return [-math.inf] * logits.shape[0]
-    return [b - a for a, b in _as_float(logits).topk(2, dim=-1)[0].tolist()]
+    return [b - a for a, b in top.tolist()]
 
 
 def entropy_score(logits: Tensor) -> Tensor:
@@ -183,9 +190,10 @@ class Scorer:
     grid); ``learned`` ones are fitted during calibration on a held-out part of the data.
 
     A scorer with a ``link`` (a non-decreasing ``float -> float``) serves *raw* values from
-    :meth:`raw_one` / :meth:`raw_list` whose scores are their ``link``: the controller compares
-    them with the threshold's :func:`cut_point` (the same decisions) and applies ``link`` only
-    when the audit is read (``ratio``: raw values are logit gaps, ``link`` is ``math.exp``).
+    :meth:`raw_one` / :meth:`raw_list` (a subclass that sets ``link`` overrides both) whose
+    scores are their ``link``: the controller compares them with the threshold's
+    :func:`cut_point` (the same decisions) and applies ``link`` only when the audit is read
+    (``ratio``: raw values are logit gaps, ``link`` is ``math.exp``).
     """
 
     name: str = "scorer"
