@@ -109,7 +109,7 @@ def _cast(output: Any, dtype: torch.dtype | None) -> Any:
     if dtype is None:
         return output
     if isinstance(output, Tensor):
-        return output.to(dtype) if output.is_floating_point() and output.dtype != dtype else output
+        return output.to(dtype) if output.dtype != dtype and output.is_floating_point() else output
     if isinstance(output, Mapping):
         return {k: _cast(v, dtype) for k, v in output.items()}
     if isinstance(output, (tuple, list)):
