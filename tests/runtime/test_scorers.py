@@ -75,6 +75,8 @@ def test_ratio_one_follows_the_batch_path_on_edge_rows(row: list[float]) -> None
         logits = torch.tensor([row], dtype=dtype)
         one, batch = scorer.score_one(logits), scorer.score(logits).item()
         assert one == batch or (math.isnan(one) and math.isnan(batch)), (row, dtype)
+        (small,) = scorer.score_list(logits.expand(3, -1))[1:2]
+        assert small == batch or (math.isnan(small) and math.isnan(batch)), (row, dtype)
 
 
 def test_ratio_one_on_many_classes_and_low_precision_logits() -> None:
@@ -105,6 +107,16 @@ def test_ratio_one_takes_the_runner_up_from_the_heap(row: list[float]) -> None:
     """The batch-1 gap comes from a heapified row: the runner-up is one of the top's children."""
     top = sorted(row, reverse=True)
     assert make_scorer("ratio").score_one(torch.tensor([row])) == math.exp(top[1] - top[0])
+
+
+def test_unsorted_top2_pairs_give_the_sorted_gap() -> None:
+    from mpsearch.runtime._scorers import _gaps
+
+    inf, nan = math.inf, math.nan
+    pairs = [[3.0, 1.0], [1.0, 3.0], [2.0, 2.0], [inf, 1.0], [1.0, inf], [-inf, 5.0], [inf, inf]]
+    assert _gaps(pairs)[:6] == [-2.0, -2.0, 0.0, -inf, -inf, -inf]
+    assert math.isnan(_gaps(pairs)[6]) and math.isnan(_gaps([[nan, 1.0]])[0])
+    assert math.isnan(_gaps([[1.0, nan]])[0])
 
 
 def test_cut_point_splits_raw_values_exactly() -> None:
