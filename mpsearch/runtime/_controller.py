@@ -435,7 +435,7 @@ class Controller:
             served[where] = k
             cost[where] += per_row * 1e3
             if link is not None:
-                s = link(s) if isinstance(s, float) else [link(v) for v in s]
+                s = [link(v) for v in s] if isinstance(s, list) else link(s)
             if s is not None:
                 scores[k, where] = np.asarray(s, dtype=np.float64)
         served_list = served.tolist()
