@@ -126,12 +126,8 @@ def ratio_score(logits: Tensor) -> Tensor:
     >>> [round(v, 4) for v in ratio_score(torch.tensor([[0.0, 0.0], [2.0, 0.0]])).tolist()]
     [1.0, 0.1353]
     """
-    if logits.shape[-1] < 2:
-        return torch.zeros(logits.shape[0], dtype=torch.float64)
-    top = _as_float(logits).topk(2, dim=-1)[0].double()
-    # math.exp in both paths, so the batch-1 score below is the very same number
-    gaps = (top[:, 1] - top[:, 0]).tolist()
-    return torch.tensor([_exp(g) for g in gaps], dtype=torch.float64)
+    # the serving paths' gaps and math.exp, so their scores are the very same numbers
+    return torch.tensor([_exp(g) for g in _ratio_gap_list(logits)], dtype=torch.float64)
 
 
 _PY_TOP2 = (torch.float32, torch.bfloat16, torch.float16)
@@ -154,10 +150,7 @@ def _ratio_gap_one(logits: Tensor) -> float:
             if len(row) > 2 and row[2] > b:
                 b = row[2]
             return b - row[0]
-    if logits.shape[-1] < 2:
-        return -math.inf
-    a, b = _as_float(logits).topk(2, dim=-1)[0].tolist()[0]
-    return b - a
+    return _ratio_gap_list(logits)[0]
 
 
 def _ratio_gap_list(logits: Tensor) -> list[float]:
