@@ -117,7 +117,7 @@ _exp = math.exp
 
 def ratio_score(logits: Tensor) -> Tensor:
     """``p_2 / p_1 = exp(l_2 - l_1)``: the runner-up's probability relative to the answer's (0:
-    the top logit is far ahead, 1: a tie), in float64 from the float32 logit gap.
+    the top logit is far ahead, 1: a tie), in float64 from the logits' own values.
 
     It needs only the two largest logits, not the softmax, so its batch-1 decision is the
     cheapest of the built-ins; on the char-MLP cascade at 0.5% disagreement it escalated 2.7%
@@ -130,8 +130,6 @@ def ratio_score(logits: Tensor) -> Tensor:
     return torch.tensor([_exp(g) for g in _ratio_gap_list(logits)], dtype=torch.float64)
 
 
-_PY_TOP2 = (torch.float32, torch.bfloat16, torch.float16)
-"""Logit dtypes whose Python floats equal their float32 values (the batch path's)."""
 _PY_TOP2_MAX_CLASSES = 192
 """Up to this many classes the batch-1 ratio is taken on Python floats (one ``tolist`` and one
 heapify); beyond, one ``topk`` is cheaper (measured after a 16 MB cache flush: 20 vs 36 us at 96
@@ -140,22 +138,25 @@ classes, 24 vs 32 at 192, 23 vs 21 at 256, 50 vs 35 at 512)."""
 
 def _ratio_gap_one(logits: Tensor) -> float:
     """``l_2 - l_1`` of one input: the log of its ratio score (``-inf`` for a single class)."""
-    # numel() is the class count of a [1, C] row, and cheaper to read than shape[-1]
-    if logits.dtype in _PY_TOP2 and 2 <= logits.numel() <= _PY_TOP2_MAX_CLASSES:
+    # numel() is the class count of a [1, C] row. The checks after tolist are Python's (a torch
+    # getter costs ~1 us right after a pass): floats of any floating dtype equal the values
+    # topk takes, so the result is the batch path's in every dtype.
+    if logits.numel() <= _PY_TOP2_MAX_CLASSES:
         row = logits.tolist()[0]
-        total = sum(row)
-        if total - total == 0.0:  # all finite; else the tensor path's NaN / inf semantics
-            _heapify_max(row)  # the largest first, the runner-up one of its two children
-            b = row[1]
-            if len(row) > 2 and row[2] > b:
-                b = row[2]
-            return b - row[0]
+        if len(row) > 1 and type(row[0]) is float:
+            total = sum(row)
+            if total - total == 0.0:  # all finite; else the tensor path's NaN / inf semantics
+                _heapify_max(row)  # the largest first, the runner-up one of its two children
+                b = row[1]
+                if len(row) > 2 and row[2] > b:
+                    b = row[2]
+                return b - row[0]
     return _ratio_gap_list(logits)[0]
 
 
 def _ratio_gap_list(logits: Tensor) -> list[float]:
     try:  # the class-count check only when topk fails: a getter less on the serving path
-        top = (logits if logits.dtype is _F32 else logits.float()).topk(2, sorted=False)[0]
+        top = logits.topk(2, sorted=False)[0]  # exact in any dtype: no cast needed
     except RuntimeError:
         if logits.shape[-1] >= 2:
             raise

@@ -89,6 +89,17 @@ def test_ratio_one_on_many_classes_and_low_precision_logits() -> None:
             assert [scorer.score_one(r[None]) for r in lg] == scorer.score(lg).tolist()
 
 
+def test_ratio_keeps_the_logits_precision() -> None:
+    """float64 logits are compared in float64 on every path (a float32 cast would tie them)."""
+    logits = torch.tensor([[1.0, 1.0 + 2**-40, -3.0]], dtype=torch.float64)
+    scorer = make_scorer("ratio")
+    expected = math.exp(-(2**-40))
+    assert expected < 1.0
+    assert scorer.score_one(logits) == expected
+    assert scorer.score(logits).tolist() == [expected]
+    assert scorer.score_list(logits.expand(2, -1)) == [expected, expected]
+
+
 @pytest.mark.parametrize(
     "row",
     [
