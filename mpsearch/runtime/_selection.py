@@ -37,6 +37,7 @@ def rank_cascades(
     delta: float = 0.1,
     scorer: str | Scorer = "ratio",
     escalation_cost: float | None = None,
+    tolerance: float = 0.0,
 ) -> pd.DataFrame:
     """Rank the two-variant cascades ``candidate -> reference`` by predicted cost per input.
 
@@ -48,7 +49,11 @@ def rank_cascades(
     escalated; the predicted cost is ``cost + p * escalation_cost`` (``escalation_cost``
     defaults to ``reference_cost``; at large batches pass the reference's cost per input on
     the few rows a batch escalates, which is higher). ``alone_ms`` is the reference alone;
-    ``saving`` is ``1 - predicted_ms / alone_ms``. Rows are sorted cheapest first.
+    ``saving`` is ``1 - predicted_ms / alone_ms``. Rows are sorted cheapest first, except that
+    predicted costs within ``tolerance`` (relative) of the cheapest count as a tie (``tied``):
+    measured costs are noisy, and a tie-break keeps the choice stable from one measurement to
+    the next. Among the tied, fewer escalations rank first: fewer second passes and less
+    reliance on the calibration.
 
     >>> import torch
     >>> ref = torch.tensor([[4.0, 0.0], [0.0, 4.0], [4.0, 0.0]])
@@ -58,6 +63,10 @@ def rank_cascades(
     >>> table[["candidate", "share_escalated", "predicted_ms"]].values.tolist()
     [['cheap', 0.0, 1.0]]
     """
+    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)):
+        raise invalid("tolerance", tolerance, "a finite, non-negative relative cost difference")
+    if not (math.isfinite(tolerance) and tolerance >= 0):
+        raise invalid("tolerance", tolerance, "a finite, non-negative relative cost difference")
     if not isinstance(candidates, Mapping) or not candidates:
         raise invalid("candidates", candidates, "a non-empty mapping name -> logits [N, C]")
     if not isinstance(reference, Tensor) or reference.dim() != 2:
@@ -117,7 +126,14 @@ def rank_cascades(
                 "saving": 1.0 - predicted / reference_cost if reference_cost else math.nan,
             }
         )
-    return pd.DataFrame(rows).sort_values("predicted_ms", kind="stable").reset_index(drop=True)
+    table = pd.DataFrame(rows)
+    table["tied"] = table["predicted_ms"] <= table["predicted_ms"].min() * (1.0 + tolerance)
+    # the tied first, fewest escalations first among them; then the rest, cheapest first
+    key = table["share_escalated"].where(table["tied"], math.inf)
+    order = np.lexsort(
+        (table["predicted_ms"].to_numpy(), key.to_numpy(), ~table["tied"].to_numpy())
+    )
+    return table.iloc[order].reset_index(drop=True)
 
 
 __all__ = ["rank_cascades"]

@@ -55,6 +55,30 @@ def test_escalation_cost_replaces_the_reference_cost_for_escalated_inputs() -> N
     assert table.loc[0, "predicted_ms"] == pytest.approx(1.0 + HARD / N * 10.0)
 
 
+@pytest.mark.parametrize(
+    ("tolerance", "order", "tied"),
+    [
+        (0.0, ["noisy", "good", "blind"], [True, False, False]),
+        (0.01, ["noisy", "good", "blind"], [True, False, False]),  # 1.1 > 1.08 * 1.01
+        (0.05, ["good", "noisy", "blind"], [True, True, False]),  # tied: fewer escalations
+        (4.0, ["good", "noisy", "blind"], [True, True, True]),  # blind escalates everything
+    ],
+)
+def test_costs_within_the_tolerance_tie_and_fewer_escalations_win(
+    tolerance: float, order: list[str], tied: list[bool]
+) -> None:
+    reference, candidates = _logits()
+    table = rank_cascades(
+        candidates,
+        reference,
+        costs={"good": 1.1, "noisy": 1.0, "blind": 0.5},  # predicted 1.1, 1.08, 4.5
+        reference_cost=4.0,
+        tolerance=tolerance,
+    )
+    assert table["candidate"].tolist() == order
+    assert table["tied"].tolist() == tied
+
+
 def test_bad_input_is_refused_by_name() -> None:
     reference, candidates = _logits()
     with pytest.raises(ValueError, match="'costs'"):
@@ -78,3 +102,9 @@ def test_bad_input_is_refused_by_name() -> None:
             {"good": reference}, reference, costs={"good": 1.0}, reference_cost=4.0,
             max_disagreement=0.0,
         )  # fmt: skip
+    for tolerance in (-0.1, float("nan"), float("inf"), True, "0.05"):
+        with pytest.raises(ValueError, match="'tolerance'"):
+            rank_cascades(
+                {"good": reference}, reference, costs={"good": 1.0}, reference_cost=4.0,
+                tolerance=tolerance,  # type: ignore[arg-type]
+            )  # fmt: skip
