@@ -28,6 +28,11 @@ try:
 except ImportError:  # the same C function, private before 3.14
     from heapq import _heapify_max
 
+try:  # the optional C helper (setup.py): top-2 gaps read where the logits lie
+    from mpsearch.runtime import _topgap
+except ImportError:  # installed without a C compiler: the portable path, the same numbers
+    _topgap = None  # type: ignore[assignment]
+
 ScoreFn = Callable[[Tensor], Tensor]
 
 
@@ -55,8 +60,9 @@ def answer_logits(output: Any) -> Tensor:
 # the model every op and conversion runs with cold caches (on the char-MLP at batch 1, ~10 us
 # per torch op), so the cost of a batch-1 decision is counted in calls, not elements:
 # ``score_one`` takes the fewest calls that give the batch path's very number (``ratio``: one
-# ``tolist`` and Python arithmetic). Calibration and serving call the same functions, so
-# served and calibrated scores are equal.
+# call of the optional C helper ``_topgap`` on the logits where they lie, else one ``tolist``
+# and Python arithmetic). Calibration and serving call the same functions, so served and
+# calibrated scores are equal.
 
 
 _F32 = torch.float32
@@ -131,16 +137,29 @@ def ratio_score(logits: Tensor) -> Tensor:
 
 
 _PY_TOP2_MAX_CLASSES = 192
-"""Up to this many classes the batch-1 ratio is taken on Python floats (one ``tolist`` and one
-heapify); beyond, one ``topk`` is cheaper (measured after a 16 MB cache flush: 20 vs 36 us at 96
-classes, 24 vs 32 at 192, 23 vs 21 at 256, 50 vs 35 at 512)."""
+"""Without the C helper, up to this many classes the batch-1 ratio is taken on Python floats
+(one ``tolist`` and one heapify); beyond, one ``topk`` is cheaper (measured after a 16 MB cache
+flush: 20 vs 36 us at 96 classes, 24 vs 32 at 192, 23 vs 21 at 256, 50 vs 35 at 512)."""
+
+
+def _in_memory(logits: Tensor) -> bool:
+    """Whether the C helper may read ``logits`` where they lie: contiguous float32 on the CPU."""
+    return (
+        _topgap is not None
+        and type(logits) is Tensor
+        and logits.dtype is _F32
+        and logits.is_cpu
+        and logits.is_contiguous()
+    )
 
 
 def _ratio_gap_one(logits: Tensor) -> float:
     """``l_2 - l_1`` of one input: the log of its ratio score (``-inf`` for a single class)."""
-    # numel() is the class count of a [1, C] row. The checks after tolist are Python's (a torch
-    # getter costs ~1 us right after a pass): floats of any floating dtype equal the values
-    # topk takes, so the result is the batch path's in every dtype.
+    if _in_memory(logits):  # one C call over the row (numel() is the class count of [1, C])
+        return _topgap.gap(logits.data_ptr(), logits.numel())
+    # Portable: numel() is the class count of a [1, C] row. The checks after tolist are
+    # Python's (a torch getter costs ~1 us right after a pass): floats of any floating dtype
+    # equal the values topk takes, so the result is the batch path's in every dtype.
     if logits.numel() <= _PY_TOP2_MAX_CLASSES:
         row = logits.tolist()[0]
         if len(row) > 1 and type(row[0]) is float:
@@ -155,9 +174,17 @@ def _ratio_gap_one(logits: Tensor) -> float:
 
 
 def _ratio_gap_list(logits: Tensor) -> list[float]:
+    if _in_memory(logits) and logits.ndim == 2:  # one C call over the rows
+        rows, cols = logits.shape
+        return _topgap.gaps(logits.data_ptr(), rows, cols)
+    return _topk_gaps(logits)
+
+
+def _topk_gaps(logits: Tensor) -> list[float]:
+    """The portable batch path: one ``topk`` (exact in any dtype) and one ``tolist``."""
     try:  # the class-count check only when topk fails: a getter less on the serving path
-        # exact in any dtype: no cast needed; positional arguments (torch parses keywords on
-        # a slower path: 3 us more at batch 32 right after a char-MLP pass)
+        # positional arguments: torch parses keywords on a slower path (3 us more at batch
+        # 32 right after a char-MLP pass)
         top = logits.topk(2, -1, True, False)[0]
     except RuntimeError:
         if logits.shape[-1] >= 2:

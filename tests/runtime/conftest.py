@@ -85,3 +85,15 @@ def model() -> nn.Module:
 @pytest.fixture
 def make_inputs():
     return _make_inputs
+
+
+@pytest.fixture(params=["c", "portable"])
+def ratio_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The ratio scorer's path under test: the optional C helper or the portable one."""
+    from mpsearch.runtime import _scorers
+
+    if request.param == "portable":
+        monkeypatch.setattr(_scorers, "_topgap", None)
+    elif _scorers._topgap is None:
+        pytest.skip("built without a C compiler: only the portable path exists")
+    return request.param

@@ -421,7 +421,9 @@ def test_served_scores_equal_calibration_scores(model, make_inputs) -> None:
                 assert served.tolist() == expected.tolist(), (scorer, chunk)
 
 
-def test_raw_decisions_equal_score_decisions_at_every_threshold(model, make_inputs) -> None:
+def test_raw_decisions_equal_score_decisions_at_every_threshold(
+    model, make_inputs, ratio_path
+) -> None:
     """The ratio scorer decides on logit gaps against the threshold's cut point: the served
     variant is ``score > threshold`` exactly, also at a threshold equal to an input's score and
     one float either side, at 0 and 1, and below every score (no cut point: every input

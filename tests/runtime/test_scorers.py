@@ -39,7 +39,7 @@ def test_builtin_scores_match_their_definitions() -> None:
 
 
 @pytest.mark.parametrize("name", ["max_softmax", "margin", "ratio", "entropy", "gate"])
-def test_score_one_and_score_list_equal_the_batch_score_exactly(name: str) -> None:
+def test_score_one_and_score_list_equal_the_batch_score_exactly(name: str, ratio_path: str) -> None:
     """The serving paths give the very numbers calibration computes in a batch."""
     logits = torch.randn(64, 37, generator=torch.Generator().manual_seed(3)) * 4
     scorer = make_scorer(name)
@@ -68,7 +68,7 @@ def test_score_one_and_score_list_equal_the_batch_score_exactly(name: str) -> No
         [3.0],  # one class: 0
     ],
 )
-def test_ratio_one_follows_the_batch_path_on_edge_rows(row: list[float]) -> None:
+def test_ratio_one_follows_the_batch_path_on_edge_rows(row: list[float], ratio_path: str) -> None:
     """The batch-1 ratio is taken on Python floats; non-finite rows go the tensor way."""
     scorer = make_scorer("ratio")
     for dtype in (torch.float32, torch.bfloat16, torch.float64):
@@ -79,7 +79,7 @@ def test_ratio_one_follows_the_batch_path_on_edge_rows(row: list[float]) -> None
         assert small == batch or (math.isnan(small) and math.isnan(batch)), (row, dtype)
 
 
-def test_ratio_one_on_many_classes_and_low_precision_logits() -> None:
+def test_ratio_one_on_many_classes_and_low_precision_logits(ratio_path: str) -> None:
     gen = torch.Generator().manual_seed(5)
     scorer = make_scorer("ratio")
     for classes in (2, 96, 192, 193, 5000):  # Python floats up to 192 classes, topk beyond
@@ -89,7 +89,7 @@ def test_ratio_one_on_many_classes_and_low_precision_logits() -> None:
             assert [scorer.score_one(r[None]) for r in lg] == scorer.score(lg).tolist()
 
 
-def test_ratio_keeps_the_logits_precision() -> None:
+def test_ratio_keeps_the_logits_precision(ratio_path: str) -> None:
     """float64 logits are compared in float64 on every path (a float32 cast would tie them)."""
     logits = torch.tensor([[1.0, 1.0 + 2**-40, -3.0]], dtype=torch.float64)
     scorer = make_scorer("ratio")
@@ -114,7 +114,7 @@ def test_ratio_keeps_the_logits_precision() -> None:
         [-1.0, -3.0, -1.0, -2.0],
     ],
 )
-def test_ratio_one_takes_the_runner_up_from_the_heap(row: list[float]) -> None:
+def test_ratio_one_takes_the_runner_up_from_the_heap(row: list[float], ratio_path: str) -> None:
     """The batch-1 gap comes from a heapified row: the runner-up is one of the top's children."""
     top = sorted(row, reverse=True)
     assert make_scorer("ratio").score_one(torch.tensor([row])) == math.exp(top[1] - top[0])
