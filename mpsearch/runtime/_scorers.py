@@ -143,13 +143,15 @@ flush: 20 vs 36 us at 96 classes, 24 vs 32 at 192, 23 vs 21 at 256, 50 vs 35 at 
 
 
 def _in_memory(logits: Tensor) -> bool:
-    """Whether the C helper may read ``logits`` where they lie: contiguous float32 on the CPU."""
+    """Whether the C helper may read ``logits`` where they lie: contiguous float32 on the CPU,
+    not a lazily negated view (whose memory holds the values' negatives)."""
     return (
         _topgap is not None
         and type(logits) is Tensor
         and logits.dtype is _F32
         and logits.is_cpu
         and logits.is_contiguous()
+        and not logits.is_neg()
     )
 
 

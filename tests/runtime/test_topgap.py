@@ -64,6 +64,9 @@ def test_c_helper_reads_only_contiguous_float32_cpu_tensors() -> None:
     assert not _scorers._in_memory(base[:, ::2])
     assert not _scorers._in_memory(base.double())
     assert not _scorers._in_memory(base.bfloat16())
+    negated = torch._neg_view(torch.tensor([[1.0, 5.0, 2.0]]))  # memory holds 1, 5, 2
+    assert not _scorers._in_memory(negated)
+    assert _scorers._ratio_gap_one(negated) == -1.0  # -2 - (-1), not 2 - 5
     # a view with an offset: data_ptr points at its first element
     view = base[3:5]
     assert _scorers._ratio_gap_list(view) == _scorers._topk_gaps(view)
