@@ -21,10 +21,12 @@ from mpsearch.runtime._calibration import default_grid, learn_then_test, losses,
 from mpsearch.runtime._scorers import Scorer, make_scorer
 
 
-def _check_cost(argument: str, value: object) -> None:
+def _check_cost(
+    argument: str, value: object, accepted: str = "a finite, non-negative cost in ms per input"
+) -> None:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool)
     if not (ok and math.isfinite(value) and value >= 0):  # type: ignore[arg-type]
-        raise invalid(argument, value, "a finite, non-negative cost in ms per input")
+        raise invalid(argument, value, accepted)
 
 
 def rank_cascades(
@@ -63,10 +65,7 @@ def rank_cascades(
     >>> table[["candidate", "share_escalated", "predicted_ms"]].values.tolist()
     [['cheap', 0.0, 1.0]]
     """
-    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)):
-        raise invalid("tolerance", tolerance, "a finite, non-negative relative cost difference")
-    if not (math.isfinite(tolerance) and tolerance >= 0):
-        raise invalid("tolerance", tolerance, "a finite, non-negative relative cost difference")
+    _check_cost("tolerance", tolerance, "a finite, non-negative relative cost difference")
     if not isinstance(candidates, Mapping) or not candidates:
         raise invalid("candidates", candidates, "a non-empty mapping name -> logits [N, C]")
     if not isinstance(reference, Tensor) or reference.dim() != 2:
