@@ -1,7 +1,8 @@
 """Profiler speed (vs one fp32 pass) and the additive proxy's rank correlation with real plans.
 
 Run: ``python benchmarks/bench_profile.py``. Prints a table and writes
-``benchmarks/results/profile.md``.
+``benchmarks/results/profile.md``. ``--quick`` measures only the main ratio (digits CNN and
+ResNet-18 in the default auto mode, 1 thread), prints it and writes nothing.
 
 1. For the digits CNN and the ResNet-18 workload: wall time of ``profile`` (3 schemes, no
    cache) vs one fp32 forward pass over the same calibration batches, interleaved (profiles
@@ -166,7 +167,27 @@ def proxy_quality() -> dict:
     }
 
 
+def quick() -> None:
+    """The main ratio only: profile time / one fp32 pass, 1 thread, default auto mode."""
+    torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for name, repeats, passes in (("digits_cnn", 5, 4), ("resnet18", 1, 3)):
+            row, _ = speed(name, "auto", repeats=repeats, passes=passes)
+            print(
+                f"{name}: ratio (wall) {row['ratio']:.1f}, ratio (CPU) {row['cpu_ratio']:.1f}, "
+                f"target {row['target']}, load {row['load']:.1f}, runs {row['profile_runs']}",
+                flush=True,
+            )
+    finally:
+        torch.set_num_threads(threads)
+
+
 def main() -> None:
+    if "--quick" in sys.argv[1:]:
+        quick()
+        return
     torch.manual_seed(0)
     load_start = os.getloadavg()
     rows = []

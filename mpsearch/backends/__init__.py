@@ -1,27 +1,18 @@
-"""Executing plans: ``simulate`` (fake quantization) and real-kernel backends, chosen by name."""
+"""Executing plans: ``simulate`` (fake quantization) and real-kernel backends, chosen by name.
 
-from mpsearch.backends._cpu import CPU_KERNELS, CpuBackend, register_cpu_kernel
-from mpsearch.backends._cuda import CUDA_KERNELS, CudaBackend
-from mpsearch.backends._kernels import (
-    FbgemmInt8Linear,
-    Int8Linear,
-    Kernel,
-    KernelBackend,
-    RealLayer,
-    fbgemm_int8_linear_preferred,
-    int8_activation_spec,
-    int8_kernel_scheme,
-    onednn_u8s8_saturates,
-    storage_bytes,
-)
-from mpsearch.backends._quantize import (
-    as_plan,
-    check_assignment,
-    collect_activation_ranges,
-    quantize,
-)
+A user quantizes with :func:`quantize`, picks or adds a backend by name (:func:`get_backend`,
+:func:`register_backend`, :data:`BACKENDS`), adds a CPU kernel (:class:`Kernel`,
+:func:`register_cpu_kernel`), collects static activation ranges
+(:func:`collect_activation_ranges`) and counts a quantized model's bytes
+(:func:`storage_bytes`). The kernels themselves live in the private modules.
+"""
+
+from mpsearch.backends._cpu import CpuBackend, register_cpu_kernel
+from mpsearch.backends._cuda import CudaBackend
+from mpsearch.backends._kernels import Kernel, onednn_u8s8_saturates, storage_bytes
+from mpsearch.backends._quantize import collect_activation_ranges, quantize
 from mpsearch.backends._registry import BACKENDS, Backend, get_backend, register_backend
-from mpsearch.backends._simulate import SimulateBackend, SimulatedLayer
+from mpsearch.backends._simulate import SimulateBackend
 
 register_backend("simulate", SimulateBackend)
 register_backend("cpu", CpuBackend)
@@ -29,25 +20,10 @@ register_backend("cuda", CudaBackend)
 
 __all__ = [
     "BACKENDS",
-    "CPU_KERNELS",
-    "CUDA_KERNELS",
     "Backend",
-    "CpuBackend",
-    "CudaBackend",
-    "FbgemmInt8Linear",
-    "Int8Linear",
     "Kernel",
-    "KernelBackend",
-    "RealLayer",
-    "SimulateBackend",
-    "SimulatedLayer",
-    "as_plan",
-    "check_assignment",
     "collect_activation_ranges",
-    "fbgemm_int8_linear_preferred",
     "get_backend",
-    "int8_activation_spec",
-    "int8_kernel_scheme",
     "onednn_u8s8_saturates",
     "quantize",
     "register_backend",

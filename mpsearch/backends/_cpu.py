@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from mpsearch._validation import wrong_type
 from mpsearch.backends._kernels import (
     CastLayer,
     FbgemmInt8Linear,
@@ -79,11 +80,9 @@ def register_cpu_kernel(layer_type: type[nn.Module], scheme: str, kernel: Kernel
     >>> register_cpu_kernel(nn.Linear, "bf16", CPU_KERNELS[(nn.Linear, "bf16")])
     """
     if not (isinstance(layer_type, type) and issubclass(layer_type, nn.Module)):
-        raise TypeError(
-            f"The 'layer_type' argument must be an nn.Module subclass. Got {layer_type!r} instead."
-        )
+        raise wrong_type("layer_type", layer_type, "an nn.Module subclass")
     if not isinstance(kernel, Kernel):
-        raise TypeError(f"The 'kernel' argument must be a Kernel. Got {kernel!r} instead.")
+        raise wrong_type("kernel", kernel, "a Kernel")
     CPU_KERNELS[(layer_type, scheme)] = kernel
 
 

@@ -20,7 +20,8 @@ import torch
 from torch import Tensor, nn
 
 from mpsearch.backends._registry import Backend
-from mpsearch.schemes import QuantSpec, Scheme, qparams, quantize_codes
+from mpsearch.schemes import QuantSpec, Scheme
+from mpsearch.schemes._fakequant import qparams, quantize_codes
 
 TORCH_DTYPES: dict[str, torch.dtype] = {
     "fp32": torch.float32,

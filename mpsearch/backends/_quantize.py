@@ -10,11 +10,12 @@ import torch
 from torch import nn
 
 from mpsearch._data import as_batches, run_model
-from mpsearch._validation import invalid
+from mpsearch._validation import check_module, invalid
 from mpsearch.backends._registry import Backend, get_backend
 from mpsearch.layers import quantizable_layers, replace_layers
 from mpsearch.plan import PrecisionPlan
-from mpsearch.schemes import Observer, get_scheme, make_observer
+from mpsearch.schemes import Observer, get_scheme
+from mpsearch.schemes._observers import make_observer
 
 PlanLike = PrecisionPlan | Mapping[str, str] | str
 
@@ -110,10 +111,7 @@ def quantize(
     >>> qnet(torch.randn(2, 64)).shape
     torch.Size([2, 10])
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(
-            f"The 'model' argument must be a torch.nn.Module. Got {type(model).__name__} instead."
-        )
+    check_module(model)
     plan = as_plan(plan)
     impl = get_backend(backend)
     assignment = plan.resolve(model)

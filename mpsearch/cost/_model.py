@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,18 +15,13 @@ import torch
 from torch import nn
 
 from mpsearch._data import Batch, run_model
-from mpsearch._validation import check_positive, invalid
-from mpsearch.backends import (
-    Backend,
-    KernelBackend,
-    as_plan,
-    get_backend,
-    quantize,
-    storage_bytes,
-)
-from mpsearch.backends._quantize import PlanLike
+from mpsearch._validation import check_module, invalid
+from mpsearch.backends import Backend, get_backend, quantize, storage_bytes
+from mpsearch.backends._kernels import KernelBackend
+from mpsearch.backends._quantize import PlanLike, as_plan
 from mpsearch.cost._cache import cache_key, read_cache, write_cache
-from mpsearch.cost._timing import TIMERS, device_name, median_ms, threads
+from mpsearch.cost._options import CostOptions
+from mpsearch.cost._timing import device_name, median_ms, threads
 from mpsearch.layers import quantizable_layers
 from mpsearch.plan import PrecisionPlan
 from mpsearch.schemes import Scheme, get_scheme
@@ -242,18 +238,18 @@ def _fit(points: list[dict[str, Any]]) -> dict[str, Any]:
     return {"intercept_ms": intercept, "slope": slope, "points": points}
 
 
+COST_KEYWORDS = ("schemes", "backend", "options")
+"""``measure_cost``'s own keywords (every other keyword is a :class:`CostOptions` field)."""
+
+
 def measure_cost(
     model: nn.Module,
     example_input: Batch,
     *,
     schemes: Sequence[str],
     backend: str | Backend = "cpu",
-    layers: Sequence[str] | None = None,
-    repeats: int = 20,
-    warmup: int = 3,
-    cache_dir: str | Path | None = None,
-    num_threads: int | None = None,
-    timer: str = "wall",
+    options: CostOptions | None = None,
+    **overrides: Any,
 ) -> CostModel:
     """Measure memory and latency of every (layer, scheme) of ``model`` on ``backend``.
 
@@ -261,85 +257,40 @@ def measure_cost(
     scheme's ideal storage). Latency is the median of ``repeats`` runs (after ``warmup``) of
     each quantized layer on the input it receives when ``example_input`` runs through the
     model; whole-model runs of the uniform plans fit the intercept and slope of the
-    prediction. ``timer="process"`` times this process's CPU time instead of the wall clock
-    (steadier on a shared machine; use it with ``num_threads=1``). With ``cache_dir`` the
-    results are stored per device, model layer shapes, schemes and backend, and reused.
+    prediction. How it measures is :class:`CostOptions` (``options``); any of its fields given
+    as a keyword (``repeats=5``, ``timer="process"``...) overrides it, and an unknown keyword
+    raises ``TypeError`` listing the accepted ones. With ``cache_dir`` the results are stored
+    per device, model layer shapes, schemes and backend, and reused.
 
     >>> net = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 8)).eval()
     >>> cost = measure_cost(net, torch.randn(4, 32), schemes=["bf16", "w8a8"], repeats=3)
     >>> sorted(cost.schemes)
     ['bf16', 'fp32', 'w8a8']
+    >>> opts = CostOptions(repeats=3, warmup=1, num_threads=1)
+    >>> measure_cost(net, torch.randn(4, 32), schemes=["bf16"], options=opts).settings["repeats"]
+    3
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(
-            f"The 'model' argument must be a torch.nn.Module. Got {type(model).__name__} instead."
-        )
-    if isinstance(schemes, str) or not isinstance(schemes, Sequence) or not schemes:
-        raise invalid("schemes", schemes, "a non-empty list of scheme names")
-    scheme_objs = [get_scheme(s, argument="schemes") for s in dict.fromkeys(["fp32", *schemes])]
-    check_positive("repeats", repeats)
-    if not isinstance(warmup, int) or warmup < 0:
-        raise invalid("warmup", warmup, "a non-negative integer")
-    check_positive("num_threads", num_threads, allow_none=True)
-    if timer not in TIMERS:
-        raise invalid("timer", timer, f"one of {sorted(TIMERS)}")
-    impl = get_backend(backend)
-    reason = impl.unavailable_reason()
-    if reason:
-        raise ValueError(f"The {impl.name!r} backend cannot run here: {reason}")
+    opts = CostOptions.resolve(options, overrides, also=COST_KEYWORDS)
+    impl, scheme_objs, names = _check_call(model, schemes, backend, opts)
     model = model.eval()
-    all_layers = quantizable_layers(model)
-    names = list(all_layers) if layers is None else list(layers)
-    unknown_names = [n for n in names if n not in all_layers]
-    if unknown_names or not names:
-        raise invalid(
-            "layers",
-            layers,
-            f"a non-empty list of quantizable layer names of the model ({list(all_layers)[:8]}...)",
-        )
-    settings = {
-        "repeats": int(repeats),
-        "warmup": warmup,
-        "num_threads": num_threads,
-        "timer": timer,
-    }
-
     # Inputs as the backend's own fp32 model sees them (layouts included, e.g. channels-last).
     reference = quantize(model, PrecisionPlan.uniform("fp32"), backend=impl) if impl.real else model
     inputs, calls = _capture_inputs(reference, example_input, names)
-    with threads(num_threads) as n_threads:
+    with threads(opts.num_threads) as n_threads:
         meta = {
             "device": device_name(impl.name),
             "torch": torch.__version__,
             "backend": impl.name,
             "num_threads": n_threads,
-            "timer": timer,
+            "timer": opts.timer,
         }
-    key = cache_key(
-        {
-            **meta,
-            "schemes": [s.name for s in scheme_objs],
-            "layers": [
-                (
-                    n,
-                    type(all_layers[n]).__name__,
-                    tuple(all_layers[n].weight.shape),
-                    tuple(inputs[n].shape),
-                    calls[n],
-                )
-                for n in names
-            ],
-            "model_bytes": storage_bytes(model),
-            "repeats": repeats,
-            "warmup": warmup,
-            # which kernel runs each (layer type, scheme): a new kernel is a new measurement
-            "kernels": impl.kernel_table() if isinstance(impl, KernelBackend) else None,
-        }
-    )
-    path = None if cache_dir is None else Path(cache_dir) / f"cost-{impl.name}-{key}.json"
+    shapes = [(n, tuple(inputs[n].shape), calls[n]) for n in names]
+    key = _cache_key(model, impl, scheme_objs, shapes, meta, opts)
+    path = None if opts.cache_dir is None else Path(opts.cache_dir) / f"cost-{impl.name}-{key}.json"
     payload = read_cache(path, key) if path is not None else None
     if payload is None:
-        payload = _measure(model, example_input, impl, scheme_objs, names, inputs, calls, settings)
+        job = _Job(model, example_input, impl, scheme_objs, names, inputs, calls, opts.settings())
+        payload = job.measure()
         payload["meta"] = meta
         if path is not None:
             write_cache(path, key, payload)
@@ -353,79 +304,140 @@ def measure_cost(
         fp32_latency_ms=payload["fp32_latency_ms"],
         fit=payload["fit"],
         meta=payload["meta"],
-        settings=settings,
+        settings=opts.settings(),
     )
 
 
-def _measure(
+def _check_call(
+    model: Any, schemes: Any, backend: Any, opts: CostOptions
+) -> tuple[Backend, list[Scheme], list[str]]:
+    """The backend, the schemes (fp32 first) and the layer names, checked before any work."""
+    check_module(model)
+    if isinstance(schemes, str) or not isinstance(schemes, Sequence) or not schemes:
+        raise invalid("schemes", schemes, "a non-empty list of scheme names")
+    scheme_objs = [get_scheme(s, argument="schemes") for s in dict.fromkeys(["fp32", *schemes])]
+    impl = get_backend(backend)
+    reason = impl.unavailable_reason()
+    if reason:
+        raise ValueError(f"The {impl.name!r} backend cannot run here: {reason}")
+    all_layers = quantizable_layers(model)
+    names = list(all_layers) if opts.layers is None else list(opts.layers)
+    if any(n not in all_layers for n in names):
+        raise invalid(
+            "layers",
+            opts.layers,
+            f"a non-empty list of quantizable layer names of the model ({list(all_layers)[:8]}...)",
+            kind="option",
+        )
+    return impl, scheme_objs, names
+
+
+def _cache_key(
     model: nn.Module,
-    example_input: Batch,
     impl: Backend,
     schemes: list[Scheme],
-    names: list[str],
-    inputs: Mapping[str, torch.Tensor],
-    calls: Mapping[str, int],
-    settings: dict[str, Any],
-) -> dict[str, Any]:
+    shapes: list[tuple[str, tuple[int, ...], int]],
+    meta: dict[str, Any],
+    opts: CostOptions,
+) -> str:
+    """Everything the measurements depend on: device, schemes, layers' shapes and calls,
+    the model's bytes, repeats, and which kernel runs each (layer type, scheme)."""
     all_layers = quantizable_layers(model)
-    rows = []
-    for name in names:
-        layer = all_layers[name]
-        x = inputs[name]
-        for scheme in schemes:
-            why = scheme.applicability_error(tuple(layer.weight.shape)) or impl.unsupported_reason(
-                layer, scheme
-            )
-            if why:
-                rows.append([name, scheme.name, None, None, False, why])
-                continue
-            if impl.real:
-                module = impl.quantize_layer(layer, scheme)
-                memory = storage_bytes(module)
-            else:
-                module = layer if scheme.name == "fp32" else impl.quantize_layer(layer, scheme)
-                memory = (
-                    _own_bytes(layer) if scheme.name == "fp32" else ideal_layer_bytes(layer, scheme)
-                )
-            with threads(settings["num_threads"]):
-                ms = median_ms(
-                    lambda m=module, x=x: m(x),
-                    repeats=settings["repeats"],
-                    warmup=settings["warmup"],
-                    timer=settings["timer"],
-                )
-            rows.append([name, scheme.name, int(memory), ms * calls[name], True, ""])
-    table = pd.DataFrame(rows, columns=COLUMNS)
-    measured_layers_bytes = sum(_own_bytes(all_layers[n]) for n in names)
-    fp32_memory = storage_bytes(model)
-    rest_bytes = fp32_memory - measured_layers_bytes
+    return cache_key(
+        {
+            **meta,
+            "schemes": [s.name for s in schemes],
+            "layers": [
+                (n, type(all_layers[n]).__name__, tuple(all_layers[n].weight.shape), shape, calls)
+                for n, shape, calls in shapes
+            ],
+            "model_bytes": storage_bytes(model),
+            "repeats": opts.repeats,
+            "warmup": opts.warmup,
+            # a new kernel is a new measurement
+            "kernels": impl.kernel_table() if isinstance(impl, KernelBackend) else None,
+        }
+    )
 
-    # End-to-end: the untouched model, then the uniform plans (unsupported layers stay fp32).
-    fp32_ms = _time_model(model, example_input, settings)
-    supported = table.set_index(["layer", "scheme"])["supported"].to_dict()
-    latency = table.set_index(["layer", "scheme"])["latency_ms"].to_dict()
-    points = []
-    for scheme in schemes:
-        assignment = {n: (scheme.name if supported[(n, scheme.name)] else "fp32") for n in names}
-        plan = PrecisionPlan(assignment, default="fp32")
-        qmodel = quantize(model, plan, backend=impl)
-        points.append(
-            {
-                "plan": f"uniform {scheme.name}",
-                "layer_sum_ms": float(sum(latency[(n, s)] for n, s in assignment.items())),
-                "measured_ms": _time_model(qmodel, example_input, settings),
-            }
+
+@dataclass
+class _Job:
+    """One measurement: every (layer, scheme) row, then the end-to-end fit."""
+
+    model: nn.Module
+    example_input: Batch
+    impl: Backend
+    schemes: list[Scheme]
+    names: list[str]
+    inputs: Mapping[str, torch.Tensor]
+    calls: Mapping[str, int]
+    settings: dict[str, Any]
+
+    def measure(self) -> dict[str, Any]:
+        """The cache payload: rows, memory of the rest of the model, fp32 latency, the fit."""
+        all_layers = quantizable_layers(self.model)
+        rows = [self.row(all_layers[n], n, s) for n in self.names for s in self.schemes]
+        table = pd.DataFrame(rows, columns=COLUMNS)
+        measured_layers_bytes = sum(_own_bytes(all_layers[n]) for n in self.names)
+        fp32_memory = storage_bytes(self.model)
+        return {
+            "rows": [
+                [None if isinstance(v, float) and math.isnan(v) else v for v in r]
+                for r in table.itertuples(index=False)
+            ],
+            "rest_bytes": int(fp32_memory - measured_layers_bytes),
+            "fp32_memory_bytes": int(fp32_memory),
+            "fp32_latency_ms": float(_time_model(self.model, self.example_input, self.settings)),
+            "fit": _fit(self.uniform_points(table)),
+        }
+
+    def row(self, layer: nn.Module, name: str, scheme: Scheme) -> list[Any]:
+        """``[layer, scheme, memory_bytes, latency_ms, supported, reason]`` of one pair."""
+        impl = self.impl
+        why = scheme.applicability_error(tuple(layer.weight.shape)) or impl.unsupported_reason(
+            layer, scheme
         )
-    return {
-        "rows": [
-            [None if isinstance(v, float) and math.isnan(v) else v for v in r]
-            for r in table.itertuples(index=False)
-        ],
-        "rest_bytes": int(rest_bytes),
-        "fp32_memory_bytes": int(fp32_memory),
-        "fp32_latency_ms": float(fp32_ms),
-        "fit": _fit(points),
-    }
+        if why:
+            return [name, scheme.name, None, None, False, why]
+        if impl.real:
+            module = impl.quantize_layer(layer, scheme)
+            memory = storage_bytes(module)
+        elif scheme.name == "fp32":
+            module, memory = layer, _own_bytes(layer)
+        else:
+            module, memory = impl.quantize_layer(layer, scheme), ideal_layer_bytes(layer, scheme)
+        x = self.inputs[name]
+        with threads(self.settings["num_threads"]):
+            ms = median_ms(
+                lambda: module(x),
+                repeats=self.settings["repeats"],
+                warmup=self.settings["warmup"],
+                timer=self.settings["timer"],
+            )
+        return [name, scheme.name, int(memory), ms * self.calls[name], True, ""]
+
+    def uniform_points(self, table: pd.DataFrame) -> list[dict[str, Any]]:
+        """End-to-end time of each uniform plan (unsupported layers stay fp32) next to the sum
+        of its per-layer times: the points the latency model is fitted on."""
+        indexed = table.set_index(["layer", "scheme"])
+        supported = indexed["supported"].to_dict()
+        latency = indexed["latency_ms"].to_dict()
+        points = []
+        for scheme in self.schemes:
+            assignment = {
+                n: (scheme.name if supported[(n, scheme.name)] else "fp32") for n in self.names
+            }
+            qmodel = quantize(
+                self.model, PrecisionPlan(assignment, default="fp32"), backend=self.impl
+            )
+            points.append(
+                {
+                    "plan": f"uniform {scheme.name}",
+                    "layer_sum_ms": float(sum(latency[(n, s)] for n, s in assignment.items())),
+                    "measured_ms": _time_model(qmodel, self.example_input, self.settings),
+                }
+            )
+        return points
 
 
 __all__ = ["COLUMNS", "CostModel", "ideal_layer_bytes", "measure_cost"]

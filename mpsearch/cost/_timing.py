@@ -1,43 +1,76 @@
-"""Timing helpers: warm-up, repeats, median; wall clock or this process's CPU time."""
+"""Timing helpers: warm-up, repeats, median; wall clock or this process's CPU time.
+
+Samples are taken by the standard library's ``timeit.Timer`` (one call per sample, garbage
+collection paused, as ``torch.utils.benchmark.Timer`` does underneath) on a clock that, where
+an accelerator is present, first waits for its queued work (``torch.accelerator.synchronize()``,
+as ``torch.utils.benchmark.Timer``'s default clock does): a GPU kernel is timed to its end, not
+to its launch.
+"""
 
 from __future__ import annotations
 
 import platform
 import statistics
 import time
+import timeit
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import torch
 
-from mpsearch._validation import unknown
+from mpsearch._validation import check_positive, invalid, unknown
 
 TIMERS: dict[str, Callable[[], float]] = {
-    "wall": time.perf_counter,
+    "wall": timeit.default_timer,
     # CPU time of this process: robust to other processes sharing the cores; use it with
     # num_threads=1 (idle OpenMP threads spinning would otherwise be counted).
     "process": time.process_time,
 }
+"""The clocks ``median_ms`` (and the cost model) can time with, by name (see :func:`clock`)."""
+
+
+def _synchronised(base: Callable[[], float]) -> Callable[[], float]:
+    def read() -> float:
+        torch.accelerator.synchronize()
+        return base()
+
+    read.__name__ = f"synchronised_{getattr(base, '__name__', 'clock')}"
+    return read
+
+
+def clock(timer: str = "wall") -> Callable[[], float]:
+    """The clock named ``timer`` (see :data:`TIMERS`); where an accelerator is present, one
+    that first waits for the accelerator's queued work, so that asynchronous kernels are timed
+    to their end.
+
+    >>> clock("process")() >= 0
+    True
+    """
+    if timer not in TIMERS:
+        raise unknown("timer", timer, TIMERS)
+    base = TIMERS[timer]
+    return _synchronised(base) if torch.accelerator.is_available() else base
 
 
 def median_ms(fn: Callable[[], Any], *, repeats: int, warmup: int, timer: str = "wall") -> float:
     """Median milliseconds of ``fn()`` over ``repeats`` calls after ``warmup`` calls.
 
+    Runs under ``torch.inference_mode`` with the current number of threads; each call is one
+    ``timeit`` sample read on :func:`clock`, which synchronises an accelerator.
+
     >>> median_ms(lambda: sum(range(100)), repeats=5, warmup=1) >= 0
     True
     """
-    if timer not in TIMERS:
-        raise unknown("timer", timer, TIMERS)
-    clock = TIMERS[timer]
+    read = clock(timer)
+    check_positive("repeats", repeats)
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+        raise invalid("warmup", warmup, "a non-negative integer")
+    sampler = timeit.Timer(fn, timer=read)
     with torch.inference_mode():
         for _ in range(warmup):
             fn()
-        times = []
-        for _ in range(repeats):
-            start = clock()
-            fn()
-            times.append(clock() - start)
+        times = sampler.repeat(repeat=int(repeats), number=1)
     return statistics.median(times) * 1e3
 
 

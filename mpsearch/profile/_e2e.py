@@ -33,8 +33,8 @@ AUTO_MIN_SAMPLES = 16
 """``e2e_samples="auto"`` never measures end-to-end errors on fewer samples than this."""
 
 
-def check_e2e_samples(value: Any) -> None:
-    """Refuse an ``e2e_samples`` argument that is not ``None``, ``"auto"`` or an int >= 1.
+def check_e2e_samples(value: Any, *, kind: str = "argument") -> None:
+    """Refuse an ``e2e_samples`` value that is not ``None``, ``"auto"`` or an int >= 1.
 
     >>> check_e2e_samples("auto"); check_e2e_samples(64); check_e2e_samples(None)
     """
@@ -45,6 +45,7 @@ def check_e2e_samples(value: Any) -> None:
             "e2e_samples",
             value,
             "'auto', None (every calibration sample) or a positive integer (the first n samples)",
+            kind=kind,
         )
 
 

@@ -16,8 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from mpsearch.backends import SimulatedLayer
-from mpsearch.backends._simulate import SimulateBackend
+from mpsearch.backends._simulate import SimulateBackend, SimulatedLayer
 from mpsearch.layers import layer_forward
 from mpsearch.schemes import Scheme, fake_quantize
 

@@ -8,9 +8,10 @@ Two runners share one interface:
   For a (layer, batch), the S quantized outputs are computed from the cached input and only the
   suffix is re-executed: several schemes at once, concatenated along the batch dimension, when
   the model was checked to be batch-independent and that saves work (small activations, or
-  large weights used for few rows: see ``CONCAT_BYTES``), else once per scheme. Nodes are
-  compiled once into direct calls, and a slow CPU operation with an exact faster equivalent
-  (max pooling) runs that (:mod:`mpsearch.profile._fastops`).
+  large weights used for few rows: see ``CONCAT_BYTES``), else once per scheme. Nodes run in a
+  ``torch.fx.Interpreter`` started from an initial environment (the cached values), and a slow
+  CPU operation with an exact faster equivalent (max pooling) runs that
+  (:mod:`mpsearch.profile._fastops`).
 - ``HookRunner`` (the fallback when tracing fails or a layer is called more than once): a
   forward hook substitutes the layer's output and the whole model is re-run per scheme.
 
@@ -30,6 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor, fx, nn
 from torch.utils import _pytree as pytree
+from torch.utils.flop_counter import FlopCounterMode
 
 from mpsearch._data import Batch, batch_size, output_tensor, run_model
 from mpsearch.layers import is_quantizable
@@ -140,19 +142,21 @@ class GraphRunner:
         keep |= set(self.output_node.all_input_nodes)
         self.keep = keep
         self.layers = list(layers)
-        self.steps = {node: _compile(gm, node) for node in self.nodes if node.op != "placeholder"}
+        self.executor = _Executor(gm)
+        self.outside = {name: _outside(self.nodes, suffix) for name, suffix in self.suffix.items()}
         self.store: list[dict[fx.Node, Any]] = []
         self.outputs: list[Tensor] = []
         self.node_cost: dict[fx.Node, float] = {}
         self.node_bytes: dict[fx.Node, int] = {}
         self.streamed: dict[fx.Node, int] = {}
         with torch.inference_mode():
-            for batch in batches:
-                env = self._execute_all(batch)
-                if not self.node_cost:
-                    self.node_cost = _node_costs(self.gm, self.nodes, env)
+            for i, batch in enumerate(batches):
+                if i == 0:
+                    env, self.node_cost = self._execute_counting(batch)
                     self.node_bytes = {n: _nbytes(v) for n, v in env.items()}
                     self.streamed = _streamed_weights(self.gm, self.nodes, env, self.node_cost)
+                else:
+                    env = self._execute_all(batch)
                 self.store.append({n: env[n] for n in keep})
                 self.outputs.append(output_tensor(env[self.output_node]).float())
         self.e2e_batches: Sequence[Batch] = batches
@@ -201,7 +205,8 @@ class GraphRunner:
         bound.apply_defaults()
         return dict(bound.arguments)
 
-    def _execute_all(self, batch: Batch) -> dict[fx.Node, Any]:
+    def _input_env(self, batch: Batch) -> dict[fx.Node, Any]:
+        """The placeholders' values for ``batch`` (the model's defaults where it gives none)."""
         inputs = self._placeholders(batch)
         env: dict[fx.Node, Any] = {}
         for node in self.nodes:
@@ -213,9 +218,16 @@ class GraphRunner:
                     env[node] = node.args[0]
                 else:
                     raise _Unsupported(f"cannot bind the model input {name!r}")
-            else:
-                env[node] = self.steps[node](env)
         return env
+
+    def _execute_all(self, batch: Batch) -> dict[fx.Node, Any]:
+        """Every node's value on ``batch``."""
+        return self.executor.execute(self._input_env(batch))
+
+    def _execute_counting(self, batch: Batch) -> tuple[dict[fx.Node, Any], dict[fx.Node, float]]:
+        """Every node's value on ``batch`` and its work estimate (see :func:`_node_costs`)."""
+        env, flops = self.executor.execute_counting(self._input_env(batch))
+        return env, _node_costs(self.nodes, env, flops)
 
     def _check_batching(self, layers: Sequence[str]) -> dict[str, bool]:
         """Which layers' suffixes may run all schemes at once, concatenated along dim 0.
@@ -275,24 +287,22 @@ class GraphRunner:
         the batch dimension (fewer, larger operations); the others one variant at a time.
         """
         start = self.layer_node[layer]
-        suffix, border = self.suffix[layer], self.boundary[layer]
+        border = self.boundary[layer]
         size = self.group.get(layer, 1) if self.batchable.get(layer, False) else 1
         finals = []
         for i in range(0, len(outs_q), size):
             chunk = outs_q[i : i + size]
             n = len(chunk)
+            env = dict.fromkeys(self.outside[layer])  # upstream values the suffix never reads
             if n > 1:
-                env = {
-                    node: _repeat(store[node], n) if self.kinds[node] == "batch" else store[node]
-                    for node in border
-                }
+                for node in border:
+                    value = store[node]
+                    env[node] = _repeat(value, n) if self.kinds[node] == "batch" else value
                 env[start] = torch.cat(chunk)
             else:
-                env = {node: store[node] for node in border}
+                env.update((node, store[node]) for node in border)
                 env[start] = chunk[0]
-            for node in suffix:
-                env[node] = self.steps[node](env)
-            out = output_tensor(env[self.output_node]).float()
+            out = output_tensor(self.executor.execute(env)[self.output_node]).float()
             finals.append(out.unflatten(0, (n, -1)))
         return finals[0] if len(finals) == 1 else torch.cat(finals)
 
@@ -316,69 +326,106 @@ class GraphRunner:
         return self._downstream(layer, outs_q, store)
 
 
-Step = Callable[[dict[fx.Node, Any]], Any]
+class _Executor(fx.Interpreter):
+    """Runs the graph from an initial environment: nodes already in it are not re-run.
 
+    Operations with an exact faster stand-in (:mod:`mpsearch.profile._fastops`) run it, and
+    modules are looked up once (the runner's graph module is not modified after tracing and
+    folding). Values are kept (no garbage collection): the runner caches some of them.
+    """
 
-def _call_method(name: str) -> Callable[..., Any]:
-    def call(obj: Any, *args: Any, **kwargs: Any) -> Any:
-        return getattr(obj, name)(*args, **kwargs)
+    def __init__(self, gm: fx.GraphModule) -> None:
+        super().__init__(gm, garbage_collect_values=False)
+        self.modules = dict(gm.named_modules())
+        self.fast: dict[fx.Node, Callable[..., Any]] = {}
+        for node in gm.graph.nodes:
+            module = self.modules.get(str(node.target)) if node.op == "call_module" else None
+            call = fast_call(node, module)
+            if call is not None:
+                self.fast[node] = call
+        # argument lookups resolved once for the (usual) nodes whose graph values are all
+        # top-level positional arguments; the others go through fx's generic lookup
+        self.flat: dict[fx.Node, tuple[list[tuple[bool, Any]], dict[str, Any]]] = {
+            node: ([(isinstance(a, fx.Node), a) for a in node.args], dict(node.kwargs))
+            for node in gm.graph.nodes
+            if not any(_nested_node(a) for a in node.args)
+            and not any(has_node(v) for v in node.kwargs.values())
+        }
+        self.counter: FlopCounterMode | None = None
+        self.flops: dict[fx.Node, int] = {}
 
-    return call
-
-
-def _get_attr(gm: fx.GraphModule, target: str) -> Step:
-    def get(_env: dict[fx.Node, Any]) -> Any:
-        value: Any = gm
-        for part in target.split("."):
-            value = getattr(value, part)
+    def run_node(self, n: fx.Node) -> Any:
+        if self.counter is None:
+            return self._call(n)
+        before = self.counter.get_total_flops()
+        value = self._call(n)
+        self.flops[n] = self.counter.get_total_flops() - before
         return value
 
-    return get
+    def fetch_args_kwargs_from_env(self, n: fx.Node) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        flat = self.flat.get(n)
+        if flat is None:
+            return super().fetch_args_kwargs_from_env(n)
+        env, (slots, kwargs) = self.env, flat
+        return tuple([env[a] if is_node else a for is_node, a in slots]), kwargs
+
+    def _call(self, n: fx.Node) -> Any:
+        args, kwargs = self.fetch_args_kwargs_from_env(n)
+        fast = self.fast.get(n)
+        if fast is not None:
+            return fast(*args, **kwargs)
+        return getattr(self, n.op)(n.target, args, kwargs)
+
+    def call_module(self, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        return self.modules[target](*args, **kwargs)
+
+    def execute(self, env: dict[fx.Node, Any]) -> dict[fx.Node, Any]:
+        """``env`` completed with the value of every node not already in it."""
+        self.run(initial_env=env, enable_io_processing=False)
+        return env
+
+    def execute_counting(
+        self, env: dict[fx.Node, Any]
+    ) -> tuple[dict[fx.Node, Any], dict[fx.Node, int]]:
+        """:meth:`execute`, and the floating-point operations each node ran
+        (``torch.utils.flop_counter``: matrix products, convolutions, attention)."""
+        self.flops = {}
+        with FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOPS) as counter:
+            self.counter = counter
+            try:
+                self.execute(env)
+            finally:
+                self.counter = None
+        return env, self.flops
 
 
-def _compile(gm: fx.GraphModule, node: fx.Node) -> Step:
-    """``env -> value`` of one node: its callable and argument lookups resolved once.
-
-    Modules are looked up once (the runner's graph module is not modified after tracing and
-    folding); operations with an exact faster stand-in (:mod:`mpsearch.profile._fastops`) run it.
-    """
-    if node.op == "get_attr":
-        return _get_attr(gm, str(node.target))
-    fn: Callable[..., Any]
-    if node.op == "call_module":
-        module = gm.get_submodule(str(node.target))
-        fn = fast_call(node, module) or module
-    elif node.op == "call_function":
-        fn = fast_call(node) or node.target  # type: ignore[assignment]
-    elif node.op == "call_method":
-        fn = _call_method(str(node.target))
-    elif node.op == "output":
-        fn = _first
-    else:
-        raise RuntimeError(f"unexpected fx node op {node.op!r}")
-    args, kwargs = node.args, dict(node.kwargs)
-    if any(_nested_node(a) for a in args) or any(has_node(v) for v in kwargs.values()):
-
-        def nested(env: dict[fx.Node, Any]) -> Any:
-            look = env.__getitem__
-            return fn(*fx.node.map_arg(args, look), **fx.node.map_arg(kwargs, look))
-
-        return nested
-    slots = [(isinstance(a, fx.Node), a) for a in args]
-
-    def flat(env: dict[fx.Node, Any]) -> Any:
-        return fn(*[env[a] if is_node else a for is_node, a in slots], **kwargs)
-
-    return flat
+def _cpu_attention_flops(
+    query: Sequence[int], key: Sequence[int], value: Sequence[int], *_: Any, **__: Any
+) -> int:
+    """Flops of CPU attention (``softmax(q k^T) v``, as counted for the other attention ops)."""
+    *batch, s_q, d_q = query
+    s_k, d_v = key[-2], value[-1]
+    n = 1
+    for dim in batch:
+        n *= dim
+    return 2 * n * s_q * s_k * (d_q + d_v)
 
 
-def _first(value: Any) -> Any:
-    return value
+_EXTRA_FLOPS: dict[Any, Any] = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops,
+}
+"""Flop formulas ``torch.utils.flop_counter`` lacks (its CPU attention kernel)."""
 
 
 def _nested_node(value: Any) -> bool:
     """A graph value inside a container argument (a plain node argument is looked up directly)."""
     return not isinstance(value, fx.Node) and has_node(value)
+
+
+def _outside(nodes: Sequence[fx.Node], suffix: Sequence[fx.Node]) -> list[fx.Node]:
+    """The nodes not in ``suffix``: given (their values or ``None``) so the interpreter skips them."""
+    inside = set(suffix)
+    return [n for n in nodes if n not in inside]
 
 
 def _kind(full_value: Any, half_value: Any, full: int, half: int) -> str:
@@ -404,32 +451,6 @@ def _kind(full_value: Any, half_value: Any, full: int, half: int) -> str:
         return "unsafe"
 
 
-def _matmul_cost(out_numel: int, args: Sequence[Any]) -> float:
-    return float(out_numel * args[0].shape[-1])
-
-
-def _weight_cost(out_numel: int, args: Sequence[Any]) -> float:
-    weight = args[1]
-    return float(out_numel * (weight.numel() // weight.shape[0]))
-
-
-def _attention_cost(out_numel: int, args: Sequence[Any]) -> float:
-    return float(2 * out_numel * args[1].shape[-2])
-
-
-_FUNCTION_COSTS: dict[Any, Callable[[int, Sequence[Any]], float]] = {
-    torch.matmul: _matmul_cost,
-    operator.matmul: _matmul_cost,
-    torch.bmm: _matmul_cost,
-    torch.mm: _matmul_cost,
-    torch.nn.functional.linear: _weight_cost,
-    torch.nn.functional.conv1d: _weight_cost,
-    torch.nn.functional.conv2d: _weight_cost,
-    torch.nn.functional.conv3d: _weight_cost,
-    torch.nn.functional.scaled_dot_product_attention: _attention_cost,
-}
-
-
 _WEIGHT_FUNCTIONS = (
     torch.nn.functional.linear,
     torch.nn.functional.conv1d,
@@ -438,31 +459,24 @@ _WEIGHT_FUNCTIONS = (
 )
 
 
-def _node_costs(gm: fx.GraphModule, nodes: Sequence[fx.Node], env: dict[fx.Node, Any]) -> dict:
+def _node_costs(
+    nodes: Sequence[fx.Node], env: dict[fx.Node, Any], flops: dict[fx.Node, int]
+) -> dict[fx.Node, float]:
     """A deterministic work estimate per node from one batch's values (no timings).
 
-    Multiply-accumulates for convolutions, linear layers, matrix products and attention; the
-    number of output elements for every other operation.
+    Multiply-accumulates (half the flops ``torch.utils.flop_counter`` counts) for matrix
+    products, convolutions and attention; the number of output elements for every other
+    operation.
     """
     costs: dict[fx.Node, float] = {}
     for node in nodes:
         if node.op in ("placeholder", "get_attr", "output"):
             costs[node] = 0.0
-            continue
-        leaves = pytree.tree_leaves(env[node])
-        numel = sum(t.numel() for t in leaves if isinstance(t, torch.Tensor))
-        cost = float(numel)
-        try:
-            if node.op == "call_module":
-                module = gm.get_submodule(node.target)
-                if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
-                    cost = _weight_cost(numel, (None, module.weight))
-            elif node.op == "call_function" and node.target in _FUNCTION_COSTS:
-                args = fx.node.map_arg(node.args, lambda n: env[n])
-                cost = _FUNCTION_COSTS[node.target](numel, args)
-        except (AttributeError, IndexError, TypeError):
-            cost = float(numel)
-        costs[node] = cost
+        elif flops.get(node, 0) > 0:
+            costs[node] = flops[node] / 2
+        else:
+            leaves = pytree.tree_leaves(env[node])
+            costs[node] = float(sum(t.numel() for t in leaves if isinstance(t, torch.Tensor)))
     return costs
 
 

@@ -7,16 +7,9 @@ import torch
 from torch import nn
 
 import mpsearch as mps
-from mpsearch.backends import (
-    CpuBackend,
-    FbgemmInt8Linear,
-    Int8Linear,
-    RealLayer,
-    get_backend,
-    int8_kernel_scheme,
-    onednn_u8s8_saturates,
-    storage_bytes,
-)
+from mpsearch.backends import get_backend, onednn_u8s8_saturates, storage_bytes
+from mpsearch.backends._cpu import CpuBackend
+from mpsearch.backends._kernels import FbgemmInt8Linear, Int8Linear, RealLayer, int8_kernel_scheme
 
 # Tolerances of real kernels against the simulation of the same scheme (SQNR in dB).
 # fp32/bf16/fp16/w8a8 follow the scheme's arithmetic exactly (same codes and scales);

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import mpsearch as mps
-from mpsearch.backends import CudaBackend
+from mpsearch.backends._cuda import CudaBackend
 
 needs_cuda = pytest.mark.skipif(
     not torch.cuda.is_available(), reason="no CUDA device on this machine: cuda backend not run"

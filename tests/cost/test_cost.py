@@ -9,8 +9,10 @@ from torch import nn
 
 import mpsearch as mps
 from mpsearch.backends import storage_bytes
-from mpsearch.cost import CostCacheWarning, CostModel, ideal_layer_bytes, measure_cost
+from mpsearch.backends._cpu import CPU_KERNELS
+from mpsearch.cost import CostCacheWarning, CostModel, measure_cost
 from mpsearch.cost._cache import read_cache, write_cache
+from mpsearch.cost._model import ideal_layer_bytes
 
 SCHEMES = ["bf16", "w8a8", "w4a16", "fp8"]
 
@@ -151,7 +153,7 @@ def test_a_new_kernel_is_a_new_cache_key(tmp_path) -> None:
     """Costs measured on one kernel are never reused for another (e.g. after an upgrade)."""
     measure_cost(_net(), X, schemes=["w8a8"], repeats=1, warmup=0, cache_dir=tmp_path)
     key = (nn.Linear, "w8a8")
-    kernel = mps.backends.CPU_KERNELS[key]
+    kernel = CPU_KERNELS[key]
     try:
         mps.backends.register_cpu_kernel(
             nn.Linear, "w8a8", mps.backends.Kernel(kernel.build, "another int8 kernel")

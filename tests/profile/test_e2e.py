@@ -15,13 +15,13 @@ from profile_models import (
     chain,
 )
 
-from mpsearch.profile import (
+from mpsearch.profile import profile
+from mpsearch.profile._e2e import (
     AUTO_E2E_PASSES,
     AUTO_EXACT_PASSES,
     AUTO_MIN_SAMPLES,
     choose_e2e_samples,
     first_samples,
-    profile,
 )
 
 SCHEMES = ["bf16", "w8a8", "w4a16"]
@@ -151,5 +151,5 @@ def test_hook_runner_subset_equals_graph_runner_subset() -> None:
 
 @pytest.mark.parametrize("value", [0, -3, True, 2.5, "fast", "AUTO", [8]])
 def test_bad_e2e_samples(value: object) -> None:
-    with pytest.raises(ValueError, match=r"'e2e_samples' argument must be 'auto', None"):
+    with pytest.raises(ValueError, match=r"'e2e_samples' option must be 'auto', None"):
         profile(chain(2), batches(1, 2, 32), e2e_samples=value)

@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from mpsearch.backends import SimulatedLayer, get_backend
+from mpsearch.backends import get_backend
+from mpsearch.backends._simulate import SimulatedLayer
 from mpsearch.profile._emulate import EmulatedLayer, profile_layer
 from mpsearch.schemes import get_scheme
 

@@ -1,0 +1,110 @@
+"""``ProfileOptions``: how ``profile`` runs, in one frozen, validated object (YAML round trip)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from mpsearch._options import (
+    Check,
+    Options,
+    flag,
+    optional_flag,
+    optional_names,
+    optional_path,
+    optional_positive_int,
+    positive_int,
+)
+from mpsearch._validation import invalid, unknown
+from mpsearch.backends import BACKENDS, Backend
+from mpsearch.profile._e2e import check_e2e_samples
+from mpsearch.profile._metrics import E2E_METRICS
+
+Metric = str | Callable[[torch.Tensor, torch.Tensor], float] | None
+
+
+def _metric(name: str, value: Any) -> Metric:
+    if value is None or callable(value) or (isinstance(value, str) and value in E2E_METRICS):
+        return value
+    raise invalid(name, value, f"None, one of {sorted(E2E_METRICS)} or a callable", kind="option")
+
+
+def _backend(name: str, value: Any) -> str | Backend:
+    if isinstance(value, Backend):
+        return value
+    if value not in BACKENDS:
+        raise unknown(name, value, BACKENDS, kind="option")
+    return value
+
+
+def _e2e_samples(name: str, value: Any) -> int | str | None:
+    check_e2e_samples(value, kind="option")
+    return value
+
+
+@dataclass(frozen=True)
+class ProfileOptions(Options):
+    """How :func:`~mpsearch.profile.profile` runs (see its docstring for what each one does).
+
+    - ``metric``: the end-to-end error, ``"kl"``, ``"mse"``, a callable
+      ``(ref_out, out) -> float`` or ``None`` (chosen from the output);
+    - ``layers``: the layers to profile (``None``: every quantizable layer);
+    - ``backend``: how a layer is quantized (default ``"simulate"``);
+    - ``cache_dir``: where rows are cached as they are computed (``None``: no cache);
+    - ``progress``: a progress bar (``None``: when stderr is a terminal);
+    - ``max_batches``: profile on the first calibration batches only (``None``: all);
+    - ``fold_bn``: fold BatchNorm into the preceding convolution first;
+    - ``hessian_samples``: Hutchinson samples per batch for the ``hessian`` column;
+    - ``e2e_samples``: the samples ``e2e`` is measured on (``mse``, ``sqnr_db``, ``task_drop``
+      and ``hessian`` always use all of them). ``None``: every calibration sample (exact
+      mode); an int ``n``: the first ``n`` samples, in order (the ``e2e`` column then equals
+      exact mode's on the data cut to those samples); ``"auto"``: exact mode when its
+      end-to-end work D is at most 2 fp32 passes per scheme, else the first ``ceil(N / D)`` of
+      the N samples (at least 16), about one pass per scheme. D is the sum over layers of the
+      share of the model's multiply-accumulates downstream of the layer (from the traced graph
+      and the data's shapes, never from timings: the same choice on every run); ``prof.info``
+      records ``e2e_samples``, ``calib_samples`` and ``downstream_passes`` (D).
+
+    The cache key of a row holds hashes of the model's weights, the calibration data, the
+    scheme, the metric, ``evaluate`` / ``loss_fn`` (name and source), the code version and the
+    number of samples ``e2e`` was measured on: a changed model never reuses rows, and a row
+    measured on a subset is never reused as an exact one.
+
+    Every field is checked when the object is made; it round-trips through a plain dict
+    (:meth:`to_dict` / :meth:`from_dict`, e.g. from YAML) when ``metric`` is given by name.
+
+    >>> opts = ProfileOptions(e2e_samples=None, max_batches=4)
+    >>> ProfileOptions.from_dict(opts.to_dict()) == opts
+    True
+    >>> ProfileOptions(hessian_samples=-3)
+    Traceback (most recent call last):
+    ...
+    ValueError: The 'hessian_samples' option must be a positive integer. Got -3 instead.
+    """
+
+    metric: Metric = None
+    layers: Sequence[str] | None = None
+    backend: str | Backend = "simulate"
+    cache_dir: str | Path | None = None
+    progress: bool | None = None
+    max_batches: int | None = None
+    fold_bn: bool = True
+    hessian_samples: int = 8
+    e2e_samples: int | str | None = "auto"
+
+    CHECKS: ClassVar[dict[str, Check]] = {
+        "metric": _metric,
+        "layers": optional_names,
+        "backend": _backend,
+        "cache_dir": optional_path,
+        "progress": optional_flag,
+        "max_batches": optional_positive_int,
+        "fold_bn": flag,
+        "hessian_samples": positive_int,
+        "e2e_samples": _e2e_samples,
+    }
+    VERB: ClassVar[str] = "profile"
