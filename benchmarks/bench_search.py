@@ -36,8 +36,10 @@ from _tables import md_table  # benchmarks/ is the script's folder
 
 from mpsearch.cost import measure_cost
 from mpsearch.profile import profile
-from mpsearch.search import Budget, ChoiceTable, PlanRunner, baselines, hypervolume, load_space
+from mpsearch.search import Budget, baselines, hypervolume, load_space
 from mpsearch.search import search as run_search
+from mpsearch.search._quality import PlanRunner
+from mpsearch.search._table import ChoiceTable
 from mpsearch.workloads import load_workload
 
 SCHEMES = ["bf16", "w8a8", "w8a16", "w4a16"]

@@ -11,24 +11,57 @@ def _show(value: Any, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def invalid(argument: str, value: Any, accepted: str) -> ValueError:
-    """A ``ValueError`` in the project's one template.
+class InvalidTypeError(TypeError):
+    """A validated input of the wrong type or an unknown keyword: bad input, not a bug.
 
-    >>> str(invalid("latency_ms", -3, "a positive number"))
-    "The 'latency_ms' argument must be a positive number. Got -3 instead."
+    The command line answers it (like a ``ValueError``) with one line and exit status 2; any
+    other ``TypeError`` is a bug and shows its traceback.
     """
-    return ValueError(f"The {argument!r} argument must be {accepted}. Got {_show(value)} instead.")
 
 
-def unknown(argument: str, value: Any, choices: Iterable[str]) -> ValueError:
-    """A ``ValueError`` for a name that is not one of ``choices``, listing them."""
-    listed = ", ".join(repr(c) for c in sorted(choices))
-    return ValueError(
-        f"The {argument!r} argument must be one of {listed}. Got {_show(value)} instead."
+def wrong_type(argument: str, value: Any, accepted: str) -> InvalidTypeError:
+    """An :class:`InvalidTypeError` in the project's template, naming the value's type.
+
+    >>> str(wrong_type("model", 3, "a torch.nn.Module"))
+    "The 'model' argument must be a torch.nn.Module. Got int instead."
+    """
+    return InvalidTypeError(
+        f"The {argument!r} argument must be {accepted}. Got {type(value).__name__} instead."
     )
 
 
-def check_positive(argument: str, value: Any, *, allow_none: bool = False) -> None:
+def check_module(value: Any, argument: str = "model") -> None:
+    """Raise :class:`InvalidTypeError` unless ``value`` is a ``torch.nn.Module``."""
+    from torch import nn
+
+    if not isinstance(value, nn.Module):
+        raise wrong_type(argument, value, "a torch.nn.Module")
+
+
+def invalid(argument: str, value: Any, accepted: str, *, kind: str = "argument") -> ValueError:
+    """A ``ValueError`` in the project's one template (``kind``: "argument", "option"...).
+
+    >>> str(invalid("latency_ms", -3, "a positive number"))
+    "The 'latency_ms' argument must be a positive number. Got -3 instead."
+    >>> str(invalid("n_trials", -3, "a positive integer", kind="option"))
+    "The 'n_trials' option must be a positive integer. Got -3 instead."
+    """
+    return ValueError(f"The {argument!r} {kind} must be {accepted}. Got {_show(value)} instead.")
+
+
+def unknown(
+    argument: str, value: Any, choices: Iterable[str], *, kind: str = "argument"
+) -> ValueError:
+    """A ``ValueError`` for a name that is not one of ``choices``, listing them."""
+    listed = ", ".join(repr(c) for c in sorted(choices))
+    return ValueError(
+        f"The {argument!r} {kind} must be one of {listed}. Got {_show(value)} instead."
+    )
+
+
+def check_positive(
+    argument: str, value: Any, *, allow_none: bool = False, kind: str = "argument"
+) -> None:
     """Raise unless ``value`` is a finite number > 0 (or ``None`` when allowed)."""
     if value is None and allow_none:
         return
@@ -38,9 +71,9 @@ def check_positive(argument: str, value: Any, *, allow_none: bool = False) -> No
         or not value > 0
         or value != value
     ):
-        raise invalid(argument, value, "a positive number")
+        raise invalid(argument, value, "a positive number", kind=kind)
     if value == float("inf"):
-        raise invalid(argument, value, "a finite positive number")
+        raise invalid(argument, value, "a finite positive number", kind=kind)
 
 
 def check_fraction(

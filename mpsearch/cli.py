@@ -9,20 +9,25 @@ Commands (each reads a study config YAML; see ``studies/digits.yaml``):
 - ``report``: HTML + Markdown report of what the study wrote to its output directory;
 - ``export``: the chosen (or a given) plan's quantized model to ONNX / torch.export / state dict.
 
-Exit codes: 0 success, 2 bad input (a one-line message, no traceback), 1 an unexpected error,
-130 interrupted (what was computed is kept: caches and studies resume).
+Exit codes: 0 success, 2 bad input (a one-line message, no traceback), 1 an unexpected error
+(with its traceback), 130 interrupted (what was computed is kept: caches and studies resume).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from mpsearch._validation import InvalidTypeError
+
 EXIT_OK, EXIT_ERROR, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+# what validated bad input raises (one line, exit 2); any other exception is a bug (exit 1)
+BAD_INPUT: tuple[type[Exception], ...] = (ValueError, InvalidTypeError, FileNotFoundError)
 
 Runner = Callable[[argparse.Namespace], int]
 COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Runner, str]] = {}
@@ -49,7 +54,22 @@ def _study_args(parser: argparse.ArgumentParser, *, search: bool = False) -> Non
             "--n-trials", type=int, default=None, help="override the config's n_trials"
         )
         parser.add_argument(
-            "--storage", default=None, help="Optuna storage URL (sqlite:///..., postgresql://...)"
+            "--storage",
+            default=None,
+            help="Optuna storage URL (sqlite:///..., studies/x.log, postgresql://...)",
+        )
+        parser.add_argument(
+            "--workers",
+            type=int,
+            default=None,
+            help="search in N processes (needs a journal-file or PostgreSQL --storage)",
+        )
+        parser.add_argument(
+            "--resume",
+            action=argparse.BooleanOptionalAction,
+            default=None,
+            help="continue the stored study of that name (default: the config's load_if_exists); "
+            "--no-resume refuses to touch an existing study",
         )
     parser.add_argument("--study-name", default=None, help="override the study name")
     parser.add_argument("--seed", type=int, default=None, help="override the seed")
@@ -75,6 +95,8 @@ def _config(ns: argparse.Namespace) -> Any:
         ns.config,
         n_trials=getattr(ns, "n_trials", None),
         storage=getattr(ns, "storage", None),
+        workers=getattr(ns, "workers", None),
+        load_if_exists=getattr(ns, "resume", None),
         study_name=ns.study_name,
         seed=ns.seed,
         output_dir=ns.output_dir,
@@ -122,18 +144,16 @@ def _run_setup(parser: argparse.ArgumentParser) -> Runner:
 
     def run(ns: argparse.Namespace) -> int:
         steps = _steps(ns)
-        try:
-            summary = steps.measure()
-            curve = steps.controller()
-        finally:  # the study's outputs are written even when no plan meets the budget
-            steps.save()
-        config = steps.config
-        if curve is not None:
-            _table(curve, title="run-time controller (per-input latency, disagreement with fp32)")
+        outcome = steps.run()
+        if outcome.record is not None and outcome.record.controller is not None:
+            _table(
+                outcome.record.controller,
+                title="run-time controller (per-input latency, disagreement with fp32)",
+            )
         _table(
-            summary,
-            title=f"best plan under the budget {config.budget or '(none)'}: "
-            f"{config.out_dir / 'best_plan.json'}",
+            outcome.summary,
+            title=f"best plan under the budget {outcome.config.budget or '(none)'}: "
+            f"{outcome.plan_path}",
         )
         if not ns.no_report:
             html_path, md_path = _report(steps)
@@ -273,7 +293,7 @@ def _report_setup(parser: argparse.ArgumentParser) -> Runner:
 def _export_setup(parser: argparse.ArgumentParser) -> Runner:
     _study_args(parser)
     parser.add_argument(
-        "--plan", type=Path, default=None, help="plan JSON (default <output dir>/best_plan.json)"
+        "--plan", type=Path, default=None, help="plan JSON (default: the study's chosen plan)"
     )
     parser.add_argument(
         "--formats", default=None, help="comma-separated formats (default: the exporter's)"
@@ -289,9 +309,10 @@ def _export_setup(parser: argparse.ArgumentParser) -> Runner:
 
     def run(ns: argparse.Namespace) -> int:
         from mpsearch.plan import PrecisionPlan
+        from mpsearch.report import FILES
 
         config = _config(ns)
-        plan_path = ns.plan or config.out_dir / "best_plan.json"
+        plan_path = ns.plan or config.out_dir / FILES["best"]
         if not plan_path.exists():
             raise ValueError(
                 f"No plan at {plan_path}: run `mpsearch search {ns.config}` first or pass --plan."
@@ -376,7 +397,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             warnings.showwarning = _show_warning
             warnings.filterwarnings("ignore", message=r".*is experimental \(supported from")
             return COMMANDS[ns.command][1](ns)
-    except (ValueError, TypeError, FileNotFoundError) as exc:
+    except BAD_INPUT as exc:
         print(f"mpsearch {ns.command}: error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
@@ -385,6 +406,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return EXIT_INTERRUPTED
+    except Exception:  # a bug, not the user's input: show where
+        traceback.print_exc()
+        print(f"mpsearch {ns.command}: unexpected error (traceback above).", file=sys.stderr)
+        return EXIT_ERROR
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """A whole study from one config: workload → profile → cost → search → quantize → summary.
 
 This is what ``mpsearch run`` / ``profile`` / ``cost`` / ``search`` and the search-run scripts
-in ``studies/`` call. It only uses the public API. The steps live in :class:`StudySteps`, each
+in ``studies/`` call (one implementation of each step). The steps live in :class:`StudySteps`, each
 computed at most once per process and cached or stored on disk (profile rows, latency tables,
 the Optuna study), so a rerun, or ``mpsearch search`` after ``mpsearch profile``, reuses what
 was computed instead of starting over. What a step produced is written to the study's output
@@ -11,8 +11,8 @@ directory (``studies/out/<study>/``) as a :class:`~mpsearch.report.StudyRecord`,
 
 from __future__ import annotations
 
-import importlib
 import json
+import pkgutil
 import statistics
 import sys
 import time
@@ -28,14 +28,35 @@ import yaml
 from mpsearch._data import output_tensor, run_model
 from mpsearch._validation import invalid, unknown
 from mpsearch.backends import quantize
-from mpsearch.cost import TIMERS, CostModel, measure_cost
+from mpsearch.cost import CostModel, CostOptions, clock, measure_cost, threads
 from mpsearch.plan import PrecisionPlan
-from mpsearch.profile import SensitivityProfile, profile
+from mpsearch.profile import ProfileOptions, SensitivityProfile, profile
 from mpsearch.report import FILES, StudyRecord
-from mpsearch.search import Budget, SearchResult, search
+from mpsearch.search import (
+    Budget,
+    SearchOptions,
+    SearchResult,
+    WorkerSpec,
+    load_space,
+    run_workers,
+    search,
+)
+from mpsearch.search._storage import storage_kind
+from mpsearch.search._table import ChoiceTable
 from mpsearch.workloads import WORKLOADS, Workload, load_workload
 
 QUALITY = ("task", "fidelity")
+# study keys that are search options (the ``search`` section holds the others)
+_SEARCH_KEYS = (
+    "n_trials",
+    "storage",
+    "study_name",
+    "space",
+    "objectives",
+    "sampler",
+    "seed",
+    "load_if_exists",
+)
 
 
 @dataclass
@@ -45,7 +66,13 @@ class StudyConfig:
     ``workload`` is a bundled workload name (``digits_cnn``, ``resnet18``,
     ``text_transformer``, ``mlp``, ``char_mlp``) or ``"package.module:function"`` returning a
     :class:`~mpsearch.workloads.Workload`. ``profile_batches`` profiles on the first calibration
-    batches only (``None``: all of them).
+    batches only (``None``: all of them). The search's options are the top-level keys
+    ``n_trials``, ``storage``, ``study_name``, ``space``, ``objectives``, ``sampler``, ``seed``,
+    ``load_if_exists`` and the ``search`` section (any other
+    :class:`~mpsearch.search.SearchOptions` field: ``screen``, ``warm_start``, ``timeout``,
+    ``lease``...); :meth:`search_options` builds them. ``workers`` > 1 runs the search in that
+    many processes (:func:`~mpsearch.search.run_workers`), on a journal-file or PostgreSQL
+    ``storage``.
 
     >>> StudyConfig(workload="digits_cnn", n_trials=40).study_name
     'digits_cnn'
@@ -70,6 +97,8 @@ class StudyConfig:
     timer: str = "process"
     load_if_exists: bool = True
     controller: dict[str, Any] = field(default_factory=dict)
+    workers: int = 1
+    search: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.study_name is None:
@@ -94,6 +123,36 @@ class StudyConfig:
             )
         Budget(**self.budget)  # validates the budget's keys and values now
         ControllerCurve(**(self.controller or {}))  # likewise the controller curve's settings
+        self._check_search()
+
+    def _check_search(self) -> None:
+        """The search options and workers, checked now (before any work)."""
+        if not isinstance(self.search, dict):
+            raise invalid("search", self.search, "a mapping of search option names to values")
+        clash = sorted(set(self.search) & set(_SEARCH_KEYS))
+        if clash:
+            raise ValueError(
+                f"search: {clash} are study keys; set them at the top level of the config."
+            )
+        if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 1:
+            raise invalid("workers", self.workers, "a positive integer")
+        if self.workers > 1 and storage_kind(self.storage_url) == "sqlite":
+            raise ValueError(
+                f"{self.workers} workers need a storage that several processes can share; "
+                f"SQLite ({self.storage_url}) cannot. Set 'storage' (--storage) to a journal "
+                f"file, e.g. studies/{self.study_name}.log, or a PostgreSQL URL."
+            )
+        self.search_options()
+
+    def search_options(self, **overrides: Any) -> SearchOptions:
+        """The :class:`~mpsearch.search.SearchOptions` this study's search runs with.
+
+        >>> StudyConfig(workload="digits_cnn", n_trials=40, search={"screen": False}).search_options().screen
+        False
+        """
+        keys = {k: getattr(self, k) for k in _SEARCH_KEYS}
+        keys["storage"] = self.storage_url
+        return SearchOptions.from_dict({**self.search, **keys, **overrides})
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> StudyConfig:
@@ -169,6 +228,53 @@ class ControllerCurve:
                 raise invalid(f"controller.{name}", value, "a positive integer (max_variants >= 2)")
 
 
+CONTROLLER_CURVE_COLUMNS = ("method", "latency_ms", "disagreement", "accuracy", "epsilon", "note")
+
+
+def _curve_variants(wl: Workload, plans: list[PrecisionPlan], max_variants: int) -> list[Any]:
+    """The distinct plans that are not all-fp32 (at most ``max_variants - 1``), then fp32."""
+    seen, cheap = set(), []
+    for plan in plans:
+        key = tuple(sorted(plan.resolve(wl.model).items()))
+        if key not in seen and any(v != "fp32" for _, v in key):
+            seen.add(key)
+            cheap.append(plan)
+    return [*cheap[: max_variants - 1], PrecisionPlan.uniform("fp32")]
+
+
+def _answers(out: Any) -> Any:
+    logits = output_tensor(out)
+    return (logits[:, -1] if logits.dim() == 3 else logits).argmax(-1)
+
+
+def _serve_test_split(
+    wl: Workload, serve: Callable[[Any], Any], reference: list[Any], repeats: int, clock: Any
+) -> dict[str, float]:
+    """Latency per input (the best of ``repeats`` runs of each test batch), disagreement with
+    ``reference`` and accuracy (NaN without labels) of ``serve`` on the test split."""
+    import torch
+
+    labels = wl.test_labels if wl.task == "classification" else None
+    per_input, agree, correct, n = [], 0, 0, 0
+    with torch.inference_mode():
+        for batch, ref, target in zip(wl.test, reference, labels or reference, strict=True):
+            times = []
+            for _ in range(repeats):
+                t0 = clock()
+                out = serve(batch)
+                times.append(clock() - t0)
+            per_input.append(min(times) * 1e3 / len(ref))
+            answer = _answers(out)
+            agree += int((answer == ref).sum())
+            correct += int((answer == target).sum())
+            n += len(answer)
+    return {
+        "latency_ms": statistics.fmean(per_input),
+        "disagreement": 1.0 - agree / n,
+        "accuracy": correct / n if labels is not None else float("nan"),
+    }
+
+
 def controller_curve(
     wl: Workload,
     plans: list[PrecisionPlan],
@@ -181,82 +287,51 @@ def controller_curve(
 ) -> pd.DataFrame:
     """Measure the run-time controller's curve on ``wl``: one row per method, in the
     ``controller.csv`` format of :mod:`mpsearch.report` (``method``, ``latency_ms`` per input,
-    ``disagreement`` with fp32, ``accuracy``, ``epsilon``).
+    ``disagreement`` with fp32, ``accuracy``, ``epsilon``, ``note``).
 
-    ``plans`` (plus fp32) are the cascade's variants; ``static:<variant>`` rows serve one
-    variant to every input, ``ctrl:<scorer>:<eps>`` rows the calibrated cascade. Latency is
-    the best of ``settings.repeats`` runs of each test batch, per input, timed by ``timer``
-    (``"process"``: CPU time, steady on a shared machine) with ``num_threads`` threads.
+    ``plans`` are the cascade's cheaper stages, fp32 its reference; ``static:<variant>`` rows
+    serve one variant to every input, ``ctrl:<scorer>:<eps>`` rows the calibrated cascade,
+    whose ``note`` says when the calibration split is too small to certify ``eps`` (``not
+    certifiable with n inputs (needs ≥ N)``: every input then goes to fp32 after the cheap
+    pass). Latency is the best of ``settings.repeats`` runs of each test batch, per input,
+    timed by ``timer`` (``"process"``: CPU time, steady on a shared machine) with
+    ``num_threads`` threads.
 
     >>> controller_curve(wl, res.plans, backend="cpu",
     ...                  settings=ControllerCurve(epsilons=[0.01]))  # doctest: +SKIP
     """
-    import numpy as np
     import torch
     from tqdm.auto import tqdm
 
     from mpsearch.runtime import Controller
 
-    fp32 = PrecisionPlan.uniform("fp32")
-    seen, cheap = set(), []
-    for plan in plans:
-        key = tuple(sorted(plan.resolve(wl.model).items()))
-        if key not in seen and any(v != "fp32" for _, v in key):
-            seen.add(key)
-            cheap.append(plan)
-    variants = [*cheap[: settings.max_variants - 1], fp32]
-    clock = TIMERS[timer]
     ctrl = Controller(
-        wl.model, variants, backend=backend, scorer=settings.scorer, example_input=wl.example_input
+        wl.model,
+        _curve_variants(wl, plans, settings.max_variants),
+        backend=backend,
+        scorer=settings.scorer,
+        example_input=wl.example_input,
     )
-    labels = wl.test_labels if wl.task == "classification" else None
-
-    def answers(out: Any) -> torch.Tensor:
-        logits = output_tensor(out)
-        return (logits[:, -1] if logits.dim() == 3 else logits).argmax(-1)
-
     with torch.inference_mode():
-        reference = [answers(run_model(wl.model, b)) for b in wl.test]
+        reference = [_answers(run_model(wl.model, b)) for b in wl.test]
 
-    def serve(fn: Any) -> dict[str, float]:
-        per_input, agree, correct, n = [], 0, 0, 0
-        with torch.inference_mode():
-            for batch, ref, target in zip(wl.test, reference, labels or reference, strict=True):
-                times = []
-                for _ in range(settings.repeats):
-                    t0 = clock()
-                    out = fn(batch) if fn is ctrl else run_model(fn, batch)
-                    times.append(clock() - t0)
-                per_input.append(min(times) * 1e3 / len(ref))
-                answer = answers(out)
-                agree += int((answer == ref).sum())
-                correct += int((answer == target).sum())
-                n += len(answer)
-        return {
-            "latency_ms": float(np.mean(per_input)),
-            "disagreement": 1.0 - agree / n,
-            "accuracy": correct / n if labels is not None else float("nan"),
-        }
+    def measure(serve: Callable[[Any], Any]) -> dict[str, float]:
+        return _serve_test_split(wl, serve, reference, settings.repeats, clock(timer))
 
     rows = []
-    before = torch.get_num_threads()
-    if num_threads is not None:
-        torch.set_num_threads(num_threads)
-    jobs = [("static", v) for v in ctrl.variants] + [("ctrl", e) for e in settings.epsilons]
-    try:
-        for kind, item in tqdm(jobs, desc="controller", disable=not progress, leave=False):
-            if kind == "static":
-                row = {"method": f"static:{item.name}", "epsilon": float("nan")}
-                rows.append({**row, **serve(item.module)})
-            else:
-                ctrl.calibrate(wl.calib, max_disagreement=float(item), delta=settings.delta)
+    jobs = [*ctrl.variants, *settings.epsilons]
+    with threads(num_threads):
+        for item in tqdm(jobs, desc="controller", disable=not progress, leave=False):
+            if isinstance(item, float | int):
+                report = ctrl.calibrate(
+                    wl.calib, max_disagreement=float(item), delta=settings.delta
+                )
                 row = {"method": f"ctrl:{settings.scorer}:{item:g}", "epsilon": float(item)}
-                rows.append({**row, **serve(ctrl)})
-    finally:
-        torch.set_num_threads(before)
-    return pd.DataFrame(
-        rows, columns=["method", "latency_ms", "disagreement", "accuracy", "epsilon"]
-    )
+                rows.append({**row, **measure(ctrl), "note": report.note or ""})
+            else:
+                row = {"method": f"static:{item.name}", "epsilon": float("nan"), "note": ""}
+                rows.append({**row, **measure(lambda b, m=item.module: run_model(m, b))})
+    return pd.DataFrame(rows, columns=list(CONTROLLER_CURVE_COLUMNS))
 
 
 @dataclass
@@ -279,12 +354,24 @@ def build_workload(spec: str, *, seed: int = 0) -> Workload:
     """A bundled workload by name, or the result of ``"package.module:function"(seed=seed)``."""
     if ":" not in spec:
         return load_workload(spec, seed=seed)
-    module_name, func_name = spec.split(":", 1)
     try:
-        factory = getattr(importlib.import_module(module_name), func_name)
-    except (ImportError, AttributeError) as exc:
+        factory = pkgutil.resolve_name(spec)
+    except (ImportError, AttributeError, ValueError) as exc:
         raise invalid("workload", spec, f"an importable 'module:function' ({exc})") from None
+    if not callable(factory):
+        raise invalid("workload", spec, "an importable 'module:function' naming a function")
     return factory(seed=seed)
+
+
+def worker_setup(config: dict[str, Any]) -> dict[str, Any]:
+    """What each worker of a study with ``workers`` > 1 searches with (a
+    :class:`~mpsearch.search.WorkerSpec` factory): the workload, and the profile and cost
+    model its parent computed (read back from their caches).
+
+    >>> worker_setup(StudyConfig(workload="mlp").to_dict())["model"]   # doctest: +SKIP
+    """
+    steps = StudySteps(StudyConfig(**config), log=None, progress=False)
+    return steps.search_arguments()
 
 
 def _quiet(_: str) -> None:
@@ -354,14 +441,12 @@ class StudySteps:
         """The sensitivity profile (rows cached under ``cache_dir/profile``)."""
         wl, _ = self.workload, self.fp32_quality
         t0 = time.perf_counter()
-        prof = profile(
-            wl.model,
-            wl.calib,
-            schemes=self.config.schemes,
+        options = ProfileOptions(
             max_batches=self.config.profile_batches,
             cache_dir=Path(self.config.cache_dir) / "profile",
             progress=self._show_progress,
         )
+        prof = profile(wl.model, wl.calib, schemes=self.config.schemes, options=options)
         s = self._timed("profile_s", t0)
         self.log(f"profile: {len(prof.table)} (layer, scheme) rows in {s:.1f} s")
         return prof
@@ -371,14 +456,17 @@ class StudySteps:
         """The cost model on the study's backend (cached under ``cache_dir/cost``)."""
         wl, _ = self.workload, self.fp32_quality
         t0 = time.perf_counter()
+        options = CostOptions(
+            cache_dir=Path(self.config.cache_dir) / "cost",
+            num_threads=self.config.num_threads,
+            timer=self.config.timer,
+        )
         cost = measure_cost(
             wl.model,
             wl.example_input,
             schemes=["fp32", *self.config.schemes],
             backend=self.config.backend,
-            cache_dir=Path(self.config.cache_dir) / "cost",
-            num_threads=self.config.num_threads,
-            timer=self.config.timer,
+            options=options,
         )
         s = self._timed("cost_s", t0)
         self.log(
@@ -387,35 +475,49 @@ class StudySteps:
         )
         return cost
 
+    def search_arguments(self) -> dict[str, Any]:
+        """:func:`~mpsearch.search.search`'s data for this study: model, profile, cost, quality, budget."""
+        config, wl = self.config, self.workload
+        return {
+            "model": wl.model,
+            "profile": self.profile,
+            "cost": self.cost,
+            "evaluate": wl.evaluate if config.quality == "task" else None,
+            "eval_data": wl.calib,
+            "budget": Budget(**config.budget) if config.budget else None,
+        }
+
     @cached_property
     def result(self) -> SearchResult:
-        """The search (the Optuna study in ``storage``, resumed up to ``n_trials``)."""
-        config, wl = self.config, self.workload
-        prof, cost = self.profile, self.cost
+        """The search (the Optuna study in ``storage``, resumed up to ``n_trials``), in
+        ``config.workers`` processes."""
+        config = self.config
+        arguments = self.search_arguments()
         t0 = time.perf_counter()
-        result = search(
-            wl.model,
-            profile=prof,
-            cost=cost,
-            evaluate=wl.evaluate if config.quality == "task" else None,
-            eval_data=wl.calib,
-            budget=Budget(**config.budget) if config.budget else None,
-            space=config.space,
-            objectives=tuple(config.objectives),
-            n_trials=config.n_trials,
-            sampler=config.sampler,
-            seed=config.seed,
-            storage=config.storage_url,
-            study_name=config.study_name,
-            load_if_exists=config.load_if_exists,
-            show_progress_bar=self._show_progress,
-        )
+        if config.workers > 1:
+            spec = WorkerSpec(f"{__name__}:worker_setup", {"config": config.to_dict()})
+            options = config.search_options()
+            result = run_workers(spec, workers=config.workers, options=options)
+        else:
+            options = config.search_options(show_progress_bar=self._show_progress)
+            result = search(**arguments, options=options)
         s = self._timed("search_s", t0)
+        workers = f" in {config.workers} processes" if config.workers > 1 else ""
         self.log(
             f"search: {len(result.trials)} trials, {result.n_true_evaluations} true evaluations, "
-            f"{len(result.pareto)} plans on the front, {s:.1f} s"
+            f"{len(result.pareto)} plans on the front, {s:.1f} s{workers}"
         )
         return result
+
+    @cached_property
+    def table(self) -> ChoiceTable:
+        """Per-layer error, memory and latency of every choice of this study's space (from the
+        cached profile and cost model): what the baselines rank, and what
+        :func:`~mpsearch.viz.load_result` takes as ``table``."""
+        wl, cost = self.workload, self.cost
+        space = load_space(self.config.space, wl.model).resolve(wl.model, supported=cost.supported)
+        metric = self.config.search_options().metric
+        return ChoiceTable.build(space, self.profile, cost, metric=metric)
 
     @cached_property
     def best(self) -> PrecisionPlan:
@@ -463,6 +565,27 @@ class StudySteps:
             s = self._timed("controller_s", t0)
             self.log(f"controller curve: {len(self._controller)} methods measured in {s:.1f} s")
         return self._controller
+
+    def run(self) -> StudyOutcome:
+        """Every step: search, measure, controller curve; what was computed is saved even when
+        a step fails (e.g. no plan meets the budget)."""
+        try:
+            summary = self.measure()
+            self.controller()
+        finally:
+            record = self.save()
+        return StudyOutcome(
+            self.config,
+            self.workload,
+            self.profile,
+            self.cost,
+            self.result,
+            self.best,
+            summary,
+            self.timings,
+            self.config.out_dir / FILES["best"],
+            record,
+        )
 
     def record(self) -> StudyRecord:
         """What has been computed so far, as a :class:`~mpsearch.report.StudyRecord`."""
@@ -536,24 +659,7 @@ def run_study(
     >>> outcome = run_study(StudyConfig.from_yaml("studies/digits.yaml"))   # doctest: +SKIP
     >>> outcome.summary[["plan", "speedup"]]                                 # doctest: +SKIP
     """
-    steps = StudySteps(config, log=log, progress=progress)
-    try:
-        summary = steps.measure()
-        steps.controller()
-    finally:  # what was computed is written even when no plan meets the budget
-        record = steps.save()
-    return StudyOutcome(
-        config,
-        steps.workload,
-        steps.profile,
-        steps.cost,
-        steps.result,
-        steps.best,
-        summary,
-        steps.timings,
-        config.out_dir / FILES["best"],
-        record,
-    )
+    return StudySteps(config, log=log, progress=progress).run()
 
 
 def _uniform_plans(result: SearchResult) -> dict[str, PrecisionPlan]:

@@ -72,7 +72,7 @@ def main(config_path: Path, *, description: str, argv: Sequence[str] | None = No
     import optuna
 
     from mpsearch.pipeline import StudyConfig, run_study
-    from mpsearch.viz import (
+    from mpsearch.viz.data import (
         evaluations_to_reach,
         hypervolume_data,
         hypervolume_reference,

@@ -8,7 +8,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from mpsearch.backends import SimulatedLayer
+from mpsearch.backends._simulate import SimulatedLayer
 from mpsearch.plan import PrecisionPlan
 
 SCHEMES = ["fp32", "bf16", "w8a8", "w4a16"]

@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from mpsearch.cli import COMMANDS, EXIT_BAD_INPUT, EXIT_OK, main
+from mpsearch.cli import COMMANDS, EXIT_BAD_INPUT, EXIT_ERROR, EXIT_OK, main
 from mpsearch.plan import PrecisionPlan
 
 
@@ -108,6 +108,10 @@ def test_run_end_to_end_writes_plan_summary_controller_and_report(steps_done) ->
     out_dir = steps_done["tmp"] / "out"
     assert "best plan under the budget" in out and "uniform:w8a8" in out
     assert f"report: {out_dir / 'report.html'}" in out
+    assert (
+        f"best plan under the budget {{'memory_fraction': 0.5}}: {out_dir / 'best_plan.json'}"
+        in out
+    )
     plan = PrecisionPlan.load(out_dir / "best_plan.json")
     summary = pd.read_csv(out_dir / "summary.csv")
     best = summary[summary["plan"] == "best"].iloc[0]
@@ -137,6 +141,10 @@ def test_every_command_has_help_with_an_example(name, capsys) -> None:
         ({"trials": 3}, r"unknown key\(s\) \['trials'\]"),
         ({"controller": "{epsilons: [2]}"}, r"'controller.epsilons' argument must be"),
         ({"controller": "{scorer: psychic}"}, r"'controller.scorer' argument must be one of"),
+        ({"search": "{n_jobs: 0}"}, r"'n_jobs' option must be a positive integer"),
+        ({"search": "{screening: false}"}, r"Unknown search option\(s\) \['screening'\]"),
+        ({"search": "{seed: 3}"}, r"set them at the top level"),
+        ({"workload": "nosuch.module:make"}, r"importable 'module:function' \(No module named"),
     ],
 )
 @pytest.mark.parametrize("command", ["run", "profile", "search"])
@@ -196,3 +204,123 @@ def test_export_refuses_an_unknown_format_before_work(steps_done) -> None:
     code, _, err = _call("export", steps_done["config"], "--formats", "gif", "--quiet")
     assert code == EXIT_BAD_INPUT
     assert "'formats' argument must be one of" in err
+
+
+def test_a_type_error_from_a_bug_exits_1_with_its_traceback(tmp_path, monkeypatch) -> None:
+    """Only validated bad input exits 2; a TypeError raised by a bug shows where it happened."""
+    import mpsearch.pipeline
+
+    def broken(spec: str, *, seed: int = 0):
+        return 1 + "a"  # a bug
+
+    monkeypatch.setattr(mpsearch.pipeline, "build_workload", broken)
+    code, _, err = _call("profile", _config(tmp_path), "--quiet")
+    assert code == EXIT_ERROR
+    assert "Traceback" in err and "TypeError: unsupported operand" in err
+
+
+def test_a_validated_type_error_is_bad_input(tmp_path, monkeypatch) -> None:
+    from mpsearch._validation import InvalidTypeError
+    from mpsearch.pipeline import StudySteps
+
+    def refuse(self):
+        raise InvalidTypeError("The 'model' argument must be a torch.nn.Module. Got int instead.")
+
+    monkeypatch.setattr(StudySteps, "run", refuse)
+    code, _, err = _call("run", _config(tmp_path))
+    assert code == EXIT_BAD_INPUT
+    assert "Traceback" not in err and "'model' argument must be" in err
+
+
+def test_run_command_runs_the_pipelines_steps(tmp_path, monkeypatch) -> None:
+    """`mpsearch run` is StudySteps.run (the steps run_study runs), not a copy of them."""
+    from mpsearch.pipeline import StudySteps
+
+    seen = []
+
+    def spy(self):
+        seen.append(self.config.study_name)
+        raise ValueError("the pipeline's steps ran")
+
+    monkeypatch.setattr(StudySteps, "run", spy, raising=False)
+    code, _, err = _call("run", _config(tmp_path), "--quiet")
+    assert seen == ["cli-mlp"]
+    assert code == EXIT_BAD_INPUT and "the pipeline's steps ran" in err
+
+
+def test_export_finds_the_plan_under_the_output_table_name(steps_done, monkeypatch) -> None:
+    """The chosen plan's file name comes from mpsearch.report.FILES, not a literal."""
+    pytest.importorskip("mpsearch.export", reason="mpsearch.export is not importable yet")
+    from mpsearch.report import FILES
+
+    out_dir = steps_done["tmp"] / "renamed"
+    out_dir.mkdir()
+    (out_dir / "chosen.json").write_text((steps_done["tmp"] / "out" / "best_plan.json").read_text())
+    monkeypatch.setitem(FILES, "best", "chosen.json")
+    export_dir = steps_done["tmp"] / "export-renamed"
+    code, out, err = _call(
+        "export",
+        steps_done["config"],
+        "--output-dir",
+        str(out_dir),
+        "--formats",
+        "plan",
+        "-o",
+        str(export_dir),
+        "--quiet",
+    )
+    assert code == EXIT_OK, err
+    assert f"exported {out_dir / 'chosen.json'}" in out
+
+
+def test_search_resume_flags(steps_done) -> None:
+    """--no-resume refuses an existing study (exit 2, before any trial); --resume continues it."""
+    config = steps_done["config"]
+    code, _, err = _call("search", config, "--no-resume", "--quiet")
+    assert code == EXIT_BAD_INPUT, err
+    assert "already holds a study named 'cli-mlp'" in err and "--resume" in err
+    code, _, err = _call("search", config, "--resume", "--n-trials", "13", "--quiet")
+    assert code == EXIT_OK, err
+    info = json.loads((steps_done["tmp"] / "out" / "study.json").read_text())
+    assert info["config"]["n_trials"] == 13
+
+
+def test_search_with_workers_runs_them_in_separate_processes(steps_done) -> None:
+    """--workers N runs the study in N processes on a journal file (reusing the cached profile)."""
+    import os
+
+    import optuna
+
+    from mpsearch.search import make_storage
+    from mpsearch.search._leases import WORKER_ATTR
+
+    tmp = steps_done["tmp"]
+    storage = str(tmp / "workers.log")
+    code, out, err = _call(
+        "search",
+        steps_done["config"],
+        "--workers",
+        "2",
+        "--storage",
+        storage,
+        "--study-name",
+        "cli-workers",
+        "--output-dir",
+        str(tmp / "out-workers"),
+        "--n-trials",
+        "6",
+    )
+    assert code == EXIT_OK, err
+    assert "in 2 processes" in out
+    study = optuna.load_study(study_name="cli-workers", storage=make_storage(storage))
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(complete) == 6
+    pids = {t.system_attrs[WORKER_ATTR].rsplit(":", 1)[1] for t in complete}
+    assert str(os.getpid()) not in pids
+
+
+def test_workers_on_sqlite_are_refused_before_any_work(tmp_path) -> None:
+    code, _, err = _call("search", _config(tmp_path), "--workers", "2")
+    assert code == EXIT_BAD_INPUT
+    assert "2 workers need a storage that several processes can share" in err
+    assert not (tmp_path / "cache").exists()

@@ -31,6 +31,7 @@ from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 
 from mpsearch._validation import check_positive, invalid
+from mpsearch.search._optuna_compat import study_storage, trial_id
 
 LEASE_ATTR = "mpsearch:lease_until"
 WORKER_ATTR = "mpsearch:worker"
@@ -86,20 +87,21 @@ class TrialLease:
 
     def __init__(self, study: optuna.Study, trial: optuna.Trial, policy: LeasePolicy) -> None:
         self.study = study
-        self.storage = study._storage
-        self.trial_id = trial._trial_id
+        self.storage = study_storage(study)
+        self.trial_id = trial_id(trial)
         self.number = trial.number
         self.policy = policy
         self.lost = False
+        self.until = 0.0  # the expiry last written
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def renew(self) -> bool:
         """Push the expiry forward; ``False`` (and ``lost``) once another worker has failed the trial."""
         try:
-            self.storage.set_trial_system_attr(
-                self.trial_id, LEASE_ATTR, time.time() + self.policy.lease_s
-            )
+            until = time.time() + self.policy.lease_s
+            self.storage.set_trial_system_attr(self.trial_id, LEASE_ATTR, until)
+            self.until = until
             return True
         except UpdateFinishedTrialError:
             self.lost = True
@@ -128,6 +130,9 @@ class TrialLease:
         if self._thread is not None:
             self._thread.join()
         TrialLease.active.pop(self.trial_id, None)
+        if not self.lost and self.until - time.time() < self.policy.lease_s / 2:
+            with contextlib.suppress(Exception):  # a stalled renewer: cover Optuna's tell too
+                self.renew()
         if not self.lost:  # failed by a sweep since the last renewal (a stalled, loaded worker)?
             with contextlib.suppress(Exception):
                 self.lost = self.storage.get_trial(self.trial_id).state.is_finished()
@@ -167,13 +172,13 @@ def fail_trial(
 
     Only the caller whose state change takes effect retries, so two sweepers never both do.
     """
-    storage = study._storage
+    storage, tid = study_storage(study), trial_id(trial)
     try:
-        storage.set_trial_user_attr(trial._trial_id, "fail_reason", reason)
-        storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
+        storage.set_trial_user_attr(tid, "fail_reason", reason)
+        storage.set_trial_state_values(tid, state=TrialState.FAIL)
     except UpdateFinishedTrialError:
         return False
-    if storage.get_trial(trial._trial_id).state != TrialState.FAIL:
+    if storage.get_trial(tid).state != TrialState.FAIL:
         return False
     retry_params(study, trial, policy, reason=reason)
     return True
@@ -190,7 +195,7 @@ def sweep_expired(
     now = time.time() if now is None else now
     lost = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if t._trial_id in TrialLease.active or _expiry(t, policy) > now:
+        if trial_id(t) in TrialLease.active or _expiry(t, policy) > now:
             continue
         if fail_trial(study, t, policy, reason=LOST_REASON):
             lost.append(t.number)

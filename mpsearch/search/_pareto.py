@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-from optuna._hypervolume import compute_hypervolume
+
+from mpsearch.search._optuna_compat import compute_hypervolume
 
 
 def pareto_mask(points: np.ndarray, maximize: Sequence[bool]) -> np.ndarray:
@@ -41,7 +42,7 @@ def hypervolume(points: np.ndarray, reference: Sequence[float], maximize: Sequen
     if not inside.any():
         return 0.0
     loss = loss[inside]
-    return float(compute_hypervolume(loss[pareto_mask(loss, [False] * loss.shape[1])], ref))
+    return compute_hypervolume(loss[pareto_mask(loss, [False] * loss.shape[1])], ref)
 
 
 def _as_loss(points: np.ndarray, maximize: Sequence[bool]) -> np.ndarray:

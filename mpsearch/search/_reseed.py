@@ -16,8 +16,9 @@ from typing import Any
 import numpy as np
 import optuna
 from optuna.distributions import BaseDistribution
-from optuna.samplers._lazy_random_state import LazyRandomState
 from optuna.trial import FrozenTrial, TrialState
+
+from mpsearch.search._optuna_compat import is_random_state, random_state
 
 
 def _random_states(obj: Any, depth: int = 0, seen: set[int] | None = None) -> list[Any]:
@@ -27,14 +28,14 @@ def _random_states(obj: Any, depth: int = 0, seen: set[int] | None = None) -> li
     if id(obj) in seen or depth > 3:
         return found
     seen.add(id(obj))
-    if isinstance(obj, (LazyRandomState, np.random.RandomState)):
+    if is_random_state(obj):
         return [obj]
     attrs = getattr(obj, "__dict__", None)
     if not isinstance(attrs, dict):
         return found
     for name in sorted(attrs):
         value = attrs[name]
-        if isinstance(value, (LazyRandomState, np.random.RandomState)) or (
+        if is_random_state(value) or (
             hasattr(value, "__dict__") and not isinstance(value, type) and depth < 3
         ):
             found += _random_states(value, depth + 1, seen)
@@ -56,8 +57,7 @@ class ReseededSampler(optuna.samplers.BaseSampler):
     def _reseed(self, number: int) -> None:
         for k, state in enumerate(self._states):
             derived = int(np.random.SeedSequence([self.seed, number, k]).generate_state(1)[0])
-            rng = state.rng if isinstance(state, LazyRandomState) else state
-            rng.seed(derived)
+            random_state(state).seed(derived)
 
     def reseed_rng(self) -> None:
         """Kept deterministic: draws already depend only on ``(seed, trial number)``."""

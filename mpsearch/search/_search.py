@@ -6,7 +6,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from mpsearch._data import as_batches, run_model
-from mpsearch._validation import check_positive, invalid, unknown
+from mpsearch._validation import InvalidTypeError, invalid
 from mpsearch.search import baselines
 from mpsearch.search._budget import Budget, as_budget
 from mpsearch.search._fingerprint import check_fingerprint, fingerprint_parts
@@ -32,48 +32,37 @@ from mpsearch.search._leases import (
     sweep_expired,
     worker_id,
 )
+from mpsearch.search._options import OBJECTIVES, SearchOptions, resolve_options
+from mpsearch.search._optuna_compat import study_storage, told_finished_trial, trial_id
 from mpsearch.search._quality import Fidelity, PlanRunner
-from mpsearch.search._reseed import ReseededSampler
 from mpsearch.search._result import SearchResult
-from mpsearch.search._space import ResolvedSpace, SearchSpace, load_space
-from mpsearch.search._storage import make_storage
+from mpsearch.search._samplers import SAMPLERS, make_sampler
+from mpsearch.search._space import ResolvedSpace, load_space
+from mpsearch.search._storage import make_storage, safe_url
 from mpsearch.search._table import ChoiceTable, CostLike, ProfileLike
 
-OBJECTIVES: dict[str, str] = {"quality": "maximize", "memory": "minimize", "latency": "minimize"}
+__all__ = ["OBJECTIVES", "SAMPLERS", "EvaluationError", "make_sampler", "search"]
+
 WARM_STARTED_ATTR = "mpsearch_warm_started"
 BUDGET_REASON = "study budget reached"
+SEARCH_KEYWORDS = (
+    "model",
+    "profile",
+    "cost",
+    "evaluate",
+    "eval_data",
+    "example_input",
+    "budget",
+    "n_trials",
+    "storage",
+    "study_name",
+    "options",
+)
 _logger = logging.getLogger(__name__)
 
 
 class EvaluationError(RuntimeError):
     """``evaluate`` raised or returned a non-finite value: the trial fails, the study goes on."""
-
-
-SAMPLERS: dict[str, Callable[[int | None, int], optuna.samplers.BaseSampler]] = {
-    "tpe": lambda seed, n_objectives: optuna.samplers.TPESampler(
-        seed=seed, multivariate=True, n_startup_trials=8
-    ),
-    "nsga2": lambda seed, n_objectives: optuna.samplers.NSGAIISampler(
-        seed=seed, population_size=24
-    ),
-    "random": lambda seed, n_objectives: optuna.samplers.RandomSampler(seed=seed),
-}
-
-
-def make_sampler(
-    sampler: str | optuna.samplers.BaseSampler, *, seed: int | None, n_objectives: int
-) -> optuna.samplers.BaseSampler:
-    """A sampler from its registry name (``tpe``, ``nsga2``, ``random``) or any Optuna sampler.
-
-    A named sampler with a ``seed`` draws trial ``k`` from ``(seed, k)`` and the study only
-    (:class:`ReseededSampler`), so a resumed study proposes what an uninterrupted one would.
-    """
-    if isinstance(sampler, optuna.samplers.BaseSampler):
-        return sampler
-    if sampler not in SAMPLERS:
-        raise unknown("sampler", sampler, SAMPLERS)
-    made = SAMPLERS[sampler](seed, n_objectives)
-    return made if seed is None else ReseededSampler(made, seed=seed)
 
 
 @dataclass
@@ -105,35 +94,28 @@ def search(
     cost: CostLike,
     evaluate: Callable[[nn.Module], float] | None = None,
     eval_data: Iterable[Any] | None = None,
+    example_input: Any = None,
     budget: Budget | Mapping[str, float] | None = None,
-    space: SearchSpace | str | Path | Mapping[str, Any] | None = None,
-    objectives: Sequence[str] = ("quality", "memory", "latency"),
-    n_trials: int = 100,
-    sampler: str | optuna.samplers.BaseSampler = "tpe",
-    seed: int | None = 0,
+    n_trials: int | None = None,
     storage: str | optuna.storages.BaseStorage | None = None,
     study_name: str | None = None,
-    load_if_exists: bool = False,
-    warm_start: bool = True,
-    screen: bool = True,
-    metric: str = "e2e",
-    quality_backend: str = "simulate",
-    n_jobs: int = 1,
-    timeout: float | None = None,
-    show_progress_bar: bool = False,
-    example_input: Any = None,
-    lease: LeasePolicy | None = None,
-    handle_sigterm: bool = True,
+    options: SearchOptions | None = None,
+    **overrides: Any,
 ) -> SearchResult:
     """Search per-layer schemes; return the Pareto front of quality × memory × latency.
 
     Quality is ``evaluate(model)`` (higher is better) or, without it, :class:`Fidelity` to the
     fp32 model on ``eval_data``; memory (exact) and latency (predicted) come from ``cost``.
-    ``budget`` limits become Optuna constraints (every trial records all of them). With
-    ``objectives=("quality",)`` the search maximises quality under the budget; otherwise it
-    returns the whole front. Warm starts (uniform, greedy, ILP plans) are enqueued first, once
-    per study; with ``screen`` a candidate whose proxy-predicted quality (calibrated on true
-    evaluations) is clearly dominated is pruned before its true evaluation.
+    ``budget`` limits become Optuna constraints (every trial records all of them). How the
+    search runs is :class:`SearchOptions` (``options``); ``n_trials``, ``storage``,
+    ``study_name`` and any other option given as a keyword (``sampler="nsga2"``,
+    ``objectives=("quality",)``, ``seed=1``...) override it, and an unknown keyword raises
+    ``TypeError`` listing the accepted ones. Every option is checked before any work.
+
+    With ``objectives=("quality",)`` the search maximises quality under the budget; otherwise
+    it returns the whole front. Warm starts (uniform, greedy, ILP plans) are enqueued first,
+    once per study; with ``screen`` a candidate whose proxy-predicted quality (calibrated on
+    true evaluations) is clearly dominated is pruned before its true evaluation.
 
     Persistence: ``n_trials`` is the study's total of COMPLETE trials, whoever ran them, so
     ``load_if_exists=True`` resumes a study up to it and several processes (see
@@ -147,37 +129,33 @@ def search(
 
     >>> res = search(model, profile=prof, cost=cost, eval_data=held_out,
     ...              budget=Budget(memory_fraction=0.3), n_trials=60)   # doctest: +SKIP
+    >>> opts = SearchOptions(n_trials=60, sampler="nsga2", seed=1)
+    >>> res = search(model, profile=prof, cost=cost, eval_data=held_out,
+    ...              options=opts, study_name="digits")                 # doctest: +SKIP
     >>> res.best().resolve(model)                                        # doctest: +SKIP
     """
-    check_positive("timeout", timeout, allow_none=True)
+    opts = resolve_options(
+        options,
+        {"n_trials": n_trials, "storage": storage, "study_name": study_name, **overrides},
+        verb="search",
+        also=SEARCH_KEYWORDS,
+    )
     prepared = _prepare(
         model,
         profile=profile,
         cost=cost,
         evaluate=evaluate,
         eval_data=eval_data,
-        budget=budget,
-        space=space,
-        objectives=objectives,
-        n_trials=n_trials,
-        sampler=sampler,
-        seed=seed,
-        storage=storage,
-        study_name=study_name,
-        load_if_exists=load_if_exists,
-        warm_start=warm_start,
-        screen=screen,
-        metric=metric,
-        quality_backend=quality_backend,
         example_input=example_input,
-        lease=lease,
+        budget=budget,
+        options=opts,
     )
     started = time.perf_counter()
     prepared.drive(
-        timeout=timeout,
-        n_jobs=n_jobs,
-        show_progress_bar=show_progress_bar,
-        handle_sigterm=handle_sigterm,
+        timeout=opts.timeout,
+        n_jobs=opts.n_jobs,
+        show_progress_bar=opts.show_progress_bar,
+        handle_sigterm=opts.handle_sigterm,
     )
     return prepared.result(wall_time_s=time.perf_counter() - started)
 
@@ -221,63 +199,72 @@ class _Prepared:
         Before each round, expired leases are swept; while the running trials of other
         workers could fill the budget, this one waits for them (or for their leases to expire).
         """
-        study, policy, n = self.study, self.policy, self.n_trials
         deadline = None if timeout is None else time.monotonic() + timeout
-        max_failures = max(n, 10)
         guard = sigterm_handler() if handle_sigterm else contextlib.nullcontext()
         with guard:
             try:
                 while True:
-                    sweep_expired(study, policy)
-                    trials = study.get_trials(deepcopy=False)
-                    complete = sum(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
-                    running = sum(t.state == optuna.trial.TrialState.RUNNING for t in trials)
-                    if complete >= n:
-                        return
                     remaining = None if deadline is None else deadline - time.monotonic()
-                    if remaining is not None and remaining <= 0:
+                    free = self._free_slots(remaining)
+                    if free is None:
                         return
-                    if self.objective.n_failed >= max_failures:
-                        _logger.warning(
-                            "Stopping: %d trials failed in this process (see their fail_reason).",
-                            self.objective.n_failed,
-                        )
-                        return
-                    free = n - complete - running
                     if free <= 0:  # others' running trials may fill the budget: wait for them
-                        expiry = next_expiry(study, policy)
-                        pause = policy.renew_s if expiry is None else expiry - time.time() + 0.05
-                        pause = min(max(pause, 0.05), policy.renew_s, 1.0)
-                        time.sleep(pause if remaining is None else min(pause, remaining))
+                        self._wait_for_others(remaining)
                         continue
-                    try:
-                        study.optimize(
-                            self.objective,
-                            n_trials=free,
-                            timeout=remaining,
-                            n_jobs=n_jobs,
-                            catch=(EvaluationError,),
-                            callbacks=[
-                                optuna.study.MaxTrialsCallback(
-                                    n, states=(optuna.trial.TrialState.COMPLETE,)
-                                )
-                            ],
-                            show_progress_bar=show_progress_bar,
-                        )
-                    except (ValueError, optuna.exceptions.UpdateFinishedTrialError) as exc:
-                        # our trial was failed by another worker's sweep (our lease lapsed)
-                        if not self.objective.lost_lease or (
-                            isinstance(exc, ValueError) and "Cannot tell" not in str(exc)
-                        ):
-                            raise
-                        _logger.warning("Lost the lease of a trial; going on: %s", exc)
-                        self.objective.lost_lease = False
+                    self._optimize(free, remaining, n_jobs, show_progress_bar)
             except KeyboardInterrupt as exc:
                 for frozen in self.objective.interrupted:
-                    retry_params(study, frozen, policy, reason=self.objective.interrupt_reason)
+                    retry_params(
+                        self.study, frozen, self.policy, reason=self.objective.interrupt_reason
+                    )
                 if isinstance(exc, Terminated):
                     raise SystemExit(143) from None
                 raise
+
+    def _free_slots(self, remaining: float | None) -> int | None:
+        """Trials this round may start (``<= 0``: wait), or ``None`` when the run is over."""
+        sweep_expired(self.study, self.policy)
+        trials = self.study.get_trials(deepcopy=False)
+        complete = sum(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
+        running = sum(t.state == optuna.trial.TrialState.RUNNING for t in trials)
+        if complete >= self.n_trials or (remaining is not None and remaining <= 0):
+            return None
+        if self.objective.n_failed >= max(self.n_trials, 10):
+            _logger.warning(
+                "Stopping: %d trials failed in this process (see their fail_reason).",
+                self.objective.n_failed,
+            )
+            return None
+        return self.n_trials - complete - running
+
+    def _wait_for_others(self, remaining: float | None) -> None:
+        expiry = next_expiry(self.study, self.policy)
+        renew = self.policy.renew_s
+        pause = renew if expiry is None else expiry - time.time() + 0.05
+        pause = min(max(pause, 0.05), renew, 1.0)
+        time.sleep(pause if remaining is None else min(pause, remaining))
+
+    def _optimize(
+        self, free: int, remaining: float | None, n_jobs: int, show_progress_bar: bool
+    ) -> None:
+        complete = (optuna.trial.TrialState.COMPLETE,)
+        try:
+            self.study.optimize(
+                self.objective,
+                n_trials=free,
+                timeout=remaining,
+                n_jobs=n_jobs,
+                catch=(EvaluationError,),
+                callbacks=[optuna.study.MaxTrialsCallback(self.n_trials, states=complete)],
+                show_progress_bar=show_progress_bar,
+            )
+        except (ValueError, AssertionError, optuna.exceptions.UpdateFinishedTrialError) as exc:
+            # our trial was failed by another worker's sweep (our lease lapsed, maybe between
+            # the objective's return and Optuna's tell): the sweep retries it; go on
+            if not told_finished_trial(exc):
+                raise
+            _logger.warning("Lost the lease of a trial; going on: %s", exc)
+            self.objective.lost_lease = False
 
 
 def _prepare(
@@ -287,45 +274,65 @@ def _prepare(
     cost: CostLike,
     evaluate: Callable[[nn.Module], float] | None = None,
     eval_data: Iterable[Any] | None = None,
-    budget: Budget | Mapping[str, float] | None = None,
-    space: SearchSpace | str | Path | Mapping[str, Any] | None = None,
-    objectives: Sequence[str] = ("quality", "memory", "latency"),
-    n_trials: int = 100,
-    sampler: str | optuna.samplers.BaseSampler = "tpe",
-    seed: int | None = 0,
-    storage: str | optuna.storages.BaseStorage | None = None,
-    study_name: str | None = None,
-    load_if_exists: bool = False,
-    warm_start: bool = True,
-    screen: bool = True,
-    metric: str = "e2e",
-    quality_backend: str = "simulate",
     example_input: Any = None,
-    lease: LeasePolicy | None = None,
+    budget: Budget | Mapping[str, float] | None = None,
+    options: SearchOptions | None = None,
     workers: int = 1,
 ) -> _Prepared:
     """Check every input, open the storage, create or load the study, enqueue warm starts."""
+    options = options or SearchOptions()
+    budget = as_budget(budget)
+    eval_batches = _check_inputs(model, evaluate, eval_data, example_input)
+    resolved = load_space(options.space, model).resolve(
+        model, supported=getattr(cost, "supported", None)
+    )
+    table = ChoiceTable.build(resolved, profile, cost, metric=options.metric)
+    limits = budget.limits(
+        fp32_memory_mb=cost.fp32_memory_bytes / 1e6, fp32_latency_ms=cost.fp32_latency_ms
+    )
+    _check_feasible(table, limits)
+    study = _open_study(model, resolved, table, limits, options, workers=workers)
+    if options.warm_start:
+        _warm_start(study, table, limits)
+    policy = options.lease_policy
+    objective = _Objective(
+        resolved=resolved,
+        table=table,
+        cost=cost,
+        limits=limits,
+        objectives=options.objectives,
+        runner=PlanRunner(model, backend=options.quality_backend),
+        quality_fn=evaluate if evaluate is not None else Fidelity(model, eval_batches),
+        screen=_Screen() if options.screen else None,
+        study=study,
+        n_trials=options.n_trials,
+        policy=policy,
+    )
+    return _Prepared(
+        study=study,
+        objective=objective,
+        resolved=resolved,
+        table=table,
+        objectives=options.objectives,
+        limits=limits,
+        cost=cost,
+        n_trials=options.n_trials,
+        policy=policy,
+    )
+
+
+def _check_inputs(
+    model: nn.Module,
+    evaluate: Callable[[nn.Module], float] | None,
+    eval_data: Iterable[Any] | None,
+    example_input: Any,
+) -> list[Any] | None:
+    """Refuse a non-module, a missing or non-callable ``evaluate``, a model that fails to run;
+    return the evaluation batches (``None`` without ``eval_data``)."""
     if not isinstance(model, nn.Module):
-        raise TypeError(
+        raise InvalidTypeError(
             f"The 'model' argument must be a torch.nn.Module. Got {type(model).__name__} instead."
         )
-    objectives = tuple(objectives)
-    if (
-        not objectives
-        or any(o not in OBJECTIVES for o in objectives)
-        or len(set(objectives)) != len(objectives)
-    ):
-        raise invalid(
-            "objectives", objectives, f"a non-empty tuple of distinct names from {list(OBJECTIVES)}"
-        )
-    if "quality" not in objectives:
-        raise invalid("objectives", objectives, "a tuple that includes 'quality'")
-    if not isinstance(n_trials, int) or isinstance(n_trials, bool) or n_trials < 1:
-        raise invalid("n_trials", n_trials, "a positive integer")
-    if lease is not None and not isinstance(lease, LeasePolicy):
-        raise invalid("lease", lease, "a LeasePolicy(lease_s=..., max_retry=...) or None")
-    policy = lease or LeasePolicy()
-    budget = as_budget(budget)
     if evaluate is None and eval_data is None:
         raise invalid(
             "evaluate",
@@ -337,60 +344,54 @@ def _prepare(
     model.eval()
     eval_batches = None if eval_data is None else as_batches(eval_data, argument="eval_data")
     _check_model_runs(model, example_input, eval_batches)
-    resolved = load_space(space, model).resolve(model, supported=getattr(cost, "supported", None))
-    table = ChoiceTable.build(resolved, profile, cost, metric=metric)
-    limits = budget.limits(
-        fp32_memory_mb=cost.fp32_memory_bytes / 1e6, fp32_latency_ms=cost.fp32_latency_ms
-    )
-    _check_feasible(table, limits)
-    quality_fn = evaluate if evaluate is not None else Fidelity(model, eval_batches)
-    sampler_obj = make_sampler(sampler, seed=seed, n_objectives=len(objectives))
+    return eval_batches
 
-    parts = fingerprint_parts(model, resolved, table, objectives, limits, metric)
-    study_name = (
-        study_name or f"mpsearch-{type(model).__name__.lower()}-{parts['model weights'][:8]}"
+
+def _open_study(
+    model: nn.Module,
+    resolved: ResolvedSpace,
+    table: ChoiceTable,
+    limits: tuple[float | None, float | None],
+    options: SearchOptions,
+    *,
+    workers: int = 1,
+) -> optuna.Study:
+    """Create (or, with ``load_if_exists``, load and check) the study in its storage."""
+    objectives = options.objectives
+    parts = fingerprint_parts(model, resolved, table, objectives, limits, options.metric)
+    name = options.study_name or (
+        f"mpsearch-{type(model).__name__.lower()}-{parts['model weights'][:8]}"
     )
-    storage = make_storage(_default_storage(storage, study_name), workers=workers)
-    study = optuna.create_study(
-        storage=storage,
-        study_name=study_name,
-        sampler=sampler_obj,
-        directions=[OBJECTIVES[o] for o in objectives],
-        load_if_exists=load_if_exists,
-    )
+    url = _default_storage(options.storage, name)
+    storage = make_storage(url, workers=workers)
+    try:
+        study = optuna.create_study(
+            storage=storage,
+            study_name=name,
+            sampler=make_sampler(options.sampler, seed=options.seed, n_objectives=len(objectives)),
+            directions=[OBJECTIVES[o] for o in objectives],
+            load_if_exists=options.load_if_exists,
+        )
+    except optuna.exceptions.DuplicatedStudyError:
+        raise ValueError(
+            f"The storage {safe_url(url)!r} already holds a study named {name!r}. Resume it "
+            "(load_if_exists=True; `mpsearch search --resume`) or pick another study name."
+        ) from None
     check_fingerprint(study, parts, resolved, objectives, limits)
     if len(objectives) > 1 and not study.metric_names:
         study.set_metric_names(list(objectives))
+    return study
 
-    if warm_start and not study.user_attrs.get(WARM_STARTED_ATTR):
-        for origin, params in warm_start_params(table, limits).items():
-            study.enqueue_trial(params, user_attrs={"origin": origin}, skip_if_exists=True)
-        study.set_user_attr(WARM_STARTED_ATTR, worker_id())
 
-    objective = _Objective(
-        resolved=resolved,
-        table=table,
-        cost=cost,
-        limits=limits,
-        objectives=objectives,
-        runner=PlanRunner(model, backend=quality_backend),
-        quality_fn=quality_fn,
-        screen=_Screen() if screen else None,
-        study=study,
-        n_trials=n_trials,
-        policy=policy,
-    )
-    return _Prepared(
-        study=study,
-        objective=objective,
-        resolved=resolved,
-        table=table,
-        objectives=objectives,
-        limits=limits,
-        cost=cost,
-        n_trials=n_trials,
-        policy=policy,
-    )
+def _warm_start(
+    study: optuna.Study, table: ChoiceTable, limits: tuple[float | None, float | None]
+) -> None:
+    """Enqueue the baselines' plans, once per study (whichever worker gets there first)."""
+    if study.user_attrs.get(WARM_STARTED_ATTR):
+        return
+    for origin, params in warm_start_params(table, limits).items():
+        study.enqueue_trial(params, user_attrs={"origin": origin}, skip_if_exists=True)
+    study.set_user_attr(WARM_STARTED_ATTR, worker_id())
 
 
 def _check_model_runs(model: nn.Module, example_input: Any, eval_batches: list[Any] | None) -> None:
@@ -574,20 +575,23 @@ class _Objective:
         ]
 
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, ...]:
-        with TrialLease(self.study, trial, self.policy) as lease:
-            try:
-                self._claim_slot(trial)
-                return self._run(trial)
-            except KeyboardInterrupt as exc:  # SIGTERM or Ctrl-C: Optuna fails the trial
-                self.interrupt_reason = (
-                    SIGTERM_REASON if isinstance(exc, Terminated) else "interrupted"
-                )
-                with contextlib.suppress(Exception):
-                    trial.set_user_attr("fail_reason", self.interrupt_reason)
-                self.interrupted.append(self.study._storage.get_trial(trial._trial_id))
-                raise
-            finally:
-                self.lost_lease = self.lost_lease or lease.lost
+        lease = TrialLease(self.study, trial, self.policy)
+        try:
+            with lease:
+                try:
+                    self._claim_slot(trial)
+                    return self._run(trial)
+                except KeyboardInterrupt as exc:  # SIGTERM or Ctrl-C: Optuna fails the trial
+                    self._interrupted(trial, exc)
+                    raise
+        finally:  # after the lease's exit, which also notices a sweep since its last renewal
+            self.lost_lease = self.lost_lease or lease.lost
+
+    def _interrupted(self, trial: optuna.Trial, exc: KeyboardInterrupt) -> None:
+        self.interrupt_reason = SIGTERM_REASON if isinstance(exc, Terminated) else "interrupted"
+        with contextlib.suppress(Exception):
+            trial.set_user_attr("fail_reason", self.interrupt_reason)
+        self.interrupted.append(study_storage(self.study).get_trial(trial_id(trial)))
 
     def _claim_slot(self, trial: optuna.Trial) -> None:
         """Prune this trial if the COMPLETE trials and the ones ahead of it fill the budget

@@ -179,92 +179,14 @@ class SearchSpace:
         """
         modules = quantizable_layers(model)
         names = list(modules)
-        listing = ", ".join(repr(n) for n in names[:20]) + (" ..." if len(names) > 20 else "")
         choices = {n: list(self.schemes) for n in names}
         for i, rule in enumerate(self.rules):
-            if "type" in rule:
-                hit = [n for n in names if type(modules[n]).__name__ == rule["type"]]
-                kinds = sorted({type(m).__name__ for m in modules.values()})
-                if not hit:
-                    raise SpaceError(
-                        f"{self.source}: rules[{i}].type {rule['type']!r} matches no layer; layer types: {kinds}."
-                    )
-            elif "regex" in rule:
-                try:
-                    pattern = re.compile(rule["regex"])
-                except re.error as exc:
-                    raise SpaceError(
-                        f"{self.source}: rules[{i}].regex is not a valid regular expression: {exc}."
-                    ) from None
-                hit = [n for n in names if pattern.fullmatch(n)]
-                if not hit:
-                    raise SpaceError(
-                        f"{self.source}: rules[{i}].regex {rule['regex']!r} matches no layer. Layers: {listing}."
-                    )
-            else:
-                if rule["name"] not in modules:
-                    raise SpaceError(
-                        f"{self.source}: rules[{i}].name: layer {rule['name']!r} is not a quantizable layer of the model. Layers: {listing}."
-                    )
-                hit = [rule["name"]]
-            for n in hit:
+            for n in self._rule_hits(i, rule, modules):
                 choices[n] = list(rule["schemes"])
-        pinned: dict[str, str] = {}
-        for key, scheme in self.pin.items():
-            layer = {"first": names[0], "last": names[-1]}.get(key, key)
-            if layer not in modules:
-                raise SpaceError(
-                    f"{self.source}: pin.{key}: layer {key!r} is not a quantizable layer of the model. Layers: {listing}."
-                )
-            pinned[layer] = scheme
-        dropped: dict[str, dict[str, str]] = {}
-        for n in names:
-            shape = tuple(modules[n].weight.shape)
-            keep = []
-            for s in [pinned[n]] if n in pinned else choices[n]:
-                why = get_scheme(s).applicability_error(shape)
-                if why is None and supported is not None and not supported(n, s):
-                    why = "the backend has no kernel for it"
-                if why:
-                    dropped.setdefault(n, {})[s] = why
-                else:
-                    keep.append(s)
-            if not keep:
-                reasons = "; ".join(f"{s}: {w}" for s, w in dropped[n].items())
-                raise SpaceError(
-                    f"{self.source}: layer {n!r} has no usable scheme left ({reasons})."
-                )
-            if n in pinned:
-                continue
-            choices[n] = keep
-        params: dict[str, list[str]] = {}
-        grouped: set[str] = set()
-        for gi, group in enumerate(self.groups):
-            members: list[str] = []
-            for entry in group:
-                if entry.startswith("re:"):
-                    members += [n for n in names if re.fullmatch(entry[3:], n)]
-                elif entry in modules:
-                    members.append(entry)
-                else:
-                    raise SpaceError(
-                        f"{self.source}: groups[{gi}]: layer {entry!r} is not a quantizable layer of the model. Layers: {listing}."
-                    )
-            members = [m for m in dict.fromkeys(members) if m not in pinned]
-            if not members:
-                raise SpaceError(f"{self.source}: groups[{gi}] matches no searchable layer.")
-            overlap = grouped.intersection(members)
-            if overlap:
-                raise SpaceError(
-                    f"{self.source}: groups[{gi}]: layer(s) {sorted(overlap)} already belong to another group."
-                )
-            grouped.update(members)
-            common = [s for s in choices[members[0]] if all(s in choices[m] for m in members)]
-            if not common:
-                raise SpaceError(f"{self.source}: groups[{gi}]: the tied layers share no scheme.")
-            for m in members:
-                choices[m] = common
-            params[f"group:{members[0]}"] = members
+        pinned = self._pinned(modules)
+        dropped = _drop_unusable(self.source, modules, choices, pinned, supported)
+        params = self._tie_groups(modules, choices, pinned)
+        grouped = {m for members in params.values() for m in members}
         for n in names:
             if n not in pinned and n not in grouped:
                 params[n] = [n]
@@ -276,6 +198,129 @@ class SearchSpace:
             pinned=pinned,
             dropped=dropped,
         )
+
+    def _rule_hits(
+        self, i: int, rule: Mapping[str, Any], modules: dict[str, nn.Module]
+    ) -> list[str]:
+        """The layers ``rules[i]`` selects (by type, regex or name); a rule matching none is refused."""
+        names = list(modules)
+        where = f"{self.source}: rules[{i}]"
+        if "type" in rule:
+            hit = [n for n in names if type(modules[n]).__name__ == rule["type"]]
+            if not hit:
+                kinds = sorted({type(m).__name__ for m in modules.values()})
+                raise SpaceError(
+                    f"{where}.type {rule['type']!r} matches no layer; layer types: {kinds}."
+                )
+            return hit
+        if "regex" in rule:
+            try:
+                pattern = re.compile(rule["regex"])
+            except re.error as exc:
+                raise SpaceError(
+                    f"{where}.regex is not a valid regular expression: {exc}."
+                ) from None
+            hit = [n for n in names if pattern.fullmatch(n)]
+            if not hit:
+                raise SpaceError(
+                    f"{where}.regex {rule['regex']!r} matches no layer. Layers: {_listing(names)}."
+                )
+            return hit
+        if rule["name"] not in modules:
+            raise SpaceError(
+                f"{where}.name: layer {rule['name']!r} is not a quantizable layer of the model. "
+                f"Layers: {_listing(names)}."
+            )
+        return [rule["name"]]
+
+    def _pinned(self, modules: dict[str, nn.Module]) -> dict[str, str]:
+        """``{layer: scheme}`` of the pinned layers (``first``/``last`` resolved)."""
+        names = list(modules)
+        pinned: dict[str, str] = {}
+        for key, scheme in self.pin.items():
+            layer = {"first": names[0], "last": names[-1]}.get(key, key)
+            if layer not in modules:
+                raise SpaceError(
+                    f"{self.source}: pin.{key}: layer {key!r} is not a quantizable layer of the "
+                    f"model. Layers: {_listing(names)}."
+                )
+            pinned[layer] = scheme
+        return pinned
+
+    def _tie_groups(
+        self,
+        modules: dict[str, nn.Module],
+        choices: dict[str, list[str]],
+        pinned: dict[str, str],
+    ) -> dict[str, list[str]]:
+        """``{"group:<first layer>": members}`` per group; members' choices narrowed to the common ones."""
+        names = list(modules)
+        params: dict[str, list[str]] = {}
+        grouped: set[str] = set()
+        for gi, group in enumerate(self.groups):
+            where = f"{self.source}: groups[{gi}]"
+            members: list[str] = []
+            for entry in group:
+                if entry.startswith("re:"):
+                    members += [n for n in names if re.fullmatch(entry[3:], n)]
+                elif entry in modules:
+                    members.append(entry)
+                else:
+                    raise SpaceError(
+                        f"{where}: layer {entry!r} is not a quantizable layer of the model. "
+                        f"Layers: {_listing(names)}."
+                    )
+            members = [m for m in dict.fromkeys(members) if m not in pinned]
+            if not members:
+                raise SpaceError(f"{where} matches no searchable layer.")
+            overlap = grouped.intersection(members)
+            if overlap:
+                raise SpaceError(
+                    f"{where}: layer(s) {sorted(overlap)} already belong to another group."
+                )
+            grouped.update(members)
+            common = [s for s in choices[members[0]] if all(s in choices[m] for m in members)]
+            if not common:
+                raise SpaceError(f"{where}: the tied layers share no scheme.")
+            for m in members:
+                choices[m] = common
+            params[f"group:{members[0]}"] = members
+        return params
+
+
+def _listing(names: list[str]) -> str:
+    return ", ".join(repr(n) for n in names[:20]) + (" ..." if len(names) > 20 else "")
+
+
+def _drop_unusable(
+    source: str,
+    modules: dict[str, nn.Module],
+    choices: dict[str, list[str]],
+    pinned: dict[str, str],
+    supported: Any,
+) -> dict[str, dict[str, str]]:
+    """Remove (in place) the schemes a layer's shape or the backend cannot take; return why.
+
+    A layer left with no scheme (a pinned one included) is refused.
+    """
+    dropped: dict[str, dict[str, str]] = {}
+    for n, module in modules.items():
+        shape = tuple(module.weight.shape)
+        keep = []
+        for s in [pinned[n]] if n in pinned else choices[n]:
+            why = get_scheme(s).applicability_error(shape)
+            if why is None and supported is not None and not supported(n, s):
+                why = "the backend has no kernel for it"
+            if why:
+                dropped.setdefault(n, {})[s] = why
+            else:
+                keep.append(s)
+        if not keep:
+            reasons = "; ".join(f"{s}: {w}" for s, w in dropped[n].items())
+            raise SpaceError(f"{source}: layer {n!r} has no usable scheme left ({reasons}).")
+        if n not in pinned:
+            choices[n] = keep
+    return dropped
 
 
 def model_family(model: nn.Module) -> str:

@@ -13,10 +13,10 @@ study holds ``n_trials`` COMPLETE trials in all. Several machines: run the same 
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import importlib.util
 import json
 import os
+import pkgutil
 import subprocess
 import sys
 import tempfile
@@ -26,31 +26,50 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mpsearch._validation import check_positive, invalid
-from mpsearch.search._leases import LeasePolicy
+from mpsearch._validation import invalid
+from mpsearch.search._options import SearchOptions, resolve_options
 from mpsearch.search._result import SearchResult
 from mpsearch.search._search import _prepare, _Prepared, search
 from mpsearch.search._storage import make_storage, safe_url, storage_kind
 
 _WORKER_MAIN = "import sys; from mpsearch.search._workers import main; sys.exit(main())"
-_RESERVED = ("storage", "study_name", "n_trials", "seed", "load_if_exists", "lease")
+_RESERVED = (
+    "storage",
+    "study_name",
+    "n_trials",
+    "seed",
+    "load_if_exists",
+    "lease",
+    "timeout",
+    "options",
+)
+POOL_KEYWORDS = (
+    "spec",
+    "workers",
+    "storage",
+    "study_name",
+    "n_trials",
+    "options",
+    "log_dir",
+    "python",
+)
 
 
-def _import(module: str) -> Any:
-    """A module by dotted name, or by file path for ``.py`` files (a setup script)."""
+def _resolve(factory: str) -> Any:
+    """The function named by ``"package.module:function"`` or ``"path/to/setup.py:function"``."""
+    module, _, name = factory.rpartition(":")
     if not module.endswith(".py"):
-        return importlib.import_module(module)
+        return pkgutil.resolve_name(factory)
     path = Path(module).resolve()
-    name = f"_mpsearch_setup_{abs(hash(str(path)))}"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, path)
-    if spec is None or spec.loader is None:
-        raise ImportError(f"cannot load {str(path)!r}")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    key = f"_mpsearch_setup_{abs(hash(str(path)))}"
+    if key not in sys.modules:
+        spec = importlib.util.spec_from_file_location(key, path)
+        if spec is None or spec.loader is None:
+            raise ImportError(f"cannot load {str(path)!r}")
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[key] = mod
+        spec.loader.exec_module(mod)
+    return getattr(sys.modules[key], name)
 
 
 @dataclass
@@ -59,8 +78,8 @@ class WorkerSpec:
 
     ``factory`` is ``"package.module:function"`` or ``"path/to/setup.py:function"``; the function returns a mapping with at least
     ``model``, ``profile`` and ``cost`` (plus ``evaluate`` or ``eval_data``, and any other
-    option of :func:`search` except storage, study name, trial count, seed and lease, which the
-    pool sets). ``kwargs`` must be JSON-serialisable.
+    argument or option of :func:`search` except storage, study name, trial count, seed, lease,
+    timeout and options, which the pool sets). ``kwargs`` must be JSON-serialisable.
 
     >>> spec = WorkerSpec("mypkg.setup:digits_search", {"budget_mb": 0.5})   # doctest: +SKIP
     >>> run_workers(spec, workers=4, storage="studies/digits.log", study_name="digits",
@@ -83,10 +102,9 @@ class WorkerSpec:
 
     def build(self) -> dict[str, Any]:
         """Import the factory, call it, and check that it returned ``search``'s arguments."""
-        module, _, name = self.factory.rpartition(":")
         try:
-            fn = getattr(_import(module), name)
-        except (ImportError, AttributeError, OSError) as exc:
+            fn = _resolve(self.factory)
+        except (ImportError, AttributeError, ValueError, OSError) as exc:
             raise ValueError(
                 f"The worker factory {self.factory!r} cannot be imported ({type(exc).__name__}: {exc}). "
                 "It must be 'package.module:function', importable in a fresh Python process."
@@ -105,20 +123,22 @@ class WorkerSpec:
             )
         return dict(out)
 
+    def setup(self, options: SearchOptions) -> tuple[dict[str, Any], SearchOptions]:
+        """``search``'s data arguments and the options, with the factory's options applied."""
+        out = self.build()
+        names = set(SearchOptions.names())
+        data = {k: v for k, v in out.items() if k not in names}
+        chosen = {k: v for k, v in out.items() if k in names}
+        return data, options.merged(chosen, verb=f"the worker factory {self.factory!r}")
+
 
 @dataclass
 class WorkerConfig:
     """Everything one worker process needs, written as JSON for ``python -m``."""
 
     spec: WorkerSpec
-    storage: str
-    study_name: str
-    n_trials: int
-    seed: int | None
+    options: dict[str, Any]
     index: int
-    lease_s: float
-    max_retry: int
-    timeout: float | None = None
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=1)
@@ -132,17 +152,8 @@ class WorkerConfig:
 
 def run_worker(config: WorkerConfig) -> SearchResult:
     """What one worker process does: rebuild the search from the spec and run it on the study."""
-    setup = config.spec.build()
-    return search(
-        **setup,
-        storage=config.storage,
-        study_name=config.study_name,
-        n_trials=config.n_trials,
-        seed=config.seed,
-        load_if_exists=True,
-        lease=LeasePolicy(lease_s=config.lease_s, max_retry=config.max_retry),
-        timeout=config.timeout,
-    )
+    data, options = config.spec.setup(SearchOptions.from_dict(config.options))
+    return search(**data, options=options)
 
 
 def _child_env() -> dict[str, str]:
@@ -154,8 +165,26 @@ def _child_env() -> dict[str, str]:
     return env
 
 
+def _pool_options(options: SearchOptions) -> SearchOptions:
+    """Options every worker can rebuild: a shared storage URL and a study name; resumed."""
+    storage, name = options.storage, options.study_name
+    if not isinstance(storage, str):
+        raise invalid("storage", storage, "a storage URL that every worker process can open again")
+    if storage_kind(storage) == "sqlite" and ":memory:" in storage:
+        raise invalid("storage", storage, "a storage shared by processes, not an in-memory one")
+    if name is None:
+        raise invalid("study_name", name, "a non-empty string")
+    options = dataclasses.replace(options, load_if_exists=True)
+    options.to_dict()  # a sampler given as an object cannot reach the workers: refused now
+    return options
+
+
 class WorkerPool:
     """``workers`` processes running one study; :func:`run_workers` is ``prepare, start, wait``.
+
+    ``options`` (:class:`SearchOptions`) and the keywords (``storage``, ``study_name``,
+    ``n_trials``, and any option such as ``seed``, ``lease``, ``timeout``) are those of
+    :func:`search`; the study is always resumed, and worker ``i`` samples with ``seed + i``.
 
     >>> pool = WorkerPool(spec, workers=2, storage="studies/s.log", study_name="s",
     ...                   n_trials=50)                          # doctest: +SKIP
@@ -167,70 +196,48 @@ class WorkerPool:
         spec: WorkerSpec | str,
         *,
         workers: int,
-        storage: str,
-        study_name: str,
-        n_trials: int,
-        seed: int | None = 0,
-        lease: LeasePolicy | None = None,
-        timeout: float | None = None,
+        storage: str | None = None,
+        study_name: str | None = None,
+        n_trials: int | None = None,
+        options: SearchOptions | None = None,
         log_dir: str | Path | None = None,
         python: str = sys.executable,
+        **overrides: Any,
     ) -> None:
         self.spec = WorkerSpec(spec) if isinstance(spec, str) else spec
         if not isinstance(self.spec, WorkerSpec):
             raise invalid("spec", spec, "a WorkerSpec or a 'package.module:function' string")
         if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
             raise invalid("workers", workers, "a positive integer")
-        if not isinstance(storage, str):
-            raise invalid(
-                "storage", storage, "a storage URL that every worker process can open again"
-            )
-        if storage_kind(storage) == "sqlite" and ":memory:" in storage:
-            raise invalid("storage", storage, "a storage shared by processes, not an in-memory one")
-        if not isinstance(study_name, str) or not study_name:
-            raise invalid("study_name", study_name, "a non-empty string")
-        check_positive("timeout", timeout, allow_none=True)
+        given = {"n_trials": n_trials, "storage": storage, "study_name": study_name, **overrides}
+        self.options = _pool_options(
+            resolve_options(options, given, verb="WorkerPool", also=POOL_KEYWORDS)
+        )
         self.workers = workers
-        self.storage = storage
-        self.study_name = study_name
-        self.n_trials = n_trials
-        self.seed = seed
-        self.lease = lease or LeasePolicy()
-        self.timeout = timeout
         self.log_dir = Path(log_dir) if log_dir is not None else None
         self.python = python
         self.processes: list[subprocess.Popen[bytes]] = []
         self._prepared: _Prepared | None = None
         self._started = 0.0
 
+    storage = property(lambda self: self.options.storage)
+    study_name = property(lambda self: self.options.study_name)
+    n_trials = property(lambda self: self.options.n_trials)
+    seed = property(lambda self: self.options.seed)
+    lease = property(lambda self: self.options.lease_policy)
+    timeout = property(lambda self: self.options.timeout)
+
     def prepare(self) -> _Prepared:
         """Check every input in this process, create or load the study, enqueue the warm starts once."""
         make_storage(self.storage, workers=self.workers)  # refuse SQLite / unreachable first
-        setup = self.spec.build()
-        self._prepared = _prepare(
-            **setup,
-            storage=self.storage,
-            study_name=self.study_name,
-            n_trials=self.n_trials,
-            seed=self.seed,
-            load_if_exists=True,
-            lease=self.lease,
-            workers=self.workers,
-        )
+        data, options = self.spec.setup(self.options)
+        self._prepared = _prepare(**data, options=options, workers=self.workers)
         return self._prepared
 
     def config(self, index: int) -> WorkerConfig:
-        return WorkerConfig(
-            spec=self.spec,
-            storage=self.storage,
-            study_name=self.study_name,
-            n_trials=self.n_trials,
-            seed=None if self.seed is None else self.seed + index,
-            index=index,
-            lease_s=self.lease.lease_s,
-            max_retry=self.lease.max_retry,
-            timeout=self.timeout,
-        )
+        seed = None if self.seed is None else self.seed + index
+        options = dataclasses.replace(self.options, seed=seed)
+        return WorkerConfig(spec=self.spec, options=options.to_dict(), index=index)
 
     def start(self) -> list[subprocess.Popen[bytes]]:
         """Start the worker processes (after :meth:`prepare`); their output goes to ``log_dir``."""
@@ -297,13 +304,12 @@ def run_workers(
     spec: WorkerSpec | str,
     *,
     workers: int,
-    storage: str,
-    study_name: str,
-    n_trials: int,
-    seed: int | None = 0,
-    lease: LeasePolicy | None = None,
-    timeout: float | None = None,
+    storage: str | None = None,
+    study_name: str | None = None,
+    n_trials: int | None = None,
+    options: SearchOptions | None = None,
     log_dir: str | Path | None = None,
+    **overrides: Any,
 ) -> SearchResult:
     """Run one study with ``workers`` separate processes; return its :class:`SearchResult`.
 
@@ -311,7 +317,9 @@ def run_workers(
     each process. ``storage`` must be shared by processes: a journal file
     (``journal:///path/study.log``, or a path ending in ``.log``) on one machine, PostgreSQL
     across machines; SQLite is refused. ``n_trials`` is the study's total of COMPLETE trials;
-    worker ``i`` samples with seed ``seed + i``. Running it again resumes the study.
+    worker ``i`` samples with seed ``seed + i``. ``options`` and the other keywords (``seed``,
+    ``lease``, ``timeout``, any :class:`SearchOptions` field) are those of :func:`search`.
+    Running it again resumes the study.
 
     >>> res = run_workers("mypkg.setup:digits_search", workers=4,
     ...                   storage="studies/digits.log", study_name="digits",
@@ -323,10 +331,9 @@ def run_workers(
         storage=storage,
         study_name=study_name,
         n_trials=n_trials,
-        seed=seed,
-        lease=lease,
-        timeout=timeout,
+        options=options,
         log_dir=log_dir,
+        **overrides,
     ).run()
 
 

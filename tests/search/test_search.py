@@ -15,8 +15,11 @@ from fake_search import (
     known_quality,
 )
 
-from mpsearch.search import Budget, ChoiceTable, SearchSpace, baselines, pareto_mask, search
-from mpsearch.search._leases import LeasePolicy, TrialLease
+from mpsearch.search import Budget, SearchSpace, baselines, search
+from mpsearch.search._leases import LOST_REASON, LeasePolicy, TrialLease, fail_trial
+from mpsearch.search._optuna_compat import study_storage, trial_id
+from mpsearch.search._pareto import pareto_mask
+from mpsearch.search._table import ChoiceTable
 
 SPACE = SearchSpace(schemes=SCHEMES)
 MEMORY_MB = 0.02  # fp32 needs 0.065 MB, the smallest plan 0.0125 MB
@@ -140,13 +143,13 @@ def test_failing_and_nan_evaluations_are_recorded_and_study_goes_on(tmp_path) ->
 
 
 def test_bad_arguments(tmp_path) -> None:
-    with pytest.raises(ValueError, match="'objectives' argument must be"):
+    with pytest.raises(ValueError, match="'objectives' option must be"):
         _search(tmp_path, objectives=("speed",))
-    with pytest.raises(ValueError, match="'n_trials' argument must be a positive integer"):
+    with pytest.raises(ValueError, match="'n_trials' option must be a positive integer"):
         _search(tmp_path, n_trials=0)
     with pytest.raises(ValueError, match="'memory_mb' argument must be a positive number. Got -3"):
         Budget(memory_mb=-3)
-    with pytest.raises(ValueError, match="'sampler' argument must be one of"):
+    with pytest.raises(ValueError, match="'sampler' option must be one of"):
         _search(tmp_path, sampler="cmaes-please")
     with pytest.raises(ValueError, match="'evaluate' argument must be a callable"):
         _search(tmp_path, evaluate=None)
@@ -165,9 +168,34 @@ def test_lease_notices_a_sweep_that_happened_since_its_last_renewal(tmp_path) ->
     study = optuna.create_study(storage=f"sqlite:///{tmp_path}/s.db")
     trial = study.ask()
     with TrialLease(study, trial, LeasePolicy(lease_s=600.0)) as lease:
-        study._storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
+        study_storage(study).set_trial_state_values(trial_id(trial), optuna.trial.TrialState.FAIL)
     assert lease.lost
     trial = study.ask()
     with TrialLease(study, trial, LeasePolicy(lease_s=600.0)) as lease:
         pass
     assert not lease.lost
+
+
+def test_a_trial_swept_between_its_objective_and_its_tell_is_retried(tmp_path, monkeypatch) -> None:
+    """Another worker's sweep can fail a trial after its objective returned and before Optuna
+    tells its values (Optuna then raises over "Cannot tell a FAIL trial"): the search goes on
+    and the sweep's retry runs the plan again."""
+    original_exit = TrialLease.__exit__
+    swept: list[int] = []
+
+    def exit_then_swept(self, *exc) -> None:
+        original_exit(self, *exc)
+        if not swept:
+            swept.append(self.number)
+            frozen = self.storage.get_trial(self.trial_id)
+            fail_trial(self.study, frozen, self.policy, reason=LOST_REASON)
+
+    monkeypatch.setattr(TrialLease, "__exit__", exit_then_swept)
+    res = _search(tmp_path, n_trials=6)
+    trials = res.study.get_trials()
+    lost = trials[swept[0]]
+    assert lost.state == optuna.trial.TrialState.FAIL
+    assert lost.user_attrs["fail_reason"] == LOST_REASON
+    retries = [t for t in trials if t.user_attrs.get("retry_of") == lost.number]
+    assert [t.params or t.system_attrs["fixed_params"] for t in retries] == [lost.params]
+    assert sum(t.state == optuna.trial.TrialState.COMPLETE for t in trials) == 6

@@ -3,7 +3,8 @@ from __future__ import annotations
 import pytest
 from torch import nn
 
-from mpsearch.search import SearchSpace, SpaceError, load_space, model_family
+from mpsearch.search import SearchSpace, SpaceError, load_space
+from mpsearch.search._space import model_family
 
 
 class Net(nn.Module):

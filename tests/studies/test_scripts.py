@@ -76,3 +76,18 @@ def test_digits_smoke_run_prints_the_benchmark_figures(tmp_path: Path) -> None:
     assert "| mpsearch |" in text and "| uniform |" in text and "| mem 30% |" in text
     assert (tmp_path / "out" / "benchmark.md").read_text() in text
     assert (tmp_path / "out" / "best_plan.json").exists()
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_each_config_gives_its_search_options(script: str) -> None:
+    from mpsearch.pipeline import StudyConfig
+
+    config = StudyConfig.from_yaml(STUDIES / script.replace(".py", ".yaml"))
+    options = config.search_options()
+    assert (options.n_trials, options.seed, options.sampler) == (
+        config.n_trials,
+        config.seed,
+        config.sampler,
+    )
+    assert options.study_name == config.study_name and options.storage == config.storage_url
+    assert options.load_if_exists  # a rerun resumes the stored study
