@@ -11,6 +11,10 @@ small char transformer), on the workload's own train / calibration / test splits
   measured costs at that batch size, is lowest at ``GOAL_EPS``; fp32 is the reference), with the
   scorers ``ratio`` and ``margin`` calibrated by Learn-then-Test for a sweep of ``eps`` at
   ``delta = 0.1``, and ``max_softmax`` / ``entropy`` / ``gate`` at the smallest ``eps``;
+* the selection: ``rank_cascades``' choice at ``GOAL_EPS`` among those cascades *and* each plan
+  served alone (a cascade of one, fp32 alone included), checked on the test split against the
+  best static plan meeting ``GOAL_EPS`` (never slower, within ``COST_TOLERANCE``), with the CPU
+  named;
 * baselines: random routing with the controller's variant frequencies (routed directly, one
   pass), and the oracle (the cheapest variant whose answer equals fp32's, one pass);
 * decision overhead per scorer: inside the controller (scoring + routing time over inference
@@ -50,18 +54,18 @@ from _tables import md_table  # benchmarks/ is the script's folder
 from scipy import stats
 
 from mpsearch.backends import BACKENDS, quantize
+from mpsearch.cost import cpu_model
 from mpsearch.plan import PrecisionPlan
 from mpsearch.runtime import (
     Controller,
-    answer_logits,
-    default_grid,
     learn_then_test,
-    losses,
     make_scorer,
+    min_calibration_size,
     rank_cascades,
-    served_stage,
-    time_module,
 )
+from mpsearch.runtime._calibration import default_grid, losses, served_stage
+from mpsearch.runtime._controller import time_module
+from mpsearch.runtime._scorers import answer_logits, score_stages
 from mpsearch.workloads import load_workload
 
 EPSILONS = (0.005, 0.01, 0.02, 0.05)
@@ -308,14 +312,19 @@ def steady_overhead(
 
 def choose_cascades(
     calib_logits: dict[str, torch.Tensor], measured: dict[int, dict[str, float]]
-) -> dict[str, dict[str, float]]:
-    """Predicted cost per input of each (plan -> fp32) cascade at ``GOAL_EPS`` from the
-    calibration inputs alone (``rank_cascades``, ratio scorer): batch 1 costs ``plan + p *
-    fp32``, batch 32 ``plan + p * fp32 at batch 4`` (escalated rows are re-run together, a few
-    per batch); ``rank_b1`` / ``rank_b32``: the cascade's rank (0: the regime's), costs within
-    ``COST_TOLERANCE`` tied and ranked by fewer escalations."""
+) -> tuple[dict[str, dict[str, float]], dict[int, dict[str, Any]]]:
+    """Predicted cost per input of each way to serve at ``GOAL_EPS`` from the calibration
+    inputs alone (``rank_cascades``, ratio scorer): each (plan -> fp32) cascade at batch 1 costs
+    ``plan + p * fp32``, at batch 32 ``plan + p * fp32 at batch 4`` (escalated rows are re-run
+    together, a few per batch); each plan alone (a cascade of one) costs its own time and counts
+    only when Learn-then-Test certifies it meets ``GOAL_EPS`` by itself; fp32 alone always does.
+    Returns per plan its cascade's prediction and rank among the cascades (``rank_b1`` /
+    ``rank_b32``: 0 is the regime's cascade; costs within ``COST_TOLERANCE`` tie and fewer
+    escalations win) and whether it meets the target alone; and per batch size the selection
+    (the first row: a cascade or a plan alone)."""
     others = {k: v for k, v in calib_logits.items() if k != "fp32"}
     out: dict[str, dict[str, float]] = {k: {} for k in others}
+    selection: dict[int, dict[str, Any]] = {}
     for bs, esc in ((1, 1), (32, 4)):
         table = rank_cascades(
             others,
@@ -327,14 +336,21 @@ def choose_cascades(
             delta=DELTA,
             scorer="ratio",
             tolerance=COST_TOLERANCE,
+            reference_name="fp32",
         )
-        for rank, row in enumerate(table.itertuples()):
+        first = table.iloc[0]
+        selection[bs] = {k: first[k] for k in ("stages", "kind", "candidate", "predicted_ms")}
+        cascades = table[table["kind"] == "cascade"]
+        for rank, row in enumerate(cascades.itertuples()):
             out[row.candidate].update(
                 calib_disagreement=row.disagreement_alone,
                 share_escalated=row.share_escalated,
                 **{f"predicted_b{bs}_ms": row.predicted_ms, f"rank_b{bs}": rank},
             )
-    return out
+        alone = table[table["kind"] == "alone"].set_index("candidate")
+        for k in others:
+            out[k]["meets_alone"] = bool(alone.loc[k, "meets_target"])
+    return out, selection
 
 
 def run_workload(name: str, backend: str) -> dict[str, Any]:
@@ -364,7 +380,7 @@ def run_workload(name: str, backend: str) -> dict[str, Any]:
     with torch.inference_mode():
         for key, module in statics.items():
             calib_logits[key] = torch.cat([answer_logits(module(b)).float() for b in wl.calib])
-    candidates = choose_cascades(calib_logits, measured)
+    candidates, selection = choose_cascades(calib_logits, measured)
     regimes: list[Regime] = []
     for bs in (1, 32):
         cheap = min(candidates, key=lambda k: candidates[k][f"rank_b{bs}"])
@@ -514,12 +530,12 @@ def run_workload(name: str, backend: str) -> dict[str, Any]:
     }
     for reg in regimes:
         cheap, ref = reg.cascade
-        cheap_logits = torch.cat(logits_cheap[cheap]).numpy()
+        cheap_logits = torch.cat(logits_cheap[cheap])
         cheap_ans, ref_ans = ans[f"static:{cheap}"], ans[f"static:{ref}"]
         base_dis = float((cheap_ans != ref_ans).mean())
         for scorer, eps in reg.settings():
             ctrl = reg.ctrls[scorer]
-            esc = ctrl.scorer.score_array(cheap_logits, 0) > reg.thresholds[scorer, eps]
+            esc = score_stages(ctrl.scorer, [cheap_logits])[0] > reg.thresholds[scorer, eps]
             p = float(esc.mean())
             served = np.where(esc, ref_ans, cheap_ans)
             label = f"ctrl[{reg.name}]:{scorer}:{eps}"
@@ -558,9 +574,7 @@ def run_workload(name: str, backend: str) -> dict[str, Any]:
     split_tables = []
     for i, name_s in enumerate(GUARANTEE_SCORERS):
         scorer = make_scorer(name_s)
-        stage_scores = np.stack(
-            [scorer.score_array(lg.numpy(), 0).astype(np.float64) for lg in pool_logits[:-1]]
-        )
+        stage_scores = score_stages(scorer, pool_logits[:-1])
         g = guarantee(stage_scores, stage_answers, calib_n, np.random.default_rng(1 + i))
         g.insert(0, "scorer", name_s)
         split_tables.append(g)
@@ -578,6 +592,7 @@ def run_workload(name: str, backend: str) -> dict[str, Any]:
         "n_b1": n_b1,
         "measured": measured,
         "candidates": candidates,
+        "selection": selection,
         "fp32_accuracy": float((reference == labels).mean()),
     }
 
@@ -621,6 +636,57 @@ def goal(result: dict[str, Any]) -> list[dict[str, Any]]:
                     }
                 )
     return out
+
+
+def selection_check(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per batch size, what the selection chose at ``GOAL_EPS`` (``rank_cascades``' first row:
+    a plan -> fp32 cascade with the ratio scorer, or a plan served alone) against the cheapest
+    static plan whose test disagreement is at most ``GOAL_EPS``: the choice must not be slower
+    (within ``COST_TOLERANCE``) and must meet ``GOAL_EPS`` on the test split."""
+    t = result["table"].set_index("method")
+    statics = t[t["regime"] == "static"]
+    meeting = statics[statics["disagreement"] <= GOAL_EPS]
+    out = []
+    for bs, col in ((1, "b1_mean_ms"), (32, "b32_mean_ms")):
+        chosen = result["selection"][bs]
+        if chosen["kind"] == "alone":
+            label = f"static:{chosen['candidate']}"
+        else:
+            reg = next(r.name for r in result["regimes"] if f"b{bs}" in r.name.split("+"))
+            label = f"ctrl[{reg}]:ratio:{GOAL_EPS}"
+        best = meeting[col].idxmin()
+        ms, static_ms = float(t.loc[label, col]), float(meeting.loc[best, col])
+        out.append(
+            {
+                "batch": bs,
+                "selected": chosen["stages"],
+                "kind": chosen["kind"],
+                "predicted_ms": float(chosen["predicted_ms"]),
+                "measured_ms": ms,
+                "best_static": best,
+                "static_ms": static_ms,
+                "saving": 1.0 - ms / static_ms,
+                "disagreement": float(t.loc[label, "disagreement"]),
+                "meets_eps": bool(t.loc[label, "disagreement"] <= GOAL_EPS),
+                "not_slower": bool(ms <= static_ms * (1.0 + COST_TOLERANCE)),
+            }
+        )
+    return out
+
+
+def cpu_name() -> str:
+    """The CPU's model name (as ``lscpu`` prints it) and its matrix / vector extensions."""
+    flags: set[str] = set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        pass
+    isa = [n for f, n in (("amx_tile", "AMX"), ("avx512_vnni", "AVX-512 VNNI"), ("avx2", "AVX2"))
+           if f in flags]  # fmt: skip
+    return cpu_model() + (f" ({', '.join(isa)})" if isa else "")
 
 
 def overlay_data(result: dict[str, Any]) -> pd.DataFrame:
@@ -705,14 +771,7 @@ def draw_overlay(results: list[dict[str, Any]], path: Path) -> None:
 
 
 def to_markdown(results: list[dict[str, Any]], backend: str, elapsed: float, threads: int) -> str:
-    cpu = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_name()
     lines = [
         "# Runtime controller benchmark",
         "",
@@ -739,7 +798,8 @@ def to_markdown(results: list[dict[str, Any]], backend: str, elapsed: float, thr
         f"{GOAL_EPS:.1%} target.",
         "",
     ]
-    summary = []
+    summary: list[dict[str, Any]] = []
+    selections: list[dict[str, Any]] = []
     for r in results:
         lines += [
             f"## {r['name']}",
@@ -772,7 +832,7 @@ def to_markdown(results: list[dict[str, Any]], backend: str, elapsed: float, thr
                     f"{bs} ({predicted:.4f} ms vs {fp32:.4f} ms); the controller is run anyway.",
                     "",
                 ]
-        need = math.ceil(math.log(DELTA) / math.log(1 - GOAL_EPS))
+        need = min_calibration_size(GOAL_EPS, DELTA)
         if r["n_calib"] < need:
             lines += [
                 f"{r['n_calib']} calibration inputs cannot certify eps = {GOAL_EPS} at delta = "
@@ -869,8 +929,40 @@ def to_markdown(results: list[dict[str, Any]], backend: str, elapsed: float, thr
                 + f" ({'ok' if g['meets_overhead'] else 'MISSED'})."
             )
             summary.append({"workload": r["name"], **g})
+        lines += [
+            "",
+            f"Selection check at eps = {GOAL_EPS} on {cpu}: what `rank_cascades` chose from the "
+            "calibration inputs (a plan -> fp32 cascade, or a plan served alone: a cascade of "
+            "one, fp32 alone included), measured on the test split, against the best static "
+            f"plan (not slower within {COST_TOLERANCE:.0%}, and meeting eps):",
+            "",
+        ]
+        for c in selection_check(r):
+            selections.append({"workload": r["name"], **c})
+            lines.append(
+                f"- batch {c['batch']}: `{c['selected']}` ({c['kind']}), predicted "
+                f"{c['predicted_ms']:.4f} ms, measured {c['measured_ms']:.4f} ms vs "
+                f"`{c['best_static']}` {c['static_ms']:.4f} ms: saving {100 * c['saving']:.1f}% "
+                f"({'ok' if c['not_slower'] else 'SLOWER'}); test disagreement "
+                f"{c['disagreement']:.4f} ({'ok' if c['meets_eps'] else 'MISSED'})"
+                + (
+                    f"; with {r['n_calib']} calibration inputs only fp32 itself can be certified "
+                    f"at eps = {GOAL_EPS} (needs >= {need})."
+                    if r["n_calib"] < need
+                    else "."
+                )
+            )
         lines.append("")
-    lines += ["## Summary of goal checks", "", frame_table(pd.DataFrame(summary)), ""]
+    lines += [
+        f"## Summary of goal checks ({cpu})",
+        "",
+        frame_table(pd.DataFrame(summary)),
+        "",
+        "Selections (cascades of one included):",
+        "",
+        frame_table(pd.DataFrame(selections)),
+        "",
+    ]
     return "\n".join(lines)
 
 

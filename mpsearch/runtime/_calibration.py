@@ -82,7 +82,8 @@ def binomial_pvalue(k: int, n: int, eps: float) -> float:
 def hoeffding_bentkus_pvalue(k: int, n: int, eps: float) -> float:
     """Hoeffding-Bentkus p-value of "risk > eps" for losses in ``[0, 1]`` with mean ``k / n``.
 
-    ``min(exp(-n h(min(r, eps), eps)), e * P(Binom(n, eps) <= ceil(n r)))`` (Bates et al. 2021).
+    ``min(exp(-n h(min(r, eps), eps)), e * P(Binom(n, eps) <= k))`` with ``r = k / n`` (Bates
+    et al. 2021; their ``ceil(n r)`` is ``k`` itself, taken here as the integer it is).
 
     >>> hoeffding_bentkus_pvalue(0, 100, 0.05) >= binomial_pvalue(0, 100, 0.05)
     True
@@ -97,7 +98,7 @@ def hoeffding_bentkus_pvalue(k: int, n: int, eps: float) -> float:
         return left + right
 
     hoeffding = math.exp(-n * kl(r, eps))
-    bentkus = math.e * float(stats.binom.cdf(math.ceil(n * (k / n)), n, eps))
+    bentkus = math.e * float(stats.binom.cdf(k, n, eps))
     return min(1.0, hoeffding, bentkus)
 
 
@@ -262,6 +263,106 @@ def check_test_size(test_size: Any, method: str) -> None:
         )
 
 
+def min_calibration_size(
+    eps: float, delta: float, *, method: str = "binomial", test_size: int | None = None
+) -> int:
+    """The fewest test inputs that can certify risk ``<= eps`` at level ``delta``: the
+    smallest ``n`` whose p-value after **zero** losses is ``<= delta`` (with fewer, not even a
+    loss-free calibration set certifies anything, and every input is escalated).
+
+    ``method`` is one of :data:`PVALUES`; ``test_size`` switches to the finite-test-set
+    p-values (:func:`transductive_pvalues`).
+
+    >>> min_calibration_size(0.005, 0.1)  # 0.995 ** 460 <= 0.1 < 0.995 ** 459
+    460
+    """
+    check_fraction("max_disagreement", eps)
+    check_fraction("delta", delta)
+    if method not in PVALUES:
+        raise unknown("method", method, PVALUES)
+    check_test_size(test_size, method)
+
+    def certifies(n: int) -> bool:
+        if test_size is not None:
+            return bool(transductive_pvalues([0], n, int(test_size), eps)[0] <= delta)
+        return PVALUES[method](0, n, eps) <= delta
+
+    # both p-values fall as n grows: (1 - eps) ** n without a test size; gallop, then bisect
+    high = max(1, math.ceil(math.log(delta) / math.log1p(-eps)))
+    while not certifies(high):
+        high *= 2
+    low = 0  # certifies(0) is False: no inputs, p-value 1
+    while high - low > 1:
+        mid = (low + high) // 2
+        if certifies(mid):
+            high = mid
+        else:
+            low = mid
+    return high
+
+
+@dataclass(frozen=True)
+class CalibrateOptions:
+    """How :meth:`Controller.calibrate` certifies its threshold (every field validated).
+
+    ``max_disagreement`` (default 0.005 when no other target is given) bounds the rate at
+    which the served answer differs from the reference's; ``max_quality_drop`` (needs labels)
+    the rate of inputs the served variant gets wrong while the reference gets right. ``method``
+    is a p-value of :data:`PVALUES`; ``fit_fraction`` the share of the data that fits learned or
+    unbounded scorers (default 0.3 for them, 0 otherwise); ``grid`` the candidate thresholds
+    (default: a fixed grid for bounded scorers, the fit split's score quantiles otherwise);
+    ``seed`` the fit / test split; ``test_size`` the finite-test-set guarantee's ``m``.
+
+    >>> CalibrateOptions(max_disagreement=0.01).targets
+    {'disagreement': 0.01}
+    """
+
+    max_disagreement: float | None = None
+    delta: float = 0.1
+    max_quality_drop: float | None = None
+    method: str = "binomial"
+    fit_fraction: float | None = None
+    grid: tuple[float, ...] | None = None
+    seed: int = 0
+    test_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_disagreement is not None:
+            check_fraction("max_disagreement", self.max_disagreement)
+        if self.max_quality_drop is not None:
+            check_fraction("max_quality_drop", self.max_quality_drop)
+        check_fraction("delta", self.delta)
+        if self.method not in PVALUES:
+            raise unknown("method", self.method, PVALUES)
+        check_test_size(self.test_size, self.method)
+        if self.fit_fraction is not None:
+            check_fraction("fit_fraction", self.fit_fraction, open_low=False)
+        if self.grid is not None:
+            object.__setattr__(self, "grid", tuple(float(t) for t in self.grid))
+        if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)):
+            raise invalid("seed", self.seed, "an integer")
+
+    @property
+    def targets(self) -> dict[str, float]:
+        """Loss kind -> its bound (``disagreement`` 0.005 when no target is set)."""
+        out: dict[str, float] = {}
+        if self.max_disagreement is not None or self.max_quality_drop is None:
+            out["disagreement"] = float(self.max_disagreement or 0.005)
+        if self.max_quality_drop is not None:
+            out["quality_drop"] = float(self.max_quality_drop)
+        return out
+
+    def min_inputs(self) -> int:
+        """The fewest test inputs that can certify every target (:func:`min_calibration_size`;
+        with a ``test_size`` each target is tested at ``delta / #targets``)."""
+        targets = self.targets
+        delta = self.delta / len(targets) if self.test_size is not None else self.delta
+        return max(
+            min_calibration_size(eps, delta, method=self.method, test_size=self.test_size)
+            for eps in targets.values()
+        )
+
+
 @dataclass
 class LTTResult:
     """What Learn-then-Test chose: the index into the grid, the threshold, the per-grid table."""
@@ -388,6 +489,10 @@ class CalibrationReport:
     ``expected_cost_ms`` the expected cost per input (every pass an escalated input runs is
     paid), both measured on the held-out calibration inputs used for testing. ``test_size``
     is ``None`` for the population guarantee, else the ``m`` of the finite-test-set guarantee.
+    ``min_inputs`` is the fewest test inputs that could certify the targets at all
+    (:func:`min_calibration_size`); ``note`` says why nothing was certified when nothing was
+    (``"not certifiable with n inputs (needs ≥ N)"`` when ``n_test < min_inputs``), else is
+    ``None``. ``str(report)`` is a one-paragraph summary including the note.
     """
 
     threshold: float
@@ -411,8 +516,22 @@ class CalibrationReport:
     pvalue: float | None
     table: pd.DataFrame = field(repr=False)
     test_size: int | None = None
+    min_inputs: int | None = None
+    note: str | None = None
 
     def summary(self) -> dict[str, Any]:
         """The report as a flat dict (no table), e.g. for a results row."""
         out = {k: v for k, v in self.__dict__.items() if k != "table"}
         return out
+
+    def __str__(self) -> str:
+        targets = ", ".join(f"{k} <= {v:g}" for k, v in self.targets.items())
+        state = "certified" if self.certified else "not certified"
+        share = ", ".join(f"{k} {v:.1%}" for k, v in self.share.items())
+        text = (
+            f"{targets} at delta = {self.delta:g} ({self.method}, {self.scorer}): {state}, "
+            f"threshold {self.threshold:g} on {self.n_test} test inputs; served {share}; "
+            f"{self.expected_cost_ms:.4g} ms per input vs {self.reference_cost_ms:.4g} ms "
+            "for the reference alone"
+        )
+        return text + (f". {self.note}" if self.note else "")

@@ -1,22 +1,25 @@
 """``Controller``: serve each input with the cheapest variant that is good enough for it.
 
-The variants (quantized copies of one model, one per plan) form a cascade ordered by
-measured cost. An input runs through the cheapest variant; its difficulty score decides
-whether it is served there or escalated to the next variant (an escalated input pays both
-passes). Inside a batch only the hard inputs are re-run. Thresholds are calibrated with
-Learn-then-Test (see :mod:`mpsearch.runtime._calibration`), and every decision is audited.
+The variants (quantized copies of one model, one per plan) form a cascade: the cheaper stages
+ordered by measured cost, then the reference the user names (by default the full-precision
+model). An input runs through the cheapest stage; its difficulty score decides whether it is
+served there or escalated to the next one (an escalated input pays both passes). Inside a
+batch only the hard inputs are re-run. Thresholds are calibrated with Learn-then-Test (see
+:mod:`mpsearch.runtime._calibration`) against the reference's answers, and every decision is
+audited.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
-import statistics
-import time
+import warnings
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -24,16 +27,18 @@ import torch
 from torch import Tensor, nn
 
 from mpsearch._data import as_batches, batch_size, output_tensor, run_model
-from mpsearch._validation import check_fraction, invalid, unknown
-from mpsearch.backends import as_plan, check_assignment, get_backend, quantize
+from mpsearch._validation import InvalidTypeError, check_fraction, invalid
+from mpsearch.backends import get_backend, quantize
+from mpsearch.backends._quantize import as_plan, check_assignment
 from mpsearch.backends._registry import Backend
+from mpsearch.cost._timing import clock, median_ms
 from mpsearch.plan import PrecisionPlan
 from mpsearch.runtime._audit import AuditLog
 from mpsearch.runtime._calibration import (
-    PVALUES,
+    CalibrateOptions,
     CalibrationReport,
+    LTTResult,
     cascade_cost,
-    check_test_size,
     default_grid,
     learn_then_test,
     losses,
@@ -43,13 +48,14 @@ from mpsearch.runtime._calibration import (
 from mpsearch.runtime._scorers import (
     Scorer,
     answer_logits,
-    check_score_array,
-    check_scores,
-    cut_point,
+    checked_scores,
+    log_cut,
     make_scorer,
+    score_stages,
 )
 
 ScorerLike = str | Scorer | Callable[[Tensor], Tensor]
+PlanLike = PrecisionPlan | Mapping[str, str] | str
 
 
 @dataclass(frozen=True)
@@ -79,6 +85,15 @@ def plan_label(assignment: Mapping[str, str]) -> str:
     if len(counts) <= 1:
         return next(iter(counts), "fp32")
     return "+".join(f"{s}x{c}" for s, c in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+def time_module(module: nn.Module, batch: Any, *, repeats: int = 3) -> float:
+    """Median wall time (ms) of ``module`` on ``batch`` after one warm-up call.
+
+    >>> time_module(nn.Linear(4, 4), torch.zeros(2, 4)) >= 0
+    True
+    """
+    return median_ms(lambda: run_model(module, batch), repeats=repeats, warmup=1, timer="wall")
 
 
 def _take(batch: Any, index: Tensor, n: int) -> Any:
@@ -117,94 +132,128 @@ def _cast(output: Any, dtype: torch.dtype | None) -> Any:
     return output
 
 
-_Rule = tuple[
-    float,
-    int,
-    float,
-    Callable[[float], float] | None,
-    Callable[[Tensor, int], float],
-    Callable[[Tensor, int], list[float]],
-    Callable[[Tensor], float] | None,
-]
-"""What one call reads of the thresholds in force, at once: ``(threshold, version, cut, link,
-one, many, fast)``. ``one`` / ``many`` score one input / a small batch at a stage; with a
-``link`` they return raw values compared with ``cut`` (see :func:`cut_point`), else scores
-compared with ``cut == threshold``. ``fast`` is ``one`` without the stage (a call less), when
-the scorer has one."""
+class _Rule(NamedTuple):
+    """The thresholds in force, read once per call: at stage ``k`` an input is escalated when
+    its entry of ``values[k](logits)`` is not ``<= cut`` (the scores, or their logarithms with
+    ``cut = log_cut(threshold)``; ``to_score`` maps them back for the audit)."""
 
-_ALL = np.zeros(0, dtype=np.int64)
-"""Sentinel of :func:`_hard_rows`: every row is hard."""
-_SMALL = 256
-"""Batches up to this size are scored and routed on Python floats (fewer calls than tensor ops:
-right after a pass each call costs several us)."""
+    threshold: float
+    version: int
+    cut: float
+    values: tuple[Callable[[Tensor], list[float]], ...]
+    to_score: Callable[[float], float] | None
 
 
-def _hard_rows(
-    scorer: Scorer, logits: Tensor, stage: int, m: int, rule: _Rule
-) -> tuple[Any, Any, Callable[[float], float] | None]:
-    """The scores at ``stage`` of ``m > 1`` inputs, the positions whose score is above the
-    threshold (``None`` if none, ``_ALL`` if all) and the link still to apply to the scores
-    (raw values) or ``None``. Refuses scores that are not ``m`` numbers free of NaN."""
-    threshold, _, cut, link, _, many, _ = rule
-    if m <= _SMALL:
-        values = many(logits, stage)
-        hard = [i for i, v in enumerate(values) if not v <= cut]  # NaN lands here too
-        if len(values) != m or (hard and any(values[i] != values[i] for i in hard)):
-            check_scores(torch.tensor(values, dtype=torch.float64), m, scorer.name)  # raises
-        if not hard:
-            return values, None, link
-        return values, (_ALL if len(hard) == m else np.asarray(hard, dtype=np.int64)), link
-    scores = scorer.score(logits, stage)
-    if not isinstance(scores, Tensor) or scores.shape != (m,):
-        check_scores(scores, m, scorer.name)  # raises with the shape it got
-    array = scores.numpy() if scores.dtype != torch.bfloat16 else scores.float().numpy()
-    if np.isnan(array).any():
-        check_scores(scores, m, scorer.name)
-    mask = array > threshold
-    count = int(np.count_nonzero(mask))
-    if count == 0:
-        return scores, None, None
-    return scores, (_ALL if count == m else np.flatnonzero(mask)), None
+class _Stage(NamedTuple):
+    """One stage of one call: the rows that ran it (``None``: all), their time per row, and
+    the values the decision read (``None`` at the last stage)."""
+
+    rows: np.ndarray | None
+    seconds_per_row: float
+    values: list[float] | None
+    to_score: Callable[[float], float] | None
 
 
-def time_module(module: nn.Module, batch: Any, *, repeats: int = 3) -> float:
-    """Median wall time (ms) of ``module`` on ``batch`` after one warm-up call.
+class _Call(NamedTuple):
+    """What the audit keeps of one served call (expanded into rows only when read)."""
 
-    >>> time_module(nn.Linear(4, 4), torch.zeros(2, 4)) >= 0
-    True
-    """
-    with torch.inference_mode():
-        run_model(module, batch)
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            run_model(module, batch)
-            times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    call_id: int
+    first_id: int
+    size: int
+    stages: list[_Stage]
+    threshold: float
+    version: int
+    latency_s: float
+    inference_s: float
+    decision_s: float
+
+
+@dataclass(slots=True)
+class _Totals:
+    calls: int = 0
+    samples: int = 0
+    inference_s: float = 0.0
+    decision_s: float = 0.0
+
+
+def _hard_rows(values: list[float], m: int, cut: float, scorer: str) -> list[int]:
+    """Positions whose value is above ``cut``; refuses values that are not ``m`` numbers."""
+    if len(values) != m:
+        raise ValueError(
+            f"The scorer {scorer!r} must return a tensor of shape [{m}] (one score per input, "
+            f"higher = harder). Got {len(values)} values instead."
+        )
+    if m == 1:
+        hard = [] if values[0] <= cut else [0]  # NaN lands in hard (as below)
+    else:
+        hard = [i for i, v in enumerate(values) if not v <= cut]
+    if hard and any(values[i] != values[i] for i in hard):
+        raise ValueError(
+            f"The scorer {scorer!r} returned NaN scores; a scorer must return numbers "
+            "(higher = harder; +inf always escalates)."
+        )
+    return hard
+
+
+def _audit_columns(stages: int) -> list[str]:
+    return [
+        "input_id",
+        "call_id",
+        "position",
+        "batch_size",
+        "variant",
+        "plan",
+        "passes",
+        *[f"score_{i}" for i in range(stages - 1)],
+        "threshold",
+        "thresholds_version",
+        "latency_ms",
+        "cost_ms",
+        "inference_ms",
+        "decision_ms",
+    ]
+
+
+def _check_arguments(model: Any, plans: Any, order: str) -> None:
+    if not isinstance(model, nn.Module):
+        raise InvalidTypeError(
+            f"The 'model' argument must be a torch.nn.Module. Got {type(model).__name__} instead."
+        )
+    if isinstance(plans, (str, PrecisionPlan, Mapping)) or not isinstance(plans, Sequence):
+        raise invalid("plans", plans, "a non-empty list of PrecisionPlans (or scheme names)")
+    if not plans:
+        raise invalid("plans", plans, "a non-empty list of PrecisionPlans")
+    if order not in ("cost", "given"):
+        raise invalid("order", order, "'cost' or 'given'")
 
 
 class Controller:
     """Per-input precision switching: a cascade of quantized variants with calibrated thresholds.
 
-    ``plans`` are quantized once on ``backend`` (an all-fp32 plan reuses ``model``; identical
-    plans share one variant) and ordered by measured cost on ``example_input`` (given order
-    when there is none). An input runs through the cheapest variant; ``scorer`` turns its
-    per-input logits into a difficulty score (**higher = harder**: ``ratio`` (the default) is
-    ``p2 / p1``, ``max_softmax`` ``1 - p_max``, ``margin`` ``1 - (p1 - p2)``, ``entropy`` the
-    normalised entropy, ``gate`` a logistic regression fitted during calibration, or any
-    callable ``logits [B, C] -> scores [B]`` following the same convention); when the score
-    is above the threshold the input is re-run on the next variant. The last variant is the
-    reference ("most precise").
-    Until :meth:`calibrate` is called the threshold is ``-inf``: every input is escalated, so
-    the served answer is the reference's.
+    ``plans`` are the cheaper stages, quantized once on ``backend`` (identical plans share one
+    variant); ``reference`` is the model the served answers are certified against: a plan
+    (default: the full-precision model itself, ``model`` unchanged), always the last stage,
+    never chosen by timing. A plan equal to the reference is the reference. With an
+    ``example_input`` every stage is timed; ``order="cost"`` (the default) sorts the cheaper
+    stages by that cost and drops, with a warning, any measured slower than the reference
+    (``order="given"`` keeps the given order and only warns).
+
+    An input runs through the cheapest stage; ``scorer`` turns its per-input logits into a
+    difficulty score (**higher = harder**: ``ratio`` (the default) is ``p2 / p1``,
+    ``max_softmax`` ``1 - p_max``, ``margin`` ``1 - (p1 - p2)``, ``entropy`` the normalised
+    entropy, ``gate`` a logistic regression fitted during calibration, or any callable
+    ``logits [B, C] -> scores [B]`` following the same convention); when the score is above
+    the threshold the input is re-run on the next stage. Until :meth:`calibrate` is called the
+    threshold is ``-inf``: every input is escalated, so the served answer is the reference's.
 
     For language-model outputs ``[B, T, V]`` the per-input answer is the next-token
     prediction at the last position, and scores see the last-position logits; the whole
     ``[B, T, V]`` output of the serving variant is returned.
 
     >>> net = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)).eval()
-    >>> ctrl = Controller(net, ["w8a8", "fp32"], backend="simulate",
-    ...                   example_input=torch.randn(8, 16))
+    >>> ctrl = Controller(net, ["w8a8"], backend="simulate", order="given")
+    >>> [v.name for v in ctrl.variants]  # the reference, fp32, comes last
+    ['w8a8', 'fp32']
     >>> ctrl(torch.randn(3, 16)).shape
     torch.Size([3, 4])
     >>> ctrl.audit["variant"].tolist()  # uncalibrated: everything escalated to the reference
@@ -214,47 +263,81 @@ class Controller:
     def __init__(
         self,
         model: nn.Module,
-        plans: Sequence[PrecisionPlan | Mapping[str, str] | str],
+        plans: Sequence[PlanLike],
         *,
         backend: str | Backend = "cpu",
         scorer: ScorerLike = "ratio",
+        reference: PlanLike | None = None,
         example_input: Any = None,
         calib: Sequence[Any] | None = None,
         order: str = "cost",
         audit_size: int = 100_000,
         audit_sink: str | Path | None = None,
     ) -> None:
-        if not isinstance(model, nn.Module):
-            raise TypeError(
-                "The 'model' argument must be a torch.nn.Module. "
-                f"Got {type(model).__name__} instead."
-            )
-        if isinstance(plans, (str, PrecisionPlan, Mapping)) or not isinstance(plans, Sequence):
-            raise invalid("plans", plans, "a non-empty list of PrecisionPlans (or scheme names)")
-        if not plans:
-            raise invalid("plans", plans, "a non-empty list of PrecisionPlans")
-        if order not in ("cost", "given"):
-            raise invalid("order", order, "'cost' or 'given'")
+        _check_arguments(model, plans, order)
         self.scorer = make_scorer(scorer)
         impl = get_backend(backend)
+        self.backend = impl.name
         model.eval()
-        # Validate every plan before quantizing any (clear errors before work).
+        variants = self._build_variants(model, plans, reference, impl, calib)
+        self._out_dtype: torch.dtype | None = None
+        if example_input is not None:
+            variants = self._measure(variants, example_input)
+            variants = _order_stages(variants, drop_slower=order == "cost")
+            with torch.inference_mode():
+                ref = output_tensor(run_model(model, example_input))
+            self._out_dtype = ref.dtype if ref.is_floating_point() else None
+        self.variants: tuple[Variant, ...] = tuple(variants)
+        self._names = tuple(v.name for v in self.variants)
+        self._rule = self._make_rule(-math.inf, 0)
+        self.report: CalibrationReport | None = None
+        self._audit = AuditLog(
+            _audit_columns(len(self.variants)),
+            max_rows=audit_size,
+            sink=audit_sink,
+            expand=self._audit_rows,
+        )
+        self._next_id = 0
+        self._next_call = 0
+        self._totals = _Totals()
+        self._clock = clock("wall")  # waits for an accelerator's queued work before each read
+
+    # -- set-up ---------------------------------------------------------------------------------
+    @staticmethod
+    def _build_variants(
+        model: nn.Module,
+        plans: Sequence[PlanLike],
+        reference: PlanLike | None,
+        impl: Backend,
+        calib: Sequence[Any] | None,
+    ) -> list[Variant]:
+        """Validate every plan (and the reference) before quantizing any, then build the
+        cheaper stages in the given order and the reference last."""
         parsed = [as_plan(p, argument=f"plans[{i}]") for i, p in enumerate(plans)]
-        assignments = [p.resolve(model) for p in parsed]
-        for i, assignment in enumerate(assignments):
+        ref_plan = (
+            PrecisionPlan.uniform("fp32")
+            if reference is None
+            else as_plan(reference, argument="reference")
+        )
+        arguments = [f"plans[{i}]" for i in range(len(parsed))] + ["reference"]
+        assignments = [p.resolve(model) for p in [*parsed, ref_plan]]
+        for argument, assignment in zip(arguments, assignments, strict=True):
             try:
                 check_assignment(model, assignment, impl)
             except ValueError as exc:
-                raise ValueError(f"plans[{i}]: {exc}") from None
-        self.backend = impl.name
-        variants: list[Variant] = []
-        seen: dict[tuple[tuple[str, str], ...], int] = {}
-        names: Counter[str] = Counter()
-        for plan, assignment in zip(parsed, assignments, strict=True):
+                raise ValueError(f"{argument}: {exc}") from None
+        ref_key = tuple(sorted(assignments[-1].items()))
+        seen: set[tuple[tuple[str, str], ...]] = {ref_key}
+        stages: list[tuple[PrecisionPlan, dict[str, str]]] = []
+        for plan, assignment in zip(parsed, assignments, strict=False):
             key = tuple(sorted(assignment.items()))
-            if key in seen:
-                continue
-            seen[key] = len(variants)
+            if key not in seen:
+                seen.add(key)
+                stages.append((plan, assignment))
+        stages.append((ref_plan, assignments[-1]))
+        names: Counter[str] = Counter()
+        variants = []
+        for plan, assignment in stages:
             shared = all(s == "fp32" for s in assignment.values())
             module = model if shared else quantize(model, plan, backend=impl, calib=calib)
             module.eval()
@@ -263,73 +346,32 @@ class Controller:
             if names[label] > 1:
                 label = f"{label}#{names[label]}"
             variants.append(Variant(label, plan, assignment, module, math.nan, shared))
-        self._example = example_input
-        self._out_dtype: torch.dtype | None = None
-        if example_input is not None:
-            variants = self._measure(variants, example_input)
-            if order == "cost":
-                variants.sort(key=lambda v: v.cost_ms)  # stable: ties keep the given order
-            with torch.inference_mode():
-                ref = output_tensor(run_model(model, example_input))
-            self._out_dtype = ref.dtype if ref.is_floating_point() else None
-        self.variants: tuple[Variant, ...] = tuple(variants)
-        self._rule = self._make_rule(-math.inf, 0)
-        self.report: CalibrationReport | None = None
-        k = len(self.variants)
-        columns = [
-            "input_id",
-            "call_id",
-            "position",
-            "batch_size",
-            "variant",
-            "plan",
-            "passes",
-            *[f"score_{i}" for i in range(k - 1)],
-            "threshold",
-            "thresholds_version",
-            "latency_ms",
-            "cost_ms",
-            "inference_ms",
-            "decision_ms",
-        ]
-        self._audit = AuditLog(
-            columns, max_rows=audit_size, sink=audit_sink, expand=self._audit_rows
-        )
-        self._names = tuple(v.name for v in self.variants)
-        self._next_id = 0
-        self._next_call = 0
-        self._totals: list[Any] = [0, 0, 0.0, 0.0]  # calls, samples, inference_s, decision_s
+        return variants
 
-    # -- set-up ---------------------------------------------------------------------------------
     @staticmethod
-    def _measure(variants: list[Variant], batch: Any) -> list[Variant]:
+    def _measure(variants: Sequence[Variant], batch: Any) -> list[Variant]:
         n = max(1, batch_size(batch))
-        return [
-            Variant(
-                v.name, v.plan, v.assignment, v.module, time_module(v.module, batch) / n, v.shared
-            )
-            for v in variants
-        ]
+        return [dataclasses.replace(v, cost_ms=time_module(v.module, batch) / n) for v in variants]
 
     def _make_rule(self, threshold: float, version: int) -> _Rule:
-        scorer = self.scorer
-        fast = getattr(scorer, "one_fn", None)  # a FunctionScorer's: raw values if it has a link
-        cut = None if scorer.link is None else cut_point(scorer.link, threshold)
-        if cut is not None:
-            return (threshold, version, cut, scorer.link, scorer.raw_one, scorer.raw_list, fast)
-        # no link, or no raw value at or below the threshold: decide on the scores themselves
-        fast = fast if scorer.link is None else None
-        return (threshold, version, threshold, None, scorer.score_one, scorer.score_list, fast)
+        scorer, stages = self.scorer, range(len(self.variants) - 1)
+        cut = log_cut(threshold) if scorer.fast_is_log else threshold
+        if cut is None:  # a negative threshold: decide on the scores themselves
+            values = tuple(partial(_checked_floats, scorer, stage=k) for k in stages)
+            return _Rule(threshold, version, threshold, values, None)
+        fast = getattr(scorer, "fast_fn", None)  # a function scorer's: the same at every stage
+        values = tuple(fast or partial(scorer.fast, stage=k) for k in stages)
+        return _Rule(threshold, version, cut, values, math.exp if scorer.fast_is_log else None)
 
     @property
     def threshold(self) -> float:
         """The escalation threshold in force (an input is escalated when its score is above it)."""
-        return self._rule[0]
+        return self._rule.threshold
 
     @property
     def thresholds_version(self) -> int:
         """Incremented each time the thresholds change (recorded in every audit row)."""
-        return self._rule[1]
+        return self._rule.version
 
     def set_threshold(self, threshold: float) -> None:
         """Set the shared escalation threshold by hand (``-inf``: always escalate).
@@ -342,14 +384,14 @@ class Controller:
             or threshold != threshold
         ):
             raise invalid("threshold", threshold, "a number (-inf and inf allowed)")
-        self._rule = self._make_rule(float(threshold), self._rule[1] + 1)
+        self._rule = self._make_rule(float(threshold), self._rule.version + 1)
 
     # -- serving --------------------------------------------------------------------------------
     def __call__(self, x: Any) -> Any:
         """Serve one batch: cheapest variant first, escalating only the hard inputs.
 
         Returns the same type and shape as ``model(x)``. Runs under ``torch.inference_mode``
-        (entering it only when the caller has not: a serving loop inside one saves that cost).
+        (entering it only when the caller has not).
         """
         if torch.is_inference_mode_enabled():
             return self._serve(x)
@@ -357,107 +399,106 @@ class Controller:
             return self._serve(x)
 
     def _serve(self, x: Any) -> Any:
-        # Every call and conversion here runs right after a pass that flushed the caches (a
-        # few us each on small models), so the path is kept to the few it needs.
-        clock = time.perf_counter
+        clock = self._clock
         start = clock()
-        n = (x.shape[0] if x.ndim else 1) if type(x) is Tensor else batch_size(x)
-        rule = self._rule
-        cut, link, one, fast = rule[2], rule[3], rule[4], rule[6]
-        variants = self.variants
-        last = len(variants) - 1
-        # per stage reached: (rows of x that ran it, or None for all; seconds per row; scores;
-        # the link still to apply to them)
-        stages: list[tuple[Any, float, Any, Any]] = []
-        decide = 0.0
-        t0 = clock()
+        rule, variants = self._rule, self.variants
+        n = batch_size(x)
         out = run_model(variants[0].module, x)
         t1 = clock()
-        infer = stage_time = t1 - t0
-        final = out
-        rows: np.ndarray | None = None  # rows of x still in the cascade (None: all)
-        k = 0
-        while k < last:  # (a for loop's range costs ~2 us more right after the pass)
-            logits = out if type(out) is Tensor and out.ndim == 2 else answer_logits(out)
+        inference = stage_time = t1 - start
+        decision = 0.0
+        final, rows, stages = out, None, []
+        for k in range(len(variants) - 1):
             m = n if rows is None else len(rows)
-            if m == 1:
-                s = fast(logits) if fast is not None else one(logits, k)
-                if s != s:
-                    check_scores(torch.tensor([s]), 1, self.scorer.name)  # raises the NaN error
-                pos = _ALL if s > cut else None
-                lk = link
-            else:
-                s, pos, lk = _hard_rows(self.scorer, logits, k, m, rule)
-            if pos is None:
-                decide += clock() - t1
-                stages.append((rows, stage_time / (m or 1), s, lk))
+            logits = out if type(out) is Tensor and out.ndim == 2 else answer_logits(out)
+            values = rule.values[k](logits)
+            hard = _hard_rows(values, m, rule.cut, self.scorer.name)
+            if not hard:
+                decision += clock() - t1
+                stages.append(_Stage(rows, stage_time / max(m, 1), values, rule.to_score))
                 break
-            stages.append((rows, stage_time / m, s, lk))
-            if pos is not _ALL:
-                rows = pos if rows is None else rows[pos]
+            stages.append(_Stage(rows, stage_time / m, values, rule.to_score))
+            if len(hard) < m:
+                picked = np.asarray(hard, dtype=np.int64)
+                rows = picked if rows is None else rows[picked]
             index = None if rows is None else torch.from_numpy(rows)
-            sub = x if index is None else _take(x, index, n)
             t2 = clock()
-            decide += t2 - t1
-            out = run_model(variants[k + 1].module, sub)
+            decision += t2 - t1
+            out = run_model(variants[k + 1].module, x if index is None else _take(x, index, n))
             t1 = clock()
             stage_time = t1 - t2
-            infer += stage_time
+            inference += stage_time
             final = out if index is None else _scatter(final, index, out, n)
-            k += 1
-        else:  # the last variant ran (on ``rows``)
+        else:  # the last stage ran (on ``rows``)
             m = n if rows is None else len(rows)
-            stages.append((rows, stage_time / (m or 1), None, None))
+            stages.append(_Stage(rows, stage_time / max(m, 1), None, None))
         if self._out_dtype is not None:
             final = _cast(final, self._out_dtype)
-        latency = clock() - start
+        self._record(n, stages, rule, clock() - start, inference, decision)
+        return final
+
+    def _record(
+        self,
+        n: int,
+        stages: list[_Stage],
+        rule: _Rule,
+        latency: float,
+        inference: float,
+        decision: float,
+    ) -> None:
         with self._audit.lock:
             call_id, first_id = self._next_call, self._next_id
             self._next_call, self._next_id = call_id + 1, first_id + n
-            self._audit.append_locked(
-                n, (call_id, first_id, n, stages, rule[0], rule[1], latency, infer, decide)
+            call = _Call(
+                call_id,
+                first_id,
+                n,
+                stages,
+                rule.threshold,
+                rule.version,
+                latency,
+                inference,
+                decision,
             )
+            self._audit.append_locked(n, call)
             totals = self._totals
-            totals[0] += 1
-            totals[1] += n
-            totals[2] += infer
-            totals[3] += decide
-        return final
+            totals.calls += 1
+            totals.samples += n
+            totals.inference_s += inference
+            totals.decision_s += decision
 
-    def _audit_rows(self, record: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+    def _audit_rows(self, call: _Call) -> list[tuple[Any, ...]]:
         """The audit rows of one served call (expanded only when the log is read or written)."""
-        call_id, first_id, n, stages, threshold, version, latency, infer, decide = record
+        n = call.size
         served = np.zeros(n, dtype=np.int64)
         cost = np.zeros(n)
         scores = np.full((len(self._names) - 1, n), math.nan)
-        for k, (rows, per_row, s, link) in enumerate(stages):
-            where = slice(None) if rows is None else rows
+        for k, stage in enumerate(call.stages):
+            where = slice(None) if stage.rows is None else stage.rows
             served[where] = k
-            cost[where] += per_row * 1e3
-            if link is not None:
-                s = [link(v) for v in s] if isinstance(s, list) else link(s)
-            if s is not None:
-                scores[k, where] = np.asarray(s, dtype=np.float64)
-        served_list = served.tolist()
-        cost_list = cost.tolist()
-        score_cols = scores.tolist()
-        names = self._names
-        tail = (threshold, version, latency * 1e3)
-        infer_ms, decide_ms = infer * 1e3, decide * 1e3
+            cost[where] += stage.seconds_per_row * 1e3
+            if stage.values is not None:
+                values = stage.values
+                if stage.to_score is not None:
+                    values = [stage.to_score(v) for v in values]
+                scores[k, where] = np.asarray(values, dtype=np.float64)
+        served_list, cost_list, score_cols = served.tolist(), cost.tolist(), scores.tolist()
+        tail = (call.threshold, call.version, call.latency_s * 1e3)
+        inference_ms, decision_ms = call.inference_s * 1e3, call.decision_s * 1e3
         return [
             (
-                first_id + i,
-                call_id,
+                call.first_id + i,
+                call.call_id,
                 i,
                 n,
                 served_list[i],
-                names[served_list[i]],
+                self._names[served_list[i]],
                 served_list[i] + 1,
                 *(col[i] for col in score_cols),
                 *tail,
                 cost_list[i],
-                infer_ms,
-                decide_ms,
+                inference_ms,
+                decision_ms,
             )
             for i in range(n)
         ]
@@ -488,37 +529,50 @@ class Controller:
         0.004
         """
         with self._audit.lock:
-            s = dict(
-                zip(("calls", "samples", "inference_s", "decision_s"), self._totals, strict=True)
-            )
+            s: dict[str, float] = dataclasses.asdict(self._totals)
         s["decision_share"] = s["decision_s"] / s["inference_s"] if s["inference_s"] else math.nan
         return s
 
     # -- calibration ----------------------------------------------------------------------------
     def stage_outputs(self, data: Any) -> list[Tensor]:
-        """Per-input logits ``[N, C]`` of **every** variant on ``data`` (for calibration only)."""
+        """Per-input logits ``[N, C]`` of **every** variant on ``data`` (for calibration only),
+        as float32 CPU tensors."""
         batches = as_batches(data, argument="data")
         per_variant: list[list[Tensor]] = [[] for _ in self.variants]
         with torch.inference_mode():
             for batch in batches:
                 for k, v in enumerate(self.variants):
-                    per_variant[k].append(answer_logits(run_model(v.module, batch)).float())
+                    logits = answer_logits(run_model(v.module, batch))
+                    per_variant[k].append(logits.detach().float().cpu())
         return [torch.cat(chunks) for chunks in per_variant]
+
+    def stage_scores(self, stage_logits: Sequence[Tensor]) -> np.ndarray:
+        """The scorer's checked scores ``[K - 1, N]`` (float64) of the stages but the last,
+        from :meth:`stage_outputs`: what calibration and the trade-off curves route on.
+
+        >>> ctrl.stage_scores(ctrl.stage_outputs(calib)).shape  # doctest: +SKIP
+        (1, 359)
+        """
+        n = int(stage_logits[0].shape[0]) if len(stage_logits) else 0
+        if len(stage_logits) < 2:
+            return np.zeros((0, n))
+        return score_stages(self.scorer, stage_logits[:-1])
 
     def calibrate(
         self,
         data: Any,
         *,
         max_disagreement: float | None = None,
-        delta: float = 0.1,
+        delta: float | None = None,
         labels: Sequence[Tensor] | None = None,
         max_quality_drop: float | None = None,
-        method: str = "binomial",
+        method: str | None = None,
         fit_fraction: float | None = None,
         grid: Sequence[float] | None = None,
-        seed: int = 0,
+        seed: int | None = None,
         outputs: Sequence[Tensor] | None = None,
         test_size: int | None = None,
+        options: CalibrateOptions | None = None,
     ) -> CalibrationReport:
         """Choose the threshold so that, w.p. ``>= 1 - delta``, the served answers meet the target.
 
@@ -535,143 +589,148 @@ class Controller:
         (default 0.3; 0 for the built-in fixed scorers) and tested on the rest. ``outputs``
         may pass the per-variant logits of :meth:`stage_outputs` on ``data`` to reuse them
         across calls (e.g. a sweep of targets) instead of running every variant again.
+        ``options`` (a :class:`CalibrateOptions`) carries the same settings; keywords given
+        here override its fields. When the test inputs are too few to certify the target even
+        with no loss at all, the report's ``note`` says so and how many it needs.
 
         >>> report = ctrl.calibrate(calib, max_disagreement=0.01, delta=0.1)  # doctest: +SKIP
         >>> report.share  # doctest: +SKIP
         {'w8a8': 0.93, 'bf16': 0.07}
         """
-        if max_disagreement is None and max_quality_drop is None:
-            max_disagreement = 0.005
-        targets: dict[str, float] = {}
-        if max_disagreement is not None:
-            check_fraction("max_disagreement", max_disagreement)
-            targets["disagreement"] = float(max_disagreement)
-        if max_quality_drop is not None:
-            check_fraction("max_quality_drop", max_quality_drop)
-            if labels is None:
-                raise ValueError(
-                    "The 'max_quality_drop' target needs labels: pass labels=[...] aligned batch "
-                    "by batch with the calibration data, or use max_disagreement instead."
-                )
-            targets["quality_drop"] = float(max_quality_drop)
-        check_fraction("delta", delta)
-        if method not in PVALUES:
-            raise unknown("method", method, PVALUES)
-        check_test_size(test_size, method)
-        learned = self.scorer.learned or not self.scorer.bounded
-        if fit_fraction is None:
-            fit_fraction = 0.3 if learned else 0.0
-        if learned:
-            check_fraction("fit_fraction", fit_fraction)
-        else:
-            check_fraction("fit_fraction", fit_fraction, open_low=False)
-        batches = as_batches(data, argument="data")
-        label_array = self._labels(labels, batches) if labels is not None else None
-
-        if outputs is None:
-            logits = self.stage_outputs(batches)
-        else:
-            n_data = sum(batch_size(b) for b in batches)
-            logits = list(outputs) if isinstance(outputs, (list, tuple)) else []
-            if len(logits) != len(self.variants) or any(
-                not isinstance(lg, Tensor) or lg.dim() != 2 or lg.shape[0] != n_data
-                for lg in logits
-            ):
-                raise invalid(
-                    "outputs",
-                    outputs,
-                    f"the {len(self.variants)} per-variant logits [N={n_data}, C] returned by "
-                    "stage_outputs(data)",
-                )
-            logits = [lg.float() for lg in logits]
-        n = int(logits[0].shape[0])
-        answers = np.stack([lg.argmax(-1).numpy() for lg in logits])
-        if label_array is not None and label_array.shape[0] != n:
-            raise invalid("labels", f"{label_array.shape[0]} labels", f"{n} labels (one per input)")
-        order = np.random.default_rng(seed).permutation(n)
-        n_fit = round(fit_fraction * n)
-        if n - n_fit < 1:
-            raise invalid("fit_fraction", fit_fraction, "a share leaving inputs to test")
-        fit_idx, test_idx = np.sort(order[:n_fit]), np.sort(order[n_fit:])
-        k = len(self.variants)
-        if self.scorer.learned:
-            if n_fit == 0:
-                raise invalid("fit_fraction", fit_fraction, "a share leaving inputs to fit")
-            reference = answers[-1]
-            self.scorer.fit(
-                [logits[s][fit_idx] for s in range(k - 1)],
-                [
-                    (answers[s][fit_idx] != reference[fit_idx]).astype(np.float64)
-                    for s in range(k - 1)
-                ],
-            )
-        stage_scores = (
-            np.stack(
-                [
-                    check_score_array(
-                        self.scorer.score_array(logits[s].numpy(), s), n, self.scorer.name
-                    ).astype(np.float64)
-                    for s in range(k - 1)
-                ]
-            )
-            if k > 1
-            else np.zeros((0, n))
-        )
-        if grid is not None:
-            grid_arr = np.concatenate([[-np.inf], np.sort(np.asarray(grid, dtype=np.float64))])
-            grid_arr = np.unique(grid_arr)
-        elif self.scorer.bounded and not self.scorer.learned:
-            grid_arr = default_grid()
-        else:  # learned or unbounded scores: thresholds at the fit split's score quantiles
-            grid_arr = quantile_grid(stage_scores[:, fit_idx], levels=1000)
-        test_labels = None if label_array is None else label_array[test_idx]
-        result = learn_then_test(
-            stage_scores[:, test_idx],
-            answers[:, test_idx],
-            targets=targets,
+        given = dict(
+            max_disagreement=max_disagreement,
             delta=delta,
-            grid=grid_arr,
-            labels=test_labels,
+            max_quality_drop=max_quality_drop,
             method=method,
+            fit_fraction=fit_fraction,
+            grid=None if grid is None else tuple(grid),
+            seed=seed,
             test_size=test_size,
         )
+        opts = dataclasses.replace(
+            options or CalibrateOptions(), **{k: v for k, v in given.items() if v is not None}
+        )
+        fit_share = self._fit_share(opts, labels)
+        batches = as_batches(data, argument="data")
+        logits = self._calibration_logits(batches, outputs)
+        n = int(logits[0].shape[0])
+        label_array = None if labels is None else self._labels(labels, batches, n)
+        fit_idx, test_idx = _split(n, fit_share, opts.seed)
+        answers = np.stack([lg.argmax(-1).cpu().numpy() for lg in logits])
+        if self.scorer.learned:
+            self._fit_scorer(logits, answers, fit_idx, fit_share)
+        scores = self.stage_scores(logits)
+        result = learn_then_test(
+            scores[:, test_idx],
+            answers[:, test_idx],
+            targets=opts.targets,
+            delta=opts.delta,
+            grid=self._grid(opts, scores[:, fit_idx]),
+            labels=None if label_array is None else label_array[test_idx],
+            method=opts.method,
+            test_size=opts.test_size,
+        )
+        self._rule = self._make_rule(result.threshold, self._rule.version + 1)
+        self.report = self._report(opts, result, scores, answers, label_array, test_idx, batches)
+        return self.report
+
+    def _fit_share(self, opts: CalibrateOptions, labels: Any) -> float:
+        """The share of the data that fits the scorer (after the checks that need the scorer)."""
+        if opts.max_quality_drop is not None and labels is None:
+            raise ValueError(
+                "The 'max_quality_drop' target needs labels: pass labels=[...] aligned batch "
+                "by batch with the calibration data, or use max_disagreement instead."
+            )
+        learned = self.scorer.learned or not self.scorer.bounded
+        share = opts.fit_fraction if opts.fit_fraction is not None else 0.3 * learned
+        if learned:
+            check_fraction("fit_fraction", share)
+        return share
+
+    def _calibration_logits(self, batches: list[Any], outputs: Any) -> list[Tensor]:
+        if outputs is None:
+            return self.stage_outputs(batches)
+        n_data = sum(batch_size(b) for b in batches)
+        logits = list(outputs) if isinstance(outputs, (list, tuple)) else []
+        if len(logits) != len(self.variants) or any(
+            not isinstance(lg, Tensor) or lg.dim() != 2 or lg.shape[0] != n_data for lg in logits
+        ):
+            raise invalid(
+                "outputs",
+                outputs,
+                f"the {len(self.variants)} per-variant logits [N={n_data}, C] returned by "
+                "stage_outputs(data)",
+            )
+        return [lg.detach().float().cpu() for lg in logits]
+
+    def _fit_scorer(
+        self, logits: list[Tensor], answers: np.ndarray, fit_idx: np.ndarray, fit_share: float
+    ) -> None:
+        if len(fit_idx) == 0:
+            raise invalid("fit_fraction", fit_share, "a share leaving inputs to fit")
+        reference = answers[-1, fit_idx]
+        self.scorer.fit(
+            [lg[fit_idx] for lg in logits[:-1]],
+            [(a[fit_idx] != reference).astype(np.float64) for a in answers[:-1]],
+        )
+
+    def _grid(self, opts: CalibrateOptions, fit_scores: np.ndarray) -> np.ndarray:
+        if opts.grid is not None:
+            return np.unique(np.concatenate([[-np.inf], np.asarray(opts.grid, dtype=np.float64)]))
+        if self.scorer.bounded and not self.scorer.learned:
+            return default_grid()
+        return quantile_grid(fit_scores, levels=1000)  # learned or unbounded scores
+
+    def _report(
+        self,
+        opts: CalibrateOptions,
+        result: LTTResult,
+        scores: np.ndarray,
+        answers: np.ndarray,
+        label_array: np.ndarray | None,
+        test_idx: np.ndarray,
+        batches: list[Any],
+    ) -> CalibrationReport:
         costs = self._costs(batches[0])
-        served = served_stage(stage_scores[:, test_idx], result.threshold)
-        share = np.bincount(served, minlength=k) / len(test_idx)
-        disagreement = float(losses(answers[:, test_idx], served, None, "disagreement").mean())
+        k, n_test = len(self.variants), len(test_idx)
+        served = served_stage(scores[:, test_idx], result.threshold)
+        share = np.bincount(served, minlength=k) / n_test
+        test_answers = answers[:, test_idx]
         drop = None
-        if test_labels is not None:
-            ref_acc = float((answers[-1, test_idx] == test_labels).mean())
-            got = answers[served, test_idx]
-            drop = ref_acc - float((got == test_labels).mean())
-        self._rule = self._make_rule(result.threshold, self._rule[1] + 1)
+        if label_array is not None:
+            test_labels = label_array[test_idx]
+            ref_acc = float((test_answers[-1] == test_labels).mean())
+            drop = ref_acc - float((test_answers[served, np.arange(n_test)] == test_labels).mean())
+        needed = opts.min_inputs()
         pv = float(result.table["pvalue"].iloc[result.index - 1]) if result.index > 0 else None
-        self.report = CalibrationReport(
+        names = [v.name for v in self.variants]
+        return CalibrationReport(
             threshold=result.threshold,
             thresholds=(result.threshold,) * (k - 1),
             certified=result.certified,
-            targets=targets,
-            delta=float(delta),
-            method=method,
+            targets=opts.targets,
+            delta=float(opts.delta),
+            method=opts.method,
             scorer=self.scorer.name,
-            version=self._rule[1],
-            n_calibration=n,
-            n_fit=n_fit,
-            n_test=len(test_idx),
-            variants=tuple(v.name for v in self.variants),
-            share={v.name: float(s) for v, s in zip(self.variants, share, strict=True)},
+            version=self._rule.version,
+            n_calibration=answers.shape[1],
+            n_fit=answers.shape[1] - n_test,
+            n_test=n_test,
+            variants=tuple(names),
+            share={name: float(s) for name, s in zip(names, share, strict=True)},
             expected_cost_ms=float(cascade_cost(served, costs).mean()),
             reference_cost_ms=float(costs[-1]),
-            variant_costs_ms={v.name: float(c) for v, c in zip(self.variants, costs, strict=True)},
-            empirical_disagreement=disagreement,
+            variant_costs_ms={name: float(c) for name, c in zip(names, costs, strict=True)},
+            empirical_disagreement=float(losses(test_answers, served, None, "disagreement").mean()),
             empirical_quality_drop=drop,
             pvalue=pv,
             table=result.table,
-            test_size=test_size,
+            test_size=opts.test_size,
+            min_inputs=needed,
+            note=_calibration_note(result.certified, n_test, needed, k),
         )
-        return self.report
 
-    def _labels(self, labels: Sequence[Tensor], batches: list[Any]) -> np.ndarray:
+    def _labels(self, labels: Sequence[Tensor], batches: list[Any], n: int) -> np.ndarray:
         if isinstance(labels, Tensor) or not isinstance(labels, Sequence):
             raise invalid("labels", labels, "a list of label tensors aligned with the batches")
         if len(labels) != len(batches):
@@ -679,17 +738,69 @@ class Controller:
         out = []
         for y in labels:
             y = torch.as_tensor(y)
-            out.append((y[:, -1] if y.dim() == 2 else y).reshape(-1).numpy())
-        return np.concatenate(out)
+            out.append((y[:, -1] if y.dim() == 2 else y).reshape(-1).detach().cpu().numpy())
+        array = np.concatenate(out)
+        if array.shape[0] != n:
+            raise invalid("labels", f"{array.shape[0]} labels", f"{n} labels (one per input)")
+        return array
 
     def _costs(self, batch: Any) -> list[float]:
         if any(math.isnan(v.cost_ms) for v in self.variants):
-            self.variants = tuple(self._measure(list(self.variants), batch))
+            self.variants = tuple(self._measure(self.variants, batch))
         return [v.cost_ms for v in self.variants]
 
     def __repr__(self) -> str:
         names = ", ".join(v.name for v in self.variants)
         return (
             f"Controller([{names}], backend={self.backend!r}, scorer={self.scorer.name!r}, "
-            f"threshold={self._rule[0]:g})"
+            f"threshold={self._rule.threshold:g})"
         )
+
+
+def _checked_floats(scorer: Scorer, logits: Tensor, *, stage: int) -> list[float]:
+    """The scores themselves as floats, for a scorer whose fast path gives logarithms."""
+    return checked_scores(scorer.score(logits, stage), logits.shape[0], scorer.name).tolist()
+
+
+def _order_stages(variants: list[Variant], *, drop_slower: bool) -> list[Variant]:
+    """The cheaper stages by measured cost (stable: ties keep the given order) when
+    ``drop_slower``, each measured slower than the reference dropped with a warning; the
+    reference (last) stays last."""
+    *cheaper, reference = variants
+    kept = []
+    for v in cheaper:
+        if v.cost_ms > reference.cost_ms:
+            action = "dropped" if drop_slower else "kept (order='given')"
+            warnings.warn(
+                f"The variant {v.name!r} measured {v.cost_ms:.4g} ms per input, slower than the "
+                f"reference {reference.name!r} ({reference.cost_ms:.4g} ms): {action}; it "
+                "cannot make the cascade cheaper than the reference alone.",
+                stacklevel=3,
+            )
+            if drop_slower:
+                continue
+        kept.append(v)
+    if drop_slower:
+        kept.sort(key=lambda v: v.cost_ms)
+    return [*kept, reference]
+
+
+def _split(n: int, fit_share: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded fit / test split of ``n`` inputs (sorted indices)."""
+    order = np.random.default_rng(seed).permutation(n)
+    n_fit = round(fit_share * n)
+    if n - n_fit < 1:
+        raise invalid("fit_fraction", fit_share, "a share leaving inputs to test")
+    return np.sort(order[:n_fit]), np.sort(order[n_fit:])
+
+
+def _calibration_note(certified: bool, n_test: int, needed: int, stages: int) -> str | None:
+    """Why the calibration escalates every input, when it does."""
+    if certified or stages < 2:
+        return None
+    if n_test < needed:
+        return (
+            f"not certifiable with {n_test} inputs (needs ≥ {needed}): every input is "
+            "escalated to the reference"
+        )
+    return "no threshold certified on these inputs: every input is escalated to the reference"

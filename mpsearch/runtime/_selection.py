@@ -1,16 +1,18 @@
-"""Which cascade to serve: predicted cost of each (candidate -> reference) pair at a target.
+"""Which variant or cascade to serve: predicted cost per input of each choice at a target.
 
 A cascade only pays off when its cheap variant is much cheaper than the reference *and* its
-scores single out the inputs it gets wrong. Both are measured: the candidates' per-input
-logits on calibration data give, through the same Learn-then-Test calibration the controller
-runs, the share of inputs each cascade would escalate at the target; measured costs turn that
-share into a predicted cost per input.
+scores single out the inputs it gets wrong; a variant that meets the target on its own needs
+no cascade at all. Both are weighed: the candidates' per-input logits on calibration data
+give, through the same Learn-then-Test calibration the controller runs, the share of inputs
+each cascade would escalate at the target and whether a variant alone is certified to meet
+it; measured costs turn that into a predicted cost per input.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -18,7 +20,23 @@ from torch import Tensor
 
 from mpsearch._validation import check_fraction, invalid
 from mpsearch.runtime._calibration import default_grid, learn_then_test, losses, served_stage
-from mpsearch.runtime._scorers import Scorer, make_scorer
+from mpsearch.runtime._scorers import Scorer, make_scorer, score_stages
+
+COLUMNS = (
+    "candidate",
+    "kind",
+    "stages",
+    "disagreement_alone",
+    "threshold",
+    "certified",
+    "meets_target",
+    "share_escalated",
+    "served_disagreement",
+    "cost_ms",
+    "predicted_ms",
+    "alone_ms",
+    "saving",
+)
 
 
 def _check_cost(
@@ -27,6 +45,92 @@ def _check_cost(
     ok = isinstance(value, (int, float)) and not isinstance(value, bool)
     if not (ok and math.isfinite(value) and value >= 0):  # type: ignore[arg-type]
         raise invalid(argument, value, accepted)
+
+
+def _check_logits(candidates: Any, reference: Any) -> None:
+    if not isinstance(candidates, Mapping) or not candidates:
+        raise invalid("candidates", candidates, "a non-empty mapping name -> logits [N, C]")
+    if not isinstance(reference, Tensor) or reference.dim() != 2:
+        raise invalid("reference", reference, "the reference's per-input logits [N, C]")
+    for name, logits in candidates.items():
+        if not isinstance(logits, Tensor) or tuple(logits.shape) != tuple(reference.shape):
+            shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
+            raise invalid(
+                f"candidates[{name!r}]",
+                shape,
+                f"logits shaped like the reference, {tuple(reference.shape)}",
+            )
+
+
+def _check_costs(names: list[str], costs: Any, extra: Mapping[str, Any]) -> None:
+    if not isinstance(costs, Mapping) or any(name not in costs for name in names):
+        raise invalid("costs", costs, f"a mapping with a cost (ms per input) for each of {names}")
+    for name in names:
+        _check_cost(f"costs[{name!r}]", costs[name])
+    for argument, value in extra.items():
+        _check_cost(argument, value)
+
+
+def _cascade_row(
+    scorer: Scorer, logits: Tensor, ref_answer: np.ndarray, eps: float, delta: float
+) -> dict[str, Any]:
+    """Calibrate the two-variant cascade ``candidate -> reference`` at ``eps``."""
+    scores = score_stages(scorer, [logits.float()])
+    answers = np.stack([logits.argmax(-1).cpu().numpy(), ref_answer])
+    res = learn_then_test(
+        scores, answers, targets={"disagreement": eps}, delta=delta, grid=default_grid()
+    )
+    served = served_stage(scores, res.threshold)
+    n = len(ref_answer)
+    return {
+        "kind": "cascade",
+        "disagreement_alone": float((answers[0] != ref_answer).mean()),
+        "threshold": res.threshold,
+        "certified": res.certified,
+        "meets_target": True,  # the uncertified fallback escalates everything
+        "share_escalated": float((served == 1).mean()) if n else math.nan,
+        "served_disagreement": float(losses(answers, served, None, "disagreement").mean()),
+    }
+
+
+def _alone_row(
+    logits: Tensor | None, ref_answer: np.ndarray, eps: float, delta: float
+) -> dict[str, Any]:
+    """Serve one variant to every input (``None``: the reference itself, risk 0)."""
+    if logits is None:
+        disagreement, certified = 0.0, True
+    else:
+        answers = np.stack([logits.argmax(-1).cpu().numpy(), ref_answer])
+        grid = np.array([-np.inf, np.inf])  # the one candidate: never escalate
+        res = learn_then_test(
+            np.zeros((1, len(ref_answer))), answers, targets={"disagreement": eps}, delta=delta,
+            grid=grid,
+        )  # fmt: skip
+        disagreement, certified = float((answers[0] != ref_answer).mean()), res.certified
+    return {
+        "kind": "alone",
+        "disagreement_alone": disagreement,
+        "threshold": math.inf,
+        "certified": certified,
+        "meets_target": certified,
+        "share_escalated": 0.0,
+        "served_disagreement": disagreement,
+    }
+
+
+def _rank(table: pd.DataFrame, tolerance: float) -> pd.DataFrame:
+    """Choices meeting the target first; among them, predicted costs within ``tolerance`` of
+    the cheapest tie (``tied``) and fewer escalations rank first, a variant alone before a
+    cascade; the rest follow cheapest first (a variant alone first at equal cost)."""
+    meets = table["meets_target"].to_numpy(dtype=bool)
+    cheapest = table["predicted_ms"][meets].min()
+    table["tied"] = meets & (table["predicted_ms"] <= cheapest * (1.0 + tolerance)).to_numpy()
+    tied = table["tied"].to_numpy()
+    key = table["share_escalated"].where(table["tied"], math.inf).to_numpy()
+    cascade = (table["kind"] == "cascade").to_numpy()
+    predicted = table["predicted_ms"].to_numpy()
+    order = np.lexsort((cascade, predicted, cascade & tied, key, ~tied, ~meets))
+    return table.iloc[order].reset_index(drop=True)
 
 
 def rank_cascades(
@@ -40,54 +144,49 @@ def rank_cascades(
     scorer: str | Scorer = "ratio",
     escalation_cost: float | None = None,
     tolerance: float = 0.0,
+    decision_cost: float = 0.0,
+    reference_name: str = "reference",
 ) -> pd.DataFrame:
-    """Rank the two-variant cascades ``candidate -> reference`` by predicted cost per input.
+    """Rank the ways to serve at a target: each variant alone and each two-variant cascade
+    ``candidate -> reference``, by predicted cost per input. The first row is the choice.
 
     ``candidates`` maps a name to that variant's per-input logits ``[N, C]`` on calibration
     data, ``reference`` is the reference's ``[N, C]`` on the same inputs; ``costs`` and
     ``reference_cost`` are measured costs per input (ms). For each candidate the bounded
     ``scorer`` is calibrated by Learn-then-Test at ``max_disagreement`` / ``delta`` (as
     :meth:`Controller.calibrate` does on its fixed grid), giving the share ``p`` of inputs
-    escalated; the predicted cost is ``cost + p * escalation_cost`` (``escalation_cost``
-    defaults to ``reference_cost``; at large batches pass the reference's cost per input on
-    the few rows a batch escalates, which is higher). ``alone_ms`` is the reference alone;
-    ``saving`` is ``1 - predicted_ms / alone_ms``. Rows are sorted cheapest first, except that
-    predicted costs within ``tolerance`` (relative) of the cheapest count as a tie (``tied``):
-    measured costs are noisy, and a tie-break keeps the choice stable from one measurement to
-    the next. Among the tied, fewer escalations rank first: fewer second passes and less
-    reliance on the calibration.
+    escalated; the cascade's predicted cost is ``cost + p * escalation_cost + decision_cost``
+    (``escalation_cost`` defaults to ``reference_cost``; at large batches pass the reference's
+    cost per input on the few rows a batch escalates; ``decision_cost`` is the controller's
+    scoring and routing per input). A variant alone (``kind="alone"``, a cascade of one)
+    costs its own cost and meets the target only when Learn-then-Test certifies its
+    disagreement; the reference alone always does. So a cascade predicted slower than the
+    best variant meeting the target alone never ranks first. Rows meeting the target come
+    first; among them predicted costs within ``tolerance`` (relative) of the cheapest tie
+    (``tied``: measured costs are noisy) and fewer escalations rank first, a variant alone
+    before a cascade. ``saving`` is ``1 - predicted_ms / alone_ms`` (the reference alone).
 
     >>> import torch
     >>> ref = torch.tensor([[4.0, 0.0], [0.0, 4.0], [4.0, 0.0]])
     >>> cheap = torch.tensor([[4.0, 0.0], [0.0, 4.0], [0.1, 0.0]])  # last input barely right
     >>> table = rank_cascades({"cheap": cheap}, ref, costs={"cheap": 1.0}, reference_cost=3.0,
     ...                       max_disagreement=0.5, delta=0.5)
-    >>> table[["candidate", "share_escalated", "predicted_ms"]].values.tolist()
-    [['cheap', 0.0, 1.0]]
+    >>> table[["stages", "share_escalated", "predicted_ms"]].values.tolist()[0]
+    ['cheap', 0.0, 1.0]
     """
     _check_cost("tolerance", tolerance, "a finite, non-negative relative cost difference")
-    if not isinstance(candidates, Mapping) or not candidates:
-        raise invalid("candidates", candidates, "a non-empty mapping name -> logits [N, C]")
-    if not isinstance(reference, Tensor) or reference.dim() != 2:
-        raise invalid("reference", reference, "the reference's per-input logits [N, C]")
-    n = int(reference.shape[0])
-    for name, logits in candidates.items():
-        if not isinstance(logits, Tensor) or tuple(logits.shape) != tuple(reference.shape):
-            shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
-            raise invalid(
-                f"candidates[{name!r}]",
-                shape,
-                f"logits shaped like the reference, {tuple(reference.shape)}",
-            )
+    _check_logits(candidates, reference)
     names = list(candidates)
-    if not isinstance(costs, Mapping) or any(name not in costs for name in names):
-        raise invalid("costs", costs, f"a mapping with a cost (ms per input) for each of {names}")
-    for name in names:
-        _check_cost(f"costs[{name!r}]", costs[name])
-    _check_cost("reference_cost", reference_cost)
-    if escalation_cost is None:
-        escalation_cost = reference_cost
-    _check_cost("escalation_cost", escalation_cost)
+    escalation = reference_cost if escalation_cost is None else escalation_cost
+    _check_costs(
+        names,
+        costs,
+        {
+            "reference_cost": reference_cost,
+            "escalation_cost": escalation,
+            "decision_cost": decision_cost,
+        },
+    )
     check_fraction("max_disagreement", max_disagreement)
     check_fraction("delta", delta)
     score = make_scorer(scorer)
@@ -95,44 +194,24 @@ def rank_cascades(
         raise invalid(
             "scorer", score.name, "a fixed bounded scorer (ratio, max_softmax, margin, entropy)"
         )
-    ref_answer = reference.argmax(-1).numpy()
+    ref_answer = reference.argmax(-1).cpu().numpy()
     rows = []
     for name in names:
-        logits = candidates[name].float()
-        scores = score.score_array(logits.numpy(), 0)[None]
-        answers = np.stack([logits.argmax(-1).numpy(), ref_answer])
-        res = learn_then_test(
-            scores,
-            answers,
-            targets={"disagreement": max_disagreement},
-            delta=delta,
-            grid=default_grid(),
-        )
-        served = served_stage(scores, res.threshold)
-        share = float((served == 1).mean()) if n else math.nan
-        predicted = float(costs[name]) + share * float(escalation_cost)
-        rows.append(
-            {
-                "candidate": name,
-                "disagreement_alone": float((answers[0] != ref_answer).mean()),
-                "threshold": res.threshold,
-                "certified": res.certified,
-                "share_escalated": share,
-                "served_disagreement": float(losses(answers, served, None, "disagreement").mean()),
-                "cost_ms": float(costs[name]),
-                "predicted_ms": predicted,
-                "alone_ms": float(reference_cost),
-                "saving": 1.0 - predicted / reference_cost if reference_cost else math.nan,
-            }
-        )
-    table = pd.DataFrame(rows)
-    table["tied"] = table["predicted_ms"] <= table["predicted_ms"].min() * (1.0 + tolerance)
-    # the tied first, fewest escalations first among them; then the rest, cheapest first
-    key = table["share_escalated"].where(table["tied"], math.inf)
-    order = np.lexsort(
-        (table["predicted_ms"].to_numpy(), key.to_numpy(), ~table["tied"].to_numpy())
-    )
-    return table.iloc[order].reset_index(drop=True)
+        cost = float(costs[name])
+        cascade = _cascade_row(score, candidates[name], ref_answer, max_disagreement, delta)
+        extra = cascade["share_escalated"] * float(escalation) + float(decision_cost)
+        rows.append({**cascade, "candidate": name, "stages": f"{name} -> {reference_name}",
+                     "cost_ms": cost, "predicted_ms": cost + extra})  # fmt: skip
+        alone = _alone_row(candidates[name], ref_answer, max_disagreement, delta)
+        rows.append({**alone, "candidate": name, "stages": name, "cost_ms": cost,
+                     "predicted_ms": cost})  # fmt: skip
+    alone = _alone_row(None, ref_answer, max_disagreement, delta)
+    rows.append({**alone, "candidate": reference_name, "stages": reference_name,
+                 "cost_ms": float(reference_cost), "predicted_ms": float(reference_cost)})  # fmt: skip
+    table = pd.DataFrame(rows, columns=list(COLUMNS))
+    table["alone_ms"] = float(reference_cost)
+    table["saving"] = 1.0 - table["predicted_ms"] / reference_cost if reference_cost else math.nan
+    return _rank(table, tolerance)
 
 
 __all__ = ["rank_cascades"]

@@ -6,15 +6,16 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from mpsearch.runtime import (
+from mpsearch.runtime import CalibrateOptions, learn_then_test, min_calibration_size
+from mpsearch.runtime._calibration import (
     binomial_pvalue,
     cascade_cost,
     default_grid,
     fixed_sequence_test,
     hoeffding_bentkus_pvalue,
-    learn_then_test,
     losses,
     served_stage,
+    transductive_pvalues,
 )
 
 
@@ -37,6 +38,68 @@ def test_hoeffding_bentkus_is_valid_but_weaker() -> None:
         assert binomial_pvalue(k, n, eps) <= hb + 1e-12
         assert 0 <= hb <= 1
     assert hoeffding_bentkus_pvalue(10, 100, 0.05) == 1.0  # observed risk above eps
+
+
+def test_hoeffding_bentkus_uses_the_exact_loss_count() -> None:
+    """The Bentkus term is ``e * P(Binom(n, eps) <= k)`` at the integer ``k``: ``ceil(n * (k /
+    n))`` is 8, not 7, for k = 7, n = 25 (a weaker p-value)."""
+    k, n, eps = 7, 25, 0.5
+    assert math.ceil(n * (k / n)) == 8
+    r = k / n
+    kl = r * math.log(r / eps) + (1 - r) * math.log((1 - r) / (1 - eps))
+    expected = min(1.0, math.exp(-n * kl), math.e * stats.binom.cdf(7, n, eps))
+    assert expected == math.e * stats.binom.cdf(7, n, eps)  # the Bentkus term decides here
+    assert hoeffding_bentkus_pvalue(k, n, eps) == pytest.approx(expected, rel=1e-12)
+    bad = [
+        (k, n)
+        for n in range(1, 200)
+        for k in range(n + 1)
+        if hoeffding_bentkus_pvalue(k, n, 0.3) > min(1.0, math.e * stats.binom.cdf(k, n, 0.3))
+    ]
+    assert bad == []
+
+
+@pytest.mark.parametrize(
+    ("eps", "delta", "method", "test_size", "expected"),
+    [
+        (0.005, 0.1, "binomial", None, 460),  # the issue's case: 359 inputs are too few
+        (0.005, 0.1, "hoeffding_bentkus", None, 460),  # (1 - eps) ** n after zero losses too
+        (0.05, 0.1, "binomial", None, 45),
+        (0.01, 0.05, "binomial", None, 299),
+    ],
+)
+def test_min_calibration_size_is_the_smallest_certifying_count(
+    eps: float, delta: float, method: str, test_size: int | None, expected: int
+) -> None:
+    n = min_calibration_size(eps, delta, method=method, test_size=test_size)
+    assert n == expected
+    pvalue = binomial_pvalue if method == "binomial" else hoeffding_bentkus_pvalue
+    assert pvalue(0, n, eps) <= delta < pvalue(0, n - 1, eps)
+
+
+def test_min_calibration_size_with_a_finite_test_size() -> None:
+    for m in (50, 400, 3000):
+        n = min_calibration_size(0.01, 0.1, test_size=m)
+        p = transductive_pvalues([0, 0], 0, m, 0.01)  # n = 0: p-value 1
+        assert p.tolist() == [1.0, 1.0]
+        assert transductive_pvalues([0], n, m, 0.01)[0] <= 0.1
+        assert transductive_pvalues([0], n - 1, m, 0.01)[0] > 0.1
+
+
+def test_calibrate_options_validate_and_give_targets() -> None:
+    assert CalibrateOptions().targets == {"disagreement": 0.005}
+    both = CalibrateOptions(max_disagreement=0.01, max_quality_drop=0.02)
+    assert both.targets == {"disagreement": 0.01, "quality_drop": 0.02}
+    assert CalibrateOptions(max_quality_drop=0.02).targets == {"quality_drop": 0.02}
+    assert CalibrateOptions().min_inputs() == 460
+    with pytest.raises(ValueError, match="'delta'"):
+        CalibrateOptions(delta=1.5)
+    with pytest.raises(ValueError, match="'method'"):
+        CalibrateOptions(method="magic")
+    with pytest.raises(ValueError, match="'test_size'"):
+        CalibrateOptions(test_size=0)
+    with pytest.raises(ValueError, match="'seed'"):
+        CalibrateOptions(seed=1.5)  # type: ignore[arg-type]
 
 
 def test_served_stage_and_cost() -> None:

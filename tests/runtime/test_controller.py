@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -11,7 +12,9 @@ import torch
 from torch import nn
 
 from mpsearch.plan import PrecisionPlan
-from mpsearch.runtime import Controller, GateScorer, ratio_score
+from mpsearch.runtime import CalibrateOptions, Controller
+from mpsearch.runtime import _controller as controller_module
+from mpsearch.runtime._scorers import GateScorer, ratio_score
 
 
 def _ctrl(model: nn.Module, plans=("w8a8", "fp32"), **kwargs) -> Controller:
@@ -55,7 +58,7 @@ def test_report_shares_and_cost(model, make_inputs) -> None:
     assert report.expected_cost_ms == pytest.approx(expected)
     assert report.version == ctrl.thresholds_version == 1
     assert report.thresholds == (ctrl.threshold,)
-    scores = ctrl.scorer.score_array(ctrl.stage_outputs([x])[0].numpy(), 0)
+    scores = ctrl.stage_scores(ctrl.stage_outputs([x]))[0]
     hard = (x[:, 0] > 0.5).numpy()
     assert scores[~hard].max() <= ctrl.threshold < scores[hard].min()  # splits easy from hard
 
@@ -179,16 +182,72 @@ def test_identical_plans_share_one_variant(model) -> None:
     assert [v.name for v in ctrl.variants] == ["w8a8", "fp32"]
 
 
-def test_orders_variants_by_measured_cost(make_inputs) -> None:
-    torch.manual_seed(0)
-    big = nn.Sequential(nn.Linear(256, 2048), nn.ReLU(), nn.Linear(2048, 4)).eval()
-    # A weight-only int4 plan (simulate: dequantized weights) costs the same as fp32 here,
-    # so time a plan that is clearly more expensive: the same model run twice is not a plan;
-    # instead check that costs are measured and the order is sorted by them.
-    ctrl = Controller(big, ["fp32", "w8a8"], backend="simulate", example_input=torch.randn(32, 256))
-    costs = [v.cost_ms for v in ctrl.variants]
-    assert all(c > 0 for c in costs)
-    assert costs == sorted(costs)
+def _fake_timing(monkeypatch, model: nn.Module, costs: dict[str, float]) -> None:
+    """Variants "measured" at known costs (ms per call), by the marker cutoff of their layer."""
+    names = {0.5: "w8a8", 0.8: "bf16"}
+
+    def fake(module: nn.Module, batch, *, repeats: int = 3) -> float:
+        if module is model:
+            return costs["fp32"]
+        return costs[names[module[0].cutoff]]
+
+    monkeypatch.setattr(controller_module, "time_module", fake)
+
+
+def test_orders_the_cheaper_stages_by_measured_cost(model, monkeypatch) -> None:
+    _fake_timing(monkeypatch, model, {"w8a8": 2.0, "bf16": 1.0, "fp32": 8.0})
+    ctrl = Controller(model, ["w8a8", "bf16"], backend="marker", example_input=torch.zeros(4, 8))
+    assert [v.name for v in ctrl.variants] == ["bf16", "w8a8", "fp32"]
+    assert [v.cost_ms for v in ctrl.variants] == [0.25, 0.5, 2.0]
+    given = Controller(
+        model, ["w8a8", "bf16"], backend="marker", example_input=torch.zeros(4, 8), order="given"
+    )
+    assert [v.name for v in given.variants] == ["w8a8", "bf16", "fp32"]
+
+
+def test_the_reference_is_never_chosen_by_timing(model, make_inputs, monkeypatch) -> None:
+    """A quantized variant measured slower than fp32 used to become the last stage and so the
+    reference the guarantee was certified against; now the reference stays fp32 and the slower
+    stage is dropped with a warning naming it and both timings."""
+    _fake_timing(monkeypatch, model, {"w8a8": 5.0, "bf16": 0.5, "fp32": 1.0})
+    with pytest.warns(UserWarning, match=r"'w8a8' measured 5 ms.*reference 'fp32' \(1 ms\)"):
+        ctrl = Controller(
+            model, ["w8a8", "fp32"], backend="marker", example_input=torch.zeros(1, 8)
+        )
+    assert [v.name for v in ctrl.variants] == ["fp32"] and ctrl.variants[-1].module is model
+    with pytest.warns(UserWarning, match="'w8a8'.*dropped"):
+        three = Controller(
+            model, ["w8a8", "bf16", "fp32"], backend="marker", example_input=torch.zeros(1, 8)
+        )
+    assert [v.name for v in three.variants] == ["bf16", "fp32"]
+    x, _ = make_inputs(400, seed=1)
+    report = three.calibrate(list(x.split(32)), max_disagreement=0.05)
+    served = three(x)
+    with torch.inference_mode():
+        agree = float((served.argmax(-1) == model(x).argmax(-1)).float().mean())
+    assert report.certified and agree == 1.0  # certified and served against fp32 itself
+    with pytest.warns(UserWarning, match=r"'w8a8'.*kept \(order='given'\)"):
+        kept = Controller(
+            model, ["w8a8"], backend="marker", example_input=torch.zeros(1, 8), order="given"
+        )
+    assert [v.name for v in kept.variants] == ["w8a8", "fp32"]
+
+
+def test_the_reference_is_the_one_the_user_names(model) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ctrl = _ctrl(model, ["w8a8"], reference="bf16")
+    assert [v.name for v in ctrl.variants] == ["w8a8", "bf16"]
+    assert not ctrl.variants[-1].shared
+    # the default reference is the full-precision model itself, appended when not given
+    default = _ctrl(model, ["w8a8"])
+    assert [v.name for v in default.variants] == ["w8a8", "fp32"]
+    assert default.variants[-1].module is model
+    # a plan equal to the reference is the reference, wherever it was given
+    first = _ctrl(model, ["fp32", "w8a8", "bf16"], reference="bf16")
+    assert [v.name for v in first.variants] == ["fp32", "w8a8", "bf16"]
+    with pytest.raises(ValueError, match=r"(?s)reference.*'marker'.*only runs"):
+        _ctrl(model, ["w8a8"], reference="w8a16")
 
 
 def test_gate_scorer_learns_the_marker(model, make_inputs) -> None:
@@ -348,8 +407,7 @@ def test_real_cpu_backend_cascade() -> None:
 
 
 def test_small_and_large_batches_route_alike(model, make_inputs) -> None:
-    """Batches up to 256 rows are scored and routed on Python floats, larger ones in NumPy,
-    single inputs on the batch-1 path: same decisions."""
+    """Single inputs, small and large batches: the same decisions."""
     ctrl, _ = _calibrated(model, make_inputs)
     x, _ = make_inputs(600, seed=5)
     hard = (x[:, 0] > 0.5).long().tolist()
@@ -408,8 +466,7 @@ def test_served_scores_equal_calibration_scores(model, make_inputs) -> None:
     for scorer in ("max_softmax", "margin", "ratio", "entropy", "gate"):
         ctrl, _ = _calibrated(model, make_inputs, scorer=scorer)
         x, _ = make_inputs(50, seed=9)
-        logits = ctrl.stage_outputs([x])[0]
-        expected = ctrl.scorer.score_array(logits.numpy(), 0).astype(np.float64)
+        expected = ctrl.stage_scores(ctrl.stage_outputs([x]))[0]
         for chunk in (1, 8):
             ctrl.audit_log.clear()
             for part in x.split(chunk):
@@ -430,8 +487,7 @@ def test_raw_decisions_equal_score_decisions_at_every_threshold(
     escalates); the audit holds the scores themselves."""
     ctrl = _ctrl(model, scorer="ratio")
     x, _ = make_inputs(300, seed=12)
-    logits = ctrl.stage_outputs([x])[0]
-    scores = ctrl.scorer.score_array(logits.numpy(), 0)
+    scores = ctrl.stage_scores(ctrl.stage_outputs([x]))[0]
     mid = float(np.sort(scores)[150])
     thresholds = [mid, math.nextafter(mid, -math.inf), math.nextafter(mid, math.inf)]
     thresholds += [0.0, 1.0, -0.5, -math.inf, math.inf]
@@ -465,7 +521,8 @@ def test_serving_inside_and_outside_inference_mode_alike(model, make_inputs) -> 
 
 def test_finite_test_size_calibration(model, make_inputs) -> None:
     """``test_size`` reaches Learn-then-Test's finite-test-set mode and the report."""
-    from mpsearch.runtime import default_grid, learn_then_test
+    from mpsearch.runtime import learn_then_test
+    from mpsearch.runtime._calibration import default_grid
 
     ctrl = _ctrl(model, scorer="margin")
     x, _ = make_inputs(400, seed=1)
@@ -476,7 +533,7 @@ def test_finite_test_size_calibration(model, make_inputs) -> None:
     flipped[:6] = flipped[:6].roll(1, dims=-1)
     stage = [outputs[0], flipped]
     report = ctrl.calibrate(data, max_disagreement=0.05, test_size=50, outputs=stage)
-    scores = ctrl.scorer.score_array(outputs[0].numpy(), 0)[None]
+    scores = ctrl.stage_scores(outputs)
     answers = np.stack([o.argmax(-1).numpy() for o in stage])
     expected = learn_then_test(
         scores, answers, targets={"disagreement": 0.05}, delta=0.1, test_size=50
@@ -503,3 +560,90 @@ def test_audit_log_appends_rows_and_compact_blocks() -> None:
         log.extend_locked([(1, 1)])
     assert log.frame().values.tolist() == [[7, 0], [7, 1], [1, 1]]
     assert log.total == 4 and len(log) == 3
+
+
+def test_a_target_too_small_to_certify_says_so(model, make_inputs) -> None:
+    """eps = 0.5% at delta = 0.1 needs >= 460 test inputs even with no disagreement: with 359
+    the report says so (field and text) instead of silently escalating everything."""
+    ctrl = _ctrl(model)
+    x, _ = make_inputs(359, seed=1)
+    report = ctrl.calibrate(list(x.split(32)), max_disagreement=0.005, delta=0.1)
+    assert not report.certified and report.threshold == -math.inf
+    assert report.min_inputs == 460
+    assert report.note is not None
+    assert report.note.startswith("not certifiable with 359 inputs (needs ≥ 460)")
+    assert "not certifiable with 359 inputs (needs ≥ 460)" in str(report)
+    assert report.summary()["note"] == report.note
+    enough = ctrl.calibrate(list(make_inputs(600, seed=2)[0].split(32)), max_disagreement=0.05)
+    assert enough.certified and enough.note is None and enough.min_inputs == 45
+
+
+def test_calibrate_takes_an_options_object(model, make_inputs) -> None:
+    ctrl = _ctrl(model)
+    data = list(make_inputs(400, seed=1)[0].split(32))
+    by_keywords = ctrl.calibrate(data, max_disagreement=0.05, delta=0.2)
+    by_options = ctrl.calibrate(data, options=CalibrateOptions(max_disagreement=0.05, delta=0.2))
+    assert by_options.threshold == by_keywords.threshold and by_options.delta == 0.2
+    # keywords override the options' fields
+    mixed = ctrl.calibrate(data, delta=0.1, options=CalibrateOptions(max_disagreement=0.05))
+    assert mixed.delta == 0.1 and mixed.targets == {"disagreement": 0.05}
+
+
+def test_runtime_moves_tensors_to_the_cpu_before_numpy() -> None:
+    """Every ``.numpy()`` in the runtime follows a ``.cpu()`` (CUDA tensors have no NumPy view);
+    a review test: the device path itself needs a GPU."""
+    import pathlib
+    import re
+
+    import mpsearch.runtime as runtime
+
+    chain = re.compile(r"[A-Za-z_]\w*(?:\([^()]*\))?(?:\.\w+(?:\([^()]*\))?)*\.numpy\(\)")
+    found = 0
+    for path in pathlib.Path(runtime.__file__).parent.glob("*.py"):
+        for line in path.read_text().splitlines():
+            for call in chain.finditer(line):
+                found += 1
+                assert ".cpu()" in call.group(0), f"{path.name}: {line.strip()}"
+    assert found > 5
+
+
+def test_controller_curve_rows_say_why_a_target_is_not_certifiable(
+    model, make_inputs, monkeypatch
+) -> None:
+    """The study's controller curve: a ctrl row whose target the calibration split cannot
+    certify carries the reason (it used to be a row slower than fp32 with no word of why)."""
+    from mpsearch.pipeline import ControllerCurve, controller_curve
+    from mpsearch.workloads import Workload
+
+    _fake_timing(monkeypatch, model, {"w8a8": 1.0, "fp32": 2.0})
+    calib_x, _ = make_inputs(359, seed=1)
+    test_x, test_y = make_inputs(64, seed=2)
+    wl = Workload(
+        name="marker",
+        model=model,
+        calib=list(calib_x.split(32)),
+        test=list(test_x.split(32)),
+        test_labels=list(test_y.split(32)),
+        example_input=test_x[:4],
+        task="classification",
+    )
+    curve = controller_curve(
+        wl,
+        [PrecisionPlan.uniform("w8a8")],
+        backend="marker",
+        settings=ControllerCurve(epsilons=[0.005, 0.05], repeats=1),
+    )
+    assert curve["method"].tolist() == [
+        "static:w8a8",
+        "static:fp32",
+        "ctrl:ratio:0.005",
+        "ctrl:ratio:0.05",
+    ]
+    notes = dict(zip(curve["method"], curve["note"], strict=True))
+    assert notes["ctrl:ratio:0.005"].startswith("not certifiable with 359 inputs (needs ≥ 460)")
+    assert notes["ctrl:ratio:0.05"] == "" and notes["static:fp32"] == ""
+    assert curve.set_index("method").loc["ctrl:ratio:0.005", "disagreement"] == 0.0
+    from mpsearch.report import controller_curve_data
+
+    shown = controller_curve_data(curve).set_index("method")  # the study report's table
+    assert shown.loc["ctrl:ratio:0.005", "note"].startswith("not certifiable with 359 inputs")

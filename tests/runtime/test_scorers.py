@@ -1,24 +1,31 @@
 from __future__ import annotations
 
 import math
+import struct
 
 import numpy as np
 import pytest
 import torch
 
-from mpsearch.runtime import (
-    SCORERS,
-    FunctionScorer,
+from mpsearch.runtime import SCORERS, FunctionScorer, make_scorer
+from mpsearch.runtime._scorers import (
     GateScorer,
     answer_logits,
-    cut_point,
     entropy_score,
     fit_logistic,
-    make_scorer,
+    log_cut,
     margin_score,
     max_softmax_score,
     ratio_score,
+    score_stages,
+    top2_gaps,
 )
+
+
+def _fast_scores(scorer, logits: torch.Tensor) -> list[float]:
+    """The serving path's values, as scores."""
+    values = scorer.fast(logits, 0)
+    return [math.exp(v) for v in values] if scorer.fast_is_log else values
 
 
 def test_builtin_scores_match_their_definitions() -> None:
@@ -39,15 +46,15 @@ def test_builtin_scores_match_their_definitions() -> None:
 
 
 @pytest.mark.parametrize("name", ["max_softmax", "margin", "ratio", "entropy", "gate"])
-def test_score_one_and_score_list_equal_the_batch_score_exactly(name: str, ratio_path: str) -> None:
-    """The serving paths give the very numbers calibration computes in a batch."""
+def test_fast_path_equals_the_batch_score_exactly(name: str, ratio_path: str) -> None:
+    """The serving path gives the very numbers calibration computes in a batch."""
     logits = torch.randn(64, 37, generator=torch.Generator().manual_seed(3)) * 4
     scorer = make_scorer(name)
     if scorer.learned:
         scorer.fit([logits], [(logits.argmax(-1) % 2).numpy().astype(float)])
     batch = scorer.score(logits, 0).tolist()
-    rows = [scorer.score_one(row[None], 0) for row in logits]
-    small = [v for part in logits.split(5) for v in scorer.score_list(part, 0)]
+    rows = [v for row in logits for v in _fast_scores(scorer, row[None])]
+    small = [v for part in logits.split(5) for v in _fast_scores(scorer, part)]
     if scorer.learned:  # a [1, 6] @ [6] product may round apart from a [64, 6] one
         np.testing.assert_allclose(rows, batch, rtol=1e-12)
         np.testing.assert_allclose(small, batch, rtol=1e-12)
@@ -68,25 +75,28 @@ def test_score_one_and_score_list_equal_the_batch_score_exactly(name: str, ratio
         [3.0],  # one class: 0
     ],
 )
-def test_ratio_one_follows_the_batch_path_on_edge_rows(row: list[float], ratio_path: str) -> None:
-    """The batch-1 ratio is taken on Python floats; non-finite rows go the tensor way."""
+def test_ratio_fast_path_follows_the_batch_path_on_edge_rows(
+    row: list[float], ratio_path: str
+) -> None:
+    """A batch-1 row is taken on Python floats; non-finite rows go the tensor way."""
     scorer = make_scorer("ratio")
     for dtype in (torch.float32, torch.bfloat16, torch.float64):
         logits = torch.tensor([row], dtype=dtype)
-        one, batch = scorer.score_one(logits), scorer.score(logits).item()
+        (one,), batch = _fast_scores(scorer, logits), scorer.score(logits).item()
         assert one == batch or (math.isnan(one) and math.isnan(batch)), (row, dtype)
-        (small,) = scorer.score_list(logits.expand(3, -1))[1:2]
+        (small,) = _fast_scores(scorer, logits.expand(3, -1))[1:2]
         assert small == batch or (math.isnan(small) and math.isnan(batch)), (row, dtype)
 
 
-def test_ratio_one_on_many_classes_and_low_precision_logits(ratio_path: str) -> None:
+def test_ratio_fast_path_on_many_classes_and_low_precision_logits(ratio_path: str) -> None:
     gen = torch.Generator().manual_seed(5)
     scorer = make_scorer("ratio")
     for classes in (2, 96, 192, 193, 5000):  # Python floats up to 192 classes, topk beyond
         logits = torch.randn(8, classes, generator=gen) * 3
         for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
             lg = logits.to(dtype)
-            assert [scorer.score_one(r[None]) for r in lg] == scorer.score(lg).tolist()
+            rows = [v for r in lg for v in _fast_scores(scorer, r[None])]
+            assert rows == scorer.score(lg).tolist()
 
 
 def test_ratio_keeps_the_logits_precision(ratio_path: str) -> None:
@@ -95,9 +105,9 @@ def test_ratio_keeps_the_logits_precision(ratio_path: str) -> None:
     scorer = make_scorer("ratio")
     expected = math.exp(-(2**-40))
     assert expected < 1.0
-    assert scorer.score_one(logits) == expected
+    assert _fast_scores(scorer, logits) == [expected]
     assert scorer.score(logits).tolist() == [expected]
-    assert scorer.score_list(logits.expand(2, -1)) == [expected, expected]
+    assert _fast_scores(scorer, logits.expand(2, -1)) == [expected, expected]
 
 
 @pytest.mark.parametrize(
@@ -114,56 +124,95 @@ def test_ratio_keeps_the_logits_precision(ratio_path: str) -> None:
         [-1.0, -3.0, -1.0, -2.0],
     ],
 )
-def test_ratio_one_takes_the_runner_up_from_the_heap(row: list[float], ratio_path: str) -> None:
-    """The batch-1 gap comes from a heapified row: the runner-up is one of the top's children."""
+def test_ratio_fast_path_finds_the_runner_up(row: list[float], ratio_path: str) -> None:
+    """The batch-1 gap: the top value, then the largest of the others (ties included)."""
     top = sorted(row, reverse=True)
-    assert make_scorer("ratio").score_one(torch.tensor([row])) == math.exp(top[1] - top[0])
+    assert top2_gaps(torch.tensor([row])) == [top[1] - top[0]]
+    assert _fast_scores(make_scorer("ratio"), torch.tensor([row])) == [math.exp(top[1] - top[0])]
 
 
-def test_unsorted_top2_pairs_give_the_sorted_gap() -> None:
-    from mpsearch.runtime._scorers import _gaps
+def _bisection_cut_point(link, threshold: float) -> float | None:
+    """The cut point as it was found before: bisection over the floats' bit order."""
+    sign = 1 << 63
 
-    inf, nan = math.inf, math.nan
-    pairs = [[3.0, 1.0], [1.0, 3.0], [2.0, 2.0], [inf, 1.0], [1.0, inf], [-inf, 5.0], [inf, inf]]
-    assert _gaps(pairs)[:6] == [-2.0, -2.0, 0.0, -inf, -inf, -inf]
-    assert math.isnan(_gaps(pairs)[6]) and math.isnan(_gaps([[nan, 1.0]])[0])
-    assert math.isnan(_gaps([[1.0, nan]])[0])
+    def ordered(x: float) -> int:
+        (bits,) = struct.unpack("<q", struct.pack("<d", x))
+        return bits if bits >= 0 else -(bits + sign)
+
+    def from_ordered(k: int) -> float:
+        (x,) = struct.unpack("<d", struct.pack("<q", k if k >= 0 else -k - sign))
+        return x
+
+    def value(v: float) -> float:
+        try:
+            return link(v)
+        except OverflowError:
+            return math.inf
+
+    if not value(-math.inf) <= threshold:
+        return None
+    if value(math.inf) <= threshold:
+        return math.inf
+    lo, hi = ordered(-math.inf), ordered(math.inf)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if value(from_ordered(mid)) <= threshold:
+            lo = mid
+        else:
+            hi = mid
+    return from_ordered(lo)
 
 
-def test_cut_point_splits_raw_values_exactly() -> None:
-    """``link(v) > t`` exactly when ``v > cut_point(link, t)``: checked at the cut and its
-    neighbours for ``exp`` (overflowing far up) and a step link."""
+def test_log_cut_equals_the_bisection_cut_point() -> None:
+    """``log`` plus ``nextafter`` steps give the old 64-step bisection's cut point on edge cases
+    (0, subnormals, values next to 1, the largest float, infinities, negatives), the default
+    grid, scores of random gaps and random thresholds over every decade."""
+    from mpsearch.runtime._calibration import default_grid
+
+    rng = np.random.default_rng(0)
+    edge = [0.0, 5e-324, 1e-320, 2.2250738585072014e-308, 1e-300, 1e-7, 0.25, 0.5, 1.0, 2.0]
+    edge += [1.0 - 2.0**-53, 1.0 - 2.0**-52, 1.0 + 2.0**-52, 1e308, 1.7976931348623157e308]
+    edge += [math.inf, -0.0, -5e-324, -1.0, -math.inf]
+    gaps = -rng.exponential(size=500) * 10.0 ** rng.uniform(-20, 2.5, size=500)
+    values = [
+        *edge,
+        *default_grid()[1:-1].tolist(),
+        *np.exp(gaps).tolist(),
+        *rng.uniform(0, 1, 500).tolist(),
+        *(1.0 - rng.uniform(0, 1, 300) * 10.0 ** rng.uniform(-16, -1, 300)).tolist(),
+        *(10.0 ** rng.uniform(-323, 308, 300)).tolist(),
+    ]
+    for t in values:
+        assert log_cut(t) == _bisection_cut_point(math.exp, t), t
+
+
+def test_log_cut_splits_raw_values_exactly() -> None:
+    """``exp(v) > t`` exactly when ``v > log_cut(t)``: checked at the cut and its neighbours."""
     rng = np.random.default_rng(0)
     thresholds = [0.0, 1e-300, 5e-324, 0.25, 0.5, 1.0 - 1e-16, 1.0, 2.0, 1e308, math.inf]
     for t in thresholds + rng.uniform(0, 1, 50).tolist():
-        x = cut_point(math.exp, t)
+        x = log_cut(t)
         assert x is not None and math.exp(x) <= t
         if x != math.inf:
             up = math.nextafter(x, math.inf)
-            assert up == math.inf or math.exp(up) > t
+            assert up == math.inf or up > 709.8 or math.exp(up) > t
     for t in (-1e-300, -1.0, -math.inf):  # exp(-inf) = 0 is already above t: no cut
-        assert cut_point(math.exp, t) is None
-
-    def step(v: float) -> float:
-        return float(v >= 1.0)
-
-    assert cut_point(step, 0.5) == math.nextafter(1.0, -math.inf)
-    assert cut_point(step, 1.0) == math.inf
-    assert cut_point(step, -0.5) is None
+        assert log_cut(t) is None
 
 
-def test_function_scorer_link_needs_its_raw_functions() -> None:
-    def gap(lg: torch.Tensor) -> float:
-        return 0.0
+def test_function_scorer_fast_path_options() -> None:
+    def gaps(lg: torch.Tensor) -> list[float]:
+        return [0.0, -1.0][: lg.shape[0]]
 
-    with pytest.raises(ValueError, match="'link'"):
-        FunctionScorer(ratio_score, link=math.exp)
-    with pytest.raises(ValueError, match="'link'"):
-        FunctionScorer(ratio_score, one_fn=gap, list_fn=lambda lg: [0.0], link=3.0)
-    scorer = FunctionScorer(ratio_score, one_fn=gap, list_fn=lambda lg: [0.0, -1.0], link=math.exp)
-    assert scorer.score_one(torch.zeros(1, 2)) == 1.0 and scorer.raw_one(torch.zeros(1, 2)) == 0.0
-    assert scorer.score_list(torch.zeros(2, 2)) == [1.0, math.exp(-1.0)]
-    assert scorer.raw_list(torch.zeros(2, 2)) == [0.0, -1.0]
+    with pytest.raises(ValueError, match="'fast_is_log'"):
+        FunctionScorer(ratio_score, fast_is_log=True)
+    with pytest.raises(ValueError, match="'fast'"):
+        FunctionScorer(ratio_score, fast=3.0)  # type: ignore[arg-type]
+    scorer = FunctionScorer(ratio_score, fast=gaps, fast_is_log=True)
+    assert scorer.fast(torch.zeros(2, 2)) == [0.0, -1.0]
+    assert FunctionScorer(ratio_score).fast(torch.zeros(2, 2)) == [1.0, 1.0]
+    with pytest.raises(ValueError, match=r"shape \[2\]"):
+        FunctionScorer(lambda lg: lg).fast(torch.zeros(2, 2))
 
 
 def test_answer_logits_takes_the_last_position_of_a_language_model() -> None:
@@ -185,6 +234,23 @@ def test_registry_and_errors() -> None:
         GateScorer()(torch.zeros(1, 3))
 
 
+def _newton_logistic(features: np.ndarray, targets: np.ndarray, l2: float) -> np.ndarray:
+    """The gate's former solver (Newton's method, bias almost unpenalised), as a reference."""
+    x = np.hstack([features, np.ones((len(features), 1))])
+    w = np.zeros(x.shape[1])
+    reg = np.full(x.shape[1], l2)
+    reg[-1] = 1e-8
+    for _ in range(50):
+        p = 1.0 / (1.0 + np.exp(-np.clip(x @ w, -30, 30)))
+        grad = x.T @ (p - targets) / len(targets) + reg * w
+        hess = (x * (p * (1 - p))[:, None]).T @ x / len(targets) + np.diag(reg)
+        step = np.linalg.solve(hess, grad)
+        w -= step
+        if np.abs(step).max() < 1e-9:
+            break
+    return w
+
+
 def test_logistic_regression_matches_a_separable_rule() -> None:
     rng = np.random.default_rng(0)
     x = rng.normal(size=(400, 2))
@@ -195,6 +261,15 @@ def test_logistic_regression_matches_a_separable_rule() -> None:
     # One class only: still finite and predicting that class.
     w1 = fit_logistic(x, np.zeros(400))
     assert np.all(np.isfinite(w1)) and (np.hstack([x, np.ones((400, 1))]) @ w1 < 0).all()
+
+
+@pytest.mark.parametrize("l2", [1e-2, 1e-4, 1e-6])
+def test_logistic_regression_fits_what_the_newton_solver_fitted(l2: float) -> None:
+    """scikit-learn's solver reaches the former Newton solver's weights (same objective)."""
+    rng = np.random.default_rng(1)
+    x = rng.uniform(size=(600, 6))
+    y = (rng.uniform(size=600) < 1 / (1 + np.exp(-(4 * x[:, 0] - 3 * x[:, 5] - 1)))).astype(float)
+    np.testing.assert_allclose(fit_logistic(x, y, l2=l2), _newton_logistic(x, y, l2), atol=1e-4)
 
 
 def test_builtin_scores_match_their_definitions_on_random_logits() -> None:
@@ -208,20 +283,21 @@ def test_builtin_scores_match_their_definitions_on_random_logits() -> None:
         "entropy": -(p * p.log()).sum(-1) / math.log(37),
     }
     for name, want in expected.items():
-        got = make_scorer(name).score_array(logits.numpy(), 0)
+        got = score_stages(make_scorer(name), [logits])[0]
         assert got.shape == (200,)
         np.testing.assert_allclose(got, want.numpy(), atol=2e-6)
         # one row at a time gives the same scores as the whole batch
-        rows = np.concatenate(
-            [make_scorer(name).score_array(r, 0) for r in logits.numpy()[:20, None]]
-        )
+        rows = np.concatenate([score_stages(make_scorer(name), [r[None]])[0] for r in logits[:20]])
         np.testing.assert_array_equal(rows, got[:20])
 
 
-def test_callable_scorer_goes_through_score_array_with_checks() -> None:
+def test_callable_scorer_goes_through_score_stages_with_checks() -> None:
     scorer = make_scorer(lambda logits: logits[:, 0])
-    out = scorer.score_array(np.array([[1.0, 2.0], [3.0, 4.0]], dtype=np.float32), 0)
-    np.testing.assert_array_equal(out, [1.0, 3.0])
+    out = score_stages(scorer, [torch.tensor([[1.0, 2.0], [3.0, 4.0]])])
+    np.testing.assert_array_equal(out, [[1.0, 3.0]])
     bad = make_scorer(lambda logits: logits)
     with pytest.raises(ValueError, match="shape"):
-        bad.score_array(np.zeros((2, 2), dtype=np.float32), 0)
+        score_stages(bad, [torch.zeros(2, 2)])
+    nan = make_scorer(lambda logits: torch.full((logits.shape[0],), math.nan))
+    with pytest.raises(ValueError, match="NaN"):
+        score_stages(nan, [torch.zeros(2, 2)])

@@ -29,8 +29,9 @@ def test_known_cascades_are_ranked_with_exact_shares_and_costs() -> None:
         max_disagreement=0.005,
         delta=0.1,
     )
-    assert table["candidate"].tolist() == ["noisy", "good", "blind"]
-    rows = table.set_index("candidate")
+    cascades = table[table["kind"] == "cascade"]
+    assert cascades["candidate"].tolist() == ["noisy", "good", "blind"]
+    rows = cascades.set_index("candidate")
     # the unsure inputs are exactly the wrong ones: escalate those and nothing else
     assert rows.loc["noisy", "share_escalated"] == HARD / N
     assert rows.loc["noisy", "predicted_ms"] == pytest.approx(1.0 + HARD / N * 4.0)
@@ -52,16 +53,17 @@ def test_escalation_cost_replaces_the_reference_cost_for_escalated_inputs() -> N
         reference_cost=4.0,
         escalation_cost=10.0,
     )
-    assert table.loc[0, "predicted_ms"] == pytest.approx(1.0 + HARD / N * 10.0)
+    cascade = table[table["kind"] == "cascade"].iloc[0]
+    assert cascade["predicted_ms"] == pytest.approx(1.0 + HARD / N * 10.0)
 
 
 @pytest.mark.parametrize(
     ("tolerance", "order", "tied"),
     [
-        (0.0, ["noisy", "good", "blind"], [True, False, False]),
-        (0.01, ["noisy", "good", "blind"], [True, False, False]),  # 1.1 > 1.08 * 1.01
-        (0.05, ["good", "noisy", "blind"], [True, True, False]),  # tied: fewer escalations
-        (4.0, ["good", "noisy", "blind"], [True, True, True]),  # blind escalates everything
+        (0.0, ["noisy ->", "good", "good ->"], [True, False, False]),
+        (0.01, ["noisy ->", "good", "good ->"], [True, False, False]),  # 1.1 > 1.08 * 1.01
+        (0.05, ["good", "good ->", "noisy ->"], [True, True, True]),  # tied: fewer escalations
+        (4.0, ["good", "reference", "good ->"], [True, True, True]),  # alone before a cascade
     ],
 )
 def test_costs_within_the_tolerance_tie_and_fewer_escalations_win(
@@ -75,8 +77,62 @@ def test_costs_within_the_tolerance_tie_and_fewer_escalations_win(
         reference_cost=4.0,
         tolerance=tolerance,
     )
-    assert table["candidate"].tolist() == order
-    assert table["tied"].tolist() == tied
+    stages = [s.removesuffix("reference").rstrip() or "reference" for s in table["stages"]]
+    assert stages[:3] == order
+    assert table["tied"].tolist()[:3] == tied
+    # the variants that do not meet the target alone come last, cheapest first
+    assert table["stages"].tolist()[-2:] == ["blind", "noisy"]
+    assert not table["meets_target"].iloc[-2:].any()
+
+
+def test_a_variant_alone_is_a_choice_and_beats_a_slower_cascade() -> None:
+    """A cascade of one: a variant that meets the target alone is weighed like the cascades,
+    so a cascade predicted slower than it is never chosen (nor one slower than the reference)."""
+    reference, candidates = _logits()
+    steady = reference.clone()
+    steady[-2:] = torch.tensor([0.0, 5.0])  # 2 sure disagreements in 1000: meets eps = 0.01
+    table = rank_cascades(
+        {"steady": steady, "noisy": candidates["noisy"]},
+        reference,
+        costs={"steady": 1.0, "noisy": 0.95},
+        reference_cost=4.0,
+        escalation_cost=1.0,
+        decision_cost=0.1,  # noisy -> reference: 0.95 + 0.02 * 1.0 + 0.1 = 1.07
+        max_disagreement=0.01,
+    )
+    first = table.iloc[0]
+    assert (first["kind"], first["stages"], first["predicted_ms"]) == ("alone", "steady", 1.0)
+    assert first["certified"] and first["meets_target"] and first["share_escalated"] == 0.0
+    rows = table.set_index("stages")
+    assert rows.loc["noisy -> reference", "predicted_ms"] == pytest.approx(1.07)
+    assert rows.loc["steady -> reference", "predicted_ms"] == pytest.approx(1.1)  # never escalates
+    assert not rows.loc["noisy", "meets_target"]  # 2% disagreement alone
+    # Without the decision cost the cheap cascade wins (0.97 < 1.0).
+    cheap = rank_cascades(
+        {"steady": steady, "noisy": candidates["noisy"]},
+        reference,
+        costs={"steady": 1.0, "noisy": 0.95},
+        reference_cost=4.0,
+        escalation_cost=1.0,
+        max_disagreement=0.01,
+    )
+    assert cheap.iloc[0]["stages"] == "noisy -> reference"
+
+
+def test_the_reference_alone_beats_cascades_predicted_slower() -> None:
+    """Only a cheap variant that is sure where it is wrong: its cascade escalates everything
+    (4.5 ms per input) and the reference alone (4.0 ms) is the choice."""
+    reference, candidates = _logits()
+    table = rank_cascades(
+        {"blind": candidates["blind"]},
+        reference,
+        costs={"blind": 0.5},
+        reference_cost=4.0,
+        reference_name="fp32",
+    )
+    assert table["stages"].tolist() == ["fp32", "blind -> fp32", "blind"]
+    assert table.iloc[0]["kind"] == "alone" and table.iloc[0]["saving"] == 0.0
+    assert table.iloc[1]["predicted_ms"] == pytest.approx(4.5)
 
 
 def test_bad_input_is_refused_by_name() -> None:
@@ -87,6 +143,11 @@ def test_bad_input_is_refused_by_name() -> None:
         rank_cascades(
             {"good": candidates["good"]}, reference, costs={"good": -1.0}, reference_cost=4.0
         )
+    with pytest.raises(ValueError, match="'decision_cost'"):
+        rank_cascades(
+            {"good": reference}, reference, costs={"good": 1.0}, reference_cost=4.0,
+            decision_cost=-1.0,
+        )  # fmt: skip
     with pytest.raises(ValueError, match="'reference_cost'"):
         rank_cascades(
             candidates, reference, costs=dict.fromkeys(candidates, 1.0), reference_cost=float("nan")

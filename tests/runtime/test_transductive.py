@@ -16,10 +16,12 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from mpsearch.runtime import learn_then_test, losses, served_stage
+from mpsearch.runtime import learn_then_test
 from mpsearch.runtime._calibration import (
     check_test_size,
     first_violating_count,
+    losses,
+    served_stage,
     transductive_pvalues,
 )
 
