@@ -19,6 +19,8 @@ import sys
 import time
 from pathlib import Path
 
+from _tables import md_table  # benchmarks/ is the script's folder
+
 from mpsearch.pipeline import StudyConfig, run_study
 from mpsearch.report import FILES, build_report, check_rendering, find_chromium, write_report
 
@@ -79,12 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         "",
         "Each figure's box (found from the magenta placeholder rendering) in the real screenshot:",
         "",
-        "| " + " | ".join(stats.columns) + " |",
-        "|" + "|".join("---" for _ in stats.columns) + "|",
-        *[
-            "| " + " | ".join(f"{v:.3f}" if isinstance(v, float) else str(v) for v in row) + " |"
-            for row in stats.itertuples(index=False)
-        ],
+        md_table(stats.to_dict("records"), [str(c) for c in stats.columns], decimals=3),
         "",
     ]
     (RESULTS / "report.md").write_text("\n".join(lines))

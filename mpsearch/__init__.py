@@ -6,14 +6,21 @@
 """
 
 from mpsearch.backends import BACKENDS, get_backend, quantize, register_backend
-from mpsearch.cost import CostModel, measure_cost
+from mpsearch.cost import CostModel, CostOptions, measure_cost
 from mpsearch.layers import fold_batchnorm, quantizable_layers
 from mpsearch.plan import PrecisionPlan
-from mpsearch.profile import SensitivityProfile
+from mpsearch.profile import ProfileOptions, SensitivityProfile
 from mpsearch.profile import profile as profile
 from mpsearch.runtime import CalibrationReport, Controller
 from mpsearch.schemes import SCHEMES, QuantSpec, Scheme, get_scheme, register_scheme
-from mpsearch.search import Budget, SearchResult, SearchSpace, run_workers, search
+from mpsearch.search import (
+    Budget,
+    SearchOptions,
+    SearchResult,
+    SearchSpace,
+    run_workers,
+    search,
+)
 
 __version__ = "0.1.0"
 
@@ -34,9 +41,12 @@ __all__ = [
     "CalibrationReport",
     "Controller",
     "CostModel",
+    "CostOptions",
     "PrecisionPlan",
+    "ProfileOptions",
     "QuantSpec",
     "Scheme",
+    "SearchOptions",
     "SearchResult",
     "SearchSpace",
     "SensitivityProfile",

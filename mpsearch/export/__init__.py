@@ -8,7 +8,6 @@ onnx, onnxscript and onnxruntime are imported only when an ONNX file is written 
 ['onnx', 'plan', 'program', 'state_dict']
 """
 
-from mpsearch._io import atomic_path
 from mpsearch.export._artifacts import load_quantized
 from mpsearch.export._export import (
     EXPORT_FORMATS,
@@ -26,7 +25,6 @@ __all__ = [
     "ExportRecord",
     "ExportResult",
     "QDQLayer",
-    "atomic_path",
     "export_plan",
     "load_quantized",
     "onnx_refusal",

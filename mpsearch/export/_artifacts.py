@@ -27,7 +27,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from mpsearch.backends import RealLayer, get_backend, quantize
+from mpsearch._validation import check_module
+from mpsearch.backends import get_backend, quantize
+from mpsearch.backends._kernels import RealLayer
 from mpsearch.export._qdq import QDQLayer
 from mpsearch.layers import quantizable_layers, replace_layers
 from mpsearch.plan import PrecisionPlan
@@ -68,10 +70,7 @@ def load_quantized(model: nn.Module, path: str | Path) -> nn.Module:
 
     >>> qm = load_quantized(DigitsMLP(), "out/model.qstate.pt")  # doctest: +SKIP
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(
-            f"The 'model' argument must be a torch.nn.Module. Got {type(model).__name__} instead."
-        )
+    check_module(model)
     try:
         payload = torch.load(str(path), weights_only=True, map_location="cpu")
     except (OSError, RuntimeError) as exc:

@@ -14,9 +14,9 @@ from torch import nn
 
 from mpsearch._data import output_tensor, run_model
 from mpsearch._io import atomic_path
-from mpsearch._validation import invalid, unknown
-from mpsearch.backends import as_plan, check_assignment, collect_activation_ranges, get_backend
-from mpsearch.backends._quantize import PlanLike
+from mpsearch._validation import check_module, invalid, unknown
+from mpsearch.backends import collect_activation_ranges, get_backend
+from mpsearch.backends._quantize import PlanLike, as_plan, check_assignment
 from mpsearch.export._artifacts import (
     build_quantized,
     export_program,
@@ -294,6 +294,43 @@ def _formats(formats: str | Iterable[str]) -> list[str]:
     return list(dict.fromkeys(chosen))
 
 
+def _out_dir(out_dir: Any) -> Path:
+    if not isinstance(out_dir, (str, os.PathLike)):
+        raise invalid("out_dir", out_dir, "a directory path")
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise invalid("out_dir", str(out), "a directory (or a path to create); it is a file")
+    return out
+
+
+def _check_inputs(
+    example_input: Any, check_inputs: Sequence[Any] | None
+) -> tuple[tuple[Any, ...], list[tuple[Any, ...]]]:
+    """``example_input`` as call arguments, and the inputs the checks run on."""
+    args = _as_args(example_input, "example_input")
+    inputs = [args] if check_inputs is None else [_as_args(b, "check_inputs") for b in check_inputs]
+    if not inputs:
+        raise invalid("check_inputs", check_inputs, "a non-empty list of inputs or None")
+    return args, inputs
+
+
+def _write_formats(job: _Job, chosen: list[str], out: Path) -> list[ExportRecord]:
+    """Write and check each format's file (under a temporary name, then renamed)."""
+    out.mkdir(parents=True, exist_ok=True)
+    records = []
+    for fmt_name in chosen:
+        fmt = EXPORT_FORMATS[fmt_name]
+        path = out / fmt.filename
+        with atomic_path(path) as tmp:
+            check, agree, reference, notes, details = fmt.write(job, tmp)
+        records.append(
+            ExportRecord(
+                fmt_name, path, path.stat().st_size, check, agree, reference, notes, details
+            )
+        )
+    return records
+
+
 def export_plan(
     model: nn.Module,
     plan: PlanLike,
@@ -322,24 +359,14 @@ def export_plan(
     >>> res = export_plan(model, {"fc1": "w8a8"}, "out", example_input=x)  # doctest: +SKIP
     >>> res.to_frame()[["format", "bytes", "check"]]  # doctest: +SKIP
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(
-            f"The 'model' argument must be a torch.nn.Module. Got {type(model).__name__} instead."
-        )
+    check_module(model)
     plan = as_plan(plan)
-    if not isinstance(out_dir, (str, os.PathLike)):
-        raise invalid("out_dir", out_dir, "a directory path")
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise invalid("out_dir", str(out), "a directory (or a path to create); it is a file")
+    out = _out_dir(out_dir)
     chosen = _formats(formats)
     get_backend(backend)
     if not isinstance(backend, str):
         raise invalid("backend", backend, "a backend name")
-    args = _as_args(example_input, "example_input")
-    inputs = [args] if check_inputs is None else [_as_args(b, "check_inputs") for b in check_inputs]
-    if not inputs:
-        raise invalid("check_inputs", check_inputs, "a non-empty list of inputs or None")
+    args, inputs = _check_inputs(example_input, check_inputs)
     assignment = plan.resolve(model)
     was_training = model.training
     model.eval()
@@ -356,19 +383,7 @@ def export_plan(
         run_model(model, args)  # the example input must run before any file is written
         if static:
             job.ranges = collect_activation_ranges(model, calib, sorted(static), observer=observer)
-        out.mkdir(parents=True, exist_ok=True)
-        records = []
-        for fmt_name in chosen:
-            fmt = EXPORT_FORMATS[fmt_name]
-            path = out / fmt.filename
-            with atomic_path(path) as tmp:
-                check, agree, reference, notes, details = fmt.write(job, tmp)
-            records.append(
-                ExportRecord(
-                    fmt_name, path, path.stat().st_size, check, agree, reference, notes, details
-                )
-            )
-        return ExportResult(out, records)
+        return ExportResult(out, _write_formats(job, chosen, out))
     finally:
         model.train(was_training)
 

@@ -36,9 +36,11 @@ import copy
 import torch
 from torch import Tensor, nn
 
-from mpsearch.backends import SimulatedLayer
+from mpsearch.backends._simulate import SimulatedLayer
 from mpsearch.layers import layer_forward
-from mpsearch.schemes import QuantSpec, Scheme, fake_quantize, int_range, qparams, quantize_codes
+from mpsearch.schemes import QuantSpec, Scheme, fake_quantize
+from mpsearch.schemes._fakequant import qparams, quantize_codes
+from mpsearch.schemes._formats import int_range
 
 _ROUND_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 _FP8_DTYPES = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}

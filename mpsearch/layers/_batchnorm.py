@@ -8,6 +8,8 @@ import warnings
 import torch
 from torch import fx, nn
 
+from mpsearch._validation import check_module
+
 _FOLDABLE_INTO: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Linear)
 _BATCHNORMS: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d)
 
@@ -79,10 +81,7 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     >>> [type(m).__name__ for m in folded.children()]
     ['Conv2d', 'ReLU']
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(
-            f"The 'model' argument must be a torch.nn.Module. Got {type(model).__name__} instead."
-        )
+    check_module(model)
     work = copy.deepcopy(model).eval()
     try:
         gm = fx.symbolic_trace(work)

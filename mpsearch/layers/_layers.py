@@ -9,6 +9,8 @@ from typing import Any
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mpsearch._validation import check_module, wrong_type
+
 QUANTIZABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d)
 
 
@@ -16,9 +18,7 @@ def register_quantizable_type(module_type: type[nn.Module]) -> None:
     """Make layers of ``module_type`` quantizable (they need a ``weight`` and a backend handler)."""
     global QUANTIZABLE_TYPES
     if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
-        raise TypeError(
-            f"The 'module_type' argument must be an nn.Module subclass. Got {module_type!r} instead."
-        )
+        raise wrong_type("module_type", module_type, "an nn.Module subclass")
     if module_type not in QUANTIZABLE_TYPES:
         QUANTIZABLE_TYPES = (*QUANTIZABLE_TYPES, module_type)
 
@@ -36,10 +36,7 @@ def quantizable_layers(model: nn.Module, *, require: bool = True) -> dict[str, n
     >>> list(quantizable_layers(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))))
     ['0', '2']
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(
-            f"The 'model' argument must be a torch.nn.Module. Got {type(model).__name__} instead."
-        )
+    check_module(model)
     found = {name: m for name, m in model.named_modules() if name and is_quantizable(m)}
     if require and not found:
         kinds = ", ".join(t.__name__ for t in QUANTIZABLE_TYPES)

@@ -252,7 +252,7 @@ def headline(record: StudyRecord) -> dict[str, Any]:
 def controller_curve_data(frame: pd.DataFrame) -> pd.DataFrame:
     """The controller's curve: each method's per-input latency and disagreement, grouped in series.
 
-    ``frame`` has the :data:`~mpsearch.report.CONTROLLER_COLUMNS`. Methods named
+    ``frame`` has the :data:`~mpsearch.report._record.CONTROLLER_COLUMNS`. Methods named
     ``ctrl:<scorer>:<eps>`` form the series ``ctrl:<scorer>`` (one point per calibration
     target ``eps``, sorted by latency), ``static:<variant>`` rows the series ``static``
     (single plans served to every input); others are a series of their own.
@@ -279,6 +279,9 @@ def controller_curve_data(frame: pd.DataFrame) -> pd.DataFrame:
     if "epsilon" not in df.columns:
         df["epsilon"] = eps
     keep = ["series", "method", "epsilon", "latency_ms", "disagreement", "accuracy"]
+    if "note" in df.columns:  # e.g. why a target was not certifiable
+        df["note"] = df["note"].fillna("").astype(str)
+        keep.append("note")
     return df.sort_values(["series", "latency_ms"], kind="stable")[keep].reset_index(drop=True)
 
 

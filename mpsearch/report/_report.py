@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+from pandas.api.types import is_bool_dtype, is_numeric_dtype
+from pandas.io.formats.style import Styler
 
 from mpsearch._io import write_text_atomic
 from mpsearch._validation import invalid
@@ -182,32 +184,35 @@ def _fmt(value: Any, column: str = "") -> str:
     return str(value)
 
 
-def _cells(df: pd.DataFrame) -> list[list[str]]:
-    return [
-        [
-            _fmt(v.item() if hasattr(v, "item") else v, c)
-            for c, v in zip(df.columns, row, strict=True)
-        ]
-        for row in df.itertuples(index=False)
-    ]
+def _text_frame(df: pd.DataFrame) -> pd.DataFrame:
+    """``df`` with every cell formatted for display by :func:`_fmt` (numbers per column)."""
+    return pd.DataFrame(
+        {c: [_fmt(v.item() if hasattr(v, "item") else v, c) for v in df[c]] for c in df.columns},
+        columns=df.columns,
+    )
+
+
+def _alignment(column: pd.Series) -> str:
+    numeric = is_numeric_dtype(column) and not is_bool_dtype(column)
+    return "right" if numeric else "left"
 
 
 def _md_table(df: pd.DataFrame) -> str:
-    head = "| " + " | ".join(df.columns) + " |"
-    rule = "|" + "|".join("---" for _ in df.columns) + "|"
-    body = ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in _cells(df)]
-    return "\n".join([head, rule, *body])
+    """A GitHub Markdown table: numbers right-aligned, text left-aligned, ``|`` escaped."""
+    text = _text_frame(df).map(lambda cell: cell.replace("|", "\\|"))
+    align = [_alignment(df[c]) for c in df.columns]
+    return text.to_markdown(index=False, disable_numparse=True, colalign=align)
 
 
-def _html_table(df: pd.DataFrame, *, highlight: str | None = None) -> str:
-    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in df.columns)
-    rows = []
-    for raw, cells in zip(df.itertuples(index=False), _cells(df), strict=True):
-        mark = highlight is not None and bool(getattr(raw, highlight, False))
-        cls = ' class="chosen"' if mark else ""
-        tds = "".join(f"<td>{html.escape(c)}</td>" for c in cells)
-        rows.append(f"<tr{cls}>{tds}</tr>")
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+def _html_table(df: pd.DataFrame, *, name: str, highlight: str | None = None) -> str:
+    """An HTML table (cells and headers escaped) with ``id="T_<name>"``; the cells of the rows
+    where the ``highlight`` column is true get the class ``chosen``."""
+    classes = pd.DataFrame("", index=range(len(df)), columns=df.columns)
+    if highlight is not None and highlight in df.columns:
+        classes.loc[df[highlight].eq(True).to_numpy()] = "chosen"
+    styler = Styler(_text_frame(df), uuid=name, cell_ids=False)
+    styler = styler.format(escape="html").format_index(escape="html", axis=1)
+    return styler.hide(axis="index").set_td_classes(classes).to_html()
 
 
 def _headline_lines(report: Report) -> list[str]:
@@ -258,7 +263,7 @@ def _render_markdown(report: Report) -> str:
     if len(report.front):
         out += [
             "Latency here is the cost model's prediction; measured latencies are below. "
-            "`chosen` marks the plan in best_plan.json.",
+            f"`chosen` marks the plan in {FILES['best']}.",
             "",
             _md_table(report.front),
         ]
@@ -292,7 +297,7 @@ body{font-family:-apple-system,'Segoe UI',Helvetica,Arial,sans-serif;margin:24px
 h1{font-size:26px;margin-bottom:4px}h2{font-size:20px;border-bottom:1px solid #ddd;padding-bottom:4px;margin-top:28px}
 .meta{color:#666;font-size:13px}ul.headline li{margin:3px 0}
 table{border-collapse:collapse;font-size:12.5px;margin:8px 0}th,td{border:1px solid #ccc;padding:3px 7px;text-align:right}
-th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}tr.chosen td{background:#ffe9e9;font-weight:600}
+th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}td.chosen{background:#ffe9e9;font-weight:600}
 .figs{display:flex;flex-wrap:wrap;gap:14px}figure{margin:0}figure img{max-width:100%;height:auto;border:1px solid #eee}
 figcaption{font-size:12px;color:#555}code{background:#f5f5f5;padding:1px 4px}.note{color:#666;font-size:13px}
 """
@@ -351,7 +356,7 @@ def _render_html(report: Report) -> str:
         parts += [
             '<p class="note">Latency is the cost model\'s prediction; measured latencies are '
             "below. The highlighted row is the chosen plan.</p>",
-            _html_table(report.front, highlight="chosen"),
+            _html_table(report.front, name="front", highlight="chosen"),
         ]
     else:
         parts.append('<p class="note">No search results.</p>')
@@ -359,7 +364,7 @@ def _render_html(report: Report) -> str:
     if len(report.layers):
         parts += [
             f"<p><code>{html.escape(_plan_text(report))}</code></p>",
-            _html_table(report.layers),
+            _html_table(report.layers, name="layers"),
         ]
     else:
         parts.append('<p class="note">No chosen plan.</p>')
@@ -370,7 +375,7 @@ def _render_html(report: Report) -> str:
             f'<div class="figs">{_figure(report, "speedups")}</div>',
             '<p class="note">Measured on the real backend (quality on the test split, median '
             "end-to-end latency); <code>best_vs</code> = the row's latency / the chosen plan's.</p>",
-            _html_table(report.speedups),
+            _html_table(report.speedups, name="speedups"),
         ]
     else:
         parts.append(
@@ -381,7 +386,7 @@ def _render_html(report: Report) -> str:
     if report.controller is not None:
         parts += [
             f'<div class="figs">{_figure(report, "controller")}</div>',
-            _html_table(report.controller),
+            _html_table(report.controller, name="controller"),
         ]
     else:
         parts.append(f'<p class="note">{html.escape(_no_controller_text(report))}</p>')

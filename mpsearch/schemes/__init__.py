@@ -1,14 +1,20 @@
-"""Number formats, fake-quantization math, activation observers and the registry of schemes."""
+"""Number formats, fake-quantization math, activation observers and the registry of schemes.
 
-from mpsearch.schemes._fakequant import dequantize_codes, fake_quantize, qparams, quantize_codes
-from mpsearch.schemes._formats import FORMATS, NumberFormat, int_range, round_to_float_format
+>>> from mpsearch.schemes import SCHEMES, QuantSpec, Scheme
+>>> SCHEMES["w8a8"].weight.format
+'int8'
+>>> Scheme("w7", QuantSpec("int7", granularity="channel")).bits_per_weight((4, 8))
+8.0
+"""
+
+from mpsearch.schemes._fakequant import fake_quantize
+from mpsearch.schemes._formats import FORMATS
 from mpsearch.schemes._observers import (
     OBSERVERS,
     MinMaxObserver,
     MSEObserver,
     Observer,
     PercentileObserver,
-    make_observer,
 )
 from mpsearch.schemes._quantspec import QuantSpec
 from mpsearch.schemes._scheme import SCHEMES, Scheme, get_scheme, register_scheme
@@ -19,18 +25,11 @@ __all__ = [
     "SCHEMES",
     "MSEObserver",
     "MinMaxObserver",
-    "NumberFormat",
     "Observer",
     "PercentileObserver",
     "QuantSpec",
     "Scheme",
-    "dequantize_codes",
     "fake_quantize",
     "get_scheme",
-    "int_range",
-    "make_observer",
-    "qparams",
-    "quantize_codes",
     "register_scheme",
-    "round_to_float_format",
 ]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from mpsearch._validation import unknown
+from mpsearch._validation import unknown, wrong_type
 from mpsearch.schemes._fakequant import group_error
 from mpsearch.schemes._quantspec import QuantSpec
 
@@ -105,9 +105,7 @@ def register_scheme(scheme: Scheme, *, overwrite: bool = False) -> Scheme:
     'w4a16_g128'
     """
     if not isinstance(scheme, Scheme):
-        raise TypeError(
-            f"The 'scheme' argument must be a Scheme. Got {type(scheme).__name__} instead."
-        )
+        raise wrong_type("scheme", scheme, "a Scheme")
     if scheme.name in SCHEMES and not overwrite and SCHEMES[scheme.name] != scheme:
         raise ValueError(
             f"A different scheme named {scheme.name!r} is registered; pass overwrite=True."

@@ -19,7 +19,9 @@ import numpy as np
 import pandas as pd
 
 from mpsearch._validation import check_fraction, invalid
-from mpsearch.search import Budget, ChoiceTable, baseline_plans, hypervolume
+from mpsearch.search import Budget, hypervolume
+from mpsearch.search._search import baseline_plans
+from mpsearch.search._table import ChoiceTable
 
 METHODS = ("mpsearch", "uniform", "greedy", "ilp")
 _COST_AXES = ("memory_mb", "latency_ms")
@@ -50,7 +52,7 @@ def baseline_params(
     n_ilp: int = 6,
 ) -> dict[str, list[dict[str, str]]]:
     """The plans (one value per searched parameter) each baseline proposes, as
-    :func:`mpsearch.search.warm_start_params` builds them, but without removing a plan that an
+    :func:`mpsearch.search._search.warm_start_params` builds them, but without removing a plan that an
     earlier method proposed too. ``limits`` is ``(memory MB, latency ms)`` (``None``: none).
 
     ``uniform``: every layer in one scheme; ``greedy``: ``n_greedy`` points along the greedy

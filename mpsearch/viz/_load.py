@@ -14,8 +14,11 @@ from typing import Any
 import optuna
 
 from mpsearch._validation import invalid
-from mpsearch.search import ChoiceTable, ResolvedSpace, SearchResult, make_storage, safe_url
+from mpsearch.search import SearchResult, make_storage
 from mpsearch.search._fingerprint import SUMMARY_ATTR
+from mpsearch.search._space import ResolvedSpace
+from mpsearch.search._storage import safe_url
+from mpsearch.search._table import ChoiceTable
 
 
 def _space_from_summary(study: optuna.Study, summary: dict[str, Any]) -> ResolvedSpace:
@@ -44,7 +47,7 @@ def load_result(
 
     ``storage`` is a URL as for :func:`mpsearch.search` (``sqlite:///...``, a journal file,
     ``postgresql://...``) or a storage object. Objectives and budget limits are read from the
-    study. ``table`` (a :class:`~mpsearch.search.ChoiceTable` built from the same profile and
+    study. ``table`` (a :class:`~mpsearch.search._table.ChoiceTable` built from the same profile and
     cost model) gives the exact space; without it the space is rebuilt from the study's summary
     (tied layer groups named by their first layer) and the table is empty. ``fp32_memory_mb`` /
     ``fp32_latency_ms`` (the cost model's ``fp32_memory_bytes / 1e6`` and ``fp32_latency_ms``)

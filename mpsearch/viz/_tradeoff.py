@@ -2,12 +2,12 @@
 
 Every variant is run once on the same inputs; from their answers, the per-stage difficulty
 scores and the variants' measured costs, the served variant, answer and cost of any
-threshold follow (:func:`~mpsearch.runtime.served_stage`,
-:func:`~mpsearch.runtime.cascade_cost`). So a whole curve costs one pass per variant. It is
-exact for variants whose output on an input does not depend on the rest of its batch
-(weight-only, bf16, static activation ranges); with dynamic per-tensor activation scales
-(``w8a8`` without calibration data) a later stage, which serves only the escalated inputs,
-may score a few inputs slightly differently than on the full batch.
+threshold follow (``served_stage``, ``cascade_cost`` of :mod:`mpsearch.runtime._calibration`).
+So a whole curve costs one pass per variant. It is exact for variants whose output on an input
+does not depend on the rest of its batch (weight-only, bf16, static activation ranges); with
+dynamic per-tensor activation scales (``w8a8`` without calibration data) a later stage, which
+serves only the escalated inputs, may score a few inputs slightly differently than on the full
+batch.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from mpsearch._validation import invalid
-from mpsearch.runtime import cascade_cost, served_answers, served_stage
+from mpsearch.runtime._calibration import cascade_cost, served_answers, served_stage
 
 
 def cascade_arrays(controller: Any, data: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -40,17 +40,8 @@ def cascade_arrays(controller: Any, data: Any) -> tuple[np.ndarray, np.ndarray, 
         )
     logits = controller.stage_outputs(data)
     answers = np.stack([lg.argmax(-1).numpy() for lg in logits])
-    k, n = answers.shape
-    scorer = controller.scorer
-
-    def stage_scores(lg: Any, stage: int) -> np.ndarray:
-        # the serving path's scoring (float32 NumPy logits), so that thresholds route alike
-        array = lg.detach().float().cpu().numpy()
-        return np.asarray(scorer.score_array(array, stage), dtype=np.float64)
-
-    scores = (
-        np.stack([stage_scores(logits[s], s) for s in range(k - 1)]) if k > 1 else np.zeros((0, n))
-    )
+    # the scores calibration routes on, so that the curve's thresholds route alike
+    scores = np.asarray(controller.stage_scores(logits), dtype=np.float64)
     return answers, scores, costs
 
 

@@ -14,28 +14,20 @@ from __future__ import annotations
 # Importing the builder modules registers them in WORKLOADS.
 from mpsearch.workloads import _char_mlp, _digits, _resnet, _text  # noqa: F401
 from mpsearch.workloads._base import (
-    METRICS,
-    TASKS,
     WORKLOADS,
-    Task,
     Workload,
-    WorkloadBuilder,
     load_workload,
     negative_mse,
     register_workload,
-    split_indices,
     top1_accuracy,
 )
-from mpsearch.workloads._cache import CACHE_VERSION, CacheWarning, default_cache_dir
+from mpsearch.workloads._cache import CacheWarning
 from mpsearch.workloads._char_mlp import CharMLP
 from mpsearch.workloads._digits import DigitsCNN, DigitsMLP
 from mpsearch.workloads._resnet import ResNet18
 from mpsearch.workloads._text import CharTransformer
 
 __all__ = [
-    "CACHE_VERSION",
-    "METRICS",
-    "TASKS",
     "WORKLOADS",
     "CacheWarning",
     "CharMLP",
@@ -43,13 +35,9 @@ __all__ = [
     "DigitsCNN",
     "DigitsMLP",
     "ResNet18",
-    "Task",
     "Workload",
-    "WorkloadBuilder",
-    "default_cache_dir",
     "load_workload",
     "negative_mse",
     "register_workload",
-    "split_indices",
     "top1_accuracy",
 ]

@@ -8,8 +8,7 @@ import os
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ import torch
 from torch import nn
 
 from mpsearch._validation import invalid
+from mpsearch.cost._timing import threads
 
 CACHE_VERSION = 1
 """Bumped whenever a change to a builder would make previously cached weights wrong."""
@@ -77,16 +77,6 @@ def cache_path(cache_dir: Path, name: str, *, seed: int, key: str) -> Path:
     'mlp-seed0-v1-abc.pt'
     """
     return cache_dir / f"{name}-seed{seed}-v{CACHE_VERSION}-{key}.pt"
-
-
-@contextmanager
-def _threads(n: int) -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def _read(path: Path, model: nn.Module, *, name: str, seed: int, key: str) -> dict[str, Any]:
@@ -181,7 +171,7 @@ def load_or_train(
             return model, info
 
     start = time.perf_counter()
-    with torch.random.fork_rng(devices=[]), _threads(TRAIN_THREADS):
+    with torch.random.fork_rng(devices=[]), threads(TRAIN_THREADS):
         torch.manual_seed(seed)
         model = build()
         info = dict(train(model))

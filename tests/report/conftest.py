@@ -18,7 +18,8 @@ from fake_search import (
     known_quality,
 )
 
-from mpsearch.report import StudyRecord, as_record
+from mpsearch.report import StudyRecord
+from mpsearch.report._report import as_record
 from mpsearch.search import Budget, SearchSpace, search
 
 MEMORY_MB = 0.03

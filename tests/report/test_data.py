@@ -10,14 +10,12 @@ from fake_search import BITS, LAYERS, PARAMS, SENS
 from mpsearch.plan import PrecisionPlan
 from mpsearch.report import (
     StudyRecord,
-    best_uniform,
     controller_curve_data,
     front_table,
-    headline,
     layer_table,
-    plan_label,
     speedup_table,
 )
+from mpsearch.report._data import best_uniform, headline, plan_label
 
 
 def _summary(rows: list[tuple[str, float, float, float]]) -> pd.DataFrame:
@@ -157,3 +155,22 @@ def test_trials_without_a_quality_source_column_load(fake_record, tmp_path) -> N
     fake_record.save(tmp_path / "out")
     back = StudyRecord.load(tmp_path / "out")
     assert set(back.trials["quality_source"]) == {""}
+
+
+def test_public_surface_is_the_report_and_its_tables() -> None:
+    from mpsearch import report
+
+    assert sorted(report.__all__) == [
+        "FILES",
+        "Report",
+        "StudyRecord",
+        "build_report",
+        "check_rendering",
+        "controller_curve_data",
+        "find_chromium",
+        "front_table",
+        "layer_table",
+        "speedup_table",
+        "write_report",
+    ]
+    assert all(hasattr(report, name) for name in report.__all__)

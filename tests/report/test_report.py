@@ -5,19 +5,17 @@ import io
 import re
 from dataclasses import replace
 
+import pandas as pd
 import pytest
 
-from mpsearch.report import (
-    StudyRecord,
-    build_report,
-    check_rendering,
-    color_boxes,
-    find_chromium,
-    png_size,
-    region_stats,
-    screenshot,
-    write_report,
-)
+from mpsearch.report import StudyRecord, build_report, check_rendering, find_chromium, write_report
+from mpsearch.report._browser import color_boxes, region_stats, screenshot
+from mpsearch.report._report import _html_table, _md_table, png_size
+
+
+def _md_cells(line: str) -> list[str]:
+    """The cells of one Markdown table row (``\\|`` inside a cell is not a separator)."""
+    return [c.strip().replace("\\|", "|") for c in re.split(r"(?<!\\)\|", line.strip())[1:-1]]
 
 
 @pytest.fixture
@@ -29,13 +27,18 @@ def test_markdown_lists_every_front_point_and_the_chosen_plan(full_record) -> No
     report = build_report(full_record, figures=False)
     md = report.markdown()
     front_section = md.split("## Pareto front")[1].split("## Chosen plan")[0]
-    rows = [r for r in front_section.splitlines() if r.startswith("| ") and "trial" not in r]
+    header, rule, *rows = [_md_cells(r) for r in front_section.splitlines() if r.startswith("|")]
+    assert header[:3] == ["trial", "origin", "quality"] and set("".join(rule)) <= set("-:")
     assert len(rows) == len(full_record.pareto)
+    by_trial = {int(row[0]): dict(zip(header, row, strict=True)) for row in rows}
     for point in full_record.pareto.itertuples():
-        row = next(r for r in rows if r.startswith(f"| {point.trial} |"))
-        assert f"{point.quality:.4f}" in row and f"{point.memory_mb:.4f}" in row
-    chosen = [r for r in rows if "| yes |" in r]
-    assert len(chosen) == 1 and chosen[0].startswith(f"| {full_record.best.metadata['trial']} |")
+        row = by_trial[point.trial]
+        assert (
+            row["quality"] == f"{point.quality:.4f}"
+            and row["memory_mb"] == f"{point.memory_mb:.4f}"
+        )
+    chosen = [trial for trial, row in by_trial.items() if row["chosen"] == "yes"]
+    assert chosen == [full_record.best.metadata["trial"]]
     assert "uniform:w8a8" in md and "**2.50×** faster than fp32" in md
     assert "ctrl:max_softmax" in md.split("## Run-time controller")[1]
 
@@ -61,7 +64,12 @@ def test_html_is_self_contained_with_embedded_figures(full_report) -> None:
         with Image.open(io.BytesIO(png)) as image:
             assert image.convert("L").getextrema()[0] < 100  # something dark is drawn
     assert not re.search(r"https?://|<script|<link|@import|src=\"(?!data:)", page)
-    assert page.count('class="chosen"') == 1
+    front = page.split('<table id="T_front">')[1].split("</table>")[0]
+    chosen_rows = [r for r in front.split("<tr>") if re.search(r'<td class="[^"]*\bchosen\b', r)]
+    assert (
+        len(chosen_rows) == 1 and f">{full_report.record.best.metadata['trial']}<" in chosen_rows[0]
+    )
+    assert "td.chosen{" in page
 
 
 def test_missing_parts_are_said_not_drawn(fake_record, tmp_path) -> None:
@@ -152,3 +160,32 @@ def test_the_check_fails_for_blank_figures(full_report, rendered, tmp_path) -> N
     for row in stats.itertuples():
         blank_stats = region_stats(shot, (row.x0, row.y0, row.x1, row.y1))
         assert blank_stats["non_white"] < 0.01 and blank_stats["std"] < 5, (row.figure, blank_stats)
+
+
+def test_tables_escape_their_cells_and_show_missing_values_as_a_dash() -> None:
+    """HTML cells and headers are escaped, a ``|`` in a Markdown cell does not split it, NaN
+    and None read as ``–`` in both renderings, and only a true ``chosen`` (not NaN) is marked."""
+    frame = pd.DataFrame(
+        {
+            "plan": ["a<b>&c", "x|y", "z"],
+            "quality": [0.5, float("nan"), 1.0],
+            "chosen": [False, True, float("nan")],
+            "note<i>": [None, "ok", "-"],
+        }
+    )
+    page = _html_table(frame, name="t", highlight="chosen")
+    assert "<b>" not in page and "<i>" not in page
+    assert ">a&lt;b&gt;&amp;c<" in page and ">note&lt;i&gt;<" in page
+    cells = re.findall(r"<td[^>]*>(.*?)</td>", page)
+    assert cells[:8] == ["a&lt;b&gt;&amp;c", "0.5000", "", "–", "x|y", "–", "yes", "ok"]
+    rows = page.split("<tbody>")[1].split("</tr>")
+    assert [row.count(" chosen") for row in rows[:3]] == [0, 4, 0]
+
+    lines = _md_table(frame).splitlines()
+    assert [_md_cells(line) for line in lines[2:]] == [
+        ["a<b>&c", "0.5000", "", "–"],
+        ["x|y", "–", "yes", "ok"],
+        ["z", "1.0000", "–", "-"],
+    ]
+    assert _md_cells(lines[0]) == ["plan", "quality", "chosen", "note<i>"]
+    assert _md_cells(lines[1])[1].endswith(":") and _md_cells(lines[1])[0].startswith(":")

@@ -3,7 +3,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mpsearch.schemes import QuantSpec, fake_quantize, qparams, quantize_codes
+from mpsearch.schemes import QuantSpec, fake_quantize
+from mpsearch.schemes._fakequant import qparams, quantize_codes
 
 
 def test_symmetric_int8_grid_is_exact() -> None:

@@ -3,7 +3,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mpsearch.schemes import FORMATS, round_to_float_format
+from mpsearch.schemes import FORMATS
+from mpsearch.schemes._formats import round_to_float_format
 
 
 def _wide_values(fmt_max: float, n: int = 200_000) -> torch.Tensor:

@@ -3,7 +3,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mpsearch.schemes import MinMaxObserver, MSEObserver, PercentileObserver, make_observer
+from mpsearch.schemes import MinMaxObserver, MSEObserver, PercentileObserver
+from mpsearch.schemes._observers import make_observer
 
 
 def test_minmax_observer_tracks_extremes() -> None:

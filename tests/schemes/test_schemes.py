@@ -63,3 +63,27 @@ def test_scheme_dict_round_trip_and_registration() -> None:
         register_scheme(other)
     with pytest.raises(ValueError, match="'compute_dtype' argument must be one of"):
         Scheme("x", s.weight, None, "fp64")
+
+
+def test_public_surface_and_the_top_level_names() -> None:
+    import mpsearch as mps
+    from mpsearch import schemes
+
+    assert sorted(schemes.__all__) == [
+        "FORMATS",
+        "MSEObserver",
+        "MinMaxObserver",
+        "OBSERVERS",
+        "Observer",
+        "PercentileObserver",
+        "QuantSpec",
+        "SCHEMES",
+        "Scheme",
+        "fake_quantize",
+        "get_scheme",
+        "register_scheme",
+    ]
+    assert all(hasattr(schemes, name) for name in schemes.__all__)
+    assert mps.SCHEMES is SCHEMES and mps.get_scheme is get_scheme
+    assert mps.register_scheme is register_scheme and mps.Scheme is Scheme
+    assert mps.QuantSpec is schemes.QuantSpec

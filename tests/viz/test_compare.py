@@ -7,11 +7,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mpsearch.search import Budget, hypervolume, warm_start_params
-from mpsearch.viz import (
-    baseline_params,
+from mpsearch.search import Budget, hypervolume
+from mpsearch.search._search import warm_start_params
+from mpsearch.viz._compare import baseline_params, front_2d
+from mpsearch.viz.data import (
     evaluations_to_reach,
-    front_2d,
     hypervolume_reference,
     method_budget_data,
     method_fronts_data,

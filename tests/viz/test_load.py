@@ -5,7 +5,8 @@ import pandas as pd
 import pytest
 from fake_search import FakeCost
 
-from mpsearch.viz import hypervolume_data, load_result, method_hypervolume_data
+from mpsearch.viz import load_result
+from mpsearch.viz.data import hypervolume_data, method_hypervolume_data
 
 
 @pytest.fixture

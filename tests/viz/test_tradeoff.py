@@ -9,12 +9,11 @@ import torch
 from torch import nn
 
 from mpsearch.runtime import Controller
-from mpsearch.viz import (
+from mpsearch.viz import plot_controller_tradeoff, plot_variant_share
+from mpsearch.viz.data import (
     cascade_arrays,
     controller_tradeoff_data,
     difficulty_examples,
-    plot_controller_tradeoff,
-    plot_variant_share,
     variant_share_data,
 )
 

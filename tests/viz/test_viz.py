@@ -4,13 +4,8 @@ import matplotlib
 import pytest
 
 from mpsearch.plan import PrecisionPlan
-from mpsearch.viz import (
-    bit_allocation_data,
-    pareto_data,
-    plot_bit_allocation,
-    plot_hypervolume,
-    plot_pareto,
-)
+from mpsearch.viz import plot_bit_allocation, plot_hypervolume, plot_pareto
+from mpsearch.viz.data import bit_allocation_data, pareto_data
 
 matplotlib.use("Agg")
 
