@@ -12,7 +12,7 @@ They need no network: the digits come with scikit-learn, the text with Python's
 from __future__ import annotations
 
 # Importing the builder modules registers them in WORKLOADS.
-from mpsearch.workloads import _char_mlp, _digits, _resnet, _text  # noqa: F401
+from mpsearch.workloads import _char_mlp, _digits, _resnet, _text, _zoo  # noqa: F401
 from mpsearch.workloads._base import (
     WORKLOADS,
     Workload,
@@ -26,9 +26,11 @@ from mpsearch.workloads._char_mlp import CharMLP
 from mpsearch.workloads._digits import DigitsCNN, DigitsMLP
 from mpsearch.workloads._resnet import ResNet18
 from mpsearch.workloads._text import CharTransformer
+from mpsearch.workloads._zoo import ZOO
 
 __all__ = [
     "WORKLOADS",
+    "ZOO",
     "CacheWarning",
     "CharMLP",
     "CharTransformer",

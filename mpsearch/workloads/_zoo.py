@@ -1,0 +1,305 @@
+"""Other people's models: small random-initialised configs of architectures users bring.
+
+Each zoo workload is a model built from a config (no download), fixed random inputs in the
+shape the model takes (token ids with an attention mask for Hugging Face models, images for
+vision models, feature frames for the speaker encoder), and quality = top-1 agreement with the
+fp32 model's own predictions on the test inputs. Hugging Face models need the optional
+``transformers`` package (``pip install -e ".[models]"``); without it their names are still
+listed in :data:`ZOO` and :func:`zoo_workload` says what to install.
+
+>>> wl = load_workload("hf_gpt2")  # doctest: +SKIP
+>>> wl.evaluate(wl.model)  # doctest: +SKIP
+1.0
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mpsearch._data import Batch, output_tensor, run_model
+from mpsearch.workloads._base import Task, Workload, register_workload, take
+
+VOCAB = 512
+SEQ_LEN = 32
+N_TEST = 64
+
+
+@dataclass(frozen=True)
+class ZooEntry:
+    """How to build one zoo model and its inputs.
+
+    ``build(seed)`` returns the model in eval mode; ``inputs(n, generator)`` returns ``n``
+    samples as one batch (a tensor or a dict of tensors); ``needs`` names the optional
+    package the model comes from (``None``: plain PyTorch).
+    """
+
+    build: Callable[[int], nn.Module]
+    inputs: Callable[[int, torch.Generator], Batch]
+    task: Task
+    needs: str | None = None
+    note: str = ""
+
+
+def _tokens(n: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    ids = torch.randint(0, VOCAB, (n, SEQ_LEN), generator=generator)
+    mask = torch.ones(n, SEQ_LEN, dtype=torch.long)
+    lengths = torch.randint(SEQ_LEN // 2, SEQ_LEN + 1, (n,), generator=generator)
+    mask[torch.arange(SEQ_LEN)[None, :] >= lengths[:, None]] = 0  # right padding
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def _images(size: int, channels: int = 3) -> Callable[[int, torch.Generator], Batch]:
+    def make(n: int, generator: torch.Generator) -> torch.Tensor:
+        return torch.randn(n, channels, size, size, generator=generator)
+
+    return make
+
+
+def _seeded(seed: int) -> None:
+    torch.manual_seed(seed)
+
+
+def _hf(config_name: str, model_name: str, **config: Any) -> Callable[[int], nn.Module]:
+    def build(seed: int) -> nn.Module:
+        import transformers
+
+        _seeded(seed)
+        cfg = getattr(transformers, config_name)(**config)
+        return getattr(transformers, model_name)(cfg).eval()
+
+    return build
+
+
+_LM = {"vocab_size": VOCAB, "use_cache": False}
+
+ZOO: dict[str, ZooEntry] = {
+    "hf_gpt2": ZooEntry(
+        _hf(
+            "GPT2Config",
+            "GPT2LMHeadModel",
+            n_layer=2,
+            n_embd=128,
+            n_head=4,
+            n_positions=SEQ_LEN,
+            bos_token_id=0,
+            eos_token_id=0,
+            **_LM,
+        ),
+        lambda n, g: _tokens(n, g),
+        "language_model",
+        needs="transformers",
+        note="GPT-2: Conv1D projections (transposed Linear), tied embeddings",
+    ),
+    "hf_llama": ZooEntry(
+        _hf(
+            "LlamaConfig",
+            "LlamaForCausalLM",
+            num_hidden_layers=2,
+            hidden_size=128,
+            intermediate_size=256,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=SEQ_LEN,
+            tie_word_embeddings=True,
+            bos_token_id=0,
+            eos_token_id=0,
+            pad_token_id=0,
+            **_LM,
+        ),
+        lambda n, g: _tokens(n, g),
+        "language_model",
+        needs="transformers",
+        note="Llama-style causal LM (GQA, RMSNorm, SwiGLU), tied embeddings",
+    ),
+    "hf_qwen2": ZooEntry(
+        _hf(
+            "Qwen2Config",
+            "Qwen2ForCausalLM",
+            num_hidden_layers=2,
+            hidden_size=128,
+            intermediate_size=256,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=SEQ_LEN,
+            tie_word_embeddings=True,
+            bos_token_id=0,
+            eos_token_id=0,
+            pad_token_id=0,
+            **_LM,
+        ),
+        lambda n, g: _tokens(n, g),
+        "language_model",
+        needs="transformers",
+        note="Qwen2 causal LM (q/k/v biases), tied embeddings",
+    ),
+    "hf_bert": ZooEntry(
+        _hf(
+            "BertConfig",
+            "BertForSequenceClassification",
+            num_hidden_layers=2,
+            hidden_size=128,
+            intermediate_size=256,
+            num_attention_heads=4,
+            max_position_embeddings=SEQ_LEN,
+            vocab_size=VOCAB,
+            num_labels=4,
+            pad_token_id=0,
+        ),
+        lambda n, g: _tokens(n, g),
+        "classification",
+        needs="transformers",
+        note="BERT sequence classifier",
+    ),
+}
+
+
+class FlagNet(nn.Module):
+    """Research-code style: ``forward(x, embed=False)`` with one ``if embed:`` branch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 16, 3, padding=1)  # fan-in 9: below any 4-bit group
+        self.conv2 = nn.Conv2d(16, 16, 3, padding=1, groups=4)  # grouped
+        self.conv3 = nn.Conv2d(16, 16, 3, padding=1, groups=16)  # depthwise
+        self.fc = nn.Linear(16, 8)
+
+    def forward(self, x: torch.Tensor, embed: bool = False) -> torch.Tensor:
+        x = torch.relu(self.conv1(x))
+        x = torch.relu(self.conv2(x))
+        x = torch.relu(self.conv3(x)).mean((2, 3))
+        if embed:
+            return x
+        return self.fc(x)
+
+
+class SpeakerEncoder(nn.Module):
+    """A speaker encoder: 3-layer LSTM over feature frames, then one Linear (most weights in
+    the LSTM)."""
+
+    def __init__(self, n_mels: int = 40, hidden: int = 128, embed: int = 64) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(n_mels, hidden, num_layers=3, batch_first=True)
+        self.proj = nn.Linear(hidden, embed)
+
+    def forward(self, frames: torch.Tensor) -> torch.Tensor:
+        out, _ = self.lstm(frames)
+        return self.proj(out[:, -1])
+
+
+class AttentionNet(nn.Module):
+    """Patch embedding + ``nn.MultiheadAttention`` (bare ``in_proj_weight``, ``out_proj`` a
+    ``Linear`` subclass) + classifier."""
+
+    def __init__(self, dim: int = 64, classes: int = 10) -> None:
+        super().__init__()
+        self.patch = nn.Conv2d(3, dim, 4, stride=4)
+        self.attn = nn.MultiheadAttention(dim, 4, batch_first=True)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.patch(x).flatten(2).transpose(1, 2)
+        mixed, _ = self.attn(tokens, tokens, tokens, need_weights=False)
+        return self.head((tokens + mixed).mean(1))
+
+
+def _plain(cls: type[nn.Module]) -> Callable[[int], nn.Module]:
+    def build(seed: int) -> nn.Module:
+        _seeded(seed)
+        return cls().eval()
+
+    return build
+
+
+ZOO.update(
+    {
+        "flag_net": ZooEntry(
+            _plain(FlagNet),
+            _images(16, channels=1),
+            "classification",
+            note="forward(x, embed=False) with an if; 1-channel, grouped and depthwise convs",
+        ),
+        "speaker_lstm": ZooEntry(
+            _plain(SpeakerEncoder),
+            lambda n, g: torch.randn(n, 20, 40, generator=g),
+            "classification",
+            note="3-layer LSTM + Linear",
+        ),
+        "attention_net": ZooEntry(
+            _plain(AttentionNet),
+            _images(32),
+            "classification",
+            note="nn.MultiheadAttention",
+        ),
+    }
+)
+"""Zoo models by name (registered as workloads of the same name)."""
+
+
+def zoo_available(name: str) -> bool:
+    """Whether the optional package zoo model ``name`` needs is installed."""
+    needs = ZOO[name].needs
+    return needs is None or importlib.util.find_spec(needs) is not None
+
+
+def _predictions(model: nn.Module, batches: list[Batch], task: Task) -> list[torch.Tensor]:
+    with torch.inference_mode():
+        outs = [output_tensor(run_model(model, b)) for b in batches]
+    if task == "language_model":
+        return [o.argmax(-1) for o in outs]
+    return [o.reshape(o.shape[0], -1).argmax(-1) for o in outs]
+
+
+def zoo_workload(
+    name: str, *, seed: int = 0, n_calib: int = 64, n_test: int | None = None, batch_size: int = 16
+) -> Workload:
+    """The zoo model ``name`` as a :class:`Workload`: fixed random inputs (calibration and test
+    drawn from one generator seeded with ``seed``), quality = agreement with its fp32 outputs."""
+    entry = ZOO[name]
+    if not zoo_available(name):
+        raise ModuleNotFoundError(
+            f"The zoo model {name!r} needs the optional package {entry.needs!r}: "
+            f"pip install -e '.[models]'."
+        )
+    model = entry.build(seed)
+    generator = torch.Generator().manual_seed(seed + 1)
+    n_test = take("n_test", n_test, 4096, default=N_TEST)
+
+    def batches(n: int) -> list[Batch]:
+        sizes = [min(batch_size, n - i) for i in range(0, n, batch_size)]
+        return [entry.inputs(size, generator) for size in sizes]
+
+    calib, test = batches(n_calib), batches(n_test)
+    reference = _predictions(model, test, entry.task)
+    workload = Workload(
+        name=name,
+        model=model,
+        calib=calib,
+        test=test,
+        test_labels=None,
+        example_input=test[0],
+        task=entry.task,
+        reference=reference,
+        info={"source": entry.needs or "torch", "note": entry.note, "seed": seed},
+    )
+    workload.info["fp32_quality"] = workload.evaluate(model)
+    return workload
+
+
+def _register(name: str) -> None:
+    @register_workload(name)
+    def build(
+        *, seed: int, cache_dir: Path, n_calib: int, n_test: int | None, batch_size: int
+    ) -> Workload:
+        del cache_dir  # nothing trained, nothing cached
+        return zoo_workload(name, seed=seed, n_calib=n_calib, n_test=n_test, batch_size=batch_size)
+
+
+for _name in ZOO:
+    _register(_name)
