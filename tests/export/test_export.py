@@ -395,22 +395,3 @@ def test_export_leaves_the_models_mode_and_import_mpsearch_registers_no_export_o
         timeout=120,
     )
     assert done.stdout.strip() == "False", done.stderr[-2000:]
-
-
-def test_public_surface_and_the_top_level_export_plan() -> None:
-    from mpsearch import export
-
-    assert sorted(export.__all__) == [
-        "EXPORT_FORMATS",
-        "ExportFormat",
-        "ExportRecord",
-        "ExportResult",
-        "ONNX_ACCEPTED",
-        "QDQLayer",
-        "export_plan",
-        "load_quantized",
-        "onnx_refusal",
-        "to_qdq",
-    ]
-    assert all(hasattr(export, name) for name in export.__all__)
-    assert mps.export_plan is export_plan

@@ -155,22 +155,3 @@ def test_trials_without_a_quality_source_column_load(fake_record, tmp_path) -> N
     fake_record.save(tmp_path / "out")
     back = StudyRecord.load(tmp_path / "out")
     assert set(back.trials["quality_source"]) == {""}
-
-
-def test_public_surface_is_the_report_and_its_tables() -> None:
-    from mpsearch import report
-
-    assert sorted(report.__all__) == [
-        "FILES",
-        "Report",
-        "StudyRecord",
-        "build_report",
-        "check_rendering",
-        "controller_curve_data",
-        "find_chromium",
-        "front_table",
-        "layer_table",
-        "speedup_table",
-        "write_report",
-    ]
-    assert all(hasattr(report, name) for name in report.__all__)

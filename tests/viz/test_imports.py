@@ -51,36 +51,3 @@ def test_pareto_figure_without_plotly_says_how_to_get_it() -> None:
     res = fake_result()
     with pytest.raises(ImportError, match="pip install plotly"):
         pareto_figure(res)
-
-
-def test_public_surface_is_the_drawing_functions_and_their_data() -> None:
-    from mpsearch import viz
-
-    assert sorted(viz.__all__) == [
-        "data",
-        "have_plotly",
-        "load_result",
-        "pareto_figure",
-        "plot_bit_allocation",
-        "plot_controller_tradeoff",
-        "plot_hypervolume",
-        "plot_method_fronts",
-        "plot_pareto",
-        "plot_variant_share",
-    ]
-    assert sorted(viz.data.__all__) == [
-        "bit_allocation_data",
-        "cascade_arrays",
-        "controller_tradeoff_data",
-        "difficulty_examples",
-        "evaluations_to_reach",
-        "hypervolume_data",
-        "hypervolume_reference",
-        "method_budget_data",
-        "method_fronts_data",
-        "method_hypervolume_data",
-        "pareto_data",
-        "variant_share_data",
-    ]
-    for module in (viz, viz.data):
-        assert all(callable(getattr(module, n)) or n == "data" for n in module.__all__)

@@ -335,23 +335,3 @@ def test_top1_accuracy_per_token() -> None:
     logits[0, 0, 1] = 1.0
     logits[0, 1, 2] = 1.0
     assert top1_accuracy(nn.Identity(), [logits], [torch.tensor([[1, 0]])]) == 0.5
-
-
-def test_public_surface_is_loading_registering_measuring_and_the_models() -> None:
-    from mpsearch import workloads
-
-    assert sorted(workloads.__all__) == [
-        "CacheWarning",
-        "CharMLP",
-        "CharTransformer",
-        "DigitsCNN",
-        "DigitsMLP",
-        "ResNet18",
-        "WORKLOADS",
-        "Workload",
-        "load_workload",
-        "negative_mse",
-        "register_workload",
-        "top1_accuracy",
-    ]
-    assert all(hasattr(workloads, name) for name in workloads.__all__)
