@@ -38,6 +38,7 @@ from mpsearch.backends._kernels import (
     conv_int8_check,
     fbgemm_int8_linear_preferred,
 )
+from mpsearch.layers._layers import standard_form
 from mpsearch.schemes import Scheme
 
 
@@ -62,6 +63,20 @@ CPU_KERNELS: KernelTable = {
     (nn.Conv2d, "w8a8"): Kernel(Int8Conv, "oneDNN qconv_pointwise, channels-last", conv_int8_check),
     (nn.Linear, "w8a16"): Kernel(Int8WeightOnlyLinear, "aten._weight_int8pack_mm (bf16 x s8)"),
     (nn.Linear, "w4a16"): Kernel(Int4WeightOnlyLinear, "aten._weight_int4pack_mm_for_cpu"),
+    (nn.Linear, "w4a16_pc"): Kernel(
+        Int4WeightOnlyLinear, "aten._weight_int4pack_mm_for_cpu, the channel's scale repeated per group"
+    ),
+    **{
+        (kind, "w4a8_pc"): Kernel(
+            build, "the w8a8 kernels on 4-bit codes held in int8: the scheme's arithmetic, "
+            "int8 memory and speed", check,
+        )
+        for kind, build, check in (
+            (nn.Linear, _int8_linear, None),
+            (nn.Conv1d, Int8Conv, conv_int8_check),
+            (nn.Conv2d, Int8Conv, conv_int8_check),
+        )
+    },
 }  # fmt: skip
 
 _MISSING: dict[str, str] = {
@@ -71,6 +86,11 @@ _MISSING: dict[str, str] = {
     "w4a8": "no int4 x int8 kernel on CPU",
     "w8a16": "no weight-only convolution kernel on CPU",
     "w4a16": "no weight-only convolution kernel on CPU",
+    "w4a16_pc": "no weight-only convolution kernel on CPU",
+    "w4a4": "no int4 x int4 kernel on CPU",
+    "w4a4_pc": "no int4 x int4 kernel on CPU",
+    "w2a16_pc": "no 2-bit kernel on CPU",
+    "fp4_pc": "no fp4 matmul kernel on CPU",
 }
 
 
@@ -88,7 +108,9 @@ def register_cpu_kernel(layer_type: type[nn.Module], scheme: str, kernel: Kernel
 
 class CpuBackend(KernelBackend):
     """Real kernels on the CPU: ``fp32``, ``bf16``, ``fp16`` and ``w8a8`` for Linear, Conv1d and
-    Conv2d; ``w8a16`` and ``w4a16`` weight-only for Linear. Every other scheme is refused.
+    Conv2d; ``w8a16``, ``w4a16`` and ``w4a16_pc`` weight-only for Linear (HF ``Conv1D`` runs as
+    a Linear); ``w4a8_pc`` on the int8 kernels (4-bit codes, 8-bit storage). Every other scheme
+    is refused.
 
     >>> import torch
     >>> from mpsearch.schemes import get_scheme
@@ -102,6 +124,15 @@ class CpuBackend(KernelBackend):
 
     def missing_reason(self, layer_type: type[nn.Module], scheme: Scheme) -> str | None:
         return _MISSING.get(scheme.name)
+
+    # Layers quantizable by behaviour (HF Conv1D) run as their standard layer (a Linear).
+    def unsupported_reason(self, layer: nn.Module, scheme: Scheme) -> str | None:
+        return super().unsupported_reason(standard_form(layer), scheme)
+
+    def quantize_layer(
+        self, layer: nn.Module, scheme: Scheme, *, act_range: tuple[float, float] | None = None
+    ) -> nn.Module:
+        return super().quantize_layer(standard_form(layer), scheme, act_range=act_range)
 
 
 __all__ = ["CPU_KERNELS", "CpuBackend", "register_cpu_kernel"]

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mpsearch.backends._registry import Backend
@@ -155,14 +156,17 @@ def int8_kernel_scheme(scheme: Scheme) -> Scheme:
     the weight's bit rather than the activation's (PyTorch's x86 ``reduce_range``) halved the
     disagreement with fp32 of the char-MLP workload (4.3% -> 1.9%, 3,000 test inputs): weights
     are scaled per channel, activations per tensor. ``simulate`` keeps the scheme's 8 bits.
+    Narrower weights (``w4a8_pc``'s 4-bit codes, ``2 * 255 * 7``) cannot overflow: unchanged.
 
     >>> from mpsearch.schemes import get_scheme
     >>> int8_kernel_scheme(get_scheme("w8a8")).weight.format in ("int8", "int7")
     True
+    >>> int8_kernel_scheme(get_scheme("w4a8_pc")).weight.format
+    'int4'
     """
     if scheme.activation is None:
         raise ValueError(f"Scheme {scheme.name!r} does not quantize activations.")
-    if not onednn_u8s8_saturates():
+    if not onednn_u8s8_saturates() or scheme.weight.fmt.bits < 8:
         return scheme
     return dataclasses.replace(scheme, weight=dataclasses.replace(scheme.weight, format="int7"))
 
@@ -451,34 +455,47 @@ class Int8WeightOnlyLinear(RealLayer):
         return y.reshape(*shape[:-1], self.out_features).to(out_dtype)
 
 
+INT4_KERNEL_GROUPS = (256, 128, 64, 32)
+"""Group sizes ``aten._weight_int4pack_mm_for_cpu`` takes."""
+
+
 class Int4WeightOnlyLinear(RealLayer):
-    """``w4a16`` Linear: int4 asymmetric grouped weights, bf16 activations,
-    ``aten._weight_int4pack_mm_for_cpu``.
+    """``w4a16`` / ``w4a16_pc`` Linear: int4 asymmetric weights (groups of 32, or one scale per
+    output channel), bf16 activations, ``aten._weight_int4pack_mm_for_cpu``.
 
     The kernel dequantizes as ``(q - 8) * scale + offset`` with a bf16 ``offset``; the
     scheme's integer zero point ``z`` becomes ``offset = (8 - z) * scale`` (rounded to bf16,
     the one difference from the scheme). Output rows are padded to a multiple of 16 (a kernel
     requirement); the padding's bytes are counted.
+
+    The kernel only takes groups of 32 to 256 inputs, so a per-channel weight runs as groups
+    (the largest of :data:`INT4_KERNEL_GROUPS` that divides the padded fan-in) that all repeat
+    the channel's scale and offset, with its fan-in zero-padded to a multiple of 32 (and each
+    input with it, per call). The repeated scales and the padding are stored, and counted.
     """
 
     def __init__(self, layer: nn.Linear, scheme: Scheme, *, act_range: ActRange = None) -> None:
         super().__init__()
         self.scheme_name = scheme.name
-        group = scheme.weight.group_size
-        assert group is not None
-        self.group_size = group
         n, k = layer.weight.shape
         self.out_features, self.in_features = n, k
         codes, scale, zero = _weight_codes(layer.weight, scheme)
         assert zero is not None
         codes = codes.reshape(n, k).to(torch.int32)
-        scale = scale.reshape(n, k // group)
-        offset = (8.0 - zero.reshape(n, k // group)) * scale
+        scale = scale.reshape(n, -1)
+        offset = (8.0 - zero.reshape(n, -1)) * scale
+        self.k_pad = -k % 32 if scheme.weight.granularity == "channel" else 0
+        kp = k + self.k_pad
+        group = scheme.weight.group_size or next(g for g in INT4_KERNEL_GROUPS if kp % g == 0)
+        self.group_size = group
+        if scheme.weight.granularity == "channel":
+            codes = torch.cat([codes, torch.full((n, self.k_pad), 8, dtype=torch.int32)], dim=1)
+            scale, offset = scale.expand(n, kp // group), offset.expand(n, kp // group)
         n_pad = -n % 16
         if n_pad:
-            codes = torch.cat([codes, torch.full((n_pad, k), 8, dtype=torch.int32)])
-            scale = torch.cat([scale, torch.ones(n_pad, k // group)])
-            offset = torch.cat([offset, torch.zeros(n_pad, k // group)])
+            codes = torch.cat([codes, torch.full((n_pad, kp), 8, dtype=torch.int32)])
+            scale = torch.cat([scale, torch.ones(n_pad, kp // group)])
+            offset = torch.cat([offset, torch.zeros(n_pad, kp // group)])
         self.register_buffer(
             "weight_int4", torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.contiguous(), 1)
         )
@@ -490,6 +507,8 @@ class Int4WeightOnlyLinear(RealLayer):
         out_dtype = x.dtype
         shape = x.shape
         x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        if self.k_pad:
+            x2 = F.pad(x2, (0, self.k_pad))
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(
             x2, self.weight_int4, self.group_size, self.scales_and_zeros
         )

@@ -10,9 +10,10 @@ import torch
 from torch import nn
 
 from mpsearch._data import as_batches, run_model
-from mpsearch._validation import check_module, invalid
+from mpsearch._validation import check_module, invalid, unknown
 from mpsearch.backends._registry import Backend, get_backend
 from mpsearch.layers import quantizable_layers, replace_layers
+from mpsearch.layers._layers import standard_form, watched
 from mpsearch.plan import PrecisionPlan
 from mpsearch.schemes import Observer, get_scheme
 from mpsearch.schemes._observers import make_observer
@@ -41,9 +42,8 @@ def check_assignment(model: nn.Module, assignment: Mapping[str, str], backend: B
     for name, scheme_name in assignment.items():
         scheme = get_scheme(scheme_name)
         layer = layers[name]
-        why = scheme.applicability_error(tuple(layer.weight.shape)) or backend.unsupported_reason(
-            layer, scheme
-        )
+        shape = tuple(standard_form(layer).weight.shape)
+        why = scheme.applicability_error(shape) or backend.unsupported_reason(layer, scheme)
         if why:
             problems.append(f"  {name} ({type(layer).__name__}) in {scheme_name!r}: {why}")
     if problems:
@@ -66,25 +66,18 @@ def collect_activation_ranges(
 ) -> dict[str, tuple[float, float]]:
     """Run ``calib`` through ``model`` (full precision) and observe each layer's input range."""
     batches = as_batches(calib, argument="calib")
-    modules = quantizable_layers(model)
+    known = quantizable_layers(model)
     observers = {name: make_observer(observer) for name in layers}
+    for name in observers:
+        if name not in known:
+            raise unknown("layers", name, list(known))
     if isinstance(observer, Observer) and len(observers) > 1:
         raise invalid(
             "observer", observer, "an observer name or factory when several layers are observed"
         )
-    handles = [
-        modules[name].register_forward_pre_hook(
-            lambda _m, args, _n=name: observers[_n].update(args[0])
-        )
-        for name in observers
-    ]
-    try:
-        with torch.inference_mode():
-            for batch in batches:
-                run_model(model, batch)
-    finally:
-        for h in handles:
-            h.remove()
+    with torch.inference_mode(), watched(model, {n: observers[n].update for n in observers}):
+        for batch in batches:
+            run_model(model, batch)
     return {name: obs.range() for name, obs in observers.items()}
 
 

@@ -7,6 +7,7 @@ from torch import Tensor, nn
 
 from mpsearch.backends._registry import Backend
 from mpsearch.layers import layer_forward
+from mpsearch.layers._layers import standard_form
 from mpsearch.schemes import Scheme, fake_quantize
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -25,6 +26,7 @@ class SimulatedLayer(nn.Module):
         super().__init__()
         self.scheme = scheme
         self.layer_type = type(layer).__name__
+        layer = standard_form(layer)  # HF Conv1D: a Linear on its transposed weight
         self.inner = layer
         self.compute_dtype = _DTYPES[scheme.compute_dtype]
         with torch.no_grad():

@@ -2,7 +2,7 @@
 latency model for whole plans, and its check against real end-to-end runs."""
 
 from mpsearch.cost._cache import CostCacheWarning
-from mpsearch.cost._model import CostModel, measure_cost
+from mpsearch.cost._model import CostModel, held_bytes, measure_cost
 from mpsearch.cost._options import CostOptions
 from mpsearch.cost._timing import TIMERS, clock, cpu_model, median_ms, threads
 
@@ -13,6 +13,7 @@ __all__ = [
     "CostOptions",
     "clock",
     "cpu_model",
+    "held_bytes",
     "measure_cost",
     "median_ms",
     "threads",

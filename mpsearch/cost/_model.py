@@ -17,12 +17,14 @@ from torch import nn
 from mpsearch._data import Batch, run_model
 from mpsearch._validation import check_module, invalid
 from mpsearch.backends import Backend, get_backend, quantize, storage_bytes
-from mpsearch.backends._kernels import KernelBackend
+from mpsearch.backends._kernels import KernelBackend, RealLayer
 from mpsearch.backends._quantize import PlanLike, as_plan
+from mpsearch.backends._simulate import SimulatedLayer
 from mpsearch.cost._cache import cache_key, read_cache, write_cache
 from mpsearch.cost._options import CostOptions
 from mpsearch.cost._timing import device_name, median_ms, threads
 from mpsearch.layers import quantizable_layers
+from mpsearch.layers._layers import standard_form, watched
 from mpsearch.plan import PrecisionPlan
 from mpsearch.schemes import Scheme, get_scheme
 
@@ -37,6 +39,7 @@ def ideal_layer_bytes(layer: nn.Module, scheme: Scheme) -> int:
     >>> ideal_layer_bytes(nn.Linear(64, 32), get_scheme("w8a8"))   # 2048 + 32 fp32 scales + bias
     2304
     """
+    layer = standard_form(layer)
     weight_bytes = math.ceil(scheme.weight_storage_bits(tuple(layer.weight.shape)) / 8)
     bias = getattr(layer, "bias", None)
     bias_bytes = 0 if bias is None else bias.numel() * _BYTES[scheme.compute_dtype]
@@ -47,6 +50,67 @@ def _own_bytes(layer: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in [*layer.parameters(), *layer.buffers()])
 
 
+def _storage_key(t: torch.Tensor) -> int:
+    return t.data_ptr() if t.layout == torch.strided and t.numel() else id(t)
+
+
+def held_bytes(model: nn.Module) -> int:
+    """Bytes ``model`` (e.g. what ``quantize`` returns) stores: every parameter, buffer and
+    packed kernel tensor, each storage once (by ``data_ptr``: tied weights once).
+
+    A ``simulate`` layer counts as the bytes its scheme stores (:func:`ideal_layer_bytes`): its
+    fake-quantized float weight and the full-precision layer it wraps are simulation
+    scaffolding, counted only where another module holds them too (a tied embedding).
+
+    >>> held_bytes(nn.Linear(4, 2))   # 8 weights + 2 biases in float32
+    40
+    """
+    seen: set[int] = set()
+    total = 0
+    for module in _modules_outside_simulated(model):
+        if isinstance(module, SimulatedLayer):
+            total += ideal_layer_bytes(module.inner, module.scheme)
+            continue
+        tensors = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
+        if isinstance(module, RealLayer):
+            tensors += module.packed_tensors().values()
+        for t in tensors:
+            if _storage_key(t) not in seen:
+                seen.add(_storage_key(t))
+                total += t.numel() * t.element_size()
+    return total
+
+
+def _modules_outside_simulated(model: nn.Module) -> list[nn.Module]:
+    """Every module once, a ``SimulatedLayer`` included but not its insides."""
+    found: dict[int, nn.Module] = {}
+    stack = [model]
+    while stack:
+        module = stack.pop()
+        if id(module) in found:
+            continue
+        found[id(module)] = module
+        if not isinstance(module, SimulatedLayer):
+            stack.extend(module.children())
+    return list(found.values())
+
+
+def _storage_layout(model: nn.Module, layers: Sequence[str]) -> tuple[int, list[list[Any]]]:
+    """How the fp32 model's stored bytes split: the bytes of storages some module other than
+    ``layers`` holds (they stay whatever the plan), and ``[bytes, [layer names]]`` of each
+    storage only those layers hold (it stays while one of them is not replaced)."""
+    holders: dict[int, set[str]] = {}
+    sizes: dict[int, int] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        for t in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
+            holders.setdefault(_storage_key(t), set()).add(name)
+            sizes[_storage_key(t)] = t.numel() * t.element_size()
+    chosen = set(layers)
+    rest = sum(sizes[k] for k, names in holders.items() if not names <= chosen)
+    only_layers = [[sizes[k], sorted(names)] for k, names in holders.items() if names <= chosen]
+    return rest, only_layers
+
+
 def _capture_inputs(
     model: nn.Module, example_input: Batch, names: Sequence[str]
 ) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
@@ -54,21 +118,16 @@ def _capture_inputs(
     inputs: dict[str, torch.Tensor] = {}
     calls = dict.fromkeys(names, 0)
 
-    def hook(name: str):
-        def pre(_m: nn.Module, args: tuple[Any, ...]) -> None:
+    def record(name: str):
+        def seen(x: torch.Tensor) -> None:
             calls[name] += 1
             if name not in inputs:
-                inputs[name] = args[0].detach().clone(memory_format=torch.preserve_format)
+                inputs[name] = x.detach().clone(memory_format=torch.preserve_format)
 
-        return pre
+        return seen
 
-    handles = [model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
-    try:
-        with torch.inference_mode():
-            run_model(model, example_input)
-    finally:
-        for h in handles:
-            h.remove()
+    with torch.inference_mode(), watched(model, {n: record(n) for n in names}):
+        run_model(model, example_input)
     never = [n for n in names if calls[n] == 0]
     if never:
         raise ValueError(
@@ -102,6 +161,7 @@ class CostModel:
         example_input: Batch,
         backend: Backend,
         rest_bytes: int,
+        layer_storages: list[list[Any]],
         fp32_memory_bytes: int,
         fp32_latency_ms: float,
         fit: dict[str, Any],
@@ -113,6 +173,7 @@ class CostModel:
         self.example_input = example_input
         self.backend = backend
         self.rest_bytes = rest_bytes
+        self.layer_storages = [(int(size), frozenset(names)) for size, names in layer_storages]
         self.fp32_memory_bytes = fp32_memory_bytes
         self.fp32_latency_ms = fp32_latency_ms
         self.intercept_ms = float(fit["intercept_ms"])
@@ -159,9 +220,19 @@ class CostModel:
         return {n: s for n, s in resolved.items() if n in self.layers}
 
     def memory_bytes(self, plan: PlanLike) -> int:
-        """Exact bytes of the quantized model's tensors under ``plan``."""
+        """Exact bytes of the quantized model's tensors under ``plan`` (:func:`held_bytes` of
+        ``quantize(model, plan, backend)``), each stored tensor once.
+
+        The layers the backend replaces (every planned layer on a real backend, the non-fp32
+        ones on ``simulate``) count their quantized bytes; the model's own tensors count once
+        while any module still holds them: a weight tied between ``lm_head`` and the
+        embedding is held twice once ``lm_head`` is quantized (its copy and the embedding's).
+        """
         chosen = self.assignment(plan)
-        return int(self.rest_bytes + sum(self._memory[(n, s)] for n, s in chosen.items()))
+        replaced = {n for n, s in chosen.items() if self.backend.real or s != "fp32"}
+        kept = sum(size for size, names in self.layer_storages if not names <= replaced)
+        layers = sum(self._memory[(n, chosen[n])] for n in replaced)
+        return int(self.rest_bytes + kept + layers)
 
     def memory_mb(self, plan: PlanLike) -> float:
         """:meth:`memory_bytes` in MB (10**6 bytes)."""
@@ -300,6 +371,7 @@ def measure_cost(
         example_input=example_input,
         backend=impl,
         rest_bytes=payload["rest_bytes"],
+        layer_storages=payload["layer_storages"],
         fp32_memory_bytes=payload["fp32_memory_bytes"],
         fp32_latency_ms=payload["fp32_latency_ms"],
         fit=payload["fit"],
@@ -352,6 +424,7 @@ def _cache_key(
                 for n, shape, calls in shapes
             ],
             "model_bytes": storage_bytes(model),
+            "memory_layout": "shared storages",  # caches before tied weights were split are stale
             "repeats": opts.repeats,
             "warmup": opts.warmup,
             # a new kernel is a new measurement
@@ -378,14 +451,15 @@ class _Job:
         all_layers = quantizable_layers(self.model)
         rows = [self.row(all_layers[n], n, s) for n in self.names for s in self.schemes]
         table = pd.DataFrame(rows, columns=COLUMNS)
-        measured_layers_bytes = sum(_own_bytes(all_layers[n]) for n in self.names)
-        fp32_memory = storage_bytes(self.model)
+        rest_bytes, layer_storages = _storage_layout(self.model, self.names)
+        fp32_memory = held_bytes(self.model)
         return {
             "rows": [
                 [None if isinstance(v, float) and math.isnan(v) else v for v in r]
                 for r in table.itertuples(index=False)
             ],
-            "rest_bytes": int(fp32_memory - measured_layers_bytes),
+            "rest_bytes": rest_bytes,
+            "layer_storages": layer_storages,
             "fp32_memory_bytes": int(fp32_memory),
             "fp32_latency_ms": float(_time_model(self.model, self.example_input, self.settings)),
             "fit": _fit(self.uniform_points(table)),
@@ -394,9 +468,8 @@ class _Job:
     def row(self, layer: nn.Module, name: str, scheme: Scheme) -> list[Any]:
         """``[layer, scheme, memory_bytes, latency_ms, supported, reason]`` of one pair."""
         impl = self.impl
-        why = scheme.applicability_error(tuple(layer.weight.shape)) or impl.unsupported_reason(
-            layer, scheme
-        )
+        shape = tuple(standard_form(layer).weight.shape)
+        why = scheme.applicability_error(shape) or impl.unsupported_reason(layer, scheme)
         if why:
             return [name, scheme.name, None, None, False, why]
         if impl.real:
@@ -440,4 +513,4 @@ class _Job:
         return points
 
 
-__all__ = ["COLUMNS", "CostModel", "ideal_layer_bytes", "measure_cost"]
+__all__ = ["COLUMNS", "CostModel", "held_bytes", "ideal_layer_bytes", "measure_cost"]

@@ -1,6 +1,8 @@
-"""Finding quantizable layers by their ``named_modules()`` names, swapping them in and out."""
+"""Finding quantizable layers by their ``named_modules()`` names, swapping them in and out,
+and how much of a model they cover (:func:`coverage`)."""
 
 from mpsearch.layers._batchnorm import fold_batchnorm
+from mpsearch.layers._coverage import Coverage, LeftOut, coverage
 from mpsearch.layers._layers import (
     QUANTIZABLE_TYPES,
     is_quantizable,
@@ -13,6 +15,9 @@ from mpsearch.layers._layers import (
 
 __all__ = [
     "QUANTIZABLE_TYPES",
+    "Coverage",
+    "LeftOut",
+    "coverage",
     "fold_batchnorm",
     "is_quantizable",
     "layer_forward",

@@ -6,6 +6,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -23,15 +24,67 @@ def register_quantizable_type(module_type: type[nn.Module]) -> None:
         QUANTIZABLE_TYPES = (*QUANTIZABLE_TYPES, module_type)
 
 
+def is_hf_conv1d(module: nn.Module) -> bool:
+    """Whether ``module`` is Hugging Face's ``Conv1D`` (GPT-2's projections): a Linear whose
+    weight is stored transposed (``[in, out]``, ``y = addmm(bias, x, weight)``). Recognised by
+    its behaviour (class name, ``nf`` attribute, 2-D weight), without importing transformers."""
+    weight = getattr(module, "weight", None)
+    return (
+        type(module).__name__ == "Conv1D"
+        and hasattr(module, "nf")
+        and isinstance(weight, Tensor)
+        and weight.dim() == 2
+    )
+
+
+def _hf_conv1d_as_linear(layer: nn.Module) -> nn.Linear:
+    """An ``nn.Linear`` computing ``layer`` (HF ``Conv1D``) on a transposed view of its weight
+    (no copy)."""
+    n_in, n_out = layer.weight.shape
+    linear = nn.Linear(n_in, n_out, bias=layer.bias is not None, device="meta")
+    linear.weight = nn.Parameter(layer.weight.detach().t(), requires_grad=False)
+    if layer.bias is not None:
+        linear.bias = nn.Parameter(layer.bias.detach(), requires_grad=False)
+    return linear.train(layer.training)
+
+
+_STANDARD_FORMS: list[tuple[Callable[[nn.Module], bool], Callable[[nn.Module], nn.Module]]] = [
+    (is_hf_conv1d, _hf_conv1d_as_linear),
+]
+"""(recognise, convert): layers quantizable by behaviour, and the standard layer they are."""
+
+
+def standard_form(layer: nn.Module) -> nn.Module:
+    """``layer`` as the standard layer the backends quantize: itself for Linear / Conv (and
+    their subclasses), an ``nn.Linear`` on the transposed weight (a view) for HF ``Conv1D``.
+    Shapes (``standard_form(layer).weight.shape``: ``[out, in, ...]``) are read from it.
+
+    >>> standard_form(nn.Linear(4, 2)).weight.shape
+    torch.Size([2, 4])
+    """
+    for recognise, convert in _STANDARD_FORMS:
+        if recognise(layer):
+            return convert(layer)
+    return layer
+
+
 def is_quantizable(module: nn.Module) -> bool:
-    return type(module) in QUANTIZABLE_TYPES
+    """Whether ``module`` is a quantizable layer: an instance (subclasses included) of
+    :data:`QUANTIZABLE_TYPES`, or a layer recognised by behaviour (HF ``Conv1D``)."""
+    return isinstance(module, QUANTIZABLE_TYPES) or any(
+        recognise(module) for recognise, _ in _STANDARD_FORMS
+    )
 
 
 def quantizable_layers(model: nn.Module, *, require: bool = True) -> dict[str, nn.Module]:
-    """``{name: module}`` of the quantizable layers (Linear, Conv1d, Conv2d), in model order.
+    """``{name: module}`` of the quantizable layers, in model order: Linear, Conv1d, Conv2d and
+    their subclasses (e.g. ``nn.MultiheadAttention``'s ``out_proj``), and Hugging Face's
+    ``Conv1D`` (GPT-2), run as a Linear on its transposed weight (:func:`standard_form`).
 
     Names are those of ``model.named_modules()``. A model with none is refused unless
-    ``require=False``.
+    ``require=False``. What they leave out (LSTMs, embeddings, norms, bare parameters such as
+    ``MultiheadAttention.in_proj_weight``) and the share of parameters they cover:
+    :func:`mpsearch.layers.coverage`.
 
     >>> list(quantizable_layers(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))))
     ['0', '2']
@@ -48,12 +101,98 @@ def quantizable_layers(model: nn.Module, *, require: bool = True) -> dict[str, n
 
 
 def replace_layers(model: nn.Module, replacements: Mapping[str, nn.Module]) -> dict[str, nn.Module]:
-    """Put each module of ``replacements`` at its name in ``model``; return the modules replaced."""
+    """Put each module of ``replacements`` at its name in ``model``; return the modules replaced.
+
+    An ``nn.MultiheadAttention``'s ``out_proj`` is read by its parent (weight and bias passed
+    to ``F.multi_head_attention_forward``), never called: a replacement that is not a Linear
+    is put there inside :class:`CalledOutProj`, which the attention module then calls.
+    """
     previous: dict[str, nn.Module] = {}
     for name, module in replacements.items():
         previous[name] = model.get_submodule(name)
-        model.set_submodule(name, module)
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        if isinstance(parent, nn.MultiheadAttention) and attr == "out_proj":
+            _set_out_proj(parent, module)
+        else:
+            model.set_submodule(name, module)
     return previous
+
+
+class CalledOutProj(nn.Module):
+    """An ``nn.MultiheadAttention``'s ``out_proj`` that is a module, not a Linear (a quantized
+    layer): the attention module projects with an identity weight (exact in float32) and a
+    forward hook then runs ``layer`` on its output. The identity is made per call, not stored.
+    """
+
+    def __init__(self, layer: nn.Module, embed_dim: int, like: Tensor) -> None:
+        super().__init__()
+        self.layer = layer
+        self.embed_dim = embed_dim
+        self.register_buffer("anchor", like.new_empty(0), persistent=False)  # device and dtype
+
+    @property
+    def weight(self) -> Tensor:
+        return torch.eye(self.embed_dim, dtype=self.anchor.dtype, device=self.anchor.device)
+
+    @property
+    def bias(self) -> Tensor:
+        return self.anchor.new_zeros(self.embed_dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.layer(x)
+
+
+def _run_out_proj(mha: nn.Module, _args: Any, output: tuple[Tensor, Any]) -> tuple[Tensor, Any]:
+    attn, weights = output
+    return mha.out_proj(attn), weights
+
+
+def _set_out_proj(mha: nn.MultiheadAttention, module: nn.Module) -> None:
+    hooks = mha._forward_hooks
+    ours = [key for key, hook in hooks.items() if hook is _run_out_proj]
+    if isinstance(module, nn.Linear):
+        mha.out_proj = module
+        for key in ours:
+            del hooks[key]
+        return
+    if not isinstance(module, CalledOutProj):
+        module = CalledOutProj(module, mha.embed_dim, mha.out_proj.weight.detach())
+    mha.out_proj = module  # type: ignore[assignment]
+    if not ours:
+        mha.register_forward_hook(_run_out_proj)
+
+
+@contextmanager
+def watched(
+    model: nn.Module, callbacks: Mapping[str, Callable[[Tensor], None]]
+) -> Iterator[nn.Module]:
+    """Within, each named layer passes its input to its callback before it runs.
+
+    Layers are swapped for a recorder (not hooked), so a layer its parent never calls as a
+    module (``MultiheadAttention.out_proj``) is watched too.
+
+    >>> net = nn.Sequential(nn.Linear(4, 2))
+    >>> seen = []
+    >>> with watched(net, {"0": lambda x: seen.append(x.shape)}):
+    ...     _ = net(torch.zeros(3, 4))
+    >>> seen
+    [torch.Size([3, 4])]
+    """
+    recorders = {n: _Recorder(model.get_submodule(n), cb) for n, cb in callbacks.items()}
+    with swapped(model, recorders):
+        yield model
+
+
+class _Recorder(nn.Module):
+    def __init__(self, layer: nn.Module, callback: Callable[[Tensor], None]) -> None:
+        super().__init__()
+        self.layer = layer
+        self.callback = callback
+
+    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Any:
+        self.callback(x)
+        return self.layer(x, *args, **kwargs)
 
 
 @contextmanager

@@ -13,8 +13,20 @@ from mpsearch.backends._kernels import FbgemmInt8Linear, Int8Linear, RealLayer, 
 
 # Tolerances of real kernels against the simulation of the same scheme (SQNR in dB).
 # fp32/bf16/fp16/w8a8 follow the scheme's arithmetic exactly (same codes and scales);
-# w8a16 stores its scales in bf16, w4a16 its zero offsets in bf16 (kernel conventions).
-SQNR_MIN = {"fp32": 80.0, "bf16": 80.0, "fp16": 80.0, "w8a8": 60.0, "w8a16": 35.0, "w4a16": 30.0}
+# w8a16 stores its scales in bf16, w4a16 its zero offsets in bf16 (kernel conventions);
+# w4a8_pc runs its 4-bit codes on the int8 kernels (same codes and scales as w8a8's path).
+SQNR_MIN = {
+    "fp32": 80.0,
+    "bf16": 80.0,
+    "fp16": 80.0,
+    "w8a8": 60.0,
+    "w8a16": 35.0,
+    "w4a16": 30.0,
+    "w4a16_pc": 30.0,
+    "w4a8_pc": 60.0,
+}
+WEIGHT_ONLY = ("w8a16", "w4a16", "w4a16_pc")
+STATIC = ("w8a8", "w4a8_pc")
 
 
 def sqnr(ref: torch.Tensor, out: torch.Tensor) -> float:
@@ -36,7 +48,7 @@ CASES = [
     for kind in ("Linear", "Conv1d", "Conv2d")
     for scheme in SQNR_MIN
     for static in (False, True)
-    if (kind == "Linear" or scheme not in ("w8a16", "w4a16")) and (not static or scheme == "w8a8")
+    if (kind == "Linear" or scheme not in WEIGHT_ONLY) and (not static or scheme in STATIC)
 ]
 
 
@@ -87,7 +99,7 @@ def test_w4a16_pads_output_rows_to_16() -> None:
     assert sqnr(sim(x), real(x)) >= SQNR_MIN["w4a16"]
 
 
-@pytest.mark.parametrize("scheme", ["fp8", "fp4", "w2a16", "w4a8"])
+@pytest.mark.parametrize("scheme", ["fp8", "fp4", "w2a16", "w4a8", "w4a4", "w4a4_pc"])
 def test_scheme_without_kernel_is_refused_before_any_work(scheme: str) -> None:
     net = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Conv1d(1, 4, 3)).eval()
     calls = []
@@ -103,6 +115,54 @@ def test_scheme_without_kernel_is_refused_before_any_work(scheme: str) -> None:
 def test_weight_only_conv_is_refused_with_alternatives() -> None:
     reason = CpuBackend().unsupported_reason(nn.Conv2d(4, 4, 3), mps.get_scheme("w8a16"))
     assert reason is not None and "Conv2d" in reason and "'w8a8'" in reason
+    reason = CpuBackend().unsupported_reason(nn.Conv2d(1, 4, 3), mps.get_scheme("w4a16_pc"))
+    assert "no real kernel for 'w4a16_pc' on Conv2d (no weight-only convolution kernel" in reason
+    assert "'w4a8_pc'" in reason  # the 4-bit scheme it does run for convolutions
+
+
+@pytest.mark.parametrize(("k", "group"), [(9, 32), (40, 64), (64, 64), (96, 32), (512, 256)])
+def test_w4a16_pc_runs_any_fan_in_on_the_int4_kernel(k: int, group: int) -> None:
+    """Per-channel int4 on the grouped kernel: fan-in zero-padded to a multiple of 32, the
+    channel's scale and offset repeated over the largest group the kernel takes."""
+    torch.manual_seed(k)
+    layer, x = nn.Linear(k, 24), torch.randn(3, 5, k)
+    s = mps.get_scheme("w4a16_pc")
+    with torch.no_grad():
+        real = CpuBackend().quantize_layer(layer, s)
+        ref = get_backend("simulate").quantize_layer(layer, s)(x)
+        out = real(x)
+    assert real.group_size == group and real.k_pad == -k % 32
+    assert out.shape == ref.shape == (3, 5, 24)
+    assert sqnr(ref, out) >= SQNR_MIN["w4a16_pc"]
+    kp, n_rows = k + -k % 32, 32  # 24 output rows padded to 32
+    assert storage_bytes(real) == n_rows * kp // 2 + (kp // group) * n_rows * 2 * 2 + 24 * 2
+
+
+def test_w4a8_pc_stores_int8_and_says_so() -> None:
+    """The 4-bit codes run on the int8 kernels: 8-bit storage, counted as such, and the kernel
+    table says so."""
+    layer = nn.Conv2d(1, 16, 3)  # fan-in 9: no group of 32 fits
+    real = CpuBackend().quantize_layer(layer, mps.get_scheme("w4a8_pc"))
+    assert real.state_dict()["weight_int8"].dtype == torch.int8
+    assert int(real.state_dict()["weight_int8"].abs().max()) <= 7
+    rows = {(r["layer_type"], r["scheme"]): r["kernel"] for r in CpuBackend().kernel_table()}
+    assert "4-bit codes held in int8" in rows[("Conv2d", "w4a8_pc")]
+
+
+def test_flag_net_uniform_w4a8_runs_per_channel_on_cpu() -> None:
+    """flag_net's convolutions (fan-in 9, grouped 36, depthwise 9) and its Linear (16) take no
+    group of 32: a uniform w4a8 plan runs w4a8_pc on every layer, on the real kernels, and
+    agrees with the simulation of the same plan."""
+    from mpsearch.workloads import load_workload
+
+    wl = load_workload("flag_net", n_calib=16, n_test=16)
+    real = mps.quantize(wl.model, "w4a8", backend="cpu")
+    sim = mps.quantize(wl.model, "w4a8", backend="simulate")
+    assert set(real.mpsearch_assignment.values()) == {"w4a8_pc"}
+    x = wl.test[0]
+    with torch.no_grad():
+        assert sqnr(sim(x), real(x)) >= 40.0
+    assert wl.evaluate(real) >= 0.9
 
 
 def _net() -> nn.Module:
@@ -122,17 +182,19 @@ def _net() -> nn.Module:
 PLAN = mps.PrecisionPlan({"0": "w8a8", "3": "bf16", "5": "w4a16", "7": "w8a16"})
 
 
+@pytest.mark.parametrize("scheme", ["w8a8", "w4a8_pc"])
 @pytest.mark.parametrize("kind", ["Linear", "Conv2d"])
-def test_int8_kernels_do_exact_integer_arithmetic_on_extreme_codes(kind: str) -> None:
+def test_int8_kernels_do_exact_integer_arithmetic_on_extreme_codes(kind: str, scheme: str) -> None:
     """Full-scale activations times full-scale weights: the products that saturate int16 pair
-    sums on CPUs without VNNI. The output must equal the integer arithmetic of the codes."""
+    sums on CPUs without VNNI. The output must equal the integer arithmetic of the codes
+    (``w4a8_pc``: 4-bit codes on the same kernels, never reduced)."""
     torch.manual_seed(0)
     layer = nn.Linear(64, 16) if kind == "Linear" else nn.Conv2d(16, 8, 3, padding=1)
     with torch.no_grad():
         layer.weight.copy_(torch.sign(torch.randn_like(layer.weight)))  # all codes +-qmax
         layer.bias.zero_()
     x = torch.full((2, 64) if kind == "Linear" else (2, 16, 5, 5), 3.0)  # all codes 255
-    real = get_backend("cpu").quantize_layer(layer, mps.get_scheme("w8a8"), act_range=(0.0, 3.0))
+    real = get_backend("cpu").quantize_layer(layer, mps.get_scheme(scheme), act_range=(0.0, 3.0))
     state = real.state_dict()
     codes, w_scale = state["weight_int8"].double(), state["w_scale"].double()
     with torch.no_grad():
@@ -146,7 +208,8 @@ def test_int8_kernels_do_exact_integer_arithmetic_on_extreme_codes(kind: str) ->
         )
         out = real(x)
     assert int(q.max()) == 255
-    assert int(codes.abs().max()) == (63 if onednn_u8s8_saturates() else 127)
+    w8 = 63 if onednn_u8s8_saturates() else 127
+    assert int(codes.abs().max()) == {"w8a8": w8, "w4a8_pc": 7}[scheme]
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-4)
 
 

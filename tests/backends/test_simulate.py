@@ -85,7 +85,7 @@ def test_bad_inputs_are_refused_before_work(tiny_cnn) -> None:
     with pytest.raises(
         ValueError, match=r"conv1 \(Conv2d\) in 'w4a16': group_size=32 does not divide"
     ):
-        quantize(tiny_cnn, "w4a16")
+        quantize(tiny_cnn, {"conv1": "w4a16"})  # named for the layer: refused, not substituted
     with pytest.raises(ValueError, match="'calib' argument must be a non-empty iterable"):
         quantize(tiny_cnn, "w8a8", calib=[])
     with pytest.raises(ValueError, match="'plan' argument must be a PrecisionPlan"):

@@ -1,0 +1,110 @@
+"""``CostModel.memory_bytes(plan)`` equals the bytes the quantized model really holds."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from mpsearch.backends import quantize
+from mpsearch.cost import held_bytes, measure_cost
+from mpsearch.cost._model import ideal_layer_bytes
+from mpsearch.layers import quantizable_layers
+from mpsearch.schemes import get_scheme
+from mpsearch.workloads import ZOO, load_workload
+from mpsearch.workloads._zoo import zoo_available
+
+SCHEMES = {"simulate": ["w8a8", "w4a16", "bf16"], "cpu": ["w8a8", "bf16", "w8a16"]}
+FAST = {"flag_net", "speaker_lstm", "attention_net", "hf_qwen2"}
+
+
+def _plans(cost, layers: list[str], schemes: list[str]) -> list[object]:
+    """Each uniform plan the backend runs everywhere, and one mixed plan (last layer fp32)."""
+    uniform = [s for s in schemes if all(cost.supported(n, s) for n in layers)]
+    others = schemes[1:]
+    mixed = {}
+    for i, n in enumerate(layers):
+        scheme = others[i % len(others)]
+        mixed[n] = scheme if cost.supported(n, scheme) else "fp32"
+    mixed[layers[-1]] = "fp32"
+    return [*uniform, mixed]
+
+
+@pytest.mark.parametrize("backend", ["simulate", "cpu"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(
+            n,
+            marks=[
+                *([] if n in FAST else [pytest.mark.slow]),
+                pytest.mark.skipif(not zoo_available(n), reason="needs transformers"),
+            ],
+        )
+        for n in ZOO
+    ],
+)
+def test_predicted_memory_is_what_the_quantized_zoo_model_holds(name: str, backend: str) -> None:
+    wl = load_workload(name, n_calib=16, n_test=16)
+    schemes = SCHEMES[backend]
+    cost = measure_cost(
+        wl.model, wl.example_input, schemes=schemes, backend=backend, repeats=1, warmup=0
+    )
+    assert cost.fp32_memory_bytes == held_bytes(wl.model)
+    plans = _plans(cost, list(quantizable_layers(wl.model)), ["fp32", *schemes])
+    assert len(plans) >= 3
+    for plan in plans:
+        assert cost.memory_bytes(plan) == held_bytes(quantize(wl.model, plan, backend=backend))
+
+
+class _Tied(nn.Module):
+    """An embedding tied to the output layer, and two Linears sharing one weight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(64, 32)
+        self.a = nn.Linear(32, 32)
+        self.b = nn.Linear(32, 32)
+        self.b.weight = self.a.weight
+        self.head = nn.Linear(32, 64, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.b(torch.relu(self.a(self.emb(ids)))))
+
+
+@pytest.mark.parametrize("backend", ["simulate", "cpu"])
+def test_tied_weights_count_once_and_every_copy_kept_counts(backend: str) -> None:
+    torch.manual_seed(0)
+    model = _Tied().eval()
+    cost = measure_cost(
+        model, torch.randint(0, 64, (4, 8)), schemes=["w8a8"], backend=backend, repeats=1,
+        warmup=0,
+    )  # fmt: skip
+    emb, ab = 64 * 32 * 4, 32 * 32 * 4  # the two shared fp32 weights
+    biases = 2 * 32 * 4
+    assert cost.fp32_memory_bytes == emb + ab + biases == held_bytes(model)
+    # cpu runs fp32 layers as copies (CastLayer): every tied user then holds its own
+    fp32_copies = {"simulate": 0, "cpu": emb + ab}[backend]
+    assert cost.memory_bytes("fp32") == cost.fp32_memory_bytes + fp32_copies
+    plans = [
+        "fp32",
+        "w8a8",  # head gets its own copy, the embedding keeps the fp32 one
+        {"a": "w8a8", "b": "fp32", "head": "w8a8"},  # b keeps the shared fp32 weight (simulate)
+        {"a": "w8a8", "b": "w8a8", "head": "fp32"},
+    ]
+    for plan in plans:
+        assert cost.memory_bytes(plan) == held_bytes(quantize(model, plan, backend=backend))
+    if backend == "simulate":
+        w8 = get_scheme("w8a8")
+        layers = quantizable_layers(model)
+        quantized = sum(ideal_layer_bytes(layers[n], w8) for n in ("a", "b", "head"))
+        assert cost.memory_bytes("w8a8") == emb + quantized
+
+
+def test_held_bytes_counts_packed_kernel_weights_and_shared_storage_once() -> None:
+    net = nn.Sequential(nn.Linear(64, 32), nn.Linear(32, 64, bias=False))
+    net[1].weight = nn.Parameter(net[0].weight.t())  # a view of the same storage
+    assert held_bytes(net) == (64 * 32 + 32) * 4
+    q = quantize(nn.Sequential(nn.Linear(64, 32)), "w8a8", backend="cpu")
+    assert held_bytes(q) == 64 * 32 + 32 * 4 + 32 * 4 + 32 * 8  # codes, scales, bias, zeros
