@@ -19,8 +19,8 @@ activations                     int8 per-tensor, asymmetric (dynamic: ``DynamicQ
                                 or symmetric; fp8 per-tensor; static (calibrated) or dynamic;
                                 bf16/fp16 (``Cast`` round trip)
 refused                         fp4 e2m1 and power-of-two (e8m0) scales: ONNX Runtime has no
-                                ``DequantizeLinear`` for FLOAT4E2M1; activation formats other
-                                than 8-bit
+                                ``DequantizeLinear`` for FLOAT4E2M1 (``fp4``, ``fp4_pc``);
+                                activation formats other than 8-bit (``w4a4``, ``w4a4_pc``)
 ==============================  ============================================================
 
 bf16/fp16 *arithmetic* (the weight-only schemes' ``compute_dtype``) is emulated: inputs,
@@ -202,7 +202,7 @@ def onnx_refusal(scheme: Scheme) -> str | None:
 ONNX_ACCEPTED = (
     "fp32, bf16, fp16, fp8 (e4m3/e5m2 per-tensor or per-channel), int8/int4/int2 weights "
     "per-channel or per-group with int8 or fp8 per-tensor activations (w8a8, w8a16, w4a16, "
-    "w4a8, w2a16)"
+    "w4a8, w2a16 and their per-channel _pc variants)"
 )
 
 

@@ -1,5 +1,5 @@
-"""PrecisionPlan: which scheme each layer runs in; versioned JSON."""
+"""PrecisionPlan: which scheme each layer runs in (with the substitutions a layer's shape forces); versioned JSON."""
 
-from mpsearch.plan._plan import PLAN_VERSION, PrecisionPlan
+from mpsearch.plan._plan import PLAN_VERSION, PrecisionPlan, Substitution
 
-__all__ = ["PLAN_VERSION", "PrecisionPlan"]
+__all__ = ["PLAN_VERSION", "PrecisionPlan", "Substitution"]

@@ -1,4 +1,11 @@
-"""PrecisionPlan: layer name -> scheme, with exact-name and regex rules and a default."""
+"""PrecisionPlan: layer name -> scheme, with exact-name and regex rules and a default.
+
+A scheme that a rule gives many layers at once (the default, a regex) but one layer's shape
+cannot take (``w4a8``'s groups of 32 on a convolution of fan-in 9) resolves, for that layer, to
+the scheme's nearest variant that can (``w4a8_pc``); :meth:`PrecisionPlan.substitutions` says
+which layers and why. A scheme named for one layer is never substituted (``quantize`` refuses
+it if the layer's shape cannot take it).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +14,7 @@ import os
 import re
 import tempfile
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,11 +22,23 @@ from torch import nn
 
 from mpsearch._validation import invalid, unknown
 from mpsearch.layers import quantizable_layers
+from mpsearch.layers._layers import standard_form
 from mpsearch.schemes import SCHEMES, get_scheme
+from mpsearch.schemes._scheme import nearest_variant
 
 PLAN_FORMAT = "mpsearch.plan"
 PLAN_VERSION = 1
 REGEX_PREFIX = "re:"
+
+
+@dataclass(frozen=True)
+class Substitution:
+    """One layer that runs a variant of the scheme its rule gives: ``requested`` (the rule's
+    scheme), ``used`` (the variant), ``reason`` (why ``requested`` cannot quantize the layer)."""
+
+    requested: str
+    used: str
+    reason: str
 
 
 class PrecisionPlan:
@@ -81,12 +101,34 @@ class PrecisionPlan:
         """``{layer name: scheme name}`` for every quantizable layer of ``model``.
 
         ``model`` may also be the list of layer names. An exact rule naming a layer the model
-        lacks, or a regex that matches no layer, is refused with the list of valid names.
+        lacks, or a regex that matches no layer, is refused with the list of valid names. Given
+        the model itself, where the default or a regex gives a layer a scheme its weight shape
+        cannot take, the scheme's nearest variant that can is used instead (see
+        :meth:`substitutions`). A scheme an exact rule names, or one without such a variant, is
+        kept as given: ``quantize`` (and the cost model, the export) refuse it, naming the layer.
+
+        >>> from torch import nn
+        >>> PrecisionPlan(default="w4a8").resolve(nn.Sequential(nn.Conv2d(1, 8, 3), nn.Linear(8, 64)))
+        {'0': 'w4a8_pc', '1': 'w4a8_pc'}
         """
-        if isinstance(model, nn.Module):
-            names = list(quantizable_layers(model))
-        else:
-            names = list(model)
+        return self._resolve(model)[0]
+
+    def substitutions(self, model: nn.Module) -> dict[str, Substitution]:
+        """``{layer name: Substitution}`` for the layers of ``model`` that :meth:`resolve` gives
+        a variant of their rule's scheme (empty when none).
+
+        >>> from torch import nn
+        >>> sub = PrecisionPlan(default="w4a16").substitutions(nn.Sequential(nn.Conv2d(1, 8, 3)))
+        >>> sub["0"].requested, sub["0"].used
+        ('w4a16', 'w4a16_pc')
+        """
+        return self._resolve(model)[1]
+
+    def _resolve(
+        self, model: nn.Module | Iterable[str]
+    ) -> tuple[dict[str, str], dict[str, Substitution]]:
+        modules = quantizable_layers(model) if isinstance(model, nn.Module) else {}
+        names = list(modules) if isinstance(model, nn.Module) else list(model)
         known = set(names)
         for key, _pattern in self._compiled:
             if not any(_pattern.fullmatch(n) for n in names):
@@ -99,7 +141,20 @@ class PrecisionPlan:
                     f"The plan names layer {key!r}, which the model does not have as a quantizable "
                     f"layer. Layers: {_listing(names)}."
                 )
-        return {name: self.scheme_for(name) for name in names}
+        assignment = {name: self.scheme_for(name) for name in names}
+        substituted: dict[str, Substitution] = {}
+        for name, module in modules.items():
+            requested = assignment[name]
+            if name in self.rules:
+                continue  # named for this layer: kept as given (quantize refuses a misfit)
+            shape = tuple(standard_form(module).weight.shape)
+            variant = nearest_variant(requested, shape)
+            if variant is not None and variant.name != requested:
+                why = get_scheme(requested).applicability_error(shape)
+                assert why is not None
+                assignment[name] = variant.name
+                substituted[name] = Substitution(requested, variant.name, why)
+        return assignment, substituted
 
     @classmethod
     def uniform(cls, scheme: str, **kwargs: Any) -> PrecisionPlan:

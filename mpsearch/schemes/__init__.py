@@ -4,7 +4,7 @@
 >>> SCHEMES["w8a8"].weight.format
 'int8'
 >>> Scheme("w7", QuantSpec("int7", granularity="channel")).bits_per_weight((4, 8))
-8.0
+11.0
 """
 
 from mpsearch.schemes._fakequant import fake_quantize

@@ -109,7 +109,7 @@ def fake_quantize(
     a calibration observer); values outside a static range saturate.
 
     >>> fake_quantize(torch.tensor([-1.0, 0.26, 1.0]), QuantSpec("int2", symmetric=True))
-    tensor([-1., 0., 1.])
+    tensor([-1.,  0.,  1.])
     """
     if spec.is_identity:
         return x

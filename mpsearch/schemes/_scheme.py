@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 from mpsearch._validation import unknown, wrong_type
@@ -62,8 +63,17 @@ class Scheme:
         return self.weight_storage_bits(shape) / numel
 
     def applicability_error(self, shape: tuple[int, ...]) -> str | None:
-        """Why this scheme cannot quantize a weight of ``shape`` (``None`` when it can)."""
-        return group_error(tuple(shape), self.weight)
+        """Why this scheme cannot quantize a weight of ``shape`` (``None`` when it can), naming
+        the registered variant that can when there is one (:func:`nearest_variant`).
+
+        >>> SCHEMES["w4a8"].applicability_error((16, 1, 3, 3))[-40:]
+        "; its variant 'w4a8_pc' takes this shape"
+        """
+        why = group_error(tuple(shape), self.weight)
+        if why is None:
+            return None
+        variant = nearest_variant(self, shape)
+        return why + (f"; its variant {variant.name!r} takes this shape" if variant else "")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -93,6 +103,7 @@ def _int_w(
 _BF16 = QuantSpec("bf16", granularity="none")
 _FP16 = QuantSpec("fp16", granularity="none")
 _ACT_INT8 = QuantSpec("int8", granularity="tensor", symmetric=False, zero_point_bits=8)
+_ACT_INT4 = QuantSpec("int4", granularity="tensor", symmetric=False, zero_point_bits=4)
 
 SCHEMES: dict[str, Scheme] = {}
 
@@ -127,6 +138,55 @@ def get_scheme(name: str | Scheme, *, argument: str = "scheme") -> Scheme:
     return SCHEMES[name]
 
 
+def _formats(scheme: Scheme) -> tuple[object, ...]:
+    """Everything of a scheme but its name, description and weight granularity."""
+    w = scheme.weight
+    return (
+        w.format,
+        w.symmetric,
+        w.scale_dtype,
+        w.zero_point_bits,
+        scheme.activation,
+        scheme.compute_dtype,
+    )
+
+
+def nearest_variant(scheme: str | Scheme, shape: tuple[int, ...]) -> Scheme | None:
+    """``scheme`` when it can quantize a weight of ``shape``; otherwise its nearest registered
+    variant that can, or ``None``.
+
+    A variant has the same formats, activation and compute dtype, and its weights grouped
+    otherwise or scaled per output channel (``w4a8`` -> ``w4a8_pc``). The nearest is the one
+    whose group (for a per-channel variant, the layer's fan-in) is closest in ratio to
+    ``scheme``'s group size; the smaller group on a tie.
+
+    >>> nearest_variant("w4a8", (16, 1, 3, 3)).name, nearest_variant("w4a8", (16, 64)).name
+    ('w4a8_pc', 'w4a8')
+    """
+    scheme = get_scheme(scheme)
+    shape = tuple(shape)
+    if group_error(shape, scheme.weight) is None:
+        return scheme
+    if scheme.weight.granularity != "group":
+        return None
+    fan_in = math.prod(shape[1:])
+
+    def group(s: Scheme) -> int:
+        return s.weight.group_size or fan_in
+
+    wanted = group(scheme)
+    variants = [
+        s
+        for s in SCHEMES.values()
+        if s.weight.granularity in ("group", "channel")
+        and _formats(s) == _formats(scheme)
+        and group_error(shape, s.weight) is None
+    ]
+    if not variants:
+        return None
+    return min(variants, key=lambda s: (abs(math.log(group(s) / wanted)), group(s)))
+
+
 for _scheme in (
     Scheme("fp32", QuantSpec("fp32", granularity="none"), None, "fp32", "full precision"),
     Scheme("bf16", _BF16, _BF16, "bf16", "bfloat16 weights and activations"),
@@ -154,11 +214,39 @@ for _scheme in (
         "int4 asymmetric weight-only, groups of 32, bf16 activations",
     ),
     Scheme(
+        "w4a16_pc",
+        _int_w(4, symmetric=False, scale="bf16"),
+        _BF16,
+        "bf16",
+        "int4 asymmetric weight-only, one scale per output channel, bf16 activations",
+    ),
+    Scheme(
         "w4a8",
         _int_w(4, group=32, scale="bf16"),
         _ACT_INT8,
         "fp32",
         "int4 symmetric weights in groups of 32, int8 per-tensor activations",
+    ),
+    Scheme(
+        "w4a8_pc",
+        _int_w(4, scale="bf16"),
+        _ACT_INT8,
+        "fp32",
+        "int4 symmetric per-channel weights, int8 per-tensor activations",
+    ),
+    Scheme(
+        "w4a4",
+        _int_w(4, group=32, scale="bf16"),
+        _ACT_INT4,
+        "fp32",
+        "int4 symmetric weights in groups of 32, int4 per-tensor asymmetric activations",
+    ),
+    Scheme(
+        "w4a4_pc",
+        _int_w(4, scale="bf16"),
+        _ACT_INT4,
+        "fp32",
+        "int4 symmetric per-channel weights, int4 per-tensor asymmetric activations",
     ),
     Scheme(
         "w2a16",
@@ -168,11 +256,25 @@ for _scheme in (
         "2-bit asymmetric weight-only, groups of 32, bf16 activations",
     ),
     Scheme(
+        "w2a16_pc",
+        _int_w(2, symmetric=False, scale="bf16"),
+        _BF16,
+        "bf16",
+        "2-bit asymmetric weight-only, one scale per output channel, bf16 activations",
+    ),
+    Scheme(
         "fp4",
         QuantSpec("fp4_e2m1", granularity="group", group_size=32, scale_dtype="e8m0"),
         _BF16,
         "bf16",
         "fp4 e2m1 weights in blocks of 32 with power-of-two (e8m0) scales (MXFP4), bf16 activations",
+    ),
+    Scheme(
+        "fp4_pc",
+        QuantSpec("fp4_e2m1", granularity="channel", scale_dtype="e8m0"),
+        _BF16,
+        "bf16",
+        "fp4 e2m1 weights, one power-of-two (e8m0) scale per output channel, bf16 activations",
     ),
 ):
     register_scheme(_scheme)

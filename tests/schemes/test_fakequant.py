@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mpsearch.schemes import QuantSpec, fake_quantize
+from mpsearch.schemes import SCHEMES, QuantSpec, fake_quantize
 from mpsearch.schemes._fakequant import qparams, quantize_codes
 
 
@@ -115,3 +115,34 @@ def test_quantspec_validation_messages() -> None:
         QuantSpec("int4", granularity="group", group_size=0)
     with pytest.raises(ValueError, match="needs a scale"):
         QuantSpec("int8", granularity="none")
+
+
+def test_per_channel_int4_symmetric_by_hand() -> None:
+    """w4a8_pc on a 3x3x1 convolution weight (fan-in 9): one bf16 scale per output channel,
+    ``max|w| / 7``; codes round half to even and clamp to [-7, 7]."""
+    w = torch.tensor(
+        [
+            [-1.75, 0.5, 0.3, 0.875, 0.0, 0.1, -0.2, 1.0, 0.125],  # scale 0.25
+            [3.5, -3.5, 0.74, 0.76, -1.2, 2.25, 0.0, 0.2, -0.3],  # scale 0.5
+        ]
+    ).reshape(2, 1, 3, 3)
+    expected = torch.tensor(
+        [
+            [-1.75, 0.5, 0.25, 1.0, 0.0, 0.0, -0.25, 1.0, 0.0],
+            [3.5, -3.5, 0.5, 1.0, -1.0, 2.0, 0.0, 0.0, -0.5],
+        ]
+    ).reshape(2, 1, 3, 3)
+    assert torch.equal(fake_quantize(w, SCHEMES["w4a8_pc"].weight), expected)
+
+
+def test_per_channel_int4_asymmetric_by_hand() -> None:
+    """w4a16_pc: range [-0.5, 3.25] -> scale 3.75 / 15 = 0.25, zero point round(0.5 / 0.25) = 2;
+    codes ``round(w / 0.25) + 2`` in [0, 15]."""
+    w = torch.tensor([[-0.5, 3.25, 0.1, 1.3, 0.0, 2.0, -0.4, 0.6, 3.0]]).reshape(1, 1, 3, 3)
+    spec = SCHEMES["w4a16_pc"].weight
+    scale, zero = qparams(torch.tensor([[-0.5]]), torch.tensor([[3.25]]), spec)
+    assert (scale.item(), zero.item()) == (0.25, 2.0)
+    codes = quantize_codes(w.reshape(1, -1), scale, zero, spec)
+    assert codes.tolist() == [[0, 15, 2, 7, 2, 10, 0, 4, 14]]
+    expected = torch.tensor([[-0.5, 3.25, 0.0, 1.25, 0.0, 2.0, -0.5, 0.5, 3.0]]).reshape(1, 1, 3, 3)
+    assert torch.equal(fake_quantize(w, spec), expected)
