@@ -30,6 +30,7 @@ from torch import nn
 from mpsearch._validation import check_module
 from mpsearch.backends import get_backend, quantize
 from mpsearch.backends._kernels import RealLayer
+from mpsearch.export._inputs import ModelCall
 from mpsearch.export._qdq import QDQLayer
 from mpsearch.layers import quantizable_layers, replace_layers
 from mpsearch.plan import PrecisionPlan
@@ -131,15 +132,13 @@ def _shallow_copy(module: nn.Module) -> nn.Module:
     return copy.deepcopy(module, memo)
 
 
-def export_program(model: nn.Module, args: tuple[Any, ...]) -> torch.export.ExportedProgram:
+def export_program(model: nn.Module, example: ModelCall) -> torch.export.ExportedProgram:
     """``torch.export.export`` with a dynamic batch dimension on every tensor input; where the
     model pins its batch size, a static-shape program with a warning saying so."""
-    batch = torch.export.Dim("batch", min=1)
-    dynamic = tuple(
-        {0: batch} if isinstance(a, torch.Tensor) and a.dim() > 0 else None for a in args
-    )
+    dynamic = example.dynamic_shapes(torch.export.Dim("batch", min=1))
+    args, kwargs = example
     try:
-        return torch.export.export(model, args, dynamic_shapes=dynamic)
+        return torch.export.export(model, args, kwargs, dynamic_shapes=dynamic)
     except Exception as exc:
         warnings.warn(
             "torch.export could not keep the batch dimension dynamic "
@@ -147,7 +146,7 @@ def export_program(model: nn.Module, args: tuple[Any, ...]) -> torch.export.Expo
             "program is exported for the example input's batch size only.",
             stacklevel=2,
         )
-        return torch.export.export(model, args)
+        return torch.export.export(model, args, kwargs)
 
 
 def plan_json_check(path: Path, plan: PrecisionPlan) -> bool:

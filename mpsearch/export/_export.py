@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from mpsearch._data import output_tensor, run_model
+from mpsearch._data import output_tensor
 from mpsearch._io import atomic_path
 from mpsearch._validation import check_module, invalid, unknown
 from mpsearch.backends import collect_activation_ranges, get_backend
@@ -24,6 +24,7 @@ from mpsearch.export._artifacts import (
     program_model,
     state_payload,
 )
+from mpsearch.export._inputs import ModelCall, as_call
 from mpsearch.export._qdq import ONNX_ACCEPTED, onnx_refusal
 from mpsearch.plan import PrecisionPlan
 from mpsearch.schemes import Observer, get_scheme
@@ -103,8 +104,8 @@ class _Job:
     assignment: dict[str, str]
     backend: str
     ranges: dict[str, tuple[float, float]]
-    args: tuple[Any, ...]
-    check_inputs: list[tuple[Any, ...]]
+    example: ModelCall
+    check_inputs: list[ModelCall]
     static: frozenset[str] = frozenset()
     _cache: dict[str, nn.Module] = field(default_factory=dict)
 
@@ -131,9 +132,9 @@ class ExportFormat:
 # ---------------------------------------------------------------- comparing outputs
 
 
-def _outputs(fn: Callable[..., Any], inputs: Sequence[tuple[Any, ...]]) -> list[torch.Tensor]:
+def _outputs(fn: Callable[..., Any], inputs: Sequence[ModelCall]) -> list[torch.Tensor]:
     with torch.inference_mode():
-        return [output_tensor(fn(*args)).float() for args in inputs]
+        return [output_tensor(call(fn)).float() for call in inputs]
 
 
 def _compare(got: list[torch.Tensor], want: list[torch.Tensor]) -> tuple[float, float]:
@@ -190,10 +191,10 @@ def _write_state(job: _Job, path: Path):
 def _write_program(job: _Job, path: Path):
     qm = job.quantized(job.backend)
     target, swapped = program_model(qm, job.model, job.plan, ranges=job.ranges)
-    program = export_program(target, job.args)
+    program = export_program(target, job.example)
     torch.export.save(program, str(path))
     loaded = torch.export.load(str(path)).module()
-    got = _outputs(loaded, job.check_inputs)
+    got = _outputs(loaded, [call.tensors_only() for call in job.check_inputs])
     diff, agree = _compare(got, _outputs(target, job.check_inputs))
     real_diff, real_agree = _compare(got, _outputs(qm, job.check_inputs))
     notes = f"torch.export program of the {job.backend!r} model; loads with torch.export.load"
@@ -238,7 +239,7 @@ def _write_onnx(job: _Job, path: Path):
 
     sim = job.quantized("simulate")
     schemes = [get_scheme(s) for s in job.assignment.values()]
-    info = write_onnx(sim, job.args, path, schemes=schemes)
+    info = write_onnx(sim, job.example, path, schemes=schemes)
     checked = check_onnx(path, sim, job.check_inputs)
     basic = check_onnx(path, sim, job.check_inputs, optimization="basic")
     checked["max_abs_diff_basic"] = basic["max_abs_diff"]
@@ -277,13 +278,6 @@ EXPORT_FORMATS: dict[str, ExportFormat] = {
 # ---------------------------------------------------------------- helpers
 
 
-def _as_args(example_input: Any, argument: str) -> tuple[Any, ...]:
-    args = example_input if isinstance(example_input, tuple) else (example_input,)
-    if not args or not all(isinstance(a, torch.Tensor) for a in args):
-        raise invalid(argument, example_input, "a tensor or a tuple of tensors")
-    return args
-
-
 def _formats(formats: str | Iterable[str]) -> list[str]:
     chosen = [formats] if isinstance(formats, str) else list(formats)
     if not chosen:
@@ -304,14 +298,16 @@ def _out_dir(out_dir: Any) -> Path:
 
 
 def _check_inputs(
-    example_input: Any, check_inputs: Sequence[Any] | None
-) -> tuple[tuple[Any, ...], list[tuple[Any, ...]]]:
-    """``example_input`` as call arguments, and the inputs the checks run on."""
-    args = _as_args(example_input, "example_input")
-    inputs = [args] if check_inputs is None else [_as_args(b, "check_inputs") for b in check_inputs]
+    model: nn.Module, example_input: Any, check_inputs: Sequence[Any] | None
+) -> tuple[ModelCall, list[ModelCall]]:
+    """``example_input`` as a model call, and the calls the checks run on."""
+    example = as_call(example_input, "example_input", model=model)
+    if check_inputs is None:
+        return example, [example]
+    inputs = [as_call(b, "check_inputs", model=model) for b in check_inputs]
     if not inputs:
         raise invalid("check_inputs", check_inputs, "a non-empty list of inputs or None")
-    return args, inputs
+    return example, inputs
 
 
 def _write_formats(job: _Job, chosen: list[str], out: Path) -> list[ExportRecord]:
@@ -366,7 +362,7 @@ def export_plan(
     get_backend(backend)
     if not isinstance(backend, str):
         raise invalid("backend", backend, "a backend name")
-    args, inputs = _check_inputs(example_input, check_inputs)
+    example, inputs = _check_inputs(model, example_input, check_inputs)
     assignment = plan.resolve(model)
     was_training = model.training
     model.eval()
@@ -376,11 +372,12 @@ def export_plan(
             for n, s in assignment.items()
             if calib is not None and s != "fp32" and get_scheme(s).quantizes_activations
         )
-        job = _Job(model, plan, assignment, backend, {}, args, inputs, static)
+        job = _Job(model, plan, assignment, backend, {}, example, inputs, static)
         problems = [p for f in chosen for p in EXPORT_FORMATS[f].validate(job)]
         if problems:
             raise ValueError("\n".join(dict.fromkeys(problems)))
-        run_model(model, args)  # the example input must run before any file is written
+        with torch.inference_mode():  # the example input must run before any file is written
+            example(model)
         if static:
             job.ranges = collect_activation_ranges(model, calib, sorted(static), observer=observer)
         return ExportResult(out, _write_formats(job, chosen, out))

@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from mpsearch._data import output_tensor
+from mpsearch.export._inputs import ModelCall
 from mpsearch.export._qdq import _onnx_translations, needs_opset, to_qdq
 from mpsearch.schemes import Scheme
 
@@ -38,7 +40,7 @@ def onnx_static_refusal(scheme: Scheme) -> str | None:
 
 
 def write_onnx(
-    sim_model: nn.Module, example_input: Any, path: Path, *, schemes: Sequence[Scheme]
+    sim_model: nn.Module, example: ModelCall, path: Path, *, schemes: Sequence[Scheme]
 ) -> dict[str, Any]:
     """Export ``sim_model`` (a ``simulate``-backend model) to ``path`` with Q/DQ nodes.
 
@@ -48,15 +50,12 @@ def write_onnx(
     import onnx  # noqa: F401  (fail here, with its own message, when it is missing)
 
     model = to_qdq(copy.deepcopy(sim_model)).eval()
-    args = example_input if isinstance(example_input, tuple) else (example_input,)
-    batch = torch.export.Dim("batch", min=1)
-    dynamic = tuple(
-        {0: batch} if isinstance(a, torch.Tensor) and a.dim() > 0 else None for a in args
-    )
+    dynamic = example.dynamic_shapes(torch.export.Dim("batch", min=1))
     opset = needs_opset(list(schemes))
     program = torch.onnx.export(
         model,
-        args,
+        example.args,
+        kwargs=example.kwargs,
         dynamo=True,
         opset_version=opset,
         custom_translation_table=_onnx_translations(),
@@ -109,7 +108,7 @@ def fold_low_bit_casts(path: Path) -> int:
 
 
 def check_onnx(
-    path: Path, reference: nn.Module, inputs: Sequence[Any], *, optimization: str = "all"
+    path: Path, reference: nn.Module, inputs: Sequence[ModelCall], *, optimization: str = "all"
 ) -> dict[str, Any]:
     """Run the ONNX file in ONNX Runtime (CPUExecutionProvider) on ``inputs`` and compare with
     ``reference`` (the PyTorch ``simulate`` model): max abs diff and top-1 agreement of the
@@ -130,13 +129,12 @@ def check_onnx(
     max_diff = 0.0
     agree = 0
     total = 0
-    for batch in inputs:
-        args = batch if isinstance(batch, tuple) else (batch,)
-        feed = {n: a.detach().cpu().numpy() for n, a in zip(names, args, strict=True)}
+    for call in inputs:
+        tensors = call.tensors()
+        feed = {n: a.detach().cpu().numpy() for n, a in zip(names, tensors, strict=True)}
         out = torch.from_numpy(session.run(None, feed)[0])
         with torch.inference_mode():
-            ref = reference(*args)
-        ref = (ref[0] if isinstance(ref, (tuple, list)) else ref).float()
+            ref = output_tensor(call(reference)).float()
         max_diff = max(max_diff, float((out.float() - ref).abs().max()))
         agree += int((out.argmax(-1) == ref.argmax(-1)).sum())
         total += ref.argmax(-1).numel()

@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import Tensor, nn
+from torch.utils import _pytree as pytree
 
 from mpsearch._data import as_batches, batch_size, output_tensor, run_model
 from mpsearch._validation import InvalidTypeError, check_fraction, invalid
@@ -108,28 +109,31 @@ def _take(batch: Any, index: Tensor, n: int) -> Any:
 
 
 def _scatter(full: Any, index: Tensor, part: Any, n: int) -> Any:
-    """Write ``part`` (outputs for rows ``index``) into ``full`` (outputs for all ``n`` rows)."""
-    if isinstance(full, Tensor):
-        if full.ndim and full.shape[0] == n and isinstance(part, Tensor):
-            full[index] = part.to(full.dtype)
-        return full
-    if isinstance(full, Mapping):
-        return {k: _scatter(v, index, part[k], n) for k, v in full.items()}
-    if isinstance(full, (tuple, list)):
-        return type(full)(_scatter(f, index, p, n) for f, p in zip(full, part, strict=True))
-    return full
+    """Write ``part`` (outputs for rows ``index``) into ``full`` (outputs for all ``n`` rows),
+    keeping the output's own type (dicts, tuples, ``ModelOutput``: any pytree). Per-row
+    tensors take the escalated rows; whatever has no row per input (a cache object, a scalar)
+    cannot hold a mix of two variants and is dropped (``None``)."""
+
+    def write(f: Any, p: Any) -> Any:
+        if isinstance(f, Tensor) and f.ndim and f.shape[0] == n and isinstance(p, Tensor):
+            f[index] = p.to(f.dtype)
+            return f
+        return None if f is not None else f
+
+    return pytree.tree_map(write, full, part)
 
 
 def _cast(output: Any, dtype: torch.dtype | None) -> Any:
+    """Floating tensors of ``output`` in ``dtype``, keeping the output's own type."""
     if dtype is None:
         return output
-    if isinstance(output, Tensor):
-        return output.to(dtype) if output.dtype != dtype and output.is_floating_point() else output
-    if isinstance(output, Mapping):
-        return {k: _cast(v, dtype) for k, v in output.items()}
-    if isinstance(output, (tuple, list)):
-        return type(output)(_cast(v, dtype) for v in output)
-    return output
+
+    def cast(value: Any) -> Any:
+        if isinstance(value, Tensor) and value.is_floating_point() and value.dtype != dtype:
+            return value.to(dtype)
+        return value
+
+    return pytree.tree_map(cast, output)
 
 
 class _Rule(NamedTuple):

@@ -395,3 +395,32 @@ def test_export_leaves_the_models_mode_and_import_mpsearch_registers_no_export_o
         timeout=120,
     )
     assert done.stdout.strip() == "False", done.stderr[-2000:]
+
+
+def test_dict_inputs_and_model_outputs_export_in_every_format(tmp_path: Path) -> None:
+    """A Hugging Face classifier takes keyword inputs (input_ids, attention_mask) and returns a
+    ModelOutput: every format is written and checked, keyword inputs feed ONNX Runtime."""
+    pytest.importorskip("transformers")
+    bert = load_workload("hf_bert", n_calib=4, n_test=8, batch_size=4)
+    res = export_plan(
+        bert.model,
+        "w8a8",
+        tmp_path,
+        example_input=bert.example_input,
+        check_inputs=bert.test,
+        formats=("plan", "state_dict", "program", "onnx"),
+    )
+    table = res.to_frame().set_index("format")
+    assert set(table.index) == {"plan", "state_dict", "program", "onnx"}
+    assert (table.loc[["state_dict", "program", "onnx"], "top1_agreement"] == 1.0).all()
+    assert table.loc["onnx", "check"] < 1e-4
+    program = torch.export.load(str(tmp_path / "model.pt2")).module()
+    with torch.inference_mode():
+        logits = program(**bert.example_input).logits
+    assert logits.shape == (4, 4)
+
+
+def test_dict_example_input_must_hold_tensors(tiny, tmp_path: Path) -> None:
+    model, _ = tiny
+    with pytest.raises(ValueError, match="'example_input'.*dict of tensors"):
+        export_plan(model, "w8a8", tmp_path / "o", example_input={"x": [1, 2]})

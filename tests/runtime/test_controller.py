@@ -647,3 +647,50 @@ def test_controller_curve_rows_say_why_a_target_is_not_certifiable(
 
     shown = controller_curve_data(curve).set_index("method")  # the study report's table
     assert shown.loc["ctrl:ratio:0.005", "note"].startswith("not certifiable with 359 inputs")
+
+
+class _State:
+    """A per-call object with no row per input (like a model's cache object)."""
+
+
+class _Structured(nn.Module):
+    """The fixture model returning a ModelOutput (logits + per-row hidden states) or a tuple
+    holding a state object."""
+
+    def __init__(self, inner: nn.Module, *, state: bool = False) -> None:
+        super().__init__()
+        self.inner, self.state = inner, state
+
+    def forward(self, x: torch.Tensor):
+        from transformers.modeling_outputs import SequenceClassifierOutput
+
+        y = self.inner(x)
+        if self.state:
+            return y, _State()
+        return SequenceClassifierOutput(logits=y, hidden_states=(2 * y,))
+
+
+def test_structured_outputs_keep_their_type_and_never_mix_variants(model, make_inputs) -> None:
+    pytest.importorskip("transformers")
+    wrapped = _Structured(model).eval()
+    ctrl, _ = _calibrated(wrapped, make_inputs)
+    x, _ = make_inputs(300, seed=2)
+    hard = x[:, 0] > 0.5
+    assert 0 < int(hard.sum()) < len(x)
+    out = ctrl(x)
+    assert type(out).__name__ == "SequenceClassifierOutput"
+    with torch.inference_mode():
+        ref, cheap = wrapped(x), ctrl.variants[0].module(x)
+    for got, r, c in (
+        (out.logits, ref.logits, cheap.logits),
+        (out.hidden_states[0], ref.hidden_states[0], cheap.hidden_states[0]),
+    ):
+        torch.testing.assert_close(got[hard], r[hard], rtol=0, atol=0)
+        torch.testing.assert_close(got[~hard], c[~hard], rtol=0, atol=0)
+    # a state with no row per input cannot hold two variants' rows: dropped, not the cheap one's
+    stateful = _Structured(model, state=True).eval()
+    ctrl, _ = _calibrated(stateful, make_inputs)
+    logits, state = ctrl(x)
+    assert state is None and logits.shape == (len(x), *logits.shape[1:])
+    _, kept = ctrl(x[~hard])
+    assert isinstance(kept, _State)

@@ -1,0 +1,65 @@
+"""Example and check inputs of an export: positional tensors or keyword tensors (a dict batch,
+e.g. ``input_ids`` and ``attention_mask``), as one ``ModelCall``."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+from mpsearch._validation import invalid
+
+ACCEPTED = "a tensor, a tuple of tensors or a dict of tensors (keyword inputs)"
+
+
+class ModelCall(NamedTuple):
+    """How to call the model on one input: ``model(*args, **kwargs)``."""
+
+    args: tuple[torch.Tensor, ...]
+    kwargs: dict[str, Any]
+
+    def __call__(self, fn: Callable[..., Any]) -> Any:
+        return fn(*self.args, **self.kwargs)
+
+    def dynamic_shapes(self, dim: Any) -> Any:
+        """``torch.export`` dynamic shapes: ``dim`` on the leading dimension of every tensor."""
+
+        def spec(value: Any) -> Any:
+            return {0: dim} if isinstance(value, torch.Tensor) and value.dim() > 0 else None
+
+        if self.kwargs:
+            return {name: spec(value) for name, value in self.kwargs.items()}
+        return tuple(spec(a) for a in self.args)
+
+    def tensors_only(self) -> ModelCall:
+        """This call without its constant keywords (``use_cache=False``): how an exported
+        program, which baked them in, is called."""
+        kept = {k: v for k, v in self.kwargs.items() if isinstance(v, torch.Tensor)}
+        return ModelCall(self.args, kept)
+
+    def tensors(self) -> list[torch.Tensor]:
+        """The input tensors in call order (ONNX feeds them in this order)."""
+        values = [*self.args, *self.kwargs.values()]
+        return [v for v in values if isinstance(v, torch.Tensor)]
+
+
+def as_call(example: Any, argument: str, *, model: nn.Module | None = None) -> ModelCall:
+    """``example`` as a :class:`ModelCall`; a dict batch becomes keyword inputs, with the
+    model's ``use_cache`` turned off where its ``forward`` takes one and the batch does not
+    say (exported programs and ONNX graphs hold no cache objects)."""
+    if isinstance(example, Mapping):
+        kwargs = dict(example)
+        if not kwargs or not all(isinstance(k, str) for k in kwargs):
+            raise invalid(argument, example, ACCEPTED)
+        if not all(isinstance(v, torch.Tensor) for v in kwargs.values()):
+            raise invalid(argument, example, ACCEPTED)
+        if model is not None and "use_cache" in inspect.signature(model.forward).parameters:
+            kwargs.setdefault("use_cache", False)
+        return ModelCall((), kwargs)
+    args = tuple(example) if isinstance(example, (tuple, list)) else (example,)
+    if not args or not all(isinstance(a, torch.Tensor) for a in args):
+        raise invalid(argument, example, ACCEPTED)
+    return ModelCall(args, {})
