@@ -37,12 +37,12 @@ from mpsearch.search import (
     SearchOptions,
     SearchResult,
     WorkerSpec,
-    load_space,
     run_workers,
     search,
 )
+from mpsearch.search._result import SLOWER_THAN_FP32
 from mpsearch.search._storage import storage_kind
-from mpsearch.search._table import ChoiceTable
+from mpsearch.search._table import ChoiceTable, resolve_space
 from mpsearch.workloads import WORKLOADS, Workload, load_workload
 
 QUALITY = ("task", "fidelity")
@@ -515,7 +515,7 @@ class StudySteps:
         cached profile and cost model): what the baselines rank, and what
         :func:`~mpsearch.viz.load_result` takes as ``table``."""
         wl, cost = self.workload, self.cost
-        space = load_space(self.config.space, wl.model).resolve(wl.model, supported=cost.supported)
+        space = resolve_space(self.config.space, wl.model, profile=self.profile, cost=cost)
         metric = self.config.search_options().metric
         return ChoiceTable.build(space, self.profile, cost, metric=metric)
 
@@ -540,6 +540,12 @@ class StudySteps:
             self.log(
                 f"measured {len(plans) + 1} plans on the {self.config.backend!r} backend in {s:.1f} s"
             )
+            best = self._summary[self._summary["plan"] == "best"].iloc[0]
+            if best["note"]:
+                self.log(
+                    f"note: the chosen plan was {best['note']} ({best['latency_ms']:.4g} ms); "
+                    "if speed matters too, add a latency budget (e.g. latency_fraction: 1.0)"
+                )
         return self._summary
 
     def controller(self) -> pd.DataFrame | None:
@@ -679,7 +685,8 @@ def summarize(
     progress: bool = False,
     rounds: int = 3,
 ) -> pd.DataFrame:
-    """Quality, exact memory and measured latency of fp32 and each plan, with ratios to fp32.
+    """Quality, exact memory and measured latency of fp32 and each plan, with ratios to fp32,
+    and a ``note`` on each plan measured more than 5% slower than fp32.
 
     ``fp32`` is the user's model as it is. Each plan is quantized once; latencies are the
     median over ``rounds`` rounds that time every model in turn (so a burst of load on a shared
@@ -716,4 +723,8 @@ def summarize(
     df["memory_ratio"] = df["memory_mb"] / df.loc[0, "memory_mb"]
     df["speedup"] = df.loc[0, "latency_ms"] / df["latency_ms"]
     df["quality_drop"] = df.loc[0, "quality"] - df["quality"]
+    df["note"] = [
+        f"measured {1 / speedup:.2f}x slower than fp32" if speedup * SLOWER_THAN_FP32 < 1 else ""
+        for speedup in df["speedup"]
+    ]
     return df

@@ -146,12 +146,14 @@ class SearchOptions(Options):
     when its values are plain (a sampler or storage given as an object is not).
 
     - ``n_trials``: COMPLETE trials the study holds when done (every worker's count);
-    - ``storage``, ``study_name``: where the study lives (default ``sqlite:///studies/<name>.db``);
+    - ``storage``, ``study_name``: where the study lives (default: in memory, a fresh study
+      for each call, nothing written; ``storage`` is needed to resume a study or to share it
+      between workers: ``sqlite:///studies/<name>.db``, a journal file or PostgreSQL);
     - ``space``: a :class:`SearchSpace`, a YAML path, a bundled name or a dict (``None``: the
       model family's bundled space);
     - ``objectives``: from ``quality``, ``memory``, ``latency`` (``quality`` required);
     - ``sampler`` (``tpe``, ``nsga2``, ``random`` or an Optuna sampler), ``seed``;
-    - ``load_if_exists``: resume a study of that name; ``warm_start``: enqueue uniform, greedy
+    - ``load_if_exists``: resume a study of that name from ``storage``; ``warm_start``: enqueue uniform, greedy
       and ILP plans once; ``screen``: prune candidates the proxy predicts dominated;
     - ``metric``: the profile error column summed by the proxy; ``quality_backend``: the
       backend ``evaluate`` sees quantized models on;

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -17,6 +18,8 @@ from mpsearch.search._table import ChoiceTable
 
 _MAXIMIZE = {"quality": True, "memory_mb": False, "latency_ms": False}
 _COLUMN = {"quality": "quality", "memory": "memory_mb", "latency": "latency_ms"}
+# a plan is called slower than fp32 past this latency ratio (closer is timing noise)
+SLOWER_THAN_FP32 = 1.05
 
 
 @dataclass
@@ -25,7 +28,8 @@ class SearchResult:
 
     ``study`` is the Optuna study; ``trials`` one row per finished trial; ``pareto`` the
     non-dominated feasible trials whose quality was truly evaluated, cheapest first;
-    ``plans`` their :class:`PrecisionPlan` in the same order.
+    ``plans`` their :class:`PrecisionPlan` in the same order; ``warnings`` what to know before
+    using :meth:`best` (e.g. that it is predicted slower than fp32).
     """
 
     study: optuna.Study
@@ -117,14 +121,14 @@ class SearchResult:
     def best(self, budget: Budget | dict | None = None) -> PrecisionPlan:
         """The truly evaluated plan with the best quality that meets ``budget`` (default: the search's).
 
-        Ties go to the smaller, then faster plan.
+        Ties in quality go by the budget asked for: under a latency budget to the faster plan
+        (then the smaller), under a memory budget to the smaller (then the faster); under both,
+        to the plan that spends the smaller share of them (``memory / memory limit + latency /
+        latency limit``); without a budget, to the smaller, then the faster.
+
+        >>> res.best(Budget(latency_fraction=0.8)).metadata["latency_ms"]  # doctest: +SKIP
         """
-        if budget is None:
-            memory_mb, latency_ms = self.limits
-        else:
-            memory_mb, latency_ms = as_budget(budget).limits(
-                fp32_memory_mb=self.fp32_memory_mb, fp32_latency_ms=self.fp32_latency_ms
-            )
+        memory_mb, latency_ms = self._limits(budget)
         df = self._evaluated()
         if len(df):
             ok = np.ones(len(df), dtype=bool)
@@ -137,10 +141,54 @@ class SearchResult:
             raise ValueError(
                 f"No evaluated plan meets the budget (memory_mb={memory_mb}, latency_ms={latency_ms}); run more trials or relax it."
             )
+        ties = ["memory_mb", "latency_ms"]
+        if latency_ms is not None:
+            ties.reverse()
+            if memory_mb is not None:
+                share = df["memory_mb"] / memory_mb + df["latency_ms"] / latency_ms
+                df = df.assign(budget_share=share)
+                ties.insert(0, "budget_share")
         row = df.sort_values(
-            ["quality", "memory_mb", "latency_ms"], ascending=[False, True, True]
+            ["quality", *ties], ascending=[False, *[True] * len(ties)], kind="stable"
         ).iloc[0]
         return self._plan(row)
+
+    def _limits(self, budget: Budget | dict | None) -> tuple[float | None, float | None]:
+        if budget is None:
+            return self.limits
+        return as_budget(budget).limits(
+            fp32_memory_mb=self.fp32_memory_mb, fp32_latency_ms=self.fp32_latency_ms
+        )
+
+    @property
+    def warnings(self) -> list[str]:
+        """What to know before using :meth:`best`, in plain words: the best plan (under the
+        search's budget) predicted more than 5% slower than fp32, with how to ask for speed
+        too. Empty when there is nothing to say (or no plan meets the budget: :meth:`best`
+        says so).
+
+        >>> res.warnings  # doctest: +SKIP
+        ['The best plan under the budget (trial 7) is predicted 1.60x slower than fp32 ...']
+        """
+        try:
+            plan = self.best()
+        except ValueError:
+            return []
+        latency, fp32 = plan.metadata["latency_ms"], self.fp32_latency_ms
+        if latency <= SLOWER_THAN_FP32 * fp32:
+            return []
+        if self.limits == (None, None):
+            what = "The best plan (no budget was given)"
+            why = "without a budget, quality ties go to the smaller plan"
+        else:
+            what, why = "The best plan under the budget", "it meets the budget by giving up speed"
+        return [
+            f"{what} (trial {plan.metadata['trial']}) is predicted {latency / fp32:.2f}x slower "
+            f"than fp32 ({latency:.4g} ms vs {fp32:.4g} ms) on this machine: {why}. If speed "
+            "matters too, add a latency budget, e.g. res.best(Budget(latency_fraction=1.0)) or "
+            "search(..., budget=Budget(..., latency_fraction=1.0)), or pick another plan from "
+            "the front (res.pareto)."
+        ]
 
     def reference_point(self) -> tuple[float, float, float]:
         """Default hypervolume reference: (lowest true quality seen, fp32 memory, fp32 latency)."""
@@ -182,3 +230,11 @@ class SearchResult:
                 }
             )
         return pd.DataFrame(rows)
+
+
+def warn_about(result: SearchResult, *, stacklevel: int = 3) -> SearchResult:
+    """Issue each of ``result.warnings`` as a ``UserWarning`` (shown once in a notebook or on
+    the command line); return ``result``."""
+    for note in result.warnings:
+        warnings.warn(note, UserWarning, stacklevel=stacklevel)
+    return result

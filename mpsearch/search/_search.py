@@ -8,7 +8,6 @@ import math
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -35,11 +34,11 @@ from mpsearch.search._leases import (
 from mpsearch.search._options import OBJECTIVES, SearchOptions, resolve_options
 from mpsearch.search._optuna_compat import study_storage, told_finished_trial, trial_id
 from mpsearch.search._quality import Fidelity, PlanRunner
-from mpsearch.search._result import SearchResult
+from mpsearch.search._result import SearchResult, warn_about
 from mpsearch.search._samplers import SAMPLERS, make_sampler
-from mpsearch.search._space import ResolvedSpace, load_space
+from mpsearch.search._space import ResolvedSpace
 from mpsearch.search._storage import make_storage, safe_url
-from mpsearch.search._table import ChoiceTable, CostLike, ProfileLike
+from mpsearch.search._table import ChoiceTable, CostLike, ProfileLike, resolve_space
 
 __all__ = ["OBJECTIVES", "SAMPLERS", "EvaluationError", "make_sampler", "search"]
 
@@ -112,16 +111,22 @@ def search(
     ``objectives=("quality",)``, ``seed=1``...) override it, and an unknown keyword raises
     ``TypeError`` listing the accepted ones. Every option is checked before any work.
 
-    With ``objectives=("quality",)`` the search maximises quality under the budget; otherwise
-    it returns the whole front. Warm starts (uniform, greedy, ILP plans) are enqueued first,
+    The space (``space``; default: the model family's bundled one) is narrowed to the schemes
+    the profile and the cost model have figures for. With ``objectives=("quality",)`` the
+    search maximises quality under the budget; otherwise it returns the whole front. Each of
+    the result's ``warnings`` (e.g. its best plan predicted slower than fp32) is issued as a
+    ``UserWarning``. Warm starts (uniform, greedy, ILP plans) are enqueued first,
     once per study; with ``screen`` a candidate whose proxy-predicted quality (calibrated on
     true evaluations) is clearly dominated is pruned before its true evaluation.
 
-    Persistence: ``n_trials`` is the study's total of COMPLETE trials, whoever ran them, so
-    ``load_if_exists=True`` resumes a study up to it and several processes (see
-    :func:`run_workers`) or machines sharing ``storage`` (a journal file or PostgreSQL, see
-    :func:`make_storage`) split it. A study made for another model, profile, cost, schemes,
-    space or budget is refused. Each running trial holds a lease (``lease``); a trial whose
+    Persistence: without ``storage`` the study lives in memory, for this call only: nothing
+    is written, and calling again (re-running a notebook cell) starts a fresh study. With a
+    ``storage`` (see :func:`make_storage`) the study is kept; creating one under a name the
+    storage already holds is refused, saying how to resume it or rename it. ``n_trials`` is the
+    study's total of COMPLETE trials, whoever ran them, so ``load_if_exists=True`` resumes a
+    study up to it and several processes (see :func:`run_workers`) or machines sharing
+    ``storage`` (a journal file or PostgreSQL) split it. A study made for another model,
+    profile, cost, schemes, space or budget is refused. Each running trial holds a lease (``lease``); a trial whose
     worker died is failed within ``lease.lease_s`` and retried ``lease.max_retry`` times. On
     SIGTERM (``handle_sigterm``) the running trial is failed with reason ``"SIGTERM"``,
     retried, and the process exits with status 143. The model is first run once on
@@ -157,7 +162,7 @@ def search(
         show_progress_bar=opts.show_progress_bar,
         handle_sigterm=opts.handle_sigterm,
     )
-    return prepared.result(wall_time_s=time.perf_counter() - started)
+    return warn_about(prepared.result(wall_time_s=time.perf_counter() - started))
 
 
 @dataclass
@@ -281,11 +286,18 @@ def _prepare(
 ) -> _Prepared:
     """Check every input, open the storage, create or load the study, enqueue warm starts."""
     options = options or SearchOptions()
+    if options.storage is None and options.load_if_exists:
+        raise invalid(
+            "load_if_exists",
+            True,
+            "False without a 'storage': without one the study lives in memory for this call "
+            "only, so there is nothing to resume. Pass storage='sqlite:///studies/<name>.db' "
+            "(and a study_name) to keep a study and resume it",
+            kind="option",
+        )
     budget = as_budget(budget)
     eval_batches = _check_inputs(model, evaluate, eval_data, example_input)
-    resolved = load_space(options.space, model).resolve(
-        model, supported=getattr(cost, "supported", None)
-    )
+    resolved = resolve_space(options.space, model, profile=profile, cost=cost)
     table = ChoiceTable.build(resolved, profile, cost, metric=options.metric)
     limits = budget.limits(
         fp32_memory_mb=cost.fp32_memory_bytes / 1e6, fp32_latency_ms=cost.fp32_latency_ms
@@ -356,14 +368,17 @@ def _open_study(
     *,
     workers: int = 1,
 ) -> optuna.Study:
-    """Create (or, with ``load_if_exists``, load and check) the study in its storage."""
+    """Create (or, with ``load_if_exists``, load and check) the study in its storage; without
+    one, a fresh study in memory."""
     objectives = options.objectives
     parts = fingerprint_parts(model, resolved, table, objectives, limits, options.metric)
     name = options.study_name or (
         f"mpsearch-{type(model).__name__.lower()}-{parts['model weights'][:8]}"
     )
-    url = _default_storage(options.storage, name)
-    storage = make_storage(url, workers=workers)
+    url = options.storage
+    storage = (
+        optuna.storages.InMemoryStorage() if url is None else make_storage(url, workers=workers)
+    )
     try:
         study = optuna.create_study(
             storage=storage,
@@ -375,7 +390,8 @@ def _open_study(
     except optuna.exceptions.DuplicatedStudyError:
         raise ValueError(
             f"The storage {safe_url(url)!r} already holds a study named {name!r}. Resume it "
-            "(load_if_exists=True; `mpsearch search --resume`) or pick another study name."
+            "(load_if_exists=True; on the command line `--resume`) or start a new one under "
+            f"another name (study_name='{name}-2'; on the command line `--study-name`)."
         ) from None
     check_fingerprint(study, parts, resolved, objectives, limits)
     if len(objectives) > 1 and not study.metric_names:
@@ -498,14 +514,6 @@ def _check_feasible(table: ChoiceTable, limits: tuple[float | None, float | None
                 f"The latency budget {latency_ms:.6g} ms cannot be met: the fastest plan in this search "
                 f"space is predicted at {fastest:.6g} ms. Raise 'latency_ms' to at least {fastest:.6g} or widen the space."
             )
-
-
-def _default_storage(storage: Any, study_name: str) -> Any:
-    if storage is not None:
-        return storage
-    folder = Path("studies")
-    folder.mkdir(exist_ok=True)
-    return f"sqlite:///{folder / study_name}.db"
 
 
 def _budget_full(trials: list[optuna.trial.FrozenTrial], number: int, n_trials: int) -> bool:

@@ -1,9 +1,10 @@
-"""Search spaces: which schemes each layer may take, pinned layers, tied groups (YAML)."""
+"""Search spaces: which schemes each layer may take, pinned layers, precision floors, tied
+groups (YAML); resolved against the schemes actually profiled and measured."""
 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,8 @@ class ResolvedSpace:
     ``params`` maps a parameter name (a layer name, or ``group:<first layer>`` for tied
     layers) to its layers; ``choices`` maps it to its schemes, in the space's order.
     ``pinned`` holds the layers fixed to one scheme; ``dropped`` says which scheme was removed
-    from which layer and why (the layer's shape or the backend cannot take it).
+    from which layer and why (not profiled or not measured, or the layer's shape or the
+    backend cannot take it).
     """
 
     layers: list[str]
@@ -76,18 +78,27 @@ class SearchSpace:
 
     ``schemes`` is the default list; ``rules`` (applied in order, later ones win) set the list
     for layers selected by ``type`` (class name), ``regex`` (full match on the name) or
-    ``name``; ``pin`` fixes layers (``first``/``last`` name the first/last quantizable layer);
-    ``groups`` ties layers (a list of names/``re:`` patterns per group) to one choice.
+    ``name``; ``pin`` fixes layers to one named scheme (``first``/``last`` name the first/last
+    quantizable layer); ``min_bits`` sets a precision floor instead: the layer keeps only its
+    choices with at least that many weight bits, ``fp32`` always included, so the fastest
+    such scheme measured on this machine can win (the bundled spaces keep the first and/or
+    last layer at ``>= 8`` bits this way, never at a fixed dtype); a pinned layer keeps its
+    pin. ``groups`` ties layers (a list of names/``re:`` patterns per group) to one choice.
 
     >>> space = SearchSpace(schemes=["bf16", "w8a8"], pin={"first": "bf16"})
     >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
     >>> space.resolve(net).choices
     {'2': ['bf16', 'w8a8']}
+    >>> floor = SearchSpace(schemes=["fp32", "bf16", "w8a8", "w4a16"], min_bits={"last": 8})
+    >>> wide = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 2))
+    >>> floor.resolve(wide, measured=["fp32", "w8a8", "w4a16"]).choices
+    {'0': ['fp32', 'w8a8', 'w4a16'], '2': ['fp32', 'w8a8']}
     """
 
     schemes: list[str]
     rules: list[dict[str, Any]] = field(default_factory=list)
     pin: dict[str, str] = field(default_factory=dict)
+    min_bits: dict[str, int] = field(default_factory=dict)
     groups: list[list[str]] = field(default_factory=list)
     name: str = "custom"
     source: str = "<space>"
@@ -108,6 +119,12 @@ class SearchSpace:
             self._check_schemes(f"{where}.schemes", rule["schemes"])
         for key, scheme in self.pin.items():
             self._check_schemes(f"pin.{key}", [scheme])
+        for key, bits in self.min_bits.items():
+            if isinstance(bits, bool) or not isinstance(bits, int) or bits < 1:
+                raise SpaceError(
+                    f"{self.source}: min_bits.{key} must be a positive number of weight bits "
+                    f"(e.g. 8). Got {bits!r} instead."
+                )
 
     def _check_schemes(self, where: str, schemes: Any) -> None:
         if not isinstance(schemes, Sequence) or isinstance(schemes, str) or not schemes:
@@ -129,7 +146,7 @@ class SearchSpace:
             raise SpaceError(
                 f"{source}: a search space must be a mapping. Got {type(data).__name__} instead."
             )
-        allowed = {"name", "description", "schemes", "rules", "pin", "groups"}
+        allowed = {"name", "description", "schemes", "rules", "pin", "min_bits", "groups"}
         extra = set(data) - allowed
         if extra:
             raise SpaceError(
@@ -142,6 +159,7 @@ class SearchSpace:
             schemes=list(data["schemes"]),
             rules=list(data.get("rules") or []),
             pin=dict(data.get("pin") or {}),
+            min_bits=dict(data.get("min_bits") or {}),
             groups=groups,
             name=str(data.get("name", Path(source).stem)),
             source=source,
@@ -167,15 +185,26 @@ class SearchSpace:
             "schemes": list(self.schemes),
             "rules": self.rules,
             "pin": self.pin,
+            "min_bits": self.min_bits,
             "groups": self.groups,
         }
 
     # -- applying to a model ----------------------------------------------------------------------
-    def resolve(self, model: nn.Module, *, supported: Any = None) -> ResolvedSpace:
+    def resolve(
+        self,
+        model: nn.Module,
+        *,
+        supported: Callable[[str, str], bool] | None = None,
+        measured: Collection[str] | None = None,
+        profiled: Collection[str] | None = None,
+    ) -> ResolvedSpace:
         """Apply the space to ``model``.
 
-        ``supported(layer, scheme) -> bool`` (e.g. ``CostModel.supported``) removes choices the
-        backend cannot run. Schemes the layer's shape cannot take are removed too.
+        ``measured`` and ``profiled`` (``None``: no limit) are the schemes the cost model and
+        the profile have figures for: other choices are removed, and a layer pinned to one of
+        them is refused, naming what was measured. ``supported(layer, scheme) -> bool`` (e.g.
+        ``CostModel.supported``) removes measured choices the backend cannot run. Schemes the
+        layer's shape cannot take are removed too.
         """
         modules = quantizable_layers(model)
         names = list(modules)
@@ -184,7 +213,11 @@ class SearchSpace:
             for n in self._rule_hits(i, rule, modules):
                 choices[n] = list(rule["schemes"])
         pinned = self._pinned(modules)
-        dropped = _drop_unusable(self.source, modules, choices, pinned, supported)
+        for n, bits in self._floors(modules, pinned).items():
+            kept = [s for s in choices[n] if get_scheme(s).weight_bits >= bits]
+            choices[n] = kept if "fp32" in kept else ["fp32", *kept]
+        missing = _missing_figures(measured, profiled)
+        dropped = _drop_unusable(self.source, modules, choices, pinned, supported, missing)
         params = self._tie_groups(modules, choices, pinned)
         grouped = {m for members in params.values() for m in members}
         for n in names:
@@ -233,19 +266,26 @@ class SearchSpace:
             )
         return [rule["name"]]
 
+    def _layer(self, where: str, key: str, names: list[str]) -> str:
+        """The layer ``key`` names (``first``/``last``: the first/last quantizable layer)."""
+        layer = {"first": names[0], "last": names[-1]}.get(key, key)
+        if layer not in names:
+            raise SpaceError(
+                f"{self.source}: {where}.{key}: layer {key!r} is not a quantizable layer of the "
+                f"model. Layers: {_listing(names)}."
+            )
+        return layer
+
     def _pinned(self, modules: dict[str, nn.Module]) -> dict[str, str]:
-        """``{layer: scheme}`` of the pinned layers (``first``/``last`` resolved)."""
+        """``{layer: scheme}`` of the pinned layers."""
         names = list(modules)
-        pinned: dict[str, str] = {}
-        for key, scheme in self.pin.items():
-            layer = {"first": names[0], "last": names[-1]}.get(key, key)
-            if layer not in modules:
-                raise SpaceError(
-                    f"{self.source}: pin.{key}: layer {key!r} is not a quantizable layer of the "
-                    f"model. Layers: {_listing(names)}."
-                )
-            pinned[layer] = scheme
-        return pinned
+        return {self._layer("pin", key, names): scheme for key, scheme in self.pin.items()}
+
+    def _floors(self, modules: dict[str, nn.Module], pinned: dict[str, str]) -> dict[str, int]:
+        """``{layer: minimum weight bits}`` of the floored layers that are not pinned."""
+        names = list(modules)
+        floors = {self._layer("min_bits", key, names): bits for key, bits in self.min_bits.items()}
+        return {n: bits for n, bits in floors.items() if n not in pinned}
 
     def _tie_groups(
         self,
@@ -292,29 +332,61 @@ def _listing(names: list[str]) -> str:
     return ", ".join(repr(n) for n in names[:20]) + (" ..." if len(names) > 20 else "")
 
 
+def _missing_figures(
+    measured: Collection[str] | None, profiled: Collection[str] | None
+) -> Callable[[str], str | None]:
+    """``why(scheme)``: why the search has no figures for ``scheme`` (``None``: it has them)."""
+
+    sources = ((profiled, "the profile was computed"), (measured, "the cost model was measured"))
+
+    def why(scheme: str) -> str | None:
+        reasons = [
+            f"{what} for {', '.join(schemes)} only"
+            for schemes, what in sources
+            if schemes is not None and scheme not in schemes
+        ]
+        return " and ".join(reasons) or None
+
+    return why
+
+
 def _drop_unusable(
     source: str,
     modules: dict[str, nn.Module],
     choices: dict[str, list[str]],
     pinned: dict[str, str],
-    supported: Any,
+    supported: Callable[[str, str], bool] | None,
+    missing: Callable[[str], str | None],
 ) -> dict[str, dict[str, str]]:
-    """Remove (in place) the schemes a layer's shape or the backend cannot take; return why.
+    """Remove (in place) the schemes the search has no figures for, or that the layer's shape
+    or the backend cannot take; return why.
 
-    A layer left with no scheme (a pinned one included) is refused.
+    A layer left with no scheme (a pinned one included) is refused, naming the cause.
     """
     dropped: dict[str, dict[str, str]] = {}
     for n, module in modules.items():
         shape = tuple(module.weight.shape)
         keep = []
         for s in [pinned[n]] if n in pinned else choices[n]:
-            why = get_scheme(s).applicability_error(shape)
+            why = missing(s) or get_scheme(s).applicability_error(shape)
             if why is None and supported is not None and not supported(n, s):
                 why = "the backend has no kernel for it"
             if why:
                 dropped.setdefault(n, {})[s] = why
             else:
                 keep.append(s)
+        if n in pinned and not keep:
+            s = pinned[n]
+            fix = (
+                f"profile and measure {s!r} too, or pin the layer to one of those"
+                if missing(s)
+                else "pin it to another scheme"
+            )
+            raise SpaceError(
+                f"{source}: the space pins layer {n!r} to {s!r}, but {dropped[n][s]}: {fix} "
+                f"(or give it a precision floor instead, e.g. 'min_bits: {{{n}: 8}}', resolved "
+                "against what was measured)."
+            )
         if not keep:
             reasons = "; ".join(f"{s}: {w}" for s, w in dropped[n].items())
             raise SpaceError(f"{source}: layer {n!r} has no usable scheme left ({reasons}).")

@@ -1,10 +1,12 @@
-"""Optuna storages by setup: SQLite (one process), a journal file (several processes on one
-machine), PostgreSQL (several machines). Each is opened, and checked reachable, before any work.
+"""Optuna storages by setup: none (in memory, one call), SQLite (one process, kept), a journal
+file (several processes on one machine), PostgreSQL (several machines). Each is opened, and
+checked reachable, before any work.
 
 =====================================  ============================================  =========
 storage                                for                                           workers
 =====================================  ============================================  =========
-``sqlite:///studies/x.db``             one process (the default, under ``studies/``)  1
+``None`` (the default of ``search``)   one call: in memory, nothing written           1
+``sqlite:///studies/x.db``             one process, kept (the CLI's default)          1
 ``journal:///abs/path/x.log``,         several processes on one machine               any
 ``x.log`` / ``x.journal``
 ``postgresql://user:pw@host:5432/db``  several machines running the same study        any

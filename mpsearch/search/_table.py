@@ -5,19 +5,24 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
-from mpsearch.search._space import ResolvedSpace
+from torch import nn
+
+from mpsearch.search._space import ResolvedSpace, SearchSpace, load_space
 
 
 class ProfileLike(Protocol):
-    """What the search needs of a sensitivity profile (``mpsearch.SensitivityProfile``)."""
+    """What the search needs of a sensitivity profile (``mpsearch.SensitivityProfile``);
+    a ``schemes`` list, where it has one, limits the space to the schemes profiled."""
 
     def error(self, layer: str, scheme: str, metric: str = ...) -> float: ...
 
 
 class CostLike(Protocol):
-    """What the search needs of a cost model (``mpsearch.CostModel``)."""
+    """What the search needs of a cost model (``mpsearch.CostModel``); its ``schemes`` and
+    ``supported(layer, scheme)``, where it has them, limit the space to what was measured."""
 
     fp32_memory_bytes: int
     fp32_latency_ms: float
@@ -25,6 +30,28 @@ class CostLike(Protocol):
     def memory_bytes(self, plan: Any) -> int: ...
 
     def latency_ms(self, plan: Any) -> float: ...
+
+
+def resolve_space(
+    space: SearchSpace | str | Path | Mapping[str, Any] | None,
+    model: nn.Module,
+    *,
+    profile: ProfileLike,
+    cost: CostLike,
+) -> ResolvedSpace:
+    """``space`` (see :func:`load_space`) applied to ``model``, narrowed to the schemes the
+    profile and the cost model have figures for (``fp32`` always: its error is 0 by definition)
+    and that the backend runs.
+
+    >>> resolve_space("mlp", model, profile=prof, cost=cost).choices  # doctest: +SKIP
+    """
+    profiled = getattr(profile, "schemes", None)
+    return load_space(space, model).resolve(
+        model,
+        supported=getattr(cost, "supported", None),
+        measured=getattr(cost, "schemes", None),
+        profiled=None if profiled is None else list(dict.fromkeys(["fp32", *profiled])),
+    )
 
 
 @dataclass

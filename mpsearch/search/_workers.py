@@ -28,7 +28,7 @@ from typing import Any
 
 from mpsearch._validation import invalid
 from mpsearch.search._options import SearchOptions, resolve_options
-from mpsearch.search._result import SearchResult
+from mpsearch.search._result import SearchResult, warn_about
 from mpsearch.search._search import _prepare, _Prepared, search
 from mpsearch.search._storage import make_storage, safe_url, storage_kind
 
@@ -297,7 +297,7 @@ class WorkerPool:
                 f"with {[codes[i] for i in bad]}; the study holds {done} of {self.n_trials} "
                 f"COMPLETE trials. Run again to resume it. Output of worker {bad[0]}:\n{tail}"
             )
-        return result
+        return warn_about(result)
 
 
 def run_workers(

@@ -189,3 +189,11 @@ def test_the_pipeline_builds_the_same_options_from_the_study_yaml(tmp_path) -> N
     path.write_text("workload: mlp\nsearch: {n_jobs: 0}\n")
     with pytest.raises(ValueError, match="study.yaml: The 'n_jobs' option must be a positive"):
         StudyConfig.from_yaml(path)
+
+
+def test_the_pipeline_keeps_its_study_on_disk_where_the_search_default_is_in_memory() -> None:
+    from mpsearch.pipeline import StudyConfig
+
+    assert SearchOptions().storage is None  # search(): a fresh study in memory per call
+    options = StudyConfig(workload="mlp", study_name="digits").search_options()
+    assert (options.storage, options.load_if_exists) == ("sqlite:///studies/digits.db", True)

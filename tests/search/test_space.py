@@ -87,8 +87,14 @@ def test_groups_tie_layers() -> None:
         ("schemes: [bf16]\nbudget: 3", r"unknown key\(s\) \['budget'\]"),
         (
             "schemes: [w4a16]\npin: {first: w4a16}",
+            r"pins layer 'conv1' to 'w4a16', but group_size=32.*: pin it to another scheme",
+        ),
+        (
+            "schemes: [w4a16]\nrules:\n  - {name: conv1, schemes: [w4a16]}",
             r"layer 'conv1' has no usable scheme left \(w4a16: group_size=32",
         ),
+        ("schemes: [bf16]\nmin_bits: {last: 0}", r"min_bits.last must be a positive number"),
+        ("schemes: [bf16]\nmin_bits: {fc9: 8}", r"min_bits.fc9: layer 'fc9' is not a quantiz"),
         ("rules: []", r"the key 'schemes' .* is missing"),
         ("schemes: [bf16\n", r"not valid YAML"),
     ],
@@ -105,6 +111,47 @@ def test_bundled_spaces_load_and_family_detection() -> None:
     assert model_family(nn.Sequential(nn.Linear(4, 4))) == "mlp"
     for name in ("cnn", "transformer", "mlp", "aggressive"):
         assert load_space(name, Net()).name == name
+        assert not load_space(name, Net()).pin  # floors resolved on the machine, no fixed dtype
     assert load_space(None, Net()).name == "cnn"
     with pytest.raises(ValueError, match="one of the bundled spaces"):
         load_space("huge", Net())
+
+
+MEASURED = ["fp32", "w8a8", "w4a16"]  # as measure_cost(schemes=["w8a8", "w4a16"]) measures
+
+
+def test_min_bits_floors_a_layer_among_the_schemes_profiled_and_measured() -> None:
+    space = SearchSpace(
+        schemes=["bf16", "w8a8", "w4a16"],
+        rules=[{"type": "Conv2d", "schemes": ["bf16", "w8a8"]}],
+        min_bits={"first": 8, "last": 16},
+    )
+    resolved = space.resolve(Net(), measured=MEASURED, profiled=MEASURED)
+    assert resolved.pinned == {}
+    assert resolved.choices == {
+        "conv1": ["fp32", "w8a8"],  # >= 8 bits: fp32 added, bf16 not measured
+        "conv2": ["w8a8"],
+        "fc1": ["w8a8", "w4a16"],
+        "fc2": ["fp32"],  # >= 16 bits among what was measured: fp32 only
+    }
+    assert resolved.dropped["conv2"]["bf16"] == (
+        "the profile was computed for fp32, w8a8, w4a16 only and the cost model was measured "
+        "for fp32, w8a8, w4a16 only"
+    )
+    everything = space.resolve(Net())  # no figures given: every scheme counts as available
+    assert everything.choices["conv1"] == ["fp32", "bf16", "w8a8"]
+    assert SearchSpace.from_dict(space.to_dict()).min_bits == {"first": 8, "last": 16}
+
+
+def test_a_pin_to_an_unmeasured_scheme_names_what_was_measured() -> None:
+    pinned = SearchSpace(schemes=["w8a8"], pin={"last": "bf16"})
+    with pytest.raises(SpaceError) as info:
+        pinned.resolve(Net(), measured=MEASURED)
+    assert str(info.value) == (
+        "<space>: the space pins layer 'fc2' to 'bf16', but the cost model was measured for "
+        "fp32, w8a8, w4a16 only: profile and measure 'bf16' too, or pin the layer to one of "
+        "those (or give it a precision floor instead, e.g. 'min_bits: {fc2: 8}', resolved "
+        "against what was measured)."
+    )
+    measured = SearchSpace(schemes=["w8a8"], pin={"last": "w4a16"}, min_bits={"last": 8})
+    assert measured.resolve(Net(), measured=MEASURED).pinned == {"fc2": "w4a16"}  # pin wins

@@ -9,6 +9,7 @@ import pytest
 from fake_search import SCHEMES, FakeCost, FakeProfile, fake_model, known_quality
 
 from mpsearch.search import SearchSpace, search
+from mpsearch.search._optuna_compat import study_storage
 from mpsearch.search._storage import journal_path, make_storage, safe_url, storage_kind
 
 
@@ -91,3 +92,39 @@ def test_model_failing_on_its_input_is_refused_up_front(tmp_path) -> None:
             example_input=torch.zeros(2, 7),  # the fake takes 32 features
         )
     assert not (tmp_path / "s.db").exists()
+
+
+def _fake_search(**kwargs):
+    return search(
+        fake_model(),
+        profile=FakeProfile(),
+        cost=FakeCost(),
+        evaluate=known_quality,
+        space=SearchSpace(schemes=SCHEMES),
+        n_trials=4,
+        **kwargs,
+    )
+
+
+def test_without_storage_each_call_is_a_fresh_study_in_memory(tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    first = _fake_search()
+    again = _fake_search()  # re-running a notebook cell: no DuplicatedStudyError
+    assert isinstance(study_storage(first.study), optuna.storages.InMemoryStorage)
+    assert study_storage(again.study) is not study_storage(first.study)
+    assert len(again.trials) == len(first.trials)  # fresh: not resumed, not piled up
+    assert list(tmp_path.iterdir()) == []  # nothing written
+    with pytest.raises(ValueError, match=r"'load_if_exists' option must be False without a 'st"):
+        _fake_search(load_if_exists=True)
+
+
+def test_an_existing_study_name_says_how_to_resume_or_rename(tmp_path) -> None:
+    url = f"sqlite:///{tmp_path}/s.db"
+    _fake_search(storage=url, study_name="s")
+    with pytest.raises(ValueError, match=r"already holds a study named 's'") as info:
+        _fake_search(storage=url, study_name="s")
+    message = str(info.value)
+    assert "load_if_exists=True" in message and "--resume" in message
+    assert "study_name='s-2'" in message and "--study-name" in message
+    resumed = _fake_search(storage=url, study_name="s", load_if_exists=True)
+    assert int((resumed.trials["state"] == "COMPLETE").sum()) == 4
