@@ -674,21 +674,6 @@ def selection_check(result: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
-def cpu_name() -> str:
-    """The CPU's model name (as ``lscpu`` prints it) and its matrix / vector extensions."""
-    flags: set[str] = set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
-    except OSError:
-        pass
-    isa = [n for f, n in (("amx_tile", "AMX"), ("avx512_vnni", "AVX-512 VNNI"), ("avx2", "AVX2"))
-           if f in flags]  # fmt: skip
-    return cpu_model() + (f" ({', '.join(isa)})" if isa else "")
-
-
 def overlay_data(result: dict[str, Any]) -> pd.DataFrame:
     """The figure's points, per batch size: every static plan (with its Pareto mark), each swept
     scorer's controller settings, and the random-routing and oracle baselines of that batch
@@ -771,7 +756,7 @@ def draw_overlay(results: list[dict[str, Any]], path: Path) -> None:
 
 
 def to_markdown(results: list[dict[str, Any]], backend: str, elapsed: float, threads: int) -> str:
-    cpu = cpu_name()
+    cpu = cpu_model()
     lines = [
         "# Runtime controller benchmark",
         "",

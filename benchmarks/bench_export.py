@@ -25,7 +25,7 @@ import torch
 from _tables import md_table  # benchmarks/ is the script's folder
 
 import mpsearch as mps
-from mpsearch.cost import median_ms
+from mpsearch.cost import cpu_model, median_ms
 from mpsearch.export import export_plan
 from mpsearch.workloads import load_workload
 
@@ -134,6 +134,7 @@ def main() -> None:
     text = "\n\n".join(
         [
             "# Exported plans (benchmarks/bench_export.py)",
+            f"CPU: {cpu_model()}; torch {torch.__version__}.",
             "Plans: "
             + "; ".join(f"{k}: {v.rules} default {v.default!r}" for k, v in PLANS.items())
             + ". Backend `cpu` for the state dict and program, `simulate` for ONNX; dynamic "

@@ -31,6 +31,7 @@ from scipy.stats import spearmanr
 
 from mpsearch._data import run_model
 from mpsearch.backends import quantize
+from mpsearch.cost import cpu_model
 from mpsearch.layers._batchnorm import fold_batchnorm
 from mpsearch.profile import kl_divergence, profile
 from mpsearch.workloads import load_workload
@@ -215,7 +216,7 @@ def main() -> None:
     lines = [
         "# Profiler benchmark",
         "",
-        f"torch {torch.__version__}, schemes {SCHEMES}, "
+        f"CPU: {cpu_model()}; torch {torch.__version__}, schemes {SCHEMES}, "
         "simulate backend, no cache. Each row: `runs` profiles interleaved with `n` timings of "
         "one fp32 pass over all calibration batches (the user's model, BatchNorm unfolded); "
         "ratio = median profile time / median pass time, in wall time and in process CPU time "

@@ -34,7 +34,7 @@ import optuna
 import torch
 from _tables import md_table  # benchmarks/ is the script's folder
 
-from mpsearch.cost import measure_cost
+from mpsearch.cost import cpu_model, measure_cost
 from mpsearch.profile import profile
 from mpsearch.search import Budget, baselines, hypervolume, load_space
 from mpsearch.search import search as run_search
@@ -302,6 +302,7 @@ def main() -> None:
     total = time.perf_counter() - start
     intro = (
         "# Search vs baselines\n\n"
+        f"CPU: {cpu_model()}; torch {torch.__version__}.\n\n"
         "`python benchmarks/bench_search.py` (one thread). One multi-objective mpsearch search "
         "per workload (the bundled default space, schemes "
         f"{', '.join(SCHEMES)}), read at each budget with `res.best(budget)`; baselines "

@@ -86,16 +86,34 @@ def threads(num_threads: int | None) -> Iterator[int]:
         torch.set_num_threads(before)
 
 
+_ISA = (
+    ("amx_tile", "AMX"),
+    ("avx512_bf16", "AVX-512 BF16"),
+    ("avx512_vnni", "AVX-512 VNNI"),
+    ("avx512f", "AVX-512"),
+    ("avx2", "AVX2"),
+)
+"""The /proc/cpuinfo flags that decide which low-precision kernel wins, and their names."""
+
+
 def cpu_model() -> str:
-    """The CPU's model name (from /proc/cpuinfo where there is one)."""
+    """The CPU's model name (from /proc/cpuinfo where there is one, as ``lscpu`` prints it)
+    and the matrix / vector extensions among :data:`_ISA` it has, e.g.
+    ``"AMD EPYC (AVX-512 BF16, AVX-512 VNNI, AVX-512, AVX2)"``."""
+    name, flags = "", set()
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as fh:
             for line in fh:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                key, _, value = line.partition(":")
+                if key.strip().lower() == "model name" and not name:
+                    name = value.strip()
+                elif key.strip() == "flags" and not flags:
+                    flags = set(value.split())
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    name = name or platform.processor() or platform.machine()
+    isa = [label for flag, label in _ISA if flag in flags]
+    return name + (f" ({', '.join(isa)})" if isa else "")
 
 
 def device_name(backend_name: str) -> str:

@@ -1,0 +1,236 @@
+"""Other people's models: profile speed and the searched plan's real speed-up on each zoo model.
+
+Run: ``python benchmarks/bench_models.py`` (``--models hf_llama,flag_net`` for a subset,
+``--trials N``). Prints a table and writes ``benchmarks/results/models.md``.
+
+For each zoo model (:data:`mpsearch.workloads.ZOO`, random-initialised from configs, quality =
+top-1 agreement with the fp32 model on fixed inputs):
+
+1. profile time / (S x one fp32 pass over the same calibration batches), S schemes, the passes
+   timed before and after the profile (median); the runner the profiler used;
+2. ``measure_cost`` on the ``cpu`` backend, a search (quality x latency, ``--trials`` trials),
+   then every front plan and every uniform plan quantized on the ``cpu`` backend and measured
+   for real: quality on the test inputs and latency on the example batch, all candidates and
+   the user's fp32 model timed interleaved (medians of rounds);
+3. the best plan meeting the 1% agreement-drop target (the fastest measured) vs the user's fp32
+   model and vs the best uniform plan meeting the target.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from _tables import md_table  # benchmarks/ is the script's folder
+
+import mpsearch as mps
+from mpsearch._data import run_model
+from mpsearch.cost import cpu_model
+from mpsearch.layers import quantizable_layers
+from mpsearch.workloads import ZOO, load_workload
+from mpsearch.workloads._zoo import zoo_available
+
+SCHEMES = ["bf16", "w8a8", "w4a16"]
+TARGET_DROP = 0.01
+RESULTS = Path(__file__).parent / "results" / "models.md"
+
+
+def pass_time(model: torch.nn.Module, batches: list[Any]) -> float:
+    """Wall seconds of one fp32 pass over ``batches``."""
+    with torch.inference_mode():
+        start = time.perf_counter()
+        for batch in batches:
+            run_model(model, batch)
+        return time.perf_counter() - start
+
+
+def profile_ratio(wl: Any) -> tuple[float, Any, float]:
+    """(profile seconds / (S x fp32 pass), the profile, profile seconds)."""
+    pass_time(wl.model, wl.calib)  # warm-up
+    passes = [pass_time(wl.model, wl.calib) for _ in range(3)]
+    start = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prof = mps.profile(wl.model, wl.calib, schemes=SCHEMES, progress=False)
+    seconds = time.perf_counter() - start
+    passes += [pass_time(wl.model, wl.calib) for _ in range(3)]
+    return seconds / (len(SCHEMES) * statistics.median(passes)), prof, seconds
+
+
+def interleaved_ms(modules: dict[str, torch.nn.Module], batch: Any, rounds: int) -> dict:
+    """Median ms per call of each module on ``batch``, all timed round by round."""
+    times: dict[str, list[float]] = {name: [] for name in modules}
+    with torch.inference_mode():
+        for module in modules.values():
+            run_model(module, batch)
+        for _ in range(rounds):
+            for name, module in modules.items():
+                start = time.perf_counter()
+                run_model(module, batch)
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) * 1e3 for name, t in times.items()}
+
+
+def candidates(model: torch.nn.Module, res: Any, schemes: list[str]) -> dict[str, Any]:
+    """Front plans and uniform plans by label (uniform plans that cannot apply are skipped)."""
+    plans: dict[str, Any] = {}
+    for scheme in schemes:
+        plans[f"uniform:{scheme}"] = mps.PrecisionPlan.uniform(scheme)
+    for i, plan in enumerate(res.plans):
+        plans[f"front:{i}"] = plan
+    kept = {}
+    for label, plan in plans.items():
+        try:
+            plan.resolve(model)
+        except ValueError:
+            continue
+        kept[label] = plan
+    return kept
+
+
+def run_model_row(name: str, *, trials: int, rounds: int) -> dict[str, Any]:
+    wl = load_workload(name, n_calib=64, n_test=64)
+    layers = quantizable_layers(wl.model)
+    params = sum(p.numel() for p in wl.model.parameters())
+    covered = sum(p.numel() for m in layers.values() for p in m.parameters(recurse=False))
+    ratio, prof, prof_s = profile_ratio(wl)
+    runner = prof.info.get("runner", "?")
+    schemes = list(prof.schemes)
+    cost = mps.measure_cost(wl.model, wl.example_input, schemes=["fp32", *schemes], backend="cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = mps.search(
+            wl.model,
+            profile=prof,
+            cost=cost,
+            evaluate=wl.evaluate,
+            n_trials=trials,
+            options=mps.SearchOptions(objectives=["quality", "latency"], seed=0),
+        )
+    plans = candidates(wl.model, res, schemes)
+    modules = {"fp32 (user's model)": wl.model}
+    quality = {"fp32 (user's model)": wl.evaluate(wl.model)}
+    for label, plan in plans.items():
+        try:
+            qm = mps.quantize(wl.model, plan, backend="cpu")
+        except (ValueError, NotImplementedError) as exc:
+            print(f"  {name}: {label} does not run on cpu: {exc}", flush=True)
+            continue
+        modules[label] = qm
+        quality[label] = wl.evaluate(qm)
+    ms = interleaved_ms(modules, wl.example_input, rounds)
+    fp32_ms, fp32_q = ms["fp32 (user's model)"], quality["fp32 (user's model)"]
+    meets = [k for k in modules if k.startswith(("front", "uniform"))]
+    meets = [k for k in meets if quality[k] >= fp32_q - TARGET_DROP]
+    best = min(meets, key=ms.__getitem__, default=None)
+    uniform = [k for k in meets if k.startswith("uniform")]
+    best_uniform = min(uniform, key=ms.__getitem__, default=None)
+    return {
+        "model": name,
+        "params": params,
+        "coverage": covered / params,
+        "layers": len(layers),
+        "runner": runner,
+        "profile_s": prof_s,
+        "profile_ratio": ratio,
+        "best_plan": "" if best is None else best,
+        "best_plan_scheme_mix": "" if best is None else _mix(plans[best], wl.model),
+        "best_quality": float("nan") if best is None else quality[best],
+        "fp32_ms": fp32_ms,
+        "best_ms": float("nan") if best is None else ms[best],
+        "speedup_vs_fp32": float("nan") if best is None else fp32_ms / ms[best],
+        "best_uniform": "" if best_uniform is None else best_uniform,
+        "speedup_vs_uniform": (
+            float("nan") if best is None or best_uniform is None else ms[best_uniform] / ms[best]
+        ),
+    }
+
+
+def _mix(plan: Any, model: torch.nn.Module) -> str:
+    counts: dict[str, int] = {}
+    for scheme in plan.resolve(model).values():
+        counts[scheme] = counts.get(scheme, 0) + 1
+    return ", ".join(f"{s}x{n}" for s, n in sorted(counts.items()))
+
+
+COLUMNS = [
+    "model",
+    "params",
+    "coverage",
+    "layers",
+    "runner",
+    "profile_s",
+    "profile_ratio",
+    "best_plan",
+    "best_plan_scheme_mix",
+    "best_quality",
+    "fp32_ms",
+    "best_ms",
+    "speedup_vs_fp32",
+    "best_uniform",
+    "speedup_vs_uniform",
+]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default=",".join(ZOO), help="comma-separated zoo names")
+    parser.add_argument("--trials", type=int, default=30)
+    parser.add_argument("--rounds", type=int, default=30)
+    args = parser.parse_args()
+    names = [n for n in args.models.split(",") if n]
+    unknown = sorted(set(names) - set(ZOO))
+    if unknown:
+        parser.error(f"--models: unknown zoo names {unknown}; known: {sorted(ZOO)}")
+    torch.manual_seed(0)
+    started = time.perf_counter()
+    rows = []
+    for name in names:
+        if not zoo_available(name):
+            print(f"{name}: skipped ({ZOO[name].needs} is not installed)", flush=True)
+            continue
+        row = run_model_row(name, trials=args.trials, rounds=args.rounds)
+        print(row, flush=True)
+        rows.append(row)
+    ratios = [r["profile_ratio"] for r in rows]
+    summary = (
+        f"profile / (S x fp32 pass): median {statistics.median(ratios):.2f}, "
+        f"max {max(ratios):.2f} (targets <= 2 median, <= 3 each)"
+        if rows
+        else "no model ran"
+    )
+    print(summary)
+    text = "\n".join(
+        [
+            "# Zoo models: profile speed and real speed-up of the searched plan",
+            "",
+            f"CPU: {cpu_model()}; torch {torch.__version__}, {torch.get_num_threads()} "
+            f"thread(s); schemes {SCHEMES}; {args.trials} trials per search; wall time "
+            f"{time.perf_counter() - started:.0f} s. Generated by `benchmarks/bench_models.py`.",
+            "",
+            "`coverage`: share of the model's parameters in quantizable layers; `runner`: the "
+            "profiler's runner; `profile_ratio` = profile time / (S x one fp32 pass over the "
+            "same calibration batches). `best_plan`: the fastest plan, measured on the `cpu` "
+            f"backend, whose agreement with fp32 drops by at most {TARGET_DROP:.0%} (front "
+            "plans of the search and uniform plans); latencies are medians of "
+            f"{args.rounds} interleaved rounds on the example batch, the user's fp32 model "
+            "among them.",
+            "",
+            summary + ".",
+            "",
+            md_table(rows, COLUMNS),
+            "",
+        ]
+    )
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(text)
+    print(f"wrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()
