@@ -39,13 +39,24 @@ def as_batches(data: Any, *, argument: str = "calib_data") -> list[Batch]:
     return batches
 
 
+def call_args(batch: Batch) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The positional and keyword arguments a batch is passed as: ``(x,)``, ``batch`` or
+    ``**batch``.
+
+    >>> call_args({"input_ids": 1})
+    ((), {'input_ids': 1})
+    """
+    if isinstance(batch, torch.Tensor):
+        return (batch,), {}
+    if isinstance(batch, Mapping):
+        return (), dict(batch)
+    return tuple(batch), {}
+
+
 def run_model(model: nn.Module, batch: Batch) -> Any:
     """Call ``model`` on one batch: ``model(x)``, ``model(*batch)`` or ``model(**batch)``."""
-    if isinstance(batch, torch.Tensor):
-        return model(batch)
-    if isinstance(batch, Mapping):
-        return model(**batch)
-    return model(*batch)
+    args, kwargs = call_args(batch)
+    return model(*args, **kwargs)
 
 
 def output_tensor(output: Any) -> torch.Tensor:

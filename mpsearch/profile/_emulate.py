@@ -64,6 +64,11 @@ class EmulatedLayer(SimulatedLayer):
         return y.to(self.compute_dtype).to(out_dtype)
 
 
+_EMULATED_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
+"""Layers :class:`EmulatedLayer` runs (one weight, a functional forward); the others (LSTM,
+GRU, Embedding, HF Conv1D) take the backend's own quantized layer."""
+
+
 def profile_layer(impl: object, layer: nn.Module, scheme: Scheme) -> nn.Module:
     """``impl.quantize_layer(layer, scheme)``, emulated where :class:`EmulatedLayer` applies.
 
@@ -72,6 +77,7 @@ def profile_layer(impl: object, layer: nn.Module, scheme: Scheme) -> nn.Module:
     >>> type(profile_layer(get_backend("simulate"), nn.Linear(4, 4), get_scheme("bf16"))).__name__
     'EmulatedLayer'
     """
-    if type(impl) is SimulateBackend and _DTYPES.get(scheme.compute_dtype) in _EMULATED:
+    emulated = _DTYPES.get(scheme.compute_dtype) in _EMULATED
+    if type(impl) is SimulateBackend and emulated and isinstance(layer, _EMULATED_LAYERS):
         return EmulatedLayer(layer, scheme)
     return impl.quantize_layer(layer, scheme)  # type: ignore[attr-defined]

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from mpsearch._data import Batch, output_tensor, run_model
+from mpsearch.layers import layer_weights
 
 LossFn = Callable[[torch.Tensor, Any], torch.Tensor]
 
@@ -37,11 +38,18 @@ def hutchinson_traces(
     >>> t["0"] > 0   # H = 2 X^T X / n is positive semi-definite
     True
     """
-    params = [model.get_submodule(name).weight for name in layers]
+    owner, params = [], []  # every weight matrix of every layer (an LSTM has several)
+    for i, name in enumerate(layers):
+        for w in layer_weights(model.get_submodule(name)).values():
+            owner.append(i)
+            params.append(w)
     for p in params:
         p.requires_grad_(True)
     generator = torch.Generator().manual_seed(seed)
-    totals = [0.0] * len(params)
+    totals = [0.0] * len(layers)
+    sizes = [0] * len(layers)
+    for i, p in zip(owner, params, strict=True):
+        sizes[i] += p.numel()
     with torch.inference_mode(False), torch.enable_grad():
         for batch in batches:
             out = output_tensor(run_model(model, batch))
@@ -53,7 +61,9 @@ def hutchinson_traces(
                 )
             grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
             if any(g is None for g in grads):
-                missing = [n for n, g in zip(layers, grads, strict=True) if g is None]
+                missing = sorted(
+                    {layers[i] for i, g in zip(owner, grads, strict=True) if g is None}
+                )
                 raise ValueError(f"The 'loss_fn' loss does not depend on layers {missing}.")
             for _ in range(samples):
                 vs = [
@@ -61,7 +71,7 @@ def hutchinson_traces(
                     for p in params
                 ]
                 hvs = torch.autograd.grad(grads, params, grad_outputs=vs, retain_graph=True)
-                for i, (hv, v) in enumerate(zip(hvs, vs, strict=True)):
+                for i, hv, v in zip(owner, hvs, vs, strict=True):
                     totals[i] += float((hv * v).sum())
     n = samples * len(batches)
-    return {name: totals[i] / n / params[i].numel() for i, name in enumerate(layers)}
+    return {name: totals[i] / n / sizes[i] for i, name in enumerate(layers)}

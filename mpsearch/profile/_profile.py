@@ -21,10 +21,11 @@ import pandas as pd
 import torch
 from torch import nn
 
-from mpsearch._data import as_batches, batch_size
+from mpsearch._data import as_batches, batch_size, output_tensor
 from mpsearch._validation import check_module, invalid, unknown
 from mpsearch.backends import Backend, get_backend
-from mpsearch.layers import quantizable_layers, swapped
+from mpsearch.backends._quantize import applicability_error
+from mpsearch.layers import layer_weights, quantizable_layers, swapped, weight_shapes
 from mpsearch.profile._cache import CODE_VERSION, RowCache, hash_batches, hash_model, hash_text
 from mpsearch.profile._e2e import choose_e2e_samples, first_samples, total_samples
 from mpsearch.profile._emulate import profile_layer
@@ -76,10 +77,12 @@ def _finite(t: torch.Tensor) -> bool:
 def _add_local(local: list[LocalStats], pairs: list[list[tuple[torch.Tensor, ...]]]) -> None:
     """Add each scheme's (reference, quantized) pairs; the signal of a reference tensor shared
     by several schemes is computed once (keyed by the tensor itself: with the hook runner a
-    layer's later calls have per-scheme references)."""
+    layer's later calls have per-scheme references). A layer returning a tuple (an LSTM's
+    ``(output, (h, c))``) is compared on its main output."""
     signals: dict[int, float] = {}  # id of a reference tensor, alive in ``pairs`` meanwhile
     for stats, scheme_pairs in zip(local, pairs, strict=True):
-        for y_ref, y_q in scheme_pairs:
+        for ref, quantized in scheme_pairs:
+            y_ref, y_q = output_tensor(ref), output_tensor(quantized)
             key = id(y_ref)
             if key not in signals:
                 signals[key] = signal_of(y_ref)
@@ -134,9 +137,13 @@ def profile(
     keyword raises ``TypeError`` listing the accepted ones. Everything is checked before any
     long work.
 
-    Speed: the model is traced with torch.fx; one fp32 pass caches what later runs need, and
-    for each layer only the part of the network downstream of it is re-run (see
-    :mod:`mpsearch.profile._runner`). Models that do not trace fall back to forward hooks.
+    Speed: the model is captured as one graph (torch.fx, with constant defaults fixed if need
+    be, else torch.export: :mod:`mpsearch.profile._capture`); one fp32 pass caches what later
+    runs need, and for each layer only the part of the network downstream of it is re-run (see
+    :mod:`mpsearch.profile._runner`). Models no capture handles fall back to forward hooks,
+    with a warning saying why. The ``runner`` column and ``info["runner"]`` name the runner
+    (``graph:fx``, ``graph:fx(concrete_args)``, ``graph:export``, ``hooks``) and
+    ``info["runner_fallbacks"]`` why each capture tried before it failed.
     BatchNorm is folded into the preceding conv (``fold_bn``) so that the folded weight is what
     gets quantized. With ``cache_dir`` each row is appended to a JSONL file as soon as it is
     computed, keyed by hashes of everything it depends on: a killed run resumes where it
@@ -282,7 +289,7 @@ def _skipped(req: _Request, runner: Runner) -> dict[tuple[str, str], str]:
                 skip[(name, scheme.name)] = "the layer is never called in the model's forward pass"
                 continue
             layer = runner.gm.get_submodule(name)
-            reason = scheme.applicability_error(tuple(layer.weight.shape))
+            reason = applicability_error(layer, scheme)
             reason = reason or req.impl.unsupported_reason(layer, scheme)
             if reason:
                 skip[(name, scheme.name)] = reason
@@ -349,7 +356,8 @@ class _Measurer:
             todo = list(plan.todo)
             traces = hutchinson_traces(runner.gm, req.batches, todo, req.loss_fn, samples=samples)
             for name in todo:
-                runner.gm.get_submodule(name).weight.requires_grad_(False)
+                for w in layer_weights(runner.gm.get_submodule(name)).values():
+                    w.requires_grad_(False)
         return cls(req, runner, plan, scorer, sizes, baseline, traces)
 
     def measure_all(self) -> None:
@@ -410,8 +418,12 @@ class _Measurer:
                     quality = float(self.req.evaluate(runner.gm))
                 row["task_drop"] = self.baseline - quality
             if name in self.traces:
-                w = layer.weight.detach().float()
-                delta = float((fake_quantize(w, scheme.weight) - w).double().pow(2).sum())
+                delta = sum(
+                    float(
+                        (fake_quantize(w.detach().float(), scheme.weight) - w).double().pow(2).sum()
+                    )
+                    for w in layer_weights(layer).values()
+                )
                 row["hessian"] = self.traces[name] * delta
             rows.append(row)
         return rows
@@ -425,23 +437,29 @@ def _build_result(
     records = []
     for name in req.names:
         layer = runner.gm.get_submodule(name) if name in runner.called else original[name]
-        shape = tuple(layer.weight.shape)
+        shapes = weight_shapes(layer)
+        params = sum(math.prod(shape) for shape in shapes)
         for scheme in req.schemes:
+            bits = sum(scheme.weight_storage_bits(shape) for shape in shapes)
             base = {
                 "layer": name,
                 "scheme": scheme.name,
                 "layer_type": type(original[name]).__name__,
-                "params": int(layer.weight.numel()),
-                "bits_per_weight": float(scheme.bits_per_weight(shape)),
-                "weight_bytes": scheme.weight_storage_bits(shape) / 8,
+                "params": params,
+                "bits_per_weight": float(bits / params),
+                "weight_bytes": bits / 8,
             }
             if (name, scheme.name) in plan.skip:
                 values = dict.fromkeys(_ERRORS, math.nan)
-                values |= {"status": "skipped", "reason": plan.skip[(name, scheme.name)]}
+                values |= {
+                    "status": "skipped",
+                    "reason": plan.skip[(name, scheme.name)],
+                    "runner": "",
+                }
             else:
                 got = plan.rows[(name, scheme.name)]
                 values = {k: got[k] for k in _ERRORS}
-                values |= {"status": "ok", "reason": got.get("reason", "")}
+                values |= {"status": "ok", "reason": got.get("reason", ""), "runner": runner.mode}
             records.append(base | values)
     table = pd.DataFrame.from_records(records, columns=list(COLUMNS))
     table["params"] = table["params"].astype("int64")
@@ -460,6 +478,7 @@ def _build_result(
         baseline_quality=measurer.baseline,
         info={
             "runner": runner.mode,
+            "runner_fallbacks": dict(runner.fallbacks),
             "computed_rows": measurer.n_computed,
             "cached_rows": plan.n_cached,
             "batches": len(req.batches),

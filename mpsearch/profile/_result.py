@@ -26,6 +26,7 @@ COLUMNS: tuple[str, ...] = (
     "hessian",
     "status",
     "reason",
+    "runner",
 )
 METRICS: tuple[str, ...] = ("mse", "sqnr_db", "e2e", "task_drop", "hessian")
 ADDITIVE: tuple[str, ...] = ("mse", "e2e", "task_drop", "hessian")
@@ -42,7 +43,8 @@ class SensitivityProfile:
     (the layer's own output vs fp32), ``e2e`` (final-output error, metric in
     :attr:`e2e_metric`), ``task_drop`` (``evaluate(fp32) - evaluate(quantized)``, NaN without
     ``evaluate``), ``hessian`` (HAWQ-V2 score, NaN without ``loss_fn``), ``status``
-    (``"ok"``/``"skipped"``) and ``reason``.
+    (``"ok"``/``"skipped"``), ``reason`` and ``runner`` (what measured the row: ``graph:fx``,
+    ``graph:fx(concrete_args)``, ``graph:export`` or ``hooks``; empty when skipped).
 
     >>> prof = SensitivityProfile(pd.DataFrame({"layer": ["fc"], "scheme": ["w8a8"], "e2e": [0.1]}),
     ...                           schemes=["w8a8"], layers=["fc"], e2e_metric="kl")

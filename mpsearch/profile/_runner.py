@@ -2,7 +2,8 @@
 
 Two runners share one interface:
 
-- ``GraphRunner`` (the fast path): the model is traced with ``torch.fx``. One fp32 pass per
+- ``GraphRunner`` (the fast path): the model is captured as one graph (``torch.fx``, else
+  ``torch.export``: :mod:`mpsearch.profile._capture`). One fp32 pass per
   calibration batch stores the values the later runs need: each layer's input and output, and
   every value a layer's *suffix* (the nodes downstream of it) reads from outside the suffix.
   For a (layer, batch), the S quantized outputs are computed from the cached input and only the
@@ -12,8 +13,12 @@ Two runners share one interface:
   ``torch.fx.Interpreter`` started from an initial environment (the cached values), and a slow
   CPU operation with an exact faster equivalent (max pooling) runs that
   (:mod:`mpsearch.profile._fastops`).
-- ``HookRunner`` (the fallback when tracing fails or a layer is called more than once): a
+- ``HookRunner`` (the fallback when no capture works or a layer is called more than once): a
   forward hook substitutes the layer's output and the whole model is re-run per scheme.
+
+A runner's ``mode`` names it and how the graph was captured (``graph:fx``,
+``graph:fx(concrete_args)``, ``graph:export``, ``hooks``); ``fallbacks`` gives why each capture
+tried before it failed.
 
 Both measure local errors on every calibration batch and end-to-end errors on the *e2e batches*
 (``prepare_e2e``): the same batches (``shared``: one run gives both), or the first samples of
@@ -23,9 +28,8 @@ them, which then get their own fp32 pass and store.
 from __future__ import annotations
 
 import copy
-import inspect
 import operator
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -36,6 +40,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from mpsearch._data import Batch, batch_size, output_tensor, run_model
 from mpsearch.layers import is_quantizable
 from mpsearch.layers._batchnorm import fold_graph
+from mpsearch.profile._capture import CAPTURES, Capture, Unsupported
 from mpsearch.profile._fastops import fast_call, has_node
 
 Pair = tuple[Tensor, Tensor]
@@ -97,20 +102,18 @@ def _close(a: Tensor, b: Tensor, rtol: float) -> bool:
 
 
 class GraphRunner:
-    """The fx fast path (see the module docstring)."""
-
-    mode = "graph"
+    """The fast path on a captured graph (see the module docstring)."""
 
     def __init__(
-        self,
-        gm: fx.GraphModule,
-        batches: Sequence[Batch],
-        signature: inspect.Signature,
-        layers: Sequence[str],
+        self, capture: Capture, batches: Sequence[Batch], layers: Sequence[str], *, mode: str
     ) -> None:
+        gm = capture.gm
         self.gm = gm
+        self.capture = capture
+        self.mode = mode
+        self.fallbacks: dict[str, str] = {}
         self.batches = batches
-        self.signature = signature
+        self.placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         self.nodes: list[fx.Node] = list(gm.graph.nodes)
         self.output_node = next(n for n in self.nodes if n.op == "output")
         calls: dict[str, list[fx.Node]] = {}
@@ -120,9 +123,9 @@ class GraphRunner:
         for name, found in calls.items():
             node = found[0]
             if len(found) > 1:
-                raise _Unsupported(f"layer {name!r} is called {len(found)} times")
+                raise Unsupported(f"layer {name!r} is called {len(found)} times")
             if len(node.args) != 1 or node.kwargs or not isinstance(node.args[0], fx.Node):
-                raise _Unsupported(f"layer {name!r} is called with extra arguments")
+                raise Unsupported(f"layer {name!r} is called with extra arguments")
         self.layer_node = {name: found[0] for name, found in calls.items()}
         self.called = set(self.layer_node)
         position = {node: i for i, node in enumerate(self.nodes)}
@@ -158,7 +161,7 @@ class GraphRunner:
                 else:
                     env = self._execute_all(batch)
                 self.store.append({n: env[n] for n in keep})
-                self.outputs.append(output_tensor(env[self.output_node]).float())
+                self.outputs.append(self._final(env))
         self.e2e_batches: Sequence[Batch] = batches
         self.e2e_store = self.store
         self.reference = self.outputs
@@ -185,7 +188,7 @@ class GraphRunner:
                 for batch in e2e_batches:
                     env = self._execute_all(batch)
                     self.e2e_store.append({n: env[n] for n in self.keep})
-                    self.reference.append(output_tensor(env[self.output_node]).float())
+                    self.reference.append(self._final(env))
             self.e2e_batches = e2e_batches
             self.shared = False
         self.batchable = self._check_batching(self.layers)
@@ -195,30 +198,13 @@ class GraphRunner:
             self.group[name] = max(1, max(CONCAT_BYTES, streamed) // max(largest, 1))
 
     # -- execution -------------------------------------------------------------------------
-    def _placeholders(self, batch: Batch) -> dict[str, Any]:
-        if isinstance(batch, torch.Tensor):
-            bound = self.signature.bind(batch)
-        elif isinstance(batch, Mapping):
-            bound = self.signature.bind(**batch)
-        else:
-            bound = self.signature.bind(*batch)
-        bound.apply_defaults()
-        return dict(bound.arguments)
-
     def _input_env(self, batch: Batch) -> dict[fx.Node, Any]:
-        """The placeholders' values for ``batch`` (the model's defaults where it gives none)."""
-        inputs = self._placeholders(batch)
-        env: dict[fx.Node, Any] = {}
-        for node in self.nodes:
-            if node.op == "placeholder":
-                name = node.target.lstrip("*")
-                if name in inputs:
-                    env[node] = inputs[name]
-                elif node.args:
-                    env[node] = node.args[0]
-                else:
-                    raise _Unsupported(f"cannot bind the model input {name!r}")
-        return env
+        """The placeholders' values for ``batch``."""
+        return dict(zip(self.placeholders, self.capture.inputs(batch), strict=True))
+
+    def _final(self, env: dict[fx.Node, Any]) -> Tensor:
+        """The main output tensor (float) in a completed environment."""
+        return self.capture.output(env[self.output_node]).float()
 
     def _execute_all(self, batch: Batch) -> dict[fx.Node, Any]:
         """Every node's value on ``batch``."""
@@ -254,7 +240,7 @@ class GraphRunner:
                 env = self._execute_all(pytree.tree_map(cut, batch))
         except Exception:
             return no
-        out_half = output_tensor(env[self.output_node]).float()
+        out_half = self._final(env)
         ref = self.reference[0]
         if out_half.shape[:1] != (half,) or ref.shape[:1] != (full,):
             return no
@@ -302,7 +288,7 @@ class GraphRunner:
             else:
                 env.update((node, store[node]) for node in border)
                 env[start] = chunk[0]
-            out = output_tensor(self.executor.execute(env)[self.output_node]).float()
+            out = self._final(self.executor.execute(env))
             finals.append(out.unflatten(0, (n, -1)))
         return finals[0] if len(finals) == 1 else torch.cat(finals)
 
@@ -456,6 +442,10 @@ _WEIGHT_FUNCTIONS = (
     torch.nn.functional.conv1d,
     torch.nn.functional.conv2d,
     torch.nn.functional.conv3d,
+    torch.ops.aten.linear.default,  # the same in an exported graph
+    torch.ops.aten.conv1d.default,
+    torch.ops.aten.conv2d.default,
+    torch.ops.aten.conv3d.default,
 )
 
 
@@ -513,10 +503,6 @@ def _repeat(t: Tensor, n: int) -> Tensor:
     return t.repeat(n, *([1] * (t.dim() - 1)))
 
 
-class _Unsupported(Exception):
-    """The fast path cannot handle this model (the hook runner is used instead)."""
-
-
 class HookRunner:
     """The fallback: substitute a layer's output with a forward hook and re-run the whole model."""
 
@@ -524,6 +510,7 @@ class HookRunner:
 
     def __init__(self, model: nn.Module, batches: Sequence[Batch], layers: Sequence[str]) -> None:
         self.gm = model
+        self.fallbacks: dict[str, str] = {}
         self.batches = batches
         counts = dict.fromkeys(layers, 0)
         handles = []
@@ -613,6 +600,36 @@ class HookRunner:
 Runner = GraphRunner | HookRunner
 
 
+def _graph_runner(
+    model: nn.Module,
+    batches: Sequence[Batch],
+    layers: Sequence[str],
+    *,
+    method: str,
+    fold: bool,
+) -> GraphRunner:
+    """The graph runner on ``model`` captured by ``CAPTURES[method]``, checked against the
+    model's own output on the first batch (raises when it is not reproduced)."""
+    work = copy.deepcopy(model).eval()
+    capture = CAPTURES[method](work, batches, layers)
+    folded = fold and fold_graph(capture.gm) > 0
+    _remove_inplace(capture.gm)
+    runner = GraphRunner(capture, batches, layers, mode=f"graph:{method}")
+    with torch.inference_mode():
+        direct = output_tensor(run_model(model, batches[0])).float()
+    if not _close(runner.outputs[0], direct, 1e-4 if folded else 1e-6):
+        folding = " with BatchNorm folded" if folded else ""
+        raise Unsupported(f"the graph{folding} does not reproduce the model's output")
+    return runner
+
+
+def _reason(exc: Exception) -> str:
+    """One line on why a capture failed."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = f"{type(exc).__name__}: {lines[0] if lines else ''}"
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
 def build_runner(
     model: nn.Module,
     batches: Sequence[Batch],
@@ -621,29 +638,31 @@ def build_runner(
     fold_bn: bool,
     warn: Callable[[str], None],
 ) -> Runner:
-    """The graph runner when ``model`` traces and checks out, else the hook runner."""
-    reason = ""
-    for fold in (True, False) if fold_bn else (False,):
-        work = copy.deepcopy(model).eval()
-        try:
-            gm = fx.symbolic_trace(work)
-            if fold:
-                fold_graph(gm)
-            _remove_inplace(gm)
-            runner = GraphRunner(gm, batches, inspect.signature(model.forward), layers)
-        except Exception as exc:
-            reason = f"{type(exc).__name__}: {exc}"
-            continue
-        with torch.inference_mode():
-            direct = output_tensor(run_model(model, batches[0])).float()
-        if _close(runner.outputs[0], direct, 1e-4 if fold else 1e-6):
+    """The graph runner on the first capture in ``CAPTURES`` that works and reproduces the
+    model's output (BatchNorm folded first when ``fold_bn``, else as it is), else the hook
+    runner; ``runner.fallbacks`` says why the captures before failed."""
+    has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    fallbacks: dict[str, str] = {}
+    for method in CAPTURES:
+        for fold in (True, False) if (fold_bn and has_bn) else (False,):
+            try:
+                runner = _graph_runner(model, batches, layers, method=method, fold=fold)
+            except Exception as exc:
+                fallbacks[f"graph:{method}"] = _reason(exc)
+                continue
+            runner.fallbacks = fallbacks
+            if fold_bn and has_bn and not runner.capture.folds_batchnorm:
+                warn(
+                    f"profile: BatchNorm is left unfolded (the {runner.mode} graph cannot fold it)."
+                )
             return runner
-        reason = "the traced graph does not reproduce the model's output"
     work = copy.deepcopy(model).eval()
-    has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in work.modules())
     note = " BatchNorm is left unfolded." if (fold_bn and has_bn) else ""
+    reasons = "; ".join(f"{name}: {why}" for name, why in fallbacks.items())
     warn(
         f"profile: using the slower hook runner (whole model re-run per layer and scheme) "
-        f"because the fx fast path is unavailable ({reason}).{note}"
+        f"because no graph capture works ({reasons}).{note}"
     )
-    return HookRunner(work, batches, [n for n in layers if is_quantizable(work.get_submodule(n))])
+    runner = HookRunner(work, batches, [n for n in layers if is_quantizable(work.get_submodule(n))])
+    runner.fallbacks = fallbacks
+    return runner

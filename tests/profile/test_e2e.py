@@ -143,7 +143,7 @@ def test_hook_runner_subset_equals_graph_runner_subset() -> None:
     graph = profile(fast_model, _dict_inputs(), schemes=SCHEMES[:2], e2e_samples=8)
     with pytest.warns(UserWarning, match="hook runner"):
         hooks = profile(slow_model, _dict_inputs(), schemes=SCHEMES[:2], e2e_samples=8)
-    assert graph.info["runner"] == "graph" and hooks.info["runner"] == "hooks"
+    assert graph.info["runner"] == "graph:fx" and hooks.info["runner"] == "hooks"
     assert graph.info["e2e_samples"] == hooks.info["e2e_samples"] == 8
     for metric in ("mse", "sqnr_db", "e2e"):
         np.testing.assert_allclose(graph.pivot(metric), hooks.pivot(metric), rtol=1e-5)

@@ -145,7 +145,7 @@ def test_profile_with_and_without_stand_ins_is_identical(monkeypatch) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         slow = profile(model, calib, **kwargs)
-    assert fast.info["runner"] == slow.info["runner"] == "graph"
+    assert fast.info["runner"] == slow.info["runner"] == "graph:fx"
     assert fast.table.equals(slow.table)
 
 

@@ -81,8 +81,8 @@ def test_known_sensitivity_is_k_times(known: SensitivityProfile, scheme: str) ->
 
 def test_table_columns_sizes_and_attributes(known: SensitivityProfile) -> None:
     t = known.table
-    assert list(t.columns)[:13] == list(COLUMNS)
-    assert len(t) == 4 * 3 and set(t["status"]) == {"ok"}
+    assert list(t.columns) == list(COLUMNS)
+    assert len(t) == 4 * 3 and set(t["status"]) == {"ok"} and set(t["runner"]) == {"graph:fx"}
     row = t[(t.layer == "b0") & (t.scheme == "w4a16")].iloc[0]
     assert row["params"] == 64 * 64 and row["layer_type"] == "Linear"
     assert row["bits_per_weight"] == SCHEMES["w4a16"].bits_per_weight((64, 64))
@@ -196,7 +196,7 @@ def test_dict_input_graph_equals_hooks() -> None:
     fast = profile(fast_model, _inputs(), schemes=schemes, progress=False, e2e_samples=None)
     with pytest.warns(UserWarning, match="hook runner"):
         slow = profile(slow_model, _inputs(), schemes=schemes, progress=False, e2e_samples=None)
-    assert fast.info["runner"] == "graph" and slow.info["runner"] == "hooks"
+    assert fast.info["runner"] == "graph:fx" and slow.info["runner"] == "hooks"
     for metric in ("mse", "sqnr_db", "e2e"):
         np.testing.assert_allclose(fast.pivot(metric), slow.pivot(metric), rtol=1e-5)
 
@@ -217,7 +217,7 @@ def test_transformer_with_int_batch_sizes_matches_full_reruns() -> None:
     calib = [torch.randint(0, 32, (4, 12), generator=g) for _ in range(2)]
     schemes = ["bf16", "w8a8", "w4a16"]
     prof = profile(model, calib, schemes=schemes, progress=False)
-    assert prof.info["runner"] == "graph" and prof.e2e_metric == "kl"
+    assert prof.info["runner"] == "graph:fx" and prof.e2e_metric == "kl"
     # the reference: each (layer, scheme) quantized with mpsearch.quantize and the whole model run
     from mpsearch.backends import quantize
     from mpsearch.profile import kl_divergence
@@ -238,7 +238,7 @@ def test_residual_cnn_with_bn_matches_quantize_on_folded_model() -> None:
     model = ConvBN().eval()
     calib = batches(2, 4, 3, 6, 6)
     prof = profile(model, calib, schemes=["w8a8", "bf16"], progress=False)
-    assert prof.info["runner"] == "graph"
+    assert prof.info["runner"] == "graph:fx"
     assert model.relu.inplace is True  # the user's model is untouched (still in-place)
     folded = fold_batchnorm(model)
     for layer in prof.layers:

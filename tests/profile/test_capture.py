@@ -1,0 +1,160 @@
+"""Graph captures for the graph runner: fx, fx with constant defaults fixed, torch.export; each
+gives the rows the hook runner gives, and the table says which runner measured them."""
+
+from __future__ import annotations
+
+import importlib
+
+import numpy as np
+import pytest
+import torch
+from profile_models import ConvBN, DictInput, batches
+
+from mpsearch.profile import profile
+from mpsearch.workloads import load_workload
+
+runner_module = importlib.import_module("mpsearch.profile._runner")
+capture_module = importlib.import_module("mpsearch.profile._capture")
+
+
+def _hooks(monkeypatch, model, calib, **kwargs):
+    """The profile measured by the hook runner (no graph capture allowed)."""
+    with monkeypatch.context() as patch:
+        patch.setattr(runner_module, "CAPTURES", {})
+        with pytest.warns(UserWarning, match="hook runner"):
+            return profile(model, calib, **kwargs)
+
+
+def _assert_same_rows(graph, hooks) -> None:
+    for metric in ("mse", "sqnr_db"):
+        np.testing.assert_allclose(graph.pivot(metric), hooks.pivot(metric), rtol=1e-5)
+    # KL divergences down to 1e-10: float rounding of the graph's operations shows there
+    np.testing.assert_allclose(graph.pivot("e2e"), hooks.pivot("e2e"), rtol=1e-4, atol=1e-10)
+
+
+def test_constant_defaults_are_the_parameters_the_batches_leave_out() -> None:
+    class Net(torch.nn.Module):
+        def forward(self, x, mask=None, embed=False, scale=2.0, extra=torch.ones(1)):  # noqa: B008
+            return x
+
+    x = torch.zeros(1)
+    assert capture_module.constant_defaults(Net(), x) == {
+        "mask": None,
+        "embed": False,
+        "scale": 2.0,
+    }
+    assert capture_module.constant_defaults(Net(), (x, x)) == {"embed": False, "scale": 2.0}
+    assert capture_module.constant_defaults(Net(), {"x": x, "embed": True}) == {
+        "mask": None,
+        "scale": 2.0,
+    }
+
+
+def test_flag_net_takes_fx_with_concrete_args_and_matches_hooks(monkeypatch) -> None:
+    wl = load_workload("flag_net")
+    calib = wl.calib[:2]
+    kwargs = {"schemes": ["bf16", "w8a8"], "progress": False, "e2e_samples": None}
+    graph = profile(wl.model, calib, **kwargs)
+    assert graph.info["runner"] == "graph:fx(concrete_args)"
+    assert set(graph.table["runner"]) == {"graph:fx(concrete_args)"}
+    assert graph.info["runner_fallbacks"]["graph:fx"].startswith("TraceError")
+    hooks = _hooks(monkeypatch, wl.model, calib, **kwargs)
+    assert set(hooks.table["runner"]) == {"hooks"}
+    _assert_same_rows(graph, hooks)
+
+
+def test_hugging_face_model_takes_export_and_matches_hooks(monkeypatch) -> None:
+    pytest.importorskip("transformers")
+    wl = load_workload("hf_llama")
+    calib = [{k: v[:4] for k, v in b.items()} for b in wl.calib[:2]]
+    layers = ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj", "lm_head"]
+    kwargs = {"schemes": ["bf16", "w8a8"], "progress": False, "e2e_samples": None}
+    kwargs["layers"] = layers
+    graph = profile(wl.model, calib, **kwargs)
+    assert graph.info["runner"] == "graph:export"
+    assert set(graph.info["runner_fallbacks"]) == {"graph:fx", "graph:fx(concrete_args)"}
+    assert set(graph.table["runner"]) == {"graph:export"}
+    assert set(graph.table["status"]) == {"ok"}
+    hooks = _hooks(monkeypatch, wl.model, calib, **kwargs)
+    _assert_same_rows(graph, hooks)
+
+
+class _ShapeBranch(DictInput):
+    """Branches on an input's shape: fx cannot trace it, torch.export can."""
+
+    def forward(self, image: torch.Tensor, extra: torch.Tensor) -> torch.Tensor:
+        if image.shape[-1] == 16:
+            return super().forward(image, extra)
+        return torch.zeros(image.shape[0], 4)
+
+
+def test_export_takes_dict_and_tuple_batches(monkeypatch) -> None:
+    torch.manual_seed(0)
+    model = _ShapeBranch().eval()
+    images, extras = batches(3, 6, 16), batches(3, 6, 8, seed=1)
+    as_dicts = [{"extra": y, "image": x} for x, y in zip(images, extras, strict=True)]
+    as_tuples = list(zip(images, extras, strict=True))
+    kwargs = {"schemes": ["bf16", "w8a8"], "progress": False, "e2e_samples": 8}
+    by_name = profile(model, as_dicts, **kwargs)
+    by_position = profile(model, as_tuples, **kwargs)
+    assert by_name.info["runner"] == by_position.info["runner"] == "graph:export"
+    assert by_name.table.equals(by_position.table)
+    _assert_same_rows(by_name, _hooks(monkeypatch, model, as_dicts, **kwargs))
+
+
+def test_export_graph_takes_evaluate_and_hessian(monkeypatch) -> None:
+    """``evaluate`` and ``loss_fn`` run on the exported graph module, its layers swapped."""
+    torch.manual_seed(0)
+    model = _ShapeBranch().eval()
+    data = [
+        {"image": x, "extra": y}
+        for x, y in zip(batches(2, 6, 16), batches(2, 6, 8, seed=1), strict=True)
+    ]
+
+    def evaluate(net: torch.nn.Module) -> float:
+        net.eval()
+        return -float(net(**data[0]).square().mean())
+
+    def loss_fn(out: torch.Tensor, _batch: object) -> torch.Tensor:
+        return out.logsumexp(-1).mean()
+
+    kwargs = {"schemes": ["w8a8"], "progress": False, "evaluate": evaluate, "loss_fn": loss_fn}
+    graph = profile(model, data, **kwargs)
+    assert graph.info["runner"] == "graph:export"
+    hooks = _hooks(monkeypatch, model, data, **kwargs)
+    for metric in ("task_drop", "hessian"):
+        np.testing.assert_allclose(graph.pivot(metric), hooks.pivot(metric), rtol=1e-5)
+
+
+def test_export_of_in_place_operations_keeps_cached_values(monkeypatch) -> None:
+    """ConvBN's in-place ReLU and residual run functionally in the exported graph."""
+    model, calib = ConvBN().eval(), batches(2, 4, 3, 6, 6)
+    kwargs = {"schemes": ["w8a8"], "progress": False, "e2e_samples": None, "fold_bn": False}
+    monkeypatch.setattr(runner_module, "CAPTURES", {"export": capture_module.capture_export})
+    exported = profile(model, calib, **kwargs)
+    assert exported.info["runner"] == "graph:export"
+    with pytest.warns(UserWarning, match="BatchNorm is left unfolded"):
+        profile(model, calib, **(kwargs | {"fold_bn": True}))
+    _assert_same_rows(exported, _hooks(monkeypatch, model, calib, **kwargs))
+
+
+def test_hook_runner_warning_says_why_each_capture_failed() -> None:
+    class Untraceable(torch.nn.Module):
+        """Data-dependent control flow: no capture works."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = torch.nn.Linear(8, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(x) if bool(x.sum() > -1e9) else x[:, :4]
+
+    with pytest.warns(UserWarning, match=r"graph:fx: TraceError.*graph:export: ") as record:
+        prof = profile(Untraceable().eval(), batches(1, 4, 8), schemes=["w8a8"], progress=False)
+    assert "graph:fx(concrete_args): Unsupported" in str(record[0].message)
+    assert prof.info["runner"] == "hooks"
+    assert set(prof.info["runner_fallbacks"]) == {
+        "graph:fx",
+        "graph:fx(concrete_args)",
+        "graph:export",
+    }
