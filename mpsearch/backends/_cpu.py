@@ -15,6 +15,12 @@ Conv w8a8                  oneDNN ``qconv_pointwise``             (fp32 channels
 Conv bf16                  channels-last bf16 (0.15 ms)           NCHW bf16 0.37 ms
 Linear w8a16 / w4a16       ``_weight_int8pack_mm`` /              dequantize + bf16 matmul
                            ``_weight_int4pack_mm_for_cpu``        (9 ms: slower than fp32)
+LSTM / GRU w8a8           PyTorch's dynamic int8 RNN             (see the benchmark figures
+                           (``torch.quantized_lstm`` / ``_gru``,  in the module
+                           fbgemm packed weights)                 ``_recurrent``)
+Embedding int8/int4/int2   codes packed in bytes + per-row (or    (a lookup: memory, not
+(weight-only)              per-group) scales, gathered rows       speed)
+                           dequantized
 fp8                        none: ``torch._scaled_mm`` on CPU is a reference path, ~20x slower
                            than fp32, so fp8 is refused (``simulate`` runs it)
 =========================  =====================================  ===========================
@@ -22,9 +28,11 @@ fp8                        none: ``torch._scaled_mm`` on CPU is a reference path
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from mpsearch._validation import wrong_type
+from mpsearch.backends._embedding import CastEmbedding, QuantizedEmbedding
 from mpsearch.backends._kernels import (
     CastLayer,
     FbgemmInt8Linear,
@@ -38,6 +46,7 @@ from mpsearch.backends._kernels import (
     conv_int8_check,
     fbgemm_int8_linear_preferred,
 )
+from mpsearch.backends._recurrent import RNN_TYPES, CastRNN, Int8DynamicRNN
 from mpsearch.layers._layers import standard_form
 from mpsearch.schemes import Scheme
 
@@ -53,6 +62,30 @@ def _int8_linear(layer: nn.Module, scheme: Scheme, *, act_range: tuple[float, fl
 
 _CAST = Kernel(_cast, "the layer in the scheme's dtype (2-D convolutions channels-last)")
 
+
+def _fbgemm_check(layer: nn.Module, scheme: Scheme) -> str | None:
+    if "fbgemm" in torch.backends.quantized.supported_engines:
+        return None
+    return "PyTorch's dynamic int8 RNN kernel needs the fbgemm engine, absent from this build"
+
+
+_RNN_INT8 = Kernel(
+    Int8DynamicRNN,
+    "PyTorch's dynamic int8 RNN (torch.quantized_lstm / quantized_gru, fbgemm): int8 weights "
+    "per gate row x uint8 per-tensor dynamic activations, float32 gates and cell state",
+    _fbgemm_check,
+)
+_EMBEDDING_INT = Kernel(
+    QuantizedEmbedding,
+    "weight-only integer table (codes packed in bytes, per-row or per-group scales), gathered "
+    "rows dequantized; the scheme's activation format does not apply to token ids",
+)
+EMBEDDING_INT_SCHEMES = (
+    "w8a8", "w8a16", "w4a16", "w4a16_pc", "w4a8", "w4a8_pc", "w4a4", "w4a4_pc", "w2a16",
+    "w2a16_pc",
+)  # fmt: skip
+"""Schemes an embedding runs in for real on CPU: their integer weight format, weight-only."""
+
 CPU_KERNELS: KernelTable = {
     **{(kind, s): _CAST for kind in (nn.Linear, nn.Conv1d, nn.Conv2d) for s in ("fp32", "bf16", "fp16")},
     (nn.Linear, "w8a8"): Kernel(
@@ -66,6 +99,12 @@ CPU_KERNELS: KernelTable = {
     (nn.Linear, "w4a16_pc"): Kernel(
         Int4WeightOnlyLinear, "aten._weight_int4pack_mm_for_cpu, the channel's scale repeated per group"
     ),
+    **{(kind, s): Kernel(CastRNN, "the LSTM / GRU in the scheme's dtype")
+       for kind in RNN_TYPES for s in ("fp32", "bf16", "fp16")},
+    **{(kind, s): _RNN_INT8 for kind in RNN_TYPES for s in ("w8a8", "w4a8_pc")},
+    **{(nn.Embedding, s): Kernel(CastEmbedding, "the table in the scheme's dtype")
+       for s in ("fp32", "bf16", "fp16")},
+    **{(nn.Embedding, s): _EMBEDDING_INT for s in EMBEDDING_INT_SCHEMES},
     **{
         (kind, "w4a8_pc"): Kernel(
             build, "the w8a8 kernels on 4-bit codes held in int8: the scheme's arithmetic, "
@@ -94,6 +133,13 @@ _MISSING: dict[str, str] = {
 }
 
 
+_MISSING_BY_KIND: dict[type[nn.Module], str] = {
+    nn.RNNBase: "PyTorch's dynamic int8 RNN (w8a8, w4a8_pc) is the only quantized LSTM / GRU "
+    "kernel on CPU",
+    nn.Embedding: "no kernel for this weight format on an embedding",
+}
+
+
 def register_cpu_kernel(layer_type: type[nn.Module], scheme: str, kernel: Kernel) -> None:
     """Make the ``cpu`` backend run ``layer_type`` layers in ``scheme`` with ``kernel``.
 
@@ -107,10 +153,11 @@ def register_cpu_kernel(layer_type: type[nn.Module], scheme: str, kernel: Kernel
 
 
 class CpuBackend(KernelBackend):
-    """Real kernels on the CPU: ``fp32``, ``bf16``, ``fp16`` and ``w8a8`` for Linear, Conv1d and
-    Conv2d; ``w8a16``, ``w4a16`` and ``w4a16_pc`` weight-only for Linear (HF ``Conv1D`` runs as
-    a Linear); ``w4a8_pc`` on the int8 kernels (4-bit codes, 8-bit storage). Every other scheme
-    is refused.
+    """Real kernels on the CPU: ``fp32``, ``bf16``, ``fp16`` and ``w8a8`` for Linear, Conv1d,
+    Conv2d, LSTM and GRU; ``w8a16``, ``w4a16`` and ``w4a16_pc`` weight-only for Linear (HF
+    ``Conv1D`` runs as a Linear); ``w4a8_pc`` on the int8 kernels (4-bit codes, 8-bit storage);
+    embeddings weight-only in every integer scheme of :data:`EMBEDDING_INT_SCHEMES`. Every other
+    (layer, scheme) is refused, by name.
 
     >>> import torch
     >>> from mpsearch.schemes import get_scheme
@@ -123,6 +170,9 @@ class CpuBackend(KernelBackend):
     kernels = CPU_KERNELS
 
     def missing_reason(self, layer_type: type[nn.Module], scheme: Scheme) -> str | None:
+        for kind, why in _MISSING_BY_KIND.items():
+            if issubclass(layer_type, kind):
+                return why
         return _MISSING.get(scheme.name)
 
     # Layers quantizable by behaviour (HF Conv1D) run as their standard layer (a Linear).
@@ -135,4 +185,4 @@ class CpuBackend(KernelBackend):
         return super().quantize_layer(standard_form(layer), scheme, act_range=act_range)
 
 
-__all__ = ["CPU_KERNELS", "CpuBackend", "register_cpu_kernel"]
+__all__ = ["CPU_KERNELS", "EMBEDDING_INT_SCHEMES", "CpuBackend", "register_cpu_kernel"]

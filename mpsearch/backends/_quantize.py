@@ -12,10 +12,10 @@ from torch import nn
 from mpsearch._data import as_batches, run_model
 from mpsearch._validation import check_module, invalid, unknown
 from mpsearch.backends._registry import Backend, get_backend
-from mpsearch.layers import quantizable_layers, replace_layers
-from mpsearch.layers._layers import standard_form, watched
+from mpsearch.layers import layer_weights, quantizable_layers, replace_layers, weight_shapes
+from mpsearch.layers._layers import watched
 from mpsearch.plan import PrecisionPlan
-from mpsearch.schemes import Observer, get_scheme
+from mpsearch.schemes import Observer, Scheme, get_scheme
 from mpsearch.schemes._observers import make_observer
 
 PlanLike = PrecisionPlan | Mapping[str, str] | str
@@ -32,6 +32,22 @@ def as_plan(plan: PlanLike, *, argument: str = "plan") -> PrecisionPlan:
     raise invalid(argument, plan, "a PrecisionPlan, a {layer: scheme} mapping or a scheme name")
 
 
+def applicability_error(layer: nn.Module, scheme: Scheme) -> str | None:
+    """Why ``scheme`` cannot quantize ``layer``'s weights (every gate matrix of an LSTM), or
+    ``None`` when it can (:meth:`Scheme.applicability_error` on each of them)."""
+    for name, shape in zip(layer_weights(layer), weight_shapes(layer), strict=True):
+        why = scheme.applicability_error(shape)
+        if why:
+            return why if name == "weight" else f"{name}: {why}"
+    return None
+
+
+def takes_act_range(layer: nn.Module) -> bool:
+    """Whether ``layer``'s quantized form takes a static activation range: not an embedding
+    (token ids) nor an LSTM / GRU (the dynamic RNN kernel quantizes each step's state)."""
+    return not isinstance(layer, (nn.Embedding, nn.RNNBase))
+
+
 def check_assignment(model: nn.Module, assignment: Mapping[str, str], backend: Backend) -> None:
     """Refuse, before any work, every (layer, scheme) the backend or the layer shape cannot take."""
     reason = backend.unavailable_reason()
@@ -42,8 +58,7 @@ def check_assignment(model: nn.Module, assignment: Mapping[str, str], backend: B
     for name, scheme_name in assignment.items():
         scheme = get_scheme(scheme_name)
         layer = layers[name]
-        shape = tuple(standard_form(layer).weight.shape)
-        why = scheme.applicability_error(shape) or backend.unsupported_reason(layer, scheme)
+        why = applicability_error(layer, scheme) or backend.unsupported_reason(layer, scheme)
         if why:
             problems.append(f"  {name} ({type(layer).__name__}) in {scheme_name!r}: {why}")
     if problems:
@@ -116,14 +131,18 @@ def quantize(
         raise invalid(
             "act_ranges", dict(act_ranges), "None when calib batches are given (one or the other)"
         )
+    layers = quantizable_layers(target)
     ranges: dict[str, tuple[float, float]] = {
         name: (float(lo), float(hi)) for name, (lo, hi) in (act_ranges or {}).items()
     }
     if calib is not None:
-        static = [n for n, s in to_change.items() if get_scheme(s).quantizes_activations]
+        static = [
+            n
+            for n, s in to_change.items()
+            if get_scheme(s).quantizes_activations and takes_act_range(layers[n])
+        ]
         if static:
             ranges = collect_activation_ranges(target, calib, static, observer=observer)
-    layers = quantizable_layers(target)
     replacements = {
         name: impl.quantize_layer(layers[name], get_scheme(scheme), act_range=ranges.get(name))
         for name, scheme in to_change.items()

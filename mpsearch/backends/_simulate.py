@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from mpsearch.backends._embedding import SimulatedEmbedding
+from mpsearch.backends._recurrent import RNN_TYPES, SimulatedRNN
 from mpsearch.backends._registry import Backend
 from mpsearch.layers import layer_forward
 from mpsearch.layers._layers import standard_form
@@ -55,8 +57,25 @@ class SimulatedLayer(nn.Module):
         )
 
 
+SIMULATED_KINDS: list[tuple[tuple[type[nn.Module], ...], type[nn.Module]]] = [
+    (RNN_TYPES, SimulatedRNN),
+    ((nn.Embedding,), SimulatedEmbedding),
+]
+"""(layer types, simulated module) for the layers that are not a Linear or a convolution."""
+
+SIMULATED_TYPES: tuple[type[nn.Module], ...] = (
+    SimulatedLayer,
+    *(kind for _, kind in SIMULATED_KINDS),
+)
+"""Every simulated module: each holds the layer it wraps as ``inner`` and its ``scheme``."""
+
+
 class SimulateBackend(Backend):
-    """Fake quantization: every scheme, every device; quality only, no real speed-up."""
+    """Fake quantization: every scheme, every device; quality only, no real speed-up.
+
+    LSTM / GRU layers: :class:`SimulatedRNN` (per-gate-row weights, dynamic activations as
+    PyTorch's dynamic int8 kernel); embeddings: :class:`SimulatedEmbedding` (weight-only).
+    """
 
     name = "simulate"
     real = False
@@ -64,4 +83,7 @@ class SimulateBackend(Backend):
     def quantize_layer(
         self, layer: nn.Module, scheme: Scheme, *, act_range: tuple[float, float] | None = None
     ) -> nn.Module:
+        for types, kind in SIMULATED_KINDS:
+            if isinstance(layer, types):
+                return kind(layer, scheme)
         return SimulatedLayer(layer, scheme, act_range=act_range)

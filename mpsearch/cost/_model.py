@@ -18,12 +18,12 @@ from mpsearch._data import Batch, run_model
 from mpsearch._validation import check_module, invalid
 from mpsearch.backends import Backend, get_backend, quantize, storage_bytes
 from mpsearch.backends._kernels import KernelBackend, RealLayer
-from mpsearch.backends._quantize import PlanLike, as_plan
-from mpsearch.backends._simulate import SimulatedLayer
+from mpsearch.backends._quantize import PlanLike, applicability_error, as_plan
+from mpsearch.backends._simulate import SIMULATED_TYPES
 from mpsearch.cost._cache import cache_key, read_cache, write_cache
 from mpsearch.cost._options import CostOptions
 from mpsearch.cost._timing import device_name, median_ms, threads
-from mpsearch.layers import quantizable_layers
+from mpsearch.layers import layer_weights, quantizable_layers, weight_shapes
 from mpsearch.layers._layers import standard_form, watched
 from mpsearch.plan import PrecisionPlan
 from mpsearch.schemes import Scheme, get_scheme
@@ -33,17 +33,22 @@ COLUMNS = ["layer", "scheme", "memory_bytes", "latency_ms", "supported", "reason
 
 
 def ideal_layer_bytes(layer: nn.Module, scheme: Scheme) -> int:
-    """Bytes of ``layer`` stored ideally in ``scheme``: packed weight bits (scales and zero
-    points included) rounded up to bytes, plus the bias in the scheme's compute dtype.
+    """Bytes of ``layer`` stored ideally in ``scheme``: each weight matrix's packed bits
+    (scales and zero points included) rounded up to bytes, plus its other parameters (biases,
+    an LSTM's included) in the scheme's compute dtype. An embedding is weight-only: no bias.
 
     >>> ideal_layer_bytes(nn.Linear(64, 32), get_scheme("w8a8"))   # 2048 + 32 fp32 scales + bias
     2304
+    >>> ideal_layer_bytes(nn.LSTM(8, 4), get_scheme("w8a8"))  # 2 x (16 x 8 or 4 + 16 scales + bias)
+    448
     """
+    weights = layer_weights(layer)
+    weight_bytes = sum(
+        math.ceil(scheme.weight_storage_bits(tuple(w.shape)) / 8) for w in weights.values()
+    )
     layer = standard_form(layer)
-    weight_bytes = math.ceil(scheme.weight_storage_bits(tuple(layer.weight.shape)) / 8)
-    bias = getattr(layer, "bias", None)
-    bias_bytes = 0 if bias is None else bias.numel() * _BYTES[scheme.compute_dtype]
-    return weight_bytes + bias_bytes
+    others = [p for n, p in layer.named_parameters(recurse=False) if n not in weights]
+    return weight_bytes + sum(p.numel() for p in others) * _BYTES[scheme.compute_dtype]
 
 
 def _own_bytes(layer: nn.Module) -> int:
@@ -58,9 +63,10 @@ def held_bytes(model: nn.Module) -> int:
     """Bytes ``model`` (e.g. what ``quantize`` returns) stores: every parameter, buffer and
     packed kernel tensor, each storage once (by ``data_ptr``: tied weights once).
 
-    A ``simulate`` layer counts as the bytes its scheme stores (:func:`ideal_layer_bytes`): its
-    fake-quantized float weight and the full-precision layer it wraps are simulation
-    scaffolding, counted only where another module holds them too (a tied embedding).
+    A ``simulate`` layer (an LSTM's and an embedding's too) counts as the bytes its scheme
+    stores (:func:`ideal_layer_bytes`): its fake-quantized float weights and the
+    full-precision layer it wraps are simulation scaffolding, counted only where another
+    module holds them too (a tied embedding).
 
     >>> held_bytes(nn.Linear(4, 2))   # 8 weights + 2 biases in float32
     40
@@ -68,8 +74,8 @@ def held_bytes(model: nn.Module) -> int:
     seen: set[int] = set()
     total = 0
     for module in _modules_outside_simulated(model):
-        if isinstance(module, SimulatedLayer):
-            total += ideal_layer_bytes(module.inner, module.scheme)
+        if isinstance(module, SIMULATED_TYPES):
+            total += ideal_layer_bytes(module.inner, module.scheme)  # type: ignore[arg-type]
             continue
         tensors = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
         if isinstance(module, RealLayer):
@@ -82,7 +88,7 @@ def held_bytes(model: nn.Module) -> int:
 
 
 def _modules_outside_simulated(model: nn.Module) -> list[nn.Module]:
-    """Every module once, a ``SimulatedLayer`` included but not its insides."""
+    """Every module once, a simulated layer included but not its insides."""
     found: dict[int, nn.Module] = {}
     stack = [model]
     while stack:
@@ -90,7 +96,7 @@ def _modules_outside_simulated(model: nn.Module) -> list[nn.Module]:
         if id(module) in found:
             continue
         found[id(module)] = module
-        if not isinstance(module, SimulatedLayer):
+        if not isinstance(module, SIMULATED_TYPES):
             stack.extend(module.children())
     return list(found.values())
 
@@ -420,7 +426,7 @@ def _cache_key(
             **meta,
             "schemes": [s.name for s in schemes],
             "layers": [
-                (n, type(all_layers[n]).__name__, tuple(all_layers[n].weight.shape), shape, calls)
+                (n, type(all_layers[n]).__name__, weight_shapes(all_layers[n]), shape, calls)
                 for n, shape, calls in shapes
             ],
             "model_bytes": storage_bytes(model),
@@ -468,8 +474,7 @@ class _Job:
     def row(self, layer: nn.Module, name: str, scheme: Scheme) -> list[Any]:
         """``[layer, scheme, memory_bytes, latency_ms, supported, reason]`` of one pair."""
         impl = self.impl
-        shape = tuple(standard_form(layer).weight.shape)
-        why = scheme.applicability_error(shape) or impl.unsupported_reason(layer, scheme)
+        why = applicability_error(layer, scheme) or impl.unsupported_reason(layer, scheme)
         if why:
             return [name, scheme.name, None, None, False, why]
         if impl.real:

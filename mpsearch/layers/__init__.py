@@ -7,10 +7,12 @@ from mpsearch.layers._layers import (
     QUANTIZABLE_TYPES,
     is_quantizable,
     layer_forward,
+    layer_weights,
     quantizable_layers,
     register_quantizable_type,
     replace_layers,
     swapped,
+    weight_shapes,
 )
 
 __all__ = [
@@ -21,8 +23,10 @@ __all__ = [
     "fold_batchnorm",
     "is_quantizable",
     "layer_forward",
+    "layer_weights",
     "quantizable_layers",
     "register_quantizable_type",
     "replace_layers",
     "swapped",
+    "weight_shapes",
 ]

@@ -12,7 +12,26 @@ from torch import Tensor, nn
 
 from mpsearch._validation import check_module, wrong_type
 
-QUANTIZABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d)
+QUANTIZABLE_TYPES: tuple[type[nn.Module], ...] = (
+    nn.Linear,
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.LSTM,
+    nn.GRU,
+    nn.Embedding,
+)
+
+_UNSUPPORTED_FORMS: list[tuple[Callable[[nn.Module], bool], str]] = [
+    (
+        lambda m: isinstance(m, nn.LSTM) and m.proj_size > 0,
+        "an LSTM with proj_size has no quantized kernel",
+    ),
+    (
+        lambda m: isinstance(m, nn.Embedding) and m.max_norm is not None,
+        "an Embedding with max_norm rewrites its weight at each lookup",
+    ),
+]
+"""(recognise, reason): instances of :data:`QUANTIZABLE_TYPES` that are not quantizable."""
 
 
 def register_quantizable_type(module_type: type[nn.Module]) -> None:
@@ -68,21 +87,60 @@ def standard_form(layer: nn.Module) -> nn.Module:
     return layer
 
 
+def unsupported_form(module: nn.Module) -> str | None:
+    """Why ``module``, of a quantizable type, is not quantizable (``None`` when it is or when
+    its type is not quantizable at all)."""
+    return next((why for recognise, why in _UNSUPPORTED_FORMS if recognise(module)), None)
+
+
 def is_quantizable(module: nn.Module) -> bool:
     """Whether ``module`` is a quantizable layer: an instance (subclasses included) of
-    :data:`QUANTIZABLE_TYPES`, or a layer recognised by behaviour (HF ``Conv1D``)."""
-    return isinstance(module, QUANTIZABLE_TYPES) or any(
-        recognise(module) for recognise, _ in _STANDARD_FORMS
-    )
+    :data:`QUANTIZABLE_TYPES` (an LSTM with ``proj_size`` or an Embedding with ``max_norm``
+    excepted), or a layer recognised by behaviour (HF ``Conv1D``)."""
+    if isinstance(module, QUANTIZABLE_TYPES):
+        return unsupported_form(module) is None
+    return any(recognise(module) for recognise, _ in _STANDARD_FORMS)
+
+
+def layer_weights(layer: nn.Module) -> dict[str, Tensor]:
+    """The weight matrices a scheme quantizes in ``layer``, by parameter name, each ``[out,
+    in, ...]`` so that a per-channel scale is one per row:
+
+    - Linear, Conv, Embedding: ``weight`` (an Embedding's rows are its tokens: per-row scales);
+      HF ``Conv1D``: its transposed weight (:func:`standard_form`);
+    - LSTM / GRU: every ``weight_ih_l{k}`` and ``weight_hh_l{k}`` (``_reverse`` too), each
+      ``[gates * hidden, in]``: one row per gate row (4 gates for an LSTM, 3 for a GRU).
+
+    >>> {n: tuple(w.shape) for n, w in layer_weights(nn.GRU(4, 8)).items()}
+    {'weight_ih_l0': (24, 4), 'weight_hh_l0': (24, 8)}
+    """
+    if isinstance(layer, nn.RNNBase):
+        return {
+            name: getattr(layer, name)
+            for names in layer._all_weights
+            for name in names
+            if name.startswith("weight")
+        }
+    return {"weight": standard_form(layer).weight}
+
+
+def weight_shapes(layer: nn.Module) -> list[tuple[int, ...]]:
+    """Shapes of :func:`layer_weights` (what a scheme's applicability and storage depend on).
+
+    >>> weight_shapes(nn.Linear(4, 2)), weight_shapes(nn.LSTM(4, 8))
+    ([(2, 4)], [(32, 4), (32, 8)])
+    """
+    return [tuple(w.shape) for w in layer_weights(layer).values()]
 
 
 def quantizable_layers(model: nn.Module, *, require: bool = True) -> dict[str, nn.Module]:
     """``{name: module}`` of the quantizable layers, in model order: Linear, Conv1d, Conv2d and
-    their subclasses (e.g. ``nn.MultiheadAttention``'s ``out_proj``), and Hugging Face's
+    their subclasses (e.g. ``nn.MultiheadAttention``'s ``out_proj``), LSTM and GRU (every
+    weight matrix quantized per gate row), Embedding (weight-only), and Hugging Face's
     ``Conv1D`` (GPT-2), run as a Linear on its transposed weight (:func:`standard_form`).
 
     Names are those of ``model.named_modules()``. A model with none is refused unless
-    ``require=False``. What they leave out (LSTMs, embeddings, norms, bare parameters such as
+    ``require=False``. What they leave out (norms, biases, bare parameters such as
     ``MultiheadAttention.in_proj_weight``) and the share of parameters they cover:
     :func:`mpsearch.layers.coverage`.
 

@@ -21,9 +21,8 @@ from typing import Any
 from torch import nn
 
 from mpsearch._validation import invalid, unknown
-from mpsearch.layers import quantizable_layers
-from mpsearch.layers._layers import standard_form
-from mpsearch.schemes import SCHEMES, get_scheme
+from mpsearch.layers import quantizable_layers, weight_shapes
+from mpsearch.schemes import SCHEMES, Scheme, get_scheme
 from mpsearch.schemes._scheme import nearest_variant
 
 PLAN_FORMAT = "mpsearch.plan"
@@ -147,11 +146,12 @@ class PrecisionPlan:
             requested = assignment[name]
             if name in self.rules:
                 continue  # named for this layer: kept as given (quantize refuses a misfit)
-            shape = tuple(standard_form(module).weight.shape)
-            variant = nearest_variant(requested, shape)
+            shapes = weight_shapes(module)  # an LSTM's: every gate matrix
+            variant: Scheme | None = get_scheme(requested)
+            for shape in shapes:
+                variant = nearest_variant(variant, shape) if variant is not None else None
             if variant is not None and variant.name != requested:
-                why = get_scheme(requested).applicability_error(shape)
-                assert why is not None
+                why = next(e for s in shapes if (e := get_scheme(requested).applicability_error(s)))
                 assignment[name] = variant.name
                 substituted[name] = Substitution(requested, variant.name, why)
         return assignment, substituted

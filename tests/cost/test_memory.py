@@ -78,8 +78,8 @@ def test_tied_weights_count_once_and_every_copy_kept_counts(backend: str) -> Non
     torch.manual_seed(0)
     model = _Tied().eval()
     cost = measure_cost(
-        model, torch.randint(0, 64, (4, 8)), schemes=["w8a8"], backend=backend, repeats=1,
-        warmup=0,
+        model, torch.randint(0, 64, (4, 8)), schemes=["w8a8", "w4a16"], backend=backend,
+        repeats=1, warmup=0,
     )  # fmt: skip
     emb, ab = 64 * 32 * 4, 32 * 32 * 4  # the two shared fp32 weights
     biases = 2 * 32 * 4
@@ -98,8 +98,29 @@ def test_tied_weights_count_once_and_every_copy_kept_counts(backend: str) -> Non
     if backend == "simulate":
         w8 = get_scheme("w8a8")
         layers = quantizable_layers(model)
-        quantized = sum(ideal_layer_bytes(layers[n], w8) for n in ("a", "b", "head"))
-        assert cost.memory_bytes("w8a8") == emb + quantized
+        quantized = sum(ideal_layer_bytes(layers[n], w8) for n in ("emb", "a", "b", "head"))
+        assert cost.memory_bytes("w8a8") == quantized
+        plan = {"emb": "fp32", "a": "w8a8", "b": "w8a8", "head": "w8a8"}
+        assert cost.memory_bytes(plan) == emb + quantized - ideal_layer_bytes(layers["emb"], w8)
+
+
+@pytest.mark.parametrize("backend", ["simulate", "cpu"])
+def test_speaker_lstm_w8a8_memory_is_what_the_quantized_lstm_holds(backend: str) -> None:
+    wl = load_workload("speaker_lstm", n_calib=4, n_test=4)
+    cost = measure_cost(
+        wl.model, wl.example_input, schemes=["w8a8"], backend=backend, repeats=1, warmup=0
+    )
+    q = quantize(wl.model, "w8a8", backend=backend)
+    assert cost.memory_bytes("w8a8") == held_bytes(q)
+    assert cost.supported("lstm", "w8a8") and cost.table["latency_ms"].notna().all()
+    # int8 codes of the 12 gate matrices, a float32 scale per gate row, float32 biases; the
+    # Linear as ever (on cpu its zero points too)
+    lstm = wl.model.lstm
+    weights = sum(p.numel() for n, p in lstm.named_parameters() if n.startswith("weight"))
+    rows = sum(p.shape[0] for n, p in lstm.named_parameters() if n.startswith("weight"))
+    biases = sum(p.numel() for n, p in lstm.named_parameters() if n.startswith("bias"))
+    proj = 64 * 128 + 64 * 4 + 64 * 4 + (64 * 8 if backend == "cpu" else 0)
+    assert held_bytes(q) == weights + 4 * rows + 4 * biases + proj
 
 
 def test_held_bytes_counts_packed_kernel_weights_and_shared_storage_once() -> None:

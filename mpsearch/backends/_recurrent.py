@@ -1,0 +1,281 @@
+"""LSTM and GRU layers: fake-quantized (``simulate``) and on PyTorch's dynamic int8 kernels (``cpu``).
+
+Every weight matrix (``weight_ih_l{k}``, ``weight_hh_l{k}``, ``_reverse`` too) is quantized by
+the scheme's weight spec with one row per output channel: a per-channel scale is one scale per
+gate row (4 gates x hidden rows for an LSTM, 3 for a GRU). Activations are quantized as PyTorch's
+dynamic quantized RNN kernel (``torch.quantized_lstm`` / ``torch.quantized_gru`` on CPU) does
+it: each layer's input sequence in one piece (one per-tensor range over every time step, the
+input projection of both directions computed from it), the hidden state at every step. The
+biases, the gate nonlinearities and the cell state stay in float32.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mpsearch.backends._kernels import (
+    TORCH_DTYPES,
+    RealLayer,
+    _PackedInt8,
+    _weight_codes,
+    int8_kernel_scheme,
+)
+from mpsearch.layers import layer_weights
+from mpsearch.schemes import Scheme, fake_quantize
+
+RNN_TYPES = (nn.LSTM, nn.GRU)
+
+
+def _states(layer: nn.RNNBase, hx: Any, batch: int, ref: Tensor) -> tuple[Tensor, Tensor | None]:
+    """``(h0, c0)`` shaped ``[layers * directions, batch, hidden]`` (``c0`` ``None`` for a GRU)."""
+    shape = (layer.num_layers * (2 if layer.bidirectional else 1), batch, layer.hidden_size)
+    if hx is None:
+        zeros = ref.new_zeros(shape)
+        return zeros, zeros if isinstance(layer, nn.LSTM) else None
+    if isinstance(layer, nn.LSTM):
+        return hx[0].float().reshape(shape), hx[1].float().reshape(shape)
+    return hx.float().reshape(shape), None
+
+
+def _lstm_cell(xw: Tensor, hw: Tensor, h: Tensor, c: Tensor | None) -> tuple[Tensor, Tensor]:
+    i, f, g, o = (xw + hw).chunk(4, dim=-1)
+    assert c is not None
+    c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+    return torch.sigmoid(o) * torch.tanh(c), c
+
+
+def _gru_cell(xw: Tensor, hw: Tensor, h: Tensor, c: Tensor | None) -> tuple[Tensor, None]:
+    xr, xz, xn = xw.chunk(3, dim=-1)
+    hr, hz, hn = hw.chunk(3, dim=-1)
+    r, z = torch.sigmoid(xr + hr), torch.sigmoid(xz + hz)
+    n = torch.tanh(xn + r * hn)
+    return (1 - z) * n + z * h, None
+
+
+class SimulatedRNN(nn.Module):
+    """An LSTM or GRU with fake-quantized weights (per gate row for per-channel schemes) whose
+    input sequence and hidden states are fake-quantized as the dynamic int8 kernel quantizes
+    them (see the module docstring); the recurrence runs in float32.
+
+    Weight-only and float schemes (``w4a16``, ``bf16``...) round the weights to the scheme and
+    its compute dtype, and the input and hidden states to the activation format (a bf16 cast).
+    Activation ranges are always dynamic, as in the real kernel: a static ``act_range`` is not
+    taken. Inputs: a tensor (batched or not), ``batch_first`` as the layer; ``hx`` optional.
+    """
+
+    def __init__(
+        self, layer: nn.RNNBase, scheme: Scheme, *, act_range: tuple[float, float] | None = None
+    ) -> None:
+        super().__init__()
+        self.scheme = scheme
+        self.layer_type = type(layer).__name__
+        self.inner = layer
+        self.cell = _lstm_cell if isinstance(layer, nn.LSTM) else _gru_cell
+        dtype = TORCH_DTYPES[scheme.compute_dtype]
+        self.weights_q = nn.ParameterList(
+            nn.Parameter(
+                fake_quantize(w.detach().float(), scheme.weight).to(dtype).float(),
+                requires_grad=False,
+            )
+            for w in layer_weights(layer).values()
+        )
+
+    def _act(self, x: Tensor) -> Tensor:
+        act = self.scheme.activation
+        return x if act is None or act.is_identity else fake_quantize(x, act)
+
+    def _bias(self, name: str) -> Tensor | None:
+        bias = getattr(self.inner, name, None) if self.inner.bias else None
+        return None if bias is None else bias.detach().float()
+
+    def forward(self, x: Tensor, hx: Any = None) -> tuple[Tensor, Any]:
+        layer = self.inner
+        out_dtype = x.dtype
+        batched = x.dim() == 3
+        seq = x if not batched else (x.transpose(0, 1) if layer.batch_first else x)
+        seq = (seq if batched else seq.unsqueeze(1)).float()
+        if hx is not None and not batched:
+            hx = tuple(h.unsqueeze(1) for h in hx) if isinstance(hx, tuple) else hx.unsqueeze(1)
+        h0, c0 = _states(layer, hx, seq.shape[1], seq)
+        directions = 2 if layer.bidirectional else 1
+        h_n, c_n = [], []
+        for k in range(layer.num_layers):
+            xq = self._act(seq)  # the whole sequence at once, as the kernel's input projection
+            outs = []
+            for d in range(directions):
+                j = k * directions + d
+                sfx = f"_l{k}{'_reverse' if d else ''}"
+                xw = F.linear(xq, self.weights_q[2 * j], self._bias(f"bias_ih{sfx}"))
+                w_hh, b_hh = self.weights_q[2 * j + 1], self._bias(f"bias_hh{sfx}")
+                h, c = h0[j], None if c0 is None else c0[j]
+                steps = range(seq.shape[0] - 1, -1, -1) if d else range(seq.shape[0])
+                ys: list[Tensor] = [h] * seq.shape[0]
+                for t in steps:
+                    h, c = self.cell(xw[t], F.linear(self._act(h), w_hh, b_hh), h, c)
+                    ys[t] = h
+                outs.append(torch.stack(ys))
+                h_n.append(h)
+                c_n.append(c)
+            seq = torch.cat(outs, dim=2) if directions == 2 else outs[0]
+        out = seq if not batched else (seq.transpose(0, 1) if layer.batch_first else seq)
+        out = out.to(out_dtype) if batched else out.squeeze(1).to(out_dtype)
+        h_t = torch.stack(h_n).to(out_dtype)
+        hidden: Any = h_t
+        if c0 is not None:
+            hidden = (h_t, torch.stack(c_n).to(out_dtype))  # type: ignore[arg-type]
+        if not batched:
+            hidden = tuple(t.squeeze(1) for t in hidden) if c0 is not None else h_t.squeeze(1)
+        return out, hidden
+
+    def extra_repr(self) -> str:
+        return f"{self.layer_type}, scheme={self.scheme.name!r}"
+
+
+class CastRNN(RealLayer):
+    """The LSTM / GRU itself with its weights in the scheme's dtype (``fp32``, ``bf16``,
+    ``fp16``): input cast to it, outputs cast back to the input's dtype."""
+
+    def __init__(
+        self, layer: nn.RNNBase, scheme: Scheme, *, act_range: tuple[float, float] | None = None
+    ) -> None:
+        super().__init__()
+        self.scheme_name = scheme.name
+        self.dtype = TORCH_DTYPES[scheme.compute_dtype]
+        self.inner = copy.deepcopy(layer).to(self.dtype).requires_grad_(False)
+
+    def forward(self, x: Tensor, hx: Any = None) -> tuple[Tensor, Any]:
+        out_dtype = x.dtype
+        if hx is not None:
+            hx = tuple(h.to(self.dtype) for h in hx) if isinstance(hx, tuple) else hx.to(self.dtype)
+        out, hidden = self.inner(x.to(self.dtype), hx)
+        if isinstance(hidden, tuple):
+            return out.to(out_dtype), tuple(h.to(out_dtype) for h in hidden)
+        return out.to(out_dtype), hidden.to(out_dtype)
+
+
+class Int8DynamicRNN(_PackedInt8):
+    """``w8a8`` (and ``w4a8_pc``: 4-bit codes held in int8) LSTM / GRU on PyTorch's dynamic
+    quantized RNN kernel (``torch.quantized_lstm`` / ``torch.quantized_gru``, fbgemm packed
+    weights), as ``torch.ao.nn.quantized.dynamic.LSTM`` / ``GRU`` run it.
+
+    Built as ``torch.ao.quantization.quantize_dynamic`` builds those modules (each matrix
+    quantized, packed with its bias by ``quantized::linear_prepack``, a layer-direction's pair
+    made into cell parameters by ``quantized::make_quantized_cell_params_dynamic``) with two
+    differences: the weights are the scheme's per-gate-row codes and scales (those of
+    ``simulate``; 7-bit where the int8 kernels saturate, :func:`int8_kernel_scheme`), and the
+    activations keep their 8 bits (``reduce_range=False``; PyTorch passes ``True``, 7 bits).
+    Per-tensor dynamic activations only: a static ``act_range`` is not taken.
+
+    Stored: the int8 codes of every matrix (packed by fbgemm, counted from their shape), their
+    float32 scales and the float32 biases.
+    """
+
+    def __init__(
+        self, layer: nn.RNNBase, scheme: Scheme, *, act_range: tuple[float, float] | None = None
+    ) -> None:
+        super().__init__()
+        self.scheme_name = scheme.name
+        self.is_lstm = isinstance(layer, nn.LSTM)
+        self.num_layers, self.bidirectional = layer.num_layers, layer.bidirectional
+        self.batch_first = layer.batch_first
+        self.hidden_size = layer.hidden_size
+        kernel_scheme = int8_kernel_scheme(scheme)
+        weights = layer_weights(layer)
+        self.shapes = [tuple(w.shape) for w in weights.values()]
+        codes = []
+        for i, (name, w) in enumerate(weights.items()):
+            c, scale, _ = _weight_codes(w, kernel_scheme)
+            codes.append(c.reshape(-1))
+            self.register_buffer(f"w_scale_{i}", scale.float().contiguous())
+            bias_name = name.replace("weight", "bias")
+            bias = getattr(layer, bias_name) if layer.bias else torch.zeros(w.shape[0])
+            self.register_buffer(f"bias_{i}", bias.detach().float().clone())
+        self._packed = self._pack(torch.cat(codes).to(torch.int8))
+
+    def _pack(self, codes: Tensor) -> Any:
+        """One ``CellParamsBase`` per layer and direction from the flat int8 codes."""
+        engine = torch.backends.quantized.engine
+        torch.backends.quantized.engine = "fbgemm"
+        try:
+            packed, start = [], 0
+            for i, shape in enumerate(self.shapes):
+                n = shape[0] * shape[1]
+                scale = getattr(self, f"w_scale_{i}")
+                with warnings.catch_warnings():  # torch 2.13 deprecates quantized tensors
+                    warnings.simplefilter("ignore", UserWarning)
+                    qweight = torch._make_per_channel_quantized_tensor(
+                        codes[start : start + n].reshape(shape).contiguous(),
+                        scale.double(),
+                        torch.zeros(shape[0], dtype=torch.long),
+                        0,
+                    )
+                packed.append(
+                    torch.ops.quantized.linear_prepack(qweight, getattr(self, f"bias_{i}"))
+                )
+                start += n
+            make = torch.ops.quantized.make_quantized_cell_params_dynamic
+            return [
+                make(packed[i], packed[i + 1], self.bias_at(i), self.bias_at(i + 1), False)
+                for i in range(0, len(packed), 2)
+            ]
+        finally:
+            torch.backends.quantized.engine = engine
+
+    def bias_at(self, i: int) -> Tensor:
+        return getattr(self, f"bias_{i}")
+
+    def _dense(self) -> Tensor:
+        dense = []
+        for cell in self._packed:
+            # state: (version, [biases], [], [reduce_range], [packed w_ih, packed w_hh])
+            for p in cell.__getstate__()[0][4]:
+                qweight, _ = torch.ops.quantized.linear_unpack(p)
+                dense.append(qweight.int_repr().reshape(-1))
+        return torch.cat(dense)
+
+    def packed_tensors(self) -> dict[str, Tensor]:
+        numel = sum(a * b for a, b in self.shapes)
+        return {"packed_weight": torch.empty(numel, dtype=torch.int8, device="meta")}
+
+    def forward(self, x: Tensor, hx: Any = None) -> tuple[Tensor, Any]:
+        out_dtype = x.dtype
+        x = x.float()
+        batched = x.dim() == 3
+        if not batched:
+            x = x.unsqueeze(1)
+        batch = x.shape[0] if batched and self.batch_first else x.shape[1]
+        shape = (self.num_layers * (2 if self.bidirectional else 1), batch, self.hidden_size)
+        if hx is None:
+            zeros = x.new_zeros(shape)
+            hx = (zeros, zeros) if self.is_lstm else zeros
+        elif isinstance(hx, tuple):
+            hx = tuple(h.float().reshape(shape) for h in hx)
+        else:
+            hx = hx.float().reshape(shape)
+        batch_first = self.batch_first and batched
+        if self.is_lstm:
+            out, h, c = torch.quantized_lstm(
+                x, hx, self._packed, True, self.num_layers, 0.0, False, self.bidirectional,
+                batch_first, dtype=torch.qint8, use_dynamic=True,
+            )  # fmt: skip
+            hidden: Any = (h, c)
+        else:
+            out, hidden = torch.quantized_gru(
+                x, hx, self._packed, True, self.num_layers, 0.0, False, self.bidirectional,
+                batch_first,
+            )  # fmt: skip
+        if not batched:
+            out = out.squeeze(1)
+            hidden = tuple(t.squeeze(1) for t in hidden) if self.is_lstm else hidden.squeeze(1)
+        if self.is_lstm:
+            return out.to(out_dtype), tuple(t.to(out_dtype) for t in hidden)
+        return out.to(out_dtype), hidden.to(out_dtype)
+
+
+__all__ = ["RNN_TYPES", "CastRNN", "Int8DynamicRNN", "SimulatedRNN"]

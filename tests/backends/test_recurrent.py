@@ -1,0 +1,140 @@
+"""LSTM / GRU: per-gate-row weights, PyTorch's dynamic int8 RNN kernel on cpu, simulate equal to it."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from mpsearch.backends import get_backend, quantize
+from mpsearch.backends._recurrent import Int8DynamicRNN, SimulatedRNN
+from mpsearch.schemes import get_scheme
+from mpsearch.schemes._formats import int_range
+from mpsearch.workloads import load_workload
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def _per_row_int8(w: torch.Tensor) -> torch.Tensor:
+    """Symmetric int8, one scale per row, by hand."""
+    qmax = int_range(8, symmetric=True)[1]
+    scale = w.abs().amax(dim=1, keepdim=True) / qmax
+    return torch.clamp(torch.round(w / scale), -qmax, qmax) * scale
+
+
+def _act(x: torch.Tensor) -> torch.Tensor:
+    """Asymmetric uint8 per tensor (range widened to hold 0), by hand."""
+    lo, hi = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
+    scale = (hi - lo) / 255 if hi > lo else 1.0
+    zero = min(max(round(-lo / scale), 0), 255)
+    return (torch.clamp(torch.round(x / scale) + zero, 0, 255) - zero) * scale
+
+
+@torch.no_grad()
+def test_per_gate_fake_quant_equals_a_hand_computed_lstm() -> None:
+    torch.manual_seed(0)
+    lstm = nn.LSTM(3, 2).eval()  # weight_ih: [8, 3], 4 gates x 2 rows, one scale per row
+    x = torch.randn(5, 1, 3)
+    sim = SimulatedRNN(lstm, get_scheme("w8a8"))
+    assert [tuple(w.shape) for w in sim.weights_q] == [(8, 3), (8, 2)]
+    w_ih, w_hh = _per_row_int8(lstm.weight_ih_l0), _per_row_int8(lstm.weight_hh_l0)
+    assert torch.equal(sim.weights_q[0], w_ih) and torch.equal(sim.weights_q[1], w_hh)
+    xw = _act(x) @ w_ih.t() + lstm.bias_ih_l0  # the whole sequence quantized at once
+    h = c = torch.zeros(1, 2)
+    outs = []
+    for t in range(5):
+        i, f, g, o = (xw[t] + _act(h) @ w_hh.t() + lstm.bias_hh_l0).chunk(4, dim=-1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        h = torch.sigmoid(o) * torch.tanh(c)
+        outs.append(h)
+    out, (h_n, c_n) = sim(x)
+    assert torch.allclose(out, torch.stack(outs), atol=1e-6)
+    assert torch.allclose(h_n[0], h, atol=1e-6) and torch.allclose(c_n[0], c, atol=1e-6)
+
+
+@torch.no_grad()
+def test_cpu_w8a8_lstm_is_torch_dynamic_quantized_lstm_built_the_same_way() -> None:
+    torch.manual_seed(0)
+    lstm = nn.LSTM(16, 32, num_layers=2, batch_first=True).eval()
+    x = torch.randn(4, 12, 16)
+    ours = get_backend("cpu").quantize_layer(lstm, get_scheme("w8a8"))
+    assert isinstance(ours, Int8DynamicRNN)
+    # the reference: torch.ao's module, given our int8 weights (per gate row) and its biases
+    ref = torch.ao.nn.quantized.dynamic.LSTM(16, 32, num_layers=2, batch_first=True)
+    ref.version = 1  # reduce_range=False: 8-bit activations, as ours
+    dense = ours._dense()
+    weights, start = {}, 0
+    for i, (name, shape) in enumerate(zip(["weight_ih_l0", "weight_hh_l0", "weight_ih_l1",
+                                           "weight_hh_l1"], ours.shapes, strict=True)):  # fmt: skip
+        n = shape[0] * shape[1]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            weights[name] = torch._make_per_channel_quantized_tensor(
+                dense[start : start + n].reshape(shape), getattr(ours, f"w_scale_{i}").double(),
+                torch.zeros(shape[0], dtype=torch.long), 0,
+            )  # fmt: skip
+        start += n
+    biases = {
+        n.replace("weight", "bias"): getattr(lstm, n.replace("weight", "bias")) for n in weights
+    }
+    ref.set_weight_bias(weights | biases)
+    (y, (h, c)), (y_ref, (h_ref, c_ref)) = ours(x), ref(x)
+    assert torch.equal(y, y_ref) and torch.equal(h, h_ref) and torch.equal(c, c_ref)
+    y_fp32 = lstm(x)[0]
+    assert _rel(y, y_fp32) < 0.02
+    # PyTorch's own quantize_dynamic (per-channel, 7-bit activations) is no closer to fp32
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch_q = torch.ao.quantization.quantize_dynamic(
+            nn.Sequential(lstm), {nn.LSTM: torch.ao.quantization.per_channel_dynamic_qconfig}
+        )
+    assert _rel(y, y_fp32) <= _rel(torch_q(x)[0], y_fp32) * 1.5
+
+
+@pytest.mark.parametrize("kind", [nn.LSTM, nn.GRU])
+@pytest.mark.parametrize("scheme", ["w8a8", "w4a8_pc"])
+@torch.no_grad()
+def test_simulate_reproduces_the_cpu_kernel_bidirectional_multilayer(kind, scheme: str) -> None:
+    torch.manual_seed(0)
+    rnn = kind(16, 32, num_layers=2, bidirectional=True).eval()
+    x = torch.randn(10, 4, 16)  # sequence first
+    sim = get_backend("simulate").quantize_layer(rnn, get_scheme(scheme))(x)
+    cpu = get_backend("cpu").quantize_layer(rnn, get_scheme(scheme))(x)
+    ref = rnn(x)
+    assert cpu[0].shape == ref[0].shape == (10, 4, 64)
+    assert _rel(cpu[0], sim[0]) < 1e-5  # the same arithmetic, float32 sums in another order
+    hidden = (lambda o: o[1][0]) if kind is nn.LSTM else (lambda o: o[1])
+    assert hidden(cpu).shape == hidden(ref).shape == (4, 4, 32)
+    assert _rel(hidden(cpu), hidden(sim)) < 1e-5
+    assert _rel(cpu[0], ref[0]) < (0.02 if scheme == "w8a8" else 0.15)
+
+
+@torch.no_grad()
+def test_unbatched_input_and_given_state() -> None:
+    torch.manual_seed(0)
+    gru = nn.GRU(8, 16).eval()
+    x, h0 = torch.randn(6, 8), torch.randn(1, 16)
+    for backend in ("simulate", "cpu"):
+        out, h = get_backend(backend).quantize_layer(gru, get_scheme("w8a8"))(x, h0)
+        ref, h_ref = gru(x, h0)
+        assert out.shape == ref.shape and h.shape == h_ref.shape
+        assert _rel(out, ref) < 0.02
+
+
+def test_weight_only_schemes_are_refused_by_name_on_cpu() -> None:
+    lstm = nn.LSTM(32, 32)
+    why = get_backend("cpu").unsupported_reason(lstm, get_scheme("w4a16"))
+    assert "no real kernel for 'w4a16' on LSTM" in why and "dynamic int8 RNN" in why
+    with pytest.raises(ValueError, match="lstm_layer"):
+        quantize(nn.ModuleDict({"lstm_layer": lstm}), "w8a16", backend="cpu")
+
+
+def test_speaker_lstm_w8a8_on_cpu_agrees_with_fp32() -> None:
+    wl = load_workload("speaker_lstm", n_calib=16, n_test=64)
+    q = quantize(wl.model, "w8a8", backend="cpu")
+    assert isinstance(q.lstm, Int8DynamicRNN)
+    assert wl.evaluate(q) >= 0.95
