@@ -27,7 +27,6 @@ import yaml
 
 from mpsearch._data import output_tensor, run_model
 from mpsearch._validation import invalid, unknown
-from mpsearch.backends import quantize
 from mpsearch.cost import CostModel, CostOptions, clock, measure_cost, threads
 from mpsearch.plan import PrecisionPlan
 from mpsearch.profile import ProfileOptions, SensitivityProfile, profile
@@ -40,6 +39,7 @@ from mpsearch.search import (
     run_workers,
     search,
 )
+from mpsearch.search._realcheck import measure_plans
 from mpsearch.search._result import SLOWER_THAN_FP32
 from mpsearch.search._storage import storage_kind
 from mpsearch.search._table import ChoiceTable, resolve_space
@@ -507,6 +507,15 @@ class StudySteps:
             f"search: {len(result.trials)} trials, {result.n_true_evaluations} true evaluations, "
             f"{len(result.pareto)} plans on the front, {s:.1f} s{workers}"
         )
+        verified = result.verified
+        if verified is not None:
+            ran = verified[verified["trial"].notna() & (verified["note"] == "")]
+            self.log(
+                f"checked {len(verified) - 1} front plans on the {verified['backend'].iloc[0]!r} "
+                f"backend: {len(ran)} ran, real quality {ran['quality'].min():.4g} to "
+                f"{ran['quality'].max():.4g}, measured speed-up {ran['speedup'].min():.3g}x to "
+                f"{ran['speedup'].max():.3g}x"
+            )
         return result
 
     @cached_property
@@ -541,7 +550,9 @@ class StudySteps:
                 f"measured {len(plans) + 1} plans on the {self.config.backend!r} backend in {s:.1f} s"
             )
             best = self._summary[self._summary["plan"] == "best"].iloc[0]
-            if best["note"]:
+            if best["note"].startswith("cannot run"):
+                self.log(f"note: the chosen plan {best['note']}")
+            elif best["note"]:
                 self.log(
                     f"note: the chosen plan was {best['note']} ({best['latency_ms']:.4g} ms); "
                     "if speed matters too, add a latency budget (e.g. latency_fraction: 1.0)"
@@ -686,45 +697,37 @@ def summarize(
     rounds: int = 3,
 ) -> pd.DataFrame:
     """Quality, exact memory and measured latency of fp32 and each plan, with ratios to fp32,
-    and a ``note`` on each plan measured more than 5% slower than fp32.
+    and a ``note`` on each plan measured more than 5% slower than fp32 or that cannot run on
+    ``backend`` (why).
 
-    ``fp32`` is the user's model as it is. Each plan is quantized once; latencies are the
-    median over ``rounds`` rounds that time every model in turn (so a burst of load on a shared
-    machine does not land on one plan only), each round a median of the cost model's repeats.
+    ``fp32`` is the user's model as it is. Quality and latency are
+    :func:`~mpsearch.search._realcheck.measure_plans`' (what the search's check of its front
+    runs too): each plan quantized once, latencies the median over ``rounds`` rounds that time
+    every model in turn, each round a median of the cost model's repeats.
 
     >>> summarize(wl, cost, {"w8a8": PrecisionPlan.uniform("w8a8")}, backend="cpu")  # doctest: +SKIP
     """
-    from tqdm.auto import tqdm
-
-    models = {"fp32": wl.model}
-    rows = [
-        {
-            "plan": "fp32",
-            "quality": wl.evaluate(wl.model),
-            "memory_mb": cost.fp32_memory_bytes / 1e6,
-        }
-    ]
-    for name, plan in tqdm(plans.items(), desc="measure", disable=not progress, leave=False):
-        models[name] = quantize(wl.model, plan, backend=backend)
-        rows.append(
-            {
-                "plan": name,
-                "quality": wl.evaluate(models[name]),
-                "memory_mb": cost.memory_bytes(plan) / 1e6,
-            }
-        )
-    times: dict[str, list[float]] = {name: [] for name in models}
-    for _ in range(rounds):
-        for name, module in models.items():
-            times[name].append(cost.time_module(module))
-    for row in rows:
-        row["latency_ms"] = statistics.median(times[row["plan"]])
-    df = pd.DataFrame(rows)
+    df = measure_plans(
+        wl.model,
+        plans,
+        backend=backend,
+        evaluate=wl.evaluate,
+        time_module=cost.time_module,
+        rounds=rounds,
+        progress=progress,
+    )
+    memory = [cost.fp32_memory_bytes, *(cost.memory_bytes(plan) for plan in plans.values())]
+    df.insert(2, "memory_mb", [m / 1e6 for m in memory])
     df["memory_ratio"] = df["memory_mb"] / df.loc[0, "memory_mb"]
-    df["speedup"] = df.loc[0, "latency_ms"] / df["latency_ms"]
     df["quality_drop"] = df.loc[0, "quality"] - df["quality"]
     df["note"] = [
-        f"measured {1 / speedup:.2f}x slower than fp32" if speedup * SLOWER_THAN_FP32 < 1 else ""
-        for speedup in df["speedup"]
+        note
+        or (
+            f"measured {1 / speedup:.2f}x slower than fp32"
+            if speedup * SLOWER_THAN_FP32 < 1
+            else ""
+        )
+        for note, speedup in zip(df["note"], df["speedup"], strict=True)
     ]
-    return df
+    columns = ["plan", "quality", "memory_mb", "latency_ms", "memory_ratio", "speedup"]
+    return df[[*columns, "quality_drop", "note"]]

@@ -38,6 +38,23 @@ def test_summary_notes_each_plan_measured_slower_than_fp32() -> None:
     assert list(df["note"]) == ["", "measured 1.50x slower than fp32", ""]
 
 
+def test_summary_notes_a_plan_that_cannot_run_on_the_backend() -> None:
+    plans = {"best": PrecisionPlan.uniform("w4a4"), "uniform:w8a8": PrecisionPlan.uniform("w8a8")}
+    df = summarize(_workload(), FakeCost(), plans, backend="cpu", rounds=1)
+    assert df.loc[1, "note"].startswith("cannot run: ValueError: The plan cannot run on the 'cpu'")
+    assert df["quality"].isna().tolist() == [False, True, False]
+    assert list(df.columns) == [
+        "plan",
+        "quality",
+        "memory_mb",
+        "latency_ms",
+        "memory_ratio",
+        "speedup",
+        "quality_drop",
+        "note",
+    ]
+
+
 def test_the_study_log_says_when_the_chosen_plan_ran_slower_than_fp32() -> None:
     lines: list[str] = []
     steps = StudySteps(StudyConfig(workload="mlp", backend="simulate"), log=lines.append)

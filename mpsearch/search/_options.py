@@ -100,6 +100,12 @@ def _timeout(name: str, value: Any) -> float | None:
     return value
 
 
+def _verify(name: str, value: Any) -> int | None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+        raise invalid(name, value, "a non-negative integer, or 0 / None to skip", kind="option")
+    return value
+
+
 def _lease(name: str, value: Any) -> LeasePolicy | None:
     if value is None or isinstance(value, LeasePolicy):
         return value
@@ -128,6 +134,7 @@ _CHECKS: dict[str, Check] = {
     "screen": flag,
     "metric": _metric,
     "quality_backend": _backend,
+    "verify": _verify,
     "n_jobs": _n_jobs,
     "timeout": _timeout,
     "show_progress_bar": flag,
@@ -157,6 +164,11 @@ class SearchOptions(Options):
       and ILP plans once; ``screen``: prune candidates the proxy predicts dominated;
     - ``metric``: the profile error column summed by the proxy; ``quality_backend``: the
       backend ``evaluate`` sees quantized models on;
+    - ``verify``: after the trials, run at most this many front plans (those
+      :meth:`SearchResult.best` ranks first) for real on the cost model's backend (quality
+      by ``evaluate`` on ``quantize(model, plan, backend=cost.backend)``, latency end to end
+      next to fp32), kept in ``SearchResult.verified`` and the front's ``real_*`` columns,
+      which ``best`` then ranks by; ``0`` or ``None``: no check;
     - ``n_jobs``, ``timeout`` (s), ``show_progress_bar``: as in ``Study.optimize``;
     - ``lease``: the :class:`LeasePolicy` of running trials; ``handle_sigterm``: fail and retry
       the running trial on SIGTERM, then exit with status 143.
@@ -184,6 +196,7 @@ class SearchOptions(Options):
     screen: bool = True
     metric: str = "e2e"
     quality_backend: str = "simulate"
+    verify: int | None = 8
     n_jobs: int = 1
     timeout: float | None = None
     show_progress_bar: bool = False

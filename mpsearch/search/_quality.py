@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -13,6 +15,22 @@ from mpsearch._data import as_batches, output_tensor, run_model
 from mpsearch.backends import get_backend
 from mpsearch.layers import quantizable_layers, swapped
 from mpsearch.schemes import get_scheme
+
+
+def quality_value(value: Any) -> float:
+    """``value`` as a float when it is a finite number, else ``ValueError`` (what ``evaluate``
+    must return).
+
+    >>> quality_value(np.float32(0.5))
+    0.5
+    """
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float, np.floating))
+        or not math.isfinite(value)
+    ):
+        raise ValueError(f"evaluate returned {value!r}; it must return a finite number")
+    return float(value)
 
 
 class Fidelity:

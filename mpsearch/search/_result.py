@@ -13,6 +13,7 @@ import pandas as pd
 from mpsearch.plan import PrecisionPlan
 from mpsearch.search._budget import Budget, as_budget
 from mpsearch.search._pareto import hypervolume, pareto_mask
+from mpsearch.search._realcheck import verified_frame
 from mpsearch.search._space import ResolvedSpace
 from mpsearch.search._table import ChoiceTable
 
@@ -20,6 +21,36 @@ _MAXIMIZE = {"quality": True, "memory_mb": False, "latency_ms": False}
 _COLUMN = {"quality": "quality", "memory": "memory_mb", "latency": "latency_ms"}
 # a plan is called slower than fp32 past this latency ratio (closer is timing noise)
 SLOWER_THAN_FP32 = 1.05
+_FRONT = ["trial", "quality", "memory_mb", "latency_ms", "origin"]
+_REAL = ("quality", "latency_ms", "speedup", "note")  # of ``verified``, as ``real_*`` columns
+
+
+def _ranked(
+    df: pd.DataFrame,
+    memory_mb: float | None,
+    latency_ms: float | None,
+    quality: str = "quality",
+    latency: str = "latency_ms",
+) -> pd.DataFrame:
+    """The rows of ``df`` that meet the limits, best first: by ``quality``, then the budget's
+    tie rule (see :meth:`SearchResult.best`) on ``memory_mb`` and the ``latency`` column."""
+    if not len(df):
+        return df
+    ok = np.ones(len(df), dtype=bool)
+    if memory_mb is not None:
+        ok &= df["memory_mb"].to_numpy() <= memory_mb
+    if latency_ms is not None:
+        ok &= df[latency].to_numpy() <= latency_ms
+    df = df[ok]
+    key = pd.DataFrame({"q": df[quality], "m": df["memory_mb"], "l": df[latency]})
+    ties = ["m", "l"]
+    if latency_ms is not None:
+        ties.reverse()
+        if memory_mb is not None:
+            key["share"] = key["m"] / memory_mb + key["l"] / latency_ms
+            ties.insert(0, "share")
+    order = key.sort_values(["q", *ties], ascending=[False, *[True] * len(ties)], kind="stable")
+    return df.loc[order.index]
 
 
 @dataclass
@@ -83,14 +114,24 @@ class SearchResult:
             return df
         return df[(df["state"] == "COMPLETE") & df["quality_source"].isin(["true", "memo"])]
 
+    @property
+    def verified(self) -> pd.DataFrame | None:
+        """The front's plans run for real after the search (``SearchOptions.verify``, on the
+        cost model's backend), or ``None`` when none were: one row for the fp32 model, then
+        one per plan, with ``plan``, ``trial``, ``quality`` (``evaluate`` on the quantized
+        model), ``latency_ms`` (end to end on the example input, timed next to fp32),
+        ``speedup`` (over fp32), ``backend`` and ``note`` (why a plan could not run).
+
+        >>> res.verified[["plan", "quality", "speedup"]]  # doctest: +SKIP
+        """
+        return verified_frame(self.study)
+
     @cached_property
-    def pareto(self) -> pd.DataFrame:
+    def _front(self) -> pd.DataFrame:
         df = self._evaluated()
         df = df[df["feasible"]] if len(df) else df
         if not len(df):
-            return pd.DataFrame(
-                columns=["trial", "quality", "memory_mb", "latency_ms", "origin", "plan"]
-            )
+            return pd.DataFrame(columns=[*_FRONT, "assignment"])
         cols = [_COLUMN[o] for o in self.objectives]
         pts = df[cols].to_numpy(dtype=float)
         front = df[pareto_mask(pts, [_MAXIMIZE[c] for c in cols])]
@@ -98,20 +139,45 @@ class SearchResult:
         front = front.sort_values(
             ["memory_mb", "latency_ms", "quality"], ascending=[True, True, False]
         )
-        out = front[["trial", "quality", "memory_mb", "latency_ms", "origin"]].copy()
+        return front[[*_FRONT, "assignment"]].reset_index(drop=True)
+
+    @property
+    def pareto(self) -> pd.DataFrame:
+        """The non-dominated feasible plans whose quality was truly evaluated, cheapest first:
+        ``trial``, ``quality``, ``memory_mb``, ``latency_ms`` (predicted), ``origin``,
+        ``plan``; after a check on the real backend (:attr:`verified`) also ``real_quality``,
+        ``real_latency_ms``, ``real_speedup`` (NaN for a plan not checked or that cannot run)
+        and ``real_note`` (``"not checked"``, or why a plan cannot run; empty when it ran)."""
+        front = self._with_real(self._front)
+        out = front.drop(columns="assignment")
         out["plan"] = [self._plan(row) for row in front.itertuples(index=False)]
-        return out.reset_index(drop=True)
+        return out
+
+    def _with_real(self, df: pd.DataFrame) -> pd.DataFrame:
+        """``df`` (rows with a ``trial``) with the real figures of :attr:`verified`, if any."""
+        verified = self.verified
+        if verified is None:
+            return df
+        real = verified[verified["trial"].notna()].astype({"trial": "int64"})
+        real = real.rename(columns={c: f"real_{c}" for c in _REAL})[
+            ["trial", *(f"real_{c}" for c in _REAL)]
+        ]
+        out = df.merge(real, on="trial", how="left")
+        out["real_note"] = out["real_note"].fillna("not checked")
+        return out.set_index(df.index)
 
     def _plan(self, row: object) -> PrecisionPlan:
-        return PrecisionPlan.from_assignment(
-            row.assignment,
-            metadata={
-                "trial": int(row.trial),
-                "quality": float(row.quality),
-                "memory_mb": float(row.memory_mb),
-                "latency_ms": float(row.latency_ms),
-            },
-        )
+        metadata = {
+            "trial": int(row.trial),
+            "quality": float(row.quality),
+            "memory_mb": float(row.memory_mb),
+            "latency_ms": float(row.latency_ms),
+        }
+        for c in _REAL[:-1]:
+            value = getattr(row, f"real_{c}", np.nan)
+            if not np.isnan(value):
+                metadata[f"real_{c}"] = float(value)
+        return PrecisionPlan.from_assignment(row.assignment, metadata=metadata)
 
     @property
     def plans(self) -> list[PrecisionPlan]:
@@ -121,6 +187,15 @@ class SearchResult:
     def best(self, budget: Budget | dict | None = None) -> PrecisionPlan:
         """The truly evaluated plan with the best quality that meets ``budget`` (default: the search's).
 
+        Where the front was run for real after the search (:attr:`verified`), the real figures
+        decide: among the checked plans that meet the budget, the best real quality wins, a
+        latency limit is held against the measured speed-up over fp32 (a plan meets
+        ``latency_ms=L`` when ``fp32_latency_ms / real_speedup <= L``, so
+        ``Budget(latency_fraction=1.0)`` means "measured no slower than fp32") and the ties
+        below use that measured latency. A plan that cannot run on the real backend is never
+        chosen; plans not checked count only when no checked plan meets the budget (then by
+        their search figures: quality on ``quality_backend``, predicted latency).
+
         Ties in quality go by the budget asked for: under a latency budget to the faster plan
         (then the smaller), under a memory budget to the smaller (then the faster); under both,
         to the plan that spends the smaller share of them (``memory / memory limit + latency /
@@ -129,29 +204,26 @@ class SearchResult:
         >>> res.best(Budget(latency_fraction=0.8)).metadata["latency_ms"]  # doctest: +SKIP
         """
         memory_mb, latency_ms = self._limits(budget)
-        df = self._evaluated()
-        if len(df):
-            ok = np.ones(len(df), dtype=bool)
-            if memory_mb is not None:
-                ok &= df["memory_mb"].to_numpy() <= memory_mb
-            if latency_ms is not None:
-                ok &= df["latency_ms"].to_numpy() <= latency_ms
-            df = df[ok]
-        if not len(df):
+        df = self._with_real(self._evaluated())
+        if len(df) and "real_quality" in df:
+            ran = df["real_note"] == ""
+            checked = df[ran].assign(_latency=self.fp32_latency_ms / df.loc[ran, "real_speedup"])
+            ranked = _ranked(checked, memory_mb, latency_ms, "real_quality", "_latency")
+            if not len(ranked):
+                ranked = _ranked(df[df["real_note"] == "not checked"], memory_mb, latency_ms)
+        else:
+            ranked = _ranked(df, memory_mb, latency_ms)
+        if not len(ranked):
             raise ValueError(
                 f"No evaluated plan meets the budget (memory_mb={memory_mb}, latency_ms={latency_ms}); run more trials or relax it."
             )
-        ties = ["memory_mb", "latency_ms"]
-        if latency_ms is not None:
-            ties.reverse()
-            if memory_mb is not None:
-                share = df["memory_mb"] / memory_mb + df["latency_ms"] / latency_ms
-                df = df.assign(budget_share=share)
-                ties.insert(0, "budget_share")
-        row = df.sort_values(
-            ["quality", *ties], ascending=[False, *[True] * len(ties)], kind="stable"
-        ).iloc[0]
-        return self._plan(row)
+        return self._plan(ranked.iloc[0])
+
+    def candidates(self, n: int) -> dict[int, PrecisionPlan]:
+        """The ``n`` front plans :meth:`best` ranks first under the search's budget, on the
+        search's figures, by trial: those worth running for real (``SearchOptions.verify``)."""
+        ranked = _ranked(self._front, *self.limits).head(n)
+        return {int(row.trial): self._plan(row) for row in ranked.itertuples(index=False)}
 
     def _limits(self, budget: Budget | dict | None) -> tuple[float | None, float | None]:
         if budget is None:
@@ -174,8 +246,15 @@ class SearchResult:
             plan = self.best()
         except ValueError:
             return []
-        latency, fp32 = plan.metadata["latency_ms"], self.fp32_latency_ms
-        if latency <= SLOWER_THAN_FP32 * fp32:
+        speedup = plan.metadata.get("real_speedup")
+        if speedup is not None:
+            ratio, verb = 1 / speedup, "measured"
+            fp32 = float(self.verified["latency_ms"].iloc[0])
+            latency, where = fp32 * ratio, f"on the {self.verified['backend'].iloc[0]!r} backend"
+        else:
+            latency, fp32 = plan.metadata["latency_ms"], self.fp32_latency_ms
+            ratio, verb, where = latency / fp32, "predicted", "on this machine"
+        if ratio <= SLOWER_THAN_FP32:
             return []
         if self.limits == (None, None):
             what = "The best plan (no budget was given)"
@@ -183,8 +262,8 @@ class SearchResult:
         else:
             what, why = "The best plan under the budget", "it meets the budget by giving up speed"
         return [
-            f"{what} (trial {plan.metadata['trial']}) is predicted {latency / fp32:.2f}x slower "
-            f"than fp32 ({latency:.4g} ms vs {fp32:.4g} ms) on this machine: {why}. If speed "
+            f"{what} (trial {plan.metadata['trial']}) is {verb} {ratio:.2f}x slower "
+            f"than fp32 ({latency:.4g} ms vs {fp32:.4g} ms) {where}: {why}. If speed "
             "matters too, add a latency budget, e.g. res.best(Budget(latency_fraction=1.0)) or "
             "search(..., budget=Budget(..., latency_fraction=1.0)), or pick another plan from "
             "the front (res.pareto)."

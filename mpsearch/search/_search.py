@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -33,7 +32,8 @@ from mpsearch.search._leases import (
 )
 from mpsearch.search._options import OBJECTIVES, SearchOptions, resolve_options
 from mpsearch.search._optuna_compat import study_storage, told_finished_trial, trial_id
-from mpsearch.search._quality import Fidelity, PlanRunner
+from mpsearch.search._quality import Fidelity, PlanRunner, quality_value
+from mpsearch.search._realcheck import verify_front
 from mpsearch.search._result import SearchResult, warn_about
 from mpsearch.search._samplers import SAMPLERS, make_sampler
 from mpsearch.search._space import ResolvedSpace
@@ -114,8 +114,12 @@ def search(
     The space (``space``; default: the model family's bundled one) is narrowed to the schemes
     the profile and the cost model have figures for. With ``objectives=("quality",)`` the
     search maximises quality under the budget; otherwise it returns the whole front. Each of
-    the result's ``warnings`` (e.g. its best plan predicted slower than fp32) is issued as a
-    ``UserWarning``. Warm starts (uniform, greedy, ILP plans) are enqueued first,
+    the result's ``warnings`` (e.g. its best plan slower than fp32) is issued as a
+    ``UserWarning``. After the trials, the ``verify`` front plans :meth:`SearchResult.best`
+    ranks first are run for real on the backend ``cost`` was measured on (quality by
+    ``evaluate`` on ``quantize(model, plan, backend=cost.backend)``, latency end to end next to
+    the fp32 model): ``res.verified`` and the front's ``real_*`` columns hold the figures, and
+    ``best`` ranks by them. Warm starts (uniform, greedy, ILP plans) are enqueued first,
     once per study; with ``screen`` a candidate whose proxy-predicted quality (calibrated on
     true evaluations) is clearly dominated is pruned before its true evaluation.
 
@@ -178,9 +182,16 @@ class _Prepared:
     cost: CostLike
     n_trials: int
     policy: LeasePolicy
+    verify: int | None = None
 
     def result(self, *, wall_time_s: float = 0.0) -> SearchResult:
-        return SearchResult(
+        """The study's :class:`SearchResult`, its front first checked on the real backend
+        (the ``verify`` plans :meth:`SearchResult.best` ranks first; see
+        :func:`~mpsearch.search._realcheck.verify_front`): quality by the search's ``evaluate``
+        (or fidelity) on ``quantize(model, plan, backend=cost.backend)``, latency end to end on
+        the example input, timed as the cost model times, next to the fp32 model. No check
+        without ``verify``, without a front, or for a cost model with no real backend."""
+        result = SearchResult(
             study=self.study,
             space=self.resolved,
             table=self.table,
@@ -190,6 +201,17 @@ class _Prepared:
             fp32_latency_ms=self.cost.fp32_latency_ms,
             wall_time_s=wall_time_s,
         )
+        backend = getattr(self.cost, "backend", None)
+        if self.verify and getattr(backend, "real", False) and len(result.pareto):
+            verify_front(
+                self.study,
+                result.candidates(self.verify),
+                model=self.objective.runner.model,
+                backend=backend,
+                evaluate=self.objective.quality_fn,
+                time_module=self.cost.time_module,
+            )
+        return result
 
     def drive(
         self,
@@ -330,6 +352,7 @@ def _prepare(
         cost=cost,
         n_trials=options.n_trials,
         policy=policy,
+        verify=options.verify,
     )
 
 
@@ -661,16 +684,12 @@ class _Objective:
             self.n_failed += 1
             trial.set_user_attr("fail_reason", reason)
             raise EvaluationError(reason) from exc
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, (int, float, np.floating))
-            or not math.isfinite(value)
-        ):
-            reason = f"evaluate returned {value!r}; it must return a finite number"
+        try:
+            return quality_value(value)
+        except ValueError as exc:
             self.n_failed += 1
-            trial.set_user_attr("fail_reason", reason)
-            raise EvaluationError(reason)
-        return float(value)
+            trial.set_user_attr("fail_reason", str(exc))
+            raise EvaluationError(str(exc)) from None
 
     def _proxy_quality(self, proxy: float, history: list[optuna.trial.FrozenTrial]) -> float:
         fit = _Screen(min_points=2).predict(proxy, _pairs(history))

@@ -151,9 +151,10 @@ class WorkerConfig:
 
 
 def run_worker(config: WorkerConfig) -> SearchResult:
-    """What one worker process does: rebuild the search from the spec and run it on the study."""
+    """What one worker process does: rebuild the search from the spec and run it on the study
+    (the front is run for real once, by the pool, not by each worker)."""
     data, options = config.spec.setup(SearchOptions.from_dict(config.options))
-    return search(**data, options=options)
+    return search(**data, options=dataclasses.replace(options, verify=0))
 
 
 def _child_env() -> dict[str, str]:
