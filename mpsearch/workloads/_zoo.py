@@ -242,6 +242,92 @@ ZOO.update(
 """Zoo models by name (registered as workloads of the same name)."""
 
 
+def _bn_recalibrated(model: nn.Module, images: torch.Tensor) -> nn.Module:
+    """``model`` in eval mode with its BatchNorm statistics measured on ``images``: left at their
+    initial values, a random-initialised MobileNetV3 or EfficientNet shrinks its activations
+    layer by layer down to logits of ~1e-10 (below fp16's smallest number)."""
+    norms = {m: m.momentum for m in model.modules() if isinstance(m, nn.BatchNorm2d)}
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # cumulative average over the passes
+    model.train()
+    with torch.no_grad():
+        for batch in images.split(16):
+            model(batch)
+    for norm, momentum in norms.items():
+        norm.momentum = momentum
+    return model.eval()
+
+
+def _torchvision(model_name: str, size: int, **kwargs: Any) -> Callable[[int], nn.Module]:
+    def build(seed: int) -> nn.Module:
+        import torchvision
+
+        _seeded(seed)
+        model = getattr(torchvision.models, model_name)(weights=None, **kwargs)
+        images = _images(size)(64, torch.Generator().manual_seed(seed))
+        return _bn_recalibrated(model, images)
+
+    return build
+
+
+def _timm(model_name: str, **kwargs: Any) -> Callable[[int], nn.Module]:
+    def build(seed: int) -> nn.Module:
+        import timm
+
+        _seeded(seed)
+        return timm.create_model(model_name, pretrained=False, **kwargs).eval()
+
+    return build
+
+
+# torchvision / timm do not load beside the pinned torch: scripts/models_venv.sh makes a venv
+# where they do (tests/workloads/test_zoo_vision.py runs them there).
+ZOO.update(
+    {
+        "tv_resnet18": ZooEntry(
+            _torchvision("resnet18", 32, num_classes=10),
+            _images(32),
+            "classification",
+            needs="torchvision",
+            note="torchvision ResNet-18: BatchNorm, residual adds, max pool",
+        ),
+        "tv_mobilenet_v3_small": ZooEntry(
+            _torchvision("mobilenet_v3_small", 32, num_classes=10),
+            _images(32),
+            "classification",
+            needs="torchvision",
+            note="torchvision MobileNetV3-small: depthwise convs, squeeze-excitation, hardswish",
+        ),
+        "tv_efficientnet_b0": ZooEntry(
+            _torchvision("efficientnet_b0", 32, num_classes=10),
+            _images(32),
+            "classification",
+            needs="torchvision",
+            note="torchvision EfficientNet-B0: MBConv, squeeze-excitation, SiLU, stochastic depth",
+        ),
+        "timm_vit_tiny": ZooEntry(
+            _timm("vit_tiny_patch16_224", num_classes=10, img_size=32),
+            _images(32),
+            "classification",
+            needs="timm",
+            note="timm ViT-Tiny/16 at 32x32 (4 patches + class token): fused qkv Linear, SDPA",
+        ),
+    }
+)
+
+
+_VISION_VENV = (
+    "bash scripts/models_venv.sh makes a separate venv with a torch/torchvision pair that load "
+    "together (installed beside the pinned torch, PyPI's torchvision breaks the environment)"
+)
+_INSTALL = {
+    "transformers": "pip install -e '.[models]'",
+    "torchvision": _VISION_VENV,
+    "timm": _VISION_VENV,
+}
+
+
 def zoo_available(name: str) -> bool:
     """Whether the optional package zoo model ``name`` needs is installed."""
     needs = ZOO[name].needs
@@ -265,7 +351,7 @@ def zoo_workload(
     if not zoo_available(name):
         raise ModuleNotFoundError(
             f"The zoo model {name!r} needs the optional package {entry.needs!r}: "
-            f"pip install -e '.[models]'."
+            f"{_INSTALL.get(entry.needs, f'pip install {entry.needs}')}."
         )
     model = entry.build(seed)
     generator = torch.Generator().manual_seed(seed + 1)
