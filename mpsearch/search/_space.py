@@ -13,6 +13,7 @@ import yaml
 from torch import nn
 
 from mpsearch._validation import invalid
+from mpsearch.backends._quantize import applicability_error
 from mpsearch.layers import quantizable_layers
 from mpsearch.schemes import SCHEMES, get_scheme
 
@@ -365,10 +366,9 @@ def _drop_unusable(
     """
     dropped: dict[str, dict[str, str]] = {}
     for n, module in modules.items():
-        shape = tuple(module.weight.shape)
         keep = []
         for s in [pinned[n]] if n in pinned else choices[n]:
-            why = missing(s) or get_scheme(s).applicability_error(shape)
+            why = missing(s) or applicability_error(module, get_scheme(s))
             if why is None and supported is not None and not supported(n, s):
                 why = "the backend has no kernel for it"
             if why:
@@ -397,12 +397,16 @@ def _drop_unusable(
 
 def model_family(model: nn.Module) -> str:
     """``transformer`` (attention, embeddings or layer norms), ``cnn`` (convolutions) or ``mlp``."""
-    kinds = {type(m) for m in model.modules()}
-    if kinds & {nn.Embedding, nn.LayerNorm, nn.MultiheadAttention}:
+    modules = list(model.modules())
+    if any(isinstance(m, _TRANSFORMER_PARTS) for m in modules):
         return "transformer"
-    if kinds & {nn.Conv1d, nn.Conv2d}:
+    if any(isinstance(m, (nn.Conv1d, nn.Conv2d)) for m in modules):
         return "cnn"
     return "mlp"
+
+
+_TRANSFORMER_PARTS = (nn.Embedding, nn.LayerNorm, nn.RMSNorm, nn.MultiheadAttention)
+"""Module kinds (subclasses included, e.g. timm's LayerNorm) that make a model a transformer."""
 
 
 def load_space(

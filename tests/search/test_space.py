@@ -155,3 +155,25 @@ def test_a_pin_to_an_unmeasured_scheme_names_what_was_measured() -> None:
     )
     measured = SearchSpace(schemes=["w8a8"], pin={"last": "w4a16"}, min_bits={"last": 8})
     assert measured.resolve(Net(), measured=MEASURED).pinned == {"fc2": "w4a16"}  # pin wins
+
+
+def test_family_counts_subclasses_of_transformer_parts() -> None:
+    class PatchNorm(nn.LayerNorm):  # as timm's LayerNorm subclasses nn.LayerNorm
+        pass
+
+    vit_like = nn.Sequential(nn.Conv2d(3, 8, 4, stride=4), nn.Flatten(2), PatchNorm(4))
+    assert model_family(vit_like) == "transformer"
+    assert model_family(nn.Sequential(nn.Linear(4, 4), nn.RMSNorm(4))) == "transformer"
+
+
+def test_layers_with_several_weight_matrices_resolve_in_the_default_space() -> None:
+    from mpsearch.cost import measure_cost
+    from mpsearch.profile import profile
+    from mpsearch.search import search
+    from mpsearch.workloads import load_workload
+
+    wl = load_workload("speaker_lstm", n_calib=16, n_test=16)
+    prof = profile(wl.model, wl.calib, schemes=["w8a8", "w4a16"], progress=False)
+    cost = measure_cost(wl.model, wl.example_input, schemes=["fp32", "w8a8"], backend="cpu")
+    res = search(wl.model, profile=prof, cost=cost, evaluate=wl.evaluate, n_trials=6)
+    assert set(res.best().resolve(wl.model)) == {"lstm", "proj"}
