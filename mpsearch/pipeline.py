@@ -448,7 +448,10 @@ class StudySteps:
         )
         prof = profile(wl.model, wl.calib, schemes=self.config.schemes, options=options)
         s = self._timed("profile_s", t0)
-        self.log(f"profile: {len(prof.table)} (layer, scheme) rows in {s:.1f} s")
+        self.log(
+            f"profile: {len(prof.table)} (layer, scheme) rows in {s:.1f} s "
+            f"({prof.info['runner']}); {prof.info['coverage_note']}"
+        )
         return prof
 
     @cached_property
@@ -617,6 +620,7 @@ class StudySteps:
         rec = StudyRecord(name=str(self.config.study_name), info=info)
         if "profile" in done:
             rec.profile = self.profile.table
+            rec.info["coverage"] = self.profile.info["coverage_note"]
         if "cost" in done:
             info["fp32_memory_mb"] = self.cost.fp32_memory_bytes / 1e6
             info["fp32_latency_ms"] = self.cost.fp32_latency_ms

@@ -25,7 +25,7 @@ from mpsearch._data import as_batches, batch_size, output_tensor
 from mpsearch._validation import check_module, invalid, unknown
 from mpsearch.backends import Backend, get_backend
 from mpsearch.backends._quantize import applicability_error
-from mpsearch.layers import layer_weights, quantizable_layers, swapped, weight_shapes
+from mpsearch.layers import coverage, layer_weights, quantizable_layers, swapped, weight_shapes
 from mpsearch.profile._cache import CODE_VERSION, RowCache, hash_batches, hash_model, hash_text
 from mpsearch.profile._e2e import choose_e2e_samples, first_samples, total_samples
 from mpsearch.profile._emulate import profile_layer
@@ -49,6 +49,11 @@ DEFAULT_SCHEMES: tuple[str, ...] = ("bf16", "w8a8", "w4a16")
 PROFILE_KEYWORDS = ("schemes", "evaluate", "loss_fn", "options")
 """``profile``'s own keywords (every other keyword is a :class:`ProfileOptions` field)."""
 _ERRORS = ("mse", "sqnr_db", "e2e", "task_drop", "hessian")
+
+
+COVERAGE_WARNING = 0.9
+"""A profile warns (with what is left out) when the quantizable layers hold less than this
+share of the model's parameters."""
 
 
 def _check_schemes(schemes: Any) -> list[Scheme]:
@@ -470,6 +475,9 @@ def _build_result(
             f"(status='skipped'):\n{listed}",
             stacklevel=4,
         )
+    covered = coverage(req.model)
+    if covered.share < COVERAGE_WARNING:
+        warnings.warn(f"profile: {covered.summary()}.", stacklevel=4)
     return SensitivityProfile(
         table=table,
         schemes=[s.name for s in req.schemes],
@@ -486,5 +494,7 @@ def _build_result(
             "calib_samples": plan.n_samples,
             "e2e_samples": plan.n_e2e,
             "downstream_passes": round(plan.downstream, 4),
+            "coverage": covered.share,
+            "coverage_note": covered.summary(),
         },
     )

@@ -236,6 +236,8 @@ def _headline_lines(report: Report) -> list[str]:
         )
     if report.record.best is not None:
         lines.append(f"chosen plan: `{_plan_text(report)}`")
+    if report.record.info.get("coverage"):
+        lines.append(report.record.info["coverage"])
     return lines
 
 

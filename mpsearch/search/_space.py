@@ -198,6 +198,7 @@ class SearchSpace:
         supported: Callable[[str, str], bool] | None = None,
         measured: Collection[str] | None = None,
         profiled: Collection[str] | None = None,
+        skipped: Mapping[tuple[str, str], str] | None = None,
     ) -> ResolvedSpace:
         """Apply the space to ``model``.
 
@@ -205,7 +206,8 @@ class SearchSpace:
         the profile have figures for: other choices are removed, and a layer pinned to one of
         them is refused, naming what was measured. ``supported(layer, scheme) -> bool`` (e.g.
         ``CostModel.supported``) removes measured choices the backend cannot run. Schemes the
-        layer's shape cannot take are removed too.
+        layer's shape cannot take are removed too, and so are the ``skipped`` (layer, scheme)
+        pairs the profile could not measure (with its reason, e.g. a layer never called).
         """
         modules = quantizable_layers(model)
         names = list(modules)
@@ -218,7 +220,9 @@ class SearchSpace:
             kept = [s for s in choices[n] if get_scheme(s).weight_bits >= bits]
             choices[n] = kept if "fp32" in kept else ["fp32", *kept]
         missing = _missing_figures(measured, profiled)
-        dropped = _drop_unusable(self.source, modules, choices, pinned, supported, missing)
+        dropped = _drop_unusable(
+            self.source, modules, choices, pinned, supported, missing, skipped or {}
+        )
         params = self._tie_groups(modules, choices, pinned)
         grouped = {m for members in params.values() for m in members}
         for n in names:
@@ -358,6 +362,7 @@ def _drop_unusable(
     pinned: dict[str, str],
     supported: Callable[[str, str], bool] | None,
     missing: Callable[[str], str | None],
+    skipped: Mapping[tuple[str, str], str],
 ) -> dict[str, dict[str, str]]:
     """Remove (in place) the schemes the search has no figures for, or that the layer's shape
     or the backend cannot take; return why.
@@ -369,6 +374,8 @@ def _drop_unusable(
         keep = []
         for s in [pinned[n]] if n in pinned else choices[n]:
             why = missing(s) or applicability_error(module, get_scheme(s))
+            if why is None and (n, s) in skipped:
+                why = f"the profile skipped it ({skipped[(n, s)]})"
             if why is None and supported is not None and not supported(n, s):
                 why = "the backend has no kernel for it"
             if why:

@@ -51,7 +51,18 @@ def resolve_space(
         supported=getattr(cost, "supported", None),
         measured=getattr(cost, "schemes", None),
         profiled=None if profiled is None else list(dict.fromkeys(["fp32", *profiled])),
+        skipped=_skipped_rows(profile),
     )
+
+
+def _skipped_rows(profile: ProfileLike) -> dict[tuple[str, str], str]:
+    """(layer, scheme) -> reason for the rows the profile skipped (none for a profile without
+    a table)."""
+    table = getattr(profile, "table", None)
+    if table is None or "status" not in getattr(table, "columns", ()):
+        return {}
+    rows = table[table["status"] == "skipped"]
+    return {(r.layer, r.scheme): r.reason for r in rows.itertuples()}
 
 
 @dataclass

@@ -341,3 +341,21 @@ def test_a_schemes_rows_do_not_depend_on_the_other_schemes_profiled() -> None:
         np.testing.assert_allclose(
             both.pivot(metric)["w8a8"], alone.pivot(metric)["w8a8"], rtol=1e-6
         )
+
+
+def test_profile_states_its_coverage_and_warns_when_most_is_left_out() -> None:
+    class Mostly(nn.Module):  # a large module no scheme can take (nn.Bilinear), then a Linear
+        def __init__(self) -> None:
+            super().__init__()
+            self.mix = nn.Bilinear(16, 16, 16)
+            self.fc = nn.Linear(16, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(self.mix(x, x))
+
+    torch.manual_seed(0)
+    model = Mostly().eval()
+    with pytest.warns(UserWarning, match=r"cover 1\.6% .*left out: mix \(Bilinear"):
+        prof = profile(model, [torch.randn(8, 16)], schemes=["w8a8"], progress=False)
+    assert prof.info["coverage"] == pytest.approx(68 / (68 + 16 * 16 * 16 + 16))
+    assert "mix (Bilinear" in prof.info["coverage_note"]

@@ -4,7 +4,7 @@ PyPI's torchvision does not load beside the pinned torch of the main environment
 ``transformers`` there), so these models run in a subprocess of the venv
 ``scripts/models_venv.sh`` makes (``.venv-vision``, or the interpreter
 ``MPSEARCH_VISION_PYTHON`` names). Without it they are skipped, saying how to make it. One
-model by hand: ``.venv-vision/bin/python tests/workloads/test_zoo_vision.py tv_resnet18``.
+model by hand: ``.venv-vision/bin/python tests/zoo_pipeline.py tv_resnet18``.
 """
 
 from __future__ import annotations
@@ -14,11 +14,7 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
-import time
-import warnings
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -29,65 +25,6 @@ ROOT = Path(__file__).resolve().parents[2]
 VISION = [name for name, entry in ZOO.items() if entry.needs in ("torchvision", "timm")]
 SCHEMES = ["bf16", "w8a8", "w4a16"]
 MAKE = "bash scripts/models_venv.sh"
-
-
-def check(name: str) -> dict[str, Any]:
-    """Profile, measure, search, quantize and export zoo model ``name``; return what was seen.
-
-    Runs inside the vision venv; raises on the first step that fails.
-    """
-    import torch
-
-    import mpsearch as mps
-    from mpsearch.cost import held_bytes
-
-    imported = [m for m in ("torchvision", "timm") if m in sys.modules]
-    torch.set_num_threads(1)
-    seconds: dict[str, float] = {}
-    start = time.perf_counter()
-
-    def lap(step: str) -> None:
-        nonlocal start
-        now = time.perf_counter()
-        seconds[step] = round(now - start, 2)
-        start = now
-
-    wl = load_workload(name, n_calib=16, n_test=16, batch_size=8)
-    with torch.inference_mode():
-        logits_std = float(wl.model(wl.example_input).std())
-    lap("load")
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        prof = mps.profile(wl.model, wl.calib, schemes=SCHEMES, progress=False)
-    lap("profile")
-    cost = mps.measure_cost(
-        wl.model, wl.example_input, schemes=["fp32", *prof.schemes], backend="cpu", repeats=1,
-        warmup=0,
-    )  # fmt: skip
-    lap("measure_cost")
-    res = mps.search(wl.model, profile=prof, cost=cost, evaluate=wl.evaluate, n_trials=20, seed=0)
-    lap("search")
-    memory = {}
-    for label, plan in {"best": res.best(), "w8a8": "w8a8", "bf16": "bf16"}.items():
-        quantized = mps.quantize(wl.model, plan, backend="cpu")
-        memory[label] = (cost.memory_bytes(plan), held_bytes(quantized))
-    lap("quantize")
-    with tempfile.TemporaryDirectory() as out:
-        exported = mps.export_plan(
-            wl.model, res.best(), out, example_input=wl.example_input,
-            formats=("plan", "state_dict"),
-        )  # fmt: skip
-    lap("export")
-    return {
-        "imported_with_mpsearch": imported,
-        "logits_std": logits_std,
-        "runner": prof.info.get("runner"),
-        "fallbacks": prof.info.get("runner_fallbacks"),
-        "warnings": sorted({str(w.message)[:200] for w in caught}),
-        "memory": memory,
-        "export": {r.format: [r.check, r.top1_agreement] for r in exported.records},
-        "seconds": seconds,
-    }
 
 
 def _vision_python() -> Path | None:
@@ -120,7 +57,11 @@ def test_vision_zoo_model_runs_the_whole_pipeline(name: str) -> None:
             f"no torchvision/timm venv: make it with `{MAKE}` (or set MPSEARCH_VISION_PYTHON)"
         )
     done = subprocess.run(
-        [str(python), __file__, name], cwd=ROOT, capture_output=True, text=True, timeout=600
+        [str(python), str(ROOT / "tests" / "zoo_pipeline.py"), name],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert done.returncode == 0, f"{name} failed in {python}:\n{done.stderr[-4000:]}"
     seen = json.loads(done.stdout.splitlines()[-1])
@@ -131,7 +72,3 @@ def test_vision_zoo_model_runs_the_whole_pipeline(name: str) -> None:
         assert predicted == held, seen["memory"]
     assert seen["export"]["plan"][0] == 0.0, seen["export"]
     assert seen["export"]["state_dict"] == [0.0, 1.0], seen["export"]
-
-
-if __name__ == "__main__":
-    print(json.dumps(check(sys.argv[1])), flush=True)
