@@ -147,7 +147,10 @@ class StudyRecord:
         def frame(part: str) -> pd.DataFrame | None:
             p = out / FILES[part]
             # names stay text: layer "0" of an nn.Sequential must not become the integer 0
-            return pd.read_csv(p, dtype=_TEXT_COLUMNS) if p.exists() else None
+            if not p.exists():
+                return None
+            df = pd.read_csv(p, dtype=_TEXT_COLUMNS)
+            return df.fillna({c: "" for c in _TEXT_COLUMNS if c in df.columns})
 
         trials = frame("trials")
         if trials is not None and "assignment" in trials.columns:
@@ -198,7 +201,10 @@ class StudyRecord:
         return list(self.best.rules) if self.best is not None else []
 
 
-_TEXT_COLUMNS = {c: str for c in ("layer", "scheme", "plan", "origin", "method", "reason")}
+_TEXT_COLUMNS = {
+    c: str
+    for c in ("layer", "scheme", "plan", "origin", "method", "reason", "note", "real_note", "runner")
+}
 
 
 def _dumps(value: Any) -> str:

@@ -155,3 +155,12 @@ def test_trials_without_a_quality_source_column_load(fake_record, tmp_path) -> N
     fake_record.save(tmp_path / "out")
     back = StudyRecord.load(tmp_path / "out")
     assert set(back.trials["quality_source"]) == {""}
+
+
+def test_empty_notes_read_back_as_empty_text(fake_record, tmp_path) -> None:
+    fake_record.pareto = fake_record.pareto.assign(real_note=[""] * len(fake_record.pareto))
+    fake_record.summary = _summary([("fp32", 0.99, 0.065, 4.0)]).assign(note=[""])
+    fake_record.save(tmp_path / "out")
+    back = StudyRecord.load(tmp_path / "out")
+    assert list(back.pareto["real_note"]) == [""] * len(fake_record.pareto)
+    assert list(back.summary["note"]) == [""]
