@@ -4,7 +4,7 @@ e.g. ``input_ids`` and ``attention_mask``), as one ``ModelCall``."""
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any, NamedTuple
 
 import torch
@@ -34,11 +34,10 @@ class ModelCall(NamedTuple):
             return {name: spec(value) for name, value in self.kwargs.items()}
         return tuple(spec(a) for a in self.args)
 
-    def tensors_only(self) -> ModelCall:
-        """This call without its constant keywords (``use_cache=False``): how an exported
-        program, which baked them in, is called."""
-        kept = {k: v for k, v in self.kwargs.items() if isinstance(v, torch.Tensor)}
-        return ModelCall(self.args, kept)
+    def keeping(self, names: Collection[str]) -> ModelCall:
+        """This call with only the keywords ``names`` (those an exported program takes: it
+        drops the ones the model swallowed in ``**kwargs``)."""
+        return ModelCall(self.args, {k: v for k, v in self.kwargs.items() if k in names})
 
     def tensors(self) -> list[torch.Tensor]:
         """The input tensors in call order (ONNX feeds them in this order)."""

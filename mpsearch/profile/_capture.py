@@ -160,12 +160,24 @@ def _opaque_layers(model: nn.Module, layers: Sequence[str]) -> Iterator[None]:
             _OPAQUE.pop(name, None)
 
 
-def _dynamic(value: Any) -> Any:
-    """Every dimension of every tensor in ``value`` dynamic where the model allows it."""
-    return pytree.tree_map(
-        lambda t: dict.fromkeys(range(t.dim()), Dim.AUTO) if isinstance(t, Tensor) else None,
-        value,
-    )
+def _dynamic(batches: Sequence[Batch]) -> dict[str, Any]:
+    """Dynamic shapes by forward argument: the batch dimension of every tensor, and every other
+    dimension that differs between the batches (e.g. a padded sequence length); the rest
+    static, which keeps the export fast (all dimensions dynamic costs about 2x more)."""
+    args, kwargs = call_args(batches[0])
+    flats = [pytree.tree_flatten(call_args(b))[0] for b in batches]
+
+    def varying(i: int, t: Tensor) -> dict[int, Any]:
+        shapes = {tuple(f[i].shape) for f in flats if i < len(f) and isinstance(f[i], Tensor)}
+        dims = {0} | {d for d in range(t.dim()) if len({s[d] for s in shapes if len(s) > d}) > 1}
+        return dict.fromkeys(sorted(d for d in dims if d < t.dim()), Dim.AUTO)
+
+    leaves, spec = pytree.tree_flatten((args, kwargs))
+    specs = [
+        varying(i, t) if isinstance(t, Tensor) and t.dim() else None for i, t in enumerate(leaves)
+    ]
+    dyn_args, dyn_kwargs = pytree.tree_unflatten(specs, spec)
+    return dyn_args, dyn_kwargs
 
 
 def _flat_inputs(in_spec: pytree.TreeSpec, gm: fx.GraphModule) -> Inputs:
@@ -209,8 +221,9 @@ def capture_export(model: nn.Module, batches: Sequence[Batch], layers: Sequence[
     """``torch.export.export(model, strict=False)`` on the first batch, layers kept opaque."""
     args, kwargs = call_args(batches[0])
     kwargs = dict(sorted(kwargs.items()))
-    bound = inspect.signature(model.forward).bind(*args, **kwargs)
-    dynamic = {name: _dynamic(value) for name, value in bound.arguments.items()}
+    dyn_args, dyn_kwargs = _dynamic(batches)
+    bound = inspect.signature(model.forward).bind(*dyn_args, **dyn_kwargs)
+    dynamic = dict(bound.arguments)
     with _opaque_layers(model, layers):
         program = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic, strict=False)
         if _mutates(program.graph_module):

@@ -487,6 +487,7 @@ def _build_result(
         info={
             "runner": runner.mode,
             "runner_fallbacks": dict(runner.fallbacks),
+            "capture_s": round(runner.capture_s, 3),
             "computed_rows": measurer.n_computed,
             "cached_rows": plan.n_cached,
             "batches": len(req.batches),

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import copy
 import operator
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -112,6 +113,7 @@ class GraphRunner:
         self.capture = capture
         self.mode = mode
         self.fallbacks: dict[str, str] = {}
+        self.capture_s = 0.0  # seconds spent capturing the graph (set by build_runner)
         self.batches = batches
         self.placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         self.nodes: list[fx.Node] = list(gm.graph.nodes)
@@ -507,6 +509,7 @@ class HookRunner:
     """The fallback: substitute a layer's output with a forward hook and re-run the whole model."""
 
     mode = "hooks"
+    capture_s = 0.0
 
     def __init__(self, model: nn.Module, batches: Sequence[Batch], layers: Sequence[str]) -> None:
         self.gm = model
@@ -610,11 +613,14 @@ def _graph_runner(
 ) -> GraphRunner:
     """The graph runner on ``model`` captured by ``CAPTURES[method]``, checked against the
     model's own output on the first batch (raises when it is not reproduced)."""
+    start = time.perf_counter()
     work = copy.deepcopy(model).eval()
     capture = CAPTURES[method](work, batches, layers)
+    seconds = time.perf_counter() - start
     folded = fold and fold_graph(capture.gm) > 0
     _remove_inplace(capture.gm)
     runner = GraphRunner(capture, batches, layers, mode=f"graph:{method}")
+    runner.capture_s = seconds
     with torch.inference_mode():
         direct = output_tensor(run_model(model, batches[0])).float()
     if not _close(runner.outputs[0], direct, 1e-4 if folded else 1e-6):

@@ -424,3 +424,16 @@ def test_dict_example_input_must_hold_tensors(tiny, tmp_path: Path) -> None:
     model, _ = tiny
     with pytest.raises(ValueError, match="'example_input'.*dict of tensors"):
         export_plan(model, "w8a8", tmp_path / "o", example_input={"x": [1, 2]})
+
+
+def test_program_of_a_model_taking_use_cache_is_checked_with_its_own_keywords(
+    tmp_path: Path,
+) -> None:
+    """Llama's forward names use_cache: the export turns it off and the program keeps it as a
+    keyword input, which the check must pass back (BERT swallows it in **kwargs instead)."""
+    pytest.importorskip("transformers")
+    llama = load_workload("hf_llama", n_calib=4, n_test=4, batch_size=4)
+    res = export_plan(
+        llama.model, "w8a8", tmp_path, example_input=llama.example_input, formats="program"
+    )
+    assert res.to_frame().set_index("format").loc["program", "top1_agreement"] == 1.0
