@@ -4,6 +4,7 @@ gives the rows the hook runner gives, and the table says which runner measured t
 from __future__ import annotations
 
 import importlib
+import warnings
 
 import numpy as np
 import pytest
@@ -11,7 +12,8 @@ import torch
 from profile_models import ConvBN, DictInput, batches
 
 from mpsearch.profile import profile
-from mpsearch.workloads import load_workload
+from mpsearch.workloads import ZOO, load_workload
+from mpsearch.workloads._zoo import zoo_available
 
 runner_module = importlib.import_module("mpsearch.profile._runner")
 capture_module = importlib.import_module("mpsearch.profile._capture")
@@ -158,3 +160,26 @@ def test_hook_runner_warning_says_why_each_capture_failed() -> None:
         "graph:fx(concrete_args)",
         "graph:export",
     }
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "name", [n for n, e in ZOO.items() if e.needs in (None, "transformers") and n != "flag_net"]
+)
+def test_every_zoo_model_gives_the_hook_runners_rows_on_the_graph(name, monkeypatch) -> None:
+    if not zoo_available(name):
+        pytest.skip(f"needs {ZOO[name].needs}")
+    wl = load_workload(name, n_calib=8, batch_size=4)
+    kwargs = {"schemes": ["bf16", "w8a8"], "progress": False, "e2e_samples": None}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # e.g. a never-called layer's skipped rows
+        graph = profile(wl.model, wl.calib, **kwargs)
+    assert graph.info["runner"].startswith("graph:")
+    with monkeypatch.context() as patch, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        patch.setattr(runner_module, "CAPTURES", {})
+        hooks = profile(wl.model, wl.calib, **kwargs)
+    assert hooks.info["runner"] == "hooks"
+    ok = (graph.table["status"] == "ok").to_numpy()
+    assert list(ok) == list(hooks.table["status"] == "ok")
+    _assert_same_rows(graph, hooks)
