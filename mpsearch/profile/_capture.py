@@ -7,9 +7,9 @@ reproduces the model's output on the first batch):
 - ``fx(concrete_args)``: the same, with every ``forward`` parameter the batches leave out and
   whose default is a constant (``forward(x, embed=False)`` with ``if embed:``) fixed to that
   default.
-- ``export``: ``torch.export.export(..., strict=False)`` on the first batch, each input
-  dimension dynamic where the model allows it: models fx cannot trace (Hugging Face
-  transformers). While exporting, each quantizable layer's forward is the opaque custom op
+- ``export``: ``torch.export.export(..., strict=False)`` on the first batch, the batch
+  dimension and every dimension that differs between the batches dynamic: models fx cannot
+  trace (Hugging Face transformers). While exporting, each quantizable layer's forward is the opaque custom op
   ``mpsearch::layer`` (so the layer stays one node with one input); those nodes are then made
   ``call_module`` nodes of the layer itself, the rest of the graph being ATen operations.
 
