@@ -16,6 +16,13 @@ Two runners share one interface:
 - ``HookRunner`` (the fallback when no capture works or a layer is called more than once): a
   forward hook substitutes the layer's output and the whole model is re-run per scheme.
 
+An ``nn.MultiheadAttention``'s ``out_proj`` is never called (its weight and bias are passed to
+``F.multi_head_attention_forward``), but the attention module's first output is exactly
+``out_proj`` of its attention output: the attention module stands for it (its *host*, see
+:func:`host_of`). Its local error is measured on that first output, and a quantized variant's
+output is the attention module re-run on its own inputs with ``out_proj`` swapped for the
+variant (:func:`mpsearch.layers.swapped`).
+
 A runner's ``mode`` names it and how the graph was captured (``graph:fx``,
 ``graph:fx(concrete_args)``, ``graph:export``, ``hooks``); ``fallbacks`` gives why each capture
 tried before it failed.
@@ -37,9 +44,10 @@ import torch
 from torch import Tensor, fx, nn
 from torch.utils import _pytree as pytree
 from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.hooks import RemovableHandle
 
 from mpsearch._data import Batch, batch_size, output_tensor, run_model
-from mpsearch.layers import is_quantizable
+from mpsearch.layers import is_quantizable, swapped
 from mpsearch.layers._batchnorm import fold_graph
 from mpsearch.profile._capture import CAPTURES, Capture, Unsupported
 from mpsearch.profile._fastops import fast_call, has_node
@@ -118,15 +126,18 @@ class GraphRunner:
         self.placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         self.nodes: list[fx.Node] = list(gm.graph.nodes)
         self.output_node = next(n for n in self.nodes if n.op == "output")
+        hosted = {host_of(gm, name): name for name in layers}
         calls: dict[str, list[fx.Node]] = {}
         for node in self.nodes:
-            if node.op == "call_module" and node.target in layers:
-                calls.setdefault(node.target, []).append(node)
+            if node.op == "call_module" and node.target in hosted:
+                calls.setdefault(hosted[node.target], []).append(node)
         for name, found in calls.items():
             node = found[0]
             if len(found) > 1:
                 raise Unsupported(f"layer {name!r} is called {len(found)} times")
-            if len(node.args) != 1 or node.kwargs or not isinstance(node.args[0], fx.Node):
+            if node.target == name and (
+                len(node.args) != 1 or node.kwargs or not isinstance(node.args[0], fx.Node)
+            ):
                 raise Unsupported(f"layer {name!r} is called with extra arguments")
         self.layer_node = {name: found[0] for name, found in calls.items()}
         self.called = set(self.layer_node)
@@ -143,7 +154,7 @@ class GraphRunner:
             border = {a for n in suffix for a in n.all_input_nodes if a not in down}
             self.suffix[name] = suffix
             self.boundary[name] = border
-            keep |= border | {start, start.args[0]}
+            keep |= border | {start, *start.all_input_nodes}
         keep |= set(self.output_node.all_input_nodes)
         self.keep = keep
         self.layers = list(layers)
@@ -183,7 +194,7 @@ class GraphRunner:
     def prepare_e2e(self, e2e_batches: Sequence[Batch]) -> None:
         """Measure end-to-end errors on ``e2e_batches`` (``self.batches`` itself: shared runs)."""
         if e2e_batches is not self.batches:
-            local_nodes = {n for s in self.layer_node.values() for n in (s, s.args[0])}
+            local_nodes = {n for s in self.layer_node.values() for n in (s, *s.all_input_nodes)}
             self.store = [{n: s[n] for n in local_nodes} for s in self.store]
             self.e2e_store, self.reference = [], []
             with torch.inference_mode():
@@ -261,10 +272,13 @@ class GraphRunner:
 
     def _quantized(
         self, layer: str, qlayers: Sequence[nn.Module], store: dict[fx.Node, Any]
-    ) -> tuple[Tensor, list[Tensor]]:
+    ) -> tuple[Any, list[Any]]:
+        """The fp32 output of ``layer``'s node and each variant's (a tuple for an attention
+        module hosting its ``out_proj``)."""
         start = self.layer_node[layer]
-        x = store[start.args[0]]
-        return store[start], [q(x) for q in qlayers]
+        args, kwargs = fx.node.map_arg((start.args, start.kwargs), store.__getitem__)
+        host = self.executor.modules[start.target]
+        return store[start], [_variant(self.gm, layer, q, host, args, kwargs) for q in qlayers]
 
     def _downstream(
         self, layer: str, outs_q: Sequence[Tensor], store: dict[fx.Node, Any]
@@ -272,7 +286,9 @@ class GraphRunner:
         """Final outputs ``[len(outs_q), ...]``: the suffix of ``layer`` re-run on each output.
 
         Batchable layers run up to ``self.group[layer]`` variants at once, concatenated along
-        the batch dimension (fewer, larger operations); the others one variant at a time.
+        the batch dimension (fewer, larger operations); the others one variant at a time (a
+        layer whose node gives a tuple, e.g. an attention module hosting its ``out_proj``, is
+        never batchable: :func:`_kind` finds it ``unsafe``).
         """
         start = self.layer_node[layer]
         border = self.boundary[layer]
@@ -522,7 +538,8 @@ class HookRunner:
             def count(_m: nn.Module, _args: Any, _name: str = name) -> None:
                 counts[_name] += 1
 
-            handles.append(model.get_submodule(name).register_forward_pre_hook(count))
+            host = model.get_submodule(host_of(model, name))
+            handles.append(host.register_forward_pre_hook(count))
         self.outputs: list[Tensor] = []
         try:
             with torch.inference_mode():
@@ -549,22 +566,34 @@ class HookRunner:
         self.e2e_batches = e2e_batches
         self.shared = False
 
+    def _hook(
+        self, layer: str, qlayers: Sequence[nn.Module], record: Callable[[Any, list[Any]], Any]
+    ) -> RemovableHandle:
+        """A forward hook on ``layer``'s host (:func:`host_of`): at each call, ``record(fp32
+        output, outputs of qlayers in its place)``, whose return value (if not ``None``)
+        replaces the output."""
+        host = self.gm.get_submodule(host_of(self.gm, layer))
+        original = self.gm.get_submodule(layer)
+
+        def hook(_m: nn.Module, args: Any, kwargs: dict[str, Any], out: Any) -> Any:
+            if self.gm.get_submodule(layer) is not original:
+                return None  # the host re-run by _variant, the variant swapped in
+            return record(out, [_variant(self.gm, layer, q, host, args, kwargs) for q in qlayers])
+
+        return host.register_forward_hook(hook, with_kwargs=True)
+
     def _substituted(
         self, layer: str, qlayers: Sequence[nn.Module], batch: Batch
     ) -> tuple[list[list[Pair]], Tensor]:
-        module = self.gm.get_submodule(layer)
         all_pairs, finals = [], []
         for q in qlayers:
             pairs: list[Pair] = []
 
-            def substitute(
-                _m: nn.Module, args: Any, out: Tensor, _q: nn.Module = q, _p: list = pairs
-            ) -> Tensor:
-                y = _q(args[0])
-                _p.append((out, y))
-                return y
+            def substitute(out: Any, ys: list[Any], _p: list = pairs) -> Any:
+                _p.append((out, ys[0]))
+                return ys[0]
 
-            handle = module.register_forward_hook(substitute)
+            handle = self._hook(layer, [q], substitute)
             try:
                 finals.append(output_tensor(run_model(self.gm, batch)).float())
             finally:
@@ -581,14 +610,13 @@ class HookRunner:
 
     def local(self, layer: str, qlayers: Sequence[nn.Module], b: int) -> list[list[Pair]]:
         """Local pairs on batch b from one fp32 pass (every call of the layer, fp32 inputs)."""
-        module = self.gm.get_submodule(layer)
         all_pairs: list[list[Pair]] = [[] for _ in qlayers]
 
-        def record(_m: nn.Module, args: Any, out: Tensor) -> None:
-            for q, pairs in zip(qlayers, all_pairs, strict=True):
-                pairs.append((out, q(args[0])))
+        def record(out: Any, ys: list[Any]) -> None:
+            for y, pairs in zip(ys, all_pairs, strict=True):
+                pairs.append((out, y))
 
-        handle = module.register_forward_hook(record)
+        handle = self._hook(layer, qlayers, record)
         try:
             run_model(self.gm, self.batches[b])
         finally:
@@ -601,6 +629,33 @@ class HookRunner:
 
 
 Runner = GraphRunner | HookRunner
+
+
+def host_of(model: nn.Module, layer: str) -> str:
+    """The module whose call stands for ``layer``: the ``nn.MultiheadAttention`` around an
+    ``out_proj`` (never called itself), else ``layer``."""
+    parent, _, attr = layer.rpartition(".")
+    try:  # an exported graph module may lack the parent (an attention module decomposed)
+        attention = isinstance(model.get_submodule(parent), nn.MultiheadAttention)
+    except AttributeError:
+        return layer
+    return parent if attr == "out_proj" and attention else layer
+
+
+def _variant(
+    model: nn.Module,
+    layer: str,
+    q: nn.Module,
+    host: nn.Module,
+    args: Sequence[Any],
+    kwargs: dict[str, Any],
+) -> Any:
+    """What ``host(*args, **kwargs)`` gives with ``layer`` quantized as ``q``: ``q`` on the first
+    input when ``host`` is the layer itself, else ``host`` re-run with ``q`` swapped in."""
+    if host is model.get_submodule(layer):
+        return q(args[0])
+    with swapped(model, {layer: q}):
+        return host(*args, **kwargs)
 
 
 def _graph_runner(

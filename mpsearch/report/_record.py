@@ -203,7 +203,17 @@ class StudyRecord:
 
 _TEXT_COLUMNS = {
     c: str
-    for c in ("layer", "scheme", "plan", "origin", "method", "reason", "note", "real_note", "runner")
+    for c in (
+        "layer",
+        "scheme",
+        "plan",
+        "origin",
+        "method",
+        "reason",
+        "note",
+        "real_note",
+        "runner",
+    )
 }
 
 

@@ -11,7 +11,11 @@ import pytest
 import torch
 from profile_models import ConvBN, DictInput, batches
 
+from mpsearch.backends import get_backend
+from mpsearch.layers import swapped
 from mpsearch.profile import profile
+from mpsearch.profile._emulate import profile_layer
+from mpsearch.schemes import get_scheme
 from mpsearch.workloads import ZOO, load_workload
 from mpsearch.workloads._zoo import zoo_available
 
@@ -138,6 +142,34 @@ def test_export_of_in_place_operations_keeps_cached_values(monkeypatch) -> None:
     with pytest.warns(UserWarning, match="BatchNorm is left unfolded"):
         profile(model, calib, **(kwargs | {"fold_bn": True}))
     _assert_same_rows(exported, _hooks(monkeypatch, model, calib, **kwargs))
+
+
+def test_attention_out_proj_is_measured_on_the_attention_output(monkeypatch) -> None:
+    wl = load_workload("attention_net")
+    model, calib = wl.model, wl.calib[:2]
+    kwargs = {"schemes": ["bf16", "w8a8"], "progress": False, "e2e_samples": None}
+    graph = profile(model, calib, **kwargs)
+    assert graph.info["runner"] == "graph:fx"
+    rows = graph.table.set_index(["layer", "scheme"]).loc["attn.out_proj"]
+    assert list(rows["status"]) == ["ok", "ok"]
+    assert (rows["e2e"] > 0).all()
+    hooks = _hooks(monkeypatch, model, calib, **kwargs)
+    assert list(hooks.table["status"]) == list(graph.table["status"])
+    _assert_same_rows(graph, hooks)
+    # by hand: the attention module's first output, out_proj quantized vs fp32
+    with torch.inference_mode():
+        tokens = [model.patch(x).flatten(2).transpose(1, 2) for x in calib]
+        ref = torch.cat([model.attn(t, t, t, need_weights=False)[0] for t in tokens])
+        for scheme in kwargs["schemes"]:
+            q = profile_layer(get_backend("simulate"), model.attn.out_proj, get_scheme(scheme))
+            with swapped(model, {"attn.out_proj": q}):
+                out = torch.cat([model.attn(t, t, t, need_weights=False)[0] for t in tokens])
+            expected = float((out - ref).square().sum()) / ref.numel()
+            assert rows.loc[scheme, "mse"] == pytest.approx(expected, rel=1e-6)
+    # its node gives a tuple: its variants are re-run downstream one at a time
+    runner = runner_module.build_runner(model, calib, ["attn.out_proj"], fold_bn=True, warn=print)
+    runner.prepare_e2e(runner.batches)
+    assert runner.batchable == {"attn.out_proj": False}
 
 
 def test_hook_runner_warning_says_why_each_capture_failed() -> None:
