@@ -10,6 +10,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
+from mpsearch._data import call_args
 from mpsearch._validation import invalid
 
 ACCEPTED = "a tensor, a tuple of tensors or a dict of tensors (keyword inputs)"
@@ -49,16 +50,13 @@ def as_call(example: Any, argument: str, *, model: nn.Module | None = None) -> M
     """``example`` as a :class:`ModelCall`; a dict batch becomes keyword inputs, with the
     model's ``use_cache`` turned off where its ``forward`` takes one and the batch does not
     say (exported programs and ONNX graphs hold no cache objects)."""
-    if isinstance(example, Mapping):
-        kwargs = dict(example)
-        if not kwargs or not all(isinstance(k, str) for k in kwargs):
-            raise invalid(argument, example, ACCEPTED)
-        if not all(isinstance(v, torch.Tensor) for v in kwargs.values()):
-            raise invalid(argument, example, ACCEPTED)
-        if model is not None and "use_cache" in inspect.signature(model.forward).parameters:
-            kwargs.setdefault("use_cache", False)
-        return ModelCall((), kwargs)
-    args = tuple(example) if isinstance(example, (tuple, list)) else (example,)
-    if not args or not all(isinstance(a, torch.Tensor) for a in args):
+    if not isinstance(example, (torch.Tensor, Mapping, tuple, list)):
         raise invalid(argument, example, ACCEPTED)
-    return ModelCall(args, {})
+    args, kwargs = call_args(example)
+    values = [*args, *kwargs.values()]
+    named = all(isinstance(k, str) for k in kwargs)
+    if not values or not named or not all(isinstance(v, torch.Tensor) for v in values):
+        raise invalid(argument, example, ACCEPTED)
+    if kwargs and model is not None and "use_cache" in inspect.signature(model.forward).parameters:
+        kwargs.setdefault("use_cache", False)
+    return ModelCall(args, kwargs)
