@@ -23,8 +23,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from mpsearch._data import Batch, output_tensor, run_model
-from mpsearch.workloads._base import Task, Workload, register_workload, take
+from mpsearch._data import Batch
+from mpsearch.workloads._base import Task, Workload, _logits, register_workload, take
 
 VOCAB = 512
 SEQ_LEN = 32
@@ -327,14 +327,6 @@ def zoo_available(name: str) -> bool:
     return needs is None or importlib.util.find_spec(needs) is not None
 
 
-def _predictions(model: nn.Module, batches: list[Batch], task: Task) -> list[torch.Tensor]:
-    with torch.inference_mode():
-        outs = [output_tensor(run_model(model, b)) for b in batches]
-    if task == "language_model":
-        return [o.argmax(-1) for o in outs]
-    return [o.reshape(o.shape[0], -1).argmax(-1) for o in outs]
-
-
 def zoo_workload(
     name: str, *, seed: int = 0, n_calib: int = 64, n_test: int | None = None, batch_size: int = 16
 ) -> Workload:
@@ -355,7 +347,8 @@ def zoo_workload(
         return [entry.inputs(size, generator) for size in sizes]
 
     calib, test = batches(n_calib), batches(n_test)
-    reference = _predictions(model, test, entry.task)
+    with torch.inference_mode():  # what evaluate compares against: top-1 of the same logits
+        reference = [_logits(model, b).argmax(dim=-1) for b in test]
     workload = Workload(
         name=name,
         model=model,
