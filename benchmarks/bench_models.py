@@ -28,11 +28,13 @@ from typing import Any
 import optuna
 import torch
 from _tables import md_table  # benchmarks/ is the script's folder
+from bench_profile import forward_time
 
 import mpsearch as mps
 from mpsearch._data import run_model
-from mpsearch.cost import cpu_model
+from mpsearch.cost import cpu_model, median_ms
 from mpsearch.layers import coverage, quantizable_layers
+from mpsearch.search._realcheck import measure_plans
 from mpsearch.workloads import ZOO, load_workload
 from mpsearch.workloads._zoo import zoo_available
 
@@ -43,11 +45,7 @@ RESULTS = Path(__file__).parent / "results" / "models.md"
 
 def pass_time(model: torch.nn.Module, batches: list[Any]) -> float:
     """Wall seconds of one fp32 pass over ``batches``."""
-    with torch.inference_mode():
-        start = time.perf_counter()
-        for batch in batches:
-            run_model(model, batch)
-        return time.perf_counter() - start
+    return forward_time(model, batches)[0]
 
 
 def profile_ratio(wl: Any) -> tuple[float, Any, float, float]:
@@ -62,20 +60,6 @@ def profile_ratio(wl: Any) -> tuple[float, Any, float, float]:
     passes += [pass_time(wl.model, wl.calib) for _ in range(3)]
     budget = len(SCHEMES) * statistics.median(passes)
     return seconds / budget, prof, seconds, budget
-
-
-def interleaved_ms(modules: dict[str, torch.nn.Module], batch: Any, rounds: int) -> dict:
-    """Median ms per call of each module on ``batch``, all timed round by round."""
-    times: dict[str, list[float]] = {name: [] for name in modules}
-    with torch.inference_mode():
-        for module in modules.values():
-            run_model(module, batch)
-        for _ in range(rounds):
-            for name, module in modules.items():
-                start = time.perf_counter()
-                run_model(module, batch)
-                times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) * 1e3 for name, t in times.items()}
 
 
 def candidates(model: torch.nn.Module, res: Any, schemes: list[str]) -> dict[str, Any]:
@@ -114,20 +98,23 @@ def run_model_row(name: str, *, trials: int, rounds: int) -> dict[str, Any]:
             options=mps.SearchOptions(objectives=["quality", "latency"], seed=0),
         )
     plans = candidates(wl.model, res, schemes)
-    modules = {"fp32 (user's model)": wl.model}
-    quality = {"fp32 (user's model)": wl.evaluate(wl.model)}
-    for label, plan in plans.items():
-        try:
-            qm = mps.quantize(wl.model, plan, backend="cpu")
-        except (ValueError, NotImplementedError) as exc:
-            print(f"  {name}: {label} does not run on cpu: {exc}", flush=True)
-            continue
-        modules[label] = qm
-        quality[label] = wl.evaluate(qm)
-    ms = interleaved_ms(modules, wl.example_input, rounds)
-    fp32_ms, fp32_q = ms["fp32 (user's model)"], quality["fp32 (user's model)"]
-    meets = [k for k in modules if k.startswith(("front", "uniform"))]
-    meets = [k for k in meets if quality[k] >= fp32_q - TARGET_DROP]
+    table = measure_plans(  # the search's own real check: quality, then interleaved timing
+        wl.model,
+        plans,
+        backend="cpu",
+        evaluate=wl.evaluate,
+        time_module=lambda m: median_ms(
+            lambda: run_model(m, wl.example_input), repeats=1, warmup=1
+        ),
+        rounds=rounds,
+    ).set_index("plan")
+    for label, note in table["note"].items():
+        if note:
+            print(f"  {name}: {label} {note}", flush=True)
+    ran = table[table["note"] == ""]
+    ms, quality = ran["latency_ms"], ran["quality"]
+    fp32_ms, fp32_q = ms["fp32"], quality["fp32"]
+    meets = [k for k in ran.index if k != "fp32" and quality[k] >= fp32_q - TARGET_DROP]
     best = min(meets, key=ms.__getitem__, default=None)
     uniform = [k for k in meets if k.startswith("uniform")]
     best_uniform = min(uniform, key=ms.__getitem__, default=None)

@@ -248,7 +248,11 @@ def _answers(out: Any) -> Any:
 
 
 def _serve_test_split(
-    wl: Workload, serve: Callable[[Any], Any], reference: list[Any], repeats: int, clock: Any
+    wl: Workload,
+    serve: Callable[[Any], Any],
+    reference: list[Any],
+    repeats: int,
+    read: Callable[[], float],
 ) -> dict[str, float]:
     """Latency per input (the best of ``repeats`` runs of each test batch), disagreement with
     ``reference`` and accuracy (NaN without labels) of ``serve`` on the test split."""
@@ -260,9 +264,9 @@ def _serve_test_split(
         for batch, ref, target in zip(wl.test, reference, labels or reference, strict=True):
             times = []
             for _ in range(repeats):
-                t0 = clock()
+                t0 = read()
                 out = serve(batch)
-                times.append(clock() - t0)
+                times.append(read() - t0)
             per_input.append(min(times) * 1e3 / len(ref))
             answer = _answers(out)
             agree += int((answer == ref).sum())
