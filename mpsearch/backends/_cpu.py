@@ -47,7 +47,6 @@ from mpsearch.backends._kernels import (
     fbgemm_int8_linear_preferred,
 )
 from mpsearch.backends._recurrent import RNN_TYPES, CastRNN, Int8DynamicRNN
-from mpsearch.layers._layers import standard_form
 from mpsearch.schemes import Scheme
 
 
@@ -174,15 +173,6 @@ class CpuBackend(KernelBackend):
             if issubclass(layer_type, kind):
                 return why
         return _MISSING.get(scheme.name)
-
-    # Layers quantizable by behaviour (HF Conv1D) run as their standard layer (a Linear).
-    def unsupported_reason(self, layer: nn.Module, scheme: Scheme) -> str | None:
-        return super().unsupported_reason(standard_form(layer), scheme)
-
-    def quantize_layer(
-        self, layer: nn.Module, scheme: Scheme, *, act_range: tuple[float, float] | None = None
-    ) -> nn.Module:
-        return super().quantize_layer(standard_form(layer), scheme, act_range=act_range)
 
 
 __all__ = ["CPU_KERNELS", "EMBEDDING_INT_SCHEMES", "CpuBackend", "register_cpu_kernel"]

@@ -14,13 +14,14 @@ import functools
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mpsearch.backends._registry import Backend
+from mpsearch.layers._layers import standard_form
 from mpsearch.schemes import QuantSpec, Scheme
 from mpsearch.schemes._fakequant import qparams, quantize_codes
 
@@ -525,14 +526,29 @@ class Int4WeightOnlyLinear(RealLayer):
 @dataclass(frozen=True)
 class Kernel:
     """How a real backend runs one (layer type, scheme): a module factory, a description of
-    the kernel (for tables and messages) and an optional check of the layer's own limits."""
+    the kernel (for tables and messages), an optional check of the layer's own limits and a
+    short ``name`` that tells implementations of the same (layer type, scheme) apart."""
 
     build: Callable[..., nn.Module]
     description: str
     check: Callable[[nn.Module, Scheme], str | None] | None = None
+    name: str = "default"
 
 
 KernelTable = dict[tuple[type[nn.Module], str], Kernel]
+Implementations = dict[tuple[type[nn.Module], str], tuple[Kernel, ...]]
+
+
+def layer_signature(layer: nn.Module) -> str:
+    """What an implementation choice depends on besides the scheme: the layer's type, weight
+    shape and, for a convolution, its geometry (two layers with one signature get one choice).
+
+    >>> layer_signature(nn.Conv1d(1, 8, 5, stride=2))
+    'Conv1d(1, 8, kernel_size=(5,), stride=(2,)) weight=(8, 1, 5)'
+    """
+    weight = getattr(layer, "weight", None)
+    shape = tuple(weight.shape) if isinstance(weight, Tensor) else None
+    return f"{layer!r} weight={shape}"
 
 
 def conv_int8_check(layer: nn.Module, scheme: Scheme) -> str | None:
@@ -546,10 +562,22 @@ def conv_int8_check(layer: nn.Module, scheme: Scheme) -> str | None:
 
 
 class KernelBackend(Backend):
-    """A real backend driven by a table ``{(layer type, scheme name): Kernel}``."""
+    """A real backend driven by a table ``{(layer type, scheme name): Kernel}`` (the default
+    implementation of each pair) and ``implementations`` (further implementations of a pair,
+    each with its own ``name``). ``choices`` maps ``"<scheme> <layer_signature>"`` to the
+    implementation to build (the autotuner's pick, :func:`choice_key`); a layer without a
+    choice gets the default."""
 
     real = True
     kernels: KernelTable
+    implementations: ClassVar[Implementations] = {}
+
+    def __init__(self, *, choices: Mapping[str, str] | None = None) -> None:
+        self.choices: dict[str, str] = dict(choices or {})
+
+    def tuned(self, choices: Mapping[str, str]) -> KernelBackend:
+        """A backend of this kind that builds ``choices`` (on top of this one's)."""
+        return type(self)(choices={**self.choices, **choices})
 
     def kernel_for(self, layer: nn.Module, scheme: Scheme) -> Kernel | None:
         for kind in type(layer).__mro__:
@@ -557,6 +585,21 @@ class KernelBackend(Backend):
             if kernel is not None:
                 return kernel
         return None
+
+    def candidates(self, layer: nn.Module, scheme: Scheme) -> list[Kernel]:
+        """Every implementation that runs ``layer`` in ``scheme`` here: the default first, then
+        the registered alternatives whose check passes (an empty list when none does). A layer
+        quantizable by behaviour (HF ``Conv1D``) runs as its standard layer (a Linear)."""
+        layer = standard_form(layer)
+        default = self.kernel_for(layer, scheme)
+        if default is None:
+            return []
+        found = [default] if default.check is None or default.check(layer, scheme) is None else []
+        for kind in type(layer).__mro__:
+            for kernel in self.implementations.get((kind, scheme.name), ()):
+                if kernel.check is None or kernel.check(layer, scheme) is None:
+                    found.append(kernel)
+        return found
 
     def schemes_for(self, layer_type: type[nn.Module]) -> list[str]:
         """Scheme names this backend runs for ``layer_type``."""
@@ -566,6 +609,7 @@ class KernelBackend(Backend):
         )
 
     def unsupported_reason(self, layer: nn.Module, scheme: Scheme) -> str | None:
+        layer = standard_form(layer)
         kernel = self.kernel_for(layer, scheme)
         kind = type(layer).__name__
         if kernel is None:
@@ -577,35 +621,73 @@ class KernelBackend(Backend):
                 + f"; it runs {', '.join(map(repr, known)) or 'no scheme'} for {kind}; "
                 f"{scheme.name!r} stays available to backend='simulate'"
             )
+        if self.candidates(layer, scheme):
+            return None
         return kernel.check(layer, scheme) if kernel.check is not None else None
 
     def missing_reason(self, layer_type: type[nn.Module], scheme: Scheme) -> str | None:
         """Extra words on why a (layer type, scheme) has no kernel here."""
         return None
 
-    def quantize_layer(
-        self, layer: nn.Module, scheme: Scheme, *, act_range: tuple[float, float] | None = None
-    ) -> nn.Module:
-        kernel = self.kernel_for(layer, scheme)
-        if kernel is None:
+    def chosen(self, layer: nn.Module, scheme: Scheme) -> Kernel:
+        """The implementation :meth:`quantize_layer` builds: the choice for the layer's
+        signature when one applies, else the first candidate."""
+        found = self.candidates(layer, scheme)
+        if not found:
             raise ValueError(
                 f"{type(layer).__name__} in {scheme.name!r}: {self.unsupported_reason(layer, scheme)}"
             )
+        wanted = self.choices.get(choice_key(layer, scheme))
+        return next((k for k in found if k.name == wanted), found[0])
+
+    def quantize_layer(
+        self, layer: nn.Module, scheme: Scheme, *, act_range: tuple[float, float] | None = None
+    ) -> nn.Module:
+        kernel = self.chosen(layer, scheme)
+        return self.build(kernel, standard_form(layer), scheme, act_range=act_range)
+
+    @staticmethod
+    def build(
+        kernel: Kernel, layer: nn.Module, scheme: Scheme, *, act_range: ActRange = None
+    ) -> nn.Module:
+        """``kernel``'s module for ``layer`` in ``scheme`` (no gradients recorded)."""
         with torch.no_grad():
             return kernel.build(layer, scheme, act_range=act_range)
 
     def kernel_table(self) -> list[dict[str, str]]:
-        """One row per registered (layer type, scheme): the kernel that runs it."""
-        return [
-            {"layer_type": kind.__name__, "scheme": s, "kernel": k.description}
+        """One row per registered (layer type, scheme, implementation): the kernel that runs it."""
+        rows = [
+            {
+                "layer_type": kind.__name__,
+                "scheme": s,
+                "implementation": k.name,
+                "kernel": k.description,
+            }
             for (kind, s), k in self.kernels.items()
         ]
+        for (kind, s), kernels in self.implementations.items():
+            rows += [
+                {
+                    "layer_type": kind.__name__,
+                    "scheme": s,
+                    "implementation": k.name,
+                    "kernel": k.description,
+                }
+                for k in kernels
+            ]
+        return rows
+
+
+def choice_key(layer: nn.Module, scheme: Scheme) -> str:
+    """The key of ``layer``'s implementation choice in ``scheme`` (:attr:`KernelBackend.choices`)."""
+    return f"{scheme.name} {layer_signature(standard_form(layer))}"
 
 
 __all__ = [
     "TORCH_DTYPES",
     "CastLayer",
     "FbgemmInt8Linear",
+    "Implementations",
     "Int4WeightOnlyLinear",
     "Int8Conv",
     "Int8Linear",
@@ -613,10 +695,12 @@ __all__ = [
     "Kernel",
     "KernelBackend",
     "RealLayer",
+    "choice_key",
     "conv_int8_check",
     "fbgemm_int8_linear_preferred",
     "int8_activation_spec",
     "int8_kernel_scheme",
+    "layer_signature",
     "onednn_u8s8_saturates",
     "storage_bytes",
 ]
