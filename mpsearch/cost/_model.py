@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +17,10 @@ from torch import nn
 from mpsearch._data import Batch, run_model
 from mpsearch._validation import check_module, invalid
 from mpsearch.backends import Backend, get_backend, quantize, storage_bytes
-from mpsearch.backends._kernels import KernelBackend, RealLayer
+from mpsearch.backends._kernels import KernelBackend, RealLayer, choice_key
 from mpsearch.backends._quantize import PlanLike, applicability_error, as_plan
 from mpsearch.backends._simulate import SIMULATED_TYPES
+from mpsearch.cost._autotune import TuneCache, Tuned, fastest
 from mpsearch.cost._cache import cache_key, read_cache, write_cache
 from mpsearch.cost._options import CostOptions
 from mpsearch.cost._timing import device_name, median_ms, threads
@@ -29,7 +30,8 @@ from mpsearch.plan import PrecisionPlan
 from mpsearch.schemes import Scheme, get_scheme
 
 _BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
-COLUMNS = ["layer", "scheme", "memory_bytes", "latency_ms", "supported", "reason"]
+COLUMNS = ["layer", "scheme", "memory_bytes", "latency_ms", "supported", "reason", "kernel"]
+TUNING_COLUMNS = ["layer", "scheme", "kernel", "latency_ms", "chosen", "error"]
 
 
 def ideal_layer_bytes(layer: nn.Module, scheme: Scheme) -> int:
@@ -153,6 +155,11 @@ class CostModel:
     rest of the model: norms, activations, Python dispatch) and slope are fitted by least
     squares on end-to-end runs of the uniform plans (``fit_table``).
 
+    Where the backend has several implementations of a (layer, scheme) (:meth:`KernelBackend.
+    candidates`), each is timed on the layer's real input and the fastest kept: the ``kernel``
+    column names it, ``tuning`` holds every implementation's time, and :attr:`backend` builds
+    the picks (``quantize(model, plan, backend=cost.backend)``).
+
     >>> net = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 8)).eval()
     >>> cost = measure_cost(net, torch.randn(4, 32), schemes=["bf16"], repeats=3, warmup=1)
     >>> cost.memory_bytes({"0": "bf16", "2": "fp32"}) < cost.fp32_memory_bytes
@@ -173,8 +180,10 @@ class CostModel:
         fit: dict[str, Any],
         meta: dict[str, Any],
         settings: dict[str, Any],
+        tuning: pd.DataFrame | None = None,
     ) -> None:
         self.table = table
+        self.tuning = tuning if tuning is not None else pd.DataFrame(columns=TUNING_COLUMNS)
         self.model = model
         self.example_input = example_input
         self.backend = backend
@@ -366,13 +375,20 @@ def measure_cost(
     path = None if opts.cache_dir is None else Path(opts.cache_dir) / f"cost-{impl.name}-{key}.json"
     payload = read_cache(path, key) if path is not None else None
     if payload is None:
-        job = _Job(model, example_input, impl, scheme_objs, names, inputs, calls, opts.settings())
+        tune_cache = TuneCache(opts.cache_dir, meta)
+        settings = opts.settings()
+        tuning = tune_cache if opts.autotune else None
+        job = _Job(model, example_input, impl, scheme_objs, names, inputs, calls, settings, tuning)
         payload = job.measure()
         payload["meta"] = meta
+        tune_cache.save()
         if path is not None:
             write_cache(path, key, payload)
+    if isinstance(impl, KernelBackend) and payload["choices"]:
+        impl = impl.tuned(payload["choices"])
     return CostModel(
         table=pd.DataFrame(payload["rows"], columns=COLUMNS),
+        tuning=pd.DataFrame(payload["tuning"], columns=TUNING_COLUMNS),
         model=model,
         example_input=example_input,
         backend=impl,
@@ -433,6 +449,7 @@ def _cache_key(
             "memory_layout": "shared storages",  # caches before tied weights were split are stale
             "repeats": opts.repeats,
             "warmup": opts.warmup,
+            "autotune": opts.autotune,
             # a new kernel is a new measurement
             "kernels": impl.kernel_table() if isinstance(impl, KernelBackend) else None,
         }
@@ -451,6 +468,9 @@ class _Job:
     inputs: Mapping[str, torch.Tensor]
     calls: Mapping[str, int]
     settings: dict[str, Any]
+    tune_cache: TuneCache | None  # None: the default implementation only
+    tuning: list[list[Any]] = field(default_factory=list)
+    choices: dict[str, str] = field(default_factory=dict)
 
     def measure(self) -> dict[str, Any]:
         """The cache payload: rows, memory of the rest of the model, fp32 latency, the fit."""
@@ -468,31 +488,76 @@ class _Job:
             "layer_storages": layer_storages,
             "fp32_memory_bytes": int(fp32_memory),
             "fp32_latency_ms": float(_time_model(self.model, self.example_input, self.settings)),
+            "tuning": self.tuning,
+            "choices": self.choices,
             "fit": _fit(self.uniform_points(table)),
         }
 
     def row(self, layer: nn.Module, name: str, scheme: Scheme) -> list[Any]:
-        """``[layer, scheme, memory_bytes, latency_ms, supported, reason]`` of one pair."""
+        """``[layer, scheme, memory_bytes, latency_ms, supported, reason, kernel]`` of one pair."""
         impl = self.impl
         why = applicability_error(layer, scheme) or impl.unsupported_reason(layer, scheme)
         if why:
-            return [name, scheme.name, None, None, False, why]
-        if impl.real:
+            return [name, scheme.name, None, None, False, why, ""]
+        x = self.inputs[name]
+        kernel, ms = "", None
+        if isinstance(impl, KernelBackend):
+            kernel, ms = self.tune(layer, name, scheme)
+            module = impl.build(
+                next(k for k in impl.candidates(layer, scheme) if k.name == kernel),
+                standard_form(layer),
+                scheme,
+            )
+            memory = storage_bytes(module)
+        elif impl.real:
             module = impl.quantize_layer(layer, scheme)
             memory = storage_bytes(module)
         elif scheme.name == "fp32":
             module, memory = layer, _own_bytes(layer)
         else:
             module, memory = impl.quantize_layer(layer, scheme), ideal_layer_bytes(layer, scheme)
-        x = self.inputs[name]
+        if ms is None:
+            ms = self.time_layer(module, x)
+        return [name, scheme.name, int(memory), ms * self.calls[name], True, "", kernel]
+
+    def time_layer(self, module: nn.Module, x: torch.Tensor) -> float:
+        """Median ms of one call of ``module`` on ``x``, timed with the cost model's settings."""
         with threads(self.settings["num_threads"]):
-            ms = median_ms(
+            return median_ms(
                 lambda: module(x),
                 repeats=self.settings["repeats"],
                 warmup=self.settings["warmup"],
                 timer=self.settings["timer"],
             )
-        return [name, scheme.name, int(memory), ms * self.calls[name], True, ""]
+
+    def tune(self, layer: nn.Module, name: str, scheme: Scheme) -> tuple[str, float | None]:
+        """The fastest implementation of ``layer`` in ``scheme`` on its real input, and its
+        time (``None``: one implementation only, timed by the caller). Picks already made on
+        this machine for the same layer signature and input are reused."""
+        impl = self.impl
+        assert isinstance(impl, KernelBackend)
+        kernels = {k.name: k for k in impl.candidates(layer, scheme)}
+        if len(kernels) == 1 or self.tune_cache is None:
+            return next(iter(kernels)), None
+        x, key = self.inputs[name], choice_key(layer, scheme)
+        entry = TuneCache.entry(key, x)
+        tuned = self.tune_cache.get(entry)
+        if tuned is None or set(tuned.times_ms) != set(kernels):
+            form = standard_form(layer)
+            tuned = fastest(
+                list(kernels), lambda k: self.time_layer(impl.build(kernels[k], form, scheme), x)
+            )
+            self.tune_cache.put(entry, tuned)
+        self.record(name, scheme.name, key, tuned)
+        return tuned.choice, tuned.times_ms[tuned.choice]
+
+    def record(self, name: str, scheme: str, key: str, tuned: Tuned) -> None:
+        self.choices[key] = tuned.choice
+        for kernel, ms in tuned.times_ms.items():
+            self.tuning.append(
+                [name, scheme, kernel, ms * self.calls[name], kernel == tuned.choice,
+                 tuned.errors.get(kernel, "")]
+            )  # fmt: skip
 
     def uniform_points(self, table: pd.DataFrame) -> list[dict[str, Any]]:
         """End-to-end time of each uniform plan (unsupported layers stay fp32) next to the sum
@@ -501,13 +566,12 @@ class _Job:
         supported = indexed["supported"].to_dict()
         latency = indexed["latency_ms"].to_dict()
         points = []
+        impl = self.impl.tuned(self.choices) if isinstance(self.impl, KernelBackend) else self.impl
         for scheme in self.schemes:
             assignment = {
                 n: (scheme.name if supported[(n, scheme.name)] else "fp32") for n in self.names
             }
-            qmodel = quantize(
-                self.model, PrecisionPlan(assignment, default="fp32"), backend=self.impl
-            )
+            qmodel = quantize(self.model, PrecisionPlan(assignment, default="fp32"), backend=impl)
             points.append(
                 {
                     "plan": f"uniform {scheme.name}",
@@ -518,4 +582,11 @@ class _Job:
         return points
 
 
-__all__ = ["COLUMNS", "CostModel", "held_bytes", "ideal_layer_bytes", "measure_cost"]
+__all__ = [
+    "COLUMNS",
+    "TUNING_COLUMNS",
+    "CostModel",
+    "held_bytes",
+    "ideal_layer_bytes",
+    "measure_cost",
+]

@@ -10,6 +10,7 @@ from typing import Any, ClassVar
 from mpsearch._options import (
     Check,
     Options,
+    flag,
     non_negative_int,
     optional_names,
     optional_path,
@@ -36,7 +37,9 @@ class CostOptions(Options):
       backend, and reused (``None``: no cache);
     - ``num_threads``: intra-op threads while timing (``None``: as set);
     - ``timer``: ``"wall"`` clock or this ``"process"``'s CPU time (steadier on a shared
-      machine; use it with ``num_threads=1``).
+      machine; use it with ``num_threads=1``);
+    - ``autotune``: time every implementation the backend has for a (layer, scheme) and keep
+      the fastest (``False``: the backend's default implementation only).
 
     Every field is checked when the object is made; it round-trips through a plain dict
     (:meth:`to_dict` / :meth:`from_dict`, e.g. from YAML).
@@ -56,6 +59,7 @@ class CostOptions(Options):
     cache_dir: str | Path | None = None
     num_threads: int | None = None
     timer: str = "wall"
+    autotune: bool = True
 
     CHECKS: ClassVar[dict[str, Check]] = {
         "layers": optional_names,
@@ -64,6 +68,7 @@ class CostOptions(Options):
         "cache_dir": optional_path,
         "num_threads": optional_positive_int,
         "timer": _timer,
+        "autotune": flag,
     }
     VERB: ClassVar[str] = "measure_cost"
 

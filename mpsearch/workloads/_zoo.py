@@ -29,6 +29,7 @@ from mpsearch.workloads._base import Task, Workload, _logits, register_workload,
 VOCAB = 512
 SEQ_LEN = 32
 N_TEST = 64
+AUDIO_SAMPLES = 8000  # 0.5 s at 16 kHz
 
 
 @dataclass(frozen=True)
@@ -202,6 +203,26 @@ class AttentionNet(nn.Module):
         return self.head((tokens + mixed).mean(1))
 
 
+class AudioCNN(nn.Module):
+    """A raw-waveform audio classifier: 1-D convolutions with long kernels (512 taps on one
+    input channel first), strides 8-2, then a mean over time and one Linear (about 0.12 GFLOP
+    per 0.5 s clip at 16 kHz)."""
+
+    def __init__(self, classes: int = 10) -> None:
+        super().__init__()
+        shapes = [(1, 32, 512, 8), (32, 64, 32, 4), (64, 128, 16, 2), (128, 128, 8, 2)]
+        self.convs = nn.ModuleList(
+            nn.Conv1d(cin, cout, k, stride=s, padding=k // 2) for cin, cout, k, s in shapes
+        )
+        self.head = nn.Linear(128, classes)
+
+    def forward(self, wave: torch.Tensor) -> torch.Tensor:
+        x = wave
+        for conv in self.convs:
+            x = torch.relu(conv(x))
+        return self.head(x.mean(-1))
+
+
 def _plain(cls: type[nn.Module]) -> Callable[[int], nn.Module]:
     def build(seed: int) -> nn.Module:
         _seeded(seed)
@@ -229,6 +250,12 @@ ZOO.update(
             _images(32),
             "classification",
             note="nn.MultiheadAttention",
+        ),
+        "audio_cnn": ZooEntry(
+            _plain(AudioCNN),
+            lambda n, g: torch.randn(n, 1, AUDIO_SAMPLES, generator=g),
+            "classification",
+            note="raw-waveform CNN: long 1-D kernels (512 taps, 1 input channel), strides",
         ),
     }
 )

@@ -69,6 +69,7 @@ def test_table_and_support(cost: CostModel) -> None:
         "latency_ms",
         "supported",
         "reason",
+        "kernel",
     ]
     assert cost.layers == ["0", "3", "5", "7"]
     assert cost.schemes == ["fp32", *SCHEMES]

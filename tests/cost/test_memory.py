@@ -38,7 +38,7 @@ def _plans(cost, layers: list[str], schemes: list[str]) -> list[object]:
             n,
             marks=[
                 *([] if n in FAST else [pytest.mark.slow]),
-                pytest.mark.skipif(not zoo_available(n), reason="needs transformers"),
+                pytest.mark.skipif(not zoo_available(n), reason=f"needs {ZOO[n].needs}"),
             ],
         )
         for n in ZOO

@@ -1,0 +1,135 @@
+"""The autotuner: every implementation of a (layer, scheme) timed on its real input, the
+fastest kept, the picks cached per machine and torch version."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mpsearch.backends import Kernel
+from mpsearch.backends._kernels import KernelBackend, RealLayer, choice_key
+from mpsearch.cost import measure_cost
+from mpsearch.cost._autotune import TuneCache, Tuned, fastest, machine_key
+from mpsearch.schemes import get_scheme
+
+CALLS: dict[str, int] = {}
+
+
+class _Sleeper(RealLayer):
+    """A real-layer stand-in that costs a known time per call (and counts its calls)."""
+
+    def __init__(self, layer: nn.Module, label: str, seconds: float) -> None:
+        super().__init__()
+        self.inner, self.label, self.seconds = layer, label, seconds
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        CALLS[self.label] = CALLS.get(self.label, 0) + 1
+        end = time.perf_counter() + self.seconds
+        while time.perf_counter() < end:
+            pass
+        return self.inner(x)
+
+
+def _kernel(label: str, seconds: float) -> Kernel:
+    return Kernel(
+        lambda layer, scheme, *, act_range=None: _Sleeper(layer, label, seconds), label, name=label
+    )
+
+
+_DEFAULT = {(nn.Linear, "fp32"): _kernel("slow", 0.004)}
+_OTHERS = {(nn.Linear, "fp32"): (_kernel("fast", 0.001),)}
+
+
+class _FakeBackend(KernelBackend):
+    name = "fake-tuned"
+    kernels = _DEFAULT
+    implementations = _OTHERS
+
+
+def _net() -> nn.Module:
+    return nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)).eval()
+
+
+def _cost(cache_dir: Path | None = None, **options: object):
+    return measure_cost(
+        _net(), torch.randn(2, 8), schemes=["fp32"], backend=_FakeBackend(), repeats=5,
+        warmup=1, cache_dir=cache_dir, **options,
+    )  # fmt: skip
+
+
+def test_the_faster_of_two_fake_kernels_with_known_costs_wins() -> None:
+    cost = _cost()
+    assert set(cost.table["kernel"]) == {"fast"}
+    tuning = cost.tuning.set_index(["layer", "kernel"])
+    for layer in ("0", "2"):
+        slow, fast = (
+            tuning.loc[(layer, "slow"), "latency_ms"],
+            tuning.loc[(layer, "fast"), "latency_ms"],
+        )
+        assert slow >= 4.0 and fast >= 1.0 and fast < slow  # busy-waits: never shorter
+        assert bool(tuning.loc[(layer, "fast"), "chosen"])
+    layer = nn.Linear(8, 8)
+    built = cost.backend.quantize_layer(layer, get_scheme("fp32"))
+    assert built.label == "fast"  # the cost model's backend builds what it timed
+    assert _FakeBackend().quantize_layer(layer, get_scheme("fp32")).label == "slow"
+
+
+def test_autotune_off_keeps_the_default() -> None:
+    cost = _cost(autotune=False)
+    assert set(cost.table["kernel"]) == {"slow"} and cost.tuning.empty
+
+
+def test_picks_are_reused_from_the_machine_cache(tmp_path: Path) -> None:
+    first = _cost(tmp_path)
+    files = list(tmp_path.glob("autotune-*.json"))
+    assert len(files) == 1
+    CALLS.clear()
+    # a new cost measurement (other model bytes: no cost-cache hit) on the same machine
+    wider = measure_cost(
+        nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 4)).eval(), torch.randn(2, 8),
+        schemes=["fp32"], backend=_FakeBackend(), repeats=5, warmup=1, cache_dir=tmp_path,
+    )  # fmt: skip
+    assert set(wider.table["kernel"]) == {"fast"} == set(first.table["kernel"])
+    # the slow kernel ran in the one pass that records each layer's input, and was not timed
+    # again (a timing is warmup + repeats = 6 calls per layer)
+    assert CALLS.get("slow", 0) == 2
+
+
+def test_cache_is_keyed_by_machine_and_torch_version(tmp_path: Path) -> None:
+    meta = {
+        "device": "cpu A",
+        "torch": "2.13.0",
+        "backend": "cpu",
+        "num_threads": 2,
+        "timer": "wall",
+    }
+    cache = TuneCache(tmp_path, meta)
+    cache.put("k", Tuned("fast", {"slow": 2.0, "fast": 1.0}, {}))
+    cache.save()
+    assert TuneCache(tmp_path, meta).get("k") == Tuned("fast", {"slow": 2.0, "fast": 1.0}, {})
+    for field, value in (("torch", "2.14.0"), ("device", "cpu B"), ("num_threads", 1)):
+        other = {**meta, field: value}
+        assert machine_key(other) != machine_key(meta)
+        assert TuneCache(tmp_path, other).get("k") is None
+
+
+def test_fastest_keeps_the_default_on_a_tie_and_skips_failures() -> None:
+    assert fastest(["a", "b"], {"a": 1.0, "b": 0.99}.__getitem__).choice == "a"
+
+    def broken(name: str) -> float:
+        if name == "b":
+            raise RuntimeError("no kernel for this shape")
+        return 1.0
+
+    tuned = fastest(["a", "b"], broken)
+    assert tuned.choice == "a" and "no kernel" in tuned.errors["b"]
+    assert tuned.times_ms["b"] == float("inf")
+
+
+def test_choice_key_names_scheme_and_geometry() -> None:
+    a = choice_key(nn.Conv1d(1, 8, 512, stride=4), get_scheme("w8a8"))
+    assert a.startswith("w8a8 ") and "512" in a and "stride=(4,)" in a
+    assert a != choice_key(nn.Conv1d(1, 8, 512, stride=2), get_scheme("w8a8"))
