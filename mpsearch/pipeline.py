@@ -27,6 +27,7 @@ import yaml
 
 from mpsearch._data import output_tensor, run_model
 from mpsearch._validation import invalid, unknown
+from mpsearch.backends import Backend
 from mpsearch.cost import CostModel, CostOptions, clock, measure_cost, threads
 from mpsearch.plan import PrecisionPlan
 from mpsearch.profile import ProfileOptions, SensitivityProfile, profile
@@ -283,7 +284,7 @@ def controller_curve(
     wl: Workload,
     plans: list[PrecisionPlan],
     *,
-    backend: str,
+    backend: str | Backend,
     settings: ControllerCurve,
     num_threads: int | None = 1,
     timer: str = "process",
@@ -478,7 +479,7 @@ class StudySteps:
         s = self._timed("cost_s", t0)
         self.log(
             f"cost model ({self.config.backend}): fp32 {cost.fp32_memory_bytes / 1e6:.3f} MB, "
-            f"{cost.fp32_latency_ms:.3f} ms, measured in {s:.1f} s"
+            f"{cost.fp32_latency_ms:.3f} ms, measured in {s:.1f} s; {cost.tuning_summary()}"
         )
         return cost
 
@@ -549,7 +550,7 @@ class StudySteps:
                 self.workload,
                 self.cost,
                 plans,
-                backend=self.config.backend,
+                backend=self.cost.backend,  # its kernel picks (autotuned) included
                 progress=self._show_progress,
             )
             s = self._timed("measure_s", t0)
@@ -580,7 +581,7 @@ class StudySteps:
             self._controller = controller_curve(
                 self.workload,
                 plans,
-                backend=self.config.backend,
+                backend=self.cost.backend,
                 settings=settings,
                 num_threads=self.config.num_threads,
                 timer=self.config.timer,
@@ -700,7 +701,7 @@ def summarize(
     cost: CostModel,
     plans: dict[str, PrecisionPlan],
     *,
-    backend: str,
+    backend: str | Backend,
     progress: bool = False,
     rounds: int = 3,
 ) -> pd.DataFrame:

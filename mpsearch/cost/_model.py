@@ -262,6 +262,21 @@ class CostModel:
         """Predicted end-to-end latency of ``plan`` in ms on the measured device."""
         return self.intercept_ms + self.slope * self.layer_sum_ms(plan)
 
+    def tuning_summary(self) -> str:
+        """One line on the autotuning: pairs tuned, how many left the default, best gain."""
+        if self.tuning.empty:
+            return "autotuning: one implementation per (layer, scheme) (nothing to choose)"
+        pairs = self.tuning.groupby(["layer", "scheme"], sort=False)
+        gains = pairs["latency_ms"].agg(lambda t: t.iloc[0] / t.min())
+        chosen = self.tuning[self.tuning["chosen"].astype(bool)].set_index(["layer", "scheme"])
+        switched = int((chosen["kernel"] != pairs["kernel"].first()[chosen.index]).sum())
+        kinds = chosen["kernel"].value_counts()
+        return (
+            f"autotuning on {self.meta.get('device')}: {len(gains)} (layer, scheme) pairs with "
+            f"several implementations, {switched} run a faster one than the default "
+            f"({', '.join(f'{k} x{n}' for k, n in kinds.items())}); best gain {gains.max():.2f}x"
+        )
+
     # -------------------------------------------------------------- real runs
 
     def measure(self, plan: PlanLike, *, repeats: int | None = None) -> float:

@@ -133,3 +133,9 @@ def test_choice_key_names_scheme_and_geometry() -> None:
     a = choice_key(nn.Conv1d(1, 8, 512, stride=4), get_scheme("w8a8"))
     assert a.startswith("w8a8 ") and "512" in a and "stride=(4,)" in a
     assert a != choice_key(nn.Conv1d(1, 8, 512, stride=2), get_scheme("w8a8"))
+
+
+def test_tuning_summary_counts_the_switches() -> None:
+    line = _cost().tuning_summary()
+    assert "2 (layer, scheme) pairs" in line and "2 run a faster one" in line and "fast x2" in line
+    assert "nothing to choose" in _cost(autotune=False).tuning_summary()
