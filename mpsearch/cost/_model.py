@@ -20,7 +20,7 @@ from mpsearch.backends import Backend, get_backend, quantize, storage_bytes
 from mpsearch.backends._kernels import KernelBackend, RealLayer, choice_key
 from mpsearch.backends._quantize import PlanLike, applicability_error, as_plan
 from mpsearch.backends._simulate import SIMULATED_TYPES
-from mpsearch.cost._autotune import TuneCache, Tuned, fastest
+from mpsearch.cost._autotune import TuneCache, fastest
 from mpsearch.cost._cache import cache_key, read_cache, write_cache
 from mpsearch.cost._options import CostOptions
 from mpsearch.cost._timing import device_name, median_ms, threads
@@ -58,7 +58,10 @@ def _own_bytes(layer: nn.Module) -> int:
 
 
 def _storage_key(t: torch.Tensor) -> int:
-    return t.data_ptr() if t.layout == torch.strided and t.numel() else id(t)
+    """The storage a tensor's bytes live in (a shape-only ``meta`` stand-in for an opaque
+    packed weight has none: it is its own)."""
+    real = t.layout == torch.strided and t.numel() and t.device.type != "meta"
+    return t.data_ptr() if real else id(t)
 
 
 def held_bytes(model: nn.Module) -> int:
@@ -74,6 +77,7 @@ def held_bytes(model: nn.Module) -> int:
     40
     """
     seen: set[int] = set()
+    alive: list[torch.Tensor] = []  # keeps each tensor's id unique until the end
     total = 0
     for module in _modules_outside_simulated(model):
         if isinstance(module, SIMULATED_TYPES):
@@ -82,6 +86,7 @@ def held_bytes(model: nn.Module) -> int:
         tensors = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
         if isinstance(module, RealLayer):
             tensors += module.packed_tensors().values()
+        alive += tensors
         for t in tensors:
             if _storage_key(t) not in seen:
                 seen.add(_storage_key(t))
@@ -181,6 +186,7 @@ class CostModel:
         meta: dict[str, Any],
         settings: dict[str, Any],
         tuning: pd.DataFrame | None = None,
+        as_is: Sequence[Sequence[str]] = (),
     ) -> None:
         self.table = table
         self.tuning = tuning if tuning is not None else pd.DataFrame(columns=TUNING_COLUMNS)
@@ -203,6 +209,7 @@ class CostModel:
         self._latency = indexed["latency_ms"].to_dict()
         self._supported = indexed["supported"].to_dict()
         self._reason = indexed["reason"].to_dict()
+        self._as_is = {(n, s) for n, s in as_is}  # layers the backend runs as they are
 
     # -------------------------------------------------------------- lookups
 
@@ -244,7 +251,11 @@ class CostModel:
         embedding is held twice once ``lm_head`` is quantized (its copy and the embedding's).
         """
         chosen = self.assignment(plan)
-        replaced = {n for n, s in chosen.items() if self.backend.real or s != "fp32"}
+        replaced = {
+            n
+            for n, s in chosen.items()
+            if (self.backend.real or s != "fp32") and (n, s) not in self._as_is
+        }
         kept = sum(size for size, names in self.layer_storages if not names <= replaced)
         layers = sum(self._memory[(n, chosen[n])] for n in replaced)
         return int(self.rest_bytes + kept + layers)
@@ -320,6 +331,7 @@ def _time_model(
             repeats=repeats or settings["repeats"],
             warmup=settings["warmup"],
             timer=settings["timer"],
+            stable=settings.get("stable"),
         )
 
 
@@ -404,6 +416,7 @@ def measure_cost(
     return CostModel(
         table=pd.DataFrame(payload["rows"], columns=COLUMNS),
         tuning=pd.DataFrame(payload["tuning"], columns=TUNING_COLUMNS),
+        as_is=payload["as_is"],
         model=model,
         example_input=example_input,
         backend=impl,
@@ -465,6 +478,7 @@ def _cache_key(
             "repeats": opts.repeats,
             "warmup": opts.warmup,
             "autotune": opts.autotune,
+            "stable": opts.stable,
             # a new kernel is a new measurement
             "kernels": impl.kernel_table() if isinstance(impl, KernelBackend) else None,
         }
@@ -486,6 +500,7 @@ class _Job:
     tune_cache: TuneCache | None  # None: the default implementation only
     tuning: list[list[Any]] = field(default_factory=list)
     choices: dict[str, str] = field(default_factory=dict)
+    as_is: list[tuple[str, str]] = field(default_factory=list)
 
     def measure(self) -> dict[str, Any]:
         """The cache payload: rows, memory of the rest of the model, fp32 latency, the fit."""
@@ -505,6 +520,7 @@ class _Job:
             "fp32_latency_ms": float(_time_model(self.model, self.example_input, self.settings)),
             "tuning": self.tuning,
             "choices": self.choices,
+            "as_is": self.as_is,
             "fit": _fit(self.uniform_points(table)),
         }
 
@@ -524,6 +540,9 @@ class _Job:
                 scheme,
             )
             memory = storage_bytes(module)
+            own = {_storage_key(t) for t in layer.parameters()}
+            if any(_storage_key(t) in own for t in module.parameters()):
+                self.as_is.append((name, scheme.name))  # its bytes stay the layer's own
         elif impl.real:
             module = impl.quantize_layer(layer, scheme)
             memory = storage_bytes(module)
@@ -543,6 +562,7 @@ class _Job:
                 repeats=self.settings["repeats"],
                 warmup=self.settings["warmup"],
                 timer=self.settings["timer"],
+                stable=self.settings.get("stable"),
             )
 
     def tune(self, layer: nn.Module, name: str, scheme: Scheme) -> tuple[str, float | None]:
@@ -563,16 +583,15 @@ class _Job:
                 list(kernels), lambda k: self.time_layer(impl.build(kernels[k], form, scheme), x)
             )
             self.tune_cache.put(entry, tuned)
-        self.record(name, scheme.name, key, tuned)
-        return tuned.choice, tuned.times_ms[tuned.choice]
-
-    def record(self, name: str, scheme: str, key: str, tuned: Tuned) -> None:
-        self.choices[key] = tuned.choice
+        # One choice per signature (quantize_layer sees the layer, not its input): a layer
+        # whose signature was tuned on another input shape runs the first pick.
+        choice = self.choices.setdefault(key, tuned.choice)
         for kernel, ms in tuned.times_ms.items():
             self.tuning.append(
-                [name, scheme, kernel, ms * self.calls[name], kernel == tuned.choice,
+                [name, scheme.name, kernel, ms * self.calls[name], kernel == choice,
                  tuned.errors.get(kernel, "")]
             )  # fmt: skip
+        return choice, tuned.times_ms[choice]
 
     def uniform_points(self, table: pd.DataFrame) -> list[dict[str, Any]]:
         """End-to-end time of each uniform plan (unsupported layers stay fp32) next to the sum

@@ -17,7 +17,7 @@ from mpsearch._options import (
     optional_positive_int,
     positive_int,
 )
-from mpsearch._validation import unknown
+from mpsearch._validation import invalid, unknown
 from mpsearch.cost._timing import TIMERS
 
 
@@ -25,6 +25,14 @@ def _timer(name: str, value: Any) -> str:
     if value not in TIMERS:
         raise unknown(name, value, TIMERS, kind="option")
     return value
+
+
+def _share(name: str, value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < 1:
+        raise invalid(name, value, "None or a number between 0 and 1", kind="option")
+    return float(value)
 
 
 @dataclass(frozen=True)
@@ -38,6 +46,8 @@ class CostOptions(Options):
     - ``num_threads``: intra-op threads while timing (``None``: as set);
     - ``timer``: ``"wall"`` clock or this ``"process"``'s CPU time (steadier on a shared
       machine; use it with ``num_threads=1``);
+    - ``stable``: stop timing a layer early once more samples move its median by less than
+      this share (``None``: always ``repeats`` samples);
     - ``autotune``: time every implementation the backend has for a (layer, scheme) and keep
       the fastest (``False``: the backend's default implementation only).
 
@@ -59,6 +69,7 @@ class CostOptions(Options):
     cache_dir: str | Path | None = None
     num_threads: int | None = None
     timer: str = "wall"
+    stable: float | None = 0.02
     autotune: bool = True
 
     CHECKS: ClassVar[dict[str, Check]] = {
@@ -68,6 +79,7 @@ class CostOptions(Options):
         "cache_dir": optional_path,
         "num_threads": optional_positive_int,
         "timer": _timer,
+        "stable": _share,
         "autotune": flag,
     }
     VERB: ClassVar[str] = "measure_cost"
@@ -79,4 +91,5 @@ class CostOptions(Options):
             "warmup": self.warmup,
             "num_threads": self.num_threads,
             "timer": self.timer,
+            "stable": self.stable,
         }

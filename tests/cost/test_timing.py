@@ -51,3 +51,12 @@ def test_cuda_work_is_finished_when_the_clock_reads() -> None:
     torch.cuda._sleep(50_000_000)  # a kernel that keeps the GPU busy after its launch returns
     clock("wall")()
     assert torch.cuda.current_stream().query()  # nothing left queued
+
+
+def test_stable_stops_early_once_the_median_settles() -> None:
+    calls = []
+    median_ms(lambda: calls.append(1), repeats=40, warmup=0, stable=0.5)
+    assert 10 <= len(calls) < 40  # two chunks of 5 agree within 50% on a constant call
+    calls.clear()
+    median_ms(lambda: calls.append(1), repeats=40, warmup=0)
+    assert len(calls) == 40

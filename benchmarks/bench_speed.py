@@ -1,0 +1,185 @@
+"""Speed on real models: eager vs autotuned vs compiled plans, and the cost model's end-to-end error.
+
+Run: ``python benchmarks/bench_speed.py`` (``--models resnet18,audio_cnn`` for a subset,
+``--trials N``, ``--rounds N``). Prints a table and writes ``benchmarks/results/speed.md``.
+
+For each model, side by side in one run on this machine's real kernels:
+
+1. ``measure_cost`` twice on the ``cpu`` backend: each (layer, scheme) on its default kernel
+   (``autotune=False``, "eager") and autotuned (every implementation timed, the fastest kept);
+2. a search (quality x latency) on the autotuned cost model; every front plan and every
+   uniform plan quantized on the autotuned backend, quality and latency measured for real;
+   the best uniform and the best mixed plan meeting a 1% quality drop are the fastest measured;
+3. fp32 (the user's model), the backend's fp32 plan, the best uniform and the best mixed plan,
+   timed interleaved (medians of rounds) on the default kernels, the autotuned kernels and,
+   where the ``cpu-inductor`` backend is registered, compiled whole;
+4. the cost model's predicted end-to-end latency of each measured plan vs its measured latency.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import optuna
+import torch
+from _tables import md_table  # benchmarks/ is the script's folder
+from bench_models import candidates
+from torch.utils.flop_counter import FlopCounterMode
+
+import mpsearch as mps
+from mpsearch._data import run_model
+from mpsearch.backends import BACKENDS, get_backend, quantize
+from mpsearch.cost import cpu_model, median_ms
+from mpsearch.search._realcheck import measure_plans
+from mpsearch.workloads import ZOO, load_workload
+from mpsearch.workloads._zoo import zoo_available
+
+SCHEMES = ["bf16", "w8a8", "w8a16", "w4a16_pc"]
+TARGET_DROP = 0.01
+MODELS = ["resnet18", "audio_cnn", "hf_bert", "hf_llama"]
+RESULTS = Path(__file__).parent / "results" / "speed.md"
+
+
+def gflop(model: torch.nn.Module, batch: Any) -> float:
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        run_model(model, batch)
+    return counter.get_total_flops() / 1e9
+
+
+def interleaved_ms(models: dict[str, Any], batch: Any, rounds: int) -> dict[str, float]:
+    """Median over ``rounds`` of each model's median of 3 calls, the models timed in turn."""
+    times: dict[str, list[float]] = {k: [] for k in models}
+    for _ in range(rounds):
+        for label, model in models.items():
+            times[label].append(median_ms(lambda m=model: run_model(m, batch), repeats=3, warmup=1))
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def run_model_row(name: str, *, trials: int, rounds: int) -> dict[str, Any]:
+    wl = load_workload(name, n_calib=64, n_test=128, batch_size=32)
+    x = wl.example_input
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prof = mps.profile(wl.model, wl.calib, schemes=SCHEMES, progress=False)
+    started = time.perf_counter()
+    mps.measure_cost(wl.model, x, schemes=SCHEMES, backend="cpu", autotune=False)
+    eager_s = time.perf_counter() - started
+    started = time.perf_counter()
+    tuned = mps.measure_cost(wl.model, x, schemes=SCHEMES, backend="cpu")
+    tuned_s = time.perf_counter() - started
+    print(f"  {name}: {tuned.tuning_summary()}", flush=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = mps.search(
+            wl.model, profile=prof, cost=tuned, evaluate=wl.evaluate, n_trials=trials,
+            options=mps.SearchOptions(objectives=["quality", "latency"], seed=0, verify=0),
+        )  # fmt: skip
+    plans = candidates(wl.model, res, list(prof.schemes))
+    table = measure_plans(
+        wl.model, plans, backend=tuned.backend, evaluate=wl.evaluate,
+        time_module=lambda m: median_ms(lambda: run_model(m, x), repeats=3, warmup=1),
+        rounds=max(3, rounds // 3),
+    ).set_index("plan")  # fmt: skip
+    ran = table[table["note"] == ""]
+    quality, ms = ran["quality"], ran["latency_ms"]
+    meets = [k for k in ran.index if k != "fp32" and quality[k] >= quality["fp32"] - TARGET_DROP]
+    best = min(meets, key=ms.__getitem__, default=None)
+    best_uniform = min(
+        (k for k in meets if k.startswith("uniform")), key=ms.__getitem__, default=None
+    )
+    errors = [abs(tuned.latency_ms(plans[k]) - ms[k]) / ms[k] for k in ran.index if k != "fp32"]
+    chosen = {"fp32_plan": mps.PrecisionPlan.uniform("fp32")}
+    if best_uniform is not None:
+        chosen["uniform"] = plans[best_uniform]
+    if best is not None:
+        chosen["mixed"] = plans[best]
+    modes = {"eager": get_backend("cpu"), "tuned": tuned.backend}
+    if "cpu-inductor" in BACKENDS:
+        modes["compiled"] = get_backend("cpu-inductor").tuned(tuned.backend.choices)
+    models: dict[str, Any] = {"user_fp32": wl.model}
+    for mode, backend in modes.items():
+        for label, plan in chosen.items():
+            models[f"{mode}:{label}"] = quantize(wl.model, plan, backend=backend)
+            run_model(models[f"{mode}:{label}"], x)  # compiles where the backend compiles
+    timed = interleaved_ms(models, x, rounds)
+    user = timed["user_fp32"]
+    row: dict[str, Any] = {
+        "model": name,
+        "gflop": gflop(wl.model, x),
+        "fp32_ms": user,
+        "best_uniform": best_uniform or "",
+        "best_mixed": best or "",
+        "mixed_quality": float("nan") if best is None else quality[best],
+        "cost_s_eager": eager_s,
+        "cost_s_tuned": tuned_s,
+        "cost_err_median": statistics.median(errors) if errors else float("nan"),
+        "cost_err_max": max(errors, default=float("nan")),
+    }
+    for mode in modes:
+        for label in chosen:
+            row[f"{mode}_{label}_x"] = user / timed[f"{mode}:{label}"]
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default=",".join(MODELS), help="comma-separated names")
+    parser.add_argument("--trials", type=int, default=30)
+    parser.add_argument("--rounds", type=int, default=15)
+    args = parser.parse_args()
+    names = [n for n in args.models.split(",") if n]
+    torch.manual_seed(0)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    started = time.perf_counter()
+    rows = []
+    for name in names:
+        if name in ZOO and not zoo_available(name):
+            print(f"{name}: skipped ({ZOO[name].needs} is not installed)", flush=True)
+            continue
+        row = run_model_row(name, trials=args.trials, rounds=args.rounds)
+        print(row, flush=True)
+        rows.append(row)
+    columns = list(dict.fromkeys(c for r in rows for c in r))
+    errors = [r["cost_err_median"] for r in rows]
+    summary = (
+        f"cost model end-to-end error (median over models of the per-model median): "
+        f"{statistics.median(errors):.1%} (goal <= 10%)"
+        if rows
+        else "no model ran"
+    )
+    print(summary)
+    text = "\n".join(
+        [
+            "# Speed on real models: eager vs autotuned vs compiled",
+            "",
+            f"CPU: {cpu_model()}; torch {torch.__version__}, {torch.get_num_threads()} "
+            f"thread(s); schemes {SCHEMES}; {args.trials} trials per search; wall time "
+            f"{time.perf_counter() - started:.0f} s. Generated by `benchmarks/bench_speed.py`.",
+            "",
+            "`*_x`: speed-up over the user's fp32 model (median of "
+            f"{args.rounds} interleaved rounds on the example batch of 32); `eager`: each layer "
+            "on the backend's default kernel; `tuned`: the autotuned kernels (`measure_cost`'s "
+            "picks); `compiled`: the autotuned plan compiled whole (`cpu-inductor`). "
+            "`fp32_plan`: the backend's own fp32 plan; `uniform` / `mixed`: the fastest uniform "
+            f"/ any plan whose quality drops at most {TARGET_DROP:.0%} (front and uniform plans, "
+            "measured). `cost_err_*`: |predicted - measured| / measured end-to-end latency over "
+            "the measured plans; `cost_s_*`: seconds to measure the cost table.",
+            "",
+            summary + ".",
+            "",
+            md_table(rows, columns),
+            "",
+        ]
+    )
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(text, encoding="utf-8")
+    print(f"wrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()
