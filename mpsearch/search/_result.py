@@ -22,7 +22,10 @@ _COLUMN = {"quality": "quality", "memory": "memory_mb", "latency": "latency_ms"}
 # a plan is called slower than fp32 past this latency ratio (closer is timing noise)
 SLOWER_THAN_FP32 = 1.05
 _FRONT = ["trial", "quality", "memory_mb", "latency_ms", "origin"]
-_REAL = ("quality", "latency_ms", "speedup", "note")  # of ``verified``, as ``real_*`` columns
+_REAL = ("quality", "latency_ms", "speedup", "note")
+LATENCY_ERROR_WARNING = 0.25
+"""Median relative error of the cost model on the front's real runs above which
+:attr:`SearchResult.warnings` says so."""  # of ``verified``, as ``real_*`` columns
 
 
 def _ranked(
@@ -236,12 +239,51 @@ class SearchResult:
     def warnings(self) -> list[str]:
         """What to know before using :meth:`best`, in plain words: the best plan (under the
         search's budget) predicted more than 5% slower than fp32, with how to ask for speed
-        too. Empty when there is nothing to say (or no plan meets the budget: :meth:`best`
-        says so).
+        too; the cost model's latency predictions off by more than
+        :data:`LATENCY_ERROR_WARNING` (median) on the front plans run for real. Empty when
+        there is nothing to say (or no plan meets the budget: :meth:`best` says so).
 
         >>> res.warnings  # doctest: +SKIP
         ['The best plan under the budget (trial 7) is predicted 1.60x slower than fp32 ...']
         """
+        check = self.latency_check
+        said = []
+        if check is not None and len(check):
+            error = float(check["rel_error"].median())
+            if error > LATENCY_ERROR_WARNING:
+                said.append(
+                    f"The cost model's latency predictions were off by {error:.0%} (median over "
+                    f"{len(check)} front plans run for real; res.latency_check): rank plans "
+                    "by their measured latency (res.pareto's real_latency_ms), and re-measure "
+                    "the cost model on a quiet machine."
+                )
+        return self._slower_than_fp32() + said
+
+    @property
+    def latency_check(self) -> pd.DataFrame | None:
+        """The cost model checked against whole-plan runs: for each front plan run for real
+        (:attr:`verified`), ``trial``, ``predicted_ms`` (the cost model), ``measured_ms`` (end
+        to end on the backend) and ``rel_error`` (|predicted - measured| / measured); ``None``
+        when the front was not run for real.
+
+        >>> res.latency_check["rel_error"].median()  # doctest: +SKIP
+        0.06
+        """
+        if self.verified is None:
+            return None
+        front = self.pareto
+        ran = front[front["real_note"] == ""]
+        out = pd.DataFrame(
+            {
+                "trial": ran["trial"].to_numpy(),
+                "predicted_ms": ran["latency_ms"].to_numpy(dtype=float),
+                "measured_ms": ran["real_latency_ms"].to_numpy(dtype=float),
+            }
+        )
+        out["rel_error"] = (out["predicted_ms"] - out["measured_ms"]).abs() / out["measured_ms"]
+        return out
+
+    def _slower_than_fp32(self) -> list[str]:
         try:
             plan = self.best()
         except ValueError:

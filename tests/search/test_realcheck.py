@@ -59,11 +59,11 @@ def cpu_search():
             n_trials=12,
             verify=4,
         )
-    return net, evaluate, res
+    return net, evaluate, res, cost
 
 
 def test_the_front_is_run_on_the_cost_models_backend(cpu_search) -> None:
-    net, evaluate, res = cpu_search
+    net, evaluate, res, cost = cpu_search
     verified = res.verified
     assert verified is not None and verified["plan"].iloc[0] == "fp32"
     assert len(verified) == 1 + min(4, len(res.pareto))
@@ -74,7 +74,7 @@ def test_the_front_is_run_on_the_cost_models_backend(cpu_search) -> None:
     assert set(front.loc[front["real_note"] != "", "real_note"]) <= {"not checked"}
     for row in checked.itertuples():
         # exactly the user's evaluate on the model quantized for real
-        real = evaluate(mps.quantize(net, row.plan, backend="cpu"))
+        real = evaluate(mps.quantize(net, row.plan, backend=cost.backend))
         assert row.real_quality == real
         assert row.plan.metadata["real_quality"] == real
         fp32_ms = verified["latency_ms"].iloc[0]
@@ -209,8 +209,21 @@ def test_pareto_carries_the_real_columns_and_warnings_the_measured_speed() -> No
     assert list(front["real_note"]) == ["", "not checked", "not checked", "not checked"]
     assert front.loc[0, "real_speedup"] == 20.0 / 24.0 and math.isnan(front.loc[1, "real_quality"])
     assert verified_frame(res.study)["trial"].tolist()[1:] == [3]
-    (note,) = res.warnings
+    note, cost_note = res.warnings  # 24 ms measured where 4 ms were predicted
+    assert cost_note.startswith("The cost model's latency predictions were off by 83%")
     assert note.startswith(
         "The best plan (no budget was given) (trial 3) is measured 1.20x slower than fp32 "
         "(24 ms vs 20 ms) on the 'cpu' backend"
     )
+
+
+def test_latency_check_compares_the_cost_model_with_the_real_runs() -> None:
+    res = _result(REAL)
+    check = res.latency_check.set_index("trial")
+    assert set(check.index) == {3}  # the front's plans that ran
+    assert check.loc[3, "predicted_ms"] == 4.0 and check.loc[3, "measured_ms"] == 9.0
+    assert check.loc[3, "rel_error"] == pytest.approx(5.0 / 9.0)
+    assert any(
+        w.startswith("The cost model's latency predictions were off by") for w in res.warnings
+    )
+    assert _result(None).latency_check is None
