@@ -630,6 +630,7 @@ class StudySteps:
             info["fp32_memory_mb"] = self.cost.fp32_memory_bytes / 1e6
             info["fp32_latency_ms"] = self.cost.fp32_latency_ms
             rec.cost = self.cost.table
+            rec.tuning = self.cost.tuning.assign(device=self.cost.meta.get("device"))
         if "result" in done:
             res = self.result
             info["fp32_memory_mb"] = res.fp32_memory_mb

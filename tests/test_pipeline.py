@@ -17,6 +17,7 @@ MEASURED_MS = {"fp32": 1.0, "bf16": 1.5, "w8a8": 1.02}
 
 class FakeCost:
     fp32_memory_bytes = 4000
+    backend = "simulate"  # the backend its kernels were measured on
 
     def memory_bytes(self, plan) -> int:
         return 2000

@@ -9,7 +9,10 @@ file           content
 study.json     the study: name, workload, config, fp32 quality / memory / latency, budget
                limits, timings (JSON object)
 profile.csv    the sensitivity profile's table: one row per (layer, scheme)
-cost.csv       the cost model's table: layer, scheme, memory_bytes, latency_ms, supported, reason
+cost.csv       the cost model's table: layer, scheme, memory_bytes, latency_ms, supported, reason,
+               kernel (the implementation that runs it)
+tuning.csv     every implementation timed by the autotuner: layer, scheme, kernel, latency_ms,
+               chosen, error, device (the CPU or GPU it was timed on)
 trials.csv     one row per finished trial (the search result's ``trials``; ``assignment`` as
                JSON ``{layer: scheme}``)
 pareto.csv     the Pareto front (trial, quality, memory_mb, latency_ms, origin, plan as JSON)
@@ -43,6 +46,7 @@ FILES: dict[str, str] = {
     "info": "study.json",
     "profile": "profile.csv",
     "cost": "cost.csv",
+    "tuning": "tuning.csv",
     "trials": "trials.csv",
     "pareto": "pareto.csv",
     "best": "best_plan.json",
@@ -92,6 +96,7 @@ class StudyRecord:
     info: dict[str, Any] = field(default_factory=dict)
     profile: pd.DataFrame | None = None
     cost: pd.DataFrame | None = None
+    tuning: pd.DataFrame | None = None
     trials: pd.DataFrame | None = None
     pareto: pd.DataFrame | None = None
     best: PrecisionPlan | None = None
@@ -107,7 +112,7 @@ class StudyRecord:
         if self.info or not (out / FILES["info"]).exists():
             info = {"name": self.name, **self.info}
             write_text_atomic(out / FILES["info"], json.dumps(_jsonable(info), indent=2) + "\n")
-        for part in ("profile", "cost", "summary"):
+        for part in ("profile", "cost", "tuning", "summary"):
             frame = getattr(self, part)
             if frame is not None:
                 _write_csv(frame, out / FILES[part])
@@ -182,6 +187,7 @@ class StudyRecord:
             info=info,
             profile=frame("profile"),
             cost=frame("cost"),
+            tuning=frame("tuning"),
             trials=trials,
             pareto=pareto,
             best=PrecisionPlan.load(best_path) if best_path.exists() else None,
