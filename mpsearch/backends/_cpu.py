@@ -15,6 +15,9 @@ Conv w8a8                  oneDNN ``qconv_pointwise``             (fp32 channels
 Conv bf16                  channels-last bf16 (0.15 ms)           NCHW bf16 0.37 ms
 Linear w8a16 / w4a16       ``_weight_int8pack_mm`` /              dequantize + bf16 matmul
                            ``_weight_int4pack_mm_for_cpu``        (9 ms: slower than fp32)
+Conv w8a16 / w4a16         packed codes dequantized per call +    im2col + the Linear kernels
+                           the bf16 convolution (14 ms, 64ch 3x3  above (112 ms): built for
+                           56x56 batch 8, 2 threads, Zen 4)       few rows, a conv has many
 LSTM / GRU w8a8           PyTorch's dynamic int8 RNN             (see the benchmark figures
                            (``torch.quantized_lstm`` / ``_gru``,  in the module
                            fbgemm packed weights)                 ``_recurrent``)
@@ -24,18 +27,31 @@ Embedding int8/int4/int2   codes packed in bytes + per-row (or    (a lookup: mem
 fp8                        none: ``torch._scaled_mm`` on CPU is a reference path, ~20x slower
                            than fp32, so fp8 is refused (``simulate`` runs it)
 =========================  =====================================  ===========================
+
+Further implementations (:data:`CPU_IMPLEMENTATIONS`: NCHW and im2col convolutions, the other
+int8 Linear engine, the user's own fp32 layer) are timed against these by the autotuner.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from mpsearch._validation import wrong_type
+from mpsearch.backends._conv import (
+    CONV_IMPLEMENTATIONS,
+    CONV_KERNELS,
+    CONV_TYPES,
+    INT8_SCHEMES,
+    int8_linear_type,
+)
 from mpsearch.backends._embedding import CastEmbedding, QuantizedEmbedding
 from mpsearch.backends._kernels import (
     CastLayer,
     FbgemmInt8Linear,
+    Implementations,
     Int4WeightOnlyLinear,
     Int8Conv,
     Int8Linear,
@@ -44,7 +60,6 @@ from mpsearch.backends._kernels import (
     KernelBackend,
     KernelTable,
     conv_int8_check,
-    fbgemm_int8_linear_preferred,
 )
 from mpsearch.backends._recurrent import RNN_TYPES, CastRNN, Int8DynamicRNN
 from mpsearch.schemes import Scheme
@@ -55,8 +70,11 @@ def _cast(layer: nn.Module, scheme: Scheme, *, act_range: tuple[float, float] | 
 
 
 def _int8_linear(layer: nn.Module, scheme: Scheme, *, act_range: tuple[float, float] | None = None):
-    kind = FbgemmInt8Linear if fbgemm_int8_linear_preferred() else Int8Linear
-    return kind(layer, scheme, act_range=act_range)
+    return int8_linear_type()(layer, scheme, act_range=act_range)
+
+
+def _own_layer(layer: nn.Module, scheme: Scheme, *, act_range: tuple[float, float] | None = None):
+    return layer
 
 
 _CAST = Kernel(_cast, "the layer in the scheme's dtype (2-D convolutions channels-last)")
@@ -93,6 +111,7 @@ CPU_KERNELS: KernelTable = {
     ),
     (nn.Conv1d, "w8a8"): Kernel(Int8Conv, "oneDNN qconv_pointwise (as 2-D)", conv_int8_check),
     (nn.Conv2d, "w8a8"): Kernel(Int8Conv, "oneDNN qconv_pointwise, channels-last", conv_int8_check),
+    **CONV_KERNELS,
     (nn.Linear, "w8a16"): Kernel(Int8WeightOnlyLinear, "aten._weight_int8pack_mm (bf16 x s8)"),
     (nn.Linear, "w4a16"): Kernel(Int4WeightOnlyLinear, "aten._weight_int4pack_mm_for_cpu"),
     (nn.Linear, "w4a16_pc"): Kernel(
@@ -122,14 +141,42 @@ _MISSING: dict[str, str] = {
     "fp4": "no fp4 matmul kernel on CPU",
     "w2a16": "no 2-bit kernel on CPU",
     "w4a8": "no int4 x int8 kernel on CPU",
-    "w8a16": "no weight-only convolution kernel on CPU",
-    "w4a16": "no weight-only convolution kernel on CPU",
-    "w4a16_pc": "no weight-only convolution kernel on CPU",
     "w4a4": "no int4 x int4 kernel on CPU",
     "w4a4_pc": "no int4 x int4 kernel on CPU",
     "w2a16_pc": "no 2-bit kernel on CPU",
     "fp4_pc": "no fp4 matmul kernel on CPU",
 }
+
+
+def _not_default(kind: type[nn.Module]) -> Callable[[nn.Module, Scheme], str | None]:
+    """The check of a Linear int8 kernel offered beside the default: refused where it is the
+    default (no second timing of one kernel) or where its engine is missing."""
+
+    def check(layer: nn.Module, scheme: Scheme) -> str | None:
+        if kind is FbgemmInt8Linear and "fbgemm" not in torch.backends.quantized.supported_engines:
+            return "fbgemm is absent from this PyTorch build"
+        if int8_linear_type() is kind:
+            return f"{kind.__name__} already is the default int8 Linear kernel on this CPU"
+        return None
+
+    return check
+
+
+_OWN = Kernel(_own_layer, "the user's layer as it is (fp32, no copy)", name="module")
+
+CPU_IMPLEMENTATIONS: Implementations = {
+    **CONV_IMPLEMENTATIONS,
+    **{(kind, "fp32"): (*CONV_IMPLEMENTATIONS.get((kind, "fp32"), ()), _OWN)
+       for kind in (nn.Linear, *CONV_TYPES)},
+    **{(nn.Linear, s): (
+        Kernel(Int8Linear, "oneDNN qlinear_pointwise (u8 x s8 -> fp32)", _not_default(Int8Linear),
+               name="onednn"),
+        Kernel(FbgemmInt8Linear, "fbgemm (u8 x s8 -> fp32)", _not_default(FbgemmInt8Linear),
+               name="fbgemm"),
+    ) for s in INT8_SCHEMES},
+}  # fmt: skip
+"""Alternatives to :data:`CPU_KERNELS`' defaults by (layer type, scheme), each with its own
+name, timed against the default by the autotuner."""
 
 
 _MISSING_BY_KIND: dict[type[nn.Module], str] = {
@@ -154,9 +201,11 @@ def register_cpu_kernel(layer_type: type[nn.Module], scheme: str, kernel: Kernel
 class CpuBackend(KernelBackend):
     """Real kernels on the CPU: ``fp32``, ``bf16``, ``fp16`` and ``w8a8`` for Linear, Conv1d,
     Conv2d, LSTM and GRU; ``w8a16``, ``w4a16`` and ``w4a16_pc`` weight-only for Linear (HF
-    ``Conv1D`` runs as a Linear); ``w4a8_pc`` on the int8 kernels (4-bit codes, 8-bit storage);
-    embeddings weight-only in every integer scheme of :data:`EMBEDDING_INT_SCHEMES`. Every other
-    (layer, scheme) is refused, by name.
+    ``Conv1D`` runs as a Linear), Conv1d and Conv2d; ``w4a8_pc`` on the int8 kernels (4-bit
+    codes, 8-bit storage); embeddings weight-only in every integer scheme of
+    :data:`EMBEDDING_INT_SCHEMES`. Every other (layer, scheme) is refused, by name. Further
+    implementations of a (layer, scheme) (:data:`CPU_IMPLEMENTATIONS`) are built where
+    ``choices`` names them.
 
     >>> import torch
     >>> from mpsearch.schemes import get_scheme
@@ -167,6 +216,7 @@ class CpuBackend(KernelBackend):
 
     name = "cpu"
     kernels = CPU_KERNELS
+    implementations = CPU_IMPLEMENTATIONS
 
     def missing_reason(self, layer_type: type[nn.Module], scheme: Scheme) -> str | None:
         for kind, why in _MISSING_BY_KIND.items():
@@ -175,4 +225,10 @@ class CpuBackend(KernelBackend):
         return _MISSING.get(scheme.name)
 
 
-__all__ = ["CPU_KERNELS", "EMBEDDING_INT_SCHEMES", "CpuBackend", "register_cpu_kernel"]
+__all__ = [
+    "CPU_IMPLEMENTATIONS",
+    "CPU_KERNELS",
+    "EMBEDDING_INT_SCHEMES",
+    "CpuBackend",
+    "register_cpu_kernel",
+]

@@ -112,12 +112,12 @@ def test_scheme_without_kernel_is_refused_before_any_work(scheme: str) -> None:
     assert calls == []  # refused before calibration ran
 
 
-def test_weight_only_conv_is_refused_with_alternatives() -> None:
-    reason = CpuBackend().unsupported_reason(nn.Conv2d(4, 4, 3), mps.get_scheme("w8a16"))
-    assert reason is not None and "Conv2d" in reason and "'w8a8'" in reason
-    reason = CpuBackend().unsupported_reason(nn.Conv2d(1, 4, 3), mps.get_scheme("w4a16_pc"))
-    assert "no real kernel for 'w4a16_pc' on Conv2d (no weight-only convolution kernel" in reason
-    assert "'w4a8_pc'" in reason  # the 4-bit scheme it does run for convolutions
+def test_weight_only_conv_runs_where_the_scheme_does() -> None:
+    """Weight-only convolutions run (grouped ones included); w4a16 needs its groups of 32."""
+    for layer in (nn.Conv2d(4, 4, 3), nn.Conv2d(4, 4, 3, groups=2)):
+        assert CpuBackend().unsupported_reason(layer, mps.get_scheme("w4a16_pc")) is None
+    reason = CpuBackend().unsupported_reason(nn.Conv2d(1, 4, 3), mps.get_scheme("w4a16"))
+    assert reason is not None and "group_size=32 does not divide" in reason
 
 
 @pytest.mark.parametrize(("k", "group"), [(9, 32), (40, 64), (64, 64), (96, 32), (512, 256)])
@@ -145,8 +145,11 @@ def test_w4a8_pc_stores_int8_and_says_so() -> None:
     real = CpuBackend().quantize_layer(layer, mps.get_scheme("w4a8_pc"))
     assert real.state_dict()["weight_int8"].dtype == torch.int8
     assert int(real.state_dict()["weight_int8"].abs().max()) <= 7
-    rows = {(r["layer_type"], r["scheme"]): r["kernel"] for r in CpuBackend().kernel_table()}
-    assert "4-bit codes held in int8" in rows[("Conv2d", "w4a8_pc")]
+    rows = {
+        (r["layer_type"], r["scheme"], r["implementation"]): r["kernel"]
+        for r in CpuBackend().kernel_table()
+    }
+    assert "4-bit codes held in int8" in rows[("Conv2d", "w4a8_pc", "default")]
 
 
 def test_flag_net_uniform_w4a8_runs_per_channel_on_cpu() -> None:
