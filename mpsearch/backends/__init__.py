@@ -7,6 +7,7 @@ A user quantizes with :func:`quantize`, picks or adds a backend by name (:func:`
 (:func:`storage_bytes`). The kernels themselves live in the private modules.
 """
 
+from mpsearch.backends._compiled import CpuInductorBackend
 from mpsearch.backends._cpu import CpuBackend, register_cpu_kernel
 from mpsearch.backends._cuda import CudaBackend
 from mpsearch.backends._kernels import Kernel, onednn_u8s8_saturates, storage_bytes
@@ -16,6 +17,7 @@ from mpsearch.backends._simulate import SimulateBackend
 
 register_backend("simulate", SimulateBackend)
 register_backend("cpu", CpuBackend)
+register_backend("cpu-inductor", CpuInductorBackend)
 register_backend("cuda", CudaBackend)
 
 __all__ = [

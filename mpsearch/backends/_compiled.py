@@ -1,0 +1,248 @@
+"""The ``cpu-inductor`` backend: the ``cpu`` backend's kernels, the whole quantized model then
+compiled by Inductor (``torch.compile``, static shapes, frozen weights).
+
+Inductor fuses what lies between the real low-precision layers (casts, activation quantization,
+activations, pooling, residual adds) into C++ kernels and calls the same oneDNN / aten int8 and
+bf16 kernels as the eager model, on the same packed weights. The graph it compiles is traced
+from a twin of the quantized model sharing all its tensors (:func:`traceable`), in which the
+oneDNN int8 layers with dynamic activation ranges keep their scale and zero point as tensors.
+
+Inductor needs example shapes, so a model compiles on its first call for each input signature
+(shapes, dtypes, strides; ``warmup`` compiles ahead of time), and checks that first compiled
+output against the eager model's. Where compiling or that check fails (no C++ compiler, a
+module Dynamo cannot trace, outputs that differ) the model falls back to the eager quantized
+model, with a warning, and says why in ``mpsearch_compile``.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch._inductor.config as inductor_config
+from torch import Tensor, nn
+from torch.utils._pytree import tree_leaves
+
+from mpsearch._data import output_tensor
+from mpsearch.backends._cpu import CpuBackend
+from mpsearch.backends._kernels import Int8Conv, Int8Linear
+from mpsearch.schemes._fakequant import qparams
+
+CHECK_RTOL = 1e-2
+"""Largest relative L2 difference between the compiled and the eager output of the check run
+(``||compiled - eager|| / ||eager||``): fused bf16 casts and int8 codes rounded after a fused
+op move outputs by far less; a wrong kernel by far more."""
+
+
+class _TensorScaledInt8(nn.Module):
+    """A oneDNN ``w8a8`` layer with dynamic activation ranges as Dynamo traces it: its packed
+    weight and buffers, its scheme's ``qparams``, the kernels' ``.tensor`` overloads. The eager
+    layer turns its scale and zero point into Python numbers (``float(scale)``), which Dynamo
+    cannot pass to the oneDNN ops: each such layer would break the graph in two."""
+
+    def __init__(self, layer: Int8Linear | Int8Conv) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def _codes(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        act = self.layer.act
+        lo, hi = torch.aminmax(x)
+        scale, zero = qparams(lo.reshape(1, 1), hi.reshape(1, 1), act.spec)
+        assert zero is not None  # uint8 activations are asymmetric
+        q = torch.round(x / scale).add_(zero).clamp_(0, act.qmax).to(torch.uint8)
+        return q, scale.reshape(()), zero.reshape(()).long()
+
+    def forward(self, x: Tensor) -> Tensor:
+        layer = self.layer
+        if isinstance(layer, Int8Linear):
+            q, scale, zero = self._codes(x.reshape(-1, layer.in_features).float())
+            y = torch.ops.onednn.qlinear_pointwise.tensor(
+                q, scale, zero, layer._packed, layer.w_scale, layer.w_zero, layer.bias,
+                1.0, 0, torch.float32, "none", [], "",
+            )  # fmt: skip
+            return y.reshape(*x.shape[:-1], layer.out_features).to(x.dtype)
+        q, scale, zero = self._codes((x.unsqueeze(2) if layer.is_1d else x).float())
+        y = torch.ops.onednn.qconv_pointwise.tensor(
+            q.contiguous(memory_format=torch.channels_last), scale, zero, layer._packed,
+            layer.w_scale, layer.w_zero, layer.bias, layer.stride, layer.padding,
+            layer.dilation, layer.groups, 1.0, 0, torch.float32, "none", [], "",
+        )  # fmt: skip
+        return (y.squeeze(2) if layer.is_1d else y).to(x.dtype)
+
+
+def traceable(model: nn.Module) -> nn.Module:
+    """A twin of ``model`` sharing every tensor, whose oneDNN ``w8a8`` layers with dynamic
+    activation ranges trace into one graph (``model`` itself where it has none).
+
+    >>> net = nn.Sequential(nn.Linear(4, 2))
+    >>> traceable(net) is net
+    True
+    """
+    if isinstance(model, (Int8Linear, Int8Conv)) and model.act.static is None:
+        return _TensorScaledInt8(model)
+    children = {name: traceable(child) for name, child in model._modules.items()}
+    if all(children[name] is child for name, child in model._modules.items()):
+        return model
+    twin = copy.copy(model)  # shares the parameter and buffer dicts
+    twin._modules = children
+    return twin
+
+
+@contextmanager
+def _compile_settings() -> Iterator[None]:
+    """Settings while Dynamo traces and Inductor compiles: frozen weights (Inductor's oneDNN
+    int8 lowerings take their packed weights as constants only). Torch's own advice on copying
+    tensors, from those lowerings, is silenced."""
+    with inductor_config.patch(freezing=True), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "To copy construct from a tensor", UserWarning)
+        yield
+
+
+def _signature(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> tuple[Any, ...]:
+    """What makes Dynamo compile again under static shapes: each tensor's shape, dtype and
+    strides, other values themselves, and whether inference mode is on."""
+    leaves = tree_leaves((args, dict(kwargs)))
+    return (
+        torch.is_inference_mode_enabled(),
+        *(
+            (tuple(v.shape), v.dtype, v.stride()) if isinstance(v, torch.Tensor) else repr(v)
+            for v in leaves
+        ),
+    )
+
+
+def _check_close(compiled: Any, eager: Any) -> str | None:
+    """Why the compiled output does not match the eager one (``None`` when it does)."""
+    got, want = output_tensor(compiled).float(), output_tensor(eager).float()
+    if got.shape != want.shape:
+        return f"compiled output shape {tuple(got.shape)} != eager {tuple(want.shape)}"
+    diff = float((got - want).norm() / want.norm().clamp_min(1e-30))
+    if not diff <= CHECK_RTOL:
+        return f"compiled output differs from eager by {diff:.3g} (relative L2 > {CHECK_RTOL})"
+    return None
+
+
+def _cpp_compiler_missing() -> str | None:
+    """Why Inductor cannot build its C++ kernels here (``None`` when a compiler is found)."""
+    from torch._inductor.cpp_builder import get_cpp_compiler
+
+    try:
+        get_cpp_compiler()
+    except Exception as error:
+        return f"no C++ compiler for Inductor ({type(error).__name__}: {error})"
+    return None
+
+
+_PENDING = {"mode": "pending", "reason": "compiled by Inductor on the first call (or warmup)"}
+
+
+class CompiledModel(nn.Module):
+    """A quantized model run through Inductor, falling back to itself in eager mode.
+
+    It holds the quantized model ``eager`` and shares its layers, parameters and buffers (the
+    same names, state dict and bytes: :func:`storage_bytes`); ``mpsearch_compile`` says what
+    happened: ``{"mode": "pending" | "inductor" | "eager", "reason": ...}``. It runs without
+    autograd; the compiled graphs freeze the weights as they were at compile time, and do not
+    see hooks added after compiling nor those of the ``w8a8`` layers (``eager`` does).
+
+    >>> net = CompiledModel(nn.Sequential(nn.Linear(4, 2)).eval())
+    >>> net.mpsearch_compile["mode"], list(net.state_dict())
+    ('pending', ['0.weight', '0.bias'])
+    """
+
+    def __init__(self, eager: nn.Module) -> None:
+        super().__init__()
+        self._modules = eager._modules
+        self._parameters = eager._parameters
+        self._buffers = eager._buffers
+        object.__setattr__(self, "eager", eager)  # not a submodule: its parts are this one's
+        self.mpsearch_compile = dict(_PENDING)
+        self._reset()
+
+    def _reset(self) -> None:
+        compiled = torch.compile(traceable(self.eager), backend="inductor", dynamic=False)
+        object.__setattr__(self, "_compiled", compiled)
+        self._compiled_for: set[tuple[Any, ...]] = set()
+
+    def _fall_back(self, reason: str) -> None:
+        self.mpsearch_compile = {"mode": "eager", "reason": reason}
+        warnings.warn(
+            f"cpu-inductor: running the quantized model eagerly: {reason}",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        with torch.no_grad():
+            if self.mpsearch_compile["mode"] == "eager":
+                return self.eager(*args, **kwargs)
+            key = _signature(args, kwargs)
+            if key in self._compiled_for:
+                try:
+                    return self._compiled(*args, **kwargs)
+                except Exception:  # Dynamo compiled again (a guard beyond the signature
+                    self._compiled_for.discard(key)  # failed, e.g. a hook added) unfrozen
+            return self._compile_and_check(key, args, kwargs)
+
+    def _compile_and_check(
+        self, key: tuple[Any, ...], args: tuple[Any, ...], kwargs: Mapping[str, Any]
+    ) -> Any:
+        expected = self.eager(*args, **kwargs)
+        reason = _cpp_compiler_missing()
+        if reason is None:
+            try:
+                with _compile_settings():
+                    got = self._compiled(*args, **kwargs)
+            except Exception as error:
+                first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+                reason = f"compilation failed ({type(error).__name__}: {first_line})"
+            else:
+                reason = _check_close(got, expected)
+        if reason is not None:
+            self._fall_back(reason)
+            return expected
+        self._compiled_for.add(key)
+        self.mpsearch_compile = {
+            "mode": "inductor",
+            "reason": f"compiled by Inductor for {len(self._compiled_for)} input signature(s)",
+        }
+        return got
+
+    def warmup(self, *args: Any, **kwargs: Any) -> dict[str, str]:
+        """Compile (and check) for the inputs ``args`` / ``kwargs`` now; what happened."""
+        self(*args, **kwargs)
+        return dict(self.mpsearch_compile)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        del state["_compiled"], state["_compiled_for"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._reset()
+        if self.mpsearch_compile["mode"] == "inductor":  # compiled graphs are not copied
+            self.mpsearch_compile = dict(_PENDING)
+
+
+class CpuInductorBackend(CpuBackend):
+    """The ``cpu`` backend's kernels and choices, the whole model compiled by Inductor
+    (:class:`CompiledModel`: on the first call, falling back to eager with the reason).
+
+    >>> import mpsearch as mps
+    >>> net = nn.Sequential(nn.Linear(8, 8), nn.ReLU()).eval()
+    >>> mps.quantize(net, "bf16", backend="cpu-inductor").mpsearch_compile["mode"]
+    'pending'
+    """
+
+    name = "cpu-inductor"
+
+    def finalize(self, model: nn.Module, assignment: Mapping[str, str]) -> nn.Module:
+        return CompiledModel(super().finalize(model, assignment))
+
+
+__all__ = ["CHECK_RTOL", "CompiledModel", "CpuInductorBackend", "traceable"]

@@ -1,0 +1,186 @@
+"""The ``cpu-inductor`` backend: the quantized model compiled whole by Inductor, or eager with
+the reason why not."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import torch
+import torch._inductor.config as inductor_config
+from torch import nn
+
+import mpsearch as mps
+from mpsearch.backends import get_backend, storage_bytes
+from mpsearch.backends._compiled import CompiledModel, CpuInductorBackend, traceable
+from mpsearch.backends._kernels import Int8Conv, Int8Linear
+from mpsearch.cost import held_bytes
+
+# Inductor calls the eager model's own kernels; what it fuses around them (casts, activation
+# quantization, ReLU) moves outputs by float32 rounding, or by bf16 rounding (2**-8) where
+# bf16 values are fused (a cast to bf16 and back skipped, bf16 ops run in float32).
+MAX_RELATIVE_ERROR = {"fp32": 1e-5, "w8a8": 1e-5, "bf16": 1e-2, "mixed": 1e-2}
+
+MIXED = {
+    "conv": {"conv1": "w8a8", "conv2": "bf16", "fc1": "w8a8", "fc2": "fp32"},
+    "mlp": {"0": "w8a8", "2": "w4a16", "4": "bf16"},
+}
+
+
+def _mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64), nn.GELU(), nn.Linear(64, 10)
+    ).eval()
+
+
+def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got - want).norm() / want.norm())
+
+
+def _compiled_against_eager(model: nn.Module, plan: object, x: torch.Tensor, **kw: object):
+    compiled = mps.quantize(model, plan, backend="cpu-inductor", **kw)
+    eager = mps.quantize(model, plan, backend="cpu", **kw)
+    return compiled, compiled(x), eager(x)
+
+
+def test_backend_is_registered_and_keeps_the_cpu_kernels() -> None:
+    assert "cpu-inductor" in mps.BACKENDS
+    backend = get_backend("cpu-inductor")
+    assert isinstance(backend, CpuInductorBackend) and backend.real
+    assert backend.kernel_table() == get_backend("cpu").kernel_table()
+    assert type(backend.tuned({"k": "v"})) is CpuInductorBackend
+
+
+def test_quantize_wraps_the_eager_model_and_counts_its_tensors() -> None:
+    net = _mlp()
+    plan = {"0": "w8a8", "2": "w8a16"}
+    compiled = mps.quantize(net, plan, backend="cpu-inductor")
+    eager = mps.quantize(net, plan, backend="cpu")
+    assert isinstance(compiled, CompiledModel)
+    assert compiled.mpsearch_backend == "cpu-inductor"
+    assert compiled.mpsearch_assignment == {"0": "w8a8", "2": "w8a16", "4": "fp32"}
+    assert compiled.mpsearch_compile["mode"] == "pending"
+    assert storage_bytes(compiled) == storage_bytes(eager)
+    assert held_bytes(compiled) == held_bytes(eager)
+    assert list(compiled.state_dict()) == list(eager.state_dict())
+    assert compiled.get_submodule("0") is compiled.eager.get_submodule("0")
+
+
+def test_traceable_twin_shares_tensors_computes_the_same_and_traces_whole(
+    tiny_cnn: nn.Module, tiny_input: torch.Tensor
+) -> None:
+    eager = mps.quantize(tiny_cnn, "w8a8", backend="cpu")  # dynamic activation ranges
+    twin = traceable(eager)
+    kinds = {type(m) for m in eager.modules()}
+    assert Int8Conv in kinds and Int8Linear in kinds
+    assert {type(m).__name__ for m in twin.modules()} >= {"_TensorScaledInt8"}
+    assert "_TensorScaledInt8" not in {type(m).__name__ for m in eager.modules()}
+    pointers = {t.data_ptr() for t in [*eager.parameters(), *eager.buffers()]}
+    assert {t.data_ptr() for t in [*twin.parameters(), *twin.buffers()]} == pointers
+    with torch.no_grad():
+        assert torch.equal(twin(tiny_input), eager(tiny_input))
+        explained = torch._dynamo.explain(twin)(tiny_input)
+    assert explained.graph_count == 1 and explained.graph_break_count == 0
+
+
+def test_no_cpp_compiler_falls_back_to_eager_with_the_reason() -> None:
+    net = _mlp()
+    compiled = mps.quantize(net, "w8a8", backend="cpu-inductor")
+    x = torch.randn(4, 64)
+    no_compiler = inductor_config.patch({"cpp.cxx": ("mpsearch-no-such-compiler",)})
+    with no_compiler, pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler"):
+        got = compiled(x)
+    assert compiled.mpsearch_compile["mode"] == "eager"
+    assert "mpsearch-no-such-compiler" in compiled.mpsearch_compile["reason"]
+    assert torch.equal(got, mps.quantize(net, "w8a8", backend="cpu")(x))
+
+
+@torch.library.custom_op("mpsearch_test::opaque", mutates_args=())
+def _opaque(x: torch.Tensor) -> torch.Tensor:  # no fake kernel: Dynamo cannot trace it
+    return x.clone()
+
+
+class _Untraceable(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _opaque(x) * 2
+
+
+class _ComputesOtherwiseWhenCompiled(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + 1 if torch.compiler.is_compiling() else x
+
+
+@pytest.mark.parametrize(
+    ("module", "reason"),
+    [
+        (_Untraceable(), "compilation failed"),
+        pytest.param(
+            _ComputesOtherwiseWhenCompiled(), "differs from eager", marks=pytest.mark.slow
+        ),
+    ],
+)
+def test_failed_compilation_or_check_falls_back_to_eager(module: nn.Module, reason: str) -> None:
+    compiled = CompiledModel(module)
+    x = torch.randn(3, 4)
+    with pytest.warns(RuntimeWarning, match=reason):
+        compiled(x)
+    assert compiled.mpsearch_compile["mode"] == "eager"
+    assert reason in compiled.mpsearch_compile["reason"]
+    assert torch.equal(compiled(x), module(x))  # eager from now on
+
+
+@pytest.mark.slow
+def test_mixed_mlp_compiles_and_matches_eager() -> None:
+    compiled, got, want = _compiled_against_eager(_mlp(), MIXED["mlp"], torch.randn(8, 64))
+    assert compiled.mpsearch_compile["mode"] == "inductor", compiled.mpsearch_compile
+    assert _relative_error(got, want) <= MAX_RELATIVE_ERROR["mixed"]
+    again = pickle.loads(pickle.dumps(compiled))  # the eager model travels, not the graphs
+    assert again.mpsearch_compile["mode"] == "pending"
+    assert torch.equal(again.eager(torch.ones(2, 64)), compiled.eager(torch.ones(2, 64)))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("plan", ["fp32", "bf16", "w8a8", "mixed"])
+@pytest.mark.parametrize("static", [False, True])
+def test_compiled_conv_net_matches_eager(
+    tiny_cnn: nn.Module, tiny_input: torch.Tensor, plan: str, static: bool
+) -> None:
+    calib = [tiny_input] if static else None
+    plan_ = MIXED["conv"] if plan == "mixed" else plan
+    compiled, got, want = _compiled_against_eager(tiny_cnn, plan_, tiny_input, calib=calib)
+    assert compiled.mpsearch_compile["mode"] == "inductor", compiled.mpsearch_compile
+    assert _relative_error(got, want) <= MAX_RELATIVE_ERROR[plan]
+    assert torch.equal(compiled(tiny_input), got)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("plan", ["fp32", "bf16", "w8a8"])
+def test_compiled_mlp_matches_eager_on_two_shapes(plan: str) -> None:
+    net = _mlp()
+    compiled = mps.quantize(net, plan, backend="cpu-inductor")
+    eager = mps.quantize(net, plan, backend="cpu")
+    for batch in (8, 3):
+        x = torch.randn(batch, 64)
+        assert _relative_error(compiled(x), eager(x)) <= MAX_RELATIVE_ERROR[plan]
+    assert compiled.mpsearch_compile == {
+        "mode": "inductor",
+        "reason": "compiled by Inductor for 2 input signature(s)",
+    }
+
+
+@pytest.mark.slow
+def test_a_guard_failing_beyond_the_signature_compiles_again_frozen() -> None:
+    net = _mlp()
+    compiled = mps.quantize(net, "w8a8", backend="cpu-inductor")
+    x = torch.randn(4, 64)
+    want = mps.quantize(net, "w8a8", backend="cpu")(x)
+    compiled(x)
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(not before)  # Dynamo guards on it: a new graph, unfrozen
+    try:
+        got = compiled(x)
+    finally:
+        torch.use_deterministic_algorithms(before)
+    assert compiled.mpsearch_compile["mode"] == "inductor", compiled.mpsearch_compile
+    assert _relative_error(got, want) <= MAX_RELATIVE_ERROR["w8a8"]
