@@ -55,7 +55,7 @@ def check(name: str) -> dict[str, Any]:
     lap("search")
     memory = {}
     for label, plan in {"best": res.best(), "w8a8": "w8a8", "bf16": "bf16"}.items():
-        quantized = mps.quantize(wl.model, plan, backend="cpu")
+        quantized = mps.quantize(wl.model, plan, backend=cost.backend)  # the kernels it measured
         memory[label] = (cost.memory_bytes(plan), held_bytes(quantized))
     lap("quantize")
     with tempfile.TemporaryDirectory() as out:

@@ -142,13 +142,14 @@ def profile(
     keyword raises ``TypeError`` listing the accepted ones. Everything is checked before any
     long work.
 
-    Speed: the model is captured as one graph (torch.fx, with constant defaults fixed if need
-    be, else torch.export: :mod:`mpsearch.profile._capture`); one fp32 pass caches what later
-    runs need, and for each layer only the part of the network downstream of it is re-run (see
-    :mod:`mpsearch.profile._runner`). Models no capture handles fall back to forward hooks,
-    with a warning saying why. The ``runner`` column and ``info["runner"]`` name the runner
-    (``graph:fx``, ``graph:fx(concrete_args)``, ``graph:export``, ``hooks``) and
-    ``info["runner_fallbacks"]`` why each capture tried before it failed.
+    Speed: the model is captured as one graph (torch.fx, with constant defaults fixed or with
+    example values if need be, else torch.export: :mod:`mpsearch.profile._capture`); one fp32
+    pass caches what later runs need, and for each layer only the part of the network
+    downstream of it is re-run (see :mod:`mpsearch.profile._runner`). Models no capture handles
+    fall back to forward hooks, with a warning saying why. The ``runner`` column and
+    ``info["runner"]`` name the runner (``graph:fx``, ``graph:fx(concrete_args)``,
+    ``graph:fx(values)``, ``graph:export``, ``hooks``) and ``info["runner_fallbacks"]`` why
+    each capture tried before it failed.
     BatchNorm is folded into the preceding conv (``fold_bn``) so that the folded weight is what
     gets quantized. With ``cache_dir`` each row is appended to a JSONL file as soon as it is
     computed, keyed by hashes of everything it depends on: a killed run resumes where it

@@ -24,7 +24,7 @@ output is the attention module re-run on its own inputs with ``out_proj`` swappe
 variant (:func:`mpsearch.layers.swapped`).
 
 A runner's ``mode`` names it and how the graph was captured (``graph:fx``,
-``graph:fx(concrete_args)``, ``graph:export``, ``hooks``); ``fallbacks`` gives why each capture
+``graph:fx(concrete_args)``, ``graph:fx(values)``, ``graph:export``, ``hooks``); ``fallbacks`` gives why each capture
 tried before it failed.
 
 Both measure local errors on every calibration batch and end-to-end errors on the *e2e batches*

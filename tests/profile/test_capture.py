@@ -1,5 +1,6 @@
-"""Graph captures for the graph runner: fx, fx with constant defaults fixed, torch.export; each
-gives the rows the hook runner gives, and the table says which runner measured them."""
+"""Graph captures for the graph runner: fx, fx with constant defaults fixed, fx with example
+values, torch.export; each gives the rows the hook runner gives, and the table says which runner
+measured them."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from profile_models import ConvBN, DictInput, batches
+from profile_models import ConvBN, DataDependent, DictInput, batches
 
 from mpsearch.backends import get_backend
 from mpsearch.layers import swapped
@@ -69,20 +70,86 @@ def test_flag_net_takes_fx_with_concrete_args_and_matches_hooks(monkeypatch) -> 
     _assert_same_rows(graph, hooks)
 
 
-def test_hugging_face_model_takes_export_and_matches_hooks(monkeypatch) -> None:
+@pytest.mark.parametrize("method", ["fx(values)", "export"])
+def test_hugging_face_model_takes_fx_values_and_matches_hooks(method, monkeypatch) -> None:
+    """``forward(input_ids=None, ..., **kwargs)`` with shape checks: plain fx fails, fx with
+    example values traces it (export, the next capture, too)."""
     pytest.importorskip("transformers")
     wl = load_workload("hf_llama")
     calib = [{k: v[:4] for k, v in b.items()} for b in wl.calib[:2]]
     layers = ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj", "lm_head"]
     kwargs = {"schemes": ["bf16", "w8a8"], "progress": False, "e2e_samples": None}
     kwargs["layers"] = layers
+    if method == "export":
+        monkeypatch.setattr(runner_module, "CAPTURES", {"export": capture_module.capture_export})
     graph = profile(wl.model, calib, **kwargs)
-    assert graph.info["runner"] == "graph:export"
-    assert set(graph.info["runner_fallbacks"]) == {"graph:fx", "graph:fx(concrete_args)"}
-    assert set(graph.table["runner"]) == {"graph:export"}
+    assert graph.info["runner"] == f"graph:{method}"
+    if method == "fx(values)":
+        assert set(graph.info["runner_fallbacks"]) == {"graph:fx", "graph:fx(concrete_args)"}
+    assert set(graph.table["runner"]) == {f"graph:{method}"}
     assert set(graph.table["status"]) == {"ok"}
     hooks = _hooks(monkeypatch, wl.model, calib, **kwargs)
     _assert_same_rows(graph, hooks)
+
+
+def _dict_batches(n: int) -> list[dict[str, torch.Tensor]]:
+    """``n`` batches of 6 samples for :class:`DictInput` and its subclasses."""
+    images, extras = batches(n, 6, 16), batches(n, 6, 8, seed=1)
+    return [{"image": x, "extra": y} for x, y in zip(images, extras, strict=True)]
+
+
+def _only(monkeypatch, method: str) -> None:
+    monkeypatch.setattr(runner_module, "CAPTURES", {method: capture_module.CAPTURES[method]})
+
+
+class _BatchBranch(DictInput):
+    """Branches on the batch size: the graph of one batch size would be wrong for another."""
+
+    def forward(self, image: torch.Tensor, extra: torch.Tensor) -> torch.Tensor:
+        if image.shape[0] % 2:
+            return super().forward(image, extra)
+        return super().forward(image, -extra)
+
+
+class _Variadic(DictInput):
+    """Hugging Face style: inputs by keyword into ``**kwargs``... and a shape check."""
+
+    def forward(self, image=None, extra=None, **kwargs):
+        image = torch.cat(list(image.chunk(2, dim=-1)), dim=-1)  # len() of a traced tuple
+        if image.dim() == 2 and image.shape[-1] == 16:
+            return super().forward(image, extra)
+        return torch.zeros(image.shape[0], 4)
+
+
+def test_fx_values_refuses_control_flow_on_data_or_on_the_batch_size() -> None:
+    data = _dict_batches(1)
+    layers = ["a", "b", "head"]
+    capture = capture_module.capture_fx_values
+    with pytest.raises(torch.fx.proxy.TraceError, match="computed from the input data"):
+        capture(DataDependent().eval(), data, layers)
+    with pytest.raises(torch.fx.proxy.TraceError, match="depends on the batch size"):
+        capture(_BatchBranch().eval(), data, layers)
+    longer = [*data, {"image": torch.zeros(6, 16), "extra": torch.zeros(6, 9)}]
+    with pytest.raises(capture_module.Unsupported, match="more than their first dimension"):
+        capture(_Variadic().eval(), longer, layers)
+    with pytest.raises(capture_module.Unsupported, match="fewer than 3 samples"):
+        capture(_Variadic().eval(), [{k: v[:2] for k, v in data[0].items()}], layers)
+
+
+def test_fx_values_traces_keyword_inputs_into_a_graph_of_the_layers(monkeypatch) -> None:
+    torch.manual_seed(0)
+    model = _Variadic().eval()
+    data = _dict_batches(2)
+    capture = capture_module.capture_fx_values(model, data, ["a", "b", "head"])
+    targets = [n.target for n in capture.gm.graph.nodes if n.op == "call_module"]
+    assert targets == ["a", "b", "head"]
+    for batch in [*data, {k: v[:5] for k, v in data[0].items()}]:  # another batch size
+        expected = model(**batch)
+        assert torch.equal(capture.output(capture.gm(*capture.inputs(batch))), expected)
+    kwargs = {"schemes": ["bf16", "w8a8"], "progress": False, "e2e_samples": 8}
+    graph = profile(model, data, **kwargs)
+    assert graph.info["runner"] == "graph:fx(values)"
+    _assert_same_rows(graph, _hooks(monkeypatch, model, data, **kwargs))
 
 
 class _ShapeBranch(DictInput):
@@ -94,16 +161,19 @@ class _ShapeBranch(DictInput):
         return torch.zeros(image.shape[0], 4)
 
 
-def test_export_takes_dict_and_tuple_batches(monkeypatch) -> None:
+@pytest.mark.parametrize("method", ["fx(values)", "export"])
+def test_capture_takes_dict_and_tuple_batches(method, monkeypatch) -> None:
     torch.manual_seed(0)
     model = _ShapeBranch().eval()
     images, extras = batches(3, 6, 16), batches(3, 6, 8, seed=1)
     as_dicts = [{"extra": y, "image": x} for x, y in zip(images, extras, strict=True)]
     as_tuples = list(zip(images, extras, strict=True))
     kwargs = {"schemes": ["bf16", "w8a8"], "progress": False, "e2e_samples": 8}
-    by_name = profile(model, as_dicts, **kwargs)
-    by_position = profile(model, as_tuples, **kwargs)
-    assert by_name.info["runner"] == by_position.info["runner"] == "graph:export"
+    with monkeypatch.context() as patch:
+        _only(patch, method)
+        by_name = profile(model, as_dicts, **kwargs)
+        by_position = profile(model, as_tuples, **kwargs)
+    assert by_name.info["runner"] == by_position.info["runner"] == f"graph:{method}"
     assert by_name.table.equals(by_position.table)
     _assert_same_rows(by_name, _hooks(monkeypatch, model, as_dicts, **kwargs))
 
@@ -112,10 +182,7 @@ def test_export_graph_takes_evaluate_and_hessian(monkeypatch) -> None:
     """``evaluate`` and ``loss_fn`` run on the exported graph module, its layers swapped."""
     torch.manual_seed(0)
     model = _ShapeBranch().eval()
-    data = [
-        {"image": x, "extra": y}
-        for x, y in zip(batches(2, 6, 16), batches(2, 6, 8, seed=1), strict=True)
-    ]
+    data = _dict_batches(2)
 
     def evaluate(net: torch.nn.Module) -> float:
         net.eval()
@@ -125,7 +192,9 @@ def test_export_graph_takes_evaluate_and_hessian(monkeypatch) -> None:
         return out.logsumexp(-1).mean()
 
     kwargs = {"schemes": ["w8a8"], "progress": False, "evaluate": evaluate, "loss_fn": loss_fn}
-    graph = profile(model, data, **kwargs)
+    with monkeypatch.context() as patch:
+        _only(patch, "export")
+        graph = profile(model, data, **kwargs)
     assert graph.info["runner"] == "graph:export"
     hooks = _hooks(monkeypatch, model, data, **kwargs)
     for metric in ("task_drop", "hessian"):
@@ -186,10 +255,14 @@ def test_hook_runner_warning_says_why_each_capture_failed() -> None:
     with pytest.warns(UserWarning, match=r"graph:fx: TraceError.*graph:export: ") as record:
         prof = profile(Untraceable().eval(), batches(1, 4, 8), schemes=["w8a8"], progress=False)
     assert "graph:fx(concrete_args): Unsupported" in str(record[0].message)
+    assert "graph:fx(values): TraceError: control flow of a value computed from the input" in str(
+        record[0].message
+    )
     assert prof.info["runner"] == "hooks"
     assert set(prof.info["runner_fallbacks"]) == {
         "graph:fx",
         "graph:fx(concrete_args)",
+        "graph:fx(values)",
         "graph:export",
     }
 

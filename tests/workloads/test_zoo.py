@@ -22,7 +22,7 @@ def test_zoo_model_runs_the_whole_pipeline(name: str) -> None:
     if not zoo_available(name):
         pytest.skip(f"needs {ZOO[name].needs}: pip install -e '.[models]'")
     seen = check(name)
-    runner = EXPECTED_RUNNER.get(name, "graph:export" if ZOO[name].needs else "graph:fx")
+    runner = EXPECTED_RUNNER.get(name, "graph:fx(values)" if ZOO[name].needs else "graph:fx")
     assert seen["runner"] == runner, seen["fallbacks"]
     for label, (predicted, held) in seen["memory"].items():
         assert predicted == held, label
