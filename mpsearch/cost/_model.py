@@ -336,15 +336,27 @@ def _time_model(
 
 
 def _fit(points: list[dict[str, Any]]) -> dict[str, Any]:
-    """Least squares ``measured = intercept + slope * layer_sum`` (slope 1 when ill-posed)."""
+    """``measured = intercept + slope * layer_sum``, fitted robustly (Theil-Sen: the median of
+    the pairwise slopes, the median intercept), so one plan timed during a burst of load on a
+    shared machine does not tilt the line; slope 1 (the per-layer times add up) when the
+    points give no positive slope.
+
+    >>> fit = _fit([{"layer_sum_ms": x, "measured_ms": 2 + x} for x in (1.0, 2.0, 4.0)])
+    >>> fit["intercept_ms"], fit["slope"]
+    (2.0, 1.0)
+    """
     x = np.array([p["layer_sum_ms"] for p in points])
     y = np.array([p["measured_ms"] for p in points])
-    intercept, slope = float(np.mean(y - x)), 1.0
-    if len(points) >= 2 and np.ptp(x) > 1e-3 * max(float(np.mean(x)), 1e-9):
-        a = np.stack([np.ones_like(x), x], axis=1)
-        (c0, c1), *_ = np.linalg.lstsq(a, y, rcond=None)
-        if c1 > 0:
-            intercept, slope = float(c0), float(c1)
+    pairs = [
+        (y[j] - y[i]) / (x[j] - x[i])
+        for i in range(len(x))
+        for j in range(i + 1, len(x))
+        if abs(x[j] - x[i]) > 1e-3 * max(float(np.mean(x)), 1e-9)
+    ]
+    slope = float(np.median(pairs)) if pairs else 1.0
+    if slope <= 0:
+        slope = 1.0
+    intercept = float(np.median(y - slope * x))
     for p in points:
         p["predicted_ms"] = intercept + slope * p["layer_sum_ms"]
         p["rel_error"] = abs(p["predicted_ms"] - p["measured_ms"]) / p["measured_ms"]

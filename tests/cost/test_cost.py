@@ -203,3 +203,14 @@ def test_atomic_write_leaves_old_file_on_failure(tmp_path) -> None:
         write_cache(path, "k", {"a": object()})
     assert read_cache(path, "k") == {"a": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["c.json"]
+
+
+def test_latency_fit_shrugs_off_one_plan_timed_under_load() -> None:
+    from mpsearch.cost._model import _fit
+
+    sums = [10.0, 20.0, 30.0, 40.0, 50.0]
+    measured = [2.0 + 1.5 * s for s in sums]
+    measured[2] = 400.0  # a burst of load on a shared machine while one plan was timed
+    fit = _fit([{"layer_sum_ms": s, "measured_ms": m} for s, m in zip(sums, measured, strict=True)])
+    assert fit["slope"] == pytest.approx(1.5) and fit["intercept_ms"] == pytest.approx(2.0)
+    assert all(p["predicted_ms"] > 0 for p in fit["points"])
