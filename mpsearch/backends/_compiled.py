@@ -3,9 +3,9 @@ compiled by Inductor (``torch.compile``, static shapes, frozen weights).
 
 Inductor fuses what lies between the real low-precision layers (casts, activation quantization,
 activations, pooling, residual adds) into C++ kernels and calls the same oneDNN / aten int8 and
-bf16 kernels as the eager model, on the same packed weights. The graph it compiles is traced
-from a twin of the quantized model sharing all its tensors (:func:`traceable`), in which the
-oneDNN int8 layers with dynamic activation ranges keep their scale and zero point as tensors.
+bf16 kernels as the eager model, on the same packed weights, traced from the eager model itself
+in one graph (the int8 layers keep a dynamic activation range's scale and zero point as
+tensors).
 
 Inductor needs example shapes, so a model compiles on its first call for each input signature
 (shapes, dtypes, strides; ``warmup`` compiles ahead of time), and checks that first compiled
@@ -16,7 +16,6 @@ model, with a warning, and says why in ``mpsearch_compile``.
 
 from __future__ import annotations
 
-import copy
 import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -24,72 +23,16 @@ from typing import Any
 
 import torch
 import torch._inductor.config as inductor_config
-from torch import Tensor, nn
+from torch import nn
 from torch.utils._pytree import tree_leaves
 
 from mpsearch._data import output_tensor
 from mpsearch.backends._cpu import CpuBackend
-from mpsearch.backends._kernels import Int8Conv, Int8Linear
-from mpsearch.schemes._fakequant import qparams
 
 CHECK_RTOL = 1e-2
 """Largest relative L2 difference between the compiled and the eager output of the check run
 (``||compiled - eager|| / ||eager||``): fused bf16 casts and int8 codes rounded after a fused
 op move outputs by far less; a wrong kernel by far more."""
-
-
-class _TensorScaledInt8(nn.Module):
-    """A oneDNN ``w8a8`` layer with dynamic activation ranges as Dynamo traces it: its packed
-    weight and buffers, its scheme's ``qparams``, the kernels' ``.tensor`` overloads. The eager
-    layer turns its scale and zero point into Python numbers (``float(scale)``), which Dynamo
-    cannot pass to the oneDNN ops: each such layer would break the graph in two."""
-
-    def __init__(self, layer: Int8Linear | Int8Conv) -> None:
-        super().__init__()
-        self.layer = layer
-
-    def _codes(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        act = self.layer.act
-        lo, hi = torch.aminmax(x)
-        scale, zero = qparams(lo.reshape(1, 1), hi.reshape(1, 1), act.spec)
-        assert zero is not None  # uint8 activations are asymmetric
-        q = torch.round(x / scale).add_(zero).clamp_(0, act.qmax).to(torch.uint8)
-        return q, scale.reshape(()), zero.reshape(()).long()
-
-    def forward(self, x: Tensor) -> Tensor:
-        layer = self.layer
-        if isinstance(layer, Int8Linear):
-            q, scale, zero = self._codes(x.reshape(-1, layer.in_features).float())
-            y = torch.ops.onednn.qlinear_pointwise.tensor(
-                q, scale, zero, layer._packed, layer.w_scale, layer.w_zero, layer.bias,
-                1.0, 0, torch.float32, "none", [], "",
-            )  # fmt: skip
-            return y.reshape(*x.shape[:-1], layer.out_features).to(x.dtype)
-        q, scale, zero = self._codes((x.unsqueeze(2) if layer.is_1d else x).float())
-        y = torch.ops.onednn.qconv_pointwise.tensor(
-            q.contiguous(memory_format=torch.channels_last), scale, zero, layer._packed,
-            layer.w_scale, layer.w_zero, layer.bias, layer.stride, layer.padding,
-            layer.dilation, layer.groups, 1.0, 0, torch.float32, "none", [], "",
-        )  # fmt: skip
-        return (y.squeeze(2) if layer.is_1d else y).to(x.dtype)
-
-
-def traceable(model: nn.Module) -> nn.Module:
-    """A twin of ``model`` sharing every tensor, whose oneDNN ``w8a8`` layers with dynamic
-    activation ranges trace into one graph (``model`` itself where it has none).
-
-    >>> net = nn.Sequential(nn.Linear(4, 2))
-    >>> traceable(net) is net
-    True
-    """
-    if isinstance(model, (Int8Linear, Int8Conv)) and model.act.static is None:
-        return _TensorScaledInt8(model)
-    children = {name: traceable(child) for name, child in model._modules.items()}
-    if all(children[name] is child for name, child in model._modules.items()):
-        return model
-    twin = copy.copy(model)  # shares the parameter and buffer dicts
-    twin._modules = children
-    return twin
 
 
 @contextmanager
@@ -164,7 +107,7 @@ class CompiledModel(nn.Module):
         self._reset()
 
     def _reset(self) -> None:
-        compiled = torch.compile(traceable(self.eager), backend="inductor", dynamic=False)
+        compiled = torch.compile(self.eager, backend="inductor", dynamic=False)
         object.__setattr__(self, "_compiled", compiled)
         self._compiled_for: set[tuple[Any, ...]] = set()
 
@@ -245,4 +188,4 @@ class CpuInductorBackend(CpuBackend):
         return CompiledModel(super().finalize(model, assignment))
 
 
-__all__ = ["CHECK_RTOL", "CompiledModel", "CpuInductorBackend", "traceable"]
+__all__ = ["CHECK_RTOL", "CompiledModel", "CpuInductorBackend"]

@@ -86,13 +86,12 @@ class ConvGeometry:
             layer.groups,
         )
 
-    def pad(self, x: Tensor, value: float = 0.0) -> Tensor:
-        """``x`` padded as the layer pads it; zero padding (``padding_mode='zeros'``) by
-        ``value`` (an activation's zero point where ``x`` holds its codes)."""
+    def pad(self, x: Tensor) -> Tensor:
+        """``x`` padded as the layer pads it."""
         if not any(self.pads):
             return x
         if self.padding_mode == "zeros":
-            return F.pad(x, self.pads, value=value)
+            return F.pad(x, self.pads)
         return F.pad(x, self.pads, mode=self.padding_mode)
 
     def columns(self, x: Tensor) -> Tensor:
@@ -160,10 +159,11 @@ class Im2colConv(RealLayer):
 
 class Im2colInt8Conv(RealLayer):
     """``w8a8`` / ``w4a8_pc`` Conv1d/Conv2d as an int8 x int8 GEMM on the unfolded activation
-    codes (``groups == 1``): the input quantized per tensor as the convolution quantizes it
-    (its own range, not its windows': an input a stride skips still counts), padded with the
-    zero point (or, for other padding modes, padded before quantization), then the Linear
-    kernel (``linear``: the CPU's default, :func:`int8_linear_type`) on the rows."""
+    codes (``groups == 1``): the input padded, then quantized per tensor as the convolution
+    quantizes it (its own range, not its windows': an input a stride skips still counts; zero
+    padding adds nothing to a range that always holds 0, and quantizes to the zero point
+    exactly), then the Linear kernel (``linear``: the CPU's default, :func:`int8_linear_type`)
+    on the rows."""
 
     def __init__(
         self,
@@ -183,11 +183,7 @@ class Im2colInt8Conv(RealLayer):
     def forward(self, x: Tensor) -> Tensor:
         out_dtype = x.dtype
         geometry = self.geometry
-        if geometry.padding_mode == "zeros":
-            q, scale, zero = self.act(x)
-            q = geometry.pad(q, zero)
-        else:  # the padding repeats input values: the range is the input's
-            q, scale, zero = self.act(geometry.pad(x.float()))
+        q, scale, zero = self.act(geometry.pad(x.float()))
         cols = geometry.columns(q)
         y = self.linear.matmul_codes(cols.reshape(-1, cols.shape[-1]), scale, zero)
         return geometry.output(y.reshape(*cols.shape[:-1], -1)).to(out_dtype)

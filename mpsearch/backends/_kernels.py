@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch._ops import OpOverload, OpOverloadPacket
 
 from mpsearch.backends._registry import Backend
 from mpsearch.layers._layers import standard_form
@@ -194,7 +195,11 @@ def int8_activation_spec(scheme: Scheme) -> QuantSpec:
 
 
 class _ActQuant:
-    """Per-tensor asymmetric activation quantization to uint8 codes, static or dynamic."""
+    """Per-tensor asymmetric activation quantization to uint8 codes, static or dynamic.
+
+    A fixed range's scale and zero point are Python numbers (``static``); a dynamic range's
+    stay 0-d tensors (float32, int64), which the oneDNN kernels take (their ``.tensor``
+    overloads) and Dynamo traces into the graph: ``float(scale)`` would break it at each layer."""
 
     def __init__(self, scheme: Scheme, act_range: ActRange) -> None:
         spec = scheme.activation
@@ -208,16 +213,22 @@ class _ActQuant:
             )
             self.static = (float(scale), int(zero))
 
-    def __call__(self, x: Tensor) -> tuple[Tensor, float, int]:
+    def __call__(self, x: Tensor) -> tuple[Tensor, Tensor | float, Tensor | int]:
         x = x.float()
         if self.static is not None:
             scale, zero = self.static
         else:
             lo, hi = torch.aminmax(x)
             s, z = qparams(lo.reshape(1, 1), hi.reshape(1, 1), self.spec)
-            scale, zero = float(s), int(z)
+            scale, zero = s.reshape(()), z.reshape(()).long()
         q = torch.round(x / scale).add_(zero).clamp_(0, self.qmax).to(torch.uint8)
         return q, scale, zero
+
+
+def _onednn_overload(op: OpOverloadPacket, scale: Tensor | float) -> OpOverload:
+    """The overload of the oneDNN int8 kernel ``op`` for an activation ``scale`` given as a 0-d
+    tensor (``.tensor``) or a number (``.default``: a tensor would be read back as a number)."""
+    return op.tensor if isinstance(scale, Tensor) else op.default
 
 
 class _PackedInt8(RealLayer):
@@ -308,10 +319,10 @@ class Int8Linear(_PackedInt8):
         y = self.matmul_codes(*self.act(x.reshape(-1, self.in_features)))
         return y.reshape(*shape[:-1], self.out_features).to(out_dtype)
 
-    def matmul_codes(self, q: Tensor, scale: float, zero: int) -> Tensor:
+    def matmul_codes(self, q: Tensor, scale: Tensor | float, zero: Tensor | int) -> Tensor:
         """The kernel on uint8 activation codes ``q`` (``[M, in_features]``) of per-tensor
-        ``scale`` and ``zero`` point: float32 ``[M, out_features]``."""
-        return torch.ops.onednn.qlinear_pointwise(
+        ``scale`` and ``zero`` point (numbers or 0-d tensors): float32 ``[M, out_features]``."""
+        return _onednn_overload(torch.ops.onednn.qlinear_pointwise, scale)(
             q, scale, zero, self._packed, self.w_scale, self.w_zero, self.bias,
             1.0, 0, torch.float32, "none", [], "",
         )  # fmt: skip
@@ -383,13 +394,13 @@ class FbgemmInt8Linear(_PackedInt8):
             )
         return y.reshape(*shape[:-1], self.out_features).to(out_dtype)
 
-    def matmul_codes(self, q: Tensor, scale: float, zero: int) -> Tensor:
+    def matmul_codes(self, q: Tensor, scale: Tensor | float, zero: Tensor | int) -> Tensor:
         """As :meth:`Int8Linear.matmul_codes`. fbgemm quantizes a float input itself: the
         codes, dequantized, quantize back to themselves (exact: ``|(q - z) * s / s - (q - z)|``
         is a few ulps of a number under 256)."""
         x = (q.float() - zero) * scale
         return torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(
-            x, scale, zero, self._packed
+            x, float(scale), int(zero), self._packed
         )
 
 
@@ -438,7 +449,7 @@ class Int8Conv(_PackedInt8):
             x = x.unsqueeze(2)
         q, scale, zero = self.act(x)
         q = q.contiguous(memory_format=torch.channels_last)
-        y = torch.ops.onednn.qconv_pointwise(
+        y = _onednn_overload(torch.ops.onednn.qconv_pointwise, scale)(
             q, scale, zero, self._packed, self.w_scale, self.w_zero, self.bias,
             self.stride, self.padding, self.dilation, self.groups,
             1.0, 0, torch.float32, "none", [], "",

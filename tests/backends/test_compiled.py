@@ -12,7 +12,8 @@ from torch import nn
 
 import mpsearch as mps
 from mpsearch.backends import get_backend, storage_bytes
-from mpsearch.backends._compiled import CompiledModel, CpuInductorBackend, traceable
+from mpsearch.backends._compiled import CompiledModel, CpuInductorBackend
+from mpsearch.backends._conv import Im2colInt8Conv
 from mpsearch.backends._kernels import Int8Conv, Int8Linear
 from mpsearch.cost import held_bytes
 
@@ -67,21 +68,28 @@ def test_quantize_wraps_the_eager_model_and_counts_its_tensors() -> None:
     assert compiled.get_submodule("0") is compiled.eager.get_submodule("0")
 
 
-def test_traceable_twin_shares_tensors_computes_the_same_and_traces_whole(
-    tiny_cnn: nn.Module, tiny_input: torch.Tensor
+@pytest.mark.parametrize("static", [False, True])
+def test_int8_layers_trace_into_one_graph(
+    tiny_cnn: nn.Module, tiny_input: torch.Tensor, static: bool
 ) -> None:
-    eager = mps.quantize(tiny_cnn, "w8a8", backend="cpu")  # dynamic activation ranges
-    twin = traceable(eager)
-    kinds = {type(m) for m in eager.modules()}
-    assert Int8Conv in kinds and Int8Linear in kinds
-    assert {type(m).__name__ for m in twin.modules()} >= {"_TensorScaledInt8"}
-    assert "_TensorScaledInt8" not in {type(m).__name__ for m in eager.modules()}
-    pointers = {t.data_ptr() for t in [*eager.parameters(), *eager.buffers()]}
-    assert {t.data_ptr() for t in [*twin.parameters(), *twin.buffers()]} == pointers
-    with torch.no_grad():
-        assert torch.equal(twin(tiny_input), eager(tiny_input))
-        explained = torch._dynamo.explain(twin)(tiny_input)
-    assert explained.graph_count == 1 and explained.graph_break_count == 0
+    """The oneDNN int8 layers, the im2col one included, keep a dynamic range's scale and zero
+    point as tensors (a fixed range's are constants): Dynamo traces the eager model whole
+    (``float(scale)`` broke the graph at each layer)."""
+    calib = [tiny_input] if static else None
+    eager = mps.quantize(tiny_cnn, "w8a8", backend="cpu", calib=calib)
+    assert {Int8Conv, Int8Linear} <= {type(m) for m in eager.modules()}
+    act_range = (-1.0, 2.0) if static else None
+    im2col = Im2colInt8Conv(
+        nn.Conv2d(1, 4, 3, padding=1),
+        mps.get_scheme("w8a8"),
+        act_range=act_range,
+        linear=Int8Linear,
+    )
+    for model in (eager, nn.Sequential(im2col, nn.ReLU())):
+        torch._dynamo.reset()
+        with torch.no_grad():
+            explained = torch._dynamo.explain(model)(tiny_input)
+        assert explained.graph_count == 1 and explained.graph_break_count == 0, type(model)
 
 
 def test_no_cpp_compiler_falls_back_to_eager_with_the_reason() -> None:
