@@ -43,7 +43,6 @@ from mpsearch._validation import wrong_type
 from mpsearch.backends._conv import (
     CONV_IMPLEMENTATIONS,
     CONV_KERNELS,
-    CONV_TYPES,
     INT8_SCHEMES,
     int8_linear_type,
 )
@@ -103,8 +102,12 @@ EMBEDDING_INT_SCHEMES = (
 )  # fmt: skip
 """Schemes an embedding runs in for real on CPU: their integer weight format, weight-only."""
 
+_OWN = Kernel(_own_layer, "the user's layer as it is (fp32, no copy)", name="module")
+
 CPU_KERNELS: KernelTable = {
-    **{(kind, s): _CAST for kind in (nn.Linear, nn.Conv1d, nn.Conv2d) for s in ("fp32", "bf16", "fp16")},
+    # fp32: the user's own layer, so an fp32 plan is the user's model (shared weights stay shared)
+    **{(kind, "fp32"): _OWN for kind in (nn.Linear, nn.Conv1d, nn.Conv2d)},
+    **{(kind, s): _CAST for kind in (nn.Linear, nn.Conv1d, nn.Conv2d) for s in ("bf16", "fp16")},
     (nn.Linear, "w8a8"): Kernel(
         _int8_linear,
         "u8 x s8 -> fp32: fbgemm on CPUs without VNNI, else oneDNN qlinear_pointwise",
@@ -162,12 +165,12 @@ def _not_default(kind: type[nn.Module]) -> Callable[[nn.Module, Scheme], str | N
     return check
 
 
-_OWN = Kernel(_own_layer, "the user's layer as it is (fp32, no copy)", name="module")
-
 CPU_IMPLEMENTATIONS: Implementations = {
     **CONV_IMPLEMENTATIONS,
-    **{(kind, "fp32"): (*CONV_IMPLEMENTATIONS.get((kind, "fp32"), ()), _OWN)
-       for kind in (nn.Linear, *CONV_TYPES)},
+    (nn.Conv2d, "fp32"): (  # 'direct' (an NCHW copy) would time the user's layer again
+        *(k for k in CONV_IMPLEMENTATIONS[(nn.Conv2d, "fp32")] if k.name != "direct"),
+        Kernel(_cast, "a copy of the layer, channels-last", name="channels_last"),
+    ),
     **{(nn.Linear, s): (
         Kernel(Int8Linear, "oneDNN qlinear_pointwise (u8 x s8 -> fp32)", _not_default(Int8Linear),
                name="onednn"),

@@ -79,8 +79,8 @@ def storage_bytes(module: nn.Module) -> int:
 
 class CastLayer(RealLayer):
     """The layer itself with its weight and bias stored in ``dtype`` (channels-last for 2-D
-    convolutions, fp32 included: oneDNN runs them faster, and every conv of a mixed plan then
-    hands the next one the same layout). Input cast to ``dtype``, output cast
+    convolutions: oneDNN often runs them faster, and every conv of a mixed plan then hands the
+    next one the same layout). Input cast to ``dtype``, output cast
     back to the input's dtype (its memory format kept). ``channels_last=False`` keeps a 2-D
     convolution in NCHW."""
 

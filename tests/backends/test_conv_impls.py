@@ -114,7 +114,8 @@ def test_implementations_registered() -> None:
     def names(name: str, scheme: str) -> list[str]:
         return [k.name for k in cpu.candidates(_case(name)[0], mps.get_scheme(scheme))]
 
-    assert names("stride_dilation", "fp32") == ["default", "direct", "im2col", "module"]
+    # fp32: the user's own layer first (an fp32 plan is the user's model)
+    assert names("stride_dilation", "fp32") == ["module", "im2col", "channels_last"]
     assert names("long_1d_kernel", "bf16") == ["default", "im2col"]
     assert names("long_1d_kernel", "w8a8") == ["default", "im2col"]
     assert names("same_even_kernel", "w8a8") == ["im2col"]  # oneDNN's conv refuses 'same'
@@ -123,7 +124,7 @@ def test_implementations_registered() -> None:
     assert names("depthwise", "w8a16") == ["default"]  # dequantized weight: any groups
     other = "fbgemm" if int8_linear_type() is Int8Linear else "onednn"
     assert names("linear", "w8a8") == ["default", other]
-    assert names("linear", "fp32") == ["default", "module"]
+    assert names("linear", "fp32") == ["module"]
     reason = cpu.unsupported_reason(_case("one_channel")[0], mps.get_scheme("w4a16"))
     assert "group_size=32 does not divide the layer's input size 9" in reason
     assert "groups=8" in ungrouped_check(_case("depthwise")[0], mps.get_scheme("w8a16"))
