@@ -28,8 +28,9 @@ fp8                        none: ``torch._scaled_mm`` on CPU is a reference path
                            than fp32, so fp8 is refused (``simulate`` runs it)
 =========================  =====================================  ===========================
 
-Further implementations (:data:`CPU_IMPLEMENTATIONS`: NCHW and im2col convolutions, the other
-int8 Linear engine, the user's own fp32 layer) are timed against these by the autotuner.
+fp32 runs the user's own layer (an fp32 plan is the user's model). Further implementations
+(:data:`CPU_IMPLEMENTATIONS`: NCHW, channels-last and im2col convolutions, the other int8
+Linear engine) are timed against these by the autotuner.
 """
 
 from __future__ import annotations
