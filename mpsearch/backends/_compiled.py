@@ -11,11 +11,14 @@ Inductor needs example shapes, so a model compiles on its first call for each in
 (shapes, dtypes, strides; ``warmup`` compiles ahead of time), and checks that first compiled
 output against the eager model's. Where compiling or that check fails (no C++ compiler, a
 module Dynamo cannot trace, outputs that differ) the model falls back to the eager quantized
-model, with a warning, and says why in ``mpsearch_compile``.
+model, with a warning, and says why in ``mpsearch_compile``; so it does where the compiled model
+is not faster than the eager one on the first input (:data:`RACE_CALLS` calls each, in turn).
 """
 
 from __future__ import annotations
 
+import statistics
+import time
 import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -80,10 +83,43 @@ def _cpp_compiler_missing() -> str | None:
     return None
 
 
+RACE_CALLS = 5
+"""Calls of the compiled and the eager model, interleaved, timed on the first input."""
+
+
+def _race(
+    compiled: Any, eager: nn.Module, args: tuple[Any, ...], kwargs: Mapping[str, Any]
+) -> tuple[float, float]:
+    """Median ms of the compiled and the eager model on the same input, called in turn."""
+    times: dict[Any, list[float]] = {compiled: [], eager: []}
+    for _ in range(RACE_CALLS):
+        for model, samples in times.items():
+            start = time.perf_counter()
+            model(*args, **kwargs)
+            samples.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times[compiled]), statistics.median(times[eager])
+
+
+def slower_reason(compiled_ms: float, eager_ms: float) -> str | None:
+    """Why the eager model is kept: the compiled one was not faster on the first input
+    (``None``: it was).
+
+    >>> slower_reason(1.0, 2.0) is None
+    True
+    >>> slower_reason(2.5, 2.0)
+    'compiled 2.5 ms vs eager 2 ms on the first input: the eager model is kept'
+    """
+    if compiled_ms < eager_ms:
+        return None
+    return f"compiled {compiled_ms:.3g} ms vs eager {eager_ms:.3g} ms on the first input: the eager model is kept"
+
+
 _PENDING = {"mode": "pending", "reason": "compiled by Inductor on the first call (or warmup)"}
 
 
 class CompiledModel(nn.Module):
+    race = True
+
     """A quantized model run through Inductor, falling back to itself in eager mode.
 
     It holds the quantized model ``eager`` and shares its layers, parameters and buffers (the
@@ -91,6 +127,8 @@ class CompiledModel(nn.Module):
     happened: ``{"mode": "pending" | "inductor" | "eager", "reason": ...}``. It runs without
     autograd; the compiled graphs freeze the weights as they were at compile time, and do not
     see hooks added after compiling nor those of the ``w8a8`` layers (``eager`` does).
+    ``race`` (default ``True``): time the compiled and the eager model on the first input and
+    keep the faster (``timings_ms``); ``False`` keeps the compiled one whenever it compiles.
 
     >>> net = CompiledModel(nn.Sequential(nn.Linear(4, 2)).eval())
     >>> net.mpsearch_compile["mode"], list(net.state_dict())
@@ -104,6 +142,7 @@ class CompiledModel(nn.Module):
         self._buffers = eager._buffers
         object.__setattr__(self, "eager", eager)  # not a submodule: its parts are this one's
         self.mpsearch_compile = dict(_PENDING)
+        self.timings_ms: dict[str, float] = {"compiled": float("nan"), "eager": float("nan")}
         self._reset()
 
     def _reset(self) -> None:
@@ -145,14 +184,19 @@ class CompiledModel(nn.Module):
                 reason = f"compilation failed ({type(error).__name__}: {first_line})"
             else:
                 reason = _check_close(got, expected)
+        if reason is None and self.race and not self._compiled_for:  # the first input decides
+            compiled_ms, eager_ms = _race(self._compiled, self.eager, args, kwargs)
+            reason = slower_reason(compiled_ms, eager_ms)
+            self.timings_ms = {"compiled": compiled_ms, "eager": eager_ms}
         if reason is not None:
             self._fall_back(reason)
             return expected
         self._compiled_for.add(key)
-        self.mpsearch_compile = {
-            "mode": "inductor",
-            "reason": f"compiled by Inductor for {len(self._compiled_for)} input signature(s)",
-        }
+        said = f"compiled by Inductor for {len(self._compiled_for)} input signature(s)"
+        timed = self.timings_ms
+        if timed["compiled"] == timed["compiled"]:  # raced (not NaN)
+            said += f"; {timed['compiled']:.3g} ms vs {timed['eager']:.3g} ms eager on the first"
+        self.mpsearch_compile = {"mode": "inductor", "reason": said}
         return got
 
     def warmup(self, *args: Any, **kwargs: Any) -> dict[str, str]:
@@ -188,4 +232,4 @@ class CpuInductorBackend(CpuBackend):
         return CompiledModel(super().finalize(model, assignment))
 
 
-__all__ = ["CHECK_RTOL", "CompiledModel", "CpuInductorBackend"]
+__all__ = ["CHECK_RTOL", "RACE_CALLS", "CompiledModel", "CpuInductorBackend", "slower_reason"]

@@ -4,6 +4,7 @@ the reason why not."""
 from __future__ import annotations
 
 import pickle
+import warnings
 
 import pytest
 import torch
@@ -37,6 +38,13 @@ def _mlp() -> nn.Module:
 
 def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
     return float((got - want).norm() / want.norm())
+
+
+@pytest.fixture(autouse=True)
+def _always_compiled(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Compiled output is checked here, not speed: keep the compiled model even where these
+    small models run faster eagerly (test_race_keeps_the_faster_model covers the race)."""
+    monkeypatch.setattr(CompiledModel, "race", False)
 
 
 def _compiled_against_eager(model: nn.Module, plan: object, x: torch.Tensor, **kw: object):
@@ -192,3 +200,18 @@ def test_a_guard_failing_beyond_the_signature_compiles_again_frozen() -> None:
         torch.use_deterministic_algorithms(before)
     assert compiled.mpsearch_compile["mode"] == "inductor", compiled.mpsearch_compile
     assert _relative_error(got, want) <= MAX_RELATIVE_ERROR["w8a8"]
+
+
+@pytest.mark.slow
+def test_race_keeps_the_faster_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(CompiledModel, "race", True)
+    net, x = _mlp(), torch.randn(4, 64)
+    compiled = mps.quantize(net, "fp32", backend="cpu-inductor")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        state = compiled.warmup(x)
+    timed = compiled.timings_ms
+    assert timed["compiled"] > 0 and timed["eager"] > 0
+    kept = "inductor" if timed["compiled"] < timed["eager"] else "eager"
+    assert state["mode"] == kept
+    assert f"{timed['compiled']:.3g} ms vs" in state["reason"]
