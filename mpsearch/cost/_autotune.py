@@ -44,9 +44,7 @@ class Tuned:
         return cls(str(data["choice"]), dict(data["times_ms"]), dict(data.get("errors", {})))
 
 
-def fastest(
-    names: Sequence[str], time_ms: Callable[[str], float], *, margin: float = 0.1
-) -> Tuned:
+def fastest(names: Sequence[str], time_ms: Callable[[str], float], *, margin: float = 0.1) -> Tuned:
     """Time each implementation (``time_ms(name)``, median ms) and pick the fastest; the
     first (the default) keeps the place unless another beats it by more than ``margin``
     (a layer timed alone is not timed in its model: only a clear gain is worth a switch).
@@ -79,7 +77,7 @@ def machine_key(meta: Mapping[str, Any]) -> str:
 
 
 class TuneCache:
-    """Autotuning picks of one machine, by ``"<choice key> x=<input shape>"``; read once, written
+    """Autotuning picks of one machine, by ``"<choice key> x=<input shape, dtype, strides>"``; read once, written
     back atomically (a torn or foreign file is ignored and re-measured)."""
 
     def __init__(self, cache_dir: str | Path | None, meta: Mapping[str, Any]) -> None:
@@ -93,7 +91,7 @@ class TuneCache:
 
     @staticmethod
     def entry(choice_key: str, x: torch.Tensor) -> str:
-        return f"{choice_key} x={tuple(x.shape)}:{x.dtype}"
+        return f"{choice_key} x={tuple(x.shape)}:{x.dtype}:{x.stride()}"
 
     def get(self, entry: str) -> Tuned | None:
         return self.entries.get(entry)

@@ -156,7 +156,8 @@ class CostModel:
 
     ``latency_ms(plan) = intercept_ms + slope * sum of the plan's per-layer times``: each
     per-layer time is measured on the real module with the layer's real input (fp32 in,
-    fp32 out, so the dtype conversions at its boundaries are inside it); the intercept (the
+    fp32 out, so the dtype conversions at its boundaries are inside it; in the layout its
+    neighbours hand it in that scheme's plan); the intercept (the
     rest of the model: norms, activations, Python dispatch) and slope are fitted by least
     squares on end-to-end runs of the uniform plans (``fit_table``).
 
@@ -398,7 +399,7 @@ def measure_cost(
     opts = CostOptions.resolve(options, overrides, also=COST_KEYWORDS)
     impl, scheme_objs, names = _check_call(model, schemes, backend, opts)
     model = model.eval()
-    # Inputs as the backend's own fp32 model sees them (layouts included, e.g. channels-last).
+    # Input shapes and calls (each scheme's rows are then timed on the inputs of its own plan).
     reference = quantize(model, PrecisionPlan.uniform("fp32"), backend=impl) if impl.real else model
     inputs, calls = _capture_inputs(reference, example_input, names)
     with threads(opts.num_threads) as n_threads:
@@ -506,7 +507,7 @@ class _Job:
     impl: Backend
     schemes: list[Scheme]
     names: list[str]
-    inputs: Mapping[str, torch.Tensor]
+    inputs: dict[str, torch.Tensor]
     calls: Mapping[str, int]
     settings: dict[str, Any]
     tune_cache: TuneCache | None  # None: the default implementation only
@@ -517,8 +518,13 @@ class _Job:
     def measure(self) -> dict[str, Any]:
         """The cache payload: rows, memory of the rest of the model, fp32 latency, the fit."""
         all_layers = quantizable_layers(self.model)
-        rows = [self.row(all_layers[n], n, s) for n in self.names for s in self.schemes]
-        table = pd.DataFrame(rows, columns=COLUMNS)
+        rows = {}
+        for s in self.schemes:
+            if self.impl.real:
+                self.inputs = self.scheme_inputs(s, all_layers)
+            rows.update({(n, s.name): self.row(all_layers[n], n, s) for n in self.names})
+        ordered = [rows[(n, s.name)] for n in self.names for s in self.schemes]
+        table = pd.DataFrame(ordered, columns=COLUMNS)
         rest_bytes, layer_storages = _storage_layout(self.model, self.names)
         fp32_memory = held_bytes(self.model)
         return {
@@ -535,6 +541,20 @@ class _Job:
             "as_is": self.as_is,
             "fit": _fit(self.uniform_points(table)),
         }
+
+    def scheme_inputs(self, scheme: Scheme, layers: Mapping[str, nn.Module]) -> dict[str, Any]:
+        """Each layer's input where every layer that can runs ``scheme``: the dtype and layout
+        its neighbours hand it in such a plan (a channels-last int8 or bf16 convolution's
+        output), so the conversions it then makes are timed with it."""
+        plan = {
+            n: "fp32"
+            if applicability_error(layers[n], scheme)
+            or self.impl.unsupported_reason(layers[n], scheme)
+            else scheme.name
+            for n in self.names
+        }
+        qmodel = quantize(self.model, PrecisionPlan(plan, default="fp32"), backend=self.impl)
+        return _capture_inputs(qmodel, self.example_input, self.names)[0]
 
     def row(self, layer: nn.Module, name: str, scheme: Scheme) -> list[Any]:
         """``[layer, scheme, memory_bytes, latency_ms, supported, reason, kernel]`` of one pair."""
