@@ -30,12 +30,6 @@ class Tuned:
     times_ms: dict[str, float]
     errors: dict[str, str]
 
-    @property
-    def speedup(self) -> float:
-        """How much faster the winner is than the default (the first timed) implementation."""
-        first = next(iter(self.times_ms.values()))
-        return first / self.times_ms[self.choice]
-
     def to_dict(self) -> dict[str, Any]:
         return {"choice": self.choice, "times_ms": self.times_ms, "errors": self.errors}
 
