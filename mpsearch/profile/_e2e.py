@@ -76,6 +76,21 @@ def choose_e2e_samples(value: Any, total: int, downstream_passes: float) -> int:
     return min(int(value), total)
 
 
+def whole_batches(batches: Sequence[Batch], n: int) -> int:
+    """How many leading batches lie wholly within the first ``n`` samples.
+
+    >>> whole_batches([torch.zeros(4, 2), torch.zeros(4, 2)], 6)
+    1
+    """
+    count, left = 0, n
+    for batch in batches:
+        left -= batch_size(batch)
+        if left < 0:
+            break
+        count += 1
+    return count
+
+
 def _slice(batch: Batch, size: int, n: int) -> Batch:
     def cut(t: Any) -> Any:
         if isinstance(t, torch.Tensor) and t.dim() >= 1 and t.shape[0] == size:

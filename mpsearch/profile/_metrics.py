@@ -29,6 +29,12 @@ def _log_probs(t: Tensor) -> Tensor:
     return torch.log_softmax(t.double().reshape(-1, t.shape[-1]), dim=-1)
 
 
+CHUNK_ELEMENTS = 2**19
+"""Elements (4 MiB in float64) of the float64 temporaries the batched KL works in: large
+temporaries are fresh memory from the OS at every allocation (page faults), small ones are
+reused; per-row results do not depend on the blocking."""
+
+
 class KLAgainst:
     """``kl_divergence(ref, out)`` for many ``out``: the reference's softmax computed once.
 
@@ -45,9 +51,20 @@ class KLAgainst:
         return float(kl.clamp_min(0.0).mean())
 
     def terms(self, outs: Tensor) -> Tensor:
-        """Per-row KL of each ``outs[i]``: float64 ``[len(outs), rows]`` (its mean: the KL)."""
-        log_q = torch.log_softmax(outs.double().reshape(len(outs), -1, outs.shape[-1]), dim=-1)
-        return (self.p * (self.log_p - log_q)).sum(dim=-1).clamp_min(0.0)
+        """Per-row KL of each ``outs[i]``: float64 ``[len(outs), rows]`` (its mean: the KL).
+
+        Computed a block of rows at a time (:data:`CHUNK_ELEMENTS`), ``p * (log_p - log_q)``
+        in place as ``-log_q + log_p`` (exactly ``log_p - log_q``): the numbers of
+        :func:`kl_divergence`, without float64 temporaries the size of ``outs``.
+        """
+        x = outs.reshape(len(outs), -1, outs.shape[-1])
+        step = max(1, CHUNK_ELEMENTS // (len(outs) * outs.shape[-1]))
+        parts = []
+        for start in range(0, x.shape[1], step):
+            rows = slice(start, start + step)
+            log_q = torch.log_softmax(x[:, rows].double(), dim=-1)
+            parts.append(log_q.neg_().add_(self.log_p[rows]).mul_(self.p[rows]).sum(dim=-1))
+        return torch.cat(parts, dim=1).clamp_min(0.0)
 
     @staticmethod
     def count(shape: torch.Size) -> int:
@@ -72,7 +89,7 @@ class _MSEAgainst:
         self.ref = ref.double()
 
     def terms(self, outs: Tensor) -> Tensor:
-        return (outs.double() - self.ref).pow(2).reshape(len(outs), -1)
+        return (outs.double() - self.ref).square_().reshape(len(outs), -1)
 
     @staticmethod
     def count(shape: torch.Size) -> int:
@@ -119,7 +136,7 @@ class E2EScorer:
         if self.kind is None:
             return [self._called(b, out, where) for b, out in enumerate(outs)]
         if self.joint is not None and all(o.shape[2:] == outs[0].shape[2:] for o in outs):
-            terms = self.joint.terms(torch.cat(list(outs), dim=1))
+            terms = self.joint.terms(outs[0] if len(outs) == 1 else torch.cat(list(outs), dim=1))
             if len(set(self.counts)) == 1:
                 means = terms.view(len(terms), len(outs), -1).mean(dim=-1)
             else:

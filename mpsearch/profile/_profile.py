@@ -27,7 +27,7 @@ from mpsearch.backends import Backend, get_backend
 from mpsearch.backends._quantize import applicability_error
 from mpsearch.layers import coverage, layer_weights, quantizable_layers, swapped, weight_shapes
 from mpsearch.profile._cache import CODE_VERSION, RowCache, hash_batches, hash_model, hash_text
-from mpsearch.profile._e2e import choose_e2e_samples, first_samples, total_samples
+from mpsearch.profile._e2e import first_samples, total_samples
 from mpsearch.profile._emulate import profile_layer
 from mpsearch.profile._hessian import hutchinson_traces
 from mpsearch.profile._metrics import (
@@ -230,7 +230,12 @@ def _reference(req: _Request) -> tuple[Runner, str, MetricFn]:
     """The runner (its fp32 pass done) and the end-to-end metric, both checked."""
     notes: list[str] = []
     runner = build_runner(
-        req.model, req.batches, req.names, fold_bn=req.options.fold_bn, warn=notes.append
+        req.model,
+        req.batches,
+        req.names,
+        fold_bn=req.options.fold_bn,
+        warn=notes.append,
+        e2e_samples=req.options.e2e_samples,
     )
     for note in notes:
         warnings.warn(note, stacklevel=4)
@@ -268,9 +273,8 @@ class _RowPlan:
 
 def _plan_rows(req: _Request, runner: Runner, e2e_name: str) -> _RowPlan:
     n_samples = total_samples(req.batches)
-    downstream = runner.downstream_passes()
-    n_e2e = choose_e2e_samples(req.options.e2e_samples, n_samples, downstream)
-    plan = _RowPlan(n_samples, downstream, n_e2e, skip=_skipped(req, runner))
+    n_e2e = runner.n_e2e
+    plan = _RowPlan(n_samples, runner.downstream_passes(), n_e2e, skip=_skipped(req, runner))
     if req.options.cache_dir is not None:
         plan.base_key, plan.cache = _open_cache(req, runner, e2e_name, n_e2e)
     for name in req.names:
@@ -400,14 +404,15 @@ class _Measurer:
         finals: list[torch.Tensor] = []  # per e2e batch: [scheme, *output shape]
         with torch.inference_mode():
             for b in range(len(self.req.batches)):
-                if runner.shared:
+                if b < runner.n_shared:
                     pairs, final = runner.run(name, qlayers, b)
                     finals.append(final)
                 else:
                     pairs = runner.local(name, qlayers, b)
                 _add_local(local, pairs)
-            if not runner.shared:
-                finals = [runner.e2e(name, qlayers, b) for b in range(len(self.sizes))]
+            finals += [
+                runner.e2e(name, qlayers, b) for b in range(runner.n_shared, len(self.sizes))
+            ]
             _add_e2e(e2e, finals, self.scorer, self.sizes, name, schemes)
         rows = []
         for i, scheme in enumerate(schemes):

@@ -28,8 +28,11 @@ A runner's ``mode`` names it and how the graph was captured (``graph:fx``,
 tried before it failed.
 
 Both measure local errors on every calibration batch and end-to-end errors on the *e2e batches*
-(``prepare_e2e``): the same batches (``shared``: one run gives both), or the first samples of
-them, which then get their own fp32 pass and store.
+(``prepare_e2e``): the first samples of the calibration batches (``e2e_samples``, see
+:func:`mpsearch.profile._e2e.choose_e2e_samples`). The leading e2e batches that are whole
+calibration batches are *shared* (``n_shared``): one run gives a layer's local pairs and its
+final outputs there. The graph runner keeps everything a suffix reads only for the batches it
+will share, and the start's inputs for the others; a cut batch gets its own fp32 pass.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from __future__ import annotations
 import copy
 import operator
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 import torch
@@ -50,6 +53,7 @@ from mpsearch._data import Batch, batch_size, output_tensor, run_model
 from mpsearch.layers import is_quantizable, swapped
 from mpsearch.layers._batchnorm import fold_graph
 from mpsearch.profile._capture import CAPTURES, Capture, Unsupported
+from mpsearch.profile._e2e import choose_e2e_samples, total_samples, whole_batches
 from mpsearch.profile._fastops import fast_call, has_node
 
 Pair = tuple[Tensor, Tensor]
@@ -114,7 +118,13 @@ class GraphRunner:
     """The fast path on a captured graph (see the module docstring)."""
 
     def __init__(
-        self, capture: Capture, batches: Sequence[Batch], layers: Sequence[str], *, mode: str
+        self,
+        capture: Capture,
+        batches: Sequence[Batch],
+        layers: Sequence[str],
+        *,
+        mode: str,
+        e2e_samples: Any = None,
     ) -> None:
         gm = capture.gm
         self.gm = gm
@@ -157,28 +167,34 @@ class GraphRunner:
             keep |= border | {start, *start.all_input_nodes}
         keep |= set(self.output_node.all_input_nodes)
         self.keep = keep
+        local_keep = {n for s in self.layer_node.values() for n in (s, *s.all_input_nodes)}
         self.layers = list(layers)
         self.executor = _Executor(gm)
-        self.outside = {name: _outside(self.nodes, suffix) for name, suffix in self.suffix.items()}
         self.store: list[dict[fx.Node, Any]] = []
         self.outputs: list[Tensor] = []
         self.node_cost: dict[fx.Node, float] = {}
         self.node_bytes: dict[fx.Node, int] = {}
         self.streamed: dict[fx.Node, int] = {}
+        self.n_e2e = total_samples(batches)
+        self.n_full = len(batches)  # the leading batches whose store has all of ``keep``
         with torch.inference_mode():
             for i, batch in enumerate(batches):
                 if i == 0:
                     env, self.node_cost = self._execute_counting(batch)
                     self.node_bytes = {n: _nbytes(v) for n, v in env.items()}
                     self.streamed = _streamed_weights(self.gm, self.nodes, env, self.node_cost)
+                    self.n_e2e = choose_e2e_samples(
+                        e2e_samples, self.n_e2e, self.downstream_passes()
+                    )
+                    self.n_full = whole_batches(batches, self.n_e2e)
                 else:
-                    env = self._execute_all(batch)
-                self.store.append({n: env[n] for n in keep})
+                    env = self._execute_all(batch, keep if i < self.n_full else local_keep)
+                self.store.append({n: env[n] for n in (keep if i < self.n_full else local_keep)})
                 self.outputs.append(self._final(env))
         self.e2e_batches: Sequence[Batch] = batches
         self.e2e_store = self.store
         self.reference = self.outputs
-        self.shared = True
+        self.n_shared = len(batches)
         self.batchable: dict[str, bool] = {}
         self.kinds: dict[fx.Node, str] = {}
         self.group: dict[str, int] = {}
@@ -192,18 +208,22 @@ class GraphRunner:
         return down / total
 
     def prepare_e2e(self, e2e_batches: Sequence[Batch]) -> None:
-        """Measure end-to-end errors on ``e2e_batches`` (``self.batches`` itself: shared runs)."""
-        if e2e_batches is not self.batches:
-            local_nodes = {n for s in self.layer_node.values() for n in (s, *s.all_input_nodes)}
-            self.store = [{n: s[n] for n in local_nodes} for s in self.store]
-            self.e2e_store, self.reference = [], []
-            with torch.inference_mode():
-                for batch in e2e_batches:
-                    env = self._execute_all(batch)
-                    self.e2e_store.append({n: env[n] for n in self.keep})
-                    self.reference.append(self._final(env))
-            self.e2e_batches = e2e_batches
-            self.shared = False
+        """Measure end-to-end errors on ``e2e_batches``: the leading ones that are calibration
+        batches with a full store are shared, the others get an fp32 pass."""
+        shared = 0
+        while (
+            shared < min(len(e2e_batches), self.n_full)
+            and e2e_batches[shared] is self.batches[shared]
+        ):
+            shared += 1
+        self.e2e_store, self.reference = self.store[:shared], self.outputs[:shared]
+        with torch.inference_mode():
+            for batch in e2e_batches[shared:]:
+                env = self._execute_all(batch)
+                self.e2e_store.append({n: env[n] for n in self.keep})
+                self.reference.append(self._final(env))
+        self.e2e_batches = e2e_batches
+        self.n_shared = shared
         self.batchable = self._check_batching(self.layers)
         for name, start in self.layer_node.items():
             largest = max(self.node_bytes.get(n, 0) for n in (start, *self.suffix[name]))
@@ -219,9 +239,11 @@ class GraphRunner:
         """The main output tensor (float) in a completed environment."""
         return self.capture.output(env[self.output_node]).float()
 
-    def _execute_all(self, batch: Batch) -> dict[fx.Node, Any]:
-        """Every node's value on ``batch``."""
-        return self.executor.execute(self._input_env(batch))
+    def _execute_all(self, batch: Batch, keep: set[fx.Node] | None = None) -> dict[fx.Node, Any]:
+        """The values of the nodes in ``keep`` (default ``self.keep``) and the output on
+        ``batch``."""
+        keep = self.keep if keep is None else keep
+        return self.executor.execute(self._input_env(batch), self.nodes, keep=keep)
 
     def _execute_counting(self, batch: Batch) -> tuple[dict[fx.Node, Any], dict[fx.Node, float]]:
         """Every node's value on ``batch`` and its work estimate (see :func:`_node_costs`)."""
@@ -297,7 +319,7 @@ class GraphRunner:
         for i in range(0, len(outs_q), size):
             chunk = outs_q[i : i + size]
             n = len(chunk)
-            env = dict.fromkeys(self.outside[layer])  # upstream values the suffix never reads
+            env: dict[fx.Node, Any] = {}
             if n > 1:
                 for node in border:
                     value = store[node]
@@ -306,14 +328,14 @@ class GraphRunner:
             else:
                 env.update((node, store[node]) for node in border)
                 env[start] = chunk[0]
-            out = self._final(self.executor.execute(env))
+            out = self._final(self.executor.execute(env, self.suffix[layer]))
             finals.append(out.unflatten(0, (n, -1)))
         return finals[0] if len(finals) == 1 else torch.cat(finals)
 
     def run(
         self, layer: str, qlayers: Sequence[nn.Module], b: int
     ) -> tuple[list[list[Pair]], Tensor]:
-        """Shared mode: local (reference, quantized) output pairs and final outputs on batch b
+        """Local (reference, quantized) output pairs and final outputs on shared batch b
         (stacked: ``[variants, *output shape]``)."""
         y_ref, outs_q = self._quantized(layer, qlayers, self.store[b])
         return [[(y_ref, y)] for y in outs_q], self._downstream(layer, outs_q, self.store[b])
@@ -335,7 +357,9 @@ class _Executor(fx.Interpreter):
 
     Operations with an exact faster stand-in (:mod:`mpsearch.profile._fastops`) run it, and
     modules are looked up once (the runner's graph module is not modified after tracing and
-    folding). Values are kept (no garbage collection): the runner caches some of them.
+    folding). A value is dropped after its last use unless the caller keeps it: the memory of
+    dead intermediates is reused, as in the module's own forward (keeping every value made
+    each pass page-fault fresh memory: a BERT pass ran 2x slower than the module's).
     """
 
     def __init__(self, gm: fx.GraphModule) -> None:
@@ -355,6 +379,14 @@ class _Executor(fx.Interpreter):
             if not any(_nested_node(a) for a in node.args)
             and not any(has_node(v) for v in node.kwargs.values())
         }
+        self.nodes = list(gm.graph.nodes)
+        self.last_uses: dict[fx.Node, list[fx.Node]] = {}  # node -> the values it reads last
+        seen: set[fx.Node] = set()
+        for node in reversed(self.nodes):
+            for arg in node.all_input_nodes:
+                if arg not in seen:
+                    seen.add(arg)
+                    self.last_uses.setdefault(node, []).append(arg)
         self.counter: FlopCounterMode | None = None
         self.flops: dict[fx.Node, int] = {}
 
@@ -383,21 +415,31 @@ class _Executor(fx.Interpreter):
     def call_module(self, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         return self.modules[target](*args, **kwargs)
 
-    def execute(self, env: dict[fx.Node, Any]) -> dict[fx.Node, Any]:
-        """``env`` completed with the value of every node not already in it."""
-        self.run(initial_env=env, enable_io_processing=False)
+    def execute(
+        self, env: dict[fx.Node, Any], nodes: Sequence[fx.Node], *, keep: Collection[fx.Node] = ()
+    ) -> dict[fx.Node, Any]:
+        """``env`` with ``nodes`` (in graph order) run where not already in it; a value read
+        for the last time is then dropped from ``env`` unless it is in ``keep``."""
+        self.env = env
+        for node in nodes:
+            if node in env:
+                continue
+            env[node] = self.run_node(node)
+            for dead in self.last_uses.get(node, ()):
+                if dead not in keep:
+                    env.pop(dead, None)
         return env
 
     def execute_counting(
         self, env: dict[fx.Node, Any]
     ) -> tuple[dict[fx.Node, Any], dict[fx.Node, int]]:
-        """:meth:`execute`, and the floating-point operations each node ran
+        """Every node's value (none dropped), and the floating-point operations each node ran
         (``torch.utils.flop_counter``: matrix products, convolutions, attention)."""
         self.flops = {}
         with FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOPS) as counter:
             self.counter = counter
             try:
-                self.execute(env)
+                self.execute(env, self.nodes, keep=frozenset(self.nodes))
             finally:
                 self.counter = None
         return env, self.flops
@@ -424,12 +466,6 @@ _EXTRA_FLOPS: dict[Any, Any] = {
 def _nested_node(value: Any) -> bool:
     """A graph value inside a container argument (a plain node argument is looked up directly)."""
     return not isinstance(value, fx.Node) and has_node(value)
-
-
-def _outside(nodes: Sequence[fx.Node], suffix: Sequence[fx.Node]) -> list[fx.Node]:
-    """The nodes not in ``suffix``: given (their values or ``None``) so the interpreter skips them."""
-    inside = set(suffix)
-    return [n for n in nodes if n not in inside]
 
 
 def _kind(full_value: Any, half_value: Any, full: int, half: int) -> str:
@@ -527,7 +563,14 @@ class HookRunner:
     mode = "hooks"
     capture_s = 0.0
 
-    def __init__(self, model: nn.Module, batches: Sequence[Batch], layers: Sequence[str]) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        batches: Sequence[Batch],
+        layers: Sequence[str],
+        *,
+        e2e_samples: Any = None,
+    ) -> None:
         self.gm = model
         self.fallbacks: dict[str, str] = {}
         self.batches = batches
@@ -549,22 +592,25 @@ class HookRunner:
             for h in handles:
                 h.remove()
         self.called = {name for name, c in counts.items() if c}
+        self.n_e2e = choose_e2e_samples(e2e_samples, total_samples(batches), len(self.called))
         self.e2e_batches: Sequence[Batch] = batches
         self.reference = self.outputs
-        self.shared = True
+        self.n_shared = len(batches)
 
     def downstream_passes(self) -> float:
         """End-to-end work per scheme, in fp32 passes: the whole model once per layer."""
         return float(len(self.called))
 
     def prepare_e2e(self, e2e_batches: Sequence[Batch]) -> None:
-        """Measure end-to-end errors on ``e2e_batches`` (``self.batches`` itself: shared runs)."""
+        """Measure end-to-end errors on ``e2e_batches``: all shared when they are
+        ``self.batches`` itself, else none (a layer's later calls in a shared run would get
+        quantized inputs, where :meth:`local` gives them fp32 ones)."""
         if e2e_batches is self.batches:
             return
         with torch.inference_mode():
             self.reference = [output_tensor(run_model(self.gm, b)).float() for b in e2e_batches]
         self.e2e_batches = e2e_batches
-        self.shared = False
+        self.n_shared = 0
 
     def _hook(
         self, layer: str, qlayers: Sequence[nn.Module], record: Callable[[Any, list[Any]], Any]
@@ -604,7 +650,7 @@ class HookRunner:
     def run(
         self, layer: str, qlayers: Sequence[nn.Module], b: int
     ) -> tuple[list[list[Pair]], Tensor]:
-        """Shared mode: local (reference, quantized) output pairs and final outputs on batch b
+        """Local (reference, quantized) output pairs and final outputs on shared batch b
         (stacked: ``[variants, *output shape]``)."""
         return self._substituted(layer, qlayers, self.batches[b])
 
@@ -665,6 +711,7 @@ def _graph_runner(
     *,
     method: str,
     fold: bool,
+    e2e_samples: Any,
 ) -> GraphRunner:
     """The graph runner on ``model`` captured by ``CAPTURES[method]``, checked against the
     model's own output on the first batch (raises when it is not reproduced)."""
@@ -674,7 +721,7 @@ def _graph_runner(
     seconds = time.perf_counter() - start
     folded = fold and fold_graph(capture.gm) > 0
     _remove_inplace(capture.gm)
-    runner = GraphRunner(capture, batches, layers, mode=f"graph:{method}")
+    runner = GraphRunner(capture, batches, layers, mode=f"graph:{method}", e2e_samples=e2e_samples)
     runner.capture_s = seconds
     with torch.inference_mode():
         direct = output_tensor(run_model(model, batches[0])).float()
@@ -698,16 +745,20 @@ def build_runner(
     *,
     fold_bn: bool,
     warn: Callable[[str], None],
+    e2e_samples: Any = None,
 ) -> Runner:
     """The graph runner on the first capture in ``CAPTURES`` that works and reproduces the
     model's output (BatchNorm folded first when ``fold_bn``, else as it is), else the hook
-    runner; ``runner.fallbacks`` says why the captures before failed."""
+    runner; ``runner.fallbacks`` says why the captures before failed. ``runner.n_e2e``: the
+    number of samples ``e2e_samples`` picks (:func:`~mpsearch.profile._e2e.choose_e2e_samples`)."""
     has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
     fallbacks: dict[str, str] = {}
     for method in CAPTURES:
         for fold in (True, False) if (fold_bn and has_bn) else (False,):
             try:
-                runner = _graph_runner(model, batches, layers, method=method, fold=fold)
+                runner = _graph_runner(
+                    model, batches, layers, method=method, fold=fold, e2e_samples=e2e_samples
+                )
             except Exception as exc:
                 fallbacks[f"graph:{method}"] = _reason(exc)
                 continue
@@ -724,6 +775,7 @@ def build_runner(
         f"profile: using the slower hook runner (whole model re-run per layer and scheme) "
         f"because no graph capture works ({reasons}).{note}"
     )
-    runner = HookRunner(work, batches, [n for n in layers if is_quantizable(work.get_submodule(n))])
+    quantizable = [n for n in layers if is_quantizable(work.get_submodule(n))]
+    runner = HookRunner(work, batches, quantizable, e2e_samples=e2e_samples)
     runner.fallbacks = fallbacks
     return runner

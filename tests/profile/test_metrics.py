@@ -3,6 +3,7 @@ output on its own batch."""
 
 from __future__ import annotations
 
+import importlib
 import math
 
 import pytest
@@ -10,6 +11,8 @@ import torch
 
 from mpsearch.profile import kl_divergence, mean_squared_error
 from mpsearch.profile._metrics import E2EScorer
+
+metrics_module = importlib.import_module("mpsearch.profile._metrics")
 
 BUILTIN = [("kl", kl_divergence), ("mse", mean_squared_error)]
 
@@ -85,3 +88,18 @@ def test_callable_metric_is_called_per_finite_output_with_where_in_errors() -> N
 
     with pytest.raises(RuntimeError, match="'nan_metric' returned NaN on batch 0, output 0"):
         E2EScorer(refs, "nan_metric", nan_metric)(outs, _where)
+
+
+def test_kl_terms_in_row_blocks_equal_one_block(monkeypatch) -> None:
+    """Blocks of rows (the float64 temporaries kept small) give the very same per-row terms,
+    and each output's mean is its own KL divergence."""
+    g = torch.Generator().manual_seed(0)
+    ref = torch.randn(6, 5, 7, generator=g) * 3
+    outs = ref + 0.1 * torch.randn(3, 6, 5, 7, generator=g)
+    whole = metrics_module.KLAgainst(ref).terms(outs)
+    monkeypatch.setattr(metrics_module, "CHUNK_ELEMENTS", 3 * 7 * 4)  # 4 rows per block
+    blocks = metrics_module.KLAgainst(ref).terms(outs)
+    assert blocks.shape == (3, 30) and torch.equal(blocks, whole)
+    for i in range(3):
+        assert float(blocks[i].mean()) == pytest.approx(kl_divergence(ref, outs[i]), rel=1e-12)
+    assert torch.equal(metrics_module.KLAgainst(ref).terms(ref[None]), torch.zeros(1, 30))

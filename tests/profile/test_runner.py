@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from profile_models import batches, chain
@@ -13,6 +14,7 @@ from torch import nn
 
 from mpsearch.layers import quantizable_layers
 from mpsearch.profile import profile
+from mpsearch.profile._e2e import first_samples
 
 runner_module = importlib.import_module("mpsearch.profile._runner")
 
@@ -131,3 +133,58 @@ def test_node_costs_are_multiply_accumulates_or_output_sizes() -> None:
     assert cost["pool"] == b * 8 * 4 * 4  # no multiply-accumulates: its output's size
     assert cost["relu"] == b * 8 * 8 * 8
     assert cost["x"] == cost["scale"] == cost["output"] == 0.0
+
+
+class _ScaledMLP(_WideMLP):
+    """An operation after the last layer: a value only end-to-end runs read."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) * 2
+
+
+def test_e2e_subset_reuses_whole_batches_and_keeps_less_for_the_rest(monkeypatch) -> None:
+    """Only the cut e2e batch gets its own fp32 pass; batches past the e2e samples keep only
+    what the local errors read; the table equals a fresh runner's on the same e2e batches."""
+    model = _ScaledMLP().eval()
+    calib = batches(3, 16, 64)
+    names = list(quantizable_layers(model))
+    runner = runner_module.build_runner(
+        model, calib, names, fold_bn=True, warn=print, e2e_samples=20
+    )
+    assert runner.n_e2e == 20 and runner.n_full == 1
+    local = {n for s in runner.layer_node.values() for n in (s, *s.all_input_nodes)}
+    assert set(runner.store[0]) == runner.keep > local
+    assert set(runner.store[1]) == set(runner.store[2]) == local
+    passes = []
+    execute_all = runner._execute_all
+    monkeypatch.setattr(runner, "_execute_all", lambda *a: passes.append(a) or execute_all(*a))
+    runner.prepare_e2e(first_samples(calib, 20))
+    assert runner.n_shared == 1 and len(passes) == 2  # the cut batch, then the batching check
+    assert [b.shape[0] for b in runner.e2e_batches] == [16, 4] and passes[0][0].shape[0] == 4
+    fast = profile(model, calib, schemes=["w8a8", "w4a16"], e2e_samples=20)
+    monkeypatch.setattr(runner_module.GraphRunner, "prepare_e2e", _unshared(runner_module))
+    slow = profile(model, calib, schemes=["w8a8", "w4a16"], e2e_samples=20)
+    pd.testing.assert_frame_equal(fast.table, slow.table, check_exact=True)
+
+
+def _unshared(module):
+    """``prepare_e2e`` re-running every e2e batch (no shared batch)."""
+    original = module.GraphRunner.prepare_e2e
+
+    def prepare(self, e2e_batches):
+        self.n_full = 0
+        original(self, e2e_batches)
+
+    return prepare
+
+
+def test_passes_drop_values_after_their_last_use() -> None:
+    model = _ScaledMLP().eval()
+    calib = batches(1, 8, 64)
+    runner = runner_module.build_runner(
+        model, calib, list(quantizable_layers(model)), fold_bn=True, warn=print
+    )
+    fc2 = runner.layer_node["fc2"]
+    env = runner._execute_all(calib[0], {fc2})
+    assert set(env) == {fc2, runner.output_node}
+    assert torch.equal(runner._final(env), runner.outputs[0])
