@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from mpsearch._data import Batch, output_tensor, run_model
 from mpsearch.layers import layer_weights
@@ -50,7 +51,8 @@ def hutchinson_traces(
     sizes = [0] * len(layers)
     for i, p in zip(owner, params, strict=True):
         sizes[i] += p.numel()
-    with torch.inference_mode(False), torch.enable_grad():
+    # The math attention kernel: the fused CPU ones (flash) have no double backward.
+    with torch.inference_mode(False), torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
         for batch in batches:
             out = output_tensor(run_model(model, batch))
             loss = loss_fn(out, batch)
