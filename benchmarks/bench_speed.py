@@ -131,6 +131,7 @@ def main() -> None:
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated names")
     parser.add_argument("--trials", type=int, default=30)
     parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--out", type=Path, default=RESULTS, help="the Markdown table's path")
     args = parser.parse_args()
     names = [n for n in args.models.split(",") if n]
     torch.manual_seed(0)
@@ -192,9 +193,9 @@ def main() -> None:
             "",
         ]
     )
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(text, encoding="utf-8")
-    print(f"wrote {RESULTS}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text, encoding="utf-8")
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -514,15 +514,23 @@ class _Job:
     tuning: list[list[Any]] = field(default_factory=list)
     choices: dict[str, str] = field(default_factory=dict)
     as_is: list[tuple[str, str]] = field(default_factory=list)
+    untuned: set[str] = field(default_factory=set)  # schemes whose picks lost end to end
 
     def measure(self) -> dict[str, Any]:
         """The cache payload: rows, memory of the rest of the model, fp32 latency, the fit."""
         all_layers = quantizable_layers(self.model)
-        rows = {}
-        for s in self.schemes:
+        rows: dict[tuple[str, str], list[Any]] = {}
+        points = []
+        for s in self.schemes:  # fp32 first: the other plans' fp32 layers are timed by then
             if self.impl.real:
                 self.inputs = self.scheme_inputs(s, all_layers)
             rows.update({(n, s.name): self.row(all_layers[n], n, s) for n in self.names})
+            point = self.uniform_point(s, rows)
+            if point is None:  # its picks lost end to end: the default kernels instead
+                self.untuned.add(s.name)
+                rows.update({(n, s.name): self.row(all_layers[n], n, s) for n in self.names})
+                point = self.uniform_point(s, rows)
+            points.append(point)
         ordered = [rows[(n, s.name)] for n in self.names for s in self.schemes]
         table = pd.DataFrame(ordered, columns=COLUMNS)
         rest_bytes, layer_storages = _storage_layout(self.model, self.names)
@@ -539,7 +547,7 @@ class _Job:
             "tuning": self.tuning,
             "choices": self.choices,
             "as_is": self.as_is,
-            "fit": _fit(self.uniform_points(table)),
+            "fit": _fit(points),
         }
 
     def scheme_inputs(self, scheme: Scheme, layers: Mapping[str, nn.Module]) -> dict[str, Any]:
@@ -604,7 +612,7 @@ class _Job:
         impl = self.impl
         assert isinstance(impl, KernelBackend)
         kernels = {k.name: k for k in impl.candidates(layer, scheme)}
-        if len(kernels) == 1 or self.tune_cache is None:
+        if len(kernels) == 1 or self.tune_cache is None or scheme.name in self.untuned:
             return next(iter(kernels)), None
         x, key = self.inputs[name], choice_key(layer, scheme)
         entry = TuneCache.entry(key, x)
@@ -625,27 +633,40 @@ class _Job:
             )  # fmt: skip
         return choice, tuned.times_ms[choice]
 
-    def uniform_points(self, table: pd.DataFrame) -> list[dict[str, Any]]:
-        """End-to-end time of each uniform plan (unsupported layers stay fp32) next to the sum
-        of its per-layer times: the points the latency model is fitted on."""
-        indexed = table.set_index(["layer", "scheme"])
-        supported = indexed["supported"].to_dict()
-        latency = indexed["latency_ms"].to_dict()
-        points = []
+    def uniform_point(
+        self, scheme: Scheme, rows: Mapping[tuple[str, str], list[Any]]
+    ) -> dict[str, Any] | None:
+        """End-to-end time of the uniform plan of ``scheme`` (unsupported layers stay fp32)
+        next to the sum of its per-layer times: a point the latency model is fitted on.
+
+        Where the autotuner switched some of its layers from the default kernel, the plan is
+        also timed on the default kernels: ``None`` when those ran it faster (layers timed
+        alone are not timed in their model), and the scheme's picks are dropped."""
+        assignment = {n: scheme.name if rows[(n, scheme.name)][4] else "fp32" for n in self.names}
+        plan = PrecisionPlan(assignment, default="fp32")
         impl = self.impl.tuned(self.choices) if isinstance(self.impl, KernelBackend) else self.impl
-        for scheme in self.schemes:
-            assignment = {
-                n: (scheme.name if supported[(n, scheme.name)] else "fp32") for n in self.names
-            }
-            qmodel = quantize(self.model, PrecisionPlan(assignment, default="fp32"), backend=impl)
-            points.append(
-                {
-                    "plan": f"uniform {scheme.name}",
-                    "layer_sum_ms": float(sum(latency[(n, s)] for n, s in assignment.items())),
-                    "measured_ms": _time_model(qmodel, self.example_input, self.settings),
-                }
-            )
-        return points
+        measured = _time_model(
+            quantize(self.model, plan, backend=impl), self.example_input, self.settings
+        )
+        picked = {k for k in self.choices if k.startswith(f"{scheme.name} ")}
+        if picked and scheme.name not in self.untuned:
+            default = self.impl.tuned({k: v for k, v in self.choices.items() if k not in picked})
+            model = quantize(self.model, plan, backend=default)
+            if _time_model(model, self.example_input, self.settings) < measured:
+                for key in picked:
+                    del self.choices[key]
+                first = set()  # each pair's first timed kernel: the default, now the one kept
+                for t in self.tuning:
+                    if t[1] == scheme.name:
+                        t[4] = t[0] not in first
+                        first.add(t[0])
+                self.as_is = [a for a in self.as_is if a[1] != scheme.name]
+                return None
+        return {
+            "plan": f"uniform {scheme.name}",
+            "layer_sum_ms": float(sum(rows[(n, s)][3] for n, s in assignment.items())),
+            "measured_ms": measured,
+        }
 
 
 __all__ = [

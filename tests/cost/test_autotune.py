@@ -139,3 +139,45 @@ def test_tuning_summary_counts_the_switches() -> None:
     line = _cost().tuning_summary()
     assert "2 (layer, scheme) pairs" in line and "2 run a faster one" in line and "fast x2" in line
     assert "nothing to choose" in _cost(autotune=False).tuning_summary()
+
+
+class _WarmOnly(RealLayer):
+    """Fast only on the input it saw last (a warm cache), slow on a new one: it wins timed
+    alone (one input over and over) and loses inside the model (a new input every call)."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.inner, self.last = layer, None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        seconds = 0.0005 if x is self.last else 0.008
+        self.last = x
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            pass
+        return self.inner(x)
+
+
+_WARM = {
+    (nn.Linear, "fp32"): (
+        Kernel(lambda layer, scheme, *, act_range=None: _WarmOnly(layer), "warm", name="warm"),
+    )
+}
+_STEADY = {(nn.Linear, "fp32"): _kernel("steady", 0.003)}
+
+
+class _WarmBackend(KernelBackend):
+    name = "fake-warm"
+    kernels = _STEADY
+    implementations = _WARM
+
+
+def test_picks_that_lose_end_to_end_are_dropped() -> None:
+    cost = measure_cost(
+        _net(), torch.randn(2, 8), schemes=["fp32"], backend=_WarmBackend(), repeats=5, warmup=1
+    )
+    # timed alone the warm kernel won (0.5 ms vs 3 ms); in the model it costs 8 ms a call
+    alone = cost.tuning.set_index(["layer", "kernel"])["latency_ms"]
+    assert alone[("0", "warm")] < alone[("0", "steady")]
+    assert set(cost.table["kernel"]) == {"steady"} and not cost.backend.choices
+    assert set(cost.tuning.loc[cost.tuning["chosen"].astype(bool), "kernel"]) == {"steady"}
