@@ -697,26 +697,19 @@ class KernelBackend(Backend):
 
     def kernel_table(self) -> list[dict[str, str]]:
         """One row per registered (layer type, scheme, implementation): the kernel that runs it."""
-        rows = [
+        registered = [
+            *self.kernels.items(),
+            *((pair, k) for pair, kernels in self.implementations.items() for k in kernels),
+        ]
+        return [
             {
                 "layer_type": kind.__name__,
                 "scheme": s,
                 "implementation": k.name,
                 "kernel": k.description,
             }
-            for (kind, s), k in self.kernels.items()
+            for (kind, s), k in registered
         ]
-        for (kind, s), kernels in self.implementations.items():
-            rows += [
-                {
-                    "layer_type": kind.__name__,
-                    "scheme": s,
-                    "implementation": k.name,
-                    "kernel": k.description,
-                }
-                for k in kernels
-            ]
-        return rows
 
 
 def choice_key(layer: nn.Module, scheme: Scheme) -> str:

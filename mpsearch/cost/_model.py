@@ -17,7 +17,7 @@ from torch import nn
 from mpsearch._data import Batch, run_model
 from mpsearch._validation import check_module, invalid
 from mpsearch.backends import Backend, get_backend, quantize, storage_bytes
-from mpsearch.backends._kernels import KernelBackend, RealLayer, choice_key
+from mpsearch.backends._kernels import Kernel, KernelBackend, RealLayer, choice_key
 from mpsearch.backends._quantize import PlanLike, applicability_error, as_plan
 from mpsearch.backends._simulate import SIMULATED_TYPES
 from mpsearch.cost._autotune import TuneCache, fastest
@@ -573,13 +573,10 @@ class _Job:
         x = self.inputs[name]
         kernel, ms = "", None
         if isinstance(impl, KernelBackend):
-            kernel, ms = self.tune(layer, name, scheme)
-            module = impl.build(
-                next(k for k in impl.candidates(layer, scheme) if k.name == kernel),
-                standard_form(layer),
-                scheme,
-            )
-            memory = storage_bytes(module)
+            chosen, ms, module = self.tune(layer, name, scheme)
+            if module is None:
+                module = impl.build(chosen, standard_form(layer), scheme)
+            kernel, memory = chosen.name, storage_bytes(module)
             own = {_storage_key(t) for t in layer.parameters()}
             if any(_storage_key(t) in own for t in module.parameters()):
                 self.as_is.append((name, scheme.name))  # its bytes stay the layer's own
@@ -605,23 +602,29 @@ class _Job:
                 stable=self.settings.get("stable"),
             )
 
-    def tune(self, layer: nn.Module, name: str, scheme: Scheme) -> tuple[str, float | None]:
-        """The fastest implementation of ``layer`` in ``scheme`` on its real input, and its
-        time (``None``: one implementation only, timed by the caller). Picks already made on
-        this machine for the same layer signature and input are reused."""
+    def tune(
+        self, layer: nn.Module, name: str, scheme: Scheme
+    ) -> tuple[Kernel, float | None, nn.Module | None]:
+        """The fastest implementation of ``layer`` in ``scheme`` on its real input, its time
+        and the module timed (``None`` for both: not timed here, by the caller). Picks already
+        made on this machine for the same layer signature and input are reused."""
         impl = self.impl
         assert isinstance(impl, KernelBackend)
         kernels = {k.name: k for k in impl.candidates(layer, scheme)}
         if len(kernels) == 1 or self.tune_cache is None or scheme.name in self.untuned:
-            return next(iter(kernels)), None
+            return next(iter(kernels.values())), None, None
         x, key = self.inputs[name], choice_key(layer, scheme)
         entry = TuneCache.entry(key, x)
         tuned = self.tune_cache.get(entry)
+        built: dict[str, nn.Module] = {}
         if tuned is None or set(tuned.times_ms) != set(kernels):
             form = standard_form(layer)
-            tuned = fastest(
-                list(kernels), lambda k: self.time_layer(impl.build(kernels[k], form, scheme), x)
-            )
+
+            def time_ms(k: str) -> float:
+                built[k] = impl.build(kernels[k], form, scheme)
+                return self.time_layer(built[k], x)
+
+            tuned = fastest(list(kernels), time_ms)
             self.tune_cache.put(entry, tuned)
         # One choice per signature (quantize_layer sees the layer, not its input): a layer
         # whose signature was tuned on another input shape runs the first pick.
@@ -631,7 +634,7 @@ class _Job:
                 [name, scheme.name, kernel, ms * self.calls[name], kernel == choice,
                  tuned.errors.get(kernel, "")]
             )  # fmt: skip
-        return choice, tuned.times_ms[choice]
+        return kernels[choice], tuned.times_ms[choice], built.get(choice)
 
     def uniform_point(
         self, scheme: Scheme, rows: Mapping[tuple[str, str], list[Any]]

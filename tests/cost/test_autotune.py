@@ -18,6 +18,13 @@ from mpsearch.schemes import get_scheme
 CALLS: dict[str, int] = {}
 
 
+def _busy(seconds: float) -> None:
+    """Spin for ``seconds`` of wall time (a kernel of known cost)."""
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
 class _Sleeper(RealLayer):
     """A real-layer stand-in that costs a known time per call (and counts its calls)."""
 
@@ -27,9 +34,7 @@ class _Sleeper(RealLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         CALLS[self.label] = CALLS.get(self.label, 0) + 1
-        end = time.perf_counter() + self.seconds
-        while time.perf_counter() < end:
-            pass
+        _busy(self.seconds)
         return self.inner(x)
 
 
@@ -150,11 +155,8 @@ class _WarmOnly(RealLayer):
         self.inner, self.last = layer, None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        seconds = 0.0005 if x is self.last else 0.008
+        _busy(0.0005 if x is self.last else 0.008)
         self.last = x
-        end = time.perf_counter() + seconds
-        while time.perf_counter() < end:
-            pass
         return self.inner(x)
 
 
