@@ -11,6 +11,9 @@ from mpsearch.layers import fold_batchnorm, quantizable_layers
 from mpsearch.plan import PrecisionPlan
 from mpsearch.profile import ProfileOptions, SensitivityProfile
 from mpsearch.profile import profile as profile
+from mpsearch.recover import RecoverOptions, RecoveryResult
+from mpsearch.recover import recover as recover
+from mpsearch.rounding import Rounder, RoundingOptions, smooth_activations
 from mpsearch.runtime import CalibrationReport, Controller
 from mpsearch.schemes import SCHEMES, QuantSpec, Scheme, get_scheme, register_scheme
 from mpsearch.search import (
@@ -45,6 +48,10 @@ __all__ = [
     "PrecisionPlan",
     "ProfileOptions",
     "QuantSpec",
+    "RecoverOptions",
+    "RecoveryResult",
+    "Rounder",
+    "RoundingOptions",
     "Scheme",
     "SearchOptions",
     "SearchResult",
@@ -59,8 +66,10 @@ __all__ = [
     "profile",
     "quantizable_layers",
     "quantize",
+    "recover",
     "register_backend",
     "register_scheme",
     "run_workers",
     "search",
+    "smooth_activations",
 ]

@@ -15,6 +15,7 @@ from mpsearch.backends._registry import Backend, get_backend
 from mpsearch.layers import layer_weights, quantizable_layers, replace_layers, weight_shapes
 from mpsearch.layers._layers import watched
 from mpsearch.plan import PrecisionPlan
+from mpsearch.rounding import Rounder
 from mpsearch.schemes import Observer, Scheme, get_scheme
 from mpsearch.schemes._observers import make_observer
 
@@ -104,6 +105,7 @@ def quantize(
     calib: Iterable[Any] | None = None,
     observer: str | Observer = "minmax",
     act_ranges: Mapping[str, tuple[float, float]] | None = None,
+    rounder: Rounder | None = None,
     inplace: bool = False,
 ) -> nn.Module:
     """A model whose layers run in the plan's schemes on ``backend``; ``model`` is left untouched.
@@ -114,6 +116,11 @@ def quantize(
     directly (``{layer: (lo, hi)}``, e.g. observed once and reused); the other layers stay
     dynamic.
 
+    Layers whose choice has a calibrated rounding method (``"w4a16+gptq"``) get their weights
+    rounded from calibration data first: by ``rounder`` (a :class:`~mpsearch.rounding.Rounder`
+    of ``model``, which also applies its bias correction; reused across calls) or, without
+    one, from ``calib``. The rounded weights run on the scheme's own kernels.
+
     >>> net = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10)).eval()
     >>> qnet = quantize(net, PrecisionPlan({"0": "w8a8"}, default="bf16"))
     >>> qnet(torch.randn(2, 64)).shape
@@ -122,10 +129,14 @@ def quantize(
     check_module(model)
     plan = as_plan(plan)
     impl = get_backend(backend)
+    choices = plan.resolve_choices(model)
     assignment = plan.resolve(model)
     check_assignment(model, assignment, impl)
+    rounder = _rounder_for(model, plan, choices, calib, rounder)
     target = model if inplace else copy.deepcopy(model)
     target.eval()
+    if rounder is not None:
+        rounder.apply(target, choices, inplace=True)
     to_change = {n: s for n, s in assignment.items() if s != "fp32" or impl.real}
     if calib is not None and act_ranges is not None:
         raise invalid(
@@ -152,3 +163,33 @@ def quantize(
     result.mpsearch_assignment = dict(assignment)
     result.mpsearch_backend = impl.name
     return result
+
+
+def _rounder_for(
+    model: nn.Module,
+    plan: PrecisionPlan,
+    choices: Mapping[str, str],
+    calib: Iterable[Any] | None,
+    rounder: Rounder | None,
+) -> Rounder | None:
+    """The rounder ``quantize`` uses: ``rounder`` (checked against ``model``), one built on
+    ``calib`` when the plan has calibrated roundings, or ``None``."""
+    if rounder is not None:
+        if not isinstance(rounder, Rounder):
+            raise invalid("rounder", rounder, "a Rounder (mpsearch.rounding.Rounder) or None")
+        if list(rounder.layers) != list(quantizable_layers(model)):
+            raise invalid(
+                "rounder", rounder, "a Rounder built on this model (the same quantizable layers)"
+            )
+        return rounder
+    rounded = sorted(n for n, c in choices.items() if get_scheme(c).rounding != "rtn")
+    if not rounded:
+        return None
+    if calib is None:
+        shown = ", ".join(f"{n!r} ({choices[n]})" for n in rounded[:5])
+        raise ValueError(
+            f"The plan rounds {len(rounded)} layer(s) by a calibrated method ({shown}), which "
+            "needs calibration data: pass calib=batches (or rounder=Rounder(model, batches)), "
+            "or use round-to-nearest schemes."
+        )
+    return Rounder(model, calib)

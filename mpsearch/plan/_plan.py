@@ -22,7 +22,9 @@ from torch import nn
 
 from mpsearch._validation import invalid, unknown
 from mpsearch.layers import quantizable_layers, weight_shapes
+from mpsearch.rounding._stats import rounding_unsupported
 from mpsearch.schemes import SCHEMES, Scheme, get_scheme
+from mpsearch.schemes._rounding import DEFAULT_ROUNDING, choice_name, split_choice
 from mpsearch.schemes._scheme import nearest_variant
 
 PLAN_FORMAT = "mpsearch.plan"
@@ -53,6 +55,9 @@ class PrecisionPlan:
     ('w4a16', 'w8a8', 'bf16')
     >>> PrecisionPlan.from_json(plan.to_json()) == plan
     True
+    >>> gptq = PrecisionPlan({"fc1": "w4a16+gptq"}, default="w8a8")
+    >>> gptq.scheme_for("fc1"), gptq.rounding_for("fc1"), gptq.choice_for("fc1")
+    ('w4a16', 'gptq', 'w4a16+gptq')
     """
 
     __slots__ = ("_compiled", "default", "metadata", "rules")
@@ -67,13 +72,14 @@ class PrecisionPlan:
         rules = dict(rules or {})
         if not isinstance(default, str):
             raise invalid("default", default, "a scheme name")
-        get_scheme(default, argument="default")
+        get_scheme(default, argument="default")  # a choice: 'w4a16+gptq' too
         compiled: list[tuple[str, re.Pattern[str]]] = []
         for key, scheme in rules.items():
             if not isinstance(key, str) or not key:
                 raise invalid("rules", key, "a layer name or 're:<regex>' string")
-            if not isinstance(scheme, str) or scheme not in SCHEMES:
+            if not isinstance(scheme, str):
                 raise unknown(f"rules[{key}]", scheme, SCHEMES)
+            get_scheme(scheme, argument=f"rules[{key}]")
             if key.startswith(REGEX_PREFIX):
                 try:
                     compiled.append((key, re.compile(key[len(REGEX_PREFIX) :])))
@@ -87,14 +93,28 @@ class PrecisionPlan:
         self._compiled = compiled
 
     # -- lookup ---------------------------------------------------------------------------------
-    def scheme_for(self, layer: str) -> str:
-        """The scheme name this plan gives ``layer``."""
+    def choice_for(self, layer: str) -> str:
+        """The choice (scheme, with its rounding method if not ``rtn``) this plan gives ``layer``."""
         if layer in self.rules and not layer.startswith(REGEX_PREFIX):
             return self.rules[layer]
         for key, pattern in self._compiled:
             if pattern.fullmatch(layer):
                 return self.rules[key]
         return self.default
+
+    def scheme_for(self, layer: str) -> str:
+        """The scheme name this plan gives ``layer`` (without its rounding method)."""
+        return split_choice(self.choice_for(layer))[0]
+
+    def rounding_for(self, layer: str) -> str:
+        """The rounding method this plan gives ``layer`` (``rtn``: round to nearest)."""
+        return split_choice(self.choice_for(layer))[1]
+
+    @property
+    def rounds(self) -> bool:
+        """Whether any rule (or the default) asks for a calibrated rounding method."""
+        choices = [self.default, *self.rules.values()]
+        return any(split_choice(c)[1] != DEFAULT_ROUNDING for c in choices)
 
     def resolve(self, model: nn.Module | Iterable[str]) -> dict[str, str]:
         """``{layer name: scheme name}`` for every quantizable layer of ``model``.
@@ -109,6 +129,16 @@ class PrecisionPlan:
         >>> from torch import nn
         >>> PrecisionPlan(default="w4a8").resolve(nn.Sequential(nn.Conv2d(1, 8, 3), nn.Linear(8, 64)))
         {'0': 'w4a8_pc', '1': 'w4a8_pc'}
+        """
+        return {n: split_choice(c)[0] for n, c in self._resolve(model)[0].items()}
+
+    def resolve_choices(self, model: nn.Module | Iterable[str]) -> dict[str, str]:
+        """``{layer name: choice}`` for every quantizable layer of ``model``: :meth:`resolve`
+        with each layer's rounding method (``"w4a16+gptq"``; a bare name for ``rtn``).
+
+        >>> from torch import nn
+        >>> PrecisionPlan(default="w4a8+gptq").resolve_choices(nn.Sequential(nn.Conv2d(1, 8, 3)))
+        {'0': 'w4a8_pc+gptq'}
         """
         return self._resolve(model)[0]
 
@@ -140,12 +170,16 @@ class PrecisionPlan:
                     f"The plan names layer {key!r}, which the model does not have as a quantizable "
                     f"layer. Layers: {_listing(names)}."
                 )
-        assignment = {name: self.scheme_for(name) for name in names}
+        assignment = {name: self.choice_for(name) for name in names}
         substituted: dict[str, Substitution] = {}
         for name, module in modules.items():
             requested = assignment[name]
             if name in self.rules:
                 continue  # named for this layer: kept as given (quantize refuses a misfit)
+            base, rounding = split_choice(requested)
+            if rounding != DEFAULT_ROUNDING and (why := rounding_unsupported(module)):
+                assignment[name] = requested = base  # e.g. an embedding under 'w8a8+gptq'
+                substituted[name] = Substitution(choice_name(base, rounding), base, why)
             shapes = weight_shapes(module)  # an LSTM's: every gate matrix
             variant: Scheme | None = get_scheme(requested)
             for shape in shapes:
@@ -153,7 +187,8 @@ class PrecisionPlan:
             if variant is not None and variant.name != requested:
                 why = next(e for s in shapes if (e := get_scheme(requested).applicability_error(s)))
                 assignment[name] = variant.name
-                substituted[name] = Substitution(requested, variant.name, why)
+                first = substituted[name].requested if name in substituted else requested
+                substituted[name] = Substitution(first, variant.name, why)
         return assignment, substituted
 
     @classmethod
@@ -193,7 +228,9 @@ class PrecisionPlan:
             "rules": dict(self.rules),
             "schemes": {
                 name: SCHEMES[name].to_dict()
-                for name in sorted({self.default, *self.rules.values()})
+                for name in sorted(
+                    {split_choice(c)[0] for c in (self.default, *self.rules.values())}
+                )
             },
             "metadata": self.metadata,
         }

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import functools
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from mpsearch._validation import unknown, wrong_type
 from mpsearch.schemes._fakequant import group_error
 from mpsearch.schemes._quantspec import QuantSpec
+from mpsearch.schemes._rounding import (
+    CHOICE_SEPARATOR,
+    DEFAULT_ROUNDING,
+    choice_name,
+    get_rounding,
+    split_choice,
+)
 
 COMPUTE_DTYPES: tuple[str, ...] = ("fp32", "bf16", "fp16")
 
@@ -19,7 +27,10 @@ class Scheme:
     ``weight`` and ``activation`` say how the layer's weight and its input are quantized
     (``activation=None``: the input is only cast to ``compute_dtype``). ``compute_dtype`` is the
     dtype of the arithmetic that is not integer (``bf16`` for weight-only schemes, as their
-    CPU kernels take bf16 activations).
+    CPU kernels take bf16 activations). ``rounding`` is how the weights take their grid points
+    (``rtn``: to nearest; ``gptq``, ``adaround``: calibrated, see :mod:`mpsearch.rounding`); a
+    scheme with another rounding than ``rtn`` is named ``<scheme>+<rounding>`` and is obtained
+    with :func:`get_scheme` (``get_scheme("w4a16+gptq")``), never registered.
 
     >>> s = SCHEMES["w4a16"]
     >>> s.bits_per_weight((64, 128))   # 4 bits + (bf16 scale + 4-bit zero) per 32 weights
@@ -31,10 +42,28 @@ class Scheme:
     activation: QuantSpec | None = None
     compute_dtype: str = "fp32"
     description: str = ""
+    rounding: str = DEFAULT_ROUNDING
 
     def __post_init__(self) -> None:
         if self.compute_dtype not in COMPUTE_DTYPES:
             raise unknown("compute_dtype", self.compute_dtype, COMPUTE_DTYPES)
+        if self.rounding != DEFAULT_ROUNDING:
+            get_rounding(self.rounding)
+            why = rounding_error(self.weight)
+            if why:
+                raise ValueError(
+                    f"Scheme {self.name!r} cannot take rounding {self.rounding!r}: {why}."
+                )
+
+    @property
+    def base_name(self) -> str:
+        """The registered scheme's name, without the rounding (``w4a16+gptq`` -> ``w4a16``)."""
+        return split_choice(self.name)[0]
+
+    @property
+    def base(self) -> Scheme:
+        """This scheme rounded to nearest (the registered scheme)."""
+        return self if self.rounding == DEFAULT_ROUNDING else get_scheme(self.base_name)
 
     @property
     def weight_bits(self) -> int:
@@ -76,7 +105,10 @@ class Scheme:
         return why + (f"; its variant {variant.name!r} takes this shape" if variant else "")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        data = asdict(self)
+        if self.rounding == DEFAULT_ROUNDING:
+            del data["rounding"]  # as written before rounding methods existed
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> Scheme:
@@ -117,6 +149,11 @@ def register_scheme(scheme: Scheme, *, overwrite: bool = False) -> Scheme:
     """
     if not isinstance(scheme, Scheme):
         raise wrong_type("scheme", scheme, "a Scheme")
+    if CHOICE_SEPARATOR in scheme.name or scheme.rounding != DEFAULT_ROUNDING:
+        raise ValueError(
+            f"Register schemes rounded to nearest, named without {CHOICE_SEPARATOR!r} (a rounding "
+            f"method is chosen per layer: 'w4a16+gptq'). Got {scheme.name!r} instead."
+        )
     if scheme.name in SCHEMES and not overwrite and SCHEMES[scheme.name] != scheme:
         raise ValueError(
             f"A different scheme named {scheme.name!r} is registered; pass overwrite=True."
@@ -126,16 +163,55 @@ def register_scheme(scheme: Scheme, *, overwrite: bool = False) -> Scheme:
 
 
 def get_scheme(name: str | Scheme, *, argument: str = "scheme") -> Scheme:
-    """The registered scheme called ``name`` (a ``Scheme`` is returned as is).
+    """The registered scheme called ``name`` (a ``Scheme`` is returned as is); a choice name
+    ``<scheme>+<rounding>`` gives that scheme with that rounding method.
 
     >>> get_scheme("w8a8").weight_bits
     8
+    >>> get_scheme("w4a16+gptq").rounding, get_scheme("w4a16+gptq").base_name
+    ('gptq', 'w4a16')
     """
     if isinstance(name, Scheme):
         return name
-    if name not in SCHEMES:
+    if isinstance(name, str) and CHOICE_SEPARATOR in name:
+        base, rounding = split_choice(name)
+        get_rounding(rounding, argument=f"{argument} (rounding of {name!r})")
+        return _rounded(get_scheme(base, argument=argument), rounding, argument)
+    if not isinstance(name, str) or name not in SCHEMES:
         raise unknown(argument, name, SCHEMES)
     return SCHEMES[name]
+
+
+def rounding_error(spec: QuantSpec) -> str | None:
+    """Why weights quantized by ``spec`` cannot take a calibrated rounding (``None``: they can).
+
+    >>> rounding_error(SCHEMES["bf16"].weight)
+    "its weights are 'bf16' (a plain cast: nothing to round); calibrated rounding needs integer weights with per-channel or per-group scales"
+    """
+    if spec.fmt.kind == "int" and spec.granularity in ("channel", "group"):
+        return None
+    what = "a plain cast: nothing to round" if spec.granularity == "none" else spec.granularity
+    return (
+        f"its weights are {spec.format!r} ({what}); calibrated rounding needs integer weights "
+        "with per-channel or per-group scales"
+    )
+
+
+@functools.cache
+def _cached_rounded(base: Scheme, rounding: str) -> Scheme:
+    return replace(base, name=choice_name(base.name, rounding), rounding=rounding)
+
+
+def _rounded(base: Scheme, rounding: str, argument: str) -> Scheme:
+    if rounding == DEFAULT_ROUNDING:
+        return base
+    why = rounding_error(base.weight)
+    if why:
+        raise ValueError(
+            f"The {argument!r} argument {choice_name(base.name, rounding)!r} is not a valid choice: "
+            f"scheme {base.name!r} cannot take rounding {rounding!r}: {why}."
+        )
+    return _cached_rounded(base, rounding)
 
 
 def _formats(scheme: Scheme) -> tuple[object, ...]:
@@ -164,6 +240,9 @@ def nearest_variant(scheme: str | Scheme, shape: tuple[int, ...]) -> Scheme | No
     ('w4a8_pc', 'w4a8')
     """
     scheme = get_scheme(scheme)
+    if scheme.rounding != DEFAULT_ROUNDING:  # the same rounding on the base scheme's variant
+        variant = nearest_variant(scheme.base, shape)
+        return None if variant is None else _cached_rounded(variant, scheme.rounding)
     shape = tuple(shape)
     if group_error(shape, scheme.weight) is None:
         return scheme

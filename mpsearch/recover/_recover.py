@@ -1,0 +1,640 @@
+"""``recover``: a short quantization-aware fine-tune of a chosen plan, distilled from fp32.
+
+The student is a deep copy of the model in which every Linear / Conv1d / Conv2d / HF ``Conv1D``
+the plan quantizes computes as the ``simulate`` backend does (weight fake-quantized, input
+fake-quantized, arithmetic in the scheme's compute dtype) with straight-through gradients:
+the weight through a ``torch.nn.utils.parametrize`` parametrization, the input through a
+forward pre-hook, both removed at the end (the trained float weights stay). Layers of the other
+quantizable kinds run quantized as the ``simulate`` backend runs them, and stay frozen.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import tempfile
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from mpsearch._data import Batch, as_batches, batch_size, output_tensor, run_model
+from mpsearch._validation import check_module, check_positive, invalid
+from mpsearch.backends import get_backend
+from mpsearch.backends._quantize import PlanLike, as_plan, check_assignment
+from mpsearch.layers import quantizable_layers, replace_layers
+from mpsearch.layers._layers import is_hf_conv1d
+from mpsearch.plan import PrecisionPlan
+from mpsearch.profile._cache import hash_batches, hash_model, hash_text
+from mpsearch.profile._metrics import auto_metric, callable_id
+from mpsearch.recover._options import LossFn, RecoverOptions
+from mpsearch.rounding import Rounder
+from mpsearch.schemes import QuantSpec, Scheme, fake_quantize, get_scheme
+
+CODE_VERSION = "recover-1"
+"""Bumped whenever the same arguments would train differently (old checkpoints are refused)."""
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_TRAINABLE_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d)
+
+
+@dataclass
+class RecoveryResult:
+    """What :func:`recover` returns.
+
+    ``model``: the float model with the recovered weights (eval mode, the user's module types
+    and names), to pass to :func:`mpsearch.quantize` with ``plan``: the plan's schemes, rounded
+    to nearest (a calibrated rounding the plan asked for was the fine-tune's start; the
+    fine-tuned weights are meant for round to nearest). ``history``: one row
+    per step (``step``, ``train_loss``, ``val_loss`` where evaluated; step 0 is the model before
+    training). ``loss_before`` / ``loss_after``: the held-out distillation loss of the
+    fake-quantized model before training and of the returned weights (the best evaluated,
+    so never above ``loss_before``), reached at ``best_step`` (0: training did not help).
+    ``trained``: the layers fine-tuned with their quantizers; ``frozen``: ``{layer: why}`` for
+    the planned layers left as they were. ``resumed_from``: the checkpoint step this call
+    started from (``None``: a fresh run).
+    """
+
+    model: nn.Module
+    plan: PrecisionPlan
+    history: pd.DataFrame
+    loss_before: float
+    loss_after: float
+    best_step: int
+    steps_done: int
+    trained: list[str]
+    frozen: dict[str, str] = field(default_factory=dict)
+    resumed_from: int | None = None
+
+    def __repr__(self) -> str:
+        return (
+            f"RecoveryResult(loss_before={self.loss_before:.6g}, loss_after={self.loss_after:.6g}, "
+            f"best_step={self.best_step}, steps_done={self.steps_done}, "
+            f"trained={len(self.trained)} layers, frozen={len(self.frozen)} layers)"
+        )
+
+
+# --- straight-through fake quantization ---------------------------------------------------
+
+
+class _StraightThrough(torch.autograd.Function):
+    """``fn(x)`` in the forward, the identity in the backward (exact forward values)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, fn: Callable[[Tensor], Tensor]) -> Tensor:
+        ctx.dtype = x.dtype
+        with torch.no_grad():
+            return fn(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        return grad.to(ctx.dtype), None
+
+
+def _weight_q(w: Tensor, spec: QuantSpec, dtype: torch.dtype, transposed: bool) -> Tensor:
+    if transposed:  # HF Conv1D: quantized as the Linear on its transposed weight
+        return fake_quantize(w.t().float(), spec).to(dtype).t()
+    return fake_quantize(w.float(), spec).to(dtype)
+
+
+def _input_q(x: Tensor, spec: QuantSpec | None, dtype: torch.dtype) -> Tensor:
+    if spec is not None and not spec.is_identity:
+        x = fake_quantize(x.float(), spec)
+    return x.to(dtype)
+
+
+class _QuantizedWeight(nn.Module):
+    """Parametrization: the weight as the ``simulate`` backend stores it, straight-through."""
+
+    def __init__(self, scheme: Scheme, transposed: bool) -> None:
+        super().__init__()
+        self.fn = partial(
+            _weight_q,
+            spec=scheme.weight,
+            dtype=_DTYPES[scheme.compute_dtype],
+            transposed=transposed,
+        )
+
+    def forward(self, w: Tensor) -> Tensor:
+        return _StraightThrough.apply(w, self.fn)
+
+
+class _Cast(nn.Module):
+    """Parametrization: the bias in the compute dtype (a differentiable cast)."""
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.dtype = dtype
+
+    def forward(self, b: Tensor) -> Tensor:
+        return b.to(self.dtype)
+
+
+def _input_hook(fn: Callable[[Tensor], Tensor], _module: nn.Module, args: tuple) -> tuple:
+    return (_StraightThrough.apply(args[0], fn), *args[1:])
+
+
+def _output_hook(dtype: torch.dtype, _module: nn.Module, _args: tuple, out: Tensor) -> Tensor:
+    return out.to(dtype)
+
+
+@contextmanager
+def _fake_quantized(
+    student: nn.Module, trained: Mapping[str, Scheme], simulated: Mapping[str, nn.Module]
+) -> Iterator[nn.Module]:
+    """Within, ``student`` computes as the plan's ``simulate`` model with straight-through
+    gradients for the ``trained`` layers and ``simulated`` modules in place of the frozen ones;
+    afterwards it is the plain float model again (same module types, trained weights kept)."""
+    handles = []
+    done: list[tuple[nn.Module, str]] = []
+    orders: dict[nn.Module, list[str]] = {}
+    previous = replace_layers(student, simulated)
+    try:
+        for name, scheme in trained.items():
+            layer = student.get_submodule(name)
+            orders[layer] = list(layer._parameters)
+            dtype = _DTYPES[scheme.compute_dtype]
+            out_dtype = layer.weight.dtype
+            parametrize.register_parametrization(
+                layer, "weight", _QuantizedWeight(scheme, is_hf_conv1d(layer)), unsafe=True
+            )
+            done.append((layer, "weight"))
+            if getattr(layer, "bias", None) is not None and dtype != out_dtype:
+                parametrize.register_parametrization(layer, "bias", _Cast(dtype), unsafe=True)
+                done.append((layer, "bias"))
+            act = scheme.activation
+            if dtype != out_dtype or (act is not None and not act.is_identity):
+                fn = partial(_input_q, spec=act, dtype=dtype)
+                handles.append(layer.register_forward_pre_hook(partial(_input_hook, fn)))
+            if dtype != out_dtype:
+                handles.append(layer.register_forward_hook(partial(_output_hook, out_dtype)))
+        yield student
+    finally:
+        for handle in handles:
+            handle.remove()
+        for layer, tensor_name in reversed(done):
+            parametrize.remove_parametrizations(layer, tensor_name, leave_parametrized=False)
+        for layer, names in orders.items():  # removal re-registers weight after bias
+            layer._parameters = {n: layer._parameters[n] for n in names}
+        replace_layers(student, previous)
+
+
+def _roles(
+    model: nn.Module, assignment: Mapping[str, str]
+) -> tuple[dict[str, Scheme], dict[str, str]]:
+    """``({layer: scheme} trained with its quantizer, {layer: why} left frozen)`` among the
+    layers the plan puts in a scheme other than fp32."""
+    layers = quantizable_layers(model)
+    trained: dict[str, Scheme] = {}
+    frozen: dict[str, str] = {}
+    for name, scheme_name in assignment.items():
+        if scheme_name == "fp32":
+            continue
+        layer = layers[name]
+        parent_name, _, attr = name.rpartition(".")
+        kind = type(layer).__name__
+        if (
+            isinstance(model.get_submodule(parent_name), nn.MultiheadAttention)
+            and attr == "out_proj"
+        ):
+            frozen[name] = (
+                "nn.MultiheadAttention reads out_proj's weight directly (the layer is never "
+                "called), so its input cannot be fake-quantized in training; it runs quantized "
+                "but is not trained"
+            )
+        elif isinstance(layer, _TRAINABLE_TYPES) or is_hf_conv1d(layer):
+            trained[name] = get_scheme(scheme_name)
+        else:
+            frozen[name] = (
+                f"quantization-aware training covers Linear, Conv1d, Conv2d and HF Conv1D, not "
+                f"{kind}; it runs quantized during training but its weights are not trained"
+            )
+    return trained, frozen
+
+
+# --- losses ---------------------------------------------------------------------------------
+
+
+def _kl(student: Tensor, teacher: Tensor, *, temperature: float) -> Tensor:
+    log_q = F.log_softmax(student.float() / temperature, dim=-1)
+    log_p = F.log_softmax(teacher.float() / temperature, dim=-1)
+    return (log_p.exp() * (log_p - log_q)).sum(dim=-1).mean() * temperature**2
+
+
+def _mse(student: Tensor, teacher: Tensor) -> Tensor:
+    return F.mse_loss(student.float(), teacher.float())
+
+
+def _loss_fn(options: RecoverOptions, reference: Tensor) -> LossFn:
+    loss = options.loss
+    if callable(loss):
+        return loss
+    if loss == "auto":
+        loss = auto_metric(reference)
+    return partial(_kl, temperature=options.temperature) if loss == "kl" else _mse
+
+
+def _scalar(value: Any, where: str) -> Tensor:
+    if not isinstance(value, Tensor) or value.numel() != 1:
+        raise TypeError(
+            f"The 'loss' option must return a scalar tensor (student, teacher) -> loss; "
+            f"{where} it returned {type(value).__name__}"
+            + (f" of shape {tuple(value.shape)}" if isinstance(value, Tensor) else "")
+            + "."
+        )
+    return value.reshape(())
+
+
+# --- checkpoints ----------------------------------------------------------------------------
+
+
+def _fingerprint_parts(
+    model: nn.Module,
+    plan_json: str,
+    batches: list[Batch],
+    steps: int,
+    lr: float,
+    opts: RecoverOptions,
+) -> dict[str, str]:
+    options = {
+        name: callable_id(value) if callable(value) else value
+        for name, value in ((n, getattr(opts, n)) for n in opts.names())
+    }
+    return {
+        "model weights": hash_model(model),
+        "plan": hash_text(plan_json),
+        "calibration data": hash_batches(batches),
+        "steps": str(steps),
+        "lr": repr(float(lr)),
+        "options": hash_text(json.dumps(options, sort_keys=True, default=repr)),
+        "code version": CODE_VERSION,
+    }
+
+
+def _save(path: Path, state: dict[str, Any]) -> None:
+    """Write ``state`` to ``path`` atomically (a temporary file in the same folder, then
+    ``os.replace``): a run killed while saving leaves the previous checkpoint whole."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _load(path: Path, parts: Mapping[str, str]) -> dict[str, Any] | None:
+    """The checkpoint at ``path`` (``None`` when there is none), refused when it was written
+    for another run."""
+    if not path.exists():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ValueError(
+            f"The checkpoint {str(path)!r} cannot be read as a recover checkpoint ({exc}). "
+            "Delete it or pass another 'checkpoint' path."
+        ) from exc
+    saved = state.get("fingerprint") if isinstance(state, dict) else None
+    if saved != dict(parts):
+        changed = (
+            sorted(k for k in parts if saved.get(k) != parts[k])
+            if isinstance(saved, dict)
+            else ["everything (not a recover checkpoint)"]
+        )
+        raise ValueError(
+            f"The checkpoint {str(path)!r} was written by another recovery run (different "
+            f"{', '.join(changed)}); it cannot be resumed with these arguments. Delete it or "
+            "pass another 'checkpoint' path."
+        )
+    return state
+
+
+# --- the run --------------------------------------------------------------------------------
+
+
+class _Stopped(Exception):
+    """Raised by the private ``stop_after`` hook (tests interrupt a run with it)."""
+
+
+def _check_arguments(steps: Any, lr: Any) -> None:
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise invalid("steps", steps, "a positive integer")
+    check_positive("lr", lr)
+
+
+def _split(batches: list[Batch], opts: RecoverOptions) -> tuple[list[Batch], list[Batch]]:
+    """(training batches, held-out batches: the last ``val_batches``), refusing too little data."""
+    n = sum(batch_size(b) for b in batches)
+    if n < opts.min_samples:
+        raise ValueError(
+            f"The 'calib' argument holds {n} samples in {len(batches)} batches; recover needs "
+            f"at least {opts.min_samples} samples (the 'min_samples' option). Pass more "
+            "calibration data."
+        )
+    needed = opts.val_batches + 1
+    if len(batches) < needed:
+        raise ValueError(
+            f"The 'calib' argument holds {len(batches)} batch(es); recover needs at least "
+            f"{needed}: {opts.val_batches} held out for validation (the 'val_batches' option) "
+            "and at least one to train on. Split the data into more batches."
+        )
+    return batches[: -opts.val_batches], batches[-opts.val_batches :]
+
+
+def _order(step: int, n: int, seed: int) -> int:
+    """The training batch of ``step``: epochs of a seeded permutation (stateless, so a resumed
+    run sees the same order)."""
+    epoch, i = divmod(step, n)
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return int(torch.randperm(n, generator=g)[i])
+
+
+@contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` in eval mode within; every module's own mode is put back afterwards."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+def recover(
+    model: nn.Module,
+    plan: PlanLike,
+    calib: Iterable[Any],
+    *,
+    steps: int = 200,
+    lr: float = 1e-4,
+    options: RecoverOptions | None = None,
+    checkpoint: str | os.PathLike[str] | None = None,
+    progress: bool = True,
+) -> RecoveryResult:
+    """Fine-tune ``model``'s weights for ``plan`` by distillation from ``model`` itself.
+
+    A deep copy of ``model`` (which is never modified) is trained with the plan's fake
+    quantization in its forward and straight-through gradients, to match the fp32 model's
+    outputs on the calibration batches (no labels): KL of the softmax for logits, else MSE (see
+    :class:`RecoverOptions`). The model stays in eval mode (BatchNorm statistics frozen, dropout
+    off); AdamW with a cosine schedule to 0, seeded. The last calibration batch(es) are held out:
+    their loss is measured before training, every ``eval_every`` steps and at the end, and the
+    best weights are returned, so the result is never worse on them than the plan's
+    round-to-nearest quantization. A calibrated rounding in the plan (``"w4a16+gptq"``) is
+    applied first, from the training batches: the fine-tune starts from it.
+
+    Activation ranges are dynamic during training (as ``quantize`` without ``calib``).
+    With ``checkpoint`` (a file path) the run is saved every ``checkpoint_every`` steps and at
+    the end; a later call with the same arguments resumes from it (bit-identical to an
+    uninterrupted run) or, when it is finished, returns at once.
+
+    >>> import mpsearch as mps
+    >>> _ = torch.manual_seed(0)
+    >>> net = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 10)).eval()
+    >>> batches = [torch.randn(16, 32) for _ in range(4)]
+    >>> res = recover(net, "w4a16", batches, steps=20, lr=1e-3, progress=False)
+    >>> res.loss_after <= res.loss_before, res.trained
+    (True, ['0', '2'])
+    >>> qnet = mps.quantize(res.model, "w4a16", backend="simulate")
+    """
+    return _recover(
+        model,
+        plan,
+        calib,
+        steps=steps,
+        lr=lr,
+        options=options,
+        checkpoint=checkpoint,
+        progress=progress,
+    )
+
+
+def _recover(
+    model: nn.Module,
+    plan: PlanLike,
+    calib: Iterable[Any],
+    *,
+    steps: int,
+    lr: float,
+    options: RecoverOptions | None,
+    checkpoint: str | os.PathLike[str] | None,
+    progress: bool,
+    stop_after: int | None = None,
+) -> RecoveryResult:
+    """:func:`recover`, with ``stop_after``: raise :class:`_Stopped` once that many steps ran
+    in this call (an interruption, for the tests)."""
+    check_module(model)
+    opts = RecoverOptions.resolve(options, {}, verb="recover")
+    _check_arguments(steps, lr)
+    plan = as_plan(plan)
+    assignment = plan.resolve(model)
+    simulate = get_backend("simulate")
+    check_assignment(model, assignment, simulate)
+    batches = as_batches(calib, argument="calib")
+    train_batches, val_batches = _split(batches, opts)
+    if checkpoint is not None and not isinstance(checkpoint, (str, os.PathLike)):
+        raise invalid("checkpoint", checkpoint, "None or a file path")
+    path = None if checkpoint is None else Path(checkpoint)
+    trained, frozen = _roles(model, assignment)
+
+    student = copy.deepcopy(model).eval()
+    if plan.rounds:  # the fine-tune starts from the plan's calibrated rounding
+        Rounder(model, train_batches).apply(student, plan.resolve_choices(model), inplace=True)
+    frozen_params = {
+        f"{layer}.{p}"
+        for layer in frozen
+        for p, _ in student.get_submodule(layer).named_parameters()
+    }
+    if opts.train == "all":
+        names = [n for n, _ in student.named_parameters() if n not in frozen_params]
+    else:
+        names = [
+            f"{layer}.{p}"
+            for layer in trained
+            for p in ("weight", "bias")
+            if getattr(student.get_submodule(layer), p, None) is not None
+        ]
+    params = {name: student.get_parameter(name) for name in names}
+    flags = {name: p.requires_grad for name, p in student.named_parameters()}
+    for p in student.parameters():
+        p.requires_grad_(False)
+    for p in params.values():
+        p.requires_grad_(True)
+    layers = quantizable_layers(student)
+    simulated = {
+        name: simulate.quantize_layer(layers[name], get_scheme(assignment[name])) for name in frozen
+    }
+
+    parts: dict[str, str] = {}
+    state = None
+    if path is not None:
+        parts = _fingerprint_parts(model, plan.to_json(), batches, steps, lr, opts)
+        state = _load(path, parts)
+
+    def teacher_out(batch: Batch) -> Tensor:
+        with torch.no_grad():
+            return output_tensor(run_model(model, batch)).detach()
+
+    with _eval_mode(model):
+        val_refs = [teacher_out(b) for b in val_batches]
+    loss_fn = _loss_fn(opts, val_refs[0])
+    val_sizes = [batch_size(b) for b in val_batches]
+
+    def evaluate() -> float:
+        total = 0.0
+        with torch.no_grad():
+            for batch, ref, n in zip(val_batches, val_refs, val_sizes, strict=True):
+                out = output_tensor(run_model(student, batch))
+                total += float(_scalar(loss_fn(out, ref), "on held-out data")) * n
+        return total / sum(val_sizes)
+
+    optimizer = torch.optim.AdamW(list(params.values()), lr=lr, weight_decay=opts.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(_cosine, steps=steps))
+    history: list[dict[str, float]] = []
+    start = 0
+    done = False
+    resumed_from = None
+    best: dict[str, Tensor] = {n: p.detach().clone() for n, p in params.items()}
+    best_step, best_loss, loss_before = 0, math.inf, math.nan
+
+    with torch.random.fork_rng(devices=[]), _eval_mode(model):
+        torch.manual_seed(opts.seed)
+        if state is not None:
+            with torch.no_grad():
+                for name, p in params.items():
+                    p.copy_(state["student"][name])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            history = list(state["history"])
+            best = dict(state["best"])
+            best_step, best_loss = state["best_step"], state["best_loss"]
+            loss_before, start, done = state["loss_before"], state["step"], state["done"]
+            torch.set_rng_state(state["rng"])
+            resumed_from = start
+
+        def save(step: int, finished: bool) -> None:
+            if path is None:
+                return
+            _save(
+                path,
+                {
+                    "fingerprint": parts,
+                    "step": step,
+                    "done": finished,
+                    "student": {n: p.detach().clone() for n, p in params.items()},
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "history": history,
+                    "best": best,
+                    "best_step": best_step,
+                    "best_loss": best_loss,
+                    "loss_before": loss_before,
+                    "rng": torch.get_rng_state(),
+                },
+            )
+
+        if not done:
+            with _fake_quantized(student, trained, simulated):
+                if state is None:
+                    loss_before = best_loss = evaluate()
+                    history.append({"step": 0, "train_loss": math.nan, "val_loss": loss_before})
+                bar = _progress_bar(steps, start, progress)
+                try:
+                    step = start
+                    while step < steps:
+                        if stop_after is not None and step - start >= stop_after:
+                            raise _Stopped(step)
+                        batch = train_batches[_order(step, len(train_batches), opts.seed)]
+                        ref = teacher_out(batch)
+                        loss = _scalar(
+                            loss_fn(output_tensor(run_model(student, batch)), ref), "in training"
+                        )
+                        step += 1
+                        if not torch.isfinite(loss):
+                            warnings.warn(
+                                f"recover: the training loss became {float(loss.detach())} at step {step}; "
+                                f"stopping and returning the best weights (step {best_step}). "
+                                "Lower 'lr'.",
+                                RuntimeWarning,
+                                stacklevel=3,
+                            )
+                            history.append(
+                                {
+                                    "step": step,
+                                    "train_loss": float(loss.detach()),
+                                    "val_loss": math.nan,
+                                }
+                            )
+                            done = True
+                            save(step, True)
+                            break
+                        optimizer.zero_grad(set_to_none=True)
+                        loss.backward()
+                        optimizer.step()
+                        scheduler.step()
+                        row = {
+                            "step": step,
+                            "train_loss": float(loss.detach()),
+                            "val_loss": math.nan,
+                        }
+                        if step % opts.eval_every == 0 or step == steps:
+                            row["val_loss"] = val = evaluate()
+                            if val < best_loss:
+                                best_loss, best_step = val, step
+                                best = {n: p.detach().clone() for n, p in params.items()}
+                        history.append(row)
+                        bar.update(1)
+                        bar.set_postfix(loss=f"{row['train_loss']:.4g}", best=f"{best_loss:.4g}")
+                        if step % opts.checkpoint_every == 0 or step == steps:
+                            save(step, step == steps)
+                finally:
+                    bar.close()
+
+    steps_done = int(history[-1]["step"]) if history else 0
+    with torch.no_grad():
+        for name, value in best.items():
+            student.get_parameter(name).copy_(value)
+    for name, p in student.named_parameters():
+        p.requires_grad_(flags[name])
+    return RecoveryResult(
+        model=student.eval(),
+        plan=PrecisionPlan.from_assignment(
+            assignment, metadata={**plan.metadata, "recovered": True}
+        ),
+        history=pd.DataFrame(history, columns=["step", "train_loss", "val_loss"]).astype(
+            {"step": int}
+        ),
+        loss_before=float(loss_before),
+        loss_after=float(best_loss),
+        best_step=int(best_step),
+        steps_done=steps_done,
+        trained=list(trained),
+        frozen=frozen,
+        resumed_from=resumed_from,
+    )
+
+
+def _cosine(step: int, *, steps: int) -> float:
+    """The learning-rate factor at ``step``: a cosine from 1 to 0 over ``steps``."""
+    return 0.5 * (1.0 + math.cos(math.pi * min(step, steps) / steps))
+
+
+def _progress_bar(total: int, initial: int, enabled: bool) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc="recover", unit="step", disable=not enabled)

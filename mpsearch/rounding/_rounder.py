@@ -1,0 +1,242 @@
+"""``Rounder``: a model's layer weights rounded by each (scheme, rounding method) choice, from
+calibration data, computed once per (layer, choice) and shared by whoever quantizes."""
+
+from __future__ import annotations
+
+import copy
+import threading
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import pandas as pd
+import torch
+from torch import Tensor, nn
+
+from mpsearch._data import as_batches
+from mpsearch._validation import check_module, invalid, wrong_type
+from mpsearch.layers import quantizable_layers
+from mpsearch.layers._layers import is_hf_conv1d, standard_form
+from mpsearch.rounding._adaround import adaround
+from mpsearch.rounding._gptq import gptq
+from mpsearch.rounding._grid import output_error
+from mpsearch.rounding._stats import LayerStats, collect_stats, rounding_unsupported
+from mpsearch.schemes import Scheme, fake_quantize, get_scheme
+from mpsearch.schemes._rounding import DEFAULT_ROUNDING, Rounding, get_rounding, register_rounding
+
+REPORT_COLUMNS = ["layer", "scheme", "rounding", "error_rtn", "error", "bias_corrected", "seconds"]
+
+
+@dataclass(frozen=True)
+class RoundingOptions:
+    """How calibrated rounding runs.
+
+    - ``damp``, ``act_order``, ``block_size``: GPTQ's damping (a fraction of the mean Hessian
+      diagonal), column order (largest diagonal first) and block of lazy updates;
+    - ``adaround_iters``, ``adaround_lr``, ``adaround_reg``: AdaRound's Adam steps, learning
+      rate and rounding regulariser weight;
+    - ``bias_correction``: add each output channel's mean shift (``(W - Q(W)) E[x]`` over the
+      calibration inputs) to the bias of every layer with integer weights (``rtn`` ones too).
+
+    >>> RoundingOptions(damp=0.1).act_order
+    True
+    """
+
+    damp: float = 0.01
+    act_order: bool = True
+    block_size: int = 128
+    adaround_iters: int = 400
+    adaround_lr: float = 1e-2
+    adaround_reg: float = 0.01
+    bias_correction: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.damp, (int, float)) or not 0 <= self.damp < 1:
+            raise invalid("damp", self.damp, "a number in [0, 1)", kind="option")
+        for name in ("block_size", "adaround_iters"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise invalid(name, value, "a positive integer", kind="option")
+        for name in ("adaround_lr", "adaround_reg"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or value < 0:
+                raise invalid(name, value, "a non-negative number", kind="option")
+
+
+def _gptq(w: Tensor, h: Tensor, spec: Any, opts: RoundingOptions) -> Tensor:
+    return gptq(w, h, spec, damp=opts.damp, act_order=opts.act_order, block_size=opts.block_size)
+
+
+def _adaround(w: Tensor, h: Tensor, spec: Any, opts: RoundingOptions) -> Tensor:
+    return adaround(
+        w, h, spec, iters=opts.adaround_iters, lr=opts.adaround_lr, reg=opts.adaround_reg
+    )
+
+
+register_rounding(
+    Rounding("gptq", "GPTQ: column-wise rounding with inverse-Hessian error feedback", _gptq)
+)
+register_rounding(
+    Rounding(
+        "adaround",
+        "AdaRound: learned up/down rounding minimising the layer output error",
+        _adaround,
+    )
+)
+
+
+class Rounder:
+    """Rounded weights of ``model``'s layers for (scheme, rounding) choices (``"w4a16+gptq"``).
+
+    The input statistics of a layer (:class:`LayerStats`, one pass of ``model`` over ``calib``)
+    are gathered the first time one of its choices is asked for, together with every layer
+    asked for at that time; each rounded weight is computed once. ``model`` is only read.
+    ``report`` has one row per rounded (layer, choice): the layer's output error on the
+    calibration inputs under round to nearest and under the choice (``tr(ΔW H ΔW^T)``).
+
+    >>> net = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 8)).eval()
+    >>> rounder = Rounder(net, [torch.randn(64, 64)])
+    >>> qnet = rounder.apply(net, {"0": "w4a16+gptq", "2": "w8a8"})
+    >>> float(rounder.report.loc[0, "error"]) <= float(rounder.report.loc[0, "error_rtn"])
+    True
+    """
+
+    def __init__(
+        self, model: nn.Module, calib: Iterable[Any], *, options: RoundingOptions | None = None
+    ) -> None:
+        check_module(model)
+        if options is not None and not isinstance(options, RoundingOptions):
+            raise wrong_type("options", options, "a RoundingOptions")
+        self.model = model
+        self.batches = as_batches(calib, argument="calib")
+        self.options = options or RoundingOptions()
+        self.layers = quantizable_layers(model)
+        self._stats: dict[str, LayerStats] = {}
+        self._weights: dict[tuple[str, str], tuple[Tensor, Tensor | None]] = {}
+        self._rows: list[list[Any]] = []
+        self._lock = threading.Lock()
+
+    # -------------------------------------------------------------- what is asked
+
+    def needed(self, assignment: Mapping[str, str]) -> dict[str, Scheme]:
+        """The layers of ``assignment`` (``{layer: choice}``) this rounder changes: those with a
+        calibrated rounding, and with ``bias_correction`` every one with integer weights.
+        Refuses, naming them, layers calibrated rounding cannot take."""
+        out: dict[str, Scheme] = {}
+        problems = []
+        for name, choice in assignment.items():
+            scheme = get_scheme(choice)
+            calibrated = scheme.rounding != DEFAULT_ROUNDING
+            corrected = self.options.bias_correction and scheme.weight.fmt.kind == "int"
+            if not (calibrated or corrected):
+                continue
+            why = rounding_unsupported(self.layers[name])
+            if why is None:
+                out[name] = scheme
+            elif calibrated:
+                problems.append(f"  {name} in {choice!r}: {why}")
+        if problems:
+            raise ValueError(
+                "Calibrated rounding cannot take these layers:\n"
+                + "\n".join(problems)
+                + "\nGive them a scheme without '+<rounding>' (round to nearest)."
+            )
+        return out
+
+    def stats(self, layers: Iterable[str]) -> dict[str, LayerStats]:
+        """:class:`LayerStats` of ``layers`` (gathered in one pass for those not yet known)."""
+        layers = list(layers)
+        missing = [n for n in layers if n not in self._stats]
+        if missing:
+            self._stats.update(collect_stats(self.model, self.batches, missing))
+        return {n: self._stats[n] for n in layers}
+
+    # -------------------------------------------------------------- rounding
+
+    def weight(self, layer: str, scheme: str | Scheme) -> tuple[Tensor, Tensor | None]:
+        """``(weight, bias)`` of ``layer`` under ``scheme``: the weight rounded (shaped as the
+        layer's standard form, ``[out, in, ...]``) and the bias (corrected with
+        ``bias_correction``; ``None`` where the layer has none and nothing is added)."""
+        scheme = get_scheme(scheme)
+        key = (layer, scheme.name)
+        with self._lock:
+            if key not in self._weights:
+                self._weights[key] = self._round(layer, scheme)
+            return self._weights[key]
+
+    def _round(self, name: str, scheme: Scheme) -> tuple[Tensor, Tensor | None]:
+        start = time.perf_counter()
+        layer = standard_form(self.layers[name])
+        stats = self.stats([name])[name]
+        w = layer.weight.detach().float()
+        groups = stats.hessian.shape[0]
+        rows = w.reshape(groups, w.shape[0] // groups, -1)  # conv groups: rows of each
+        method = get_rounding(scheme.rounding)
+        rounded, err_rtn, err = [], 0.0, 0.0
+        for g in range(groups):
+            h = stats.hessian[g]
+            rtn = fake_quantize(rows[g], scheme.weight)
+            r = (
+                rtn
+                if method.round is None
+                else method.round(rows[g], h, scheme.weight, self.options)
+            )
+            err_rtn += output_error(rows[g], rtn, h)
+            err += output_error(rows[g], r, h)
+            rounded.append(r)
+        r_all = torch.stack(rounded)
+        bias = None if layer.bias is None else layer.bias.detach().float()
+        if self.options.bias_correction:
+            shift = ((rows - r_all).double() @ stats.mean.unsqueeze(2)).reshape(-1).float()
+            bias = shift if bias is None else bias + shift
+        if method.round is None:  # round to nearest: the kernels round the weight themselves
+            r_all = rows
+        self._rows.append(
+            [
+                name,
+                scheme.base_name,
+                scheme.rounding,
+                err_rtn / stats.count,
+                err / stats.count,
+                self.options.bias_correction,
+                time.perf_counter() - start,
+            ]
+        )
+        return r_all.reshape(w.shape).to(layer.weight.dtype), bias
+
+    def apply(
+        self, model: nn.Module, assignment: Mapping[str, str], *, inplace: bool = False
+    ) -> nn.Module:
+        """``model`` (this rounder's model or a copy of it: same layer names) with the weights
+        (and biases) of ``assignment``'s rounded layers replaced; a copy unless ``inplace``.
+        The quantized kernels of each layer's scheme then store exactly the rounded codes."""
+        needed = self.needed(assignment)
+        self.stats(needed)
+        target = model if inplace else copy.deepcopy(model)
+        layers = quantizable_layers(target)
+        for name, scheme in needed.items():
+            weight, bias = self.weight(name, scheme)
+            set_weight(layers[name], weight, bias)
+        return target
+
+    @property
+    def report(self) -> pd.DataFrame:
+        """One row per rounded (layer, choice): output errors (mean over calibration rows)
+        under round to nearest and under the choice, and the seconds it took."""
+        return pd.DataFrame(self._rows, columns=REPORT_COLUMNS)
+
+
+def set_weight(layer: nn.Module, weight: Tensor, bias: Tensor | None) -> None:
+    """Write a standard-form ``weight`` (and ``bias``) into ``layer`` (HF ``Conv1D``: transposed)."""
+    with torch.no_grad():
+        if is_hf_conv1d(layer):
+            layer.weight.copy_(weight.t())
+        else:
+            layer.weight.copy_(weight.reshape(layer.weight.shape))
+        if bias is None:
+            return
+        if layer.bias is None:
+            layer.bias = nn.Parameter(bias.to(layer.weight.dtype), requires_grad=False)
+        else:
+            layer.bias.copy_(bias)

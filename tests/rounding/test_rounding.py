@@ -1,0 +1,240 @@
+"""Calibrated rounding: GPTQ, AdaRound, the anchored grid, input statistics, bias correction."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import mpsearch as mps
+from mpsearch.rounding import (
+    Grid,
+    Rounder,
+    RoundingOptions,
+    adaround,
+    collect_stats,
+    gptq,
+    output_error,
+)
+from mpsearch.rounding._stats import patches
+from mpsearch.schemes import fake_quantize, get_scheme
+
+INT_SCHEMES = ["w4a16", "w4a16_pc", "w2a16", "w2a16_pc", "w8a8", "w4a8", "w4a8_pc", "w8a16"]
+
+
+def correlated(seed: int, n: int = 512, d: int = 64, *, mixing: int | None = None) -> torch.Tensor:
+    """``n`` correlated inputs; the mixing matrix and offset from ``mixing`` (default: ``seed``)."""
+    g = torch.Generator().manual_seed(seed)
+    m = torch.Generator().manual_seed(seed if mixing is None else mixing)
+    mix, offset = torch.randn(d, d, generator=m), torch.randn(d, generator=m)
+    return torch.randn(n, d, generator=g) @ mix + offset
+
+
+@pytest.mark.parametrize("scheme", INT_SCHEMES)
+def test_gptq_with_identity_hessian_is_round_to_nearest(scheme: str) -> None:
+    spec = get_scheme(scheme).weight
+    w = torch.randn(24, 64, generator=torch.Generator().manual_seed(1))
+    rtn = Grid(w, spec).rtn()
+    for act_order in (True, False):
+        assert torch.equal(gptq(w, torch.eye(64), spec, act_order=act_order), rtn)
+    # the anchored round to nearest is round to nearest but for a rare extreme weight
+    assert (rtn != fake_quantize(w, spec)).sum() <= 1
+
+
+@pytest.mark.parametrize("scheme", INT_SCHEMES)
+def test_gptq_and_adaround_never_lose_to_round_to_nearest(scheme: str) -> None:
+    spec = get_scheme(scheme).weight
+    for seed in range(4):
+        x = correlated(seed)
+        h = x.T @ x
+        w = torch.randn(16, 64, generator=torch.Generator().manual_seed(100 + seed))
+        rtn = output_error(w, Grid(w, spec).rtn(), h)
+        assert output_error(w, gptq(w, h, spec), h) <= rtn
+        assert output_error(w, adaround(w, h, spec, iters=150), h) <= rtn
+
+
+def test_calibrated_rounding_clearly_beats_round_to_nearest_at_4_bits() -> None:
+    spec = get_scheme("w4a16").weight
+    x = correlated(7)
+    h = x.T @ x
+    w = torch.randn(32, 64, generator=torch.Generator().manual_seed(3))
+    rtn = output_error(w, fake_quantize(w, spec), h)
+    assert output_error(w, gptq(w, h, spec), h) < 0.7 * rtn
+    assert output_error(w, adaround(w, h, spec), h) < 0.7 * rtn
+
+
+@pytest.mark.parametrize("scheme", INT_SCHEMES)
+def test_rounded_weights_are_fixed_points_of_the_schemes_quantizer(scheme: str) -> None:
+    """Rounding moves weights to other grid points, never the grid: the kernels, which derive
+    scales from the weight, store exactly the rounded codes."""
+    spec = get_scheme(scheme).weight
+    for seed in range(3):
+        x = correlated(seed)
+        h = x.T @ x
+        w = torch.randn(16, 64, generator=torch.Generator().manual_seed(seed)) * 0.05
+        w[0, :32] = 0.0  # an all-zero group
+        for r in (gptq(w, h, spec), adaround(w, h, spec, iters=60)):
+            assert torch.equal(fake_quantize(r, spec), r)
+            assert torch.equal(Grid(r, spec).scale, Grid(w, spec).scale)
+
+
+def test_adaround_never_increases_the_objective_it_minimises() -> None:
+    """AdaRound returns the best hard rounding it scored, its start (round to nearest) first."""
+    spec = get_scheme("w2a16").weight
+    x = correlated(11)
+    h = x.T @ x
+    w = torch.randn(16, 64, generator=torch.Generator().manual_seed(5))
+    trace: list[float] = []
+    r = adaround(w, h, spec, iters=200, check_every=20, trace=trace)
+    hn = h / h.diagonal().mean()  # the objective as AdaRound scores it
+    assert len(trace) == 11
+    assert trace[0] == pytest.approx(output_error(w, Grid(w, spec).rtn(), hn), rel=1e-9)
+    assert output_error(w, r, hn) == pytest.approx(min(trace), rel=1e-9)
+    assert min(trace) < 0.8 * trace[0]
+
+
+@pytest.mark.parametrize(
+    "layer, shape",
+    [
+        (nn.Linear(12, 5), (3, 7, 12)),
+        (nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2), (2, 4, 9, 8)),
+        (
+            nn.Conv2d(3, 4, (3, 2), dilation=(2, 1), padding="same", padding_mode="reflect"),
+            (2, 3, 8, 8),
+        ),
+        (nn.Conv1d(1, 4, 16, stride=4, padding=3), (2, 1, 64)),
+        (nn.Conv1d(6, 6, 5, groups=6, padding=2, padding_mode="circular"), (2, 6, 20)),
+    ],
+)
+def test_patches_times_the_weight_is_the_layer(layer: nn.Module, shape: tuple[int, ...]) -> None:
+    layer = layer.double().eval()
+    x = torch.randn(shape, dtype=torch.float64)
+    p = patches(layer, x).double()  # (groups, rows, in per group)
+    g = p.shape[0]
+    w = layer.weight.reshape(g, layer.weight.shape[0] // g, -1)
+    y = torch.einsum("grd,god->gro", p, w)  # per group: rows x out
+    ref = layer(x).detach()
+    if isinstance(layer, nn.Linear):
+        expected = (ref - layer.bias.detach()).reshape(1, -1, ref.shape[-1])
+    else:
+        b = layer.bias.detach().reshape(1, -1, *([1] * (ref.dim() - 2)))
+        flat = (ref - b).flatten(2).transpose(1, 2).reshape(-1, ref.shape[1])  # rows x out
+        expected = flat.reshape(-1, g, ref.shape[1] // g).transpose(0, 1)
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)  # patches are float32
+
+
+def test_collect_stats_is_the_second_moment_of_the_inputs() -> None:
+    net = nn.Sequential(nn.Linear(5, 3), nn.ReLU(), nn.Linear(3, 2)).eval()
+    xs = [torch.randn(4, 5), torch.randn(6, 5)]
+    stats = collect_stats(net, xs, ["0", "2"])
+    x = torch.cat(xs)
+    torch.testing.assert_close(stats["0"].hessian[0], (x.T @ x).double())
+    h1 = torch.relu(net[0](x)).detach()
+    torch.testing.assert_close(stats["2"].hessian[0], (h1.T @ h1).double())
+    torch.testing.assert_close(stats["2"].mean[0], h1.mean(0).double())
+    assert stats["0"].count == 10
+
+
+@pytest.mark.parametrize(
+    "layer, shape",
+    [(nn.Linear(64, 16), (40, 64)), (nn.Conv2d(8, 8, 3, padding=1, groups=2), (6, 8, 7, 7))],
+)
+def test_bias_correction_zeroes_the_mean_output_shift_on_the_calibration_set(
+    layer: nn.Module, shape: tuple[int, ...]
+) -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(layer).eval()
+    batches = [torch.randn(shape) + 0.5, torch.randn(shape) + 0.5]
+    for choice in ("w4a16_pc", "w4a16_pc+gptq", "w2a16_pc+adaround"):
+        rounder = Rounder(net, batches, options=RoundingOptions(bias_correction=True))
+        corrected = rounder.apply(net, {"0": choice})
+        plain = Rounder(net, batches).apply(net, {"0": choice})
+        for m in (corrected, plain):  # the weights as the kernels store them (rtn: rounded here)
+            with torch.no_grad():
+                m[0].weight.copy_(fake_quantize(m[0].weight, get_scheme(choice).weight))
+        dims = [0] if isinstance(layer, nn.Linear) else [0, 2, 3]
+        with torch.no_grad():
+            ref = torch.cat([net(b) for b in batches])
+            before = (torch.cat([plain(b) for b in batches]) - ref).mean(dims)
+            after = (torch.cat([corrected(b) for b in batches]) - ref).mean(dims)
+        assert before.abs().max() > 1e-3
+        assert after.abs().max() < 1e-5 * max(1.0, float(ref.abs().max()))
+
+
+def _mlp() -> tuple[nn.Module, list[torch.Tensor]]:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(64, 96), nn.GELU(), nn.Linear(96, 10)).eval()
+    return net, [correlated(s, mixing=0) for s in range(2)]
+
+
+def test_a_gptq_plan_round_trips_json_and_runs_on_cpu_as_in_simulation() -> None:
+    net, calib = _mlp()
+    plan = mps.PrecisionPlan({"0": "w4a16+gptq"}, default="w8a8+adaround")
+    again = mps.PrecisionPlan.from_json(plan.to_json())
+    assert again == plan and again.resolve_choices(net) == {"0": "w4a16+gptq", "2": "w8a8+adaround"}
+    assert again.resolve(net) == {"0": "w4a16", "2": "w8a8"}
+    rounder = Rounder(net, calib)
+    x = correlated(9, mixing=0)[:64]
+    sim = mps.quantize(net, again, backend="simulate", rounder=rounder)
+    cpu = mps.quantize(net, again, backend="cpu", rounder=rounder)
+    rtn = mps.quantize(net, {"0": "w4a16", "2": "w8a8"}, backend="cpu")
+    with torch.no_grad():
+        ref, y_sim, y_cpu, y_rtn = net(x), sim(x), cpu(x), rtn(x)
+    torch.testing.assert_close(y_cpu, y_sim, rtol=0.02, atol=0.02 * float(ref.abs().max()))
+    assert float(((y_cpu - ref) ** 2).mean()) < float(((y_rtn - ref) ** 2).mean())
+    # the calibrated layers are the only ones changed, and the model is untouched
+    assert set(rounder.report["layer"]) == {"0", "2"}
+    assert torch.equal(net[0].weight, _mlp()[0][0].weight)
+
+
+def test_quantize_with_calib_rounds_like_a_rounder_on_the_same_data() -> None:
+    net, calib = _mlp()
+    a = mps.quantize(net, "w4a16+gptq", backend="simulate", calib=calib)
+    b = mps.quantize(net, "w4a16+gptq", backend="simulate", rounder=Rounder(net, calib))
+    x = correlated(3, mixing=0)[:8]
+    with torch.no_grad():
+        assert torch.equal(a(x), b(x))
+
+
+def test_hf_conv1d_weights_are_rounded_in_their_transposed_layout() -> None:
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    net = nn.Sequential(Conv1D(32, 64)).eval()  # nf=32 outputs, nx=64 inputs
+    calib = [correlated(1)]
+    rounded = Rounder(net, calib).apply(net, {"0": "w4a16+gptq"})
+    linear = nn.Linear(64, 32).eval()
+    with torch.no_grad():
+        linear.weight.copy_(net[0].weight.t())
+        linear.bias.copy_(net[0].bias)
+    expected = Rounder(nn.Sequential(linear), calib).weight("0", "w4a16+gptq")[0]
+    assert torch.equal(rounded[0].weight.t(), expected)
+
+
+def test_rounding_errors_are_clear() -> None:
+    net, calib = _mlp()
+    with pytest.raises(ValueError, match="needs calibration data: pass calib"):
+        mps.quantize(net, "w4a16+gptq")
+    with pytest.raises(ValueError, match="cannot take rounding 'gptq'.*'bf16'"):
+        mps.PrecisionPlan({"0": "bf16+gptq"})
+    with pytest.raises(ValueError, match="'gptq'.*Got 'gtpq'"):
+        mps.PrecisionPlan({"0": "w4a16+gtpq"})
+    with pytest.raises(ValueError, match="damp"):
+        RoundingOptions(damp=2.0)
+    lstm = nn.Sequential(nn.Linear(8, 8))
+    lstm.add_module("rnn", nn.LSTM(8, 8))
+    with pytest.raises(ValueError, match="(?s)Calibrated rounding cannot take.*rnn.*not LSTM"):
+        Rounder(lstm, [torch.randn(4, 8)]).apply(lstm, {"0": "w8a8", "rnn": "w8a8+gptq"})
+    with pytest.raises(
+        ValueError, match="'rounder' argument must be a Rounder built on this model"
+    ):
+        mps.quantize(net, "w4a16+gptq", rounder=Rounder(nn.Sequential(nn.Linear(64, 2)), calib))
+
+
+def test_rules_for_many_layers_fall_back_to_round_to_nearest_where_rounding_cannot_go() -> None:
+    net = nn.Sequential(nn.Embedding(16, 64), nn.Linear(64, 64), nn.Conv2d(1, 8, 3))
+    plan = mps.PrecisionPlan(default="w4a16+gptq")
+    assert plan.resolve_choices(net) == {"0": "w4a16", "1": "w4a16+gptq", "2": "w4a16_pc+gptq"}
+    assert plan.substitutions(net)["0"].requested == "w4a16+gptq"
+    assert "not Embedding" in plan.substitutions(net)["0"].reason
+    assert plan.substitutions(net)["2"].used == "w4a16_pc+gptq"
