@@ -177,7 +177,7 @@ def _rounder_for(
     if rounder is not None:
         if not isinstance(rounder, Rounder):
             raise invalid("rounder", rounder, "a Rounder (mpsearch.rounding.Rounder) or None")
-        if list(rounder.layers) != list(quantizable_layers(model)):
+        if set(rounder.layers) != set(quantizable_layers(model)):
             raise invalid(
                 "rounder", rounder, "a Rounder built on this model (the same quantizable layers)"
             )

@@ -28,6 +28,7 @@ from mpsearch.layers import layer_weights, quantizable_layers, weight_shapes
 from mpsearch.layers._layers import standard_form, watched
 from mpsearch.plan import PrecisionPlan
 from mpsearch.schemes import Scheme, get_scheme
+from mpsearch.schemes._rounding import split_choice
 
 _BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 COLUMNS = ["layer", "scheme", "memory_bytes", "latency_ms", "supported", "reason", "kernel"]
@@ -215,8 +216,9 @@ class CostModel:
     # -------------------------------------------------------------- lookups
 
     def supported(self, layer: str, scheme: str) -> bool:
-        """Whether the backend runs ``layer`` in ``scheme`` (``False`` for unmeasured pairs)."""
-        return bool(self._supported.get((layer, scheme), False))
+        """Whether the backend runs ``layer`` in ``scheme`` (``False`` for unmeasured pairs); a
+        choice with a rounding method (``"w4a16+gptq"``) runs as its scheme."""
+        return bool(self._supported.get((layer, split_choice(scheme)[0]), False))
 
     def assignment(self, plan: PlanLike) -> dict[str, str]:
         """``{layer: scheme}`` of ``plan`` over the measured layers; refuses pairs not measured
@@ -450,7 +452,9 @@ def _check_call(
     check_module(model)
     if isinstance(schemes, str) or not isinstance(schemes, Sequence) or not schemes:
         raise invalid("schemes", schemes, "a non-empty list of scheme names")
-    scheme_objs = [get_scheme(s, argument="schemes") for s in dict.fromkeys(["fp32", *schemes])]
+    # a choice with a rounding method ('w4a16+gptq') costs what its scheme costs
+    bases = [get_scheme(s, argument="schemes").base_name for s in ["fp32", *schemes]]
+    scheme_objs = [get_scheme(s) for s in dict.fromkeys(bases)]
     impl = get_backend(backend)
     reason = impl.unavailable_reason()
     if reason:

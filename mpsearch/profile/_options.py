@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -23,6 +24,7 @@ from mpsearch._validation import invalid, unknown
 from mpsearch.backends import BACKENDS, Backend
 from mpsearch.profile._e2e import check_e2e_samples
 from mpsearch.profile._metrics import E2E_METRICS
+from mpsearch.rounding import RoundingOptions
 
 Metric = str | Callable[[torch.Tensor, torch.Tensor], float] | None
 
@@ -39,6 +41,18 @@ def _backend(name: str, value: Any) -> str | Backend:
     if value not in BACKENDS:
         raise unknown(name, value, BACKENDS, kind="option")
     return value
+
+
+def _rounding(name: str, value: Any) -> RoundingOptions | None:
+    if value is None or isinstance(value, RoundingOptions):
+        return value
+    if isinstance(value, Mapping):
+        fields = {f.name for f in dataclasses.fields(RoundingOptions)}
+        extra = sorted(set(value) - fields)
+        if extra:
+            raise unknown(f"{name}.{extra[0]}", extra[0], fields, kind="option")
+        return RoundingOptions(**value)
+    raise invalid(name, value, "None, a RoundingOptions or a mapping of its fields", kind="option")
 
 
 def _e2e_samples(name: str, value: Any) -> int | str | None:
@@ -67,7 +81,11 @@ class ProfileOptions(Options):
       the N samples (at least 16), about one pass per scheme. D is the sum over layers of the
       share of the model's multiply-accumulates downstream of the layer (from the traced graph
       and the data's shapes, never from timings: the same choice on every run); ``prof.info``
-      records ``e2e_samples``, ``calib_samples`` and ``downstream_passes`` (D).
+      records ``e2e_samples``, ``calib_samples`` and ``downstream_passes`` (D);
+    - ``rounding``: how choices with a calibrated rounding (``"w4a16+gptq"``) round
+      (:class:`~mpsearch.rounding.RoundingOptions`, or a mapping of its fields; ``None``: its
+      defaults). Their weights are rounded from the calibration data, from one pass that
+      gathers every such layer's input statistics, shared by all its choices.
 
     The cache key of a row holds hashes of the model's weights, the calibration data, the
     scheme, the metric, ``evaluate`` / ``loss_fn`` (name and source), the code version and the
@@ -95,6 +113,7 @@ class ProfileOptions(Options):
     fold_bn: bool = True
     hessian_samples: int = 8
     e2e_samples: int | str | None = "auto"
+    rounding: RoundingOptions | None = None
 
     CHECKS: ClassVar[dict[str, Check]] = {
         "metric": _metric,
@@ -106,5 +125,12 @@ class ProfileOptions(Options):
         "fold_bn": flag,
         "hessian_samples": positive_int,
         "e2e_samples": _e2e_samples,
+        "rounding": _rounding,
     }
     VERB: ClassVar[str] = "profile"
+
+    @staticmethod
+    def _plain(name: str, value: Any) -> Any:
+        if isinstance(value, RoundingOptions):
+            return dataclasses.asdict(value)
+        return Options._plain(name, value)

@@ -43,6 +43,8 @@ from mpsearch.profile._metrics import (
 from mpsearch.profile._options import ProfileOptions
 from mpsearch.profile._result import COLUMNS, SensitivityProfile
 from mpsearch.profile._runner import Runner, build_runner
+from mpsearch.rounding import Rounder, RoundingOptions
+from mpsearch.rounding._stats import rounding_unsupported
 from mpsearch.schemes import Scheme, fake_quantize, get_scheme
 
 DEFAULT_SCHEMES: tuple[str, ...] = ("bf16", "w8a8", "w4a16")
@@ -301,6 +303,8 @@ def _skipped(req: _Request, runner: Runner) -> dict[tuple[str, str], str]:
             layer = runner.gm.get_submodule(name)
             reason = applicability_error(layer, scheme)
             reason = reason or req.impl.unsupported_reason(layer, scheme)
+            if scheme.rounding != "rtn":
+                reason = reason or rounding_unsupported(layer)
             if reason:
                 skip[(name, scheme.name)] = reason
     return skip
@@ -321,6 +325,7 @@ def _open_cache(req: _Request, runner: Runner, e2e_name: str, n_e2e: int) -> tup
         str(opts.hessian_samples),
         req.impl.name,
         str(opts.fold_bn),
+        repr(opts.rounding or RoundingOptions()),
         runner.mode,
         f"e2e_samples={n_e2e}",
     )
@@ -338,6 +343,7 @@ class _Measurer:
     sizes: list[int]
     baseline: float | None
     traces: dict[str, float]
+    rounder: Rounder | None = None
     n_computed: int = 0
 
     @classmethod
@@ -368,7 +374,14 @@ class _Measurer:
             for name in todo:
                 for w in layer_weights(runner.gm.get_submodule(name)).values():
                     w.requires_grad_(False)
-        return cls(req, runner, plan, scorer, sizes, baseline, traces)
+        rounder = None
+        rounded = [
+            n for n, schemes in plan.todo.items() if any(s.rounding != "rtn" for s in schemes)
+        ]
+        if rounded:  # one pass gathers every rounded layer's input statistics
+            rounder = Rounder(runner.gm, req.batches, options=req.options.rounding)
+            rounder.stats(rounded)
+        return cls(req, runner, plan, scorer, sizes, baseline, traces, rounder)
 
     def measure_all(self) -> None:
         """Every row left to compute, cached as soon as it is (with a progress bar if asked)."""
@@ -398,7 +411,13 @@ class _Measurer:
         runner, then ``task_drop`` and ``hessian`` where asked."""
         runner = self.runner
         layer = runner.gm.get_submodule(name)
-        qlayers = [profile_layer(self.req.impl, layer, s) for s in schemes]
+        sources = [
+            layer if s.rounding == "rtn" or self.rounder is None else self.rounder.layer(name, s)
+            for s in schemes
+        ]
+        qlayers = [
+            profile_layer(self.req.impl, src, s) for src, s in zip(sources, schemes, strict=True)
+        ]
         local = [LocalStats() for _ in schemes]
         e2e = [E2EStats() for _ in schemes]
         finals: list[torch.Tensor] = []  # per e2e batch: [scheme, *output shape]
@@ -431,13 +450,25 @@ class _Measurer:
             if name in self.traces:
                 delta = sum(
                     float(
-                        (fake_quantize(w.detach().float(), scheme.weight) - w).double().pow(2).sum()
+                        (fake_quantize(q.detach().float(), scheme.weight) - w).double().pow(2).sum()
                     )
-                    for w in layer_weights(layer).values()
+                    for q, w in zip(
+                        layer_weights(sources[i]).values(),
+                        layer_weights(layer).values(),
+                        strict=True,
+                    )
                 )
                 row["hessian"] = self.traces[name] * delta
             rows.append(row)
         return rows
+
+
+def _same_weights(a: nn.Module, b: nn.Module, names: list[str]) -> bool:
+    """Whether layers ``names`` of ``a`` and ``b`` hold equal weights (no BatchNorm folded)."""
+    la, lb = quantizable_layers(a), quantizable_layers(b)
+    return all(
+        torch.equal(layer_weights(la[n])["weight"], layer_weights(lb[n])["weight"]) for n in names
+    )
 
 
 def _build_result(
@@ -481,6 +512,11 @@ def _build_result(
             f"(status='skipped'):\n{listed}",
             stacklevel=4,
         )
+    rounder = None
+    if any(s.rounding != "rtn" for s in req.schemes):
+        rounder = measurer.rounder
+        if rounder is None or not _same_weights(runner.gm, req.model, list(rounder._stats)):
+            rounder = Rounder(req.model, req.batches, options=req.options.rounding)
     covered = coverage(req.model)
     if covered.share < COVERAGE_WARNING:
         warnings.warn(f"profile: {covered.summary()}.", stacklevel=4)
@@ -490,6 +526,7 @@ def _build_result(
         layers=list(req.names),
         e2e_metric=e2e_name,
         baseline_quality=measurer.baseline,
+        rounder=rounder,
         info={
             "runner": runner.mode,
             "runner_fallbacks": dict(runner.fallbacks),

@@ -44,7 +44,10 @@ class SensitivityProfile:
     :attr:`e2e_metric`), ``task_drop`` (``evaluate(fp32) - evaluate(quantized)``, NaN without
     ``evaluate``), ``hessian`` (HAWQ-V2 score, NaN without ``loss_fn``), ``status``
     (``"ok"``/``"skipped"``), ``reason`` and ``runner`` (what measured the row: ``graph:fx``,
-    ``graph:fx(concrete_args)``, ``graph:export`` or ``hooks``; empty when skipped).
+    ``graph:fx(concrete_args)``, ``graph:export`` or ``hooks``; empty when skipped). A row's
+    ``scheme`` is its choice: ``"w4a16+gptq"`` for a calibrated rounding, whose rounded weights
+    :attr:`rounder` (a :class:`~mpsearch.rounding.Rounder` of the model on the calibration
+    data; ``None`` without such rows, and not saved) gives whoever quantizes a plan of them.
 
     >>> prof = SensitivityProfile(pd.DataFrame({"layer": ["fc"], "scheme": ["w8a8"], "e2e": [0.1]}),
     ...                           schemes=["w8a8"], layers=["fc"], e2e_metric="kl")
@@ -58,6 +61,7 @@ class SensitivityProfile:
     e2e_metric: str
     baseline_quality: float | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    rounder: Any = field(default=None, repr=False, compare=False)
 
     # -- queries ----------------------------------------------------------------------------
     def _check_metric(self, metric: str) -> None:

@@ -46,9 +46,38 @@ def adaround(
     >>> output_error(w, adaround(w, h, spec), h) <= output_error(w, Grid(w, spec).rtn(), h)
     True
     """
-    grid = Grid(weight, spec)
-    w = weight.detach().float()
-    h = hessian.detach().float() / max(float(hessian.diagonal().mean()), 1e-30)
+    with torch.inference_mode(False), torch.enable_grad():  # also when called under no_grad
+        return _adaround(
+            weight.detach().float().clone(),
+            hessian.detach().float().clone(),
+            spec,
+            iters=iters,
+            lr=lr,
+            reg=reg,
+            beta=beta,
+            warmup=warmup,
+            check_every=check_every,
+            seed=seed,
+            trace=trace,
+        ).to(weight.dtype)
+
+
+def _adaround(
+    w: Tensor,
+    hessian: Tensor,
+    spec: QuantSpec,
+    *,
+    iters: int,
+    lr: float,
+    reg: float,
+    beta: tuple[float, float],
+    warmup: float,
+    check_every: int,
+    seed: int,
+    trace: list[float] | None,
+) -> Tensor:
+    grid = Grid(w, spec)
+    h = hessian / max(float(hessian.diagonal().mean()), 1e-30)
     floor, frac = grid.floor_codes(w)
     best_codes = grid.rtn_codes
     anchors = grid.rtn()
@@ -80,4 +109,4 @@ def adaround(
             scored.append(err)
             if err < best:
                 best, best_codes = err, codes
-    return grid.dequantize(best_codes).to(weight.dtype)
+    return grid.dequantize(best_codes)

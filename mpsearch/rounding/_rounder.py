@@ -205,6 +205,21 @@ class Rounder:
         )
         return r_all.reshape(w.shape).to(layer.weight.dtype), bias
 
+    def layer(self, name: str, scheme: str | Scheme) -> nn.Module:
+        """A copy of layer ``name`` holding its weight (and bias) under ``scheme`` (the layer
+        itself where ``scheme`` changes nothing); the model's own layer is left as it is."""
+        scheme = get_scheme(scheme)
+        original = self.layers[name]
+        if not self.needed({name: scheme.name}):
+            return original
+        weight, bias = self.weight(name, scheme)
+        layer = copy.copy(original)
+        layer._parameters = dict(original._parameters)  # new tensors, not the shared ones
+        layer.weight = nn.Parameter(_own_layout(original, weight), requires_grad=False)
+        if bias is not None:
+            layer.bias = nn.Parameter(bias.to(original.weight.dtype), requires_grad=False)
+        return layer
+
     def apply(
         self, model: nn.Module, assignment: Mapping[str, str], *, inplace: bool = False
     ) -> nn.Module:
@@ -227,13 +242,16 @@ class Rounder:
         return pd.DataFrame(self._rows, columns=REPORT_COLUMNS)
 
 
+def _own_layout(layer: nn.Module, weight: Tensor) -> Tensor:
+    """A standard-form weight in ``layer``'s own layout (HF ``Conv1D``: transposed)."""
+    own = weight.t() if is_hf_conv1d(layer) else weight.reshape(layer.weight.shape)
+    return own.to(layer.weight.dtype).contiguous()
+
+
 def set_weight(layer: nn.Module, weight: Tensor, bias: Tensor | None) -> None:
-    """Write a standard-form ``weight`` (and ``bias``) into ``layer`` (HF ``Conv1D``: transposed)."""
+    """Write a standard-form ``weight`` (and ``bias``) into ``layer``, in place."""
     with torch.no_grad():
-        if is_hf_conv1d(layer):
-            layer.weight.copy_(weight.t())
-        else:
-            layer.weight.copy_(weight.reshape(layer.weight.shape))
+        layer.weight.copy_(_own_layout(layer, weight))
         if bias is None:
             return
         if layer.bias is None:

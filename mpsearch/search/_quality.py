@@ -14,6 +14,7 @@ from torch import nn
 from mpsearch._data import as_batches, output_tensor, run_model
 from mpsearch.backends import get_backend
 from mpsearch.layers import quantizable_layers, swapped
+from mpsearch.rounding import Rounder
 from mpsearch.schemes import get_scheme
 
 
@@ -76,13 +77,17 @@ class Fidelity:
 class PlanRunner:
     """Runs ``evaluate`` on ``model`` with a plan's layers swapped in, restoring them after.
 
-    Quantized layers are built once per (layer, scheme) and reused across plans, so a trial
-    costs one evaluation, never a re-quantization of the whole model. A lock serialises
-    evaluations that share the model.
+    Quantized layers are built once per (layer, choice) and reused across plans, so a trial
+    costs one evaluation, never a re-quantization of the whole model. A choice with a
+    calibrated rounding (``"w4a16+gptq"``) takes its rounded weights from ``rounder`` (e.g. the
+    profile's). A lock serialises evaluations that share the model.
     """
 
-    def __init__(self, model: nn.Module, *, backend: str = "simulate") -> None:
+    def __init__(
+        self, model: nn.Module, *, backend: str = "simulate", rounder: Rounder | None = None
+    ) -> None:
         self.model = model
+        self.rounder = rounder
         self.backend = get_backend(backend)
         self.layers = quantizable_layers(model)
         self._cache: dict[tuple[str, str], nn.Module] = {}
@@ -91,7 +96,16 @@ class PlanRunner:
     def layer(self, name: str, scheme: str) -> nn.Module:
         key = (name, scheme)
         if key not in self._cache:
-            self._cache[key] = self.backend.quantize_layer(self.layers[name], get_scheme(scheme))
+            chosen = get_scheme(scheme)
+            layer = self.layers[name]
+            if chosen.rounding != "rtn" or self.rounder is not None:
+                if self.rounder is None:
+                    raise ValueError(
+                        f"Layer {name!r} in {scheme!r} needs calibrated rounding, but the search "
+                        "has no rounder: profile with that choice (the profile's rounder is used)."
+                    )
+                layer = self.rounder.layer(name, chosen)
+            self._cache[key] = self.backend.quantize_layer(layer, chosen)
         return self._cache[key]
 
     def __call__(

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from mpsearch.backends import Backend, quantize
 from mpsearch.plan import PrecisionPlan
+from mpsearch.rounding import Rounder
 from mpsearch.search._quality import quality_value
 
 VERIFIED_ATTR = "mpsearch_verified"
@@ -32,9 +33,11 @@ def measure_plans(
     time_module: Callable[[nn.Module], float],
     rounds: int = 3,
     progress: bool = False,
+    rounder: Rounder | None = None,
 ) -> pd.DataFrame:
     """Quality and end-to-end latency of ``model`` (row ``fp32``, the model as it is) and of
-    each plan quantized on ``backend`` (``quantize(model, plan, backend=backend)``).
+    each plan quantized on ``backend`` (``quantize(model, plan, backend=backend,
+    rounder=rounder)``: ``rounder`` rounds the plans' calibrated choices, ``"w4a16+gptq"``).
 
     Columns: ``plan`` (the name), ``quality`` (``evaluate``), ``latency_ms`` (the median over
     ``rounds`` rounds that time every model in turn with ``time_module``, so that a burst of
@@ -50,7 +53,7 @@ def measure_plans(
     rows = {"fp32": {"plan": "fp32", "quality": quality_value(evaluate(model)), "note": ""}}
     for name, plan in tqdm(plans.items(), desc="measure", disable=not progress, leave=False):
         try:
-            models[name] = quantize(model, plan, backend=backend)
+            models[name] = quantize(model, plan, backend=backend, rounder=rounder)
             quality = quality_value(evaluate(models[name]))
         except Exception as exc:  # recorded: the other plans are still measured
             models.pop(name, None)
@@ -85,6 +88,7 @@ def verify_front(
     backend: Backend,
     evaluate: Callable[[nn.Module], float],
     time_module: Callable[[nn.Module], float],
+    rounder: Rounder | None = None,
 ) -> None:
     """Measure ``plans`` (by trial number) with :func:`measure_plans` and keep the figures in
     the study (user attribute :data:`VERIFIED_ATTR`, replacing an earlier check), where
@@ -95,6 +99,7 @@ def verify_front(
         backend=backend,
         evaluate=evaluate,
         time_module=time_module,
+        rounder=rounder,
     )
     # plain JSON for every storage: NaN (a plan that cannot run) kept as null
     rows = [

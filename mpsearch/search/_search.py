@@ -210,6 +210,7 @@ class _Prepared:
                 backend=backend,
                 evaluate=self.objective.quality_fn,
                 time_module=self.cost.time_module,
+                rounder=self.objective.runner.rounder,
             )
         return result
 
@@ -335,7 +336,9 @@ def _prepare(
         cost=cost,
         limits=limits,
         objectives=options.objectives,
-        runner=PlanRunner(model, backend=options.quality_backend),
+        runner=PlanRunner(
+            model, backend=options.quality_backend, rounder=getattr(profile, "rounder", None)
+        ),
         quality_fn=evaluate if evaluate is not None else Fidelity(model, eval_batches),
         screen=_Screen() if options.screen else None,
         study=study,

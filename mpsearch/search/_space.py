@@ -16,6 +16,7 @@ from mpsearch._validation import invalid
 from mpsearch.backends._quantize import applicability_error
 from mpsearch.layers import quantizable_layers
 from mpsearch.schemes import SCHEMES, get_scheme
+from mpsearch.schemes._rounding import split_choice
 
 SPACES_DIR = Path(__file__).resolve().parents[2] / "search_spaces"
 _SELECTORS = ("type", "regex", "name")
@@ -133,12 +134,14 @@ class SearchSpace:
                 f"{self.source}: {where} must be a non-empty list of scheme names. Got {schemes!r} instead."
             )
         for s in schemes:
-            if s not in SCHEMES:
+            try:
+                get_scheme(s)  # a choice with a rounding method ('w4a16+gptq') too
+            except (ValueError, TypeError) as exc:
                 raise SpaceError(
                     f"{self.source}: {where} names unknown scheme {s!r}. Known schemes: "
                     + ", ".join(sorted(SCHEMES))
-                    + "."
-                )
+                    + f" (optionally '+<rounding>'). {exc}"
+                ) from None
 
     # -- loading ------------------------------------------------------------------------------
     @classmethod
@@ -204,7 +207,9 @@ class SearchSpace:
 
         ``measured`` and ``profiled`` (``None``: no limit) are the schemes the cost model and
         the profile have figures for: other choices are removed, and a layer pinned to one of
-        them is refused, naming what was measured. ``supported(layer, scheme) -> bool`` (e.g.
+        them is refused, naming what was measured. A profiled choice with a calibrated rounding
+        (``"w4a16+gptq"``) is offered wherever the space offers its scheme (right after it);
+        its cost is its scheme's. ``supported(layer, scheme) -> bool`` (e.g.
         ``CostModel.supported``) removes measured choices the backend cannot run. Schemes the
         layer's shape cannot take are removed too, and so are the ``skipped`` (layer, scheme)
         pairs the profile could not measure (with its reason, e.g. a layer never called).
@@ -215,6 +220,8 @@ class SearchSpace:
         for i, rule in enumerate(self.rules):
             for n in self._rule_hits(i, rule, modules):
                 choices[n] = list(rule["schemes"])
+        if profiled is not None:
+            choices = {n: _with_roundings(c, profiled) for n, c in choices.items()}
         pinned = self._pinned(modules)
         for n, bits in self._floors(modules, pinned).items():
             kept = [s for s in choices[n] if get_scheme(s).weight_bits >= bits]
@@ -344,15 +351,36 @@ def _missing_figures(
 
     sources = ((profiled, "the profile was computed"), (measured, "the cost model was measured"))
 
-    def why(scheme: str) -> str | None:
+    def why(choice: str) -> str | None:
         reasons = [
             f"{what} for {', '.join(schemes)} only"
             for schemes, what in sources
-            if schemes is not None and scheme not in schemes
+            if schemes is not None
+            and (choice if schemes is profiled else split_choice(choice)[0]) not in schemes
         ]
         return " and ".join(reasons) or None
 
     return why
+
+
+def _with_roundings(choices: list[str], profiled: Collection[str]) -> list[str]:
+    """``choices`` with, after each scheme, the profiled choices that round it otherwise.
+
+    >>> _with_roundings(["bf16", "w4a16"], ["bf16", "w4a16", "w4a16+gptq", "w2a16+gptq"])
+    ['bf16', 'w4a16', 'w4a16+gptq']
+    """
+    out: list[str] = []
+    for c in choices:
+        out.append(c)
+        out += [
+            p
+            for p in profiled
+            if p != c
+            and split_choice(p)[0] == c
+            and split_choice(c)[1] == "rtn"
+            and p not in choices
+        ]
+    return list(dict.fromkeys(out))
 
 
 def _drop_unusable(

@@ -10,6 +10,7 @@ from typing import Any, Protocol
 
 from torch import nn
 
+from mpsearch.schemes._rounding import split_choice
 from mpsearch.search._space import ResolvedSpace, SearchSpace, load_space
 
 
@@ -130,6 +131,11 @@ def _per_layer_costs(cost: Any, space: ResolvedSpace) -> dict[tuple[str, str], t
     out: dict[tuple[str, str], tuple[float, float]] = {}
     for row in table.itertuples(index=False):
         out[(row.layer, row.scheme)] = (float(row.memory_bytes), float(row.latency_ms))
+    for p, layers in space.params.items():  # a choice with a rounding costs its scheme
+        for layer in layers:
+            for s in space.choices[p]:
+                if (layer, s) not in out and (layer, split_choice(s)[0]) in out:
+                    out[(layer, s)] = out[(layer, split_choice(s)[0])]
     missing = [
         (layer, s)
         for p, layers in space.params.items()
