@@ -338,7 +338,8 @@ def _export_setup(parser: argparse.ArgumentParser) -> Runner:
         if formats is not None:
             options["formats"] = formats
         out_dir = ns.out or config.out_dir / "export"
-        exported = export_plan(wl.model, plan, out_dir, **options)
+        model, plan = steps.rounded(plan)  # a plan with calibrated roundings: rounded weights
+        exported = export_plan(model, plan, out_dir, **options)
         _table(exported.to_frame(), title=f"exported {plan_path} to {out_dir}")
         return EXIT_OK
 

@@ -11,6 +11,7 @@ directory (``studies/out/<study>/``) as a :class:`~mpsearch.report.StudyRecord`,
 
 from __future__ import annotations
 
+import hashlib
 import json
 import pkgutil
 import statistics
@@ -23,15 +24,22 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import torch
 import yaml
 
 from mpsearch._data import output_tensor, run_model
+from mpsearch._io import atomic_path
 from mpsearch._validation import invalid, unknown
-from mpsearch.backends import Backend
+from mpsearch.backends import Backend, quantize
 from mpsearch.cost import CostModel, CostOptions, clock, measure_cost, threads
 from mpsearch.plan import PrecisionPlan
 from mpsearch.profile import ProfileOptions, SensitivityProfile, profile
+from mpsearch.recover import RecoverOptions, RecoveryResult, recover
 from mpsearch.report import FILES, StudyRecord
+from mpsearch.report._record import RECOVERY_COLUMNS
+from mpsearch.rounding import Rounder, RoundingOptions
+from mpsearch.schemes import get_scheme
+from mpsearch.schemes._rounding import DEFAULT_ROUNDING, ROUNDINGS, choice_name, split_choice
 from mpsearch.search import (
     Budget,
     SearchOptions,
@@ -73,7 +81,8 @@ class StudyConfig:
     :class:`~mpsearch.search.SearchOptions` field: ``screen``, ``warm_start``, ``timeout``,
     ``lease``...); :meth:`search_options` builds them. ``workers`` > 1 runs the search in that
     many processes (:func:`~mpsearch.search.run_workers`), on a journal-file or PostgreSQL
-    ``storage``.
+    ``storage``. ``rounding`` adds calibrated rounding choices (:class:`StudyRounding`),
+    ``recover`` a recovery fine-tune of the chosen plan(s) (:class:`StudyRecovery`).
 
     >>> StudyConfig(workload="digits_cnn", n_trials=40).study_name
     'digits_cnn'
@@ -100,6 +109,8 @@ class StudyConfig:
     controller: dict[str, Any] = field(default_factory=dict)
     workers: int = 1
     search: dict[str, Any] = field(default_factory=dict)
+    rounding: dict[str, Any] | list[str] | None = None
+    recover: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.study_name is None:
@@ -125,6 +136,8 @@ class StudyConfig:
         Budget(**self.budget)  # validates the budget's keys and values now
         ControllerCurve(**(self.controller or {}))  # likewise the controller curve's settings
         self._check_search()
+        self.profiled_schemes()  # the rounding settings, and that some scheme can take them
+        self.recover_settings()
 
     def _check_search(self) -> None:
         """The search options and workers, checked now (before any work)."""
@@ -154,6 +167,52 @@ class StudyConfig:
         keys = {k: getattr(self, k) for k in _SEARCH_KEYS}
         keys["storage"] = self.storage_url
         return SearchOptions.from_dict({**self.search, **keys, **overrides})
+
+    def rounding_settings(self) -> StudyRounding:
+        """The ``rounding`` key as a :class:`StudyRounding` (no methods: round to nearest).
+
+        >>> StudyConfig(rounding=["gptq"]).rounding_settings().methods
+        ['gptq']
+        """
+        return StudyRounding.from_config(self.rounding)
+
+    def recover_settings(self) -> StudyRecovery | None:
+        """The ``recover`` key as a :class:`StudyRecovery` (``None``: no recovery fine-tune).
+
+        >>> StudyConfig(recover={"steps": 20}).recover_settings().plans
+        'best'
+        """
+        if self.recover is None:
+            return None
+        if not isinstance(self.recover, dict):
+            raise invalid("recover", self.recover, "a mapping of recovery settings (or null)")
+        known = {f.name for f in fields(StudyRecovery)}
+        extra = sorted(set(self.recover) - known)
+        if extra:
+            raise ValueError(f"recover: unknown key(s) {extra}; accepted keys: {sorted(known)}.")
+        return StudyRecovery(**self.recover)
+
+    def profiled_schemes(self) -> list[str]:
+        """The choices profiled: ``schemes``, then ``<scheme>+<method>`` for each scheme that
+        can take each ``rounding`` method (integer weights with channel or group scales).
+
+        >>> StudyConfig(schemes=["bf16", "w4a16"], rounding=["gptq"]).profiled_schemes()
+        ['bf16', 'w4a16', 'w4a16+gptq']
+        """
+        methods = self.rounding_settings().methods
+        rounded = [
+            choice_name(scheme, method)
+            for method in methods
+            for scheme in self.schemes
+            if _takes_rounding(scheme, method)
+        ]
+        if methods and not rounded:
+            raise ValueError(
+                f"rounding: none of the schemes {self.schemes} can take {methods} (calibrated "
+                "rounding needs integer weights with per-channel or per-group scales, e.g. "
+                "w4a16, w8a16); add such a scheme to 'schemes' or remove 'rounding'."
+            )
+        return [*self.schemes, *rounded]
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> StudyConfig:
@@ -186,6 +245,112 @@ class StudyConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def _takes_rounding(scheme: str, method: str) -> bool:
+    """Whether the choice ``<scheme>+<method>`` exists (the scheme's weights can be rounded)."""
+    try:
+        get_scheme(choice_name(scheme, method))
+    except ValueError:
+        return False
+    return True
+
+
+@dataclass
+class StudyRounding:
+    """Calibrated rounding in a study (config key ``rounding``): the ``methods`` offered
+    (``<scheme>+<method>`` is profiled and searched next to each scheme that can take it) and
+    the :class:`~mpsearch.rounding.RoundingOptions` fields as ``options``. The key is either a
+    list of methods or ``{methods: [...], options: {...}}``.
+
+    >>> StudyRounding.from_config({"methods": ["gptq"], "options": {"damp": 0.05}}).rounding_options().damp
+    0.05
+    """
+
+    methods: list[str] = field(default_factory=list)
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        accepted = [m for m in ROUNDINGS if m != DEFAULT_ROUNDING]
+        if isinstance(self.methods, str) or not isinstance(self.methods, list):
+            raise invalid("rounding.methods", self.methods, f"a list of methods among {accepted}")
+        for method in self.methods:
+            if method not in accepted:
+                raise unknown("rounding.methods", method, accepted)
+        self.rounding_options()
+
+    @classmethod
+    def from_config(cls, value: Any) -> StudyRounding:
+        """From the config's ``rounding`` value (``None``, a list of methods or a mapping)."""
+        if value is None:
+            return cls()
+        if isinstance(value, list):
+            return cls(methods=value)
+        if not isinstance(value, dict):
+            raise invalid(
+                "rounding", value, "a list of methods or a mapping with 'methods' and 'options'"
+            )
+        extra = sorted(set(value) - {"methods", "options"})
+        if extra:
+            raise ValueError(
+                f"rounding: unknown key(s) {extra}; accepted keys: ['methods', 'options']."
+            )
+        return cls(**value)
+
+    def rounding_options(self) -> RoundingOptions:
+        """The :class:`~mpsearch.rounding.RoundingOptions` built from ``options``."""
+        if not isinstance(self.options, dict):
+            raise invalid("rounding.options", self.options, "a mapping of RoundingOptions fields")
+        known = [f.name for f in fields(RoundingOptions)]
+        extra = sorted(set(self.options) - set(known))
+        if extra:
+            raise ValueError(
+                f"rounding.options: unknown option(s) {extra}; accepted options: {sorted(known)}."
+            )
+        try:
+            return RoundingOptions(**self.options)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"rounding.options: {exc}") from None
+
+
+RECOVER_PLANS = ("best", "front")
+
+
+@dataclass
+class StudyRecovery:
+    """The recovery fine-tune of a study (config key ``recover``): :func:`~mpsearch.recover`
+    with ``steps`` and ``lr`` on the calibration data, of the chosen plan (``plans: best``) or
+    of every plan on the Pareto front (``front``); ``options`` are
+    :class:`~mpsearch.recover.RecoverOptions` fields.
+
+    >>> StudyRecovery(steps=50, plans="front").recover_options().eval_every
+    25
+    """
+
+    steps: int = 200
+    lr: float = 1e-4
+    plans: str = "best"
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
+            raise invalid("recover.steps", self.steps, "a positive integer")
+        if (
+            isinstance(self.lr, bool)
+            or not isinstance(self.lr, (int, float))
+            or not 0 < self.lr < float("inf")
+        ):
+            raise invalid("recover.lr", self.lr, "a positive number")
+        if self.plans not in RECOVER_PLANS:
+            raise unknown("recover.plans", self.plans, RECOVER_PLANS)
+        self.recover_options()
+
+    def recover_options(self) -> RecoverOptions:
+        """The :class:`~mpsearch.recover.RecoverOptions` built from ``options``."""
+        try:
+            return RecoverOptions.from_dict(self.options)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"recover.options: {exc}") from None
 
 
 @dataclass
@@ -227,6 +392,17 @@ class ControllerCurve:
                 or value < (2 if name == "max_variants" else 1)
             ):
                 raise invalid(f"controller.{name}", value, "a positive integer (max_variants >= 2)")
+
+
+def plan_roundings(plan: PrecisionPlan, model: Any) -> list[str]:
+    """The calibrated rounding methods ``plan``'s choices use on ``model``, in order met.
+
+    >>> from torch import nn
+    >>> plan_roundings(PrecisionPlan({"0": "w4a16+gptq"}, default="bf16"), nn.Sequential(nn.Linear(4, 4)))
+    ['gptq']
+    """
+    methods = (split_choice(c)[1] for c in plan.resolve_choices(model).values())
+    return [m for m in dict.fromkeys(methods) if m != DEFAULT_ROUNDING]
 
 
 CONTROLLER_CURVE_COLUMNS = ("method", "latency_ms", "disagreement", "accuracy", "epsilon", "note")
@@ -289,8 +465,10 @@ def controller_curve(
     num_threads: int | None = 1,
     timer: str = "process",
     progress: bool = False,
+    rounder: Any = None,
 ) -> pd.DataFrame:
-    """Measure the run-time controller's curve on ``wl``: one row per method, in the
+    """Measure the run-time controller's curve on ``wl`` (plans with calibrated roundings take
+    their weights from ``rounder``): one row per method, in the
     ``controller.csv`` format of :mod:`mpsearch.report` (``method``, ``latency_ms`` per input,
     ``disagreement`` with fp32, ``accuracy``, ``epsilon``, ``note``).
 
@@ -316,6 +494,7 @@ def controller_curve(
         backend=backend,
         scorer=settings.scorer,
         example_input=wl.example_input,
+        rounder=rounder,
     )
     with torch.inference_mode():
         reference = [_answers(run_model(wl.model, b)) for b in wl.test]
@@ -415,6 +594,7 @@ class StudySteps:
         self.timings: dict[str, float] = {}
         self._summary: pd.DataFrame | None = None
         self._controller: pd.DataFrame | None = None
+        self._recovery: pd.DataFrame | None = None
 
     @property
     def _show_progress(self) -> bool:
@@ -450,8 +630,10 @@ class StudySteps:
             max_batches=self.config.profile_batches,
             cache_dir=Path(self.config.cache_dir) / "profile",
             progress=self._show_progress,
+            rounding=self.config.rounding_settings().rounding_options(),
         )
-        prof = profile(wl.model, wl.calib, schemes=self.config.schemes, options=options)
+        schemes = self.config.profiled_schemes()
+        prof = profile(wl.model, wl.calib, schemes=schemes, options=options)
         s = self._timed("profile_s", t0)
         self.log(
             f"profile: {len(prof.table)} (layer, scheme) rows in {s:.1f} s "
@@ -537,6 +719,43 @@ class StudySteps:
         return ChoiceTable.build(space, self.profile, cost, metric=metric)
 
     @cached_property
+    def rounder(self) -> Rounder | None:
+        """What quantizes this study's plans with their calibrated roundings (and the bias
+        correction of ``rounding.options``): the profile's rounder, else one on the
+        calibration data; ``None`` when the study has no ``rounding``."""
+        settings = self.config.rounding_settings()
+        if not settings.methods and not settings.options:
+            return None
+        options = settings.rounding_options()
+        rounder = getattr(self.profile, "rounder", None)
+        if isinstance(rounder, Rounder) and rounder.options == options:
+            return rounder
+        return Rounder(self.workload.model, self.workload.calib, options=options)
+
+    def quantize(self, plan: PrecisionPlan, *, backend: str | Backend | None = None) -> Any:
+        """``plan`` quantized on ``backend`` (default: the cost model's, its kernel picks
+        included) with the study's calibrated rounding (:attr:`rounder`).
+
+        >>> steps.quantize(steps.best)   # doctest: +SKIP
+        """
+        backend = self.cost.backend if backend is None else backend
+        return quantize(self.workload.model, plan, backend=backend, rounder=self.rounder)
+
+    def rounded(self, plan: PrecisionPlan) -> tuple[Any, PrecisionPlan]:
+        """``(model, plan)`` for code that quantizes without a rounder (an export): a copy of
+        the workload's model holding ``plan``'s calibrated rounding (and bias correction) in
+        its weights (``quantize`` does not round those layers again), and ``plan`` itself (the
+        model itself when the study has no ``rounding``).
+
+        >>> model, plan = steps.rounded(steps.best)   # doctest: +SKIP
+        >>> export_plan(model, plan, "out", example_input=x)   # doctest: +SKIP
+        """
+        model = self.workload.model
+        if self.rounder is None:
+            return model, plan
+        return self.rounder.apply(model, plan.resolve_choices(model)), plan
+
+    @cached_property
     def best(self) -> PrecisionPlan:
         """The best plan under the study's budget."""
         return self.result.best()
@@ -552,6 +771,7 @@ class StudySteps:
                 plans,
                 backend=self.cost.backend,  # its kernel picks (autotuned) included
                 progress=self._show_progress,
+                rounder=self.rounder,
             )
             s = self._timed("measure_s", t0)
             self.log(
@@ -586,17 +806,121 @@ class StudySteps:
                 num_threads=self.config.num_threads,
                 timer=self.config.timer,
                 progress=self._show_progress,
+                rounder=self.rounder,
             )
             s = self._timed("controller_s", t0)
             self.log(f"controller curve: {len(self._controller)} methods measured in {s:.1f} s")
         return self._controller
 
+    def recovery(self) -> pd.DataFrame | None:
+        """The recovery fine-tune of the chosen plan (or the front's plans), or ``None`` when
+        the config asks none (see :class:`StudyRecovery`): one row per plan in the
+        ``recovery.csv`` format of :mod:`mpsearch.report` (``RECOVERY_COLUMNS``).
+
+        Each plan is fine-tuned by :func:`~mpsearch.recover.recover` on the calibration data,
+        checkpointed under ``<output dir>/recover/`` (a killed run resumes; a finished one
+        returns at once), and its quality on the test split measured before (the plan with the
+        study's rounding) and after (the recovered weights, rounded to nearest) on the study's
+        backend, or on ``simulate`` where that backend cannot run the plan (said in ``note``).
+        The recovered weights (``<plan>.pt``, a state dict) and plan (``<plan>.plan.json``) are
+        written beside the checkpoint, atomically.
+        """
+        settings = self.config.recover_settings()
+        if settings is None:
+            return None
+        if self._recovery is None:
+            if settings.plans == "best":
+                plans = {"best": self.best}
+            else:
+                pareto = self.result.pareto
+                plans = {
+                    f"front:{t}": p for t, p in zip(pareto["trial"], pareto["plan"], strict=True)
+                }
+            t0 = time.perf_counter()
+            rows = [self._recover_plan(name, plan, settings) for name, plan in plans.items()]
+            self._recovery = pd.DataFrame(rows, columns=list(RECOVERY_COLUMNS))
+            s = self._timed("recover_s", t0)
+            gains = ", ".join(
+                f"{r['plan']} {r['quality_before']:.4g} -> {r['quality_after']:.4g}" for r in rows
+            )
+            self.log(
+                f"recovery ({settings.steps} steps) of {len(rows)} plan(s) in {s:.1f} s: {gains}"
+            )
+        return self._recovery
+
+    def _recover_plan(
+        self, name: str, plan: PrecisionPlan, settings: StudyRecovery
+    ) -> dict[str, Any]:
+        """One row of :meth:`recovery`: ``plan`` fine-tuned, measured and its weights stored."""
+        wl = self.workload
+        folder = self.config.out_dir / "recover"
+        folder.mkdir(parents=True, exist_ok=True)
+        stem = name.replace(":", "-")
+        key = json.dumps([plan.to_json(), asdict(settings)], sort_keys=True, default=str)
+        checkpoint = folder / f"{stem}-{hashlib.sha256(key.encode()).hexdigest()[:10]}.ckpt"
+        t0 = time.perf_counter()
+        res = recover(
+            wl.model,
+            plan,
+            wl.calib,
+            steps=settings.steps,
+            lr=settings.lr,
+            options=settings.recover_options(),
+            checkpoint=checkpoint,
+            progress=self._show_progress,
+            rounder=self.rounder,
+        )
+        seconds = time.perf_counter() - t0
+        for stale in folder.glob(f"{stem}-*.ckpt"):  # written for another plan or settings
+            if stale != checkpoint:
+                stale.unlink(missing_ok=True)
+        with atomic_path(folder / f"{stem}.pt") as tmp:
+            torch.save(res.model.state_dict(), tmp)
+        res.plan.save(folder / f"{stem}.plan.json")
+        before, after, backend, note = self._quality_before_after(plan, res)
+        if res.resumed_from is not None:
+            note = "; ".join(filter(None, [note, f"resumed from step {res.resumed_from}"]))
+        return {
+            "plan": name,
+            "rounding": ", ".join(plan_roundings(plan, wl.model)) or DEFAULT_ROUNDING,
+            "backend": backend,
+            "quality_before": before,
+            "quality_after": after,
+            "loss_before": res.loss_before,
+            "loss_after": res.loss_after,
+            "steps": res.steps_done,
+            "best_step": res.best_step,
+            "seconds": seconds,
+            "note": note,
+        }
+
+    def _quality_before_after(
+        self, plan: PrecisionPlan, res: RecoveryResult
+    ) -> tuple[float, float, str, str]:
+        """Test-split quality of ``plan`` (the study's rounding) and of the recovered model
+        (``res``), on the study's backend or, where it cannot run the plan, on ``simulate``."""
+        wl = self.workload
+        backend: str | Backend = self.cost.backend
+        note = ""
+        try:
+            before_model = self.quantize(plan, backend=backend)
+        except (ValueError, TypeError, RuntimeError) as exc:
+            why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            note = f"simulated: the {self.config.backend!r} backend cannot run it ({why})"
+            backend = "simulate"
+            before_model = self.quantize(plan, backend=backend)
+        before = float(wl.evaluate(before_model))
+        after = float(wl.evaluate(quantize(res.model, res.plan, backend=backend)))
+        name = backend if isinstance(backend, str) else backend.name
+        return before, after, name, note
+
     def run(self) -> StudyOutcome:
-        """Every step: search, measure, controller curve; what was computed is saved even when
-        a step fails (e.g. no plan meets the budget)."""
+        """Every step: search, measure, controller curve, recovery; what was computed is saved
+        even when a step fails (e.g. no plan meets the budget)."""
         try:
             summary = self.measure()
             self.controller()
+            self.recovery()
         finally:
             record = self.save()
         return StudyOutcome(
@@ -643,12 +967,19 @@ class StudySteps:
                 rec.best = None
         rec.summary = self._summary
         rec.controller = self._controller
+        rec.recovery = self._recovery
+        methods = self.config.rounding_settings().methods
+        if methods:
+            info["rounding"] = {
+                "methods": methods,
+                "options": asdict(self.config.rounding_settings().rounding_options()),
+            }
         return rec
 
     def save(self) -> StudyRecord:
         """Write what has been computed to the output directory; return the record written.
 
-        ``summary.csv`` and ``controller.csv`` measured for another chosen plan (an earlier
+        ``summary.csv``, ``controller.csv`` and ``recovery.csv`` measured for another chosen plan (an earlier
         run) are removed when the chosen plan changes or no plan meets the budget any more, so
         that the report never mixes two searches.
         """
@@ -658,7 +989,12 @@ class StudySteps:
         if old_plan.exists() and (
             rec.best is None or PrecisionPlan.load(old_plan).rules != rec.best.rules
         ):
-            for key, fresh in (("summary", rec.summary), ("controller", rec.controller)):
+            fresh_parts = (
+                ("summary", rec.summary),
+                ("controller", rec.controller),
+                ("recovery", rec.recovery),
+            )
+            for key, fresh in fresh_parts:
                 if fresh is None:
                     (out / FILES[key]).unlink(missing_ok=True)
         if old_info.exists():
@@ -705,6 +1041,7 @@ def summarize(
     backend: str | Backend,
     progress: bool = False,
     rounds: int = 3,
+    rounder: Rounder | None = None,
 ) -> pd.DataFrame:
     """Quality, exact memory and measured latency of fp32 and each plan, with ratios to fp32,
     and a ``note`` on each plan measured more than 5% slower than fp32 or that cannot run on
@@ -713,7 +1050,9 @@ def summarize(
     ``fp32`` is the user's model as it is. Quality and latency are
     :func:`~mpsearch.search._realcheck.measure_plans`' (what the search's check of its front
     runs too): each plan quantized once, latencies the median over ``rounds`` rounds that time
-    every model in turn, each round a median of the cost model's repeats.
+    every model in turn, each round a median of the cost model's repeats. ``rounder`` (a
+    :class:`~mpsearch.rounding.Rounder` of ``wl.model``) rounds the plans' calibrated choices
+    (``"w4a16+gptq"``) and applies its bias correction.
 
     >>> summarize(wl, cost, {"w8a8": PrecisionPlan.uniform("w8a8")}, backend="cpu")  # doctest: +SKIP
     """
@@ -725,6 +1064,7 @@ def summarize(
         time_module=cost.time_module,
         rounds=rounds,
         progress=progress,
+        rounder=rounder,
     )
     memory = [cost.fp32_memory_bytes, *(cost.memory_bytes(plan) for plan in plans.values())]
     df.insert(2, "memory_mb", [m / 1e6 for m in memory])

@@ -5,6 +5,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import pandas as pd
+import pytest
 import torch
 from torch import nn
 
@@ -71,3 +72,158 @@ def test_the_study_log_says_when_the_chosen_plan_ran_slower_than_fp32() -> None:
         "note: the chosen plan was measured 1.50x slower than fp32 (1.5 ms); if speed matters "
         "too, add a latency budget (e.g. latency_fraction: 1.0)"
     )
+
+
+# --- calibrated rounding and recovery in a study ---------------------------------------------
+
+ROUNDING_STUDY = "studies/digits_rounding.yaml"
+
+
+def test_a_study_with_rounding_and_recovery_runs_end_to_end(tmp_path) -> None:
+    """The bundled example, on ``simulate`` (w2a16 runs there) under a budget only 2-bit
+    plans meet: GPTQ choices are profiled and measured, the chosen plan is fine-tuned, its
+    weights stored, the report shows both; a rerun resumes from the finished checkpoint."""
+    from mpsearch.report import StudyRecord, build_report
+
+    overrides = {
+        "output_dir": str(tmp_path / "out"),
+        "cache_dir": str(tmp_path / "cache"),
+        "storage": f"sqlite:///{tmp_path / 'study.db'}",
+        "backend": "simulate",
+        "budget": {"memory_fraction": 0.12},
+        "n_trials": 4,
+    }
+    config = StudyConfig.from_yaml(ROUNDING_STUDY, **overrides)
+    assert config.profiled_schemes() == ["w4a16", "w2a16", "w4a16+gptq", "w2a16+gptq"]
+    lines: list[str] = []
+    steps = StudySteps(config, log=lines.append, progress=False)
+    outcome = steps.run()
+    assert set(outcome.profile.table["scheme"]) == set(config.profiled_schemes())
+    assert steps.rounder is not None and steps.rounder.options.bias_correction
+    # plans with GPTQ choices were quantized with the study's rounder (they cannot run without)
+    rounded = outcome.summary[outcome.summary["plan"].str.contains("+gptq", regex=False)]
+    assert len(rounded) >= 1 and not rounded["note"].str.startswith("cannot run").any()
+
+    rec = StudyRecord.load(tmp_path / "out")
+    row = rec.recovery.iloc[0]
+    assert (row["plan"], row["backend"], row["steps"]) == ("best", "simulate", 60)
+    assert row["loss_after"] < row["loss_before"]
+    assert row["quality_after"] >= row["quality_before"]
+    assert rec.info["rounding"]["methods"] == ["gptq"]
+    recovered = PrecisionPlan.load(tmp_path / "out" / "recover" / "best.plan.json")
+    assert recovered.resolve(outcome.workload.model) == outcome.best.resolve(outcome.workload.model)
+    state = torch.load(tmp_path / "out" / "recover" / "best.pt", weights_only=True)
+    assert set(state) == set(outcome.workload.model.state_dict())
+    assert lines[-1].startswith("recovery (60 steps) of 1 plan(s) in ")
+
+    md = build_report(tmp_path / "out", figures=False).markdown()
+    recovery_md = md.split("## Recovery", 1)[1]
+    header = next(x for x in recovery_md.split("\n") if x.startswith("|")).replace(" ", "")
+    assert header == (
+        "|plan|rounding|backend|quality_before|quality_after|quality_gain|loss_before|"
+        "loss_after|steps|best_step|seconds|note|"
+    )
+    assert f"{row['quality_before']:.4f}" in recovery_md
+    assert f"{row['quality_after']:.4f}" in recovery_md
+    rounding_md = md.split("## Rounding methods", 1)[1].split("##", 1)[0]
+    assert "gptq" in rounding_md and "w2a16+gptq" in rounding_md
+
+    # a rerun finds the finished checkpoint and returns its result at once
+    again = StudySteps(config, log=None, progress=False)
+    again.__dict__["best"] = rec.best
+    row2 = again.recovery().iloc[0]
+    assert row2["note"] == "resumed from step 60"
+    assert (row2["loss_after"], row2["quality_after"]) == (row["loss_after"], row["quality_after"])
+
+
+@pytest.mark.parametrize(
+    ("key", "message"),
+    [
+        (
+            "rounding: [gptq, nearest]",
+            "The 'rounding.methods' argument must be one of 'adaround', 'gptq'. Got 'nearest' instead.",
+        ),
+        (
+            "rounding: {methods: [gptq], options: {dampening: 0.1}}",
+            "rounding.options: unknown option(s) ['dampening']; accepted options: ['act_order', "
+            "'adaround_iters', 'adaround_lr', 'adaround_reg', 'bias_correction', 'block_size', "
+            "'damp'].",
+        ),
+        (
+            "rounding: {methods: [gptq], options: {damp: 2}}",
+            "rounding.options: The 'damp' option must be a number in [0, 1). Got 2 instead.",
+        ),
+        (
+            "rounding: {method: [gptq]}",
+            "rounding: unknown key(s) ['method']; accepted keys: ['methods', 'options'].",
+        ),
+        ("recover: {steps: 0}", "The 'recover.steps' argument must be a positive integer. Got 0"),
+        (
+            "recover: {plans: all}",
+            "The 'recover.plans' argument must be one of 'best', 'front'. Got 'all' instead.",
+        ),
+        (
+            "recover: {step: 10}",
+            "recover: unknown key(s) ['step']; accepted keys: ['lr', 'options', 'plans', 'steps'].",
+        ),
+        ("recover: {options: {loss: hinge}}", "recover.options: The 'loss' option must be one of"),
+    ],
+)
+def test_bad_rounding_and_recover_keys_are_refused_before_any_work(tmp_path, key, message) -> None:
+    path = tmp_path / "study.yaml"
+    path.write_text(f"workload: mlp\nschemes: [bf16, w4a16]\n{key}\n")
+    with pytest.raises(ValueError) as info:
+        StudyConfig.from_yaml(path)
+    assert str(info.value).startswith(f"{path}: {message}")
+
+
+def test_rounding_needs_a_scheme_that_can_take_it() -> None:
+    with pytest.raises(ValueError, match=r"rounding: none of the schemes \['bf16', 'fp8'\]"):
+        StudyConfig(workload="mlp", schemes=["bf16", "fp8"], rounding=["adaround"])
+    assert StudyConfig(
+        workload="mlp", schemes=["bf16", "w8a16"], rounding=[]
+    ).profiled_schemes() == [
+        "bf16",
+        "w8a16",
+    ]
+
+
+def test_rounded_gives_a_model_that_quantizes_to_the_rounded_codes_without_calib() -> None:
+    from mpsearch.backends import quantize
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 10)).eval()
+    calib = [torch.randn(16, 32) for _ in range(4)]
+    steps = StudySteps(StudyConfig(workload="mlp", rounding=["gptq"]), log=None)
+    steps.__dict__.update(
+        workload=SimpleNamespace(model=net, calib=calib),
+        profile=SimpleNamespace(rounder=None),
+    )
+    plan = PrecisionPlan({"0": "w4a16+gptq"}, default="w8a16")
+    model, same = steps.rounded(plan)
+    assert same == plan and model.mpsearch_rounded == {"0": "w4a16+gptq"}
+    x = torch.randn(8, 32)
+    expected = quantize(net, plan, backend="simulate", rounder=steps.rounder)(x)
+    assert torch.equal(quantize(model, plan, backend="simulate")(x), expected)  # no calib needed
+    bare = PrecisionPlan({"0": "w4a16"}, default="w8a16")
+    assert not torch.equal(quantize(net, bare, backend="simulate")(x), expected)  # gptq differs
+
+
+def test_recovery_quality_falls_back_to_simulate_where_the_backend_cannot_run_the_plan() -> None:
+    from mpsearch.backends import quantize
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(32, 16)).eval()
+    x = torch.randn(4, 32)
+    steps = StudySteps(StudyConfig(workload="mlp", backend="cpu"), log=None)
+    steps.__dict__.update(
+        workload=SimpleNamespace(model=net, evaluate=lambda m: float(m(x).abs().sum())),
+        cost=SimpleNamespace(backend="cpu"),
+    )
+    plan = PrecisionPlan.uniform("w4a4")  # the cpu backend has no kernel for it
+    before, after, backend, note = steps._quality_before_after(
+        plan, SimpleNamespace(model=net, plan=plan)
+    )
+    assert backend == "simulate"
+    assert note.startswith("simulated: the 'cpu' backend cannot run it (The plan cannot run")
+    assert before == after == float(quantize(net, plan, backend="simulate")(x).abs().sum())

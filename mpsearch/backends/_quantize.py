@@ -16,6 +16,7 @@ from mpsearch.layers import layer_weights, quantizable_layers, replace_layers, w
 from mpsearch.layers._layers import watched
 from mpsearch.plan import PrecisionPlan
 from mpsearch.rounding import Rounder
+from mpsearch.rounding._rounder import rounded_layers
 from mpsearch.schemes import Observer, Scheme, get_scheme
 from mpsearch.schemes._observers import make_observer
 
@@ -119,7 +120,8 @@ def quantize(
     Layers whose choice has a calibrated rounding method (``"w4a16+gptq"``) get their weights
     rounded from calibration data first: by ``rounder`` (a :class:`~mpsearch.rounding.Rounder`
     of ``model``, which also applies its bias correction; reused across calls) or, without
-    one, from ``calib``. The rounded weights run on the scheme's own kernels.
+    one, from ``calib`` (a model that ``Rounder.apply`` rounded is not rounded again). The
+    rounded weights run on the scheme's own kernels.
 
     >>> net = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10)).eval()
     >>> qnet = quantize(net, PrecisionPlan({"0": "w8a8"}, default="bf16"))
@@ -132,7 +134,9 @@ def quantize(
     choices = plan.resolve_choices(model)
     assignment = plan.resolve(model)
     check_assignment(model, assignment, impl)
-    rounder = _rounder_for(model, plan, choices, calib, rounder)
+    done = rounded_layers(model)  # rounded by a Rounder already: not again
+    choices = {n: c for n, c in choices.items() if done.get(n) != c}
+    rounder = _rounder_for(model, choices, calib, rounder)
     target = model if inplace else copy.deepcopy(model)
     target.eval()
     if rounder is not None:
@@ -167,7 +171,6 @@ def quantize(
 
 def _rounder_for(
     model: nn.Module,
-    plan: PrecisionPlan,
     choices: Mapping[str, str],
     calib: Iterable[Any] | None,
     rounder: Rounder | None,

@@ -85,7 +85,9 @@ def load_quantized(model: nn.Module, path: str | Path) -> nn.Module:
         )
     plan = PrecisionPlan.from_json(payload["plan_json"])
     ranges = {k: (v[0], v[1]) for k, v in payload["act_ranges"].items()}
-    qm = build_quantized(model, plan, backend=payload["backend"], ranges=ranges)
+    # the file holds the (rounded) tensors: the structure is the plan's schemes alone
+    schemes = PrecisionPlan.from_assignment(plan.resolve(model))
+    qm = build_quantized(model, schemes, backend=payload["backend"], ranges=ranges)
     qm.load_state_dict(payload["state_dict"], strict=True)
     return qm
 

@@ -27,6 +27,8 @@ from mpsearch.export._artifacts import (
 from mpsearch.export._inputs import ModelCall, as_call
 from mpsearch.export._qdq import ONNX_ACCEPTED, onnx_refusal
 from mpsearch.plan import PrecisionPlan
+from mpsearch.rounding import Rounder
+from mpsearch.rounding._rounder import rounded_layers
 from mpsearch.schemes import Observer, get_scheme
 
 if TYPE_CHECKING:
@@ -349,7 +351,9 @@ def export_plan(
     :func:`~mpsearch.export.load_quantized` into the same architecture), ``program``
     (``model.pt2``: ``torch.export``, loads without mpsearch), ``onnx`` (``model.onnx``: the
     ``simulate`` plan with QuantizeLinear/DequantizeLinear, run in ONNX Runtime). Activation
-    ranges are dynamic unless ``calib`` batches are given (static, from ``observer``). The
+    ranges are dynamic unless ``calib`` batches are given (static, from ``observer``); a plan
+    with calibrated roundings (``"w4a16+gptq"``) needs them, and its weights are rounded from
+    them. The
     checks run on ``check_inputs`` (default: ``example_input``). Every argument, every layer's
     scheme on ``backend`` and, for ``onnx``, every scheme's ONNX form are checked before any
     work; each file is written to a temporary name and renamed, so no half file is left.
@@ -366,6 +370,14 @@ def export_plan(
         raise invalid("backend", backend, "a backend name")
     example, inputs = _check_inputs(model, example_input, check_inputs)
     assignment = plan.resolve(model)
+    choices = plan.resolve_choices(model)
+    done = rounded_layers(model)
+    if any(get_scheme(c).rounding != "rtn" and done.get(n) != c for n, c in choices.items()):
+        if calib is None:  # calibrated rounding: the files hold the rounded weights
+            raise invalid(
+                "calib", calib, "calibration batches: the plan has calibrated roundings (+gptq...)"
+            )
+        model = Rounder(model, calib).apply(model, choices)
     was_training = model.training
     model.eval()
     try:

@@ -385,6 +385,7 @@ def recover(
     options: RecoverOptions | None = None,
     checkpoint: str | os.PathLike[str] | None = None,
     progress: bool = True,
+    rounder: Rounder | None = None,
 ) -> RecoveryResult:
     """Fine-tune ``model``'s weights for ``plan`` by distillation from ``model`` itself.
 
@@ -396,7 +397,8 @@ def recover(
     their loss is measured before training, every ``eval_every`` steps and at the end, and the
     best weights are returned, so the result is never worse on them than the plan's
     round-to-nearest quantization. A calibrated rounding in the plan (``"w4a16+gptq"``) is
-    applied first, from the training batches: the fine-tune starts from it.
+    applied first, by ``rounder`` (e.g. the profile's, with its options) or one built on the
+    training batches: the fine-tune starts from it.
 
     Activation ranges are dynamic during training (as ``quantize`` without ``calib``).
     With ``checkpoint`` (a file path) the run is saved every ``checkpoint_every`` steps and at
@@ -421,6 +423,7 @@ def recover(
         options=options,
         checkpoint=checkpoint,
         progress=progress,
+        rounder=rounder,
     )
 
 
@@ -434,6 +437,7 @@ def _recover(
     options: RecoverOptions | None,
     checkpoint: str | os.PathLike[str] | None,
     progress: bool,
+    rounder: Rounder | None = None,
     stop_after: int | None = None,
 ) -> RecoveryResult:
     """:func:`recover`, with ``stop_after``: raise :class:`_Stopped` once that many steps ran
@@ -454,7 +458,8 @@ def _recover(
 
     student = copy.deepcopy(model).eval()
     if plan.rounds:  # the fine-tune starts from the plan's calibrated rounding
-        Rounder(model, train_batches).apply(student, plan.resolve_choices(model), inplace=True)
+        rounder = rounder if rounder is not None else Rounder(model, train_batches)
+        rounder.apply(student, plan.resolve_choices(model), inplace=True)
     frozen_params = {
         f"{layer}.{p}"
         for layer in frozen

@@ -3,8 +3,9 @@
 ``mpsearch report studies/digits.yaml`` (or :func:`write_report`) reads the files a study
 wrote to its output directory (:class:`StudyRecord`; the file names are :data:`FILES`, their
 formats, ``controller.csv`` included, are listed in ``mpsearch/report/_record.py``) and shows
-the Pareto front, the chosen plan per layer, the measured speed-ups and the run-time
-controller's curve. Tables come from tested data functions (:func:`front_table`,
+the Pareto front, the chosen plan per layer, the measured speed-ups, the run-time
+controller's curve and, where the study has them, its calibrated rounding methods and recovery
+fine-tune (quality before and after). Tables come from tested data functions (:func:`front_table`,
 :func:`layer_table`, :func:`speedup_table`, :func:`controller_curve_data`); figures are
 matplotlib PNGs embedded as base64; :func:`check_rendering` screenshots the page in Chromium.
 
@@ -13,7 +14,14 @@ matplotlib PNGs embedded as base64; :func:`check_rendering` screenshots the page
 """
 
 from mpsearch.report._browser import check_rendering, find_chromium
-from mpsearch.report._data import controller_curve_data, front_table, layer_table, speedup_table
+from mpsearch.report._data import (
+    controller_curve_data,
+    front_table,
+    layer_table,
+    recovery_table,
+    rounding_table,
+    speedup_table,
+)
 from mpsearch.report._record import FILES, StudyRecord
 from mpsearch.report._report import Report, build_report, write_report
 
@@ -27,6 +35,8 @@ __all__ = [
     "find_chromium",
     "front_table",
     "layer_table",
+    "recovery_table",
+    "rounding_table",
     "speedup_table",
     "write_report",
 ]

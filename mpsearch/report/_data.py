@@ -10,7 +10,8 @@ import numpy as np
 import pandas as pd
 
 from mpsearch.plan import PrecisionPlan
-from mpsearch.report._record import StudyRecord, check_controller_frame
+from mpsearch.report._record import RECOVERY_COLUMNS, StudyRecord, check_controller_frame
+from mpsearch.schemes._rounding import DEFAULT_ROUNDING, split_choice
 
 
 def plan_label(assignment: Mapping[str, str] | PrecisionPlan, *, skip_fp32: bool = True) -> str:
@@ -78,7 +79,8 @@ def layer_table(record: StudyRecord, plan: PrecisionPlan | None = None) -> pd.Da
     ``bits_per_weight`` (scales included; 32 for fp32), ``sensitivity`` (the profile's
     single-layer end-to-end error of the layer in that scheme, 0 for fp32), ``task_drop``
     (the profile's, NaN where not measured), ``memory_kb`` and ``latency_ms`` of the layer in
-    that scheme (from the cost table, NaN without one).
+    that scheme (from the cost table, NaN without one). ``scheme`` is the layer's choice,
+    with its calibrated rounding (``"w4a16+gptq"``).
 
     >>> layer_table(StudyRecord.load("studies/out/digits"))[["layer", "scheme"]]  # doctest: +SKIP
     """
@@ -97,13 +99,14 @@ def layer_table(record: StudyRecord, plan: PrecisionPlan | None = None) -> pd.Da
     if plan is None:
         return pd.DataFrame(columns=columns)
     layers = record.layers or list(plan.rules)
-    assignment = plan.resolve(layers)
+    assignment = plan.resolve_choices(layers)  # with the rounding: "w4a16+gptq"
     prof = record.profile.set_index(["layer", "scheme"]) if record.profile is not None else None
     cost = record.cost.set_index(["layer", "scheme"]) if record.cost is not None else None
     rows = []
-    for layer, scheme in assignment.items():
-        row: dict[str, Any] = {"layer": layer, "scheme": scheme}
-        p = _row(prof, layer, scheme)
+    for layer, choice in assignment.items():
+        scheme = split_choice(choice)[0]  # the cost table's rows are per scheme
+        row: dict[str, Any] = {"layer": layer, "scheme": choice}
+        p = _row(prof, layer, choice)
         any_p = _any_row(prof, layer)
         row["layer_type"] = any_p.get("layer_type", "") if any_p is not None else ""
         row["params"] = int(any_p["params"]) if any_p is not None else np.nan
@@ -247,6 +250,64 @@ def headline(record: StudyRecord) -> dict[str, Any]:
             out["best_uniform"] = uniform
             out["speedup_vs_best_uniform"] = float(by.loc[uniform, "best_vs"])
     return out
+
+
+RECOVERY_TABLE_COLUMNS: tuple[str, ...] = (
+    *RECOVERY_COLUMNS[:5],
+    "quality_gain",
+    *RECOVERY_COLUMNS[5:],
+)
+
+
+def recovery_table(record: StudyRecord) -> pd.DataFrame | None:
+    """The recovery fine-tune per plan (``recovery.csv``), with ``quality_gain`` = quality
+    after - quality before (on the test split); ``None`` when the study ran no recovery.
+
+    >>> rec = StudyRecord(name="demo", recovery=pd.DataFrame({"plan": ["best"],
+    ...     "quality_before": [0.81], "quality_after": [0.86]}))
+    >>> round(float(recovery_table(rec)["quality_gain"].iloc[0]), 2)
+    0.05
+    """
+    if record.recovery is None:
+        return None
+    df = record.recovery.copy()
+    for column in ("quality_before", "quality_after"):
+        if column not in df.columns:
+            raise ValueError(
+                f"The recovery table lacks the column {column!r} (got {list(df.columns)})."
+            )
+    df["quality_gain"] = df["quality_after"] - df["quality_before"]
+    for column in RECOVERY_TABLE_COLUMNS:
+        if column not in df.columns:
+            df[column] = "" if column in ("rounding", "backend", "note") else np.nan
+    df["note"] = df["note"].fillna("").astype(str)
+    return df[list(RECOVERY_TABLE_COLUMNS)].reset_index(drop=True)
+
+
+def rounding_table(record: StudyRecord) -> pd.DataFrame:
+    """The calibrated rounding methods of the study: per method, the choices profiled with it
+    (``profiled``, from the profile's rows) and the chosen plan's layers that use it
+    (``chosen_layers``). Empty when no method but round to nearest was used.
+
+    >>> prof = pd.DataFrame({"layer": ["fc", "fc"], "scheme": ["w4a16", "w4a16+gptq"]})
+    >>> rounding_table(StudyRecord(name="demo", profile=prof,
+    ...                            best=PrecisionPlan({"fc": "w4a16+gptq"}))).values.tolist()
+    [['gptq', 'w4a16+gptq', 'fc']]
+    """
+    profiled: dict[str, list[str]] = {}
+    if record.profile is not None and "scheme" in record.profile.columns:
+        for choice in dict.fromkeys(record.profile["scheme"].astype(str)):
+            profiled.setdefault(split_choice(choice)[1], []).append(choice)
+    chosen: dict[str, list[str]] = {}
+    if record.best is not None:
+        layers = record.layers or list(record.best.rules)
+        for layer, choice in record.best.resolve_choices(layers).items():
+            chosen.setdefault(split_choice(choice)[1], []).append(layer)
+    methods = [m for m in dict.fromkeys([*profiled, *chosen]) if m != DEFAULT_ROUNDING]
+    rows = [
+        [m, ", ".join(profiled.get(m, [])), ", ".join(chosen.get(m, [])) or "none"] for m in methods
+    ]
+    return pd.DataFrame(rows, columns=["method", "profiled", "chosen_layers"])
 
 
 def controller_curve_data(frame: pd.DataFrame) -> pd.DataFrame:

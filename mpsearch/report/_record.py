@@ -23,6 +23,10 @@ controller.csv the run-time controller's curve (see :data:`CONTROLLER_COLUMNS`):
                method (``static:<variant>`` or ``ctrl:<scorer>:<eps>``) with ``latency_ms``
                (per input), ``disagreement`` (rate of answers differing from fp32's) and
                ``accuracy`` (NaN where unknown); optional ``epsilon`` and ``note`` columns
+recovery.csv   the recovery fine-tune (config key ``recover``): one row per plan with ``plan``,
+               ``rounding``, ``backend``, ``quality_before``, ``quality_after``,
+               ``loss_before``, ``loss_after``, ``steps``, ``best_step``, ``seconds``, ``note``
+               (the recovered weights and plans are under ``recover/``)
 ============== =================================================================================
 """
 
@@ -42,6 +46,21 @@ from mpsearch.plan import PrecisionPlan
 CONTROLLER_COLUMNS: tuple[str, ...] = ("method", "latency_ms", "disagreement", "accuracy")
 """Required columns of ``controller.csv`` (``accuracy`` may be NaN)."""
 
+RECOVERY_COLUMNS: tuple[str, ...] = (
+    "plan",
+    "rounding",
+    "backend",
+    "quality_before",
+    "quality_after",
+    "loss_before",
+    "loss_after",
+    "steps",
+    "best_step",
+    "seconds",
+    "note",
+)
+"""Columns of ``recovery.csv``: one row per plan fine-tuned by the study's ``recover``."""
+
 FILES: dict[str, str] = {
     "info": "study.json",
     "profile": "profile.csv",
@@ -52,6 +71,7 @@ FILES: dict[str, str] = {
     "best": "best_plan.json",
     "summary": "summary.csv",
     "controller": "controller.csv",
+    "recovery": "recovery.csv",
 }
 
 
@@ -102,6 +122,7 @@ class StudyRecord:
     best: PrecisionPlan | None = None
     summary: pd.DataFrame | None = None
     controller: pd.DataFrame | None = None
+    recovery: pd.DataFrame | None = None
     out_dir: Path | None = None
 
     # ------------------------------------------------------------------ persistence
@@ -112,7 +133,7 @@ class StudyRecord:
         if self.info or not (out / FILES["info"]).exists():
             info = {"name": self.name, **self.info}
             write_text_atomic(out / FILES["info"], json.dumps(_jsonable(info), indent=2) + "\n")
-        for part in ("profile", "cost", "tuning", "summary"):
+        for part in ("profile", "cost", "tuning", "summary", "recovery"):
             frame = getattr(self, part)
             if frame is not None:
                 _write_csv(frame, out / FILES[part])
@@ -193,6 +214,7 @@ class StudyRecord:
             best=PrecisionPlan.load(best_path) if best_path.exists() else None,
             summary=frame("summary"),
             controller=controller,
+            recovery=frame("recovery"),
             out_dir=out,
         )
 
@@ -219,6 +241,8 @@ _TEXT_COLUMNS = {
         "note",
         "real_note",
         "runner",
+        "rounding",
+        "backend",
     )
 }
 

@@ -22,6 +22,8 @@ from mpsearch.report._data import (
     front_table,
     headline,
     layer_table,
+    recovery_table,
+    rounding_table,
     speedup_table,
 )
 from mpsearch.report._record import CONTROLLER_COLUMNS, FILES, StudyRecord
@@ -79,6 +81,8 @@ class Report:
     controller: pd.DataFrame | None
     figures: dict[str, bytes] = field(default_factory=dict)
     generated: str = ""
+    roundings: pd.DataFrame | None = None
+    recovery: pd.DataFrame | None = None
 
     def html(self) -> str:
         """The report as one self-contained HTML page (figures inlined as base64 PNG, no scripts)."""
@@ -119,6 +123,8 @@ def build_report(source: Any, *, figures: bool = True) -> Report:
         else None,
         figures=figs,
         generated=_dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        roundings=rounding_table(record),
+        recovery=recovery_table(record),
     )
 
 
@@ -148,6 +154,12 @@ def write_report(source: Any, out_path: str | Path | None = None) -> tuple[Path,
 # ---------------------------------------------------------------------------------- formatting
 _DIGITS = {
     "quality": 4,
+    "quality_before": 4,
+    "quality_after": 4,
+    "quality_gain": 4,
+    "loss_before": 5,
+    "loss_after": 5,
+    "seconds": 1,
     "fp32_quality": 4,
     "best_quality": 4,
     "quality_drop": 4,
@@ -257,6 +269,33 @@ def _no_controller_text(report: Report) -> str:
     )
 
 
+def _rounding_sections(report: Report) -> list[tuple[str, str, pd.DataFrame]]:
+    """``(title, text, table)`` of the calibrated rounding and recovery sections (those the
+    study has)."""
+    sections = []
+    if report.roundings is not None and len(report.roundings):
+        sections.append(
+            (
+                "Rounding methods",
+                "Calibrated rounding (`<scheme>+<method>`) profiled and searched next to round "
+                "to nearest; `chosen_layers`: the chosen plan's layers that use it.",
+                report.roundings,
+            )
+        )
+    if report.recovery is not None:
+        sections.append(
+            (
+                "Recovery",
+                "Recovery fine-tune (`recover`) of each plan, distilled from fp32 on the "
+                "calibration data: quality on the test split before (the plan as chosen) and "
+                "after (the recovered weights, rounded to nearest) on `backend`; loss: the "
+                "held-out distillation loss.",
+                report.recovery,
+            )
+        )
+    return sections
+
+
 def _render_markdown(report: Report) -> str:
     rec = report.record
     out = [f"# Study report: {rec.name}", "", f"Generated {report.generated} by mpsearch.", ""]
@@ -290,6 +329,8 @@ def _render_markdown(report: Report) -> str:
         out.append(_md_table(report.controller))
     else:
         out.append(_no_controller_text(report))
+    for title, text, table in _rounding_sections(report):
+        out += ["", f"## {title}", "", text, "", _md_table(table)]
     out += ["", "Figures: see the HTML report beside this file.", ""]
     return "\n".join(out)
 
@@ -392,5 +433,12 @@ def _render_html(report: Report) -> str:
         ]
     else:
         parts.append(f'<p class="note">{html.escape(_no_controller_text(report))}</p>')
+    for title, text, table in _rounding_sections(report):
+        anchor = title.split()[0].lower()
+        parts += [
+            f'<h2 id="{anchor}">{html.escape(title)}</h2>',
+            f'<p class="note">{_md_inline(text)}</p>',
+            _html_table(table, name=anchor),
+        ]
     parts.append("</body></html>")
     return "\n".join(parts)

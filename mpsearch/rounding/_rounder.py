@@ -225,14 +225,18 @@ class Rounder:
     ) -> nn.Module:
         """``model`` (this rounder's model or a copy of it: same layer names) with the weights
         (and biases) of ``assignment``'s rounded layers replaced; a copy unless ``inplace``.
-        The quantized kernels of each layer's scheme then store exactly the rounded codes."""
-        needed = self.needed(assignment)
+        The quantized kernels of each layer's scheme then store exactly the rounded codes.
+        The result records them (``mpsearch_rounded``: ``{layer: choice}``), so that
+        ``quantize`` does not round those layers again."""
+        done = rounded_layers(model)
+        needed = self.needed({n: c for n, c in assignment.items() if done.get(n) != c})
         self.stats(needed)
         target = model if inplace else copy.deepcopy(model)
         layers = quantizable_layers(target)
         for name, scheme in needed.items():
             weight, bias = self.weight(name, scheme)
             set_weight(layers[name], weight, bias)
+        target.mpsearch_rounded = {**done, **{n: s.name for n, s in needed.items()}}
         return target
 
     @property
@@ -240,6 +244,11 @@ class Rounder:
         """One row per rounded (layer, choice): output errors (mean over calibration rows)
         under round to nearest and under the choice, and the seconds it took."""
         return pd.DataFrame(self._rows, columns=REPORT_COLUMNS)
+
+
+def rounded_layers(model: nn.Module) -> dict[str, str]:
+    """``{layer: choice}`` of the layers :meth:`Rounder.apply` rounded in ``model``."""
+    return dict(getattr(model, "mpsearch_rounded", {}))
 
 
 def _own_layout(layer: nn.Module, weight: Tensor) -> Tensor:

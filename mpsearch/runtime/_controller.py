@@ -34,6 +34,7 @@ from mpsearch.backends._quantize import as_plan, check_assignment
 from mpsearch.backends._registry import Backend
 from mpsearch.cost._timing import clock, median_ms
 from mpsearch.plan import PrecisionPlan
+from mpsearch.rounding import Rounder
 from mpsearch.runtime._audit import AuditLog
 from mpsearch.runtime._calibration import (
     CalibrateOptions,
@@ -242,7 +243,9 @@ class Controller:
     never chosen by timing. A plan equal to the reference is the reference. With an
     ``example_input`` every stage is timed; ``order="cost"`` (the default) sorts the cheaper
     stages by that cost and drops, with a warning, any measured slower than the reference
-    (``order="given"`` keeps the given order and only warns).
+    (``order="given"`` keeps the given order and only warns). Plans with calibrated roundings
+    (``"w4a16+gptq"``) take their weights from ``rounder`` (e.g. the profile's), or from one
+    built on ``calib``, shared by the variants.
 
     An input runs through the cheapest stage; ``scorer`` turns its per-input logits into a
     difficulty score (**higher = harder**: ``ratio`` (the default) is ``p2 / p1``,
@@ -279,13 +282,14 @@ class Controller:
         order: str = "cost",
         audit_size: int = 100_000,
         audit_sink: str | Path | None = None,
+        rounder: Rounder | None = None,
     ) -> None:
         _check_arguments(model, plans, order)
         self.scorer = make_scorer(scorer)
         impl = get_backend(backend)
         self.backend = impl.name
         model.eval()
-        variants = self._build_variants(model, plans, reference, impl, calib)
+        variants = self._build_variants(model, plans, reference, impl, calib, rounder)
         self._out_dtype: torch.dtype | None = None
         if example_input is not None:
             variants = self._measure(variants, example_input)
@@ -316,6 +320,7 @@ class Controller:
         reference: PlanLike | None,
         impl: Backend,
         calib: Sequence[Any] | None,
+        rounder: Rounder | None,
     ) -> list[Variant]:
         """Validate every plan (and the reference) before quantizing any, then build the
         cheaper stages in the given order and the reference last."""
@@ -326,12 +331,14 @@ class Controller:
             else as_plan(reference, argument="reference")
         )
         arguments = [f"plans[{i}]" for i in range(len(parsed))] + ["reference"]
-        assignments = [p.resolve(model) for p in [*parsed, ref_plan]]
-        for argument, assignment in zip(arguments, assignments, strict=True):
+        assignments = [p.resolve_choices(model) for p in [*parsed, ref_plan]]
+        for argument, plan in zip(arguments, [*parsed, ref_plan], strict=True):
             try:
-                check_assignment(model, assignment, impl)
+                check_assignment(model, plan.resolve(model), impl)
             except ValueError as exc:
                 raise ValueError(f"{argument}: {exc}") from None
+        if rounder is None and calib is not None and any(p.rounds for p in [*parsed, ref_plan]):
+            rounder = Rounder(model, calib)  # shared: each layer rounded once
         ref_key = tuple(sorted(assignments[-1].items()))
         seen: set[tuple[tuple[str, str], ...]] = {ref_key}
         stages: list[tuple[PrecisionPlan, dict[str, str]]] = []
@@ -345,7 +352,11 @@ class Controller:
         variants = []
         for plan, assignment in stages:
             shared = all(s == "fp32" for s in assignment.values())
-            module = model if shared else quantize(model, plan, backend=impl, calib=calib)
+            module = (
+                model
+                if shared
+                else quantize(model, plan, backend=impl, calib=calib, rounder=rounder)
+            )
             module.eval()
             label = str(plan.metadata.get("name") or plan_label(assignment))
             names[label] += 1

@@ -437,3 +437,22 @@ def test_program_of_a_model_taking_use_cache_is_checked_with_its_own_keywords(
         llama.model, "w8a8", tmp_path, example_input=llama.example_input, formats="program"
     )
     assert res.to_frame().set_index("format").loc["program", "top1_agreement"] == 1.0
+
+
+def test_a_plan_with_calibrated_rounding_exports_the_rounded_weights(
+    mlp: Workload, tmp_path: Path
+) -> None:
+    model, calib, x = mlp.model, mlp.calib, mlp.example_input
+    plan = mps.PrecisionPlan({}, default="w4a16+gptq")
+    with pytest.raises(ValueError, match="'calib' argument must be calibration batches"):
+        export_plan(model, plan, tmp_path / "x", example_input=x, formats="plan")
+    res = export_plan(
+        model, plan, tmp_path / "e", example_input=x, formats=("plan", "state_dict"), calib=calib
+    )
+    assert mps.PrecisionPlan.load(tmp_path / "e" / "plan.json") == plan
+    loaded = load_quantized(copy.deepcopy(model), tmp_path / "e" / "model.qstate.pt")
+    expected = mps.quantize(model, plan, backend="cpu", calib=calib)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), expected(x))
+        assert not torch.equal(loaded(x), mps.quantize(model, "w4a16", backend="cpu")(x))
+    assert res.to_frame()["check"].eq(0).all()

@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+from mpsearch.backends import quantize
 from mpsearch.plan import PrecisionPlan
 from mpsearch.runtime import CalibrateOptions, Controller
 from mpsearch.runtime import _controller as controller_module
@@ -694,3 +695,18 @@ def test_structured_outputs_keep_their_type_and_never_mix_variants(model, make_i
     assert state is None and logits.shape == (len(x), *logits.shape[1:])
     _, kept = ctrl(x[~hard])
     assert isinstance(kept, _State)
+
+
+def test_plans_that_differ_in_rounding_are_distinct_variants() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 4)).eval()
+    calib = [torch.randn(64, 32)]
+    ctrl = Controller(net, ["w4a16", "w4a16+gptq"], backend="simulate", calib=calib)
+    assert [v.name for v in ctrl.variants][:2] == ["w4a16", "w4a16+gptq"]
+    x = torch.randn(8, 32)
+    with torch.no_grad():
+        expected = quantize(net, "w4a16+gptq", backend="simulate", calib=calib)(x)
+        assert torch.equal(ctrl.variants[1].module(x), expected)
+        assert not torch.equal(ctrl.variants[0].module(x), expected)
+    with pytest.raises(ValueError, match="needs calibration data"):
+        Controller(net, ["w4a16+gptq"], backend="simulate")
