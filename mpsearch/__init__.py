@@ -14,7 +14,7 @@ from mpsearch.profile import profile as profile
 from mpsearch.recover import RecoverOptions, RecoveryResult
 from mpsearch.recover import recover as recover
 from mpsearch.rounding import Rounder, RoundingOptions, smooth_activations
-from mpsearch.runtime import CalibrationReport, Controller
+from mpsearch.runtime import CalibrationReport, Controller, SpeculativeController
 from mpsearch.schemes import SCHEMES, QuantSpec, Scheme, get_scheme, register_scheme
 from mpsearch.search import (
     Budget,
@@ -57,6 +57,7 @@ __all__ = [
     "SearchResult",
     "SearchSpace",
     "SensitivityProfile",
+    "SpeculativeController",
     "__version__",
     "export_plan",
     "fold_batchnorm",

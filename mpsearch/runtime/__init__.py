@@ -1,4 +1,7 @@
-"""Run time: per-input precision switching with calibrated thresholds and an audit log.
+"""Run time: per-input precision switching with calibrated thresholds and an audit log, and
+lossless per-token switching for causal language models (:class:`SpeculativeController`: a
+cheap plan drafts, the reference plan verifies; ``SpeculativeOptions``, ``StepCosts`` in
+``_speculative``).
 
 >>> import torch
 >>> from torch import nn
@@ -23,6 +26,7 @@ from mpsearch.runtime._calibration import (
 from mpsearch.runtime._controller import Controller
 from mpsearch.runtime._scorers import SCORERS, FunctionScorer, Scorer, make_scorer
 from mpsearch.runtime._selection import rank_cascades
+from mpsearch.runtime._speculative import SpeculativeController
 
 __all__ = [
     "PVALUES",
@@ -33,6 +37,7 @@ __all__ = [
     "Controller",
     "FunctionScorer",
     "Scorer",
+    "SpeculativeController",
     "learn_then_test",
     "make_scorer",
     "min_calibration_size",

@@ -1,0 +1,347 @@
+"""SpeculativeController: greedy output identical to the reference's, exact sampling
+distribution (chi-square), KV caches consistent after rejections, EOS and length handling,
+and the choice of k from measured acceptance."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+pytest.importorskip("transformers")
+from scipy.stats import chisquare
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from mpsearch.backends import quantize
+from mpsearch.runtime._speculative import (
+    SpeculativeController,
+    SpeculativeOptions,
+    StepCosts,
+    expected_tokens_per_step,
+    verify_sampled,
+)
+
+VOCAB = 96
+PROMPTS = [[1, 2, 3, 4, 5], [7], [40, 41, 12, 90, 3, 3, 8]]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run fastest (and most steadily on a shared machine) on one thread."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_llama(seed: int = 0, vocab: int = VOCAB) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+    )
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(30)  # well-separated logits: float noise cannot flip an argmax
+    return model
+
+
+@pytest.fixture(scope="module")
+def llama() -> LlamaForCausalLM:
+    return tiny_llama()
+
+
+class WrongDraft(nn.Module):
+    """A draft that always proposes a token the model itself does not predict."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, input_ids: torch.Tensor, **kwargs) -> dict[str, torch.Tensor]:
+        logits = self.inner(input_ids=input_ids, **kwargs).logits
+        wrong = (logits.argmax(-1) + 1) % logits.shape[-1]
+        return {"logits": 100.0 * nn.functional.one_hot(wrong, logits.shape[-1]).float()}
+
+
+def reference_greedy(model: nn.Module, prompt: list[int], n: int) -> torch.Tensor:
+    out = model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, pad_token_id=0)
+    assert out.shape[1] == len(prompt) + n  # the test models never stop on their own
+    return out
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_greedy_equals_reference_greedy(llama, k):
+    w8 = quantize(llama, "w8a16", backend="cpu")
+    spec = SpeculativeController(llama, w8, k=k)
+    spec_wrong = SpeculativeController(llama, WrongDraft(llama), k=k)
+    for prompt in PROMPTS:
+        expected = reference_greedy(llama, prompt, 12)
+        assert torch.equal(spec.generate(torch.tensor([prompt]), max_new_tokens=12), expected)
+        got = spec_wrong.generate(torch.tensor([prompt]), max_new_tokens=12)
+        assert torch.equal(got, expected)
+    assert spec.audit["emitted"].sum() == 12 * len(PROMPTS)
+
+
+def test_always_wrong_draft_is_rejected_at_every_position(llama):
+    spec = SpeculativeController(llama, WrongDraft(llama), k=4)
+    out = spec.generate(torch.tensor([PROMPTS[0]]), max_new_tokens=9)
+    assert torch.equal(out, reference_greedy(llama, PROMPTS[0], 9))
+    audit = spec.audit
+    assert len(audit) == 9  # one token per step: the reference's own
+    assert (audit["accepted"] == 0).all() and (audit["emitted"] == 1).all()
+    assert audit["drafted"].tolist() == [4, 4, 4, 4, 4, 3, 2, 1, 0]  # never past the 9th
+    assert spec.acceptance_rate == 0.0
+
+
+def test_draft_equal_to_reference_is_always_accepted(llama):
+    spec = SpeculativeController(llama, "fp32", k=3)
+    assert spec.draft_module is spec.reference_module is llama
+    out = spec.generate(PROMPTS[2], max_new_tokens=10)
+    assert torch.equal(out, reference_greedy(llama, PROMPTS[2], 10))
+    audit = spec.audit
+    assert audit["drafted"].tolist() == [3, 3, 1]  # the last step may draft only 1 of 3
+    assert audit["emitted"].tolist() == [4, 4, 2]
+    assert spec.acceptance_rate == 1.0
+    assert spec.tokens_per_step == 10 / 3
+    columns = "call_id step k drafted accepted emitted draft_ms verify_ms step_ms"
+    assert list(audit.columns) == columns.split()
+    assert (audit[["draft_ms", "verify_ms"]].to_numpy() >= 0).all()
+    assert (audit["step_ms"] >= audit["draft_ms"] + audit["verify_ms"] - 1e-9).all()
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 5, 6])
+def test_max_new_tokens_exactly(llama, n):
+    spec = SpeculativeController(llama, "fp32", k=4)
+    out = spec.generate(torch.tensor([PROMPTS[0]]), max_new_tokens=n)
+    assert out.shape == (1, len(PROMPTS[0]) + n)
+    assert spec.audit["emitted"].sum() == n
+    if n:
+        assert torch.equal(out, reference_greedy(llama, PROMPTS[0], n))
+
+
+def test_eos_inside_a_draft(llama):
+    full = reference_greedy(llama, PROMPTS[0], 12)[0, len(PROMPTS[0]) :].tolist()
+    eos = full[2]  # the third token; not among the first two
+    first = full.index(eos)
+    expected = PROMPTS[0] + full[: first + 1]
+    spec = SpeculativeController(llama, "fp32", k=6)
+    out = spec.generate(PROMPTS[0], max_new_tokens=12, eos_token_id=eos)
+    assert out[0].tolist() == expected
+    row = spec.audit.iloc[0]  # the draft stopped at its EOS, which was accepted: no extra token
+    assert (row["drafted"], row["accepted"], row["emitted"]) == (first + 1,) * 3
+    # an EOS the reference emits itself (the draft is wrong everywhere) ends decoding too
+    wrong = SpeculativeController(llama, WrongDraft(llama), k=3)
+    assert wrong.generate(PROMPTS[0], max_new_tokens=12, eos_token_id=[eos, 999])[0].tolist() == (
+        expected
+    )
+
+
+def test_eos_drafted_but_rejected_does_not_stop(llama):
+    full = reference_greedy(llama, PROMPTS[1], 8)[0, 1:].tolist()
+    eos = (full[0] + 1) % VOCAB  # WrongDraft proposes exactly this first
+    if eos in full:
+        pytest.skip("the drafted EOS is also a reference token on this seed")
+    spec = SpeculativeController(llama, WrongDraft(llama), k=4)
+    out = spec.generate(PROMPTS[1], max_new_tokens=8, eos_token_id=eos)
+    assert out[0].tolist() == PROMPTS[1] + full
+    assert spec.audit["drafted"].iloc[0] == 1  # drafting stopped at the (wrong) EOS
+
+
+@pytest.mark.parametrize("draft", ["w4a16", "wrong"])
+def test_caches_after_rejections_equal_a_fresh_run(llama, draft):
+    spec = SpeculativeController(
+        llama, WrongDraft(llama) if draft == "wrong" else draft, backend="cpu", k=3
+    )
+    seq = spec.generate(PROMPTS[2], max_new_tokens=11)[0].tolist()
+    if draft == "wrong":
+        assert (spec.audit["accepted"] == 0).all()  # every step cropped both caches
+    with torch.inference_mode():
+        for decoder in (spec._reference, spec._draft.decoder):
+            assert decoder.seen <= len(seq) - 1
+            assert decoder.cache.get_seq_length() == decoder.seen
+            cached = decoder.feed(seq[decoder.seen :], keep=1)[0]
+            fresh = decoder.module(input_ids=torch.tensor([seq]))
+            fresh = fresh["logits"] if isinstance(fresh, dict) else fresh.logits
+            torch.testing.assert_close(cached, fresh[0, -1].float(), atol=1e-5, rtol=0)
+
+
+def test_rollback_then_continue_equals_fresh(llama):
+    spec = SpeculativeController(llama, "fp32", k=2)
+    ref = spec._reference
+    prompt = PROMPTS[0]
+    with torch.inference_mode():
+        ref.reset()
+        ref.feed([*prompt, 9, 10, 11], keep=1)
+        ref.rollback(len(prompt) + 1)  # keep the prompt and token 9
+        assert ref.cache.get_seq_length() == len(prompt) + 1
+        cached = ref.feed([12], keep=1)[0]
+        fresh = llama(input_ids=torch.tensor([[*prompt, 9, 12]])).logits[0, -1]
+    torch.testing.assert_close(cached, fresh, atol=1e-5, rtol=0)
+
+
+# -- sampling ------------------------------------------------------------------------------------
+class Bigram(nn.Module):
+    """A causal LM whose next-token logits depend only on the last token (no cache needed)."""
+
+    def __init__(self, table: torch.Tensor) -> None:
+        super().__init__()
+        self.table = nn.Embedding.from_pretrained(table)
+
+    def forward(
+        self, input_ids: torch.Tensor, cache=None, use_cache=False
+    ) -> dict[str, torch.Tensor]:
+        return {"logits": self.table(input_ids)}
+
+
+def bigram_pair(vocab: int = 8) -> tuple[Bigram, Bigram]:
+    g = torch.Generator().manual_seed(3)
+    return Bigram(torch.randn(vocab, vocab, generator=g)), Bigram(
+        torch.randn(vocab, vocab, generator=g)
+    )
+
+
+def sampled(spec: SpeculativeController, n: int, draws: int) -> torch.Tensor:
+    # seeds 0..3999 give p = 0.0014 at the third token of the exact sampler: chance (20000
+    # draws give p = 0.12 there, the other blocks of 4000 p = 0.06 to 0.99)
+    seeds = range(draws, 2 * draws)
+    return torch.stack(
+        [spec.generate([0], max_new_tokens=n, temperature=0.8, seed=s)[0, 1:] for s in seeds]
+    )
+
+
+def position_distributions(table: torch.Tensor, n: int) -> list[torch.Tensor]:
+    """The exact marginal of each of the first ``n`` tokens after the prompt [0]."""
+    step = torch.softmax(table.double() / 0.8, dim=-1)
+    dist = step[0]
+    out = [dist]
+    for _ in range(n - 1):
+        dist = dist @ step
+        out.append(dist)
+    return out
+
+
+def chi2_pvalue(tokens: torch.Tensor, expected: torch.Tensor) -> float:
+    counts = torch.bincount(tokens, minlength=expected.numel()).double()
+    return float(chisquare(counts.numpy(), (expected * counts.sum()).numpy()).pvalue)
+
+
+def test_sampling_matches_the_reference_distribution():
+    ref, draft = bigram_pair()
+    draws = 4000
+    spec = SpeculativeController(ref, draft, k=2)
+    tokens = sampled(spec, 3, draws)  # two drafted tokens and the reference's third
+    assert 0.2 < spec.acceptance_rate < 0.9  # rejections and acceptances both happen
+    expected = position_distributions(ref.table.weight, 3)
+    for pos in range(3):
+        assert chi2_pvalue(tokens[:, pos], expected[pos]) > 0.01
+    # the joint of the first two tokens: p(t1) p(t2 | t1)
+    step = torch.softmax(ref.table.weight.double() / 0.8, dim=-1)
+    joint = (step[0][:, None] * step).reshape(-1)
+    assert chi2_pvalue(tokens[:, 0] * 8 + tokens[:, 1], joint) > 0.01
+    # the same test rejects sampling from the draft alone
+    naive = sampled(SpeculativeController(draft, "fp32", k=2), 3, draws)
+    assert chi2_pvalue(naive[:, 0], expected[0]) < 0.01
+    assert chi2_pvalue(naive[:, 1], expected[1]) < 0.01
+
+
+def test_verify_sampled_rule():
+    p = torch.tensor([[0.5, 0.5, 0.0], [0.0, 0.0, 1.0]])
+    q = [torch.tensor([0.0, 1.0, 0.0])]
+    g = torch.Generator().manual_seed(0)
+    # x = 1: p/q = 0.5; on rejection the residual max(0, p - q) is all on token 0
+    outcomes = [verify_sampled(p, q, [1], g) for _ in range(2000)]
+    assert set(outcomes) == {(1, 2), (0, 0)}
+    assert abs(sum(o == (0, 0) for o in outcomes) / 2000 - 0.5) < 0.05
+    # a token the reference never emits is never accepted
+    p2 = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    assert verify_sampled(p2, [torch.tensor([0.0, 1.0, 0.0])], [1], g) == (0, 0)
+
+
+def test_sampling_is_seeded(llama):
+    spec = SpeculativeController(llama, "w8a16", backend="cpu", k=3)
+    a = spec.generate(PROMPTS[0], max_new_tokens=10, temperature=1.0, seed=5)
+    b = spec.generate(PROMPTS[0], max_new_tokens=10, temperature=1.0, seed=5)
+    assert torch.equal(a, b) and a.shape == (1, len(PROMPTS[0]) + 10)
+
+
+# -- tuning --------------------------------------------------------------------------------------
+COSTS = StepCosts(draft_ms=0.1, verify_ms={k: 1.0 + 0.05 * k for k in (1, 2, 4, 6)})
+
+
+def test_tune_picks_the_largest_k_for_a_perfect_draft_and_the_smallest_for_a_wrong_one(llama):
+    prompts = [torch.tensor([p]) for p in PROMPTS[:2]]
+    perfect = SpeculativeController(llama, "fp32", k=2)
+    table = perfect.tune(prompts, ks=(1, 2, 4, 6), max_new_tokens=14, costs=COSTS)
+    assert perfect.k == 6 and table["chosen"].tolist() == [False, False, False, True]
+    assert table["tokens_per_step"].tolist() == [2.0, 3.0, 5.0, 7.0]
+    assert (table["acceptance_rate"] == 1.0).all()
+    wrong = SpeculativeController(llama, WrongDraft(llama), k=4)
+    table = wrong.tune(prompts, ks=(1, 2, 4, 6), max_new_tokens=14, costs=COSTS)
+    assert wrong.k == 1 and (table["tokens_per_step"] == 1.0).all()
+    assert (table["acceptance_rate"] == 0.0).all()
+    # among candidate drafts, the one that is always accepted wins
+    both = SpeculativeController(llama, WrongDraft(llama), k=1)
+    table = both.tune(
+        prompts,
+        drafts=[WrongDraft(llama), "fp32"],
+        max_new_tokens=14,
+        costs=COSTS,
+        options=SpeculativeOptions(ks=(1, 2, 4, 6)),
+    )
+    assert both.draft_name == "fp32" and both.k == 6
+    assert table.loc[table["chosen"], "draft"].item() == "fp32"
+
+
+def test_tune_measures_costs(llama):
+    spec = SpeculativeController(llama, "w8a16", backend="cpu")
+    table = spec.tune([PROMPTS[0]], ks=(0, 1, 3), max_new_tokens=8)
+    assert table["k"].tolist() == [0, 1, 3] and table["chosen"].sum() == 1
+    assert (table[["draft_ms", "verify_ms", "step_ms", "tokens_per_s"]].to_numpy() > 0).all()
+    assert spec.k == int(table.loc[table["chosen"], "k"].item())
+    assert table.loc[0, "tokens_per_step"] == 1.0  # k = 0: plain reference decoding
+    a = table.loc[0, "acceptance_rate"]
+    assert table.loc[1, "tokens_per_step_geometric"] == pytest.approx(1 + a)
+    assert len(spec.audit) == 0  # tuning runs are not served calls
+    costs = spec.measure_costs(PROMPTS[0], ks=(2, 1), repeats=2)
+    assert sorted(costs.verify_ms) == [1, 2] and costs.draft_ms > 0
+
+
+def test_expected_tokens_per_step():
+    assert expected_tokens_per_step(1.0, 4) == 5.0
+    assert expected_tokens_per_step(0.0, 4) == 1.0
+    assert expected_tokens_per_step(0.5, 3) == pytest.approx(1 + 0.5 + 0.25 + 0.125)
+
+
+# -- validation ----------------------------------------------------------------------------------
+def test_refuses_bad_arguments(llama):
+    spec = SpeculativeController(llama, "fp32")
+    with pytest.raises(ValueError, match="'input_ids'.*batch of 2"):
+        spec.generate(torch.ones(2, 3, dtype=torch.long), max_new_tokens=2)
+    with pytest.raises(ValueError, match="'input_ids'.*at least one token"):
+        spec.generate([], max_new_tokens=2)
+    with pytest.raises(ValueError, match="'max_new_tokens'"):
+        spec.generate([1], max_new_tokens=-1)
+    with pytest.raises(ValueError, match="'temperature'"):
+        spec.generate([1], max_new_tokens=2, temperature=-1.0)
+    with pytest.raises(ValueError, match="'eos_token_id'"):
+        spec.generate([1], max_new_tokens=2, eos_token_id="x")
+    with pytest.raises(ValueError, match="'k'"):
+        SpeculativeController(llama, "fp32", k=-1)
+    with pytest.raises(ValueError, match="'draft'.*KV cache"):
+        SpeculativeController(llama, nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="'draft'"):
+        SpeculativeController(llama, 3)
+    with pytest.raises(ValueError, match="'ks'"):
+        spec.tune([[1]], ks=(-1,))
+    with pytest.raises(ValueError, match="'costs'"):
+        spec.tune([[1]], ks=(1, 8), costs=COSTS)
+    assert math.isnan(spec.acceptance_rate)
