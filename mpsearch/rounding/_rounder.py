@@ -212,12 +212,9 @@ class Rounder:
         original = self.layers[name]
         if not self.needed({name: scheme.name}):
             return original
-        weight, bias = self.weight(name, scheme)
         layer = copy.copy(original)
-        layer._parameters = dict(original._parameters)  # new tensors, not the shared ones
-        layer.weight = nn.Parameter(_own_layout(original, weight), requires_grad=False)
-        if bias is not None:
-            layer.bias = nn.Parameter(bias.to(original.weight.dtype), requires_grad=False)
+        layer._parameters = dict(original._parameters)  # its own, so the original keeps its
+        set_weight(layer, *self.weight(name, scheme))
         return layer
 
     def apply(
@@ -254,16 +251,13 @@ def rounded_layers(model: nn.Module) -> dict[str, str]:
 def _own_layout(layer: nn.Module, weight: Tensor) -> Tensor:
     """A standard-form weight in ``layer``'s own layout (HF ``Conv1D``: transposed)."""
     own = weight.t() if is_hf_conv1d(layer) else weight.reshape(layer.weight.shape)
-    return own.to(layer.weight.dtype).contiguous()
+    return own.to(layer.weight.dtype).contiguous().clone()
 
 
 def set_weight(layer: nn.Module, weight: Tensor, bias: Tensor | None) -> None:
-    """Write a standard-form ``weight`` (and ``bias``) into ``layer``, in place."""
-    with torch.no_grad():
-        layer.weight.copy_(_own_layout(layer, weight))
-        if bias is None:
-            return
-        if layer.bias is None:
-            layer.bias = nn.Parameter(bias.to(layer.weight.dtype), requires_grad=False)
-        else:
-            layer.bias.copy_(bias)
+    """Give ``layer`` a standard-form ``weight`` (and ``bias``) as new parameters of its own:
+    a tensor it shared with another module (a tied embedding) keeps its values there."""
+    old = layer.weight
+    layer.weight = nn.Parameter(_own_layout(layer, weight), requires_grad=old.requires_grad)
+    if bias is not None:
+        layer.bias = nn.Parameter(bias.to(old.dtype).clone(), requires_grad=old.requires_grad)

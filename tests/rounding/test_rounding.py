@@ -238,3 +238,18 @@ def test_rules_for_many_layers_fall_back_to_round_to_nearest_where_rounding_cann
     assert plan.substitutions(net)["0"].requested == "w4a16+gptq"
     assert "not Embedding" in plan.substitutions(net)["0"].reason
     assert plan.substitutions(net)["2"].used == "w4a16_pc+gptq"
+
+
+def test_rounding_a_tied_layer_leaves_the_module_it_shares_its_weight_with() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Embedding(64, 32), nn.Linear(32, 64, bias=False)).eval()
+    net[1].weight = net[0].weight  # tied, as an LM head and its embedding
+    calib = [torch.randint(0, 64, (8, 16))]
+    rounded = Rounder(net, calib).apply(net, {"1": "w4a16+gptq"})
+    assert torch.equal(rounded[0].weight, net[0].weight)  # the embedding keeps fp32 values
+    assert not torch.equal(rounded[1].weight, net[0].weight)
+    assert torch.equal(
+        fake_quantize(rounded[1].weight, get_scheme("w4a16").weight), rounded[1].weight
+    )
+    layer = Rounder(net, calib).layer("1", "w4a16+gptq")  # a copy: the model's own is untouched
+    assert torch.equal(layer.weight, rounded[1].weight) and net[1].weight is net[0].weight
