@@ -12,7 +12,7 @@ They need no network: the digits come with scikit-learn, the text with Python's
 from __future__ import annotations
 
 # Importing the builder modules registers them in WORKLOADS.
-from mpsearch.workloads import _char_mlp, _digits, _resnet, _text, _zoo  # noqa: F401
+from mpsearch.workloads import _char_mlp, _digits, _resnet, _stdlib_lm, _text, _zoo  # noqa: F401
 from mpsearch.workloads._base import (
     WORKLOADS,
     Workload,

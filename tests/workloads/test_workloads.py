@@ -87,10 +87,11 @@ def all_workloads(
 
 
 BUNDLED = ["char_mlp", "digits_cnn", "mlp", "resnet18", "text_transformer"]
+LANGUAGE_MODELS = ["stdlib_lm", "stdlib_lm_tiny"]  # tested in test_stdlib_lm.py
 
 
 def test_registry_names() -> None:
-    assert set(WORKLOADS) == {*BUNDLED, *ZOO}
+    assert set(WORKLOADS) == {*BUNDLED, *LANGUAGE_MODELS, *ZOO}
 
 
 def test_unknown_name_lists_available_names() -> None:
