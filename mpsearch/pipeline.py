@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import pkgutil
 import statistics
 import sys
@@ -111,6 +112,8 @@ class StudyConfig:
     search: dict[str, Any] = field(default_factory=dict)
     rounding: dict[str, Any] | list[str] | None = None
     recover: dict[str, Any] | None = None
+    workload_options: dict[str, Any] = field(default_factory=dict)
+    decode: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.study_name is None:
@@ -138,6 +141,16 @@ class StudyConfig:
         self._check_search()
         self.profiled_schemes()  # the rounding settings, and that some scheme can take them
         self.recover_settings()
+        self.decode_settings()
+        if not isinstance(self.workload_options, dict) or (
+            self.workload_options and ":" in self.workload
+        ):
+            raise invalid(
+                "workload_options",
+                self.workload_options,
+                "a mapping of load_workload keywords (n_calib, n_test, batch_size) for a "
+                "bundled workload",
+            )
 
     def _check_search(self) -> None:
         """The search options and workers, checked now (before any work)."""
@@ -182,15 +195,15 @@ class StudyConfig:
         >>> StudyConfig(recover={"steps": 20}).recover_settings().plans
         'best'
         """
-        if self.recover is None:
-            return None
-        if not isinstance(self.recover, dict):
-            raise invalid("recover", self.recover, "a mapping of recovery settings (or null)")
-        known = {f.name for f in fields(StudyRecovery)}
-        extra = sorted(set(self.recover) - known)
-        if extra:
-            raise ValueError(f"recover: unknown key(s) {extra}; accepted keys: {sorted(known)}.")
-        return StudyRecovery(**self.recover)
+        return _section("recover", self.recover, StudyRecovery, "recovery settings")
+
+    def decode_settings(self) -> StudyDecode | None:
+        """The ``decode`` key as a :class:`StudyDecode` (``None``: not a decoding study).
+
+        >>> StudyConfig(decode={"new_tokens": 16}).decode_settings().drafts
+        ['w4a16']
+        """
+        return _section("decode", self.decode, StudyDecode, "decoding settings")
 
     def profiled_schemes(self) -> list[str]:
         """The choices profiled: ``schemes``, then ``<scheme>+<method>`` for each scheme that
@@ -245,6 +258,20 @@ class StudyConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def _section(key: str, value: Any, cls: type[Any], what: str) -> Any:
+    """The config section ``key`` (a mapping, or ``None``: absent) as a ``cls`` dataclass;
+    a key ``cls`` does not know is refused, naming the accepted ones."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise invalid(key, value, f"a mapping of {what} (or null)")
+    known = {f.name for f in fields(cls)}
+    extra = sorted(set(value) - known)
+    if extra:
+        raise ValueError(f"{key}: unknown key(s) {extra}; accepted keys: {sorted(known)}.")
+    return cls(**value)
 
 
 def _takes_rounding(scheme: str, method: str) -> bool:
@@ -351,6 +378,122 @@ class StudyRecovery:
             return RecoverOptions.from_dict(self.options)
         except (TypeError, ValueError) as exc:
             raise ValueError(f"recover.options: {exc}") from None
+
+
+@dataclass
+class StudyDecode:
+    """Settings of a causal language model study (config key ``decode``).
+
+    The cost model is measured on one token (``{"input_ids": [1, 1]}``, the first test
+    token), so latency is per decoded token and the fronts are perplexity x memory x
+    tokens/s. The speculative step then runs a
+    :class:`~mpsearch.runtime.SpeculativeController` for each of ``references`` (``fp32`` or
+    ``best``: the chosen plan) with the draft and ``k`` tuned among ``drafts`` and ``ks`` on
+    ``prompts`` calibration prompts of ``prompt_len`` tokens, then times ``generate``
+    (``new_tokens`` greedy tokens after each of ``prompts`` test prompts) with that ``k``
+    against ``k = 0`` (the reference alone) and checks the outputs are identical.
+
+    >>> StudyDecode(ks=[0, 2, 4]).references
+    ['fp32', 'best']
+    """
+
+    prompt_len: int = 32
+    new_tokens: int = 32
+    prompts: int = 4
+    drafts: list[str] = field(default_factory=lambda: ["w4a16"])
+    ks: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
+    references: list[str] = field(default_factory=lambda: ["fp32", "best"])
+
+    def __post_init__(self) -> None:
+        for name in ("prompt_len", "new_tokens", "prompts"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise invalid(f"decode.{name}", value, "a positive integer")
+        if not isinstance(self.drafts, list) or not self.drafts:
+            raise invalid("decode.drafts", self.drafts, "a non-empty list of scheme names")
+        for draft in self.drafts:
+            get_scheme(split_choice(draft)[0])  # an unknown scheme is refused now
+        if (
+            not isinstance(self.ks, list)
+            or not self.ks
+            or any(isinstance(k, bool) or not isinstance(k, int) or k < 0 for k in self.ks)
+        ):
+            raise invalid("decode.ks", self.ks, "a non-empty list of integers >= 0")
+        if (
+            not isinstance(self.references, list)
+            or not self.references
+            or any(r not in ("fp32", "best") for r in self.references)
+        ):
+            raise invalid("decode.references", self.references, "a list of 'fp32' and 'best'")
+
+
+SPECULATIVE_COLUMNS = (
+    "reference",
+    "draft",
+    "k",
+    "acceptance_rate",
+    "tokens_per_s",
+    "reference_tokens_per_s",
+    "speedup",
+    "exact",
+)
+
+
+def speculative_rows(
+    wl: Workload,
+    references: dict[str, PrecisionPlan | str],
+    settings: StudyDecode,
+    *,
+    backend: str | Backend,
+    rounder: Rounder | None = None,
+) -> pd.DataFrame:
+    """One row per reference: the speculative controller tuned and timed as
+    :class:`StudyDecode` says (wall-clock tokens/s of ``generate``, medians over the test
+    prompts; ``exact``: every output equals the reference's own greedy decoding).
+
+    >>> speculative_rows(wl, {"fp32": "fp32"}, StudyDecode(), backend="cpu")  # doctest: +SKIP
+    """
+    from mpsearch.runtime import SpeculativeController
+
+    calib = torch.cat([b["input_ids"] for b in wl.calib])
+    test = torch.cat([b["input_ids"] for b in wl.test])
+    n, length = settings.prompts, settings.prompt_len
+    tune_prompts = [row[:length] for row in calib[:n]]
+    test_prompts = [row[:length] for row in test[:n]]
+    rows = []
+    for label, reference in references.items():
+        drafts: list[str] = list(settings.drafts)
+        ctrl = SpeculativeController(
+            wl.model, drafts[0], reference=reference, backend=backend, rounder=rounder
+        )
+        ctrl.tune(tune_prompts, ks=settings.ks, drafts=drafts, max_new_tokens=settings.new_tokens)
+        k = max(ctrl.k, 1)
+        spec_s, ref_s, exact = [], [], True
+        for prompt in test_prompts:
+            t0 = time.perf_counter()
+            fast = ctrl.generate(prompt, max_new_tokens=settings.new_tokens, k=k)
+            t1 = time.perf_counter()
+            slow = ctrl.generate(prompt, max_new_tokens=settings.new_tokens, k=0)
+            spec_s.append(t1 - t0)
+            ref_s.append(time.perf_counter() - t1)
+            exact = exact and bool(torch.equal(fast, slow))
+        audit = ctrl.audit
+        drafted = int(audit["drafted"].sum())
+        spec_tps = settings.new_tokens / statistics.median(spec_s)
+        ref_tps = settings.new_tokens / statistics.median(ref_s)
+        rows.append(
+            {
+                "reference": label,
+                "draft": ctrl.draft_name,
+                "k": k,
+                "acceptance_rate": int(audit["accepted"].sum()) / drafted if drafted else math.nan,
+                "tokens_per_s": spec_tps,
+                "reference_tokens_per_s": ref_tps,
+                "speedup": spec_tps / ref_tps,
+                "exact": exact,
+            }
+        )
+    return pd.DataFrame(rows, columns=list(SPECULATIVE_COLUMNS))
 
 
 @dataclass
@@ -534,10 +677,12 @@ class StudyOutcome:
     record: StudyRecord | None = None
 
 
-def build_workload(spec: str, *, seed: int = 0) -> Workload:
-    """A bundled workload by name, or the result of ``"package.module:function"(seed=seed)``."""
+def build_workload(spec: str, *, seed: int = 0, options: dict[str, Any] | None = None) -> Workload:
+    """A bundled workload by name (``options``: more keywords of
+    :func:`~mpsearch.workloads.load_workload`), or the result of
+    ``"package.module:function"(seed=seed)``."""
     if ":" not in spec:
-        return load_workload(spec, seed=seed)
+        return load_workload(spec, seed=seed, **(options or {}))
     try:
         factory = pkgutil.resolve_name(spec)
     except (ImportError, AttributeError, ValueError) as exc:
@@ -595,6 +740,7 @@ class StudySteps:
         self._summary: pd.DataFrame | None = None
         self._controller: pd.DataFrame | None = None
         self._recovery: pd.DataFrame | None = None
+        self._speculative: pd.DataFrame | None = None
 
     @property
     def _show_progress(self) -> bool:
@@ -608,7 +754,9 @@ class StudySteps:
     def workload(self) -> Workload:
         """The study's workload (trained weights cached by the workload itself)."""
         t0 = time.perf_counter()
-        wl = build_workload(self.config.workload, seed=self.config.seed)
+        wl = build_workload(
+            self.config.workload, seed=self.config.seed, options=self.config.workload_options
+        )
         self._timed("workload_s", t0)
         return wl
 
@@ -651,9 +799,12 @@ class StudySteps:
             num_threads=self.config.num_threads,
             timer=self.config.timer,
         )
+        example = wl.example_input
+        if self.config.decode is not None:  # one decoded token: latency per token
+            example = {"input_ids": torch.cat([b["input_ids"] for b in wl.test])[:1, :1]}
         cost = measure_cost(
             wl.model,
-            wl.example_input,
+            example,
             schemes=["fp32", *self.config.schemes],
             backend=self.config.backend,
             options=options,
@@ -812,6 +963,29 @@ class StudySteps:
             self.log(f"controller curve: {len(self._controller)} methods measured in {s:.1f} s")
         return self._controller
 
+    def speculative(self) -> pd.DataFrame | None:
+        """The speculative controller's rows (see :func:`speculative_rows`), or ``None`` when
+        the config has no ``decode`` section."""
+        settings = self.config.decode_settings()
+        if settings is None:
+            return None
+        if self._speculative is None:
+            refs: dict[str, PrecisionPlan | str] = {
+                r: ("fp32" if r == "fp32" else self.best) for r in settings.references
+            }
+            t0 = time.perf_counter()
+            with threads(self.config.num_threads):
+                self._speculative = speculative_rows(
+                    self.workload, refs, settings, backend=self.cost.backend, rounder=self.rounder
+                )
+            s = self._timed("speculative_s", t0)
+            lines = ", ".join(
+                f"{r.reference}: acceptance {r.acceptance_rate:.0%}, {r.speedup:.2f}x"
+                for r in self._speculative.itertuples()
+            )
+            self.log(f"speculative controller in {s:.1f} s: {lines}")
+        return self._speculative
+
     def recovery(self) -> pd.DataFrame | None:
         """The recovery fine-tune of the chosen plan (or the front's plans), or ``None`` when
         the config asks none (see :class:`StudyRecovery`): one row per plan in the
@@ -920,6 +1094,7 @@ class StudySteps:
         try:
             summary = self.measure()
             self.controller()
+            self.speculative()
             self.recovery()
         finally:
             record = self.save()
@@ -968,6 +1143,10 @@ class StudySteps:
         rec.summary = self._summary
         rec.controller = self._controller
         rec.recovery = self._recovery
+        rec.speculative = self._speculative
+        decode = self.config.decode_settings()
+        if decode is not None:
+            info["decode"] = asdict(decode)
         methods = self.config.rounding_settings().methods
         if methods:
             info["rounding"] = {
@@ -993,6 +1172,7 @@ class StudySteps:
                 ("summary", rec.summary),
                 ("controller", rec.controller),
                 ("recovery", rec.recovery),
+                ("speculative", rec.speculative),
             )
             for key, fresh in fresh_parts:
                 if fresh is None:

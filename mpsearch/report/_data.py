@@ -69,6 +69,10 @@ def front_table(record: StudyRecord) -> pd.DataFrame:
         df["chosen"] = False
     df["plan"] = [plan_label(p) for p in df["plan"]]
     df = df.sort_values(["memory_mb", "latency_ms"], kind="stable").reset_index(drop=True)
+    if "decode" in record.info:  # a causal LM: quality = -log perplexity, latency per token
+        df["perplexity"] = np.exp(-df["quality"])
+        df["tokens_per_s"] = 1000.0 / df["latency_ms"]
+        columns = [*columns[:3], "perplexity", *columns[3:5], "tokens_per_s", *columns[5:]]
     return df[columns]
 
 

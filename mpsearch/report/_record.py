@@ -27,6 +27,9 @@ recovery.csv   the recovery fine-tune (config key ``recover``): one row per plan
                ``rounding``, ``backend``, ``quality_before``, ``quality_after``,
                ``loss_before``, ``loss_after``, ``steps``, ``best_step``, ``seconds``, ``note``
                (the recovered weights and plans are under ``recover/``)
+speculative.csv  a causal LM study's speculative controller (config key ``decode``): one row
+               per reference with ``reference``, ``draft``, ``k``, ``acceptance_rate``,
+               ``tokens_per_s``, ``reference_tokens_per_s``, ``speedup``, ``exact``
 ============== =================================================================================
 """
 
@@ -72,6 +75,7 @@ FILES: dict[str, str] = {
     "summary": "summary.csv",
     "controller": "controller.csv",
     "recovery": "recovery.csv",
+    "speculative": "speculative.csv",
 }
 
 
@@ -123,6 +127,7 @@ class StudyRecord:
     summary: pd.DataFrame | None = None
     controller: pd.DataFrame | None = None
     recovery: pd.DataFrame | None = None
+    speculative: pd.DataFrame | None = None
     out_dir: Path | None = None
 
     # ------------------------------------------------------------------ persistence
@@ -133,7 +138,7 @@ class StudyRecord:
         if self.info or not (out / FILES["info"]).exists():
             info = {"name": self.name, **self.info}
             write_text_atomic(out / FILES["info"], json.dumps(_jsonable(info), indent=2) + "\n")
-        for part in ("profile", "cost", "tuning", "summary", "recovery"):
+        for part in ("profile", "cost", "tuning", "summary", "recovery", "speculative"):
             frame = getattr(self, part)
             if frame is not None:
                 _write_csv(frame, out / FILES[part])
@@ -215,6 +220,7 @@ class StudyRecord:
             summary=frame("summary"),
             controller=controller,
             recovery=frame("recovery"),
+            speculative=frame("speculative"),
             out_dir=out,
         )
 

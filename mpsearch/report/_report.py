@@ -282,6 +282,18 @@ def _rounding_sections(report: Report) -> list[tuple[str, str, pd.DataFrame]]:
                 report.roundings,
             )
         )
+    spec = report.record.speculative
+    if spec is not None and len(spec):
+        sections.append(
+            (
+                "Speculative decoding",
+                "Lossless speculative controller (`decode`): the draft and `k` tuned on "
+                "calibration prompts, then greedy `generate` timed on test prompts with that `k` "
+                "vs `k = 0` (the reference alone); `acceptance_rate`: accepted / drafted tokens; "
+                "`exact`: every output equals the reference's own greedy tokens.",
+                spec,
+            )
+        )
     if report.recovery is not None:
         sections.append(
             (
