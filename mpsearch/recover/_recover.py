@@ -398,7 +398,8 @@ def recover(
     best weights are returned, so the result is never worse on them than the plan's
     round-to-nearest quantization. A calibrated rounding in the plan (``"w4a16+gptq"``) is
     applied first, by ``rounder`` (e.g. the profile's, with its options) or one built on the
-    training batches: the fine-tune starts from it.
+    training batches: the fine-tune starts from its latent weights (the float weights nearest
+    to the model's own that round to it, :meth:`~mpsearch.rounding.Rounder.latent`).
 
     Activation ranges are dynamic during training (as ``quantize`` without ``calib``).
     With ``checkpoint`` (a file path) the run is saved every ``checkpoint_every`` steps and at
@@ -459,7 +460,7 @@ def _recover(
     student = copy.deepcopy(model).eval()
     if plan.rounds:  # the fine-tune starts from the plan's calibrated rounding
         rounder = rounder if rounder is not None else Rounder(model, train_batches)
-        rounder.apply(student, plan.resolve_choices(model), inplace=True)
+        rounder.apply(student, plan.resolve_choices(model), inplace=True, latent=True)
     frozen_params = {
         f"{layer}.{p}"
         for layer in frozen

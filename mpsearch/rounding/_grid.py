@@ -68,6 +68,9 @@ class Grid:
                 (g.argmin(2, keepdim=True), lo < 0, low),
             ]
         self.low, self.high = _spread(low, shape), _spread(high, shape)
+        if zero is None:  # the range the grid spans (symmetric: ±amax)
+            lo, hi = -amax, amax
+        self.w_low, self.w_high = _spread(lo, shape), _spread(hi, shape)
         self.anchored = torch.zeros_like(w, dtype=torch.bool)
         self.anchor_codes = torch.zeros_like(w)
         for index, present, code in extremes:
@@ -100,6 +103,25 @@ class Grid:
     def rtn(self) -> Tensor:
         """The anchored round to nearest (where calibrated rounding starts)."""
         return self.dequantize(self.rtn_codes)
+
+    def latent(self, weight: Tensor, codes: Tensor, *, margin: float = 0.45) -> Tensor:
+        """The float weight nearest to ``weight`` that rounds to nearest to ``codes`` on this
+        grid (within ``margin`` of a step of each code) and keeps the grid: where a
+        quantization-aware fine-tune starts to keep a calibrated rounding and the weight's own
+        fractional positions. The extremes that set the grid stay the weight's own.
+
+        >>> from mpsearch.schemes import get_scheme
+        >>> w = torch.randn(4, 64)
+        >>> grid = Grid(w, get_scheme("w4a16").weight)
+        >>> torch.equal(Grid(grid.latent(w, grid.rtn_codes), grid.spec).scale, grid.scale)
+        True
+        """
+        w = weight.detach().float()
+        inside = torch.minimum(
+            torch.maximum(w, self.dequantize(codes - margin)), self.dequantize(codes + margin)
+        )
+        inside = torch.minimum(torch.maximum(inside, self.w_low), self.w_high)
+        return torch.where(self.anchored, w, inside)
 
     def floor_codes(self, weight: Tensor) -> tuple[Tensor, Tensor]:
         """``(floor code, fractional part)`` of each weight on the grid (AdaRound's start)."""

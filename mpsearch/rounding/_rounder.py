@@ -20,7 +20,7 @@ from mpsearch.layers import quantizable_layers
 from mpsearch.layers._layers import is_hf_conv1d, standard_form
 from mpsearch.rounding._adaround import adaround
 from mpsearch.rounding._gptq import gptq
-from mpsearch.rounding._grid import output_error
+from mpsearch.rounding._grid import Grid, output_error
 from mpsearch.rounding._stats import LayerStats, collect_stats, rounding_unsupported
 from mpsearch.schemes import Scheme, fake_quantize, get_scheme
 from mpsearch.schemes._rounding import DEFAULT_ROUNDING, Rounding, get_rounding, register_rounding
@@ -205,6 +205,18 @@ class Rounder:
         )
         return r_all.reshape(w.shape).to(layer.weight.dtype), bias
 
+    def latent(self, layer: str, scheme: str | Scheme) -> Tensor:
+        """The float weight of ``layer`` nearest to its own that rounds to nearest to
+        ``scheme``'s calibrated rounding, on the same grid (:meth:`Grid.latent`): where a
+        quantization-aware fine-tune starts, keeping the rounding and the weights' fractional
+        positions (standard form, as :meth:`weight`)."""
+        scheme = get_scheme(scheme)
+        w = standard_form(self.layers[layer]).weight.detach().float()
+        rounded = self.weight(layer, scheme)[0].float()
+        grid = Grid(w.reshape(w.shape[0], -1), scheme.weight)
+        codes = grid.codes(rounded.reshape(w.shape[0], -1))
+        return grid.latent(w.reshape(w.shape[0], -1), codes).reshape(w.shape)
+
     def layer(self, name: str, scheme: str | Scheme) -> nn.Module:
         """A copy of layer ``name`` holding its weight (and bias) under ``scheme`` (the layer
         itself where ``scheme`` changes nothing); the model's own layer is left as it is."""
@@ -218,13 +230,19 @@ class Rounder:
         return layer
 
     def apply(
-        self, model: nn.Module, assignment: Mapping[str, str], *, inplace: bool = False
+        self,
+        model: nn.Module,
+        assignment: Mapping[str, str],
+        *,
+        inplace: bool = False,
+        latent: bool = False,
     ) -> nn.Module:
         """``model`` (this rounder's model or a copy of it: same layer names) with the weights
         (and biases) of ``assignment``'s rounded layers replaced; a copy unless ``inplace``.
         The quantized kernels of each layer's scheme then store exactly the rounded codes.
         The result records them (``mpsearch_rounded``: ``{layer: choice}``), so that
-        ``quantize`` does not round those layers again."""
+        ``quantize`` does not round those layers again. With ``latent``, the layers get their
+        :meth:`latent` weights instead (what a fine-tune starts from; not recorded)."""
         done = rounded_layers(model)
         needed = self.needed({n: c for n, c in assignment.items() if done.get(n) != c})
         self.stats(needed)
@@ -232,8 +250,11 @@ class Rounder:
         layers = quantizable_layers(target)
         for name, scheme in needed.items():
             weight, bias = self.weight(name, scheme)
+            if latent and scheme.rounding != DEFAULT_ROUNDING:
+                weight = self.latent(name, scheme)
             set_weight(layers[name], weight, bias)
-        target.mpsearch_rounded = {**done, **{n: s.name for n, s in needed.items()}}
+        if not latent:
+            target.mpsearch_rounded = {**done, **{n: s.name for n, s in needed.items()}}
         return target
 
     @property

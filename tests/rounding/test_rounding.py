@@ -253,3 +253,19 @@ def test_rounding_a_tied_layer_leaves_the_module_it_shares_its_weight_with() -> 
     )
     layer = Rounder(net, calib).layer("1", "w4a16+gptq")  # a copy: the model's own is untouched
     assert torch.equal(layer.weight, rounded[1].weight) and net[1].weight is net[0].weight
+
+
+@pytest.mark.parametrize("scheme", ["w4a16", "w2a16_pc", "w4a8_pc", "w8a8"])
+def test_latent_weights_round_to_the_calibrated_rounding_on_the_same_grid(scheme: str) -> None:
+    spec = get_scheme(scheme).weight
+    x = correlated(2)
+    h = x.T @ x
+    w = torch.randn(16, 64, generator=torch.Generator().manual_seed(4))
+    grid = Grid(w, spec)
+    rounded = gptq(w, h, spec)
+    latent = grid.latent(w, grid.codes(rounded))
+    assert torch.equal(Grid(latent, spec).scale, grid.scale)
+    assert (fake_quantize(latent, spec) != rounded).float().mean() < 0.002
+    # nearer to the weight than the rounded weight is: its fractional positions are kept
+    assert ((latent - w).abs() <= (rounded - w).abs() + 1e-7).all()
+    assert (latent - w).abs().mean() < 0.5 * (rounded - w).abs().mean()
