@@ -515,7 +515,7 @@ def _build_result(
     rounder = None
     if any(s.rounding != "rtn" for s in req.schemes):
         rounder = measurer.rounder
-        if rounder is None or not _same_weights(runner.gm, req.model, list(rounder._stats)):
+        if rounder is None or not _same_weights(runner.gm, req.model, list(rounder.layers)):
             rounder = Rounder(req.model, req.batches, options=req.options.rounding)
     covered = coverage(req.model)
     if covered.share < COVERAGE_WARNING:
