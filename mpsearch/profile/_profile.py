@@ -467,7 +467,10 @@ def _same_weights(a: nn.Module, b: nn.Module, names: list[str]) -> bool:
     """Whether layers ``names`` of ``a`` and ``b`` hold equal weights (no BatchNorm folded)."""
     la, lb = quantizable_layers(a), quantizable_layers(b)
     return all(
-        torch.equal(layer_weights(la[n])["weight"], layer_weights(lb[n])["weight"]) for n in names
+        n in la
+        and n in lb
+        and torch.equal(layer_weights(la[n])["weight"], layer_weights(lb[n])["weight"])
+        for n in names
     )
 
 
