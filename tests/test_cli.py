@@ -210,7 +210,7 @@ def test_a_type_error_from_a_bug_exits_1_with_its_traceback(tmp_path, monkeypatc
     """Only validated bad input exits 2; a TypeError raised by a bug shows where it happened."""
     import mpsearch.pipeline
 
-    def broken(spec: str, *, seed: int = 0):
+    def broken(spec: str, **_: object):
         return 1 + "a"  # a bug
 
     monkeypatch.setattr(mpsearch.pipeline, "build_workload", broken)

@@ -469,7 +469,12 @@ def _same_weights(a: nn.Module, b: nn.Module, names: list[str]) -> bool:
     return all(
         n in la
         and n in lb
-        and torch.equal(layer_weights(la[n])["weight"], layer_weights(lb[n])["weight"])
+        and all(
+            torch.equal(x, y)
+            for x, y in zip(
+                layer_weights(la[n]).values(), layer_weights(lb[n]).values(), strict=True
+            )
+        )
         for n in names
     )
 
