@@ -798,6 +798,8 @@ class StudySteps:
             cache_dir=Path(self.config.cache_dir) / "cost",
             num_threads=self.config.num_threads,
             timer=self.config.timer,
+            # decoding one token reads every weight from memory once they outgrow the cache
+            cold="auto" if self.config.decode is not None else False,
         )
         example = wl.example_input
         if self.config.decode is not None:  # one decoded token: latency per token

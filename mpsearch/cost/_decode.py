@@ -3,6 +3,7 @@ with the model's own KV cache (what a chat or code-completion user waits for).""
 
 from __future__ import annotations
 
+import inspect
 import statistics
 from dataclasses import dataclass
 
@@ -38,7 +39,8 @@ def measure_decode(
     timer: str = "wall",
 ) -> DecodeTiming:
     """Time greedy batch-1 decoding of ``model`` (a Hugging Face-style causal LM taking
-    ``input_ids``, ``past_key_values`` and ``use_cache``) after the prompt ``input_ids``
+    ``input_ids``, its KV cache (``cache``, or ``past_key_values`` before transformers 5) and
+    ``use_cache``) after the prompt ``input_ids``
     (``[1, T]``): the prefill and each of ``new_tokens`` steps, ``repeats`` times (a first
     untimed run warms the kernels). Medians over every step of every repeat.
 
@@ -53,6 +55,8 @@ def measure_decode(
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise invalid(name, value, "a positive integer")
     read = clock(timer)
+    # the KV cache's keyword: "cache" in transformers >= 5, "past_key_values" before
+    key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     prefill: list[float] = []
     steps: list[float] = []
     tokens: list[int] = []
@@ -61,10 +65,10 @@ def measure_decode(
             t0 = read()
             out = model(input_ids=input_ids, use_cache=True)
             t1 = read()
-            past = getattr(out, "past_key_values", None)
+            past = getattr(out, key, None)
             if past is None:
                 raise ValueError(
-                    f"The model returned no 'past_key_values' for use_cache=True "
+                    f"The model returned no {key!r} (KV cache) for use_cache=True "
                     f"({type(out).__name__}); batch-1 decoding needs a KV cache."
                 )
             token = output_tensor(out)[:, -1].argmax(-1, keepdim=True)
@@ -72,7 +76,7 @@ def measure_decode(
             times = []
             for _ in range(new_tokens - 1):
                 s0 = read()
-                out = model(input_ids=token, past_key_values=out.past_key_values, use_cache=True)
+                out = model(input_ids=token, use_cache=True, **{key: getattr(out, key)})
                 token = output_tensor(out)[:, -1].argmax(-1, keepdim=True)
                 times.append(read() - s0)
                 tokens.append(int(token))

@@ -23,7 +23,13 @@ from mpsearch.backends._simulate import SIMULATED_TYPES
 from mpsearch.cost._autotune import TuneCache, fastest
 from mpsearch.cost._cache import cache_key, read_cache, write_cache
 from mpsearch.cost._options import CostOptions
-from mpsearch.cost._timing import device_name, median_ms, threads
+from mpsearch.cost._timing import (
+    cache_flusher,
+    device_name,
+    last_level_cache_bytes,
+    median_ms,
+    threads,
+)
 from mpsearch.layers import layer_weights, quantizable_layers, weight_shapes
 from mpsearch.layers._layers import standard_form, watched
 from mpsearch.plan import PrecisionPlan
@@ -411,6 +417,7 @@ def measure_cost(
             "backend": impl.name,
             "num_threads": n_threads,
             "timer": opts.timer,
+            "cold": _cold(opts.cold, model),
         }
     shapes = [(n, tuple(inputs[n].shape), calls[n]) for n in names]
     key = _cache_key(model, impl, scheme_objs, shapes, meta, opts)
@@ -418,7 +425,7 @@ def measure_cost(
     payload = read_cache(path, key) if path is not None else None
     if payload is None:
         tune_cache = TuneCache(opts.cache_dir, meta)
-        settings = opts.settings()
+        settings = {**opts.settings(), "cold": meta["cold"]}
         tuning = tune_cache if opts.autotune else None
         job = _Job(model, example_input, impl, scheme_objs, names, inputs, calls, settings, tuning)
         payload = job.measure()
@@ -441,8 +448,21 @@ def measure_cost(
         fp32_latency_ms=payload["fp32_latency_ms"],
         fit=payload["fit"],
         meta=payload["meta"],
-        settings=opts.settings(),
+        settings={**opts.settings(), "cold": meta["cold"]},
     )
+
+
+FLUSH_BYTES = 64 << 20
+"""What a cold timing evicts where the last-level cache's size is unknown."""
+
+
+def _cold(cold: bool | str, model: nn.Module) -> bool:
+    """Whether layers are timed cold: ``"auto"`` when the model's tensors exceed the
+    last-level cache."""
+    if cold != "auto":
+        return bool(cold)
+    llc = last_level_cache_bytes()
+    return llc is not None and storage_bytes(model) > llc
 
 
 def _check_call(
@@ -597,6 +617,9 @@ class _Job:
 
     def time_layer(self, module: nn.Module, x: torch.Tensor) -> float:
         """Median ms of one call of ``module`` on ``x``, timed with the cost model's settings."""
+        flush = None
+        if self.settings.get("cold"):
+            flush = cache_flusher(last_level_cache_bytes() or FLUSH_BYTES)
         with threads(self.settings["num_threads"]):
             return median_ms(
                 lambda: module(x),
@@ -604,6 +627,7 @@ class _Job:
                 warmup=self.settings["warmup"],
                 timer=self.settings["timer"],
                 stable=self.settings.get("stable"),
+                setup=flush,
             )
 
     def tune(

@@ -21,6 +21,12 @@ from mpsearch._validation import invalid, unknown
 from mpsearch.cost._timing import TIMERS
 
 
+def _cold(name: str, value: Any) -> bool | str:
+    if isinstance(value, bool) or value == "auto":
+        return value
+    raise invalid(name, value, "True, False or 'auto'", kind="option")
+
+
 def _timer(name: str, value: Any) -> str:
     if value not in TIMERS:
         raise unknown(name, value, TIMERS, kind="option")
@@ -49,7 +55,10 @@ class CostOptions(Options):
     - ``stable``: stop timing a layer early once more samples move its median by less than
       this share (``None``: always ``repeats`` samples);
     - ``autotune``: time every implementation the backend has for a (layer, scheme) and keep
-      the fastest (``False``: the backend's default implementation only).
+      the fastest (``False``: the backend's default implementation only);
+    - ``cold``: time each layer with the caches flushed first (its weights read from memory,
+      as in batch-1 decoding of a model whose weights exceed the last-level cache): ``True``,
+      ``False`` or ``"auto"`` (when the model's tensors exceed this CPU's last-level cache).
 
     Every field is checked when the object is made; it round-trips through a plain dict
     (:meth:`to_dict` / :meth:`from_dict`, e.g. from YAML).
@@ -71,6 +80,7 @@ class CostOptions(Options):
     timer: str = "wall"
     stable: float | None = 0.02
     autotune: bool = True
+    cold: bool | str = False
 
     CHECKS: ClassVar[dict[str, Check]] = {
         "layers": optional_names,
@@ -81,6 +91,7 @@ class CostOptions(Options):
         "timer": _timer,
         "stable": _share,
         "autotune": flag,
+        "cold": _cold,
     }
     VERB: ClassVar[str] = "measure_cost"
 
@@ -92,4 +103,5 @@ class CostOptions(Options):
             "num_threads": self.num_threads,
             "timer": self.timer,
             "stable": self.stable,
+            "cold": self.cold,
         }

@@ -9,12 +9,14 @@ to its launch.
 
 from __future__ import annotations
 
+import functools
 import platform
 import statistics
 import time
 import timeit
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -60,8 +62,10 @@ def median_ms(
     warmup: int,
     timer: str = "wall",
     stable: float | None = None,
+    setup: Callable[[], Any] | None = None,
 ) -> float:
-    """Median milliseconds of ``fn()`` over ``repeats`` calls after ``warmup`` calls.
+    """Median milliseconds of ``fn()`` over ``repeats`` calls after ``warmup`` calls
+    (``setup()``, untimed, before each timed call: e.g. :func:`cache_flusher`'s).
 
     Runs under ``torch.inference_mode`` with the current number of threads; each call is one
     ``timeit`` sample read on :func:`clock`, which synchronises an accelerator. With
@@ -76,7 +80,7 @@ def median_ms(
     check_positive("repeats", repeats)
     if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
         raise invalid("warmup", warmup, "a non-negative integer")
-    sampler = timeit.Timer(fn, timer=read)
+    sampler = timeit.Timer(fn, setup=setup or "pass", timer=read)
     chunk = int(repeats) if stable is None else min(int(repeats), MIN_STABLE_SAMPLES)
     with torch.inference_mode():
         for _ in range(warmup):
@@ -90,6 +94,42 @@ def median_ms(
                 break
             before = now
     return statistics.median(times) * 1e3
+
+
+def last_level_cache_bytes() -> int | None:
+    """Size of this CPU's last-level cache (Linux ``sysfs``), or ``None`` where unknown.
+
+    >>> size = last_level_cache_bytes()
+    >>> size is None or size > 0
+    True
+    """
+    best: tuple[int, int] | None = None
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            level = int((index / "level").read_text())
+            text = (index / "size").read_text().strip().upper()
+        except (OSError, ValueError):
+            continue
+        units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+        size = int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text)
+        if best is None or level > best[0]:
+            best = (level, size)
+    return None if best is None else best[1]
+
+
+@functools.cache
+def cache_flusher(nbytes: int) -> Callable[[], None]:
+    """A call that touches ``2 * nbytes`` of memory, evicting what the caches held (what a
+    layer timed on its own must re-read, as a model whose weights exceed the cache does).
+
+    >>> cache_flusher(1 << 16)()
+    """
+    buffer = torch.zeros(max(2 * nbytes // 4, 1), dtype=torch.float32)
+
+    def flush() -> None:
+        buffer.add_(1.0)
+
+    return flush
 
 
 MIN_STABLE_SAMPLES = 5

@@ -214,3 +214,17 @@ def test_latency_fit_shrugs_off_one_plan_timed_under_load() -> None:
     fit = _fit([{"layer_sum_ms": s, "measured_ms": m} for s, m in zip(sums, measured, strict=True)])
     assert fit["slope"] == pytest.approx(1.5) and fit["intercept_ms"] == pytest.approx(2.0)
     assert all(p["predicted_ms"] > 0 for p in fit["points"])
+
+
+def test_cold_layer_timings_are_a_separate_measurement(tmp_path) -> None:
+    """Cold timings (caches flushed before each call) are cached apart from warm ones."""
+    import mpsearch as mps
+
+    net = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8)).eval()
+    x = torch.randn(1, 64)
+    opts = {"repeats": 3, "warmup": 1, "cache_dir": tmp_path, "autotune": False}
+    warm = mps.measure_cost(net, x, schemes=["w8a8"], options=mps.CostOptions(**opts))
+    cold = mps.measure_cost(net, x, schemes=["w8a8"], options=mps.CostOptions(cold=True, **opts))
+    assert warm.meta["cold"] is False and cold.meta["cold"] is True
+    assert len(list(tmp_path.glob("cost-*.json"))) == 2
+    assert (cold.table["latency_ms"] > 0).all()

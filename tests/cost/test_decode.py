@@ -51,9 +51,10 @@ def test_decode_refuses_what_it_cannot_time() -> None:
         measure_decode(model, torch.tensor([[1, 2], [3, 4]]))
     with pytest.raises(ValueError, match="'new_tokens'"):
         measure_decode(model, torch.tensor([[1, 2]]), new_tokens=0)
+
     class NoCache(torch.nn.Module):
         def forward(self, input_ids: torch.Tensor, **_: object) -> torch.Tensor:
             return torch.nn.functional.one_hot(input_ids, 8).float()
 
-    with pytest.raises(ValueError, match="no 'past_key_values'"):
+    with pytest.raises(ValueError, match="returned no 'past_key_values' \\(KV cache\\)"):
         measure_decode(NoCache(), torch.tensor([[1, 2]]))

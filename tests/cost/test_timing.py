@@ -60,3 +60,18 @@ def test_stable_stops_early_once_the_median_settles() -> None:
     calls.clear()
     median_ms(lambda: calls.append(1), repeats=40, warmup=0)
     assert len(calls) == 40
+
+
+def test_cold_timing_option_and_its_helpers() -> None:
+    from mpsearch.cost import CostOptions
+    from mpsearch.cost._timing import cache_flusher, last_level_cache_bytes
+
+    size = last_level_cache_bytes()
+    assert size is None or size >= 1 << 16
+    flush = cache_flusher(1 << 16)
+    assert cache_flusher(1 << 16) is flush  # one buffer per size
+    flush()
+    assert CostOptions(cold="auto").settings()["cold"] == "auto"
+    assert CostOptions.from_dict(CostOptions(cold=True).to_dict()).cold is True
+    with pytest.raises(ValueError, match="'cold' option must be True, False or 'auto'"):
+        CostOptions(cold="yes")
