@@ -269,3 +269,24 @@ def test_latent_weights_round_to_the_calibrated_rounding_on_the_same_grid(scheme
     # nearer to the weight than the rounded weight is: its fractional positions are kept
     assert ((latent - w).abs() <= (rounded - w).abs() + 1e-7).all()
     assert (latent - w).abs().mean() < 0.5 * (rounded - w).abs().mean()
+
+
+@pytest.mark.parametrize("choice", ["w4a16_pc+gptq", "w8a8+adaround", "w4a8_pc+gptq"])
+def test_rounded_convolutions_run_on_the_cpu_kernels_as_simulated(choice: str) -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(16, 16, 3, stride=2, groups=4),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(16 * 3 * 3, 10),
+    ).eval()
+    calib = [torch.randn(16, 3, 8, 8) for _ in range(2)]
+    rounder = Rounder(net, calib)
+    x = torch.randn(4, 3, 8, 8)
+    with torch.no_grad():
+        sim = mps.quantize(net, choice, backend="simulate", rounder=rounder)(x)
+        cpu = mps.quantize(net, choice, backend="cpu", rounder=rounder)(x)
+    torch.testing.assert_close(cpu, sim, rtol=0.02, atol=0.02 * float(sim.abs().max()))
+    assert set(rounder.report["layer"]) == {"0", "2", "5"}
