@@ -19,7 +19,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -38,7 +38,7 @@ from mpsearch.profile import ProfileOptions, SensitivityProfile, profile
 from mpsearch.recover import RecoverOptions, RecoveryResult, recover
 from mpsearch.report import FILES, StudyRecord
 from mpsearch.report._record import RECOVERY_COLUMNS
-from mpsearch.rounding import Rounder, RoundingOptions
+from mpsearch.rounding import Rounder, RoundingOptions, smooth_activations
 from mpsearch.schemes import get_scheme
 from mpsearch.schemes._rounding import DEFAULT_ROUNDING, ROUNDINGS, choice_name, split_choice
 from mpsearch.search import (
@@ -114,6 +114,7 @@ class StudyConfig:
     recover: dict[str, Any] | None = None
     workload_options: dict[str, Any] = field(default_factory=dict)
     decode: dict[str, Any] | None = None
+    smooth: float | dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.study_name is None:
@@ -142,6 +143,7 @@ class StudyConfig:
         self.profiled_schemes()  # the rounding settings, and that some scheme can take them
         self.recover_settings()
         self.decode_settings()
+        self.smooth_alpha()
         if not isinstance(self.workload_options, dict) or (
             self.workload_options and ":" in self.workload
         ):
@@ -180,6 +182,28 @@ class StudyConfig:
         keys = {k: getattr(self, k) for k in _SEARCH_KEYS}
         keys["storage"] = self.storage_url
         return SearchOptions.from_dict({**self.search, **keys, **overrides})
+
+    def smooth_alpha(self) -> float | None:
+        """The ``smooth`` key: SmoothQuant's migration strength (``None``: no smoothing).
+
+        ``smooth: 0.5`` or ``smooth: {alpha: 0.5}`` folds SmoothQuant scales into the
+        normalisations feeding Linear layers (:func:`mpsearch.smooth_activations`) before the
+        profile, so w8a8 plans see activations without their outlier channels.
+
+        >>> StudyConfig(smooth={"alpha": 0.6}).smooth_alpha()
+        0.6
+        """
+        value = self.smooth
+        if isinstance(value, dict):
+            extra = sorted(set(value) - {"alpha"})
+            if extra:
+                raise ValueError(f"smooth: unknown key(s) {extra}; accepted keys: ['alpha'].")
+            value = value.get("alpha", 0.5)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+            raise invalid("smooth", self.smooth, "null, a number in [0, 1] or {alpha: <number>}")
+        return float(value)
 
     def rounding_settings(self) -> StudyRounding:
         """The ``rounding`` key as a :class:`StudyRounding` (no methods: round to nearest).
@@ -757,6 +781,15 @@ class StudySteps:
         wl = build_workload(
             self.config.workload, seed=self.config.seed, options=self.config.workload_options
         )
+        alpha = self.config.smooth_alpha()
+        if alpha is not None:  # the same float outputs, fewer activation outliers
+            smoothed = smooth_activations(wl.model, wl.calib, alpha=alpha)
+            wl = replace(wl, model=smoothed.model)
+            done = smoothed.table[smoothed.table["smoothed"]]
+            self.log(
+                f"smoothing (alpha {alpha}): {len(done)} of {len(smoothed.table)} Linear layers "
+                f"smoothed ({', '.join(done['layer'].head(6))}{' ...' if len(done) > 6 else ''})"
+            )
         self._timed("workload_s", t0)
         return wl
 

@@ -227,3 +227,20 @@ def test_recovery_quality_falls_back_to_simulate_where_the_backend_cannot_run_th
     assert backend == "simulate"
     assert note.startswith("simulated: the 'cpu' backend cannot run it (The plan cannot run")
     assert before == after == float(quantize(net, plan, backend="simulate")(x).abs().sum())
+
+
+def test_smooth_key_folds_smoothquant_scales_before_the_profile() -> None:
+    lines: list[str] = []
+    steps = StudySteps(StudyConfig(workload="text_transformer", smooth=0.5), log=lines.append)
+    wl = steps.workload
+    plain = StudySteps(StudyConfig(workload="text_transformer"), log=None).workload
+    assert wl.model is not plain.model
+    x = wl.example_input
+    with torch.no_grad():
+        torch.testing.assert_close(wl.model(x), plain.model(x), rtol=1e-4, atol=1e-4)
+    assert any(line.startswith("smoothing (alpha 0.5):") for line in lines), lines
+    assert StudyConfig(smooth={"alpha": 0.7}).smooth_alpha() == 0.7
+    with pytest.raises(ValueError, match="smooth: unknown key"):
+        StudyConfig(smooth={"beta": 1})
+    with pytest.raises(ValueError, match="'smooth' argument must be null, a number in"):
+        StudyConfig(smooth=2)
