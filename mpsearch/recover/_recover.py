@@ -461,21 +461,7 @@ def _recover(
     if plan.rounds:  # the fine-tune starts from the plan's calibrated rounding
         rounder = rounder if rounder is not None else Rounder(model, train_batches)
         rounder.apply(student, plan.resolve_choices(model), inplace=True, latent=True)
-    frozen_params = {
-        f"{layer}.{p}"
-        for layer in frozen
-        for p, _ in student.get_submodule(layer).named_parameters()
-    }
-    if opts.train == "all":
-        names = [n for n, _ in student.named_parameters() if n not in frozen_params]
-    else:
-        names = [
-            f"{layer}.{p}"
-            for layer in trained
-            for p in ("weight", "bias")
-            if getattr(student.get_submodule(layer), p, None) is not None
-        ]
-    params = {name: student.get_parameter(name) for name in names}
+    params = _trainable(student, trained, frozen, opts.train)
     flags = {name: p.requires_grad for name, p in student.named_parameters()}
     for p in student.parameters():
         p.requires_grad_(False)
@@ -485,135 +471,25 @@ def _recover(
     simulated = {
         name: simulate.quantize_layer(layers[name], get_scheme(assignment[name])) for name in frozen
     }
-
     parts: dict[str, str] = {}
     state = None
     if path is not None:
         parts = _fingerprint_parts(model, plan.to_json(), batches, steps, lr, opts)
         state = _load(path, parts)
 
-    def teacher_out(batch: Batch) -> Tensor:
-        with torch.no_grad():
-            return output_tensor(run_model(model, batch)).detach()
-
-    with _eval_mode(model):
-        val_refs = [teacher_out(b) for b in val_batches]
-    loss_fn = _loss_fn(opts, val_refs[0])
-    val_sizes = [batch_size(b) for b in val_batches]
-
-    def evaluate() -> float:
-        total = 0.0
-        with torch.no_grad():
-            for batch, ref, n in zip(val_batches, val_refs, val_sizes, strict=True):
-                out = output_tensor(run_model(student, batch))
-                total += float(_scalar(loss_fn(out, ref), "on held-out data")) * n
-        return total / sum(val_sizes)
-
-    optimizer = torch.optim.AdamW(list(params.values()), lr=lr, weight_decay=opts.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(_cosine, steps=steps))
-    history: list[dict[str, float]] = []
-    start = 0
-    done = False
-    resumed_from = None
-    best: dict[str, Tensor] = {n: p.detach().clone() for n, p in params.items()}
-    best_step, best_loss, loss_before = 0, math.inf, math.nan
-
+    run = _Run(
+        model, student, params, val_batches, opts, steps=steps, lr=lr, path=path, parts=parts
+    )
     with torch.random.fork_rng(devices=[]), _eval_mode(model):
         torch.manual_seed(opts.seed)
         if state is not None:
-            with torch.no_grad():
-                for name, p in params.items():
-                    p.copy_(state["student"][name])
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            history = list(state["history"])
-            best = dict(state["best"])
-            best_step, best_loss = state["best_step"], state["best_loss"]
-            loss_before, start, done = state["loss_before"], state["step"], state["done"]
-            torch.set_rng_state(state["rng"])
-            resumed_from = start
-
-        def save(step: int, finished: bool) -> None:
-            if path is None:
-                return
-            _save(
-                path,
-                {
-                    "fingerprint": parts,
-                    "step": step,
-                    "done": finished,
-                    "student": {n: p.detach().clone() for n, p in params.items()},
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "history": history,
-                    "best": best,
-                    "best_step": best_step,
-                    "best_loss": best_loss,
-                    "loss_before": loss_before,
-                    "rng": torch.get_rng_state(),
-                },
-            )
-
-        if not done:
+            run.restore(state)
+        if not run.done:
             with _fake_quantized(student, trained, simulated):
-                if state is None:
-                    loss_before = best_loss = evaluate()
-                    history.append({"step": 0, "train_loss": math.nan, "val_loss": loss_before})
-                bar = _progress_bar(steps, start, progress)
-                try:
-                    step = start
-                    while step < steps:
-                        if stop_after is not None and step - start >= stop_after:
-                            raise _Stopped(step)
-                        batch = train_batches[_order(step, len(train_batches), opts.seed)]
-                        ref = teacher_out(batch)
-                        loss = _scalar(
-                            loss_fn(output_tensor(run_model(student, batch)), ref), "in training"
-                        )
-                        step += 1
-                        if not torch.isfinite(loss):
-                            warnings.warn(
-                                f"recover: the training loss became {float(loss.detach())} at step {step}; "
-                                f"stopping and returning the best weights (step {best_step}). "
-                                "Lower 'lr'.",
-                                RuntimeWarning,
-                                stacklevel=3,
-                            )
-                            history.append(
-                                {
-                                    "step": step,
-                                    "train_loss": float(loss.detach()),
-                                    "val_loss": math.nan,
-                                }
-                            )
-                            done = True
-                            save(step, True)
-                            break
-                        optimizer.zero_grad(set_to_none=True)
-                        loss.backward()
-                        optimizer.step()
-                        scheduler.step()
-                        row = {
-                            "step": step,
-                            "train_loss": float(loss.detach()),
-                            "val_loss": math.nan,
-                        }
-                        if step % opts.eval_every == 0 or step == steps:
-                            row["val_loss"] = val = evaluate()
-                            if val < best_loss:
-                                best_loss, best_step = val, step
-                                best = {n: p.detach().clone() for n, p in params.items()}
-                        history.append(row)
-                        bar.update(1)
-                        bar.set_postfix(loss=f"{row['train_loss']:.4g}", best=f"{best_loss:.4g}")
-                        if step % opts.checkpoint_every == 0 or step == steps:
-                            save(step, step == steps)
-                finally:
-                    bar.close()
+                run.train(train_batches, progress=progress, stop_after=stop_after)
 
-    steps_done = int(history[-1]["step"]) if history else 0
     with torch.no_grad():
-        for name, value in best.items():
+        for name, value in run.best.items():
             student.get_parameter(name).copy_(value)
     for name, p in student.named_parameters():
         p.requires_grad_(flags[name])
@@ -622,17 +498,179 @@ def _recover(
         plan=PrecisionPlan.from_assignment(
             assignment, metadata={**plan.metadata, "recovered": True}
         ),
-        history=pd.DataFrame(history, columns=["step", "train_loss", "val_loss"]).astype(
+        history=pd.DataFrame(run.history, columns=["step", "train_loss", "val_loss"]).astype(
             {"step": int}
         ),
-        loss_before=float(loss_before),
-        loss_after=float(best_loss),
-        best_step=int(best_step),
-        steps_done=steps_done,
+        loss_before=float(run.loss_before),
+        loss_after=float(run.best_loss),
+        best_step=int(run.best_step),
+        steps_done=int(run.history[-1]["step"]) if run.history else 0,
         trained=list(trained),
         frozen=frozen,
-        resumed_from=resumed_from,
+        resumed_from=run.resumed_from,
     )
+
+
+def _trainable(
+    student: nn.Module, trained: Mapping[str, Scheme], frozen: Mapping[str, str], train: str
+) -> dict[str, nn.Parameter]:
+    """The parameters the fine-tune updates: the trained layers' weights and biases
+    (``train="layers"``) or every parameter outside the frozen layers (``"all"``)."""
+    if train == "all":
+        frozen_params = {
+            f"{layer}.{p}"
+            for layer in frozen
+            for p, _ in student.get_submodule(layer).named_parameters()
+        }
+        names = [n for n, _ in student.named_parameters() if n not in frozen_params]
+    else:
+        names = [
+            f"{layer}.{p}"
+            for layer in trained
+            for p in ("weight", "bias")
+            if getattr(student.get_submodule(layer), p, None) is not None
+        ]
+    return {name: student.get_parameter(name) for name in names}
+
+
+class _Run:
+    """One fine-tune's state: optimizer and schedule, history, the best weights so far and
+    their held-out loss; it trains, evaluates, checkpoints and resumes."""
+
+    def __init__(
+        self,
+        teacher: nn.Module,
+        student: nn.Module,
+        params: dict[str, nn.Parameter],
+        val_batches: list[Batch],
+        opts: RecoverOptions,
+        *,
+        steps: int,
+        lr: float,
+        path: Path | None,
+        parts: dict[str, str],
+    ) -> None:
+        self.teacher, self.student, self.params, self.opts = teacher, student, params, opts
+        self.steps, self.path, self.parts = steps, path, parts
+        self.val_batches = val_batches
+        with _eval_mode(teacher):
+            self.val_refs = [self.teacher_out(b) for b in val_batches]
+        self.loss_fn = _loss_fn(opts, self.val_refs[0])
+        self.val_sizes = [batch_size(b) for b in val_batches]
+        self.optimizer = torch.optim.AdamW(
+            list(params.values()), lr=lr, weight_decay=opts.weight_decay
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, partial(_cosine, steps=steps)
+        )
+        self.history: list[dict[str, float]] = []
+        self.start = 0
+        self.done = False
+        self.resumed_from: int | None = None
+        self.best: dict[str, Tensor] = {n: p.detach().clone() for n, p in params.items()}
+        self.best_step, self.best_loss, self.loss_before = 0, math.inf, math.nan
+
+    def teacher_out(self, batch: Batch) -> Tensor:
+        with torch.no_grad():
+            return output_tensor(run_model(self.teacher, batch)).detach()
+
+    def evaluate(self) -> float:
+        """The student's held-out distillation loss (mean over samples)."""
+        total = 0.0
+        with torch.no_grad():
+            for batch, ref, n in zip(self.val_batches, self.val_refs, self.val_sizes, strict=True):
+                out = output_tensor(run_model(self.student, batch))
+                total += float(_scalar(self.loss_fn(out, ref), "on held-out data")) * n
+        return total / sum(self.val_sizes)
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Continue from a checkpoint's state."""
+        with torch.no_grad():
+            for name, p in self.params.items():
+                p.copy_(state["student"][name])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.history = list(state["history"])
+        self.best = dict(state["best"])
+        self.best_step, self.best_loss = state["best_step"], state["best_loss"]
+        self.loss_before, self.start, self.done = state["loss_before"], state["step"], state["done"]
+        torch.set_rng_state(state["rng"])
+        self.resumed_from = self.start
+
+    def save(self, step: int, finished: bool) -> None:
+        if self.path is None:
+            return
+        _save(
+            self.path,
+            {
+                "fingerprint": self.parts,
+                "step": step,
+                "done": finished,
+                "student": {n: p.detach().clone() for n, p in self.params.items()},
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "history": self.history,
+                "best": self.best,
+                "best_step": self.best_step,
+                "best_loss": self.best_loss,
+                "loss_before": self.loss_before,
+                "rng": torch.get_rng_state(),
+            },
+        )
+
+    def train(self, batches: list[Batch], *, progress: bool, stop_after: int | None) -> None:
+        """The steps left (the held-out loss first on a fresh run), with a progress bar."""
+        if self.resumed_from is None:
+            self.loss_before = self.best_loss = self.evaluate()
+            self.history.append({"step": 0, "train_loss": math.nan, "val_loss": self.loss_before})
+        bar = _progress_bar(self.steps, self.start, progress)
+        try:
+            step = self.start
+            while step < self.steps:
+                if stop_after is not None and step - self.start >= stop_after:
+                    raise _Stopped(step)
+                step += 1
+                if not self.step(batches[_order(step - 1, len(batches), self.opts.seed)], step):
+                    break
+                bar.update(1)
+                bar.set_postfix(
+                    loss=f"{self.history[-1]['train_loss']:.4g}", best=f"{self.best_loss:.4g}"
+                )
+                if step % self.opts.checkpoint_every == 0 or step == self.steps:
+                    self.save(step, step == self.steps)
+        finally:
+            bar.close()
+
+    def step(self, batch: Batch, step: int) -> bool:
+        """One optimisation step (number ``step``); ``False`` when the loss is not finite (the
+        run stops, keeping the best weights)."""
+        loss = _scalar(
+            self.loss_fn(output_tensor(run_model(self.student, batch)), self.teacher_out(batch)),
+            "in training",
+        )
+        row = {"step": step, "train_loss": float(loss.detach()), "val_loss": math.nan}
+        if not torch.isfinite(loss):
+            warnings.warn(
+                f"recover: the training loss became {float(loss.detach())} at step {step}; "
+                f"stopping and returning the best weights (step {self.best_step}). Lower 'lr'.",
+                RuntimeWarning,
+                stacklevel=5,
+            )
+            self.history.append(row)
+            self.done = True
+            self.save(step, True)
+            return False
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.scheduler.step()
+        if step % self.opts.eval_every == 0 or step == self.steps:
+            row["val_loss"] = val = self.evaluate()
+            if val < self.best_loss:
+                self.best_loss, self.best_step = val, step
+                self.best = {n: p.detach().clone() for n, p in self.params.items()}
+        self.history.append(row)
+        return True
 
 
 def _cosine(step: int, *, steps: int) -> float:

@@ -333,7 +333,28 @@ def smooth_activations(
     norms = {n: m for n, m in work.named_modules() if n and is_affine_norm_candidate(m)}
     observed = _observe(work, batches, linears, norms)
 
-    # which normalisation feeds each Linear, or why none does
+    source, reason, groups = _sources(observed, linears)
+
+    rows = list(linears) if selected is None else _rows_for(selected, source, groups)
+    wanted = {source[n] for n in rows if source[n] in groups}
+    folds = [_Fold(n, norms[n], groups[n]) for n in norms if n in wanted]
+
+    applied = _apply_folds(folds, work, observed, alpha, check_tolerance, reason)
+    kept = _verified(work, batches[0], observed.reference, applied, check_tolerance, reason)
+
+    scales = {fold.norm_name: fold.scales.float() for fold in kept}
+    table = pd.DataFrame(
+        [_row(n, source[n], reason.get(n, ""), observed, scales) for n in rows],
+        columns=TABLE_COLUMNS,
+    )
+    return SmoothingResult(model=work, table=table, scales=scales, alpha=alpha)
+
+
+def _sources(
+    observed: _Observed, linears: dict[str, nn.Module]
+) -> tuple[dict[str, str | None], dict[str, str], dict[str, dict[str, nn.Module]]]:
+    """Which normalisation feeds each Linear (``None``: none, or it cannot be used, with the
+    reason), and the Linears each usable normalisation feeds."""
     source: dict[str, str | None] = {}
     reason: dict[str, str] = {}
     blocked: dict[str, str] = {}  # norm -> a Linear it feeds that cannot be compensated
@@ -356,11 +377,20 @@ def smooth_activations(
             groups.setdefault(norm, {})[name] = linears[name]
         elif norm is not None and name not in reason:
             reason[name] = f"{norm} also feeds {blocked[norm]}, which cannot be compensated"
+    return source, reason, groups
 
-    rows = list(linears) if selected is None else _rows_for(selected, source, groups)
-    wanted = {source[n] for n in rows if source[n] in groups}
-    folds = [_Fold(n, norms[n], groups[n]) for n in norms if n in wanted]
 
+def _apply_folds(
+    folds: list[_Fold],
+    work: nn.Module,
+    observed: _Observed,
+    alpha: float,
+    check_tolerance: float,
+    reason: dict[str, str],
+) -> list[_Fold]:
+    """Fold each normalisation's scales (tied weights refused, each fold checked alone and
+    undone when the normalisation's output does not scale by ``1/s``); the folds kept. Why a
+    fold was refused goes to its consumers' ``reason``."""
     owners = _owners(work)
     applied: list[_Fold] = []
     for fold in folds:
@@ -377,14 +407,7 @@ def smooth_activations(
         else:
             for name in fold.consumers:
                 reason[name] = why
-    kept = _verified(work, batches[0], observed.reference, applied, check_tolerance, reason)
-
-    scales = {fold.norm_name: fold.scales.float() for fold in kept}
-    table = pd.DataFrame(
-        [_row(n, source[n], reason.get(n, ""), observed, scales) for n in rows],
-        columns=TABLE_COLUMNS,
-    )
-    return SmoothingResult(model=work, table=table, scales=scales, alpha=alpha)
+    return applied
 
 
 def _rows_for(
