@@ -6,6 +6,7 @@ from __future__ import annotations
 import inspect
 import statistics
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -13,6 +14,31 @@ from torch import Tensor, nn
 from mpsearch._data import output_tensor
 from mpsearch._validation import check_module, invalid
 from mpsearch.cost._timing import clock
+
+
+class CallSpec(NamedTuple):
+    """How a module is called: its cache keyword and whether it takes ``use_cache`` and
+    ``logits_to_keep``."""
+
+    cache: str
+    use_cache: bool
+    logits_to_keep: bool
+
+
+def call_spec(module: nn.Module, argument: str) -> CallSpec:
+    """The keywords ``module`` takes (read on the first module, itself or inside, whose
+    ``forward`` names a cache: a wrapper's ``**kwargs`` pass them on)."""
+    for sub in module.modules():
+        params = inspect.signature(sub.forward).parameters
+        for name in ("cache", "past_key_values"):
+            if name in params:
+                return CallSpec(name, "use_cache" in params, "logits_to_keep" in params)
+    raise invalid(
+        argument,
+        type(module).__name__,
+        "a causal language model whose forward takes a KV cache (a Hugging Face "
+        "...ForCausalLM: forward(input_ids, cache=..., use_cache=True) -> .logits)",
+    )
 
 
 @dataclass(frozen=True)
@@ -55,8 +81,7 @@ def measure_decode(
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise invalid(name, value, "a positive integer")
     read = clock(timer)
-    # the KV cache's keyword: "cache" in transformers >= 5, "past_key_values" before
-    key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    key = call_spec(model, "model").cache  # "cache" in transformers >= 5, "past_key_values" before
     prefill: list[float] = []
     steps: list[float] = []
     tokens: list[int] = []

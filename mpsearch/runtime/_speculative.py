@@ -21,7 +21,6 @@ prompt included (the first verification pass is also the reference's prefill).
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -38,6 +37,7 @@ from mpsearch._validation import check_module, invalid, wrong_type
 from mpsearch.backends import get_backend, quantize
 from mpsearch.backends._quantize import as_plan
 from mpsearch.backends._registry import Backend
+from mpsearch.cost._decode import call_spec
 from mpsearch.cost._timing import clock, median_ms
 from mpsearch.plan import PrecisionPlan
 from mpsearch.rounding import Rounder
@@ -137,31 +137,6 @@ def expected_tokens_per_step(acceptance: float, k: int) -> float:
     return (1 - acceptance ** (k + 1)) / (1 - acceptance)
 
 
-class _Spec(NamedTuple):
-    """How a module is called: its cache keyword and whether it takes ``use_cache`` and
-    ``logits_to_keep``."""
-
-    cache: str
-    use_cache: bool
-    logits_to_keep: bool
-
-
-def _call_spec(module: nn.Module, argument: str) -> _Spec:
-    """The keywords ``module`` takes (read on the first module, itself or inside, whose
-    ``forward`` names a cache: a wrapper's ``**kwargs`` pass them on)."""
-    for sub in module.modules():
-        params = inspect.signature(sub.forward).parameters
-        for name in ("cache", "past_key_values"):
-            if name in params:
-                return _Spec(name, "use_cache" in params, "logits_to_keep" in params)
-    raise invalid(
-        argument,
-        type(module).__name__,
-        "a causal language model whose forward takes a KV cache (a Hugging Face "
-        "...ForCausalLM: forward(input_ids, cache=..., use_cache=True) -> .logits)",
-    )
-
-
 def _new_cache() -> Any:
     try:
         from transformers import DynamicCache
@@ -179,7 +154,7 @@ class _Decoder:
     def __init__(self, module: nn.Module, name: str, argument: str) -> None:
         self.module = module
         self.name = name
-        self.spec = _call_spec(module, argument)
+        self.spec = call_spec(module, argument)
         param = next(module.parameters(), None)
         self.device = param.device if param is not None else torch.device("cpu")
         self.cache: Any = None
