@@ -5,15 +5,35 @@ from __future__ import annotations
 
 import inspect
 import statistics
-from dataclasses import dataclass
-from typing import NamedTuple
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
 
 import torch
+import torch._dynamo.config as dynamo_config
 from torch import Tensor, nn
 
 from mpsearch._data import output_tensor
 from mpsearch._validation import check_module, invalid
+from mpsearch.backends._compiled import _check_close, _compile_settings, _cpp_compiler_missing
 from mpsearch.cost._timing import clock
+
+MAX_COMPILED_TOKENS = 16
+"""A compiled decoder runs passes over at most this many tokens through Inductor (decoding
+steps, drafts, verifications) once the cache holds the prompt; the prompt's pass and longer
+ones run eagerly on the same cache: a graph per prompt length would cost more to compile than
+it saves."""
+
+MIN_STATIC_CAPACITY = 128
+"""Fewest positions a static KV cache holds (sizes are powers of two, so graphs are reused)."""
+
+RECOMPILE_LIMIT = 256
+"""Dynamo's limit on graphs per function while a decoder compiles: every variant of a model
+class shares its ``forward``, one graph per variant and number of tokens fed."""
+
+_EAGER = {"mode": "eager", "reason": "compile=False: dynamic KV cache, eager model"}
+_PENDING = {"mode": "pending", "reason": "static KV cache, compiled by Inductor on first use"}
 
 
 class CallSpec(NamedTuple):
@@ -41,15 +61,165 @@ def call_spec(module: nn.Module, argument: str) -> CallSpec:
     )
 
 
+def _dynamic_cache() -> Any:
+    try:
+        from transformers import DynamicCache
+    except ImportError:  # pragma: no cover - transformers is the target of decoding
+        raise ImportError(
+            "decoding keeps a transformers.DynamicCache: pip install transformers"
+        ) from None
+    return DynamicCache()
+
+
+def _static() -> type:
+    from transformers import StaticCache
+
+    return StaticCache
+
+
+def _static_cache_missing(module: nn.Module) -> str | None:
+    """Why ``module`` cannot decode on a ``transformers.StaticCache`` (``None``: it can)."""
+    try:
+        _static()(config=module.config, max_cache_len=MIN_STATIC_CAPACITY)
+    except Exception as error:
+        return f"no static KV cache for {type(module).__name__} ({type(error).__name__}: {error})"
+    return None
+
+
+class KVDecoder:
+    """One causal LM decoding one sequence with its own KV cache: :meth:`feed` appends tokens
+    and answers the logits of the last positions, :meth:`rollback` forgets a suffix.
+
+    ``compile=False``: a ``transformers.DynamicCache`` and the eager model. ``compile=True``:
+    a ``StaticCache`` (fixed shapes, :meth:`reset` sizes it) and the model compiled by Inductor
+    with static shapes, one graph per number of tokens fed; a sequence's first pass (the
+    prompt) and passes over more than :data:`MAX_COMPILED_TOKENS` run eagerly on the same
+    cache. Each graph's first output is checked against the eager model's; where the static
+    cache or compiling fails, or the outputs differ, decoding goes on eagerly, with a warning,
+    and ``compile_info`` says why (``{"mode": "inductor" | "pending" | "eager", "reason": ...}``).
+
+    >>> dec = KVDecoder(llama, compile=True)  # doctest: +SKIP
+    >>> dec.reset(capacity=80)  # doctest: +SKIP
+    >>> logits = dec.feed([1, 2, 3], keep=1)  # doctest: +SKIP
+    """
+
+    def __init__(
+        self, module: nn.Module, *, compile: bool = False, argument: str = "model"
+    ) -> None:
+        if not isinstance(compile, bool):
+            raise invalid("compile", compile, "True or False")
+        self.module = module
+        self.spec = call_spec(module, argument)
+        param = next(module.parameters(), None)
+        self.device = param.device if param is not None else torch.device("cpu")
+        self.cache: Any = None
+        self.seen = 0
+        self.capacity = 0
+        self.compile_info = dict(_PENDING if compile else _EAGER)
+        self._compiled: Any = None
+        self._checked: set[tuple[int, int, int]] = set()
+        if compile:
+            reason = _cpp_compiler_missing() or _static_cache_missing(module)
+            if reason is not None:
+                self._fall_back(reason)
+
+    @property
+    def static(self) -> bool:
+        """Whether the cache is a ``StaticCache`` (the compiled path)."""
+        return self.compile_info["mode"] != "eager"
+
+    def reset(self, capacity: int = 0) -> None:
+        """Start a new sequence of at most ``capacity`` tokens (a static cache holds the next
+        power of two, at least :data:`MIN_STATIC_CAPACITY`, and is reused while it fits)."""
+        self.seen = 0
+        if not self.static:
+            self.cache = _dynamic_cache()
+            return
+        size = max(MIN_STATIC_CAPACITY, 1 << max(capacity - 1, 0).bit_length())
+        if self.cache is None or size > self.capacity or not isinstance(self.cache, _static()):
+            self.cache = _static()(config=self.module.config, max_cache_len=size)
+            self.capacity = size
+        else:
+            self.cache.reset()
+
+    def feed(self, tokens: Sequence[int], keep: int) -> Tensor:
+        """Run ``tokens`` (appended to what the cache holds); the float32 logits ``[keep, V]``
+        of the last ``keep`` positions."""
+        n = len(tokens)
+        if isinstance(self.cache, _static()) and self.seen + n > self.capacity:
+            raise invalid(
+                "tokens",
+                f"{self.seen + n} tokens in all",
+                f"at most the {self.capacity} the static cache holds (reset(capacity) with the "
+                "sequence's full length)",
+            )
+        ids = torch.tensor([list(tokens)], dtype=torch.long, device=self.device)
+        kwargs: dict[str, Any] = {self.spec.cache: self.cache}
+        if self.spec.use_cache:
+            kwargs["use_cache"] = True
+        if self.spec.logits_to_keep:
+            kwargs["logits_to_keep"] = keep
+        if self.static and 0 < self.seen and n <= MAX_COMPILED_TOKENS:
+            out = self._run_compiled((n, keep, self.capacity), ids, kwargs)
+        else:
+            out = self.module(input_ids=ids, **kwargs)
+        self.seen += n
+        return output_tensor(out)[0, -keep:].float()
+
+    def rollback(self, length: int) -> None:
+        """Forget every token past the first ``length`` (crop the cache)."""
+        if self.seen <= length:
+            return
+        held = int(self.cache.get_seq_length())
+        if held > length:
+            self.cache.crop(length - held)  # a negative count: remove that many tokens
+        self.seen = length
+
+    def _run_compiled(self, key: tuple[int, int, int], ids: Tensor, kwargs: dict[str, Any]) -> Any:
+        if key in self._checked:
+            return self._compiled(input_ids=ids, **kwargs)
+        if self._compiled is None:
+            self._compiled = torch.compile(self.module, backend="inductor", dynamic=False)
+        reason = None
+        try:  # compiled first, then the eager pass writes the cache entries that stay
+            with _compile_settings(), dynamo_config.patch(recompile_limit=RECOMPILE_LIMIT):
+                got = self._compiled(input_ids=ids, **kwargs)
+        except Exception as error:
+            first_line = (str(error).strip().splitlines() or [""])[0]
+            reason = f"compilation failed ({type(error).__name__}: {first_line})"
+        for layer in self.cache.layers:  # back to the tokens seen, layer by layer
+            held = int(layer.get_seq_length())
+            if held > self.seen:
+                layer.crop(self.seen - held)
+        expected = self.module(input_ids=ids, **kwargs)
+        if reason is None:
+            reason = _check_close(got, expected)
+        if reason is not None:
+            self._fall_back(reason)
+            return expected
+        self._checked.add(key)
+        self.compile_info = {
+            "mode": "inductor",
+            "reason": f"static KV cache, compiled by Inductor for {len(self._checked)} shape(s)",
+        }
+        return got
+
+    def _fall_back(self, reason: str) -> None:
+        self.compile_info = {"mode": "eager", "reason": reason}
+        warnings.warn(f"decoding eagerly: {reason}", RuntimeWarning, stacklevel=4)
+
+
 @dataclass(frozen=True)
 class DecodeTiming:
     """``prefill_ms``: median time of the prompt's forward; ``decode_ms``: median time of one
     decoding step (one new token, KV cache of the prompt and the tokens so far);
-    ``tokens``: greedy tokens generated in the last repeat (identical across repeats)."""
+    ``tokens``: greedy tokens generated in the last repeat (identical across repeats);
+    ``compile_info``: how the steps ran (:attr:`KVDecoder.compile_info`)."""
 
     prefill_ms: float
     decode_ms: float
     tokens: list[int]
+    compile_info: dict[str, str] = field(default_factory=lambda: dict(_EAGER))
 
     @property
     def tokens_per_s(self) -> float:
@@ -63,12 +233,14 @@ def measure_decode(
     new_tokens: int = 32,
     repeats: int = 3,
     timer: str = "wall",
+    compile: bool = False,
 ) -> DecodeTiming:
     """Time greedy batch-1 decoding of ``model`` (a Hugging Face-style causal LM taking
     ``input_ids``, its KV cache (``cache``, or ``past_key_values`` before transformers 5) and
-    ``use_cache``) after the prompt ``input_ids``
-    (``[1, T]``): the prefill and each of ``new_tokens`` steps, ``repeats`` times (a first
-    untimed run warms the kernels). Medians over every step of every repeat.
+    ``use_cache``) after the prompt ``input_ids`` (``[1, T]``): the prefill and each of
+    ``new_tokens`` steps, ``repeats`` times (a first untimed run warms the kernels and, with
+    ``compile=True``, compiles the step: :class:`KVDecoder`). Medians over every step of
+    every repeat.
 
     >>> from transformers import LlamaConfig, LlamaForCausalLM  # doctest: +SKIP
     >>> t = measure_decode(llama, torch.tensor([[1, 2, 3]]), new_tokens=8)  # doctest: +SKIP
@@ -81,30 +253,24 @@ def measure_decode(
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise invalid(name, value, "a positive integer")
     read = clock(timer)
-    key = call_spec(model, "model").cache  # "cache" in transformers >= 5, "past_key_values" before
+    decoder = KVDecoder(model, compile=compile)
+    prompt = input_ids[0].tolist()
     prefill: list[float] = []
     steps: list[float] = []
     tokens: list[int] = []
     with torch.inference_mode():
         for rep in range(repeats + 1):
+            decoder.reset(len(prompt) + new_tokens)
             t0 = read()
-            out = model(input_ids=input_ids, use_cache=True)
+            token = int(decoder.feed(prompt, keep=1)[-1].argmax())
             t1 = read()
-            past = getattr(out, key, None)
-            if past is None:
-                raise ValueError(
-                    f"The model returned no {key!r} (KV cache) for use_cache=True "
-                    f"({type(out).__name__}); batch-1 decoding needs a KV cache."
-                )
-            token = output_tensor(out)[:, -1].argmax(-1, keepdim=True)
-            tokens = [int(token)]
+            tokens = [token]
             times = []
             for _ in range(new_tokens - 1):
                 s0 = read()
-                out = model(input_ids=token, use_cache=True, **{key: getattr(out, key)})
-                token = output_tensor(out)[:, -1].argmax(-1, keepdim=True)
+                token = int(decoder.feed([token], keep=1)[-1].argmax())
                 times.append(read() - s0)
-                tokens.append(int(token))
+                tokens.append(token)
             if rep:  # the first run warms up
                 prefill.append(t1 - t0)
                 steps += times
@@ -112,4 +278,5 @@ def measure_decode(
         prefill_ms=1000 * statistics.median(prefill),
         decode_ms=1000 * statistics.median(steps) if steps else float("nan"),
         tokens=tokens,
+        compile_info=dict(decoder.compile_info),
     )

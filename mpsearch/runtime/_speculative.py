@@ -11,8 +11,9 @@ own. Greedy decoding therefore returns exactly the reference's greedy tokens, an
 - on the first rejection the token is drawn from ``normalize(max(0, p - q))`` and the step ends;
 - when all ``k`` are accepted one more token is drawn from the reference's next ``p``.
 
-Each variant keeps its own KV cache (a ``transformers.DynamicCache``); after a rejection both
-are cropped back to the accepted prefix, so neither ever holds a token that was not emitted.
+Each variant keeps its own KV cache (a :class:`~mpsearch.cost._decode.KVDecoder`: a
+``transformers.DynamicCache``, or with ``compile=True`` a ``StaticCache`` and the variant compiled
+by Inductor for each number of tokens fed); after a rejection both are cropped back to the accepted prefix, so neither ever holds a token that was not emitted.
 The caches may lag the sequence (the draft has not seen its own last drafted token, nor the
 reference's extra one): whatever a variant has not seen is fed in its next forward pass, the
 prompt included (the first verification pass is also the reference's prefill).
@@ -32,12 +33,11 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
-from mpsearch._data import output_tensor
 from mpsearch._validation import check_module, invalid, wrong_type
 from mpsearch.backends import get_backend, quantize
 from mpsearch.backends._quantize import as_plan
 from mpsearch.backends._registry import Backend
-from mpsearch.cost._decode import call_spec
+from mpsearch.cost._decode import KVDecoder
 from mpsearch.cost._timing import clock, median_ms
 from mpsearch.plan import PrecisionPlan
 from mpsearch.rounding import Rounder
@@ -137,56 +137,6 @@ def expected_tokens_per_step(acceptance: float, k: int) -> float:
     return (1 - acceptance ** (k + 1)) / (1 - acceptance)
 
 
-def _new_cache() -> Any:
-    try:
-        from transformers import DynamicCache
-    except ImportError:  # pragma: no cover - transformers is the target of this controller
-        raise ImportError(
-            "SpeculativeController keeps a transformers.DynamicCache per variant: "
-            "pip install transformers"
-        ) from None
-    return DynamicCache()
-
-
-class _Decoder:
-    """One variant with its own KV cache and the number of sequence tokens it has seen."""
-
-    def __init__(self, module: nn.Module, name: str, argument: str) -> None:
-        self.module = module
-        self.name = name
-        self.spec = call_spec(module, argument)
-        param = next(module.parameters(), None)
-        self.device = param.device if param is not None else torch.device("cpu")
-        self.cache: Any = None
-        self.seen = 0
-
-    def reset(self) -> None:
-        self.cache = _new_cache()
-        self.seen = 0
-
-    def feed(self, tokens: Sequence[int], keep: int) -> Tensor:
-        """Run ``tokens`` (appended to what the cache holds); the float32 logits ``[keep, V]``
-        of the last ``keep`` positions."""
-        ids = torch.tensor([list(tokens)], dtype=torch.long, device=self.device)
-        kwargs: dict[str, Any] = {self.spec.cache: self.cache}
-        if self.spec.use_cache:
-            kwargs["use_cache"] = True
-        if self.spec.logits_to_keep:
-            kwargs["logits_to_keep"] = keep
-        logits = output_tensor(self.module(input_ids=ids, **kwargs))
-        self.seen += len(tokens)
-        return logits[0, -keep:].float()
-
-    def rollback(self, length: int) -> None:
-        """Forget every token past the first ``length`` (crop the cache)."""
-        if self.seen <= length:
-            return
-        held = int(self.cache.get_seq_length())
-        if held > length:
-            self.cache.crop(length - held)  # a negative count: remove that many tokens
-        self.seen = length
-
-
 class _StepRecord(NamedTuple):
     k: int
     drafted: int
@@ -208,7 +158,7 @@ class _Totals:
 
 class _Candidate(NamedTuple):
     name: str
-    decoder: _Decoder
+    decoder: KVDecoder
     plan: PrecisionPlan | None
 
 
@@ -303,7 +253,8 @@ class SpeculativeController:
     ``model`` on ``backend``, or modules already quantized. The reference defaults to the
     full-precision ``model`` itself. Both must be causal LMs taking a KV cache (Hugging Face
     ``...ForCausalLM``). Plans with calibrated roundings take their weights from ``rounder``
-    or from one built on ``calib``.
+    or from one built on ``calib``. ``compile=True`` decodes each variant on a static KV cache
+    through Inductor (falling back to eager, with the reason in ``compile_info``).
 
     :meth:`generate` decodes one sequence (batch 1): greedily (``temperature=0``: exactly the
     reference's greedy tokens) or by sampling (each token distributed as the reference's).
@@ -331,8 +282,12 @@ class SpeculativeController:
         rounder: Rounder | None = None,
         audit_size: int = 100_000,
         audit_sink: str | Path | None = None,
+        compile: bool = False,
     ) -> None:
         check_module(model)
+        if not isinstance(compile, bool):
+            raise invalid("compile", compile, "True or False")
+        self.compile = compile
         _check_count("k", k, low=0)
         model.eval()
         self.model = model
@@ -343,7 +298,7 @@ class SpeculativeController:
         ref_module, ref_name, ref_plan = self._variant(reference, "reference")
         self.reference_name = ref_name
         self.reference_plan = ref_plan
-        self._reference = _Decoder(ref_module, ref_name, "reference")
+        self._reference = KVDecoder(ref_module, compile=compile, argument="reference")
         self._draft = self._candidate(draft, "draft")
         self.k = k
         self.tuning: pd.DataFrame | None = None
@@ -391,7 +346,15 @@ class SpeculativeController:
 
     def _candidate(self, spec: VariantLike, argument: str) -> _Candidate:
         module, name, plan = self._variant(spec, argument)
-        return _Candidate(name, _Decoder(module, name, argument), plan)
+        return _Candidate(name, KVDecoder(module, compile=self.compile, argument=argument), plan)
+
+    @property
+    def compile_info(self) -> dict[str, dict[str, str]]:
+        """How the reference and the draft decode (``{"mode": ..., "reason": ...}`` each)."""
+        return {
+            "reference": dict(self._reference.compile_info),
+            "draft": dict(self._draft.decoder.compile_info),
+        }
 
     @property
     def draft_name(self) -> str:
@@ -468,7 +431,7 @@ class SpeculativeController:
     def _decode(
         self,
         prompt: list[int],
-        draft: _Decoder,
+        draft: KVDecoder,
         k: int,
         max_new_tokens: int,
         temperature: float,
@@ -478,8 +441,9 @@ class SpeculativeController:
     ) -> list[int]:
         """The decoding loop; appends one record per step to ``records``."""
         ref, now = self._reference, self._clock
-        ref.reset()
-        draft.reset()
+        capacity = len(prompt) + max_new_tokens + k + 1
+        ref.reset(capacity)
+        draft.reset(capacity)
         seq = list(prompt)
         emitted = 0
         with torch.inference_mode():
@@ -516,7 +480,7 @@ class SpeculativeController:
 
     @staticmethod
     def _draft_tokens(
-        draft: _Decoder,
+        draft: KVDecoder,
         seq: list[int],
         k: int,
         temperature: float,
@@ -721,17 +685,17 @@ class SpeculativeController:
         return self._measure_costs(self._draft.decoder, _as_prompt(prompt, "prompt"), ks, repeats)
 
     def _measure_costs(
-        self, decoder: _Decoder, ids: list[int], ks: Sequence[int], repeats: int
+        self, decoder: KVDecoder, ids: list[int], ks: Sequence[int], repeats: int
     ) -> StepCosts:
         ref = self._reference
         with torch.inference_mode():
             for d in (decoder, ref):
-                d.reset()
+                d.reset(len(ids) + max(ks) + 1)
                 d.feed(ids, keep=1)
             n = len(ids)
             token = ids[-1]
 
-            def run(d: _Decoder, count: int) -> None:
+            def run(d: KVDecoder, count: int) -> None:
                 d.feed([token] * count, keep=count)
                 d.rollback(n)
 

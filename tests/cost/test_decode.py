@@ -6,7 +6,9 @@ import pytest
 import torch
 
 import mpsearch as mps
+from mpsearch.backends._compiled import _cpp_compiler_missing
 from mpsearch.cost import measure_decode
+from mpsearch.cost._decode import MIN_STATIC_CAPACITY, KVDecoder
 
 transformers = pytest.importorskip("transformers")
 
@@ -58,3 +60,64 @@ def test_decode_refuses_what_it_cannot_time() -> None:
 
     with pytest.raises(ValueError, match="forward takes a KV cache"):
         measure_decode(NoCache(), torch.tensor([[1, 2]]))
+
+
+needs_compiler = pytest.mark.skipif(
+    _cpp_compiler_missing() is not None, reason="Inductor needs a C++ compiler"
+)
+
+
+@needs_compiler
+def test_compiled_decode_equals_eager_decode() -> None:
+    model = _llama()
+    prompt = torch.tensor([[5, 17, 42, 8]])
+    eager = measure_decode(model, prompt, new_tokens=10, repeats=1)
+    compiled = measure_decode(model, prompt, new_tokens=10, repeats=1, compile=True)
+    assert compiled.tokens == eager.tokens
+    assert compiled.compile_info["mode"] == "inductor", compiled.compile_info
+    assert eager.compile_info["mode"] == "eager"
+
+
+@needs_compiler
+def test_static_cache_rollback_equals_a_fresh_run() -> None:
+    model = _llama()
+    decoder = KVDecoder(model, compile=True)
+    with torch.inference_mode():
+        decoder.reset(capacity=12)
+        assert decoder.capacity == MIN_STATIC_CAPACITY
+        decoder.feed([3, 1, 4, 1, 5], keep=1)
+        decoder.feed([9, 2], keep=2)
+        decoder.rollback(6)  # keep the prompt and token 9
+        assert int(decoder.cache.get_seq_length()) == decoder.seen == 6
+        cached = decoder.feed([12], keep=1)[0]
+        fresh = model(input_ids=torch.tensor([[3, 1, 4, 1, 5, 9, 12]])).logits[0, -1]
+    torch.testing.assert_close(cached, fresh, atol=1e-4, rtol=0)
+    assert decoder.compile_info["mode"] == "inductor"
+
+
+def test_decoder_without_a_static_cache_falls_back_with_the_reason() -> None:
+    class Wrapped(torch.nn.Module):  # no .config: transformers cannot size a static cache
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = _llama()
+
+        def forward(self, input_ids: torch.Tensor, **kwargs: object) -> object:
+            return self.inner(input_ids=input_ids, **kwargs)
+
+    with pytest.warns(RuntimeWarning, match="decoding eagerly: no static KV cache for Wrapped"):
+        decoder = KVDecoder(Wrapped(), compile=True)
+    assert decoder.compile_info["mode"] == "eager" and not decoder.static
+    t = measure_decode(Wrapped(), torch.tensor([[1, 2]]), new_tokens=3, repeats=1)
+    assert len(t.tokens) == 3
+
+
+def test_static_cache_refuses_a_sequence_longer_than_it_holds() -> None:
+    decoder = KVDecoder(_llama(), compile=True)
+    if not decoder.static:
+        pytest.skip(decoder.compile_info["reason"])
+    with torch.inference_mode():
+        decoder.reset(capacity=4)
+        with pytest.raises(ValueError, match="at most the 128 the static cache holds"):
+            decoder.feed(list(range(MIN_STATIC_CAPACITY + 1)), keep=1)
+    with pytest.raises(ValueError, match="'compile' argument must be True or False"):
+        KVDecoder(_llama(), compile="yes")  # type: ignore[arg-type]

@@ -15,6 +15,7 @@ from scipy.stats import chisquare
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from mpsearch.backends import quantize
+from mpsearch.backends._compiled import _cpp_compiler_missing
 from mpsearch.runtime._speculative import (
     SpeculativeController,
     SpeculativeOptions,
@@ -345,3 +346,21 @@ def test_refuses_bad_arguments(llama):
     with pytest.raises(ValueError, match="'costs'"):
         spec.tune([[1]], ks=(1, 8), costs=COSTS)
     assert math.isnan(spec.acceptance_rate)
+
+
+@pytest.mark.slow  # Inductor compiles about six graphs
+@pytest.mark.skipif(_cpp_compiler_missing() is not None, reason="Inductor needs a C++ compiler")
+def test_compiled_variants_reproduce_the_reference_greedy_tokens(llama):
+    spec = SpeculativeController(llama, "w8a16", backend="cpu", k=2, compile=True)
+    prompt = PROMPTS[2]
+    out = spec.generate(torch.tensor([prompt]), max_new_tokens=9)
+    assert torch.equal(out, reference_greedy(llama, prompt, 9))
+    info = spec.compile_info
+    assert info["reference"]["mode"] == info["draft"]["mode"] == "inductor", info
+    with torch.inference_mode():  # the static caches after the last step equal a fresh run
+        seq = out[0].tolist()
+        for decoder in (spec._reference, spec._draft.decoder):
+            assert int(decoder.cache.get_seq_length()) == decoder.seen
+            cached = decoder.feed(seq[decoder.seen :], keep=1)[0]
+            fresh = decoder.module(input_ids=out).logits[0, -1].float()
+            torch.testing.assert_close(cached, fresh, atol=1e-4, rtol=0)
