@@ -140,7 +140,8 @@ class KVDecoder:
             self.cache = _static()(config=self.module.config, max_cache_len=size)
             self.capacity = size
         else:
-            self.cache.reset()
+            with torch.inference_mode():  # the cache's tensors were made in inference mode
+                self.cache.reset()
 
     def feed(self, tokens: Sequence[int], keep: int) -> Tensor:
         """Run ``tokens`` (appended to what the cache holds); the float32 logits ``[keep, V]``
@@ -227,7 +228,7 @@ class DecodeTiming:
 
 
 def measure_decode(
-    model: nn.Module,
+    model: nn.Module | KVDecoder,
     input_ids: Tensor,
     *,
     new_tokens: int = 32,
@@ -240,20 +241,22 @@ def measure_decode(
     ``use_cache``) after the prompt ``input_ids`` (``[1, T]``): the prefill and each of
     ``new_tokens`` steps, ``repeats`` times (a first untimed run warms the kernels and, with
     ``compile=True``, compiles the step: :class:`KVDecoder`). Medians over every step of
-    every repeat.
+    every repeat. ``model`` may be a :class:`KVDecoder` (its ``compile`` setting is used):
+    timing the same model again then reuses its cache and compiled graphs.
 
     >>> from transformers import LlamaConfig, LlamaForCausalLM  # doctest: +SKIP
     >>> t = measure_decode(llama, torch.tensor([[1, 2, 3]]), new_tokens=8)  # doctest: +SKIP
     >>> t.tokens_per_s  # doctest: +SKIP
     """
-    check_module(model)
+    if not isinstance(model, KVDecoder):
+        check_module(model)
     if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.shape[0] != 1:
         raise invalid("input_ids", input_ids, "a LongTensor of shape [1, T] (batch-1 decoding)")
     for name, value in (("new_tokens", new_tokens), ("repeats", repeats)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise invalid(name, value, "a positive integer")
     read = clock(timer)
-    decoder = KVDecoder(model, compile=compile)
+    decoder = model if isinstance(model, KVDecoder) else KVDecoder(model, compile=compile)
     prompt = input_ids[0].tolist()
     prefill: list[float] = []
     steps: list[float] = []

@@ -7,8 +7,8 @@ import torch
 
 import mpsearch as mps
 from mpsearch.backends._compiled import _cpp_compiler_missing
-from mpsearch.cost import measure_decode
-from mpsearch.cost._decode import MIN_STATIC_CAPACITY, KVDecoder
+from mpsearch.cost import KVDecoder, measure_decode
+from mpsearch.cost._decode import MIN_STATIC_CAPACITY
 
 transformers = pytest.importorskip("transformers")
 
@@ -72,9 +72,13 @@ def test_compiled_decode_equals_eager_decode() -> None:
     model = _llama()
     prompt = torch.tensor([[5, 17, 42, 8]])
     eager = measure_decode(model, prompt, new_tokens=10, repeats=1)
-    compiled = measure_decode(model, prompt, new_tokens=10, repeats=1, compile=True)
+    decoder = KVDecoder(model, compile=True)
+    compiled = measure_decode(decoder, prompt, new_tokens=10, repeats=1)
     assert compiled.tokens == eager.tokens
     assert compiled.compile_info["mode"] == "inductor", compiled.compile_info
+    again = measure_decode(decoder, prompt[:, :2], new_tokens=5, repeats=1)  # graphs reused
+    assert again.tokens == measure_decode(model, prompt[:, :2], new_tokens=5, repeats=1).tokens
+    assert len(decoder._checked) == 1  # one graph: one token at a time, one cache size
     assert eager.compile_info["mode"] == "eager"
 
 
