@@ -77,6 +77,20 @@ def _static() -> type:
     return StaticCache
 
 
+def _own_step(module: nn.Module) -> Any:
+    """``module``'s call in a function with a code object of its own. Dynamo files compiled
+    graphs under the code object they start from; compiling ``module`` itself would file every
+    decoder of a model class (they share ``forward``) under one code object: a graph compiled
+    for one decoder's cache could serve another's (two decoders of one model wrote into one
+    cache), and each call would check the guards of every other decoder's graphs first."""
+
+    def step(**kwargs: Any) -> Any:
+        return module(**kwargs)
+
+    step.__code__ = step.__code__.replace()  # a copy: a code object no other decoder has
+    return step
+
+
 def _static_cache_missing(module: nn.Module) -> str | None:
     """Why ``module`` cannot decode on a ``transformers.StaticCache`` (``None``: it can)."""
     try:
@@ -180,7 +194,8 @@ class KVDecoder:
         if key in self._checked:
             return self._compiled(input_ids=ids, **kwargs)
         if self._compiled is None:
-            self._compiled = torch.compile(self.module, backend="inductor", dynamic=False)
+            step = _own_step(self.module)
+            self._compiled = torch.compile(step, backend="inductor", dynamic=False)
         reason = None
         try:  # compiled first, then the eager pass writes the cache entries that stay
             with _compile_settings(), dynamo_config.patch(recompile_limit=RECOMPILE_LIMIT):

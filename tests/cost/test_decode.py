@@ -125,3 +125,21 @@ def test_static_cache_refuses_a_sequence_longer_than_it_holds() -> None:
             decoder.feed(list(range(MIN_STATIC_CAPACITY + 1)), keep=1)
     with pytest.raises(ValueError, match="'compile' argument must be True or False"):
         KVDecoder(_llama(), compile="yes")  # type: ignore[arg-type]
+
+
+@needs_compiler
+def test_two_compiled_decoders_of_one_model_keep_their_own_caches() -> None:
+    model = _llama()
+    a, b = KVDecoder(model, compile=True), KVDecoder(model, compile=True)
+    seqs = {a: [3, 1, 4, 1, 5], b: [2, 7, 1, 8, 2, 8]}
+    with torch.inference_mode():
+        for d, seq in seqs.items():
+            d.reset(capacity=16)
+            d.feed(seq, keep=1)
+        for step in range(3):  # interleaved: each pass must read and write its own cache
+            for d, seq in seqs.items():
+                seq.append(10 + step + len(seq))
+                got = d.feed(seq[-1:], keep=1)[0]
+                want = model(input_ids=torch.tensor([seq])).logits[0, -1]
+                torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+    assert a._compiled is not b._compiled and a.compile_info["mode"] == "inductor"
