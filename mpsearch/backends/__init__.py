@@ -11,6 +11,7 @@ from mpsearch.backends._compiled import CpuInductorBackend
 from mpsearch.backends._cpu import CpuBackend, register_cpu_kernel
 from mpsearch.backends._cuda import CudaBackend
 from mpsearch.backends._kernels import Kernel, onednn_u8s8_saturates, storage_bytes
+from mpsearch.backends._pt2e import CpuPt2eBackend
 from mpsearch.backends._quantize import collect_activation_ranges, quantize
 from mpsearch.backends._registry import BACKENDS, Backend, get_backend, register_backend
 from mpsearch.backends._simulate import SimulateBackend
@@ -18,6 +19,7 @@ from mpsearch.backends._simulate import SimulateBackend
 register_backend("simulate", SimulateBackend)
 register_backend("cpu", CpuBackend)
 register_backend("cpu-inductor", CpuInductorBackend)
+register_backend("cpu-pt2e", CpuPt2eBackend)
 register_backend("cuda", CudaBackend)
 
 __all__ = [

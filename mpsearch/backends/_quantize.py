@@ -134,6 +134,12 @@ def quantize(
     choices = plan.resolve_choices(model)
     assignment = plan.resolve(model)
     check_assignment(model, assignment, impl)
+    if impl.needs_calib and calib is None:
+        raise invalid(
+            "calib",
+            None,
+            f"calibration batches: the {impl.name!r} backend calibrates the whole model",
+        )
     done = rounded_layers(model)  # rounded by a Rounder already: not again
     choices = {n: c for n, c in choices.items() if done.get(n) != c}
     rounder = _rounder_for(model, choices, calib, rounder)
@@ -150,7 +156,7 @@ def quantize(
     ranges: dict[str, tuple[float, float]] = {
         name: (float(lo), float(hi)) for name, (lo, hi) in (act_ranges or {}).items()
     }
-    if calib is not None:
+    if calib is not None and not impl.needs_calib:
         static = [
             n
             for n, s in to_change.items()
@@ -163,7 +169,10 @@ def quantize(
         for name, scheme in to_change.items()
     }
     replace_layers(target, replacements)
-    result = impl.finalize(target, assignment)
+    if impl.needs_calib:
+        result = impl.finalize(target, assignment, calib=calib)  # type: ignore[call-arg]
+    else:
+        result = impl.finalize(target, assignment)
     result.mpsearch_assignment = dict(assignment)
     result.mpsearch_backend = impl.name
     return result

@@ -22,6 +22,8 @@ class Backend(ABC):
 
     name: ClassVar[str]
     real: ClassVar[bool] = False
+    needs_calib: ClassVar[bool] = False
+    """Whether :meth:`finalize` calibrates the whole model (it then takes ``calib=``)."""
 
     def unavailable_reason(self) -> str | None:
         """Why this backend cannot run on this machine (``None`` when it can)."""

@@ -1,8 +1,11 @@
-"""Classifiers trained on scikit-learn's bundled 8x8 handwritten digits: a small CNN and an MLP."""
+"""Classifiers trained on scikit-learn's bundled 8x8 handwritten digits: a small CNN, an MLP,
+and a ResNet-18 on the digits upscaled to 3x64x64 (a >= 1 GFLOP-per-batch conv net with
+trained weights, for speed benchmarks whose quality must mean something)."""
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from functools import cache
 from pathlib import Path
@@ -20,6 +23,7 @@ from mpsearch.workloads._base import (
     take,
 )
 from mpsearch.workloads._cache import fingerprint, load_or_train
+from mpsearch.workloads._resnet import IMAGE_SIZE, ResNet18
 
 SPLIT = (0.6, 0.2, 0.2)
 """Fractions of the 1797 digits used for training, calibration and test."""
@@ -82,6 +86,17 @@ class TrainConfig:
 
 CNN_CONFIG = TrainConfig(epochs=20, lr=3e-3)
 MLP_CONFIG = TrainConfig(epochs=60, lr=1e-3)
+RESNET_CONFIG = TrainConfig(epochs=4, lr=2e-3, batch_size=32)
+
+
+def upscaled(images: torch.Tensor, size: int = IMAGE_SIZE) -> torch.Tensor:
+    """``[N, 1, 8, 8]`` digits as ``[N, 3, size, size]`` images (bilinear, grey in 3 channels).
+
+    >>> upscaled(torch.zeros(2, 1, 8, 8)).shape
+    torch.Size([2, 3, 64, 64])
+    """
+    big = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
+    return big.expand(-1, 3, -1, -1).contiguous()
 
 
 @cache
@@ -125,7 +140,7 @@ def _build(
     model_factory: type[nn.Module],
     config: TrainConfig,
     *,
-    flatten: bool,
+    inputs: Callable[[torch.Tensor], torch.Tensor],
     seed: int,
     cache_dir: Path,
     n_calib: int,
@@ -133,7 +148,7 @@ def _build(
     batch_size: int,
 ) -> Workload:
     images, labels, digest = _digits()
-    x = images.flatten(1) if flatten else images
+    x = inputs(images)
     train_idx, calib_idx, test_idx = split_indices(len(x), SPLIT, seed=seed)
     n_cal = take("n_calib", n_calib, len(calib_idx))
     n_tst = take("n_test", n_test, len(test_idx))
@@ -167,7 +182,7 @@ def build_digits_cnn(
         "digits_cnn",
         DigitsCNN,
         CNN_CONFIG,
-        flatten=False,
+        inputs=lambda images: images,
         seed=seed,
         cache_dir=cache_dir,
         n_calib=n_calib,
@@ -185,7 +200,26 @@ def build_mlp(
         "mlp",
         DigitsMLP,
         MLP_CONFIG,
-        flatten=True,
+        inputs=lambda images: images.flatten(1),
+        seed=seed,
+        cache_dir=cache_dir,
+        n_calib=n_calib,
+        n_test=n_test,
+        batch_size=batch_size,
+    )
+
+
+@register_workload("digits_resnet18")
+def build_digits_resnet18(
+    *, seed: int, cache_dir: Path, n_calib: int, n_test: int | None, batch_size: int
+) -> Workload:
+    """ResNet-18 trained on the digits upscaled to ``[B, 3, 64, 64]``: 10-class logits,
+    accuracy as quality (about 0.3 GFLOP per image; trained once, about a minute, and cached)."""
+    return _build(
+        "digits_resnet18",
+        ResNet18,
+        RESNET_CONFIG,
+        inputs=upscaled,
         seed=seed,
         cache_dir=cache_dir,
         n_calib=n_calib,

@@ -24,6 +24,7 @@ from mpsearch.workloads import _text as text_module
 from mpsearch.workloads._base import split_indices
 from mpsearch.workloads._cache import default_cache_dir
 from mpsearch.workloads._char_mlp import CharMLPConfig, build_char_mlp_workload
+from mpsearch.workloads._digits import upscaled
 
 QUANTIZABLE = (nn.Linear, nn.Conv2d)
 
@@ -88,10 +89,21 @@ def all_workloads(
 
 BUNDLED = ["char_mlp", "digits_cnn", "mlp", "resnet18", "text_transformer"]
 LANGUAGE_MODELS = ["stdlib_lm", "stdlib_lm_tiny"]  # tested in test_stdlib_lm.py
+BENCHMARK_ONLY = ["digits_resnet18"]  # a minute of training: built by bench_speed.py
 
 
 def test_registry_names() -> None:
-    assert set(WORKLOADS) == {*BUNDLED, *LANGUAGE_MODELS, *ZOO}
+    assert set(WORKLOADS) == {*BUNDLED, *LANGUAGE_MODELS, *BENCHMARK_ONLY, *ZOO}
+
+
+def test_digits_upscaled_to_three_channel_images() -> None:
+    digits = torch.rand(5, 1, 8, 8)
+    big = upscaled(digits)
+    assert big.shape == (5, 3, 64, 64)
+    assert torch.equal(big[:, 0], big[:, 2]) and big.min() >= 0 and big.max() <= 1
+    # 8x8 blocks of the upscaled image average back close to the digit itself
+    back = torch.nn.functional.avg_pool2d(big[:, :1], 8)
+    assert float((back - digits).abs().mean()) < 0.1
 
 
 def test_unknown_name_lists_available_names() -> None:

@@ -1,0 +1,158 @@
+"""The ``cpu-pt2e`` backend: PyTorch's own x86 int8 path. The float model is captured with
+``torch.export``, its ``w8a8`` layers annotated by the X86 Inductor quantizer (static per-tensor
+uint8 activations calibrated on ``calib``, per-channel int8 weights), converted, and compiled by
+Inductor with frozen weights, which fuses each quantize / conv or linear / dequantize chain,
+with its ReLU and residual add, into oneDNN int8 kernels, so activations stay int8 between
+neighbouring int8 layers (the ``cpu`` backend quantizes and dequantizes around every layer).
+
+It runs ``fp32`` and ``w8a8`` on ``Conv2d`` and ``Linear`` layers only (what the quantizer
+annotates), and needs calibration batches: ``quantize(model, plan, backend="cpu-pt2e",
+calib=batches)``. Where capture, conversion or compilation fails, the plan runs on the ``cpu``
+backend instead, with a warning, and ``mpsearch_compile`` says why.
+"""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from mpsearch._data import as_batches, call_args
+from mpsearch.backends._compiled import _check_close, _compile_settings, _cpp_compiler_missing
+from mpsearch.backends._registry import Backend
+from mpsearch.schemes import Scheme
+
+SCHEMES = ("fp32", "w8a8")
+LAYER_TYPES = (nn.Conv2d, nn.Linear)
+
+
+def _pt2e_missing() -> str | None:
+    """Why torchao's pt2e flow cannot run here (``None``: it can)."""
+    try:
+        import torchao.quantization.pt2e.quantize_pt2e
+        import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer  # noqa: F401
+    except ImportError as error:
+        return f"torchao's pt2e quantization is not importable ({error})"
+    return None
+
+
+def _dynamic_batch(model: nn.Module, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Any:
+    """``dynamic_shapes`` for ``torch.export`` (by parameter name): every tensor input's first
+    dimension, the batch, may vary."""
+    auto = torch.export.Dim.AUTO
+    bound = inspect.signature(model.forward).bind(*args, **kwargs).arguments
+    return {
+        name: {0: auto} if isinstance(value, torch.Tensor) and value.dim() else None
+        for name, value in bound.items()
+    }
+
+
+def _convert(
+    model: nn.Module, assignment: Mapping[str, str], batches: list[Any]
+) -> torch.fx.GraphModule:
+    """``model`` exported, its ``w8a8`` layers annotated, calibrated on ``batches``, converted."""
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as x86
+
+    args, kwargs = call_args(batches[0])
+    exported = torch.export.export(
+        model, args, kwargs, dynamic_shapes=_dynamic_batch(model, args, kwargs)
+    ).module()
+    quantizer = x86.X86InductorQuantizer()
+    config = x86.get_default_x86_inductor_quantization_config()
+    for name, scheme in assignment.items():
+        if scheme == "w8a8":
+            quantizer.set_module_name_qconfig(name, config)
+    prepared = prepare_pt2e(exported, quantizer)
+    with torch.no_grad():
+        for batch in batches:
+            a, k = call_args(batch)
+            prepared(*a, **k)
+    return convert_pt2e(prepared)
+
+
+class Pt2eModel(nn.Module):
+    """A plan converted by the pt2e flow and compiled by Inductor (frozen weights).
+
+    ``converted`` is the exported, quantized graph (calls to it run the reference int8
+    arithmetic in float); calls compile it on their first input shape. ``mpsearch_compile``
+    says how the model runs.
+    """
+
+    def __init__(self, converted: torch.fx.GraphModule, layers: nn.Module) -> None:
+        super().__init__()
+        self.converted = converted
+        object.__setattr__(self, "layers", layers)  # the float layers, for bookkeeping only
+        self._compiled = torch.compile(converted, backend="inductor", dynamic=False)
+        self.mpsearch_compile = {"mode": "inductor", "reason": "pt2e X86 Inductor quantizer"}
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        with torch.no_grad(), _compile_settings():  # frozen weights: the int8 lowerings
+            return self._compiled(*args, **kwargs)
+
+    def train(self, mode: bool = True) -> Pt2eModel:
+        """Only the flag: an exported graph has no train mode (inference only)."""
+        self.training = mode
+        return self
+
+
+class CpuPt2eBackend(Backend):
+    """``fp32`` and ``w8a8`` on Conv2d / Linear through PyTorch's pt2e X86 Inductor flow
+    (:class:`Pt2eModel`); needs ``calib`` batches (static activation ranges)."""
+
+    name = "cpu-pt2e"
+    real = True
+    needs_calib = True
+
+    def unavailable_reason(self) -> str | None:
+        return _pt2e_missing() or _cpp_compiler_missing()
+
+    def unsupported_reason(self, layer: nn.Module, scheme: Scheme) -> str | None:
+        if scheme.name not in SCHEMES:
+            return (
+                f"cpu-pt2e runs {' and '.join(SCHEMES)} only (PyTorch's X86 Inductor "
+                f"quantizer); {scheme.name} runs on the cpu or cpu-inductor backend"
+            )
+        if type(layer) not in LAYER_TYPES:
+            return f"cpu-pt2e quantizes Conv2d and Linear layers only, not {type(layer).__name__}"
+        return None
+
+    def quantize_layer(
+        self, layer: nn.Module, scheme: Scheme, *, act_range: tuple[float, float] | None = None
+    ) -> nn.Module:
+        return layer  # the whole model is converted in finalize
+
+    def finalize(
+        self,
+        model: nn.Module,
+        assignment: Mapping[str, str],
+        *,
+        calib: Iterable[Any] | None = None,
+    ) -> nn.Module:
+        batches = as_batches(calib, argument="calib")
+        try:
+            converted = _convert(model, assignment, batches)
+            result = Pt2eModel(converted, model)
+            args, kwargs = call_args(batches[0])
+            with torch.no_grad():
+                reason = _check_close(result(*args, **kwargs), converted(*args, **kwargs))
+        except Exception as error:
+            first_line = (str(error).strip().splitlines() or [""])[0]
+            reason = f"pt2e failed ({type(error).__name__}: {first_line})"
+        if reason is None:
+            return result
+        from mpsearch.backends._quantize import quantize
+
+        warnings.warn(
+            f"cpu-pt2e: running the plan on the cpu backend: {reason}", RuntimeWarning, stacklevel=3
+        )
+        fallback = quantize(model, dict(assignment), backend="cpu", calib=batches)
+        fallback.mpsearch_compile = {"mode": "cpu", "reason": reason}
+        return fallback
+
+
+__all__ = ["CpuPt2eBackend", "Pt2eModel"]

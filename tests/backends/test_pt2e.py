@@ -1,0 +1,111 @@
+"""The ``cpu-pt2e`` backend: PyTorch's pt2e X86 Inductor int8 flow for fp32 / w8a8 plans on
+Conv2d and Linear, with calibration, and a fallback to the ``cpu`` backend that says why."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import mpsearch as mps
+from mpsearch.backends import get_backend
+from mpsearch.backends._pt2e import Pt2eModel
+
+pytestmark = pytest.mark.skipif(
+    get_backend("cpu-pt2e").unavailable_reason() is not None,
+    reason=str(get_backend("cpu-pt2e").unavailable_reason()),
+)
+
+
+class ConvNet(nn.Module):
+    """Conv-ReLU, a residual Conv-ReLU, pooling and a Linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.conv2 = nn.Conv2d(16, 16, 3, padding=1)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.conv1(x))
+        x = torch.relu(self.conv2(x) + x)
+        return self.fc(x.mean((2, 3)))
+
+
+def _net_and_calib() -> tuple[nn.Module, list[torch.Tensor]]:
+    torch.manual_seed(0)
+    return ConvNet().eval(), [torch.randn(8, 3, 16, 16) for _ in range(4)]
+
+
+def _quantize_nodes(model: Pt2eModel) -> int:
+    return sum(
+        1
+        for n in model.converted.graph.nodes
+        if n.op == "call_function" and "quantize_per_tensor" in str(n.target)
+        and "dequantize" not in str(n.target)
+    )  # fmt: skip
+
+
+def test_uniform_w8a8_runs_compiled_int8_close_to_its_reference_and_fp32() -> None:
+    net, calib = _net_and_calib()
+    q = mps.quantize(net, "w8a8", backend="cpu-pt2e", calib=calib)
+    assert isinstance(q, Pt2eModel) and q.mpsearch_compile["mode"] == "inductor"
+    x = torch.randn(8, 3, 16, 16)
+    got = q(x)
+    with torch.no_grad():
+        reference = q.converted(x)  # the quantize / dequantize arithmetic in float
+        fp32 = net(x)
+    assert float((got - reference).norm() / reference.norm()) < 1e-2
+    assert float((got - fp32).norm() / fp32.norm()) < 0.05  # int8 rounding, not a wrong kernel
+    assert q(torch.randn(3, 3, 16, 16)).shape == (3, 10)  # another batch size
+    assert q.mpsearch_assignment == {"conv1": "w8a8", "conv2": "w8a8", "fc": "w8a8"}
+    q.eval()  # an exported graph refuses train/eval; the wrapper keeps only the flag
+    assert not q.training
+
+
+def test_fp32_layers_of_a_mixed_plan_are_left_unquantized() -> None:
+    net, calib = _net_and_calib()
+    uniform = mps.quantize(net, "w8a8", backend="cpu-pt2e", calib=calib)
+    plan = mps.PrecisionPlan({"fc": "fp32"}, default="w8a8")
+    mixed = mps.quantize(net, plan, backend="cpu-pt2e", calib=calib)
+    assert _quantize_nodes(mixed) < _quantize_nodes(uniform)
+    fp32_only = mps.quantize(net, "fp32", backend="cpu-pt2e", calib=calib)
+    assert _quantize_nodes(fp32_only) == 0
+    x = torch.randn(8, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(fp32_only(x), net(x), atol=1e-4, rtol=1e-4)
+
+
+def test_bad_input_names_the_argument_and_what_is_accepted() -> None:
+    net, calib = _net_and_calib()
+    with pytest.raises(ValueError, match="'calib' argument must be calibration batches"):
+        mps.quantize(net, "w8a8", backend="cpu-pt2e")
+    with pytest.raises(ValueError, match="cpu-pt2e runs fp32 and w8a8 only"):
+        mps.quantize(net, "w4a16", backend="cpu-pt2e", calib=calib)
+    lstm = nn.Sequential(nn.Linear(4, 4), nn.LSTM(4, 4))
+    with pytest.raises(ValueError, match="Conv2d and Linear layers only, not LSTM"):
+        mps.quantize(lstm, "w8a8", backend="cpu-pt2e", calib=[torch.randn(2, 4)])
+
+
+def test_a_model_export_cannot_capture_falls_back_to_the_cpu_backend_with_the_reason() -> None:
+    class DataDependent(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.fc(x)
+            return y if int(y.argmax()) % 2 else -y  # control flow on a value: no graph
+
+    torch.manual_seed(0)
+    net = DataDependent().eval()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        q = mps.quantize(net, "w8a8", backend="cpu-pt2e", calib=[torch.randn(4, 8)])
+    assert q.mpsearch_compile["mode"] == "cpu" and "pt2e failed" in q.mpsearch_compile["reason"]
+    assert any("running the plan on the cpu backend" in str(w.message) for w in caught)
+    x = torch.randn(4, 8)
+    cpu = mps.quantize(net, "w8a8", backend="cpu", calib=[torch.randn(4, 8)])
+    assert q(x).shape == cpu(x).shape == (4, 8)
