@@ -12,7 +12,9 @@ For each model, side by side in one run on this machine's real kernels:
    the best uniform and the best mixed plan meeting a 1% quality drop are the fastest measured;
 3. fp32 (the user's model), the backend's fp32 plan, the best uniform and the best mixed plan,
    timed interleaved (medians of rounds) on the default kernels, the autotuned kernels and,
-   where the ``cpu-inductor`` backend is registered, compiled whole;
+   where the ``cpu-inductor`` backend is registered, compiled whole; and the fp32 / w8a8
+   plans among them, plus uniform w8a8, through PyTorch's pt2e X86 Inductor int8 flow
+   (``cpu-pt2e``), their quality measured again;
 4. the cost model's predicted end-to-end latency of each measured plan vs its measured latency.
 """
 
@@ -41,7 +43,7 @@ from mpsearch.workloads._zoo import zoo_available
 
 SCHEMES = ["bf16", "w8a8", "w8a16", "w4a16_pc"]
 TARGET_DROP = 0.01
-MODELS = ["resnet18", "audio_cnn", "hf_bert", "hf_llama"]
+MODELS = ["resnet18", "digits_resnet18", "audio_cnn", "hf_bert", "hf_llama"]
 RESULTS = Path(__file__).parent / "results" / "speed.md"
 
 
@@ -106,6 +108,7 @@ def run_model_row(name: str, *, trials: int, rounds: int) -> dict[str, Any]:
         for label, plan in chosen.items():
             models[f"{mode}:{label}"] = quantize(wl.model, plan, backend=backend)
             run_model(models[f"{mode}:{label}"], x)  # compiles where the backend compiles
+    pt2e_quality = add_pt2e(models, wl, chosen, quality["fp32"])
     timed = interleaved_ms(models, x, rounds)
     user = timed["user_fp32"]
     row: dict[str, Any] = {
@@ -123,7 +126,40 @@ def run_model_row(name: str, *, trials: int, rounds: int) -> dict[str, Any]:
     for mode in modes:
         for label in chosen:
             row[f"{mode}_{label}_x"] = user / timed[f"{mode}:{label}"]
+    for label in PT2E_LABELS:
+        key = f"pt2e:{label}"
+        row[f"pt2e_{label}_x"] = user / timed[key] if key in timed else float("nan")
+        row[f"pt2e_{label}_quality"] = pt2e_quality.get(label, float("nan"))
     return row
+
+
+PT2E_LABELS = ("uniform", "mixed", "w8a8")
+
+
+def add_pt2e(
+    models: dict[str, Any], wl: Any, chosen: dict[str, mps.PrecisionPlan], fp32_quality: float
+) -> dict[str, float]:
+    """The chosen uniform and mixed plans, and uniform w8a8, on ``cpu-pt2e`` where it runs them
+    (fp32 / w8a8 on Conv2d and Linear) and where their quality, measured again (its activation
+    ranges are static, calibrated on the workload's calibration batches), still drops at most
+    TARGET_DROP; added to ``models`` as ``pt2e:<label>``. Returns each one's quality."""
+    if "cpu-pt2e" not in BACKENDS or get_backend("cpu-pt2e").unavailable_reason():
+        return {}
+    plans = {k: v for k, v in chosen.items() if k in PT2E_LABELS}
+    plans["w8a8"] = mps.PrecisionPlan.uniform("w8a8")
+    quality: dict[str, float] = {}
+    for label, plan in plans.items():
+        try:
+            model = quantize(wl.model, plan, backend="cpu-pt2e", calib=wl.calib)
+        except ValueError as err:  # a scheme or layer type it does not run
+            print(f"  pt2e {label}: {str(err).splitlines()[0]}", flush=True)
+            continue
+        quality[label] = wl.evaluate(model)
+        if quality[label] >= fp32_quality - TARGET_DROP:
+            models[f"pt2e:{label}"] = model
+        else:
+            print(f"  pt2e {label}: quality {quality[label]:.4f} misses the target", flush=True)
+    return quality
 
 
 def main() -> None:
@@ -149,11 +185,16 @@ def main() -> None:
         "model", "gflop", "fp32_ms", "best_uniform", "best_mixed", "mixed_quality",
         *(f"{mode}_{label}_x" for mode in ("eager", "tuned", "compiled")
           for label in ("fp32_plan", "uniform", "mixed")),
+        *(f"pt2e_{label}_{what}" for label in PT2E_LABELS for what in ("x", "quality")),
         "best_x", "cost_err_median", "cost_err_max", "cost_s_eager", "cost_s_tuned",
     ]  # fmt: skip
     for r in rows:
         r["best_x"] = max(
-            (v for k, v in r.items() if k.endswith(("_uniform_x", "_mixed_x"))),
+            (
+                v
+                for k, v in r.items()
+                if k.endswith(("_uniform_x", "_mixed_x", "pt2e_w8a8_x")) and v == v
+            ),
             default=float("nan"),
         )
     errors = [r["cost_err_median"] for r in rows]
@@ -181,7 +222,11 @@ def main() -> None:
             "`*_x`: speed-up over the user's fp32 model (median of "
             f"{args.rounds} interleaved rounds on the example batch of 32); `eager`: each layer "
             "on the backend's default kernel; `tuned`: the autotuned kernels (`measure_cost`'s "
-            "picks); `compiled`: the autotuned plan compiled whole (`cpu-inductor`). "
+            "picks); `compiled`: the autotuned plan compiled whole (`cpu-inductor`); `pt2e`: "
+            "the plan through PyTorch's pt2e X86 Inductor int8 flow (`cpu-pt2e`: fp32 / w8a8 "
+            "plans only, static activation ranges from the calibration batches; `pt2e_w8a8`: "
+            "uniform w8a8 that way), kept only where its own measured quality still meets "
+            "the target (`pt2e_*_quality`). "
             "`fp32_plan`: the backend's own fp32 plan; `uniform` / `mixed`: the fastest uniform "
             f"/ any plan whose quality drops at most {TARGET_DROP:.0%} (front and uniform plans, "
             "measured). `cost_err_*`: |predicted - measured| / measured end-to-end latency over "

@@ -5,14 +5,16 @@ Inductor with frozen weights, which fuses each quantize / conv or linear / dequa
 with its ReLU and residual add, into oneDNN int8 kernels, so activations stay int8 between
 neighbouring int8 layers (the ``cpu`` backend quantizes and dequantizes around every layer).
 
-It runs ``fp32`` and ``w8a8`` on ``Conv2d`` and ``Linear`` layers only (what the quantizer
-annotates), and needs calibration batches: ``quantize(model, plan, backend="cpu-pt2e",
+It runs ``fp32`` and ``w8a8`` on ``Conv2d`` and ``Linear`` layers (what the quantizer
+annotates) and on ``Conv1d`` layers run as height-1 ``Conv2d`` (:class:`Conv1dAs2d`), and needs
+calibration batches: ``quantize(model, plan, backend="cpu-pt2e",
 calib=batches)``. Where capture, conversion or compilation fails, the plan runs on the ``cpu``
 backend instead, with a warning, and ``mpsearch_compile`` says why.
 """
 
 from __future__ import annotations
 
+import copy
 import inspect
 import warnings
 from collections.abc import Iterable, Mapping
@@ -27,7 +29,47 @@ from mpsearch.backends._registry import Backend
 from mpsearch.schemes import Scheme
 
 SCHEMES = ("fp32", "w8a8")
-LAYER_TYPES = (nn.Conv2d, nn.Linear)
+LAYER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Linear)
+
+
+class Conv1dAs2d(nn.Module):
+    """A ``Conv1d`` run as a ``Conv2d`` of height 1 (``[B, C, L]`` in and out), the same
+    arithmetic: the X86 quantizer annotates, and oneDNN fuses, 2-D convolutions only.
+
+    >>> conv = nn.Conv1d(2, 3, 5, stride=2, padding=1)
+    >>> x = torch.randn(1, 2, 16)
+    >>> torch.allclose(Conv1dAs2d(conv)(x), conv(x), atol=1e-6)
+    True
+    """
+
+    def __init__(self, conv: nn.Conv1d) -> None:
+        super().__init__()
+        padding = conv.padding if isinstance(conv.padding, str) else (0, conv.padding[0])
+        self.conv = nn.Conv2d(
+            conv.in_channels,
+            conv.out_channels,
+            (1, conv.kernel_size[0]),
+            stride=(1, conv.stride[0]),
+            padding=padding,
+            dilation=(1, conv.dilation[0]),
+            groups=conv.groups,
+            bias=conv.bias is not None,
+        )
+        with torch.no_grad():
+            self.conv.weight.copy_(conv.weight.unsqueeze(2))
+            if conv.bias is not None:
+                self.conv.bias.copy_(conv.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x.unsqueeze(2)).squeeze(2)
+
+
+def _as_2d(model: nn.Module, names: Iterable[str]) -> None:
+    """Swap the ``Conv1d`` layers ``names`` of ``model`` for :class:`Conv1dAs2d` (in place)."""
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, child, Conv1dAs2d(getattr(parent, child)))
 
 
 def _pt2e_missing() -> str | None:
@@ -54,9 +96,16 @@ def _dynamic_batch(model: nn.Module, args: tuple[Any, ...], kwargs: Mapping[str,
 def _convert(
     model: nn.Module, assignment: Mapping[str, str], batches: list[Any]
 ) -> torch.fx.GraphModule:
-    """``model`` exported, its ``w8a8`` layers annotated, calibrated on ``batches``, converted."""
+    """``model`` exported, its ``w8a8`` layers annotated, calibrated on ``batches``, converted
+    (``Conv1d`` layers in ``w8a8`` run as :class:`Conv1dAs2d`, in a copy: the fallback takes
+    ``model`` as it is)."""
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
     from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as x86
+
+    model = copy.deepcopy(model)
+    layers = dict(model.named_modules())
+    conv1d = [n for n, s in assignment.items() if s == "w8a8" and type(layers[n]) is nn.Conv1d]
+    _as_2d(model, conv1d)
 
     args, kwargs = call_args(batches[0])
     exported = torch.export.export(
@@ -101,7 +150,7 @@ class Pt2eModel(nn.Module):
 
 
 class CpuPt2eBackend(Backend):
-    """``fp32`` and ``w8a8`` on Conv2d / Linear through PyTorch's pt2e X86 Inductor flow
+    """``fp32`` and ``w8a8`` on Conv1d / Conv2d / Linear through PyTorch's pt2e X86 Inductor flow
     (:class:`Pt2eModel`); needs ``calib`` batches (static activation ranges)."""
 
     name = "cpu-pt2e"
@@ -118,7 +167,10 @@ class CpuPt2eBackend(Backend):
                 f"quantizer); {scheme.name} runs on the cpu or cpu-inductor backend"
             )
         if type(layer) not in LAYER_TYPES:
-            return f"cpu-pt2e quantizes Conv2d and Linear layers only, not {type(layer).__name__}"
+            kinds = ", ".join(t.__name__ for t in LAYER_TYPES)
+            return f"cpu-pt2e quantizes {kinds} layers only, not {type(layer).__name__}"
+        if getattr(layer, "padding_mode", "zeros") != "zeros":
+            return f"cpu-pt2e pads convolutions with zeros only, not {layer.padding_mode!r}"
         return None
 
     def quantize_layer(
@@ -155,4 +207,4 @@ class CpuPt2eBackend(Backend):
         return fallback
 
 
-__all__ = ["CpuPt2eBackend", "Pt2eModel"]
+__all__ = ["Conv1dAs2d", "CpuPt2eBackend", "Pt2eModel"]

@@ -11,7 +11,7 @@ from torch import nn
 
 import mpsearch as mps
 from mpsearch.backends import get_backend
-from mpsearch.backends._pt2e import Pt2eModel
+from mpsearch.backends._pt2e import Conv1dAs2d, Pt2eModel
 
 pytestmark = pytest.mark.skipif(
     get_backend("cpu-pt2e").unavailable_reason() is not None,
@@ -85,7 +85,7 @@ def test_bad_input_names_the_argument_and_what_is_accepted() -> None:
     with pytest.raises(ValueError, match="cpu-pt2e runs fp32 and w8a8 only"):
         mps.quantize(net, "w4a16", backend="cpu-pt2e", calib=calib)
     lstm = nn.Sequential(nn.Linear(4, 4), nn.LSTM(4, 4))
-    with pytest.raises(ValueError, match="Conv2d and Linear layers only, not LSTM"):
+    with pytest.raises(ValueError, match="Conv1d, Conv2d, Linear layers only, not LSTM"):
         mps.quantize(lstm, "w8a8", backend="cpu-pt2e", calib=[torch.randn(2, 4)])
 
 
@@ -109,3 +109,32 @@ def test_a_model_export_cannot_capture_falls_back_to_the_cpu_backend_with_the_re
     x = torch.randn(4, 8)
     cpu = mps.quantize(net, "w8a8", backend="cpu", calib=[torch.randn(4, 8)])
     assert q(x).shape == cpu(x).shape == (4, 8)
+
+
+@pytest.mark.parametrize(
+    "conv",
+    [
+        nn.Conv1d(1, 8, 64, stride=4, padding=8),  # one input channel, a long kernel
+        nn.Conv1d(8, 8, 5, dilation=3, groups=4, bias=False),
+        nn.Conv1d(8, 8, 3, padding="same"),
+        nn.Conv1d(8, 8, 9, groups=8),  # depthwise
+    ],
+)
+def test_conv1d_as_2d_is_the_same_convolution(conv: nn.Conv1d) -> None:
+    x = torch.randn(2, conv.in_channels, 200)
+    with torch.no_grad():
+        torch.testing.assert_close(Conv1dAs2d(conv)(x), conv(x), atol=1e-5, rtol=1e-5)
+
+
+def test_conv1d_layers_run_int8_as_height_one_conv2d() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv1d(1, 16, 32, stride=4, padding=4), nn.ReLU(), nn.Conv1d(16, 16, 9), nn.ReLU()
+    ).eval()
+    calib = [torch.randn(4, 1, 400) for _ in range(3)]
+    q = mps.quantize(net, "w8a8", backend="cpu-pt2e", calib=calib)
+    assert isinstance(q, Pt2eModel) and _quantize_nodes(q) >= 2
+    x = torch.randn(4, 1, 400)
+    with torch.no_grad():
+        assert float((q(x) - net(x)).norm() / net(x).norm()) < 0.05
+    assert isinstance(net[0], nn.Conv1d)  # the user's model is left alone
