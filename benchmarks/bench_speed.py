@@ -152,7 +152,7 @@ def add_pt2e(
         try:
             model = quantize(wl.model, plan, backend="cpu-pt2e", calib=wl.calib)
         except ValueError as err:  # a scheme or layer type it does not run
-            print(f"  pt2e {label}: {str(err).splitlines()[0]}", flush=True)
+            print(f"  pt2e {label}: {' '.join(str(err).split())[:200]}", flush=True)
             continue
         quality[label] = wl.evaluate(model)
         if quality[label] >= fp32_quality - TARGET_DROP:
