@@ -135,94 +135,66 @@ def _train(
     return {"final_train_loss": round(float(loss.detach()), 6), "n_train": len(x)}
 
 
-def _build(
+def _register(
     name: str,
     model_factory: type[nn.Module],
     config: TrainConfig,
-    *,
     inputs: Callable[[torch.Tensor], torch.Tensor],
-    seed: int,
-    cache_dir: Path,
-    n_calib: int,
-    n_test: int | None,
-    batch_size: int,
-) -> Workload:
-    images, labels, digest = _digits()
-    x = inputs(images)
-    train_idx, calib_idx, test_idx = split_indices(len(x), SPLIT, seed=seed)
-    n_cal = take("n_calib", n_calib, len(calib_idx))
-    n_tst = take("n_test", n_test, len(test_idx))
-    calib_idx, test_idx = calib_idx[:n_cal], test_idx[:n_tst]
+    doc: str,
+) -> None:
+    """Register the digits workload ``name``: ``model_factory`` trained by ``config`` on
+    ``inputs(images)`` of the train split, cached; accuracy as quality."""
 
-    key = fingerprint(name, asdict(config), digest, SPLIT)
-    model, info = load_or_train(
-        name,
-        seed=seed,
-        cache_dir=cache_dir,
-        key=key,
-        build=model_factory,
-        train=lambda m: _train(m, x[train_idx], labels[train_idx], config, seed=seed),
-    )
-    return labelled_workload(
-        name,
-        model,
-        calib=(x[calib_idx], labels[calib_idx]),
-        test=(x[test_idx], labels[test_idx]),
-        batch_size=batch_size,
-        info=info,
-    )
+    def build(
+        *, seed: int, cache_dir: Path, n_calib: int, n_test: int | None, batch_size: int
+    ) -> Workload:
+        images, labels, digest = _digits()
+        x = inputs(images)
+        train_idx, calib_idx, test_idx = split_indices(len(x), SPLIT, seed=seed)
+        n_cal = take("n_calib", n_calib, len(calib_idx))
+        n_tst = take("n_test", n_test, len(test_idx))
+        calib_idx, test_idx = calib_idx[:n_cal], test_idx[:n_tst]
+        model, info = load_or_train(
+            name,
+            seed=seed,
+            cache_dir=cache_dir,
+            key=fingerprint(name, asdict(config), digest, SPLIT),
+            build=model_factory,
+            train=lambda m: _train(m, x[train_idx], labels[train_idx], config, seed=seed),
+        )
+        return labelled_workload(
+            name,
+            model,
+            calib=(x[calib_idx], labels[calib_idx]),
+            test=(x[test_idx], labels[test_idx]),
+            batch_size=batch_size,
+            info=info,
+        )
 
-
-@register_workload("digits_cnn")
-def build_digits_cnn(
-    *, seed: int, cache_dir: Path, n_calib: int, n_test: int | None, batch_size: int
-) -> Workload:
-    """The digits CNN: inputs ``[B, 1, 8, 8]``, 10-class logits, accuracy as quality."""
-    return _build(
-        "digits_cnn",
-        DigitsCNN,
-        CNN_CONFIG,
-        inputs=lambda images: images,
-        seed=seed,
-        cache_dir=cache_dir,
-        n_calib=n_calib,
-        n_test=n_test,
-        batch_size=batch_size,
-    )
+    build.__name__ = build.__qualname__ = f"build_{name}"
+    build.__doc__ = doc
+    register_workload(name)(build)
 
 
-@register_workload("mlp")
-def build_mlp(
-    *, seed: int, cache_dir: Path, n_calib: int, n_test: int | None, batch_size: int
-) -> Workload:
-    """The digits MLP: inputs ``[B, 64]``, 10-class logits, accuracy as quality."""
-    return _build(
-        "mlp",
-        DigitsMLP,
-        MLP_CONFIG,
-        inputs=lambda images: images.flatten(1),
-        seed=seed,
-        cache_dir=cache_dir,
-        n_calib=n_calib,
-        n_test=n_test,
-        batch_size=batch_size,
-    )
-
-
-@register_workload("digits_resnet18")
-def build_digits_resnet18(
-    *, seed: int, cache_dir: Path, n_calib: int, n_test: int | None, batch_size: int
-) -> Workload:
-    """ResNet-18 trained on the digits upscaled to ``[B, 3, 64, 64]``: 10-class logits,
-    accuracy as quality (about 0.3 GFLOP per image; trained once, about a minute, and cached)."""
-    return _build(
-        "digits_resnet18",
-        ResNet18,
-        RESNET_CONFIG,
-        inputs=upscaled,
-        seed=seed,
-        cache_dir=cache_dir,
-        n_calib=n_calib,
-        n_test=n_test,
-        batch_size=batch_size,
-    )
+_register(
+    "digits_cnn",
+    DigitsCNN,
+    CNN_CONFIG,
+    lambda images: images,
+    "The digits CNN: inputs ``[B, 1, 8, 8]``, 10-class logits, accuracy as quality.",
+)
+_register(
+    "mlp",
+    DigitsMLP,
+    MLP_CONFIG,
+    lambda images: images.flatten(1),
+    "The digits MLP: inputs ``[B, 64]``, 10-class logits, accuracy as quality.",
+)
+_register(
+    "digits_resnet18",
+    ResNet18,
+    RESNET_CONFIG,
+    upscaled,
+    "ResNet-18 trained on the digits upscaled to ``[B, 3, 64, 64]``: 10-class logits, accuracy "
+    "as quality (about 0.3 GFLOP per image; trained once, about a minute, and cached).",
+)
