@@ -452,7 +452,11 @@ class SpeculativeController:
                 k_step = min(k, max_new_tokens - emitted - 1)
                 drafted, q = self._draft_tokens(draft, seq, k_step, temperature, eos, generator)
                 t1 = now()
-                logits = ref.feed(seq[ref.seen :] + drafted, keep=len(drafted) + 1)
+                unseen, keep = seq[ref.seen :] + drafted, len(drafted) + 1
+                # compiled: pad a short verification (end of budget, EOS) to the step's usual
+                # k + 1 tokens, the graph already built; the padding is cropped like a rejection
+                pad = max(0, k + 1 - len(unseen)) if ref.static and ref.seen else 0
+                logits = ref.feed(unseen + unseen[-1:] * pad, keep=keep + pad)[:keep]
                 t2 = now()
                 if temperature > 0:
                     p = torch.softmax(logits.cpu() / temperature, dim=-1)

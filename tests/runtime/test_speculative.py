@@ -355,6 +355,11 @@ def test_compiled_variants_reproduce_the_reference_greedy_tokens(llama):
     prompt = PROMPTS[2]
     out = spec.generate(torch.tensor([prompt]), max_new_tokens=9)
     assert torch.equal(out, reference_greedy(llama, prompt, 9))
+    expected = reference_greedy(llama, prompt, 10)[0].tolist()
+    eos = expected[len(prompt) + 4]  # an EOS inside a draft: a short step, padded
+    cut = expected[: expected.index(eos, len(prompt)) + 1]
+    assert spec.generate(prompt, max_new_tokens=10, eos_token_id=eos)[0].tolist() == cut
+    assert {n for n, _, _ in spec._reference._checked} == {3}  # every verification: k + 1
     info = spec.compile_info
     assert info["reference"]["mode"] == info["draft"]["mode"] == "inductor", info
     with torch.inference_mode():  # the static caches after the last step equal a fresh run
