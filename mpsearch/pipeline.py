@@ -416,6 +416,8 @@ class StudyDecode:
     ``prompts`` calibration prompts of ``prompt_len`` tokens, then times ``generate``
     (``new_tokens`` greedy tokens after each of ``prompts`` test prompts) with that ``k``
     against ``k = 0`` (the reference alone) and checks the outputs are identical.
+    ``compile: true`` decodes both variants compiled by Inductor on static KV caches
+    (:class:`~mpsearch.cost.KVDecoder`; eager with the reason where that cannot run).
 
     >>> StudyDecode(ks=[0, 2, 4]).references
     ['fp32', 'best']
@@ -427,8 +429,11 @@ class StudyDecode:
     drafts: list[str] = field(default_factory=lambda: ["w4a16"])
     ks: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
     references: list[str] = field(default_factory=lambda: ["fp32", "best"])
+    compile: bool = False
 
     def __post_init__(self) -> None:
+        if not isinstance(self.compile, bool):
+            raise invalid("decode.compile", self.compile, "true or false")
         for name in ("prompt_len", "new_tokens", "prompts"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -488,7 +493,12 @@ def speculative_rows(
     for label, reference in references.items():
         drafts: list[str] = list(settings.drafts)
         ctrl = SpeculativeController(
-            wl.model, drafts[0], reference=reference, backend=backend, rounder=rounder
+            wl.model,
+            drafts[0],
+            reference=reference,
+            backend=backend,
+            rounder=rounder,
+            compile=settings.compile,
         )
         ctrl.tune(tune_prompts, ks=settings.ks, drafts=drafts, max_new_tokens=settings.new_tokens)
         k = max(ctrl.k, 1)

@@ -55,7 +55,7 @@ def test_quick_run_measures_every_row(bench) -> None:
     if "greedy (exl2-style)" in by_label:  # fits the llama.cpp-style mix's bytes
         assert by_label["greedy (exl2-style)"]["memory_mb"] <= by_label["q4_k_m-style"]["memory_mb"]
     for r in rows:
-        assert math.isfinite(r["ppl"]) and r["tok/s 1t"] > 0
+        assert math.isfinite(r["ppl"]) and r["tok/s 1t"] > 0 and r["tok/s 1t compiled"] > 0
     assert info["spec"][0]["reference"] == "fp32"
     for sp in info["spec"]:
         assert sp["exact"] is True  # lossless: the reference's greedy tokens
@@ -74,5 +74,7 @@ def test_decode_settings_are_checked() -> None:
         StudyDecode(ks=[-1])
     with pytest.raises(ValueError, match="decode.references"):
         StudyDecode(references=["w4a16"])
+    with pytest.raises(ValueError, match="'decode.compile' argument must be true or false"):
+        StudyDecode(compile="yes")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="workload_options"):
         StudyConfig(workload="pkg.mod:fn", workload_options={"n_test": 4})
