@@ -143,3 +143,18 @@ def test_two_compiled_decoders_of_one_model_keep_their_own_caches() -> None:
                 want = model(input_ids=torch.tensor([seq])).logits[0, -1]
                 torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
     assert a._compiled is not b._compiled and a.compile_info["mode"] == "inductor"
+
+
+@pytest.mark.slow  # Inductor compiles two models
+@needs_compiler
+@pytest.mark.parametrize("name", ["hf_gpt2", "hf_qwen2"])
+def test_compiled_decode_of_other_causal_lms_equals_eager(name: str) -> None:
+    from mpsearch.workloads import load_workload
+
+    wl = load_workload(name, n_calib=1, n_test=1, batch_size=1)
+    prompt = wl.test[0]["input_ids"][:1, :12]
+    model = mps.quantize(wl.model, "w8a16", backend="cpu")  # GPT-2's Conv1D layers included
+    eager = measure_decode(model, prompt, new_tokens=6, repeats=1)
+    compiled = measure_decode(model, prompt, new_tokens=6, repeats=1, compile=True)
+    assert compiled.tokens == eager.tokens
+    assert compiled.compile_info["mode"] == "inductor", compiled.compile_info
