@@ -166,6 +166,8 @@ class CpuPt2eBackend(Backend):
                 f"cpu-pt2e runs {' and '.join(SCHEMES)} only (PyTorch's X86 Inductor "
                 f"quantizer); {scheme.name} runs on the cpu or cpu-inductor backend"
             )
+        if scheme.name == "fp32":
+            return None  # left as it is, whatever its type
         if type(layer) not in LAYER_TYPES:
             kinds = ", ".join(t.__name__ for t in LAYER_TYPES)
             return f"cpu-pt2e quantizes {kinds} layers only, not {type(layer).__name__}"

@@ -138,3 +138,25 @@ def test_conv1d_layers_run_int8_as_height_one_conv2d() -> None:
     with torch.no_grad():
         assert float((q(x) - net(x)).norm() / net(x).norm()) < 0.05
     assert isinstance(net[0], nn.Conv1d)  # the user's model is left alone
+
+
+def test_fp32_layers_of_any_type_are_left_alone() -> None:
+    class Tagger(nn.Module):  # an embedding (which cpu-pt2e cannot quantize) feeding Linears
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(50, 16)
+            self.fc1 = nn.Linear(16, 32)
+            self.fc2 = nn.Linear(32, 5)
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return self.fc2(torch.relu(self.fc1(self.embed(ids))))
+
+    torch.manual_seed(0)
+    net = Tagger().eval()
+    calib = [torch.randint(0, 50, (4, 7)) for _ in range(3)]
+    plan = mps.PrecisionPlan({"embed": "fp32"}, default="w8a8")
+    q = mps.quantize(net, plan, backend="cpu-pt2e", calib=calib)
+    assert isinstance(q, Pt2eModel) and _quantize_nodes(q) >= 2
+    ids = torch.randint(0, 50, (4, 7))
+    with torch.no_grad():
+        assert float((q(ids) - net(ids)).norm() / net(ids).norm()) < 0.05
