@@ -13,8 +13,8 @@ For each model, side by side in one run on this machine's real kernels:
 3. fp32 (the user's model), the backend's fp32 plan, the best uniform and the best mixed plan,
    timed interleaved (medians of rounds) on the default kernels, the autotuned kernels and,
    where the ``cpu-inductor`` backend is registered, compiled whole; and the fp32 / w8a8
-   plans among them, plus uniform w8a8, through PyTorch's pt2e X86 Inductor int8 flow
-   (``cpu-pt2e``), their quality measured again;
+   plans among them, plus w8a8 on every layer it takes, through PyTorch's pt2e X86 Inductor
+   int8 flow (``cpu-pt2e``), their quality measured again;
 4. the cost model's predicted end-to-end latency of each measured plan vs its measured latency.
 """
 
@@ -37,6 +37,8 @@ import mpsearch as mps
 from mpsearch._data import run_model
 from mpsearch.backends import BACKENDS, get_backend, quantize
 from mpsearch.cost import cpu_model, median_ms
+from mpsearch.layers import quantizable_layers
+from mpsearch.schemes import get_scheme
 from mpsearch.search._realcheck import measure_plans
 from mpsearch.workloads import ZOO, load_workload
 from mpsearch.workloads._zoo import zoo_available
@@ -139,14 +141,22 @@ PT2E_LABELS = ("uniform", "mixed", "w8a8")
 def add_pt2e(
     models: dict[str, Any], wl: Any, chosen: dict[str, mps.PrecisionPlan], fp32_quality: float
 ) -> dict[str, float]:
-    """The chosen uniform and mixed plans, and uniform w8a8, on ``cpu-pt2e`` where it runs them
-    (fp32 / w8a8 on Conv2d and Linear) and where their quality, measured again (its activation
-    ranges are static, calibrated on the workload's calibration batches), still drops at most
-    TARGET_DROP; added to ``models`` as ``pt2e:<label>``. Returns each one's quality."""
+    """The chosen uniform and mixed plans, and w8a8 on every layer it takes (fp32 elsewhere), on
+    ``cpu-pt2e`` where it runs them (fp32 anywhere, w8a8 on Conv1d / Conv2d / Linear) and
+    where their quality, measured again (its activation ranges are static, calibrated on the
+    workload's calibration batches), still drops at most TARGET_DROP; added to ``models`` as
+    ``pt2e:<label>``. Returns each one's quality."""
     if "cpu-pt2e" not in BACKENDS or get_backend("cpu-pt2e").unavailable_reason():
         return {}
+    backend = get_backend("cpu-pt2e")
+    w8a8 = get_scheme("w8a8")
     plans = {k: v for k, v in chosen.items() if k in PT2E_LABELS}
-    plans["w8a8"] = mps.PrecisionPlan.uniform("w8a8")
+    plans["w8a8"] = mps.PrecisionPlan(  # every layer it can take in w8a8, the rest fp32
+        {
+            name: "fp32" if backend.unsupported_reason(layer, w8a8) else "w8a8"
+            for name, layer in quantizable_layers(wl.model).items()
+        }
+    )
     quality: dict[str, float] = {}
     for label, plan in plans.items():
         try:
@@ -225,7 +235,7 @@ def main() -> None:
             "picks); `compiled`: the autotuned plan compiled whole (`cpu-inductor`); `pt2e`: "
             "the plan through PyTorch's pt2e X86 Inductor int8 flow (`cpu-pt2e`: fp32 / w8a8 "
             "plans only, static activation ranges from the calibration batches; `pt2e_w8a8`: "
-            "uniform w8a8 that way), kept only where its own measured quality still meets "
+            "w8a8 on every Conv1d / Conv2d / Linear, fp32 elsewhere), kept only where its own measured quality still meets "
             "the target (`pt2e_*_quality`). "
             "`fp32_plan`: the backend's own fp32 plan; `uniform` / `mixed`: the fastest uniform "
             f"/ any plan whose quality drops at most {TARGET_DROP:.0%} (front and uniform plans, "
