@@ -110,7 +110,7 @@ def run_model_row(name: str, *, trials: int, rounds: int) -> dict[str, Any]:
         for label, plan in chosen.items():
             models[f"{mode}:{label}"] = quantize(wl.model, plan, backend=backend)
             run_model(models[f"{mode}:{label}"], x)  # compiles where the backend compiles
-    pt2e_quality = add_pt2e(models, wl, chosen, quality["fp32"])
+    pt2e_quality = add_pt2e(models, wl, chosen, quality["fp32"], prof)
     timed = interleaved_ms(models, x, rounds)
     user = timed["user_fp32"]
     row: dict[str, Any] = {
@@ -132,43 +132,72 @@ def run_model_row(name: str, *, trials: int, rounds: int) -> dict[str, Any]:
         key = f"pt2e:{label}"
         row[f"pt2e_{label}_x"] = user / timed[key] if key in timed else float("nan")
         row[f"pt2e_{label}_quality"] = pt2e_quality.get(label, float("nan"))
+    row["pt2e_w8a8_fp32_layers"] = pt2e_quality.get("w8a8_fp32_layers", float("nan"))
     return row
 
 
 PT2E_LABELS = ("uniform", "mixed", "w8a8")
 
 
-def add_pt2e(
-    models: dict[str, Any], wl: Any, chosen: dict[str, mps.PrecisionPlan], fp32_quality: float
-) -> dict[str, float]:
-    """The chosen uniform and mixed plans, and w8a8 on every layer it takes (fp32 elsewhere), on
-    ``cpu-pt2e`` where it runs them (fp32 anywhere, w8a8 on Conv1d / Conv2d / Linear) and
-    where their quality, measured again (its activation ranges are static, calibrated on the
-    workload's calibration batches), still drops at most TARGET_DROP; added to ``models`` as
-    ``pt2e:<label>``. Returns each one's quality."""
-    if "cpu-pt2e" not in BACKENDS or get_backend("cpu-pt2e").unavailable_reason():
-        return {}
+PT2E_FP32_KEPT = (0, 1, 2, 4, 8)
+"""How many of the most sensitive int8-capable layers the pt2e w8a8 candidate keeps in fp32,
+tried in turn until its quality meets the target."""
+
+
+def pt2e_w8a8_plans(model: torch.nn.Module, prof: Any) -> dict[int, mps.PrecisionPlan]:
+    """w8a8 on every layer ``cpu-pt2e`` takes, fp32 elsewhere, with the ``n`` layers the profile
+    finds most sensitive to w8a8 also in fp32, for each ``n`` of :data:`PT2E_FP32_KEPT`."""
     backend = get_backend("cpu-pt2e")
     w8a8 = get_scheme("w8a8")
-    plans = {k: v for k, v in chosen.items() if k in PT2E_LABELS}
-    plans["w8a8"] = mps.PrecisionPlan(  # every layer it can take in w8a8, the rest fp32
-        {
-            name: "fp32" if backend.unsupported_reason(layer, w8a8) else "w8a8"
-            for name, layer in quantizable_layers(wl.model).items()
-        }
-    )
-    quality: dict[str, float] = {}
-    for label, plan in plans.items():
+    layers = quantizable_layers(model)
+    takes = [n for n, layer in layers.items() if backend.unsupported_reason(layer, w8a8) is None]
+    errors = prof.pivot()["w8a8"] if "w8a8" in prof.schemes else None
+    order = sorted(takes, key=lambda n: -float(errors.get(n, 0.0))) if errors is not None else takes
+    return {
+        n: mps.PrecisionPlan({name: "w8a8" if name in order[n:] else "fp32" for name in layers})
+        for n in PT2E_FP32_KEPT
+        if n < len(order)
+    }
+
+
+def add_pt2e(
+    models: dict[str, Any],
+    wl: Any,
+    chosen: dict[str, mps.PrecisionPlan],
+    fp32_quality: float,
+    prof: Any,
+) -> dict[str, Any]:
+    """The chosen uniform and mixed plans, and w8a8 on every layer it takes (fp32 elsewhere,
+    and on the most sensitive ones until the quality meets the target: :func:`pt2e_w8a8_plans`),
+    on ``cpu-pt2e`` where it runs them (fp32 anywhere, w8a8 on Conv1d / Conv2d / Linear) and
+    where their quality, measured again (its activation ranges are static, calibrated on the
+    workload's calibration batches), still drops at most TARGET_DROP; added to ``models`` as
+    ``pt2e:<label>``. Returns each one's quality (and ``w8a8_fp32_kept``)."""
+    if "cpu-pt2e" not in BACKENDS or get_backend("cpu-pt2e").unavailable_reason():
+        return {}
+    candidates = [(k, v) for k, v in chosen.items() if k in PT2E_LABELS]
+    candidates += [("w8a8", plan) for plan in pt2e_w8a8_plans(wl.model, prof).values()]
+    quality: dict[str, Any] = {}
+    for label, plan in candidates:
+        if f"pt2e:{label}" in models:  # a w8a8 candidate met the target already
+            continue
         try:
             model = quantize(wl.model, plan, backend="cpu-pt2e", calib=wl.calib)
         except ValueError as err:  # a scheme or layer type it does not run
             print(f"  pt2e {label}: {' '.join(str(err).split())[:200]}", flush=True)
             continue
         quality[label] = wl.evaluate(model)
+        fp32_kept = sum(1 for s in plan.resolve(wl.model).values() if s == "fp32")
         if quality[label] >= fp32_quality - TARGET_DROP:
             models[f"pt2e:{label}"] = model
+            if label == "w8a8":
+                quality["w8a8_fp32_layers"] = fp32_kept
         else:
-            print(f"  pt2e {label}: quality {quality[label]:.4f} misses the target", flush=True)
+            print(
+                f"  pt2e {label} ({fp32_kept} layers fp32): quality {quality[label]:.4f} misses "
+                "the target",
+                flush=True,
+            )
     return quality
 
 
@@ -196,6 +225,7 @@ def main() -> None:
         *(f"{mode}_{label}_x" for mode in ("eager", "tuned", "compiled")
           for label in ("fp32_plan", "uniform", "mixed")),
         *(f"pt2e_{label}_{what}" for label in PT2E_LABELS for what in ("x", "quality")),
+        "pt2e_w8a8_fp32_layers",
         "best_x", "cost_err_median", "cost_err_max", "cost_s_eager", "cost_s_tuned",
     ]  # fmt: skip
     for r in rows:
@@ -235,7 +265,9 @@ def main() -> None:
             "picks); `compiled`: the autotuned plan compiled whole (`cpu-inductor`); `pt2e`: "
             "the plan through PyTorch's pt2e X86 Inductor int8 flow (`cpu-pt2e`: fp32 / w8a8 "
             "plans only, static activation ranges from the calibration batches; `pt2e_w8a8`: "
-            "w8a8 on every Conv1d / Conv2d / Linear, fp32 elsewhere), kept only where its own measured quality still meets "
+            "w8a8 on every Conv1d / Conv2d / Linear but the ones the profile finds most "
+            "sensitive, added to fp32 until the quality meets the target; "
+            "`pt2e_w8a8_fp32_layers`: its layers left in fp32), kept only where its own measured quality still meets "
             "the target (`pt2e_*_quality`). "
             "`fp32_plan`: the backend's own fp32 plan; `uniform` / `mixed`: the fastest uniform "
             f"/ any plan whose quality drops at most {TARGET_DROP:.0%} (front and uniform plans, "
