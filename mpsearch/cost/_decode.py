@@ -28,9 +28,10 @@ it saves."""
 MIN_STATIC_CAPACITY = 128
 """Fewest positions a static KV cache holds (sizes are powers of two, so graphs are reused)."""
 
-RECOMPILE_LIMIT = 256
-"""Dynamo's limit on graphs per function while a decoder compiles: every variant of a model
-class shares its ``forward``, one graph per variant and number of tokens fed."""
+RECOMPILE_LIMIT = 64
+"""Dynamo's limit on graphs per function while a decoder compiles (its default is 8): one
+decoder compiles a graph per (tokens fed, logits kept, cache size), and tuning a speculative
+controller tries several ``k``."""
 
 _EAGER = {"mode": "eager", "reason": "compile=False: dynamic KV cache, eager model"}
 _PENDING = {"mode": "pending", "reason": "static KV cache, compiled by Inductor on first use"}
