@@ -11,9 +11,10 @@ own. Greedy decoding therefore returns exactly the reference's greedy tokens, an
 - on the first rejection the token is drawn from ``normalize(max(0, p - q))`` and the step ends;
 - when all ``k`` are accepted one more token is drawn from the reference's next ``p``.
 
-Each variant keeps its own KV cache (a :class:`~mpsearch.cost._decode.KVDecoder`: a
-``transformers.DynamicCache``, or with ``compile=True`` a ``StaticCache`` and the variant compiled
-by Inductor for each number of tokens fed); after a rejection both are cropped back to the accepted prefix, so neither ever holds a token that was not emitted.
+Each variant keeps its own KV cache (a :class:`~mpsearch.cost.KVDecoder`: a
+``transformers.DynamicCache``, or with ``compile=True`` a ``StaticCache`` and the variant
+compiled by Inductor for each number of tokens fed); after a rejection both are cropped back to
+the accepted prefix, so neither ever holds a token that was not emitted.
 The caches may lag the sequence (the draft has not seen its own last drafted token, nor the
 reference's extra one): whatever a variant has not seen is fed in its next forward pass, the
 prompt included (the first verification pass is also the reference's prefill).
