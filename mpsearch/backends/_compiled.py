@@ -61,14 +61,15 @@ def _signature(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> tuple[Any, .
     )
 
 
-def _check_close(compiled: Any, eager: Any) -> str | None:
-    """Why the compiled output does not match the eager one (``None`` when it does)."""
+def _check_close(compiled: Any, eager: Any, *, rtol: float = CHECK_RTOL) -> str | None:
+    """Why the compiled output does not match the eager one within ``rtol`` (relative L2;
+    ``None`` when it does)."""
     got, want = output_tensor(compiled).float(), output_tensor(eager).float()
     if got.shape != want.shape:
         return f"compiled output shape {tuple(got.shape)} != eager {tuple(want.shape)}"
     diff = float((got - want).norm() / want.norm().clamp_min(1e-30))
-    if not diff <= CHECK_RTOL:
-        return f"compiled output differs from eager by {diff:.3g} (relative L2 > {CHECK_RTOL})"
+    if not diff <= rtol:
+        return f"compiled output differs from eager by {diff:.3g} (relative L2 > {rtol})"
     return None
 
 

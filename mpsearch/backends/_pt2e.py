@@ -28,6 +28,11 @@ from mpsearch.backends._compiled import _check_close, _compile_settings, _cpp_co
 from mpsearch.backends._registry import Backend
 from mpsearch.schemes import Scheme
 
+CHECK_RTOL = 0.05
+"""Largest relative L2 difference between the compiled model and its reference graph on the
+first calibration batch: fused kernels requantize int8 outputs with their own rounding, which
+moved a 20-layer ResNet-18's logits by up to 2 %; a wrong kernel moves them by far more."""
+
 SCHEMES = ("fp32", "w8a8")
 LAYER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Linear)
 
@@ -132,10 +137,9 @@ class Pt2eModel(nn.Module):
     says how the model runs.
     """
 
-    def __init__(self, converted: torch.fx.GraphModule, layers: nn.Module) -> None:
+    def __init__(self, converted: torch.fx.GraphModule) -> None:
         super().__init__()
         self.converted = converted
-        object.__setattr__(self, "layers", layers)  # the float layers, for bookkeeping only
         self._compiled = torch.compile(converted, backend="inductor", dynamic=False)
         self.mpsearch_compile = {"mode": "inductor", "reason": "pt2e X86 Inductor quantizer"}
 
@@ -190,10 +194,11 @@ class CpuPt2eBackend(Backend):
         batches = as_batches(calib, argument="calib")
         try:
             converted = _convert(model, assignment, batches)
-            result = Pt2eModel(converted, model)
+            result = Pt2eModel(converted)
             args, kwargs = call_args(batches[0])
             with torch.no_grad():
-                reason = _check_close(result(*args, **kwargs), converted(*args, **kwargs))
+                reference = converted(*args, **kwargs)
+                reason = _check_close(result(*args, **kwargs), reference, rtol=CHECK_RTOL)
         except Exception as error:
             first_line = (str(error).strip().splitlines() or [""])[0]
             reason = f"pt2e failed ({type(error).__name__}: {first_line})"
@@ -209,4 +214,4 @@ class CpuPt2eBackend(Backend):
         return fallback
 
 
-__all__ = ["Conv1dAs2d", "CpuPt2eBackend", "Pt2eModel"]
+__all__ = ["CHECK_RTOL", "Conv1dAs2d", "CpuPt2eBackend", "Pt2eModel"]
