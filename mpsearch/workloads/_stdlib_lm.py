@@ -77,7 +77,7 @@ class StdlibLMConfig:
     split: tuple[float, float, float] = (0.8, 0.1, 0.1)
     max_train_files: int | None = None
     max_train_steps: int = 4000
-    max_train_seconds: float = 600.0
+    max_train_seconds: float = 1800.0
     train_batch: int = 8
     lr: float = 2e-3
     min_lr_fraction: float = 0.1
