@@ -236,6 +236,154 @@ def speculative(
     }
 
 
+def speculative_rows(
+    model: nn.Module,
+    refs: dict[str, mps.PrecisionPlan | str],
+    *,
+    rounder: Any,
+    prompts: tuple[list[torch.Tensor], list[torch.Tensor]],
+    s: Settings,
+    thread_counts: list[int],
+) -> list[dict[str, Any]]:
+    """The speculative controller for each reference and thread count (:func:`speculative`),
+    drafted by 4-bit plans, tuned on the first ``prompts`` and timed on the second."""
+    drafts = [mps.PrecisionPlan.uniform("w4a16+gptq"), mps.PrecisionPlan.uniform("w4a16")]
+    spec_rows = []
+    for ref_label, ref in refs.items():
+        for n in thread_counts:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                out = speculative(
+                    model, ref, drafts, rounder=rounder, tune_prompts=prompts[0],
+                    test_prompts=prompts[1], s=s, n_threads=n,
+                )  # fmt: skip
+            spec_rows.append({"reference": ref_label, "threads": n, **out})
+            print(spec_rows[-1], flush=True)
+    return spec_rows
+
+
+def table_rows(
+    rows: list[Row],
+    model: nn.Module,
+    *,
+    fp32_ppl: float,
+    fp32_mb: float,
+    thread_counts: list[int],
+) -> list[dict[str, Any]]:
+    """The table: perplexity, memory, tokens/s in every mode and thread count, the ratios to
+    fp32 decoding the same way and (compiled, main thread count) to the eager fp32 model."""
+    fp32 = rows[0]
+    main = speed_key(thread_counts[0], "compiled")
+    eager_fp32 = fp32.tokens_per_s[speed_key(thread_counts[0], "eager")]
+    out_rows = []
+    for r in rows:
+        row: dict[str, Any] = {
+            "plan": r.label,
+            "ppl": r.ppl,
+            "ppl_rise_%": 100 * ppl_rise(r.ppl, fp32_ppl),
+            "memory_mb": r.memory_mb,
+            "memory_%": 100 * r.memory_mb / fp32_mb,
+        }
+        for n in thread_counts:
+            for mode in DECODE_MODES:
+                key = speed_key(n, mode)
+                row[f"tok/s {key}"] = r.tokens_per_s[key]
+                row[f"x fp32 {key}"] = r.tokens_per_s[key] / fp32.tokens_per_s[key]
+        row["x eager fp32"] = r.tokens_per_s[main] / eager_fp32
+        row["choices"] = "" if r.plan is None else mix_label(r.plan, model)
+        out_rows.append(row)
+    return out_rows
+
+
+def profile_and_cost(
+    model: nn.Module, batches: list[Any], prompt: torch.Tensor, info: dict[str, Any]
+) -> tuple[Any, Any]:
+    """The sensitivity profile (with GPTQ rows) and the decode-shaped cost model (one token,
+    one thread, layers timed cold); their seconds go to ``info``."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t0 = time.perf_counter()
+        prof = mps.profile(
+            model, batches, schemes=[*SCHEMES, *ROUNDED], progress=False,
+            rounding=mps.RoundingOptions(),
+        )  # fmt: skip
+        info["profile_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        cost = mps.measure_cost(
+            model,
+            {"input_ids": prompt[:, :1]},  # decode-shaped: the latency of one token
+            schemes=["fp32", *SCHEMES],
+            backend="cpu",
+            options=mps.CostOptions(num_threads=1, cold="auto"),  # weights read from memory
+        )
+        info["cost_s"] = time.perf_counter() - t0
+    print(f"profile {info['profile_s']:.0f} s, cost model {info['cost_s']:.0f} s", flush=True)
+    return prof, cost
+
+
+def plan_rows(
+    model: nn.Module,
+    prof: Any,
+    cost: Any,
+    val_quality: Any,
+    min_val_quality: float,
+    s: Settings,
+    info: dict[str, Any],
+) -> list[Row]:
+    """fp32, the uniform plans, the llama.cpp-style and EXL2-style mixes, the smallest front
+    plans within 1 % on the validation windows (``candidate``) and the best plan under the
+    memory budget, each quantized on the ``cpu`` backend."""
+    rounder = getattr(prof, "rounder", None)
+    space = {"name": "bench_lm", "schemes": ["fp32", *SCHEMES]}
+
+    def quantized(plan: mps.PrecisionPlan) -> nn.Module:
+        return mps.quantize(model, plan, backend="cpu", rounder=rounder).eval()
+
+    rows: list[Row] = [Row("fp32", "fp32", model, None)]
+    for label, scheme in UNIFORM.items():
+        plan = mps.PrecisionPlan.uniform(scheme)
+        rows.append(Row(label, "uniform", quantized(plan), plan))
+    q4km = q4_k_m_style()
+    rows.append(Row("q4_k_m-style", "mix", quantized(q4km), q4km))
+    table = ChoiceTable.build(
+        resolve_space(space, model, profile=prof, cost=cost), prof, cost, metric="e2e"
+    )
+    greedy = greedy_assignment(table, memory_bytes=cost.memory_bytes(q4km))
+    if greedy is not None:
+        plan = mps.PrecisionPlan.from_assignment(table.space.assignment(greedy))
+        rows.append(Row("greedy (exl2-style)", "mix", quantized(plan), plan))
+
+    # the searches (scored on held-out calibration windows, not the test windows)
+    opts = mps.SearchOptions(seed=0, space=space, verify=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t0 = time.perf_counter()
+        front = mps.search(
+            model, profile=prof, cost=cost, evaluate=val_quality, n_trials=s.n_trials,
+            options=replace(opts, objectives=("quality", "memory", "latency")),
+        )  # fmt: skip
+        budget = mps.Budget(memory_fraction=MEMORY_FRACTION)
+        budgeted = mps.search(
+            model, profile=prof, cost=cost, evaluate=val_quality, n_trials=s.n_trials,
+            budget=budget, options=replace(opts, objectives=("quality",)),
+        )  # fmt: skip
+        info["search_s"] = time.perf_counter() - t0
+    print(f"searches {info['search_s']:.0f} s", flush=True)
+    pareto = front.pareto
+    # decoding one token reads every weight: bytes first, then the predicted per-token latency
+    near = pareto[pareto["quality"] >= min_val_quality]
+    near = near.sort_values(["memory_mb", "latency_ms"], kind="stable")
+    for i, plan in enumerate(list(near["plan"])[: s.max_checked]):
+        rows.append(Row(f"candidate {i}", "candidate", quantized(plan), plan))
+    try:
+        plan = budgeted.best(budget)
+    except ValueError as err:
+        print(f"no plan within {MEMORY_FRACTION:.0%} of fp32 memory: {err}")
+    else:
+        rows.append(Row(f"mixed <= {MEMORY_FRACTION:.0%} mem", "search", quantized(plan), plan))
+    return rows
+
+
 def run(s: Settings, thread_counts: list[int]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     started = time.perf_counter()
     n_calib = s.n_profile + s.n_val
@@ -258,76 +406,10 @@ def run(s: Settings, thread_counts: list[int]) -> tuple[list[dict[str, Any]], di
     def val_quality(m: nn.Module) -> float:
         return -math.log(perplexity(m, val))
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        t0 = time.perf_counter()
-        prof = mps.profile(
-            model,
-            profile_batches,
-            schemes=[*SCHEMES, *ROUNDED],
-            progress=False,
-            rounding=mps.RoundingOptions(),
-        )
-        info["profile_s"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        cost = mps.measure_cost(
-            model,
-            {"input_ids": prompt[:, :1]},  # decode-shaped: the latency of one token
-            schemes=["fp32", *SCHEMES],
-            backend="cpu",
-            options=mps.CostOptions(num_threads=1, cold="auto"),  # weights read from memory
-        )
-        info["cost_s"] = time.perf_counter() - t0
-    print(f"profile {info['profile_s']:.0f} s, cost model {info['cost_s']:.0f} s", flush=True)
+    prof, cost = profile_and_cost(model, profile_batches, prompt, info)
     rounder = getattr(prof, "rounder", None)
-    space = {"name": "bench_lm", "schemes": ["fp32", *SCHEMES]}
     fp32_mb = cost.fp32_memory_bytes / 1e6
-
-    def quantized(plan: mps.PrecisionPlan) -> nn.Module:
-        return mps.quantize(model, plan, backend="cpu", rounder=rounder).eval()
-
-    rows: list[Row] = [Row("fp32", "fp32", model, None)]
-    for label, scheme in UNIFORM.items():
-        plan = mps.PrecisionPlan.uniform(scheme)
-        rows.append(Row(label, "uniform", quantized(plan), plan))
-    q4km = q4_k_m_style()
-    rows.append(Row("q4_k_m-style", "mix", quantized(q4km), q4km))
-    table = ChoiceTable.build(
-        resolve_space(space, model, profile=prof, cost=cost), prof, cost, metric="e2e"
-    )
-    greedy = greedy_assignment(table, memory_bytes=cost.memory_bytes(q4km))
-    if greedy is not None:
-        plan = mps.PrecisionPlan.from_assignment(table.space.assignment(greedy))
-        rows.append(Row("greedy (exl2-style)", "mix", quantized(plan), plan))
-
-    # -- the searches (scored on held-out calibration windows, not the test windows)
-    opts = mps.SearchOptions(seed=0, space=space, verify=0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        t0 = time.perf_counter()
-        front = mps.search(
-            model, profile=prof, cost=cost, evaluate=val_quality, n_trials=s.n_trials,
-            options=replace(opts, objectives=("quality", "memory", "latency")),
-        )  # fmt: skip
-        budget = mps.Budget(memory_fraction=MEMORY_FRACTION)
-        budgeted = mps.search(
-            model, profile=prof, cost=cost, evaluate=val_quality, n_trials=s.n_trials,
-            budget=budget, options=replace(opts, objectives=("quality",)),
-        )  # fmt: skip
-        info["search_s"] = time.perf_counter() - t0
-    print(f"searches {info['search_s']:.0f} s", flush=True)
-    pareto = front.pareto
-    # decoding one token reads every weight: bytes first, then the predicted per-token latency
-    near = pareto[pareto["quality"] >= fp32_val_q - target_drop]
-    near = near.sort_values(["memory_mb", "latency_ms"], kind="stable")
-    for i, plan in enumerate(list(near["plan"])[: s.max_checked]):
-        rows.append(Row(f"candidate {i}", "candidate", quantized(plan), plan))
-    try:
-        plan = budgeted.best(budget)
-    except ValueError as err:
-        print(f"no plan within {MEMORY_FRACTION:.0%} of fp32 memory: {err}")
-    else:
-        rows.append(Row(f"mixed <= {MEMORY_FRACTION:.0%} mem", "search", quantized(plan), plan))
+    rows = plan_rows(model, prof, cost, val_quality, fp32_val_q - target_drop, s, info)
 
     # -- perplexity, memory, decode speed (interleaved)
     for r in rows:
@@ -361,42 +443,19 @@ def run(s: Settings, thread_counts: list[int]) -> tuple[list[dict[str, Any]], di
     ]
 
     # -- the speculative controller
-    tune_prompts = [w[: s.prompt_len] for w in windows[s.n_profile :][: s.spec_prompts]]
-    test_prompts = [w[: s.prompt_len] for w in test_ids[1 : 1 + s.spec_prompts]]
-    drafts = [mps.PrecisionPlan.uniform("w4a16+gptq"), mps.PrecisionPlan.uniform("w4a16")]
     refs: dict[str, mps.PrecisionPlan | str] = {"fp32": "fp32"}
     if best is not None and best.plan is not None:
         refs[best.label] = best.plan
-    spec_rows = []
-    for ref_label, ref in refs.items():
-        for n in thread_counts:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                out = speculative(
-                    model, ref, drafts, rounder=rounder, tune_prompts=tune_prompts,
-                    test_prompts=test_prompts, s=s, n_threads=n,
-                )  # fmt: skip
-            spec_rows.append({"reference": ref_label, "threads": n, **out})
-            print(spec_rows[-1], flush=True)
+    tune_prompts = [w[: s.prompt_len] for w in windows[s.n_profile :][: s.spec_prompts]]
+    test_prompts = [w[: s.prompt_len] for w in test_ids[1 : 1 + s.spec_prompts]]
+    spec_rows = speculative_rows(
+        model, refs, rounder=rounder, prompts=(tune_prompts, test_prompts), s=s,
+        thread_counts=thread_counts,
+    )  # fmt: skip
 
-    # -- the table
-    out_rows = []
-    for r in rows:
-        row: dict[str, Any] = {
-            "plan": r.label,
-            "ppl": r.ppl,
-            "ppl_rise_%": 100 * ppl_rise(r.ppl, fp32_ppl),
-            "memory_mb": r.memory_mb,
-            "memory_%": 100 * r.memory_mb / fp32_mb,
-        }
-        for n in thread_counts:
-            for mode in DECODE_MODES:
-                key = speed_key(n, mode)
-                row[f"tok/s {key}"] = r.tokens_per_s[key]
-                row[f"x fp32 {key}"] = r.tokens_per_s[key] / fp32.tokens_per_s[key]
-        row["x eager fp32"] = speed(r) / fp32.tokens_per_s[speed_key(main_t, "eager")]
-        row["choices"] = "" if r.plan is None else mix_label(r.plan, model)
-        out_rows.append(row)
+    out_rows = table_rows(
+        rows, model, fp32_ppl=fp32_ppl, fp32_mb=fp32_mb, thread_counts=thread_counts
+    )
     info.update(
         best=best.label if best else "",
         best_x_fp32=speed(best) / speed(fp32) if best else math.nan,
