@@ -33,6 +33,7 @@ from mpsearch._io import atomic_path
 from mpsearch._validation import invalid, unknown
 from mpsearch.backends import Backend, quantize
 from mpsearch.cost import CostModel, CostOptions, clock, measure_cost, threads
+from mpsearch.cost._model import per_layer_backend
 from mpsearch.plan import PrecisionPlan
 from mpsearch.profile import ProfileOptions, SensitivityProfile, profile
 from mpsearch.recover import RecoverOptions, RecoveryResult, recover
@@ -137,6 +138,7 @@ class StudyConfig:
             raise invalid(
                 "profile_batches", self.profile_batches, "a positive integer or null (all batches)"
             )
+        per_layer_backend(self.backend)  # an unknown or whole-model backend, refused now
         Budget(**self.budget)  # validates the budget's keys and values now
         ControllerCurve(**(self.controller or {}))  # likewise the controller curve's settings
         self._check_search()

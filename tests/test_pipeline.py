@@ -244,3 +244,10 @@ def test_smooth_key_folds_smoothquant_scales_before_the_profile() -> None:
         StudyConfig(smooth={"beta": 1})
     with pytest.raises(ValueError, match="'smooth' argument must be null, a number in"):
         StudyConfig(smooth=2)
+
+
+def test_a_study_refuses_a_whole_model_backend_before_any_work() -> None:
+    with pytest.raises(ValueError, match="'cpu-pt2e' quantizes the whole model at once"):
+        StudyConfig(workload="digits_cnn", backend="cpu-pt2e")
+    with pytest.raises(ValueError, match="'backend'"):
+        StudyConfig(workload="digits_cnn", backend="tpu")

@@ -16,7 +16,7 @@ from torch import nn
 
 from mpsearch._data import Batch, run_model
 from mpsearch._validation import check_module, invalid
-from mpsearch.backends import Backend, get_backend, quantize, storage_bytes
+from mpsearch.backends import BACKENDS, Backend, get_backend, quantize, storage_bytes
 from mpsearch.backends._kernels import Kernel, KernelBackend, RealLayer, choice_key
 from mpsearch.backends._quantize import PlanLike, applicability_error, as_plan
 from mpsearch.backends._simulate import SIMULATED_TYPES
@@ -465,6 +465,25 @@ def _cold(cold: bool | str, model: nn.Module) -> bool:
     return llc is not None and storage_bytes(model) > llc
 
 
+def per_layer_backend(backend: str | Backend) -> Backend:
+    """``backend``, refused when it converts whole models (``needs_calib``: ``cpu-pt2e``), whose
+    layers cannot be timed one by one.
+
+    >>> per_layer_backend("cpu").name
+    'cpu'
+    """
+    impl = get_backend(backend)
+    if impl.needs_calib:
+        per_layer = sorted(n for n in BACKENDS if not get_backend(n).needs_calib)
+        raise invalid(
+            "backend",
+            impl.name,
+            f"a backend whose layers are timed one by one ({', '.join(per_layer)}); "
+            f"{impl.name!r} quantizes the whole model at once: time its plans end to end",
+        )
+    return impl
+
+
 def _check_call(
     model: Any, schemes: Any, backend: Any, opts: CostOptions
 ) -> tuple[Backend, list[Scheme], list[str]]:
@@ -475,7 +494,7 @@ def _check_call(
     # a choice with a rounding method ('w4a16+gptq') costs what its scheme costs
     bases = [get_scheme(s, argument="schemes").base_name for s in ["fp32", *schemes]]
     scheme_objs = [get_scheme(s) for s in dict.fromkeys(bases)]
-    impl = get_backend(backend)
+    impl = per_layer_backend(backend)
     reason = impl.unavailable_reason()
     if reason:
         raise ValueError(f"The {impl.name!r} backend cannot run here: {reason}")

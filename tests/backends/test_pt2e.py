@@ -160,3 +160,9 @@ def test_fp32_layers_of_any_type_are_left_alone() -> None:
     ids = torch.randint(0, 50, (4, 7))
     with torch.no_grad():
         assert float((q(ids) - net(ids)).norm() / net(ids).norm()) < 0.05
+
+
+def test_the_cost_model_refuses_to_time_it_layer_by_layer() -> None:
+    net, _ = _net_and_calib()
+    with pytest.raises(ValueError, match="'cpu-pt2e' quantizes the whole model at once"):
+        mps.measure_cost(net, torch.randn(2, 3, 16, 16), schemes=["w8a8"], backend="cpu-pt2e")
