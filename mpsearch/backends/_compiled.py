@@ -73,6 +73,16 @@ def _check_close(compiled: Any, eager: Any, *, rtol: float = CHECK_RTOL) -> str 
     return None
 
 
+def failed(what: str, error: Exception) -> str:
+    """A fallback's reason: ``what`` failed, with the error's type and first line.
+
+    >>> failed("compilation", ValueError("bad shape\\nmore"))
+    'compilation failed (ValueError: bad shape)'
+    """
+    first_line = (str(error).strip().splitlines() or [""])[0]
+    return f"{what} failed ({type(error).__name__}: {first_line})"
+
+
 def _cpp_compiler_missing() -> str | None:
     """Why Inductor cannot build its C++ kernels here (``None`` when a compiler is found)."""
     from torch._inductor.cpp_builder import get_cpp_compiler
@@ -181,8 +191,7 @@ class CompiledModel(nn.Module):
                 with _compile_settings():
                     got = self._compiled(*args, **kwargs)
             except Exception as error:
-                first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
-                reason = f"compilation failed ({type(error).__name__}: {first_line})"
+                reason = failed("compilation", error)
             else:
                 reason = _check_close(got, expected)
         if reason is None and self.race and not self._compiled_for:  # the first input decides
@@ -233,4 +242,4 @@ class CpuInductorBackend(CpuBackend):
         return CompiledModel(super().finalize(model, assignment))
 
 
-__all__ = ["CHECK_RTOL", "RACE_CALLS", "CompiledModel", "CpuInductorBackend", "slower_reason"]
+__all__ = ["CHECK_RTOL", "RACE_CALLS", "CompiledModel", "CpuInductorBackend", "failed", "slower_reason"]

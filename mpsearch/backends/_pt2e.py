@@ -24,7 +24,12 @@ import torch
 from torch import nn
 
 from mpsearch._data import as_batches, call_args
-from mpsearch.backends._compiled import _check_close, _compile_settings, _cpp_compiler_missing
+from mpsearch.backends._compiled import (
+    _check_close,
+    _compile_settings,
+    _cpp_compiler_missing,
+    failed,
+)
 from mpsearch.backends._registry import Backend
 from mpsearch.schemes import Scheme
 
@@ -200,8 +205,7 @@ class CpuPt2eBackend(Backend):
                 reference = converted(*args, **kwargs)
                 reason = _check_close(result(*args, **kwargs), reference, rtol=CHECK_RTOL)
         except Exception as error:
-            first_line = (str(error).strip().splitlines() or [""])[0]
-            reason = f"pt2e failed ({type(error).__name__}: {first_line})"
+            reason = failed("pt2e", error)
         if reason is None:
             return result
         from mpsearch.backends._quantize import quantize

@@ -16,7 +16,12 @@ from torch import Tensor, nn
 
 from mpsearch._data import output_tensor
 from mpsearch._validation import check_module, invalid
-from mpsearch.backends._compiled import _check_close, _compile_settings, _cpp_compiler_missing
+from mpsearch.backends._compiled import (
+    _check_close,
+    _compile_settings,
+    _cpp_compiler_missing,
+    failed,
+)
 from mpsearch.cost._timing import clock
 
 MAX_COMPILED_TOKENS = 16
@@ -149,9 +154,10 @@ class KVDecoder:
         self.seen = 0
         if not self.static:
             self.cache = _dynamic_cache()
+            self.capacity = 0  # 0: the cache is dynamic
             return
         size = max(MIN_STATIC_CAPACITY, 1 << max(capacity - 1, 0).bit_length())
-        if self.cache is None or size > self.capacity or not isinstance(self.cache, _static()):
+        if size > self.capacity:  # also when the cache is not a static one yet (capacity 0)
             self.cache = _static()(config=self.module.config, max_cache_len=size)
             self.capacity = size
         else:
@@ -162,7 +168,7 @@ class KVDecoder:
         """Run ``tokens`` (appended to what the cache holds); the float32 logits ``[keep, V]``
         of the last ``keep`` positions."""
         n = len(tokens)
-        if isinstance(self.cache, _static()) and self.seen + n > self.capacity:
+        if self.capacity and self.seen + n > self.capacity:
             raise invalid(
                 "tokens",
                 f"{self.seen + n} tokens in all",
@@ -202,8 +208,7 @@ class KVDecoder:
             with _compile_settings(), dynamo_config.patch(recompile_limit=RECOMPILE_LIMIT):
                 got = self._compiled(input_ids=ids, **kwargs)
         except Exception as error:
-            first_line = (str(error).strip().splitlines() or [""])[0]
-            reason = f"compilation failed ({type(error).__name__}: {first_line})"
+            reason = failed("compilation", error)
         for layer in self.cache.layers:  # back to the tokens seen, layer by layer
             held = int(layer.get_seq_length())
             if held > self.seen:
