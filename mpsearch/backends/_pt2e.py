@@ -103,6 +103,38 @@ def _dynamic_batch(model: nn.Module, args: tuple[Any, ...], kwargs: Mapping[str,
     }
 
 
+def _plan_quantizer(layers: list[str]) -> Any:
+    """An X86 Inductor quantizer annotating the fusion patterns anchored on ``layers`` (a
+    convolution or linear with its ReLU, its residual add and the add's ReLU, wherever those
+    live in the module tree), then int8 max pooling / concatenation / flattening where every
+    input is already int8: activations stay int8 through a residual block of int8 layers.
+    The quantizer's own ``set_module_name_qconfig`` would annotate the layer alone (the add
+    belongs to the enclosing block), leaving an fp32 add between every two int8 convolutions:
+    ResNet-18 on digits ran 5 % slower that way (13.8 vs 13.2 ms, batch 32, 2 threads, AMD
+    EPYC Zen 4). The other default patterns of the quantizer's global recipe (``mul``,
+    matmuls) are not annotated: they belong to no layer of the plan."""
+    from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as x86
+    from torchao.quantization.pt2e.quantizer.utils import get_module_name_filter
+
+    anchors = {torch.ops.aten.conv2d.default, torch.ops.aten.linear.default}
+    in_plan = [get_module_name_filter(name) for name in layers]
+
+    def anchored(nodes: list[torch.fx.Node]) -> bool:
+        found = [n for n in nodes if n.target in anchors]
+        return len(found) == 1 and any(f(found[0]) for f in in_plan)
+
+    class PlanQuantizer(x86.X86InductorQuantizer):
+        def annotate(self, model: torch.fx.GraphModule) -> torch.fx.GraphModule:
+            config = x86.get_default_x86_inductor_quantization_config()
+            self._annotate_conv2d_fusion_pattern(model, config, anchored)
+            self._annotate_linear_fusion_pattern(model, config, anchored)
+            self._annotate_propagation_quantizable_pattern_entry(model, config, lambda _: True)
+            self._annotate_output_for_int8_in_int8_out_pattern_entry(model)
+            return model
+
+    return PlanQuantizer()
+
+
 def _convert(
     model: nn.Module, assignment: Mapping[str, str], batches: list[Any]
 ) -> torch.fx.GraphModule:
@@ -110,7 +142,6 @@ def _convert(
     (``Conv1d`` layers in ``w8a8`` run as :class:`Conv1dAs2d`, in a copy: the fallback takes
     ``model`` as it is)."""
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
-    from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as x86
 
     model = copy.deepcopy(model)
     layers = dict(model.named_modules())
@@ -121,12 +152,9 @@ def _convert(
     exported = torch.export.export(
         model, args, kwargs, dynamic_shapes=_dynamic_batch(model, args, kwargs)
     ).module()
-    quantizer = x86.X86InductorQuantizer()
-    config = x86.get_default_x86_inductor_quantization_config()
-    for name, scheme in assignment.items():
-        if scheme == "w8a8":
-            quantizer.set_module_name_qconfig(name, config)
-    prepared = prepare_pt2e(exported, quantizer)
+    prepared = prepare_pt2e(
+        exported, _plan_quantizer([n for n, s in assignment.items() if s == "w8a8"])
+    )
     with torch.no_grad():
         for batch in batches:
             a, k = call_args(batch)

@@ -78,6 +78,25 @@ def test_fp32_layers_of_a_mixed_plan_are_left_unquantized() -> None:
         torch.testing.assert_close(fp32_only(x), net(x), atol=1e-4, rtol=1e-4)
 
 
+def _add_fused(model: Pt2eModel) -> list[bool]:
+    """For each residual add of the converted graph: whether it is part of its convolution's
+    int8 pattern (the conv's output feeds it, and its residual input is int8, dequantized)."""
+    return [
+        any("dequantize" in str(a.target) for a in n.args if isinstance(a, torch.fx.Node))
+        for n in model.converted.graph.nodes
+        if n.op == "call_function" and n.target in (torch.ops.aten.add.Tensor, torch.ops.aten.add_.Tensor)
+    ]  # fmt: skip
+
+
+def test_the_residual_add_of_an_int8_conv_is_int8_even_outside_the_layer_module() -> None:
+    net, calib = _net_and_calib()
+    uniform = mps.quantize(net, "w8a8", backend="cpu-pt2e", calib=calib)
+    assert _add_fused(uniform) == [True]  # conv2 + x fused: no fp32 add between
+    conv2_fp32 = mps.PrecisionPlan({"conv2": "fp32"}, default="w8a8")
+    mixed = mps.quantize(net, conv2_fp32, backend="cpu-pt2e", calib=calib)
+    assert _add_fused(mixed) == [False]  # anchored on an fp32 layer: left alone
+
+
 def test_bad_input_names_the_argument_and_what_is_accepted() -> None:
     net, calib = _net_and_calib()
     with pytest.raises(ValueError, match="'calib' argument must be calibration batches"):
