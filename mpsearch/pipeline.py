@@ -27,12 +27,14 @@ from typing import Any
 import pandas as pd
 import torch
 import yaml
+from torch import nn
 
 from mpsearch._data import output_tensor, run_model
 from mpsearch._io import atomic_path
 from mpsearch._validation import invalid, unknown
 from mpsearch.backends import Backend, quantize
 from mpsearch.cost import CostModel, CostOptions, clock, measure_cost, threads
+from mpsearch.cost._decode import DecodeTimer
 from mpsearch.cost._model import per_layer_backend
 from mpsearch.plan import PrecisionPlan
 from mpsearch.profile import ProfileOptions, SensitivityProfile, profile
@@ -504,6 +506,9 @@ def speculative_rows(
         )
         ctrl.tune(tune_prompts, ks=settings.ks, drafts=drafts, max_new_tokens=settings.new_tokens)
         k = max(ctrl.k, 1)
+        for warm_k in (k, 0):  # untimed: a k the tuner never ran would compile while timed
+            ctrl.generate(test_prompts[0], max_new_tokens=settings.new_tokens, k=warm_k)
+        ctrl.audit_log.clear()  # acceptance over the timed prompts only
         spec_s, ref_s, exact = [], [], True
         for prompt in test_prompts:
             t0 = time.perf_counter()
@@ -962,19 +967,26 @@ class StudySteps:
         """fp32, each uniform plan and the chosen plan measured on the real backend (see :func:`summarize`)."""
         if self._summary is None:
             plans = {"best": self.best, **_uniform_plans(self.result)}
+            decoding = self._decode_timer()
             t0 = time.perf_counter()
-            self._summary = summarize(
-                self.workload,
-                self.cost,
-                plans,
-                backend=self.cost.backend,  # its kernel picks (autotuned) included
-                progress=self._show_progress,
-                rounder=self.rounder,
-            )
+            with threads(self.config.num_threads):
+                self._summary = summarize(
+                    self.workload,
+                    self.cost,
+                    plans,
+                    backend=self.cost.backend,  # its kernel picks (autotuned) included
+                    progress=self._show_progress,
+                    rounder=self.rounder,
+                    time_module=decoding,
+                )
             s = self._timed("measure_s", t0)
+            timed = "" if decoding is None else f" (ms per decoded token, {decoding.how})"
             self.log(
-                f"measured {len(plans) + 1} plans on the {self.config.backend!r} backend in {s:.1f} s"
+                f"measured {len(plans) + 1} plans on the {self.config.backend!r} backend in "
+                f"{s:.1f} s{timed}"
             )
+            for reason in [] if decoding is None else decoding.fallbacks:
+                self.log(f"note: decoded eagerly: {reason}")
             best = self._summary[self._summary["plan"] == "best"].iloc[0]
             if best["note"].startswith("cannot run"):
                 self.log(f"note: the chosen plan {best['note']}")
@@ -984,6 +996,21 @@ class StudySteps:
                     "if speed matters too, add a latency budget (e.g. latency_fraction: 1.0)"
                 )
         return self._summary
+
+    def _decode_timer(self) -> DecodeTimer | None:
+        """For a decoding study, how :meth:`measure` times a plan: greedy batch-1 decoding after
+        the first test prompt, compiled as ``decode.compile`` says (``None``: not a decoding
+        study; plans are timed on the cost model's example input)."""
+        settings = self.config.decode_settings()
+        if settings is None:
+            return None
+        prompt = torch.cat([b["input_ids"] for b in self.workload.test])[:1, : settings.prompt_len]
+        return DecodeTimer(
+            prompt,
+            new_tokens=settings.new_tokens,
+            timer=self.config.timer,
+            compile=settings.compile,
+        )
 
     def controller(self) -> pd.DataFrame | None:
         """The controller curve (see :class:`ControllerCurve`), or ``None`` when the config asks none.
@@ -1269,6 +1296,7 @@ def summarize(
     progress: bool = False,
     rounds: int = 3,
     rounder: Rounder | None = None,
+    time_module: Callable[[nn.Module], float] | None = None,
 ) -> pd.DataFrame:
     """Quality, exact memory and measured latency of fp32 and each plan, with ratios to fp32,
     and a ``note`` on each plan measured more than 5% slower than fp32 or that cannot run on
@@ -1279,7 +1307,9 @@ def summarize(
     runs too): each plan quantized once, latencies the median over ``rounds`` rounds that time
     every model in turn, each round a median of the cost model's repeats. ``rounder`` (a
     :class:`~mpsearch.rounding.Rounder` of ``wl.model``) rounds the plans' calibrated choices
-    (``"w4a16+gptq"``) and applies its bias correction.
+    (``"w4a16+gptq"``) and applies its bias correction. ``time_module`` times one model
+    (``None``: ``cost.time_module``, the cost model's example input; a decoding study passes a
+    :class:`~mpsearch.cost._decode.DecodeTimer`: ms per decoded token).
 
     >>> summarize(wl, cost, {"w8a8": PrecisionPlan.uniform("w8a8")}, backend="cpu")  # doctest: +SKIP
     """
@@ -1288,7 +1318,7 @@ def summarize(
         plans,
         backend=backend,
         evaluate=wl.evaluate,
-        time_module=cost.time_module,
+        time_module=time_module or cost.time_module,
         rounds=rounds,
         progress=progress,
         rounder=rounder,

@@ -251,3 +251,33 @@ def test_a_study_refuses_a_whole_model_backend_before_any_work() -> None:
         StudyConfig(workload="digits_cnn", backend="cpu-pt2e")
     with pytest.raises(ValueError, match="'backend'"):
         StudyConfig(workload="digits_cnn", backend="tpu")
+
+
+def test_a_decoding_study_times_plans_by_decoding_and_reports_the_controller(tmp_path) -> None:
+    """``studies/lm.yaml`` on the tiny LM: plans are timed per decoded token (not on a one-token
+    forward without a cache), the speculative controller reproduces its reference, and the
+    report shows both."""
+    from mpsearch.report import build_report
+
+    config = StudyConfig.from_yaml(
+        "studies/lm.yaml",
+        workload="stdlib_lm_tiny",
+        workload_options={"n_calib": 4, "n_test": 4, "batch_size": 4},
+        n_trials=4,
+        rounding=None,
+        output_dir=str(tmp_path / "out"),
+        cache_dir=str(tmp_path / "cache"),
+        storage=f"sqlite:///{tmp_path / 'study.db'}",
+        decode={"prompt_len": 8, "new_tokens": 6, "prompts": 1, "drafts": ["w4a16"],
+                "ks": [0, 2], "references": ["fp32"], "compile": False},
+    )  # fmt: skip
+    lines: list[str] = []
+    steps = StudySteps(config, log=lines.append, progress=False)
+    outcome = steps.run()
+    assert any(x.endswith("(ms per decoded token, eager)") for x in lines)
+    summary = outcome.summary.set_index("plan")
+    assert summary["latency_ms"].notna().all() and (summary["latency_ms"] > 0).all()
+    spec = steps.speculative().iloc[0]
+    assert spec["exact"] and spec["k"] >= 1 and spec["tokens_per_s"] > 0
+    md = build_report(tmp_path / "out", figures=False).markdown()
+    assert "Speculative decoding" in md

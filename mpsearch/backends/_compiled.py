@@ -242,4 +242,11 @@ class CpuInductorBackend(CpuBackend):
         return CompiledModel(super().finalize(model, assignment))
 
 
-__all__ = ["CHECK_RTOL", "RACE_CALLS", "CompiledModel", "CpuInductorBackend", "failed", "slower_reason"]
+__all__ = [
+    "CHECK_RTOL",
+    "RACE_CALLS",
+    "CompiledModel",
+    "CpuInductorBackend",
+    "failed",
+    "slower_reason",
+]

@@ -304,3 +304,49 @@ def measure_decode(
         tokens=tokens,
         compile_info=dict(decoder.compile_info),
     )
+
+
+class DecodeTimer:
+    """Milliseconds per decoded token of a module, as a ``time_module`` for whole-model checks
+    (:func:`~mpsearch.search._realcheck.measure_plans`): greedy batch-1 decoding of
+    ``new_tokens`` after ``input_ids`` (:func:`measure_decode`, one repeat per call), each
+    module on a :class:`KVDecoder` of its own that later calls reuse (its cache and, with
+    ``compile=True``, its compiled graphs). ``fallbacks``: why modules it was asked to
+    compile decoded eagerly (each reason once).
+
+    >>> timer = DecodeTimer(prompt, new_tokens=16, compile=True)  # doctest: +SKIP
+    >>> timer(model)  # ms per token  # doctest: +SKIP
+    """
+
+    def __init__(
+        self, input_ids: Tensor, *, new_tokens: int = 32, timer: str = "wall", compile: bool = False
+    ) -> None:
+        self.input_ids = input_ids
+        self.new_tokens = new_tokens
+        self.timer = timer
+        self.compile = compile
+        self._decoders: dict[int, KVDecoder] = {}
+
+    def __call__(self, module: nn.Module) -> float:
+        decoder = self._decoders.get(id(module))
+        if decoder is None or decoder.module is not module:
+            decoder = self._decoders[id(module)] = KVDecoder(module, compile=self.compile)
+        timing = measure_decode(
+            decoder, self.input_ids, new_tokens=self.new_tokens, repeats=1, timer=self.timer
+        )
+        return timing.decode_ms
+
+    @property
+    def how(self) -> str:
+        """``"compiled"`` or ``"eager"`` (what was asked; see :attr:`fallbacks`)."""
+        return "compiled" if self.compile else "eager"
+
+    @property
+    def fallbacks(self) -> list[str]:
+        return sorted(
+            {
+                d.compile_info["reason"]
+                for d in self._decoders.values()
+                if self.compile and not d.static
+            }
+        )

@@ -8,7 +8,7 @@ import torch
 import mpsearch as mps
 from mpsearch.backends._compiled import _cpp_compiler_missing
 from mpsearch.cost import KVDecoder, measure_decode
-from mpsearch.cost._decode import MIN_STATIC_CAPACITY
+from mpsearch.cost._decode import MIN_STATIC_CAPACITY, DecodeTimer
 
 transformers = pytest.importorskip("transformers")
 
@@ -158,3 +158,28 @@ def test_compiled_decode_of_other_causal_lms_equals_eager(name: str) -> None:
     compiled = measure_decode(model, prompt, new_tokens=6, repeats=1, compile=True)
     assert compiled.tokens == eager.tokens
     assert compiled.compile_info["mode"] == "inductor", compiled.compile_info
+
+
+def test_decode_timer_times_each_module_on_a_decoder_of_its_own_and_reuses_it() -> None:
+    model = _llama()
+    qm = mps.quantize(model, "w8a16", backend="cpu")
+    timer = DecodeTimer(torch.tensor([[1, 2, 3]]), new_tokens=4, compile=False)
+    assert timer(model) > 0 and timer(qm) > 0 and timer(model) > 0
+    assert [d.module for d in timer._decoders.values()] == [model, qm]  # one each, reused
+    assert timer.how == "eager" and timer.fallbacks == []
+
+
+def test_decode_timer_says_why_a_module_decoded_eagerly() -> None:
+    class NoConfig(torch.nn.Module):  # transformers cannot size a static cache for it
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = _llama()
+
+        def forward(self, input_ids: torch.Tensor, **kwargs: object) -> object:
+            return self.inner(input_ids=input_ids, **kwargs)
+
+    timer = DecodeTimer(torch.tensor([[1, 2]]), new_tokens=3, compile=True)
+    with pytest.warns(RuntimeWarning, match="decoding eagerly"):
+        assert timer(NoConfig()) > 0
+    assert timer.how == "compiled"
+    assert len(timer.fallbacks) == 1 and "no static KV cache for NoConfig" in timer.fallbacks[0]
