@@ -20,7 +20,7 @@ from __future__ import annotations
 import statistics
 import time
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -99,15 +99,23 @@ RACE_CALLS = 5
 
 
 def _race(
-    compiled: Any, eager: nn.Module, args: tuple[Any, ...], kwargs: Mapping[str, Any]
+    compiled: Any,
+    eager: nn.Module,
+    args: tuple[Any, ...],
+    kwargs: Mapping[str, Any],
+    *,
+    after: Callable[[], None] | None = None,
 ) -> tuple[float, float]:
-    """Median ms of the compiled and the eager model on the same input, called in turn."""
+    """Median ms of the compiled and the eager model on the same input, called in turn
+    (``after`` runs after each call, untimed: e.g. to undo what the call wrote)."""
     times: dict[Any, list[float]] = {compiled: [], eager: []}
     for _ in range(RACE_CALLS):
         for model, samples in times.items():
             start = time.perf_counter()
             model(*args, **kwargs)
             samples.append((time.perf_counter() - start) * 1e3)
+            if after is not None:
+                after()
     return statistics.median(times[compiled]), statistics.median(times[eager])
 
 

@@ -20,7 +20,9 @@ from mpsearch.backends._compiled import (
     _check_close,
     _compile_settings,
     _cpp_compiler_missing,
+    _race,
     failed,
+    slower_reason,
 )
 from mpsearch.cost._timing import clock
 
@@ -114,9 +116,12 @@ class KVDecoder:
     a ``StaticCache`` (fixed shapes, :meth:`reset` sizes it) and the model compiled by Inductor
     with static shapes, one graph per number of tokens fed; a sequence's first pass (the
     prompt) and passes over more than :data:`MAX_COMPILED_TOKENS` run eagerly on the same
-    cache. Each graph's first output is checked against the eager model's; where the static
-    cache or compiling fails, or the outputs differ, decoding goes on eagerly, with a warning,
-    and ``compile_info`` says why (``{"mode": "inductor" | "pending" | "eager", "reason": ...}``).
+    cache. Each graph's first output is checked against the eager model's, and the first graph
+    is raced against the eager step (:data:`~mpsearch.backends._compiled.RACE_CALLS` calls
+    each, on the same cache); where the static cache or compiling fails, the outputs differ or
+    the compiled step is not faster (e.g. kernels Dynamo cannot trace, such as fbgemm's int8
+    Linear: a graph break each), decoding goes on eagerly, with a warning, and
+    ``compile_info`` says why (``{"mode": "inductor" | "pending" | "eager", "reason": ...}``).
 
     >>> dec = KVDecoder(llama, compile=True)  # doctest: +SKIP
     >>> dec.reset(capacity=80)  # doctest: +SKIP
@@ -138,6 +143,7 @@ class KVDecoder:
         self.compile_info = dict(_PENDING if compile else _EAGER)
         self._compiled: Any = None
         self._checked: set[tuple[int, int, int]] = set()
+        self._raced = ""
         if compile:
             reason = _cpp_compiler_missing() or _static_cache_missing(module)
             if reason is not None:
@@ -203,16 +209,19 @@ class KVDecoder:
         if self._compiled is None:
             step = _own_step(self.module)
             self._compiled = torch.compile(step, backend="inductor", dynamic=False)
-        reason = None
+        reason, raced = None, ""
         try:  # compiled first, then the eager pass writes the cache entries that stay
             with _compile_settings(), dynamo_config.patch(recompile_limit=RECOMPILE_LIMIT):
                 got = self._compiled(input_ids=ids, **kwargs)
         except Exception as error:
             reason = failed("compilation", error)
-        for layer in self.cache.layers:  # back to the tokens seen, layer by layer
-            held = int(layer.get_seq_length())
-            if held > self.seen:
-                layer.crop(self.seen - held)
+        self._crop()
+        if reason is None and not self._checked:  # the first graph decides
+            compiled_ms, eager_ms = _race(
+                self._compiled, self.module, (), {"input_ids": ids, **kwargs}, after=self._crop
+            )
+            reason = slower_reason(compiled_ms, eager_ms)
+            raced = f"; a step {compiled_ms:.3g} ms vs {eager_ms:.3g} ms eager on the first"
         expected = self.module(input_ids=ids, **kwargs)
         if reason is None:
             reason = _check_close(got, expected)
@@ -220,11 +229,20 @@ class KVDecoder:
             self._fall_back(reason)
             return expected
         self._checked.add(key)
+        self._raced = self._raced or raced
         self.compile_info = {
             "mode": "inductor",
-            "reason": f"static KV cache, compiled by Inductor for {len(self._checked)} shape(s)",
+            "reason": f"static KV cache, compiled by Inductor for {len(self._checked)} "
+            f"shape(s){self._raced}",
         }
         return got
+
+    def _crop(self) -> None:
+        """Forget what the cache holds past the tokens seen, layer by layer."""
+        for layer in self.cache.layers:
+            held = int(layer.get_seq_length())
+            if held > self.seen:
+                layer.crop(self.seen - held)
 
     def _fall_back(self, reason: str) -> None:
         self.compile_info = {"mode": "eager", "reason": reason}

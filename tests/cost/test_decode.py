@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -183,3 +185,32 @@ def test_decode_timer_says_why_a_module_decoded_eagerly() -> None:
         assert timer(NoConfig()) > 0
     assert timer.how == "compiled"
     assert len(timer.fallbacks) == 1 and "no static KV cache for NoConfig" in timer.fallbacks[0]
+
+
+class _SlowWhenCompiled(transformers.LlamaForCausalLM):
+    """A Llama whose traced graph also multiplies two 1024 x 1024 matrices (times zero: the
+    logits are unchanged), so its compiled step is slower than its eager one."""
+
+    def forward(self, *args: object, **kwargs: object) -> object:
+        out = super().forward(*args, **kwargs)
+        if torch.compiler.is_compiling():
+            a = torch.randn(1024, 1024)
+            out.logits = out.logits + 0.0 * (a @ a @ a).sum()
+        return out
+
+
+@pytest.mark.skipif(_cpp_compiler_missing() is not None, reason="no C++ compiler")
+def test_a_compiled_step_slower_than_the_eager_one_is_dropped_with_both_timings() -> None:
+    fast = _llama()
+    slow = _SlowWhenCompiled(fast.config).eval()
+    slow.load_state_dict(fast.state_dict())
+    prompt = torch.tensor([[3, 1, 4, 1, 5]])
+    with pytest.warns(RuntimeWarning, match=r"decoding eagerly: compiled .* ms vs eager .* ms"):
+        decoder = KVDecoder(slow, compile=True)
+        t = measure_decode(decoder, prompt, new_tokens=6, repeats=1)
+    assert decoder.compile_info["mode"] == "eager" and not decoder.static
+    assert t.tokens == measure_decode(fast, prompt, new_tokens=6, repeats=1).tokens
+    kept = KVDecoder(fast, compile=True)
+    measure_decode(kept, prompt, new_tokens=6, repeats=1)
+    assert kept.compile_info["mode"] == "inductor"
+    assert re.search(r"a step [\d.]+ ms vs [\d.]+ ms eager", kept.compile_info["reason"])
