@@ -32,7 +32,7 @@ from torch import nn
 from mpsearch._data import output_tensor, run_model
 from mpsearch._io import atomic_path
 from mpsearch._validation import invalid, unknown
-from mpsearch.backends import Backend, quantize
+from mpsearch.backends import BACKENDS, Backend, get_backend, quantize
 from mpsearch.cost import CostModel, CostOptions, clock, measure_cost, threads
 from mpsearch.cost._decode import DecodeTimer
 from mpsearch.cost._model import per_layer_backend
@@ -118,6 +118,7 @@ class StudyConfig:
     workload_options: dict[str, Any] = field(default_factory=dict)
     decode: dict[str, Any] | None = None
     smooth: float | dict[str, Any] | None = None
+    deploy: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.study_name is None:
@@ -141,6 +142,7 @@ class StudyConfig:
                 "profile_batches", self.profile_batches, "a positive integer or null (all batches)"
             )
         per_layer_backend(self.backend)  # an unknown or whole-model backend, refused now
+        self.deploy_backends()
         Budget(**self.budget)  # validates the budget's keys and values now
         ControllerCurve(**(self.controller or {}))  # likewise the controller curve's settings
         self._check_search()
@@ -186,6 +188,28 @@ class StudyConfig:
         keys = {k: getattr(self, k) for k in _SEARCH_KEYS}
         keys["storage"] = self.storage_url
         return SearchOptions.from_dict({**self.search, **keys, **overrides})
+
+    def deploy_backends(self) -> list[Backend]:
+        """The ``deploy`` key: backends the summary also runs the measured plans on, whole-model
+        ones included (``cpu-pt2e``: PyTorch's x86 int8 flow, calibrated on the workload's
+        calibration batches; ``cpu-inductor``), each plan next to the user's fp32 model again.
+        The cost model and the search stay on ``backend``; a plan a deploy backend cannot run
+        is left out of its rows, with the reason in the log.
+
+        >>> [b.name for b in StudyConfig(deploy=["cpu-pt2e"]).deploy_backends()]
+        ['cpu-pt2e']
+        """
+        if not isinstance(self.deploy, list):
+            raise invalid("deploy", self.deploy, "a list of backend names")
+        backends = []
+        for name in self.deploy:
+            if name not in BACKENDS:
+                raise unknown("deploy", name, BACKENDS)
+            backend = get_backend(name)
+            if not backend.real:
+                raise invalid("deploy", name, "a backend that runs real kernels")
+            backends.append(backend)
+        return backends
 
     def smooth_alpha(self) -> float | None:
         """The ``smooth`` key: SmoothQuant's migration strength (``None``: no smoothing).
@@ -964,7 +988,8 @@ class StudySteps:
         return self.result.best()
 
     def measure(self) -> pd.DataFrame:
-        """fp32, each uniform plan and the chosen plan measured on the real backend (see :func:`summarize`)."""
+        """fp32, each uniform plan and the chosen plan measured on the real backend (see
+        :func:`summarize`), then on each ``deploy`` backend (:meth:`_deploy_rows`)."""
         if self._summary is None:
             plans = {"best": self.best, **_uniform_plans(self.result)}
             decoding = self._decode_timer()
@@ -995,7 +1020,46 @@ class StudySteps:
                     f"note: the chosen plan was {best['note']} ({best['latency_ms']:.4g} ms); "
                     "if speed matters too, add a latency budget (e.g. latency_fraction: 1.0)"
                 )
+            for backend in self.config.deploy_backends():
+                missing = backend.unavailable_reason()
+                if missing is not None:
+                    self.log(f"note: deploy backend {backend.name!r} skipped: {missing}")
+                    continue
+                self._summary = pd.concat(
+                    [self._summary, self._deploy_rows(backend, plans, decoding)],
+                    ignore_index=True,
+                )
         return self._summary
+
+    def _deploy_rows(
+        self, backend: Backend, plans: dict[str, PrecisionPlan], decoding: DecodeTimer | None
+    ) -> pd.DataFrame:
+        """:meth:`measure`'s rows of ``plans`` on the deploy backend ``backend`` (named
+        ``<plan>@<backend>``; speed-ups over the fp32 model timed in the same rounds), the
+        plans it cannot run left out and said in the log."""
+        t0 = time.perf_counter()
+        with threads(self.config.num_threads):
+            df = summarize(
+                self.workload,
+                self.cost,
+                {f"{name}@{backend.name}": plan for name, plan in plans.items()},
+                backend=backend,
+                progress=self._show_progress,
+                rounder=self.rounder,
+                time_module=decoding,
+                calib=self.workload.calib if backend.needs_calib else None,
+            )
+        df = df[df["plan"] != "fp32"]
+        cannot = df["note"].str.startswith("cannot run")
+        for row in df[cannot].itertuples():
+            self.log(f"note: {row.plan} left out: {' '.join(row.note.split())[:300]}")
+        kept = df[~cannot]
+        best = ", ".join(f"{r.plan} {r.speedup:.2f}x" for r in kept.itertuples())
+        self.log(
+            f"deploy backend {backend.name!r}: {len(kept)} of {len(df)} plans ran in "
+            f"{time.perf_counter() - t0:.1f} s{': ' + best if best else ''}"
+        )
+        return kept
 
     def _decode_timer(self) -> DecodeTimer | None:
         """For a decoding study, how :meth:`measure` times a plan: greedy batch-1 decoding after
@@ -1297,6 +1361,7 @@ def summarize(
     rounds: int = 3,
     rounder: Rounder | None = None,
     time_module: Callable[[nn.Module], float] | None = None,
+    calib: Any = None,
 ) -> pd.DataFrame:
     """Quality, exact memory and measured latency of fp32 and each plan, with ratios to fp32,
     and a ``note`` on each plan measured more than 5% slower than fp32 or that cannot run on
@@ -1309,7 +1374,8 @@ def summarize(
     :class:`~mpsearch.rounding.Rounder` of ``wl.model``) rounds the plans' calibrated choices
     (``"w4a16+gptq"``) and applies its bias correction. ``time_module`` times one model
     (``None``: ``cost.time_module``, the cost model's example input; a decoding study passes a
-    :class:`~mpsearch.cost._decode.DecodeTimer`: ms per decoded token).
+    :class:`~mpsearch.cost._decode.DecodeTimer`: ms per decoded token). ``calib``: the
+    calibration batches of a backend that needs them (``cpu-pt2e``).
 
     >>> summarize(wl, cost, {"w8a8": PrecisionPlan.uniform("w8a8")}, backend="cpu")  # doctest: +SKIP
     """
@@ -1322,6 +1388,7 @@ def summarize(
         rounds=rounds,
         progress=progress,
         rounder=rounder,
+        calib=calib,
     )
     memory = [cost.fp32_memory_bytes, *(cost.memory_bytes(plan) for plan in plans.values())]
     df.insert(2, "memory_mb", [m / 1e6 for m in memory])

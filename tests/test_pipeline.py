@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from mpsearch.backends import get_backend
 from mpsearch.pipeline import StudyConfig, StudySteps, summarize
 from mpsearch.plan import PrecisionPlan
 
@@ -281,3 +282,44 @@ def test_a_decoding_study_times_plans_by_decoding_and_reports_the_controller(tmp
     assert spec["exact"] and spec["k"] >= 1 and spec["tokens_per_s"] > 0
     md = build_report(tmp_path / "out", figures=False).markdown()
     assert "Speculative decoding" in md
+
+
+@pytest.mark.skipif(
+    get_backend("cpu-pt2e").unavailable_reason() is not None,
+    reason=str(get_backend("cpu-pt2e").unavailable_reason()),
+)
+def test_deploy_backends_measure_the_plans_they_can_run_beside_fp32(tmp_path) -> None:
+    config = StudyConfig(
+        workload="digits_cnn",
+        schemes=["bf16", "w8a8"],
+        n_trials=4,
+        deploy=["cpu-pt2e"],
+        output_dir=str(tmp_path / "out"),
+        cache_dir=str(tmp_path / "cache"),
+        storage=f"sqlite:///{tmp_path / 'study.db'}",
+    )
+    lines: list[str] = []
+    summary = StudySteps(config, log=lines.append, progress=False).run().summary.set_index("plan")
+    row = summary.loc["uniform:w8a8@cpu-pt2e"]
+    assert row["latency_ms"] > 0 and row["speedup"] > 0
+    assert row["quality"] == pytest.approx(summary.loc["fp32", "quality"], abs=0.05)
+    assert row["memory_mb"] == summary.loc["uniform:w8a8", "memory_mb"]
+    assert "uniform:bf16@cpu-pt2e" not in summary.index  # pt2e runs fp32 / w8a8 only
+    assert any(x.startswith("note: uniform:bf16@cpu-pt2e left out: cannot run") for x in lines)
+    assert any(x.startswith("deploy backend 'cpu-pt2e': ") for x in lines)
+    from mpsearch.report import build_report
+
+    assert "uniform:w8a8@cpu-pt2e" in build_report(tmp_path / "out", figures=False).markdown()
+
+
+@pytest.mark.parametrize(
+    ("deploy", "message"),
+    [
+        (["tpu"], "'deploy' argument must be one of"),
+        (["simulate"], "'deploy' argument must be a backend that runs real kernels"),
+        ("cpu-pt2e", "'deploy' argument must be a list of backend names"),
+    ],
+)
+def test_bad_deploy_backends_are_refused_before_any_work(deploy, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        StudyConfig(workload="digits_cnn", deploy=deploy)

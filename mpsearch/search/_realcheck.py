@@ -34,10 +34,12 @@ def measure_plans(
     rounds: int = 3,
     progress: bool = False,
     rounder: Rounder | None = None,
+    calib: Any = None,
 ) -> pd.DataFrame:
     """Quality and end-to-end latency of ``model`` (row ``fp32``, the model as it is) and of
     each plan quantized on ``backend`` (``quantize(model, plan, backend=backend,
-    rounder=rounder)``: ``rounder`` rounds the plans' calibrated choices, ``"w4a16+gptq"``).
+    rounder=rounder, calib=calib)``: ``rounder`` rounds the plans' calibrated choices,
+    ``"w4a16+gptq"``; ``calib`` calibrates a backend that needs it, ``cpu-pt2e``).
 
     Columns: ``plan`` (the name), ``quality`` (``evaluate``), ``latency_ms`` (the median over
     ``rounds`` rounds that time every model in turn with ``time_module``, so that a burst of
@@ -53,7 +55,7 @@ def measure_plans(
     rows = {"fp32": {"plan": "fp32", "quality": quality_value(evaluate(model)), "note": ""}}
     for name, plan in tqdm(plans.items(), desc="measure", disable=not progress, leave=False):
         try:
-            models[name] = quantize(model, plan, backend=backend, rounder=rounder)
+            models[name] = quantize(model, plan, backend=backend, rounder=rounder, calib=calib)
             quality = quality_value(evaluate(models[name]))
         except Exception as exc:  # recorded: the other plans are still measured
             models.pop(name, None)
