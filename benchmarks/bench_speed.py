@@ -12,9 +12,9 @@ For each model, side by side in one run on this machine's real kernels:
    the best uniform and the best mixed plan meeting a 1% quality drop are the fastest measured;
 3. fp32 (the user's model), the backend's fp32 plan, the best uniform and the best mixed plan,
    timed interleaved (medians of rounds) on the default kernels, the autotuned kernels and,
-   where the ``cpu-inductor`` backend is registered, compiled whole; and the fp32 / w8a8
-   plans among them, plus w8a8 on every layer it takes, through PyTorch's pt2e X86 Inductor
-   int8 flow (``cpu-pt2e``), their quality measured again;
+   where the ``cpu-inductor`` backend is registered, compiled whole; and the same plans, plus
+   w8a8 on every layer it takes, through PyTorch's pt2e X86 Inductor int8 flow (``cpu-pt2e``:
+   the other choices on the ``cpu`` kernels inside it), their quality measured again;
 4. the cost model's predicted end-to-end latency of each measured plan vs its measured latency.
 """
 
@@ -171,7 +171,7 @@ def add_pt2e(
 ) -> dict[str, Any]:
     """The chosen uniform and mixed plans, and w8a8 on every layer it takes (fp32 elsewhere,
     and on the most sensitive ones until the quality meets the target: :func:`pt2e_w8a8_plans`),
-    on ``cpu-pt2e`` where it runs them (fp32 anywhere, w8a8 on Conv1d / Conv2d / Linear) and
+    on ``cpu-pt2e`` where it runs them (the plans the cpu backend runs) and
     where their quality, measured again (its activation ranges are static, calibrated on the
     workload's calibration batches), still drops at most TARGET_DROP; added to ``models`` as
     ``pt2e:<label>``. Returns each one's quality (and ``w8a8_fp32_kept``)."""
@@ -301,8 +301,9 @@ def main() -> None:
             f"{args.rounds} interleaved rounds on the example batch of 32); `eager`: each layer "
             "on the backend's default kernel; `tuned`: the autotuned kernels (`measure_cost`'s "
             "picks); `compiled`: the autotuned plan compiled whole (`cpu-inductor`); `pt2e`: "
-            "the plan through PyTorch's pt2e X86 Inductor int8 flow (`cpu-pt2e`: fp32 / w8a8 "
-            "plans only, static activation ranges from the calibration batches; `pt2e_w8a8`: "
+            "the plan through PyTorch's pt2e X86 Inductor int8 flow (`cpu-pt2e`: its w8a8 "
+            "layers, static activation ranges from the calibration batches, the other choices "
+            "on the cpu kernels inside the compiled model; `pt2e_w8a8`: "
             "w8a8 on every Conv1d / Conv2d / Linear but the ones the profile finds most "
             "sensitive, added to fp32 until the quality meets the target; "
             "`pt2e_w8a8_fp32_layers`: its layers left in fp32), kept only where its own measured quality still meets "

@@ -289,9 +289,12 @@ def test_a_decoding_study_times_plans_by_decoding_and_reports_the_controller(tmp
     reason=str(get_backend("cpu-pt2e").unavailable_reason()),
 )
 def test_deploy_backends_measure_the_plans_they_can_run_beside_fp32(tmp_path) -> None:
+    """A study searched on ``simulate``, deployed on ``cpu-pt2e``: the plans it runs get rows
+    beside fp32 (and in the report); a 2-bit plan is left out with the reason."""
     config = StudyConfig(
         workload="digits_cnn",
-        schemes=["bf16", "w8a8"],
+        backend="simulate",
+        schemes=["w8a8", "w2a16", "w2a16_pc"],
         n_trials=4,
         deploy=["cpu-pt2e"],
         output_dir=str(tmp_path / "out"),
@@ -299,17 +302,22 @@ def test_deploy_backends_measure_the_plans_they_can_run_beside_fp32(tmp_path) ->
         storage=f"sqlite:///{tmp_path / 'study.db'}",
     )
     lines: list[str] = []
-    summary = StudySteps(config, log=lines.append, progress=False).run().summary.set_index("plan")
+    steps = StudySteps(config, log=lines.append, progress=False)
+    summary = steps.run().summary.set_index("plan")
     row = summary.loc["uniform:w8a8@cpu-pt2e"]
     assert row["latency_ms"] > 0 and row["speedup"] > 0
     assert row["quality"] == pytest.approx(summary.loc["fp32", "quality"], abs=0.05)
     assert row["memory_mb"] == summary.loc["uniform:w8a8", "memory_mb"]
-    assert "uniform:bf16@cpu-pt2e" not in summary.index  # pt2e runs fp32 / w8a8 only
-    assert any(x.startswith("note: uniform:bf16@cpu-pt2e left out: cannot run") for x in lines)
     assert any(x.startswith("deploy backend 'cpu-pt2e': ") for x in lines)
     from mpsearch.report import build_report
 
     assert "uniform:w8a8@cpu-pt2e" in build_report(tmp_path / "out", figures=False).markdown()
+
+    two_bit = {"w2a16": PrecisionPlan.uniform("w2a16")}
+    rows = steps._deploy_rows(get_backend("cpu-pt2e"), two_bit, None)
+    assert rows.empty  # no 2-bit kernel on CPU
+    assert lines[-2].startswith("note: w2a16@cpu-pt2e left out: cannot run")
+    assert lines[-1].startswith("deploy backend 'cpu-pt2e': 0 of 1 plans ran")
 
 
 @pytest.mark.parametrize(

@@ -5,11 +5,12 @@ Inductor with frozen weights, which fuses each quantize / conv or linear / dequa
 with its ReLU and residual add, into oneDNN int8 kernels, so activations stay int8 between
 neighbouring int8 layers (the ``cpu`` backend quantizes and dequantizes around every layer).
 
-It runs ``fp32`` and ``w8a8`` on ``Conv2d`` and ``Linear`` layers (what the quantizer
-annotates) and on ``Conv1d`` layers run as height-1 ``Conv2d`` (:class:`Conv1dAs2d`), and needs
-calibration batches: ``quantize(model, plan, backend="cpu-pt2e",
-calib=batches)``. Where capture, conversion or compilation fails, the plan runs on the ``cpu``
-backend instead, with a warning, and ``mpsearch_compile`` says why.
+Its ``w8a8`` layers are ``Conv2d`` and ``Linear`` layers (what the quantizer annotates) and
+``Conv1d`` layers run as height-1 ``Conv2d`` (:class:`Conv1dAs2d`); every other choice of the
+plan runs the ``cpu`` backend's kernel for it inside the same exported, compiled model. It
+needs calibration batches: ``quantize(model, plan, backend="cpu-pt2e", calib=batches)``.
+Where capture, conversion or compilation fails, the plan runs on the ``cpu`` backend instead,
+with a warning, and ``mpsearch_compile`` says why.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from mpsearch.backends._compiled import (
     _cpp_compiler_missing,
     failed,
 )
-from mpsearch.backends._registry import Backend
+from mpsearch.backends._registry import Backend, get_backend
 from mpsearch.schemes import Scheme
 
 CHECK_RTOL = 0.05
@@ -38,8 +39,17 @@ CHECK_RTOL = 0.05
 first calibration batch: fused kernels requantize int8 outputs with their own rounding, which
 moved a 20-layer ResNet-18's logits by up to 2 %; a wrong kernel moves them by far more."""
 
-SCHEMES = ("fp32", "w8a8")
 LAYER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Linear)
+
+
+def _annotated(layer: nn.Module, scheme: str) -> bool:
+    """Whether ``layer`` in ``scheme`` goes through the pt2e flow (``w8a8`` on a zero-padded
+    Conv1d / Conv2d / Linear); other non-fp32 choices run the ``cpu`` backend's kernel."""
+    return (
+        scheme == "w8a8"
+        and type(layer) in LAYER_TYPES
+        and getattr(layer, "padding_mode", "zeros") == "zeros"
+    )
 
 
 class Conv1dAs2d(nn.Module):
@@ -135,6 +145,13 @@ def _plan_quantizer(layers: list[str]) -> Any:
     return PlanQuantizer()
 
 
+def _pt2e_layers(model: nn.Module, assignment: Mapping[str, str]) -> list[str]:
+    """The layers of ``assignment`` that go through the pt2e flow (:func:`_annotated`), as
+    they are in ``model`` (whose other quantized layers are ``cpu`` kernels already)."""
+    modules = dict(model.named_modules())
+    return [n for n, s in assignment.items() if _annotated(modules[n], s)]
+
+
 def _convert(
     model: nn.Module, assignment: Mapping[str, str], batches: list[Any]
 ) -> torch.fx.GraphModule:
@@ -143,10 +160,10 @@ def _convert(
     ``model`` as it is)."""
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
+    annotated = _pt2e_layers(model, assignment)
     model = copy.deepcopy(model)
     layers = dict(model.named_modules())
-    conv1d = [n for n, s in assignment.items() if s == "w8a8" and type(layers[n]) is nn.Conv1d]
-    _as_2d(model, conv1d)
+    _as_2d(model, [n for n in annotated if type(layers[n]) is nn.Conv1d])
 
     args, kwargs = call_args(batches[0])
     exported = torch.export.export(
@@ -154,9 +171,7 @@ def _convert(
     ).module()
     with warnings.catch_warnings():  # a pooling after an fp32 output stays fp32, as planned
         warnings.filterwarnings("ignore", "The input of maxpool2d is not quantized")
-        prepared = prepare_pt2e(
-            exported, _plan_quantizer([n for n, s in assignment.items() if s == "w8a8"])
-        )
+        prepared = prepare_pt2e(exported, _plan_quantizer(annotated))
     with torch.no_grad():
         for batch in batches:
             a, k = call_args(batch)
@@ -189,8 +204,9 @@ class Pt2eModel(nn.Module):
 
 
 class CpuPt2eBackend(Backend):
-    """``fp32`` and ``w8a8`` on Conv1d / Conv2d / Linear through PyTorch's pt2e X86 Inductor flow
-    (:class:`Pt2eModel`); needs ``calib`` batches (static activation ranges)."""
+    """``w8a8`` on Conv1d / Conv2d / Linear through PyTorch's pt2e X86 Inductor flow
+    (:class:`Pt2eModel`), every other scheme on the ``cpu`` backend's kernel for it, the whole
+    model compiled by Inductor; needs ``calib`` batches (static activation ranges)."""
 
     name = "cpu-pt2e"
     real = True
@@ -200,24 +216,16 @@ class CpuPt2eBackend(Backend):
         return _pt2e_missing() or _cpp_compiler_missing()
 
     def unsupported_reason(self, layer: nn.Module, scheme: Scheme) -> str | None:
-        if scheme.name not in SCHEMES:
-            return (
-                f"cpu-pt2e runs {' and '.join(SCHEMES)} only (PyTorch's X86 Inductor "
-                f"quantizer); {scheme.name} runs on the cpu or cpu-inductor backend"
-            )
-        if scheme.name == "fp32":
-            return None  # left as it is, whatever its type
-        if type(layer) not in LAYER_TYPES:
-            kinds = ", ".join(t.__name__ for t in LAYER_TYPES)
-            return f"cpu-pt2e quantizes {kinds} layers only, not {type(layer).__name__}"
-        if getattr(layer, "padding_mode", "zeros") != "zeros":
-            return f"cpu-pt2e pads convolutions with zeros only, not {layer.padding_mode!r}"
-        return None
+        if scheme.name == "fp32" or _annotated(layer, scheme.name):
+            return None
+        return get_backend("cpu").unsupported_reason(layer, scheme)
 
     def quantize_layer(
         self, layer: nn.Module, scheme: Scheme, *, act_range: tuple[float, float] | None = None
     ) -> nn.Module:
-        return layer  # the whole model is converted in finalize
+        if scheme.name == "fp32" or _annotated(layer, scheme.name):
+            return layer  # converted with the whole model in finalize
+        return get_backend("cpu").quantize_layer(layer, scheme)  # its kernel, compiled whole
 
     def finalize(
         self,
@@ -243,7 +251,8 @@ class CpuPt2eBackend(Backend):
         warnings.warn(
             f"cpu-pt2e: running the plan on the cpu backend: {reason}", RuntimeWarning, stacklevel=3
         )
-        fallback = quantize(model, dict(assignment), backend="cpu", calib=batches)
+        own = _pt2e_layers(model, assignment)  # the other layers run cpu kernels already
+        fallback = quantize(model, dict.fromkeys(own, "w8a8"), backend="cpu", calib=batches)
         fallback.mpsearch_compile = {"mode": "cpu", "reason": reason}
         return fallback
 

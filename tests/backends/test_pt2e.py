@@ -101,11 +101,24 @@ def test_bad_input_names_the_argument_and_what_is_accepted() -> None:
     net, calib = _net_and_calib()
     with pytest.raises(ValueError, match="'calib' argument must be calibration batches"):
         mps.quantize(net, "w8a8", backend="cpu-pt2e")
-    with pytest.raises(ValueError, match="cpu-pt2e runs fp32 and w8a8 only"):
-        mps.quantize(net, "w4a16", backend="cpu-pt2e", calib=calib)
-    lstm = nn.Sequential(nn.Linear(4, 4), nn.LSTM(4, 4))
-    with pytest.raises(ValueError, match="Conv1d, Conv2d, Linear layers only, not LSTM"):
-        mps.quantize(lstm, "w8a8", backend="cpu-pt2e", calib=[torch.randn(2, 4)])
+    with pytest.raises(
+        ValueError, match=r"conv1 \(Conv2d\) in 'w2a16_pc': .*no 2-bit kernel on CPU"
+    ):
+        mps.quantize(net, "w2a16", backend="cpu-pt2e", calib=calib)  # nor on the cpu backend
+
+
+def test_other_schemes_run_the_cpu_kernels_inside_the_compiled_int8_model() -> None:
+    net, calib = _net_and_calib()
+    plan = mps.PrecisionPlan({"conv1": "bf16", "conv2": "w8a8", "fc": "w4a16_pc"})
+    q = mps.quantize(net, plan, backend="cpu-pt2e", calib=calib)
+    assert isinstance(q, Pt2eModel) and q.mpsearch_compile["mode"] == "inductor"
+    assert _add_fused(q)[0]  # conv2 and its residual add, int8 in one kernel (then fc's bias)
+    targets = {str(n.target) for n in q.converted.graph.nodes if n.op == "call_function"}
+    assert "aten._weight_int4pack_mm_for_cpu.default" in targets  # fc: the cpu backend's kernel
+    x = torch.randn(8, 3, 16, 16)
+    with torch.no_grad():
+        got, cpu = q(x), mps.quantize(net, plan, backend="cpu")(x)
+    assert float((got - cpu).norm() / cpu.norm()) < 0.02  # static vs dynamic int8 ranges
 
 
 def test_a_model_export_cannot_capture_falls_back_to_the_cpu_backend_with_the_reason() -> None:
