@@ -495,12 +495,18 @@ def summary(info: dict[str, Any]) -> str:
     )
     for sp in info["spec"]:
         x = sp["tokens_per_s"] / sp["ref_tokens_per_s"]
+        verdict = f"goal >= {GOAL_SPEC_X}x: {'met' if x >= GOAL_SPEC_X else 'NOT met'}"
+        if sp["k_tuned"] == 0:  # the tuner declined: no draft is cheap enough for this reference
+            verdict = (
+                "the tuner declined to speculate (k = 0: the controller decodes with the "
+                f"reference alone, 1.00x); timed at k = {sp['k']} for the record"
+            )
         lines.append(
             f"- speculative controller, reference {sp['reference']}, draft {sp['draft']}, "
             f"k={sp['k']} (tuned {sp['k_tuned']}), {sp['threads']} thread(s): acceptance {sp['acceptance']:.1%}, "
             f"{sp['tokens_per_s']:.0f} vs {sp['ref_tokens_per_s']:.0f} tokens/s = **{x:.2f}x** "
-            f"(goal >= {GOAL_SPEC_X}x: {'met' if x >= GOAL_SPEC_X else 'NOT met'}); output "
-            f"identical to the reference's greedy tokens: {'yes' if sp['exact'] else 'NO'}"
+            f"({verdict}); output identical to the reference's greedy tokens: "
+            f"{'yes' if sp['exact'] else 'NO'}"
         )
     return "\n".join(lines)
 
