@@ -198,3 +198,25 @@ def test_the_cost_model_refuses_to_time_it_layer_by_layer() -> None:
     net, _ = _net_and_calib()
     with pytest.raises(ValueError, match="'cpu-pt2e' quantizes the whole model at once"):
         mps.measure_cost(net, torch.randn(2, 3, 16, 16), schemes=["w8a8"], backend="cpu-pt2e")
+
+
+def test_a_cpu_kernel_export_cannot_capture_falls_back_to_the_cpu_backend_whole() -> None:
+    class Tagger(nn.Module):  # an LSTM (int8 on the cpu backend: an op export cannot take)
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(6, 8)
+            self.lstm = nn.LSTM(8, 8, batch_first=True)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.lstm(torch.relu(self.fc(x)))[0]
+
+    torch.manual_seed(0)
+    net = Tagger().eval()
+    calib = [torch.randn(4, 5, 6) for _ in range(2)]
+    with pytest.warns(RuntimeWarning, match="cpu-pt2e: running the plan on the cpu backend"):
+        q = mps.quantize(net, "w8a8", backend="cpu-pt2e", calib=calib)
+    assert q.mpsearch_compile["mode"] == "cpu" and "quantized_lstm" in q.mpsearch_compile["reason"]
+    x = torch.randn(3, 5, 6)
+    with torch.no_grad():
+        want = mps.quantize(net, "w8a8", backend="cpu", calib=calib)(x)
+        torch.testing.assert_close(q(x), want)  # the same kernels, the same static ranges
