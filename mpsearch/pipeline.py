@@ -512,8 +512,7 @@ def speculative_rows(
     """
     from mpsearch.runtime import SpeculativeController
 
-    calib = torch.cat([b["input_ids"] for b in wl.calib])
-    test = torch.cat([b["input_ids"] for b in wl.test])
+    calib, test = _token_rows(wl.calib), _token_rows(wl.test)
     n, length = settings.prompts, settings.prompt_len
     tune_prompts = [row[:length] for row in calib[:n]]
     test_prompts = [row[:length] for row in test[:n]]
@@ -877,7 +876,7 @@ class StudySteps:
         )
         example = wl.example_input
         if self.config.decode is not None:  # one decoded token: latency per token
-            example = {"input_ids": torch.cat([b["input_ids"] for b in wl.test])[:1, :1]}
+            example = {"input_ids": _token_rows(wl.test)[:1, :1]}
         cost = measure_cost(
             wl.model,
             example,
@@ -1068,7 +1067,7 @@ class StudySteps:
         settings = self.config.decode_settings()
         if settings is None:
             return None
-        prompt = torch.cat([b["input_ids"] for b in self.workload.test])[:1, : settings.prompt_len]
+        prompt = _token_rows(self.workload.test)[:1, : settings.prompt_len]
         return DecodeTimer(
             prompt,
             new_tokens=settings.new_tokens,
@@ -1341,6 +1340,11 @@ def run_study(
     >>> outcome.summary[["plan", "speedup"]]                                 # doctest: +SKIP
     """
     return StudySteps(config, log=log, progress=progress).run()
+
+
+def _token_rows(batches: list[Any]) -> torch.Tensor:
+    """The ``input_ids`` of a causal LM workload's batches, one row per window."""
+    return torch.cat([b["input_ids"] for b in batches])
 
 
 def _uniform_plans(result: SearchResult) -> dict[str, PrecisionPlan]:
