@@ -29,15 +29,16 @@ kernels (``cpu`` backend):
    ``k`` tuned on calibration prompts among the 4-bit plans; reference = fp32 and reference =
    the ``mixed <= 1% ppl`` plan. Tokens/s of ``generate`` with the tuned ``k`` vs ``k = 0``
    (the reference decoding alone, same code path), interleaved per prompt, both variants
-   compiled on static caches (``compile=True``); ``exact``: every output equals the
+   compiled on static caches with autotuned kernels (``compile="max-autotune"``); ``exact``: every output equals the
    reference's greedy tokens.
 
 Perplexity is measured on the test windows on the ``cpu`` backend; memory is the cost
 model's exact bytes (scales included); decode tokens/s is ``1000 / decode_ms`` of
 :func:`mpsearch.cost.measure_decode` (greedy batch 1 with the KV cache, after a prompt), the
 median over interleaved rounds (each round times every plan in turn), for each thread count,
-each plan decoding eagerly (dynamic cache) and compiled by Inductor (static cache); the goals
-are read on compiled decoding, fp32 compiled too.
+each plan decoding eagerly (dynamic cache), compiled by Inductor (static cache) and compiled
+with autotuned matrix-product kernels (``max-autotune``); the goals are read on the last, the
+fastest engine for fp32 too.
 """
 
 from __future__ import annotations
@@ -96,6 +97,14 @@ class Settings:
     spec_prompts: int = 4
     spec_new_tokens: int = 48
     spec_ks: tuple[int, ...] = (0, 1, 2, 3, 4, 6)
+    # the engines timed (keys of DECODE_MODES); the goals and the speculative controller use
+    # the last: max-autotune, the fastest for every plan here, fp32 included (on Zen 4 fp32
+    # decodes 1.9x faster than on Inductor's default kernels)
+    modes: tuple[str, ...] = ("eager", "compiled", "max-autotune")
+
+    @property
+    def main_mode(self) -> str:
+        return self.modes[-1]
 
 
 QUICK = Settings(
@@ -112,6 +121,7 @@ QUICK = Settings(
     spec_prompts=2,
     spec_new_tokens=12,
     spec_ks=(0, 1, 2, 4),
+    modes=("eager", "compiled"),  # autotuning every plan's products takes minutes
 )
 
 
@@ -151,13 +161,15 @@ def q4_k_m_style() -> mps.PrecisionPlan:
     )
 
 
-DECODE_MODES = ("eager", "compiled")
-"""How each plan decodes: its eager model on a dynamic KV cache, or compiled by Inductor on a
-static one (:class:`mpsearch.cost.KVDecoder`). The goals are read on the compiled engine."""
+DECODE_MODES = {"eager": False, "compiled": True, "max-autotune": "max-autotune"}
+"""How each plan decodes (the :class:`mpsearch.cost.KVDecoder` ``compile`` value): its eager
+model on a dynamic KV cache, compiled by Inductor on a static one, or compiled with each matrix
+product's kernel chosen by measurement."""
 
 
 def speed_key(n_threads: int, mode: str) -> str:
-    """The table's column for ``n_threads`` and a decode mode: ``"1t"``, ``"1t compiled"``."""
+    """The table's column for ``n_threads`` and a decode mode: ``"1t"``, ``"1t compiled"``,
+    ``"1t max-autotune"``."""
     return f"{n_threads}t" + ("" if mode == "eager" else f" {mode}")
 
 
@@ -165,9 +177,9 @@ def decode_rounds(rows: list[Row], prompt: torch.Tensor, s: Settings, n_threads:
     """Each row's median decode tokens/s in every mode over ``s.rounds`` interleaved rounds
     (compiled decoders are built, and compile, once, before the first round)."""
     decoders = {
-        (r.label, mode): KVDecoder(r.module, compile=mode == "compiled")
+        (r.label, mode): KVDecoder(r.module, compile=DECODE_MODES[mode])
         for r in rows
-        for mode in DECODE_MODES
+        for mode in s.modes
     }
     per: dict[tuple[str, str], list[float]] = {key: [] for key in decoders}
     with threads(n_threads):
@@ -177,11 +189,11 @@ def decode_rounds(rows: list[Row], prompt: torch.Tensor, s: Settings, n_threads:
                 if round_:
                     per[key].append(t.decode_ms)
     for r in rows:
-        for mode in DECODE_MODES:
+        for mode in s.modes:
             ms = statistics.median(per[(r.label, mode)])
             r.tokens_per_s = {**(r.tokens_per_s or {}), speed_key(n_threads, mode): 1000.0 / ms}
             info = decoders[(r.label, mode)].compile_info
-            if mode == "compiled" and info["mode"] != "inductor":
+            if mode != "eager" and info["mode"] != "inductor":
                 print(f"{r.label}: decoded eagerly: {info['reason']}", flush=True)
 
 
@@ -199,8 +211,9 @@ def speculative(
     """Tune a speculative controller (draft among ``drafts``, ``k``) and time its ``generate``
     against ``k = 0`` (the reference alone), interleaved per prompt (wall clock)."""
     ctrl = mps.SpeculativeController(
-        model, drafts[0], reference=reference, backend="cpu", rounder=rounder, compile=True
-    )
+        model, drafts[0], reference=reference, backend="cpu", rounder=rounder,
+        compile=DECODE_MODES[s.main_mode],
+    )  # fmt: skip
     with threads(n_threads):
         tuning = ctrl.tune(
             tune_prompts, ks=s.spec_ks, drafts=drafts, max_new_tokens=s.spec_new_tokens
@@ -269,11 +282,13 @@ def table_rows(
     fp32_ppl: float,
     fp32_mb: float,
     thread_counts: list[int],
+    modes: tuple[str, ...],
 ) -> list[dict[str, Any]]:
     """The table: perplexity, memory, tokens/s in every mode and thread count, the ratios to
-    fp32 decoding the same way and (compiled, main thread count) to the eager fp32 model."""
+    fp32 decoding the same way and (the last mode, main thread count) to the eager fp32
+    model."""
     fp32 = rows[0]
-    main = speed_key(thread_counts[0], "compiled")
+    main = speed_key(thread_counts[0], modes[-1])
     eager_fp32 = fp32.tokens_per_s[speed_key(thread_counts[0], "eager")]
     out_rows = []
     for r in rows:
@@ -285,7 +300,7 @@ def table_rows(
             "memory_%": 100 * r.memory_mb / fp32_mb,
         }
         for n in thread_counts:
-            for mode in DECODE_MODES:
+            for mode in modes:
                 key = speed_key(n, mode)
                 row[f"tok/s {key}"] = r.tokens_per_s[key]
                 row[f"x fp32 {key}"] = r.tokens_per_s[key] / fp32.tokens_per_s[key]
@@ -419,7 +434,7 @@ def run(s: Settings, thread_counts: list[int]) -> tuple[list[dict[str, Any]], di
     for n in thread_counts:
         decode_rounds(rows, prompt, s, n)
     main_t = thread_counts[0]
-    main_key = speed_key(main_t, "compiled")
+    main_key = speed_key(main_t, s.main_mode)
 
     def speed(r: Row) -> float:
         return r.tokens_per_s[main_key] if r.tokens_per_s else math.nan
@@ -454,8 +469,9 @@ def run(s: Settings, thread_counts: list[int]) -> tuple[list[dict[str, Any]], di
     )  # fmt: skip
 
     out_rows = table_rows(
-        rows, model, fp32_ppl=fp32_ppl, fp32_mb=fp32_mb, thread_counts=thread_counts
-    )
+        rows, model, fp32_ppl=fp32_ppl, fp32_mb=fp32_mb, thread_counts=thread_counts,
+        modes=s.modes,
+    )  # fmt: skip
     info.update(
         best=best.label if best else "",
         best_x_fp32=speed(best) / speed(fp32) if best else math.nan,
@@ -466,6 +482,7 @@ def run(s: Settings, thread_counts: list[int]) -> tuple[list[dict[str, Any]], di
         best_x_uniform=(speed(best) / speed(best_uniform)) if best and best_uniform else math.nan,
         spec=spec_rows,
         main_threads=main_t,
+        main_mode=s.main_mode,
         wall_s=time.perf_counter() - started,
     )
     return out_rows, info
@@ -479,7 +496,7 @@ def summary(info: dict[str, Any]) -> str:
         bx, ux = info["best_x_fp32"], info["best_x_uniform"]
         lines.append(
             f"- best plan meeting <= {PPL_RISE:.0%} perplexity rise vs fp32 ({t} thread, both "
-            f"decoding compiled): **{bx:.2f}x** tokens/s (goal >= {GOAL_FP32_X}x: "
+            f"decoding {info['main_mode']}): **{bx:.2f}x** tokens/s (goal >= {GOAL_FP32_X}x: "
             f"{'met' if bx >= GOAL_FP32_X else 'NOT met'}; {info['best_x_eager_fp32']:.2f}x the "
             "user's fp32 model decoding eagerly); vs the best uniform plan meeting it "
             f"({info['best_uniform'] or 'none'}): **{ux:.2f}x** (goal >= {GOAL_UNIFORM_X}x: "
@@ -551,9 +568,12 @@ def main() -> None:
             f"the KV cache after a {s.prompt_len}-token prompt, N threads, median of "
             f"{s.rounds} interleaved rounds of {s.new_tokens} tokens, the eager model on a "
             "dynamic cache; `Nt compiled`: the same compiled by Inductor on a static cache "
-            "(`KVDecoder(compile=True)`); `x fp32`: the ratio to fp32 decoding the same way in "
-            "the same run; `x eager fp32`: compiled vs the user's fp32 model decoding eagerly. "
-            "The goals are read on compiled decoding. `mixed <= 1% ppl`: the fastest measured of the search's "
+            "(`KVDecoder(compile=True)`); `Nt max-autotune`: compiled with each matrix "
+            'product\'s kernel chosen by measurement (`KVDecoder(compile="max-autotune")`: '
+            "Inductor's C++ GEMM templates vs ATen); `x fp32`: the ratio to fp32 decoding the "
+            f"same way in the same run; `x eager fp32`: {s.main_mode} vs the user's fp32 model "
+            f"decoding eagerly. The goals are read on {s.main_mode} decoding, fp32's and the "
+            "speculative controller's too. `mixed <= 1% ppl`: the fastest measured of the search's "
             "front plans (quality x memory x per-token latency, scored on held-out calibration "
             f"windows; the {s.max_checked} smallest within 1 % measured) whose test perplexity "
             "rises at most 1 %; `mixed <= 30% mem`: the search's best "

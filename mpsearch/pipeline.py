@@ -34,7 +34,7 @@ from mpsearch._io import atomic_path
 from mpsearch._validation import invalid, unknown
 from mpsearch.backends import BACKENDS, Backend, get_backend, quantize
 from mpsearch.cost import CostModel, CostOptions, clock, measure_cost, threads
-from mpsearch.cost._decode import DecodeTimer
+from mpsearch.cost._decode import DecodeTimer, check_compile
 from mpsearch.cost._model import per_layer_backend
 from mpsearch.plan import PrecisionPlan
 from mpsearch.profile import ProfileOptions, SensitivityProfile, profile
@@ -445,7 +445,8 @@ class StudyDecode:
     (``new_tokens`` greedy tokens after each of ``prompts`` test prompts) with that ``k``
     against ``k = 0`` (the reference alone) and checks the outputs are identical.
     ``compile: true`` decodes both variants compiled by Inductor on static KV caches
-    (:class:`~mpsearch.cost.KVDecoder`; eager with the reason where that cannot run).
+    (:class:`~mpsearch.cost.KVDecoder`; eager with the reason where that cannot run);
+    ``compile: max-autotune`` also picks each matrix product's kernel by measurement.
 
     >>> StudyDecode(ks=[0, 2, 4]).references
     ['fp32', 'best']
@@ -457,11 +458,10 @@ class StudyDecode:
     drafts: list[str] = field(default_factory=lambda: ["w4a16"])
     ks: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
     references: list[str] = field(default_factory=lambda: ["fp32", "best"])
-    compile: bool = False
+    compile: bool | str = False
 
     def __post_init__(self) -> None:
-        if not isinstance(self.compile, bool):
-            raise invalid("decode.compile", self.compile, "true or false")
+        check_compile(self.compile, argument="decode.compile")
         for name in ("prompt_len", "new_tokens", "prompts"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

@@ -74,7 +74,8 @@ def test_decode_settings_are_checked() -> None:
         StudyDecode(ks=[-1])
     with pytest.raises(ValueError, match="decode.references"):
         StudyDecode(references=["w4a16"])
-    with pytest.raises(ValueError, match="'decode.compile' argument must be true or false"):
-        StudyDecode(compile="yes")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="'decode.compile' argument must be False, True or 'max"):
+        StudyDecode(compile="yes")
+    assert StudyDecode(compile="max-autotune").compile == "max-autotune"
     with pytest.raises(ValueError, match="workload_options"):
         StudyConfig(workload="pkg.mod:fn", workload_options={"n_test": 4})

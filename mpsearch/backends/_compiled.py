@@ -38,12 +38,25 @@ CHECK_RTOL = 1e-2
 op move outputs by far less; a wrong kernel by far more."""
 
 
+AUTOTUNE_SETTINGS: dict[str, Any] = {
+    "max_autotune": True,
+    "max_autotune_gemm_backends": "CPP,ATEN",
+}
+"""Inductor's settings for ``max-autotune`` compiling on the CPU: each matrix product (fp32 and
+bf16 linears, ``aten._weight_int8pack_mm``, ``aten._weight_int4pack_mm_for_cpu``) gets the
+faster, measured on this machine for its shapes, of ATen's kernel and Inductor's C++ GEMM
+template (micro-kernels for the CPU's vector units, weights prepacked). The choices are cached
+by Inductor across processes."""
+
+
 @contextmanager
-def _compile_settings() -> Iterator[None]:
+def _compile_settings(*, autotune: bool = False) -> Iterator[None]:
     """Settings while Dynamo traces and Inductor compiles: frozen weights (Inductor's oneDNN
-    int8 lowerings take their packed weights as constants only). Torch's own advice on copying
-    tensors, from those lowerings, is silenced."""
-    with inductor_config.patch(freezing=True), warnings.catch_warnings():
+    int8 lowerings take their packed weights as constants only), and with ``autotune``
+    :data:`AUTOTUNE_SETTINGS`. Torch's own advice on copying tensors, from those lowerings, is
+    silenced."""
+    settings = {"freezing": True, **(AUTOTUNE_SETTINGS if autotune else {})}
+    with inductor_config.patch(settings), warnings.catch_warnings():
         warnings.filterwarnings("ignore", "To copy construct from a tensor", UserWarning)
         yield
 

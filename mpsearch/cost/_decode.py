@@ -40,6 +40,37 @@ RECOMPILE_LIMIT = 64
 decoder compiles a graph per (tokens fed, logits kept, cache size), and tuning a speculative
 controller tries several ``k``."""
 
+COMPILE_CHOICES = (False, True, "max-autotune")
+"""What a decoder's ``compile`` takes: eager, compiled by Inductor, or compiled with each matrix
+product's kernel chosen by measurement (:data:`~mpsearch.backends._compiled.AUTOTUNE_SETTINGS`:
+longer to compile, a few seconds per distinct product shape, cached across processes)."""
+
+
+def check_compile(value: Any, *, argument: str = "compile") -> bool | str:
+    """``value`` if it is one of :data:`COMPILE_CHOICES`, else a ``ValueError`` naming
+    ``argument``.
+
+    >>> check_compile("max-autotune")
+    'max-autotune'
+    >>> check_compile(1)
+    Traceback (most recent call last):
+    ...
+    ValueError: The 'compile' argument must be False, True or 'max-autotune'. Got 1 instead.
+    """
+    if isinstance(value, bool) or (isinstance(value, str) and value in COMPILE_CHOICES):
+        return value
+    raise invalid(argument, value, "False, True or 'max-autotune'")
+
+
+def compile_label(compile: bool | str) -> str:
+    """How a ``compile`` value decodes, in words: ``"eager"``, ``"compiled"`` or
+    ``"compiled, max-autotune"``."""
+    if compile == "max-autotune":
+        return "compiled, max-autotune"
+    return "compiled" if compile else "eager"
+
+
+_TUNED = {True: "", "max-autotune": " (max-autotune)"}
 _EAGER = {"mode": "eager", "reason": "compile=False: dynamic KV cache, eager model"}
 _PENDING = {"mode": "pending", "reason": "static KV cache, compiled by Inductor on first use"}
 
@@ -114,8 +145,9 @@ class KVDecoder:
 
     ``compile=False``: a ``transformers.DynamicCache`` and the eager model. ``compile=True``:
     a ``StaticCache`` (fixed shapes, :meth:`reset` sizes it) and the model compiled by Inductor
-    with static shapes, one graph per number of tokens fed; a sequence's first pass (the
-    prompt) and passes over more than :data:`MAX_COMPILED_TOKENS` run eagerly on the same
+    with static shapes, one graph per number of tokens fed (``compile="max-autotune"``: each
+    matrix product's kernel chosen by measurement, see :data:`COMPILE_CHOICES`); a sequence's
+    first pass (the prompt) and passes over more than :data:`MAX_COMPILED_TOKENS` run eagerly on the same
     cache. Each graph's first output is checked against the eager model's, and the first graph
     is raced against the eager step (:data:`~mpsearch.backends._compiled.RACE_CALLS` calls
     each, on the same cache); where the static cache or compiling fails, the outputs differ or
@@ -129,10 +161,9 @@ class KVDecoder:
     """
 
     def __init__(
-        self, module: nn.Module, *, compile: bool = False, argument: str = "model"
+        self, module: nn.Module, *, compile: bool | str = False, argument: str = "model"
     ) -> None:
-        if not isinstance(compile, bool):
-            raise invalid("compile", compile, "True or False")
+        self.compile = check_compile(compile)
         self.module = module
         self.spec = call_spec(module, argument)
         param = next(module.parameters(), None)
@@ -211,7 +242,10 @@ class KVDecoder:
             self._compiled = torch.compile(step, backend="inductor", dynamic=False)
         reason, raced = None, ""
         try:  # compiled first, then the eager pass writes the cache entries that stay
-            with _compile_settings(), dynamo_config.patch(recompile_limit=RECOMPILE_LIMIT):
+            with (
+                _compile_settings(autotune=self.compile == "max-autotune"),
+                dynamo_config.patch(recompile_limit=RECOMPILE_LIMIT),
+            ):
                 got = self._compiled(input_ids=ids, **kwargs)
         except Exception as error:
             reason = failed("compilation", error)
@@ -232,8 +266,8 @@ class KVDecoder:
         self._raced = self._raced or raced
         self.compile_info = {
             "mode": "inductor",
-            "reason": f"static KV cache, compiled by Inductor for {len(self._checked)} "
-            f"shape(s){self._raced}",
+            "reason": f"static KV cache, compiled by Inductor{_TUNED[self.compile]} for "
+            f"{len(self._checked)} shape(s){self._raced}",
         }
         return got
 
@@ -273,13 +307,13 @@ def measure_decode(
     new_tokens: int = 32,
     repeats: int = 3,
     timer: str = "wall",
-    compile: bool = False,
+    compile: bool | str = False,
 ) -> DecodeTiming:
     """Time greedy batch-1 decoding of ``model`` (a Hugging Face-style causal LM taking
     ``input_ids``, its KV cache (``cache``, or ``past_key_values`` before transformers 5) and
     ``use_cache``) after the prompt ``input_ids`` (``[1, T]``): the prefill and each of
     ``new_tokens`` steps, ``repeats`` times (a first untimed run warms the kernels and, with
-    ``compile=True``, compiles the step: :class:`KVDecoder`). Medians over every step of
+    ``compile`` ``True`` or ``"max-autotune"``, compiles the step: :class:`KVDecoder`). Medians over every step of
     every repeat. ``model`` may be a :class:`KVDecoder` (its ``compile`` setting is used):
     timing the same model again then reuses its cache and compiled graphs.
 
@@ -337,12 +371,17 @@ class DecodeTimer:
     """
 
     def __init__(
-        self, input_ids: Tensor, *, new_tokens: int = 32, timer: str = "wall", compile: bool = False
+        self,
+        input_ids: Tensor,
+        *,
+        new_tokens: int = 32,
+        timer: str = "wall",
+        compile: bool | str = False,
     ) -> None:
         self.input_ids = input_ids
         self.new_tokens = new_tokens
         self.timer = timer
-        self.compile = compile
+        self.compile = check_compile(compile)
         self._decoders: dict[int, KVDecoder] = {}
 
     def __call__(self, module: nn.Module) -> float:
@@ -356,8 +395,8 @@ class DecodeTimer:
 
     @property
     def how(self) -> str:
-        """``"compiled"`` or ``"eager"`` (what was asked; see :attr:`fallbacks`)."""
-        return "compiled" if self.compile else "eager"
+        """:func:`compile_label` of what was asked (see :attr:`fallbacks`)."""
+        return compile_label(self.compile)
 
     @property
     def fallbacks(self) -> list[str]:

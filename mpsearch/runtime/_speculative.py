@@ -38,7 +38,7 @@ from mpsearch._validation import check_module, invalid, wrong_type
 from mpsearch.backends import get_backend, quantize
 from mpsearch.backends._quantize import as_plan
 from mpsearch.backends._registry import Backend
-from mpsearch.cost._decode import KVDecoder
+from mpsearch.cost._decode import KVDecoder, check_compile
 from mpsearch.cost._timing import clock, median_ms
 from mpsearch.plan import PrecisionPlan
 from mpsearch.rounding import Rounder
@@ -255,7 +255,8 @@ class SpeculativeController:
     full-precision ``model`` itself. Both must be causal LMs taking a KV cache (Hugging Face
     ``...ForCausalLM``). Plans with calibrated roundings take their weights from ``rounder``
     or from one built on ``calib``. ``compile=True`` decodes each variant on a static KV cache
-    through Inductor (falling back to eager, with the reason in ``compile_info``).
+    through Inductor (falling back to eager, with the reason in ``compile_info``);
+    ``compile="max-autotune"`` also picks each matrix product's kernel by measurement.
 
     :meth:`generate` decodes one sequence (batch 1): greedily (``temperature=0``: exactly the
     reference's greedy tokens) or by sampling (each token distributed as the reference's).
@@ -283,12 +284,10 @@ class SpeculativeController:
         rounder: Rounder | None = None,
         audit_size: int = 100_000,
         audit_sink: str | Path | None = None,
-        compile: bool = False,
+        compile: bool | str = False,
     ) -> None:
         check_module(model)
-        if not isinstance(compile, bool):
-            raise invalid("compile", compile, "True or False")
-        self.compile = compile
+        self.compile = check_compile(compile)
         _check_count("k", k, low=0)
         model.eval()
         self.model = model

@@ -84,6 +84,27 @@ def test_compiled_decode_equals_eager_decode() -> None:
     assert eager.compile_info["mode"] == "eager"
 
 
+@pytest.mark.slow  # Inductor times its candidate kernels for each matrix product shape
+@needs_compiler
+def test_max_autotune_decoding_of_a_quantized_plan_equals_eager_decoding() -> None:
+    config = transformers.LlamaConfig(
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    )
+    qm = mps.quantize(transformers.LlamaForCausalLM(config).eval(), "w8a16", backend="cpu")
+    prompt = torch.tensor([[5, 17, 42, 8]])
+    eager = measure_decode(qm, prompt, new_tokens=8, repeats=1)
+    tuned = measure_decode(qm, prompt, new_tokens=8, repeats=1, compile="max-autotune")
+    assert tuned.tokens == eager.tokens
+    assert tuned.compile_info["mode"] == "inductor", tuned.compile_info
+    assert "compiled by Inductor (max-autotune)" in tuned.compile_info["reason"]
+
+
 @needs_compiler
 def test_static_cache_rollback_equals_a_fresh_run() -> None:
     model = _llama()
@@ -125,8 +146,10 @@ def test_static_cache_refuses_a_sequence_longer_than_it_holds() -> None:
         decoder.reset(capacity=4)
         with pytest.raises(ValueError, match="at most the 128 the static cache holds"):
             decoder.feed(list(range(MIN_STATIC_CAPACITY + 1)), keep=1)
-    with pytest.raises(ValueError, match="'compile' argument must be True or False"):
-        KVDecoder(_llama(), compile="yes")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="'compile' argument must be False, True or 'max-autot"):
+        KVDecoder(_llama(), compile="yes")
+    with pytest.raises(ValueError, match="'compile' argument must be False, True or 'max-autot"):
+        KVDecoder(_llama(), compile=1)
 
 
 @needs_compiler
