@@ -29,7 +29,9 @@ kernels (``cpu`` backend):
    ``k`` tuned on calibration prompts among the 4-bit plans; reference = fp32 and reference =
    the ``mixed <= 1% ppl`` plan. Tokens/s of ``generate`` with the tuned ``k`` vs ``k = 0``
    (the reference decoding alone, same code path), interleaved per prompt, both variants
-   compiled on static caches with autotuned kernels (``compile="max-autotune"``); ``exact``: every output equals the
+   compiled on static caches (``compile="max-autotune"``: the draft's kernels autotuned, the
+   reference's Inductor's defaults, whose logits do not depend on how many tokens are
+   verified at once); ``exact``: every output equals the
    reference's greedy tokens.
 
 Perplexity is measured on the test windows on the ``cpu`` backend; memory is the cost
@@ -572,8 +574,8 @@ def main() -> None:
             'product\'s kernel chosen by measurement (`KVDecoder(compile="max-autotune")`: '
             "Inductor's C++ GEMM templates vs ATen); `x fp32`: the ratio to fp32 decoding the "
             f"same way in the same run; `x eager fp32`: {s.main_mode} vs the user's fp32 model "
-            f"decoding eagerly. The goals are read on {s.main_mode} decoding, fp32's and the "
-            "speculative controller's too. `mixed <= 1% ppl`: the fastest measured of the search's "
+            f"decoding eagerly. The goals are read on {s.main_mode} decoding, fp32's too. "
+            "`mixed <= 1% ppl`: the fastest measured of the search's "
             "front plans (quality x memory x per-token latency, scored on held-out calibration "
             f"windows; the {s.max_checked} smallest within 1 % measured) whose test perplexity "
             "rises at most 1 %; `mixed <= 30% mem`: the search's best "
@@ -587,7 +589,11 @@ def main() -> None:
             "",
             "Speculative controller (tokens/s of `generate` with the tuned k vs k = 0, the "
             f"reference decoding alone, {s.spec_new_tokens} new tokens after each of "
-            f"{s.spec_prompts} test prompts, medians):",
+            f"{s.spec_prompts} test prompts, medians; `SpeculativeController(compile="
+            f"{DECODE_MODES[s.main_mode]!r})`: the draft decodes {s.main_mode}, the reference "
+            "compiled on Inductor's default kernels, whose logits are the same whether tokens "
+            "are verified one at a time or in a block; autotuned ones differ, up to 7e-3 on "
+            "int8 weights, enough to change a greedy token):",
             "",
             md_table(spec_rows, spec_columns, decimals=2),
             "",

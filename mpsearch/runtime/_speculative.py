@@ -256,7 +256,9 @@ class SpeculativeController:
     ``...ForCausalLM``). Plans with calibrated roundings take their weights from ``rounder``
     or from one built on ``calib``. ``compile=True`` decodes each variant on a static KV cache
     through Inductor (falling back to eager, with the reason in ``compile_info``);
-    ``compile="max-autotune"`` also picks each matrix product's kernel by measurement.
+    ``compile="max-autotune"`` also picks each of the draft's matrix products' kernels by
+    measurement (the reference keeps Inductor's default kernels: autotuned ones give a block
+    of verified tokens other logits than one token at a time, which would break exactness).
 
     :meth:`generate` decodes one sequence (batch 1): greedily (``temperature=0``: exactly the
     reference's greedy tokens) or by sampling (each token distributed as the reference's).
@@ -298,7 +300,12 @@ class SpeculativeController:
         ref_module, ref_name, ref_plan = self._variant(reference, "reference")
         self.reference_name = ref_name
         self.reference_plan = ref_plan
-        self._reference = KVDecoder(ref_module, compile=compile, argument="reference")
+        # max-autotune's kernels block a product by its number of rows: a block of k + 1 tokens
+        # verified at once gets logits other than one token at a time (int8 weights: up to
+        # 7e-3 apart on stdlib_lm), so the reference keeps Inductor's default kernels (row
+        # by row the same for any k there: exact greedy tokens); only the draft is autotuned
+        ref_compile = True if self.compile == "max-autotune" else self.compile
+        self._reference = KVDecoder(ref_module, compile=ref_compile, argument="reference")
         self._draft = self._candidate(draft, "draft")
         self.k = k
         self.tuning: pd.DataFrame | None = None

@@ -346,6 +346,15 @@ def test_refuses_bad_arguments(llama):
     with pytest.raises(ValueError, match="'costs'"):
         spec.tune([[1]], ks=(1, 8), costs=COSTS)
     assert math.isnan(spec.acceptance_rate)
+    with pytest.raises(ValueError, match="'compile' argument must be False, True or 'max-"):
+        SpeculativeController(llama, "fp32", compile="fast")
+
+
+def test_max_autotune_tunes_the_draft_only(llama):
+    # autotuned kernels give a block of verified tokens other logits than one at a time
+    spec = SpeculativeController(llama, "w8a16", backend="cpu", compile="max-autotune")
+    assert spec._draft.decoder.compile == "max-autotune"
+    assert spec._reference.compile is True
 
 
 @pytest.mark.slow  # Inductor compiles about six graphs
