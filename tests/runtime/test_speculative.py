@@ -316,6 +316,26 @@ def test_tune_measures_costs(llama):
     assert sorted(costs.verify_ms) == [1, 2] and costs.draft_ms > 0
 
 
+def test_costs_are_timed_in_the_order_a_step_runs(llama):
+    # timed apart, a draft pass found its weights in the CPU caches; in a step the reference's
+    # pass has just evicted them (stdlib_lm: 1.18 vs 1.44 ms, and a k that slowed decoding)
+    spec = SpeculativeController(llama, "w8a16", backend="cpu")
+    calls: list[tuple[str, int]] = []
+    for who, decoder in (("draft", spec._draft.decoder), ("ref", spec._reference)):
+        feed = decoder.feed
+
+        def logged(tokens, keep, _feed=feed, _who=who):
+            calls.append((_who, len(tokens)))
+            return _feed(tokens, keep)
+
+        decoder.feed = logged
+    prompt = PROMPTS[0]
+    spec.measure_costs(prompt, ks=(0, 2), repeats=2)
+    timed = calls[2:]  # after each variant's prompt
+    assert calls[:2] == [("draft", len(prompt)), ("ref", len(prompt))]
+    assert timed == [("ref", 1)] * 3 + [("draft", 1), ("draft", 1), ("ref", 3)] * 3
+
+
 def test_expected_tokens_per_step():
     assert expected_tokens_per_step(1.0, 4) == 5.0
     assert expected_tokens_per_step(0.0, 4) == 1.0
