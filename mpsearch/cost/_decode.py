@@ -43,7 +43,8 @@ controller tries several ``k``."""
 COMPILE_CHOICES = (False, True, "max-autotune")
 """What a decoder's ``compile`` takes: eager, compiled by Inductor, or compiled with each matrix
 product's kernel chosen by measurement (:data:`~mpsearch.backends._compiled.AUTOTUNE_SETTINGS`:
-longer to compile, a few seconds per distinct product shape, cached across processes)."""
+longer to compile, a few seconds per distinct product shape; Inductor keeps the timings across
+processes, not the compiled graphs)."""
 
 
 def check_compile(value: Any, *, argument: str = "compile") -> bool | str:
@@ -147,8 +148,8 @@ class KVDecoder:
     a ``StaticCache`` (fixed shapes, :meth:`reset` sizes it) and the model compiled by Inductor
     with static shapes, one graph per number of tokens fed (``compile="max-autotune"``: each
     matrix product's kernel chosen by measurement, see :data:`COMPILE_CHOICES`); a sequence's
-    first pass (the prompt) and passes over more than :data:`MAX_COMPILED_TOKENS` run eagerly on the same
-    cache. Each graph's first output is checked against the eager model's, and the first graph
+    first pass (the prompt) and passes over more than :data:`MAX_COMPILED_TOKENS` run eagerly
+    on the same cache. Each graph's first output is checked against the eager model's, and the first graph
     is raced against the eager step (:data:`~mpsearch.backends._compiled.RACE_CALLS` calls
     each, on the same cache); where the static cache or compiling fails, the outputs differ or
     the compiled step is not faster (e.g. kernels Dynamo cannot trace, such as fbgemm's int8
@@ -313,8 +314,8 @@ def measure_decode(
     ``input_ids``, its KV cache (``cache``, or ``past_key_values`` before transformers 5) and
     ``use_cache``) after the prompt ``input_ids`` (``[1, T]``): the prefill and each of
     ``new_tokens`` steps, ``repeats`` times (a first untimed run warms the kernels and, with
-    ``compile`` ``True`` or ``"max-autotune"``, compiles the step: :class:`KVDecoder`). Medians over every step of
-    every repeat. ``model`` may be a :class:`KVDecoder` (its ``compile`` setting is used):
+    ``compile`` ``True`` or ``"max-autotune"``, compiles the step: :class:`KVDecoder`).
+    Medians over every step of every repeat. ``model`` may be a :class:`KVDecoder` (its ``compile`` setting is used):
     timing the same model again then reuses its cache and compiled graphs.
 
     >>> from transformers import LlamaConfig, LlamaForCausalLM  # doctest: +SKIP
