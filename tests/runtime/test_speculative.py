@@ -302,6 +302,17 @@ def test_tune_picks_the_largest_k_for_a_perfect_draft_and_the_smallest_for_a_wro
     assert table.loc[table["chosen"], "draft"].item() == "fp32"
 
 
+def test_tune_speculates_only_for_a_gain_beyond_min_gain(llama):
+    spec = SpeculativeController(llama, "fp32")  # a perfect draft: 2 tokens per step at k = 1
+    for step_ms, k in ((1.0 / 0.55, 0), (1.0 / 0.555, 0), (1.0 / 0.65, 1)):  # 1.1x, 1.11x, 1.3x
+        costs = StepCosts(draft_ms=step_ms - 1.0, verify_ms={0: 1.0, 1: 1.0})
+        opts = SpeculativeOptions(ks=(0, 1), max_new_tokens=6, min_gain=0.12)
+        table = spec.tune([PROMPTS[0]], costs=costs, options=opts)
+        assert spec.k == k, (step_ms, table)
+    with pytest.raises(ValueError, match="'min_gain' option must be a number in \\[0, 1\\)"):
+        SpeculativeOptions(min_gain=1.5)
+
+
 def test_tune_measures_costs(llama):
     spec = SpeculativeController(llama, "w8a16", backend="cpu")
     table = spec.tune([PROMPTS[0]], ks=(0, 1, 3), max_new_tokens=8)
