@@ -31,8 +31,7 @@ kernels (``cpu`` backend):
    (the reference decoding alone, same code path), interleaved per prompt, both variants
    compiled on static caches (``compile="max-autotune"``: the draft's kernels autotuned, the
    reference's Inductor's defaults, whose logits do not depend on how many tokens are
-   verified at once); ``exact``: every output equals the
-   reference's greedy tokens.
+   verified at once); ``exact``: every output equals the reference's greedy tokens.
 
 Perplexity is measured on the test windows on the ``cpu`` backend; memory is the cost
 model's exact bytes (scales included); decode tokens/s is ``1000 / decode_ms`` of
@@ -101,7 +100,7 @@ class Settings:
     spec_ks: tuple[int, ...] = (0, 1, 2, 3, 4, 6)
     # the engines timed (keys of DECODE_MODES); the goals and the speculative controller use
     # the last: max-autotune, the fastest for every plan here, fp32 included (on Zen 4 fp32
-    # decodes 1.9x faster than on Inductor's default kernels)
+    # decodes about 2x faster than on Inductor's default kernels)
     modes: tuple[str, ...] = ("eager", "compiled", "max-autotune")
 
     @property
