@@ -8,7 +8,7 @@
 # read the variable first, then the file. Where no server can be started the script says why,
 # removes the file and exits 0: the tests that need it skip with that reason.
 #
-#   scripts/ci_services.sh          start (idempotent: reuses a server it started before)
+#   scripts/ci_services.sh          start (idempotent: reuses a server already running on the port)
 #   scripts/ci_services.sh stop     stop it and delete its data
 #
 # PostgreSQL refuses to run as root, so as root the server runs as the 'postgres' user
@@ -101,21 +101,21 @@ if [ "$(id -u)" = "0" ] && ! id postgres >/dev/null 2>&1; then
 fi
 
 PGURL="postgresql://postgres@127.0.0.1:$PORT/$DB"
-if [ -f "$URL_FILE" ] && "$BIN/pg_isready" -q -h 127.0.0.1 -p "$PORT" 2>/dev/null; then
-    say "reusing the running server: $(cat "$URL_FILE")"
-    exit 0
+if "$BIN/pg_isready" -q -h 127.0.0.1 -p "$PORT" 2>/dev/null; then
+    # started before, by this checkout or another one (the data directory is shared)
+    say "reusing the server running on 127.0.0.1:$PORT"
+else
+    mkdir -p "$BASE" "$SOCK" || give_up "cannot create $BASE"
+    [ "$(id -u)" = "0" ] && chown -R postgres "$BASE"
+    if [ ! -f "$DATA/PG_VERSION" ]; then
+        as_owner "$BIN/initdb" -D "$DATA" -U postgres --auth=trust -E UTF8 --no-sync \
+            >"$BASE/initdb.log" 2>&1 || give_up "initdb failed: $(tail -n 3 "$BASE/initdb.log")"
+    fi
+    # fsync off: a throw-away test server, speed over durability
+    as_owner "$BIN/pg_ctl" -D "$DATA" -l "$BASE/server.log" -w -t 30 \
+        -o "-c listen_addresses=127.0.0.1 -p $PORT -k $SOCK -c fsync=off -c max_connections=200" \
+        start >/dev/null 2>&1 || give_up "the server did not start: $(tail -n 3 "$BASE/server.log")"
 fi
-
-mkdir -p "$BASE" "$SOCK" || give_up "cannot create $BASE"
-[ "$(id -u)" = "0" ] && chown -R postgres "$BASE"
-if [ ! -f "$DATA/PG_VERSION" ]; then
-    as_owner "$BIN/initdb" -D "$DATA" -U postgres --auth=trust -E UTF8 --no-sync \
-        >"$BASE/initdb.log" 2>&1 || give_up "initdb failed: $(tail -n 3 "$BASE/initdb.log")"
-fi
-# fsync off: a throw-away test server, speed over durability
-as_owner "$BIN/pg_ctl" -D "$DATA" -l "$BASE/server.log" -w -t 30 \
-    -o "-c listen_addresses=127.0.0.1 -p $PORT -k $SOCK -c fsync=off -c max_connections=200" \
-    start >/dev/null 2>&1 || give_up "the server did not start: $(tail -n 3 "$BASE/server.log")"
 "$BIN/pg_isready" -q -h 127.0.0.1 -p "$PORT" -t 20 || give_up "the server does not answer on port $PORT"
 if ! "$BIN/psql" -h 127.0.0.1 -p "$PORT" -U postgres -tAc "SELECT 1 FROM pg_database WHERE datname='$DB'" postgres | grep -q 1; then
     "$BIN/psql" -q -h 127.0.0.1 -p "$PORT" -U postgres -c "CREATE DATABASE $DB" postgres ||
