@@ -71,7 +71,6 @@ def compile_label(compile: bool | str) -> str:
     return "compiled" if compile else "eager"
 
 
-_TUNED = {True: "", "max-autotune": " (max-autotune)"}
 _EAGER = {"mode": "eager", "reason": "compile=False: dynamic KV cache, eager model"}
 _PENDING = {"mode": "pending", "reason": "static KV cache, compiled by Inductor on first use"}
 
@@ -149,9 +148,9 @@ class KVDecoder:
     with static shapes, one graph per number of tokens fed (``compile="max-autotune"``: each
     matrix product's kernel chosen by measurement, see :data:`COMPILE_CHOICES`); a sequence's
     first pass (the prompt) and passes over more than :data:`MAX_COMPILED_TOKENS` run eagerly
-    on the same cache. Each graph's first output is checked against the eager model's, and the first graph
-    is raced against the eager step (:data:`~mpsearch.backends._compiled.RACE_CALLS` calls
-    each, on the same cache); where the static cache or compiling fails, the outputs differ or
+    on the same cache. Each graph's first output is checked against the eager model's, and the
+    first graph is raced against the eager step (:data:`~mpsearch.backends._compiled.RACE_CALLS`
+    calls each, on the same cache); where the static cache or compiling fails, the outputs differ or
     the compiled step is not faster (e.g. kernels Dynamo cannot trace, such as fbgemm's int8
     Linear: a graph break each), decoding goes on eagerly, with a warning, and
     ``compile_info`` says why (``{"mode": "inductor" | "pending" | "eager", "reason": ...}``).
@@ -267,7 +266,8 @@ class KVDecoder:
         self._raced = self._raced or raced
         self.compile_info = {
             "mode": "inductor",
-            "reason": f"static KV cache, compiled by Inductor{_TUNED[self.compile]} for "
+            "reason": f"static KV cache, compiled by Inductor"
+            f"{' (max-autotune)' if self.compile == 'max-autotune' else ''} for "
             f"{len(self._checked)} shape(s){self._raced}",
         }
         return got
@@ -315,8 +315,9 @@ def measure_decode(
     ``use_cache``) after the prompt ``input_ids`` (``[1, T]``): the prefill and each of
     ``new_tokens`` steps, ``repeats`` times (a first untimed run warms the kernels and, with
     ``compile`` ``True`` or ``"max-autotune"``, compiles the step: :class:`KVDecoder`).
-    Medians over every step of every repeat. ``model`` may be a :class:`KVDecoder` (its ``compile`` setting is used):
-    timing the same model again then reuses its cache and compiled graphs.
+    Medians over every step of every repeat. ``model`` may be a :class:`KVDecoder` (its
+    ``compile`` setting is used): timing the same model again then reuses its cache and
+    compiled graphs.
 
     >>> from transformers import LlamaConfig, LlamaForCausalLM  # doctest: +SKIP
     >>> t = measure_decode(llama, torch.tensor([[1, 2, 3]]), new_tokens=8)  # doctest: +SKIP
