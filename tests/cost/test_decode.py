@@ -115,6 +115,24 @@ def test_static_cache_rollback_equals_a_fresh_run() -> None:
     assert decoder.compile_info["mode"] == "inductor"
 
 
+@needs_compiler
+def test_graphs_run_without_their_guards_still_match_their_shapes() -> None:
+    # once checked, a graph runs with only the guards that tell this decoder's graphs apart
+    model = _llama()
+    decoder = KVDecoder(model, compile=True)
+    seq = [3, 1, 4]
+    with torch.inference_mode():
+        decoder.reset(capacity=24)
+        decoder.feed(seq, keep=1)
+        for step in range(6):  # one token, two tokens, one token...: two graphs, each reused
+            fed = [7 + step] * (1 + step % 2)
+            seq += fed
+            got = decoder.feed(fed, keep=len(fed))
+            want = model(input_ids=torch.tensor([seq])).logits[0, -len(fed) :]
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+    assert len(decoder._checked) == 2 and decoder.compile_info["mode"] == "inductor"
+
+
 def test_decoder_without_a_static_cache_falls_back_with_the_reason() -> None:
     class Wrapped(torch.nn.Module):  # no .config: transformers cannot size a static cache
         def __init__(self) -> None:
