@@ -8,8 +8,9 @@ On the ``stdlib_lm`` workload (a 12.6 M-parameter Llama trained on the standard 
 source; quality = held-out perplexity), side by side in one run on this machine's real
 kernels (``cpu`` backend):
 
-1. **Uniform plans**: fp32 (the trained model as it is), ``bf16``, int8 weight-only
-   (``w8a16``), int4 weight-only (``w4a16``, groups of 32) rounded to nearest and with GPTQ.
+1. **Uniform plans**: fp32 (the trained model as it is), ``bf16``, int8 weights and
+   activations (``w8a8``: per-channel weights, per-tensor activation ranges calibrated on the
+   profiled windows), int8 weight-only (``w8a16``), int4 weight-only (``w4a16``, groups of 32) rounded to nearest and with GPTQ.
 2. **llama.cpp-style mix** (``q4_k_m-style``): every ``v_proj`` and ``down_proj`` at 8 bits
    (``w8a16``), the rest at 4 bits (``w4a16+gptq``; the embedding ``w4a16``), the analogue of
    llama.cpp's Q4_K_M.
@@ -18,7 +19,7 @@ kernels (``cpu`` backend):
    taken until the plan fits the bytes of the llama.cpp-style mix
    (:func:`mpsearch.search.baselines.greedy_assignment`).
 4. **Searched mixed plans** (``mps.search``; per-layer choice of ``fp32``, ``bf16``,
-   ``w8a16``, ``w4a16``, ``w4a16+gptq``; quality = ``-log`` perplexity on held-out
+   ``w8a8``, ``w8a16``, ``w4a16``, ``w4a16+gptq``; quality = ``-log`` perplexity on held-out
    *calibration* windows, never the test windows reported): the front of quality x memory x
    per-token latency (the cost model measured on a decode-shaped input, one token), whose
    smallest plans within 1 % perplexity (decoding reads every weight once per token, so bytes
@@ -66,12 +67,13 @@ from mpsearch.workloads import load_workload
 from mpsearch.workloads._stdlib_lm import perplexity
 
 RESULTS = Path(__file__).parent / "results" / "lm.md"
-SCHEMES = ["bf16", "w8a16", "w4a16"]
+SCHEMES = ["bf16", "w8a8", "w8a16", "w4a16"]
 ROUNDED = ["w4a16+gptq"]
 PPL_RISE = 0.01  # the quality target: perplexity at most 1 % above fp32
 MEMORY_FRACTION = 0.3
 UNIFORM = {
     "bf16": "bf16",
+    "int8 (w8a8)": "w8a8",
     "int8 (w8a16)": "w8a16",
     "int4 (w4a16)": "w4a16",
     "int4+gptq": "w4a16+gptq",
@@ -204,6 +206,7 @@ def speculative(
     drafts: list[mps.PrecisionPlan | str],
     *,
     rounder: Any,
+    calib: list[Any],
     tune_prompts: list[torch.Tensor],
     test_prompts: list[torch.Tensor],
     s: Settings,
@@ -212,7 +215,7 @@ def speculative(
     """Tune a speculative controller (draft among ``drafts``, ``k``) and time its ``generate``
     against ``k = 0`` (the reference alone), interleaved per prompt (wall clock)."""
     ctrl = mps.SpeculativeController(
-        model, drafts[0], reference=reference, backend="cpu", rounder=rounder,
+        model, drafts[0], reference=reference, backend="cpu", rounder=rounder, calib=calib,
         compile=DECODE_MODES[s.main_mode],
     )  # fmt: skip
     with threads(n_threads):
@@ -255,6 +258,7 @@ def speculative_rows(
     refs: dict[str, mps.PrecisionPlan | str],
     *,
     rounder: Any,
+    calib: list[Any],
     prompts: tuple[list[torch.Tensor], list[torch.Tensor]],
     s: Settings,
     thread_counts: list[int],
@@ -268,7 +272,7 @@ def speculative_rows(
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 out = speculative(
-                    model, ref, drafts, rounder=rounder, tune_prompts=prompts[0],
+                    model, ref, drafts, rounder=rounder, calib=calib, tune_prompts=prompts[0],
                     test_prompts=prompts[1], s=s, n_threads=n,
                 )  # fmt: skip
             spec_rows.append({"reference": ref_label, "threads": n, **out})
@@ -342,18 +346,20 @@ def plan_rows(
     prof: Any,
     cost: Any,
     val_quality: Any,
+    calib: list[Any],
     min_val_quality: float,
     s: Settings,
     info: dict[str, Any],
 ) -> list[Row]:
     """fp32, the uniform plans, the llama.cpp-style and EXL2-style mixes, the smallest front
     plans within 1 % on the validation windows (``candidate``) and the best plan under the
-    memory budget, each quantized on the ``cpu`` backend."""
+    memory budget, each quantized on the ``cpu`` backend (``w8a8`` activation ranges
+    calibrated on ``calib``, as the profile's were)."""
     rounder = getattr(prof, "rounder", None)
     space = {"name": "bench_lm", "schemes": ["fp32", *SCHEMES]}
 
     def quantized(plan: mps.PrecisionPlan) -> nn.Module:
-        return mps.quantize(model, plan, backend="cpu", rounder=rounder).eval()
+        return mps.quantize(model, plan, backend="cpu", calib=calib, rounder=rounder).eval()
 
     rows: list[Row] = [Row("fp32", "fp32", model, None)]
     for label, scheme in UNIFORM.items():
@@ -425,7 +431,9 @@ def run(s: Settings, thread_counts: list[int]) -> tuple[list[dict[str, Any]], di
     prof, cost = profile_and_cost(model, profile_batches, prompt, info)
     rounder = getattr(prof, "rounder", None)
     fp32_mb = cost.fp32_memory_bytes / 1e6
-    rows = plan_rows(model, prof, cost, val_quality, fp32_val_q - target_drop, s, info)
+    rows = plan_rows(
+        model, prof, cost, val_quality, profile_batches, fp32_val_q - target_drop, s, info
+    )
 
     # -- perplexity, memory, decode speed (interleaved)
     for r in rows:
@@ -465,7 +473,7 @@ def run(s: Settings, thread_counts: list[int]) -> tuple[list[dict[str, Any]], di
     tune_prompts = [w[: s.prompt_len] for w in windows[s.n_profile :][: s.spec_prompts]]
     test_prompts = [w[: s.prompt_len] for w in test_ids[1 : 1 + s.spec_prompts]]
     spec_rows = speculative_rows(
-        model, refs, rounder=rounder, prompts=(tune_prompts, test_prompts), s=s,
+        model, refs, rounder=rounder, calib=profile_batches, prompts=(tune_prompts, test_prompts), s=s,
         thread_counts=thread_counts,
     )  # fmt: skip
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 
 import pytest
@@ -10,7 +11,7 @@ import torch
 import mpsearch as mps
 from mpsearch.backends._compiled import _cpp_compiler_missing
 from mpsearch.cost import KVDecoder, measure_decode
-from mpsearch.cost._decode import MIN_STATIC_CAPACITY, DecodeTimer
+from mpsearch.cost._decode import MIN_STATIC_CAPACITY, DecodeTimer, _native_gqa
 
 transformers = pytest.importorskip("transformers")
 
@@ -131,6 +132,18 @@ def test_graphs_run_without_their_guards_still_match_their_shapes() -> None:
             want = model(input_ids=torch.tensor([seq])).logits[0, -len(fed) :]
             torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
     assert len(decoder._checked) == 2 and decoder.compile_info["mode"] == "inductor"
+
+
+def test_grouped_heads_switch_lasts_only_while_a_step_is_traced(monkeypatch) -> None:
+    name = "TRANSFORMERS_SDPA_FORCE_GQA"
+    monkeypatch.delenv(name, raising=False)
+    with _native_gqa():
+        assert os.environ[name] == "1"
+    assert name not in os.environ
+    monkeypatch.setenv(name, "0")  # the user's own setting comes back
+    with _native_gqa():
+        assert os.environ[name] == "1"
+    assert os.environ[name] == "0"
 
 
 def test_decoder_without_a_static_cache_falls_back_with_the_reason() -> None:

@@ -381,6 +381,18 @@ def test_refuses_bad_arguments(llama):
         SpeculativeController(llama, "fp32", compile="fast")
 
 
+def test_a_reference_with_per_call_activation_ranges_is_refused_and_calib_fixes_it(llama):
+    # a range measured per call spans every verified token: once, the tokens differed
+    with pytest.raises(ValueError, match="'reference'.*pass calib= batches.*w8a8 on 15 layer"):
+        SpeculativeController(llama, "w4a16", reference="w8a8")
+    calib = [{"input_ids": torch.tensor([p])} for p in PROMPTS]
+    spec = SpeculativeController(llama, "w4a16", reference="w8a8", calib=calib, k=3)
+    reference = quantize(llama, "w8a8", backend="cpu", calib=calib)
+    for prompt in PROMPTS:
+        expected = reference_greedy(reference, prompt, 10)
+        assert torch.equal(spec.generate(torch.tensor([prompt]), max_new_tokens=10), expected)
+
+
 def test_max_autotune_tunes_the_draft_only(llama):
     # autotuned kernels give a block of verified tokens other logits than one at a time
     spec = SpeculativeController(llama, "w8a16", backend="cpu", compile="max-autotune")
