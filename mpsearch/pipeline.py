@@ -524,6 +524,7 @@ def speculative_rows(
             drafts[0],
             reference=reference,
             backend=backend,
+            calib=wl.calib,  # static activation ranges: the verified block shares none
             rounder=rounder,
             compile=settings.compile,
         )
