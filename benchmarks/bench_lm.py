@@ -10,7 +10,8 @@ kernels (``cpu`` backend):
 
 1. **Uniform plans**: fp32 (the trained model as it is), ``bf16``, int8 weights and
    activations (``w8a8``: per-channel weights, per-tensor activation ranges calibrated on the
-   profiled windows), int8 weight-only (``w8a16``), int4 weight-only (``w4a16``, groups of 32) rounded to nearest and with GPTQ.
+   profiled windows), int8 weight-only (``w8a16``), int4 weight-only (``w4a16``, groups of
+   32) rounded to nearest and with GPTQ.
 2. **llama.cpp-style mix** (``q4_k_m-style``): every ``v_proj`` and ``down_proj`` at 8 bits
    (``w8a16``), the rest at 4 bits (``w4a16+gptq``; the embedding ``w4a16``), the analogue of
    llama.cpp's Q4_K_M.
@@ -473,8 +474,8 @@ def run(s: Settings, thread_counts: list[int]) -> tuple[list[dict[str, Any]], di
     tune_prompts = [w[: s.prompt_len] for w in windows[s.n_profile :][: s.spec_prompts]]
     test_prompts = [w[: s.prompt_len] for w in test_ids[1 : 1 + s.spec_prompts]]
     spec_rows = speculative_rows(
-        model, refs, rounder=rounder, calib=profile_batches, prompts=(tune_prompts, test_prompts), s=s,
-        thread_counts=thread_counts,
+        model, refs, rounder=rounder, calib=profile_batches,
+        prompts=(tune_prompts, test_prompts), s=s, thread_counts=thread_counts,
     )  # fmt: skip
 
     out_rows = table_rows(

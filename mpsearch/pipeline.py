@@ -524,7 +524,7 @@ def speculative_rows(
             drafts[0],
             reference=reference,
             backend=backend,
-            calib=wl.calib,  # static activation ranges: the verified block shares none
+            calib=wl.calib,  # static activation ranges: one token or a block, the same codes
             rounder=rounder,
             compile=settings.compile,
         )
