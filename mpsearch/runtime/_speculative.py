@@ -37,16 +37,15 @@ from torch import Tensor, nn
 
 from mpsearch._validation import check_module, invalid, wrong_type
 from mpsearch.backends import get_backend, quantize
-from mpsearch.backends._quantize import as_plan, takes_act_range
+from mpsearch.backends._kernels import per_call_ranges
+from mpsearch.backends._quantize import as_plan
 from mpsearch.backends._registry import Backend
 from mpsearch.cost._decode import KVDecoder, check_compile
 from mpsearch.cost._timing import clock
-from mpsearch.layers import quantizable_layers
 from mpsearch.plan import PrecisionPlan
 from mpsearch.rounding import Rounder
 from mpsearch.runtime._audit import AuditLog
 from mpsearch.runtime._controller import plan_label
-from mpsearch.schemes import get_scheme
 
 VariantLike = PrecisionPlan | Mapping[str, str] | str | nn.Module
 
@@ -255,24 +254,20 @@ def _accepted_greedy(logits: Tensor, drafted: Sequence[int]) -> tuple[int, int]:
     return n, targets[n]
 
 
-def _refuse_per_call_ranges(model: nn.Module, assignment: Mapping[str, str]) -> None:
-    """Refuse a reference whose layers would quantize activations with a range measured on
-    each call (no ``calib``): a verification pass puts k + 1 tokens under one range, so its
-    tokens could differ from the reference decoding one token at a time."""
-    layers = quantizable_layers(model)
-    dynamic = sorted(
-        n
-        for n, s in assignment.items()
-        if get_scheme(s).quantizes_activations and takes_act_range(layers[n])
-    )
+def _refuse_per_call_ranges(reference: nn.Module) -> None:
+    """Refuse a reference whose int8 layers measure their activation range on each call: a
+    verification pass puts k + 1 tokens under one range, so its tokens could differ from the
+    reference decoding one token at a time."""
+    dynamic = per_call_ranges(reference)
     if dynamic:
-        schemes = "/".join(sorted({assignment[n] for n in dynamic}))
         raise invalid(
             "reference",
-            f"{schemes} on {len(dynamic)} layer(s), no calib (first: {dynamic[0]!r})",
+            f"{len(dynamic)} int8 layer(s) with activation ranges measured per call (first: "
+            f"{dynamic[0]!r})",
             "a reference whose outputs do not depend on how many tokens run at once: pass "
-            "calib= batches (static activation ranges) or use weight-only schemes there; a "
-            "range measured per call spans all k + 1 verified tokens",
+            "calib= batches (static activation ranges: to the controller for a plan, to "
+            "quantize for a module) or use weight-only schemes there; a range measured per "
+            "call spans all k + 1 verified tokens",
         )
 
 
@@ -329,6 +324,7 @@ class SpeculativeController:
         self._rounder = rounder
         self._built: dict[tuple[tuple[str, str], ...], nn.Module] = {}
         ref_module, ref_name, ref_plan = self._variant(reference, "reference")
+        _refuse_per_call_ranges(ref_module)
         self.reference_name = ref_name
         self.reference_plan = ref_plan
         # max-autotune's kernels block a product by its number of rows: a block of k + 1 tokens
@@ -365,8 +361,6 @@ class SpeculativeController:
         assignment = plan.resolve_choices(self.model)
         key = tuple(sorted(assignment.items()))
         name = str(plan.metadata.get("name") or plan_label(assignment))
-        if argument == "reference" and self._calib is None:
-            _refuse_per_call_ranges(self.model, assignment)
         if key not in self._built:
             if all(s == "fp32" for s in assignment.values()):
                 module = self.model

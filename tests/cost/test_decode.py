@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 
 import pytest
 import torch
@@ -144,6 +145,19 @@ def test_grouped_heads_switch_lasts_only_while_a_step_is_traced(monkeypatch) -> 
     with _native_gqa():
         assert os.environ[name] == "1"
     assert os.environ[name] == "0"
+
+
+@needs_compiler
+def test_compiled_decoding_of_int8_layers_with_per_call_ranges_says_to_calibrate() -> None:
+    model = _llama()
+    with pytest.warns(RuntimeWarning, match="6 int8 layer.*on each call.*calib= batches"):
+        KVDecoder(mps.quantize(model, {"re:.*mlp.*": "w8a8"}, backend="cpu"), compile=True)
+    calib = [{"input_ids": torch.tensor([[5, 17, 42, 8]])}]
+    calibrated = mps.quantize(model, {"re:.*mlp.*": "w8a8"}, backend="cpu", calib=calib)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        KVDecoder(calibrated, compile=True)
+        KVDecoder(mps.quantize(model, "w8a8", backend="cpu"), compile=False)  # eager: per token
 
 
 def test_decoder_without_a_static_cache_falls_back_with_the_reason() -> None:

@@ -383,8 +383,10 @@ def test_refuses_bad_arguments(llama):
 
 def test_a_reference_with_per_call_activation_ranges_is_refused_and_calib_fixes_it(llama):
     # a range measured per call spans every verified token: once, the tokens differed
-    with pytest.raises(ValueError, match="'reference'.*pass calib= batches.*w8a8 on 15 layer"):
+    with pytest.raises(ValueError, match="'reference'.*pass calib= batches.*15 int8 layer"):
         SpeculativeController(llama, "w4a16", reference="w8a8")
+    with pytest.raises(ValueError, match="'reference'.*measured per call"):  # a module too
+        SpeculativeController(llama, "w4a16", reference=quantize(llama, "w8a8", backend="cpu"))
     calib = [{"input_ids": torch.tensor([p])} for p in PROMPTS]
     spec = SpeculativeController(llama, "w4a16", reference="w8a8", calib=calib, k=3)
     reference = quantize(llama, "w8a8", backend="cpu", calib=calib)
