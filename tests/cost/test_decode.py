@@ -126,13 +126,14 @@ def test_graphs_run_without_their_guards_still_match_their_shapes() -> None:
     with torch.inference_mode():
         decoder.reset(capacity=24)
         decoder.feed(seq, keep=1)
-        for step in range(6):  # one token, two tokens, one token...: two graphs, each reused
-            fed = [7 + step] * (1 + step % 2)
+        for step in range(9):  # (tokens, logits kept): (1, 1), (2, 2), (2, 1), (1, 1)...
+            fed = [7 + step] * (1 + (step % 3 > 0))
+            keep = 1 if step % 3 != 1 else 2
             seq += fed
-            got = decoder.feed(fed, keep=len(fed))
-            want = model(input_ids=torch.tensor([seq])).logits[0, -len(fed) :]
+            got = decoder.feed(fed, keep=keep)
+            want = model(input_ids=torch.tensor([seq])).logits[0, -keep:]
             torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
-    assert len(decoder._checked) == 2 and decoder.compile_info["mode"] == "inductor"
+    assert len(decoder._checked) == 3 and decoder.compile_info["mode"] == "inductor"
 
 
 def test_grouped_heads_switch_lasts_only_while_a_step_is_traced(monkeypatch) -> None:
