@@ -355,7 +355,8 @@ def plan_rows(
     """fp32, the uniform plans, the llama.cpp-style and EXL2-style mixes, the smallest front
     plans within 1 % on the validation windows (``candidate``) and the best plan under the
     memory budget, each quantized on the ``cpu`` backend (``w8a8`` activation ranges
-    calibrated on ``calib``, as the profile's were)."""
+    calibrated on ``calib``: static, as compiled decoding needs for Inductor's int8
+    micro-kernels; the profile and the search score ranges measured per call)."""
     rounder = getattr(prof, "rounder", None)
     space = {"name": "bench_lm", "schemes": ["fp32", *SCHEMES]}
 
