@@ -7,10 +7,11 @@ import inspect
 import os
 import statistics
 import warnings
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
+from unittest import mock
 
 import torch
 import torch._dynamo.config as dynamo_config
@@ -142,24 +143,14 @@ def _static_cache_missing(module: nn.Module) -> str | None:
     return None
 
 
-@contextmanager
-def _native_gqa() -> Iterator[None]:
+def _native_gqa() -> AbstractContextManager[Any]:
     """While Dynamo traces a step, Hugging Face attention hands grouped key/value heads to
     ``scaled_dot_product_attention(enable_gqa=True)`` (transformers' own switch,
     ``TRANSFORMERS_SDPA_FORCE_GQA``), which reads each cached head once per query group: on
     CPU transformers otherwise copies the whole static cache to repeat its heads at every step
     (2.4 MB a token, 78 us of 0.37 ms a step without matrix products, 12.6 M-parameter Llama).
     The traced graph keeps the choice; the eager model is untouched."""
-    name = "TRANSFORMERS_SDPA_FORCE_GQA"
-    before = os.environ.get(name)
-    os.environ[name] = "1"
-    try:
-        yield
-    finally:
-        if before is None:
-            del os.environ[name]
-        else:
-            os.environ[name] = before
+    return mock.patch.dict(os.environ, {"TRANSFORMERS_SDPA_FORCE_GQA": "1"})
 
 
 class KVDecoder:
