@@ -4,7 +4,10 @@ A ``simulate`` layer whose scheme computes in bf16 or fp16 (``bf16``, ``w4a16``,
 runs a real bf16/fp16 convolution. On a CPU without native bf16 support (AVX2 only) PyTorch
 takes a slow reference path for it: measured on this project's 2-core machine, 10-45x a float32
 convolution of the same shape, which alone made the profile of a ResNet-18 cost more than its
-end-to-end errors. The profiler therefore evaluates those layers as an exact-product emulation:
+end-to-end errors. On a CPU with bf16 units the real kernel is the fast one (AMD EPYC Zen 4,
+AVX-512 BF16: 0.5-0.8x a float32 Linear or convolution, the emulation 1.1-1.3x). Which one
+the profiler runs is measured once per process and dtype (:func:`native_is_faster`). The
+emulation is exact-product:
 inputs, weight and bias rounded to the compute dtype (as the layer does), the convolution in
 float32, and the output rounded to the compute dtype. A product of two bf16 (or fp16) values is
 exact in float32 and the hardware kernels accumulate in float32 too, so the result is the same
@@ -12,6 +15,10 @@ up to the order of the float32 sums (an output may round to the neighbouring bf1
 """
 
 from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -68,16 +75,93 @@ _EMULATED_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
 """Layers :class:`EmulatedLayer` runs (one weight, a functional forward); the others (LSTM,
 GRU, Embedding, HF Conv1D) take the backend's own quantized layer."""
 
+PROBE_ROUNDS = 3
+"""Timed rounds (after one warm-up) of each probe operation in :func:`native_is_faster`."""
 
-def profile_layer(impl: object, layer: nn.Module, scheme: Scheme) -> nn.Module:
-    """``impl.quantize_layer(layer, scheme)``, emulated where :class:`EmulatedLayer` applies.
+
+def _best_seconds(fn: Callable[[], object]) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(PROBE_ROUNDS):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+@functools.cache
+def native_is_faster(dtype: torch.dtype) -> bool:
+    """Whether this CPU runs a ``dtype`` convolution and Linear layer faster natively than as
+    :class:`EmulatedLayer` does (float32 on rounded operands): both must be faster.
+
+    Measured once per process on a 3x3 convolution (32 channels, 16x16, batch 8) and a Linear
+    layer (256 x 256, 512 rows), the best of :data:`PROBE_ROUNDS`; a few milliseconds.
+
+    >>> isinstance(native_is_faster(torch.bfloat16), bool)
+    True
+    """
+    g = torch.Generator().manual_seed(0)
+    cases = [
+        (nn.Conv2d(32, 32, 3, padding=1), torch.randn(8, 32, 16, 16, generator=g)),
+        (nn.Linear(256, 256), torch.randn(512, 256, generator=g)),
+    ]
+    with torch.inference_mode():
+        for layer, x in cases:
+            low = (
+                layer.weight.to(dtype),
+                layer.bias.to(dtype),
+                layer.weight.to(dtype).float(),
+                layer.bias.to(dtype).float(),
+            )
+
+            def native(layer: nn.Module = layer, x: Tensor = x, w: tuple = low) -> Tensor:
+                return layer_forward(layer, x.to(dtype), w[0], w[1]).float()
+
+            def emulated(layer: nn.Module = layer, x: Tensor = x, w: tuple = low) -> Tensor:
+                y = layer_forward(layer, x.to(dtype).float(), w[2], w[3])
+                return y.to(dtype).float()
+
+            if _best_seconds(native) >= _best_seconds(emulated):
+                return False
+    return True
+
+
+def emulates(scheme: Scheme) -> bool:
+    """Whether the profiler runs ``scheme``'s Linear and convolution layers as
+    :class:`EmulatedLayer` on CPU tensors: a bf16/fp16 compute dtype this CPU runs slower
+    natively (:func:`native_is_faster`)."""
+    dtype = _DTYPES.get(scheme.compute_dtype)
+    return dtype in _EMULATED and not native_is_faster(dtype)
+
+
+def compute_paths(impl: object, schemes: Sequence[Scheme]) -> dict[str, str]:
+    """How the profile runs each bf16/fp16 compute dtype of ``schemes`` on the ``simulate``
+    backend: ``"native"`` or ``"emulated"`` (:func:`emulates`); empty for other backends.
 
     >>> from mpsearch.backends import get_backend
     >>> from mpsearch.schemes import get_scheme
-    >>> type(profile_layer(get_backend("simulate"), nn.Linear(4, 4), get_scheme("bf16"))).__name__
-    'EmulatedLayer'
+    >>> compute_paths(get_backend("simulate"), [get_scheme("w8a8")])
+    {}
     """
-    emulated = _DTYPES.get(scheme.compute_dtype) in _EMULATED
-    if type(impl) is SimulateBackend and emulated and isinstance(layer, _EMULATED_LAYERS):
+    if type(impl) is not SimulateBackend:
+        return {}
+    paths = {}
+    for scheme in schemes:
+        if _DTYPES.get(scheme.compute_dtype) in _EMULATED:
+            paths[scheme.compute_dtype] = "emulated" if emulates(scheme) else "native"
+    return paths
+
+
+def profile_layer(impl: object, layer: nn.Module, scheme: Scheme) -> nn.Module:
+    """``impl.quantize_layer(layer, scheme)``, emulated where :func:`emulates` says so.
+
+    >>> from mpsearch.backends import get_backend
+    >>> from mpsearch.schemes import get_scheme
+    >>> bf16 = get_scheme("bf16")
+    >>> got = type(profile_layer(get_backend("simulate"), nn.Linear(4, 4), bf16)).__name__
+    >>> got == ("EmulatedLayer" if emulates(bf16) else "SimulatedLayer")
+    True
+    """
+    if type(impl) is SimulateBackend and isinstance(layer, _EMULATED_LAYERS) and emulates(scheme):
         return EmulatedLayer(layer, scheme)
     return impl.quantize_layer(layer, scheme)  # type: ignore[attr-defined]

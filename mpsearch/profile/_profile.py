@@ -28,7 +28,7 @@ from mpsearch.backends._quantize import applicability_error
 from mpsearch.layers import coverage, layer_weights, quantizable_layers, swapped, weight_shapes
 from mpsearch.profile._cache import CODE_VERSION, RowCache, hash_batches, hash_model, hash_text
 from mpsearch.profile._e2e import first_samples, total_samples
-from mpsearch.profile._emulate import profile_layer
+from mpsearch.profile._emulate import compute_paths, profile_layer
 from mpsearch.profile._hessian import hutchinson_traces
 from mpsearch.profile._metrics import (
     E2EScorer,
@@ -328,6 +328,7 @@ def _open_cache(req: _Request, runner: Runner, e2e_name: str, n_e2e: int) -> tup
         repr(opts.rounding or RoundingOptions()),
         runner.mode,
         f"e2e_samples={n_e2e}",
+        f"compute={compute_paths(req.impl, req.schemes)}",
     )
     return base_key, RowCache(Path(opts.cache_dir) / f"profile-{model_hash[:16]}.jsonl")
 
@@ -546,6 +547,7 @@ def _build_result(
             "calib_samples": plan.n_samples,
             "e2e_samples": plan.n_e2e,
             "downstream_passes": round(plan.downstream, 4),
+            "compute": compute_paths(req.impl, req.schemes),
             "coverage": covered.share,
             "coverage_note": covered.summary(),
         },

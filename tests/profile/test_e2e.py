@@ -18,7 +18,6 @@ from profile_models import (
 from mpsearch.profile import profile
 from mpsearch.profile._e2e import (
     AUTO_E2E_PASSES,
-    AUTO_EXACT_PASSES,
     AUTO_MIN_SAMPLES,
     choose_e2e_samples,
     first_samples,
@@ -47,13 +46,14 @@ def test_choose_e2e_samples_rules() -> None:
     assert choose_e2e_samples(None, 256, 50.0) == 256
     assert choose_e2e_samples(64, 256, 0.1) == 64
     assert choose_e2e_samples(1000, 256, 9.0) == 256
-    assert choose_e2e_samples("auto", 256, AUTO_EXACT_PASSES) == 256
-    deep = AUTO_EXACT_PASSES + 8.0
+    assert choose_e2e_samples("auto", 256, AUTO_E2E_PASSES) == 256
+    assert choose_e2e_samples("auto", 256, 0.0) == 256  # nothing downstream
+    deep = AUTO_E2E_PASSES + 8.0
     assert choose_e2e_samples("auto", 256, deep) == max(
         AUTO_MIN_SAMPLES, int(np.ceil(256 * AUTO_E2E_PASSES / deep))
     )
     assert choose_e2e_samples("auto", 256, 1000.0) == AUTO_MIN_SAMPLES
-    assert choose_e2e_samples("auto", 10, 1000.0) == 10  # never more than there are
+    assert choose_e2e_samples("auto", 5, 1000.0) == 5  # never more than there are
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +118,7 @@ def test_cache_never_mixes_subset_and_exact_rows(tmp_path, known_calib) -> None:
 def test_auto_keeps_small_models_exact_and_subsamples_deep_ones() -> None:
     calib = batches(4, 64, 32)
     shallow = profile(chain(2), calib, schemes=["w8a8"])
-    assert shallow.info["downstream_passes"] <= AUTO_EXACT_PASSES
+    assert shallow.info["downstream_passes"] <= AUTO_E2E_PASSES
     assert shallow.info["e2e_samples"] == 256
     deep = profile(chain(24), calib, schemes=["w8a8"])
     d = deep.info["downstream_passes"]

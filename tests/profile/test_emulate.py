@@ -8,7 +8,13 @@ from torch import nn
 
 from mpsearch.backends import get_backend
 from mpsearch.backends._simulate import SimulatedLayer
-from mpsearch.profile._emulate import EmulatedLayer, profile_layer
+from mpsearch.profile import _emulate, profile
+from mpsearch.profile._emulate import (
+    EmulatedLayer,
+    compute_paths,
+    native_is_faster,
+    profile_layer,
+)
 from mpsearch.schemes import get_scheme
 
 
@@ -41,10 +47,42 @@ def test_emulation_matches_the_real_reduced_precision_kernel(kind: str, scheme: 
     assert float((y_fast == y_real).float().mean()) > 0.9
 
 
-def test_profile_layer_emulates_only_reduced_precision_compute() -> None:
+def test_profile_layer_emulates_only_reduced_precision_compute_this_cpu_runs_slowly(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     impl = get_backend("simulate")
     layer = nn.Linear(64, 64)
-    assert type(profile_layer(impl, layer, get_scheme("bf16"))) is EmulatedLayer
-    assert type(profile_layer(impl, layer, get_scheme("w4a16"))) is EmulatedLayer
+    native = native_is_faster(torch.bfloat16)
+    assert native is native_is_faster(torch.bfloat16)  # measured once per process
+    bf16_kind = SimulatedLayer if native else EmulatedLayer
+    assert type(profile_layer(impl, layer, get_scheme("bf16"))) is bf16_kind
+    assert type(profile_layer(impl, layer, get_scheme("w4a16"))) is bf16_kind
+    assert compute_paths(impl, [get_scheme("w4a16")]) == {
+        "bf16": "native" if native else "emulated"
+    }
+    for slow in (True, False):  # either outcome of the measurement on this machine
+        monkeypatch.setattr(_emulate, "native_is_faster", lambda dtype, slow=slow: not slow)
+        kind = EmulatedLayer if slow else SimulatedLayer
+        assert type(profile_layer(impl, layer, get_scheme("bf16"))) is kind
     assert type(profile_layer(impl, layer, get_scheme("w8a8"))) is SimulatedLayer
     assert type(profile_layer(impl, layer, get_scheme("fp32"))) is SimulatedLayer
+
+
+def test_native_and_emulated_profiles_agree(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whichever path this CPU takes, the profile's numbers are those of the other path up to
+    the order of float32 sums; the path is recorded in ``info`` and the cache key."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(32, 16, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 64, 10)
+    ).eval()
+    calib = [torch.randn(16, 32, 8, 8) for _ in range(2)]
+    tables = {}
+    for native in (True, False):
+        monkeypatch.setattr(_emulate, "native_is_faster", lambda dtype, n=native: n)
+        prof = profile(model, calib, schemes=["bf16", "w4a16"], progress=False)
+        assert prof.info["compute"] == {"bf16": "native" if native else "emulated"}
+        tables[native] = prof.table.set_index(["layer", "scheme"])
+    for column in ("mse", "e2e"):
+        a, b = tables[True][column], tables[False][column]
+        assert bool((a > 0).all())
+        assert float(((a - b).abs() / b).max()) < 0.01, column  # measured: 3e-4
