@@ -77,8 +77,9 @@ class ProfileOptions(Options):
       and ``hessian`` always use all of them). ``None``: every calibration sample (exact
       mode); an int ``n``: the first ``n`` samples, in order (the ``e2e`` column then equals
       exact mode's on the data cut to those samples); ``"auto"``: exact mode when its
-      end-to-end work D is at most 2 fp32 passes per scheme, else the first ``ceil(N / D)`` of
-      the N samples (at least 16), about one pass per scheme. D is the sum over layers of the
+      end-to-end work D is at most half an fp32 pass per scheme, else the first
+      ``ceil(N / (2 D))`` of the N samples (at least 8), half a pass per scheme
+      (:data:`~mpsearch.profile._e2e.AUTO_E2E_PASSES`). D is the sum over layers of the
       share of the model's multiply-accumulates downstream of the layer (from the traced graph
       and the data's shapes, never from timings: the same choice on every run); ``prof.info``
       records ``e2e_samples``, ``calib_samples`` and ``downstream_passes`` (D);
