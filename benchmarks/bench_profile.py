@@ -232,7 +232,7 @@ def main() -> None:
         "`e2e samples`: calibration samples the end-to-end errors were measured on (local "
         "errors always use all of them); `D`: the end-to-end work per scheme in exact mode, in "
         'fp32 passes (from the traced graph\'s multiply-accumulates), which `e2e_samples="auto"` '
-        "uses to choose (exact when D <= 0.5, else half a pass per scheme).",
+        "uses to choose (exact when D <= 2, else half a pass per scheme).",
         "",
         "| workload | e2e_samples | threads | quantizable layers | batches | runner | "
         "e2e samples | D | load | profile runs (s) | fp32 pass (s) | n | ratio (wall) | "

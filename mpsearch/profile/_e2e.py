@@ -19,11 +19,18 @@ from torch.utils import _pytree as pytree
 from mpsearch._data import Batch, batch_size
 from mpsearch._validation import invalid
 
+AUTO_EXACT_PASSES = 2.0
+"""``e2e_samples="auto"`` measures on every sample when the end-to-end work per scheme is at
+most this many full fp32 passes over the calibration data (small models: the exact profile
+costs only a few passes per scheme, and a trained classifier's KL is carried by a few
+uncertain samples: on the trained digits CNN, D = 1.35, the first 95 of 256 samples gave
+e2e sums 2-3x smaller than all 256 and ranked 40 random plans with Spearman 0.950 against
+exact mode's 0.966)."""
+
 AUTO_E2E_PASSES = 0.5
-"""``e2e_samples="auto"`` keeps the end-to-end work per scheme within this many full fp32
-passes over the calibration data: every sample when the model's downstream work per scheme
-(``downstream_passes``, D) is at most this, else the first ``ceil(samples * AUTO_E2E_PASSES /
-D)``. With the local errors (about one pass per scheme) and the stored pass, a profile then
+"""``e2e_samples="auto"`` on a model above :data:`AUTO_EXACT_PASSES` keeps the end-to-end work
+per scheme within this many full fp32 passes: the first ``ceil(samples * AUTO_E2E_PASSES /
+D)`` samples, D the model's downstream work per scheme (``downstream_passes``). With the local errors (about one pass per scheme) and the stored pass, a profile then
 costs two to three fp32 passes per scheme. Spearman rho of the ``e2e`` column against exact
 mode over all (layer, scheme) rows, zoo models (``benchmarks/bench_e2e_samples.py``): 0.996-1.000
 on the Hugging Face, LSTM, audio, ResNet-18 and ViT models (lowest per-scheme rho 0.90 on a
@@ -59,19 +66,21 @@ def total_samples(batches: Sequence[Batch]) -> int:
 def choose_e2e_samples(value: Any, total: int, downstream_passes: float) -> int:
     """How many samples (the first ones) the end-to-end errors use.
 
-    ``None``: all ``total``. An int: ``min(value, total)``. ``"auto"``: the share of them
-    that keeps the end-to-end work per scheme, ``downstream_passes`` (in full fp32 passes over
-    all samples), within :data:`AUTO_E2E_PASSES` (all of them on a shallow model), at least
-    :data:`AUTO_MIN_SAMPLES`. Deterministic: it depends on the model's structure and the
-    data's shapes only, never on timings.
+    ``None``: all ``total``. An int: ``min(value, total)``. ``"auto"``: all of them when the
+    end-to-end work per scheme, ``downstream_passes`` (in full fp32 passes over all samples),
+    is at most :data:`AUTO_EXACT_PASSES`; else the share that brings it down to
+    :data:`AUTO_E2E_PASSES`, at least :data:`AUTO_MIN_SAMPLES`. Deterministic: it depends on
+    the model's structure and the data's shapes only, never on timings.
 
-    >>> choose_e2e_samples("auto", 256, 0.4), choose_e2e_samples("auto", 256, 10.0)
+    >>> choose_e2e_samples("auto", 256, 1.5), choose_e2e_samples("auto", 256, 10.0)
     (256, 13)
     """
     if value is None:
         return total
     if value == "auto":
-        wanted = math.ceil(total * AUTO_E2E_PASSES / max(downstream_passes, 1e-12))
+        if downstream_passes <= AUTO_EXACT_PASSES:
+            return total
+        wanted = math.ceil(total * AUTO_E2E_PASSES / downstream_passes)
         return min(total, max(wanted, AUTO_MIN_SAMPLES))
     return min(int(value), total)
 
@@ -117,4 +126,102 @@ def first_samples(batches: Sequence[Batch], n: int) -> list[Batch]:
         size = batch_size(batch)
         out.append(batch if size <= left else _slice(batch, size, left))
         left -= size
+    return out
+
+
+def uncertainty(output: torch.Tensor) -> torch.Tensor:
+    """Each sample's mean entropy (nats) of ``softmax(output)`` over the last dimension:
+    ``[batch]``, float64. A sample the fp32 model is unsure of moves most under quantization.
+
+    >>> uncertainty(torch.tensor([[0.0, 0.0], [9.0, -9.0]])).round(decimals=3).tolist()
+    [0.693, 0.0]
+    """
+    log_p = torch.log_softmax(output.double(), dim=-1)
+    entropy = -(log_p.exp() * log_p).sum(dim=-1)
+    return entropy.reshape(len(output), -1).mean(dim=1)
+
+
+def most_uncertain(outputs: Sequence[torch.Tensor], n: int) -> list[list[int]]:
+    """Per calibration batch, the positions (ascending) of the ``n`` samples of highest
+    :func:`uncertainty` over all batches (ties: the earlier sample).
+
+    >>> most_uncertain([torch.tensor([[0.0, 0.0], [9.0, 0.0]]), torch.tensor([[1.0, 0.0]])], 2)
+    [[0], [0]]
+    """
+    scores = torch.cat([uncertainty(out) for out in outputs])
+    order = torch.sort(-scores, stable=True).indices[:n]
+    picks: list[list[int]] = [[] for _ in outputs]
+    start = 0
+    bounds = []
+    for out in outputs:
+        bounds.append((start, start + len(out)))
+        start += len(out)
+    for i in sorted(order.tolist()):
+        b = next(k for k, (lo, hi) in enumerate(bounds) if lo <= i < hi)
+        picks[b].append(i - bounds[b][0])
+    return picks
+
+
+def _pieces(batch: Batch, rows: list[int]) -> tuple[Any, list[Any], list[bool]]:
+    """``batch``'s leaves with the tensors of batch length cut to ``rows`` (and which were)."""
+    size = batch_size(batch)
+    leaves, spec = pytree.tree_flatten(batch)
+    batched = [isinstance(t, torch.Tensor) and t.dim() >= 1 and t.shape[0] == size for t in leaves]
+    index = torch.tensor(rows)
+    cut = [t.index_select(0, index) if b else t for t, b in zip(leaves, batched, strict=True)]
+    return spec, cut, batched
+
+
+def _same(x: Any, y: Any) -> bool:
+    if x is y:
+        return True
+    if isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
+        both = isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor)
+        return both and x.shape == y.shape and bool(torch.equal(x, y))
+    return bool(x == y)
+
+
+def _joinable(a: tuple[Any, list[Any], list[bool]], b: tuple[Any, list[Any], list[bool]]) -> bool:
+    """Whether two cut batches concatenate: the same structure, tensors of batch length with
+    the same trailing shapes and dtype, and every other value the same."""
+    if a[0] != b[0] or a[2] != b[2]:
+        return False
+    return all(
+        (x.shape[1:] == y.shape[1:] and x.dtype == y.dtype) if batched else _same(x, y)
+        for x, y, batched in zip(a[1], b[1], a[2], strict=True)
+    )
+
+
+def picked_samples(batches: Sequence[Batch], picks: Sequence[Sequence[int]]) -> list[Batch]:
+    """The samples ``picks[b]`` of each batch ``b``, packed into batches no larger than the
+    largest calibration batch: consecutive pieces are concatenated where their structure,
+    trailing shapes and other values agree (:func:`first_samples` says which values are cut).
+
+    >>> x = [torch.arange(4.0).reshape(4, 1), torch.arange(4.0, 8.0).reshape(4, 1)]
+    >>> [b.flatten().tolist() for b in picked_samples(x, [[1, 3], [0]])]
+    [[1.0, 3.0, 4.0]]
+    """
+    limit = max(batch_size(b) for b in batches)
+    groups: list[list[tuple[Any, list[Any], list[bool]]]] = []
+    for batch, rows in zip(batches, picks, strict=True):
+        if not rows:
+            continue
+        piece = _pieces(batch, list(rows))
+        last = groups[-1] if groups else None
+        if (
+            last is not None
+            and sum(len(p[1][p[2].index(True)]) for p in last) + len(rows) <= limit
+            and _joinable(last[0], piece)
+        ):
+            last.append(piece)
+        else:
+            groups.append([piece])
+    out = []
+    for group in groups:
+        spec, first, batched = group[0]
+        leaves = [
+            torch.cat([p[1][i] for p in group]) if is_batched else value
+            for i, (value, is_batched) in enumerate(zip(first, batched, strict=True))
+        ]
+        out.append(pytree.tree_unflatten(leaves, spec))
     return out

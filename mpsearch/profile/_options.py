@@ -77,12 +77,15 @@ class ProfileOptions(Options):
       and ``hessian`` always use all of them). ``None``: every calibration sample (exact
       mode); an int ``n``: the first ``n`` samples, in order (the ``e2e`` column then equals
       exact mode's on the data cut to those samples); ``"auto"``: exact mode when its
-      end-to-end work D is at most half an fp32 pass per scheme, else the first
-      ``ceil(N / (2 D))`` of the N samples (at least 8), half a pass per scheme
-      (:data:`~mpsearch.profile._e2e.AUTO_E2E_PASSES`). D is the sum over layers of the
+      end-to-end work D is at most 2 fp32 passes per scheme, else ``ceil(N / (2 D))`` of the
+      N samples (at least 8), half a pass per scheme (:mod:`mpsearch.profile._e2e`): with
+      the KL metric on one distribution per sample (a classifier), the samples whose fp32
+      output has the highest entropy (they carry a trained classifier's KL), else the first
+      ones. D is the sum over layers of the
       share of the model's multiply-accumulates downstream of the layer (from the traced graph
       and the data's shapes, never from timings: the same choice on every run); ``prof.info``
-      records ``e2e_samples``, ``calib_samples`` and ``downstream_passes`` (D);
+      records ``e2e_samples``, ``e2e_pick`` (``all``, ``first`` or ``uncertain``),
+      ``calib_samples`` and ``downstream_passes`` (D);
     - ``rounding``: how choices with a calibrated rounding (``"w4a16+gptq"``) round
       (:class:`~mpsearch.rounding.RoundingOptions`, or a mapping of its fields; ``None``: its
       defaults). Their weights are rounded from the calibration data, from one pass that

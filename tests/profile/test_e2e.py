@@ -18,9 +18,12 @@ from profile_models import (
 from mpsearch.profile import profile
 from mpsearch.profile._e2e import (
     AUTO_E2E_PASSES,
+    AUTO_EXACT_PASSES,
     AUTO_MIN_SAMPLES,
     choose_e2e_samples,
     first_samples,
+    most_uncertain,
+    picked_samples,
 )
 
 SCHEMES = ["bf16", "w8a8", "w4a16"]
@@ -46,9 +49,8 @@ def test_choose_e2e_samples_rules() -> None:
     assert choose_e2e_samples(None, 256, 50.0) == 256
     assert choose_e2e_samples(64, 256, 0.1) == 64
     assert choose_e2e_samples(1000, 256, 9.0) == 256
-    assert choose_e2e_samples("auto", 256, AUTO_E2E_PASSES) == 256
-    assert choose_e2e_samples("auto", 256, 0.0) == 256  # nothing downstream
-    deep = AUTO_E2E_PASSES + 8.0
+    assert choose_e2e_samples("auto", 256, AUTO_EXACT_PASSES) == 256
+    deep = AUTO_EXACT_PASSES + 8.0
     assert choose_e2e_samples("auto", 256, deep) == max(
         AUTO_MIN_SAMPLES, int(np.ceil(256 * AUTO_E2E_PASSES / deep))
     )
@@ -118,7 +120,7 @@ def test_cache_never_mixes_subset_and_exact_rows(tmp_path, known_calib) -> None:
 def test_auto_keeps_small_models_exact_and_subsamples_deep_ones() -> None:
     calib = batches(4, 64, 32)
     shallow = profile(chain(2), calib, schemes=["w8a8"])
-    assert shallow.info["downstream_passes"] <= AUTO_E2E_PASSES
+    assert shallow.info["downstream_passes"] <= AUTO_EXACT_PASSES
     assert shallow.info["e2e_samples"] == 256
     deep = profile(chain(24), calib, schemes=["w8a8"])
     d = deep.info["downstream_passes"]
@@ -153,3 +155,55 @@ def test_hook_runner_subset_equals_graph_runner_subset() -> None:
 def test_bad_e2e_samples(value: object) -> None:
     with pytest.raises(ValueError, match=r"'e2e_samples' option must be 'auto', None"):
         profile(chain(2), batches(1, 2, 32), e2e_samples=value)
+
+
+def test_most_uncertain_picks_the_highest_entropy_samples() -> None:
+    sure, unsure, middle = [9.0, -9.0, -9.0], [0.0, 0.0, 0.0], [1.0, 0.0, 0.0]
+    outputs = [torch.tensor([sure, middle, unsure]), torch.tensor([unsure, sure])]
+    assert most_uncertain(outputs, 2) == [[2], [0]]  # the tie goes to the earlier sample
+    assert most_uncertain(outputs, 3) == [[1, 2], [0]]
+    assert most_uncertain(outputs, 5) == [[0, 1, 2], [0, 1]]
+    tokens = torch.tensor([[sure, sure], [unsure, sure]])  # [batch, tokens, classes]
+    assert most_uncertain([tokens], 1) == [[1]]  # mean entropy over a sample's rows
+
+
+def test_picked_samples_packs_compatible_pieces_up_to_a_batch() -> None:
+    x = batches(3, 4, 5)
+    got = picked_samples(x, [[1, 3], [0], [0, 1, 2]])
+    assert [b.shape[0] for b in got] == [3, 3]  # 2 + 1 fit a batch of 4; 3 more do not
+    assert torch.equal(got[0], torch.stack([x[0][1], x[0][3], x[1][0]]))
+    assert torch.equal(got[1], x[2][:3])
+    as_dict = [{"image": b, "flag": 3, "table": torch.zeros(7)} for b in x]
+    got = picked_samples(as_dict, [[2], [1], []])
+    assert len(got) == 1 and got[0]["flag"] == 3 and got[0]["table"].shape == (7,)
+    assert torch.equal(got[0]["image"], torch.stack([x[0][2], x[1][1]]))
+    flags = [{"image": b, "flag": i} for i, b in enumerate(x)]  # other values differ: kept apart
+    assert [b["image"].shape[0] for b in picked_samples(flags, [[0], [0], [0]])] == [1, 1, 1]
+    padded = [torch.zeros(4, 5), torch.zeros(4, 6)]  # another trailing shape: kept apart
+    assert [b.shape for b in picked_samples(padded, [[0], [0]])] == [(1, 5), (1, 6)]
+
+
+def test_auto_measures_a_classifier_on_its_least_certain_samples(tmp_path) -> None:
+    calib = batches(4, 64, 32)
+    model = chain(24)
+    auto = profile(model, calib, schemes=["w8a8"], cache_dir=tmp_path)
+    n = auto.info["e2e_samples"]
+    assert n < 256 and auto.info["e2e_pick"] == "uncertain"
+    with torch.inference_mode():
+        picked = picked_samples(calib, most_uncertain([model(b) for b in calib], n))
+    # the end-to-end errors are exact mode's on the picked samples themselves
+    on_picked = profile(model, picked, schemes=["w8a8"], e2e_samples=None)
+    np.testing.assert_allclose(auto.pivot("e2e"), on_picked.pivot("e2e"), rtol=1e-6)
+    first = profile(model, calib, schemes=["w8a8"], e2e_samples=n, cache_dir=tmp_path)
+    assert first.info["e2e_pick"] == "first" and first.info["cached_rows"] == 0
+    assert not np.allclose(first.pivot("e2e"), auto.pivot("e2e"), rtol=1e-3, atol=0.0)
+    again = profile(model, calib, schemes=["w8a8"], cache_dir=tmp_path)
+    assert again.info["cached_rows"] == 24
+
+
+def test_auto_takes_the_first_samples_of_a_sequence_model() -> None:
+    calib = [torch.randn(8, 4, 32, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    prof = profile(chain(24), calib, schemes=["w8a8"])  # 4 distributions per sample
+    assert prof.info["e2e_samples"] < 32 and prof.info["e2e_pick"] == "first"
+    first = profile(chain(24), calib, schemes=["w8a8"], e2e_samples=prof.info["e2e_samples"])
+    pd.testing.assert_frame_equal(prof.pivot("e2e"), first.pivot("e2e"), check_exact=True)
