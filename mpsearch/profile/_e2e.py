@@ -9,9 +9,11 @@ smaller sample; local errors always use every calibration sample.
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch.utils import _pytree as pytree
@@ -151,27 +153,42 @@ def most_uncertain(outputs: Sequence[torch.Tensor], n: int) -> list[list[int]]:
     [[0], [0]]
     """
     scores = torch.cat([uncertainty(out) for out in outputs])
-    order = torch.sort(-scores, stable=True).indices[:n]
+    offsets = list(itertools.accumulate((len(out) for out in outputs), initial=0))
     picks: list[list[int]] = [[] for _ in outputs]
-    start = 0
-    bounds = []
-    for out in outputs:
-        bounds.append((start, start + len(out)))
-        start += len(out)
-    for i in sorted(order.tolist()):
-        b = next(k for k, (lo, hi) in enumerate(bounds) if lo <= i < hi)
-        picks[b].append(i - bounds[b][0])
+    for i in sorted(torch.sort(-scores, stable=True).indices[:n].tolist()):
+        b = bisect.bisect_right(offsets, i) - 1
+        picks[b].append(i - offsets[b])
     return picks
 
 
-def _pieces(batch: Batch, rows: list[int]) -> tuple[Any, list[Any], list[bool]]:
-    """``batch``'s leaves with the tensors of batch length cut to ``rows`` (and which were)."""
-    size = batch_size(batch)
-    leaves, spec = pytree.tree_flatten(batch)
-    batched = [isinstance(t, torch.Tensor) and t.dim() >= 1 and t.shape[0] == size for t in leaves]
-    index = torch.tensor(rows)
-    cut = [t.index_select(0, index) if b else t for t, b in zip(leaves, batched, strict=True)]
-    return spec, cut, batched
+class _Piece(NamedTuple):
+    """Some samples of one batch: its flattened values, those of batch length cut."""
+
+    spec: Any
+    leaves: list[Any]
+    batched: list[bool]
+    size: int
+
+    @classmethod
+    def of(cls, batch: Batch, rows: list[int]) -> _Piece:
+        full = batch_size(batch)
+        leaves, spec = pytree.tree_flatten(batch)
+        batched = [
+            isinstance(t, torch.Tensor) and t.dim() >= 1 and t.shape[0] == full for t in leaves
+        ]
+        index = torch.tensor(rows)
+        cut = [t.index_select(0, index) if b else t for t, b in zip(leaves, batched, strict=True)]
+        return cls(spec, cut, batched, len(rows))
+
+    def joins(self, other: _Piece) -> bool:
+        """Whether ``other`` concatenates to this piece: the same structure, values of batch
+        length with the same trailing shapes and dtype, every other value the same."""
+        if self.spec != other.spec or self.batched != other.batched:
+            return False
+        return all(
+            (x.shape[1:] == y.shape[1:] and x.dtype == y.dtype) if batched else _same(x, y)
+            for x, y, batched in zip(self.leaves, other.leaves, self.batched, strict=True)
+        )
 
 
 def _same(x: Any, y: Any) -> bool:
@@ -181,17 +198,6 @@ def _same(x: Any, y: Any) -> bool:
         both = isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor)
         return both and x.shape == y.shape and bool(torch.equal(x, y))
     return bool(x == y)
-
-
-def _joinable(a: tuple[Any, list[Any], list[bool]], b: tuple[Any, list[Any], list[bool]]) -> bool:
-    """Whether two cut batches concatenate: the same structure, tensors of batch length with
-    the same trailing shapes and dtype, and every other value the same."""
-    if a[0] != b[0] or a[2] != b[2]:
-        return False
-    return all(
-        (x.shape[1:] == y.shape[1:] and x.dtype == y.dtype) if batched else _same(x, y)
-        for x, y, batched in zip(a[1], b[1], a[2], strict=True)
-    )
 
 
 def picked_samples(batches: Sequence[Batch], picks: Sequence[Sequence[int]]) -> list[Batch]:
@@ -204,26 +210,22 @@ def picked_samples(batches: Sequence[Batch], picks: Sequence[Sequence[int]]) -> 
     [[1.0, 3.0, 4.0]]
     """
     limit = max(batch_size(b) for b in batches)
-    groups: list[list[tuple[Any, list[Any], list[bool]]]] = []
+    groups: list[list[_Piece]] = []
     for batch, rows in zip(batches, picks, strict=True):
         if not rows:
             continue
-        piece = _pieces(batch, list(rows))
-        last = groups[-1] if groups else None
-        if (
-            last is not None
-            and sum(len(p[1][p[2].index(True)]) for p in last) + len(rows) <= limit
-            and _joinable(last[0], piece)
-        ):
-            last.append(piece)
+        piece = _Piece.of(batch, list(rows))
+        group = groups[-1] if groups else []
+        if group and sum(p.size for p in group) + piece.size <= limit and group[0].joins(piece):
+            group.append(piece)
         else:
             groups.append([piece])
     out = []
     for group in groups:
-        spec, first, batched = group[0]
+        first = group[0]
         leaves = [
-            torch.cat([p[1][i] for p in group]) if is_batched else value
-            for i, (value, is_batched) in enumerate(zip(first, batched, strict=True))
+            torch.cat([p.leaves[i] for p in group]) if batched else value
+            for i, (value, batched) in enumerate(zip(first.leaves, first.batched, strict=True))
         ]
-        out.append(pytree.tree_unflatten(leaves, spec))
+        out.append(pytree.tree_unflatten(leaves, first.spec))
     return out

@@ -261,7 +261,7 @@ class _RowPlan:
     n_samples: int
     downstream: float
     n_e2e: int
-    pick: str  # which e2e samples below all of them: "first" or "uncertain"
+    pick: str  # which samples the e2e errors use: "all", "first" or "uncertain"
     skip: dict[tuple[str, str], str] = field(default_factory=dict)
     rows: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
     todo: dict[str, list[Scheme]] = field(default_factory=dict)
@@ -277,14 +277,7 @@ class _RowPlan:
 def _plan_rows(req: _Request, runner: Runner, e2e_name: str) -> _RowPlan:
     n_samples = total_samples(req.batches)
     n_e2e = runner.n_e2e
-    pick = "first"
-    ref = runner.outputs[0]
-    if (
-        req.options.e2e_samples == "auto"
-        and e2e_name == "kl"
-        and ref.numel() == ref.shape[-1] * len(ref)
-    ):
-        pick = "uncertain"  # one distribution per sample: a classifier's (see _e2e_batches)
+    pick = _pick(req, runner, e2e_name, n_e2e < n_samples)
     plan = _RowPlan(n_samples, runner.downstream_passes(), n_e2e, pick, skip=_skipped(req, runner))
     if req.options.cache_dir is not None:
         plan.base_key, plan.cache = _open_cache(req, runner, e2e_name, n_e2e, pick)
@@ -339,15 +332,16 @@ def _open_cache(
         repr(opts.rounding or RoundingOptions()),
         runner.mode,
         f"e2e_samples={n_e2e}",
-        f"e2e_pick={pick if n_e2e < total_samples(req.batches) else 'all'}",
+        f"e2e_pick={pick}",
         f"compute={compute_paths(req.impl, req.schemes)}",
     )
     return base_key, RowCache(Path(opts.cache_dir) / f"profile-{model_hash[:16]}.jsonl")
 
 
-def _e2e_batches(batches: Sequence[Batch], runner: Runner, plan: _RowPlan) -> Sequence[Batch]:
-    """The samples the end-to-end errors are measured on: all of them, the first ``n_e2e``,
-    or (``plan.pick == "uncertain"``) the ``n_e2e`` whose fp32 output is least certain.
+def _pick(req: _Request, runner: Runner, e2e_name: str, subset: bool) -> str:
+    """Which samples the end-to-end errors are measured on: ``"all"``, the first ``n_e2e``
+    (``"first"``) or, for ``e2e_samples="auto"`` with the KL metric on one distribution per
+    sample, the ``n_e2e`` whose fp32 output is least certain (``"uncertain"``).
 
     A trained classifier's KL is carried by its few uncertain samples; measured on the trained
     digits ResNet-18 (15 of 256 samples), the uncertain ones rank the (layer, scheme) rows
@@ -356,7 +350,20 @@ def _e2e_batches(batches: Sequence[Batch], runner: Runner, plan: _RowPlan) -> Se
     ones are already a mixed sample and picking by mean entropy ranked no better
     (``benchmarks/bench_e2e_samples.py``), so ``"uncertain"`` is used for one distribution
     per sample only."""
-    if plan.n_e2e >= plan.n_samples:
+    if not subset:
+        return "all"
+    ref = runner.outputs[0]
+    one_row = ref.numel() == ref.shape[-1] * len(ref)
+    return (
+        "uncertain"
+        if req.options.e2e_samples == "auto" and e2e_name == "kl" and one_row
+        else "first"
+    )
+
+
+def _e2e_batches(batches: Sequence[Batch], runner: Runner, plan: _RowPlan) -> Sequence[Batch]:
+    """The samples :func:`_pick` chose, as batches."""
+    if plan.pick == "all":
         return batches
     if plan.pick == "uncertain":
         return picked_samples(batches, most_uncertain(runner.outputs, plan.n_e2e))
@@ -573,7 +580,7 @@ def _build_result(
             "fold_bn": req.options.fold_bn,
             "calib_samples": plan.n_samples,
             "e2e_samples": plan.n_e2e,
-            "e2e_pick": plan.pick if plan.n_e2e < plan.n_samples else "all",
+            "e2e_pick": plan.pick,
             "downstream_passes": round(plan.downstream, 4),
             "compute": compute_paths(req.impl, req.schemes),
             "coverage": covered.share,
