@@ -42,8 +42,15 @@ models; 0.86 and 0.89 on the random-initialised MobileNet-V3 and EfficientNet-B0
 near-uniform outputs and many near-equal layers rank little better on twice the samples."""
 
 AUTO_MIN_SAMPLES = 8
-"""``e2e_samples="auto"`` never measures end-to-end errors on fewer samples than this: on very
-deep networks (EfficientNet-B0, D = 44) the budget alone would leave 3 samples."""
+"""``e2e_samples="auto"`` never measures end-to-end errors on fewer samples than this (on very
+deep networks, EfficientNet-B0 with D = 44, the budget alone would leave 3 of 256), unless
+fewer samples already hold :data:`AUTO_MIN_ROWS` output distributions."""
+
+AUTO_MIN_ROWS = 256
+"""Output distributions (rows of the output's last dimension) that satisfy the floor of
+:data:`AUTO_MIN_SAMPLES` by themselves: two samples of a language model on 128 tokens. With
+the sample floor alone, a 13 M-parameter Llama calibrated on 64 sequences of 128 tokens
+(D = 17) measured on 8 of them: 2.2 passes per scheme instead of half a pass."""
 
 
 def check_e2e_samples(value: Any, *, kind: str = "argument") -> None:
@@ -67,17 +74,23 @@ def total_samples(batches: Sequence[Batch]) -> int:
     return sum(batch_size(b) for b in batches)
 
 
-def choose_e2e_samples(value: Any, total: int, downstream_passes: float) -> int:
+def choose_e2e_samples(
+    value: Any, total: int, downstream_passes: float, *, rows_per_sample: int = 1
+) -> int:
     """How many samples (the first ones) the end-to-end errors use.
 
     ``None``: all ``total``. An int: ``min(value, total)``. ``"auto"``: all of them when the
     end-to-end work per scheme, ``downstream_passes`` (in full fp32 passes over all samples),
     is at most :data:`AUTO_EXACT_PASSES`; else the share that brings it down to
-    :data:`AUTO_E2E_PASSES`, at least :data:`AUTO_MIN_SAMPLES`. Deterministic: it depends on
-    the model's structure and the data's shapes only, never on timings.
+    :data:`AUTO_E2E_PASSES`, at least :data:`AUTO_MIN_SAMPLES` or the samples that hold
+    :data:`AUTO_MIN_ROWS` of the output's ``rows_per_sample`` distributions, if fewer.
+    Deterministic: it depends on the model's structure and the data's shapes only, never on
+    timings.
 
     >>> choose_e2e_samples("auto", 256, 1.5), choose_e2e_samples("auto", 256, 10.0)
     (256, 13)
+    >>> choose_e2e_samples("auto", 64, 17.0), choose_e2e_samples("auto", 64, 17.0, rows_per_sample=128)
+    (8, 2)
     """
     if value is None:
         return total
@@ -85,7 +98,8 @@ def choose_e2e_samples(value: Any, total: int, downstream_passes: float) -> int:
         if downstream_passes <= AUTO_EXACT_PASSES:
             return total
         wanted = math.ceil(total * AUTO_E2E_PASSES / downstream_passes)
-        return min(total, max(wanted, AUTO_MIN_SAMPLES))
+        floor = min(AUTO_MIN_SAMPLES, math.ceil(AUTO_MIN_ROWS / max(rows_per_sample, 1)))
+        return min(total, max(wanted, floor))
     return min(int(value), total)
 
 
@@ -131,6 +145,17 @@ def first_samples(batches: Sequence[Batch], n: int) -> list[Batch]:
         out.append(batch if size <= left else _slice(batch, size, left))
         left -= size
     return out
+
+
+def rows_per_sample(output: torch.Tensor) -> int:
+    """Distributions (rows of the last dimension) one sample of ``output`` holds: 1 for a
+    classifier's ``[batch, classes]``, the tokens of a language model's ``[batch, tokens,
+    vocab]``.
+
+    >>> rows_per_sample(torch.zeros(4, 10)), rows_per_sample(torch.zeros(4, 32, 50))
+    (1, 32)
+    """
+    return max(output.numel() // max(len(output) * output.shape[-1], 1), 1) if output.dim() else 1
 
 
 def uncertainty(output: torch.Tensor) -> torch.Tensor:

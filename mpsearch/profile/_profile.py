@@ -27,7 +27,13 @@ from mpsearch.backends import Backend, get_backend
 from mpsearch.backends._quantize import applicability_error
 from mpsearch.layers import coverage, layer_weights, quantizable_layers, swapped, weight_shapes
 from mpsearch.profile._cache import CODE_VERSION, RowCache, hash_batches, hash_model, hash_text
-from mpsearch.profile._e2e import first_samples, most_uncertain, picked_samples, total_samples
+from mpsearch.profile._e2e import (
+    first_samples,
+    most_uncertain,
+    picked_samples,
+    rows_per_sample,
+    total_samples,
+)
 from mpsearch.profile._emulate import compute_paths, profile_layer
 from mpsearch.profile._hessian import hutchinson_traces
 from mpsearch.profile._metrics import (
@@ -352,8 +358,7 @@ def _pick(req: _Request, runner: Runner, e2e_name: str, subset: bool) -> str:
     per sample only."""
     if not subset:
         return "all"
-    ref = runner.outputs[0]
-    one_row = ref.numel() == ref.shape[-1] * len(ref)
+    one_row = rows_per_sample(runner.outputs[0]) == 1
     return (
         "uncertain"
         if req.options.e2e_samples == "auto" and e2e_name == "kl" and one_row

@@ -53,7 +53,12 @@ from mpsearch._data import Batch, batch_size, output_tensor, run_model
 from mpsearch.layers import is_quantizable, swapped
 from mpsearch.layers._batchnorm import fold_graph
 from mpsearch.profile._capture import CAPTURES, Capture, Unsupported
-from mpsearch.profile._e2e import choose_e2e_samples, total_samples, whole_batches
+from mpsearch.profile._e2e import (
+    choose_e2e_samples,
+    rows_per_sample,
+    total_samples,
+    whole_batches,
+)
 from mpsearch.profile._fastops import fast_call, has_node
 
 Pair = tuple[Tensor, Tensor]
@@ -181,16 +186,20 @@ class GraphRunner:
             for i, batch in enumerate(batches):
                 if i == 0:
                     env, self.node_cost = self._execute_counting(batch)
+                    self.outputs.append(self._final(env))
                     self.node_bytes = {n: _nbytes(v) for n, v in env.items()}
                     self.streamed = _streamed_weights(self.gm, self.nodes, env, self.node_cost)
                     self.n_e2e = choose_e2e_samples(
-                        e2e_samples, self.n_e2e, self.downstream_passes()
+                        e2e_samples,
+                        self.n_e2e,
+                        self.downstream_passes(),
+                        rows_per_sample=rows_per_sample(self.outputs[0]),
                     )
                     self.n_full = whole_batches(batches, self.n_e2e)
                 else:
                     env = self._execute_all(batch, keep if i < self.n_full else local_keep)
+                    self.outputs.append(self._final(env))
                 self.store.append({n: env[n] for n in (keep if i < self.n_full else local_keep)})
-                self.outputs.append(self._final(env))
         self.e2e_batches: Sequence[Batch] = batches
         self.e2e_store = self.store
         self.reference = self.outputs
@@ -592,7 +601,12 @@ class HookRunner:
             for h in handles:
                 h.remove()
         self.called = {name for name, c in counts.items() if c}
-        self.n_e2e = choose_e2e_samples(e2e_samples, total_samples(batches), len(self.called))
+        self.n_e2e = choose_e2e_samples(
+            e2e_samples,
+            total_samples(batches),
+            len(self.called),
+            rows_per_sample=rows_per_sample(self.outputs[0]),
+        )
         self.e2e_batches: Sequence[Batch] = batches
         self.reference = self.outputs
         self.n_shared = len(batches)

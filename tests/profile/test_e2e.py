@@ -19,6 +19,7 @@ from mpsearch.profile import profile
 from mpsearch.profile._e2e import (
     AUTO_E2E_PASSES,
     AUTO_EXACT_PASSES,
+    AUTO_MIN_ROWS,
     AUTO_MIN_SAMPLES,
     choose_e2e_samples,
     first_samples,
@@ -56,6 +57,11 @@ def test_choose_e2e_samples_rules() -> None:
     )
     assert choose_e2e_samples("auto", 256, 1000.0) == AUTO_MIN_SAMPLES
     assert choose_e2e_samples("auto", 5, 1000.0) == 5  # never more than there are
+    # a floor of AUTO_MIN_ROWS distributions where fewer samples than AUTO_MIN_SAMPLES hold them
+    tokens = AUTO_MIN_ROWS // 2
+    assert choose_e2e_samples("auto", 64, 1000.0, rows_per_sample=tokens) == 2
+    assert choose_e2e_samples("auto", 64, 1000.0, rows_per_sample=10**6) == 1
+    assert choose_e2e_samples("auto", 64, 1000.0, rows_per_sample=4) == AUTO_MIN_SAMPLES
 
 
 @pytest.fixture(scope="module")
