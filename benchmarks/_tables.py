@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
+from collections.abc import Callable, Collection
+from pathlib import Path
+
 import pandas as pd
 
 
@@ -38,3 +42,36 @@ def md_table(
     cells = pd.DataFrame([[fmt(r.get(c, "")) for c in columns] for r in rows], columns=columns)
     align = ["right" if numeric(c) else "left" for c in columns]
     return cells.to_markdown(index=False, disable_numparse=True, colalign=align)
+
+
+def available_rows(names: list[str], row: Callable[[str], dict]) -> list[dict]:
+    """``row(name)`` of each workload, printed as it comes; a zoo model whose optional package
+    (torchvision, timm, transformers) is not installed is skipped with a line saying so."""
+    from mpsearch.workloads import ZOO
+    from mpsearch.workloads._zoo import zoo_available
+
+    rows = []
+    for name in names:
+        if name in ZOO and not zoo_available(name):
+            print(f"{name}: skipped ({ZOO[name].needs} is not installed)", flush=True)
+            continue
+        rows.append(row(name))
+        print(rows[-1], flush=True)
+    return rows
+
+
+def write_result(path: Path, text: str) -> None:
+    """Write a benchmark's Markdown result (folders made) and say where."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    print(f"wrote {path}")
+
+
+def model_names(parser: argparse.ArgumentParser, value: str, known: Collection[str]) -> list[str]:
+    """The comma-separated ``--models`` value as a list; an unknown name ends the run with the
+    known ones listed."""
+    names = [n for n in value.split(",") if n]
+    unknown = sorted(set(names) - set(known))
+    if unknown:
+        parser.error(f"--models: unknown names {unknown}; known: {sorted(known)}")
+    return names

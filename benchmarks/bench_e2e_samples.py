@@ -23,13 +23,17 @@ from typing import Any
 
 import pandas as pd
 import torch
-from _tables import md_table  # benchmarks/ is the script's folder
+from _tables import (
+    available_rows,
+    md_table,
+    model_names,
+    write_result,
+)  # benchmarks/: the script's folder
 from scipy.stats import spearmanr
 
 import mpsearch as mps
 from mpsearch.cost import cpu_model
 from mpsearch.workloads import WORKLOADS, ZOO, load_workload
-from mpsearch.workloads._zoo import zoo_available
 
 SCHEMES = ["bf16", "w8a8", "w4a16"]
 RESULTS = Path(__file__).parent / "results" / "e2e_samples.md"
@@ -93,19 +97,10 @@ def main() -> None:
     )
     parser.add_argument("--out", type=Path, default=RESULTS, help="the markdown table written")
     args = parser.parse_args()
-    names = [n for n in args.models.split(",") if n]
-    unknown = sorted(set(names) - set(WORKLOADS))
-    if unknown:
-        parser.error(f"--models: unknown workloads {unknown}; known: {sorted(WORKLOADS)}")
+    names = model_names(parser, args.models, WORKLOADS)
     torch.manual_seed(0)
     started = time.perf_counter()
-    rows = []
-    for name in names:
-        if name in ZOO and not zoo_available(name):
-            print(f"{name}: skipped ({ZOO[name].needs} is not installed)", flush=True)
-            continue
-        rows.append(model_row(name))
-        print(rows[-1], flush=True)
+    rows = available_rows(names, model_row)
     columns = list(rows[0]) if rows else ["model"]
     text = "\n".join(
         [
@@ -129,9 +124,7 @@ def main() -> None:
             "",
         ]
     )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
-    print(f"wrote {args.out}")
+    write_result(args.out, text)
 
 
 if __name__ == "__main__":

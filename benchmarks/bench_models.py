@@ -28,7 +28,12 @@ from typing import Any
 
 import optuna
 import torch
-from _tables import md_table  # benchmarks/ is the script's folder
+from _tables import (
+    available_rows,
+    md_table,
+    model_names,
+    write_result,
+)  # benchmarks/: the script's folder
 from bench_profile import forward_time
 
 import mpsearch as mps
@@ -37,7 +42,6 @@ from mpsearch.cost import cpu_model, median_ms
 from mpsearch.layers import coverage, quantizable_layers
 from mpsearch.search._realcheck import measure_plans
 from mpsearch.workloads import ZOO, load_workload
-from mpsearch.workloads._zoo import zoo_available
 
 SCHEMES = ["bf16", "w8a8", "w4a16"]
 TARGET_DROP = 0.01
@@ -241,21 +245,13 @@ def main() -> None:
         "--no-larger", dest="larger", action="store_false", help="skip the LARGER configs"
     )
     args = parser.parse_args()
-    names = [n for n in args.models.split(",") if n]
-    unknown = sorted(set(names) - set(ZOO))
-    if unknown:
-        parser.error(f"--models: unknown zoo names {unknown}; known: {sorted(ZOO)}")
+    names = model_names(parser, args.models, ZOO)
     torch.manual_seed(0)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     started = time.perf_counter()
-    rows = []
-    for name in names:
-        if not zoo_available(name):
-            print(f"{name}: skipped ({ZOO[name].needs} is not installed)", flush=True)
-            continue
-        row = run_model_row(name, trials=args.trials, rounds=args.rounds)
-        print(row, flush=True)
-        rows.append(row)
+    rows = available_rows(
+        names, lambda name: run_model_row(name, trials=args.trials, rounds=args.rounds)
+    )
     larger = []
     if args.larger:
         for name in LARGER:
@@ -310,9 +306,7 @@ def main() -> None:
                 "",
             ]
         )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
-    print(f"wrote {args.out}")
+    write_result(args.out, text)
 
 
 if __name__ == "__main__":

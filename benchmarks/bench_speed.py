@@ -31,7 +31,7 @@ from typing import Any
 
 import optuna
 import torch
-from _tables import md_table  # benchmarks/ is the script's folder
+from _tables import available_rows, md_table  # benchmarks/: the script's folder
 from bench_models import candidates
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -42,8 +42,7 @@ from mpsearch.cost import cpu_model, median_ms
 from mpsearch.layers import quantizable_layers
 from mpsearch.schemes import get_scheme
 from mpsearch.search._realcheck import measure_plans
-from mpsearch.workloads import ZOO, load_workload
-from mpsearch.workloads._zoo import zoo_available
+from mpsearch.workloads import load_workload
 
 SCHEMES = ["bf16", "w8a8", "w8a16", "w4a16_pc"]
 TARGET_DROP = 0.01
@@ -245,14 +244,9 @@ def main() -> None:
     torch.manual_seed(0)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     started = time.perf_counter()
-    rows = []
-    for name in names:
-        if name in ZOO and not zoo_available(name):
-            print(f"{name}: skipped ({ZOO[name].needs} is not installed)", flush=True)
-            continue
-        row = run_model_row(name, trials=args.trials, rounds=args.rounds)
-        print(row, flush=True)
-        rows.append(row)
+    rows = available_rows(
+        names, lambda name: run_model_row(name, trials=args.trials, rounds=args.rounds)
+    )
     columns = [
         "model", "gflop", "fp32_ms", "best_uniform", "best_mixed", "mixed_quality",
         *(f"{mode}_{label}_x" for mode in ("eager", "tuned", "compiled")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 
 def sqnr_db(ref: torch.Tensor, out: torch.Tensor) -> float:
@@ -10,3 +11,20 @@ def sqnr_db(ref: torch.Tensor, out: torch.Tensor) -> float:
     ref, out = ref.detach(), out.detach()
     noise = (ref.float() - out.float()).pow(2).mean()
     return float(10 * torch.log10(ref.float().pow(2).mean() / noise))
+
+
+class ReadsWeights(nn.Module):
+    """Model code that reads layers besides calling them: a dtype check before ``proj`` (as
+    Hugging Face ViT and T5 do) and ``gate``'s weight used directly, never called (as Mamba's
+    ``dt_proj``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.proj = nn.Linear(64, 64)
+        self.gate = nn.Linear(64, 64)
+        self.head = nn.Linear(64, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.proj(x.to(self.proj.weight.dtype))
+        return self.head(torch.relu(h @ self.gate.weight.T))

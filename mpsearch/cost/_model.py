@@ -4,6 +4,7 @@ predicts a plan's memory and latency from them and checks itself against real ru
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -132,9 +133,14 @@ def _storage_layout(model: nn.Module, layers: Sequence[str]) -> tuple[int, list[
 
 
 def _capture_inputs(
-    model: nn.Module, example_input: Batch, names: Sequence[str]
+    model: nn.Module, example_input: Batch, names: Sequence[str], *, chosen: bool
 ) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
-    """Each layer's first input during one forward, and how many times it is called."""
+    """Each layer's first input during one forward, and how many times it is called.
+
+    A layer never called is an error when the user ``chosen`` it; among the default layers it
+    is left out with a warning (the model reads its weights directly, as Mamba's ``dt_proj``,
+    or it is a tied copy, as T5's ``shared`` beside ``encoder.embed_tokens``): the profile
+    skips it for the same reason."""
     inputs: dict[str, torch.Tensor] = {}
     calls = dict.fromkeys(names, 0)
 
@@ -149,12 +155,18 @@ def _capture_inputs(
     with torch.inference_mode(), watched(model, {n: record(n) for n in names}):
         run_model(model, example_input)
     never = [n for n in names if calls[n] == 0]
-    if never:
+    if never and (chosen or len(never) == len(names)):
         raise ValueError(
             f"Layers {never} are never called by the model on 'example_input'; pass "
             "layers= without them, or an example input that runs them."
         )
-    return inputs, calls
+    if never:
+        warnings.warn(
+            f"measure_cost: {len(never)} quantizable layers are never called on "
+            f"'example_input' and stay in full precision: {never}",
+            stacklevel=3,
+        )
+    return inputs, {n: c for n, c in calls.items() if c}
 
 
 class CostModel:
@@ -195,8 +207,10 @@ class CostModel:
         settings: dict[str, Any],
         tuning: pd.DataFrame | None = None,
         as_is: Sequence[Sequence[str]] = (),
+        never_called: Sequence[str] = (),
     ) -> None:
         self.table = table
+        self.never_called = list(never_called)  # quantizable layers the model never calls
         self.tuning = tuning if tuning is not None else pd.DataFrame(columns=TUNING_COLUMNS)
         self.model = model
         self.example_input = example_input
@@ -234,9 +248,12 @@ class CostModel:
         for name, scheme in resolved.items():
             if name not in self.layers:
                 if scheme != "fp32":
-                    problems.append(
-                        f"  {name}: not measured (measure_cost(layers=...) left it out)"
+                    why = (
+                        "never called on the example input: the model runs it as it is, in fp32"
+                        if name in self.never_called
+                        else "not measured (measure_cost(layers=...) left it out)"
                     )
+                    problems.append(f"  {name}: {why}")
             elif (name, scheme) not in self._supported:
                 problems.append(
                     f"  {name}: scheme {scheme!r} was not measured (schemes={self.schemes})"
@@ -409,7 +426,9 @@ def measure_cost(
     model = model.eval()
     # Input shapes and calls (each scheme's rows are then timed on the inputs of its own plan).
     reference = quantize(model, PrecisionPlan.uniform("fp32"), backend=impl) if impl.real else model
-    inputs, calls = _capture_inputs(reference, example_input, names)
+    inputs, calls = _capture_inputs(reference, example_input, names, chosen=opts.layers is not None)
+    never_called = [n for n in names if n not in calls]
+    names = list(calls)
     with threads(opts.num_threads) as n_threads:
         meta = {
             "device": device_name(impl.name),
@@ -449,6 +468,7 @@ def measure_cost(
         fit=payload["fit"],
         meta=payload["meta"],
         settings={**opts.settings(), "cold": meta["cold"]},
+        never_called=never_called,
     )
 
 
@@ -605,7 +625,7 @@ class _Job:
             for n in self.names
         }
         qmodel = quantize(self.model, PrecisionPlan(plan, default="fp32"), backend=self.impl)
-        return _capture_inputs(qmodel, self.example_input, self.names)[0]
+        return _capture_inputs(qmodel, self.example_input, self.names, chosen=True)[0]
 
     def row(self, layer: nn.Module, name: str, scheme: Scheme) -> list[Any]:
         """``[layer, scheme, memory_bytes, latency_ms, supported, reason, kernel]`` of one pair."""

@@ -37,7 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from mpsearch.backends._simulate import SimulatedLayer
-from mpsearch.layers import layer_forward
+from mpsearch.layers import layer_forward, replace_layers
 from mpsearch.schemes import QuantSpec, Scheme, fake_quantize
 from mpsearch.schemes._fakequant import qparams, quantize_codes
 from mpsearch.schemes._formats import int_range
@@ -367,7 +367,7 @@ def to_qdq(model: nn.Module) -> nn.Module:
     """
     for name, module in list(model.named_modules()):
         if isinstance(module, SimulatedLayer):
-            model.set_submodule(name, QDQLayer(module))
+            replace_layers(model, {name: QDQLayer(module)})
     return model
 
 

@@ -164,10 +164,14 @@ def replace_layers(model: nn.Module, replacements: Mapping[str, nn.Module]) -> d
     An ``nn.MultiheadAttention``'s ``out_proj`` is read by its parent (weight and bias passed
     to ``F.multi_head_attention_forward``), never called: a replacement that is not a Linear
     is put there inside :class:`CalledOutProj`, which the attention module then calls.
+
+    A replacement without the ``weight`` / ``bias`` the replaced layer had gets stand-ins
+    (:func:`stand_in`): model code that reads ``self.proj.weight.dtype`` keeps working.
     """
     previous: dict[str, nn.Module] = {}
     for name, module in replacements.items():
         previous[name] = model.get_submodule(name)
+        stand_in(module, previous[name])
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         if isinstance(parent, nn.MultiheadAttention) and attr == "out_proj":
@@ -175,6 +179,33 @@ def replace_layers(model: nn.Module, replacements: Mapping[str, nn.Module]) -> d
         else:
             model.set_submodule(name, module)
     return previous
+
+
+NEVER_CALLED = "the layer is never called in the model's forward pass"
+"""Why the profile skips a quantizable layer the model never calls (it reads the weights
+directly, as Mamba's ``dt_proj``, or the layer is a tied copy never run, as T5's ``shared``);
+the search keeps such a layer in fp32."""
+
+STAND_INS = ("weight", "bias")
+"""The attributes of a replaced layer that model code reads besides calling it (Hugging Face
+ViT and T5 cast their input to ``proj.weight.dtype``)."""
+
+
+def stand_in(module: nn.Module, layer: nn.Module) -> None:
+    """Give ``module``, which replaces ``layer`` in a model, each :data:`STAND_INS` tensor of
+    ``layer`` it lacks, as an empty non-persistent buffer of the same dtype and device: dtype
+    and device checks see the layer's, its state dict and byte count are unchanged, and code
+    that computes with the weight fails on the shape instead of using stale values.
+
+    >>> q = nn.Identity(); stand_in(q, nn.Linear(2, 2).double())
+    >>> q.weight.dtype, q.weight.numel(), list(q.state_dict())
+    (torch.float64, 0, [])
+    """
+    for name in STAND_INS:
+        original = getattr(layer, name, None)
+        if isinstance(original, Tensor) and not hasattr(module, name):
+            empty = torch.empty(0, dtype=original.dtype, device=original.device)
+            module.register_buffer(name, empty, persistent=False)
 
 
 class CalledOutProj(nn.Module):
@@ -243,6 +274,9 @@ def watched(
 
 
 class _Recorder(nn.Module):
+    """``layer`` with ``callback`` called on its input; the layer's own attributes read through
+    (model code that checks ``self.proj.weight.dtype``, as Hugging Face ViT and T5 do)."""
+
     def __init__(self, layer: nn.Module, callback: Callable[[Tensor], None]) -> None:
         super().__init__()
         self.layer = layer
@@ -251,6 +285,12 @@ class _Recorder(nn.Module):
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Any:
         self.callback(x)
         return self.layer(x, *args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("layer"), name)
 
 
 @contextmanager

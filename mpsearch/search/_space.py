@@ -15,6 +15,7 @@ from torch import nn
 from mpsearch._validation import invalid
 from mpsearch.backends._quantize import applicability_error
 from mpsearch.layers import quantizable_layers
+from mpsearch.layers._layers import NEVER_CALLED
 from mpsearch.schemes import SCHEMES, get_scheme
 from mpsearch.schemes._rounding import split_choice
 
@@ -383,6 +384,11 @@ def _with_roundings(choices: list[str], profiled: Collection[str]) -> list[str]:
     return list(dict.fromkeys(out))
 
 
+def _never_called(name: str, skipped: Mapping[tuple[str, str], str]) -> bool:
+    """Whether the profile skipped layer ``name`` as never called."""
+    return any(n == name and why == NEVER_CALLED for (n, _), why in skipped.items())
+
+
 def _drop_unusable(
     source: str,
     modules: dict[str, nn.Module],
@@ -395,7 +401,8 @@ def _drop_unusable(
     """Remove (in place) the schemes the search has no figures for, or that the layer's shape
     or the backend cannot take; return why.
 
-    A layer left with no scheme (a pinned one included) is refused, naming the cause.
+    A layer left with no scheme (a pinned one included) is refused, naming the cause, unless
+    the profile found it never called: it is pinned to ``fp32`` (the model runs it as it is).
     """
     dropped: dict[str, dict[str, str]] = {}
     for n, module in modules.items():
@@ -422,6 +429,9 @@ def _drop_unusable(
                 f"(or give it a precision floor instead, e.g. 'min_bits: {{{n}: 8}}', resolved "
                 "against what was measured)."
             )
+        if not keep and n not in pinned and _never_called(n, skipped):
+            pinned[n] = "fp32"
+            continue
         if not keep:
             reasons = "; ".join(f"{s}: {w}" for s, w in dropped[n].items())
             raise SpaceError(f"{source}: layer {n!r} has no usable scheme left ({reasons}).")

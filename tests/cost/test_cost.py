@@ -5,6 +5,7 @@ import warnings
 
 import pytest
 import torch
+from helpers import ReadsWeights
 from torch import nn
 
 import mpsearch as mps
@@ -13,6 +14,7 @@ from mpsearch.backends._cpu import CPU_KERNELS
 from mpsearch.cost import CostCacheWarning, CostModel, measure_cost
 from mpsearch.cost._cache import read_cache, write_cache
 from mpsearch.cost._model import ideal_layer_bytes
+from mpsearch.layers._layers import NEVER_CALLED
 
 SCHEMES = ["bf16", "w8a8", "w4a16", "fp8"]
 
@@ -228,3 +230,23 @@ def test_cold_layer_timings_are_a_separate_measurement(tmp_path) -> None:
     assert warm.meta["cold"] is False and cold.meta["cold"] is True
     assert len(list(tmp_path.glob("cost-*.json"))) == 2
     assert (cold.table["latency_ms"] > 0).all()
+
+
+def test_layers_the_model_never_calls_are_left_out_and_searched_in_fp32() -> None:
+    model = ReadsWeights().eval()
+    x = torch.randn(16, 64)
+    with pytest.warns(UserWarning, match=r"never called on 'example_input'.*'gate'"):
+        cost = measure_cost(model, x, schemes=["w8a8"], repeats=2, warmup=1)
+    assert cost.layers == ["proj", "head"] and cost.never_called == ["gate"]
+    assert cost.memory_bytes({"proj": "w8a8"}) < cost.fp32_memory_bytes
+    with pytest.raises(ValueError, match=r"gate: never called on the example input"):
+        cost.memory_bytes("w8a8")
+    with pytest.raises(ValueError, match=r"Layers \['gate'\] are never called"):
+        measure_cost(model, x, schemes=["w8a8"], layers=["proj", "gate"])  # chosen: refused
+    with pytest.warns(UserWarning, match="gate / w8a8: the layer is never called"):
+        prof = mps.profile(model, [x, x], schemes=["w8a8"], progress=False)
+    assert prof.table.set_index("layer").loc["gate", "reason"] == NEVER_CALLED
+    res = mps.search(model, profile=prof, cost=cost, eval_data=[x], n_trials=4, seed=0)
+    assert all(plan.resolve(model)["gate"] == "fp32" for plan in res.plans)
+    with torch.inference_mode():
+        assert mps.quantize(model, res.best(), backend=cost.backend)(x).shape == (16, 4)

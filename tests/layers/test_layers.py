@@ -2,10 +2,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import ReadsWeights
 from torch import nn
 
 from mpsearch.backends import quantize
 from mpsearch.layers import quantizable_layers, swapped
+from mpsearch.layers._layers import watched
 from mpsearch.plan import PrecisionPlan
 
 
@@ -45,3 +47,20 @@ def test_swap_restores_even_when_forward_raises(tiny_cnn) -> None:
     with pytest.raises(RuntimeError), swapped(tiny_cnn, {"fc1": nn.Linear(3, 3)}):
         tiny_cnn(torch.randn(2, 1, 8, 8))
     assert tiny_cnn.fc1 is original
+
+
+def test_replacements_stand_in_for_the_weight_dtype_model_code_reads() -> None:
+    model = ReadsWeights().eval()
+    x = torch.randn(8, 64)
+    with torch.inference_mode():
+        want = model(x)
+        for backend in ("simulate", "cpu"):
+            q = quantize(model, {"proj": "w8a8", "head": "w8a8"}, backend=backend)
+            assert q.proj.weight.dtype == torch.float32 and q.proj.weight.numel() == 0
+            assert "proj.weight" not in q.state_dict()
+            assert (q(x) - want).abs().max() < 0.1 * want.abs().max()
+        # the recorder the cost model swaps in reads through to the layer itself
+        seen = []
+        with watched(model, {"proj": seen.append}):
+            assert model.proj.weight is not None and torch.equal(model(x), want)
+        assert len(seen) == 1
