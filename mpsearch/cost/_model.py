@@ -120,13 +120,23 @@ def _storage_layout(model: nn.Module, layers: Sequence[str]) -> tuple[int, list[
     """How the fp32 model's stored bytes split: the bytes of storages some module other than
     ``layers`` holds (they stay whatever the plan), and ``[bytes, [layer names]]`` of each
     storage only those layers hold (it stays while one of them is not replaced)."""
+    chosen = set(layers)
+
+    def holder(name: str) -> str:
+        """The layer a module belongs to (a weight-normed convolution's tensors sit in its
+        ``parametrizations`` submodule and go with it), else the module itself."""
+        parts = name.split(".")
+        return next(
+            (".".join(parts[:i]) for i in range(1, len(parts)) if ".".join(parts[:i]) in chosen),
+            name,
+        )
+
     holders: dict[int, set[str]] = {}
     sizes: dict[int, int] = {}
     for name, module in model.named_modules(remove_duplicate=False):
         for t in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
-            holders.setdefault(_storage_key(t), set()).add(name)
+            holders.setdefault(_storage_key(t), set()).add(holder(name))
             sizes[_storage_key(t)] = t.numel() * t.element_size()
-    chosen = set(layers)
     rest = sum(sizes[k] for k, names in holders.items() if not names <= chosen)
     only_layers = [[sizes[k], sorted(names)] for k, names in holders.items() if names <= chosen]
     return rest, only_layers

@@ -31,8 +31,6 @@ only the accumulation differs from PyTorch's bf16 kernels.
 
 from __future__ import annotations
 
-import copy
-
 import torch
 from torch import Tensor, nn
 
@@ -314,9 +312,15 @@ class QDQLayer(nn.Module):
 
 
 def _weightless(layer: nn.Module) -> nn.Module:
-    """A copy of ``layer`` without its weight and bias (only its hyperparameters are read)."""
-    light = copy.copy(layer)
+    """A copy of ``layer`` without its weight and bias (only its hyperparameters are read).
+
+    Built field by field: ``copy.copy`` refuses a parametrized module (a weight-normed
+    convolution, as in wav2vec2's positional convolution), whose parametrizations are dropped
+    here with the weights they compute."""
+    light = object.__new__(type(layer))
+    light.__dict__.update(layer.__dict__)
     light._parameters = dict.fromkeys(layer._parameters)
+    light._modules = {k: v for k, v in layer._modules.items() if k != "parametrizations"}
     return light
 
 

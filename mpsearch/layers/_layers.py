@@ -30,6 +30,11 @@ _UNSUPPORTED_FORMS: list[tuple[Callable[[nn.Module], bool], str]] = [
         lambda m: isinstance(m, nn.Embedding) and m.max_norm is not None,
         "an Embedding with max_norm rewrites its weight at each lookup",
     ),
+    (
+        lambda m: isinstance(m, nn.Embedding) and type(m).forward is not nn.Embedding.forward,
+        "an Embedding subclass with its own forward (Gemma's scale, OPT's positions from the "
+        "attention mask), which a quantized lookup would drop",
+    ),
 ]
 """(recognise, reason): instances of :data:`QUANTIZABLE_TYPES` that are not quantizable."""
 

@@ -143,3 +143,28 @@ def test_held_bytes_counts_each_opaque_packed_weight() -> None:
     packed = nn.Sequential(*(FbgemmInt8Linear(layer, scheme) for layer in net))
     assert held_bytes(packed) == storage_bytes(packed[0]) + storage_bytes(packed[1])
     assert held_bytes(packed) > 64 * 64 + 64 * 32  # both int8 weights at least
+
+
+class _WeightNormed(nn.Module):
+    """A weight-normed convolution (wav2vec2's positional convolution): its tensors sit in a
+    ``parametrizations`` submodule of the layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.utils.parametrizations.weight_norm(nn.Conv1d(32, 32, 4, padding=2), dim=2)
+        self.head = nn.Linear(32, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.conv(x).mean(dim=-1))
+
+
+@pytest.mark.parametrize("backend", ["simulate", "cpu"])
+def test_a_weight_normed_layer_takes_its_parametrized_tensors_with_it(backend: str) -> None:
+    model = _WeightNormed().eval()
+    cost = measure_cost(
+        model, torch.randn(4, 32, 16), schemes=["w8a8"], backend=backend, repeats=1, warmup=0
+    )
+    assert cost.fp32_memory_bytes == held_bytes(model)
+    for plan in ({"conv": "w8a8"}, "w8a8"):
+        assert cost.memory_bytes(plan) == held_bytes(quantize(model, plan, backend=cost.backend))

@@ -456,3 +456,12 @@ def test_a_plan_with_calibrated_rounding_exports_the_rounded_weights(
         assert torch.equal(loaded(x), expected(x))
         assert not torch.equal(loaded(x), mps.quantize(model, "w4a16", backend="cpu")(x))
     assert res.to_frame()["check"].eq(0).all()
+
+
+def test_qdq_layer_of_a_weight_normed_convolution() -> None:
+    torch.manual_seed(0)
+    conv = nn.utils.parametrizations.weight_norm(nn.Conv1d(8, 16, 4, padding=2), dim=2)
+    sim = SimulatedLayer(conv, get_scheme("w8a8"))
+    x = torch.randn(2, 8, 12)
+    with torch.inference_mode():
+        assert torch.equal(QDQLayer(sim)(x), sim(x))  # its hyperparameters copied, not the module

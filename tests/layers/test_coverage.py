@@ -1,9 +1,10 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from torch import nn
 
-from mpsearch.layers import coverage, quantizable_layers
+from mpsearch.layers import coverage, is_quantizable, quantizable_layers
 from mpsearch.workloads import load_workload
 from mpsearch.workloads._zoo import zoo_available
 
@@ -59,3 +60,18 @@ def test_gpt2_conv1d_projections_are_quantizable() -> None:
     cov = coverage(model)
     assert cov.share > 0.99
     assert all(e.reason == "norm/bias: kept in full precision" for e in cov.left_out)
+
+
+class _ScaledEmbedding(nn.Embedding):
+    """Gemma's: the lookup times a scale, in the subclass's own forward."""
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return super().forward(ids) * 8.0
+
+
+def test_an_embedding_with_its_own_forward_is_left_out_with_the_reason() -> None:
+    model = nn.Sequential(_ScaledEmbedding(64, 16), nn.Linear(16, 4))
+    assert not is_quantizable(model[0]) and list(quantizable_layers(model)) == ["1"]
+    assert "an Embedding subclass with its own forward" in coverage(model).summary()
+    plain = nn.Sequential(nn.Embedding(64, 16), nn.Linear(16, 4))
+    assert list(quantizable_layers(plain)) == ["0", "1"]
