@@ -1,0 +1,130 @@
+"""Hugging Face architectures beyond the zoo, random-initialised from configs, through profile ->
+measure_cost (cpu) -> search -> quantize (cpu) with exact memory: each one is here for a way
+its code uses a layer other than calling it."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+
+import mpsearch as mps
+from mpsearch._data import output_tensor, run_model
+from mpsearch.cost import held_bytes
+from mpsearch.layers import coverage
+from mpsearch.layers._layers import NEVER_CALLED
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB = 256
+
+
+def _tokens(n: int, g: torch.Generator) -> dict[str, torch.Tensor]:
+    return {"input_ids": torch.randint(1, VOCAB, (n, 16), generator=g)}
+
+
+def _images(n: int, g: torch.Generator) -> dict[str, torch.Tensor]:
+    return {"pixel_values": torch.randn(n, 3, 32, 32, generator=g)}
+
+
+def _audio(n: int, g: torch.Generator) -> dict[str, torch.Tensor]:
+    return {"input_values": torch.randn(n, 2000, generator=g)}
+
+
+SMALL = {"hidden_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4, "vocab_size": VOCAB}
+ARCHITECTURES: dict[str, tuple[str, str, dict[str, Any], Callable[..., Any], str]] = {
+    # ViTEmbeddings casts pixels to the patch projection's weight dtype
+    "vit": (
+        "ViTConfig",
+        "ViTForImageClassification",
+        {**SMALL, "intermediate_size": 128, "image_size": 32, "patch_size": 8, "num_labels": 4},
+        _images,
+        "",
+    ),
+    # T5EncoderModel: 'shared' is a tied copy of encoder.embed_tokens the model never calls
+    "t5_encoder": (
+        "T5Config",
+        "T5EncoderModel",
+        {
+            "d_model": 64,
+            "d_ff": 128,
+            "num_layers": 1,
+            "num_heads": 4,
+            "d_kv": 16,
+            "vocab_size": VOCAB,
+        },
+        _tokens,
+        "shared",
+    ),
+    # Mamba reads dt_proj's weight in a matmul and conv1d's through its own path
+    "mamba": (
+        "MambaConfig",
+        "MambaForCausalLM",
+        {"hidden_size": 32, "num_hidden_layers": 1, "vocab_size": VOCAB, "state_size": 8},
+        _tokens,
+        "backbone.layers.0.mixer.dt_proj",
+    ),
+    # Gemma's scaled embedding: an nn.Embedding subclass with its own forward
+    "gemma": (
+        "GemmaConfig",
+        "GemmaForCausalLM",
+        {**SMALL, "intermediate_size": 128, "num_key_value_heads": 1, "head_dim": 16},
+        _tokens,
+        "",
+    ),
+    # wav2vec2: a weight-normed positional convolution (parametrized tensors)
+    "wav2vec2": (
+        "Wav2Vec2Config",
+        "Wav2Vec2ForSequenceClassification",
+        {
+            **SMALL,
+            "intermediate_size": 128,
+            "conv_dim": (16, 16),
+            "conv_stride": (5, 4),
+            "conv_kernel": (10, 4),
+            "num_conv_pos_embeddings": 8,
+            "num_conv_pos_embedding_groups": 4,
+            "num_labels": 3,
+        },
+        _audio,
+        "",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(ARCHITECTURES))
+def test_architecture_runs_the_pipeline_with_exact_memory(name: str) -> None:
+    config_name, model_name, config, make, never_called = ARCHITECTURES[name]
+    torch.manual_seed(0)
+    model = getattr(transformers, model_name)(getattr(transformers, config_name)(**config)).eval()
+    g = torch.Generator().manual_seed(0)
+    calib, test = [make(4, g) for _ in range(3)], make(8, g)
+    with torch.inference_mode():
+        ref = output_tensor(run_model(model, test)).argmax(-1)
+
+    def agreement(m: torch.nn.Module) -> float:
+        with torch.inference_mode():
+            return float((output_tensor(run_model(m, test)).argmax(-1) == ref).float().mean())
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prof = mps.profile(model, calib, schemes=["bf16", "w8a8"], progress=False)
+        cost = mps.measure_cost(
+            model, calib[0], schemes=["bf16", "w8a8"], backend="cpu", repeats=1, warmup=0
+        )
+        res = mps.search(model, profile=prof, cost=cost, evaluate=agreement, n_trials=6, seed=0)
+    if never_called:
+        assert never_called in cost.never_called
+        reasons = prof.table.set_index("layer").loc[[never_called], "reason"]
+        assert set(reasons) == {NEVER_CALLED}
+    if name == "gemma":
+        assert "model.embed_tokens (GemmaTextScaledWordEmbedding" in coverage(model).summary()
+    for plan in (res.best(), *res.plans):
+        if never_called:
+            assert plan.resolve(model)[never_called] == "fp32"
+        quantized = mps.quantize(model, plan, backend=cost.backend)
+        assert cost.memory_bytes(plan) == held_bytes(quantized)
+        assert 0.0 <= agreement(quantized) <= 1.0
