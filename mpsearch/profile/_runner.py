@@ -28,8 +28,9 @@ A runner's ``mode`` names it and how the graph was captured (``graph:fx``,
 tried before it failed.
 
 Both measure local errors on every calibration batch and end-to-end errors on the *e2e batches*
-(``prepare_e2e``): the first samples of the calibration batches (``e2e_samples``, see
-:func:`mpsearch.profile._e2e.choose_e2e_samples`). The leading e2e batches that are whole
+(``prepare_e2e``): all calibration samples, their first ones, or a classifier's least certain
+ones (how many: :func:`mpsearch.profile._e2e.choose_e2e_samples`; which:
+``mpsearch.profile._profile._pick``). The leading e2e batches that are whole
 calibration batches are *shared* (``n_shared``): one run gives a layer's local pairs and its
 final outputs there. The graph runner keeps everything a suffix reads only for the batches it
 will share, and the start's inputs for the others; a cut batch gets its own fp32 pass.
