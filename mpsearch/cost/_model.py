@@ -32,7 +32,7 @@ from mpsearch.cost._timing import (
     threads,
 )
 from mpsearch.layers import layer_weights, quantizable_layers, weight_shapes
-from mpsearch.layers._layers import standard_form, watched
+from mpsearch.layers._layers import enclosing_layer, standard_form, watched
 from mpsearch.plan import PrecisionPlan
 from mpsearch.schemes import Scheme, get_scheme
 from mpsearch.schemes._rounding import split_choice
@@ -121,21 +121,12 @@ def _storage_layout(model: nn.Module, layers: Sequence[str]) -> tuple[int, list[
     ``layers`` holds (they stay whatever the plan), and ``[bytes, [layer names]]`` of each
     storage only those layers hold (it stays while one of them is not replaced)."""
     chosen = set(layers)
-
-    def holder(name: str) -> str:
-        """The layer a module belongs to (a weight-normed convolution's tensors sit in its
-        ``parametrizations`` submodule and go with it), else the module itself."""
-        parts = name.split(".")
-        return next(
-            (".".join(parts[:i]) for i in range(1, len(parts)) if ".".join(parts[:i]) in chosen),
-            name,
-        )
-
     holders: dict[int, set[str]] = {}
     sizes: dict[int, int] = {}
     for name, module in model.named_modules(remove_duplicate=False):
+        holder = enclosing_layer(name, chosen) or name  # a weight-normed layer's tensors
         for t in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
-            holders.setdefault(_storage_key(t), set()).add(holder(name))
+            holders.setdefault(_storage_key(t), set()).add(holder)
             sizes[_storage_key(t)] = t.numel() * t.element_size()
     rest = sum(sizes[k] for k, names in holders.items() if not names <= chosen)
     only_layers = [[sizes[k], sorted(names)] for k, names in holders.items() if names <= chosen]

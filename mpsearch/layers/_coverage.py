@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from mpsearch._validation import check_module
-from mpsearch.layers._layers import is_quantizable, unsupported_form
+from mpsearch.layers._layers import enclosing_layer, is_quantizable, unsupported_form
 
 _NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm, nn.RMSNorm)
 _NORM_TYPES += (nn.modules.batchnorm._NormBase,)
@@ -91,13 +91,15 @@ def coverage(model: nn.Module) -> Coverage:
     (['0', '2'], [('1', 'LayerNorm', 16)])
     """
     check_module(model)
+    layers = [name for name, m in model.named_modules() if name and is_quantizable(m)]
     owners: dict[int, list[tuple[str, nn.Module]]] = {}
     sizes: dict[int, int] = {}
     for name, module in model.named_modules(remove_duplicate=False):
+        outer = enclosing_layer(name, layers)  # a weight-normed layer's parametrizations
+        holder = (outer, model.get_submodule(outer)) if outer else (name, module)
         for param in module.parameters(recurse=False):
-            owners.setdefault(id(param), []).append((name, module))
+            owners.setdefault(id(param), []).append(holder)
             sizes[id(param)] = param.numel()
-    layers = [name for name, m in model.named_modules() if name and is_quantizable(m)]
     covered = 0
     left: dict[str, tuple[nn.Module, list[int], list[str]]] = {}  # name: module, params, tied
     for key, holders in owners.items():

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+import weakref
+from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -31,12 +32,56 @@ _UNSUPPORTED_FORMS: list[tuple[Callable[[nn.Module], bool], str]] = [
         "an Embedding with max_norm rewrites its weight at each lookup",
     ),
     (
-        lambda m: isinstance(m, nn.Embedding) and type(m).forward is not nn.Embedding.forward,
-        "an Embedding subclass with its own forward (Gemma's scale, OPT's positions from the "
-        "attention mask), which a quantized lookup would drop",
+        lambda m: not _computes_as_its_base(m),
+        "a subclass whose own forward computes something else than its base layer (Gemma's "
+        "scaled embedding, OPT's positions from the attention mask, a weight-standardized "
+        "convolution), which a quantized layer would drop",
     ),
 ]
 """(recognise, reason): instances of :data:`QUANTIZABLE_TYPES` that are not quantizable."""
+
+_SAME_AS_BASE: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
+
+
+def _probe_input(layer: nn.Module) -> Tensor | None:
+    """A small input of ``layer``'s base type (``None`` for a recurrent layer: not probed)."""
+    dtype = next(layer.parameters()).dtype
+    if isinstance(layer, nn.Embedding):
+        return torch.arange(6).remainder(layer.num_embeddings).reshape(2, 3)
+    if isinstance(layer, nn.Linear):
+        return torch.randn(2, layer.in_features, generator=torch.Generator().manual_seed(0)).to(
+            dtype
+        )
+    if isinstance(layer, nn.Conv1d | nn.Conv2d):
+        span = [
+            d * (k - 1) + s + 1
+            for k, d, s in zip(layer.kernel_size, layer.dilation, layer.stride, strict=True)
+        ]
+        g = torch.Generator().manual_seed(0)
+        return torch.randn(1, layer.in_channels, *span, generator=g).to(dtype)
+    return None
+
+
+def _computes_as_its_base(layer: nn.Module) -> bool:
+    """Whether ``layer`` runs its base type's forward: its class does not override it, or its
+    own forward gives the base's output on a probe input (timm's dtype-casting ``Linear``
+    does; Gemma's scaled embedding does not). Measured once per module."""
+    base = next((t for t in QUANTIZABLE_TYPES if isinstance(layer, t)), None)
+    if base is None or type(layer).forward is base.forward:
+        return True
+    if layer not in _SAME_AS_BASE:
+        x = _probe_input(layer)
+        same = False
+        if x is not None:
+            try:
+                with torch.no_grad():
+                    own, plain = layer(x), base.forward(layer, x)
+                same = isinstance(own, Tensor) and own.shape == plain.shape
+                same = same and bool(torch.allclose(own, plain, rtol=1e-5, atol=1e-6))
+            except Exception:  # another signature (OPT's positions from the mask)
+                same = False
+        _SAME_AS_BASE[layer] = same
+    return _SAME_AS_BASE[layer]
 
 
 def register_quantizable_type(module_type: type[nn.Module]) -> None:
@@ -184,6 +229,17 @@ def replace_layers(model: nn.Module, replacements: Mapping[str, nn.Module]) -> d
         else:
             model.set_submodule(name, module)
     return previous
+
+
+def enclosing_layer(name: str, layers: Collection[str]) -> str | None:
+    """The outermost of ``layers`` that module ``name`` lies strictly inside (a weight-normed
+    layer's ``parametrizations`` hold its tensors), else ``None``.
+
+    >>> enclosing_layer("conv.parametrizations.weight", {"conv", "fc"}), enclosing_layer("fc", {"fc"})
+    ('conv', None)
+    """
+    parts = name.split(".")
+    return next((p for i in range(1, len(parts)) if (p := ".".join(parts[:i])) in layers), None)
 
 
 NEVER_CALLED = "the layer is never called in the model's forward pass"

@@ -10,7 +10,7 @@ from mpsearch.backends import quantize
 from mpsearch.backends._kernels import Int8Linear
 from mpsearch.cost import held_bytes, measure_cost
 from mpsearch.cost._model import ideal_layer_bytes
-from mpsearch.layers import quantizable_layers
+from mpsearch.layers import coverage, quantizable_layers
 from mpsearch.schemes import get_scheme
 from mpsearch.workloads import ZOO, load_workload
 from mpsearch.workloads._zoo import zoo_available
@@ -168,3 +168,8 @@ def test_a_weight_normed_layer_takes_its_parametrized_tensors_with_it(backend: s
     assert cost.fp32_memory_bytes == held_bytes(model)
     for plan in ({"conv": "w8a8"}, "w8a8"):
         assert cost.memory_bytes(plan) == held_bytes(quantize(model, plan, backend=cost.backend))
+
+
+def test_a_weight_normed_layer_is_covered_with_its_parametrized_tensors() -> None:
+    cov = coverage(_WeightNormed())
+    assert cov.layers == ["conv", "head"] and cov.left_out == [] and cov.share == 1.0

@@ -69,9 +69,34 @@ class _ScaledEmbedding(nn.Embedding):
         return super().forward(ids) * 8.0
 
 
-def test_an_embedding_with_its_own_forward_is_left_out_with_the_reason() -> None:
-    model = nn.Sequential(_ScaledEmbedding(64, 16), nn.Linear(16, 4))
-    assert not is_quantizable(model[0]) and list(quantizable_layers(model)) == ["1"]
-    assert "an Embedding subclass with its own forward" in coverage(model).summary()
+class _CastingLinear(nn.Linear):
+    """timm's ``Linear``: its own forward, the same output as ``nn.Linear``'s."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self.weight.to(x.dtype), self.bias)
+
+
+class _StandardizedConv(nn.Conv2d):
+    """timm's ``StdConv2d``: the weight standardized in forward."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        w = (w - w.mean(dim=(1, 2, 3), keepdim=True)) / (w.std(dim=(1, 2, 3), keepdim=True) + 1e-5)
+        return self._conv_forward(x, w, self.bias)
+
+
+def test_a_subclass_whose_forward_computes_something_else_is_left_out_with_the_reason() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        _ScaledEmbedding(64, 16),
+        _CastingLinear(16, 16),
+        _StandardizedConv(16, 8, 3),
+        nn.Linear(8, 4),
+    )
+    assert [is_quantizable(m) for m in model] == [False, True, False, True]
+    assert list(quantizable_layers(model)) == ["1", "3"]
+    summary = coverage(model).summary()
+    assert "0 (_ScaledEmbedding" in summary and "2 (_StandardizedConv" in summary
+    assert "a subclass whose own forward computes something else" in summary
     plain = nn.Sequential(nn.Embedding(64, 16), nn.Linear(16, 4))
     assert list(quantizable_layers(plain)) == ["0", "1"]
