@@ -137,12 +137,28 @@ SHAPE_METHODS = frozenset({"size", "dim", "ndimension", "numel", "nelement", "is
 """Attributes and methods of a traced tensor that give its metadata (not its data): values that
 ``fx(values)`` may take concretely for control flow."""
 
+CONSTANT_ATTRIBUTES = frozenset({"dtype", "device", "layout", "is_cuda"})
+"""Tensor attributes ``fx(values)`` takes as constants where both examples agree: they never
+depend on the batch, and code passes them to functions fx cannot trace (``torch.finfo``)."""
+
+SIZED_FACTORIES = ("ones", "zeros", "empty")
+"""``torch`` functions taking a size as separate ints, which fx cannot trace when those are
+traced values (``torch.ones(batch, length)`` in OPT): called with the size as one tuple while
+``fx(values)`` traces."""
+
 EXAMPLE_SIZES = (2, 3)
 """Batch sizes of ``fx(values)``'s two examples (no size 1: broadcasting special-cases it)."""
 
 
 class _ValueProxy(fx.Proxy):
     """A traced value whose ``len``, ``int`` and ``__index__`` are taken from the examples."""
+
+    def __getattr__(self, name: str) -> Any:
+        if name in CONSTANT_ATTRIBUTES:  # torch.finfo(x.dtype) needs the dtype itself (BLOOM)
+            first, second = (getattr(v, name, None) for v in self.tracer.examples_of(self.node))
+            if first is not None and first == second:
+                return first
+        return super().__getattr__(name)
 
     def __len__(self) -> int:  # a tensor's first dimension, a tuple's structure: not data
         return self.tracer.concrete(self.node, len, "len()", data=True)
@@ -198,6 +214,14 @@ class _ValueTracer(fx.Tracer):
         if node.op == "get_attr":
             return operator.attrgetter(node.target)(self.root)
         return self.values[node][i]
+
+    def examples_of(self, node: fx.Node) -> tuple[Any, Any]:
+        """``node``'s values on the two examples (parameters and buffers as themselves)."""
+        was, self.computing = self.computing, True
+        try:
+            return self._value(node, 0), self._value(node, 1)
+        finally:
+            self.computing = was
 
     def _compute(self, node: fx.Node, i: int) -> Any:
         args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: self._value(n, i))
@@ -285,6 +309,28 @@ def _trailing_shapes(batch: Batch) -> tuple[Any, list[Any]]:
     return spec, [tuple(t.shape[1:]) if isinstance(t, Tensor) else t for t in leaves]
 
 
+@contextmanager
+def _sizes_as_tuples() -> Iterator[None]:
+    """:data:`SIZED_FACTORIES` called with traced sizes get them as one tuple (restored after)."""
+    originals = {name: getattr(torch, name) for name in SIZED_FACTORIES}
+
+    def sized(fn: Callable[..., Any]) -> Callable[..., Any]:
+        def call(*size: Any, **kwargs: Any) -> Any:
+            if len(size) > 1 and any(isinstance(v, fx.Proxy) for v in size):
+                return fn(tuple(size), **kwargs)
+            return fn(*size, **kwargs)
+
+        return call
+
+    for name, fn in originals.items():
+        setattr(torch, name, sized(fn))
+    try:
+        yield
+    finally:
+        for name, fn in originals.items():
+            setattr(torch, name, fn)
+
+
 def capture_fx_values(model: nn.Module, batches: Sequence[Batch], layers: Sequence[str]) -> Capture:
     """fx tracing with example values (``fx(values)`` in the module docstring)."""
     if len({repr(_trailing_shapes(b)) for b in batches}) > 1:
@@ -313,7 +359,7 @@ def capture_fx_values(model: nn.Module, batches: Sequence[Batch], layers: Sequen
     model.__class__ = type(cls.__name__, (cls,), {"forward": namespace["forward"]})
     tracer = _ValueTracer(set(layers), {n: (bound[0][n], bound[1][n]) for n in names})
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), _sizes_as_tuples():
             graph = tracer.trace(model)
     finally:
         model.__class__ = cls

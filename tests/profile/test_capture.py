@@ -152,6 +152,29 @@ def test_fx_values_traces_keyword_inputs_into_a_graph_of_the_layers(monkeypatch)
     _assert_same_rows(graph, _hooks(monkeypatch, model, data, **kwargs))
 
 
+class _SizedOnes(DictInput):
+    """Hugging Face idioms plain fx cannot trace: ``torch.ones(batch, length)`` with the sizes
+    read from a tensor (OPT) and ``torch.finfo(x.dtype)`` (BLOOM)."""
+
+    def forward(self, image: torch.Tensor, extra: torch.Tensor) -> torch.Tensor:
+        ones = torch.ones(image.shape[0], image.shape[1], dtype=image.dtype)
+        low = torch.finfo(image.dtype).min
+        return super().forward((image * ones).clamp_min(low), extra)
+
+
+def test_fx_values_traces_sized_factories_and_dtype_reads(monkeypatch) -> None:
+    torch.manual_seed(0)
+    model = _SizedOnes().eval()
+    data = _dict_batches(2)
+    original = torch.ones
+    kwargs = {"schemes": ["bf16", "w8a8"], "progress": False, "e2e_samples": 8}
+    graph = profile(model, data, **kwargs)
+    assert torch.ones is original  # the tracing stand-in is gone
+    assert graph.info["runner"] == "graph:fx(values)"
+    assert "TypeError" in graph.info["runner_fallbacks"]["graph:fx"]
+    _assert_same_rows(graph, _hooks(monkeypatch, model, data, **kwargs))
+
+
 class _ShapeBranch(DictInput):
     """Branches on an input's shape: fx cannot trace it, torch.export can."""
 

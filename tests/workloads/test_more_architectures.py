@@ -75,6 +75,22 @@ ARCHITECTURES: dict[str, tuple[str, str, dict[str, Any], Callable[..., Any], str
         _tokens,
         "",
     ),
+    # OPT: torch.ones(batch, length) on traced sizes, a positional embedding fed the mask
+    "opt": (
+        "OPTConfig",
+        "OPTForCausalLM",
+        {**SMALL, "ffn_dim": 128, "word_embed_proj_dim": 64, "max_position_embeddings": 32},
+        _tokens,
+        "",
+    ),
+    # BLOOM: torch.finfo(x.dtype) in its attention mask
+    "bloom": (
+        "BloomConfig",
+        "BloomForCausalLM",
+        {"hidden_size": 64, "n_layer": 1, "n_head": 4, "vocab_size": VOCAB},
+        _tokens,
+        "",
+    ),
     # wav2vec2: a weight-normed positional convolution (parametrized tensors)
     "wav2vec2": (
         "Wav2Vec2Config",
@@ -120,6 +136,8 @@ def test_architecture_runs_the_pipeline_with_exact_memory(name: str) -> None:
         assert never_called in cost.never_called
         reasons = prof.table.set_index("layer").loc[[never_called], "reason"]
         assert set(reasons) == {NEVER_CALLED}
+    if name in ("opt", "bloom", "vit", "gemma"):  # Hugging Face code fx(values) traces
+        assert prof.info["runner"] == "graph:fx(values)", prof.info["runner_fallbacks"]
     if name == "gemma":
         assert "model.embed_tokens (GemmaTextScaledWordEmbedding" in coverage(model).summary()
     for plan in (res.best(), *res.plans):
