@@ -151,7 +151,8 @@ EXAMPLE_SIZES = (2, 3)
 
 
 class _ValueProxy(fx.Proxy):
-    """A traced value whose ``len``, ``int`` and ``__index__`` are taken from the examples."""
+    """A traced value whose ``len``, ``int``, ``__index__`` and (where the examples agree)
+    :data:`CONSTANT_ATTRIBUTES` are taken from the examples."""
 
     def __getattr__(self, name: str) -> Any:
         if name in CONSTANT_ATTRIBUTES:  # torch.finfo(x.dtype) needs the dtype itself (BLOOM)
