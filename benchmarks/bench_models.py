@@ -1,7 +1,8 @@
 """Other people's models: profile speed and the searched plan's real speed-up on each zoo model.
 
 Run: ``python benchmarks/bench_models.py`` (``--models hf_llama,flag_net`` for a subset,
-``--trials N``, ``--out FILE``). Prints a table and writes ``benchmarks/results/models.md``.
+``--trials N``, ``--out FILE``, ``--no-larger``). Prints a table and writes
+``benchmarks/results/models.md``.
 
 For each zoo model (:data:`mpsearch.workloads.ZOO`, random-initialised from configs, quality =
 top-1 agreement with the fp32 model on fixed inputs):
@@ -15,6 +16,9 @@ top-1 agreement with the fp32 model on fixed inputs):
    the user's fp32 model timed interleaved (medians of rounds);
 3. the best plan meeting the 1% agreement-drop target (the fastest measured) vs the user's fp32
    model and vs the best uniform plan meeting the target.
+
+Then the profile ratio alone of the Llama and BERT architectures at ~13 M parameters
+(:data:`LARGER`), where a pass is not per-operation overhead.
 """
 
 from __future__ import annotations
