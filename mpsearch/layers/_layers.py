@@ -44,22 +44,20 @@ _SAME_AS_BASE: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDicti
 
 
 def _probe_input(layer: nn.Module) -> Tensor | None:
-    """A small input of ``layer``'s base type (``None`` for a recurrent layer: not probed)."""
-    dtype = next(layer.parameters()).dtype
+    """A small input of ``layer``'s base type on its device and in its dtype (``None`` for a
+    recurrent layer: not probed)."""
+    weight = next(layer.parameters())
     if isinstance(layer, nn.Embedding):
-        return torch.arange(6).remainder(layer.num_embeddings).reshape(2, 3)
+        return torch.arange(6, device=weight.device).remainder(layer.num_embeddings).reshape(2, 3)
     if isinstance(layer, nn.Linear):
-        return torch.randn(2, layer.in_features, generator=torch.Generator().manual_seed(0)).to(
-            dtype
-        )
-    if isinstance(layer, nn.Conv1d | nn.Conv2d):
-        span = [
-            d * (k - 1) + s + 1
-            for k, d, s in zip(layer.kernel_size, layer.dilation, layer.stride, strict=True)
-        ]
-        g = torch.Generator().manual_seed(0)
-        return torch.randn(1, layer.in_channels, *span, generator=g).to(dtype)
-    return None
+        shape = [2, layer.in_features]
+    elif isinstance(layer, nn.Conv1d | nn.Conv2d):
+        sizes = zip(layer.kernel_size, layer.dilation, layer.stride, strict=True)
+        shape = [1, layer.in_channels, *(d * (k - 1) + s + 1 for k, d, s in sizes)]
+    else:
+        return None
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    return x.to(device=weight.device, dtype=weight.dtype)
 
 
 def _computes_as_its_base(layer: nn.Module) -> bool:
