@@ -1,15 +1,16 @@
-"""How much the profile's end-to-end errors lose to ``e2e_samples="auto"``, on the zoo models.
+"""How much the profile's errors lose to ``e2e_samples="auto"`` and ``local_samples="auto"``.
 
 Run: ``python benchmarks/bench_e2e_samples.py`` (``--models hf_llama,tv_resnet18`` for a
 subset, ``--out FILE``). Prints a table and writes ``benchmarks/results/e2e_samples.md``.
 
 For each workload (the trained ones of :data:`TRAINED`, then the zoo models; 256 calibration
 samples in batches of 32): the exact profile
-(``e2e_samples=None``), the ``"auto"`` profile, the profile on as many samples taken first in
-order (``e2e_samples=n``), and the profile on the first samples the previous auto rule took (exact up to D = 2 downstream passes per scheme, else one pass, at least 16 samples).
-Each side's ``e2e`` column against the exact one: Spearman rho over all (layer, scheme) rows
-and the lowest per-scheme rho (the ranking of the layers under one scheme). Timings are in
-``bench_models.py``; this only measures what the sample budget costs in ranking.
+(``e2e_samples=None``: end-to-end and local errors on every sample), the ``"auto"`` profile and
+the profile on as many samples taken first in order (``e2e_samples=n``). Each side's ``e2e``
+column against the exact one, and the auto profile's ``mse`` column (local errors) against the
+exact one: Spearman rho over all (layer, scheme) rows and the lowest per-scheme rho (the ranking
+of the layers under one scheme). Timings are in ``bench_models.py``; this only measures what the
+sample budgets cost in ranking.
 """
 
 from __future__ import annotations
@@ -42,10 +43,9 @@ TRAINED = ["digits_cnn", "digits_resnet18", "text_transformer", "stdlib_lm_tiny"
 zoo models: a trained model's end-to-end errors are carried by fewer, less certain samples."""
 
 
-def previous_rule(total: int, downstream: float) -> int:
-    """The samples the auto rule took before half-pass budgets (exact up to D = 2, else
-    ``ceil(total / D)``, at least 16)."""
-    return total if downstream <= 2.0 else min(total, max(16, math.ceil(total / downstream)))
+def previous_rule(total: int, downstream: float, auto: int) -> int:
+    """The samples the previous auto rule took: exact up to D = 2, else as now."""
+    return total if downstream <= 2.0 else auto
 
 
 def agreement(exact: pd.Series, other: pd.Series) -> tuple[float, float]:
@@ -59,34 +59,34 @@ def agreement(exact: pd.Series, other: pd.Series) -> tuple[float, float]:
 def model_row(name: str) -> dict[str, Any]:
     wl = load_workload(name, n_calib=256, n_test=256, batch_size=32)
 
-    def e2e(samples: Any) -> tuple[pd.Series, dict[str, Any]]:
+    def errors(samples: Any) -> tuple[pd.DataFrame, dict[str, Any]]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             prof = mps.profile(
                 wl.model, wl.calib, schemes=SCHEMES, progress=False, e2e_samples=samples
             )
-        return prof.table.set_index(["layer", "scheme"])["e2e"], prof.info
+        return prof.table.set_index(["layer", "scheme"]), prof.info
 
-    exact, info = e2e(None)
+    exact, info = errors(None)
     total, downstream = info["calib_samples"], info["downstream_passes"]
-    auto, auto_info = e2e("auto")
+    auto, auto_info = errors("auto")
     n_auto = auto_info["e2e_samples"]
-    before = previous_rule(total, downstream)
-    rho_auto, min_auto = agreement(exact, auto)
-    rho_first, min_first = agreement(exact, e2e(n_auto)[0])
-    rho_before, min_before = agreement(exact, e2e(before)[0])
+    rho_auto, min_auto = agreement(exact["e2e"], auto["e2e"])
+    rho_first, min_first = agreement(exact["e2e"], errors(n_auto)[0]["e2e"])
+    rho_local, min_local = agreement(exact["mse"], auto["mse"])
     return {
         "model": name,
         "D": downstream,
+        "previous_samples": previous_rule(total, downstream, n_auto),
         "auto_samples": n_auto,
         "auto_pick": auto_info["e2e_pick"],
         "auto_rho": rho_auto,
         "auto_min_scheme_rho": min_auto,
         "first_rho": rho_first,
         "first_min_scheme_rho": min_first,
-        "previous_samples": before,
-        "previous_rho": rho_before,
-        "previous_min_scheme_rho": min_before,
+        "local_samples": auto_info["local_samples"],
+        "local_rho": rho_local,
+        "local_min_scheme_rho": min_local,
     }
 
 
@@ -104,7 +104,7 @@ def main() -> None:
     columns = list(rows[0]) if rows else ["model"]
     text = "\n".join(
         [
-            "# End-to-end errors on a sample budget vs exact mode",
+            "# End-to-end and local errors on a sample budget vs exact mode",
             "",
             f"CPU: {cpu_model()}; torch {torch.__version__}; schemes {SCHEMES}; 256 "
             "calibration samples in batches of 32; wall time "
@@ -112,13 +112,16 @@ def main() -> None:
             "`benchmarks/bench_e2e_samples.py`.",
             "",
             "`D`: end-to-end work per scheme in exact mode, in fp32 passes; `auto_samples`: "
-            'the samples `e2e_samples="auto"` measures on (exact up to D = 2, else half a pass per scheme, at least 8); '
-            "`auto_pick`: which (`uncertain`: those of highest fp32 output entropy, for a KL "
-            "metric); `first_*`: the first `auto_samples` samples instead; "
-            "`previous_samples`: the previous rule's (exact up to D = 2, else one pass, at "
-            "least 16). `rho`: Spearman rank correlation of the `e2e` column with exact mode's "
-            "over all (layer, scheme) rows; `min_scheme_rho`: the lowest over the schemes of "
-            "the rank correlation of the layers under one scheme.",
+            'the samples `e2e_samples="auto"` measures on (exact up to D = 1, else half a '
+            "pass per scheme, at least 8); `previous_samples`: the previous rule's (exact up "
+            "to D = 2); `auto_pick`: which (`uncertain`: those of highest fp32 output entropy, "
+            "for a KL metric); `first_*`: the first `auto_samples` samples instead; "
+            '`local_samples`: the samples `local_samples="auto"` measures the local errors on '
+            "(every one when the e2e errors use every one, else the batches holding the "
+            "first 64), `local_*` its `mse` column against exact mode's. `rho`: Spearman rank "
+            "correlation with exact mode's column over all (layer, scheme) rows; "
+            "`min_scheme_rho`: the lowest over the schemes of the rank correlation of the "
+            "layers under one scheme.",
             "",
             md_table(rows, columns),
             "",

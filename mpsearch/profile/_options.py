@@ -22,7 +22,7 @@ from mpsearch._options import (
 )
 from mpsearch._validation import invalid, unknown
 from mpsearch.backends import BACKENDS, Backend
-from mpsearch.profile._e2e import check_e2e_samples
+from mpsearch.profile._e2e import check_samples
 from mpsearch.profile._metrics import E2E_METRICS
 from mpsearch.rounding import RoundingOptions
 
@@ -55,8 +55,8 @@ def _rounding(name: str, value: Any) -> RoundingOptions | None:
     raise invalid(name, value, "None, a RoundingOptions or a mapping of its fields", kind="option")
 
 
-def _e2e_samples(name: str, value: Any) -> int | str | None:
-    check_e2e_samples(value, kind="option")
+def _samples(name: str, value: Any) -> int | str | None:
+    check_samples(value, argument=name, kind="option")
     return value
 
 
@@ -73,11 +73,11 @@ class ProfileOptions(Options):
     - ``max_batches``: profile on the first calibration batches only (``None``: all);
     - ``fold_bn``: fold BatchNorm into the preceding convolution first;
     - ``hessian_samples``: Hutchinson samples per batch for the ``hessian`` column;
-    - ``e2e_samples``: the samples ``e2e`` is measured on (``mse``, ``sqnr_db``, ``task_drop``
-      and ``hessian`` always use all of them). ``None``: every calibration sample (exact
+    - ``e2e_samples``: the samples ``e2e`` is measured on (``task_drop`` and ``hessian``
+      always use all of them). ``None``: every calibration sample (exact
       mode); an int ``n``: the first ``n`` samples, in order (the ``e2e`` column then equals
       exact mode's on the data cut to those samples); ``"auto"``: exact mode when its
-      end-to-end work D is at most 2 fp32 passes per scheme, else ``ceil(N / (2 D))`` of the
+      end-to-end work D is at most 1 fp32 pass per scheme, else ``ceil(N / (2 D))`` of the
       N samples (at least 8), half a pass per scheme (:mod:`mpsearch.profile._e2e`): with
       the KL metric on one distribution per sample (a classifier), the samples whose fp32
       output has the highest entropy (they carry a trained classifier's KL), else the first
@@ -86,6 +86,12 @@ class ProfileOptions(Options):
       and the data's shapes, never from timings: the same choice on every run); ``prof.info``
       records ``e2e_samples``, ``e2e_pick`` (``all``, ``first`` or ``uncertain``),
       ``calib_samples`` and ``downstream_passes`` (D);
+    - ``local_samples``: the samples ``mse`` and ``sqnr_db`` are measured on: the calibration
+      batches holding the first ``n`` (an int), every sample (``None``), or ``"auto"``: every
+      sample when ``e2e`` uses every one, else the first 64
+      (:data:`~mpsearch.profile._e2e.AUTO_LOCAL_SAMPLES`). Batches neither error uses get no
+      fp32 pass unless ``e2e`` picks a classifier's least certain samples among all of them;
+      ``prof.info["local_samples"]`` records how many were used;
     - ``rounding``: how choices with a calibrated rounding (``"w4a16+gptq"``) round
       (:class:`~mpsearch.rounding.RoundingOptions`, or a mapping of its fields; ``None``: its
       defaults). Their weights are rounded from the calibration data, from one pass that
@@ -117,6 +123,7 @@ class ProfileOptions(Options):
     fold_bn: bool = True
     hessian_samples: int = 8
     e2e_samples: int | str | None = "auto"
+    local_samples: int | str | None = "auto"
     rounding: RoundingOptions | None = None
 
     CHECKS: ClassVar[dict[str, Check]] = {
@@ -128,7 +135,8 @@ class ProfileOptions(Options):
         "max_batches": optional_positive_int,
         "fold_bn": flag,
         "hessian_samples": positive_int,
-        "e2e_samples": _e2e_samples,
+        "e2e_samples": _samples,
+        "local_samples": _samples,
         "rounding": _rounding,
     }
     VERB: ClassVar[str] = "profile"

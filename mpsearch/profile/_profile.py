@@ -137,7 +137,8 @@ def profile(
     For every (layer, scheme) pair the layer alone is quantized (``backend``, default fake
     quantization) and compared with the fp32 model on ``calib_data``:
 
-    - ``mse`` / ``sqnr_db``: the layer's own output vs its fp32 output, from cached inputs;
+    - ``mse`` / ``sqnr_db``: the layer's own output vs its fp32 output, from cached inputs,
+      on the samples ``local_samples`` picks;
     - ``e2e``: the error of the model's final output by ``metric`` (``"kl"`` of the softmax
       over the last dimension, ``"mse"`` or a callable; ``None``: ``"kl"`` for logits, else
       ``"mse"``), on the samples ``e2e_samples`` picks (see :class:`ProfileOptions`);
@@ -245,6 +246,7 @@ def _reference(req: _Request) -> tuple[Runner, str, MetricFn]:
         fold_bn=req.options.fold_bn,
         warn=notes.append,
         e2e_samples=req.options.e2e_samples,
+        local_samples=req.options.local_samples,
     )
     for note in notes:
         warnings.warn(note, stacklevel=4)
@@ -339,6 +341,7 @@ def _open_cache(
         repr(opts.rounding or RoundingOptions()),
         runner.mode,
         f"e2e_samples={n_e2e}",
+        f"local_samples={runner.n_local}",
         f"e2e_pick={pick}",
         f"compute={compute_paths(req.impl, req.schemes)}",
     )
@@ -372,7 +375,7 @@ def _e2e_batches(batches: Sequence[Batch], runner: Runner, plan: _RowPlan) -> Se
     if plan.pick == "all":
         return batches
     if plan.pick == "uncertain":
-        return picked_samples(batches, most_uncertain(runner.outputs, plan.n_e2e))
+        return picked_samples(batches, most_uncertain(runner.all_outputs(), plan.n_e2e))
     return first_samples(batches, plan.n_e2e)
 
 
@@ -463,13 +466,14 @@ class _Measurer:
         e2e = [E2EStats() for _ in schemes]
         finals: list[torch.Tensor] = []  # per e2e batch: [scheme, *output shape]
         with torch.inference_mode():
-            for b in range(len(self.req.batches)):
+            for b in range(max(runner.n_shared, runner.n_local_batches)):
                 if b < runner.n_shared:
                     pairs, final = runner.run(name, qlayers, b)
                     finals.append(final)
                 else:
                     pairs = runner.local(name, qlayers, b)
-                _add_local(local, pairs)
+                if b < runner.n_local_batches:
+                    _add_local(local, pairs)
             finals += [
                 runner.e2e(name, qlayers, b) for b in range(runner.n_shared, len(self.sizes))
             ]
@@ -587,6 +591,7 @@ def _build_result(
             "calib_samples": plan.n_samples,
             "e2e_samples": plan.n_e2e,
             "e2e_pick": plan.pick,
+            "local_samples": runner.n_local,
             "downstream_passes": round(plan.downstream, 4),
             "compute": compute_paths(req.impl, req.schemes),
             "coverage": covered.share,

@@ -27,13 +27,16 @@ A runner's ``mode`` names it and how the graph was captured (``graph:fx``,
 ``graph:fx(concrete_args)``, ``graph:fx(values)``, ``graph:export``, ``hooks``); ``fallbacks`` gives why each capture
 tried before it failed.
 
-Both measure local errors on every calibration batch and end-to-end errors on the *e2e batches*
+Both measure local errors on the leading ``n_local_batches`` calibration batches (how many:
+:func:`mpsearch.profile._e2e.choose_local_samples`) and end-to-end errors on the *e2e batches*
 (``prepare_e2e``): all calibration samples, their first ones, or a classifier's least certain
 ones (how many: :func:`mpsearch.profile._e2e.choose_e2e_samples`; which:
 ``mpsearch.profile._profile._pick``). The leading e2e batches that are whole
 calibration batches are *shared* (``n_shared``): one run gives a layer's local pairs and its
 final outputs there. The graph runner keeps everything a suffix reads only for the batches it
-will share, and the start's inputs for the others; a cut batch gets its own fp32 pass.
+will share, and the start's inputs for the other local batches; a cut batch gets its own fp32
+pass, and the batches past both get one only when :meth:`GraphRunner.all_outputs` is asked
+for (to pick the least certain samples).
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ from mpsearch.layers._batchnorm import fold_graph
 from mpsearch.profile._capture import CAPTURES, Capture, Unsupported
 from mpsearch.profile._e2e import (
     choose_e2e_samples,
+    local_batches,
     rows_per_sample,
     total_samples,
     whole_batches,
@@ -131,6 +135,7 @@ class GraphRunner:
         *,
         mode: str,
         e2e_samples: Any = None,
+        local_samples: Any = None,
     ) -> None:
         gm = capture.gm
         self.gm = gm
@@ -181,7 +186,6 @@ class GraphRunner:
         self.node_cost: dict[fx.Node, float] = {}
         self.node_bytes: dict[fx.Node, int] = {}
         self.streamed: dict[fx.Node, int] = {}
-        self.n_e2e = total_samples(batches)
         self.n_full = len(batches)  # the leading batches whose store has all of ``keep``
         with torch.inference_mode():
             for i, batch in enumerate(batches):
@@ -190,13 +194,10 @@ class GraphRunner:
                     self.outputs.append(self._final(env))
                     self.node_bytes = {n: _nbytes(v) for n, v in env.items()}
                     self.streamed = _streamed_weights(self.gm, self.nodes, env, self.node_cost)
-                    self.n_e2e = choose_e2e_samples(
-                        e2e_samples,
-                        self.n_e2e,
-                        self.downstream_passes(),
-                        rows_per_sample=rows_per_sample(self.outputs[0]),
-                    )
+                    self._choose_samples(e2e_samples, local_samples)
                     self.n_full = whole_batches(batches, self.n_e2e)
+                elif i >= max(self.n_full, self.n_local_batches):
+                    break
                 else:
                     env = self._execute_all(batch, keep if i < self.n_full else local_keep)
                     self.outputs.append(self._final(env))
@@ -208,6 +209,27 @@ class GraphRunner:
         self.batchable: dict[str, bool] = {}
         self.kinds: dict[fx.Node, str] = {}
         self.group: dict[str, int] = {}
+
+    def _choose_samples(self, e2e_samples: Any, local_samples: Any) -> None:
+        """``n_e2e`` (:func:`choose_e2e_samples`), and the ``n_local_batches`` local batches,
+        ``n_local`` samples (:func:`local_batches`)."""
+        self.n_e2e = choose_e2e_samples(
+            e2e_samples,
+            total_samples(self.batches),
+            self.downstream_passes(),
+            rows_per_sample=rows_per_sample(self.outputs[0]),
+        )
+        self.n_local_batches, self.n_local = local_batches(local_samples, self.batches, self.n_e2e)
+
+    def all_outputs(self) -> list[Tensor]:
+        """The fp32 outputs of every calibration batch: those past the stored ones get a pass
+        (storing nothing) the first time they are asked for."""
+        done = len(self.outputs)
+        if done < len(self.batches):
+            with torch.inference_mode():
+                rest = [self._final(self._execute_all(b, set())) for b in self.batches[done:]]
+            self.outputs.extend(rest)
+        return self.outputs
 
     def downstream_passes(self) -> float:
         """End-to-end work per scheme on all batches, in fp32 passes: sum of suffix costs."""
@@ -310,7 +332,7 @@ class GraphRunner:
         start = self.layer_node[layer]
         args, kwargs = fx.node.map_arg((start.args, start.kwargs), store.__getitem__)
         host = self.executor.modules[start.target]
-        return store[start], [_variant(self.gm, layer, q, host, args, kwargs) for q in qlayers]
+        return store[start], _variants(self.gm, layer, qlayers, host, args, kwargs)
 
     def _downstream(
         self, layer: str, outs_q: Sequence[Tensor], store: dict[fx.Node, Any]
@@ -580,6 +602,7 @@ class HookRunner:
         layers: Sequence[str],
         *,
         e2e_samples: Any = None,
+        local_samples: Any = None,
     ) -> None:
         self.gm = model
         self.fallbacks: dict[str, str] = {}
@@ -608,9 +631,14 @@ class HookRunner:
             len(self.called),
             rows_per_sample=rows_per_sample(self.outputs[0]),
         )
+        self.n_local_batches, self.n_local = local_batches(local_samples, batches, self.n_e2e)
         self.e2e_batches: Sequence[Batch] = batches
         self.reference = self.outputs
         self.n_shared = len(batches)
+
+    def all_outputs(self) -> list[Tensor]:
+        """The fp32 outputs of every calibration batch (all computed when counting calls)."""
+        return self.outputs
 
     def downstream_passes(self) -> float:
         """End-to-end work per scheme, in fp32 passes: the whole model once per layer."""
@@ -638,8 +666,8 @@ class HookRunner:
 
         def hook(_m: nn.Module, args: Any, kwargs: dict[str, Any], out: Any) -> Any:
             if self.gm.get_submodule(layer) is not original:
-                return None  # the host re-run by _variant, the variant swapped in
-            return record(out, [_variant(self.gm, layer, q, host, args, kwargs) for q in qlayers])
+                return None  # the host re-run by _variants, an identity swapped in
+            return record(out, _variants(self.gm, layer, qlayers, host, args, kwargs))
 
         return host.register_forward_hook(hook, with_kwargs=True)
 
@@ -703,20 +731,24 @@ def host_of(model: nn.Module, layer: str) -> str:
     return parent if attr == "out_proj" and attention else layer
 
 
-def _variant(
+def _variants(
     model: nn.Module,
     layer: str,
-    q: nn.Module,
+    qlayers: Sequence[nn.Module],
     host: nn.Module,
     args: Sequence[Any],
     kwargs: dict[str, Any],
-) -> Any:
-    """What ``host(*args, **kwargs)`` gives with ``layer`` quantized as ``q``: ``q`` on the first
-    input when ``host`` is the layer itself, else ``host`` re-run with ``q`` swapped in."""
+) -> list[Any]:
+    """What ``host(*args, **kwargs)`` gives with ``layer`` quantized as each of ``qlayers``:
+    each on the first input when ``host`` is the layer itself. An attention host is run once
+    with an identity ``out_proj`` (exact in float32: the attention output before the
+    projection, as :class:`~mpsearch.layers._layers.CalledOutProj` gives it to a swapped-in
+    variant) and each variant projects that output; the host's other outputs are kept."""
     if host is model.get_submodule(layer):
-        return q(args[0])
-    with swapped(model, {layer: q}):
-        return host(*args, **kwargs)
+        return [q(args[0]) for q in qlayers]
+    with swapped(model, {layer: nn.Identity()}):
+        attended, *rest = host(*args, **kwargs)
+    return [(q(attended), *rest) for q in qlayers]
 
 
 def _graph_runner(
@@ -727,6 +759,7 @@ def _graph_runner(
     method: str,
     fold: bool,
     e2e_samples: Any,
+    local_samples: Any,
 ) -> GraphRunner:
     """The graph runner on ``model`` captured by ``CAPTURES[method]``, checked against the
     model's own output on the first batch (raises when it is not reproduced)."""
@@ -736,7 +769,14 @@ def _graph_runner(
     seconds = time.perf_counter() - start
     folded = fold and fold_graph(capture.gm) > 0
     _remove_inplace(capture.gm)
-    runner = GraphRunner(capture, batches, layers, mode=f"graph:{method}", e2e_samples=e2e_samples)
+    runner = GraphRunner(
+        capture,
+        batches,
+        layers,
+        mode=f"graph:{method}",
+        e2e_samples=e2e_samples,
+        local_samples=local_samples,
+    )
     runner.capture_s = seconds
     with torch.inference_mode():
         direct = output_tensor(run_model(model, batches[0])).float()
@@ -761,18 +801,26 @@ def build_runner(
     fold_bn: bool,
     warn: Callable[[str], None],
     e2e_samples: Any = None,
+    local_samples: Any = None,
 ) -> Runner:
     """The graph runner on the first capture in ``CAPTURES`` that works and reproduces the
     model's output (BatchNorm folded first when ``fold_bn``, else as it is), else the hook
     runner; ``runner.fallbacks`` says why the captures before failed. ``runner.n_e2e``: the
-    number of samples ``e2e_samples`` picks (:func:`~mpsearch.profile._e2e.choose_e2e_samples`)."""
+    number of samples ``e2e_samples`` picks (:func:`~mpsearch.profile._e2e.choose_e2e_samples`),
+    ``runner.n_local`` those ``local_samples`` picks, in ``runner.n_local_batches`` batches."""
     has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
     fallbacks: dict[str, str] = {}
     for method in CAPTURES:
         for fold in (True, False) if (fold_bn and has_bn) else (False,):
             try:
                 runner = _graph_runner(
-                    model, batches, layers, method=method, fold=fold, e2e_samples=e2e_samples
+                    model,
+                    batches,
+                    layers,
+                    method=method,
+                    fold=fold,
+                    e2e_samples=e2e_samples,
+                    local_samples=local_samples,
                 )
             except Exception as exc:
                 fallbacks[f"graph:{method}"] = _reason(exc)
@@ -791,6 +839,8 @@ def build_runner(
         f"because no graph capture works ({reasons}).{note}"
     )
     quantizable = [n for n in layers if is_quantizable(work.get_submodule(n))]
-    runner = HookRunner(work, batches, quantizable, e2e_samples=e2e_samples)
+    runner = HookRunner(
+        work, batches, quantizable, e2e_samples=e2e_samples, local_samples=local_samples
+    )
     runner.fallbacks = fallbacks
     return runner

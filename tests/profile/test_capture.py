@@ -258,6 +258,21 @@ def test_attention_out_proj_is_measured_on_the_attention_output(monkeypatch) -> 
                 out = torch.cat([model.attn(t, t, t, need_weights=False)[0] for t in tokens])
             expected = float((out - ref).square().sum()) / ref.numel()
             assert rows.loc[scheme, "mse"] == pytest.approx(expected, rel=1e-6)
+    # the attention runs once and each variant projects its output: exactly the attention
+    # module re-run with the variant swapped in
+    qs = [
+        profile_layer(get_backend("simulate"), model.attn.out_proj, get_scheme(s))
+        for s in kwargs["schemes"]
+    ]
+    t = tokens[0]
+    with torch.inference_mode():
+        got = runner_module._variants(
+            model, "attn.out_proj", qs, model.attn, (t, t, t), {"need_weights": False}
+        )
+        for q, (out, weights) in zip(qs, got, strict=True):
+            with swapped(model, {"attn.out_proj": q}):
+                want, want_weights = model.attn(t, t, t, need_weights=False)
+            assert torch.equal(out, want) and weights is None and want_weights is None
     # its node gives a tuple: its variants are re-run downstream one at a time
     runner = runner_module.build_runner(model, calib, ["attn.out_proj"], fold_bn=True, warn=print)
     runner.prepare_e2e(runner.batches)

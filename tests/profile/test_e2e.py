@@ -19,10 +19,13 @@ from mpsearch.profile import profile
 from mpsearch.profile._e2e import (
     AUTO_E2E_PASSES,
     AUTO_EXACT_PASSES,
+    AUTO_LOCAL_SAMPLES,
     AUTO_MIN_ROWS,
     AUTO_MIN_SAMPLES,
     choose_e2e_samples,
+    choose_local_samples,
     first_samples,
+    local_batches,
     most_uncertain,
     picked_samples,
 )
@@ -81,7 +84,9 @@ def exact(known_calib: list[torch.Tensor]) -> pd.DataFrame:
 @pytest.mark.parametrize("n", [1, 200, 256])
 def test_subset_e2e_equals_exact_mode_on_that_subset(known_calib, exact, n: int) -> None:
     model = KnownSensitivity().eval()
-    fast = profile(model, known_calib, schemes=SCHEMES, metric="mse", e2e_samples=n)
+    fast = profile(
+        model, known_calib, schemes=SCHEMES, metric="mse", e2e_samples=n, local_samples=None
+    )
     assert fast.info["e2e_samples"] == n and fast.info["calib_samples"] == 512
     on_subset = profile(
         model, first_samples(known_calib, n), schemes=SCHEMES, metric="mse", e2e_samples=None
@@ -91,6 +96,61 @@ def test_subset_e2e_equals_exact_mode_on_that_subset(known_calib, exact, n: int)
     for metric in LOCAL:
         pd.testing.assert_frame_equal(fast.pivot(metric), exact.pivot(metric), check_exact=True)
     assert not fast.pivot("e2e").equals(exact.pivot("e2e"))  # really another sample
+
+
+def test_choose_local_samples_rules() -> None:
+    assert choose_local_samples("auto", 512, 512) == 512  # e2e on all: locals come with it
+    assert choose_local_samples("auto", 512, 20) == AUTO_LOCAL_SAMPLES
+    assert choose_local_samples("auto", 40, 20) == 40
+    assert choose_local_samples(None, 512, 20) == 512
+    assert choose_local_samples(100, 512, 512) == 100  # an int is what it says
+    assert choose_local_samples(1000, 512, 20) == 512
+    x = batches(3, 4, 5)
+    got = [local_batches(n, x, 1) for n in (1, 4, 5, 12, 99)]
+    assert got == [(1, 4), (1, 4), (2, 8), (3, 12), (3, 12)]
+    assert local_batches("auto", x, 12) == (3, 12)
+
+
+@pytest.mark.parametrize(("local_samples", "used"), [("auto", 128), (200, 256), (None, 512)])
+def test_local_errors_equal_exact_mode_on_their_batches(
+    known_calib, local_samples: object, used: int
+) -> None:
+    """Local errors use the whole calibration batches holding the first ``local_samples``
+    (batches of 128 here): exactly exact mode's local errors on those batches."""
+    model = KnownSensitivity().eval()
+    fast = profile(
+        model,
+        known_calib,
+        schemes=SCHEMES,
+        metric="mse",
+        e2e_samples=16,
+        local_samples=local_samples,
+    )
+    assert fast.info["local_samples"] == used
+    on_them = profile(
+        model, first_samples(known_calib, used), schemes=SCHEMES, metric="mse", e2e_samples=None
+    )
+    assert on_them.info["local_samples"] == used
+    for metric in LOCAL:
+        pd.testing.assert_frame_equal(fast.pivot(metric), on_them.pivot(metric), check_exact=True)
+
+
+def test_batches_neither_error_uses_get_no_pass(known_calib) -> None:
+    """A non-finite batch past the local and e2e samples is never run; measuring local errors
+    on every sample runs it and stops with the non-finite error."""
+    calib = [*known_calib[:3], torch.full_like(known_calib[3], float("nan"))]
+    model = KnownSensitivity().eval()
+    run = {"schemes": ["w8a8"], "metric": "mse", "e2e_samples": 16}
+    prof = profile(model, calib, **run)
+    assert prof.info["local_samples"] == 128 and prof.info["e2e_pick"] == "first"
+    assert np.isfinite(prof.pivot("mse").to_numpy()).all()
+    with pytest.raises(ValueError, match="calibration batch 3 is not finite"):
+        profile(model, calib, local_samples=None, **run)
+
+
+def test_local_samples_option_is_checked() -> None:
+    with pytest.raises(ValueError, match="'local_samples' option must be 'auto', None"):
+        profile(KnownSensitivity().eval(), batches(2, 4, 64), local_samples=0)
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)
@@ -132,7 +192,8 @@ def test_auto_keeps_small_models_exact_and_subsamples_deep_ones() -> None:
     d = deep.info["downstream_passes"]
     assert 10.0 < d < 12.0  # about L/2 for 24 equal layers
     assert deep.info["e2e_samples"] == choose_e2e_samples("auto", 256, d) < 256
-    exact_deep = profile(chain(24), calib, schemes=["w8a8"], e2e_samples=None)
+    assert deep.info["local_samples"] == AUTO_LOCAL_SAMPLES  # the first batch of 64
+    exact_deep = profile(chain(24), calib[:1], schemes=["w8a8"], e2e_samples=None)
     pd.testing.assert_frame_equal(deep.pivot("mse"), exact_deep.pivot("mse"), check_exact=True)
 
 
