@@ -489,10 +489,23 @@ def _cpu_attention_flops(
     return 2 * n * s_q * s_k * (d_q + d_v)
 
 
+def _native_attention_flops(query: Sequence[int], key: Sequence[int], *_: Any, **__: Any) -> int:
+    """Flops of ``nn.MultiheadAttention``'s fused inference kernel: the query, key, value and
+    output projections (embedding width E) and attention over E-wide heads."""
+    *batch, s_q, e = query
+    s_k = key[-2]
+    n = 1
+    for dim in batch:
+        n *= dim
+    return 2 * n * e * (e * (2 * s_q + 2 * s_k) + 2 * s_q * s_k)
+
+
 _EXTRA_FLOPS: dict[Any, Any] = {
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops,
+    torch.ops.aten._native_multi_head_attention: _native_attention_flops,
 }
-"""Flop formulas ``torch.utils.flop_counter`` lacks (its CPU attention kernel)."""
+"""Flop formulas ``torch.utils.flop_counter`` lacks (its CPU attention kernels; without them a
+model's attention counts as no work and its downstream work D comes out too small)."""
 
 
 def _nested_node(value: Any) -> bool:

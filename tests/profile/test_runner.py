@@ -48,6 +48,38 @@ class _WideMLP(nn.Module):
         return self.fc3(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
 
 
+class _Attention(nn.Module):
+    """A Linear, then ``nn.MultiheadAttention`` (one fused kernel in inference), then a Linear."""
+
+    def __init__(self, e: int = 32) -> None:
+        super().__init__()
+        self.embed = nn.Linear(8, e)
+        self.attn = nn.MultiheadAttention(e, 4, batch_first=True)
+        self.head = nn.Linear(e, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.embed(x)
+        return self.head(self.attn(t, t, t, need_weights=False)[0])
+
+
+def test_fused_attention_counts_as_work() -> None:
+    """``nn.MultiheadAttention``'s fused kernel counts its projections and attention (flop
+    counters see it as one operation without a formula)."""
+    model, (b, s, e) = _Attention().eval(), (2, 5, 32)
+    runner = runner_module.build_runner(
+        model, batches(1, b, s, 8), ["embed", "head"], fold_bn=False, warn=print
+    )
+    macs = {n.target: c for n, c in runner.node_cost.items() if n.op == "call_module"}
+    assert macs == {
+        "embed": b * s * 8 * e,
+        "attn": b * e * (e * 4 * s + 2 * s * s),  # projections on 4 x s rows, attention
+        "head": b * s * e * 4,
+    }
+    # the embedding's downstream work is the attention and the head (and a few elementwise)
+    total = sum(runner.node_cost.values())
+    assert runner.downstream_passes() >= (macs["attn"] + macs["head"]) / total > 0.9
+
+
 def _groups(model: nn.Module, calib: list[torch.Tensor]) -> dict[str, int]:
     names = list(quantizable_layers(model))
     runner = runner_module.build_runner(model, calib, names, fold_bn=True, warn=print)
