@@ -11,6 +11,17 @@ def _show(value: Any, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def exception_line(exc: BaseException, limit: int = 300) -> str:
+    """One line on why ``exc`` was raised: its type and the first non-blank line of its message.
+
+    >>> exception_line(ValueError("\n  bad shape\nmore"))
+    'ValueError: bad shape'
+    """
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = f"{type(exc).__name__}: {lines[0] if lines else ''}"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 class InvalidTypeError(TypeError):
     """A validated input of the wrong type or an unknown keyword: bad input, not a bug.
 

@@ -324,7 +324,7 @@ def _export_setup(parser: argparse.ArgumentParser) -> Runner:
             if not formats:
                 raise ValueError(f"--formats: no format named in {ns.formats!r}.")
         from mpsearch._validation import unknown
-        from mpsearch.export import EXPORT_FORMATS, export_plan
+        from mpsearch.export import EXPORT_FORMATS, ExportError, export_plan
 
         for name in formats or ():
             if name not in EXPORT_FORMATS:
@@ -339,7 +339,13 @@ def _export_setup(parser: argparse.ArgumentParser) -> Runner:
             options["formats"] = formats
         out_dir = ns.out or config.out_dir / "export"
         model, plan = steps.rounded(plan)  # a plan with calibrated roundings: rounded weights
-        exported = export_plan(model, plan, out_dir, **options)
+        try:
+            exported = export_plan(model, plan, out_dir, **options)
+        except ExportError as err:  # the formats that worked are written: show them
+            if err.result.records:
+                _table(err.result.to_frame(), title=f"exported {plan_path} to {out_dir} in part")
+            print(f"mpsearch export: error: {_one_line(err)}", file=sys.stderr)
+            return EXIT_ERROR
         _table(exported.to_frame(), title=f"exported {plan_path} to {out_dir}")
         return EXIT_OK
 

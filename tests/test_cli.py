@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import re
@@ -197,6 +198,28 @@ def test_export_writes_the_chosen_plan(steps_done) -> None:
         PrecisionPlan.load(steps_done["tmp"] / "out" / "best_plan.json").rules
     )
     assert "state_dict" in stdout and "exported" in stdout
+
+
+def test_export_shows_the_formats_written_when_one_fails(steps_done, monkeypatch) -> None:
+    """A format whose writer fails (here one that raises like torch.export on an untraceable
+    model) exits 1 with one line naming it, after the table of the formats written."""
+    pytest.importorskip("mpsearch.export", reason="mpsearch.export is not importable yet")
+    from mpsearch.export import EXPORT_FORMATS
+
+    def untraceable(*_: object) -> None:
+        raise RuntimeError("Could not guard on data-dependent expression\n(details)")
+
+    program = EXPORT_FORMATS["program"]
+    monkeypatch.setitem(EXPORT_FORMATS, "program", dataclasses.replace(program, write=untraceable))
+    out = steps_done["tmp"] / "export-in-part"
+    code, stdout, err = _call(
+        "export", steps_done["config"], "--formats", "plan,program", "-o", str(out), "--quiet"
+    )
+    assert code == EXIT_ERROR, err
+    assert "in part" in stdout and "plan.json" in stdout
+    assert "could not write ['program']" in err and "data-dependent" in err
+    assert "Traceback" not in err
+    assert sorted(p.name for p in out.iterdir()) == ["plan.json"]
 
 
 def test_export_refuses_an_unknown_format_before_work(steps_done) -> None:

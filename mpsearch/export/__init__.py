@@ -11,6 +11,7 @@ onnx, onnxscript and onnxruntime are imported only when an ONNX file is written 
 from mpsearch.export._artifacts import load_quantized
 from mpsearch.export._export import (
     EXPORT_FORMATS,
+    ExportError,
     ExportFormat,
     ExportRecord,
     ExportResult,
@@ -21,6 +22,7 @@ from mpsearch.export._qdq import ONNX_ACCEPTED, QDQLayer, onnx_refusal, to_qdq
 __all__ = [
     "EXPORT_FORMATS",
     "ONNX_ACCEPTED",
+    "ExportError",
     "ExportFormat",
     "ExportRecord",
     "ExportResult",

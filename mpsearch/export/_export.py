@@ -14,7 +14,7 @@ from torch import nn
 
 from mpsearch._data import output_tensor
 from mpsearch._io import atomic_path
-from mpsearch._validation import check_module, invalid, unknown
+from mpsearch._validation import check_module, exception_line, invalid, unknown
 from mpsearch.backends import collect_activation_ranges, get_backend
 from mpsearch.backends._quantize import PlanLike, as_plan, check_assignment
 from mpsearch.export._artifacts import (
@@ -314,21 +314,48 @@ def _check_inputs(
     return example, inputs
 
 
-def _write_formats(job: _Job, chosen: list[str], out: Path) -> list[ExportRecord]:
-    """Write and check each format's file (under a temporary name, then renamed)."""
+class ExportError(RuntimeError):
+    """Some formats could not be written: ``failures`` (format -> why, one line each) and
+    ``result``, the files of the other formats, written and checked. The first failure is the
+    exception's ``__cause__``."""
+
+    def __init__(self, failures: dict[str, str], result: ExportResult) -> None:
+        written = ", ".join(f"{r.format} ({r.path})" for r in result.records) or "none"
+        why = "; ".join(f"{fmt}: {reason}" for fmt, reason in failures.items())
+        super().__init__(
+            f"export_plan could not write {sorted(failures)} ({why}). Written and checked: "
+            f"{written}."
+        )
+        self.failures = failures
+        self.result = result
+
+
+def _write_formats(job: _Job, chosen: list[str], out: Path) -> ExportResult:
+    """Write and check each format's file (under a temporary name, then renamed); a format
+    that fails leaves no file and the others are still written (:class:`ExportError`)."""
     out.mkdir(parents=True, exist_ok=True)
     records = []
+    failures: dict[str, str] = {}
+    first: Exception | None = None
     for fmt_name in chosen:
         fmt = EXPORT_FORMATS[fmt_name]
         path = out / fmt.filename
-        with atomic_path(path) as tmp:
-            check, agree, reference, notes, details = fmt.write(job, tmp)
+        try:
+            with atomic_path(path) as tmp:
+                check, agree, reference, notes, details = fmt.write(job, tmp)
+        except Exception as exc:
+            failures[fmt_name] = exception_line(exc)
+            first = first or exc
+            continue
         records.append(
             ExportRecord(
                 fmt_name, path, path.stat().st_size, check, agree, reference, notes, details
             )
         )
-    return records
+    result = ExportResult(out, records)
+    if failures:
+        raise ExportError(failures, result) from first
+    return result
 
 
 def export_plan(
@@ -356,7 +383,10 @@ def export_plan(
     them. The
     checks run on ``check_inputs`` (default: ``example_input``). Every argument, every layer's
     scheme on ``backend`` and, for ``onnx``, every scheme's ONNX form are checked before any
-    work; each file is written to a temporary name and renamed, so no half file is left.
+    work; each file is written to a temporary name and renamed, so no half file is left. A
+    format that fails while it is written (an operation ``torch.onnx`` cannot export) does not
+    stop the others: :class:`ExportError` then names each failure and holds the result of the
+    formats that were written.
 
     >>> res = export_plan(model, {"fc1": "w8a8"}, "out", example_input=x)  # doctest: +SKIP
     >>> res.to_frame()[["format", "bytes", "check"]]  # doctest: +SKIP
@@ -394,9 +424,16 @@ def export_plan(
             example(model)
         if static:
             job.ranges = collect_activation_ranges(model, calib, sorted(static), observer=observer)
-        return ExportResult(out, _write_formats(job, chosen, out))
+        return _write_formats(job, chosen, out)
     finally:
         model.train(was_training)
 
 
-__all__ = ["EXPORT_FORMATS", "ExportFormat", "ExportRecord", "ExportResult", "export_plan"]
+__all__ = [
+    "EXPORT_FORMATS",
+    "ExportError",
+    "ExportFormat",
+    "ExportRecord",
+    "ExportResult",
+    "export_plan",
+]

@@ -54,6 +54,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from torch.utils.hooks import RemovableHandle
 
 from mpsearch._data import Batch, batch_size, output_tensor, run_model
+from mpsearch._validation import exception_line
 from mpsearch.layers import is_quantizable, swapped
 from mpsearch.layers._batchnorm import fold_graph
 from mpsearch.profile._capture import CAPTURES, Capture, Unsupported
@@ -799,13 +800,6 @@ def _graph_runner(
     return runner
 
 
-def _reason(exc: Exception) -> str:
-    """One line on why a capture failed."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    text = f"{type(exc).__name__}: {lines[0] if lines else ''}"
-    return text if len(text) <= 300 else text[:297] + "..."
-
-
 def build_runner(
     model: nn.Module,
     batches: Sequence[Batch],
@@ -836,7 +830,7 @@ def build_runner(
                     local_samples=local_samples,
                 )
             except Exception as exc:
-                fallbacks[f"graph:{method}"] = _reason(exc)
+                fallbacks[f"graph:{method}"] = exception_line(exc)
                 continue
             runner.fallbacks = fallbacks
             if fold_bn and has_bn and not runner.capture.folds_batchnorm:

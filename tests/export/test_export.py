@@ -21,6 +21,7 @@ from mpsearch._io import atomic_path
 from mpsearch.backends._simulate import SimulatedLayer
 from mpsearch.export import (
     EXPORT_FORMATS,
+    ExportError,
     QDQLayer,
     export_plan,
     load_quantized,
@@ -372,14 +373,21 @@ def test_atomic_path_leaves_nothing_when_the_write_fails(tmp_path: Path) -> None
 
 
 def test_failed_export_leaves_no_partial_file(tmp_path: Path) -> None:
+    """A format that fails leaves no file, the formats after it are still written and
+    checked, and the error names the failure and holds what was written."""
     torch.manual_seed(0)
     model = _Untraceable().eval()
-    with pytest.raises(Exception, match="(?i)data.dependent|guard"):
+    with pytest.raises(ExportError, match="(?i)data.dependent|guard") as caught:
         export_plan(
             model, {"fc1": "bf16"}, tmp_path, example_input=torch.randn(4, 64),
-            formats=("plan", "program"),
+            formats=("plan", "program", "state_dict"),
         )  # fmt: skip
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["plan.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.qstate.pt", "plan.json"]
+    err = caught.value
+    assert list(err.failures) == ["program"] and err.__cause__ is not None
+    assert sorted(err.result.paths) == ["plan", "state_dict"]
+    assert err.result.record("state_dict").check == 0.0
+    assert "Written and checked: plan" in str(err)
 
 
 def test_export_leaves_the_models_mode_and_import_mpsearch_registers_no_export_ops(
