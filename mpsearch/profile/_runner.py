@@ -469,13 +469,31 @@ class _Executor(fx.Interpreter):
         """Every node's value (none dropped), and the floating-point operations each node ran
         (``torch.utils.flop_counter``: matrix products, convolutions, attention)."""
         self.flops = {}
-        with FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOPS) as counter:
+        counter = FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOPS)
+        counter.mod_tracker = _GlobalOnly()  # type: ignore[assignment]
+        with counter:
             self.counter = counter
             try:
                 self.execute(env, self.nodes, keep=frozenset(self.nodes))
             finally:
                 self.counter = None
         return env, self.flops
+
+
+class _GlobalOnly:
+    """Stands for ``FlopCounterMode``'s module tracker, which counts per module: only the
+    total is needed, and the tracker's hook on every module call fails under inference mode
+    when a module is called on parameters (a weight-normed layer's parametrization, as in
+    wav2vec2's positional convolution: ``'NoneType' object has no attribute
+    'next_functions'``)."""
+
+    parents = ("Global",)
+
+    def __enter__(self) -> _GlobalOnly:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        return None
 
 
 def _cpu_attention_flops(

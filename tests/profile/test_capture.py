@@ -279,6 +279,30 @@ def test_attention_out_proj_is_measured_on_the_attention_output(monkeypatch) -> 
     assert runner.batchable == {"attn.out_proj": False}
 
 
+def test_weight_normed_layers_take_the_graph_runner(monkeypatch) -> None:
+    """A weight-normed convolution (its weight a parametrization of two parameters, as in
+    wav2vec2's positional convolution) is profiled on the graph: counting the work of the
+    first pass calls the parametrization on parameters under inference mode, where PyTorch's
+    per-module flop tracking fails. Rows equal the hook runner's."""
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            conv = torch.nn.Conv1d(4, 8, 5, padding=2)
+            self.conv = torch.nn.utils.parametrizations.weight_norm(conv)
+            self.fc = torch.nn.Linear(8, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(torch.relu(self.conv(x)).mean(-1))
+
+    torch.manual_seed(0)
+    model, calib = Net().eval(), batches(2, 8, 4, 16)
+    kwargs = {"schemes": ["bf16", "w8a8"], "progress": False, "e2e_samples": None}
+    graph = profile(model, calib, **kwargs)
+    assert graph.info["runner"] == "graph:fx" and graph.info["runner_fallbacks"] == {}
+    _assert_same_rows(graph, _hooks(monkeypatch, model, calib, **kwargs))
+
+
 def test_hook_runner_warning_says_why_each_capture_failed() -> None:
     class Untraceable(torch.nn.Module):
         """Data-dependent control flow: no capture works."""

@@ -136,7 +136,7 @@ def test_architecture_runs_the_pipeline_with_exact_memory(name: str) -> None:
         assert never_called in cost.never_called
         reasons = prof.table.set_index("layer").loc[[never_called], "reason"]
         assert set(reasons) == {NEVER_CALLED}
-    if name in ("opt", "bloom", "vit", "gemma"):  # Hugging Face code fx(values) traces
+    if name in ("opt", "bloom", "vit", "gemma", "wav2vec2"):  # code fx(values) traces
         assert prof.info["runner"] == "graph:fx(values)", prof.info["runner_fallbacks"]
     if name == "gemma":
         assert "model.embed_tokens (GemmaTextScaledWordEmbedding" in coverage(model).summary()
