@@ -17,7 +17,8 @@ reproduces the model's output on the first batch):
   a fraction of ``export``'s time (hf_llama: about 0.1 s of CPU time against 0.5-0.8 s).
   Needs batches that differ in their first dimension only.
 - ``export``: ``torch.export.export(..., strict=False)`` on the first batch, the batch
-  dimension and every dimension that differs between the batches dynamic: models the fx
+  dimension and every dimension that differs between the batches dynamic, and caches off
+  (``use_cache=False`` where ``forward`` takes it and the batches leave it out): models the fx
   captures cannot trace. While exporting, each quantizable layer's forward is the opaque custom
   op ``mpsearch::layer`` (so the layer stays one node with one input); those nodes are then made
   ``call_module`` nodes of the layer itself, the rest of the graph being ATen operations.
@@ -439,13 +440,17 @@ def _dynamic(batches: Sequence[Batch]) -> dict[str, Any]:
     return dyn_args, dyn_kwargs
 
 
-def _flat_inputs(in_spec: pytree.TreeSpec, gm: fx.GraphModule) -> Inputs:
-    """Placeholder values: the batch's ``(args, kwargs)`` flattened, in the structure and in
-    the static dimensions the graph was exported with."""
+def _flat_inputs(
+    in_spec: pytree.TreeSpec, gm: fx.GraphModule, extra: dict[str, Any] | None = None
+) -> Inputs:
+    """Placeholder values: the batch's ``(args, kwargs)`` (with the ``extra`` keyword
+    arguments the graph was exported with) flattened, in the structure and in the static
+    dimensions the graph was exported with."""
     placeholders = _placeholders(gm)
 
     def inputs(batch: Batch) -> list[Any]:
         args, kwargs = call_args(batch)
+        kwargs.update(extra or {})
         flat, spec = pytree.tree_flatten((args, dict(sorted(kwargs.items()))))
         if spec != in_spec:
             raise Unsupported(f"a batch of structure {spec} where the graph takes {in_spec}")
@@ -476,11 +481,26 @@ def _mutates(gm: fx.GraphModule) -> bool:
     )
 
 
+NO_CACHE = {"use_cache": False}
+"""Keyword arguments ``export`` adds where ``forward`` takes them and the batches leave them
+out: one forward's main output does not depend on them, and a cache it would return
+(Mamba's, a ``DynamicCache``) is no type ``torch.export`` can output."""
+
+
+def _no_cache(model: nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The :data:`NO_CACHE` arguments ``model.forward`` takes that ``kwargs`` leave out."""
+    parameters = inspect.signature(model.forward).parameters
+    return {k: v for k, v in NO_CACHE.items() if k in parameters and k not in kwargs}
+
+
 def capture_export(model: nn.Module, batches: Sequence[Batch], layers: Sequence[str]) -> Capture:
-    """``torch.export.export(model, strict=False)`` on the first batch, layers kept opaque."""
+    """``torch.export.export(model, strict=False)`` on the first batch, layers kept opaque
+    (caches off: :data:`NO_CACHE`)."""
     args, kwargs = call_args(batches[0])
-    kwargs = dict(sorted(kwargs.items()))
+    extra = _no_cache(model, kwargs)
+    kwargs = dict(sorted({**kwargs, **extra}.items()))
     dyn_args, dyn_kwargs = _dynamic(batches)
+    dyn_kwargs.update(dict.fromkeys(extra))
     bound = inspect.signature(model.forward).bind(*dyn_args, **dyn_kwargs)
     dynamic = dict(bound.arguments)
     with _opaque_layers(model, layers), _no_stack_traces():
@@ -503,7 +523,7 @@ def capture_export(model: nn.Module, batches: Sequence[Batch], layers: Sequence[
     gm.recompile()
     spec = program.call_spec
     output = partial(_unflattened_output, spec.out_spec)
-    return Capture(gm, _flat_inputs(spec.in_spec, gm), output, folds_batchnorm=False)
+    return Capture(gm, _flat_inputs(spec.in_spec, gm, extra), output, folds_batchnorm=False)
 
 
 CAPTURES: dict[str, Callable[[nn.Module, Sequence[Batch], Sequence[str]], Capture]] = {

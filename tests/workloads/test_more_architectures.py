@@ -4,6 +4,7 @@ its code uses a layer other than calling it."""
 
 from __future__ import annotations
 
+import importlib
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -18,6 +19,7 @@ from mpsearch.layers import coverage
 from mpsearch.layers._layers import NEVER_CALLED
 
 transformers = pytest.importorskip("transformers")
+runner_module = importlib.import_module("mpsearch.profile._runner")
 
 VOCAB = 256
 
@@ -146,3 +148,32 @@ def test_architecture_runs_the_pipeline_with_exact_memory(name: str) -> None:
         quantized = mps.quantize(model, plan, backend=cost.backend)
         assert cost.memory_bytes(plan) == held_bytes(quantized)
         assert 0.0 <= agreement(quantized) <= 1.0
+
+
+def test_a_model_returning_a_cache_is_exported_with_the_cache_off(monkeypatch) -> None:
+    """Mamba (``use_cache=True`` in its config) returns a cache ``torch.export`` cannot
+    output: the export capture calls it with ``use_cache=False`` (the logits do not change)
+    and its rows equal the hook runner's, which runs the model as it is."""
+    config = transformers.MambaConfig(hidden_size=32, num_hidden_layers=1, vocab_size=VOCAB)
+    torch.manual_seed(0)
+    model = transformers.MambaForCausalLM(config).eval()
+    assert model.config.use_cache
+    g = torch.Generator().manual_seed(0)
+    calib = [_tokens(4, g) for _ in range(2)]
+    kwargs = {"schemes": ["w8a8"], "progress": False, "e2e_samples": None}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        graph = mps.profile(model, calib, **kwargs)
+        monkeypatch.setattr(runner_module, "CAPTURES", {})
+        hooks = mps.profile(model, calib, **kwargs)
+    assert graph.info["runner"] == "graph:export", graph.info["runner_fallbacks"]
+    assert hooks.info["runner"] == "hooks"
+    for metric in ("mse", "e2e"):
+        ok = graph.table["status"] == "ok"
+        assert ok.sum() > 0
+        torch.testing.assert_close(
+            torch.tensor(graph.table.loc[ok, metric].to_numpy()),
+            torch.tensor(hooks.table.loc[ok, metric].to_numpy()),
+            rtol=1e-4,
+            atol=1e-10,
+        )
