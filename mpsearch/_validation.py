@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from typing import Any
 
@@ -12,12 +13,14 @@ def _show(value: Any, limit: int = 80) -> str:
 
 
 def exception_line(exc: BaseException, limit: int = 300) -> str:
-    """One line on why ``exc`` was raised: its type and the first non-blank line of its message.
+    r"""One line on why ``exc`` was raised: its type and the first non-blank line of its
+    message, without terminal colour codes (``torch.onnx`` colours its messages).
 
-    >>> exception_line(ValueError("\n  bad shape\nmore"))
+    >>> exception_line(ValueError("\n  bad \x1b[96mshape\x1b[0m\nmore"))
     'ValueError: bad shape'
     """
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
     text = f"{type(exc).__name__}: {lines[0] if lines else ''}"
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
