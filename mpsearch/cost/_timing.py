@@ -158,11 +158,10 @@ _ISA = (
 """The /proc/cpuinfo flags that decide which low-precision kernel wins, and their names."""
 
 
-def cpu_model() -> str:
-    """The CPU's model name (from /proc/cpuinfo where there is one, as ``lscpu`` prints it)
-    and the matrix / vector extensions among :data:`_ISA` it has, e.g.
-    ``"AMD EPYC (AVX-512 BF16, AVX-512 VNNI, AVX-512, AVX2)"``."""
-    name, flags = "", set()
+@functools.cache
+def _cpuinfo() -> tuple[str, frozenset[str]]:
+    """The first CPU's model name and flags in /proc/cpuinfo (empty where there is none)."""
+    name, flags = "", frozenset[str]()
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as fh:
             for line in fh:
@@ -170,9 +169,23 @@ def cpu_model() -> str:
                 if key.strip().lower() == "model name" and not name:
                     name = value.strip()
                 elif key.strip() == "flags" and not flags:
-                    flags = set(value.split())
+                    flags = frozenset(value.split())
     except OSError:
         pass
+    return name, flags
+
+
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as /proc/cpuinfo lists them (``avx2``, ``avx512_bf16``,
+    ``amx_tile``...); empty where the system has no /proc/cpuinfo."""
+    return _cpuinfo()[1]
+
+
+def cpu_model() -> str:
+    """The CPU's model name (from /proc/cpuinfo where there is one, as ``lscpu`` prints it)
+    and the matrix / vector extensions among :data:`_ISA` it has, e.g.
+    ``"AMD EPYC (AVX-512 BF16, AVX-512 VNNI, AVX-512, AVX2)"``."""
+    name, flags = _cpuinfo()
     name = name or platform.processor() or platform.machine()
     isa = [label for flag, label in _ISA if flag in flags]
     return name + (f" ({', '.join(isa)})" if isa else "")

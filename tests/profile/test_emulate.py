@@ -47,20 +47,60 @@ def test_emulation_matches_the_real_reduced_precision_kernel(kind: str, scheme: 
     assert float((y_fast == y_real).float().mean()) > 0.9
 
 
+@pytest.mark.parametrize(
+    ("flags", "bf16", "fp16"),
+    [
+        ({"avx2", "fma"}, False, False),  # B: no bf16 unit
+        ({"avx2", "avx512f", "avx512_bf16"}, True, False),  # C
+        ({"avx512_bf16", "amx_tile", "amx_bf16", "amx_fp16"}, True, True),
+    ],
+)
+def test_native_compute_follows_the_cpus_units_in_every_process(
+    monkeypatch: pytest.MonkeyPatch, flags: set[str], bf16: bool, fp16: bool
+) -> None:
+    """The choice is the CPU's, not a timing race: a study's worker processes measured
+    different profiles when a loaded machine flipped the race in one of them."""
+    monkeypatch.setattr(_emulate, "cpu_flags", lambda: frozenset(flags))
+    monkeypatch.setattr(_emulate, "_measured_native_is_faster", _never_timed)
+    _emulate.native_is_faster.cache_clear()
+    try:
+        assert native_is_faster(torch.bfloat16) is bf16
+        assert native_is_faster(torch.float16) is fp16
+    finally:
+        _emulate.native_is_faster.cache_clear()
+
+
+def _never_timed(dtype: torch.dtype) -> bool:
+    raise AssertionError("timed although the CPU lists its flags")
+
+
+def test_native_compute_is_measured_where_the_cpu_lists_no_flags(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(_emulate, "cpu_flags", frozenset)
+    _emulate.native_is_faster.cache_clear()
+    try:
+        got = native_is_faster(torch.bfloat16)
+        assert isinstance(got, bool)
+        assert native_is_faster(torch.bfloat16) is got  # measured once per process
+    finally:
+        _emulate.native_is_faster.cache_clear()
+
+
 def test_profile_layer_emulates_only_reduced_precision_compute_this_cpu_runs_slowly(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     impl = get_backend("simulate")
     layer = nn.Linear(64, 64)
     native = native_is_faster(torch.bfloat16)
-    assert native is native_is_faster(torch.bfloat16)  # measured once per process
+    assert native is native_is_faster(torch.bfloat16)  # decided once per process
     bf16_kind = SimulatedLayer if native else EmulatedLayer
     assert type(profile_layer(impl, layer, get_scheme("bf16"))) is bf16_kind
     assert type(profile_layer(impl, layer, get_scheme("w4a16"))) is bf16_kind
     assert compute_paths(impl, [get_scheme("w4a16")]) == {
         "bf16": "native" if native else "emulated"
     }
-    for slow in (True, False):  # either outcome of the measurement on this machine
+    for slow in (True, False):  # either answer on this machine
         monkeypatch.setattr(_emulate, "native_is_faster", lambda dtype, slow=slow: not slow)
         kind = EmulatedLayer if slow else SimulatedLayer
         assert type(profile_layer(impl, layer, get_scheme("bf16"))) is kind
