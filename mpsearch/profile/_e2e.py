@@ -35,8 +35,8 @@ AUTO_E2E_PASSES = 0.5
 """``e2e_samples="auto"`` on a model above :data:`AUTO_EXACT_PASSES` keeps the end-to-end work
 per scheme within this many full fp32 passes: ``ceil(samples * AUTO_E2E_PASSES / D)`` samples
 (a classifier's least certain ones, else the first: :func:`most_uncertain`), D the model's
-downstream work per scheme (``downstream_passes``). With the local
-errors (about one pass per scheme) and the stored pass, a profile then costs two to three fp32
+downstream work per scheme (``downstream_passes``). With the local errors (on
+:data:`AUTO_LOCAL_SAMPLES` samples) and the stored pass, a profile then costs about two fp32
 passes per scheme. Spearman rho of the ``e2e`` column against exact mode over all (layer,
 scheme) rows (``benchmarks/bench_e2e_samples.py``): 0.993-1.000 on the trained digits
 ResNet-18, text transformer and stdlib LM and on the Hugging Face, ResNet-18 and ViT zoo

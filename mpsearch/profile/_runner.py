@@ -42,6 +42,7 @@ for (to pick the least certain samples).
 from __future__ import annotations
 
 import copy
+import math
 import operator
 import time
 from collections.abc import Callable, Collection, Sequence
@@ -60,6 +61,7 @@ from mpsearch.layers._batchnorm import fold_graph
 from mpsearch.profile._capture import CAPTURES, Capture, Unsupported
 from mpsearch.profile._e2e import (
     choose_e2e_samples,
+    first_samples,
     local_batches,
     rows_per_sample,
     total_samples,
@@ -297,15 +299,9 @@ class GraphRunner:
         if full < 2:
             return no
         half = full // 2
-
-        def cut(t: Any) -> Any:
-            if isinstance(t, torch.Tensor) and t.dim() >= 1 and t.shape[0] == full:
-                return t[:half]
-            return t
-
         try:
             with torch.inference_mode():
-                env = self._execute_all(pytree.tree_map(cut, batch))
+                env = self._execute_all(first_samples([batch], half)[0])
         except Exception:
             return no
         out_half = self._final(env)
@@ -502,10 +498,7 @@ def _cpu_attention_flops(
     """Flops of CPU attention (``softmax(q k^T) v``, as counted for the other attention ops)."""
     *batch, s_q, d_q = query
     s_k, d_v = key[-2], value[-1]
-    n = 1
-    for dim in batch:
-        n *= dim
-    return 2 * n * s_q * s_k * (d_q + d_v)
+    return 2 * math.prod(batch) * s_q * s_k * (d_q + d_v)
 
 
 def _native_attention_flops(query: Sequence[int], key: Sequence[int], *_: Any, **__: Any) -> int:
@@ -513,10 +506,7 @@ def _native_attention_flops(query: Sequence[int], key: Sequence[int], *_: Any, *
     output projections (embedding width E) and attention over E-wide heads."""
     *batch, s_q, e = query
     s_k = key[-2]
-    n = 1
-    for dim in batch:
-        n *= dim
-    return 2 * n * e * (e * (2 * s_q + 2 * s_k) + 2 * s_q * s_k)
+    return 2 * math.prod(batch) * e * (e * (2 * s_q + 2 * s_k) + 2 * s_q * s_k)
 
 
 _EXTRA_FLOPS: dict[Any, Any] = {
