@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -13,7 +14,7 @@ from mpsearch._data import as_batches, run_model
 from mpsearch._validation import check_module, invalid, unknown
 from mpsearch.backends._registry import Backend, get_backend
 from mpsearch.layers import layer_weights, quantizable_layers, replace_layers, weight_shapes
-from mpsearch.layers._layers import watched
+from mpsearch.layers._layers import NEVER_CALLED, watched
 from mpsearch.plan import PrecisionPlan
 from mpsearch.rounding import Rounder
 from mpsearch.rounding._rounder import rounded_layers
@@ -123,6 +124,11 @@ def quantize(
     one, from ``calib`` (a model that ``Rounder.apply`` rounded is not rounded again). The
     rounded weights run on the scheme's own kernels.
 
+    With ``calib``, layers that its first batch never calls (the model reads their weights
+    directly, as Mamba's ``conv1d``) stay untouched and fp32, with a warning; the search keeps
+    them fp32 too. Without it they are replaced, and code that computes with such a weight
+    fails on its empty stand-in weight.
+
     >>> net = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10)).eval()
     >>> qnet = quantize(net, PrecisionPlan({"0": "w8a8"}, default="bf16"))
     >>> qnet(torch.randn(2, 64)).shape
@@ -140,6 +146,12 @@ def quantize(
             None,
             f"calibration batches: the {impl.name!r} backend calibrates the whole model",
         )
+    if calib is not None:
+        calib = as_batches(calib, argument="calib")  # read once: an iterator is used again below
+        changed = [n for n, s in assignment.items() if s != "fp32"]
+        for name in _never_called(model, calib, changed):
+            assignment[name] = "fp32"
+            choices[name] = "fp32"
     done = rounded_layers(model)  # rounded by a Rounder already: not again
     choices = {n: c for n, c in choices.items() if done.get(n) != c}
     rounder = _rounder_for(model, choices, calib, rounder)
@@ -176,6 +188,25 @@ def quantize(
     result.mpsearch_assignment = dict(assignment)
     result.mpsearch_backend = impl.name
     return result
+
+
+def _never_called(model: nn.Module, calib: list[Any], names: Iterable[str]) -> list[str]:
+    """The layers of ``names`` that ``model`` does not call on the first ``calib`` batch."""
+    called: set[str] = set()
+    callbacks = {n: (lambda _x, n=n: called.add(n)) for n in names}
+    if not callbacks:
+        return []
+    with torch.inference_mode(), watched(model, callbacks):
+        run_model(model, calib[0])
+    never = [n for n in callbacks if n not in called]
+    if never:
+        shown = ", ".join(repr(n) for n in never[:5]) + (", ..." if len(never) > 5 else "")
+        warnings.warn(
+            f"{len(never)} layer(s) stay fp32, {NEVER_CALLED} (it reads their weights "
+            f"directly): {shown}",
+            stacklevel=3,
+        )
+    return never
 
 
 def _rounder_for(

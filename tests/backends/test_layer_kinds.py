@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import ReadsWeights
 from torch import nn
 
 from mpsearch._data import output_tensor, run_model
@@ -117,3 +118,21 @@ def test_static_ranges_are_observed_for_out_proj() -> None:
     assert lo < 0 < hi
     with pytest.raises(ValueError, match="'layers' argument must be one of"):
         collect_activation_ranges(wl.model, wl.calib[:1], ["attn.in_proj"])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_layer_whose_weight_is_read_not_called_stays_fp32_with_calib(backend: str) -> None:
+    """A uniform plan on a model that reads ``gate.weight`` instead of calling ``gate`` (as
+    Mamba's ``conv1d``): with calibration batches the layer stays fp32 (warned) and the model
+    runs; before, its empty stand-in weight broke the forward pass."""
+
+    model = ReadsWeights().eval()
+    x = torch.randn(8, 64)
+    with pytest.warns(UserWarning, match=r"1 layer\(s\) stay fp32.*'gate'"):
+        q = quantize(model, "w8a8", backend=backend, calib=iter([x]))
+    assert q.mpsearch_assignment == {"proj": "w8a8", "gate": "fp32", "head": "w8a8"}
+    assert q.gate is not model.gate and torch.equal(q.gate.weight, model.gate.weight)
+    with torch.inference_mode():
+        assert _rel_error(q(x), model(x)) < 0.05
+    with pytest.raises(RuntimeError):  # without calib nothing says which layers are only read
+        quantize(model, "w8a8", backend=backend)(x)
