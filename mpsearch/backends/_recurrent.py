@@ -43,6 +43,13 @@ def _states(layer: nn.RNNBase, hx: Any, batch: int, ref: Tensor) -> tuple[Tensor
     return hx.float().reshape(shape), None
 
 
+def _quantizes_activations(scheme: Scheme) -> bool:
+    """Whether ``scheme`` rounds activations to an integer grid (``w8a8``), which the fused RNN
+    kernel cannot do between time steps; a float cast (``bf16``) it does by its dtype."""
+    act = scheme.activation
+    return act is not None and not act.is_identity and act.format not in TORCH_DTYPES
+
+
 def _lstm_cell(xw: Tensor, hw: Tensor, h: Tensor, c: Tensor | None) -> tuple[Tensor, Tensor]:
     i, f, g, o = (xw + hw).chunk(4, dim=-1)
     assert c is not None
@@ -63,8 +70,10 @@ class SimulatedRNN(nn.Module):
     input sequence and hidden states are fake-quantized as the dynamic int8 kernel quantizes
     them (see the module docstring); the recurrence runs in float32.
 
-    Weight-only and float schemes (``w4a16``, ``bf16``...) round the weights to the scheme and
-    its compute dtype, and the input and hidden states to the activation format (a bf16 cast).
+    Weight-only and float schemes (``w4a16``, ``bf16``...) quantize the weights alone: the
+    layer then runs in the scheme's compute dtype on PyTorch's own fused RNN kernel, as a
+    :class:`SimulatedLayer` runs its matrix product (for ``bf16`` that is exactly the ``cpu``
+    backend's :class:`CastRNN`), instead of a Python loop over time steps.
     Activation ranges are always dynamic, as in the real kernel: a static ``act_range`` is not
     taken. Inputs: a tensor (batched or not), ``batch_first`` as the layer; ``hx`` optional.
     """
@@ -78,12 +87,19 @@ class SimulatedRNN(nn.Module):
         self.inner = layer
         self.cell = _lstm_cell if isinstance(layer, nn.LSTM) else _gru_cell
         dtype = TORCH_DTYPES[scheme.compute_dtype]
+        rounded = {
+            name: fake_quantize(w.detach().float(), scheme.weight).to(dtype)
+            for name, w in layer_weights(layer).items()
+        }
+        self.fused: CastRNN | None = None
+        if not _quantizes_activations(scheme):
+            self.fused = CastRNN(layer, scheme)
+            with torch.no_grad():
+                for name, w in rounded.items():
+                    getattr(self.fused.inner, name).copy_(w)
+            rounded = {}
         self.weights_q = nn.ParameterList(
-            nn.Parameter(
-                fake_quantize(w.detach().float(), scheme.weight).to(dtype).float(),
-                requires_grad=False,
-            )
-            for w in layer_weights(layer).values()
+            nn.Parameter(w.float(), requires_grad=False) for w in rounded.values()
         )
 
     def _act(self, x: Tensor) -> Tensor:
@@ -95,6 +111,8 @@ class SimulatedRNN(nn.Module):
         return None if bias is None else bias.detach().float()
 
     def forward(self, x: Tensor, hx: Any = None) -> tuple[Tensor, Any]:
+        if self.fused is not None:
+            return self.fused(x, hx)
         layer = self.inner
         out_dtype = x.dtype
         batched = x.dim() == 3

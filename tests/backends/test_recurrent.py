@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -10,7 +11,7 @@ from torch import nn
 
 from mpsearch.backends import get_backend, quantize
 from mpsearch.backends._recurrent import Int8DynamicRNN, SimulatedRNN
-from mpsearch.schemes import get_scheme
+from mpsearch.schemes import fake_quantize, get_scheme
 from mpsearch.schemes._formats import int_range
 from mpsearch.workloads import load_workload
 
@@ -138,3 +139,24 @@ def test_speaker_lstm_w8a8_on_cpu_agrees_with_fp32() -> None:
     q = quantize(wl.model, "w8a8", backend="cpu")
     assert isinstance(q.lstm, Int8DynamicRNN)
     assert wl.evaluate(q) >= 0.95
+
+
+@pytest.mark.parametrize("kind", [nn.LSTM, nn.GRU])
+@torch.no_grad()
+def test_float_activation_schemes_run_the_fused_kernel_on_rounded_weights(kind) -> None:
+    """``bf16`` simulated is the cpu backend's bf16 layer bit for bit; a weight-only scheme is
+    torch's own RNN on the fake-quantized weights, in the scheme's compute dtype."""
+    torch.manual_seed(0)
+    rnn = kind(32, 32, num_layers=2, bidirectional=True, batch_first=True).eval()
+    x = torch.randn(4, 10, 32)
+    sim = get_backend("simulate").quantize_layer(rnn, get_scheme("bf16"))(x)
+    cpu = get_backend("cpu").quantize_layer(rnn, get_scheme("bf16"))(x)
+    assert torch.equal(sim[0], cpu[0])
+    w4 = get_scheme("w4a16")
+    ref = copy.deepcopy(rnn).bfloat16()
+    for name, w in rnn.named_parameters():
+        if name.startswith("weight"):
+            getattr(ref, name).copy_(fake_quantize(w, w4.weight))
+    got = get_backend("simulate").quantize_layer(rnn, w4)(x)[0]
+    assert torch.equal(got, ref(x.bfloat16())[0].float())
+    assert 0 < _rel(got, rnn(x)[0]) < 0.1
