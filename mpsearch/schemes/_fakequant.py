@@ -81,19 +81,21 @@ def quantize_codes(
     if fmt.kind == "float":
         return round_to_float_format(x.float() / scale, fmt)
     qmin, qmax = int_range(fmt.bits, symmetric=spec.symmetric)
-    q = torch.round(x.float() / scale)
+    q = torch.div(x.float(), scale).round_()  # a new tensor, then in place: one less copy each
     if zero is not None:
-        q = q + zero
-    return torch.clamp(q, qmin, qmax)
+        q.add_(zero)
+    return q.clamp_(qmin, qmax)
 
 
 def dequantize_codes(
-    codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None
+    codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, *, inplace: bool = False
 ) -> torch.Tensor:
-    """Inverse of :func:`quantize_codes` (up to rounding)."""
+    """Inverse of :func:`quantize_codes` (up to rounding); ``inplace`` overwrites ``codes``."""
+    if not inplace:
+        return (codes if zero is None else codes - zero) * scale
     if zero is not None:
-        codes = codes - zero
-    return codes * scale
+        codes.sub_(zero)
+    return codes.mul_(scale)
 
 
 def fake_quantize(
@@ -118,12 +120,14 @@ def fake_quantize(
             return x.to(spec.fmt.torch_dtype).to(x.dtype)
         return round_to_float_format(x, spec.fmt)
     rows = _rows(x, spec).float()
-    if lo is None or hi is None:
+    if (lo is None or hi is None) and rows.shape[0] == 1:  # one range: a whole-tensor reduction
+        lo_t, hi_t = (v.reshape(1, 1) for v in torch.aminmax(rows))  # (faster than along dim 1)
+    elif lo is None or hi is None:
         lo_t = rows.amin(dim=1, keepdim=True)
         hi_t = rows.amax(dim=1, keepdim=True)
     else:
         lo_t = torch.as_tensor(lo, dtype=torch.float32).reshape(-1, 1)
         hi_t = torch.as_tensor(hi, dtype=torch.float32).reshape(-1, 1)
     scale, zero = qparams(lo_t, hi_t, spec)
-    out = dequantize_codes(quantize_codes(rows, scale, zero, spec), scale, zero)
+    out = dequantize_codes(quantize_codes(rows, scale, zero, spec), scale, zero, inplace=True)
     return out.reshape(x.shape).to(x.dtype)
