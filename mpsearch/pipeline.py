@@ -31,7 +31,7 @@ from torch import nn
 
 from mpsearch._data import output_tensor, run_model
 from mpsearch._io import atomic_path
-from mpsearch._validation import invalid, unknown
+from mpsearch._validation import exception_line, invalid, unknown
 from mpsearch.backends import BACKENDS, Backend, get_backend, quantize
 from mpsearch.cost import CostModel, CostOptions, clock, measure_cost, threads
 from mpsearch.cost._decode import DecodeTimer, check_compile
@@ -1217,7 +1217,7 @@ class StudySteps:
         try:
             before_model = self.quantize(plan, backend=backend)
         except (ValueError, TypeError, RuntimeError) as exc:
-            why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            why = exception_line(exc)
             note = f"simulated: the {self.config.backend!r} backend cannot run it ({why})"
             backend = "simulate"
             before_model = self.quantize(plan, backend=backend)

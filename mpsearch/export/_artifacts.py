@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mpsearch._validation import check_module
+from mpsearch._validation import check_module, exception_line
 from mpsearch.backends import get_backend, quantize
 from mpsearch.backends._kernels import RealLayer
 from mpsearch.export._inputs import ModelCall
@@ -144,7 +144,7 @@ def export_program(model: nn.Module, example: ModelCall) -> torch.export.Exporte
     except Exception as exc:
         warnings.warn(
             "torch.export could not keep the batch dimension dynamic "
-            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); the "
+            f"({exception_line(exc)}); the "
             "program is exported for the example input's batch size only.",
             stacklevel=2,
         )

@@ -29,6 +29,8 @@ import optuna
 from sqlalchemy import event
 from sqlalchemy.pool import StaticPool
 
+from mpsearch._validation import exception_line
+
 JOURNAL_SUFFIXES = (".log", ".journal")
 JOURNAL_LOCK_GRACE_S = 5
 STORAGE_HELP = (
@@ -162,9 +164,8 @@ def _rdb(storage: str) -> optuna.storages.BaseStorage:
             "(psycopg2-binary)."
         ) from None
     except Exception as exc:  # sqlalchemy.exc.OperationalError and the drivers' own errors
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ValueError(
-            f"The storage {safe_url(storage)!r} cannot be reached ({type(exc).__name__}: {first}). "
+            f"The storage {safe_url(storage)!r} cannot be reached ({exception_line(exc)}). "
             "Check that the server runs, the host, port, user and database are right, and that "
             "this machine may connect to it."
         ) from None
