@@ -226,7 +226,9 @@ def test_recovery_quality_falls_back_to_simulate_where_the_backend_cannot_run_th
         plan, SimpleNamespace(model=net, plan=plan)
     )
     assert backend == "simulate"
-    assert note.startswith("simulated: the 'cpu' backend cannot run it (ValueError: The plan cannot run")
+    assert note.startswith(
+        "simulated: the 'cpu' backend cannot run it (ValueError: The plan cannot run"
+    )
     assert before == after == float(quantize(net, plan, backend="simulate")(x).abs().sum())
 
 

@@ -61,7 +61,7 @@ from mpsearch.backends._kernels import (
     KernelTable,
     conv_int8_check,
 )
-from mpsearch.backends._recurrent import RNN_TYPES, CastRNN, Int8DynamicRNN
+from mpsearch.backends._recurrent import INT8_RNN_SCHEMES, RNN_TYPES, CastRNN, Int8DynamicRNN
 from mpsearch.schemes import Scheme
 
 
@@ -123,7 +123,7 @@ CPU_KERNELS: KernelTable = {
     ),
     **{(kind, s): Kernel(CastRNN, "the LSTM / GRU in the scheme's dtype")
        for kind in RNN_TYPES for s in ("fp32", "bf16", "fp16")},
-    **{(kind, s): _RNN_INT8 for kind in RNN_TYPES for s in ("w8a8", "w4a8_pc")},
+    **{(kind, s): _RNN_INT8 for kind in RNN_TYPES for s in INT8_RNN_SCHEMES},
     **{(nn.Embedding, s): Kernel(CastEmbedding, "the table in the scheme's dtype")
        for s in ("fp32", "bf16", "fp16")},
     **{(nn.Embedding, s): _EMBEDDING_INT for s in EMBEDDING_INT_SCHEMES},

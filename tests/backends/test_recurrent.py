@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from mpsearch.backends import get_backend, quantize
+from mpsearch.backends._kernels import int8_kernel_scheme
 from mpsearch.backends._recurrent import Int8DynamicRNN, SimulatedRNN
 from mpsearch.schemes import fake_quantize, get_scheme
 from mpsearch.schemes._formats import int_range
@@ -103,8 +104,14 @@ def test_simulate_reproduces_the_cpu_kernel_bidirectional_multilayer(kind, schem
     torch.manual_seed(0)
     rnn = kind(16, 32, num_layers=2, bidirectional=True).eval()
     x = torch.randn(10, 4, 16)  # sequence first
-    sim = get_backend("simulate").quantize_layer(rnn, get_scheme(scheme))(x)
+    simulated = get_backend("simulate").quantize_layer(rnn, get_scheme(scheme))
+    exact = int8_kernel_scheme(get_scheme(scheme)) is get_scheme(scheme)  # 8-bit codes kept
+    assert isinstance(simulated.kernel, Int8DynamicRNN) == exact  # then simulate runs it
     cpu = get_backend("cpu").quantize_layer(rnn, get_scheme(scheme))(x)
+    if exact:
+        assert simulated(x)[0].equal(cpu[0])
+    simulated.kernel = None  # the loop over time steps, as on other devices
+    sim = simulated(x)
     ref = rnn(x)
     assert cpu[0].shape == ref[0].shape == (10, 4, 64)
     assert _rel(cpu[0], sim[0]) < 1e-5  # the same arithmetic, float32 sums in another order
