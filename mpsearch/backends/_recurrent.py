@@ -90,7 +90,11 @@ class SimulatedRNN(nn.Module):
     backend's :class:`CastRNN`), instead of a Python loop over time steps. ``w8a8`` and
     ``w4a8_pc`` on CPU tensors run :class:`Int8DynamicRNN` where it computes this very
     arithmetic (fbgemm present, codes not narrowed by :func:`int8_kernel_scheme`): the same
-    numbers up to the order of float32 sums, about twice as fast as the loop.
+    numbers up to the order of float32 sums, about twice as fast as the loop (the kernel is
+    held outside the module tree: CPU-only, not part of the state). While ``torch.export``
+    traces it (``.pt2`` and ONNX export), the loop runs: plain operations every exporter
+    takes, where for float schemes the input, the states and the weights are rounded to the
+    compute dtype and the arithmetic is float32 (ONNX has no bf16 LSTM).
     Activation ranges are always dynamic, as in the real kernel: a static ``act_range`` is not
     taken. Inputs: a tensor (batched or not), ``batch_first`` as the layer; ``hx`` optional.
     """
@@ -108,19 +112,18 @@ class SimulatedRNN(nn.Module):
             name: fake_quantize(w.detach().float(), scheme.weight).to(dtype)
             for name, w in layer_weights(layer).items()
         }
+        self.weights_q = nn.ParameterList(
+            nn.Parameter(w.float(), requires_grad=False) for w in rounded.values()
+        )
         self.fused: CastRNN | None = None
         if not _quantizes_activations(scheme):
             self.fused = CastRNN(layer, scheme)
             with torch.no_grad():
                 for name, w in rounded.items():
                     getattr(self.fused.inner, name).copy_(w)
-            rounded = {}
-        self.kernel: Int8DynamicRNN | None = None
+        self.kernel: tuple[Int8DynamicRNN, ...] = ()  # a tuple: not a submodule
         if _kernel_computes_the_same(layer, scheme):
-            self.kernel = Int8DynamicRNN(layer, scheme)
-        self.weights_q = nn.ParameterList(
-            nn.Parameter(w.float(), requires_grad=False) for w in rounded.values()
-        )
+            self.kernel = (Int8DynamicRNN(layer, scheme),)
 
     def _act(self, x: Tensor) -> Tensor:
         act = self.scheme.activation
@@ -131,10 +134,11 @@ class SimulatedRNN(nn.Module):
         return None if bias is None else bias.detach().float()
 
     def forward(self, x: Tensor, hx: Any = None) -> tuple[Tensor, Any]:
-        if self.fused is not None:
-            return self.fused(x, hx)
-        if self.kernel is not None and x.device.type == "cpu":
-            return self.kernel(x, hx)
+        if not torch.compiler.is_exporting():
+            if self.fused is not None:
+                return self.fused(x, hx)
+            if self.kernel and x.device.type == "cpu":
+                return self.kernel[0](x, hx)
         layer = self.inner
         out_dtype = x.dtype
         batched = x.dim() == 3

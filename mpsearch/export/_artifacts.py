@@ -30,6 +30,7 @@ from torch import nn
 from mpsearch._validation import check_module, exception_line
 from mpsearch.backends import get_backend, quantize
 from mpsearch.backends._kernels import RealLayer
+from mpsearch.backends._recurrent import SimulatedRNN
 from mpsearch.export._inputs import ModelCall
 from mpsearch.export._qdq import QDQLayer
 from mpsearch.layers import quantizable_layers, replace_layers
@@ -97,7 +98,9 @@ def program_model(
 ) -> tuple[nn.Module, list[str]]:
     """The module ``torch.export`` captures: ``qm`` with every layer holding opaque packed
     kernel weights (oneDNN ``w8a8``) swapped for a decomposed :class:`QDQLayer` (the
-    ``simulate`` arithmetic, int8 codes). Returns it and the names swapped."""
+    ``simulate`` arithmetic, int8 codes), or for an LSTM / GRU (fbgemm's packed cells) its
+    ``simulate`` module, which runs its loop of plain operations under ``torch.export``.
+    Returns it and the names swapped."""
     opaque = [
         name for name, m in qm.named_modules() if isinstance(m, RealLayer) and m.packed_tensors()
     ]
@@ -108,14 +111,15 @@ def program_model(
     sim = get_backend("simulate")
     target = _shallow_copy(qm)
     with torch.no_grad():
-        swaps = {
-            name: QDQLayer(
-                sim.quantize_layer(
-                    originals[name], get_scheme(assignment[name]), act_range=ranges.get(name)
-                ),
-                decomposed=True,
+        simulated = {
+            name: sim.quantize_layer(
+                originals[name], get_scheme(assignment[name]), act_range=ranges.get(name)
             )
             for name in opaque
+        }
+        swaps = {
+            name: m if isinstance(m, SimulatedRNN) else QDQLayer(m, decomposed=True)
+            for name, m in simulated.items()
         }
     replace_layers(target, swaps)
     return target.eval(), opaque

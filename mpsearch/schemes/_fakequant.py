@@ -120,9 +120,11 @@ def fake_quantize(
             return x.to(spec.fmt.torch_dtype).to(x.dtype)
         return round_to_float_format(x, spec.fmt)
     rows = _rows(x, spec).float()
-    if (lo is None or hi is None) and rows.shape[0] == 1:  # one range: a whole-tensor reduction
-        lo_t, hi_t = (v.reshape(1, 1) for v in torch.aminmax(rows))  # (faster than along dim 1)
-    elif lo is None or hi is None:
+    dynamic = lo is None or hi is None
+    if dynamic and rows.shape[0] == 1 and not torch.compiler.is_exporting():
+        # one range: a whole-tensor reduction, faster than along dim 1 (which ONNX needs)
+        lo_t, hi_t = (v.reshape(1, 1) for v in torch.aminmax(rows))
+    elif dynamic:
         lo_t = rows.amin(dim=1, keepdim=True)
         hi_t = rows.amax(dim=1, keepdim=True)
     else:

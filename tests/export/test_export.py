@@ -473,3 +473,28 @@ def test_qdq_layer_of_a_weight_normed_convolution() -> None:
     x = torch.randn(2, 8, 12)
     with torch.inference_mode():
         assert torch.equal(QDQLayer(sim)(x), sim(x))  # its hyperparameters copied, not the module
+
+
+class _TinyLSTM(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(8, 16, batch_first=True)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.lstm(x)[0][:, -1])
+
+
+@pytest.mark.parametrize("backend", ["cpu", "simulate"])
+def test_an_lstm_model_exports_in_every_format(backend: str, tmp_path: Path) -> None:
+    """w8a8 LSTMs: the cpu backend's program swaps fbgemm's packed cells for the simulate
+    module (it failed: the swap expected a weight), and the simulate module, which runs the
+    int8 kernel eagerly, traces its loop; ONNX takes the dynamic activation ranges (a
+    whole-tensor min/max it could not translate)."""
+    torch.manual_seed(0)
+    model, x = _TinyLSTM().eval(), torch.randn(4, 6, 8)
+    res = export_plan(model, "w8a8", tmp_path, example_input=x, backend=backend)
+    assert set(res.paths) == {"plan", "state_dict", "program", "onnx"}
+    assert res.record("program").check < 1e-4 and res.record("onnx").check < 1e-4
+    swapped = res.record("program").details["simulated_layers"]
+    assert swapped == (["lstm", "head"] if backend == "cpu" else [])
