@@ -64,6 +64,11 @@ def _kernel_computes_the_same(layer: nn.RNNBase, scheme: Scheme) -> bool:
     )
 
 
+def _needs_grad(x: Tensor) -> bool:
+    """Whether a gradient flows back through ``x`` (the int8 kernel has no autograd)."""
+    return torch.is_grad_enabled() and x.requires_grad
+
+
 def _lstm_cell(xw: Tensor, hw: Tensor, h: Tensor, c: Tensor | None) -> tuple[Tensor, Tensor]:
     i, f, g, o = (xw + hw).chunk(4, dim=-1)
     assert c is not None
@@ -91,7 +96,8 @@ class SimulatedRNN(nn.Module):
     ``w4a8_pc`` on CPU tensors run :class:`Int8DynamicRNN` where it computes this very
     arithmetic (fbgemm present, codes not narrowed by :func:`int8_kernel_scheme`): the same
     numbers up to the order of float32 sums, about twice as fast as the loop (the kernel is
-    held outside the module tree: CPU-only, not part of the state). While ``torch.export``
+    held outside the module tree: CPU-only, not part of the state; it has no autograd, so
+    an input needing a gradient takes the loop). While ``torch.export``
     traces it (``.pt2`` and ONNX export), the loop runs: plain operations every exporter
     takes, where for float schemes the input, the states and the weights are rounded to the
     compute dtype and the arithmetic is float32 (ONNX has no bf16 LSTM).
@@ -137,7 +143,7 @@ class SimulatedRNN(nn.Module):
         if not torch.compiler.is_exporting():
             if self.fused is not None:
                 return self.fused(x, hx)
-            if self.kernel and x.device.type == "cpu":
+            if self.kernel and x.device.type == "cpu" and not _needs_grad(x):
                 return self.kernel[0](x, hx)
         layer = self.inner
         out_dtype = x.dtype

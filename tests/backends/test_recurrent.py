@@ -167,3 +167,15 @@ def test_float_activation_schemes_run_the_fused_kernel_on_rounded_weights(kind) 
     got = get_backend("simulate").quantize_layer(rnn, w4)(x)[0]
     assert torch.equal(got, ref(x.bfloat16())[0].float())
     assert 0 < _rel(got, rnn(x)[0]) < 0.1
+
+
+def test_simulated_int8_rnn_keeps_gradients_flowing_to_its_input() -> None:
+    """Recovery fine-tunes layers before a frozen w8a8 LSTM through it: the int8 kernel has
+    no autograd (its input got no gradient), so an input needing one takes the loop."""
+    torch.manual_seed(0)
+    sim = get_backend("simulate").quantize_layer(nn.LSTM(8, 16), get_scheme("w8a8"))
+    x = torch.randn(5, 2, 8, requires_grad=True)
+    looped = sim(x)[0]
+    looped.sum().backward()
+    assert x.grad is not None and float(x.grad.abs().sum()) > 0
+    assert torch.allclose(looped.detach(), sim(x.detach())[0], atol=1e-5)  # the kernel's
