@@ -100,13 +100,20 @@ class SimulatedRNN(nn.Module):
     an input needing a gradient takes the loop). While ``torch.export``
     traces it (``.pt2`` and ONNX export), the loop runs: plain operations every exporter
     takes, where for float schemes the input, the states and the weights are rounded to the
-    compute dtype and the arithmetic is float32 (ONNX has no bf16 LSTM).
+    compute dtype and the arithmetic is float32 (ONNX has no bf16 LSTM). ``native=False``
+    keeps that loop for float schemes too: the profiler's emulation on CPUs without bf16 /
+    fp16 units, where the fused kernel in those dtypes takes a slow path.
     Activation ranges are always dynamic, as in the real kernel: a static ``act_range`` is not
     taken. Inputs: a tensor (batched or not), ``batch_first`` as the layer; ``hx`` optional.
     """
 
     def __init__(
-        self, layer: nn.RNNBase, scheme: Scheme, *, act_range: tuple[float, float] | None = None
+        self,
+        layer: nn.RNNBase,
+        scheme: Scheme,
+        *,
+        act_range: tuple[float, float] | None = None,
+        native: bool = True,
     ) -> None:
         super().__init__()
         self.scheme = scheme
@@ -122,7 +129,7 @@ class SimulatedRNN(nn.Module):
             nn.Parameter(w.float(), requires_grad=False) for w in rounded.values()
         )
         self.fused: CastRNN | None = None
-        if not _quantizes_activations(scheme):
+        if native and not _quantizes_activations(scheme):
             self.fused = CastRNN(layer, scheme)
             with torch.no_grad():
                 for name, w in rounded.items():

@@ -24,6 +24,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from mpsearch.backends._recurrent import RNN_TYPES, SimulatedRNN
 from mpsearch.backends._simulate import SimulateBackend, SimulatedLayer
 from mpsearch.cost._timing import cpu_flags
 from mpsearch.layers import layer_forward
@@ -74,8 +75,9 @@ class EmulatedLayer(SimulatedLayer):
 
 
 _EMULATED_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
-"""Layers :class:`EmulatedLayer` runs (one weight, a functional forward); the others (LSTM,
-GRU, Embedding, HF Conv1D) take the backend's own quantized layer."""
+"""Layers :class:`EmulatedLayer` runs (one weight, a functional forward); LSTM and GRU layers
+take :class:`SimulatedRNN`'s float32 loop, the others (Embedding, HF Conv1D) the backend's own
+quantized layer."""
 
 PROBE_ROUNDS = 3
 """Timed rounds (after one warm-up) of each probe operation in :func:`native_is_faster`."""
@@ -185,6 +187,9 @@ def profile_layer(impl: object, layer: nn.Module, scheme: Scheme) -> nn.Module:
     >>> got == ("EmulatedLayer" if emulates(bf16) else "SimulatedLayer")
     True
     """
-    if type(impl) is SimulateBackend and isinstance(layer, _EMULATED_LAYERS) and emulates(scheme):
-        return EmulatedLayer(layer, scheme)
+    if type(impl) is SimulateBackend and emulates(scheme):
+        if isinstance(layer, _EMULATED_LAYERS):
+            return EmulatedLayer(layer, scheme)
+        if isinstance(layer, RNN_TYPES):
+            return SimulatedRNN(layer, scheme, native=False)  # float32 loop, rounded operands
     return impl.quantize_layer(layer, scheme)  # type: ignore[attr-defined]

@@ -104,6 +104,8 @@ def test_profile_layer_emulates_only_reduced_precision_compute_this_cpu_runs_slo
         monkeypatch.setattr(_emulate, "native_is_faster", lambda dtype, slow=slow: not slow)
         kind = EmulatedLayer if slow else SimulatedLayer
         assert type(profile_layer(impl, layer, get_scheme("bf16"))) is kind
+        rnn = profile_layer(impl, nn.LSTM(32, 32), get_scheme("w4a16"))  # loop or fused kernel
+        assert (rnn.fused is None) is slow
     assert type(profile_layer(impl, layer, get_scheme("w8a8"))) is SimulatedLayer
     assert type(profile_layer(impl, layer, get_scheme("fp32"))) is SimulatedLayer
 
