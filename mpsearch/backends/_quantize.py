@@ -125,8 +125,8 @@ def quantize(
     rounded weights run on the scheme's own kernels.
 
     With ``calib``, layers that its first batch never calls (the model reads their weights
-    directly, as Mamba's ``conv1d``) stay untouched and fp32, with a warning; the search keeps
-    them fp32 too. Without it they are replaced, and code that computes with such a weight
+    directly, as Mamba's ``conv1d``) stay fp32, with a warning; the search keeps them fp32
+    too. Without it they are replaced, and code that computes with such a weight
     fails on its empty stand-in weight.
 
     >>> net = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10)).eval()
