@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-CODE_VERSION = "profile-2"
+CODE_VERSION = "profile-3"
 """Bumped whenever the profiler's numbers change for the same inputs (old rows are not reused)."""
 
 
