@@ -10,6 +10,7 @@ to its launch.
 from __future__ import annotations
 
 import functools
+import os
 import platform
 import statistics
 import time
@@ -175,19 +176,74 @@ def _cpuinfo() -> tuple[str, frozenset[str]]:
     return name, flags
 
 
+ISA_CAPS = (
+    "ONEDNN_MAX_CPU_ISA",
+    "DNNL_MAX_CPU_ISA",
+    "ATEN_CPU_CAPABILITY",
+    "FBGEMM_ENABLE_INSTRUCTIONS",
+    "MKL_ENABLE_INSTRUCTIONS",
+)
+"""Environment variables that cap the instructions a kernel library uses (oneDNN, ATen and
+Inductor, fbgemm, MKL): set, the CPU behaves as a lesser one (``AVX2`` on an AMX Xeon: bf16
+runs far slower than fp32 again), so timings and tuning caches taken under a cap are
+another machine's."""
+
+_ABOVE_AVX2 = ("avx512", "amx_")
+_CAP_DROPS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    # (a word in the cap's value, the flag prefixes a CPU so capped does not use), first match
+    ("AMX", ()),
+    ("AVX10", ("amx_",)),
+    ("BF16", ("amx_",)),
+    ("VNNI", ("amx_", "avx512_bf16")),  # AVX512_CORE_VNNI; AVX2_VNNI is matched below
+    ("512", ("amx_", "avx512_bf16", "avx512_vnni")),
+    ("AVX2", _ABOVE_AVX2),
+    ("AVX", (*_ABOVE_AVX2, "avx2")),
+    ("SSE", (*_ABOVE_AVX2, "avx2", "avx")),
+)
+
+
+def capped_flags(flags: frozenset[str], caps: dict[str, str]) -> frozenset[str]:
+    """``flags`` less the extensions that the ISA caps in ``caps`` (:data:`ISA_CAPS` to
+    value) forbid; the strictest cap wins. ``DEFAULT`` / ``ALL`` or an unknown value caps
+    nothing.
+
+    >>> sorted(capped_flags(frozenset({"avx2", "avx512f", "amx_tile"}), {"ONEDNN_MAX_CPU_ISA": "avx2"}))
+    ['avx2']
+    """
+    drop: set[str] = set()
+    for value in caps.values():
+        upper = value.upper()
+        if "AVX2_VNNI" in upper:
+            upper = "AVX2"
+        drop.update(next((d for word, d in _CAP_DROPS if word in upper), ()))
+    return frozenset(f for f in flags if not f.startswith(tuple(drop)))
+
+
+def isa_caps() -> dict[str, str]:
+    """The :data:`ISA_CAPS` set in this process's environment, by name."""
+    return {name: os.environ[name] for name in ISA_CAPS if os.environ.get(name)}
+
+
 def cpu_flags() -> frozenset[str]:
     """The CPU's feature flags as /proc/cpuinfo lists them (``avx2``, ``avx512_bf16``,
-    ``amx_tile``...); empty where the system has no /proc/cpuinfo."""
-    return _cpuinfo()[1]
+    ``amx_tile``...) less those an ISA cap in the environment forbids
+    (:func:`capped_flags`); empty where the system has no /proc/cpuinfo."""
+    return capped_flags(_cpuinfo()[1], isa_caps())
 
 
 def cpu_model() -> str:
-    """The CPU's model name (from /proc/cpuinfo where there is one, as ``lscpu`` prints it)
-    and the matrix / vector extensions among :data:`_ISA` it has, e.g.
-    ``"AMD EPYC (AVX-512 BF16, AVX-512 VNNI, AVX-512, AVX2)"``."""
-    name, flags = _cpuinfo()
+    """The CPU's model name (from /proc/cpuinfo where there is one, as ``lscpu`` prints it),
+    the matrix / vector extensions among :data:`_ISA` its kernels may use, and the ISA caps
+    set (:data:`ISA_CAPS`), e.g. ``"AMD EPYC (AVX-512 BF16, AVX-512 VNNI, AVX-512, AVX2)"``
+    or ``"Intel(R) Xeon(R) Processor (AVX2; capped: ONEDNN_MAX_CPU_ISA=AVX2)"``. Timing and
+    tuning caches are keyed by it."""
+    name, _ = _cpuinfo()
     name = name or platform.processor() or platform.machine()
+    flags, caps = cpu_flags(), isa_caps()
     isa = [label for flag, label in _ISA if flag in flags]
+    if caps:
+        isa_text = ", ".join(isa) + "; " if isa else ""
+        return f"{name} ({isa_text}capped: {', '.join(f'{k}={v}' for k, v in caps.items())})"
     return name + (f" ({', '.join(isa)})" if isa else "")
 
 

@@ -6,6 +6,8 @@ import pytest
 import torch
 
 from mpsearch.cost import TIMERS, clock, median_ms
+from mpsearch.cost._autotune import machine_key
+from mpsearch.cost._timing import ISA_CAPS, capped_flags, cpu_flags, cpu_model
 
 
 class _FakeAccelerator:
@@ -75,3 +77,38 @@ def test_cold_timing_option_and_its_helpers() -> None:
     assert CostOptions.from_dict(CostOptions(cold=True).to_dict()).cold is True
     with pytest.raises(ValueError, match="'cold' option must be True, False or 'auto'"):
         CostOptions(cold="yes")
+
+
+XEON = frozenset({"avx", "avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16"})
+
+
+@pytest.mark.parametrize(
+    ("caps", "kept"),
+    [
+        ({}, XEON),
+        ({"ONEDNN_MAX_CPU_ISA": "AVX2"}, {"avx", "avx2"}),
+        ({"ONEDNN_MAX_CPU_ISA": "avx2_vnni_2"}, {"avx", "avx2"}),
+        ({"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"}, XEON - {"amx_tile", "amx_bf16"}),
+        ({"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_VNNI"}, {"avx", "avx2", "avx512f", "avx512_vnni"}),
+        ({"FBGEMM_ENABLE_INSTRUCTIONS": "AVX512"}, {"avx", "avx2", "avx512f"}),
+        ({"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_AMX", "ATEN_CPU_CAPABILITY": "avx2"}, {"avx", "avx2"}),
+        ({"ONEDNN_MAX_CPU_ISA": "SSE41"}, set()),
+        ({"ONEDNN_MAX_CPU_ISA": "ALL"}, XEON),
+    ],
+)
+def test_isa_caps_remove_the_extensions_they_forbid(caps, kept) -> None:
+    assert capped_flags(XEON, caps) == frozenset(kept)
+
+
+def test_a_capped_cpu_is_another_machine(monkeypatch) -> None:
+    for name in ISA_CAPS:
+        monkeypatch.delenv(name, raising=False)
+    native = cpu_model()
+    assert "capped" not in native
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    capped = cpu_model()
+    assert capped.endswith("capped: ONEDNN_MAX_CPU_ISA=AVX2)") and capped != native
+    assert not any(f.startswith(("avx512", "amx_")) for f in cpu_flags())
+    assert "AMX" not in capped and "AVX-512" not in capped
+    meta = {"device": native, "torch": "t", "backend": "cpu", "num_threads": 1, "timer": "wall"}
+    assert machine_key(meta) != machine_key({**meta, "device": capped})
