@@ -220,3 +220,15 @@ def test_a_cpu_kernel_export_cannot_capture_falls_back_to_the_cpu_backend_whole(
     with torch.no_grad():
         want = mps.quantize(net, "w8a8", backend="cpu", calib=calib)(x)
         torch.testing.assert_close(q(x), want)  # the same kernels, the same static ranges
+
+
+def test_weights_get_the_cpu_kernels_7_bit_codes_where_onednn_saturates(monkeypatch) -> None:
+    from mpsearch.backends import _pt2e
+
+    net, calib = _net_and_calib()
+    for saturates, bound in ((False, 127), (True, 63)):
+        monkeypatch.setattr(_pt2e, "onednn_u8s8_saturates", lambda s=saturates: s)
+        q = mps.quantize(net, "w8a8", backend="cpu-pt2e", calib=calib)
+        codes = [b for _, b in q.converted.named_buffers() if b.dtype == torch.int8]
+        assert len(codes) == 3  # conv1, conv2, fc
+        assert max(int(c.abs().max()) for c in codes) == bound
