@@ -194,7 +194,7 @@ _CAP_DROPS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("AMX", ()),
     ("AVX10", ("amx_",)),
     ("BF16", ("amx_",)),
-    ("VNNI", ("amx_", "avx512_bf16")),  # AVX512_CORE_VNNI; AVX2_VNNI is matched below
+    ("VNNI", ("amx_", "avx512_bf16")),  # AVX512_CORE_VNNI (AVX2_VNNI is read as AVX2)
     ("512", ("amx_", "avx512_bf16", "avx512_vnni")),
     ("AVX2", _ABOVE_AVX2),
     ("AVX", (*_ABOVE_AVX2, "avx2")),
