@@ -46,14 +46,24 @@ def measure_plans(
     load on a shared machine does not land on one plan only), ``speedup`` (fp32 latency /
     latency) and ``note``: why a plan could not run (quantize, evaluate or timing raised, or
     ``evaluate`` gave no finite number; its figures are then NaN), empty otherwise.
-    ``progress`` shows a progress bar over the plans.
+    ``progress`` shows a progress bar over the plans. Plans that give every layer the same
+    choice (the chosen plan is often one of the uniform ones) are quantized, evaluated and
+    timed once, and get the same figures.
 
     >>> measure_plans(net, {"w8a8": PrecisionPlan.uniform("w8a8")}, backend="cpu",
     ...               evaluate=score, time_module=cost.time_module)  # doctest: +SKIP
     """
     models: dict[str, nn.Module] = {"fp32": model}
     rows = {"fp32": {"plan": "fp32", "quality": quality_value(evaluate(model)), "note": ""}}
+    first: dict[tuple[tuple[str, str], ...], str] = {}  # resolved choices -> the plan measured
+    same: dict[str, str] = {}  # a plan -> the earlier plan of the same choices
     for name, plan in tqdm(plans.items(), desc="measure", disable=not progress, leave=False):
+        key = _choices(model, plan)
+        if key is not None and key in first:
+            same[name] = first[key]
+            continue
+        if key is not None:
+            first[key] = name
         try:
             models[name] = quantize(model, plan, backend=backend, rounder=rounder, calib=calib)
             quality = quality_value(evaluate(models[name]))
@@ -70,12 +80,23 @@ def measure_plans(
             except Exception as exc:
                 del models[name], times[name]
                 rows[name].update(quality=float("nan"), note=_why(exc))
-    df = pd.DataFrame(list(rows.values()))
+    measured = [rows[same.get(n, n)] | {"plan": n} for n in ["fp32", *plans]]
+    df = pd.DataFrame(measured)
     df["latency_ms"] = [
-        statistics.median(times[n]) if n in times else float("nan") for n in df["plan"]
+        statistics.median(times[m]) if (m := same.get(n, n)) in times else float("nan")
+        for n in df["plan"]
     ]
     df["speedup"] = df.loc[0, "latency_ms"] / df["latency_ms"]
     return df[list(PLAN_COLUMNS)]
+
+
+def _choices(model: nn.Module, plan: PrecisionPlan) -> tuple[tuple[str, str], ...] | None:
+    """Every layer's choice under ``plan``, comparable; ``None`` where the plan does not
+    resolve on ``model`` (:func:`quantize` then says why)."""
+    try:
+        return tuple(sorted(plan.resolve_choices(model).items()))
+    except Exception:
+        return None
 
 
 def _why(exc: Exception) -> str:

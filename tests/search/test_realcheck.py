@@ -4,6 +4,7 @@ model's backend, kept in the result and ranked by ``best``."""
 from __future__ import annotations
 
 import math
+import statistics
 import warnings
 
 import optuna
@@ -112,6 +113,34 @@ def test_a_plan_that_cannot_run_on_the_backend_gets_a_note() -> None:
     assert df.loc[1, "note"].startswith("cannot run: ValueError: The plan cannot run on the 'cpu'")
     assert math.isnan(df.loc[1, "quality"]) and math.isnan(df.loc[1, "latency_ms"])
     assert list(df.loc[[0, 2], "note"]) == ["", ""] and df.loc[2, "speedup"] == 1.0
+
+
+def test_plans_of_the_same_choices_are_measured_once(monkeypatch) -> None:
+    from mpsearch.search import _realcheck
+
+    net, quantized = _net(), []
+    real_quantize = _realcheck.quantize
+    monkeypatch.setattr(
+        _realcheck, "quantize", lambda m, p, **kw: quantized.append(p) or real_quantize(m, p, **kw)
+    )
+    timed: list[nn.Module] = []
+    plans = {
+        "best": PrecisionPlan({"0": "w8a8", "2": "w8a8"}, default="w8a8"),
+        "uniform:bf16": PrecisionPlan.uniform("bf16"),
+        "uniform:w8a8": PrecisionPlan.uniform("w8a8"),
+        "gptq": PrecisionPlan.uniform("w8a8+gptq"),  # another rounding: another plan
+    }
+    df = measure_plans(
+        net, plans, backend="simulate", evaluate=_score(net),
+        time_module=lambda m: timed.append(m) or float(len(timed)), rounds=2,
+    )  # fmt: skip
+    assert quantized == [plans["best"], plans["uniform:bf16"], plans["gptq"]]
+    assert list(df["plan"]) == ["fp32", *plans]
+    best, w8a8 = df.set_index("plan").loc[["best", "uniform:w8a8"]].to_dict("records")
+    assert best == w8a8 and best["note"] == ""
+    assert df.loc[3, "latency_ms"] == statistics.median([2.0, 5.0])  # best's two rounds
+    assert len(timed) == 2 * 3  # fp32, best and bf16 in each round
+    assert df.loc[4, "note"].startswith("cannot run")  # gptq without calibration data
 
 
 # trial: (plan, quality on simulate, memory MB, predicted ms); fp32 10 MB, 10 ms
