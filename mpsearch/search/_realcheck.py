@@ -59,7 +59,7 @@ def measure_plans(
     same: dict[str, str] = {}  # a plan -> the earlier plan of the same choices
     for name, plan in tqdm(plans.items(), desc="measure", disable=not progress, leave=False):
         key = _choices(model, plan)
-        if key is not None and key in first:
+        if key in first:
             same[name] = first[key]
             continue
         if key is not None:
