@@ -88,8 +88,9 @@ class ProfileOptions(Options):
       ``calib_samples`` and ``downstream_passes`` (D);
     - ``local_samples``: the samples ``mse`` and ``sqnr_db`` are measured on: the calibration
       batches holding the first ``n`` (an int), every sample (``None``), or ``"auto"``: every
-      sample when ``e2e`` uses every one, else the first 64
-      (:data:`~mpsearch.profile._e2e.AUTO_LOCAL_SAMPLES`). Batches neither error uses get no
+      sample when ``e2e`` uses every one, the samples ``e2e`` uses when they are a
+      classifier's least certain ones, at least 64 (the same runs give both), else the first
+      64 (:data:`~mpsearch.profile._e2e.AUTO_LOCAL_SAMPLES`). Batches neither error uses get no
       fp32 pass unless ``e2e`` picks a classifier's least certain samples among all of them;
       ``prof.info["local_samples"]`` records how many were used;
     - ``rounding``: how choices with a calibrated rounding (``"w4a16+gptq"``) round

@@ -30,6 +30,7 @@ from mpsearch.layers._layers import NEVER_CALLED
 from mpsearch.profile._cache import CODE_VERSION, RowCache, hash_batches, hash_model, hash_text
 from mpsearch.profile._e2e import (
     first_samples,
+    local_on_e2e,
     most_uncertain,
     picked_samples,
     rows_per_sample,
@@ -49,7 +50,7 @@ from mpsearch.profile._metrics import (
 )
 from mpsearch.profile._options import ProfileOptions
 from mpsearch.profile._result import COLUMNS, SensitivityProfile
-from mpsearch.profile._runner import Runner, build_runner
+from mpsearch.profile._runner import GraphRunner, Runner, build_runner
 from mpsearch.rounding import Rounder, RoundingOptions
 from mpsearch.rounding._stats import rounding_unsupported
 from mpsearch.schemes import Scheme, fake_quantize, get_scheme
@@ -287,6 +288,8 @@ def _plan_rows(req: _Request, runner: Runner, e2e_name: str) -> _RowPlan:
     n_samples = total_samples(req.batches)
     n_e2e = runner.n_e2e
     pick = _pick(req, runner, e2e_name, n_e2e < n_samples)
+    if isinstance(runner, GraphRunner) and local_on_e2e(req.options.local_samples, pick, n_e2e):
+        runner.use_e2e_for_local()
     plan = _RowPlan(n_samples, runner.downstream_passes(), n_e2e, pick, skip=_skipped(req, runner))
     if req.options.cache_dir is not None:
         plan.base_key, plan.cache = _open_cache(req, runner, e2e_name, n_e2e, pick)
@@ -341,7 +344,7 @@ def _open_cache(
         repr(opts.rounding or RoundingOptions()),
         runner.mode,
         f"e2e_samples={n_e2e}",
-        f"local_samples={runner.n_local}",
+        f"local_samples={runner.n_local}" + (" (e2e)" if runner.local_on_e2e else ""),
         f"e2e_pick={pick}",
         f"compute={compute_paths(req.impl, req.schemes)}",
     )
@@ -474,9 +477,11 @@ class _Measurer:
                     pairs = runner.local(name, qlayers, b)
                 if b < runner.n_local_batches:
                     _add_local(local, pairs)
-            finals += [
-                runner.e2e(name, qlayers, b) for b in range(runner.n_shared, len(self.sizes))
-            ]
+            for b in range(runner.n_shared, len(self.sizes)):
+                pairs, final = runner.e2e(name, qlayers, b)
+                if runner.local_on_e2e:
+                    _add_local(local, pairs)
+                finals.append(final)
             _add_e2e(e2e, finals, self.scorer, self.sizes, name, schemes)
         rows = []
         for i, scheme in enumerate(schemes):

@@ -28,7 +28,8 @@ A runner's ``mode`` names it and how the graph was captured (``graph:fx``,
 tried before it failed.
 
 Both measure local errors on the leading ``n_local_batches`` calibration batches (how many:
-:func:`mpsearch.profile._e2e.choose_local_samples`) and end-to-end errors on the *e2e batches*
+:func:`mpsearch.profile._e2e.choose_local_samples`; the graph runner on the e2e batches where
+:func:`mpsearch.profile._e2e.local_on_e2e` says so) and end-to-end errors on the *e2e batches*
 (``prepare_e2e``): all calibration samples, their first ones, or a classifier's least certain
 ones (how many: :func:`mpsearch.profile._e2e.choose_e2e_samples`; which:
 ``mpsearch.profile._profile._pick``). The leading e2e batches that are whole
@@ -209,6 +210,7 @@ class GraphRunner:
         self.e2e_store = self.store
         self.reference = self.outputs
         self.n_shared = len(batches)
+        self.local_on_e2e = False
         self.batchable: dict[str, bool] = {}
         self.kinds: dict[fx.Node, str] = {}
         self.group: dict[str, int] = {}
@@ -374,11 +376,20 @@ class GraphRunner:
         y_ref, outs_q = self._quantized(layer, qlayers, self.store[b])
         return [[(y_ref, y)] for y in outs_q]
 
-    def e2e(self, layer: str, qlayers: Sequence[nn.Module], b: int) -> Tensor:
-        """Final outputs on e2e batch b, stacked: ``[variants of layer, *output shape]``."""
+    def e2e(
+        self, layer: str, qlayers: Sequence[nn.Module], b: int
+    ) -> tuple[list[list[Pair]], Tensor]:
+        """Local pairs and final outputs on e2e batch b (stacked: ``[variants of layer,
+        *output shape]``)."""
         store = self.e2e_store[b]
-        _, outs_q = self._quantized(layer, qlayers, store)
-        return self._downstream(layer, outs_q, store)
+        y_ref, outs_q = self._quantized(layer, qlayers, store)
+        return [[(y_ref, y)] for y in outs_q], self._downstream(layer, outs_q, store)
+
+    def use_e2e_for_local(self) -> None:
+        """Measure local errors on the e2e batches, from the runs that give the end-to-end
+        errors, instead of on separate runs over the leading calibration batches."""
+        self.local_on_e2e = True
+        self.n_local_batches, self.n_local = 0, self.n_e2e
 
 
 class _Executor(fx.Interpreter):
@@ -657,6 +668,7 @@ class HookRunner:
         self.e2e_batches: Sequence[Batch] = batches
         self.reference = self.outputs
         self.n_shared = len(batches)
+        self.local_on_e2e = False  # later calls of a layer would get quantized inputs
 
     def all_outputs(self) -> list[Tensor]:
         """The fp32 outputs of every calibration batch (all computed when counting calls)."""
@@ -734,9 +746,12 @@ class HookRunner:
             handle.remove()
         return all_pairs
 
-    def e2e(self, layer: str, qlayers: Sequence[nn.Module], b: int) -> Tensor:
-        """Final outputs on e2e batch b, stacked: ``[variants of layer, *output shape]``."""
-        return self._substituted(layer, qlayers, self.e2e_batches[b])[1]
+    def e2e(
+        self, layer: str, qlayers: Sequence[nn.Module], b: int
+    ) -> tuple[list[list[Pair]], Tensor]:
+        """Local pairs (later calls of the layer get quantized inputs) and final outputs on
+        e2e batch b (stacked: ``[variants of layer, *output shape]``)."""
+        return self._substituted(layer, qlayers, self.e2e_batches[b])
 
 
 Runner = GraphRunner | HookRunner

@@ -274,3 +274,23 @@ def test_auto_takes_the_first_samples_of_a_sequence_model() -> None:
     assert prof.info["e2e_samples"] < 32 and prof.info["e2e_pick"] == "first"
     first = profile(chain(24), calib, schemes=["w8a8"], e2e_samples=prof.info["e2e_samples"])
     pd.testing.assert_frame_equal(prof.pivot("e2e"), first.pivot("e2e"), check_exact=True)
+
+
+def test_auto_measures_local_errors_on_the_least_certain_samples_it_runs(tmp_path) -> None:
+    """With a classifier's least certain samples picked (at least AUTO_LOCAL_SAMPLES of them),
+    the local errors come from the same runs: exact mode's local errors on those samples."""
+    calib = batches(4, 64, 32)
+    model = chain(4)  # D = 1.2: the 106 least certain of 256 samples
+    auto = profile(model, calib, schemes=SCHEMES, cache_dir=tmp_path)
+    n = auto.info["e2e_samples"]
+    assert auto.info["e2e_pick"] == "uncertain" and AUTO_LOCAL_SAMPLES <= n < 256
+    assert auto.info["local_samples"] == n
+    with torch.inference_mode():
+        picked = picked_samples(calib, most_uncertain([model(b) for b in calib], n))
+    on_picked = profile(model, picked, schemes=SCHEMES, e2e_samples=None)
+    for metric in (*LOCAL, "e2e"):
+        np.testing.assert_allclose(auto.pivot(metric), on_picked.pivot(metric), rtol=1e-6)
+    # the batches holding the first n samples: other local errors, other rows of the cache
+    first = profile(model, calib, schemes=SCHEMES, local_samples=n, cache_dir=tmp_path)
+    assert first.info["cached_rows"] == 0 and first.info["local_samples"] == 128
+    assert not np.allclose(first.pivot("mse"), auto.pivot("mse"), rtol=1e-3, atol=0.0)
