@@ -46,12 +46,10 @@ def _ranked(
         ok &= df[latency].to_numpy() <= latency_ms
     df = df[ok]
     key = pd.DataFrame({"q": df[quality], "m": df["memory_mb"], "l": df[latency]})
-    ties = ["m", "l"]
-    if latency_ms is not None:
-        ties.reverse()
-        if memory_mb is not None:
-            key["share"] = key["m"] / memory_mb + key["l"] / latency_ms
-            ties.insert(0, "share")
+    ties = ["m", "l"] if memory_mb is None and latency_ms is None else ["l", "m"]
+    if memory_mb is not None and latency_ms is not None:
+        key["share"] = key["m"] / memory_mb + key["l"] / latency_ms
+        ties.insert(0, "share")
     order = key.sort_values(["q", *ties], ascending=[False, *[True] * len(ties)], kind="stable")
     return df.loc[order.index]
 
@@ -199,10 +197,12 @@ class SearchResult:
         chosen; plans not checked count only when no checked plan meets the budget (then by
         their search figures: quality on ``quality_backend``, predicted latency).
 
-        Ties in quality go by the budget asked for: under a latency budget to the faster plan
-        (then the smaller), under a memory budget to the smaller (then the faster); under both,
-        to the plan that spends the smaller share of them (``memory / memory limit + latency /
-        latency limit``); without a budget, to the smaller, then the faster.
+        Ties in quality go by the budget asked for: under a latency budget or a memory budget
+        alone to the faster plan (then the smaller: a plan within the memory limit gains
+        nothing from being smaller still, and a memory budget met with a plan slower than
+        another of equal quality would give up speed for nothing); under both, to the plan
+        that spends the smaller share of them (``memory / memory limit + latency / latency
+        limit``); without a budget, to the smaller, then the faster.
 
         >>> res.best(Budget(latency_fraction=0.8)).metadata["latency_ms"]  # doctest: +SKIP
         """
