@@ -28,7 +28,8 @@ kernels (``cpu`` backend):
    and the best quality under ``Budget(memory_fraction=0.3)``
    (``mixed <= 30% mem``).
 5. **Speculative controller** (``mps.SpeculativeController``, greedy, lossless): the draft and
-   ``k`` tuned on calibration prompts among the 4-bit plans; reference = fp32 and reference =
+   ``k`` (up to 15) tuned on calibration prompts among the uniform int8 (w8a8) and 4-bit
+   plans; reference = fp32 and reference =
    the ``mixed <= 1% ppl`` plan. Tokens/s of ``generate`` with the tuned ``k`` vs ``k = 0``
    (the reference decoding alone, same code path), interleaved per prompt, both variants
    compiled on static caches (``compile="max-autotune"``: the draft's kernels autotuned, the
@@ -100,7 +101,7 @@ class Settings:
     rounds: int = 7
     spec_prompts: int = 4
     spec_new_tokens: int = 48
-    spec_ks: tuple[int, ...] = (0, 1, 2, 3, 4, 6)
+    spec_ks: tuple[int, ...] = (0, 1, 2, 3, 4, 6, 8, 12, 15)
     # the engines timed (keys of DECODE_MODES); the goals and the speculative controller use
     # the last: max-autotune, the fastest for every plan here, fp32 included (on Zen 4 fp32
     # decodes about 2x faster than on Inductor's default kernels)
@@ -265,8 +266,9 @@ def speculative_rows(
     thread_counts: list[int],
 ) -> list[dict[str, Any]]:
     """The speculative controller for each reference and thread count (:func:`speculative`),
-    drafted by 4-bit plans, tuned on the first ``prompts`` and timed on the second."""
-    drafts = [mps.PrecisionPlan.uniform("w4a16+gptq"), mps.PrecisionPlan.uniform("w4a16")]
+    drafted by uniform int8 or 4-bit plans, tuned on the first ``prompts`` and timed on the
+    second."""
+    drafts = [mps.PrecisionPlan.uniform(x) for x in ("w8a8", "w4a16+gptq", "w4a16")]
     spec_rows = []
     for ref_label, ref in refs.items():
         for n in thread_counts:
