@@ -62,6 +62,7 @@ from mpsearch.backends._kernels import (
     conv_int8_check,
 )
 from mpsearch.backends._recurrent import INT8_RNN_SCHEMES, RNN_TYPES, CastRNN, Int8DynamicRNN
+from mpsearch.layers._layers import TRANSPOSED_CONV_TYPES
 from mpsearch.schemes import Scheme
 
 
@@ -105,10 +106,15 @@ EMBEDDING_INT_SCHEMES = (
 
 _OWN = Kernel(_own_layer, "the user's layer as it is (fp32, no copy)", name="module")
 
+FLOAT_ONLY_TYPES = (nn.Conv3d, *TRANSPOSED_CONV_TYPES)
+"""Layers the ``cpu`` backend runs in float schemes only (fp32, bf16, fp16): PyTorch's int8
+and weight-only CPU kernels are for Linear and 1-D / 2-D convolutions."""
+
 CPU_KERNELS: KernelTable = {
     # fp32: the user's own layer, so an fp32 plan is the user's model (shared weights stay shared)
-    **{(kind, "fp32"): _OWN for kind in (nn.Linear, nn.Conv1d, nn.Conv2d)},
-    **{(kind, s): _CAST for kind in (nn.Linear, nn.Conv1d, nn.Conv2d) for s in ("bf16", "fp16")},
+    **{(kind, "fp32"): _OWN for kind in (nn.Linear, nn.Conv1d, nn.Conv2d, *FLOAT_ONLY_TYPES)},
+    **{(kind, s): _CAST for kind in (nn.Linear, nn.Conv1d, nn.Conv2d, *FLOAT_ONLY_TYPES)
+       for s in ("bf16", "fp16")},
     (nn.Linear, "w8a8"): Kernel(
         _int8_linear,
         "u8 x s8 -> fp32: fbgemm on CPUs without VNNI, else oneDNN qlinear_pointwise",
@@ -184,6 +190,10 @@ name, timed against the default by the autotuner."""
 
 
 _MISSING_BY_KIND: dict[type[nn.Module], str] = {
+    **{
+        kind: f"{kind.__name__} runs in fp32, bf16 and fp16 only (no integer kernel for it)"
+        for kind in FLOAT_ONLY_TYPES
+    },
     nn.RNNBase: "PyTorch's dynamic int8 RNN (w8a8, w4a8_pc) is the only quantized LSTM / GRU "
     "kernel on CPU",
     nn.Embedding: "no kernel for this weight format on an embedding",

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from mpsearch.backends._kernels import CastLayer, Kernel, KernelBackend, KernelTable, RealLayer
+from mpsearch.layers._layers import TRANSPOSED_CONV_TYPES
 from mpsearch.schemes import Scheme
 
 
@@ -72,7 +73,8 @@ def _cast(layer: nn.Module, scheme: Scheme, *, act_range=None) -> nn.Module:
 _CAST = Kernel(_cast, "the layer in the scheme's dtype on the GPU")
 
 CUDA_KERNELS: KernelTable = {
-    **{(kind, s): _CAST for kind in (nn.Linear, nn.Conv1d, nn.Conv2d) for s in ("fp32", "bf16", "fp16")},
+    **{(kind, s): _CAST for kind in (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, *TRANSPOSED_CONV_TYPES)
+       for s in ("fp32", "bf16", "fp16")},
     (nn.Linear, "fp8"): Kernel(_torchao(_fp8_config, torch.bfloat16), "torchao float8 dynamic, per row (torch._scaled_mm)"),
     (nn.Linear, "w8a8"): Kernel(_torchao(_int8_config, torch.float32), "torchao int8 dynamic activation, int8 weight"),
     (nn.Linear, "w8a16"): Kernel(_torchao(_int8_weight_only_config, torch.bfloat16), "torchao int8 weight-only"),

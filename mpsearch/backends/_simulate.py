@@ -9,7 +9,7 @@ from mpsearch.backends._embedding import SimulatedEmbedding
 from mpsearch.backends._recurrent import RNN_TYPES, SimulatedRNN
 from mpsearch.backends._registry import Backend
 from mpsearch.layers import layer_forward
-from mpsearch.layers._layers import standard_form
+from mpsearch.layers._layers import from_rows, standard_form, weight_rows
 from mpsearch.schemes import Scheme, fake_quantize
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -31,8 +31,8 @@ class SimulatedLayer(nn.Module):
         layer = standard_form(layer)  # HF Conv1D: a Linear on its transposed weight
         self.inner = layer
         self.compute_dtype = _DTYPES[scheme.compute_dtype]
-        with torch.no_grad():
-            wq = fake_quantize(layer.weight.detach().float(), scheme.weight)
+        with torch.no_grad():  # quantized by output channel, kept in the layer's layout
+            wq = from_rows(layer, fake_quantize(weight_rows(layer).detach().float(), scheme.weight))
         self.register_buffer("weight_q", wq.to(self.compute_dtype), persistent=True)
         bias = getattr(layer, "bias", None)
         self.register_buffer(

@@ -10,8 +10,8 @@ from torch import fx, nn
 
 from mpsearch._validation import check_module
 
-_FOLDABLE_INTO: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Linear)
-_BATCHNORMS: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d)
+_FOLDABLE_INTO: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+_BATCHNORMS: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
 def _fold_pair(layer: nn.Module, bn: nn.Module) -> nn.Module:

@@ -13,10 +13,19 @@ from torch import Tensor, nn
 
 from mpsearch._validation import check_module, wrong_type
 
+TRANSPOSED_CONV_TYPES: tuple[type[nn.Module], ...] = (
+    nn.ConvTranspose1d,
+    nn.ConvTranspose2d,
+    nn.ConvTranspose3d,
+)
+"""Transposed convolutions: quantized per output channel on :func:`standard_form`'s weight."""
+
 QUANTIZABLE_TYPES: tuple[type[nn.Module], ...] = (
     nn.Linear,
     nn.Conv1d,
     nn.Conv2d,
+    nn.Conv3d,
+    *TRANSPOSED_CONV_TYPES,
     nn.LSTM,
     nn.GRU,
     nn.Embedding,
@@ -51,7 +60,9 @@ def _probe_input(layer: nn.Module) -> Tensor | None:
         return torch.arange(6, device=weight.device).remainder(layer.num_embeddings).reshape(2, 3)
     if isinstance(layer, nn.Linear):
         shape = [2, layer.in_features]
-    elif isinstance(layer, nn.Conv1d | nn.Conv2d):
+    elif isinstance(layer, TRANSPOSED_CONV_TYPES):
+        shape = [1, layer.in_channels, *(3 for _ in layer.kernel_size)]
+    elif isinstance(layer, nn.Conv1d | nn.Conv2d | nn.Conv3d):
         sizes = zip(layer.kernel_size, layer.dilation, layer.stride, strict=True)
         shape = [1, layer.in_channels, *(d * (k - 1) + s + 1 for k, d, s in sizes)]
     else:
@@ -115,6 +126,27 @@ def _hf_conv1d_as_linear(layer: nn.Module) -> nn.Linear:
     return linear.train(layer.training)
 
 
+def output_major(weight: Tensor, groups: int) -> Tensor:
+    """A transposed convolution's weight ``[in, out / groups, *kernel]`` as ``[out, in / groups,
+    *kernel]``, a convolution's layout (one row per output channel); a copy.
+
+    >>> w = torch.arange(24.0).reshape(4, 3, 2)  # 4 inputs, 2 groups of 3 outputs, kernel 2
+    >>> output_major(w, groups=2).shape, torch.equal(input_major(output_major(w, 2), 2), w)
+    (torch.Size([6, 2, 2]), True)
+    """
+    cin, cout_g, *kernel = weight.shape
+    grouped = weight.reshape(groups, cin // groups, cout_g, *kernel).transpose(1, 2)
+    return grouped.reshape(groups * cout_g, cin // groups, *kernel)
+
+
+def input_major(weight: Tensor, groups: int) -> Tensor:
+    """The inverse of :func:`output_major`: ``[out, in / groups, *kernel]`` back to a
+    transposed convolution's ``[in, out / groups, *kernel]``."""
+    cout, cin_g, *kernel = weight.shape
+    grouped = weight.reshape(groups, cout // groups, cin_g, *kernel).transpose(1, 2)
+    return grouped.reshape(groups * cin_g, cout // groups, *kernel)
+
+
 _STANDARD_FORMS: list[tuple[Callable[[nn.Module], bool], Callable[[nn.Module], nn.Module]]] = [
     (is_hf_conv1d, _hf_conv1d_as_linear),
 ]
@@ -155,7 +187,8 @@ def layer_weights(layer: nn.Module) -> dict[str, Tensor]:
     in, ...]`` so that a per-channel scale is one per row:
 
     - Linear, Conv, Embedding: ``weight`` (an Embedding's rows are its tokens: per-row scales);
-      HF ``Conv1D``: its transposed weight (:func:`standard_form`);
+      HF ``Conv1D``: its transposed weight; a transposed convolution: its weight by output
+      channel (:func:`standard_form`);
     - LSTM / GRU: every ``weight_ih_l{k}`` and ``weight_hh_l{k}`` (``_reverse`` too), each
       ``[gates * hidden, in]``: one row per gate row (4 gates for an LSTM, 3 for a GRU).
 
@@ -169,7 +202,27 @@ def layer_weights(layer: nn.Module) -> dict[str, Tensor]:
             for name in names
             if name.startswith("weight")
         }
-    return {"weight": standard_form(layer).weight}
+    return {"weight": weight_rows(standard_form(layer))}
+
+
+def weight_rows(layer: nn.Module) -> Tensor:
+    """``layer.weight`` with one row per output channel (``[out, in / groups, ...]``): the
+    weight itself, or a transposed convolution's as :func:`output_major` (a copy).
+
+    >>> weight_rows(nn.ConvTranspose1d(4, 6, 3)).shape
+    torch.Size([6, 4, 3])
+    """
+    if isinstance(layer, TRANSPOSED_CONV_TYPES):
+        return output_major(layer.weight, layer.groups)
+    return layer.weight
+
+
+def from_rows(layer: nn.Module, weight: Tensor) -> Tensor:
+    """The inverse of :func:`weight_rows`: a weight by output channel in ``layer``'s own
+    layout (what :func:`layer_forward` takes)."""
+    if isinstance(layer, TRANSPOSED_CONV_TYPES):
+        return input_major(weight, layer.groups)
+    return weight
 
 
 def weight_shapes(layer: nn.Module) -> list[tuple[int, ...]]:
@@ -182,9 +235,10 @@ def weight_shapes(layer: nn.Module) -> list[tuple[int, ...]]:
 
 
 def quantizable_layers(model: nn.Module, *, require: bool = True) -> dict[str, nn.Module]:
-    """``{name: module}`` of the quantizable layers, in model order: Linear, Conv1d, Conv2d and
-    their subclasses (e.g. ``nn.MultiheadAttention``'s ``out_proj``), LSTM and GRU (every
-    weight matrix quantized per gate row), Embedding (weight-only), and Hugging Face's
+    """``{name: module}`` of the quantizable layers, in model order: Linear, Conv1d / 2d / 3d,
+    ConvTranspose1d / 2d / 3d and their subclasses (e.g. ``nn.MultiheadAttention``'s
+    ``out_proj``), LSTM and GRU (every weight matrix quantized per gate row), Embedding
+    (weight-only), and Hugging Face's
     ``Conv1D`` (GPT-2), run as a Linear on its transposed weight (:func:`standard_form`).
 
     Names are those of ``model.named_modules()``. A model with none is refused unless
@@ -378,4 +432,15 @@ _FORWARDS: dict[type[nn.Module], Callable[[Any, Tensor, Tensor, Tensor | None], 
     nn.Linear: lambda layer, x, w, b: F.linear(x, w, b),
     nn.Conv1d: lambda layer, x, w, b: layer._conv_forward(x, w, b),
     nn.Conv2d: lambda layer, x, w, b: layer._conv_forward(x, w, b),
+    nn.Conv3d: lambda layer, x, w, b: layer._conv_forward(x, w, b),
+    **{
+        kind: lambda layer, x, w, b, conv=conv: conv(
+            x, w, b, layer.stride, layer.padding, layer.output_padding, layer.groups, layer.dilation
+        )
+        for kind, conv in zip(
+            TRANSPOSED_CONV_TYPES,
+            (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d),
+            strict=True,
+        )
+    },
 }

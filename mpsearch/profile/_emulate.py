@@ -28,6 +28,7 @@ from mpsearch.backends._recurrent import RNN_TYPES, SimulatedRNN
 from mpsearch.backends._simulate import SimulateBackend, SimulatedLayer
 from mpsearch.cost._timing import cpu_flags
 from mpsearch.layers import layer_forward
+from mpsearch.layers._layers import TRANSPOSED_CONV_TYPES
 from mpsearch.schemes import Scheme, fake_quantize
 
 _EMULATED = (torch.bfloat16, torch.float16)
@@ -74,7 +75,7 @@ class EmulatedLayer(SimulatedLayer):
         return y.to(self.compute_dtype).to(out_dtype)
 
 
-_EMULATED_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
+_EMULATED_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, *TRANSPOSED_CONV_TYPES)
 """Layers :class:`EmulatedLayer` runs (one weight, a functional forward); LSTM and GRU layers
 take :class:`SimulatedRNN`'s float32 loop, the others (Embedding, HF Conv1D) the backend's own
 quantized layer."""

@@ -113,11 +113,16 @@ class SearchSpace:
             if not isinstance(rule, Mapping):
                 raise SpaceError(f"{self.source}: {where} must be a mapping. Got {rule!r} instead.")
             selectors = [k for k in _SELECTORS if k in rule]
-            unknown_keys = set(rule) - {*_SELECTORS, "schemes"}
+            unknown_keys = set(rule) - {*_SELECTORS, "schemes", "optional"}
             if len(selectors) != 1 or unknown_keys or "schemes" not in rule:
                 raise SpaceError(
-                    f"{self.source}: {where} must have exactly one of 'type', 'regex', 'name' and a "
-                    f"'schemes' list. Got {dict(rule)!r} instead."
+                    f"{self.source}: {where} must have exactly one of 'type', 'regex', 'name', a "
+                    f"'schemes' list and optionally 'optional: true'. Got {dict(rule)!r} instead."
+                )
+            if not isinstance(rule.get("optional", False), bool):
+                raise SpaceError(
+                    f"{self.source}: {where}.optional must be true or false (true: the rule may "
+                    f"match no layer). Got {rule['optional']!r} instead."
                 )
             self._check_schemes(f"{where}.schemes", rule["schemes"])
         for key, scheme in self.pin.items():
@@ -248,12 +253,15 @@ class SearchSpace:
     def _rule_hits(
         self, i: int, rule: Mapping[str, Any], modules: dict[str, nn.Module]
     ) -> list[str]:
-        """The layers ``rules[i]`` selects (by type, regex or name); a rule matching none is refused."""
+        """The layers ``rules[i]`` selects (by type, regex or name); a rule matching none is
+        refused (a typo would otherwise go unnoticed) unless it says ``optional: true``, as the
+        bundled spaces' rules do: they fit models they were not written for (a convolutional
+        network without a Linear layer)."""
         names = list(modules)
         where = f"{self.source}: rules[{i}]"
         if "type" in rule:
             hit = [n for n in names if type(modules[n]).__name__ == rule["type"]]
-            if not hit:
+            if not hit and not rule.get("optional", False):
                 kinds = sorted({type(m).__name__ for m in modules.values()})
                 raise SpaceError(
                     f"{where}.type {rule['type']!r} matches no layer; layer types: {kinds}."
@@ -267,12 +275,14 @@ class SearchSpace:
                     f"{where}.regex is not a valid regular expression: {exc}."
                 ) from None
             hit = [n for n in names if pattern.fullmatch(n)]
-            if not hit:
+            if not hit and not rule.get("optional", False):
                 raise SpaceError(
                     f"{where}.regex {rule['regex']!r} matches no layer. Layers: {_listing(names)}."
                 )
             return hit
         if rule["name"] not in modules:
+            if rule.get("optional", False):
+                return []
             raise SpaceError(
                 f"{where}.name: layer {rule['name']!r} is not a quantizable layer of the model. "
                 f"Layers: {_listing(names)}."
@@ -445,7 +455,7 @@ def model_family(model: nn.Module) -> str:
     modules = list(model.modules())
     if any(isinstance(m, _TRANSFORMER_PARTS) for m in modules):
         return "transformer"
-    if any(isinstance(m, (nn.Conv1d, nn.Conv2d)) for m in modules):
+    if any(isinstance(m, nn.modules.conv._ConvNd) for m in modules):
         return "cnn"
     return "mlp"
 

@@ -1,16 +1,20 @@
-"""Layers quantized by what they are: Linear subclasses, HF Conv1D, MultiheadAttention.out_proj."""
+"""Layers quantized by what they are: Linear subclasses, HF Conv1D, MultiheadAttention.out_proj,
+transposed and 3-D convolutions."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
+import torch.nn.functional as F
 from helpers import ReadsWeights
 from torch import nn
 
 from mpsearch._data import output_tensor, run_model
 from mpsearch.backends import collect_activation_ranges, quantize
 from mpsearch.layers import quantizable_layers, swapped
-from mpsearch.layers._layers import CalledOutProj, standard_form
+from mpsearch.layers._layers import CalledOutProj, input_major, output_major, standard_form
 from mpsearch.workloads import load_workload
 from mpsearch.workloads._zoo import zoo_available
 
@@ -136,3 +140,103 @@ def test_a_layer_whose_weight_is_read_not_called_stays_fp32_with_calib(backend: 
         assert _rel_error(q(x), model(x)) < 0.05
     with pytest.raises(RuntimeError):  # without calib nothing says which layers are only read
         quantize(model, "w8a8", backend=backend)(x)
+
+
+TRANSPOSED = [
+    nn.ConvTranspose1d(4, 6, 3, stride=2),
+    nn.ConvTranspose2d(4, 6, 3, stride=2, padding=1, output_padding=1, groups=2),
+    nn.ConvTranspose3d(2, 4, (1, 3, 3), stride=(1, 2, 2), bias=False),
+]
+
+
+def _input(layer: nn.Module) -> torch.Tensor:
+    return torch.randn(2, layer.in_channels, *(5 for _ in layer.kernel_size))
+
+
+@pytest.mark.parametrize("layer", TRANSPOSED, ids=lambda m: type(m).__name__)
+def test_a_transposed_conv_is_quantized_per_output_channel(layer: nn.Module) -> None:
+    """The simulated w8a16 weight is the layer's weight fake-quantized with one scale per
+    output channel (in its own layout), and the layer's own operation runs on it."""
+    torch.manual_seed(0)
+    layer = layer.eval()
+    q = quantize(nn.Sequential(layer), "w8a16", backend="simulate")[0]
+    rows = output_major(layer.weight.detach(), layer.groups)  # [out, in / groups, *kernel]
+    assert rows.shape[0] == layer.out_channels
+    scale = rows.reshape(len(rows), -1).abs().amax(1) / 127
+    codes = (rows / scale.reshape(-1, *[1] * (rows.dim() - 1))).round()
+    expected = input_major(codes * scale.reshape(-1, *[1] * (rows.dim() - 1)), layer.groups)
+    assert torch.equal(q.weight_q.float(), expected.bfloat16().float())
+    x = _input(layer)
+    conv = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+    ref = conv[len(layer.kernel_size)](
+        x.bfloat16(), expected.bfloat16(), None if layer.bias is None else layer.bias.bfloat16(),
+        layer.stride, layer.padding, layer.output_padding, layer.groups, layer.dilation,
+    )  # fmt: skip
+    with torch.inference_mode():
+        assert torch.equal(q(x), ref.float())
+
+
+@pytest.mark.parametrize(
+    "layer", [*TRANSPOSED, nn.Conv3d(3, 4, 3, padding=1)], ids=lambda m: type(m).__name__
+)
+def test_conv3d_and_transposed_convs_run_float_schemes_on_the_cpu_backend(layer: nn.Module) -> None:
+    """fp32 is the user's layer as it is, bf16 the layer in bf16 (bitwise torch's); integer schemes
+    are refused before any work, naming what the backend runs for the layer."""
+    torch.manual_seed(0)
+    net = nn.Sequential(layer.eval())
+    x = _input(layer)
+    fp32, bf16 = (quantize(net, s, backend="cpu") for s in ("fp32", "bf16"))
+    assert type(fp32[0]) is type(layer)
+    with torch.inference_mode():
+        assert torch.equal(fp32(x), layer(x))
+        assert torch.equal(bf16(x), copy.deepcopy(layer).bfloat16()(x.bfloat16()).float())
+    with pytest.raises(ValueError, match=r"runs in fp32, bf16 and fp16 only.*'fp32', 'bf16'"):
+        quantize(net, "w8a8", backend="cpu")
+
+
+class VideoUpsampler(nn.Module):
+    """A 3-D conv stem with BatchNorm, a transposed conv upsampling its features, a classifier."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv3d(3, 8, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm3d(8)
+        self.up = nn.ConvTranspose2d(8, 8, 2, stride=2)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, clip: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn(self.stem(clip))).mean(2)  # [B, 8, H, W]
+        return self.head(torch.relu(self.up(x)).mean((2, 3)))
+
+
+def test_a_model_of_3d_and_transposed_convs_runs_the_whole_pipeline(tmp_path) -> None:
+    """profile (graph runner) -> measure_cost on cpu -> search -> quantize
+    on cpu -> export; the cost model's memory is what the quantized model holds."""
+    import mpsearch as mps
+    from mpsearch.cost import held_bytes
+
+    torch.manual_seed(0)
+    model = VideoUpsampler().eval()
+    calib = [torch.randn(4, 3, 2, 8, 8) for _ in range(3)]
+    prof = mps.profile(model, calib, schemes=["bf16", "w8a8"], progress=False)
+    assert prof.info["runner"] == "graph:fx"
+    assert prof.table["e2e"].notna().all()
+    cost = mps.measure_cost(
+        model, calib[0], schemes=["fp32", "bf16", "w8a8"], backend="cpu", repeats=1, warmup=0
+    )
+    refused = cost.table[~cost.table["supported"]]
+    assert set(zip(refused["layer"], refused["scheme"], strict=True)) == {
+        ("stem", "w8a8"),
+        ("up", "w8a8"),
+    }
+    res = mps.search(model, profile=prof, cost=cost, eval_data=calib, n_trials=20, seed=0)
+    plan = res.best()
+    assert plan.resolve_choices(model)["up"] in ("fp32", "bf16")
+    quantized = mps.quantize(model, plan, backend="cpu")
+    assert cost.memory_bytes(plan) == held_bytes(quantized)
+    bf16 = mps.PrecisionPlan({"stem": "bf16", "up": "bf16"})
+    assert cost.memory_bytes(bf16) == held_bytes(mps.quantize(model, bf16, backend="cpu"))
+    exported = mps.export_plan(
+        model, plan, tmp_path, example_input=calib[0], formats=("plan", "state_dict")
+    )
+    assert {r.format: r.check for r in exported.records}["plan"] == 0.0

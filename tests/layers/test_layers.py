@@ -6,7 +6,7 @@ from helpers import ReadsWeights
 from torch import nn
 
 from mpsearch.backends import quantize
-from mpsearch.layers import quantizable_layers, swapped
+from mpsearch.layers import coverage, fold_batchnorm, quantizable_layers, swapped, weight_shapes
 from mpsearch.layers._layers import watched
 from mpsearch.plan import PrecisionPlan
 
@@ -64,3 +64,25 @@ def test_replacements_stand_in_for_the_weight_dtype_model_code_reads() -> None:
         with watched(model, {"proj": seen.append}):
             assert model.proj.weight is not None and torch.equal(model(x), want)
         assert len(seen) == 1
+
+
+def test_conv3d_and_transposed_convs_are_quantizable_and_batchnorm3d_folds() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv3d(3, 8, 3, padding=1, bias=False),
+        nn.BatchNorm3d(8),
+        nn.ReLU(),
+        nn.ConvTranspose3d(8, 4, (1, 2, 2), stride=(1, 2, 2)),
+    )
+    with torch.no_grad():  # running statistics other than (0, 1)
+        net[1].running_mean.uniform_(-1, 1)
+        net[1].running_var.uniform_(0.5, 2)
+    net.eval()
+    assert list(quantizable_layers(net)) == ["0", "3"]
+    assert [m.module for m in coverage(net).left_out] == ["1"]  # the BatchNorm alone
+    assert weight_shapes(net[3]) == [(4, 8, 1, 2, 2)]  # by output channel
+    folded = fold_batchnorm(net)
+    assert not any(isinstance(m, nn.BatchNorm3d) for m in folded.modules())
+    x = torch.randn(2, 3, 2, 6, 6)
+    with torch.inference_mode():
+        torch.testing.assert_close(folded(x), net(x), rtol=1e-5, atol=1e-5)

@@ -177,3 +177,32 @@ def test_layers_with_several_weight_matrices_resolve_in_the_default_space() -> N
     cost = measure_cost(wl.model, wl.example_input, schemes=["fp32", "w8a8"], backend="cpu")
     res = search(wl.model, profile=prof, cost=cost, evaluate=wl.evaluate, n_trials=6)
     assert set(res.best().resolve(wl.model)) == {"lstm", "proj"}
+
+
+class FullyConvolutional(nn.Module):
+    """A segmentation-style net: convolutions and a transposed convolution, no Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = nn.Conv2d(3, 16, 3, stride=2, padding=1)
+        self.up = nn.ConvTranspose2d(16, 8, 2, stride=2)
+        self.head = nn.Conv2d(8, 4, 1)
+
+
+def test_the_bundled_cnn_space_fits_a_network_without_linear_layers() -> None:
+    """Its Linear rule is optional (the space refused such a network before); a user's rule
+    that matches nothing is still refused."""
+    model = FullyConvolutional()
+    assert model_family(model) == "cnn"
+    resolved = load_space(None, model).resolve(model)
+    assert resolved.layers == ["down", "up", "head"]
+    assert resolved.choices["up"] == ["fp32", "bf16", "w8a8", "w8a16"]
+    strict = SearchSpace.from_dict(
+        {"schemes": ["bf16"], "rules": [{"type": "Linear", "schemes": ["w8a8"]}]}
+    )
+    with pytest.raises(SpaceError, match="rules\\[0\\].type 'Linear' matches no layer"):
+        strict.resolve(model)
+    with pytest.raises(SpaceError, match="rules\\[0\\].optional must be true or false"):
+        SearchSpace.from_dict(
+            {"schemes": ["bf16"], "rules": [{"type": "Linear", "schemes": ["w8a8"], "optional": 1}]}
+        )
