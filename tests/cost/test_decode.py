@@ -12,6 +12,7 @@ import torch
 import mpsearch as mps
 from mpsearch.backends._compiled import _cpp_compiler_missing
 from mpsearch.cost import KVDecoder, measure_decode
+from mpsearch.cost import _decode as decode_module
 from mpsearch.cost._decode import MIN_STATIC_CAPACITY, DecodeTimer, _native_gqa
 
 transformers = pytest.importorskip("transformers")
@@ -71,7 +72,10 @@ needs_compiler = pytest.mark.skipif(
 
 
 @needs_compiler
-def test_compiled_decode_equals_eager_decode() -> None:
+def test_compiled_decode_equals_eager_decode(monkeypatch) -> None:
+    # the graph is compiled, checked and run for real; only its race against the eager step
+    # (timings, which a loaded machine can flip) is decided here, for the compiled one
+    monkeypatch.setattr(decode_module, "_race", lambda *args, **kwargs: (1.0, 2.0))
     model = _llama()
     prompt = torch.tensor([[5, 17, 42, 8]])
     eager = measure_decode(model, prompt, new_tokens=10, repeats=1)
