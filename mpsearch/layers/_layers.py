@@ -18,7 +18,7 @@ TRANSPOSED_CONV_TYPES: tuple[type[nn.Module], ...] = (
     nn.ConvTranspose2d,
     nn.ConvTranspose3d,
 )
-"""Transposed convolutions: quantized per output channel on :func:`standard_form`'s weight."""
+"""Transposed convolutions: quantized per output channel (:func:`weight_rows`)."""
 
 QUANTIZABLE_TYPES: tuple[type[nn.Module], ...] = (
     nn.Linear,
@@ -61,7 +61,7 @@ def _probe_input(layer: nn.Module) -> Tensor | None:
     if isinstance(layer, nn.Linear):
         shape = [2, layer.in_features]
     elif isinstance(layer, TRANSPOSED_CONV_TYPES):
-        shape = [1, layer.in_channels, *(3 for _ in layer.kernel_size)]
+        shape = [1, layer.in_channels, *(2 * p + 3 for p in layer.padding)]  # a non-empty output
     elif isinstance(layer, nn.Conv1d | nn.Conv2d | nn.Conv3d):
         sizes = zip(layer.kernel_size, layer.dilation, layer.stride, strict=True)
         shape = [1, layer.in_channels, *(d * (k - 1) + s + 1 for k, d, s in sizes)]
@@ -187,8 +187,8 @@ def layer_weights(layer: nn.Module) -> dict[str, Tensor]:
     in, ...]`` so that a per-channel scale is one per row:
 
     - Linear, Conv, Embedding: ``weight`` (an Embedding's rows are its tokens: per-row scales);
-      HF ``Conv1D``: its transposed weight; a transposed convolution: its weight by output
-      channel (:func:`standard_form`);
+      HF ``Conv1D``: its transposed weight (:func:`standard_form`); a transposed convolution:
+      its weight by output channel (:func:`weight_rows`);
     - LSTM / GRU: every ``weight_ih_l{k}`` and ``weight_hh_l{k}`` (``_reverse`` too), each
       ``[gates * hidden, in]``: one row per gate row (4 gates for an LSTM, 3 for a GRU).
 
@@ -238,8 +238,8 @@ def quantizable_layers(model: nn.Module, *, require: bool = True) -> dict[str, n
     """``{name: module}`` of the quantizable layers, in model order: Linear, Conv1d / 2d / 3d,
     ConvTranspose1d / 2d / 3d and their subclasses (e.g. ``nn.MultiheadAttention``'s
     ``out_proj``), LSTM and GRU (every weight matrix quantized per gate row), Embedding
-    (weight-only), and Hugging Face's
-    ``Conv1D`` (GPT-2), run as a Linear on its transposed weight (:func:`standard_form`).
+    (weight-only), and Hugging Face's ``Conv1D`` (GPT-2), run as a Linear on its transposed
+    weight (:func:`standard_form`).
 
     Names are those of ``model.named_modules()``. A model with none is refused unless
     ``require=False``. What they leave out (norms, biases, bare parameters such as

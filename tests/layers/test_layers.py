@@ -86,3 +86,16 @@ def test_conv3d_and_transposed_convs_are_quantizable_and_batchnorm3d_folds() -> 
     x = torch.randn(2, 3, 2, 6, 6)
     with torch.inference_mode():
         torch.testing.assert_close(folded(x), net(x), rtol=1e-5, atol=1e-5)
+
+
+def test_a_transposed_conv_subclass_that_computes_as_its_base_is_quantizable() -> None:
+    class Logged(nn.ConvTranspose2d):
+        def forward(self, x: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
+            return super().forward(x, output_size)
+
+    class Doubled(nn.ConvTranspose2d):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return 2 * super().forward(x)
+
+    net = nn.Sequential(Logged(2, 4, 3, padding=3), Doubled(4, 4, 3, padding=3))
+    assert list(quantizable_layers(net)) == ["0"]
