@@ -45,6 +45,21 @@ def applicability_error(layer: nn.Module, scheme: Scheme) -> str | None:
     return None
 
 
+def _with_plan_kernels(impl: Backend, plan: PrecisionPlan) -> Backend:
+    """``impl`` building the kernels a search's cost model chose for ``plan`` by measurement
+    (``plan.metadata["kernels"]``) where ``impl`` is that backend without choices of its own;
+    a kernel this machine lacks falls back to the default."""
+    recorded = plan.metadata.get("kernels")
+    if (
+        not isinstance(recorded, Mapping)
+        or recorded.get("backend") != impl.name
+        or not hasattr(impl, "tuned")
+        or getattr(impl, "choices", None)
+    ):
+        return impl
+    return impl.tuned(dict(recorded.get("choices") or {}))
+
+
 def takes_act_range(layer: nn.Module) -> bool:
     """Whether ``layer``'s quantized form takes a static activation range: not an embedding
     (token ids) nor an LSTM / GRU (the dynamic RNN kernel quantizes each step's state)."""
@@ -124,6 +139,10 @@ def quantize(
     one, from ``calib`` (a model that ``Rounder.apply`` rounded is not rounded again). The
     rounded weights run on the scheme's own kernels.
 
+    A plan from a search carries the kernels its cost model chose by measurement
+    (``plan.metadata["kernels"]``: fbgemm or oneDNN int8 Linear...): ``backend`` of that name,
+    given by name, builds them (a kernel this machine lacks: the default).
+
     With ``calib``, layers that its first batch never calls (the model reads their weights
     directly, as Mamba's ``conv1d``) stay fp32, with a warning; the search keeps them fp32
     too. Without it they are replaced, and code that computes with such a weight
@@ -136,7 +155,7 @@ def quantize(
     """
     check_module(model)
     plan = as_plan(plan)
-    impl = get_backend(backend)
+    impl = _with_plan_kernels(get_backend(backend), plan)
     choices = plan.resolve_choices(model)
     assignment = plan.resolve(model)
     check_assignment(model, assignment, impl)

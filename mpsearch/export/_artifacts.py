@@ -86,8 +86,9 @@ def load_quantized(model: nn.Module, path: str | Path) -> nn.Module:
         )
     plan = PrecisionPlan.from_json(payload["plan_json"])
     ranges = {k: (v[0], v[1]) for k, v in payload["act_ranges"].items()}
-    # the file holds the (rounded) tensors: the structure is the plan's schemes alone
-    schemes = PrecisionPlan.from_assignment(plan.resolve(model))
+    # the file holds the (rounded) tensors: the structure is the plan's schemes and kernels
+    kernels = {"kernels": plan.metadata["kernels"]} if "kernels" in plan.metadata else None
+    schemes = PrecisionPlan.from_assignment(plan.resolve(model), metadata=kernels)
     qm = build_quantized(model, schemes, backend=payload["backend"], ranges=ranges)
     qm.load_state_dict(payload["state_dict"], strict=True)
     return qm

@@ -5,12 +5,14 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import Any
 
 import numpy as np
 import optuna
 import pandas as pd
 
 from mpsearch.plan import PrecisionPlan
+from mpsearch.schemes import get_scheme
 from mpsearch.search._budget import Budget, as_budget
 from mpsearch.search._pareto import hypervolume, pareto_mask
 from mpsearch.search._realcheck import verified_frame
@@ -72,6 +74,10 @@ class SearchResult:
     fp32_memory_mb: float
     fp32_latency_ms: float
     wall_time_s: float = 0.0
+    kernels: dict[str, Any] = field(default_factory=dict, repr=False)
+    """``{"backend": name, "choices": {choice key: implementation}}``: the kernels the cost
+    model chose by measurement (empty when it chose none); each plan carries those of its
+    schemes in ``metadata["kernels"]``, which :func:`~mpsearch.quantize` then builds."""
     _cache: dict = field(default_factory=dict, repr=False)
 
     @cached_property
@@ -178,6 +184,14 @@ class SearchResult:
             value = getattr(row, f"real_{c}", np.nan)
             if not np.isnan(value):
                 metadata[f"real_{c}"] = float(value)
+        schemes = {f"{get_scheme(choice).name} " for choice in row.assignment.values()}
+        picked = {
+            key: kernel
+            for key, kernel in self.kernels.get("choices", {}).items()
+            if key.startswith(tuple(schemes))
+        }
+        if picked:
+            metadata["kernels"] = {"backend": self.kernels["backend"], "choices": picked}
         return PrecisionPlan.from_assignment(row.assignment, metadata=metadata)
 
     @property

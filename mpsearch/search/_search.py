@@ -202,6 +202,8 @@ class _Prepared:
             wall_time_s=wall_time_s,
         )
         backend = getattr(self.cost, "backend", None)
+        if getattr(backend, "choices", None):
+            result.kernels = {"backend": backend.name, "choices": dict(backend.choices)}
         if self.verify and getattr(backend, "real", False) and len(result.pareto):
             verify_front(
                 self.study,

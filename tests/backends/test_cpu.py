@@ -301,3 +301,29 @@ def test_given_activation_ranges_equal_observed_ones() -> None:
         assert torch.equal(given(x), observed(x))
     with pytest.raises(ValueError, match="'act_ranges'"):
         mps.quantize(net, PLAN, backend="cpu", calib=batches, act_ranges=ranges)
+
+
+def test_a_plan_carrying_kernel_choices_is_built_with_them() -> None:
+    """``plan.metadata["kernels"]`` (what a search's cost model chose) decides the kernel
+    ``quantize(..., backend="cpu")`` builds; another backend, or one given its own choices,
+    ignores it."""
+    from mpsearch.backends._kernels import choice_key
+    from mpsearch.schemes import get_scheme
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(32, 16)).eval()
+    w8a8 = get_scheme("w8a8")
+    found = CpuBackend().candidates(net[0], w8a8)
+    if len(found) < 2:
+        pytest.skip("one int8 Linear kernel on this machine: nothing to choose")
+    other = found[1]  # not the default
+    choice = {choice_key(net[0], w8a8): other.name}
+    plan = mps.PrecisionPlan(
+        {"0": "w8a8"}, metadata={"kernels": {"backend": "cpu", "choices": choice}}
+    )
+    plan = mps.PrecisionPlan.from_json(plan.to_json())
+    default = type(mps.quantize(net, "w8a8", backend="cpu")[0])
+    assert other.build is not default
+    assert type(mps.quantize(net, plan, backend="cpu")[0]) is other.build
+    assert type(mps.quantize(net, plan, backend=CpuBackend(choices={"x": "y"}))[0]) is default
+    assert type(mps.quantize(net, plan, backend="simulate")[0]).__name__ == "SimulatedLayer"

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 import mpsearch as mps
+from mpsearch.cost import held_bytes
 from mpsearch.plan import PrecisionPlan
 from mpsearch.search import Budget, SearchOptions, SearchResult, SearchSpace, search
 from mpsearch.search._realcheck import VERIFIED_ATTR, measure_plans, verified_frame
@@ -83,6 +84,23 @@ def test_the_front_is_run_on_the_cost_models_backend(cpu_search) -> None:
     # int8 kernels round and accumulate differently from the simulation
     assert (checked["real_quality"] != checked["quality"]).any()
     assert res.best().metadata["trial"] in set(checked["trial"])
+
+
+def test_front_plans_carry_the_kernels_the_cost_model_chose(cpu_search) -> None:
+    """``quantize(model, plan, backend="cpu")`` builds what the cost model measured: the same
+    modules as with ``cost.backend``, holding the bytes the cost model predicts."""
+    net, _, res, cost = cpu_search
+    assert res.kernels == {"backend": "cpu", "choices": cost.backend.choices}
+    for plan in res.plans:
+        schemes = set(plan.resolve_choices(net).values())
+        carried = plan.metadata.get("kernels", {"choices": {}})["choices"]
+        assert carried == {
+            k: v for k, v in cost.backend.choices.items() if k.split(" ")[0] in schemes
+        }
+        by_name = mps.quantize(net, plan, backend="cpu")
+        measured = mps.quantize(net, plan, backend=cost.backend)
+        assert [type(m) for m in by_name] == [type(m) for m in measured]
+        assert held_bytes(by_name) == cost.memory_bytes(plan)
 
 
 def test_verify_zero_or_none_skips_the_check() -> None:
