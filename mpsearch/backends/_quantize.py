@@ -140,8 +140,9 @@ def quantize(
     rounded weights run on the scheme's own kernels.
 
     A plan from a search carries the kernels its cost model chose by measurement
-    (``plan.metadata["kernels"]``: fbgemm or oneDNN int8 Linear...): ``backend`` of that name,
-    given by name, builds them (a kernel this machine lacks: the default).
+    (``plan.metadata["kernels"]``: fbgemm or oneDNN int8 Linear...): quantized on that backend
+    by name (``backend="cpu"``) it gets them (a kernel this machine lacks: the default); a
+    backend object with choices of its own (``cost.backend``) keeps those.
 
     With ``calib``, layers that its first batch never calls (the model reads their weights
     directly, as Mamba's ``conv1d``) stay fp32, with a warning; the search keeps them fp32
