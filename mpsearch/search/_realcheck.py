@@ -3,6 +3,7 @@ end-to-end latency next to the user's fp32 model."""
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 from collections.abc import Callable, Mapping
@@ -47,15 +48,15 @@ def measure_plans(
     latency) and ``note``: why a plan could not run (quantize, evaluate or timing raised, or
     ``evaluate`` gave no finite number; its figures are then NaN), empty otherwise.
     ``progress`` shows a progress bar over the plans. Plans that give every layer the same
-    choice (the chosen plan is often one of the uniform ones) are quantized, evaluated and
-    timed once, and get the same figures.
+    choice and carry the same kernels (the chosen plan is often one of the uniform ones) are
+    quantized, evaluated and timed once, and get the same figures.
 
     >>> measure_plans(net, {"w8a8": PrecisionPlan.uniform("w8a8")}, backend="cpu",
     ...               evaluate=score, time_module=cost.time_module)  # doctest: +SKIP
     """
     models: dict[str, nn.Module] = {"fp32": model}
     rows = {"fp32": {"plan": "fp32", "quality": quality_value(evaluate(model)), "note": ""}}
-    first: dict[tuple[tuple[str, str], ...], str] = {}  # resolved choices -> the plan measured
+    first: dict[tuple[Any, ...], str] = {}  # resolved choices and kernels -> the plan measured
     same: dict[str, str] = {}  # a plan -> the earlier plan of the same choices
     for name, plan in tqdm(plans.items(), desc="measure", disable=not progress, leave=False):
         key = _choices(model, plan)
@@ -90,13 +91,15 @@ def measure_plans(
     return df[list(PLAN_COLUMNS)]
 
 
-def _choices(model: nn.Module, plan: PrecisionPlan) -> tuple[tuple[str, str], ...] | None:
-    """Every layer's choice under ``plan``, comparable; ``None`` where the plan does not
-    resolve on ``model`` (:func:`quantize` then says why)."""
+def _choices(model: nn.Module, plan: PrecisionPlan) -> tuple[Any, ...] | None:
+    """Every layer's choice under ``plan`` and the kernels it carries
+    (``metadata["kernels"]``, which :func:`quantize` builds), comparable; ``None`` where the
+    plan does not resolve on ``model`` (:func:`quantize` then says why)."""
     try:
-        return tuple(sorted(plan.resolve_choices(model).items()))
+        choices = tuple(sorted(plan.resolve_choices(model).items()))
     except Exception:
         return None
+    return choices, json.dumps(plan.metadata.get("kernels"), sort_keys=True)
 
 
 def _why(exc: Exception) -> str:

@@ -161,6 +161,27 @@ def test_plans_of_the_same_choices_are_measured_once(monkeypatch) -> None:
     assert df.loc[4, "note"].startswith("cannot run")  # gptq without calibration data
 
 
+def test_plans_of_the_same_choices_but_other_kernels_are_measured_apart(monkeypatch) -> None:
+    """A searched plan carrying its measured kernels is not the uniform plan of its choices:
+    ``quantize`` builds other kernels for it."""
+    from mpsearch.search import _realcheck
+
+    net, quantized = _net(), []
+    real_quantize = _realcheck.quantize
+    monkeypatch.setattr(
+        _realcheck, "quantize", lambda m, p, **kw: quantized.append(p) or real_quantize(m, p, **kw)
+    )
+    kernels = {"backend": "cpu", "choices": {"w8a8 Linear(...)": "fbgemm"}}
+    plans = {
+        "uniform:w8a8": PrecisionPlan.uniform("w8a8"),
+        "best": PrecisionPlan({}, default="w8a8", metadata={"kernels": kernels}),
+    }
+    measure_plans(
+        net, plans, backend="simulate", evaluate=_score(net), time_module=lambda m: 1.0, rounds=1
+    )
+    assert quantized == list(plans.values())
+
+
 # trial: (plan, quality on simulate, memory MB, predicted ms); fp32 10 MB, 10 ms
 FRONT = {
     0: ("fp32", 1.00, 10.0, 10.0),
