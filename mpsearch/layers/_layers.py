@@ -230,7 +230,11 @@ def weight_shapes(layer: nn.Module) -> list[tuple[int, ...]]:
 
     >>> weight_shapes(nn.Linear(4, 2)), weight_shapes(nn.LSTM(4, 8))
     ([(2, 4)], [(32, 4), (32, 8)])
+    >>> weight_shapes(nn.ConvTranspose2d(4, 6, 3, groups=2))
+    [(6, 2, 3, 3)]
     """
+    if isinstance(layer, TRANSPOSED_CONV_TYPES):  # without copying the weight by rows
+        return [(layer.out_channels, layer.in_channels // layer.groups, *layer.kernel_size)]
     return [tuple(w.shape) for w in layer_weights(layer).values()]
 
 

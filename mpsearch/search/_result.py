@@ -184,11 +184,11 @@ class SearchResult:
             value = getattr(row, f"real_{c}", np.nan)
             if not np.isnan(value):
                 metadata[f"real_{c}"] = float(value)
-        schemes = {f"{get_scheme(choice).name} " for choice in row.assignment.values()}
-        picked = {
+        schemes = {get_scheme(choice).name for choice in row.assignment.values()}
+        picked = {  # a choice key is "<scheme> <layer signature>"
             key: kernel
             for key, kernel in self.kernels.get("choices", {}).items()
-            if key.startswith(tuple(schemes))
+            if key.split(" ", 1)[0] in schemes
         }
         if picked:
             metadata["kernels"] = {"backend": self.kernels["backend"], "choices": picked}
