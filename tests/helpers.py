@@ -15,8 +15,9 @@ def sqnr_db(ref: torch.Tensor, out: torch.Tensor) -> float:
 
 class ReadsWeights(nn.Module):
     """Model code that reads layers besides calling them: a dtype check before ``proj`` (as
-    Hugging Face ViT and T5 do) and ``gate``'s weight used directly, never called (as Mamba's
-    ``dt_proj``)."""
+    Hugging Face ViT and T5 do), ``head``'s weight shape and settings (as CLIP's
+    ``weight.shape[0]`` and Whisper's ``num_embeddings``) and ``gate``'s weight used directly,
+    never called (as Mamba's ``dt_proj``)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -27,4 +28,5 @@ class ReadsWeights(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.proj(x.to(self.proj.weight.dtype))
-        return self.head(torch.relu(h @ self.gate.weight.T))
+        n = min(self.head.weight.shape[0], self.head.out_features)
+        return self.head(torch.relu(h @ self.gate.weight.T))[..., :n]

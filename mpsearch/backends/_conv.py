@@ -236,8 +236,7 @@ class DequantConv(RealLayer):
         rows = weight.reshape(weight.shape[0], -1)  # one row per output channel, as simulated
         self.table = QuantizedEmbedding(nn.Embedding(*rows.shape, _weight=rows), scheme)
         self.conv = next(f for kind, f in _CONV_FUNCTIONS.items() if isinstance(layer, kind))
-        self.padding = layer.padding if layer.padding_mode == "zeros" else 0
-        self.stride, self.dilation, self.groups = layer.stride, layer.dilation, layer.groups
+        self.conv_padding = layer.padding if layer.padding_mode == "zeros" else 0  # pad() did
         bias = layer.bias
         self.register_buffer("bias", None if bias is None else bias.detach().to(self.dtype).clone())
 
@@ -248,7 +247,8 @@ class DequantConv(RealLayer):
         x = x.to(self.dtype)
         if self.geometry.padding_mode != "zeros":
             x = self.geometry.pad(x)
-        y = self.conv(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        g = self.geometry
+        y = self.conv(x, weight, self.bias, g.stride, self.conv_padding, g.dilation, g.groups)
         return y.to(out_dtype)
 
 

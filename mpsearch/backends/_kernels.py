@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from torch._ops import OpOverload, OpOverloadPacket
 
 from mpsearch.backends._registry import Backend
-from mpsearch.layers._layers import standard_form
+from mpsearch.layers._layers import is_stand_in, standard_form
 from mpsearch.schemes import QuantSpec, Scheme
 from mpsearch.schemes._fakequant import qparams, quantize_codes
 
@@ -48,7 +48,17 @@ class RealLayer(nn.Module):
         return f"scheme={self.scheme_name!r}"
 
 
-def _tensor_bytes(t: Tensor) -> int:
+def tensor_bytes(t: Tensor) -> int:
+    """Bytes ``t`` holds: a broadcast tensor (a stride of 0) holds its storage's, not one per
+    element; a replaced layer's stand-in weight (:func:`is_stand_in`) none.
+
+    >>> tensor_bytes(torch.zeros(3, 4)), tensor_bytes(torch.zeros(1, 1).expand(3, 4))
+    (48, 4)
+    """
+    if is_stand_in(t):
+        return 0
+    if t.layout == torch.strided and t.device.type != "meta" and 0 in t.stride() and t.numel():
+        return int(t.untyped_storage().nbytes())
     return int(t.numel()) * int(t.element_size())
 
 
@@ -67,10 +77,10 @@ def storage_bytes(module: nn.Module) -> int:
         if key in seen:
             continue
         seen.add(key)
-        total += _tensor_bytes(t)
+        total += tensor_bytes(t)
     for m in module.modules():
         if isinstance(m, RealLayer):
-            total += sum(_tensor_bytes(t) for t in m.packed_tensors().values())
+            total += sum(tensor_bytes(t) for t in m.packed_tensors().values())
     return total
 
 
@@ -248,6 +258,12 @@ def _onednn_overload(op: OpOverloadPacket, scale: Tensor | float) -> OpOverload:
     return op.tensor if isinstance(scale, Tensor) else op.default
 
 
+_W_ZERO = torch.zeros((), dtype=torch.long)
+"""The weight zero point the oneDNN int8 kernels take: weights are symmetric, and one 0-d zero
+stands for every channel (oneDNN and Inductor read it so). Not held by each layer: a
+per-channel int64 vector held 8 bytes a channel, twice the scales."""
+
+
 class _PackedInt8(RealLayer):
     """Shared state of the int8 x int8 modules (oneDNN, fbgemm): an opaque packed weight, saved
     as its dense int8 codes."""
@@ -278,7 +294,8 @@ class _PackedInt8(RealLayer):
         error_msgs: list[str],
     ) -> None:
         key = prefix + "weight_int8"
-        rest = {k: v for k, v in state_dict.items() if k != key}
+        old = prefix + "w_zero"  # per-channel zeros that state dicts of earlier versions hold
+        rest = {k: v for k, v in state_dict.items() if k not in (key, old)}
         super()._load_from_state_dict(
             rest, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
@@ -321,7 +338,6 @@ class Int8Linear(_PackedInt8):
 
     def __init__(self, layer: nn.Linear, scheme: Scheme, *, act_range: ActRange = None) -> None:
         super().__init__()
-        self.register_buffer("w_zero", torch.zeros(layer.out_features, dtype=torch.long))
         _init_int8_linear(self, layer, scheme, act_range)
 
     def _pack(self, codes: Tensor) -> Tensor:
@@ -340,7 +356,7 @@ class Int8Linear(_PackedInt8):
         """The kernel on uint8 activation codes ``q`` (``[M, in_features]``) of per-tensor
         ``scale`` and ``zero`` point (numbers or 0-d tensors): float32 ``[M, out_features]``."""
         return _onednn_overload(torch.ops.onednn.qlinear_pointwise, scale)(
-            q, scale, zero, self._packed, self.w_scale, self.w_zero, self.bias,
+            q, scale, zero, self._packed, self.w_scale, _W_ZERO, self.bias,
             1.0, 0, torch.float32, "none", [], "",
         )  # fmt: skip
 
@@ -439,13 +455,16 @@ class Int8Conv(_PackedInt8):
         pad = (lambda v: (0, *v)) if self.is_1d else (lambda v: tuple(v))
         if self.is_1d:
             codes = codes.unsqueeze(2)
-        self.stride = list(pair(layer.stride))
-        self.padding = list(pad(layer.padding))
-        self.dilation = list(pair(layer.dilation))
+        # oneDNN's 2-D forms, apart from the layer's own settings (which model code may read:
+        # Whisper multiplies its convs' ``stride[0]``)
+        self.geometry_2d = (
+            list(pair(layer.stride)),
+            list(pad(layer.padding)),
+            list(pair(layer.dilation)),
+        )
         self.groups = layer.groups
         self.out_channels = layer.out_channels
         self.register_buffer("w_scale", scale.float().contiguous())
-        self.register_buffer("w_zero", torch.zeros(self.out_channels, dtype=torch.long))
         bias = layer.bias
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
         self._packed = self._pack(codes)
@@ -454,7 +473,7 @@ class Int8Conv(_PackedInt8):
     def _pack(self, codes: Tensor) -> Tensor:
         return torch.ops.onednn.qconv_prepack(
             codes.to(torch.int8).contiguous(), self.w_scale, 1.0, 0,
-            self.stride, self.padding, self.dilation, self.groups, None,
+            *self.geometry_2d, self.groups, None,
         )  # fmt: skip
 
     def _dense(self) -> Tensor:
@@ -467,8 +486,8 @@ class Int8Conv(_PackedInt8):
         q, scale, zero = self.act(x)
         q = q.contiguous(memory_format=torch.channels_last)
         y = _onednn_overload(torch.ops.onednn.qconv_pointwise, scale)(
-            q, scale, zero, self._packed, self.w_scale, self.w_zero, self.bias,
-            self.stride, self.padding, self.dilation, self.groups,
+            q, scale, zero, self._packed, self.w_scale, _W_ZERO, self.bias,
+            *self.geometry_2d, self.groups,
             1.0, 0, torch.float32, "none", [], "",
         )  # fmt: skip
         if self.is_1d:

@@ -146,8 +146,9 @@ def quantize(
 
     With ``calib``, layers that its first batch never calls (the model reads their weights
     directly, as Mamba's ``conv1d``) stay fp32, with a warning; the search keeps them fp32
-    too. Without it they are replaced, and code that computes with such a weight
-    fails on its empty stand-in weight.
+    too. Without it they are replaced, and the model computes with such a layer's stand-in
+    weight: NaN (``mpsearch.layers._layers.stand_in``), which int8 layers downstream turn
+    into wrong finite values. Pass ``calib`` for models that read weights.
 
     >>> net = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10)).eval()
     >>> qnet = quantize(net, PrecisionPlan({"0": "w8a8"}, default="bf16"))

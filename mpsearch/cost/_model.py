@@ -18,7 +18,7 @@ from torch import nn
 from mpsearch._data import Batch, run_model
 from mpsearch._validation import check_module, invalid
 from mpsearch.backends import BACKENDS, Backend, get_backend, quantize, storage_bytes
-from mpsearch.backends._kernels import Kernel, KernelBackend, RealLayer, choice_key
+from mpsearch.backends._kernels import Kernel, KernelBackend, RealLayer, choice_key, tensor_bytes
 from mpsearch.backends._quantize import PlanLike, applicability_error, as_plan
 from mpsearch.backends._simulate import SIMULATED_TYPES
 from mpsearch.cost._autotune import TuneCache, fastest
@@ -98,7 +98,7 @@ def held_bytes(model: nn.Module) -> int:
         for t in tensors:
             if _storage_key(t) not in seen:
                 seen.add(_storage_key(t))
-                total += t.numel() * t.element_size()
+                total += tensor_bytes(t)
     return total
 
 
@@ -209,6 +209,7 @@ class CostModel:
         tuning: pd.DataFrame | None = None,
         as_is: Sequence[Sequence[str]] = (),
         never_called: Sequence[str] = (),
+        schemes: Sequence[str] = (),
     ) -> None:
         self.table = table
         self.never_called = list(never_called)  # quantizable layers the model never calls
@@ -226,7 +227,8 @@ class CostModel:
         self.meta = meta
         self.settings = settings
         self.layers: list[str] = list(dict.fromkeys(table["layer"]))
-        self.schemes: list[str] = list(dict.fromkeys(table["scheme"]))
+        # the schemes asked for; the table also holds the variants some layers take instead
+        self.schemes: list[str] = list(schemes) or list(dict.fromkeys(table["scheme"]))
         indexed = table.set_index(["layer", "scheme"])
         self._memory = indexed["memory_bytes"].to_dict()
         self._latency = indexed["latency_ms"].to_dict()
@@ -470,6 +472,7 @@ def measure_cost(
         meta=payload["meta"],
         settings={**opts.settings(), "cold": meta["cold"]},
         never_called=never_called,
+        schemes=payload["schemes"],
     )
 
 
@@ -551,7 +554,9 @@ def _cache_key(
                 for n, shape, calls in shapes
             ],
             "model_bytes": storage_bytes(model),
-            "memory_layout": "shared storages",  # caches before tied weights were split are stale
+            # caches before tied weights were split, before int8 layers dropped their zero
+            # points and before the rows of substituted variants are stale
+            "memory_layout": "shared storages, no int8 zero points, substitutes",
             "repeats": opts.repeats,
             "warmup": opts.warmup,
             "autotune": opts.autotune,
@@ -595,11 +600,18 @@ class _Job:
                 rows.update({(n, s.name): self.row(all_layers[n], n, s) for n in self.names})
                 point = self.uniform_point(s, rows)
             points.append(point)
-        ordered = [rows[(n, s.name)] for n in self.names for s in self.schemes]
+            # the variant a plan of ``s`` gives a layer whose shape ``s`` cannot take (w4a16's
+            # groups of 32 at fan-in 9: w4a16_pc), so that plan has a cost
+            for n, sub in PrecisionPlan.uniform(s.name).substitutions(self.model).items():
+                if n in self.names and (n, sub.used) not in rows:
+                    rows[(n, sub.used)] = self.row(all_layers[n], n, get_scheme(sub.used))
+        order = {n: i for i, n in enumerate(self.names)}
+        ordered = [rows[k] for k in sorted(rows, key=lambda k: order[k[0]])]  # stable: by layer
         table = pd.DataFrame(ordered, columns=COLUMNS)
         rest_bytes, layer_storages = _storage_layout(self.model, self.names)
         fp32_memory = held_bytes(self.model)
         return {
+            "schemes": [s.name for s in self.schemes],
             "rows": [
                 [None if isinstance(v, float) and math.isnan(v) else v for v in r]
                 for r in table.itertuples(index=False)

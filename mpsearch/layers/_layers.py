@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import weakref
 from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import contextmanager
@@ -304,25 +305,54 @@ directly, as Mamba's ``dt_proj``, or the layer is a tied copy never run, as T5's
 the search keeps such a layer in fp32."""
 
 STAND_INS = ("weight", "bias")
-"""The attributes of a replaced layer that model code reads besides calling it (Hugging Face
-ViT and T5 cast their input to ``proj.weight.dtype``)."""
+"""The tensors of a replaced layer that model code reads besides calling it (Hugging Face
+ViT and T5 cast their input to ``proj.weight.dtype``, CLIP reads
+``position_embedding.weight.shape[0]``)."""
+
+_SETTING_TYPES = (bool, int, float, str, type(None), tuple)
+_STAND_INS: weakref.WeakValueDictionary[int, Tensor] = weakref.WeakValueDictionary()
+
+
+def is_stand_in(t: Tensor) -> bool:
+    """Whether ``t`` is a stand-in tensor :func:`stand_in` made: no bytes of the model.
+
+    >>> q = nn.Identity(); stand_in(q, nn.Linear(2, 2))
+    >>> is_stand_in(q.weight), is_stand_in(q.weight.clone())
+    (True, False)
+    """
+    return _STAND_INS.get(id(t)) is t
 
 
 def stand_in(module: nn.Module, layer: nn.Module) -> None:
-    """Give ``module``, which replaces ``layer`` in a model, each :data:`STAND_INS` tensor of
-    ``layer`` it lacks, as an empty non-persistent buffer of the same dtype and device: dtype
-    and device checks see the layer's, its state dict and byte count are unchanged, and code
-    that computes with the weight fails on the shape instead of using stale values.
+    """Give ``module``, which replaces ``layer`` in a model, what model code reads of ``layer``
+    besides calling it, where ``module`` lacks it:
 
-    >>> q = nn.Identity(); stand_in(q, nn.Linear(2, 2).double())
-    >>> q.weight.dtype, q.weight.numel(), list(q.state_dict())
-    (torch.float64, 0, [])
+    - each :data:`STAND_INS` tensor, as a non-persistent buffer of the layer's shape, dtype
+      and device that holds one NaN broadcast to that shape (a single element's bytes; its
+      state dict and byte count are unchanged; code that computes with it gets NaN, not
+      stale values; converting the model's dtype or device materialises it);
+    - the layer's settings: its plain attributes (``num_embeddings``, ``in_features``,
+      ``kernel_size``, GPT-2 ``Conv1D``'s ``nf``...; Whisper reads
+      ``embed_positions.num_embeddings``).
+
+    >>> q = nn.Identity(); stand_in(q, nn.Embedding(10, 4).double())
+    >>> q.weight.shape, q.weight.dtype, q.num_embeddings, list(q.state_dict())
+    (torch.Size([10, 4]), torch.float64, 10, [])
     """
     for name in STAND_INS:
         original = getattr(layer, name, None)
         if isinstance(original, Tensor) and not hasattr(module, name):
-            empty = torch.empty(0, dtype=original.dtype, device=original.device)
-            module.register_buffer(name, empty, persistent=False)
+            nan = torch.full((1,) * original.dim(), math.nan, device=original.device)
+            broadcast = nan.to(original.dtype).expand(original.shape)
+            module.register_buffer(name, broadcast, persistent=False)
+            _STAND_INS[id(broadcast)] = broadcast
+    for name, value in vars(layer).items():
+        if (
+            not name.startswith("_")
+            and isinstance(value, _SETTING_TYPES)
+            and not hasattr(module, name)
+        ):
+            setattr(module, name, value)
 
 
 class CalledOutProj(nn.Module):

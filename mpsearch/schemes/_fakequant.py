@@ -43,6 +43,7 @@ def qparams(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Scale and zero point (``None`` when symmetric) for ranges ``[lo, hi]``, computed in float32."""
     fmt = spec.fmt
+    tiny = torch.finfo(torch.float32).tiny  # a subnormal range's scale would underflow to 0
     lo = torch.clamp(lo.float(), max=0.0)
     hi = torch.clamp(hi.float(), min=0.0)
     if fmt.kind == "float":
@@ -52,14 +53,17 @@ def qparams(
             scale = torch.ldexp(torch.ones_like(amax), exp - 1 - fmt.max_exponent)
         else:
             scale = amax / fmt.max_value
-        return _round_scale(torch.where(amax > 0, scale, torch.ones_like(scale)), spec), None
+        scale = torch.where(amax > 0, scale.clamp(min=tiny), torch.ones_like(scale))
+        return _round_scale(scale, spec), None
     qmin, qmax = int_range(fmt.bits, symmetric=spec.symmetric)
     if spec.symmetric:
         amax = torch.maximum(-lo, hi)
-        scale = _round_scale(torch.where(amax > 0, amax / qmax, torch.ones_like(amax)), spec)
+        scale = torch.where(amax > 0, (amax / qmax).clamp(min=tiny), torch.ones_like(amax))
+        scale = _round_scale(scale, spec)
         return scale, None
     span = hi - lo
-    scale = _round_scale(torch.where(span > 0, span / (qmax - qmin), torch.ones_like(span)), spec)
+    scale = torch.where(span > 0, (span / (qmax - qmin)).clamp(min=tiny), torch.ones_like(span))
+    scale = _round_scale(scale, spec)
     zero = torch.clamp(torch.round(qmin - lo / scale), qmin, qmax)
     return scale, zero
 

@@ -98,8 +98,8 @@ class ChoiceTable:
                     0.0 if s == "fp32" else float(profile.error(layer, s, metric))
                     for layer in layers
                 ]
-                if any(math.isnan(e) for e in errs):
-                    continue  # skipped by the profiler: not a usable choice
+                if not all(math.isfinite(e) for e in errs):
+                    continue  # skipped by the profiler (NaN) or its output not finite (inf)
                 error[param][s] = sum(errs)
                 memory[param][s] = sum(layer_cost[(layer, s)][0] for layer in layers)
                 latency[param][s] = sum(layer_cost[(layer, s)][1] for layer in layers)

@@ -243,6 +243,9 @@ def test_each_int8_linear_kernel_matches_simulate_and_round_trips(
         other = module(nn.Linear(64, 40), s, act_range=act_range)
         other.load_state_dict(real.state_dict())
         assert torch.equal(other(x), y)
+        earlier = {**real.state_dict(), "w_zero": torch.zeros(40, dtype=torch.long)}
+        other.load_state_dict(earlier)  # per-channel zeros saved by earlier versions
+        assert torch.equal(other(x), y)
     state_bytes = sum(t.numel() * t.element_size() for t in real.state_dict().values())
     assert storage_bytes(real) == state_bytes
 

@@ -11,7 +11,7 @@ from torch import nn
 import mpsearch as mps
 from mpsearch.backends import storage_bytes
 from mpsearch.backends._cpu import CPU_KERNELS
-from mpsearch.cost import CostCacheWarning, CostModel, measure_cost
+from mpsearch.cost import CostCacheWarning, CostModel, held_bytes, measure_cost
 from mpsearch.cost._cache import read_cache, write_cache
 from mpsearch.cost._model import ideal_layer_bytes
 from mpsearch.layers._layers import NEVER_CALLED
@@ -75,7 +75,9 @@ def test_table_and_support(cost: CostModel) -> None:
     ]
     assert cost.layers == ["0", "3", "5", "7"]
     assert cost.schemes == ["fp32", *SCHEMES]
-    assert len(cost.table) == 4 * 5
+    # 4 layers x 5 schemes, and w4a16_pc on the two convs w4a16's groups do not fit
+    assert len(cost.table) == 4 * 5 + 2
+    assert set(cost.table[cost.table.scheme == "w4a16_pc"].layer) == {"0", "3"}
     assert cost.supported("5", "w4a16") and not cost.supported("0", "w4a16")
     assert not cost.supported("5", "fp8")
     row = cost.table[(cost.table.layer == "5") & (cost.table.scheme == "fp8")].iloc[0]
@@ -250,3 +252,22 @@ def test_layers_the_model_never_calls_are_left_out_and_searched_in_fp32() -> Non
     assert all(plan.resolve(model)["gate"] == "fp32" for plan in res.plans)
     with torch.inference_mode():
         assert mps.quantize(model, res.best(), backend=cost.backend)(x).shape == (16, 4)
+
+
+def test_a_uniform_plan_that_substitutes_a_variant_has_a_cost() -> None:
+    """``w4a16``'s groups of 32 cannot take a fan-in of 9 or 24 (ConvNeXt's depthwise convs,
+    Swin's patch embedding): the plan gives those layers ``w4a16_pc``, which measure_cost
+    did not measure, so the plan had no cost."""
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(1, 24, 3), nn.ReLU(), nn.Conv2d(24, 8, 1), nn.Flatten(), nn.Linear(8 * 36, 16)
+    ).eval()
+    cost = measure_cost(net, torch.randn(2, 1, 8, 8), schemes=["w4a16"], repeats=1, warmup=0)
+    assert cost.schemes == ["fp32", "w4a16"]
+    substituted = mps.PrecisionPlan.uniform("w4a16").substitutions(net)
+    assert {n: s.used for n, s in substituted.items()} == {"0": "w4a16_pc", "2": "w4a16_pc"}
+    assert cost.supported("0", "w4a16_pc") and not cost.supported("0", "w4a16")
+    assert not cost.supported("4", "w4a16_pc")  # the Linear takes w4a16 itself
+    quantized = mps.quantize(net, "w4a16", backend=cost.backend)
+    assert cost.memory_bytes("w4a16") == held_bytes(quantized)
+    assert cost.latency_ms("w4a16") > 0

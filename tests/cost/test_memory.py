@@ -128,7 +128,8 @@ def test_held_bytes_counts_packed_kernel_weights_and_shared_storage_once() -> No
     net[1].weight = nn.Parameter(net[0].weight.t())  # a view of the same storage
     assert held_bytes(net) == (64 * 32 + 32) * 4
     q = quantize(nn.Sequential(nn.Linear(64, 32)), "w8a8", backend="cpu")
-    assert held_bytes(q) == 64 * 32 + 32 * 4 + 32 * 4 + 32 * 8  # codes, scales, bias, zeros
+    assert held_bytes(q) == 64 * 32 + 32 * 4 + 32 * 4  # codes, scales, bias: no zero points
+    assert held_bytes(q) == ideal_layer_bytes(nn.Linear(64, 32), get_scheme("w8a8"))
 
 
 def test_held_bytes_counts_each_opaque_packed_weight() -> None:

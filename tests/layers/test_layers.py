@@ -5,6 +5,7 @@ import torch
 from helpers import ReadsWeights
 from torch import nn
 
+import mpsearch as mps
 from mpsearch.backends import quantize
 from mpsearch.layers import coverage, fold_batchnorm, quantizable_layers, swapped, weight_shapes
 from mpsearch.layers._layers import watched
@@ -56,7 +57,9 @@ def test_replacements_stand_in_for_the_weight_dtype_model_code_reads() -> None:
         want = model(x)
         for backend in ("simulate", "cpu"):
             q = quantize(model, {"proj": "w8a8", "head": "w8a8"}, backend=backend)
-            assert q.proj.weight.dtype == torch.float32 and q.proj.weight.numel() == 0
+            assert q.proj.weight.dtype == torch.float32
+            assert q.proj.weight.shape == model.proj.weight.shape  # a broadcast NaN
+            assert q.proj.weight.isnan().all() and q.proj.in_features == 64
             assert "proj.weight" not in q.state_dict()
             assert (q(x) - want).abs().max() < 0.1 * want.abs().max()
         # the recorder the cost model swaps in reads through to the layer itself
@@ -99,3 +102,36 @@ def test_a_transposed_conv_subclass_that_computes_as_its_base_is_quantizable() -
 
     net = nn.Sequential(Logged(2, 4, 3, padding=3), Doubled(4, 4, 3, padding=3))
     assert list(quantizable_layers(net)) == ["0"]
+
+
+def test_hugging_face_models_that_read_their_layers_run_quantized() -> None:
+    """CLIP reads ``position_embedding.weight.shape[0]``, Whisper its embedding's
+    ``num_embeddings`` and its convs' ``stride[0]``: a quantized layer answers as the layer
+    did (the shape was 0, the attribute missing, an int8 conv's stride its own 2-D form)."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    clip = transformers.CLIPTextModel(
+        transformers.CLIPTextConfig(
+            vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+            num_attention_heads=2, max_position_embeddings=16,
+        )
+    ).eval()  # fmt: skip
+    whisper = transformers.WhisperModel(
+        transformers.WhisperConfig(
+            vocab_size=64, d_model=32, encoder_layers=1, decoder_layers=1,
+            encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64,
+            decoder_ffn_dim=64, num_mel_bins=8, max_source_positions=16, max_target_positions=8,
+            pad_token_id=0, bos_token_id=0, eos_token_id=0, decoder_start_token_id=0,
+        )
+    ).eval()  # fmt: skip
+    inputs = [
+        (clip, {"input_ids": torch.randint(0, 64, (2, 8))}),
+        (whisper, {"input_features": torch.randn(2, 8, 32), "decoder_input_ids": torch.ones(2, 3, dtype=torch.long)}),
+    ]  # fmt: skip
+    for model, x in inputs:
+        with torch.inference_mode():
+            want = model(**x).last_hidden_state
+            for plan in ("w8a8", "bf16"):
+                got = mps.quantize(model, plan, backend="cpu")(**x).last_hidden_state
+                assert got.shape == want.shape and torch.isfinite(got).all()
+                assert (got - want).norm() < 0.2 * want.norm()

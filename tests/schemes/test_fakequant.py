@@ -47,6 +47,23 @@ def test_all_zero_tensor_stays_zero() -> None:
         assert torch.equal(fake_quantize(z, spec), z), spec
 
 
+def test_a_subnormal_range_quantizes_to_finite_values() -> None:
+    """A range whose scale underflows to 0 (activations of 1e-44 in a randomly initialised
+    MobileViT: range / 255 is 0 in float32) gave NaN; the scale is at least float32's smallest
+    normal number, and such values round to 0."""
+    x = torch.tensor([[0.0, 2.9e-44, -1.4e-45, 1e-44]])
+    for spec in (
+        QuantSpec("int8", granularity="tensor"),
+        QuantSpec("int8", granularity="tensor", symmetric=False, zero_point_bits=8),
+        QuantSpec("fp8_e4m3", granularity="tensor"),
+        QuantSpec("fp4_e2m1", granularity="group", group_size=4, scale_dtype="e8m0"),
+    ):
+        scale, _ = qparams(x.min().reshape(1, 1), x.max().reshape(1, 1), spec)
+        assert (scale >= torch.finfo(torch.float32).tiny).all(), spec
+        out = fake_quantize(x, spec)
+        assert torch.isfinite(out).all() and out.abs().max() <= 3e-44, spec
+
+
 @pytest.mark.parametrize(
     "spec",
     [

@@ -50,6 +50,22 @@ def test_ilp_equals_brute_force_optimum() -> None:
     assert baselines.ilp_assignment(_table(), latency_ms=0.9) == expected
 
 
+class _NonFinite(FakeProfile):
+    """Layer 0 in w4a16 gave a non-finite output (the profiler's error: inf)."""
+
+    def error(self, layer: str, scheme: str, metric: str = "e2e") -> float:
+        return math.inf if (layer, scheme) == ("0", "w4a16") else super().error(layer, scheme)
+
+
+def test_a_choice_whose_output_was_not_finite_is_not_offered(tmp_path) -> None:
+    """An inf error (a subnormal range's NaN) stopped the ILP warm start: ``c`` not finite."""
+    table = ChoiceTable.build(SPACE.resolve(fake_model()), _NonFinite(), FakeCost())
+    assert "w4a16" not in table.choices("0") and "w4a16" in table.choices("1")
+    assert baselines.ilp_assignment(table, memory_bytes=0.015e6)["0"] != "w4a16"
+    res = _search(tmp_path, profile=_NonFinite(), budget=Budget(memory_mb=0.015), n_trials=8)
+    assert all(plan.resolve(LAYERS)["0"] != "w4a16" for plan in res.plans)
+
+
 def test_search_finds_known_optimum_under_budget(tmp_path) -> None:
     res = _search(
         tmp_path, budget=Budget(memory_mb=MEMORY_MB), objectives=("quality",), n_trials=30
