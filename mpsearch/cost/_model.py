@@ -235,6 +235,7 @@ class CostModel:
         self._supported = indexed["supported"].to_dict()
         self._reason = indexed["reason"].to_dict()
         self._as_is = {(n, s) for n, s in as_is}  # layers the backend runs as they are
+        self._never_called_bytes: dict[tuple[str, str], int | None] = {}
 
     # -------------------------------------------------------------- lookups
 
@@ -244,19 +245,21 @@ class CostModel:
         return bool(self._supported.get((layer, split_choice(scheme)[0]), False))
 
     def assignment(self, plan: PlanLike) -> dict[str, str]:
-        """``{layer: scheme}`` of ``plan`` over the measured layers; refuses pairs not measured
-        or not supported (with the reason)."""
+        """``{layer: scheme}`` of ``plan`` over the measured layers and the ones the model never
+        calls (they cost bytes, not time); refuses pairs not measured or not supported (with
+        the reason)."""
         resolved = as_plan(plan).resolve(self.model)
         problems = []
         for name, scheme in resolved.items():
-            if name not in self.layers:
+            if name in self.never_called:
+                why = applicability_error(self.model.get_submodule(name), get_scheme(scheme))
+                if why:
+                    problems.append(f"  {name} in {scheme!r}: {why}")
+            elif name not in self.layers:
                 if scheme != "fp32":
-                    why = (
-                        "never called on the example input: the model runs it as it is, in fp32"
-                        if name in self.never_called
-                        else "not measured (measure_cost(layers=...) left it out)"
+                    problems.append(
+                        f"  {name}: not measured (measure_cost(layers=...) left it out)"
                     )
-                    problems.append(f"  {name}: {why}")
             elif (name, scheme) not in self._supported:
                 problems.append(
                     f"  {name}: scheme {scheme!r} was not measured (schemes={self.schemes})"
@@ -268,7 +271,26 @@ class CostModel:
                 f"The plan has no cost on the {self.backend.name!r} backend:\n"
                 + "\n".join(problems)
             )
-        return {n: s for n, s in resolved.items() if n in self.layers}
+        return {n: s for n, s in resolved.items() if n in self.layers or n in self.never_called}
+
+    def _layer_bytes(self, name: str, scheme: str) -> int | None:
+        """Bytes of ``name`` quantized as ``scheme``, ``None`` where the backend keeps the layer
+        as it is; measured by :func:`measure_cost`, or, for a layer the model never calls
+        (``quantize`` without ``calib`` replaces it all the same), built here on the backend's
+        default kernel and counted."""
+        if name not in self.never_called:
+            return None if (name, scheme) in self._as_is else self._memory[(name, scheme)]
+        key = (name, scheme)
+        if key not in self._never_called_bytes:
+            layer, s = self.model.get_submodule(name), get_scheme(scheme)
+            if not self.backend.real:
+                self._never_called_bytes[key] = ideal_layer_bytes(layer, s)
+            else:
+                module = self.backend.quantize_layer(layer, s)
+                own = {_storage_key(t) for t in layer.parameters()}
+                shares = any(_storage_key(t) in own for t in module.parameters())
+                self._never_called_bytes[key] = None if shares else storage_bytes(module)
+        return self._never_called_bytes[key]
 
     def memory_bytes(self, plan: PlanLike) -> int:
         """Exact bytes of the quantized model's tensors under ``plan`` (:func:`held_bytes` of
@@ -281,13 +303,12 @@ class CostModel:
         """
         chosen = self.assignment(plan)
         replaced = {
-            n
+            n: size
             for n, s in chosen.items()
-            if (self.backend.real or s != "fp32") and (n, s) not in self._as_is
+            if (self.backend.real or s != "fp32") and (size := self._layer_bytes(n, s)) is not None
         }
-        kept = sum(size for size, names in self.layer_storages if not names <= replaced)
-        layers = sum(self._memory[(n, chosen[n])] for n in replaced)
-        return int(self.rest_bytes + kept + layers)
+        kept = sum(size for size, names in self.layer_storages if not names <= replaced.keys())
+        return int(self.rest_bytes + kept + sum(replaced.values()))
 
     def memory_mb(self, plan: PlanLike) -> float:
         """:meth:`memory_bytes` in MB (10**6 bytes)."""
@@ -296,7 +317,7 @@ class CostModel:
     def layer_sum_ms(self, plan: PlanLike) -> float:
         """Sum of the plan's measured per-layer times (no intercept, no slope)."""
         chosen = self.assignment(plan)
-        return float(sum(self._latency[(n, s)] for n, s in chosen.items()))
+        return float(sum(self._latency[(n, s)] for n, s in chosen.items() if n in self.layers))
 
     def latency_ms(self, plan: PlanLike) -> float:
         """Predicted end-to-end latency of ``plan`` in ms on the measured device."""
@@ -450,6 +471,7 @@ def measure_cost(
         settings = {**opts.settings(), "cold": meta["cold"]}
         tuning = tune_cache if opts.autotune else None
         job = _Job(model, example_input, impl, scheme_objs, names, inputs, calls, settings, tuning)
+        job.never_called = never_called
         payload = job.measure()
         payload["meta"] = meta
         tune_cache.save()
@@ -556,7 +578,7 @@ def _cache_key(
             "model_bytes": storage_bytes(model),
             # caches before tied weights were split, before int8 layers dropped their zero
             # points and before the rows of substituted variants are stale
-            "memory_layout": "shared storages, no int8 zero points, substitutes",
+            "memory_layout": "shared storages, no int8 zero points, substitutes, never called",
             "repeats": opts.repeats,
             "warmup": opts.warmup,
             "autotune": opts.autotune,
@@ -584,6 +606,7 @@ class _Job:
     choices: dict[str, str] = field(default_factory=dict)
     as_is: list[tuple[str, str]] = field(default_factory=list)
     untuned: set[str] = field(default_factory=set)  # schemes whose picks lost end to end
+    never_called: list[str] = field(default_factory=list)  # priced for their bytes alone
 
     def measure(self) -> dict[str, Any]:
         """The cache payload: rows, memory of the rest of the model, fp32 latency, the fit."""
@@ -608,7 +631,7 @@ class _Job:
         order = {n: i for i, n in enumerate(self.names)}
         ordered = [rows[k] for k in sorted(rows, key=lambda k: order[k[0]])]  # stable: by layer
         table = pd.DataFrame(ordered, columns=COLUMNS)
-        rest_bytes, layer_storages = _storage_layout(self.model, self.names)
+        rest_bytes, layer_storages = _storage_layout(self.model, [*self.names, *self.never_called])
         fp32_memory = held_bytes(self.model)
         return {
             "schemes": [s.name for s in self.schemes],

@@ -56,6 +56,25 @@ def _tokens(n: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask}
 
 
+DECODER_TOKENS = SEQ_LEN // 4
+MEL_BINS, MEL_FRAMES = 40, 200
+
+
+def _seq2seq(n: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """An encoder-decoder's inputs: the encoder's tokens and the decoder's first tokens."""
+    batch = _tokens(n, generator)
+    batch["decoder_input_ids"] = torch.randint(0, VOCAB, (n, DECODER_TOKENS), generator=generator)
+    return batch
+
+
+def _speech(n: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """A speech recogniser's inputs: log-mel frames and the decoder's first tokens."""
+    return {
+        "input_features": torch.randn(n, MEL_BINS, MEL_FRAMES, generator=generator),
+        "decoder_input_ids": torch.randint(0, VOCAB, (n, DECODER_TOKENS), generator=generator),
+    }
+
+
 def _images(size: int, channels: int = 3) -> Callable[[int, torch.Generator], Batch]:
     def make(n: int, generator: torch.Generator) -> torch.Tensor:
         return torch.randn(n, channels, size, size, generator=generator)
@@ -150,6 +169,52 @@ ZOO: dict[str, ZooEntry] = {
         "classification",
         needs="transformers",
         note="BERT sequence classifier",
+    ),
+    "hf_t5": ZooEntry(
+        _hf(
+            "T5Config",
+            "T5ForConditionalGeneration",
+            d_model=128,
+            d_kv=32,
+            d_ff=256,
+            num_layers=2,
+            num_heads=4,
+            decoder_start_token_id=0,
+            pad_token_id=0,
+            eos_token_id=0,
+            **_LM,
+        ),
+        _seq2seq,
+        "language_model",
+        needs="transformers",
+        note="T5 encoder-decoder: relative position biases, a shared embedding the model "
+        "never calls (its encoder's and decoder's copies are called)",
+    ),
+    "hf_whisper": ZooEntry(
+        _hf(
+            "WhisperConfig",
+            "WhisperForConditionalGeneration",
+            d_model=128,
+            encoder_layers=2,
+            decoder_layers=2,
+            encoder_attention_heads=4,
+            decoder_attention_heads=4,
+            encoder_ffn_dim=256,
+            decoder_ffn_dim=256,
+            num_mel_bins=MEL_BINS,
+            max_source_positions=MEL_FRAMES // 2,
+            max_target_positions=SEQ_LEN,
+            pad_token_id=0,
+            bos_token_id=0,
+            eos_token_id=0,
+            decoder_start_token_id=0,
+            **_LM,
+        ),
+        _speech,
+        "language_model",
+        needs="transformers",
+        note="Whisper speech recogniser: strided Conv1d front end on log-mel frames; the "
+        "model reads its convs' stride and its position embedding's size",
     ),
 }
 
