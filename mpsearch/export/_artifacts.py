@@ -34,6 +34,7 @@ from mpsearch.backends._recurrent import SimulatedRNN
 from mpsearch.export._inputs import ModelCall
 from mpsearch.export._qdq import QDQLayer
 from mpsearch.layers import quantizable_layers, replace_layers
+from mpsearch.layers._layers import enclosing_layer
 from mpsearch.plan import PrecisionPlan
 from mpsearch.schemes import get_scheme
 
@@ -102,13 +103,17 @@ def program_model(
     ``simulate`` arithmetic, int8 codes), or for an LSTM / GRU (fbgemm's packed cells) its
     ``simulate`` module, which runs its loop of plain operations under ``torch.export``.
     Returns it and the names swapped."""
-    opaque = [
-        name for name, m in qm.named_modules() if isinstance(m, RealLayer) and m.packed_tensors()
-    ]
+    originals = quantizable_layers(model)
+    opaque = list(
+        dict.fromkeys(  # a kernel holding a packed module (an im2col conv's Linear): the layer
+            name if name in originals else enclosing_layer(name, originals)
+            for name, m in qm.named_modules()
+            if isinstance(m, RealLayer) and m.packed_tensors()
+        )
+    )
     if not opaque:
         return qm, []
     assignment = plan.resolve(model)
-    originals = quantizable_layers(model)
     sim = get_backend("simulate")
     target = _shallow_copy(qm)
     with torch.no_grad():

@@ -161,6 +161,27 @@ def test_program_of_a_plan_without_w8a8_is_the_real_cpu_model(
         assert torch.equal(program(mlp.test[0]), qm(mlp.test[0]))
 
 
+def test_program_of_a_conv_whose_kernel_holds_a_packed_linear(tmp_path: Path) -> None:
+    """A w8a8 convolution on the im2col kernel holds a oneDNN Linear (``conv.linear``): the
+    program swapped that inner module by name, which is not a layer of the plan (KeyError on
+    MobileViT); the whole convolution is swapped now."""
+    from mpsearch.backends._kernels import choice_key
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(8, 16, 1), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 16, 4))
+    plan = mps.PrecisionPlan({}, default="w8a8")
+    key = choice_key(model[0], get_scheme("w8a8"))
+    plan.metadata["kernels"] = {"backend": "cpu", "choices": {key: "im2col"}}
+    qm = mps.quantize(model, plan, backend="cpu")
+    assert any(n.startswith("0.") and n.endswith("linear") for n, _ in qm.named_modules())
+    x = torch.randn(2, 8, 4, 4)
+    res = export_plan(model, plan, tmp_path, example_input=x, formats="program")
+    assert res.record("program").details["simulated_layers"] == ["0", "3"]
+    program = torch.export.load(res.paths["program"]).module()
+    with torch.inference_mode():
+        torch.testing.assert_close(program(x), qm(x), rtol=0.05, atol=0.05)
+
+
 def test_onnx_matches_pytorch_simulate_in_onnx_runtime(mlp: Workload, mlp_export) -> None:
     path = mlp_export.paths["onnx"]
     sim = mps.quantize(mlp.model, MLP_PLAN, backend="simulate")

@@ -1,0 +1,423 @@
+"""Hugging Face architectures nobody shipped to us: the whole pipeline on each, from configs.
+
+Each architecture is built from a small config (random weights, no download) and taken
+through profile -> measure_cost (cpu) -> search -> quantize (cpu) -> export (plan, state dict,
+``torch.export`` program, ONNX), each in its own process, as a user bringing that model would.
+The table says which profiler runner took it, how much of it is quantizable, the profile's
+cost in fp32 passes, whether the cost model's bytes equal what the quantized model holds,
+which export formats were written and checked, and where a step failed (with the error).
+
+Run: ``python benchmarks/bench_architectures.py`` (``--models mistral,t5`` for a subset);
+writes ``benchmarks/results/architectures.md``. Needs ``transformers`` (``.[dev]``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))  # benchmarks/: the script's folder
+from _tables import md_table, model_names, write_result
+from bench_profile import forward_time
+
+RESULTS = Path(__file__).parent / "results" / "architectures.md"
+SCHEMES = ["bf16", "w8a8", "w4a16"]
+FORMATS = ("plan", "state_dict", "program", "onnx")
+VOCAB, SEQ = 256, 16
+CALIB_BATCHES = 16  # of 16 samples: 256, as benchmarks/bench_models.py profiles
+
+Inputs = Callable[[int, torch.Generator], dict[str, torch.Tensor]]
+
+
+def _tokens(n: int, g: torch.Generator) -> dict[str, torch.Tensor]:
+    ids = torch.randint(0, VOCAB, (n, SEQ), generator=g)
+    return {"input_ids": ids, "attention_mask": torch.ones(n, SEQ, dtype=torch.long)}
+
+
+def _ids(n: int, g: torch.Generator) -> dict[str, torch.Tensor]:
+    return {"input_ids": torch.randint(0, VOCAB, (n, SEQ), generator=g)}
+
+
+def _seq2seq(n: int, g: torch.Generator) -> dict[str, torch.Tensor]:
+    return {**_tokens(n, g), "decoder_input_ids": torch.randint(0, VOCAB, (n, 8), generator=g)}
+
+
+def _images(n: int, g: torch.Generator) -> dict[str, torch.Tensor]:
+    return {"pixel_values": torch.randn(n, 3, 32, 32, generator=g)}
+
+
+def _wave(n: int, g: torch.Generator) -> dict[str, torch.Tensor]:
+    return {"input_values": torch.randn(n, 4000, generator=g)}
+
+
+def _mels(n: int, g: torch.Generator) -> dict[str, torch.Tensor]:
+    return {
+        "input_features": torch.randn(n, 40, 200, generator=g),
+        "decoder_input_ids": torch.randint(0, VOCAB, (n, 4), generator=g),
+    }
+
+
+_SMALL = {
+    "vocab_size": VOCAB,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "max_position_embeddings": 64,
+}
+_DECODER = {
+    **_SMALL,
+    "num_key_value_heads": 2,
+    "use_cache": False,
+    "pad_token_id": 0,
+    "bos_token_id": 0,
+    "eos_token_id": 0,
+}
+_VISION = {"image_size": 32, "num_labels": 5}
+
+ARCHITECTURES: dict[str, tuple[str, str, dict[str, Any], Inputs]] = {
+    "mistral": ("MistralConfig", "MistralForCausalLM", _DECODER, _tokens),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", _DECODER, _tokens),
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", {**_DECODER, "head_dim": 16}, _tokens),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {**_DECODER, "head_dim": 16}, _tokens),
+    "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", {**_SMALL, "use_cache": False}, _tokens),
+    "opt": (
+        "OPTConfig",
+        "OPTForCausalLM",
+        {
+            "vocab_size": VOCAB,
+            "hidden_size": 64,
+            "ffn_dim": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "max_position_embeddings": 64,
+            "word_embed_proj_dim": 64,
+            "use_cache": False,
+            "pad_token_id": 0,
+        },
+        _tokens,
+    ),
+    "falcon": (
+        "FalconConfig",
+        "FalconForCausalLM",
+        {
+            "vocab_size": VOCAB,
+            "hidden_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "use_cache": False,
+        },
+        _tokens,
+    ),
+    "bloom": (
+        "BloomConfig",
+        "BloomForCausalLM",
+        {"vocab_size": VOCAB, "hidden_size": 64, "n_layer": 2, "n_head": 4, "use_cache": False},
+        _tokens,
+    ),
+    "mixtral": (
+        "MixtralConfig",
+        "MixtralForCausalLM",
+        {**_DECODER, "num_local_experts": 4, "num_experts_per_tok": 2},
+        _tokens,
+    ),
+    "mamba": (
+        "MambaConfig",
+        "MambaForCausalLM",
+        {
+            "vocab_size": VOCAB,
+            "hidden_size": 64,
+            "state_size": 8,
+            "num_hidden_layers": 2,
+            "use_cache": False,
+        },
+        _ids,
+    ),
+    "t5": (
+        "T5Config",
+        "T5ForConditionalGeneration",
+        {
+            "vocab_size": VOCAB,
+            "d_model": 64,
+            "d_kv": 16,
+            "d_ff": 128,
+            "num_layers": 2,
+            "num_heads": 4,
+            "use_cache": False,
+            "decoder_start_token_id": 0,
+        },
+        _seq2seq,
+    ),
+    "distilbert": (
+        "DistilBertConfig",
+        "DistilBertForSequenceClassification",
+        {
+            "vocab_size": VOCAB,
+            "dim": 64,
+            "hidden_dim": 128,
+            "n_layers": 2,
+            "n_heads": 4,
+            "max_position_embeddings": 64,
+            "num_labels": 3,
+        },
+        _tokens,
+    ),
+    "roberta": (
+        "RobertaConfig",
+        "RobertaForSequenceClassification",
+        {**_SMALL, "num_labels": 3, "pad_token_id": 1, "max_position_embeddings": 80},
+        _tokens,
+    ),
+    "clip_text": ("CLIPTextConfig", "CLIPTextModel", _SMALL, _tokens),
+    "vit": (
+        "ViTConfig",
+        "ViTForImageClassification",
+        {
+            **_VISION,
+            "hidden_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "intermediate_size": 128,
+            "patch_size": 8,
+        },
+        _images,
+    ),
+    "convnext": (
+        "ConvNextConfig",
+        "ConvNextForImageClassification",
+        {"hidden_sizes": [16, 32], "depths": [1, 1], "num_stages": 2, "num_labels": 5},
+        _images,
+    ),
+    "swin": (
+        "SwinConfig",
+        "SwinForImageClassification",
+        {
+            **_VISION,
+            "patch_size": 4,
+            "embed_dim": 16,
+            "depths": [1, 1],
+            "num_heads": [2, 2],
+            "window_size": 4,
+        },
+        _images,
+    ),
+    "mobilevit": (
+        "MobileViTConfig",
+        "MobileViTForImageClassification",
+        {**_VISION, "hidden_sizes": [32, 32, 32], "neck_hidden_sizes": [8, 8, 16, 16, 24, 32, 64]},
+        _images,
+    ),
+    "wav2vec2": (
+        "Wav2Vec2Config",
+        "Wav2Vec2ForSequenceClassification",
+        {
+            **_SMALL,
+            "conv_dim": (32, 32),
+            "conv_stride": (5, 2),
+            "conv_kernel": (10, 3),
+            "num_conv_pos_embeddings": 16,
+            "num_conv_pos_embedding_groups": 4,
+            "num_labels": 3,
+        },
+        _wave,
+    ),
+    "whisper": (
+        "WhisperConfig",
+        "WhisperForConditionalGeneration",
+        {
+            "vocab_size": VOCAB,
+            "d_model": 64,
+            "encoder_layers": 1,
+            "decoder_layers": 1,
+            "encoder_attention_heads": 4,
+            "decoder_attention_heads": 4,
+            "encoder_ffn_dim": 128,
+            "decoder_ffn_dim": 128,
+            "num_mel_bins": 40,
+            "max_source_positions": 100,
+            "max_target_positions": 32,
+            "use_cache": False,
+            "pad_token_id": 0,
+            "decoder_start_token_id": 0,
+        },
+        _mels,
+    ),
+}
+"""name -> (config class, model class, config, inputs(n, generator)) in ``transformers``."""
+
+
+def build(name: str) -> tuple[torch.nn.Module, Inputs]:
+    """The architecture's model (random weights, eval mode) and its input maker."""
+    import transformers
+
+    config_name, model_name, config, inputs = ARCHITECTURES[name]
+    torch.manual_seed(0)
+    model = getattr(transformers, model_name)(getattr(transformers, config_name)(**config))
+    return model.eval(), inputs
+
+
+def run_one(name: str, *, trials: int) -> dict[str, Any]:
+    """The pipeline on one architecture, in this process: what was seen, the failing step."""
+    import mpsearch as mps
+    from mpsearch.cost import held_bytes
+    from mpsearch.export import ExportError
+    from mpsearch.layers import coverage
+
+    model, inputs = build(name)
+    g = torch.Generator().manual_seed(0)
+    calib = [inputs(16, g) for _ in range(CALIB_BATCHES)]
+    example, eval_data = inputs(4, g), [inputs(4, g) for _ in range(2)]
+    cover = coverage(model)
+    row: dict[str, Any] = {
+        "model": name,
+        "params": cover.total_params,
+        "coverage": round(cover.covered_params / cover.total_params, 3),
+    }
+    step, started = "profile", time.perf_counter()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            passes = [forward_time(model, calib)[0] for _ in range(4)][1:]  # warmed up
+            t0 = time.perf_counter()
+            prof = mps.profile(model, calib, schemes=SCHEMES, progress=False)
+            profile_s = time.perf_counter() - t0
+            row["runner"] = prof.info.get("runner")
+            row["profile_ratio"] = profile_s / (len(SCHEMES) * statistics.median(passes))
+            step = "measure_cost"
+            cost = mps.measure_cost(
+                model, example, schemes=["fp32", *SCHEMES], backend="cpu", repeats=3, warmup=1
+            )
+            step = "search"
+            res = mps.search(
+                model, profile=prof, cost=cost, eval_data=eval_data, n_trials=trials, seed=0
+            )
+            step = "quantize"
+            exact = []
+            for plan in (res.best(), "w8a8", "w4a16"):
+                quantized = mps.quantize(model, plan, backend=cost.backend)
+                exact.append(cost.memory_bytes(plan) == held_bytes(quantized))
+            row["memory_exact"] = f"{sum(exact)}/{len(exact)}"
+            step = "export"
+            with tempfile.TemporaryDirectory() as out:
+                try:
+                    written = mps.export_plan(
+                        model, res.best(), out, example_input=example, formats=FORMATS
+                    )
+                    records = written.records
+                except ExportError as error:  # some formats written and checked
+                    records = error.result.records
+                    row["note"] = "; ".join(f"{f}: {why}" for f, why in error.failures.items())[
+                        :160
+                    ]
+            row["formats"] = ", ".join(r.format for r in records)
+        row["pipeline"] = "ok"
+    except Exception as error:  # the failing step and why, for the table
+        row["pipeline"] = f"failed at {step}"
+        row["note"] = f"{type(error).__name__}: {error}".replace("\n", " ")[:200]
+        traceback.print_exc()
+    row["seconds"] = round(time.perf_counter() - started, 1)
+    return row
+
+
+def row_in_subprocess(name: str, *, trials: int) -> dict[str, Any]:
+    """:func:`run_one` in a fresh process (one architecture cannot break the next)."""
+    done = subprocess.run(
+        [sys.executable, __file__, "--one", name, "--trials", str(trials)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
+    if done.returncode != 0 or not lines:
+        return {
+            "model": name,
+            "pipeline": f"process exited {done.returncode}",
+            "note": done.stderr.strip().splitlines()[-1][:200] if done.stderr else "",
+        }
+    return json.loads(lines[-1])
+
+
+COLUMNS = [
+    "model",
+    "params",
+    "coverage",
+    "runner",
+    "profile_ratio",
+    "pipeline",
+    "memory_exact",
+    "formats",
+    "seconds",
+    "note",
+]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default=",".join(ARCHITECTURES), help="comma-separated")
+    parser.add_argument("--trials", type=int, default=12)
+    parser.add_argument("--out", type=Path, default=RESULTS, help="the markdown table written")
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # run one, print its row as JSON
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    if args.one:
+        print(json.dumps(run_one(args.one, trials=args.trials)), flush=True)
+        return
+    from mpsearch.cost import cpu_model
+
+    names = model_names(parser, args.models, ARCHITECTURES)
+    started = time.perf_counter()
+    rows = []
+    for name in names:
+        rows.append(row_in_subprocess(name, trials=args.trials))
+        print(rows[-1], flush=True)
+    ok = [r for r in rows if r["pipeline"] == "ok"]
+    exact = [r for r in ok if r.get("memory_exact") == "3/3"]
+    ratios = [r["profile_ratio"] for r in rows if "profile_ratio" in r]
+    summary = (
+        f"{len(ok)} of {len(rows)} architectures ran the whole pipeline; the cost model's bytes "
+        f"equal the quantized model's on {len(exact)} of them (best, uniform w8a8 and w4a16 "
+        "plans); profile / (S x fp32 pass): median "
+        f"{statistics.median(ratios):.2f}, max {max(ratios):.2f}"
+        if ratios
+        else "no architecture was profiled"
+    )
+    print(summary)
+    text = "\n".join(
+        [
+            "# Hugging Face architectures through the whole pipeline",
+            "",
+            f"CPU: {cpu_model()}; torch {torch.__version__}, 1 thread; schemes {SCHEMES}; "
+            f"{args.trials} trials per search; wall time {time.perf_counter() - started:.0f} s. "
+            "Generated by `benchmarks/bench_architectures.py`.",
+            "",
+            "Each model is built from a small config (random weights) and run in its own "
+            "process: profile -> measure_cost (cpu) -> search -> quantize (cpu, the measured "
+            "kernels) -> export. `coverage`: share of parameters in quantizable layers; "
+            "`runner`: the profiler's runner; `profile_ratio`: profile seconds / (S x one fp32 "
+            f"pass over the same {CALIB_BATCHES} calibration batches of 16; one profile: noisy); `memory_exact`: plans whose "
+            "`cost.memory_bytes` equals the bytes the quantized model holds; `formats`: export "
+            "formats written and checked; `note`: the error where a step or format failed.",
+            "",
+            summary + ".",
+            "",
+            md_table(rows, COLUMNS),
+            "",
+        ]
+    )
+    write_result(args.out, text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,40 @@
+"""Smoke test of ``benchmarks/bench_architectures.py``: one architecture through the whole
+pipeline in its own process, and the row it reports."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    pytest.importorskip("transformers")
+    sys.path.insert(0, str(BENCH))
+    try:
+        yield importlib.import_module("bench_architectures")
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+def test_every_architecture_builds_and_takes_its_inputs(bench) -> None:
+    import torch
+
+    for name in bench.ARCHITECTURES:
+        model, inputs = bench.build(name)
+        with torch.inference_mode():
+            model(**inputs(2, torch.Generator().manual_seed(0)))
+
+
+@pytest.mark.slow
+def test_one_architecture_runs_the_whole_pipeline_in_its_own_process(bench) -> None:
+    row = bench.row_in_subprocess("clip_text", trials=4)
+    assert row["pipeline"] == "ok", row.get("note")
+    assert row["runner"].startswith("graph:") and row["memory_exact"] == "3/3"
+    assert row["formats"].split(", ") == list(bench.FORMATS)
+    assert row["profile_ratio"] > 0 and 0.9 < row["coverage"] <= 1
