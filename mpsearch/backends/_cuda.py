@@ -6,14 +6,13 @@ Nothing here touches CUDA at import; the backend checks for a device only when a
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable, Mapping
 
 import torch
 from torch import Tensor, nn
 
 from mpsearch.backends._kernels import CastLayer, Kernel, KernelBackend, KernelTable, RealLayer
-from mpsearch.layers._layers import TRANSPOSED_CONV_TYPES
+from mpsearch.layers._layers import TRANSPOSED_CONV_TYPES, base_copy
 from mpsearch.schemes import Scheme
 
 
@@ -27,7 +26,7 @@ class TorchaoLinear(RealLayer):
 
         self.scheme_name = scheme.name
         self.dtype = dtype
-        inner = copy.deepcopy(layer).to(device="cuda", dtype=dtype)
+        inner = base_copy(layer).to(device="cuda", dtype=dtype)
         quantize_(inner, config)
         self.inner = inner
 

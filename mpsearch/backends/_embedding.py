@@ -8,13 +8,12 @@ int4 weight-only). The rows looked up are dequantized to the table's own float d
 
 from __future__ import annotations
 
-import copy
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mpsearch.backends._kernels import TORCH_DTYPES, RealLayer, _weight_codes
+from mpsearch.layers._layers import base_copy
 from mpsearch.schemes import Scheme, fake_quantize
 from mpsearch.schemes._formats import int_range
 
@@ -56,7 +55,7 @@ class CastEmbedding(RealLayer):
         self.scheme_name = scheme.name
         self.out_dtype = layer.weight.dtype
         dtype = TORCH_DTYPES[scheme.compute_dtype]
-        self.inner = copy.deepcopy(layer).to(dtype).requires_grad_(False)
+        self.inner = base_copy(layer).to(dtype).requires_grad_(False)
 
     def forward(self, ids: Tensor) -> Tensor:
         return self.inner(ids).to(self.out_dtype)

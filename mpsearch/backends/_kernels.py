@@ -8,7 +8,6 @@ precisions compose without a whole-model pass. Their tensors are exactly what th
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import functools
 import warnings
@@ -22,7 +21,7 @@ from torch import Tensor, nn
 from torch._ops import OpOverload, OpOverloadPacket
 
 from mpsearch.backends._registry import Backend
-from mpsearch.layers._layers import is_stand_in, standard_form
+from mpsearch.layers._layers import base_copy, is_stand_in, standard_form
 from mpsearch.schemes import QuantSpec, Scheme
 from mpsearch.schemes._fakequant import qparams, quantize_codes
 
@@ -106,7 +105,7 @@ class CastLayer(RealLayer):
         self.scheme_name = scheme.name
         self.dtype = TORCH_DTYPES[scheme.compute_dtype]
         self.channels_last = channels_last and isinstance(layer, nn.Conv2d)
-        inner = copy.deepcopy(layer).to(device=device, dtype=self.dtype)
+        inner = base_copy(layer).to(device=device, dtype=self.dtype)
         if self.channels_last:
             inner = inner.to(memory_format=torch.channels_last)
         self.inner = inner.requires_grad_(False)

@@ -32,7 +32,13 @@ from mpsearch.cost._timing import (
     threads,
 )
 from mpsearch.layers import layer_weights, quantizable_layers, weight_shapes
-from mpsearch.layers._layers import enclosing_layer, standard_form, watched
+from mpsearch.layers._layers import (
+    OwnForward,
+    enclosing_layer,
+    standard_form,
+    watched,
+    with_own_forward,
+)
 from mpsearch.plan import PrecisionPlan
 from mpsearch.schemes import Scheme, get_scheme
 from mpsearch.schemes._rounding import split_choice
@@ -675,17 +681,21 @@ class _Job:
             chosen, ms, module = self.tune(layer, name, scheme)
             if module is None:
                 module = impl.build(chosen, standard_form(layer), scheme)
+            module = with_own_forward(layer, module)
             kernel, memory = chosen.name, storage_bytes(module)
             own = {_storage_key(t) for t in layer.parameters()}
             if any(_storage_key(t) in own for t in module.parameters()):
                 self.as_is.append((name, scheme.name))  # its bytes stay the layer's own
         elif impl.real:
-            module = impl.quantize_layer(layer, scheme)
+            module = with_own_forward(layer, impl.quantize_layer(layer, scheme))
             memory = storage_bytes(module)
         elif scheme.name == "fp32":
             module, memory = layer, _own_bytes(layer)
         else:
-            module, memory = impl.quantize_layer(layer, scheme), ideal_layer_bytes(layer, scheme)
+            module = with_own_forward(layer, impl.quantize_layer(layer, scheme))
+            memory = ideal_layer_bytes(layer, scheme)
+            if isinstance(module, OwnForward):  # the subclass's own tensors (Gemma's scale)
+                memory += sum(tensor_bytes(t) for t in module.buffers(recurse=False))
         if ms is None:
             ms = self.time_layer(module, x)
         return [name, scheme.name, int(memory), ms * self.calls[name], True, "", kernel]

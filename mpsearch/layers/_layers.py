@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import copy
+import inspect
 import math
+import re
 import weakref
 from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import contextmanager
@@ -42,10 +45,10 @@ _UNSUPPORTED_FORMS: list[tuple[Callable[[nn.Module], bool], str]] = [
         "an Embedding with max_norm rewrites its weight at each lookup",
     ),
     (
-        lambda m: not _computes_as_its_base(m),
-        "a subclass whose own forward computes something else than its base layer (Gemma's "
-        "scaled embedding, OPT's positions from the attention mask, a weight-standardized "
-        "convolution), which a quantized layer would drop",
+        lambda m: not _computes_as_its_base(m) and not routes_through_base(m),
+        "a subclass whose own forward computes something else than its base layer without "
+        "calling the base's forward on its one input (OPT's positions from the attention "
+        "mask, a weight-standardized convolution), which a quantized layer would drop",
     ),
 ]
 """(recognise, reason): instances of :data:`QUANTIZABLE_TYPES` that are not quantizable."""
@@ -70,6 +73,122 @@ def _probe_input(layer: nn.Module) -> Tensor | None:
         return None
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
     return x.to(device=weight.device, dtype=weight.dtype)
+
+
+_BASE_CALL = re.compile(r"super\([^)]*\)\.forward\(")
+
+
+def routes_through_base(layer: nn.Module) -> bool:
+    """Whether ``layer``'s class overrides its base type's forward with one that takes one
+    input and calls the base's (``super().forward(x)``) on the way, as Gemma's scaled embedding
+    does (``super().forward(ids) * self.embed_scale``): a quantized layer then keeps that
+    forward, and runs the quantized base operation in its ``super().forward``
+    (:func:`with_own_forward`).
+
+    >>> class Scaled(nn.Embedding):
+    ...     def forward(self, ids):
+    ...         return super().forward(ids) * 2.0
+    >>> routes_through_base(Scaled(4, 2)), routes_through_base(nn.Embedding(4, 2))
+    (True, False)
+    """
+    base = next((t for t in QUANTIZABLE_TYPES if isinstance(layer, t)), None)
+    forward = type(layer).forward
+    if base is None or forward is base.forward:
+        return False
+    try:
+        source = inspect.getsource(forward)
+        params = list(inspect.signature(forward).parameters.values())[1:]
+    except (OSError, TypeError, ValueError):  # no source (built at run time)
+        return False
+    return (
+        bool(_BASE_CALL.search(source))
+        and len(params) == 1
+        and params[0].kind
+        in (
+            inspect.Parameter.POSITIONAL_ONLY,
+            inspect.Parameter.POSITIONAL_OR_KEYWORD,
+        )
+    )
+
+
+def base_copy(layer: nn.Module) -> nn.Module:
+    """A deep copy of ``layer`` that runs its base type's forward where ``layer``'s class
+    routes through it (:func:`routes_through_base`: the subclass's own part runs outside, in
+    :func:`with_own_forward`); a plain deep copy otherwise.
+
+    >>> class Scaled(nn.Linear):
+    ...     def forward(self, x):
+    ...         return super().forward(x) * 2.0
+    >>> type(base_copy(Scaled(2, 2))).__name__, type(base_copy(nn.Linear(2, 2))).__name__
+    ('Linear', 'Linear')
+    """
+    copied = copy.deepcopy(layer)
+    if routes_through_base(layer):
+        copied.__class__ = next(t for t in QUANTIZABLE_TYPES if isinstance(layer, t))
+    return copied
+
+
+class OwnForward(nn.Module):
+    """Marks the modules :func:`with_own_forward` builds: a layer subclass's own forward over a
+    quantized base operation (``quantized``). Their classes are made at run time, so a pickle
+    names the layer's class and rebuilds them."""
+
+    quantized: nn.Module
+
+    def __reduce_ex__(self, protocol: Any) -> tuple[Any, ...]:
+        return _rebuild_own_forward, (type(self).__mro__[1], self.__dict__)
+
+
+_OWN_FORWARD_CLASSES: dict[type[nn.Module], type[nn.Module]] = {}
+
+
+def _own_forward_class(kind: type[nn.Module]) -> type[nn.Module]:
+    """The class :func:`with_own_forward` gives a quantized layer of class ``kind``."""
+    if kind not in _OWN_FORWARD_CLASSES:
+        base = next(t for t in QUANTIZABLE_TYPES if issubclass(kind, t))
+        call = type(f"_Quantized{base.__name__}Call", (base,), {"forward": _base_call})
+        _OWN_FORWARD_CLASSES[kind] = type(f"Quantized{kind.__name__}", (kind, call, OwnForward), {})
+    return _OWN_FORWARD_CLASSES[kind]
+
+
+def _rebuild_own_forward(kind: type[nn.Module], state: dict[str, Any]) -> nn.Module:
+    cls = _own_forward_class(kind)
+    module = cls.__new__(cls)
+    module.__dict__.update(state)
+    return module
+
+
+def _base_call(self: OwnForward, x: Tensor, *args: Any, **kwargs: Any) -> Any:
+    return self.quantized(x)
+
+
+def with_own_forward(layer: nn.Module, module: nn.Module) -> nn.Module:
+    """``module`` (a quantized ``layer``) as ``layer``'s own class when that class routes its
+    forward through its base's (:func:`routes_through_base`): an instance of a subclass of
+    ``type(layer)`` whose base forward runs ``module``, holding ``layer``'s other tensors and
+    settings (Gemma's ``embed_scale``); else ``module`` itself.
+
+    >>> class Scaled(nn.Embedding):
+    ...     def forward(self, ids):
+    ...         return super().forward(ids) * 2.0
+    >>> q = with_own_forward(Scaled(4, 2), nn.Embedding(4, 2))
+    >>> isinstance(q, Scaled), torch.equal(q(torch.tensor([1])), q.quantized(torch.tensor([1])) * 2)
+    (True, True)
+    """
+    if isinstance(module, OwnForward) or isinstance(layer, OwnForward):
+        return module  # built already, or the original put back in its place
+    if type(module) is type(layer) or not routes_through_base(layer):
+        return module
+    cls = _own_forward_class(type(layer))
+    wrapped = cls.__new__(cls)
+    nn.Module.__init__(wrapped)
+    wrapped.quantized = module
+    for name, t in [*layer.named_parameters(recurse=False), *layer.named_buffers(recurse=False)]:
+        if name not in STAND_INS:
+            persistent = name not in layer._non_persistent_buffers_set
+            wrapped.register_buffer(name, t, persistent=persistent)
+    stand_in(wrapped, layer)
+    return wrapped.train(layer.training)
 
 
 def _computes_as_its_base(layer: nn.Module) -> bool:
@@ -278,6 +397,7 @@ def replace_layers(model: nn.Module, replacements: Mapping[str, nn.Module]) -> d
     previous: dict[str, nn.Module] = {}
     for name, module in replacements.items():
         previous[name] = model.get_submodule(name)
+        module = with_own_forward(previous[name], module)
         stand_in(module, previous[name])
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name)

@@ -115,9 +115,31 @@ def constant_defaults(model: nn.Module, batch: Batch) -> dict[str, Any]:
     }
 
 
+class _LayerTracer(fx.Tracer):
+    """``torch.fx`` tracing that keeps ``layers`` as ``call_module`` nodes: a layer subclass
+    outside ``torch.nn`` (Gemma's scaled embedding) would otherwise be traced through."""
+
+    def __init__(self, layers: Sequence[str]) -> None:
+        super().__init__()
+        self.layers = set(layers)
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return module_qualified_name in self.layers or super().is_leaf_module(
+            m, module_qualified_name
+        )
+
+
+def _symbolic_trace(
+    model: nn.Module, layers: Sequence[str], concrete_args: dict[str, Any] | None = None
+) -> fx.GraphModule:
+    """``torch.fx.symbolic_trace(model, concrete_args)`` with ``layers`` kept as leaves."""
+    graph = _LayerTracer(layers).trace(model, concrete_args=concrete_args)
+    return fx.GraphModule(model, graph, type(model).__name__)
+
+
 def capture_fx(model: nn.Module, batches: Sequence[Batch], layers: Sequence[str]) -> Capture:
-    """``torch.fx.symbolic_trace(model)``."""
-    gm = fx.symbolic_trace(model)
+    """``torch.fx.symbolic_trace(model)`` (``layers`` kept as leaves)."""
+    gm = _symbolic_trace(model, layers)
     return Capture(gm, _signature_inputs(inspect.signature(model.forward), gm))
 
 
@@ -128,7 +150,7 @@ def capture_fx_concrete(
     concrete = constant_defaults(model, batches[0])
     if not concrete:
         raise Unsupported("forward has no parameter with a constant default to fix")
-    gm = fx.symbolic_trace(model, concrete_args=concrete)
+    gm = _symbolic_trace(model, layers, concrete)
     return Capture(gm, _signature_inputs(inspect.signature(model.forward), gm))
 
 

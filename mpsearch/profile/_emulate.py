@@ -28,7 +28,7 @@ from mpsearch.backends._recurrent import RNN_TYPES, SimulatedRNN
 from mpsearch.backends._simulate import SimulateBackend, SimulatedLayer
 from mpsearch.cost._timing import cpu_flags
 from mpsearch.layers import layer_forward
-from mpsearch.layers._layers import TRANSPOSED_CONV_TYPES
+from mpsearch.layers._layers import TRANSPOSED_CONV_TYPES, with_own_forward
 from mpsearch.schemes import Scheme, fake_quantize
 
 _EMULATED = (torch.bfloat16, torch.float16)
@@ -188,9 +188,12 @@ def profile_layer(impl: object, layer: nn.Module, scheme: Scheme) -> nn.Module:
     >>> got == ("EmulatedLayer" if emulates(bf16) else "SimulatedLayer")
     True
     """
+    module = None
     if type(impl) is SimulateBackend and emulates(scheme):
         if isinstance(layer, _EMULATED_LAYERS):
-            return EmulatedLayer(layer, scheme)
-        if isinstance(layer, RNN_TYPES):
-            return SimulatedRNN(layer, scheme, native=False)  # float32 loop, rounded operands
-    return impl.quantize_layer(layer, scheme)  # type: ignore[attr-defined]
+            module = EmulatedLayer(layer, scheme)
+        elif isinstance(layer, RNN_TYPES):
+            module = SimulatedRNN(layer, scheme, native=False)  # float32 loop, rounded operands
+    if module is None:
+        module = impl.quantize_layer(layer, scheme)  # type: ignore[attr-defined]
+    return with_own_forward(layer, module)  # Gemma's scaled embedding keeps its scale
