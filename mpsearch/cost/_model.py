@@ -258,7 +258,8 @@ class CostModel:
         problems = []
         for name, scheme in resolved.items():
             if name in self.never_called:
-                why = applicability_error(self.model.get_submodule(name), get_scheme(scheme))
+                layer, s = self.model.get_submodule(name), get_scheme(scheme)
+                why = applicability_error(layer, s) or self.backend.unsupported_reason(layer, s)
                 if why:
                     problems.append(f"  {name} in {scheme!r}: {why}")
             elif name not in self.layers:

@@ -448,9 +448,9 @@ def stand_in(module: nn.Module, layer: nn.Module) -> None:
     besides calling it, where ``module`` lacks it:
 
     - each :data:`STAND_INS` tensor, as a non-persistent buffer of the layer's shape, dtype
-      and device that holds one NaN broadcast to that shape (a single element's bytes; its
-      state dict and byte count are unchanged; code that computes with it gets NaN, not
-      stale values; converting the model's dtype or device materialises it);
+      and device that holds one NaN broadcast to that shape (:func:`is_stand_in`: not in
+      the state dict, no bytes counted; code that computes with it gets NaN, not stale
+      values; converting the model's dtype or device materialises it, and then counts);
     - the layer's settings: its plain attributes (``num_embeddings``, ``in_features``,
       ``kernel_size``, GPT-2 ``Conv1D``'s ``nf``...; Whisper reads
       ``embed_positions.num_embeddings``).

@@ -245,6 +245,8 @@ def test_layers_the_model_never_calls_are_left_out_and_searched_in_fp32() -> Non
     quantized = mps.quantize(model, "w8a8", backend=cost.backend)
     assert cost.memory_bytes("w8a8") == held_bytes(quantized)
     assert cost.layer_sum_ms("w8a8") == cost.layer_sum_ms({"proj": "w8a8", "head": "w8a8"})
+    with pytest.raises(ValueError, match=r"gate in 'fp8': .*simulate"):  # the backend's reason
+        cost.memory_bytes({"gate": "fp8"})
     with pytest.raises(ValueError, match=r"Layers \['gate'\] are never called"):
         measure_cost(model, x, schemes=["w8a8"], layers=["proj", "gate"])  # chosen: refused
     with pytest.warns(UserWarning, match="gate / w8a8: the layer is never called"):
