@@ -45,10 +45,15 @@ _UNSUPPORTED_FORMS: list[tuple[Callable[[nn.Module], bool], str]] = [
         "an Embedding with max_norm rewrites its weight at each lookup",
     ),
     (
-        lambda m: not _computes_as_its_base(m) and not routes_through_base(m),
-        "a subclass whose own forward computes something else than its base layer without "
-        "calling the base's forward on its one input (OPT's positions from the attention "
-        "mask, a weight-standardized convolution), which a quantized layer would drop",
+        lambda m: (
+            not _computes_as_its_base(m)
+            and not routes_through_base(m)
+            and effective_form(m) is None
+        ),
+        "a subclass whose own forward computes something else than its base layer, neither "
+        "calling the base's forward on its one input nor only transforming its weight (OPT's "
+        "positions from the attention mask, a convolution that pads its input itself), which "
+        "a quantized layer would drop",
     ),
 ]
 """(recognise, reason): instances of :data:`QUANTIZABLE_TYPES` that are not quantizable."""
@@ -122,6 +127,9 @@ def base_copy(layer: nn.Module) -> nn.Module:
     >>> type(base_copy(Scaled(2, 2))).__name__, type(base_copy(nn.Linear(2, 2))).__name__
     ('Linear', 'Linear')
     """
+    folded = effective_form(layer)
+    if folded is not None:  # a weight transform folded: the plain layer it computes
+        return copy.deepcopy(folded)
     copied = copy.deepcopy(layer)
     if routes_through_base(layer):
         copied.__class__ = next(t for t in QUANTIZABLE_TYPES if isinstance(layer, t))
@@ -267,15 +275,111 @@ def input_major(weight: Tensor, groups: int) -> Tensor:
     return grouped.reshape(groups * cin_g, cout // groups, *kernel)
 
 
+_BASE_FUNCTIONS = {
+    nn.Linear: "linear",
+    nn.Conv1d: "conv1d",
+    nn.Conv2d: "conv2d",
+    nn.Conv3d: "conv3d",
+}
+"""The functional call each base type's forward makes (``torch.nn.functional``'s name)."""
+
+_EFFECTIVE: weakref.WeakKeyDictionary[nn.Module, nn.Module | None] = weakref.WeakKeyDictionary()
+
+
+class _BaseCalls(torch.overrides.TorchFunctionMode):
+    """Records the calls of one functional (``conv2d``...) made inside it: args, output."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.name = name
+        self.calls: list[tuple[tuple[Any, ...], dict[str, Any], Any]] = []
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        if getattr(func, "__name__", "") == self.name:
+            self.calls.append((tuple(args), dict(kwargs or {}), out))
+        return out
+
+
+def effective_form(layer: nn.Module) -> nn.Module | None:
+    """The plain base layer that ``layer`` computes, where its class transforms its weight in
+    ``forward`` and then makes its base's one call on the input as given (timm's
+    ``StdConv2d`` / ``ScaledStdConv2d``, weight standardization, in BiT and NFNet): a copy of
+    the base type holding the weight and bias that call received (in eval mode the weight is
+    fixed, so the transform folds, as a BatchNorm does). ``None`` otherwise. Found once per
+    module, by running it on a probe input and recording its functional calls.
+
+    >>> class Doubled(nn.Linear):
+    ...     def forward(self, x):
+    ...         return nn.functional.linear(x, 2 * self.weight, self.bias)
+    >>> layer = Doubled(3, 2)
+    >>> torch.equal(effective_form(layer).weight, 2 * layer.weight)
+    True
+    """
+    base = next((t for t in _BASE_FUNCTIONS if isinstance(layer, t)), None)
+    if base is None or type(layer).forward is base.forward or is_hf_conv1d(layer):
+        return None
+    if layer not in _EFFECTIVE:
+        _EFFECTIVE[layer] = _fold_weight_transform(layer, base)
+    return _EFFECTIVE[layer]
+
+
+def _fold_weight_transform(layer: nn.Module, base: type[nn.Module]) -> nn.Module | None:
+    x = _probe_input(layer)
+    if x is None:
+        return None
+    recorder = _BaseCalls(_BASE_FUNCTIONS[base])
+    try:
+        with torch.no_grad(), recorder:
+            out = layer(x)
+    except Exception:  # another signature: not a weight transform
+        return None
+    if len(recorder.calls) != 1:
+        return None
+    args, kwargs, y = recorder.calls[0]
+    names = ["input", "weight", "bias", "stride", "padding", "dilation", "groups"]
+    bound = {**dict(zip(names, args, strict=False)), **kwargs}
+    if bound.get("input") is not x or y is not out or not isinstance(bound.get("weight"), Tensor):
+        return None  # the input padded or the output changed first: not the base's call
+    if base is not nn.Linear:
+        geometry = {"stride": 1, "padding": 0, "dilation": 1, "groups": 1}
+        for key, default in geometry.items():
+            given = bound.get(key, default)
+            own = getattr(layer, key)
+            if _as_tuple(given, len(layer.kernel_size)) != _as_tuple(own, len(layer.kernel_size)):
+                return None
+    folded = copy.deepcopy(layer)
+    folded.__class__ = base
+    weight, bias = bound["weight"], bound.get("bias")
+    folded.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
+    folded.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+    for name in list(folded._parameters):  # the transform's own tensors (a gain) are folded in
+        if name not in ("weight", "bias"):
+            del folded._parameters[name]
+    return folded.train(layer.training)
+
+
+def _as_tuple(value: Any, n: int) -> Any:
+    return (
+        tuple(value)
+        if isinstance(value, tuple | list)
+        else value
+        if isinstance(value, str)
+        else (value,) * n
+    )
+
+
 _STANDARD_FORMS: list[tuple[Callable[[nn.Module], bool], Callable[[nn.Module], nn.Module]]] = [
     (is_hf_conv1d, _hf_conv1d_as_linear),
+    (lambda m: effective_form(m) is not None, lambda m: effective_form(m)),  # type: ignore[return-value,arg-type]
 ]
 """(recognise, convert): layers quantizable by behaviour, and the standard layer they are."""
 
 
 def standard_form(layer: nn.Module) -> nn.Module:
     """``layer`` as the standard layer the backends quantize: itself for Linear / Conv (and
-    their subclasses), an ``nn.Linear`` on the transposed weight (a view) for HF ``Conv1D``.
+    their subclasses), an ``nn.Linear`` on the transposed weight (a view) for HF ``Conv1D``,
+    the plain layer a weight-transforming subclass computes (:func:`effective_form`).
     Shapes (``standard_form(layer).weight.shape``: ``[out, in, ...]``) are read from it.
 
     >>> standard_form(nn.Linear(4, 2)).weight.shape

@@ -188,7 +188,7 @@ def test_a_subclass_that_calls_its_base_forward_is_quantized_with_its_own_forwar
     ids = torch.randint(0, 32, (8, 6), generator=torch.Generator().manual_seed(1))
     assert list(quantizable_layers(model)) == ["emb", "fc"]
     left_out = coverage(model).left_out[0]  # OPT-style: left out, and why
-    assert left_out.module == "pos" and "its one input" in left_out.reason
+    assert left_out.module == "pos" and "the base's forward on its one input" in left_out.reason
     cost = measure_cost(model, ids, schemes=["bf16", "w8a16"], backend=backend, repeats=1)
     with torch.inference_mode():
         want = model(ids)
