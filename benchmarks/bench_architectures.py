@@ -8,12 +8,15 @@ cost in fp32 passes, whether the cost model's bytes equal what the quantized mod
 which export formats were written and checked, and where a step failed (with the error).
 
 Run: ``python benchmarks/bench_architectures.py`` (``--models mistral,t5`` for a subset);
-writes ``benchmarks/results/architectures.md``. Needs ``transformers`` (``.[dev]``).
+writes ``benchmarks/results/architectures.md``. Needs ``transformers`` (``.[dev]``). timm
+models (:data:`TIMM`): ``.venv-vision/bin/python benchmarks/bench_architectures.py --family
+timm`` (``scripts/models_venv.sh`` makes that venv), written to ``architectures_timm.md``.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import statistics
 import subprocess
@@ -35,6 +38,8 @@ from bench_profile import forward_time
 RESULTS = Path(__file__).parent / "results" / "architectures.md"
 SCHEMES = ["bf16", "w8a8", "w4a16"]
 FORMATS = ("plan", "state_dict", "program", "onnx")
+ONNX_INSTALLED = all(importlib.util.find_spec(m) for m in ("onnx", "onnxscript", "onnxruntime"))
+"""Whether this environment can write ONNX (the torchvision/timm venv cannot)."""
 VOCAB, SEQ = 256, 16
 CALIB_BATCHES = 16  # of 16 samples: 256, as benchmarks/bench_models.py profiles
 
@@ -257,13 +262,49 @@ ARCHITECTURES: dict[str, tuple[str, str, dict[str, Any], Inputs]] = {
 }
 """name -> (config class, model class, config, inputs(n, generator)) in ``transformers``."""
 
+TIMM: dict[str, int] = {
+    "resnet18": 64,
+    "resnet50d": 64,
+    "resnetv2_50x1_bit": 64,
+    "nf_resnet26": 64,
+    "efficientnet_b0": 64,
+    "tf_efficientnet_b0": 64,
+    "mobilenetv3_large_100": 64,
+    "regnety_002": 64,
+    "convnextv2_atto": 64,
+    "ghostnet_100": 64,
+    "mixnet_s": 64,
+    "rexnet_100": 64,
+    "dla34": 64,
+    "efficientvit_b0": 64,
+    "fastvit_t8": 64,
+    "mobilevitv2_050": 64,
+    "poolformer_s12": 64,
+    "edgenext_xx_small": 64,
+    "repvgg_a0": 64,
+    "hgnetv2_b0": 64,
+    "inception_next_atto": 64,
+    "levit_128s": 224,
+    "deit_tiny_patch16_224": 224,
+}
+"""timm model name -> image size (``--family timm``: run it in the torchvision/timm venv,
+``scripts/models_venv.sh``; PyPI's torchvision does not load beside the pinned torch)."""
+
+FAMILIES = {"hf": ARCHITECTURES, "timm": TIMM}
+
 
 def build(name: str) -> tuple[torch.nn.Module, Inputs]:
     """The architecture's model (random weights, eval mode) and its input maker."""
+    torch.manual_seed(0)
+    if name in TIMM:
+        import timm
+
+        size = TIMM[name]
+        model = timm.create_model(name, pretrained=False, num_classes=10)
+        return model.eval(), lambda n, g: torch.randn(n, 3, size, size, generator=g)
     import transformers
 
     config_name, model_name, config, inputs = ARCHITECTURES[name]
-    torch.manual_seed(0)
     model = getattr(transformers, model_name)(getattr(transformers, config_name)(**config))
     return model.eval(), inputs
 
@@ -310,10 +351,13 @@ def run_one(name: str, *, trials: int) -> dict[str, Any]:
                 exact.append(cost.memory_bytes(plan) == held_bytes(quantized))
             row["memory_exact"] = f"{sum(exact)}/{len(exact)}"
             step = "export"
+            formats = [f for f in FORMATS if f != "onnx" or ONNX_INSTALLED]
+            if len(formats) < len(FORMATS):
+                row["note"] = "onnx: onnx, onnxscript or onnxruntime not installed here"
             with tempfile.TemporaryDirectory() as out:
                 try:
                     written = mps.export_plan(
-                        model, res.best(), out, example_input=example, formats=FORMATS
+                        model, res.best(), out, example_input=example, formats=formats
                     )
                     records = written.records
                 except ExportError as error:  # some formats written and checked
@@ -365,9 +409,10 @@ COLUMNS = [
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default=",".join(ARCHITECTURES), help="comma-separated")
+    parser.add_argument("--family", choices=sorted(FAMILIES), default="hf")
+    parser.add_argument("--models", help="comma-separated (default: the family's all)")
     parser.add_argument("--trials", type=int, default=12)
-    parser.add_argument("--out", type=Path, default=RESULTS, help="the markdown table written")
+    parser.add_argument("--out", type=Path, help="the markdown table written")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # run one, print its row as JSON
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -376,7 +421,11 @@ def main() -> None:
         return
     from mpsearch.cost import cpu_model
 
-    names = model_names(parser, args.models, ARCHITECTURES)
+    family = FAMILIES[args.family]
+    names = model_names(parser, args.models or ",".join(family), family)
+    out = args.out or RESULTS.with_name(
+        f"architectures{'_timm' if args.family == 'timm' else ''}.md"
+    )
     started = time.perf_counter()
     rows = []
     for name in names:
@@ -396,7 +445,8 @@ def main() -> None:
     print(summary)
     text = "\n".join(
         [
-            "# Hugging Face architectures through the whole pipeline",
+            f"# {'timm' if args.family == 'timm' else 'Hugging Face'} architectures through the "
+            "whole pipeline",
             "",
             f"CPU: {cpu_model()}; torch {torch.__version__}, 1 thread; schemes {SCHEMES}; "
             f"{args.trials} trials per search; wall time {time.perf_counter() - started:.0f} s. "
@@ -416,7 +466,7 @@ def main() -> None:
             "",
         ]
     )
-    write_result(args.out, text)
+    write_result(out, text)
 
 
 if __name__ == "__main__":
