@@ -283,7 +283,9 @@ _BASE_FUNCTIONS = {
 }
 """The functional call each base type's forward makes (``torch.nn.functional``'s name)."""
 
-_EFFECTIVE: weakref.WeakKeyDictionary[nn.Module, nn.Module | None] = weakref.WeakKeyDictionary()
+_EFFECTIVE: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[Any, ...], nn.Module | None]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 class _BaseCalls(torch.overrides.TorchFunctionMode):
@@ -319,9 +321,11 @@ def effective_form(layer: nn.Module) -> nn.Module | None:
     base = next((t for t in _BASE_FUNCTIONS if isinstance(layer, t)), None)
     if base is None or type(layer).forward is base.forward or is_hf_conv1d(layer):
         return None
-    if layer not in _EFFECTIVE:
-        _EFFECTIVE[layer] = _fold_weight_transform(layer, base)
-    return _EFFECTIVE[layer]
+    tensors = [*layer.parameters(), *layer.buffers()]
+    state = tuple((t.data_ptr(), 0 if t.is_inference() else t._version) for t in tensors)
+    if layer not in _EFFECTIVE or _EFFECTIVE[layer][0] != state:  # refolded once trained
+        _EFFECTIVE[layer] = (state, _fold_weight_transform(layer, base))
+    return _EFFECTIVE[layer][1]
 
 
 def _fold_weight_transform(layer: nn.Module, base: type[nn.Module]) -> nn.Module | None:

@@ -134,3 +134,5 @@ def test_a_weight_standardized_conv_is_folded_and_quantized(backend: str) -> Non
         q = quantize(model, "w8a8", backend=cost.backend)
         assert (q(x) - model(x)).norm() < 0.05 * model(x).norm()
         assert cost.memory_bytes("w8a8") == held_bytes(q)
+        model[0].weight.mul_(2.0)  # trained further: folded again, not from a stale copy
+        torch.testing.assert_close(effective_form(model[0])(x), model[0](x), rtol=0, atol=0)
