@@ -48,17 +48,13 @@ class RealLayer(nn.Module):
 
 
 def tensor_bytes(t: Tensor) -> int:
-    """Bytes ``t`` holds: a broadcast tensor (a stride of 0) holds its storage's, not one per
-    element; a replaced layer's stand-in weight (:func:`is_stand_in`) none.
+    """Bytes ``t`` holds: one per element, none for a replaced layer's stand-in weight
+    (:func:`is_stand_in`: one NaN broadcast to the weight's shape).
 
-    >>> tensor_bytes(torch.zeros(3, 4)), tensor_bytes(torch.zeros(1, 1).expand(3, 4))
-    (48, 4)
+    >>> tensor_bytes(torch.zeros(3, 4))
+    48
     """
-    if is_stand_in(t):
-        return 0
-    if t.layout == torch.strided and t.device.type != "meta" and 0 in t.stride() and t.numel():
-        return int(t.untyped_storage().nbytes())
-    return int(t.numel()) * int(t.element_size())
+    return 0 if is_stand_in(t) else int(t.numel()) * int(t.element_size())
 
 
 def storage_bytes(module: nn.Module) -> int:

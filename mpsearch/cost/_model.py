@@ -293,7 +293,7 @@ class CostModel:
             if not self.backend.real:
                 self._never_called_bytes[key] = ideal_layer_bytes(layer, s)
             else:
-                module = self.backend.quantize_layer(layer, s)
+                module = with_own_forward(layer, self.backend.quantize_layer(layer, s))
                 own = {_storage_key(t) for t in layer.parameters()}
                 shares = any(_storage_key(t) in own for t in module.parameters())
                 self._never_called_bytes[key] = None if shares else storage_bytes(module)
@@ -477,8 +477,10 @@ def measure_cost(
         tune_cache = TuneCache(opts.cache_dir, meta)
         settings = {**opts.settings(), "cold": meta["cold"]}
         tuning = tune_cache if opts.autotune else None
-        job = _Job(model, example_input, impl, scheme_objs, names, inputs, calls, settings, tuning)
-        job.never_called = never_called
+        job = _Job(
+            model, example_input, impl, scheme_objs, names, inputs, calls, settings, tuning,
+            never_called=never_called,
+        )  # fmt: skip
         payload = job.measure()
         payload["meta"] = meta
         tune_cache.save()

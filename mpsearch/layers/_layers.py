@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import math
 import re
@@ -96,8 +97,14 @@ def routes_through_base(layer: nn.Module) -> bool:
     >>> routes_through_base(Scaled(4, 2)), routes_through_base(nn.Embedding(4, 2))
     (True, False)
     """
-    base = next((t for t in QUANTIZABLE_TYPES if isinstance(layer, t)), None)
-    forward = type(layer).forward
+    return _routes_through_base(type(layer))
+
+
+@functools.cache
+def _routes_through_base(kind: type[nn.Module]) -> bool:
+    """:func:`routes_through_base` of a class (its source read once, not per layer)."""
+    base = next((t for t in QUANTIZABLE_TYPES if issubclass(kind, t)), None)
+    forward = kind.forward
     if base is None or forward is base.forward:
         return False
     try:
@@ -105,15 +112,8 @@ def routes_through_base(layer: nn.Module) -> bool:
         params = list(inspect.signature(forward).parameters.values())[1:]
     except (OSError, TypeError, ValueError):  # no source (built at run time)
         return False
-    return (
-        bool(_BASE_CALL.search(source))
-        and len(params) == 1
-        and params[0].kind
-        in (
-            inspect.Parameter.POSITIONAL_ONLY,
-            inspect.Parameter.POSITIONAL_OR_KEYWORD,
-        )
-    )
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return bool(_BASE_CALL.search(source)) and len(params) == 1 and params[0].kind in positional
 
 
 def base_copy(layer: nn.Module) -> nn.Module:
@@ -347,10 +347,9 @@ def _fold_weight_transform(layer: nn.Module, base: type[nn.Module]) -> nn.Module
         return None  # the input padded or the output changed first: not the base's call
     if base is not nn.Linear:
         geometry = {"stride": 1, "padding": 0, "dilation": 1, "groups": 1}
+        n = len(layer.kernel_size)
         for key, default in geometry.items():
-            given = bound.get(key, default)
-            own = getattr(layer, key)
-            if _as_tuple(given, len(layer.kernel_size)) != _as_tuple(own, len(layer.kernel_size)):
+            if _ntuple(bound.get(key, default), n) != _ntuple(getattr(layer, key), n):
                 return None
     folded = copy.deepcopy(layer)
     folded.__class__ = base
@@ -363,14 +362,11 @@ def _fold_weight_transform(layer: nn.Module, base: type[nn.Module]) -> nn.Module
     return folded.train(layer.training)
 
 
-def _as_tuple(value: Any, n: int) -> Any:
-    return (
-        tuple(value)
-        if isinstance(value, tuple | list)
-        else value
-        if isinstance(value, str)
-        else (value,) * n
-    )
+def _ntuple(value: Any, n: int) -> Any:
+    """A conv setting as ``n`` values (``2`` -> ``(2, 2)``; ``"same"`` as it is)."""
+    if isinstance(value, str):
+        return value
+    return tuple(value) if isinstance(value, tuple | list) else (value,) * n
 
 
 _STANDARD_FORMS: list[tuple[Callable[[nn.Module], bool], Callable[[nn.Module], nn.Module]]] = [
