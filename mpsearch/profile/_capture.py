@@ -138,7 +138,16 @@ def _symbolic_trace(
 
 
 def capture_fx(model: nn.Module, batches: Sequence[Batch], layers: Sequence[str]) -> Capture:
-    """``torch.fx.symbolic_trace(model)`` (``layers`` kept as leaves)."""
+    """``torch.fx.symbolic_trace(model)`` (``layers`` kept as leaves), for a ``forward`` with
+    no parameter left to a constant default: those are traced fixed by
+    :func:`capture_fx_concrete` (a flag traced as a graph input fails at its first ``if``, a
+    ``None`` default is taken for a tensor), without a first trace that fails."""
+    fixed = constant_defaults(model, batches[0])
+    if fixed:
+        raise Unsupported(
+            f"forward's {', '.join(map(repr, fixed))} keep a constant default: "
+            "traced fixed by fx(concrete_args)"
+        )
     gm = _symbolic_trace(model, layers)
     return Capture(gm, _signature_inputs(inspect.signature(model.forward), gm))
 

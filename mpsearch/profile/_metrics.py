@@ -29,10 +29,13 @@ def _log_probs(t: Tensor) -> Tensor:
     return torch.log_softmax(t.double().reshape(-1, t.shape[-1]), dim=-1)
 
 
-CHUNK_ELEMENTS = 2**19
-"""Elements (4 MiB in float64) of the float64 temporaries the batched KL works in: large
-temporaries are fresh memory from the OS at every allocation (page faults), small ones are
-reused; per-row results do not depend on the blocking."""
+CHUNK_ELEMENTS = 2**16
+"""Elements (512 KiB in float64) of the float64 temporaries the batched KL works in: blocks
+that stay in the cores' caches, where large temporaries are fresh memory at every allocation
+(page faults); per-row results do not depend on the blocking. Measured on machine A (Xeon,
+2 MiB L2 per core), the zoo's ``hf_llama`` (three schemes' outputs on 480 rows of 512
+logits): 2**16 scored a layer in 1.5 ms, 2**19 in 3.7 ms, and the profile's scoring took 30
+instead of 70 ms."""
 
 
 class KLAgainst:

@@ -790,6 +790,7 @@ def _variants(
 
 def _graph_runner(
     model: nn.Module,
+    capture: Capture,
     batches: Sequence[Batch],
     layers: Sequence[str],
     *,
@@ -798,12 +799,8 @@ def _graph_runner(
     e2e_samples: Any,
     local_samples: Any,
 ) -> GraphRunner:
-    """The graph runner on ``model`` captured by ``CAPTURES[method]``, checked against the
+    """The graph runner on ``capture`` (made by ``CAPTURES[method]``), checked against the
     model's own output on the first batch (raises when it is not reproduced)."""
-    start = time.perf_counter()
-    work = copy.deepcopy(model).eval()
-    capture = CAPTURES[method](work, batches, layers)
-    seconds = time.perf_counter() - start
     folded = fold and fold_graph(capture.gm) > 0
     _remove_inplace(capture.gm)
     runner = GraphRunner(
@@ -814,7 +811,6 @@ def _graph_runner(
         e2e_samples=e2e_samples,
         local_samples=local_samples,
     )
-    runner.capture_s = seconds
     with torch.inference_mode():
         direct = output_tensor(run_model(model, batches[0])).float()
     if not _close(runner.outputs[0], direct, 1e-4 if folded else 1e-6):
@@ -837,14 +833,31 @@ def build_runner(
     model's output (BatchNorm folded first when ``fold_bn``, else as it is), else the hook
     runner; ``runner.fallbacks`` says why the captures before failed. ``runner.n_e2e``: the
     number of samples ``e2e_samples`` picks (:func:`~mpsearch.profile._e2e.choose_e2e_samples`),
-    ``runner.n_local`` those ``local_samples`` picks, in ``runner.n_local_batches`` batches."""
+    ``runner.n_local`` those ``local_samples`` picks, in ``runner.n_local_batches`` batches.
+
+    Each runner works on its own copy of the model. A capture only traces the copy, so one
+    that fails leaves it for the next (a copy of a small Hugging Face model costs about as
+    much as the two fx traces that fail on it); a graph that was made, and maybe folded, and
+    then failed its check takes its copy with it."""
     has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
     fallbacks: dict[str, str] = {}
+    work: nn.Module | None = None
     for method in CAPTURES:
         for fold in (True, False) if (fold_bn and has_bn) else (False,):
+            start = time.perf_counter()
+            if work is None:
+                work = copy.deepcopy(model).eval()
+            try:
+                capture = CAPTURES[method](work, batches, layers)
+            except Exception as exc:
+                fallbacks[f"graph:{method}"] = exception_line(exc)
+                continue
+            seconds = time.perf_counter() - start
+            work = None  # the graph holds it now
             try:
                 runner = _graph_runner(
                     model,
+                    capture,
                     batches,
                     layers,
                     method=method,
@@ -855,12 +868,26 @@ def build_runner(
             except Exception as exc:
                 fallbacks[f"graph:{method}"] = exception_line(exc)
                 continue
+            runner.capture_s = seconds
             runner.fallbacks = fallbacks
             if fold_bn and has_bn and not runner.capture.folds_batchnorm:
                 warn(
                     f"profile: BatchNorm is left unfolded (the {runner.mode} graph cannot fold it)."
                 )
             return runner
+    work = copy.deepcopy(model).eval() if work is None else work
+    note = " BatchNorm is left unfolded." if (fold_bn and has_bn) else ""
+    reasons = "; ".join(f"{name}: {why}" for name, why in fallbacks.items())
+    warn(
+        f"profile: using the slower hook runner (whole model re-run per layer and scheme) "
+        f"because no graph capture works ({reasons}).{note}"
+    )
+    quantizable = [n for n in layers if is_quantizable(work.get_submodule(n))]
+    runner = HookRunner(
+        work, batches, quantizable, e2e_samples=e2e_samples, local_samples=local_samples
+    )
+    runner.fallbacks = fallbacks
+    return runner
     work = copy.deepcopy(model).eval()
     note = " BatchNorm is left unfolded." if (fold_bn and has_bn) else ""
     reasons = "; ".join(f"{name}: {why}" for name, why in fallbacks.items())

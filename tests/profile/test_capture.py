@@ -64,7 +64,9 @@ def test_flag_net_takes_fx_with_concrete_args_and_matches_hooks(monkeypatch) -> 
     graph = profile(wl.model, calib, **kwargs)
     assert graph.info["runner"] == "graph:fx(concrete_args)"
     assert set(graph.table["runner"]) == {"graph:fx(concrete_args)"}
-    assert graph.info["runner_fallbacks"]["graph:fx"].startswith("TraceError")
+    assert graph.info["runner_fallbacks"]["graph:fx"] == (
+        "Unsupported: forward's 'embed' keep a constant default: traced fixed by fx(concrete_args)"
+    )
     hooks = _hooks(monkeypatch, wl.model, calib, **kwargs)
     assert set(hooks.table["runner"]) == {"hooks"}
     _assert_same_rows(graph, hooks)
@@ -303,17 +305,51 @@ def test_weight_normed_layers_take_the_graph_runner(monkeypatch) -> None:
     _assert_same_rows(graph, _hooks(monkeypatch, model, calib, **kwargs))
 
 
+class Untraceable(torch.nn.Module):
+    """Data-dependent control flow: no capture works."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x) if bool(x.sum() > -1e9) else x[:, :4]
+
+
+def _count_copies(monkeypatch) -> list[object]:
+    """The models ``runner_module`` deep-copies, recorded as they are copied."""
+    copied: list[object] = []
+    real = runner_module.copy.deepcopy
+
+    def deepcopy(value, *args):
+        copied.append(value)
+        return real(value, *args)
+
+    monkeypatch.setattr(runner_module, "copy", type("copy", (), {"deepcopy": deepcopy}))
+    return copied
+
+
+def test_failed_captures_share_one_copy_a_graph_that_failed_its_check_takes_its_own(
+    monkeypatch,
+) -> None:
+    model = Untraceable().eval()
+    copied = _count_copies(monkeypatch)
+    with pytest.warns(UserWarning, match="hook runner"):
+        runner = runner_module.build_runner(
+            model, batches(1, 4, 8), ["fc"], fold_bn=True, warn=warnings.warn
+        )
+    assert len(runner.fallbacks) == 4 and copied == [model]  # the hook runner works on it too
+    copied.clear()
+    conv_bn = ConvBN().eval()
+    monkeypatch.setattr(runner_module, "_close", lambda a, b, rtol: rtol < 1e-4)  # folded: off
+    runner = runner_module.build_runner(
+        conv_bn, batches(1, 4, 3, 8, 8), ["conv1"], fold_bn=True, warn=lambda note: None
+    )
+    assert runner.mode == "graph:fx" and copied == [conv_bn, conv_bn]  # the folded one is lost
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in runner.gm.modules())
+
+
 def test_hook_runner_warning_says_why_each_capture_failed() -> None:
-    class Untraceable(torch.nn.Module):
-        """Data-dependent control flow: no capture works."""
-
-        def __init__(self) -> None:
-            super().__init__()
-            self.fc = torch.nn.Linear(8, 4)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.fc(x) if bool(x.sum() > -1e9) else x[:, :4]
-
     with pytest.warns(UserWarning, match=r"graph:fx: TraceError.*graph:export: ") as record:
         prof = profile(Untraceable().eval(), batches(1, 4, 8), schemes=["w8a8"], progress=False)
     assert "graph:fx(concrete_args): Unsupported" in str(record[0].message)

@@ -237,9 +237,11 @@ def test_most_uncertain_picks_the_highest_entropy_samples() -> None:
 def test_picked_samples_packs_compatible_pieces_up_to_a_batch() -> None:
     x = batches(3, 4, 5)
     got = picked_samples(x, [[1, 3], [0], [0, 1, 2]])
-    assert [b.shape[0] for b in got] == [3, 3]  # 2 + 1 fit a batch of 4; 3 more do not
-    assert torch.equal(got[0], torch.stack([x[0][1], x[0][3], x[1][0]]))
-    assert torch.equal(got[1], x[2][:3])
+    assert [b.shape[0] for b in got] == [4, 2]  # 2 + 1 + 1 fill a batch of 4, 2 are left
+    assert torch.equal(got[0], torch.stack([x[0][1], x[0][3], x[1][0], x[2][0]]))
+    assert torch.equal(got[1], x[2][1:3])
+    whole = picked_samples(x, [[0, 1, 2, 3], [0, 1, 2, 3], [1]])  # a full piece is not split
+    assert [b.shape[0] for b in whole] == [4, 4, 1] and torch.equal(whole[1], x[1])
     as_dict = [{"image": b, "flag": 3, "table": torch.zeros(7)} for b in x]
     got = picked_samples(as_dict, [[2], [1], []])
     assert len(got) == 1 and got[0]["flag"] == 3 and got[0]["table"].shape == (7,)
