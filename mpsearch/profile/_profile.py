@@ -50,7 +50,7 @@ from mpsearch.profile._metrics import (
 )
 from mpsearch.profile._options import ProfileOptions
 from mpsearch.profile._result import COLUMNS, SensitivityProfile
-from mpsearch.profile._runner import GraphRunner, Runner, build_runner
+from mpsearch.profile._runner import GraphRunner, Runner, build_runner, checked_output
 from mpsearch.rounding import Rounder, RoundingOptions
 from mpsearch.rounding._stats import rounding_unsupported
 from mpsearch.schemes import Scheme, fake_quantize, get_scheme
@@ -83,10 +83,6 @@ def _check_schemes(schemes: Any) -> list[Scheme]:
 def _check_optional_callable(argument: str, value: Any) -> None:
     if value is not None and not callable(value):
         raise invalid(argument, value, "None or a callable")
-
-
-def _finite(t: torch.Tensor) -> bool:
-    return bool(torch.isfinite(t).all()) if t.is_floating_point() else True
 
 
 def _add_local(local: list[LocalStats], pairs: list[list[tuple[torch.Tensor, ...]]]) -> None:
@@ -251,12 +247,8 @@ def _reference(req: _Request) -> tuple[Runner, str, MetricFn]:
     )
     for note in notes:
         warnings.warn(note, stacklevel=4)
-    for i, ref in enumerate(runner.outputs):
-        if not _finite(ref):
-            raise ValueError(
-                f"The fp32 model's output on calibration batch {i} is not finite (NaN or inf); "
-                "check the 'calib_data' batches and the model before profiling."
-            )
+    for i, ref in enumerate(runner.outputs):  # the graph runner's others: as they are run
+        checked_output(i, ref)
     e2e_name, e2e_fn = resolve_metric(req.options.metric, runner.outputs[0])
     probe = call_metric(e2e_fn, e2e_name, runner.outputs[0], runner.outputs[0], "fp32 vs fp32")
     if not math.isfinite(probe):

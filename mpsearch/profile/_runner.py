@@ -183,29 +183,19 @@ class GraphRunner:
         keep |= set(self.output_node.all_input_nodes)
         self.keep = keep
         local_keep = {n for s in self.layer_node.values() for n in (s, *s.all_input_nodes)}
+        self.local_keep = local_keep
         self.layers = list(layers)
         self.executor = _Executor(gm)
-        self.store: list[dict[fx.Node, Any]] = []
-        self.outputs: list[Tensor] = []
-        self.node_cost: dict[fx.Node, float] = {}
-        self.node_bytes: dict[fx.Node, int] = {}
-        self.streamed: dict[fx.Node, int] = {}
-        self.n_full = len(batches)  # the leading batches whose store has all of ``keep``
         with torch.inference_mode():
-            for i, batch in enumerate(batches):
-                if i == 0:
-                    env, self.node_cost = self._execute_counting(batch)
-                    self.outputs.append(self._final(env))
-                    self.node_bytes = {n: _nbytes(v) for n, v in env.items()}
-                    self.streamed = _streamed_weights(self.gm, self.nodes, env, self.node_cost)
-                    self._choose_samples(e2e_samples, local_samples)
-                    self.n_full = whole_batches(batches, self.n_e2e)
-                elif i >= max(self.n_full, self.n_local_batches):
-                    break
-                else:
-                    env = self._execute_all(batch, keep if i < self.n_full else local_keep)
-                    self.outputs.append(self._final(env))
-                self.store.append({n: env[n] for n in (keep if i < self.n_full else local_keep)})
+            env, self.node_cost = self._execute_counting(batches[0])
+        self.outputs: list[Tensor] = [self._checked(0, env)]
+        self.node_bytes = {n: _nbytes(v) for n, v in env.items()}
+        self.streamed = _streamed_weights(self.gm, self.nodes, env, self.node_cost)
+        self._choose_samples(e2e_samples, local_samples)
+        self.n_full = whole_batches(batches, self.n_e2e)  # leading batches stored with ``keep``
+        self.store: list[dict[fx.Node, Any]] = [
+            {n: env[n] for n in (keep if self.n_full else local_keep)}
+        ]
         self.e2e_batches: Sequence[Batch] = batches
         self.e2e_store = self.store
         self.reference = self.outputs
@@ -227,14 +217,31 @@ class GraphRunner:
         self.n_local_batches, self.n_local = local_batches(local_samples, self.batches, self.n_e2e)
 
     def all_outputs(self) -> list[Tensor]:
-        """The fp32 outputs of every calibration batch: those past the stored ones get a pass
-        (storing nothing) the first time they are asked for."""
-        done = len(self.outputs)
-        if done < len(self.batches):
-            with torch.inference_mode():
-                rest = [self._final(self._execute_all(b, set())) for b in self.batches[done:]]
-            self.outputs.extend(rest)
+        """The fp32 outputs of every calibration batch: those not run yet get a pass (storing
+        what the local errors read, nothing past them) the first time they are asked for."""
+        self._fill_store(self.n_local_batches)
+        with torch.inference_mode():
+            for i in range(len(self.outputs), len(self.batches)):
+                self.outputs.append(self._checked(i, self._execute_all(self.batches[i], set())))
         return self.outputs
+
+    def _checked(self, i: int, env: dict[fx.Node, Any]) -> Tensor:
+        """The output of calibration batch ``i`` in ``env`` (see :func:`checked_output`)."""
+        return checked_output(i, self._final(env))
+
+    def _fill_store(self, n: int) -> None:
+        """Store the values of the first ``n`` calibration batches the later runs read: all of
+        ``keep`` for the :attr:`n_full` leading ones, the layers' inputs and outputs for the
+        others. Filled when the batches to share are known: a classifier's least certain
+        samples share none, and storing values costs fresh memory (on the zoo's ``flag_net``,
+        a pass that keeps them ran 2.6x slower than one that drops them)."""
+        with torch.inference_mode():
+            for i in range(len(self.store), n):
+                wanted = self.keep if i < self.n_full else self.local_keep
+                env = self._execute_all(self.batches[i], wanted)
+                self.store.append({node: env[node] for node in wanted})
+                if i == len(self.outputs):
+                    self.outputs.append(self._checked(i, env))
 
     def downstream_passes(self) -> float:
         """End-to-end work per scheme on all batches, in fp32 passes: sum of suffix costs."""
@@ -253,6 +260,7 @@ class GraphRunner:
             and e2e_batches[shared] is self.batches[shared]
         ):
             shared += 1
+        self._fill_store(max(shared, self.n_local_batches))
         self.e2e_store, self.reference = self.store[:shared], self.outputs[:shared]
         with torch.inference_mode():
             for batch in e2e_batches[shared:]:
@@ -501,6 +509,16 @@ class _GlobalOnly:
 
     def __exit__(self, *_: object) -> None:
         return None
+
+
+def checked_output(i: int, out: Tensor) -> Tensor:
+    """``out``, the fp32 output of calibration batch ``i``; raises where it is not finite."""
+    if not bool(torch.isfinite(out).all()):
+        raise ValueError(
+            f"The fp32 model's output on calibration batch {i} is not finite (NaN or inf); "
+            "check the 'calib_data' batches and the model before profiling."
+        )
+    return out
 
 
 def _cpu_attention_flops(

@@ -14,7 +14,7 @@ from torch import nn
 
 from mpsearch.layers import quantizable_layers
 from mpsearch.profile import profile
-from mpsearch.profile._e2e import first_samples
+from mpsearch.profile._e2e import first_samples, most_uncertain, picked_samples
 
 runner_module = importlib.import_module("mpsearch.profile._runner")
 
@@ -183,20 +183,41 @@ def test_e2e_subset_reuses_whole_batches_and_keeps_less_for_the_rest(monkeypatch
     runner = runner_module.build_runner(
         model, calib, names, fold_bn=True, warn=print, e2e_samples=20
     )
-    assert runner.n_e2e == 20 and runner.n_full == 1
-    local = {n for s in runner.layer_node.values() for n in (s, *s.all_input_nodes)}
-    assert set(runner.store[0]) == runner.keep > local
-    assert set(runner.store[1]) == set(runner.store[2]) == local
+    assert runner.n_e2e == 20 and runner.n_full == 1 and len(runner.store) == 1
     passes = []
     execute_all = runner._execute_all
     monkeypatch.setattr(runner, "_execute_all", lambda *a: passes.append(a) or execute_all(*a))
-    runner.prepare_e2e(first_samples(calib, 20))
-    assert runner.n_shared == 1 and len(passes) == 2  # the cut batch, then the batching check
-    assert [b.shape[0] for b in runner.e2e_batches] == [16, 4] and passes[0][0].shape[0] == 4
+    runner.prepare_e2e(first_samples(calib, 20))  # the shared batches known: the store filled
+    local = {n for s in runner.layer_node.values() for n in (s, *s.all_input_nodes)}
+    assert set(runner.store[0]) == runner.keep > local
+    assert set(runner.store[1]) == set(runner.store[2]) == local
+    assert runner.n_shared == 1 and len(passes) == 4  # 2 local batches, the cut one, the check
+    assert [b.shape[0] for b in runner.e2e_batches] == [16, 4] and passes[2][0].shape[0] == 4
     fast = profile(model, calib, schemes=["w8a8", "w4a16"], e2e_samples=20)
     monkeypatch.setattr(runner_module.GraphRunner, "prepare_e2e", _unshared(runner_module))
     slow = profile(model, calib, schemes=["w8a8", "w4a16"], e2e_samples=20)
     pd.testing.assert_frame_equal(fast.table, slow.table, check_exact=True)
+
+
+def test_least_certain_samples_store_no_leading_batch(monkeypatch) -> None:
+    """Picked samples share no calibration batch: the batches past the first are run once,
+    keeping nothing, then the picked ones once, keeping what their suffixes read."""
+    model, calib = chain(4), batches(8, 32, 32)
+    runner = runner_module.build_runner(
+        model, calib, list(quantizable_layers(model)), fold_bn=True, warn=print, e2e_samples=106
+    )
+    runner.use_e2e_for_local()
+    kept = []
+    execute_all = runner._execute_all
+    monkeypatch.setattr(
+        runner, "_execute_all", lambda b, k=None: kept.append(k) or execute_all(b, k)
+    )
+    picked = picked_samples(calib, most_uncertain(runner.all_outputs(), 106))
+    runner.prepare_e2e(picked)
+    assert runner.n_full == 3 and runner.n_shared == 0
+    assert len(runner.store) == 1  # the first batch's, from the start
+    assert kept == [set()] * 7 + [None] * 4 + [None]  # 7 batches, 4 picked ones, the check
+    assert [b.shape[0] for b in picked] == [32, 32, 32, 10]
 
 
 def _unshared(module):
