@@ -48,6 +48,7 @@ from mpsearch.backends._conv import (
     int8_linear_type,
 )
 from mpsearch.backends._embedding import CastEmbedding, QuantizedEmbedding
+from mpsearch.backends._experts import QuantizedExperts
 from mpsearch.backends._kernels import (
     CastLayer,
     FbgemmInt8Linear,
@@ -62,6 +63,7 @@ from mpsearch.backends._kernels import (
     conv_int8_check,
 )
 from mpsearch.backends._recurrent import INT8_RNN_SCHEMES, RNN_TYPES, CastRNN, Int8DynamicRNN
+from mpsearch.layers._experts import ExpertBank
 from mpsearch.layers._layers import TRANSPOSED_CONV_TYPES
 from mpsearch.schemes import Scheme
 
@@ -106,6 +108,19 @@ EMBEDDING_INT_SCHEMES = (
 
 _OWN = Kernel(_own_layer, "the user's layer as it is (fp32, no copy)", name="module")
 
+_EXPERTS = Kernel(
+    QuantizedExperts,
+    "the bank's own forward in the compute dtype on its expert weights, stored as packed "
+    "integer codes with per-channel or per-group scales (or in bf16 / fp16) and dequantized "
+    "at each call",
+)
+EXPERT_SCHEMES = (
+    "bf16", "fp16", "w8a8", "w8a16", "w4a16", "w4a16_pc", "w4a8", "w4a8_pc", "w4a4", "w4a4_pc",
+    "w2a16", "w2a16_pc",
+)  # fmt: skip
+"""Schemes a Mixture-of-Experts bank runs in on CPU: their weight format, weight-only (the
+activation format does not apply: ``mpsearch.backends._experts``), with real memory."""
+
 FLOAT_ONLY_TYPES = (nn.Conv3d, *TRANSPOSED_CONV_TYPES)
 """Layers the ``cpu`` backend runs in float schemes only (fp32, bf16, fp16): PyTorch's int8
 and weight-only CPU kernels are for Linear and 1-D / 2-D convolutions."""
@@ -133,6 +148,8 @@ CPU_KERNELS: KernelTable = {
     **{(nn.Embedding, s): Kernel(CastEmbedding, "the table in the scheme's dtype")
        for s in ("fp32", "bf16", "fp16")},
     **{(nn.Embedding, s): _EMBEDDING_INT for s in EMBEDDING_INT_SCHEMES},
+    (ExpertBank, "fp32"): _OWN,
+    **{(ExpertBank, s): _EXPERTS for s in EXPERT_SCHEMES},
     **{
         (kind, "w4a8_pc"): Kernel(
             build, "the w8a8 kernels on 4-bit codes held in int8: the scheme's arithmetic, "
@@ -197,6 +214,7 @@ _MISSING_BY_KIND: dict[type[nn.Module], str] = {
     nn.RNNBase: "PyTorch's dynamic int8 RNN (w8a8, w4a8_pc) is the only quantized LSTM / GRU "
     "kernel on CPU",
     nn.Embedding: "no kernel for this weight format on an embedding",
+    ExpertBank: "a Mixture-of-Experts bank runs schemes with an integer or bf16 / fp16 weight",
 }
 
 

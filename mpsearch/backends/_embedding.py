@@ -12,7 +12,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mpsearch.backends._kernels import TORCH_DTYPES, RealLayer, _weight_codes
+from mpsearch.backends._kernels import (
+    TORCH_DTYPES,
+    RealLayer,
+    _weight_codes,
+    pack_codes,
+    unpack_codes,
+)
 from mpsearch.layers._layers import base_copy
 from mpsearch.schemes import Scheme, fake_quantize
 from mpsearch.schemes._formats import int_range
@@ -81,22 +87,13 @@ class QuantizedEmbedding(RealLayer):
         self.padding_idx, self.dim = layer.padding_idx, layer.embedding_dim
         n = layer.num_embeddings
         codes, scale, zero = _weight_codes(layer.weight, scheme)
-        codes = (codes.reshape(n, -1) - self.qmin).to(torch.uint8)
-        per_byte = 8 // self.bits
-        codes = F.pad(codes, (0, -self.dim % per_byte)).reshape(n, -1, per_byte)
-        shifts = torch.arange(per_byte, dtype=torch.uint8) * self.bits
-        packed = (codes.to(torch.int32) << shifts.to(torch.int32)).sum(-1).to(torch.uint8)
-        self.register_buffer("codes", packed.contiguous())
+        self.register_buffer("codes", pack_codes(codes.reshape(n, -1), self.bits, self.qmin))
         self.register_buffer("scales", scale.reshape(n, -1).to(TORCH_DTYPES[spec.scale_dtype]))
         self.register_buffer("zeros", None if zero is None else zero.reshape(n, -1).to(torch.uint8))
 
     def forward(self, ids: Tensor) -> Tensor:
         flat = ids.reshape(-1)
-        rows = self.codes.index_select(0, flat)
-        if self.bits < 8:
-            shifts = torch.arange(0, 8, self.bits, dtype=torch.uint8, device=rows.device)
-            rows = (rows.unsqueeze(-1) >> shifts) & ((1 << self.bits) - 1)
-            rows = rows.reshape(len(flat), -1)[:, : self.dim]
+        rows = unpack_codes(self.codes.index_select(0, flat), self.bits, self.dim)
         q = rows.float() + self.qmin
         groups = self.scales.shape[1]
         q = q.reshape(len(flat), groups, -1)

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from torch._ops import OpOverload, OpOverloadPacket
 
 from mpsearch.backends._registry import Backend
+from mpsearch.layers._experts import ExpertBank, is_expert_bank
 from mpsearch.layers._layers import base_copy, is_stand_in, standard_form
 from mpsearch.schemes import QuantSpec, Scheme
 from mpsearch.schemes._fakequant import qparams, quantize_codes
@@ -139,6 +140,35 @@ def _weight_codes(weight: Tensor, scheme: Scheme) -> tuple[Tensor, Tensor, Tenso
     scale, zero = qparams(lo, hi, spec)
     codes = quantize_codes(rows, scale, zero, spec)
     return codes, scale.reshape(-1), None if zero is None else zero.reshape(-1)
+
+
+def pack_codes(codes: Tensor, bits: int, qmin: int) -> Tensor:
+    """Integer codes ``[rows, dim]`` (float, as :func:`_weight_codes` gives them), offset by
+    ``-qmin`` to unsigned and packed ``8 // bits`` to a byte: ``uint8 [rows, ceil(dim * bits
+    / 8)]``, the first code in the low bits.
+
+    >>> pack_codes(torch.tensor([[-8.0, 7.0, 0.0]]), 4, -8).tolist()
+    [[240, 8]]
+    """
+    n, dim = codes.shape
+    per_byte = 8 // bits
+    unsigned = F.pad((codes - qmin).to(torch.uint8), (0, -dim % per_byte)).reshape(n, -1, per_byte)
+    shifts = torch.arange(per_byte, dtype=torch.int32) * bits
+    return (unsigned.to(torch.int32) << shifts).sum(-1).to(torch.uint8).contiguous()
+
+
+def unpack_codes(packed: Tensor, bits: int, dim: int) -> Tensor:
+    """The inverse of :func:`pack_codes` up to the offset: unsigned codes ``uint8 [rows,
+    dim]`` (add ``qmin`` for the codes).
+
+    >>> unpack_codes(torch.tensor([[240, 8]], dtype=torch.uint8), 4, 3).tolist()
+    [[0, 15, 8]]
+    """
+    if bits == 8:
+        return packed[..., :dim]
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
+    codes = (packed.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+    return codes.reshape(*packed.shape[:-1], -1)[..., :dim]
 
 
 @functools.cache
@@ -652,7 +682,7 @@ class KernelBackend(Backend):
         return type(self)(choices={**self.choices, **choices})
 
     def kernel_for(self, layer: nn.Module, scheme: Scheme) -> Kernel | None:
-        for kind in type(layer).__mro__:
+        for kind in layer_kinds(layer):
             kernel = self.kernels.get((kind, scheme.name))
             if kernel is not None:
                 return kernel
@@ -667,7 +697,7 @@ class KernelBackend(Backend):
         if default is None:
             return []
         found = [default] if default.check is None or default.check(layer, scheme) is None else []
-        for kind in type(layer).__mro__:
+        for kind in layer_kinds(layer):
             for kernel in self.implementations.get((kind, scheme.name), ()):
                 if kernel.check is None or kernel.check(layer, scheme) is None:
                     found.append(kernel)
@@ -685,13 +715,16 @@ class KernelBackend(Backend):
         kernel = self.kernel_for(layer, scheme)
         kind = type(layer).__name__
         if kernel is None:
-            known = self.schemes_for(type(layer))
-            why = self.missing_reason(type(layer), scheme)
+            known = self.schemes_for(layer_kinds(layer)[0])
+            why = self.missing_reason(layer_kinds(layer)[0], scheme)
+            from mpsearch.backends._simulate import SimulateBackend  # it builds on this module
+
+            simulated = SimulateBackend().unsupported_reason(layer, scheme) is None
             return (
                 f"the {self.name!r} backend has no real kernel for {scheme.name!r} on {kind}"
                 + (f" ({why})" if why else "")
-                + f"; it runs {', '.join(map(repr, known)) or 'no scheme'} for {kind}; "
-                f"{scheme.name!r} stays available to backend='simulate'"
+                + f"; it runs {', '.join(map(repr, known)) or 'no scheme'} for {kind}"
+                + (f"; {scheme.name!r} stays available to backend='simulate'" if simulated else "")
             )
         if self.candidates(layer, scheme):
             return None
@@ -741,6 +774,17 @@ class KernelBackend(Backend):
             }
             for (kind, s), k in registered
         ]
+
+
+def layer_kinds(layer: nn.Module) -> tuple[type[nn.Module], ...]:
+    """The kinds kernel tables look ``layer`` up by, most specific first: its class and bases,
+    or :class:`~mpsearch.layers._experts.ExpertBank` for a Mixture-of-Experts bank (whatever
+    its class).
+
+    >>> [k.__name__ for k in layer_kinds(nn.Linear(2, 2))]
+    ['Linear', 'Module', 'object']
+    """
+    return (ExpertBank,) if is_expert_bank(layer) else type(layer).__mro__
 
 
 def choice_key(layer: nn.Module, scheme: Scheme) -> str:

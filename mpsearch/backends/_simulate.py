@@ -6,9 +6,11 @@ import torch
 from torch import Tensor, nn
 
 from mpsearch.backends._embedding import SimulatedEmbedding
+from mpsearch.backends._experts import SimulatedExperts
 from mpsearch.backends._recurrent import RNN_TYPES, SimulatedRNN
 from mpsearch.backends._registry import Backend
 from mpsearch.layers import layer_forward
+from mpsearch.layers._experts import is_expert_bank
 from mpsearch.layers._layers import from_rows, standard_form, weight_rows
 from mpsearch.schemes import Scheme, fake_quantize
 
@@ -65,6 +67,7 @@ SIMULATED_KINDS: list[tuple[tuple[type[nn.Module], ...], type[nn.Module]]] = [
 
 SIMULATED_TYPES: tuple[type[nn.Module], ...] = (
     SimulatedLayer,
+    SimulatedExperts,
     *(kind for _, kind in SIMULATED_KINDS),
 )
 """Every simulated module: each holds the layer it wraps as ``inner`` and its ``scheme``."""
@@ -74,7 +77,8 @@ class SimulateBackend(Backend):
     """Fake quantization: every scheme, every device; quality only, no real speed-up.
 
     LSTM / GRU layers: :class:`SimulatedRNN` (per-gate-row weights, dynamic activations as
-    PyTorch's dynamic int8 kernel); embeddings: :class:`SimulatedEmbedding` (weight-only).
+    PyTorch's dynamic int8 kernel); embeddings: :class:`SimulatedEmbedding` (weight-only);
+    Mixture-of-Experts banks: :class:`SimulatedExperts` (weight-only).
     """
 
     name = "simulate"
@@ -83,6 +87,8 @@ class SimulateBackend(Backend):
     def quantize_layer(
         self, layer: nn.Module, scheme: Scheme, *, act_range: tuple[float, float] | None = None
     ) -> nn.Module:
+        if is_expert_bank(layer):
+            return SimulatedExperts(layer, scheme)
         for types, kind in SIMULATED_KINDS:
             if isinstance(layer, types):
                 return kind(layer, scheme)

@@ -33,7 +33,9 @@ from mpsearch.cost._timing import (
 )
 from mpsearch.layers import layer_weights, quantizable_layers, weight_shapes
 from mpsearch.layers._layers import (
+    LayerCall,
     OwnForward,
+    call_layer,
     enclosing_layer,
     standard_form,
     watched,
@@ -148,18 +150,22 @@ def _capture_inputs(
     is left out with a warning (the model reads its weights directly, as Mamba's ``dt_proj``,
     or it is a tied copy, as T5's ``shared`` beside ``encoder.embed_tokens``): the profile
     skips it for the same reason."""
-    inputs: dict[str, torch.Tensor] = {}
+    inputs: dict[str, torch.Tensor | LayerCall] = {}
     calls = dict.fromkeys(names, 0)
 
     def record(name: str):
-        def seen(x: torch.Tensor) -> None:
+        def seen(x: torch.Tensor | LayerCall) -> None:
             calls[name] += 1
             if name not in inputs:
-                inputs[name] = x.detach().clone(memory_format=torch.preserve_format)
+                inputs[name] = (
+                    x.detached()
+                    if isinstance(x, LayerCall)
+                    else x.detach().clone(memory_format=torch.preserve_format)
+                )
 
         return seen
 
-    with torch.inference_mode(), watched(model, {n: record(n) for n in names}):
+    with torch.inference_mode(), watched(model, {n: record(n) for n in names}, whole=True):
         run_model(model, example_input)
     never = [n for n in names if calls[n] == 0]
     if never and (chosen or len(never) == len(names)):
@@ -703,14 +709,15 @@ class _Job:
             ms = self.time_layer(module, x)
         return [name, scheme.name, int(memory), ms * self.calls[name], True, "", kernel]
 
-    def time_layer(self, module: nn.Module, x: torch.Tensor) -> float:
-        """Median ms of one call of ``module`` on ``x``, timed with the cost model's settings."""
+    def time_layer(self, module: nn.Module, x: torch.Tensor | LayerCall) -> float:
+        """Median ms of one call of ``module`` on ``x`` (a :class:`LayerCall`: its whole call),
+        timed with the cost model's settings."""
         flush = None
         if self.settings.get("cold"):
             flush = cache_flusher(last_level_cache_bytes() or FLUSH_BYTES)
         with threads(self.settings["num_threads"]):
             return median_ms(
-                lambda: module(x),
+                lambda: call_layer(module, x),
                 repeats=self.settings["repeats"],
                 warmup=self.settings["warmup"],
                 timer=self.settings["timer"],

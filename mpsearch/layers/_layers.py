@@ -10,13 +10,16 @@ import re
 import weakref
 from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils import _pytree as pytree
 
 from mpsearch._validation import check_module, wrong_type
+from mpsearch.layers._experts import expert_rows, expert_weights, is_expert_bank
 
 TRANSPOSED_CONV_TYPES: tuple[type[nn.Module], ...] = (
     nn.ConvTranspose1d,
@@ -403,7 +406,7 @@ def is_quantizable(module: nn.Module) -> bool:
     excepted), or a layer recognised by behaviour (HF ``Conv1D``)."""
     if isinstance(module, QUANTIZABLE_TYPES):
         return unsupported_form(module) is None
-    return any(recognise(module) for recognise, _ in _STANDARD_FORMS)
+    return is_expert_bank(module) or any(recognise(module) for recognise, _ in _STANDARD_FORMS)
 
 
 def layer_weights(layer: nn.Module) -> dict[str, Tensor]:
@@ -414,7 +417,9 @@ def layer_weights(layer: nn.Module) -> dict[str, Tensor]:
       HF ``Conv1D``: its transposed weight (:func:`standard_form`); a transposed convolution:
       its weight by output channel (:func:`weight_rows`);
     - LSTM / GRU: every ``weight_ih_l{k}`` and ``weight_hh_l{k}`` (``_reverse`` too), each
-      ``[gates * hidden, in]``: one row per gate row (4 gates for an LSTM, 3 for a GRU).
+      ``[gates * hidden, in]``: one row per gate row (4 gates for an LSTM, 3 for a GRU);
+    - a Mixture-of-Experts bank (:mod:`mpsearch.layers._experts`): each 3-D expert weight as
+      ``[experts * out, in]``, one row per expert's output channel.
 
     >>> {n: tuple(w.shape) for n, w in layer_weights(nn.GRU(4, 8)).items()}
     {'weight_ih_l0': (24, 4), 'weight_hh_l0': (24, 8)}
@@ -426,6 +431,8 @@ def layer_weights(layer: nn.Module) -> dict[str, Tensor]:
             for name in names
             if name.startswith("weight")
         }
+    if is_expert_bank(layer):
+        return {name: expert_rows(layer, w) for name, w in expert_weights(layer).items()}
     return {"weight": weight_rows(standard_form(layer))}
 
 
@@ -466,8 +473,9 @@ def quantizable_layers(model: nn.Module, *, require: bool = True) -> dict[str, n
     """``{name: module}`` of the quantizable layers, in model order: Linear, Conv1d / 2d / 3d,
     ConvTranspose1d / 2d / 3d and their subclasses (e.g. ``nn.MultiheadAttention``'s
     ``out_proj``), LSTM and GRU (every weight matrix quantized per gate row), Embedding
-    (weight-only), and Hugging Face's ``Conv1D`` (GPT-2), run as a Linear on its transposed
-    weight (:func:`standard_form`).
+    (weight-only), Hugging Face's ``Conv1D`` (GPT-2), run as a Linear on its transposed
+    weight (:func:`standard_form`), and Mixture-of-Experts banks (3-D expert weights, one
+    layer per bank: :mod:`mpsearch.layers._experts`).
 
     Names are those of ``model.named_modules()``. A model with none is refused unless
     ``require=False``. What they leave out (norms, biases, bare parameters such as
@@ -547,6 +555,20 @@ def is_stand_in(t: Tensor) -> bool:
     return _STAND_INS.get(id(t)) is t
 
 
+def stand_in_tensor(original: Tensor) -> Tensor:
+    """A stand-in for ``original``: its shape, dtype and device, one NaN broadcast to that
+    shape (:func:`is_stand_in`).
+
+    >>> t = stand_in_tensor(torch.zeros(3, 2, dtype=torch.float16))
+    >>> t.shape, t.dtype, is_stand_in(t), t.untyped_storage().nbytes()
+    (torch.Size([3, 2]), torch.float16, True, 2)
+    """
+    nan = torch.full((1,) * original.dim(), math.nan, device=original.device)
+    broadcast = nan.to(original.dtype).expand(original.shape)
+    _STAND_INS[id(broadcast)] = broadcast
+    return broadcast
+
+
 def stand_in(module: nn.Module, layer: nn.Module) -> None:
     """Give ``module``, which replaces ``layer`` in a model, what model code reads of ``layer``
     besides calling it, where ``module`` lacks it:
@@ -566,10 +588,7 @@ def stand_in(module: nn.Module, layer: nn.Module) -> None:
     for name in STAND_INS:
         original = getattr(layer, name, None)
         if isinstance(original, Tensor) and not hasattr(module, name):
-            nan = torch.full((1,) * original.dim(), math.nan, device=original.device)
-            broadcast = nan.to(original.dtype).expand(original.shape)
-            module.register_buffer(name, broadcast, persistent=False)
-            _STAND_INS[id(broadcast)] = broadcast
+            module.register_buffer(name, stand_in_tensor(original), persistent=False)
     for name, value in vars(layer).items():
         if (
             not name.startswith("_")
@@ -625,9 +644,11 @@ def _set_out_proj(mha: nn.MultiheadAttention, module: nn.Module) -> None:
 
 @contextmanager
 def watched(
-    model: nn.Module, callbacks: Mapping[str, Callable[[Tensor], None]]
+    model: nn.Module, callbacks: Mapping[str, Callable[[Any], None]], *, whole: bool = False
 ) -> Iterator[nn.Module]:
-    """Within, each named layer passes its input to its callback before it runs.
+    """Within, each named layer passes its input to its callback before it runs (``whole``: a
+    :class:`LayerCall` where it is called with more than one input, as a Mixture-of-Experts
+    bank is).
 
     Layers are swapped for a recorder (not hooked), so a layer its parent never calls as a
     module (``MultiheadAttention.out_proj``) is watched too.
@@ -639,22 +660,62 @@ def watched(
     >>> seen
     [torch.Size([3, 4])]
     """
-    recorders = {n: _Recorder(model.get_submodule(n), cb) for n, cb in callbacks.items()}
+    recorders = {n: _Recorder(model.get_submodule(n), cb, whole) for n, cb in callbacks.items()}
     with swapped(model, recorders):
         yield model
 
 
-class _Recorder(nn.Module):
-    """``layer`` with ``callback`` called on its input; the layer's own attributes read through
-    (model code that checks ``self.proj.weight.dtype``, as Hugging Face ViT and T5 do)."""
+@dataclass
+class LayerCall:
+    """A layer's whole call where its first input is not all it takes (a Mixture-of-Experts
+    bank's hidden states and their routing): what :func:`watched` gives such a layer's
+    callback, and :func:`call_layer` calls a module with. ``shape``, ``dtype`` and ``stride()``
+    are the first input's."""
 
-    def __init__(self, layer: nn.Module, callback: Callable[[Tensor], None]) -> None:
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.args[0].shape
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.args[0].dtype
+
+    def stride(self) -> tuple[int, ...]:
+        return self.args[0].stride()
+
+    def detached(self) -> LayerCall:
+        """A copy whose tensors are detached clones (kept past the call)."""
+        return LayerCall(
+            *pytree.tree_map_only(
+                Tensor,
+                lambda t: t.detach().clone(memory_format=torch.preserve_format),
+                (self.args, self.kwargs),
+            )
+        )
+
+
+def call_layer(module: nn.Module, x: Tensor | LayerCall) -> Any:
+    """``module`` called on ``x``: one input, or a :class:`LayerCall`'s whole call."""
+    return module(*x.args, **x.kwargs) if isinstance(x, LayerCall) else module(x)
+
+
+class _Recorder(nn.Module):
+    """``layer`` with ``callback`` called on its input (``whole``: on a :class:`LayerCall`
+    where the call has more inputs); the layer's own attributes read through (model code that
+    checks ``self.proj.weight.dtype``, as Hugging Face ViT and T5 do)."""
+
+    def __init__(self, layer: nn.Module, callback: Callable[[Any], None], whole: bool) -> None:
         super().__init__()
         self.layer = layer
         self.callback = callback
+        self.whole = whole
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Any:
-        self.callback(x)
+        more = self.whole and (args or kwargs)
+        self.callback(LayerCall((x, *args), dict(kwargs)) if more else x)
         return self.layer(x, *args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:

@@ -59,6 +59,7 @@ from mpsearch._data import Batch, batch_size, output_tensor, run_model
 from mpsearch._validation import exception_line
 from mpsearch.layers import is_quantizable, swapped
 from mpsearch.layers._batchnorm import fold_graph
+from mpsearch.layers._experts import is_expert_bank
 from mpsearch.profile._capture import CAPTURES, Capture, Unsupported
 from mpsearch.profile._e2e import (
     choose_e2e_samples,
@@ -160,8 +161,10 @@ class GraphRunner:
             node = found[0]
             if len(found) > 1:
                 raise Unsupported(f"layer {name!r} is called {len(found)} times")
-            if node.target == name and (
-                len(node.args) != 1 or node.kwargs or not isinstance(node.args[0], fx.Node)
+            if (
+                node.target == name
+                and not is_expert_bank(gm.get_submodule(name))
+                and (len(node.args) != 1 or node.kwargs or not isinstance(node.args[0], fx.Node))
             ):
                 raise Unsupported(f"layer {name!r} is called with extra arguments")
         self.layer_node = {name: found[0] for name, found in calls.items()}
@@ -795,11 +798,14 @@ def _variants(
     kwargs: dict[str, Any],
 ) -> list[Any]:
     """What ``host(*args, **kwargs)`` gives with ``layer`` quantized as each of ``qlayers``:
-    each on the first input when ``host`` is the layer itself. An attention host is run once
+    each on the first input when ``host`` is the layer itself (on all of them for a
+    Mixture-of-Experts bank: the hidden states and their routing). An attention host is run once
     with an identity ``out_proj`` (exact in float32: the attention output before the
     projection, as :class:`~mpsearch.layers._layers.CalledOutProj` gives it to a swapped-in
     variant) and each variant projects that output; the host's other outputs are kept."""
     if host is model.get_submodule(layer):
+        if is_expert_bank(host):
+            return [q(*args, **kwargs) for q in qlayers]
         return [q(args[0]) for q in qlayers]
     with swapped(model, {layer: nn.Identity()}):
         attended, *rest = host(*args, **kwargs)

@@ -152,6 +152,20 @@ ZOO: dict[str, ZooEntry] = {
         needs="transformers",
         note="Qwen2 causal LM (q/k/v biases), tied embeddings",
     ),
+    "hf_mixtral": ZooEntry(
+        _hf(
+            "MixtralConfig",
+            "MixtralForCausalLM",
+            **{**_DECODER, "intermediate_size": 128},
+            num_local_experts=4,
+            num_experts_per_tok=2,
+        ),
+        _tokens,
+        "language_model",
+        needs="transformers",
+        note="Mixtral sparse Mixture-of-Experts causal LM: each layer's 4 experts one bank of "
+        "3-D weights (70% of the parameters), top-2 routing",
+    ),
     "hf_bert": ZooEntry(
         _hf(
             "BertConfig",

@@ -1,0 +1,157 @@
+"""Mixture-of-Experts banks, weight-only: fake-quantized (``simulate``) and stored as integer
+codes or in a half-precision dtype (``cpu``).
+
+A bank (:mod:`mpsearch.layers._experts`) runs its own forward, the family's routing code, with
+its expert weights substituted (``torch.func.functional_call``): the fake-quantized weights
+in ``simulate``, the stored ones dequantized at each call in ``cpu``, both in the scheme's
+compute dtype, the bank's input cast to it and its output cast back. As for an embedding,
+a scheme's activation format does not apply (the tokens are routed to the experts inside the
+bank's own code): ``w8a8`` is int8 weight-only there, computed in float32. The two give the same
+weights bit for bit (the codes are the simulation's, dequantized by the same operations), so
+a plan's quality measured in ``simulate`` is the one ``cpu`` runs. The memory is real (codes
+packed ``8 // bits`` to a byte, one scale per expert's output channel or group); the speed is
+that of the bank's own code in the compute dtype plus the dequantization: measured, not
+assumed, by the cost model.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils import _pytree as pytree
+
+from mpsearch.backends._kernels import (
+    TORCH_DTYPES,
+    RealLayer,
+    _weight_codes,
+    pack_codes,
+    unpack_codes,
+)
+from mpsearch.layers._experts import expert_rows, expert_weights, from_expert_rows
+from mpsearch.layers._layers import stand_in_tensor
+from mpsearch.schemes import Scheme, fake_quantize
+from mpsearch.schemes._formats import int_range
+
+
+def _run(
+    bank: nn.Module, weights: dict[str, Tensor], dtype: torch.dtype, args: Any, kwargs: Any
+) -> Any:
+    """``bank``'s own forward with ``weights`` in place of its expert weights, its biases and
+    first input cast to ``dtype`` and its floating outputs cast back to that input's dtype."""
+    x, *rest = args
+    out_dtype = x.dtype
+    biases = {n: p.to(dtype) for n, p in bank.named_parameters() if p.dtype != dtype}
+    weights = {**biases, **weights}
+    out = torch.func.functional_call(bank, weights, (x.to(dtype), *rest), kwargs)
+    return pytree.tree_map_only(
+        Tensor, lambda t: t.to(out_dtype) if t.is_floating_point() else t, out
+    )
+
+
+def _bank_copy(layer: nn.Module) -> nn.Module:
+    """A copy of the bank ``layer`` to run: its settings, submodules and other tensors (biases)
+    shared, its expert weights replaced by stand-ins (no bytes), none of its hooks (a hook
+    the profiler puts on the bank must not run again inside its quantized variants)."""
+    weights = expert_weights(layer)
+    bank = copy.copy(layer)
+    nn.Module.__init__(bank)  # fresh parameter, buffer, module and hook registries
+    bank._parameters = {n: p for n, p in layer._parameters.items() if n not in weights}
+    bank._buffers = dict(layer._buffers)
+    bank._non_persistent_buffers_set = set(layer._non_persistent_buffers_set)
+    bank._modules = dict(layer._modules)
+    for name, w in weights.items():
+        bank.register_buffer(name, stand_in_tensor(w), persistent=False)
+    return bank.train(layer.training).requires_grad_(False)
+
+
+class SimulatedExperts(nn.Module):
+    """A bank whose expert weights are fake-quantized once (by each expert's output channel)
+    and held in the scheme's compute dtype; ``inner`` is the bank itself, only read (it runs as
+    a copy: :func:`_bank_copy`)."""
+
+    def __init__(
+        self, layer: nn.Module, scheme: Scheme, *, act_range: tuple[float, float] | None = None
+    ) -> None:
+        super().__init__()
+        self.scheme = scheme
+        self.layer_type = type(layer).__name__
+        self.inner = layer
+        self.bank = _bank_copy(layer)
+        self.compute_dtype = TORCH_DTYPES[scheme.compute_dtype]
+        self.names = list(expert_weights(layer))
+        with torch.no_grad():
+            for name, w in expert_weights(layer).items():
+                rows = fake_quantize(expert_rows(layer, w.detach().float()), scheme.weight)
+                wq = from_expert_rows(layer, rows, w).to(self.compute_dtype)
+                self.register_buffer(f"{name}_q", wq.contiguous(), persistent=True)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        weights = {n: getattr(self, f"{n}_q") for n in self.names}
+        return _run(self.bank, weights, self.compute_dtype, args, kwargs)
+
+    def extra_repr(self) -> str:
+        return f"{self.layer_type}, scheme={self.scheme.name!r} (weight-only)"
+
+
+class QuantizedExperts(RealLayer):
+    """A bank whose expert weights are stored in the scheme's weight format: integer codes
+    packed to bytes with scales (and zero points) per expert's output channel or group, or a
+    half-precision dtype. ``inner`` is the bank's copy to run (:func:`_bank_copy`); each call
+    dequantizes the expert weights to the compute dtype."""
+
+    def __init__(
+        self, layer: nn.Module, scheme: Scheme, *, act_range: tuple[float, float] | None = None
+    ) -> None:
+        super().__init__()
+        self.scheme_name = scheme.name
+        spec = scheme.weight
+        self.compute_dtype = TORCH_DTYPES[scheme.compute_dtype]
+        weights = expert_weights(layer)
+        self.names = list(weights)
+        self.inner = _bank_copy(layer)
+        self.integer = spec.fmt.kind == "int"
+        self.bits = spec.fmt.bits if self.integer else 0
+        self.qmin = int_range(self.bits, symmetric=spec.symmetric)[0] if self.integer else 0
+        self.shapes = {n: tuple(w.shape) for n, w in weights.items()}
+        with torch.no_grad():
+            for name, w in weights.items():
+                rows = expert_rows(layer, w.detach())
+                if not self.integer:  # bf16 / fp16: the weight stored in that dtype
+                    stored = from_expert_rows(layer, rows, w).to(TORCH_DTYPES[spec.format])
+                    self.register_buffer(f"{name}_w", stored.contiguous())
+                    continue
+                codes, scale, zero = _weight_codes(rows, scheme)
+                n = rows.shape[0]
+                self.register_buffer(
+                    f"{name}_codes", pack_codes(codes.reshape(n, -1), self.bits, self.qmin)
+                )
+                self.register_buffer(
+                    f"{name}_scales", scale.reshape(n, -1).to(TORCH_DTYPES[spec.scale_dtype])
+                )
+                zeros = None if zero is None else zero.reshape(n, -1).to(torch.uint8)
+                self.register_buffer(f"{name}_zeros", zeros)
+
+    def _weight(self, name: str) -> Tensor:
+        """Expert weight ``name`` dequantized, in its bank's layout, in the compute dtype."""
+        like = torch.empty(self.shapes[name], device="meta")
+        if not self.integer:
+            return getattr(self, f"{name}_w").to(self.compute_dtype)
+        scales = getattr(self, f"{name}_scales")
+        n, dim = scales.shape[0], like.numel() // scales.shape[0]
+        q = unpack_codes(getattr(self, f"{name}_codes"), self.bits, dim).float() + self.qmin
+        q = q.reshape(n, scales.shape[1], -1)
+        zeros = getattr(self, f"{name}_zeros")
+        if zeros is not None:
+            q = q - zeros.float().unsqueeze(-1)
+        rows = (q * scales.float().unsqueeze(-1)).reshape(n, dim)
+        return from_expert_rows(self.inner, rows, like).to(self.compute_dtype)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        weights = {n: self._weight(n) for n in self.names}
+        return _run(self.inner, weights, self.compute_dtype, args, kwargs)
+
+
+__all__ = ["QuantizedExperts", "SimulatedExperts"]

@@ -1,0 +1,190 @@
+"""Mixture-of-Experts banks: recognised by their 3-D expert weights, quantized per expert's
+output channel, weight-only; simulate and cpu run the bank's own forward on the same weights."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from mpsearch.backends import get_backend, quantize, storage_bytes
+from mpsearch.backends._cpu import EXPERT_SCHEMES
+from mpsearch.backends._experts import QuantizedExperts, SimulatedExperts
+from mpsearch.cost import held_bytes, measure_cost
+from mpsearch.layers import coverage, layer_weights, quantizable_layers
+from mpsearch.layers._experts import is_expert_bank
+from mpsearch.plan import PrecisionPlan
+from mpsearch.profile import profile
+from mpsearch.schemes import get_scheme
+
+E, H, M = 4, 32, 64  # experts, hidden, intermediate (MLP)
+
+
+class Experts(nn.Module):
+    """A research-code bank: ``[experts, out, in]`` weights, a token loop over its top-k."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.gate_up_proj = nn.Parameter(torch.randn(E, 2 * M, H, generator=g) / H**0.5)
+        self.down_proj = nn.Parameter(torch.randn(E, H, M, generator=g) / M**0.5)
+
+    def forward(self, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(x)
+        for e in range(E):
+            token, slot = torch.where(index == e)
+            gate, up = (x[token] @ self.gate_up_proj[e].T).chunk(2, dim=-1)
+            y = (nn.functional.silu(gate) * up) @ self.down_proj[e].T
+            out.index_add_(0, token, y * weights[token, slot, None].to(y.dtype))
+        return out
+
+
+class TransposedExperts(nn.Module):
+    """A bank stored ``[experts, in, out]`` (``is_transposed``), with per-expert biases."""
+
+    is_transposed = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(1)
+        self.up_proj = nn.Parameter(torch.randn(E, H, M, generator=g) / H**0.5)
+        self.up_proj_bias = nn.Parameter(torch.randn(E, M, generator=g))
+        self.down_proj = nn.Parameter(torch.randn(E, M, H, generator=g) / M**0.5)
+
+    def forward(self, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(x)
+        for e in range(E):
+            token, slot = torch.where(index == e)
+            y = torch.relu(x[token] @ self.up_proj[e] + self.up_proj_bias[e]) @ self.down_proj[e]
+            out.index_add_(0, token, y * weights[token, slot, None].to(y.dtype))
+        return out
+
+
+class MoE(nn.Module):
+    """Router + bank + head: the bank called with the routing, as a sparse layer calls it."""
+
+    def __init__(self, bank: nn.Module) -> None:
+        super().__init__()
+        self.router = nn.Linear(H, E, bias=False)
+        self.experts = bank
+        self.head = nn.Linear(H, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights, index = torch.softmax(self.router(x), -1).topk(2, dim=-1)
+        return self.head(x + self.experts(x, index, weights))
+
+
+def _routing(n: int = 48) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(n, H, generator=g)
+    weights, index = torch.rand(n, E, generator=g).softmax(-1).topk(2, dim=-1)
+    return x, index, weights
+
+
+def _hand_int8(rows: torch.Tensor) -> torch.Tensor:
+    """Symmetric int8 per row (w8a8's weight spec)."""
+    scale = rows.abs().amax(dim=1, keepdim=True) / 127
+    return torch.clamp(torch.round(rows / scale), -127, 127) * scale
+
+
+def test_banks_are_recognised_by_their_3d_expert_weights() -> None:
+    assert is_expert_bank(Experts()) and is_expert_bank(TransposedExperts())
+    assert not is_expert_bank(nn.Linear(4, 4))
+    odd = nn.Module()
+    odd.gate_up_proj = nn.Parameter(torch.zeros(2, 4, 4))
+    odd.scale = nn.Parameter(torch.ones(4))  # a 1-D parameter: not a bank's bias
+    assert not is_expert_bank(odd)
+    model = MoE(Experts())
+    assert list(quantizable_layers(model)) == ["router", "experts", "head"]
+    assert coverage(model).share == 1.0
+    rows = layer_weights(TransposedExperts())  # one row per expert's output channel
+    assert {n: tuple(w.shape) for n, w in rows.items()} == {
+        "up_proj": (E * M, H),
+        "down_proj": (E * H, M),
+    }
+    assert torch.equal(rows["up_proj"][M + 3], TransposedExperts().up_proj[1, :, 3])
+
+
+@pytest.mark.parametrize("backend", ["simulate", "cpu"])
+@pytest.mark.parametrize("bank_type", [Experts, TransposedExperts])
+@torch.no_grad()
+def test_w8a8_is_int8_weight_only_per_expert_channel_equal_to_the_hand_computation(
+    backend: str, bank_type: type[nn.Module]
+) -> None:
+    bank = bank_type().eval()
+    hand = bank_type().eval()
+    for name, w in layer_weights(bank).items():
+        param = getattr(hand, name)
+        rows = _hand_int8(w)
+        if getattr(bank, "is_transposed", False):
+            param.copy_(rows.reshape(E, param.shape[2], param.shape[1]).transpose(1, 2))
+        else:
+            param.copy_(rows.reshape(param.shape))
+    q = get_backend(backend).quantize_layer(bank, get_scheme("w8a8"))
+    x, index, weights = _routing()
+    torch.testing.assert_close(q(x, index, weights), hand(x, index, weights), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("scheme", EXPERT_SCHEMES)
+@torch.no_grad()
+def test_cpu_runs_the_simulated_weights_bit_for_bit_with_their_bytes(scheme: str) -> None:
+    bank = TransposedExperts().eval()
+    s = get_scheme(scheme)
+    sim = get_backend("simulate").quantize_layer(bank, s)
+    real = get_backend("cpu").quantize_layer(bank, s)
+    assert isinstance(sim, SimulatedExperts) and isinstance(real, QuantizedExperts)
+    x, index, weights = _routing()
+    assert torch.equal(sim(x, index, weights), real(x, index, weights))
+    assert sim(x, index, weights).dtype == torch.float32
+    bias = bank.up_proj_bias.numel() * 4  # shared with the bank, fp32
+    assert (
+        storage_bytes(real) == sum(map(_stored_bytes, layer_weights(bank).values(), [s] * 2)) + bias
+    )
+
+
+def _stored_bytes(rows: torch.Tensor, scheme) -> int:
+    """Bytes of weight rows ``[n, d]`` stored in ``scheme``: bf16 / fp16 values, or codes packed
+    to bytes per row, a scale per row or group (fp32 or bf16) and a byte per zero point."""
+    n, d = rows.shape
+    spec = scheme.weight
+    if spec.fmt.kind != "int":
+        return n * d * 2
+    groups = n * (d // spec.group_size if spec.granularity == "group" else 1)
+    scale = 2 if spec.scale_dtype == "bf16" else 4
+    return n * -(-d * spec.fmt.bits // 8) + groups * scale + (0 if spec.symmetric else groups)
+
+
+def test_a_model_with_a_bank_profiles_on_the_graph_as_on_hooks_and_costs_its_exact_bytes(
+    monkeypatch,
+) -> None:
+    import importlib
+
+    runner_module = importlib.import_module("mpsearch.profile._runner")
+    model = MoE(Experts()).eval()
+    g = torch.Generator().manual_seed(3)
+    calib = [torch.randn(16, H, generator=g) for _ in range(2)]
+    kwargs = {"schemes": ["bf16", "w8a8", "w4a16"], "progress": False, "e2e_samples": None}
+    graph = profile(model, calib, **kwargs)
+    assert graph.info["runner"] == "graph:fx"  # the bank's token loop stays inside its node
+    with monkeypatch.context() as patch, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        patch.setattr(runner_module, "CAPTURES", {})
+        hooks = profile(model, calib, **kwargs)
+    assert hooks.info["runner"] == "hooks"
+    rows = graph.table.set_index(["layer", "scheme"])
+    torch.testing.assert_close(
+        torch.tensor(rows["e2e"].to_numpy()),
+        torch.tensor(hooks.table.set_index(["layer", "scheme"])["e2e"].to_numpy()),
+        rtol=1e-4,
+        atol=1e-10,
+    )
+    assert rows.loc[("experts", "w4a16"), "e2e"] > rows.loc[("experts", "bf16"), "e2e"] > 0
+    cost = measure_cost(
+        model, calib[0], schemes=["fp32", "bf16", "w8a8", "w4a16"], repeats=2, warmup=1
+    )
+    for plan in ({"experts": "w4a16"}, {"experts": "w8a8", "router": "bf16"}):
+        quantized = quantize(model, PrecisionPlan(plan, default="fp32"), backend="cpu")
+        assert cost.memory_bytes(plan) == held_bytes(quantized)
+        assert torch.isfinite(quantized(calib[0])).all()
