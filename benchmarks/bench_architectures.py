@@ -138,6 +138,36 @@ ARCHITECTURES: dict[str, tuple[str, str, dict[str, Any], Inputs]] = {
         {**_DECODER, "num_local_experts": 4, "num_experts_per_tok": 2},
         _tokens,
     ),
+    "qwen2_moe": (
+        "Qwen2MoeConfig",
+        "Qwen2MoeForCausalLM",
+        {
+            **_DECODER,
+            "num_experts": 4,
+            "num_experts_per_tok": 2,
+            "moe_intermediate_size": 64,
+            "shared_expert_intermediate_size": 64,
+        },
+        _tokens,
+    ),
+    "olmoe": (
+        "OlmoeConfig",
+        "OlmoeForCausalLM",
+        {**_DECODER, "num_experts": 4, "num_experts_per_tok": 2},
+        _tokens,
+    ),
+    "gpt_oss": (
+        "GptOssConfig",
+        "GptOssForCausalLM",
+        {
+            **_DECODER,
+            "num_local_experts": 4,
+            "num_experts_per_tok": 2,
+            "head_dim": 16,
+            "layer_types": ["sliding_attention", "full_attention"],
+        },
+        _tokens,
+    ),
     "mamba": (
         "MambaConfig",
         "MambaForCausalLM",

@@ -51,14 +51,19 @@ def _run(
     )
 
 
-def _bank_copy(layer: nn.Module) -> nn.Module:
+def _bank_copy(layer: nn.Module, *, own: bool = False) -> nn.Module:
     """A copy of the bank ``layer`` to run: its settings, submodules and other tensors (biases)
-    shared, its expert weights replaced by stand-ins (no bytes), none of its hooks (a hook
-    the profiler puts on the bank must not run again inside its quantized variants)."""
+    shared (``own``: the biases copied, so that the copy's bytes are its own), its expert
+    weights replaced by stand-ins (no bytes), none of its hooks (a hook the profiler puts on
+    the bank must not run again inside its quantized variants)."""
     weights = expert_weights(layer)
     bank = copy.copy(layer)
     nn.Module.__init__(bank)  # fresh parameter, buffer, module and hook registries
-    bank._parameters = {n: p for n, p in layer._parameters.items() if n not in weights}
+    bank._parameters = {
+        n: nn.Parameter(p.detach().clone(), requires_grad=False) if own and p is not None else p
+        for n, p in layer._parameters.items()
+        if n not in weights
+    }
     bank._buffers = dict(layer._buffers)
     bank._non_persistent_buffers_set = set(layer._non_persistent_buffers_set)
     bank._modules = dict(layer._modules)
@@ -99,8 +104,8 @@ class SimulatedExperts(nn.Module):
 class QuantizedExperts(RealLayer):
     """A bank whose expert weights are stored in the scheme's weight format: integer codes
     packed to bytes with scales (and zero points) per expert's output channel or group, or a
-    half-precision dtype. ``inner`` is the bank's copy to run (:func:`_bank_copy`); each call
-    dequantizes the expert weights to the compute dtype."""
+    half-precision dtype. ``inner`` is the bank's copy to run, with its own copy of the biases
+    (:func:`_bank_copy`); each call dequantizes the expert weights to the compute dtype."""
 
     def __init__(
         self, layer: nn.Module, scheme: Scheme, *, act_range: tuple[float, float] | None = None
@@ -111,7 +116,7 @@ class QuantizedExperts(RealLayer):
         self.compute_dtype = TORCH_DTYPES[scheme.compute_dtype]
         weights = expert_weights(layer)
         self.names = list(weights)
-        self.inner = _bank_copy(layer)
+        self.inner = _bank_copy(layer, own=True)
         self.integer = spec.fmt.kind == "int"
         self.bits = spec.fmt.bits if self.integer else 0
         self.qmin = int_range(self.bits, symmetric=spec.symmetric)[0] if self.integer else 0

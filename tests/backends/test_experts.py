@@ -138,7 +138,7 @@ def test_cpu_runs_the_simulated_weights_bit_for_bit_with_their_bytes(scheme: str
     x, index, weights = _routing()
     assert torch.equal(sim(x, index, weights), real(x, index, weights))
     assert sim(x, index, weights).dtype == torch.float32
-    bias = bank.up_proj_bias.numel() * 4  # shared with the bank, fp32
+    bias = bank.up_proj_bias.numel() * 4  # its own copy, fp32
     assert (
         storage_bytes(real) == sum(map(_stored_bytes, layer_weights(bank).values(), [s] * 2)) + bias
     )
@@ -181,10 +181,17 @@ def test_a_model_with_a_bank_profiles_on_the_graph_as_on_hooks_and_costs_its_exa
         atol=1e-10,
     )
     assert rows.loc[("experts", "w4a16"), "e2e"] > rows.loc[("experts", "bf16"), "e2e"] > 0
-    cost = measure_cost(
-        model, calib[0], schemes=["fp32", "bf16", "w8a8", "w4a16"], repeats=2, warmup=1
-    )
-    for plan in ({"experts": "w4a16"}, {"experts": "w8a8", "router": "bf16"}):
+
+
+@pytest.mark.parametrize("bank_type", [Experts, TransposedExperts])
+def test_cost_counts_the_bytes_the_quantized_bank_holds(bank_type: type[nn.Module]) -> None:
+    """A quantized bank holds its own copy of the biases (shared with the fp32 bank, the cost
+    model counted that whole bank as kept)."""
+    model = MoE(bank_type()).eval()
+    x = torch.randn(16, H, generator=torch.Generator().manual_seed(3))
+    cost = measure_cost(model, x, schemes=["fp32", "bf16", "w8a8", "w4a16"], repeats=2, warmup=1)
+    assert set(cost.table[cost.table.layer == "experts"]["supported"]) == {True}
+    for plan in ({"experts": "w4a16"}, {"experts": "w8a8", "router": "bf16"}, {"head": "bf16"}):
         quantized = quantize(model, PrecisionPlan(plan, default="fp32"), backend="cpu")
         assert cost.memory_bytes(plan) == held_bytes(quantized)
-        assert torch.isfinite(quantized(calib[0])).all()
+        assert torch.isfinite(quantized(x)).all()
