@@ -292,6 +292,16 @@ def test_nan_calibration_output() -> None:
         profile(chain(2), calib)
 
 
+def test_nan_output_on_the_first_batch_is_refused_on_the_graph() -> None:
+    """The graph reproduces the NaN: the error comes at once, not after the hook runner."""
+    calib = batches(2, 2, 32)
+    calib[0][0, 0] = float("nan")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a fallback to the hook runner would warn
+        with pytest.raises(ValueError, match="batch 0 is not finite"):
+            profile(chain(2), calib)
+
+
 def test_metric_that_raises_is_reported_up_front() -> None:
     def broken(ref: torch.Tensor, out: torch.Tensor) -> float:
         raise KeyError("oops")
