@@ -48,7 +48,11 @@ from mpsearch.backends._conv import (
     int8_linear_type,
 )
 from mpsearch.backends._embedding import CastEmbedding, QuantizedEmbedding
-from mpsearch.backends._experts import QuantizedExperts
+from mpsearch.backends._experts import (
+    ExpertLinears,
+    QuantizedExperts,
+    follows_expert_interface,
+)
 from mpsearch.backends._kernels import (
     CastLayer,
     FbgemmInt8Linear,
@@ -108,18 +112,45 @@ EMBEDDING_INT_SCHEMES = (
 
 _OWN = Kernel(_own_layer, "the user's layer as it is (fp32, no copy)", name="module")
 
+
+def _experts(layer: nn.Module, scheme: Scheme, *, act_range: tuple[float, float] | None = None):
+    if follows_expert_interface(layer):
+        return ExpertLinears(layer, scheme, CpuBackend().quantize_layer)
+    return QuantizedExperts(layer, scheme)
+
+
+def _experts_check(layer: nn.Module, scheme: Scheme) -> str | None:
+    if follows_expert_interface(layer):
+        up = "gate_up_proj" if layer.has_gate else "up_proj"
+        shapes = [getattr(layer, n).shape[1:] for n in (up, "down_proj")]
+        for out, inp in (reversed(s) if layer.is_transposed else s for s in shapes):
+            why = CpuBackend().unsupported_reason(nn.Linear(inp, out, device="meta"), scheme)
+            if why:
+                return f"its expert Linear layers: {why}"
+        return None
+    if scheme.name in EXPERT_SCHEMES:
+        return None
+    return (
+        f"a bank outside Hugging Face's expert interface runs its own forward on dequantized "
+        f"weights, in {', '.join(EXPERT_SCHEMES)}"
+    )
+
+
 _EXPERTS = Kernel(
-    QuantizedExperts,
-    "the bank's own forward in the compute dtype on its expert weights, stored as packed "
-    "integer codes with per-channel or per-group scales (or in bf16 / fp16) and dequantized "
-    "at each call",
+    _experts,
+    "a bank of Hugging Face's expert interface: each expert's Linear layers on the Linear "
+    "kernels of this table, routed as the interface's eager forward; another bank: its own "
+    "forward on its expert weights stored as packed integer codes with per-channel or "
+    "per-group scales (or bf16 / fp16), dequantized at each call",
+    _experts_check,
 )
 EXPERT_SCHEMES = (
     "bf16", "fp16", "w8a8", "w8a16", "w4a16", "w4a16_pc", "w4a8", "w4a8_pc", "w4a4", "w4a4_pc",
     "w2a16", "w2a16_pc",
 )  # fmt: skip
-"""Schemes a Mixture-of-Experts bank runs in on CPU: their weight format, weight-only (the
-activation format does not apply: ``mpsearch.backends._experts``), with real memory."""
+"""Schemes a Mixture-of-Experts bank may run in on CPU: a bank of Hugging Face's expert
+interface those its expert Linear layers' kernels take; another bank their weight format,
+weight-only (the activation format does not apply: ``mpsearch.backends._experts``)."""
 
 FLOAT_ONLY_TYPES = (nn.Conv3d, *TRANSPOSED_CONV_TYPES)
 """Layers the ``cpu`` backend runs in float schemes only (fp32, bf16, fp16): PyTorch's int8

@@ -6,7 +6,11 @@ import torch
 from torch import Tensor, nn
 
 from mpsearch.backends._embedding import SimulatedEmbedding
-from mpsearch.backends._experts import SimulatedExperts
+from mpsearch.backends._experts import (
+    ExpertLinears,
+    SimulatedExperts,
+    follows_expert_interface,
+)
 from mpsearch.backends._recurrent import RNN_TYPES, SimulatedRNN
 from mpsearch.backends._registry import Backend
 from mpsearch.layers import layer_forward
@@ -78,7 +82,8 @@ class SimulateBackend(Backend):
 
     LSTM / GRU layers: :class:`SimulatedRNN` (per-gate-row weights, dynamic activations as
     PyTorch's dynamic int8 kernel); embeddings: :class:`SimulatedEmbedding` (weight-only);
-    Mixture-of-Experts banks: :class:`SimulatedExperts` (weight-only).
+    Mixture-of-Experts banks: their experts' Linear layers (:class:`ExpertLinears`) where they
+    follow Hugging Face's expert interface, else :class:`SimulatedExperts` (weight-only).
     """
 
     name = "simulate"
@@ -88,6 +93,8 @@ class SimulateBackend(Backend):
         self, layer: nn.Module, scheme: Scheme, *, act_range: tuple[float, float] | None = None
     ) -> nn.Module:
         if is_expert_bank(layer):
+            if follows_expert_interface(layer):
+                return ExpertLinears(layer, scheme, self.quantize_layer)
             return SimulatedExperts(layer, scheme)
         for types, kind in SIMULATED_KINDS:
             if isinstance(layer, types):

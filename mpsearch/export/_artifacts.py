@@ -29,6 +29,7 @@ from torch import nn
 
 from mpsearch._validation import check_module, exception_line
 from mpsearch.backends import get_backend, quantize
+from mpsearch.backends._experts import ExpertLinears
 from mpsearch.backends._kernels import RealLayer
 from mpsearch.backends._recurrent import SimulatedRNN
 from mpsearch.export._inputs import ModelCall
@@ -123,12 +124,23 @@ def program_model(
             )
             for name in opaque
         }
-        swaps = {
-            name: m if isinstance(m, SimulatedRNN) else QDQLayer(m, decomposed=True)
-            for name, m in simulated.items()
-        }
+        swaps = {name: _exportable(m) for name, m in simulated.items()}
     replace_layers(target, swaps)
     return target.eval(), opaque
+
+
+def _exportable(sim: nn.Module) -> nn.Module:
+    """A ``simulate`` layer in the form ``torch.export`` captures: a decomposed
+    :class:`QDQLayer`; an LSTM / GRU as it is (a loop of plain operations); an expert bank with
+    each expert Linear so swapped."""
+    if isinstance(sim, SimulatedRNN):
+        return sim
+    if isinstance(sim, ExpertLinears):
+        for linears in (sim.up, sim.down):
+            for i, linear in enumerate(linears):
+                linears[i] = QDQLayer(linear, decomposed=True)
+        return sim
+    return QDQLayer(sim, decomposed=True)
 
 
 def _shallow_copy(module: nn.Module) -> nn.Module:

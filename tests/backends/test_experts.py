@@ -11,7 +11,13 @@ from torch import nn
 
 from mpsearch.backends import get_backend, quantize, storage_bytes
 from mpsearch.backends._cpu import EXPERT_SCHEMES
-from mpsearch.backends._experts import QuantizedExperts, SimulatedExperts
+from mpsearch.backends._experts import (
+    ExpertLinears,
+    QuantizedExperts,
+    SimulatedExperts,
+    follows_expert_interface,
+)
+from mpsearch.backends._kernels import RealLayer, int8_kernel_scheme
 from mpsearch.cost import held_bytes, measure_cost
 from mpsearch.layers import coverage, layer_weights, quantizable_layers
 from mpsearch.layers._experts import is_expert_bank
@@ -195,3 +201,81 @@ def test_cost_counts_the_bytes_the_quantized_bank_holds(bank_type: type[nn.Modul
         quantized = quantize(model, PrecisionPlan(plan, default="fp32"), backend="cpu")
         assert cost.memory_bytes(plan) == held_bytes(quantized)
         assert torch.isfinite(quantized(x)).all()
+
+
+def _hf_bank(family: str) -> nn.Module:
+    """A Hugging Face expert bank of the generic interface, random-initialised from a config:
+    Mixtral (``[experts, out, in]``, SiLU gate) or GPT-OSS (transposed, per-expert biases,
+    its own clamped gate on interleaved gate/up columns)."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    if family == "mixtral":
+        cfg = transformers.MixtralConfig(
+            hidden_size=H, intermediate_size=M, num_local_experts=E, num_experts_per_tok=2
+        )
+        from transformers.models.mixtral.modeling_mixtral import MixtralExperts as Bank
+    else:
+        cfg = transformers.GptOssConfig(
+            hidden_size=H, intermediate_size=M, num_local_experts=E, num_experts_per_tok=2
+        )
+        from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts as Bank
+    cfg._experts_implementation = "eager"
+    bank = Bank(cfg).eval()
+    with torch.no_grad():
+        for p in bank.parameters():
+            p.normal_(0.0, 0.2)
+    return bank
+
+
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
+@torch.no_grad()
+def test_an_interface_bank_runs_as_its_expert_linears_with_its_own_routing(family: str) -> None:
+    bank = _hf_bank(family)
+    assert follows_expert_interface(bank)
+    x, index, weights = _routing()
+    as_linears = ExpertLinears(bank, get_scheme("fp32"), lambda linear, scheme: linear)
+    torch.testing.assert_close(as_linears(x, index, weights), bank(x, index, weights))
+    assert storage_bytes(as_linears) == storage_bytes(bank)  # the experts' own weights, once
+
+
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
+@pytest.mark.parametrize("scheme", ["bf16", "w8a8", "w8a16", "w4a16", "w4a16_pc"])
+@torch.no_grad()
+def test_an_interface_bank_runs_the_cpu_linear_kernels_as_simulated(
+    family: str, scheme: str
+) -> None:
+    bank = _hf_bank(family)
+    s = get_scheme(scheme)
+    real = get_backend("cpu").quantize_layer(bank, s)
+    ran = int8_kernel_scheme(s) if s.quantizes_activations else s  # what the int8 kernels run
+    sim = get_backend("simulate").quantize_layer(bank, ran)
+    assert isinstance(real, ExpertLinears) and isinstance(sim, ExpertLinears)
+    assert all(isinstance(m, RealLayer) for m in [*real.up, *real.down])
+    x, index, weights = _routing()
+    ref, out = sim(x, index, weights), real(x, index, weights)
+    noise = (out - ref).pow(2).sum() / ref.pow(2).sum()
+    assert float(10 * torch.log10(1 / noise)) >= (60.0 if scheme in ("bf16", "w8a8") else 30.0)
+    assert (
+        held_bytes(real)
+        == storage_bytes(real)
+        < storage_bytes(bank) / (1.9 if scheme == "bf16" else 3.0)
+    )
+
+
+def test_an_interface_bank_takes_only_what_its_expert_linears_take_on_cpu() -> None:
+    bank = _hf_bank("mixtral")
+    why = get_backend("cpu").unsupported_reason(bank, get_scheme("w2a16"))
+    assert why is not None and why.startswith("its expert Linear layers:")
+    assert get_backend("simulate").quantize_layer(bank, get_scheme("w2a16")) is not None
+
+
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
+def test_an_interface_bank_exports_with_static_shapes_and_the_same_outputs(family: str) -> None:
+    """Under torch.export every expert runs on every token, weighted by the routing (zero where
+    not routed): the eager outputs, without the routing's data-dependent shapes."""
+    q = get_backend("simulate").quantize_layer(_hf_bank(family), get_scheme("w8a16"))
+    x, index, weights = _routing()
+    with torch.no_grad():
+        program = torch.export.export(q, (x, index, weights))
+        got, want = program.module()(x, index, weights), q(x, index, weights)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
