@@ -1,17 +1,23 @@
-"""Mixture-of-Experts banks, weight-only: fake-quantized (``simulate``) and stored as integer
-codes or in a half-precision dtype (``cpu``).
+"""Mixture-of-Experts banks (:mod:`mpsearch.layers._experts`) on the ``simulate`` and ``cpu``
+backends.
 
-A bank (:mod:`mpsearch.layers._experts`) runs its own forward, the family's routing code, with
-its expert weights substituted (``torch.func.functional_call``): the fake-quantized weights
-in ``simulate``, the stored ones dequantized at each call in ``cpu``, both in the scheme's
-compute dtype, the bank's input cast to it and its output cast back. As for an embedding,
-a scheme's activation format does not apply (the tokens are routed to the experts inside the
-bank's own code): ``w8a8`` is int8 weight-only there, computed in float32. The two give the same
-weights bit for bit (the codes are the simulation's, dequantized by the same operations), so
-a plan's quality measured in ``simulate`` is the one ``cpu`` runs. The memory is real (codes
-packed ``8 // bits`` to a byte, one scale per expert's output channel or group); the speed is
-that of the bank's own code in the compute dtype plus the dequantization: measured, not
-assumed, by the cost model.
+A bank of Hugging Face's generic expert interface (:func:`follows_expert_interface`) runs as
+its experts' Linear layers, each on the backend's Linear kernel for the scheme, routed as the
+interface's eager forward (:class:`ExpertLinears`): on ``cpu`` the packed int8 / int4
+weight-only GEMMs and oneDNN int8 of any Linear layer (measured on a Mixtral-size bank at one
+token: 0.84 ms in w4a16 vs 2.49 ms fp32, ``benchmarks/bench_experts.py``).
+
+Any other bank runs its own forward, the family's routing code, with its expert weights
+substituted (``torch.func.functional_call``): the fake-quantized weights in ``simulate``
+(:class:`SimulatedExperts`), the stored ones dequantized at each call in ``cpu``
+(:class:`QuantizedExperts`), both in the scheme's compute dtype, the bank's input cast to it
+and its output cast back. As for an embedding, a scheme's activation format does not apply
+there (the tokens are routed to the experts inside the bank's own code): ``w8a8`` is int8
+weight-only, computed in float32. The two give the same weights bit for bit (the codes are the
+simulation's, dequantized by the same operations). The memory is real (codes packed
+``8 // bits`` to a byte, one scale per expert's output channel or group); dequantizing every
+expert at each call is slow (the Mixtral-size bank: 260-400 ms per token), which the cost
+model measures.
 """
 
 from __future__ import annotations

@@ -717,14 +717,11 @@ class KernelBackend(Backend):
         if kernel is None:
             known = self.schemes_for(layer_kinds(layer)[0])
             why = self.missing_reason(layer_kinds(layer)[0], scheme)
-            from mpsearch.backends._simulate import SimulateBackend  # it builds on this module
-
-            simulated = SimulateBackend().unsupported_reason(layer, scheme) is None
             return (
                 f"the {self.name!r} backend has no real kernel for {scheme.name!r} on {kind}"
                 + (f" ({why})" if why else "")
-                + f"; it runs {', '.join(map(repr, known)) or 'no scheme'} for {kind}"
-                + (f"; {scheme.name!r} stays available to backend='simulate'" if simulated else "")
+                + f"; it runs {', '.join(map(repr, known)) or 'no scheme'} for {kind}; "
+                f"{scheme.name!r} stays available to backend='simulate'"
             )
         if self.candidates(layer, scheme):
             return None

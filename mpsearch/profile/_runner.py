@@ -921,16 +921,3 @@ def build_runner(
     )
     runner.fallbacks = fallbacks
     return runner
-    work = copy.deepcopy(model).eval()
-    note = " BatchNorm is left unfolded." if (fold_bn and has_bn) else ""
-    reasons = "; ".join(f"{name}: {why}" for name, why in fallbacks.items())
-    warn(
-        f"profile: using the slower hook runner (whole model re-run per layer and scheme) "
-        f"because no graph capture works ({reasons}).{note}"
-    )
-    quantizable = [n for n in layers if is_quantizable(work.get_submodule(n))]
-    runner = HookRunner(
-        work, batches, quantizable, e2e_samples=e2e_samples, local_samples=local_samples
-    )
-    runner.fallbacks = fallbacks
-    return runner
