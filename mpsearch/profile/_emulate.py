@@ -24,10 +24,12 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from mpsearch.backends._experts import ExpertLinears, follows_expert_interface
 from mpsearch.backends._recurrent import RNN_TYPES, SimulatedRNN
 from mpsearch.backends._simulate import SimulateBackend, SimulatedLayer
 from mpsearch.cost._timing import cpu_flags
 from mpsearch.layers import layer_forward
+from mpsearch.layers._experts import is_expert_bank
 from mpsearch.layers._layers import TRANSPOSED_CONV_TYPES, with_own_forward
 from mpsearch.schemes import Scheme, fake_quantize
 
@@ -179,7 +181,8 @@ def compute_paths(impl: object, schemes: Sequence[Scheme]) -> dict[str, str]:
 
 
 def profile_layer(impl: object, layer: nn.Module, scheme: Scheme) -> nn.Module:
-    """``impl.quantize_layer(layer, scheme)``, emulated where :func:`emulates` says so.
+    """``impl.quantize_layer(layer, scheme)``, emulated where :func:`emulates` says so (a
+    Mixture-of-Experts bank's expert Linear layers too).
 
     >>> from mpsearch.backends import get_backend
     >>> from mpsearch.schemes import get_scheme
@@ -194,6 +197,8 @@ def profile_layer(impl: object, layer: nn.Module, scheme: Scheme) -> nn.Module:
             module = EmulatedLayer(layer, scheme)
         elif isinstance(layer, RNN_TYPES):
             module = SimulatedRNN(layer, scheme, native=False)  # float32 loop, rounded operands
+        elif is_expert_bank(layer) and follows_expert_interface(layer):  # its expert Linears
+            module = ExpertLinears(layer, scheme, lambda linear, s: profile_layer(impl, linear, s))
     if module is None:
         module = impl.quantize_layer(layer, scheme)  # type: ignore[attr-defined]
     return with_own_forward(layer, module)  # Gemma's scaled embedding keeps its scale

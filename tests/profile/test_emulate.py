@@ -128,3 +128,23 @@ def test_native_and_emulated_profiles_agree(monkeypatch: pytest.MonkeyPatch) -> 
         a, b = tables[True][column], tables[False][column]
         assert bool((a > 0).all())
         assert float(((a - b).abs() / b).max()) < 0.01, column  # measured: 3e-4
+
+
+def test_an_expert_bank_emulates_its_expert_linears_where_bf16_is_slow(monkeypatch) -> None:
+    """A bank of Hugging Face's expert interface is profiled as its expert Linear layers, each
+    emulated on a CPU without bf16 units (as a Linear is), not run in slow native bf16."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.mixtral.modeling_mixtral import MixtralExperts
+
+    from mpsearch.backends._experts import ExpertLinears
+
+    cfg = transformers.MixtralConfig(hidden_size=32, intermediate_size=64, num_local_experts=4)
+    bank = MixtralExperts(cfg).eval()
+    monkeypatch.setattr(_emulate, "cpu_flags", lambda: frozenset({"avx2"}))
+    _emulate.native_is_faster.cache_clear()
+    try:
+        q = profile_layer(get_backend("simulate"), bank, get_scheme("w4a16"))
+    finally:
+        _emulate.native_is_faster.cache_clear()
+    assert isinstance(q, ExpertLinears)
+    assert {type(m).__name__ for m in [*q.up, *q.down]} == {"EmulatedLayer"}
