@@ -12,13 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mpsearch.backends._kernels import (
-    TORCH_DTYPES,
-    RealLayer,
-    _weight_codes,
-    pack_codes,
-    unpack_codes,
-)
+from mpsearch.backends._kernels import TORCH_DTYPES, RealLayer, dequantize_rows, pack_rows
 from mpsearch.layers._layers import base_copy
 from mpsearch.schemes import Scheme, fake_quantize
 from mpsearch.schemes._formats import int_range
@@ -85,21 +79,21 @@ class QuantizedEmbedding(RealLayer):
         self.qmin = int_range(self.bits, symmetric=spec.symmetric)[0]
         self.out_dtype = layer.weight.dtype
         self.padding_idx, self.dim = layer.padding_idx, layer.embedding_dim
-        n = layer.num_embeddings
-        codes, scale, zero = _weight_codes(layer.weight, scheme)
-        self.register_buffer("codes", pack_codes(codes.reshape(n, -1), self.bits, self.qmin))
-        self.register_buffer("scales", scale.reshape(n, -1).to(TORCH_DTYPES[spec.scale_dtype]))
-        self.register_buffer("zeros", None if zero is None else zero.reshape(n, -1).to(torch.uint8))
+        codes, scales, zeros = pack_rows(layer.weight.detach(), scheme)
+        self.register_buffer("codes", codes)
+        self.register_buffer("scales", scales)
+        self.register_buffer("zeros", zeros)
 
     def forward(self, ids: Tensor) -> Tensor:
         flat = ids.reshape(-1)
-        rows = unpack_codes(self.codes.index_select(0, flat), self.bits, self.dim)
-        q = rows.float() + self.qmin
-        groups = self.scales.shape[1]
-        q = q.reshape(len(flat), groups, -1)
-        if self.zeros is not None:
-            q = q - self.zeros.index_select(0, flat).float().unsqueeze(-1)
-        w = q * self.scales.index_select(0, flat).float().unsqueeze(-1)
+        w = dequantize_rows(
+            self.codes.index_select(0, flat),
+            self.scales.index_select(0, flat),
+            None if self.zeros is None else self.zeros.index_select(0, flat),
+            bits=self.bits,
+            qmin=self.qmin,
+            dim=self.dim,
+        )
         return w.reshape(*ids.shape, self.dim).to(self.out_dtype)
 
 

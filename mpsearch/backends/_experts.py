@@ -29,13 +29,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
-from mpsearch.backends._kernels import (
-    TORCH_DTYPES,
-    RealLayer,
-    _weight_codes,
-    pack_codes,
-    unpack_codes,
-)
+from mpsearch.backends._kernels import TORCH_DTYPES, RealLayer, dequantize_rows, pack_rows
 from mpsearch.layers._experts import expert_rows, expert_weights, from_expert_rows
 from mpsearch.layers._layers import stand_in_tensor
 from mpsearch.schemes import Scheme, fake_quantize
@@ -118,8 +112,7 @@ class ExpertLinears(nn.Module):
     and summed in float32. A scheme quantizes activations as on any Linear (per expert call).
     Under ``torch.export`` (static shapes) every expert runs on every token, weighted by the
     routing (zero where not routed): the same sums, ``experts / top_k`` times the work.
-    ``inner`` is the bank itself, only read; ``bank`` its copy without tensors, for its gate,
-    activation and norm."""
+    ``bank`` is the bank's copy without its tensors, for its gate, activation and norm."""
 
     def __init__(
         self, layer: nn.Module, scheme: Scheme, build: Any, *, act_range: Any = None
@@ -186,7 +179,7 @@ class SimulatedExperts(nn.Module):
         with torch.no_grad():
             for name, w in expert_weights(layer).items():
                 rows = fake_quantize(expert_rows(layer, w.detach().float()), scheme.weight)
-                wq = from_expert_rows(layer, rows, w).to(self.compute_dtype)
+                wq = from_expert_rows(layer, rows, w.shape).to(self.compute_dtype)
                 self.register_buffer(f"{name}_q", wq.contiguous(), persistent=True)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -221,34 +214,28 @@ class QuantizedExperts(RealLayer):
             for name, w in weights.items():
                 rows = expert_rows(layer, w.detach())
                 if not self.integer:  # bf16 / fp16: the weight stored in that dtype
-                    stored = from_expert_rows(layer, rows, w).to(TORCH_DTYPES[spec.format])
+                    stored = from_expert_rows(layer, rows, w.shape).to(TORCH_DTYPES[spec.format])
                     self.register_buffer(f"{name}_w", stored.contiguous())
                     continue
-                codes, scale, zero = _weight_codes(rows, scheme)
-                n = rows.shape[0]
-                self.register_buffer(
-                    f"{name}_codes", pack_codes(codes.reshape(n, -1), self.bits, self.qmin)
-                )
-                self.register_buffer(
-                    f"{name}_scales", scale.reshape(n, -1).to(TORCH_DTYPES[spec.scale_dtype])
-                )
-                zeros = None if zero is None else zero.reshape(n, -1).to(torch.uint8)
+                codes, scales, zeros = pack_rows(rows, scheme)
+                self.register_buffer(f"{name}_codes", codes)
+                self.register_buffer(f"{name}_scales", scales)
                 self.register_buffer(f"{name}_zeros", zeros)
 
     def _weight(self, name: str) -> Tensor:
         """Expert weight ``name`` dequantized, in its bank's layout, in the compute dtype."""
-        like = torch.empty(self.shapes[name], device="meta")
         if not self.integer:
             return getattr(self, f"{name}_w").to(self.compute_dtype)
-        scales = getattr(self, f"{name}_scales")
-        n, dim = scales.shape[0], like.numel() // scales.shape[0]
-        q = unpack_codes(getattr(self, f"{name}_codes"), self.bits, dim).float() + self.qmin
-        q = q.reshape(n, scales.shape[1], -1)
-        zeros = getattr(self, f"{name}_zeros")
-        if zeros is not None:
-            q = q - zeros.float().unsqueeze(-1)
-        rows = (q * scales.float().unsqueeze(-1)).reshape(n, dim)
-        return from_expert_rows(self.inner, rows, like).to(self.compute_dtype)
+        shape = self.shapes[name]
+        rows = dequantize_rows(
+            getattr(self, f"{name}_codes"),
+            getattr(self, f"{name}_scales"),
+            getattr(self, f"{name}_zeros"),
+            bits=self.bits,
+            qmin=self.qmin,
+            dim=shape[1] if getattr(self.inner, "is_transposed", False) else shape[2],
+        )
+        return from_expert_rows(self.inner, rows, shape).to(self.compute_dtype)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         weights = {n: self._weight(n) for n in self.names}

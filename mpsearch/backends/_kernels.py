@@ -25,6 +25,7 @@ from mpsearch.layers._experts import ExpertBank, is_expert_bank
 from mpsearch.layers._layers import base_copy, is_stand_in, standard_form
 from mpsearch.schemes import QuantSpec, Scheme
 from mpsearch.schemes._fakequant import qparams, quantize_codes
+from mpsearch.schemes._formats import int_range
 
 TORCH_DTYPES: dict[str, torch.dtype] = {
     "fp32": torch.float32,
@@ -169,6 +170,43 @@ def unpack_codes(packed: Tensor, bits: int, dim: int) -> Tensor:
     shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
     codes = (packed.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
     return codes.reshape(*packed.shape[:-1], -1)[..., :dim]
+
+
+def pack_rows(rows: Tensor, scheme: Scheme) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Weight rows ``[n, dim]`` under the scheme's integer weight spec, as stored: the codes
+    packed (:func:`pack_codes`), the scales ``[n, groups]`` in the spec's scale dtype and the
+    zero points ``uint8 [n, groups]`` (``None`` when symmetric); :func:`dequantize_rows`
+    gives back the simulation's rows."""
+    spec = scheme.weight
+    n = rows.shape[0]
+    codes, scale, zero = _weight_codes(rows, scheme)
+    qmin = int_range(spec.fmt.bits, symmetric=spec.symmetric)[0]
+    return (
+        pack_codes(codes.reshape(n, -1), spec.fmt.bits, qmin),
+        scale.reshape(n, -1).to(TORCH_DTYPES[spec.scale_dtype]),
+        None if zero is None else zero.reshape(n, -1).to(torch.uint8),
+    )
+
+
+def dequantize_rows(
+    packed: Tensor, scales: Tensor, zeros: Tensor | None, *, bits: int, qmin: int, dim: int
+) -> Tensor:
+    """Float32 rows ``[n, dim]`` of :func:`pack_rows`'s tensors (or rows of them):
+    ``(code - zero) * scale`` per group, as the simulation dequantizes.
+
+    >>> from mpsearch.schemes import fake_quantize, get_scheme
+    >>> w, scheme = torch.randn(4, 64), get_scheme("w4a16")  # int4, groups of 32, asymmetric
+    >>> packed, scales, zeros = pack_rows(w, scheme)
+    >>> rows = dequantize_rows(packed, scales, zeros, bits=4, qmin=0, dim=64)
+    >>> torch.equal(rows, fake_quantize(w, scheme.weight)), packed.shape
+    (True, torch.Size([4, 32]))
+    """
+    n = packed.shape[0]
+    q = unpack_codes(packed, bits, dim).float() + qmin
+    q = q.reshape(n, scales.shape[1], -1)
+    if zeros is not None:
+        q = q - zeros.float().unsqueeze(-1)
+    return (q * scales.float().unsqueeze(-1)).reshape(n, dim)
 
 
 @functools.cache
@@ -715,8 +753,9 @@ class KernelBackend(Backend):
         kernel = self.kernel_for(layer, scheme)
         kind = type(layer).__name__
         if kernel is None:
-            known = self.schemes_for(layer_kinds(layer)[0])
-            why = self.missing_reason(layer_kinds(layer)[0], scheme)
+            own_kind = layer_kinds(layer)[0]
+            known = self.schemes_for(own_kind)
+            why = self.missing_reason(own_kind, scheme)
             return (
                 f"the {self.name!r} backend has no real kernel for {scheme.name!r} on {kind}"
                 + (f" ({why})" if why else "")

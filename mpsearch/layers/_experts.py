@@ -17,6 +17,8 @@ code, activation or expert implementation of the family runs unchanged.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
@@ -76,11 +78,12 @@ def expert_rows(module: nn.Module, weight: torch.Tensor) -> torch.Tensor:
     return weight.reshape(-1, weight.shape[-1])
 
 
-def from_expert_rows(module: nn.Module, rows: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """The inverse of :func:`expert_rows`: rows back in the layout of the weight ``like``."""
+def from_expert_rows(module: nn.Module, rows: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """The inverse of :func:`expert_rows`: rows back in the layout of an expert weight of
+    ``shape``."""
     if getattr(module, "is_transposed", False):
-        return rows.reshape(like.shape[0], like.shape[2], like.shape[1]).transpose(1, 2)
-    return rows.reshape(like.shape)
+        return rows.reshape(shape[0], shape[2], shape[1]).transpose(1, 2)
+    return rows.reshape(tuple(shape))
 
 
 __all__ = [
