@@ -48,11 +48,7 @@ from mpsearch.backends._conv import (
     int8_linear_type,
 )
 from mpsearch.backends._embedding import CastEmbedding, QuantizedEmbedding
-from mpsearch.backends._experts import (
-    ExpertLinears,
-    QuantizedExperts,
-    follows_expert_interface,
-)
+from mpsearch.backends._experts import QuantizedExperts
 from mpsearch.backends._kernels import (
     CastLayer,
     FbgemmInt8Linear,
@@ -67,6 +63,7 @@ from mpsearch.backends._kernels import (
     conv_int8_check,
 )
 from mpsearch.backends._recurrent import INT8_RNN_SCHEMES, RNN_TYPES, CastRNN, Int8DynamicRNN
+from mpsearch.layers._expert_linears import ExpertLinears, follows_expert_interface
 from mpsearch.layers._experts import ExpertBank
 from mpsearch.layers._layers import TRANSPOSED_CONV_TYPES
 from mpsearch.schemes import Scheme

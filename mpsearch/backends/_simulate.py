@@ -6,14 +6,11 @@ import torch
 from torch import Tensor, nn
 
 from mpsearch.backends._embedding import SimulatedEmbedding
-from mpsearch.backends._experts import (
-    ExpertLinears,
-    SimulatedExperts,
-    follows_expert_interface,
-)
+from mpsearch.backends._experts import SimulatedExperts
 from mpsearch.backends._recurrent import RNN_TYPES, SimulatedRNN
 from mpsearch.backends._registry import Backend
 from mpsearch.layers import layer_forward
+from mpsearch.layers._expert_linears import ExpertLinears, follows_expert_interface
 from mpsearch.layers._experts import is_expert_bank
 from mpsearch.layers._layers import from_rows, standard_form, weight_rows
 from mpsearch.schemes import Scheme, fake_quantize

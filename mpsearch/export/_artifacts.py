@@ -29,12 +29,12 @@ from torch import nn
 
 from mpsearch._validation import check_module, exception_line
 from mpsearch.backends import get_backend, quantize
-from mpsearch.backends._experts import ExpertLinears
 from mpsearch.backends._kernels import RealLayer
 from mpsearch.backends._recurrent import SimulatedRNN
 from mpsearch.export._inputs import ModelCall
 from mpsearch.export._qdq import QDQLayer
 from mpsearch.layers import quantizable_layers, replace_layers
+from mpsearch.layers._expert_linears import ExpertLinears
 from mpsearch.layers._layers import enclosing_layer
 from mpsearch.plan import PrecisionPlan
 from mpsearch.schemes import get_scheme

@@ -24,11 +24,11 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from mpsearch.backends._experts import ExpertLinears, follows_expert_interface
 from mpsearch.backends._recurrent import RNN_TYPES, SimulatedRNN
 from mpsearch.backends._simulate import SimulateBackend, SimulatedLayer
 from mpsearch.cost._timing import cpu_flags
 from mpsearch.layers import layer_forward
+from mpsearch.layers._expert_linears import ExpertLinears, follows_expert_interface
 from mpsearch.layers._experts import is_expert_bank
 from mpsearch.layers._layers import TRANSPOSED_CONV_TYPES, with_own_forward
 from mpsearch.schemes import Scheme, fake_quantize

@@ -11,15 +11,11 @@ from torch import nn
 
 from mpsearch.backends import get_backend, quantize, storage_bytes
 from mpsearch.backends._cpu import EXPERT_SCHEMES
-from mpsearch.backends._experts import (
-    ExpertLinears,
-    QuantizedExperts,
-    SimulatedExperts,
-    follows_expert_interface,
-)
+from mpsearch.backends._experts import QuantizedExperts, SimulatedExperts
 from mpsearch.backends._kernels import RealLayer, int8_kernel_scheme
 from mpsearch.cost import held_bytes, measure_cost
 from mpsearch.layers import coverage, layer_weights, quantizable_layers
+from mpsearch.layers._expert_linears import ExpertLinears, follows_expert_interface
 from mpsearch.layers._experts import is_expert_bank
 from mpsearch.plan import PrecisionPlan
 from mpsearch.profile import profile

@@ -136,7 +136,7 @@ def test_an_expert_bank_emulates_its_expert_linears_where_bf16_is_slow(monkeypat
     transformers = pytest.importorskip("transformers")
     from transformers.models.mixtral.modeling_mixtral import MixtralExperts
 
-    from mpsearch.backends._experts import ExpertLinears
+    from mpsearch.layers._expert_linears import ExpertLinears
 
     cfg = transformers.MixtralConfig(hidden_size=32, intermediate_size=64, num_local_experts=4)
     bank = MixtralExperts(cfg).eval()
