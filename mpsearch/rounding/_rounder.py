@@ -17,13 +17,18 @@ from torch import Tensor, nn
 from mpsearch._data import as_batches
 from mpsearch._validation import check_module, invalid, wrong_type
 from mpsearch.layers import quantizable_layers
+from mpsearch.layers._experts import expert_rows, expert_weights, from_expert_rows, is_expert_bank
 from mpsearch.layers._layers import is_hf_conv1d, standard_form
 from mpsearch.rounding._adaround import adaround
 from mpsearch.rounding._gptq import gptq
 from mpsearch.rounding._grid import Grid, output_error
-from mpsearch.rounding._stats import LayerStats, collect_stats, rounding_unsupported
+from mpsearch.rounding._stats import BankStats, LayerStats, collect_stats, rounding_unsupported
 from mpsearch.schemes import Scheme, fake_quantize, get_scheme
 from mpsearch.schemes._rounding import DEFAULT_ROUNDING, Rounding, get_rounding, register_rounding
+
+Weight = Tensor | dict[str, Tensor]
+"""A rounded weight: a layer's standard-form weight, or a Mixture-of-Experts bank's expert
+weights by name."""
 
 REPORT_COLUMNS = ["layer", "scheme", "rounding", "error_rtn", "error", "bias_corrected", "seconds"]
 
@@ -112,8 +117,8 @@ class Rounder:
         self.batches = as_batches(calib, argument="calib")
         self.options = options or RoundingOptions()
         self.layers = quantizable_layers(model)
-        self._stats: dict[str, LayerStats] = {}
-        self._weights: dict[tuple[str, str], tuple[Tensor, Tensor | None]] = {}
+        self._stats: dict[str, LayerStats | BankStats] = {}
+        self._weights: dict[tuple[str, str], tuple[Weight, Tensor | None]] = {}
         self._rows: list[list[Any]] = []
         self._lock = threading.Lock()
 
@@ -128,7 +133,11 @@ class Rounder:
         for name, choice in assignment.items():
             scheme = get_scheme(choice)
             calibrated = scheme.rounding != DEFAULT_ROUNDING
-            corrected = self.options.bias_correction and scheme.weight.fmt.kind == "int"
+            corrected = (
+                self.options.bias_correction
+                and scheme.weight.fmt.kind == "int"
+                and not is_expert_bank(self.layers[name])
+            )
             if not (calibrated or corrected):
                 continue
             why = rounding_unsupported(self.layers[name])
@@ -144,7 +153,7 @@ class Rounder:
             )
         return out
 
-    def stats(self, layers: Iterable[str]) -> dict[str, LayerStats]:
+    def stats(self, layers: Iterable[str]) -> dict[str, LayerStats | BankStats]:
         """:class:`LayerStats` of ``layers`` (gathered in one pass for those not yet known)."""
         layers = list(layers)
         missing = [n for n in layers if n not in self._stats]
@@ -154,10 +163,11 @@ class Rounder:
 
     # -------------------------------------------------------------- rounding
 
-    def weight(self, layer: str, scheme: str | Scheme) -> tuple[Tensor, Tensor | None]:
+    def weight(self, layer: str, scheme: str | Scheme) -> tuple[Weight, Tensor | None]:
         """``(weight, bias)`` of ``layer`` under ``scheme``: the weight rounded (shaped as the
-        layer's standard form, ``[out, in, ...]``) and the bias (corrected with
-        ``bias_correction``; ``None`` where the layer has none and nothing is added)."""
+        layer's standard form, ``[out, in, ...]``; a Mixture-of-Experts bank's expert weights
+        by name, in the bank's own layout) and the bias (corrected with ``bias_correction``;
+        ``None`` where the layer has none and nothing is added; a bank's is never corrected)."""
         scheme = get_scheme(scheme)
         key = (layer, scheme.name)
         with self._lock:
@@ -165,45 +175,66 @@ class Rounder:
                 self._weights[key] = self._round(layer, scheme)
             return self._weights[key]
 
-    def _round(self, name: str, scheme: Scheme) -> tuple[Tensor, Tensor | None]:
+    def _round(self, name: str, scheme: Scheme) -> tuple[Weight, Tensor | None]:
         start = time.perf_counter()
-        layer = standard_form(self.layers[name])
+        layer = self.layers[name]
         stats = self.stats([name])[name]
+        if isinstance(stats, dict):  # a bank: each expert weight, one group per expert
+            weights, err_rtn, err, count = {}, 0.0, 0.0, 0
+            for weight_name, w in expert_weights(layer).items():
+                rows = expert_rows(layer, w.detach().float())
+                grouped = rows.reshape(w.shape[0], -1, rows.shape[1])
+                r, e_rtn, e = self._round_groups(grouped, stats[weight_name], scheme)
+                r = _kept(grouped, r, scheme)
+                weights[weight_name] = from_expert_rows(layer, r.reshape(rows.shape), w.shape)
+                err_rtn, err, count = err_rtn + e_rtn, err + e, count + stats[weight_name].count
+            self._report(name, scheme, err_rtn / count, err / count, start)
+            return {n: w.to(layer._parameters[n].dtype) for n, w in weights.items()}, None
+        layer = standard_form(layer)
         w = layer.weight.detach().float()
-        groups = stats.hessian.shape[0]
-        rows = w.reshape(groups, w.shape[0] // groups, -1)  # conv groups: rows of each
-        method = get_rounding(scheme.rounding)
-        rounded, err_rtn, err = [], 0.0, 0.0
-        for g in range(groups):
-            h = stats.hessian[g]
-            rtn = fake_quantize(rows[g], scheme.weight)
-            r = (
-                rtn
-                if method.round is None
-                else method.round(rows[g], h, scheme.weight, self.options)
-            )
-            err_rtn += output_error(rows[g], rtn, h)
-            err += output_error(rows[g], r, h)
-            rounded.append(r)
-        r_all = torch.stack(rounded)
+        rows = w.reshape(stats.hessian.shape[0], w.shape[0] // stats.hessian.shape[0], -1)
+        r_all, err_rtn, err = self._round_groups(rows, stats, scheme)  # conv groups: rows of each
         bias = None if layer.bias is None else layer.bias.detach().float()
         if self.options.bias_correction:
             shift = ((rows - r_all).double() @ stats.mean.unsqueeze(2)).reshape(-1).float()
             bias = shift if bias is None else bias + shift
-        if method.round is None:  # round to nearest: the kernels round the weight themselves
-            r_all = rows
+        self._report(name, scheme, err_rtn / stats.count, err / stats.count, start)
+        return _kept(rows, r_all, scheme).reshape(w.shape).to(layer.weight.dtype), bias
+
+    def _round_groups(
+        self, rows: Tensor, stats: LayerStats, scheme: Scheme
+    ) -> tuple[Tensor, float, float]:
+        """``rows`` (``[groups, out, in]``) rounded by the scheme's method, group ``g`` on
+        Hessian ``g`` (the identity where it is zero: no input reached that group, and the
+        method then rounds to nearest), with the output errors under round to nearest and
+        under the method; round to nearest returns the rows as they are (the kernels round
+        them themselves)."""
+        method = get_rounding(scheme.rounding)
+        rounded, err_rtn, err = [], 0.0, 0.0
+        for g in range(rows.shape[0]):
+            h = stats.hessian[g]
+            rtn = fake_quantize(rows[g], scheme.weight)
+            r = rtn
+            if method.round is not None:
+                seen = h if bool(h.any()) else torch.eye(h.shape[0], dtype=h.dtype)
+                r = method.round(rows[g], seen, scheme.weight, self.options)
+            err_rtn += output_error(rows[g], rtn, h)
+            err += output_error(rows[g], r, h)
+            rounded.append(r)
+        return torch.stack(rounded), err_rtn, err
+
+    def _report(self, name: str, scheme: Scheme, err_rtn: float, err: float, start: float) -> None:
         self._rows.append(
             [
                 name,
                 scheme.base_name,
                 scheme.rounding,
-                err_rtn / stats.count,
-                err / stats.count,
+                err_rtn,
+                err,
                 self.options.bias_correction,
                 time.perf_counter() - start,
             ]
         )
-        return r_all.reshape(w.shape).to(layer.weight.dtype), bias
 
     def latent(self, layer: str, scheme: str | Scheme) -> Tensor:
         """The float weight of ``layer`` nearest to its own that rounds to nearest to
@@ -250,8 +281,8 @@ class Rounder:
         layers = quantizable_layers(target)
         for name, scheme in needed.items():
             weight, bias = self.weight(name, scheme)
-            if latent and scheme.rounding != DEFAULT_ROUNDING:
-                weight = self.latent(name, scheme)
+            if latent and scheme.rounding != DEFAULT_ROUNDING and not isinstance(weight, dict):
+                weight = self.latent(name, scheme)  # a bank keeps its rounding (not fine-tuned)
             set_weight(layers[name], weight, bias)
         if not latent:
             target.mpsearch_rounded = {**done, **{n: s.name for n, s in needed.items()}}
@@ -262,6 +293,12 @@ class Rounder:
         """One row per rounded (layer, choice): output errors (mean over calibration rows)
         under round to nearest and under the choice, and the seconds it took."""
         return pd.DataFrame(self._rows, columns=REPORT_COLUMNS)
+
+
+def _kept(rows: Tensor, rounded: Tensor, scheme: Scheme) -> Tensor:
+    """What a layer keeps of its rounded ``rows``: round to nearest keeps the weight as it is
+    (the kernels round it themselves)."""
+    return rows if get_rounding(scheme.rounding).round is None else rounded
 
 
 def rounded_layers(model: nn.Module) -> dict[str, str]:
@@ -275,9 +312,15 @@ def _own_layout(layer: nn.Module, weight: Tensor) -> Tensor:
     return own.to(layer.weight.dtype).contiguous().clone()
 
 
-def set_weight(layer: nn.Module, weight: Tensor, bias: Tensor | None) -> None:
+def set_weight(layer: nn.Module, weight: Weight, bias: Tensor | None) -> None:
     """Give ``layer`` a standard-form ``weight`` (and ``bias``) as new parameters of its own:
-    a tensor it shared with another module (a tied embedding) keeps its values there."""
+    a tensor it shared with another module (a tied embedding) keeps its values there. A
+    Mixture-of-Experts bank takes its expert weights by name, in its own layout."""
+    if isinstance(weight, dict):
+        for name, w in weight.items():
+            old_w = layer._parameters[name]
+            setattr(layer, name, nn.Parameter(w.clone(), requires_grad=old_w.requires_grad))
+        return
     old = layer.weight
     layer.weight = nn.Parameter(_own_layout(layer, weight), requires_grad=old.requires_grad)
     if bias is not None:

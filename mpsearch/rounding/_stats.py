@@ -12,11 +12,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mpsearch._data import run_model
-from mpsearch.layers._layers import standard_form, watched
+from mpsearch.layers._expert_linears import ExpertLinears, follows_expert_interface
+from mpsearch.layers._experts import is_expert_bank
+from mpsearch.layers._layers import standard_form, swapped, watched
+from mpsearch.schemes import get_scheme
 
 ROUNDABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d)
 """Layers (in their standard form) whose weights calibrated rounding takes: one weight applied
-to input patches (``Linear`` rows, convolution windows)."""
+to input patches (``Linear`` rows, convolution windows). A Mixture-of-Experts bank of Hugging
+Face's expert interface is taken too: each expert weight as a grouped Linear, one group per
+expert (:class:`BankStats`)."""
 
 
 @dataclass
@@ -29,6 +34,12 @@ class LayerStats:
     count: int
 
 
+BankStats = dict[str, LayerStats]
+"""A Mixture-of-Experts bank's statistics, by expert weight (``gate_up_proj``, ``down_proj``...):
+group ``e`` of each is expert ``e``'s inputs to that projection, the tokens routed to it (zero
+for an expert no calibration token reached); ``count`` is the rows of all experts."""
+
+
 def rounding_unsupported(layer: nn.Module) -> str | None:
     """Why calibrated rounding cannot take ``layer`` (``None``: it can).
 
@@ -37,7 +48,15 @@ def rounding_unsupported(layer: nn.Module) -> str | None:
     """
     if isinstance(standard_form(layer), ROUNDABLE_TYPES):
         return None
-    return f"calibrated rounding takes Linear and Conv1d/Conv2d layers, not {type(layer).__name__}"
+    kind = type(layer).__name__
+    if is_expert_bank(layer):
+        if follows_expert_interface(layer):
+            return None
+        return (
+            "calibrated rounding takes Mixture-of-Experts banks that follow Hugging Face's "
+            f"expert interface (their experts run as Linear layers), not {kind}"
+        )
+    return f"calibrated rounding takes Linear and Conv1d/Conv2d layers, not {kind}"
 
 
 def patches(layer: nn.Module, x: Tensor) -> Tensor:
@@ -68,6 +87,13 @@ def patches(layer: nn.Module, x: Tensor) -> Tensor:
     return rows.reshape(rows.shape[0], g, -1).transpose(0, 1)
 
 
+def _never_ran(name: str) -> ValueError:
+    return ValueError(
+        f"Layer {name!r} never ran on the calibration data, so it has no input statistics "
+        "for calibrated rounding; give it 'rtn' or check the data reaches it."
+    )
+
+
 class _Accumulator:
     def __init__(self, layer: nn.Module) -> None:
         self.layer = layer
@@ -90,17 +116,46 @@ class _Accumulator:
 
     def result(self, name: str) -> LayerStats:
         if self.hessian is None or self.total is None:
-            raise ValueError(
-                f"Layer {name!r} never ran on the calibration data, so it has no input statistics "
-                "for calibrated rounding; give it 'rtn' or check the data reaches it."
-            )
+            raise _never_ran(name)
         return LayerStats(self.hessian, self.total / self.count, self.count)
+
+
+class _BankAccumulator:
+    """Each expert's inputs to each projection of an interface bank, read from the bank run as
+    its expert Linear layers (the interface's own routing, float32: ``linears``)."""
+
+    def __init__(self, bank: nn.Module) -> None:
+        self.linears = ExpertLinears(bank, get_scheme("fp32"), lambda linear, _: linear)
+        up = "gate_up_proj" if bank.has_gate else "up_proj"
+        self.parts: dict[str, list[_Accumulator]] = {}
+        for weight, experts in ((up, self.linears.up), ("down_proj", self.linears.down)):
+            self.parts[weight] = []
+            for linear in experts:
+                acc = _Accumulator(linear)
+                linear.register_forward_pre_hook(lambda _m, args, acc=acc: acc(args[0]))
+                self.parts[weight].append(acc)
+
+    def result(self, name: str) -> BankStats:
+        out = {}
+        for weight, experts in self.parts.items():
+            d = experts[0].layer.in_features
+            hessian = torch.zeros(len(experts), d, d, dtype=torch.float64)
+            mean = torch.zeros(len(experts), d, dtype=torch.float64)
+            for e, acc in enumerate(experts):
+                if acc.hessian is not None and acc.total is not None:
+                    hessian[e], mean[e] = acc.hessian[0], acc.total[0] / acc.count
+            count = sum(acc.count for acc in experts)
+            if not count:
+                raise _never_ran(name)
+            out[weight] = LayerStats(hessian, mean, count)
+        return out
 
 
 def collect_stats(
     model: nn.Module, batches: Iterable[Any], layers: Sequence[str]
-) -> dict[str, LayerStats]:
-    """:class:`LayerStats` of each of ``layers`` over ``batches`` (one pass of ``model``).
+) -> dict[str, LayerStats | BankStats]:
+    """:class:`LayerStats` of each of ``layers`` over ``batches`` (one pass of ``model``); a
+    Mixture-of-Experts bank's :class:`BankStats`.
 
     >>> net = nn.Sequential(nn.Linear(3, 2)).eval()
     >>> collect_stats(net, [torch.ones(4, 3)], ["0"])["0"].hessian[0]
@@ -108,8 +163,12 @@ def collect_stats(
             [4., 4., 4.],
             [4., 4., 4.]], dtype=torch.float64)
     """
-    accumulators = {name: _Accumulator(model.get_submodule(name)) for name in layers}
-    with torch.inference_mode(), watched(model, accumulators):
+    modules = {name: model.get_submodule(name) for name in layers}
+    banks = {n: _BankAccumulator(m) for n, m in modules.items() if is_expert_bank(m)}
+    accumulators = {n: _Accumulator(m) for n, m in modules.items() if n not in banks}
+    recorders = {name: bank.linears for name, bank in banks.items()}
+    with torch.inference_mode(), watched(model, accumulators), swapped(model, recorders):
         for batch in batches:
             run_model(model, batch)
-    return {name: acc.result(name) for name, acc in accumulators.items()}
+    found: dict[str, _Accumulator | _BankAccumulator] = {**accumulators, **banks}
+    return {name: found[name].result(name) for name in layers}

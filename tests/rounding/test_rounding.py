@@ -293,3 +293,112 @@ def test_rounded_convolutions_run_on_the_cpu_kernels_as_simulated(choice: str) -
         cpu = mps.quantize(net, choice, backend="cpu", rounder=rounder)(x)
     torch.testing.assert_close(cpu, sim, rtol=0.02, atol=0.02 * float(sim.abs().max()))
     assert set(rounder.report["layer"]) == {"0", "2", "5"}
+
+
+# -- Mixture-of-Experts banks ------------------------------------------------------------------
+EXPERTS, HIDDEN, INTER = 4, 32, 64
+
+
+class _MoE(nn.Module):
+    """A router over all experts but the last (which no token reaches) and a Hugging Face
+    Mixtral expert bank, random-initialised from its config."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        transformers = pytest.importorskip("transformers")
+        from transformers.models.mixtral.modeling_mixtral import MixtralExperts
+
+        cfg = transformers.MixtralConfig(
+            hidden_size=HIDDEN, intermediate_size=INTER, num_local_experts=EXPERTS
+        )
+        cfg._experts_implementation = "eager"
+        torch.manual_seed(0)
+        self.router = nn.Linear(HIDDEN, EXPERTS - 1, bias=False)
+        self.experts = MixtralExperts(cfg)
+        with torch.no_grad():
+            for p in self.experts.parameters():
+                p.normal_(0.0, 0.2)
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.softmax(self.router(x), -1).topk(2, dim=-1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights, index = self.route(x)
+        return x + self.experts(x, index, weights)
+
+
+def _moe() -> tuple[_MoE, list[torch.Tensor]]:
+    return _MoE().eval(), [correlated(s, n=96, d=HIDDEN, mixing=0) for s in range(2)]
+
+
+@torch.no_grad()
+def test_a_banks_statistics_are_each_experts_routed_inputs_to_each_projection() -> None:
+    model, calib = _moe()
+    stats = collect_stats(model, calib, ["experts"])["experts"]
+    bank = model.experts
+    up_h = torch.zeros(EXPERTS, HIDDEN, HIDDEN, dtype=torch.float64)
+    down_h = torch.zeros(EXPERTS, INTER, INTER, dtype=torch.float64)
+    rows = 0
+    for x in calib:  # Mixtral's own routing, by hand
+        _, index = model.route(x)
+        for e in range(EXPERTS):
+            xe = x[(index == e).any(-1)]
+            gate, up = nn.functional.linear(xe, bank.gate_up_proj[e]).chunk(2, dim=-1)
+            he = bank.act_fn(gate) * up
+            up_h[e] += (xe.T @ xe).double()
+            down_h[e] += (he.T @ he).double()
+            rows += len(xe)
+    assert set(stats) == {"gate_up_proj", "down_proj"}
+    torch.testing.assert_close(stats["gate_up_proj"].hessian, up_h, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(stats["down_proj"].hessian, down_h, rtol=1e-5, atol=1e-4)
+    assert stats["gate_up_proj"].count == rows == 2 * sum(len(x) for x in calib)  # top-2
+    assert not stats["down_proj"].hessian[EXPERTS - 1].any()  # the unrouted expert
+
+
+@torch.no_grad()
+def test_gptq_rounds_each_expert_of_a_bank_and_the_cpu_kernels_run_it_as_rounded() -> None:
+    model, calib = _moe()
+    rounder = Rounder(model, calib)
+    weights, bias = rounder.weight("experts", "w4a16+gptq")
+    assert bias is None and set(weights) == {"gate_up_proj", "down_proj"}
+    stats = rounder.stats(["experts"])["experts"]
+    spec = get_scheme("w4a16").weight
+    for name, rounded in weights.items():
+        w = getattr(model.experts, name)
+        assert rounded.shape == w.shape
+        for e in range(EXPERTS):
+            h = stats[name].hessian[e].float()
+            rtn = Grid(w[e], spec).rtn()
+            assert torch.equal(fake_quantize(rounded[e], spec), rounded[e])  # on its grid
+            if e == EXPERTS - 1:  # no token: round to nearest
+                assert torch.equal(rounded[e], rtn)
+            else:
+                assert output_error(w[e], rounded[e], h) < output_error(w[e], rtn, h)
+    row = rounder.report.set_index("layer").loc["experts"]
+    assert row["error"] < row["error_rtn"]
+    x = correlated(9, n=64, d=HIDDEN, mixing=0)
+    plan = {"experts": "w4a16+gptq"}
+    cpu = mps.quantize(model, plan, backend="cpu", rounder=rounder)
+    sim = mps.quantize(model, plan, backend="simulate", rounder=rounder)
+    rtn = mps.quantize(model, {"experts": "w4a16"}, backend="cpu")
+    ref = model(x)
+    torch.testing.assert_close(cpu(x), sim(x), rtol=0.02, atol=0.02 * float(ref.abs().max()))
+    assert float(((cpu(x) - ref) ** 2).mean()) < float(((rtn(x) - ref) ** 2).mean())
+    assert torch.equal(model.experts.gate_up_proj, _moe()[0].experts.gate_up_proj)  # untouched
+
+
+def test_a_bank_outside_the_expert_interface_falls_back_to_round_to_nearest_by_name() -> None:
+    class Bank(nn.Module):  # research code: 3-D expert weights, its own forward
+        def __init__(self) -> None:
+            super().__init__()
+            self.gate_up_proj = nn.Parameter(torch.randn(EXPERTS, 2 * INTER, HIDDEN))
+            self.down_proj = nn.Parameter(torch.randn(EXPERTS, HIDDEN, INTER))
+
+    net = nn.Sequential(Bank())
+    plan = mps.PrecisionPlan(default="w4a16+gptq")
+    assert plan.resolve_choices(net) == {"0": "w4a16"}
+    assert "not Bank" in plan.substitutions(net)["0"].reason
+    assert "expert interface" in plan.substitutions(net)["0"].reason
+    assert mps.PrecisionPlan(default="w4a16+gptq").resolve_choices(_moe()[0])["experts"] == (
+        "w4a16+gptq"
+    )
