@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -30,3 +31,32 @@ class ReadsWeights(nn.Module):
         h = self.proj(x.to(self.proj.weight.dtype))
         n = min(self.head.weight.shape[0], self.head.out_features)
         return self.head(torch.relu(h @ self.gate.weight.T))[..., :n]
+
+
+class HFMoE(nn.Module):
+    """A router over all experts but the last (which no token reaches) and a Hugging Face
+    Mixtral expert bank (``experts``: ``[experts, 2 x inter, hidden]`` and ``[experts, hidden,
+    inter]``), random-initialised from its config; the output is the residual sum."""
+
+    def __init__(self, experts: int, hidden: int, inter: int) -> None:
+        super().__init__()
+        transformers = pytest.importorskip("transformers")
+        from transformers.models.mixtral.modeling_mixtral import MixtralExperts
+
+        cfg = transformers.MixtralConfig(
+            hidden_size=hidden, intermediate_size=inter, num_local_experts=experts
+        )
+        cfg._experts_implementation = "eager"
+        torch.manual_seed(0)
+        self.router = nn.Linear(hidden, experts - 1, bias=False)
+        self.experts = MixtralExperts(cfg)
+        with torch.no_grad():
+            for p in self.experts.parameters():
+                p.normal_(0.0, 0.2)
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.softmax(self.router(x), -1).topk(2, dim=-1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights, index = self.route(x)
+        return x + self.experts(x, index, weights)

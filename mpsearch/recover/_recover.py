@@ -4,8 +4,13 @@ The student is a deep copy of the model in which every Linear / Conv1d / Conv2d 
 the plan quantizes computes as the ``simulate`` backend does (weight fake-quantized, input
 fake-quantized, arithmetic in the scheme's compute dtype) with straight-through gradients:
 the weight through a ``torch.nn.utils.parametrize`` parametrization, the input through a
-forward pre-hook, both removed at the end (the trained float weights stay). Layers of the other
-quantizable kinds run quantized as the ``simulate`` backend runs them, and stay frozen.
+forward pre-hook, both removed at the end (the trained float weights stay). A Mixture-of-Experts
+bank the ``simulate`` backend runs weight-only (every scheme on a bank outside Hugging Face's
+expert interface; schemes without activation quantization on one of it) is trained the same
+way: each expert weight fake-quantized by expert output channel, the bank's own forward in
+float32 on weights and input rounded to the compute dtype (exact products, as the profiler's
+emulation). Layers of the other quantizable kinds run quantized as the ``simulate`` backend
+runs them, and stay frozen.
 """
 
 from __future__ import annotations
@@ -34,6 +39,8 @@ from mpsearch._validation import check_module, check_positive, invalid
 from mpsearch.backends import get_backend
 from mpsearch.backends._quantize import PlanLike, as_plan, check_assignment
 from mpsearch.layers import quantizable_layers, replace_layers
+from mpsearch.layers._expert_linears import follows_expert_interface
+from mpsearch.layers._experts import expert_rows, expert_weights, from_expert_rows, is_expert_bank
 from mpsearch.layers._layers import is_hf_conv1d
 from mpsearch.plan import PrecisionPlan
 from mpsearch.profile._cache import hash_batches, hash_model, hash_text
@@ -42,7 +49,7 @@ from mpsearch.recover._options import LossFn, RecoverOptions
 from mpsearch.rounding import Rounder
 from mpsearch.schemes import QuantSpec, Scheme, fake_quantize, get_scheme
 
-CODE_VERSION = "recover-1"
+CODE_VERSION = "recover-2"
 """Bumped whenever the same arguments would train differently (old checkpoints are refused)."""
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -130,6 +137,31 @@ class _QuantizedWeight(nn.Module):
         return _StraightThrough.apply(w, self.fn)
 
 
+class _QuantizedExpertWeight(nn.Module):
+    """Parametrization: a bank's 3-D expert weight fake-quantized by expert output channel (as
+    the ``simulate`` backend stores it) and rounded to the compute dtype, kept in float32,
+    straight-through; ``is_transposed`` is its bank's layout."""
+
+    def __init__(self, scheme: Scheme, is_transposed: bool) -> None:
+        super().__init__()
+        self.spec, self.dtype, self.is_transposed = (
+            scheme.weight,
+            _DTYPES[scheme.compute_dtype],
+            is_transposed,
+        )
+
+    def _fake(self, w: Tensor) -> Tensor:
+        rows = fake_quantize(expert_rows(self, w.float()), self.spec)
+        return from_expert_rows(self, rows, w.shape).to(self.dtype).to(w.dtype)
+
+    def forward(self, w: Tensor) -> Tensor:
+        return _StraightThrough.apply(w, self._fake)
+
+
+def _rounded(x: Tensor, spec: QuantSpec | None, dtype: torch.dtype) -> Tensor:
+    return _input_q(x, spec, dtype).to(x.dtype)
+
+
 class _Cast(nn.Module):
     """Parametrization: the bias in the compute dtype (a differentiable cast)."""
 
@@ -164,6 +196,19 @@ def _fake_quantized(
         for name, scheme in trained.items():
             layer = student.get_submodule(name)
             orders[layer] = list(layer._parameters)
+            if is_expert_bank(layer):
+                transposed = bool(getattr(layer, "is_transposed", False))
+                for weight in expert_weights(layer):
+                    parametrize.register_parametrization(
+                        layer, weight, _QuantizedExpertWeight(scheme, transposed), unsafe=True
+                    )
+                    done.append((layer, weight))
+                # the hidden states as each expert Linear takes them (a cast at most: schemes
+                # with scaled activations are not trained), kept in float32 as the weights
+                act = scheme.activation if follows_expert_interface(layer) else None
+                fn = partial(_rounded, spec=act, dtype=_DTYPES[scheme.compute_dtype])
+                handles.append(layer.register_forward_pre_hook(partial(_input_hook, fn)))
+                continue
             dtype = _DTYPES[scheme.compute_dtype]
             out_dtype = layer.weight.dtype
             parametrize.register_parametrization(
@@ -215,10 +260,21 @@ def _roles(
             )
         elif isinstance(layer, _TRAINABLE_TYPES) or is_hf_conv1d(layer):
             trained[name] = get_scheme(scheme_name)
+        elif is_expert_bank(layer):
+            scheme = get_scheme(scheme_name)
+            if not scheme.quantizes_activations or not follows_expert_interface(layer):
+                trained[name] = scheme
+            else:
+                frozen[name] = (
+                    f"{scheme.name} quantizes the activations of each of the bank's expert Linear "
+                    "layers on their own ranges, which quantization-aware training does not "
+                    "reach; it runs quantized but is not trained (weight-only schemes train it)"
+                )
         else:
             frozen[name] = (
-                f"quantization-aware training covers Linear, Conv1d, Conv2d and HF Conv1D, not "
-                f"{kind}; it runs quantized during training but its weights are not trained"
+                "quantization-aware training covers Linear, Conv1d, Conv2d, HF Conv1D and "
+                f"Mixture-of-Experts banks, not {kind}; it runs quantized during training but "
+                "its weights are not trained"
             )
     return trained, frozen
 
@@ -456,6 +512,13 @@ def _recover(
         raise invalid("checkpoint", checkpoint, "None or a file path")
     path = None if checkpoint is None else Path(checkpoint)
     trained, frozen = _roles(model, assignment)
+    if not trained and opts.train == "layers":
+        why = "; ".join(f"{n!r}: {r}" for n, r in frozen.items()) or "every layer stays fp32"
+        raise ValueError(
+            f"The 'plan' argument leaves recover no layer to train ({why}). Quantize it as it "
+            "is (mpsearch.quantize), or plan a Linear, Conv1d, Conv2d, HF Conv1D or "
+            "Mixture-of-Experts bank (in a weight-only scheme) that it can train."
+        )
 
     student = copy.deepcopy(model).eval()
     if plan.rounds:  # the fine-tune starts from the plan's calibrated rounding
@@ -527,10 +590,16 @@ def _trainable(
         names = [
             f"{layer}.{p}"
             for layer in trained
-            for p in ("weight", "bias")
-            if getattr(student.get_submodule(layer), p, None) is not None
+            for p in _layer_parameters(student.get_submodule(layer))
         ]
     return {name: student.get_parameter(name) for name in names}
+
+
+def _layer_parameters(layer: nn.Module) -> list[str]:
+    """The parameters a trained layer updates: its weight and bias (a bank: all its own)."""
+    if is_expert_bank(layer):
+        return [n for n, p in layer._parameters.items() if p is not None]
+    return [p for p in ("weight", "bias") if getattr(layer, p, None) is not None]
 
 
 class _Run:
@@ -574,12 +643,18 @@ class _Run:
         with torch.no_grad():
             return output_tensor(run_model(self.teacher, batch)).detach()
 
+    def student_out(self, batch: Batch) -> Tensor:
+        """The student's output on ``batch``, each parametrized weight computed once (a bank's
+        forward reads its expert weights once per expert)."""
+        with parametrize.cached():
+            return output_tensor(run_model(self.student, batch))
+
     def evaluate(self) -> float:
         """The student's held-out distillation loss (mean over samples)."""
         total = 0.0
         with torch.no_grad():
             for batch, ref, n in zip(self.val_batches, self.val_refs, self.val_sizes, strict=True):
-                out = output_tensor(run_model(self.student, batch))
+                out = self.student_out(batch)
                 total += float(_scalar(self.loss_fn(out, ref), "on held-out data")) * n
         return total / sum(self.val_sizes)
 
@@ -645,8 +720,7 @@ class _Run:
         """One optimisation step (number ``step``); ``False`` when the loss is not finite (the
         run stops, keeping the best weights)."""
         loss = _scalar(
-            self.loss_fn(output_tensor(run_model(self.student, batch)), self.teacher_out(batch)),
-            "in training",
+            self.loss_fn(self.student_out(batch), self.teacher_out(batch)), "in training"
         )
         row = {"step": step, "train_loss": float(loss.detach()), "val_loss": math.nan}
         if not torch.isfinite(loss):

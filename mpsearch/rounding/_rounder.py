@@ -207,8 +207,7 @@ class Rounder:
         """``rows`` (``[groups, out, in]``) rounded by the scheme's method, group ``g`` on
         Hessian ``g`` (the identity where it is zero: no input reached that group, and the
         method then rounds to nearest), with the output errors under round to nearest and
-        under the method; round to nearest returns the rows as they are (the kernels round
-        them themselves)."""
+        under the method."""
         method = get_rounding(scheme.rounding)
         rounded, err_rtn, err = [], 0.0, 0.0
         for g in range(rows.shape[0]):
@@ -236,17 +235,29 @@ class Rounder:
             ]
         )
 
-    def latent(self, layer: str, scheme: str | Scheme) -> Tensor:
+    def latent(self, layer: str, scheme: str | Scheme) -> Weight:
         """The float weight of ``layer`` nearest to its own that rounds to nearest to
         ``scheme``'s calibrated rounding, on the same grid (:meth:`Grid.latent`): where a
         quantization-aware fine-tune starts, keeping the rounding and the weights' fractional
-        positions (standard form, as :meth:`weight`)."""
+        positions (standard form, as :meth:`weight`; a bank's expert weights by name)."""
         scheme = get_scheme(scheme)
-        w = standard_form(self.layers[layer]).weight.detach().float()
-        rounded = self.weight(layer, scheme)[0].float()
-        grid = Grid(w.reshape(w.shape[0], -1), scheme.weight)
-        codes = grid.codes(rounded.reshape(w.shape[0], -1))
-        return grid.latent(w.reshape(w.shape[0], -1), codes).reshape(w.shape)
+        module = self.layers[layer]
+        rounded = self.weight(layer, scheme)[0]
+        if isinstance(rounded, dict):
+            return {
+                name: from_expert_rows(
+                    module,
+                    _latent_rows(
+                        expert_rows(module, w), expert_rows(module, rounded[name]), scheme
+                    ),
+                    w.shape,
+                ).to(w.dtype)
+                for name, w in expert_weights(module).items()
+            }
+        w = standard_form(module).weight
+        return _latent_rows(
+            w.reshape(w.shape[0], -1), rounded.reshape(w.shape[0], -1), scheme
+        ).reshape(w.shape)
 
     def layer(self, name: str, scheme: str | Scheme) -> nn.Module:
         """A copy of layer ``name`` holding its weight (and bias) under ``scheme`` (the layer
@@ -281,8 +292,8 @@ class Rounder:
         layers = quantizable_layers(target)
         for name, scheme in needed.items():
             weight, bias = self.weight(name, scheme)
-            if latent and scheme.rounding != DEFAULT_ROUNDING and not isinstance(weight, dict):
-                weight = self.latent(name, scheme)  # a bank keeps its rounding (not fine-tuned)
+            if latent and scheme.rounding != DEFAULT_ROUNDING:
+                weight = self.latent(name, scheme)
             set_weight(layers[name], weight, bias)
         if not latent:
             target.mpsearch_rounded = {**done, **{n: s.name for n, s in needed.items()}}
@@ -293,6 +304,12 @@ class Rounder:
         """One row per rounded (layer, choice): output errors (mean over calibration rows)
         under round to nearest and under the choice, and the seconds it took."""
         return pd.DataFrame(self._rows, columns=REPORT_COLUMNS)
+
+
+def _latent_rows(rows: Tensor, rounded: Tensor, scheme: Scheme) -> Tensor:
+    """:meth:`Grid.latent` of weight ``rows`` (``[out, in]``) for their ``rounded`` values."""
+    grid = Grid(rows.detach().float(), scheme.weight)
+    return grid.latent(rows.detach().float(), grid.codes(rounded.float()))
 
 
 def _kept(rows: Tensor, rounded: Tensor, scheme: Scheme) -> Tensor:

@@ -333,3 +333,26 @@ def test_a_plan_with_calibrated_rounding_starts_from_it_and_returns_the_rtn_plan
     rtn = recover(net, res.plan, batches, steps=10, lr=1e-3, progress=False)
     assert res.loss_before != rtn.loss_before  # GPTQ's start differs from round to nearest's
     quantize(res.model, res.plan, backend="simulate")  # runs without calibration data
+
+
+def test_an_expert_bank_trains_in_weight_only_schemes_from_its_calibrated_rounding() -> None:
+    from helpers import HFMoE
+
+    net = HFMoE(4, 32, 64).eval()
+    gen = torch.Generator().manual_seed(2)
+    calib = [torch.randn(16, 32, generator=gen) for _ in range(6)]
+    plan = PrecisionPlan({"experts": "w2a16+gptq", "router": "fp32"})
+    res = recover(net, plan, calib, steps=20, lr=1e-3, options=FAST, progress=False)
+    assert res.trained == ["experts"] and not res.frozen
+    sim = quantize(net, plan, backend="simulate", calib=calib[:-2])  # GPTQ on the train split
+    # the fine-tune starts from the GPTQ rounding, the bank emulated in float32 on operands
+    # rounded to bf16 (the simulated expert Linears round their outputs to bf16 too)
+    assert res.loss_before == pytest.approx(held_out_kl(sim, net, calib[-2:]), rel=0.05)
+    assert res.loss_after < res.loss_before
+    assert not torch.equal(res.model.experts.down_proj, net.experts.down_proj)
+    assert res.plan.resolve_choices(net)["experts"] == "w2a16"
+    frozen = recover(net, "w8a8", calib, steps=2, options=FAST, progress=False)
+    assert frozen.trained == ["router"] and "activations" in frozen.frozen["experts"]
+    assert torch.equal(frozen.model.experts.gate_up_proj, net.experts.gate_up_proj)
+    with pytest.raises(ValueError, match="(?s)'plan' argument leaves recover no layer.*'experts'"):
+        recover(net, {"experts": "w8a8"}, calib, steps=2, options=FAST, progress=False)

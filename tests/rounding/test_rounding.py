@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import HFMoE
 from torch import nn
 
 import mpsearch as mps
@@ -299,36 +300,10 @@ def test_rounded_convolutions_run_on_the_cpu_kernels_as_simulated(choice: str) -
 EXPERTS, HIDDEN, INTER = 4, 32, 64
 
 
-class _MoE(nn.Module):
-    """A router over all experts but the last (which no token reaches) and a Hugging Face
-    Mixtral expert bank, random-initialised from its config."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        transformers = pytest.importorskip("transformers")
-        from transformers.models.mixtral.modeling_mixtral import MixtralExperts
-
-        cfg = transformers.MixtralConfig(
-            hidden_size=HIDDEN, intermediate_size=INTER, num_local_experts=EXPERTS
-        )
-        cfg._experts_implementation = "eager"
-        torch.manual_seed(0)
-        self.router = nn.Linear(HIDDEN, EXPERTS - 1, bias=False)
-        self.experts = MixtralExperts(cfg)
-        with torch.no_grad():
-            for p in self.experts.parameters():
-                p.normal_(0.0, 0.2)
-
-    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.softmax(self.router(x), -1).topk(2, dim=-1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weights, index = self.route(x)
-        return x + self.experts(x, index, weights)
-
-
-def _moe() -> tuple[_MoE, list[torch.Tensor]]:
-    return _MoE().eval(), [correlated(s, n=96, d=HIDDEN, mixing=0) for s in range(2)]
+def _moe() -> tuple[nn.Module, list[torch.Tensor]]:
+    return HFMoE(EXPERTS, HIDDEN, INTER).eval(), [
+        correlated(s, n=96, d=HIDDEN, mixing=0) for s in range(2)
+    ]
 
 
 @torch.no_grad()
@@ -376,6 +351,13 @@ def test_gptq_rounds_each_expert_of_a_bank_and_the_cpu_kernels_run_it_as_rounded
                 assert output_error(w[e], rounded[e], h) < output_error(w[e], rtn, h)
     row = rounder.report.set_index("layer").loc["experts"]
     assert row["error"] < row["error_rtn"]
+    for name, latent in rounder.latent("experts", "w4a16+gptq").items():  # where recover starts
+        w = getattr(model.experts, name)
+        assert (
+            fake_quantize(latent.reshape(-1, w.shape[-1]), spec)
+            != weights[name].reshape(-1, w.shape[-1])
+        ).float().mean() < 0.002
+        assert (latent - w).abs().mean() < 0.5 * (weights[name] - w).abs().mean()
     x = correlated(9, n=64, d=HIDDEN, mixing=0)
     plan = {"experts": "w4a16+gptq"}
     cpu = mps.quantize(model, plan, backend="cpu", rounder=rounder)
