@@ -7,7 +7,9 @@ One Mixtral expert bank at the size of a small MoE model's layer (8 experts, hid
 intermediate 2816, top-2 routing; random weights), quantized per scheme on the ``cpu``
 backend (each expert's Linear layers on its Linear kernels: ``mpsearch.backends._experts``),
 timed interleaved with the user's fp32 bank on 1 token (a decoding step) and on 64 tokens
-(a prompt), on the same routing; bytes held and the output's SQNR against fp32.
+(a prompt), on the same routing; bytes held and the output's SQNR against fp32. A scheme with
+several implementations (``w8a8``: the expert Linear layers on each int8 Linear kernel, which
+the cost model's autotuner chooses among) has a row for each.
 """
 
 from __future__ import annotations
@@ -57,13 +59,17 @@ def main() -> None:
     args = parser.parse_args()
     fp32 = bank()
     cpu = get_backend("cpu")
-    banks = {s: fp32 if s == "fp32" else cpu.quantize_layer(fp32, get_scheme(s)) for s in SCHEMES}
+    banks: dict[str, torch.nn.Module] = {"fp32": fp32}
+    for s in SCHEMES[1:]:  # each implementation the autotuner chooses among
+        for kernel in cpu.candidates(fp32, get_scheme(s)):
+            label = s if kernel.name == "default" else f"{s} ({kernel.name})"
+            banks[label] = cpu.build(kernel, fp32, get_scheme(s))
     rows = []
     with torch.inference_mode():
         for tokens in (1, 64):
             call = routing(tokens)
             ref = fp32(*call)
-            times: dict[str, list[float]] = {s: [] for s in SCHEMES}
+            times: dict[str, list[float]] = {s: [] for s in banks}
             for _ in range(args.rounds):  # interleaved: each bank timed in turn
                 for s, m in banks.items():
                     times[s].append(median_ms(lambda m=m, c=call: m(*c), repeats=3, warmup=1))

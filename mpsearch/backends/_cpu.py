@@ -217,21 +217,45 @@ def _not_default(kind: type[nn.Module]) -> Callable[[nn.Module, Scheme], str | N
     return check
 
 
+_INT8_LINEARS = (
+    Kernel(Int8Linear, "oneDNN qlinear_pointwise (u8 x s8 -> fp32)", _not_default(Int8Linear),
+           name="onednn"),
+    Kernel(FbgemmInt8Linear, "fbgemm (u8 x s8 -> fp32)", _not_default(FbgemmInt8Linear),
+           name="fbgemm"),
+)  # fmt: skip
+
+
+def _on_expert_linears(kernel: Kernel) -> Kernel:
+    """``kernel`` (a Linear layer's) for each expert Linear layer of an interface bank."""
+
+    def build(
+        layer: nn.Module, scheme: Scheme, *, act_range: tuple[float, float] | None = None
+    ) -> nn.Module:
+        return ExpertLinears(layer, scheme, lambda linear, s: kernel.build(linear, s))
+
+    def check(layer: nn.Module, scheme: Scheme) -> str | None:
+        if not follows_expert_interface(layer):
+            return "a bank outside Hugging Face's expert interface has no expert Linear layers"
+        return _experts_check(layer, scheme) or (kernel.check and kernel.check(layer, scheme))
+
+    described = f"each expert's Linear layers on {kernel.description}"
+    return Kernel(build, described, check, name=kernel.name)
+
+
 CPU_IMPLEMENTATIONS: Implementations = {
     **CONV_IMPLEMENTATIONS,
     (nn.Conv2d, "fp32"): (  # 'direct' (an NCHW copy) would time the user's layer again
         *(k for k in CONV_IMPLEMENTATIONS[(nn.Conv2d, "fp32")] if k.name != "direct"),
         Kernel(_cast, "a copy of the layer, channels-last", name="channels_last"),
     ),
-    **{(nn.Linear, s): (
-        Kernel(Int8Linear, "oneDNN qlinear_pointwise (u8 x s8 -> fp32)", _not_default(Int8Linear),
-               name="onednn"),
-        Kernel(FbgemmInt8Linear, "fbgemm (u8 x s8 -> fp32)", _not_default(FbgemmInt8Linear),
-               name="fbgemm"),
-    ) for s in INT8_SCHEMES},
-}  # fmt: skip
+    **{(nn.Linear, s): _INT8_LINEARS for s in INT8_SCHEMES},
+    **{(ExpertBank, s): tuple(_on_expert_linears(k) for k in _INT8_LINEARS) for s in INT8_SCHEMES},
+}
 """Alternatives to :data:`CPU_KERNELS`' defaults by (layer type, scheme), each with its own
-name, timed against the default by the autotuner."""
+name, timed against the default by the autotuner. A bank of Hugging Face's expert interface
+takes each int8 Linear kernel for its experts' Linear layers: on the Xeon with AMX (2 threads),
+a Mixtral-size w8a8 bank decoding one token ran in 0.71 ms on fbgemm's and 1.21 ms on the
+default oneDNN's."""
 
 
 _MISSING_BY_KIND: dict[type[nn.Module], str] = {

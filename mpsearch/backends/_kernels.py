@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torch._ops import OpOverload, OpOverloadPacket
 
 from mpsearch.backends._registry import Backend
-from mpsearch.layers._experts import ExpertBank, is_expert_bank
+from mpsearch.layers._experts import ExpertBank, expert_weights, is_expert_bank
 from mpsearch.layers._layers import base_copy, is_stand_in, standard_form
 from mpsearch.schemes import QuantSpec, Scheme
 from mpsearch.schemes._fakequant import qparams, quantize_codes
@@ -687,7 +687,9 @@ def layer_signature(layer: nn.Module) -> str:
     'Conv1d(1, 8, kernel_size=(5,), stride=(2,)) weight=(8, 1, 5)'
     """
     weight = getattr(layer, "weight", None)
-    shape = tuple(weight.shape) if isinstance(weight, Tensor) else None
+    shape: Any = tuple(weight.shape) if isinstance(weight, Tensor) else None
+    if is_expert_bank(layer):  # a Mixture-of-Experts bank: its expert weights' shapes
+        shape = {n: tuple(w.shape) for n, w in expert_weights(layer).items()}
     return f"{layer!r} weight={shape}"
 
 

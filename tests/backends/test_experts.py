@@ -275,3 +275,32 @@ def test_an_interface_bank_exports_with_static_shapes_and_the_same_outputs(famil
         program = torch.export.export(q, (x, index, weights))
         got, want = program.module()(x, index, weights), q(x, index, weights)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+@torch.no_grad()
+def test_an_interface_bank_is_autotuned_over_its_expert_linears_int8_kernels() -> None:
+    """Every int8 Linear kernel the machine has is a candidate for the bank's expert Linear
+    layers; the cost model times each on the bank's real call, and a plan's pick is built."""
+    from mpsearch.backends._kernels import choice_key
+
+    bank = _hf_bank("mixtral")
+    w8a8 = get_scheme("w8a8")
+    cpu = get_backend("cpu")
+    names = [k.name for k in cpu.candidates(bank, w8a8)]
+    assert names[0] == "default" and set(names[1:]) <= {"onednn", "fbgemm"}
+    assert [k.name for k in cpu.candidates(bank, get_scheme("w4a16"))] == ["default"]
+    if len(names) == 1:
+        pytest.skip("one int8 Linear engine in this PyTorch build")
+    model = MoE(bank).eval()
+    x = torch.randn(16, H, generator=torch.Generator().manual_seed(3))
+    cost = measure_cost(model, x, schemes=["fp32", "w8a8"], repeats=2, warmup=1)
+    timed = cost.tuning[(cost.tuning.layer == "experts") & (cost.tuning.scheme == "w8a8")]
+    assert list(timed.kernel) == names and timed.chosen.astype(bool).sum() == 1
+    x, index, weights = _routing()
+    picked = cpu.tuned({choice_key(bank, w8a8): names[1]}).quantize_layer(bank, w8a8)
+    default = cpu.quantize_layer(bank, w8a8)
+    assert type(picked.up[0]) is not type(default.up[0])
+    ref = bank(x, index, weights)
+    torch.testing.assert_close(
+        picked(x, index, weights), ref, rtol=0.05, atol=0.05 * ref.abs().max()
+    )
