@@ -35,21 +35,26 @@ class ReadsWeights(nn.Module):
 
 class HFMoE(nn.Module):
     """A router over all experts but the last (which no token reaches) and a Hugging Face
-    Mixtral expert bank (``experts``: ``[experts, 2 x inter, hidden]`` and ``[experts, hidden,
-    inter]``), random-initialised from its config; the output is the residual sum."""
+    expert bank random-initialised from its config (``family``: Mixtral, ``[experts, out,
+    in]`` weights, or GPT-OSS: transposed, per-expert biases, its own clamped gate); the
+    output is the residual sum."""
 
-    def __init__(self, experts: int, hidden: int, inter: int) -> None:
+    def __init__(self, experts: int, hidden: int, inter: int, family: str = "mixtral") -> None:
         super().__init__()
         transformers = pytest.importorskip("transformers")
-        from transformers.models.mixtral.modeling_mixtral import MixtralExperts
+        if family == "mixtral":
+            from transformers.models.mixtral.modeling_mixtral import MixtralExperts as Bank
 
-        cfg = transformers.MixtralConfig(
-            hidden_size=hidden, intermediate_size=inter, num_local_experts=experts
-        )
+            config = transformers.MixtralConfig
+        else:
+            from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts as Bank
+
+            config = transformers.GptOssConfig
+        cfg = config(hidden_size=hidden, intermediate_size=inter, num_local_experts=experts)
         cfg._experts_implementation = "eager"
         torch.manual_seed(0)
         self.router = nn.Linear(hidden, experts - 1, bias=False)
-        self.experts = MixtralExperts(cfg)
+        self.experts = Bank(cfg)
         with torch.no_grad():
             for p in self.experts.parameters():
                 p.normal_(0.0, 0.2)

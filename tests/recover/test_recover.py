@@ -335,10 +335,13 @@ def test_a_plan_with_calibrated_rounding_starts_from_it_and_returns_the_rtn_plan
     quantize(res.model, res.plan, backend="simulate")  # runs without calibration data
 
 
-def test_an_expert_bank_trains_in_weight_only_schemes_from_its_calibrated_rounding() -> None:
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
+def test_an_expert_bank_trains_in_weight_only_schemes_from_its_calibrated_rounding(
+    family: str,
+) -> None:
     from helpers import HFMoE
 
-    net = HFMoE(4, 32, 64).eval()
+    net = HFMoE(4, 32, 64, family).eval()
     gen = torch.Generator().manual_seed(2)
     calib = [torch.randn(16, 32, generator=gen) for _ in range(6)]
     plan = PrecisionPlan({"experts": "w2a16+gptq", "router": "fp32"})

@@ -8,6 +8,7 @@ from helpers import HFMoE
 from torch import nn
 
 import mpsearch as mps
+from mpsearch.layers._experts import expert_rows
 from mpsearch.rounding import (
     Grid,
     Rounder,
@@ -300,8 +301,8 @@ def test_rounded_convolutions_run_on_the_cpu_kernels_as_simulated(choice: str) -
 EXPERTS, HIDDEN, INTER = 4, 32, 64
 
 
-def _moe() -> tuple[nn.Module, list[torch.Tensor]]:
-    return HFMoE(EXPERTS, HIDDEN, INTER).eval(), [
+def _moe(family: str = "mixtral") -> tuple[nn.Module, list[torch.Tensor]]:
+    return HFMoE(EXPERTS, HIDDEN, INTER, family).eval(), [
         correlated(s, n=96, d=HIDDEN, mixing=0) for s in range(2)
     ]
 
@@ -330,9 +331,12 @@ def test_a_banks_statistics_are_each_experts_routed_inputs_to_each_projection() 
     assert not stats["down_proj"].hessian[EXPERTS - 1].any()  # the unrouted expert
 
 
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
 @torch.no_grad()
-def test_gptq_rounds_each_expert_of_a_bank_and_the_cpu_kernels_run_it_as_rounded() -> None:
-    model, calib = _moe()
+def test_gptq_rounds_each_expert_of_a_bank_and_the_cpu_kernels_run_it_as_rounded(
+    family: str,
+) -> None:
+    model, calib = _moe(family)
     rounder = Rounder(model, calib)
     weights, bias = rounder.weight("experts", "w4a16+gptq")
     assert bias is None and set(weights) == {"gate_up_proj", "down_proj"}
@@ -341,6 +345,8 @@ def test_gptq_rounds_each_expert_of_a_bank_and_the_cpu_kernels_run_it_as_rounded
     for name, rounded in weights.items():
         w = getattr(model.experts, name)
         assert rounded.shape == w.shape
+        if family == "gpt_oss":  # stored [experts, in, out]: rounded by output channel
+            w, rounded = w.transpose(1, 2), rounded.transpose(1, 2)
         for e in range(EXPERTS):
             h = stats[name].hessian[e].float()
             rtn = Grid(w[e], spec).rtn()
@@ -351,13 +357,13 @@ def test_gptq_rounds_each_expert_of_a_bank_and_the_cpu_kernels_run_it_as_rounded
                 assert output_error(w[e], rounded[e], h) < output_error(w[e], rtn, h)
     row = rounder.report.set_index("layer").loc["experts"]
     assert row["error"] < row["error_rtn"]
+    bank = model.experts
     for name, latent in rounder.latent("experts", "w4a16+gptq").items():  # where recover starts
-        w = getattr(model.experts, name)
-        assert (
-            fake_quantize(latent.reshape(-1, w.shape[-1]), spec)
-            != weights[name].reshape(-1, w.shape[-1])
-        ).float().mean() < 0.002
-        assert (latent - w).abs().mean() < 0.5 * (weights[name] - w).abs().mean()
+        w, rows, latent = (
+            expert_rows(bank, t) for t in (getattr(bank, name), weights[name], latent)
+        )
+        assert (fake_quantize(latent, spec) != rows).float().mean() < 0.002
+        assert (latent - w).abs().mean() < 0.5 * (rows - w).abs().mean()
     x = correlated(9, n=64, d=HIDDEN, mixing=0)
     plan = {"experts": "w4a16+gptq"}
     cpu = mps.quantize(model, plan, backend="cpu", rounder=rounder)
@@ -366,7 +372,7 @@ def test_gptq_rounds_each_expert_of_a_bank_and_the_cpu_kernels_run_it_as_rounded
     ref = model(x)
     torch.testing.assert_close(cpu(x), sim(x), rtol=0.02, atol=0.02 * float(ref.abs().max()))
     assert float(((cpu(x) - ref) ** 2).mean()) < float(((rtn(x) - ref) ** 2).mean())
-    assert torch.equal(model.experts.gate_up_proj, _moe()[0].experts.gate_up_proj)  # untouched
+    assert torch.equal(model.experts.gate_up_proj, _moe(family)[0].experts.gate_up_proj)
 
 
 def test_a_bank_outside_the_expert_interface_falls_back_to_round_to_nearest_by_name() -> None:
