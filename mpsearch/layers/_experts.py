@@ -8,11 +8,14 @@ and some 70 other families in one module per layer (``MixtralExperts``...): ``ga
 its own forward. In Mixtral they hold 3/4 of the parameters.
 
 Such a bank is one quantizable layer (:func:`is_expert_bank`): one scheme for all its experts,
-weight-only (a token's activations are split among the experts inside the module's own code),
 each expert's weight quantized by output channel (:func:`expert_rows`: ``[experts x out, in]``,
-groups along ``in``). The quantized bank runs the module's own forward on its weights
-dequantized to the scheme's compute dtype (``mpsearch.backends._experts``), so any routing
-code, activation or expert implementation of the family runs unchanged.
+groups along ``in``). A bank of Hugging Face's generic expert interface runs as its experts'
+Linear layers (:mod:`mpsearch.layers._expert_linears`), each on a backend's Linear kernel for
+the scheme; any other bank runs its own forward on its weights dequantized to the scheme's
+compute dtype, weight-only (a token's activations are split among the experts inside the
+module's own code: ``mpsearch.backends._experts``), so any routing code, activation or expert
+implementation of the family runs unchanged. Calibrated rounding reads each expert's inputs
+from the first form.
 """
 
 from __future__ import annotations
