@@ -80,6 +80,31 @@ def test_the_study_log_says_when_the_chosen_plan_ran_slower_than_fp32() -> None:
 ROUNDING_STUDY = "studies/digits_rounding.yaml"
 
 
+def test_the_moe_study_rounds_and_recovers_expert_banks(tmp_path) -> None:
+    """``studies/moe.yaml`` (the zoo's Mixtral, shortened): its banks are profiled with GPTQ
+    choices, rounded expert by expert and trained by the recovery run."""
+    pytest.importorskip("transformers")
+    overrides = {
+        "output_dir": str(tmp_path / "out"),
+        "cache_dir": str(tmp_path / "cache"),
+        "storage": f"sqlite:///{tmp_path / 'study.db'}",
+        "schemes": ["w4a16"],
+        "budget": {"memory_fraction": 0.4},
+        "n_trials": 4,
+        "recover": {"steps": 4, "lr": 1.0e-3, "plans": "best"},
+    }
+    config = StudyConfig.from_yaml("studies/moe.yaml", **overrides)
+    outcome = StudySteps(config, log=None, progress=False).run()
+    table = outcome.profile.table
+    banks = table[table["layer"].str.endswith("mlp.experts")]
+    assert set(banks["scheme"]) == set(config.profiled_schemes())
+    assert (banks["status"] != "skipped").all()
+    from mpsearch.report import StudyRecord
+
+    row = StudyRecord.load(tmp_path / "out").recovery.iloc[0]
+    assert row["loss_after"] <= row["loss_before"]
+
+
 def test_a_study_with_rounding_and_recovery_runs_end_to_end(tmp_path) -> None:
     """The bundled example, on ``simulate`` (w2a16 runs there) under a budget only 2-bit
     plans meet: GPTQ choices are profiled and measured, the chosen plan is fine-tuned, its
