@@ -264,8 +264,18 @@ class KVDecoder:
 
     def _run_compiled(self, key: tuple[int, int, int], ids: Tensor, kwargs: dict[str, Any]) -> Any:
         if key in self._checked:  # this decoder's graphs differ only by the key's shapes
-            with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
-                return self._compiled(input_ids=ids, **kwargs)
+            try:
+                with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
+                    return self._compiled(input_ids=ids, **kwargs)
+            except RuntimeError as error:  # a graph that depends on more than the shapes
+                if "Recompilation" not in str(error):
+                    raise
+                self._crop()  # the step runs again eagerly, over what its first graphs wrote
+                self._fall_back(
+                    "the compiled step needed a new graph for inputs of the same shapes (its "
+                    "control flow depends on values, as a Mixture-of-Experts routing loop's)"
+                )
+                return self.module(input_ids=ids, **kwargs)
         with _native_gqa():  # the race calls the graph again: it must find what it traced
             return self._compile_and_check(key, ids, kwargs)
 

@@ -75,8 +75,12 @@ class ExpertLinears(nn.Module):
     through its up (or gate-up) projection, the bank's own gate (``_apply_gate``: GPT-OSS's
     clamped GLU) or activation, its down projection and optional post-expert norm, weighted
     and summed in float32. A scheme quantizes activations as on any Linear (per expert call).
-    Under ``torch.export`` (static shapes) every expert runs on every token, weighted by the
-    routing (zero where not routed): the same sums, ``experts / top_k`` times the work.
+    Under ``torch.compile`` and ``torch.export`` every expert runs on every token, weighted by
+    the routing (zero where not routed): the same sums, ``experts / top_k`` times the work, in
+    one graph of static shapes (the eager loop over the experts its tokens picked reads the
+    routing's values, which needs a graph per routing). Compiled batch-1 decoding of the zoo's
+    Mixtral (A, 1 thread) then ran a w4a16 token in 0.37 ms against 1.57 ms eager (the
+    compiled fp32 model: 0.63 ms); a decoder keeps whichever runs faster.
     ``bank`` is the bank's copy without its tensors, for its gate, activation and norm."""
 
     def __init__(
@@ -103,7 +107,7 @@ class ExpertLinears(nn.Module):
     def forward(self, hidden: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
         n = len(self.up)
         out = torch.zeros(hidden.shape[0], hidden.shape[-1], device=hidden.device)
-        if torch.compiler.is_exporting():  # static shapes: every expert on every token
+        if torch.compiler.is_compiling():  # one graph: every expert on every token
             hit = top_k_index < n  # an expert-parallel sentinel (>= n): no expert here
             dense = torch.zeros(hidden.shape[0], n + 1, device=hidden.device).scatter_add_(
                 1, torch.where(hit, top_k_index, n), top_k_weights.float() * hit

@@ -232,6 +232,9 @@ def test_an_interface_bank_runs_as_its_expert_linears_with_its_own_routing(famil
     as_linears = ExpertLinears(bank, get_scheme("fp32"), lambda linear, scheme: linear)
     torch.testing.assert_close(as_linears(x, index, weights), bank(x, index, weights))
     assert storage_bytes(as_linears) == storage_bytes(bank)  # the experts' own weights, once
+    # compiled: every expert on every token in one graph, weighted by the routing
+    compiled = torch.compile(as_linears, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x, index, weights), bank(x, index, weights))
 
 
 @pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])

@@ -280,3 +280,33 @@ def test_a_compiled_step_slower_than_the_eager_one_is_dropped_with_both_timings(
     measure_decode(kept, prompt, new_tokens=6, repeats=1)
     assert kept.compile_info["mode"] == "inductor"
     assert re.search(r"a step [\d.]+ ms vs [\d.]+ ms eager", kept.compile_info["reason"])
+
+
+class _LoopsOnValues(transformers.LlamaForCausalLM):
+    """A Llama whose forward loops a number of times read from its input, as a Mixture-of-Experts
+    bank's routing loop runs the experts its tokens picked: a new value needs a new graph."""
+
+    def forward(self, *args: object, **kwargs: object) -> object:
+        out = super().forward(*args, **kwargs)
+        for _ in range(int(kwargs["input_ids"][0, -1]) % 3):  # type: ignore[index]
+            out.logits = out.logits * 1.0
+        return out
+
+
+@pytest.mark.skipif(_cpp_compiler_missing() is not None, reason="no C++ compiler")
+def test_a_step_needing_a_new_graph_for_new_values_decodes_on_eagerly(monkeypatch) -> None:
+    """Graphs run without their guards (only their shapes tell them apart): a step whose
+    control flow reads values raised Dynamo's recompilation error mid-sequence; it now goes on
+    eagerly, with the reason, and the tokens stay the eager model's."""
+    monkeypatch.setattr(decode_module, "_race", lambda *args, **kwargs: (1.0, 2.0))
+    fast = _llama()
+    model = _LoopsOnValues(fast.config).eval()
+    model.load_state_dict(fast.state_dict())
+    prompt = torch.tensor([[3, 1, 4, 1, 5]])
+    eager = measure_decode(fast, prompt, new_tokens=12, repeats=1)
+    assert len({t % 3 for t in eager.tokens}) > 1  # the loop's count changes along the way
+    decoder = KVDecoder(model, compile=True)
+    with pytest.warns(RuntimeWarning, match="decoding eagerly: the compiled step needed a new"):
+        compiled = measure_decode(decoder, prompt, new_tokens=12, repeats=1)
+    assert compiled.tokens == eager.tokens
+    assert decoder.compile_info["mode"] == "eager" and not decoder.static
