@@ -29,6 +29,7 @@ from mpsearch.backends._compiled import (
 )
 from mpsearch.backends._kernels import per_call_ranges
 from mpsearch.cost._timing import clock
+from mpsearch.layers._expert_linears import ExpertLinears
 
 MAX_COMPILED_TOKENS = 16
 """A compiled decoder runs passes over at most this many tokens through Inductor (decoding
@@ -197,7 +198,10 @@ class KVDecoder:
             reason = _cpp_compiler_missing() or _static_cache_missing(module)
             if reason is not None:
                 self._fall_back(reason)
-            dynamic = per_call_ranges(module)
+            banks = [n for n, m in module.named_modules() if isinstance(m, ExpertLinears)]
+            dynamic = [  # a bank's expert Linear layers take no static range: no advice for them
+                n for n in per_call_ranges(module) if not any(n.startswith(f"{b}.") for b in banks)
+            ]
             if dynamic and self.static:
                 warnings.warn(
                     f"{argument}: {len(dynamic)} int8 layer(s) measure their activation range "

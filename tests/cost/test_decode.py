@@ -163,6 +163,13 @@ def test_compiled_decoding_of_int8_layers_with_per_call_ranges_says_to_calibrate
         warnings.simplefilter("error")
         KVDecoder(calibrated, compile=True)
         KVDecoder(mps.quantize(model, "w8a8", backend="cpu"), compile=False)  # eager: per token
+    # a Mixture-of-Experts bank's expert Linear layers take no static range: no advice for them
+    from mpsearch.workloads import load_workload
+
+    moe = load_workload("hf_mixtral")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        KVDecoder(mps.quantize(moe.model, "w8a8", backend="cpu", calib=moe.calib), compile=True)
 
 
 def test_decoder_without_a_static_cache_falls_back_with_the_reason() -> None:
