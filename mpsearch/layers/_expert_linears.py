@@ -81,8 +81,9 @@ class ExpertLinears(nn.Module):
     routing's values, which needs a graph per routing); an activation range measured per call
     then spans every token, not only the routed ones (the same for one token; compiled models
     and decoders check their outputs against the eager ones). Compiled batch-1 decoding of the
-    zoo's Mixtral (A, 1 thread) then ran a w4a16 token in 0.37 ms against 1.57 ms eager (the
-    compiled fp32 model: 0.63 ms); a decoder keeps whichever runs faster.
+    zoo's Mixtral (A, 1 thread, ``benchmarks/bench_experts.py``) then ran a w4a16 token in
+    0.32 ms against 1.32 ms eager (the compiled fp32 model: 0.53 ms); a decoder keeps whichever
+    runs faster.
     ``bank`` is the bank's copy without its tensors, for its gate, activation and norm."""
 
     def __init__(
