@@ -14,6 +14,7 @@ from mpsearch._data import as_batches, run_model
 from mpsearch._validation import check_module, invalid, unknown
 from mpsearch.backends._registry import Backend, get_backend
 from mpsearch.layers import layer_weights, quantizable_layers, replace_layers, weight_shapes
+from mpsearch.layers._experts import is_expert_bank
 from mpsearch.layers._layers import NEVER_CALLED, watched
 from mpsearch.plan import PrecisionPlan
 from mpsearch.rounding import Rounder
@@ -62,8 +63,10 @@ def _with_plan_kernels(impl: Backend, plan: PrecisionPlan) -> Backend:
 
 def takes_act_range(layer: nn.Module) -> bool:
     """Whether ``layer``'s quantized form takes a static activation range: not an embedding
-    (token ids) nor an LSTM / GRU (the dynamic RNN kernel quantizes each step's state)."""
-    return not isinstance(layer, (nn.Embedding, nn.RNNBase))
+    (token ids), an LSTM / GRU (the dynamic RNN kernel quantizes each step's state) nor a
+    Mixture-of-Experts bank (each expert Linear layer measures the range of the tokens routed
+    to it on each call; one range of the bank's input would fit none of them)."""
+    return not isinstance(layer, (nn.Embedding, nn.RNNBase)) and not is_expert_bank(layer)
 
 
 def check_assignment(model: nn.Module, assignment: Mapping[str, str], backend: Backend) -> None:

@@ -307,3 +307,20 @@ def test_an_interface_bank_is_autotuned_over_its_expert_linears_int8_kernels() -
     torch.testing.assert_close(
         picked(x, index, weights), ref, rtol=0.05, atol=0.05 * ref.abs().max()
     )
+
+
+def test_a_bank_takes_no_static_activation_range_of_its_input() -> None:
+    """Each expert Linear layer measures the range of its own tokens on each call: one range of
+    the bank's input, observed from calibration data, would fit none of them (and was dropped)."""
+    from mpsearch.backends._quantize import collect_activation_ranges, takes_act_range
+
+    model = MoE(_hf_bank("mixtral")).eval()
+    assert not takes_act_range(model.experts) and takes_act_range(model.head)
+    calib = [torch.randn(16, H, generator=torch.Generator().manual_seed(4))]
+    ranges = collect_activation_ranges(model, calib, ["head"])
+    plan = PrecisionPlan({"experts": "w8a8", "head": "w8a8"}, default="fp32")
+    calibrated = quantize(model, plan, backend="cpu", calib=calib)
+    given = quantize(model, plan, backend="cpu", act_ranges=ranges)
+    x = torch.randn(8, H, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        assert torch.equal(calibrated(x), given(x))
