@@ -254,8 +254,8 @@ CPU_IMPLEMENTATIONS: Implementations = {
 """Alternatives to :data:`CPU_KERNELS`' defaults by (layer type, scheme), each with its own
 name, timed against the default by the autotuner. A bank of Hugging Face's expert interface
 takes each int8 Linear kernel for its experts' Linear layers: on the Xeon with AMX (2 threads),
-a Mixtral-size w8a8 bank decoding one token ran in 0.71 ms on fbgemm's and 1.21 ms on the
-default oneDNN's."""
+a Mixtral-size w8a8 bank decoding one token ran in 0.81 ms on fbgemm's and 1.41 ms on the
+default oneDNN's (``benchmarks/bench_experts.py``)."""
 
 
 _MISSING_BY_KIND: dict[type[nn.Module], str] = {
