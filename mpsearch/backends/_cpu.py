@@ -63,7 +63,7 @@ from mpsearch.backends._kernels import (
     conv_int8_check,
 )
 from mpsearch.backends._recurrent import INT8_RNN_SCHEMES, RNN_TYPES, CastRNN, Int8DynamicRNN
-from mpsearch.layers._expert_linears import ExpertLinears, follows_expert_interface
+from mpsearch.layers._expert_linears import ExpertLinears, ExpertRanges, follows_expert_interface
 from mpsearch.layers._experts import ExpertBank
 from mpsearch.layers._layers import TRANSPOSED_CONV_TYPES
 from mpsearch.schemes import Scheme
@@ -110,9 +110,9 @@ EMBEDDING_INT_SCHEMES = (
 _OWN = Kernel(_own_layer, "the user's layer as it is (fp32, no copy)", name="module")
 
 
-def _experts(layer: nn.Module, scheme: Scheme, *, act_range: tuple[float, float] | None = None):
+def _experts(layer: nn.Module, scheme: Scheme, *, act_range: ExpertRanges | None = None):
     if follows_expert_interface(layer):
-        return ExpertLinears(layer, scheme, CpuBackend().quantize_layer)
+        return ExpertLinears(layer, scheme, CpuBackend().quantize_layer, act_range=act_range)
     return QuantizedExperts(layer, scheme)
 
 
@@ -229,9 +229,9 @@ def _on_expert_linears(kernel: Kernel) -> Kernel:
     """``kernel`` (a Linear layer's) for each expert Linear layer of an interface bank."""
 
     def build(
-        layer: nn.Module, scheme: Scheme, *, act_range: tuple[float, float] | None = None
+        layer: nn.Module, scheme: Scheme, *, act_range: ExpertRanges | None = None
     ) -> nn.Module:
-        return ExpertLinears(layer, scheme, lambda linear, s: kernel.build(linear, s))
+        return ExpertLinears(layer, scheme, kernel.build, act_range=act_range)
 
     def check(layer: nn.Module, scheme: Scheme) -> str | None:
         if not follows_expert_interface(layer):
@@ -254,7 +254,7 @@ CPU_IMPLEMENTATIONS: Implementations = {
 """Alternatives to :data:`CPU_KERNELS`' defaults by (layer type, scheme), each with its own
 name, timed against the default by the autotuner. A bank of Hugging Face's expert interface
 takes each int8 Linear kernel for its experts' Linear layers: on the Xeon with AMX (2 threads),
-a Mixtral-size w8a8 bank decoding one token ran in 0.81 ms on fbgemm's and 1.41 ms on the
+a Mixtral-size w8a8 bank decoding one token ran 1.5-1.7x faster on fbgemm's than on the
 default oneDNN's (``benchmarks/bench_experts.py``)."""
 
 

@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from mpsearch._data import as_batches, run_model
 from mpsearch._validation import check_module, invalid, unknown
 from mpsearch.backends._registry import Backend, get_backend
 from mpsearch.layers import layer_weights, quantizable_layers, replace_layers, weight_shapes
+from mpsearch.layers._expert_linears import follows_expert_interface, recording
 from mpsearch.layers._experts import is_expert_bank
-from mpsearch.layers._layers import NEVER_CALLED, watched
+from mpsearch.layers._layers import NEVER_CALLED, swapped, watched
 from mpsearch.plan import PrecisionPlan
 from mpsearch.rounding import Rounder
 from mpsearch.rounding._rounder import rounded_layers
@@ -64,9 +65,21 @@ def _with_plan_kernels(impl: Backend, plan: PrecisionPlan) -> Backend:
 def takes_act_range(layer: nn.Module) -> bool:
     """Whether ``layer``'s quantized form takes a static activation range: not an embedding
     (token ids), an LSTM / GRU (the dynamic RNN kernel quantizes each step's state) nor a
-    Mixture-of-Experts bank (each expert Linear layer measures the range of the tokens routed
-    to it on each call; one range of the bank's input would fit none of them)."""
-    return not isinstance(layer, (nn.Embedding, nn.RNNBase)) and not is_expert_bank(layer)
+    Mixture-of-Experts bank outside Hugging Face's expert interface (weight-only). An interface
+    bank takes one per expert Linear layer, observed on the tokens routed to that expert."""
+    if is_expert_bank(layer):
+        return follows_expert_interface(layer)
+    return not isinstance(layer, (nn.Embedding, nn.RNNBase))
+
+
+def _bank_ranges(
+    ranges: Mapping[str, tuple[float, float]], name: str
+) -> dict[str, tuple[float, float]] | None:
+    """The static ranges of bank ``name``'s expert Linear layers (``{"up.0": (lo, hi)...}``),
+    from ranges keyed by those layers' names in the quantized model (``<name>.up.0``)."""
+    prefix = f"{name}."
+    found = {k[len(prefix) :]: v for k, v in ranges.items() if k.startswith(prefix)}
+    return found or None
 
 
 def check_assignment(model: nn.Module, assignment: Mapping[str, str], backend: Backend) -> None:
@@ -100,21 +113,42 @@ def collect_activation_ranges(
     *,
     observer: str | Observer = "minmax",
 ) -> dict[str, tuple[float, float]]:
-    """Run ``calib`` through ``model`` (full precision) and observe each layer's input range."""
+    """Run ``calib`` through ``model`` (full precision) and observe each layer's input range; a
+    Mixture-of-Experts bank's: each of its expert Linear layers' (``<bank>.up.<e>``,
+    ``<bank>.down.<e>``, their names in the quantized model), on the tokens routed to it (an
+    expert no token reached has none, and measures its range on each call)."""
     batches = as_batches(calib, argument="calib")
     known = quantizable_layers(model)
     observers = {name: make_observer(observer) for name in layers}
     for name in observers:
         if name not in known:
             raise unknown("layers", name, list(known))
-    if isinstance(observer, Observer) and len(observers) > 1:
+    banks = {n: known[n] for n in observers if is_expert_bank(known[n])}
+    if isinstance(observer, Observer) and (len(observers) > 1 or banks):
         raise invalid(
-            "observer", observer, "an observer name or factory when several layers are observed"
+            "observer",
+            observer,
+            "an observer name or factory when several layers are observed (a Mixture-of-Experts "
+            "bank: one range per expert Linear layer)",
         )
-    with torch.inference_mode(), watched(model, {n: observers[n].update for n in observers}):
+    experts: dict[str, Observer] = {}  # "<bank>.up.<e>": the tokens routed to expert e
+
+    def record(bank: str) -> Callable[[str, Tensor], None]:
+        def update(part: str, x: Tensor) -> None:
+            key = f"{bank}.{part}"
+            if key not in experts:
+                experts[key] = make_observer(observer)
+            experts[key].update(x)
+
+        return update
+
+    recorders = {n: recording(m, record(n)) for n, m in banks.items()}
+    watch = {n: obs.update for n, obs in observers.items() if n not in banks}
+    with torch.inference_mode(), watched(model, watch), swapped(model, recorders):
         for batch in batches:
             run_model(model, batch)
-    return {name: obs.range() for name, obs in observers.items()}
+    ranges = {n: obs.range() for n, obs in observers.items() if n not in banks}
+    return {**ranges, **{key: obs.range() for key, obs in sorted(experts.items())}}
 
 
 def quantize(
@@ -201,7 +235,13 @@ def quantize(
         if static:
             ranges = collect_activation_ranges(target, calib, static, observer=observer)
     replacements = {
-        name: impl.quantize_layer(layers[name], get_scheme(scheme), act_range=ranges.get(name))
+        name: impl.quantize_layer(
+            layers[name],
+            get_scheme(scheme),
+            act_range=_bank_ranges(ranges, name)
+            if is_expert_bank(layers[name])
+            else ranges.get(name),
+        )
         for name, scheme in to_change.items()
     }
     replace_layers(target, replacements)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from torch import Tensor, nn
 
@@ -10,7 +12,7 @@ from mpsearch.backends._experts import SimulatedExperts
 from mpsearch.backends._recurrent import RNN_TYPES, SimulatedRNN
 from mpsearch.backends._registry import Backend
 from mpsearch.layers import layer_forward
-from mpsearch.layers._expert_linears import ExpertLinears, follows_expert_interface
+from mpsearch.layers._expert_linears import ExpertLinears, ExpertRanges, follows_expert_interface
 from mpsearch.layers._experts import is_expert_bank
 from mpsearch.layers._layers import from_rows, standard_form, weight_rows
 from mpsearch.schemes import Scheme, fake_quantize
@@ -87,12 +89,20 @@ class SimulateBackend(Backend):
     real = False
 
     def quantize_layer(
-        self, layer: nn.Module, scheme: Scheme, *, act_range: tuple[float, float] | None = None
+        self,
+        layer: nn.Module,
+        scheme: Scheme,
+        *,
+        act_range: tuple[float, float] | ExpertRanges | None = None,
     ) -> nn.Module:
+        """``layer`` in ``scheme``; ``act_range``: a static activation range (a bank of the
+        expert interface: its expert Linear layers' :data:`ExpertRanges`)."""
         if is_expert_bank(layer):
             if follows_expert_interface(layer):
-                return ExpertLinears(layer, scheme, self.quantize_layer)
+                assert not isinstance(act_range, tuple)
+                return ExpertLinears(layer, scheme, self.quantize_layer, act_range=act_range)
             return SimulatedExperts(layer, scheme)
+        assert not isinstance(act_range, Mapping)
         for types, kind in SIMULATED_KINDS:
             if isinstance(layer, types):
                 return kind(layer, scheme)

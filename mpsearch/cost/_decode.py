@@ -199,7 +199,7 @@ class KVDecoder:
             if reason is not None:
                 self._fall_back(reason)
             banks = [n for n, m in module.named_modules() if isinstance(m, ExpertLinears)]
-            dynamic = [  # a bank's expert Linear layers take no static range: no advice for them
+            dynamic = [  # an expert no calibration token reached keeps one: no advice for it
                 n for n in per_call_ranges(module) if not any(n.startswith(f"{b}.") for b in banks)
             ]
             if dynamic and self.static:

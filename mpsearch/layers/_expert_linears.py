@@ -5,16 +5,19 @@ its Linear kernels, and where calibrated rounding reads each expert's inputs."""
 from __future__ import annotations
 
 import copy
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from mpsearch.layers._experts import expert_weights
 from mpsearch.layers._layers import stand_in_tensor
+from mpsearch.schemes import Scheme, get_scheme
 
-if TYPE_CHECKING:
-    from mpsearch.schemes import Scheme
+ExpertRanges = Mapping[str, tuple[float, float]]
+"""Static activation ranges of a bank's expert Linear layers by their names in
+:class:`ExpertLinears` (``"up.0"``, ``"down.3"``)."""
 
 EXPERT_INTERFACE = ("has_gate", "has_bias", "is_transposed", "num_experts")
 """The attributes of Hugging Face's generic expert interface (``use_experts_implementation``),
@@ -81,24 +84,38 @@ class ExpertLinears(nn.Module):
     routing's values, which needs a graph per routing); an activation range measured per call
     then spans every token, not only the routed ones (the same for one token; compiled models
     and decoders check their outputs against the eager ones). Compiled batch-1 decoding of the
-    zoo's Mixtral (A, 1 thread, ``benchmarks/bench_experts.py``) then ran a w4a16 token in
-    0.32 ms against 1.32 ms eager (the compiled fp32 model: 0.53 ms); a decoder keeps whichever
-    runs faster.
+    zoo's Mixtral (A, 1 thread, ``benchmarks/bench_experts.py``) then ran a w4a16 token about
+    4x faster than eager and 1.7x faster than the compiled fp32 model; a decoder keeps
+    whichever runs faster.
+    ``act_range``: static activation ranges of expert Linear layers by their names here
+    (``"up.0"``, ``"down.3"``: :func:`recording`); the others measure theirs on each call.
     ``bank`` is the bank's copy without its tensors, for its gate, activation and norm."""
 
     def __init__(
-        self, layer: nn.Module, scheme: Scheme, build: Any, *, act_range: Any = None
+        self,
+        layer: nn.Module,
+        scheme: Scheme,
+        build: Any,
+        *,
+        act_range: ExpertRanges | None = None,
     ) -> None:
         super().__init__()
         self.scheme_name = scheme.name
         self.layer_type = type(layer).__name__
         self.bank = bank_copy(layer, biases=False)
+        ranges = act_range or {}
+
+        def built(name: str, weight: str, e: int) -> nn.Module:
+            linear = expert_linear(layer, weight, e)
+            found = ranges.get(f"{name}.{e}")  # a static range observed for this expert
+            return (
+                build(linear, scheme) if found is None else build(linear, scheme, act_range=found)
+            )
+
         up = "gate_up_proj" if layer.has_gate else "up_proj"
         experts = range(int(layer.num_experts))
-        self.up = nn.ModuleList(build(expert_linear(layer, up, e), scheme) for e in experts)
-        self.down = nn.ModuleList(
-            build(expert_linear(layer, "down_proj", e), scheme) for e in experts
-        )
+        self.up = nn.ModuleList(built("up", up, e) for e in experts)
+        self.down = nn.ModuleList(built("down", "down_proj", e) for e in experts)
 
     def _expert(self, e: int, x: Tensor) -> Tensor:
         bank = self.bank
@@ -131,3 +148,16 @@ class ExpertLinears(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.layer_type}, scheme={self.scheme_name!r}, {len(self.up)} experts"
+
+
+def recording(bank: nn.Module, record: Callable[[str, Tensor], None]) -> ExpertLinears:
+    """``bank`` run as its float32 expert Linear layers (the interface's routing), each passing
+    its input to ``record(name, x)`` first (``name``: ``"up.<e>"`` or ``"down.<e>"``, as in
+    :class:`ExpertLinears`): what each expert's tokens give each projection, for statistics
+    and activation ranges."""
+    linears = ExpertLinears(bank, get_scheme("fp32"), lambda linear, _: linear)
+    for part in ("up", "down"):
+        for e, linear in enumerate(getattr(linears, part)):
+            name = f"{part}.{e}"
+            linear.register_forward_pre_hook(lambda _m, args, name=name: record(name, args[0]))
+    return linears

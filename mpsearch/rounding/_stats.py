@@ -12,10 +12,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mpsearch._data import run_model
-from mpsearch.layers._expert_linears import ExpertLinears, follows_expert_interface
+from mpsearch.layers._expert_linears import follows_expert_interface, recording
 from mpsearch.layers._experts import is_expert_bank
 from mpsearch.layers._layers import standard_form, swapped, watched
-from mpsearch.schemes import get_scheme
 
 ROUNDABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d)
 """Layers (in their standard form) whose weights calibrated rounding takes: one weight applied
@@ -122,18 +121,20 @@ class _Accumulator:
 
 class _BankAccumulator:
     """Each expert's inputs to each projection of an interface bank, read from the bank run as
-    its expert Linear layers (the interface's own routing, float32: ``linears``)."""
+    its expert Linear layers (:func:`recording`: the interface's own routing, float32)."""
 
     def __init__(self, bank: nn.Module) -> None:
-        self.linears = ExpertLinears(bank, get_scheme("fp32"), lambda linear, _: linear)
+        self.accumulators: dict[str, _Accumulator] = {}
+        self.linears = recording(bank, self._record)
         up = "gate_up_proj" if bank.has_gate else "up_proj"
-        self.parts: dict[str, list[_Accumulator]] = {}
-        for weight, experts in ((up, self.linears.up), ("down_proj", self.linears.down)):
-            self.parts[weight] = []
-            for linear in experts:
-                acc = _Accumulator(linear)
-                linear.register_forward_pre_hook(lambda _m, args, acc=acc: acc(args[0]))
-                self.parts[weight].append(acc)
+        self.parts = {
+            weight: [self.accumulators.setdefault(f"{part}.{e}", _Accumulator(linear))
+                     for e, linear in enumerate(getattr(self.linears, part))]
+            for weight, part in ((up, "up"), ("down_proj", "down"))
+        }  # fmt: skip
+
+    def _record(self, name: str, x: Tensor) -> None:
+        self.accumulators[name](x)
 
     def result(self, name: str) -> BankStats:
         out = {}

@@ -309,18 +309,39 @@ def test_an_interface_bank_is_autotuned_over_its_expert_linears_int8_kernels() -
     )
 
 
-def test_a_bank_takes_no_static_activation_range_of_its_input() -> None:
-    """Each expert Linear layer measures the range of its own tokens on each call: one range of
-    the bank's input, observed from calibration data, would fit none of them (and was dropped)."""
+def test_a_bank_takes_a_static_activation_range_per_expert_linear_from_its_tokens() -> None:
+    """Calibration observes each expert Linear layer's input on the tokens routed to it (named
+    as in the quantized model); an expert no token reaches keeps a range measured per call."""
+    from mpsearch.backends._kernels import per_call_ranges
     from mpsearch.backends._quantize import collect_activation_ranges, takes_act_range
 
     model = MoE(_hf_bank("mixtral")).eval()
-    assert not takes_act_range(model.experts) and takes_act_range(model.head)
-    calib = [torch.randn(16, H, generator=torch.Generator().manual_seed(4))]
-    ranges = collect_activation_ranges(model, calib, ["head"])
+    assert takes_act_range(model.experts) and not takes_act_range(MoE(Experts()).experts)
+    g = torch.Generator().manual_seed(4)
+    calib = [torch.randn(1, H, generator=g)]  # 1 token, top-2: 2 of the 4 experts idle
+    ranges = collect_activation_ranges(model, calib, ["experts", "head"])
+    with torch.no_grad():  # by hand: each expert's tokens through the router and the bank
+        x = calib[0]
+        index = torch.softmax(model.router(x), -1).topk(2, dim=-1).indices
+        bank = model.experts
+        expected = {}
+        for e in index.unique().tolist():
+            xe = x[(index == e).any(-1)]
+            gate, up = nn.functional.linear(xe, bank.gate_up_proj[e]).chunk(2, dim=-1)
+            he = bank.act_fn(gate) * up
+            expected[f"experts.up.{e}"] = (float(xe.min()), float(xe.max()))
+            expected[f"experts.down.{e}"] = (float(he.min()), float(he.max()))
+    assert set(ranges) == {"head", *expected} and len(expected) < 2 * E
+    for key, (lo, hi) in expected.items():
+        assert ranges[key] == pytest.approx((min(lo, 0.0), max(hi, 0.0)), rel=1e-5, abs=1e-6)
     plan = PrecisionPlan({"experts": "w8a8", "head": "w8a8"}, default="fp32")
     calibrated = quantize(model, plan, backend="cpu", calib=calib)
+    dynamic = per_call_ranges(calibrated)
+    idle = {f"experts.{p}.{e}" for p in ("up", "down") for e in range(E)} - set(expected)
+    assert set(dynamic) == idle  # the routed experts' ranges are static
     given = quantize(model, plan, backend="cpu", act_ranges=ranges)
-    x = torch.randn(8, H, generator=torch.Generator().manual_seed(5))
+    simulated = quantize(model, plan, backend="simulate", act_ranges=ranges)
     with torch.no_grad():
         assert torch.equal(calibrated(x), given(x))
+        ref = model(x)
+        torch.testing.assert_close(given(x), simulated(x), rtol=0.05, atol=0.05 * ref.abs().max())

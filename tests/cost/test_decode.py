@@ -163,7 +163,8 @@ def test_compiled_decoding_of_int8_layers_with_per_call_ranges_says_to_calibrate
         warnings.simplefilter("error")
         KVDecoder(calibrated, compile=True)
         KVDecoder(mps.quantize(model, "w8a8", backend="cpu"), compile=False)  # eager: per token
-    # a Mixture-of-Experts bank's expert Linear layers take no static range: no advice for them
+    # an expert of a Mixture-of-Experts bank that no calibration token reached keeps its
+    # per-call range whatever the user does: no advice for it
     from mpsearch.workloads import load_workload
 
     moe = load_workload("hf_mixtral")
