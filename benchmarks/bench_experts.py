@@ -14,8 +14,7 @@ the cost model's autotuner chooses among) has a row for each.
 Then batch-1 greedy decoding of the zoo's Mixtral (``hf_mixtral``: two layers, four experts
 each; quantized with calibration data) per scheme, eager and compiled by Inductor on a static
 KV cache (``measure_decode``; under ``torch.compile`` a bank runs every expert on every token
-in one graph), 1 thread: ms per token and the ratio to fp32 decoding the same way, the tokens
-checked equal to the eager fp32 model's where the scheme is fp32.
+in one graph), 1 thread: ms per token and the ratio to fp32 decoding the same way.
 """
 
 from __future__ import annotations

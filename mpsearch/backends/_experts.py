@@ -4,8 +4,8 @@ backends.
 A bank of Hugging Face's generic expert interface runs as its experts' Linear layers, each on
 the backend's Linear kernel for the scheme, routed as the interface's eager forward
 (:class:`~mpsearch.layers._expert_linears.ExpertLinears`): on ``cpu`` the packed int8 / int4
-weight-only GEMMs and oneDNN int8 of any Linear layer (measured on a Mixtral-size bank at one
-token: 0.84 ms in w4a16 vs 2.49 ms fp32, ``benchmarks/bench_experts.py``).
+weight-only GEMMs and oneDNN / fbgemm int8 of any Linear layer (a Mixtral-size bank decoding
+one token in w4a16: 2.3-3.0x the fp32 bank's speed, ``benchmarks/bench_experts.py``).
 
 Any other bank runs its own forward, the family's routing code, with its expert weights
 substituted (``torch.func.functional_call``): the fake-quantized weights in ``simulate``

@@ -72,11 +72,13 @@ def takes_act_range(layer: nn.Module) -> bool:
     return not isinstance(layer, (nn.Embedding, nn.RNNBase))
 
 
-def _bank_ranges(
-    ranges: Mapping[str, tuple[float, float]], name: str
-) -> dict[str, tuple[float, float]] | None:
-    """The static ranges of bank ``name``'s expert Linear layers (``{"up.0": (lo, hi)...}``),
-    from ranges keyed by those layers' names in the quantized model (``<name>.up.0``)."""
+def _range_of(
+    ranges: Mapping[str, tuple[float, float]], name: str, layer: nn.Module
+) -> tuple[float, float] | dict[str, tuple[float, float]] | None:
+    """Layer ``name``'s static activation range; a bank's: its expert Linear layers' (``{"up.0":
+    (lo, hi)...}``), from ranges keyed by their names in the quantized model (``<name>.up.0``)."""
+    if not is_expert_bank(layer):
+        return ranges.get(name)
     prefix = f"{name}."
     found = {k[len(prefix) :]: v for k, v in ranges.items() if k.startswith(prefix)}
     return found or None
@@ -204,6 +206,10 @@ def quantize(
             None,
             f"calibration batches: the {impl.name!r} backend calibrates the whole model",
         )
+    if calib is not None and act_ranges is not None:
+        raise invalid(
+            "act_ranges", dict(act_ranges), "None when calib batches are given (one or the other)"
+        )
     if calib is not None:
         calib = as_batches(calib, argument="calib")  # read once: an iterator is used again below
         changed = [n for n, s in assignment.items() if s != "fp32"]
@@ -218,29 +224,14 @@ def quantize(
     if rounder is not None:
         rounder.apply(target, choices, inplace=True)
     to_change = {n: s for n, s in assignment.items() if s != "fp32" or impl.real}
-    if calib is not None and act_ranges is not None:
-        raise invalid(
-            "act_ranges", dict(act_ranges), "None when calib batches are given (one or the other)"
-        )
     layers = quantizable_layers(target)
-    ranges: dict[str, tuple[float, float]] = {
-        name: (float(lo), float(hi)) for name, (lo, hi) in (act_ranges or {}).items()
-    }
     if calib is not None and not impl.needs_calib:
-        static = [
-            n
-            for n, s in to_change.items()
-            if get_scheme(s).quantizes_activations and takes_act_range(layers[n])
-        ]
-        if static:
-            ranges = collect_activation_ranges(target, calib, static, observer=observer)
+        ranges = _observed_ranges(target, layers, to_change, calib, observer)
+    else:
+        ranges = {name: (float(lo), float(hi)) for name, (lo, hi) in (act_ranges or {}).items()}
     replacements = {
         name: impl.quantize_layer(
-            layers[name],
-            get_scheme(scheme),
-            act_range=_bank_ranges(ranges, name)
-            if is_expert_bank(layers[name])
-            else ranges.get(name),
+            layers[name], get_scheme(scheme), act_range=_range_of(ranges, name, layers[name])
         )
         for name, scheme in to_change.items()
     }
@@ -252,6 +243,23 @@ def quantize(
     result.mpsearch_assignment = dict(assignment)
     result.mpsearch_backend = impl.name
     return result
+
+
+def _observed_ranges(
+    model: nn.Module,
+    layers: Mapping[str, nn.Module],
+    to_change: Mapping[str, str],
+    calib: list[Any],
+    observer: str | Observer,
+) -> dict[str, tuple[float, float]]:
+    """Static activation ranges observed on ``calib`` for the layers of ``to_change`` whose
+    scheme quantizes activations and whose quantized form takes a range."""
+    static = [
+        n
+        for n, s in to_change.items()
+        if get_scheme(s).quantizes_activations and takes_act_range(layers[n])
+    ]
+    return collect_activation_ranges(model, calib, static, observer=observer) if static else {}
 
 
 def _never_called(model: nn.Module, calib: list[Any], names: Iterable[str]) -> list[str]:
