@@ -321,10 +321,20 @@ def _onednn_overload(op: OpOverloadPacket, scale: Tensor | float) -> OpOverload:
     return op.tensor if isinstance(scale, Tensor) else op.default
 
 
-_W_ZERO = torch.zeros((), dtype=torch.long)
-"""The weight zero point the oneDNN int8 kernels take: weights are symmetric, and one 0-d zero
-stands for every channel (oneDNN and Inductor read it so). Not held by each layer: a
-per-channel int64 vector held 8 bytes a channel, twice the scales."""
+_W_ZERO = torch.zeros((), dtype=torch.int32)
+"""The one weight zero point of every oneDNN int8 layer: weights are symmetric, and each layer
+holds a per-channel view of this 0-d zero (:func:`_set_zero_point`), so no layer holds bytes
+for it (a per-channel int64 vector held 8 bytes a channel, twice the scales)."""
+
+
+def _set_zero_point(module: nn.Module, channels: int) -> None:
+    """The weight zero points the oneDNN int8 kernels take, ``module.w_zp``: :data:`_W_ZERO`
+    broadcast to ``channels``, a plain attribute (a constant, like the packed weight; not in
+    the state dict). Per layer and 1-D: Inductor's int8 GEMM templates (``max-autotune``)
+    take only a constant buffer for it; the module-level tensor itself (a graph input to
+    Dynamo) or a 0-d one (inlined as a number) left every int8 Linear on oneDNN's kernel,
+    batch-1 Llama decoding at 2.4x the time."""
+    module.w_zp = _W_ZERO.expand(channels)
 
 
 class _PackedInt8(RealLayer):
@@ -401,6 +411,7 @@ class Int8Linear(_PackedInt8):
 
     def __init__(self, layer: nn.Linear, scheme: Scheme, *, act_range: ActRange = None) -> None:
         super().__init__()
+        _set_zero_point(self, layer.out_features)
         _init_int8_linear(self, layer, scheme, act_range)
 
     def _pack(self, codes: Tensor) -> Tensor:
@@ -419,7 +430,7 @@ class Int8Linear(_PackedInt8):
         """The kernel on uint8 activation codes ``q`` (``[M, in_features]``) of per-tensor
         ``scale`` and ``zero`` point (numbers or 0-d tensors): float32 ``[M, out_features]``."""
         return _onednn_overload(torch.ops.onednn.qlinear_pointwise, scale)(
-            q, scale, zero, self._packed, self.w_scale, _W_ZERO, self.bias,
+            q, scale, zero, self._packed, self.w_scale, self.w_zp, self.bias,
             1.0, 0, torch.float32, "none", [], "",
         )  # fmt: skip
 
@@ -530,6 +541,7 @@ class Int8Conv(_PackedInt8):
         self.register_buffer("w_scale", scale.float().contiguous())
         bias = layer.bias
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
+        _set_zero_point(self, layer.out_channels)
         self._packed = self._pack(codes)
         self.act = _ActQuant(scheme, act_range)
 
@@ -549,7 +561,7 @@ class Int8Conv(_PackedInt8):
         q, scale, zero = self.act(x)
         q = q.contiguous(memory_format=torch.channels_last)
         y = _onednn_overload(torch.ops.onednn.qconv_pointwise, scale)(
-            q, scale, zero, self._packed, self.w_scale, _W_ZERO, self.bias,
+            q, scale, zero, self._packed, self.w_scale, self.w_zp, self.bias,
             *self.geometry_2d, self.groups,
             1.0, 0, torch.float32, "none", [], "",
         )  # fmt: skip

@@ -13,7 +13,7 @@ from torch import nn
 
 import mpsearch as mps
 from mpsearch.backends import get_backend, storage_bytes
-from mpsearch.backends._compiled import CompiledModel, CpuInductorBackend
+from mpsearch.backends._compiled import CompiledModel, CpuInductorBackend, _compile_settings
 from mpsearch.backends._conv import Im2colInt8Conv
 from mpsearch.backends._kernels import Int8Conv, Int8Linear
 from mpsearch.cost import held_bytes
@@ -98,6 +98,29 @@ def test_int8_layers_trace_into_one_graph(
         with torch.no_grad():
             explained = torch._dynamo.explain(model)(tiny_input)
         assert explained.graph_count == 1 and explained.graph_break_count == 0, type(model)
+
+
+def test_w8a8_linear_takes_inductors_int8_gemm_template_under_max_autotune() -> None:
+    """Inductor's int8 GEMM template takes only a frozen constant weight zero point: one
+    module-level 0-d zero (a graph input to Dynamo) left every int8 Linear on oneDNN's kernel,
+    batch-1 Llama decoding at 2.4x the time. With the template the only GEMM backend, no
+    oneDNN call is left at run time."""
+    net = _mlp()
+    x = torch.randn(1, 64)
+    eager = mps.quantize(net, "w8a8", backend="cpu", calib=[torch.randn(16, 64)])
+    torch._dynamo.reset()
+    with (
+        _compile_settings(autotune=True),
+        inductor_config.patch(max_autotune_gemm_backends="CPP"),
+        torch.no_grad(),
+    ):
+        compiled = torch.compile(eager)
+        compiled(x)
+        with torch.profiler.profile() as prof:
+            got = compiled(x)
+        want = eager(x)
+    assert not [e.key for e in prof.key_averages() if "qlinear" in e.key]
+    assert _relative_error(got, want) < MAX_RELATIVE_ERROR["w8a8"] * 10
 
 
 def test_no_cpp_compiler_falls_back_to_eager_with_the_reason() -> None:
