@@ -12,9 +12,11 @@ several implementations (``w8a8``: the expert Linear layers on each int8 Linear 
 the cost model's autotuner chooses among) has a row for each.
 
 Then batch-1 greedy decoding of the zoo's Mixtral (``hf_mixtral``: two layers, four experts
-each; quantized with calibration data) per scheme, eager and compiled by Inductor on a static
-KV cache (``measure_decode``; under ``torch.compile`` a bank runs every expert on every token
-in one graph), 1 thread: ms per token and the ratio to fp32 decoding the same way.
+each; quantized with calibration data) per scheme, eager, compiled by Inductor on a static
+KV cache and compiled with each matrix product's kernel chosen by measurement
+(``max-autotune``: Inductor's C++ GEMM templates vs ATen; ``measure_decode``; under
+``torch.compile`` a bank runs every expert on every token in one graph), 1 thread: ms per
+token and the ratio to fp32 decoding the same way.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from _tables import md_table, write_result  # benchmarks/: the script's folder
 import mpsearch as mps
 from mpsearch.backends import get_backend, storage_bytes
 from mpsearch.cost import cpu_model, measure_decode, median_ms
+from mpsearch.cost._decode import COMPILE_CHOICES, compile_label
 from mpsearch.schemes import get_scheme
 from mpsearch.workloads import load_workload
 
@@ -63,14 +66,15 @@ DECODE_SCHEMES = ["fp32", "w8a8", "w4a16"]
 
 
 def decode_rows(new_tokens: int = 24, repeats: int = 3) -> list[dict[str, object]]:
-    """ms per decoded token of the zoo's Mixtral per scheme, eager and compiled (1 thread)."""
+    """ms per decoded token of the zoo's Mixtral per scheme, eager, compiled and compiled
+    max-autotune (1 thread)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     wl = load_workload("hf_mixtral")
     prompt = wl.calib[0]["input_ids"][:1, :16]
     rows: list[dict[str, object]] = []
     try:
-        for compiled in (False, True):
+        for compiled in COMPILE_CHOICES:
             base = None
             for s in DECODE_SCHEMES:
                 model = (
@@ -84,7 +88,7 @@ def decode_rows(new_tokens: int = 24, repeats: int = 3) -> list[dict[str, object
                 base = base or t.decode_ms
                 rows.append(
                     {
-                        "decoding": "compiled" if compiled else "eager",
+                        "decoding": compile_label(compiled),
                         "scheme": s,
                         "ms_per_token": t.decode_ms,
                         "x_fp32": base / t.decode_ms,
@@ -150,7 +154,10 @@ def main() -> None:
         "## Batch-1 decoding of the zoo's Mixtral (1 thread)\n\n"
         "`measure_decode` after a 16-token prompt, 24 new tokens, medians of 3 repeats; "
         "`compiled`: Inductor on a static KV cache (`how`: what the decoder kept after racing "
-        "the compiled step against the eager one); `x_fp32`: fp32 decoding the same way over the "
+        "the compiled step against the eager one), `max-autotune` with each matrix product's "
+        "kernel chosen by measurement (with its int8 GEMM template, no oneDNN call: oneDNN's "
+        "int8 Linear kernel costs about 33 us a call at one token whatever its size on the Xeon "
+        "with AMX); `x_fp32`: fp32 decoding the same way over the "
         "scheme's time.\n\n" + decode + "\n"
     )
     write_result(args.out, text)

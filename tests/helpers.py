@@ -14,6 +14,22 @@ def sqnr_db(ref: torch.Tensor, out: torch.Tensor) -> float:
     return float(10 * torch.log10(ref.float().pow(2).mean() / noise))
 
 
+def conv_net(classes: int = 10) -> nn.Module:
+    """A small conv net (seed 0, eval mode) for 8x8 RGB inputs: conv, BatchNorm, ReLU, conv,
+    then two Linear layers; layers ``0``, ``3``, ``5`` and ``7`` are quantizable."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.Conv2d(16, 16, 3),
+        nn.Flatten(),
+        nn.Linear(16 * 6 * 6, 64),
+        nn.ReLU(),
+        nn.Linear(64, classes),
+    ).eval()
+
+
 class ReadsWeights(nn.Module):
     """Model code that reads layers besides calling them: a dtype check before ``proj`` (as
     Hugging Face ViT and T5 do), ``head``'s weight shape and settings (as CLIP's

@@ -4,6 +4,7 @@ import io
 
 import pytest
 import torch
+from helpers import conv_net
 from torch import nn
 
 import mpsearch as mps
@@ -170,17 +171,7 @@ def test_flag_net_uniform_w4a8_runs_per_channel_on_cpu() -> None:
 
 
 def _net() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(3, 16, 3, padding=1),
-        nn.BatchNorm2d(16),
-        nn.ReLU(),
-        nn.Conv2d(16, 16, 3),
-        nn.Flatten(),
-        nn.Linear(16 * 6 * 6, 64),
-        nn.ReLU(),
-        nn.Linear(64, 10),
-    ).eval()
+    return conv_net(10)
 
 
 PLAN = mps.PrecisionPlan({"0": "w8a8", "3": "bf16", "5": "w4a16", "7": "w8a16"})

@@ -5,7 +5,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import ReadsWeights
+from helpers import ReadsWeights, conv_net
 from torch import nn
 
 import mpsearch as mps
@@ -20,17 +20,7 @@ SCHEMES = ["bf16", "w8a8", "w4a16", "fp8"]
 
 
 def _net() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(3, 16, 3, padding=1),
-        nn.BatchNorm2d(16),
-        nn.ReLU(),
-        nn.Conv2d(16, 16, 3),
-        nn.Flatten(),
-        nn.Linear(16 * 6 * 6, 64),
-        nn.ReLU(),
-        nn.Linear(64, 32),
-    ).eval()
+    return conv_net(32)
 
 
 X = torch.randn(4, 3, 8, 8)
