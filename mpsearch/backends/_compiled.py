@@ -17,6 +17,7 @@ is not faster than the eager one on the first input (:data:`RACE_CALLS` calls ea
 
 from __future__ import annotations
 
+import copy
 import statistics
 import time
 import warnings
@@ -31,6 +32,7 @@ from torch.utils._pytree import tree_leaves
 
 from mpsearch._data import output_tensor
 from mpsearch.backends._cpu import CpuBackend
+from mpsearch.backends._kernels import FbgemmInt8Linear, onednn_twin, onednn_u8s8_saturates
 
 CHECK_RTOL = 1e-2
 """Largest relative L2 difference between the compiled and the eager output of the check run
@@ -62,6 +64,62 @@ def _compile_settings(*, autotune: bool = False) -> Iterator[None]:
     with inductor_config.patch(settings), warnings.catch_warnings():
         warnings.filterwarnings("ignore", "To copy construct from a tensor", UserWarning)
         yield
+
+
+Swaps = list[tuple[nn.Module, str, nn.Module]]
+"""Layers replaced in a model: (parent, attribute name, the layer it held before)."""
+
+
+def lowerable_int8(model: nn.Module) -> Swaps:
+    """Replace, in place, each fbgemm int8 Linear layer of ``model`` by its oneDNN twin
+    (:func:`onednn_twin`: same codes, scales and bytes), which Inductor lowers, where oneDNN's
+    u8 x s8 products do not saturate; the swaps made, for :func:`undo_swaps`. The cost model's
+    autotuner picks kernels eagerly: on the Xeon with AMX (1 thread) fbgemm decoded a w8a8
+    stdlib_lm token in 3.9 ms eagerly against oneDNN's 6.1 ms, but compiled it broke the graph
+    at each layer (10.7 ms, eager kept), while oneDNN's compiled max-autotune took 1.2 ms."""
+    if onednn_u8s8_saturates():
+        return []
+    swaps: Swaps = []
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is FbgemmInt8Linear:
+                setattr(parent, name, onednn_twin(child))
+                swaps.append((parent, name, child))
+    return swaps
+
+
+def tree_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model``'s module tree: every module that has submodules copied shallowly
+    (its own table of submodules), the leaves and every parameter, buffer and other attribute
+    shared. Swapping a layer in the copy leaves ``model`` as it was, at the cost of the module
+    objects alone (a leaf is not copied: copying a packed int8 layer repacks its weight)."""
+    copies: dict[int, nn.Module] = {}
+
+    def copied(module: nn.Module) -> nn.Module:
+        if not module._modules:
+            return module
+        if id(module) not in copies:
+            twin = copy.copy(module)
+            copies[id(module)] = twin
+            twin._modules = {
+                k: None if v is None else copied(v) for k, v in module._modules.items()
+            }
+        return copies[id(module)]
+
+    return copied(model)
+
+
+def undo_swaps(swaps: Swaps) -> None:
+    """Put back the layers :func:`lowerable_int8` replaced."""
+    for parent, name, original in swaps:
+        setattr(parent, name, original)
+
+
+def swapped_note(swaps: Swaps) -> str:
+    """What the compiled model says of the swaps (empty when none)."""
+    if not swaps:
+        return ""
+    return f"; {len(swaps)} fbgemm int8 Linear layer(s) on oneDNN's kernel, which Inductor lowers"
 
 
 def _signature(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> tuple[Any, ...]:
@@ -176,6 +234,7 @@ class CompiledModel(nn.Module):
         self._parameters = eager._parameters
         self._buffers = eager._buffers
         object.__setattr__(self, "eager", eager)  # not a submodule: its parts are this one's
+        self._swaps = lowerable_int8(eager)  # undone if it runs eagerly
         self.mpsearch_compile = dict(_PENDING)
         self.timings_ms: dict[str, float] = {"compiled": float("nan"), "eager": float("nan")}
         self._reset()
@@ -186,6 +245,8 @@ class CompiledModel(nn.Module):
         self._compiled_for: set[tuple[Any, ...]] = set()
 
     def _fall_back(self, reason: str) -> None:
+        undo_swaps(self._swaps)
+        self._swaps = []
         self.mpsearch_compile = {"mode": "eager", "reason": reason}
         warnings.warn(
             f"cpu-inductor: running the quantized model eagerly: {reason}",
@@ -227,6 +288,7 @@ class CompiledModel(nn.Module):
             return expected
         self._compiled_for.add(key)
         said = f"compiled by Inductor for {len(self._compiled_for)} input signature(s)"
+        said += swapped_note(self._swaps)
         timed = self.timings_ms
         if timed["compiled"] == timed["compiled"]:  # raced (not NaN)
             said += f"; {timed['compiled']:.3g} ms vs {timed['eager']:.3g} ms eager on the first"
@@ -241,6 +303,7 @@ class CompiledModel(nn.Module):
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         del state["_compiled"], state["_compiled_for"]
+        state["_swaps"] = []  # the twins stay; the layers they replaced are not copied
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -271,6 +334,11 @@ __all__ = [
     "RACE_CALLS",
     "CompiledModel",
     "CpuInductorBackend",
+    "Swaps",
     "failed",
+    "lowerable_int8",
     "slower_reason",
+    "swapped_note",
+    "tree_copy",
+    "undo_swaps",
 ]

@@ -511,6 +511,20 @@ class FbgemmInt8Linear(_PackedInt8):
         )
 
 
+def onednn_twin(layer: FbgemmInt8Linear) -> Int8Linear:
+    """``layer`` on oneDNN's int8 Linear kernel: the same codes, scales, bias, activation
+    quantizer and stand-ins, repacked (the same bytes). Its outputs equal ``layer``'s up to
+    float rounding where oneDNN's u8 x s8 products do not saturate
+    (:func:`onednn_u8s8_saturates`). Inductor lowers oneDNN's kernel (with ``max-autotune``,
+    into its int8 GEMM template); fbgemm's breaks the graph at each layer."""
+    twin = Int8Linear.__new__(Int8Linear)
+    twin.__dict__.update(layer.__dict__)
+    twin._buffers = dict(layer._buffers)
+    _set_zero_point(twin, layer.out_features)
+    twin._packed = twin._pack(layer._dense())
+    return twin
+
+
 class Int8Conv(_PackedInt8):
     """``w8a8`` Conv1d/Conv2d on oneDNN (``onednn::qconv_pointwise``), channels-last, float32
     output; a Conv1d runs as a Conv2d of height 1."""
@@ -860,6 +874,7 @@ __all__ = [
     "int8_activation_spec",
     "int8_kernel_scheme",
     "layer_signature",
+    "onednn_twin",
     "onednn_u8s8_saturates",
     "per_call_ranges",
     "storage_bytes",

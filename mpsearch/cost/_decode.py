@@ -20,12 +20,17 @@ from torch import Tensor, nn
 from mpsearch._data import output_tensor
 from mpsearch._validation import check_module, invalid
 from mpsearch.backends._compiled import (
+    Swaps,
     _check_close,
     _compile_settings,
     _cpp_compiler_missing,
     _race,
     failed,
+    lowerable_int8,
     slower_reason,
+    swapped_note,
+    tree_copy,
+    undo_swaps,
 )
 from mpsearch.backends._kernels import per_call_ranges
 from mpsearch.cost._timing import clock
@@ -170,9 +175,12 @@ class KVDecoder:
     its inputs are fed by this class alone, same cache and module, so only the shapes can
     differ); Dynamo's full guard check took 85-300 us a token on a 12.6 M-parameter Llama, a
     sixth of an int8 step. Where the static cache or compiling fails, the outputs differ or
-    the compiled step is not faster (e.g. kernels Dynamo cannot trace, such as fbgemm's int8
-    Linear: a graph break each), decoding goes on eagerly, with a warning, and
+    the compiled step is not faster, decoding goes on eagerly, with a warning, and
     ``compile_info`` says why (``{"mode": "inductor" | "pending" | "eager", "reason": ...}``).
+    fbgemm int8 Linear layers (the autotuner's eager pick at one token on some CPUs), which
+    break Inductor's graph at each layer, decode compiled as their oneDNN twins, in a copy of
+    the module tree (:func:`~mpsearch.backends._compiled.lowerable_int8`): the model passed in
+    keeps them.
 
     >>> dec = KVDecoder(llama, compile=True)  # doctest: +SKIP
     >>> dec.reset(capacity=80)  # doctest: +SKIP
@@ -194,10 +202,16 @@ class KVDecoder:
         self._compiled: Any = None
         self._checked: set[tuple[int, int, int]] = set()
         self._raced = ""
+        self._swaps: Swaps = []
         if compile:
             reason = _cpp_compiler_missing() or _static_cache_missing(module)
             if reason is not None:
                 self._fall_back(reason)
+            else:  # on a copy of the module tree (the model stays as it is), undone eagerly
+                tree = tree_copy(module)
+                self._swaps = lowerable_int8(tree)
+                if self._swaps:
+                    self.module = tree
             banks = [n for n, m in module.named_modules() if isinstance(m, ExpertLinears)]
             dynamic = [  # an expert no calibration token reached keeps one: no advice for it
                 n for n in per_call_ranges(module) if not any(n.startswith(f"{b}.") for b in banks)
@@ -317,7 +331,7 @@ class KVDecoder:
             "mode": "inductor",
             "reason": f"static KV cache, compiled by Inductor"
             f"{' (max-autotune)' if self.compile == 'max-autotune' else ''} for "
-            f"{len(self._checked)} shape(s){self._raced}",
+            f"{len(self._checked)} shape(s){self._raced}{swapped_note(self._swaps)}",
         }
         return got
 
@@ -329,6 +343,8 @@ class KVDecoder:
                 layer.crop(self.seen - held)
 
     def _fall_back(self, reason: str) -> None:
+        undo_swaps(self._swaps)
+        self._swaps = []
         self.compile_info = {"mode": "eager", "reason": reason}
         warnings.warn(f"decoding eagerly: {reason}", RuntimeWarning, stacklevel=4)
 

@@ -15,7 +15,14 @@ import mpsearch as mps
 from mpsearch.backends import get_backend, storage_bytes
 from mpsearch.backends._compiled import CompiledModel, CpuInductorBackend, _compile_settings
 from mpsearch.backends._conv import Im2colInt8Conv
-from mpsearch.backends._kernels import Int8Conv, Int8Linear
+from mpsearch.backends._kernels import (
+    FbgemmInt8Linear,
+    Int8Conv,
+    Int8Linear,
+    choice_key,
+    onednn_twin,
+    onednn_u8s8_saturates,
+)
 from mpsearch.cost import held_bytes
 
 # Inductor calls the eager model's own kernels; what it fuses around them (casts, activation
@@ -121,6 +128,49 @@ def test_w8a8_linear_takes_inductors_int8_gemm_template_under_max_autotune() -> 
         want = eager(x)
     assert not [e.key for e in prof.key_averages() if "qlinear" in e.key]
     assert _relative_error(got, want) < MAX_RELATIVE_ERROR["w8a8"] * 10
+
+
+needs_twins = pytest.mark.skipif(
+    onednn_u8s8_saturates() or "fbgemm" not in torch.backends.quantized.supported_engines,
+    reason="oneDNN's u8 x s8 products saturate here, or fbgemm is missing",
+)
+
+
+@needs_twins
+@pytest.mark.parametrize("act_range", [None, (-2.0, 3.0)])
+def test_onednn_twin_computes_the_fbgemm_layer_with_the_same_bytes(act_range: object) -> None:
+    torch.manual_seed(0)
+    fbgemm = FbgemmInt8Linear(nn.Linear(64, 48), mps.get_scheme("w8a8"), act_range=act_range)
+    twin = onednn_twin(fbgemm)
+    x = torch.randn(5, 64)
+    assert type(twin) is Int8Linear and torch.equal(twin._dense(), fbgemm._dense())
+    torch.testing.assert_close(twin(x), fbgemm(x), rtol=1e-5, atol=1e-5)
+    assert storage_bytes(twin) == storage_bytes(fbgemm)
+    assert list(twin.state_dict()) == list(fbgemm.state_dict())
+
+
+@needs_twins
+def test_fbgemm_layers_compile_as_their_onednn_twins_and_come_back_eagerly() -> None:
+    """The autotuner's eager pick (fbgemm) breaks Inductor's graph at each layer: the compiled
+    model runs oneDNN twins, and puts the fbgemm layers back where it runs eagerly."""
+    net, x = _mlp(), torch.randn(4, 64)
+    choices = {
+        choice_key(m, mps.get_scheme("w8a8")): "fbgemm"
+        for m in net.modules()
+        if isinstance(m, nn.Linear)
+    }
+    impl = get_backend("cpu-inductor").tuned(choices)
+    compiled = mps.quantize(net, "w8a8", backend=impl, calib=[x])
+    eager = mps.quantize(net, "w8a8", backend=get_backend("cpu").tuned(choices), calib=[x])
+    assert {type(m) for m in eager.modules()} >= {FbgemmInt8Linear}
+    assert FbgemmInt8Linear not in {type(m) for m in compiled.modules()}
+    got = compiled(x)
+    assert compiled.mpsearch_compile["mode"] == "inductor", compiled.mpsearch_compile
+    assert "3 fbgemm int8 Linear layer(s) on oneDNN's kernel" in compiled.mpsearch_compile["reason"]
+    assert _relative_error(got, eager(x)) < 1e-5
+    with pytest.warns(RuntimeWarning, match="running the quantized model eagerly"):
+        compiled._fall_back("for the test")
+    assert [type(m) for m in compiled.eager.modules()] == [type(m) for m in eager.modules()]
 
 
 def test_no_cpp_compiler_falls_back_to_eager_with_the_reason() -> None:

@@ -10,7 +10,9 @@ import pytest
 import torch
 
 import mpsearch as mps
+from mpsearch.backends import get_backend
 from mpsearch.backends._compiled import _cpp_compiler_missing
+from mpsearch.backends._kernels import FbgemmInt8Linear, choice_key, onednn_u8s8_saturates
 from mpsearch.cost import KVDecoder, measure_decode
 from mpsearch.cost import _decode as decode_module
 from mpsearch.cost._decode import MIN_STATIC_CAPACITY, DecodeTimer, _native_gqa
@@ -102,6 +104,33 @@ def test_max_autotune_decoding_equals_eager_decoding_for_two_models_of_one_archi
         assert tuned.compile_info["mode"] == "inductor", (seed, tuned.compile_info)
         assert "compiled by Inductor (max-autotune)" in tuned.compile_info["reason"]
         assert tuned.tokens == eager.tokens
+
+
+@needs_compiler
+@pytest.mark.skipif(
+    onednn_u8s8_saturates() or "fbgemm" not in torch.backends.quantized.supported_engines,
+    reason="oneDNN's u8 x s8 products saturate here, or fbgemm is missing",
+)
+def test_fbgemm_int8_layers_decode_compiled_as_onednn_twins_on_a_copy() -> None:
+    """A plan tuned eagerly (fbgemm, which breaks Inductor's graph at each layer) decodes
+    compiled on oneDNN twins of its int8 layers, in a copy of the module tree: the user's
+    model keeps its fbgemm layers."""
+    model = _llama()
+    scheme = mps.get_scheme("w8a8")
+    lin = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    cpu = get_backend("cpu").tuned({choice_key(m, scheme): "fbgemm" for m in lin})
+    calib = [{"input_ids": torch.randint(0, 96, (2, 12))}]
+    qm = mps.quantize(model, "w8a8", backend=cpu, calib=calib)
+    fbgemm = [n for n, m in qm.named_modules() if type(m) is FbgemmInt8Linear]
+    assert len(fbgemm) == len(lin)
+    prompt = torch.tensor([[3, 1, 4, 1, 5]])
+    eager = measure_decode(qm, prompt, new_tokens=6, repeats=1)
+    compiled = measure_decode(qm, prompt, new_tokens=6, repeats=1, compile=True)
+    assert compiled.compile_info["mode"] == "inductor", compiled.compile_info
+    said = f"{len(fbgemm)} fbgemm int8 Linear layer(s) on oneDNN's kernel"
+    assert said in compiled.compile_info["reason"]
+    assert compiled.tokens == eager.tokens
+    assert [n for n, m in qm.named_modules() if type(m) is FbgemmInt8Linear] == fbgemm
 
 
 @needs_compiler
