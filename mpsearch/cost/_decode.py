@@ -30,7 +30,6 @@ from mpsearch.backends._compiled import (
     slower_reason,
     swapped_note,
     tree_copy,
-    undo_swaps,
 )
 from mpsearch.backends._kernels import per_call_ranges
 from mpsearch.cost._timing import clock
@@ -178,9 +177,9 @@ class KVDecoder:
     the compiled step is not faster, decoding goes on eagerly, with a warning, and
     ``compile_info`` says why (``{"mode": "inductor" | "pending" | "eager", "reason": ...}``).
     fbgemm int8 Linear layers (the autotuner's eager pick at one token on some CPUs), which
-    break Inductor's graph at each layer, decode compiled as their oneDNN twins, in a copy of
-    the module tree (:func:`~mpsearch.backends._compiled.lowerable_int8`): the model passed in
-    keeps them.
+    break Inductor's graph at each layer, are traced as their oneDNN twins, in a copy of the
+    module tree (:func:`~mpsearch.backends._compiled.lowerable_int8`); the eager passes (the
+    prompt, the race, the check, a fallback) run the model passed in, which keeps them.
 
     >>> dec = KVDecoder(llama, compile=True)  # doctest: +SKIP
     >>> dec.reset(capacity=80)  # doctest: +SKIP
@@ -202,16 +201,17 @@ class KVDecoder:
         self._compiled: Any = None
         self._checked: set[tuple[int, int, int]] = set()
         self._raced = ""
+        self._lowered = module  # what the compiled step traces
         self._swaps: Swaps = []
         if compile:
             reason = _cpp_compiler_missing() or _static_cache_missing(module)
             if reason is not None:
                 self._fall_back(reason)
-            else:  # on a copy of the module tree (the model stays as it is), undone eagerly
+            else:  # on a copy of the module tree: eagerly, the model as it is
                 tree = tree_copy(module)
                 self._swaps = lowerable_int8(tree)
                 if self._swaps:
-                    self.module = tree
+                    self._lowered = tree
             banks = [n for n, m in module.named_modules() if isinstance(m, ExpertLinears)]
             dynamic = [  # an expert no calibration token reached keeps one: no advice for it
                 n for n in per_call_ranges(module) if not any(n.startswith(f"{b}.") for b in banks)
@@ -301,7 +301,7 @@ class KVDecoder:
         self, key: tuple[int, int, int], ids: Tensor, kwargs: dict[str, Any]
     ) -> Any:
         if self._compiled is None:
-            step = _own_step(self.module)
+            step = _own_step(self._lowered)
             self._compiled = torch.compile(step, backend="inductor", dynamic=False)
         reason, raced = None, ""
         try:  # compiled first, then the eager pass writes the cache entries that stay
@@ -343,7 +343,6 @@ class KVDecoder:
                 layer.crop(self.seen - held)
 
     def _fall_back(self, reason: str) -> None:
-        undo_swaps(self._swaps)
         self._swaps = []
         self.compile_info = {"mode": "eager", "reason": reason}
         warnings.warn(f"decoding eagerly: {reason}", RuntimeWarning, stacklevel=4)
