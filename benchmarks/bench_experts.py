@@ -30,7 +30,7 @@ from _tables import md_table, write_result  # benchmarks/: the script's folder
 
 import mpsearch as mps
 from mpsearch.backends import get_backend, storage_bytes
-from mpsearch.cost import cpu_model, measure_decode, median_ms
+from mpsearch.cost import cpu_model, measure_decode, median_ms, threads
 from mpsearch.cost._decode import COMPILE_CHOICES, compile_label
 from mpsearch.schemes import get_scheme
 from mpsearch.workloads import load_workload
@@ -68,20 +68,17 @@ DECODE_SCHEMES = ["fp32", "w8a8", "w4a16"]
 def decode_rows(new_tokens: int = 24, repeats: int = 3) -> list[dict[str, object]]:
     """ms per decoded token of the zoo's Mixtral per scheme, eager, compiled and compiled
     max-autotune (1 thread)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     wl = load_workload("hf_mixtral")
     prompt = wl.calib[0]["input_ids"][:1, :16]
+    models = {
+        s: wl.model if s == "fp32" else mps.quantize(wl.model, s, backend="cpu", calib=wl.calib)
+        for s in DECODE_SCHEMES
+    }
     rows: list[dict[str, object]] = []
-    try:
+    with threads(1):
         for compiled in COMPILE_CHOICES:
             base = None
-            for s in DECODE_SCHEMES:
-                model = (
-                    wl.model
-                    if s == "fp32"
-                    else mps.quantize(wl.model, s, backend="cpu", calib=wl.calib)
-                )
+            for s, model in models.items():
                 t = measure_decode(
                     model, prompt, new_tokens=new_tokens, repeats=repeats, compile=compiled
                 )
@@ -96,8 +93,6 @@ def decode_rows(new_tokens: int = 24, repeats: int = 3) -> list[dict[str, object
                     }
                 )
                 print(rows[-1], flush=True)
-    finally:
-        torch.set_num_threads(threads)
     return rows
 
 

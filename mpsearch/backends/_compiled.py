@@ -109,6 +109,16 @@ def tree_copy(model: nn.Module) -> nn.Module:
     return copied(model)
 
 
+def lowered_copy(model: nn.Module) -> tuple[nn.Module, Swaps]:
+    """``model`` as Inductor lowers best: a :func:`tree_copy` with :func:`lowerable_int8`'s
+    swaps made in it, ``model`` itself and no swaps where there is nothing to swap. ``model``
+    stays as it is."""
+    if onednn_u8s8_saturates() or not any(type(m) is FbgemmInt8Linear for m in model.modules()):
+        return model, []
+    tree = tree_copy(model)
+    return tree, lowerable_int8(tree)
+
+
 def undo_swaps(swaps: Swaps) -> None:
     """Put back the layers :func:`lowerable_int8` replaced."""
     for parent, name, original in swaps:
@@ -337,6 +347,7 @@ __all__ = [
     "Swaps",
     "failed",
     "lowerable_int8",
+    "lowered_copy",
     "slower_reason",
     "swapped_note",
     "tree_copy",

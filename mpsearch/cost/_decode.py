@@ -26,10 +26,9 @@ from mpsearch.backends._compiled import (
     _cpp_compiler_missing,
     _race,
     failed,
-    lowerable_int8,
+    lowered_copy,
     slower_reason,
     swapped_note,
-    tree_copy,
 )
 from mpsearch.backends._kernels import per_call_ranges
 from mpsearch.cost._timing import clock
@@ -178,7 +177,7 @@ class KVDecoder:
     ``compile_info`` says why (``{"mode": "inductor" | "pending" | "eager", "reason": ...}``).
     fbgemm int8 Linear layers (the autotuner's eager pick at one token on some CPUs), which
     break Inductor's graph at each layer, are traced as their oneDNN twins, in a copy of the
-    module tree (:func:`~mpsearch.backends._compiled.lowerable_int8`); the eager passes (the
+    module tree (:func:`~mpsearch.backends._compiled.lowered_copy`); the eager passes (the
     prompt, the race, the check, a fallback) run the model passed in, which keeps them.
 
     >>> dec = KVDecoder(llama, compile=True)  # doctest: +SKIP
@@ -207,11 +206,8 @@ class KVDecoder:
             reason = _cpp_compiler_missing() or _static_cache_missing(module)
             if reason is not None:
                 self._fall_back(reason)
-            else:  # on a copy of the module tree: eagerly, the model as it is
-                tree = tree_copy(module)
-                self._swaps = lowerable_int8(tree)
-                if self._swaps:
-                    self._lowered = tree
+            else:  # a copy of the module tree where it swaps layers: eagerly, the model as it is
+                self._lowered, self._swaps = lowered_copy(module)
             banks = [n for n, m in module.named_modules() if isinstance(m, ExpertLinears)]
             dynamic = [  # an expert no calibration token reached keeps one: no advice for it
                 n for n in per_call_ranges(module) if not any(n.startswith(f"{b}.") for b in banks)
