@@ -124,6 +124,25 @@ def _static() -> type:
     return StaticCache
 
 
+def _plain_layers(cache: Any) -> list[Any] | None:
+    """``cache``'s layers where each is a plain full-attention layer, dynamic or static,
+    holding ``keys`` / ``values`` as ``[batch, heads, positions, head_dim]`` (sliding
+    windows, linear attention and quantized caches: ``None``)."""
+    from transformers.cache_utils import DynamicLayer, StaticLayer
+
+    layers = list(getattr(cache, "layers", ()))
+    plain = all(type(x) in (DynamicLayer, StaticLayer) and x.is_initialized for x in layers)
+    return layers if layers and plain else None
+
+
+def _layout(module: nn.Module) -> dict[str, Any] | None:
+    """What shapes ``module``'s KV cache: its config without the dtype (``None``: no config)."""
+    config = getattr(module, "config", None)
+    if config is None or not hasattr(config, "to_dict"):
+        return None
+    return {k: v for k, v in config.to_dict().items() if k not in ("dtype", "torch_dtype")}
+
+
 def _own_step(module: nn.Module) -> Any:
     """``module``'s call in a function with a code object of its own. Dynamo files compiled
     graphs under the code object they start from; compiling ``module`` itself would file every
@@ -196,6 +215,7 @@ class KVDecoder:
         self.cache: Any = None
         self.seen = 0
         self.capacity = 0
+        self._kv_dtype: torch.dtype | bool | None = False  # False: not probed yet
         self.compile_info = dict(_PENDING if compile else _EAGER)
         self._compiled: Any = None
         self._checked: set[tuple[int, int, int]] = set()
@@ -266,6 +286,69 @@ class KVDecoder:
             out = self.module(input_ids=ids, **kwargs)
         self.seen += n
         return output_tensor(out)[0, -keep:].float()
+
+    @property
+    def kv_dtype(self) -> torch.dtype | None:
+        """The dtype of the keys and values the model caches (found once, by a one-token pass
+        on a cache of its own), or ``None`` where its cache is not plain full attention."""
+        if self._kv_dtype is False:
+            cache, kwargs = _dynamic_cache(), {}
+            if self.spec.logits_to_keep:
+                kwargs["logits_to_keep"] = 1
+            if self.spec.use_cache:
+                kwargs["use_cache"] = True
+            ids = torch.zeros((1, 1), dtype=torch.long, device=self.device)
+            try:
+                with torch.inference_mode():
+                    self.module(input_ids=ids, **{self.spec.cache: cache}, **kwargs)
+            except Exception:  # no dtype: the caller keeps its own path
+                cache = None
+            layers = _plain_layers(cache)
+            self._kv_dtype = layers[0].keys.dtype if layers is not None else None
+        return self._kv_dtype  # type: ignore[return-value]
+
+    def can_adopt(self, other: KVDecoder) -> bool:
+        """Whether :meth:`adopt` may take ``other``'s keys and values: the same config (the
+        same cache shapes) and this model's keys in a plain cache (:attr:`kv_dtype`); the
+        caches' kinds are checked by :meth:`adopt` itself."""
+        mine = _layout(self.module)
+        return mine is not None and mine == _layout(other.module) and self.kv_dtype is not None
+
+    def adopt(self, other: KVDecoder, length: int) -> bool:
+        """Start this decoder's sequence (nothing fed since :meth:`reset`) with the keys and
+        values ``other`` holds for its first ``length`` positions, cast to this decoder's
+        dtype, as if it had been fed those tokens: ``other`` decodes another variant of the
+        same model (the same config: the same cache shapes). ``False``, nothing changed, where
+        it cannot: another config, a cache that is not plain full attention, or this
+        model's keys not in a plain cache (:attr:`kv_dtype`).
+
+        The keys and values are ``other``'s, not the ones this decoder would have computed:
+        a speculative draft that adopts its reference's prompt skips its own prompt pass
+        (:class:`~mpsearch.runtime.SpeculativeController`); what it drafts is then verified,
+        so the output does not depend on it.
+        """
+        if self.seen or other.seen < length or length < 1 or not self.can_adopt(other):
+            return False
+        if self.capacity and length > self.capacity:
+            return False
+        theirs = _plain_layers(other.cache)
+        if theirs is None:
+            return False
+        from transformers.cache_utils import DynamicLayer, StaticLayer
+
+        mine = list(self.cache.layers)
+        grows = not mine and getattr(self.cache, "layer_class_to_replicate", None) is DynamicLayer
+        if not grows and (
+            len(mine) != len(theirs)
+            or any(type(x) not in (DynamicLayer, StaticLayer) for x in mine)
+        ):
+            return False
+        dtype = self.kv_dtype
+        for i, source in enumerate(theirs):  # copies: the tensors stay other's
+            keys, values = source.keys[:, :, :length], source.values[:, :, :length]
+            self.cache.update(keys.to(dtype), values.to(dtype), i)
+        self.seen = length
+        return True
 
     def rollback(self, length: int) -> None:
         """Forget every token past the first ``length`` (crop the cache)."""

@@ -294,6 +294,12 @@ class SpeculativeController:
 
     :meth:`generate` decodes one sequence (batch 1): greedily (``temperature=0``: exactly the
     reference's greedy tokens) or by sampling (each token distributed as the reference's).
+    The reference reads the prompt alone (the first token is its own) and the draft adopts the
+    reference's keys and values of the prompt instead of reading it
+    (:meth:`~mpsearch.cost.KVDecoder.adopt`; where the two caches differ, the draft reads the
+    prompt itself): on stdlib_lm (machine A, 1 thread, 64-token prompts, 48 new tokens) a
+    w4a16 draft at k = 15 ran 1.26x the reference's tokens/s that way against 1.04x reading
+    the prompt itself, a w8a8 draft at k = 15 1.42x against 1.34x.
     :meth:`tune` measures acceptance and step costs on calibration prompts and sets ``k`` (and
     the draft among candidates) for the most tokens per second. Every step is audited.
 
@@ -486,10 +492,13 @@ class SpeculativeController:
         draft.reset(capacity)
         seq = list(prompt)
         emitted = 0
+        # the reference reads the prompt alone; the draft then adopts its keys and values
+        # rather than running the prompt itself (where the caches allow: KVDecoder.adopt)
+        shared = k > 0 and draft.can_adopt(ref)
         with torch.inference_mode():
             while emitted < max_new_tokens:
                 t0 = now()
-                k_step = min(k, max_new_tokens - emitted - 1)
+                k_step = 0 if shared and not draft.seen else min(k, max_new_tokens - emitted - 1)
                 drafted, q = self._draft_tokens(draft, seq, k_step, temperature, eos, generator)
                 t1 = now()
                 unseen, keep = seq[ref.seen :] + drafted, len(drafted) + 1
@@ -514,6 +523,8 @@ class SpeculativeController:
                 emitted += len(new)
                 ref.rollback(valid)
                 draft.rollback(valid)
+                if shared and not draft.seen:
+                    shared = draft.adopt(ref, valid)
                 t3 = now()
                 records.append(
                     _StepRecord(k_step, len(drafted), accepted, len(new), t1 - t0, t2 - t1, t3 - t0)

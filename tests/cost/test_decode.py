@@ -150,6 +150,67 @@ def test_static_cache_rollback_equals_a_fresh_run() -> None:
     assert decoder.compile_info["mode"] == "inductor"
 
 
+def _fed(decoder: KVDecoder, tokens: list[int]) -> torch.Tensor:
+    decoder.reset(capacity=len(tokens))
+    return decoder.feed(tokens, keep=1)[0]
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_a_decoder_adopting_anothers_prompt_decodes_as_if_fed_it(compile: bool) -> None:
+    if compile and _cpp_compiler_missing():
+        pytest.skip("no C++ compiler for Inductor")
+    model = _llama()
+    prompt, rest = [3, 1, 4, 1, 5, 9], [2, 6]
+    source, target = KVDecoder(model), KVDecoder(model, compile=compile)
+    with torch.inference_mode():
+        expected = _fed(KVDecoder(model), prompt + rest)
+        _fed(source, [*prompt, 7])  # holds one position more than is adopted
+        target.reset(capacity=16)
+        assert target.can_adopt(source) and target.adopt(source, len(prompt))
+        assert target.seen == int(target.cache.get_seq_length()) == len(prompt)
+        got = target.feed(rest, keep=1)[0]
+        assert not target.adopt(source, len(prompt))  # a sequence already started
+    # the same weights: the adopted keys and values are the ones it would have computed (up
+    # to float rounding: the matrix products ran over other numbers of rows)
+    torch.testing.assert_close(got, expected, atol=1e-4 if compile else 1e-5, rtol=0)
+    assert source.seen == len(prompt) + 1  # the source is only read
+
+
+def test_adopted_keys_and_values_take_the_adopting_models_dtype() -> None:
+    model = _llama()
+    half = _llama().to(torch.bfloat16)
+    source, target = KVDecoder(model), KVDecoder(half)
+    assert source.kv_dtype == torch.float32 and target.kv_dtype == torch.bfloat16
+    with torch.inference_mode():
+        _fed(source, [3, 1, 4])
+        target.reset()
+        assert target.adopt(source, 3)
+        assert target.cache.layers[0].keys.dtype == torch.bfloat16
+        got = target.feed([5], keep=1)[0]
+        own = _fed(KVDecoder(half), [3, 1, 4, 5])
+    torch.testing.assert_close(got, own, atol=0.15, rtol=0.05)  # bf16 keys, rounded apart
+
+
+def test_adopt_refuses_another_architecture_or_a_model_without_a_config() -> None:
+    source = KVDecoder(_llama())
+    with torch.inference_mode():
+        _fed(source, [3, 1, 4])
+    wider = KVDecoder(_llama(num_hidden_layers=3))
+    assert not wider.can_adopt(source)
+    wider.reset()
+    assert not wider.adopt(source, 3) and wider.seen == 0 and not wider.cache.layers
+
+    class NoConfig(torch.nn.Module):
+        def __init__(self, inner: torch.nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids: torch.Tensor, **kwargs) -> object:
+            return self.inner(input_ids=input_ids, **kwargs)
+
+    assert not KVDecoder(NoConfig(_llama())).can_adopt(source)
+
+
 @needs_compiler
 def test_graphs_run_without_their_guards_still_match_their_shapes() -> None:
     # once checked, a graph runs with only the guards that tell this decoder's graphs apart

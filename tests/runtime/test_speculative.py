@@ -16,6 +16,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from mpsearch.backends import quantize
 from mpsearch.backends._compiled import _cpp_compiler_missing
+from mpsearch.cost._decode import KVDecoder
 from mpsearch.runtime._speculative import (
     SpeculativeController,
     SpeculativeOptions,
@@ -109,14 +110,32 @@ def test_draft_equal_to_reference_is_always_accepted(llama):
     out = spec.generate(PROMPTS[2], max_new_tokens=10)
     assert torch.equal(out, reference_greedy(llama, PROMPTS[2], 10))
     audit = spec.audit
-    assert audit["drafted"].tolist() == [3, 3, 1]  # the last step may draft only 1 of 3
-    assert audit["emitted"].tolist() == [4, 4, 2]
+    # the reference reads the prompt alone (the draft adopts its cache), then full steps;
+    # the last token is the reference's own (a draft of 0: one token was left)
+    assert audit["drafted"].tolist() == [0, 3, 3, 0]
+    assert audit["emitted"].tolist() == [1, 4, 4, 1]
     assert spec.acceptance_rate == 1.0
-    assert spec.tokens_per_step == 10 / 3
+    assert spec.tokens_per_step == 10 / 4
     columns = "call_id step k drafted accepted emitted draft_ms verify_ms step_ms"
     assert list(audit.columns) == columns.split()
     assert (audit[["draft_ms", "verify_ms"]].to_numpy() >= 0).all()
     assert (audit["step_ms"] >= audit["draft_ms"] + audit["verify_ms"] - 1e-9).all()
+
+
+def test_the_draft_adopts_the_references_prompt_instead_of_reading_it(llama):
+    w8 = quantize(llama, "w8a16", backend="cpu")
+    spec = SpeculativeController(llama, w8, k=3)
+    fed: list[int] = []  # tokens per pass of the draft
+    hook = w8.model.embed_tokens.register_forward_hook(lambda m, a, out: fed.append(a[0].numel()))
+    try:
+        out = spec.generate(PROMPTS[2], max_new_tokens=10)
+    finally:
+        hook.remove()
+    assert torch.equal(out, reference_greedy(llama, PROMPTS[2], 10))
+    # one token a pass (two after a step that accepted every drafted token), never the
+    # prompt's 7; the first pass is the decoder's one-token probe of its cache's dtype
+    assert fed and max(fed) <= 2 and sum(fed) < len(PROMPTS[2]) + 10
+    assert spec.audit["drafted"].iloc[0] == 0  # the prompt's step: the reference alone
 
 
 @pytest.mark.parametrize("n", [0, 1, 2, 5, 6])
@@ -137,8 +156,10 @@ def test_eos_inside_a_draft(llama):
     spec = SpeculativeController(llama, "fp32", k=6)
     out = spec.generate(PROMPTS[0], max_new_tokens=12, eos_token_id=eos)
     assert out[0].tolist() == expected
-    row = spec.audit.iloc[0]  # the draft stopped at its EOS, which was accepted: no extra token
-    assert (row["drafted"], row["accepted"], row["emitted"]) == (first + 1,) * 3
+    # after the prompt's step (the reference's first token), the draft stopped at its EOS,
+    # which was accepted: no extra token
+    row = spec.audit.iloc[1]
+    assert (row["drafted"], row["accepted"], row["emitted"]) == (first,) * 3
     # an EOS the reference emits itself (the draft is wrong everywhere) ends decoding too
     wrong = SpeculativeController(llama, WrongDraft(llama), k=3)
     assert wrong.generate(PROMPTS[0], max_new_tokens=12, eos_token_id=[eos, 999])[0].tolist() == (
@@ -170,9 +191,21 @@ def test_caches_after_rejections_equal_a_fresh_run(llama, draft):
             assert decoder.seen <= len(seq) - 1
             assert decoder.cache.get_seq_length() == decoder.seen
             cached = decoder.feed(seq[decoder.seen :], keep=1)[0]
-            fresh = decoder.module(input_ids=torch.tensor([seq]))
-            fresh = fresh["logits"] if isinstance(fresh, dict) else fresh.logits
-            torch.testing.assert_close(cached, fresh[0, -1].float(), atol=1e-5, rtol=0)
+            fresh = fresh_logits(spec, decoder, seq, PROMPTS[2])
+            torch.testing.assert_close(cached, fresh, atol=1e-5, rtol=0)
+
+
+def fresh_logits(spec, decoder, seq: list[int], prompt: list[int]) -> torch.Tensor:
+    """The last logits of a fresh eager run of ``decoder``'s model over ``seq``; a draft that
+    adopts the reference's cache starts from the reference's keys and values of ``prompt``."""
+    fresh = KVDecoder(decoder.module)
+    fresh.reset()
+    if decoder is spec._draft.decoder and fresh.can_adopt(spec._reference):
+        ref = KVDecoder(spec.reference_module)
+        ref.reset()
+        ref.feed(prompt, keep=1)
+        assert fresh.adopt(ref, len(prompt))
+    return fresh.feed(seq[fresh.seen :], keep=1)[0]
 
 
 def test_rollback_then_continue_equals_fresh(llama):
@@ -421,5 +454,5 @@ def test_compiled_variants_reproduce_the_reference_greedy_tokens(llama):
         for decoder in (spec._reference, spec._draft.decoder):
             assert int(decoder.cache.get_seq_length()) == decoder.seen
             cached = decoder.feed(seq[decoder.seen :], keep=1)[0]
-            fresh = decoder.module(input_ids=out).logits[0, -1].float()
+            fresh = fresh_logits(spec, decoder, seq, prompt)
             torch.testing.assert_close(cached, fresh, atol=1e-4, rtol=0)
