@@ -102,6 +102,7 @@ class Settings:
     spec_prompts: int = 4
     spec_new_tokens: int = 48
     spec_ks: tuple[int, ...] = (0, 1, 2, 3, 4, 6, 8, 12, 15)
+    spec_drafts: tuple[str, ...] = ("w8a8", "w4a16+gptq", "w4a16")  # the tuner picks one
     # the engines timed (keys of DECODE_MODES); the goals and the speculative controller use
     # the last: max-autotune, the fastest for every plan here, fp32 included (on Zen 4 fp32
     # decodes about 2x faster than on Inductor's default kernels)
@@ -268,7 +269,7 @@ def speculative_rows(
     """The speculative controller for each reference and thread count (:func:`speculative`),
     drafted by uniform int8 or 4-bit plans, tuned on the first ``prompts`` and timed on the
     second."""
-    drafts = [mps.PrecisionPlan.uniform(x) for x in ("w8a8", "w4a16+gptq", "w4a16")]
+    drafts = [mps.PrecisionPlan.uniform(x) for x in s.spec_drafts]
     spec_rows = []
     for ref_label, ref in refs.items():
         for n in thread_counts:
