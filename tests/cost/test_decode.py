@@ -150,6 +150,29 @@ def test_static_cache_rollback_equals_a_fresh_run() -> None:
     assert decoder.compile_info["mode"] == "inductor"
 
 
+@needs_compiler
+def test_a_sliding_window_model_decodes_compiled_and_rolls_back_exactly() -> None:
+    torch.manual_seed(0)
+    config = transformers.MistralConfig(
+        vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        sliding_window=4,
+    )  # fmt: skip
+    model = transformers.MistralForCausalLM(config).eval()
+    decoder = KVDecoder(model, compile=True)
+    prompt = [3, 1, 4, 1, 5, 9, 2, 6]  # longer than the window
+    with torch.inference_mode():
+        decoder.reset(capacity=16)
+        decoder.feed(prompt, keep=1)
+        decoder.feed([7], keep=1)
+        decoder.feed([8, 9, 10], keep=3)  # a block past the window, then rejected
+        decoder.rollback(len(prompt) + 1)
+        cached = decoder.feed([11], keep=1)[0]
+        fresh = model(input_ids=torch.tensor([[*prompt, 7, 11]])).logits[0, -1]
+    torch.testing.assert_close(cached, fresh, atol=1e-4, rtol=0)
+    assert decoder.compile_info["mode"] == "inductor", decoder.compile_info
+
+
 def _fed(decoder: KVDecoder, tokens: list[int]) -> torch.Tensor:
     decoder.reset(capacity=len(tokens))
     return decoder.feed(tokens, keep=1)[0]

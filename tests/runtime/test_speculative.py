@@ -138,6 +138,16 @@ def test_the_draft_adopts_the_references_prompt_instead_of_reading_it(llama):
     assert spec.audit["drafted"].iloc[0] == 0  # the prompt's step: the reference alone
 
 
+def test_a_draft_that_cannot_adopt_the_prompt_reads_it_itself(llama, monkeypatch):
+    w8 = quantize(llama, "w8a16", backend="cpu")
+    spec = SpeculativeController(llama, w8, k=3)
+    monkeypatch.setattr(KVDecoder, "adopt", lambda self, other, length: False)
+    out = spec.generate(PROMPTS[2], max_new_tokens=10)
+    assert torch.equal(out, reference_greedy(llama, PROMPTS[2], 10))
+    drafted = spec.audit["drafted"].tolist()
+    assert drafted[0] == 0 and drafted[1] > 0  # the prompt's step, then the draft's own pass
+
+
 @pytest.mark.parametrize("n", [0, 1, 2, 5, 6])
 def test_max_new_tokens_exactly(llama, n):
     spec = SpeculativeController(llama, "fp32", k=4)
