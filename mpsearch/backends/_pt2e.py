@@ -27,9 +27,9 @@ from torch import nn
 
 from mpsearch._data import as_batches, call_args
 from mpsearch.backends._compiled import (
-    _check_close,
     _compile_settings,
     _cpp_compiler_missing,
+    check_against,
     failed,
 )
 from mpsearch.backends._kernels import onednn_u8s8_saturates
@@ -258,7 +258,8 @@ class CpuPt2eBackend(Backend):
             args, kwargs = call_args(batches[0])
             with torch.no_grad():
                 reference = converted(*args, **kwargs)
-                reason = _check_close(result(*args, **kwargs), reference, rtol=CHECK_RTOL)
+                got = result(*args, **kwargs)
+                reason = check_against(converted, got, reference, args, kwargs, rtol=CHECK_RTOL)
         except Exception as error:
             reason = failed("pt2e", error)
         if reason is None:

@@ -13,7 +13,13 @@ from torch import nn
 
 import mpsearch as mps
 from mpsearch.backends import get_backend, storage_bytes
-from mpsearch.backends._compiled import CompiledModel, CpuInductorBackend, _compile_settings
+from mpsearch.backends._compiled import (
+    CompiledModel,
+    CpuInductorBackend,
+    _compile_settings,
+    check_against,
+    rounding_floor,
+)
 from mpsearch.backends._conv import Im2colInt8Conv
 from mpsearch.backends._kernels import (
     FbgemmInt8Linear,
@@ -288,3 +294,30 @@ def test_race_keeps_the_faster_model(monkeypatch: pytest.MonkeyPatch) -> None:
     kept = "inductor" if timed["compiled"] < timed["eager"] else "eager"
     assert state["mode"] == kept
     assert f"{timed['compiled']:.3g} ms vs" in state["reason"]
+
+
+def _threshold(x: torch.Tensor) -> torch.Tensor:
+    """1 + (x > 0.5): at x = 0.5, any upward nudge flips an output from 1 to 2."""
+    return 1 + (x > 0.5).float()
+
+
+def test_rounding_floor_is_how_far_the_eager_output_moves_under_input_noise() -> None:
+    at_edge = torch.full((4000,), 0.5)
+    moved = rounding_floor(_threshold, (at_edge,), {}, _threshold(at_edge))
+    assert moved == pytest.approx((2000 / 4000) ** 0.5, abs=0.05)  # about half flip up
+    smooth = torch.randn(4000)
+    assert rounding_floor(lambda x: 2 * x, (smooth,), {}, 2 * smooth) < 3e-5
+    ids = torch.arange(10)
+    assert rounding_floor(lambda t: t.float(), (ids,), {}, ids.float()) == 0.0  # no float input
+
+
+def test_the_compiled_check_allows_the_eager_plans_own_rounding_noise() -> None:
+    x = torch.full((4000,), 0.5)
+    expected = _threshold(x)
+    # 0.3 apart: beyond CHECK_RTOL, within the eager function's own move (about 0.7)
+    assert check_against(_threshold, expected * 1.3, expected, (x,), {}) is None
+    reason = check_against(_threshold, expected * 2, expected, (x,), {})
+    assert reason is not None and "(relative L2 > the eager output's own move 0." in reason
+    # a smooth function moves by about 1e-5: the plain tolerance decides
+    reason = check_against(lambda t: 2 * t, 2 * x * 1.02, 2 * x, (x,), {})
+    assert reason == "compiled output differs from eager by 0.02 (relative L2 > 0.01)"
