@@ -42,8 +42,8 @@ def test_q4_k_m_style_keeps_v_and_down_at_8_bits(bench) -> None:
 def test_quick_run_measures_every_row(bench) -> None:
     s = replace(
         bench.QUICK, n_trials=3, rounds=1, spec_prompts=1, max_checked=1, spec_ks=(0, 2),
-        spec_drafts=("w4a16",),
-    )  # fmt: skip
+        spec_drafts=("w4a16",), modes=("eager",),
+    )  # fmt: skip (compiled decoding: tests/cost/test_decode.py, a graph per plan here)
     rows, info = bench.run(s, [1])
     by_label = {r["plan"]: r for r in rows}
     for label in ("fp32", "bf16", "int8 (w8a16)", "int4 (w4a16)", "int4+gptq", "q4_k_m-style"):
@@ -58,7 +58,7 @@ def test_quick_run_measures_every_row(bench) -> None:
     if "greedy (exl2-style)" in by_label:  # fits the llama.cpp-style mix's bytes
         assert by_label["greedy (exl2-style)"]["memory_mb"] <= by_label["q4_k_m-style"]["memory_mb"]
     for r in rows:
-        assert math.isfinite(r["ppl"]) and r["tok/s 1t"] > 0 and r["tok/s 1t compiled"] > 0
+        assert math.isfinite(r["ppl"]) and r["tok/s 1t"] > 0 and "tok/s 1t compiled" not in r
     assert info["spec"][0]["reference"] == "fp32"
     for sp in info["spec"]:
         assert sp["exact"] is True  # lossless: the reference's greedy tokens
