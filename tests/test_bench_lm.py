@@ -40,10 +40,12 @@ def test_q4_k_m_style_keeps_v_and_down_at_8_bits(bench) -> None:
 
 
 def test_quick_run_measures_every_row(bench) -> None:
+    # eager decoding only: compiled decoding is tested in tests/cost/test_decode.py (here it
+    # compiled a graph per plan)
     s = replace(
         bench.QUICK, n_trials=3, rounds=1, spec_prompts=1, max_checked=1, spec_ks=(0, 2),
         spec_drafts=("w4a16",), modes=("eager",),
-    )  # fmt: skip (compiled decoding: tests/cost/test_decode.py, a graph per plan here)
+    )  # fmt: skip
     rows, info = bench.run(s, [1])
     by_label = {r["plan"]: r for r in rows}
     for label in ("fp32", "bf16", "int8 (w8a16)", "int4 (w4a16)", "int4+gptq", "q4_k_m-style"):

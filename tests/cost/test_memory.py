@@ -7,7 +7,6 @@ import torch
 from torch import nn
 
 from mpsearch.backends import quantize
-from mpsearch.backends._kernels import Int8Linear
 from mpsearch.cost import held_bytes, measure_cost
 from mpsearch.cost._model import ideal_layer_bytes
 from mpsearch.layers import coverage, quantizable_layers
@@ -114,13 +113,18 @@ def test_speaker_lstm_w8a8_memory_is_what_the_quantized_lstm_holds(backend: str)
     assert cost.memory_bytes("w8a8") == held_bytes(q)
     assert cost.supported("lstm", "w8a8") and cost.table["latency_ms"].notna().all()
     # int8 codes of the 12 gate matrices, a float32 scale per gate row, float32 biases; the
-    # Linear as ever (on oneDNN its zero points too; fbgemm holds none)
+    # Linear as ever, on either int8 kernel the autotuner picks (oneDNN's weight zero points
+    # are views of one shared zero: no bytes, as fbgemm holds none)
     lstm = wl.model.lstm
     weights = sum(p.numel() for n, p in lstm.named_parameters() if n.startswith("weight"))
     rows = sum(p.shape[0] for n, p in lstm.named_parameters() if n.startswith("weight"))
     biases = sum(p.numel() for n, p in lstm.named_parameters() if n.startswith("bias"))
-    proj = 64 * 128 + 64 * 4 + 64 * 4 + (64 * 8 if isinstance(q.proj, Int8Linear) else 0)
+    proj = 64 * 128 + 64 * 4 + 64 * 4
     assert held_bytes(q) == weights + 4 * rows + 4 * biases + proj
+    if backend == "cpu":  # the default kernels (oneDNN's Linear), whatever autotuning picked
+        default = quantize(wl.model, "w8a8", backend="cpu")
+        assert type(default.proj).__name__ == "Int8Linear"
+        assert held_bytes(default) == held_bytes(q)
 
 
 def test_held_bytes_counts_packed_kernel_weights_and_shared_storage_once() -> None:
