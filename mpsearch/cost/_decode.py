@@ -143,14 +143,20 @@ def _static_cache(config: Any, size: int) -> Any:
     return StaticCache(config=text, max_cache_len=size)
 
 
-def _plain_layers(cache: Any) -> list[Any] | None:
-    """``cache``'s layers where each is a plain full-attention layer, dynamic or static,
-    holding ``keys`` / ``values`` as ``[batch, heads, positions, head_dim]`` (sliding
-    windows, linear attention and quantized caches: ``None``)."""
+def _is_plain(layer: Any) -> bool:
+    """Whether a cache layer is a plain full-attention one, dynamic or static, holding
+    ``keys`` / ``values`` as ``[batch, heads, positions, head_dim]`` (not a sliding window,
+    linear attention or a quantized cache)."""
     from transformers.cache_utils import DynamicLayer, StaticLayer
 
+    return type(layer) in (DynamicLayer, StaticLayer)
+
+
+def _plain_layers(cache: Any) -> list[Any] | None:
+    """``cache``'s layers where each is plain (:func:`_is_plain`) and holds values, else
+    ``None``."""
     layers = list(getattr(cache, "layers", ()))
-    plain = all(type(x) in (DynamicLayer, StaticLayer) and x.is_initialized for x in layers)
+    plain = all(_is_plain(x) and x.is_initialized for x in layers)
     return layers if layers and plain else None
 
 
@@ -235,6 +241,7 @@ class KVDecoder:
         self.seen = 0
         self.capacity = 0
         self._kv_dtype: torch.dtype | bool | None = False  # False: not probed yet
+        self._layout = _layout(module)  # what can_adopt compares, found once
         self.compile_info = dict(_PENDING if compile else _EAGER)
         self._compiled: Any = None
         self._checked: set[tuple[int, int, int]] = set()
@@ -330,8 +337,8 @@ class KVDecoder:
         """Whether :meth:`adopt` may take ``other``'s keys and values: the same config (the
         same cache shapes) and this model's keys in a plain cache (:attr:`kv_dtype`); the
         caches' kinds are checked by :meth:`adopt` itself."""
-        mine = _layout(self.module)
-        return mine is not None and mine == _layout(other.module) and self.kv_dtype is not None
+        mine = self._layout
+        return mine is not None and mine == other._layout and self.kv_dtype is not None
 
     def adopt(self, other: KVDecoder, length: int) -> bool:
         """Start this decoder's sequence (nothing fed since :meth:`reset`) with the keys and
@@ -353,14 +360,11 @@ class KVDecoder:
         theirs = _plain_layers(other.cache)
         if theirs is None:
             return False
-        from transformers.cache_utils import DynamicLayer, StaticLayer
+        from transformers.cache_utils import DynamicLayer
 
         mine = list(self.cache.layers)
         grows = not mine and getattr(self.cache, "layer_class_to_replicate", None) is DynamicLayer
-        if not grows and (
-            len(mine) != len(theirs)
-            or any(type(x) not in (DynamicLayer, StaticLayer) for x in mine)
-        ):
+        if not grows and (len(mine) != len(theirs) or not all(map(_is_plain, mine))):
             return False
         dtype = self.kv_dtype
         for i, source in enumerate(theirs):  # copies: the tensors stay other's
