@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import pytest
 import torch
 from torch import nn
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Several test processes share the machine's cores (``pytest -n``): one intra-op thread
+    # each, so their spinning thread pools do not fight over the cores.
+    torch.set_num_threads(1)
 
 
 class TinyCNN(nn.Module):
