@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -16,7 +16,7 @@ from mpsearch.backends._registry import Backend, get_backend
 from mpsearch.layers import layer_weights, quantizable_layers, replace_layers, weight_shapes
 from mpsearch.layers._expert_linears import follows_expert_interface, recording
 from mpsearch.layers._experts import is_expert_bank
-from mpsearch.layers._layers import NEVER_CALLED, swapped, watched
+from mpsearch.layers._layers import NEVER_CALLED, eval_mode, swapped, watched
 from mpsearch.plan import PrecisionPlan
 from mpsearch.rounding import Rounder
 from mpsearch.rounding._rounder import rounded_layers
@@ -213,7 +213,7 @@ def quantize(
     if calib is not None:
         calib = as_batches(calib, argument="calib")  # read once: an iterator is used again below
         changed = [n for n, s in assignment.items() if s != "fp32"]
-        for name in _never_called(model, calib, changed):
+        for name in never_called(model, calib, changed):
             assignment[name] = "fp32"
             choices[name] = "fp32"
     done = rounded_layers(model)  # rounded by a Rounder already: not again
@@ -262,13 +262,14 @@ def _observed_ranges(
     return collect_activation_ranges(model, calib, static, observer=observer) if static else {}
 
 
-def _never_called(model: nn.Module, calib: list[Any], names: Iterable[str]) -> list[str]:
-    """The layers of ``names`` that ``model`` does not call on the first ``calib`` batch."""
+def never_called(model: nn.Module, calib: Sequence[Any], names: Iterable[str]) -> list[str]:
+    """The layers of ``names`` that ``model`` does not call on the first ``calib`` batch
+    (warned: they stay fp32)."""
     called: set[str] = set()
     callbacks = {n: (lambda _x, n=n: called.add(n)) for n in names}
     if not callbacks:
         return []
-    with torch.inference_mode(), watched(model, callbacks):
+    with torch.inference_mode(), eval_mode(model), watched(model, callbacks):
         run_model(model, calib[0])
     never = [n for n in callbacks if n not in called]
     if never:

@@ -643,6 +643,18 @@ def _set_out_proj(mha: nn.MultiheadAttention, module: nn.Module) -> None:
 
 
 @contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` in eval mode within; every module's own mode is put back afterwards."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+@contextmanager
 def watched(
     model: nn.Module, callbacks: Mapping[str, Callable[[Any], None]], *, whole: bool = False
 ) -> Iterator[nn.Module]:

@@ -524,6 +524,13 @@ def _no_cache(model: nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in NO_CACHE.items() if k in parameters and k not in kwargs}
 
 
+def _add_keywords(
+    extra: dict[str, Any], _module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The call's arguments with the ``extra`` keywords the graph was exported with."""
+    return args, {**extra, **kwargs}
+
+
 def capture_export(model: nn.Module, batches: Sequence[Batch], layers: Sequence[str]) -> Capture:
     """``torch.export.export(model, strict=False)`` on the first batch, layers kept opaque
     (caches off: :data:`NO_CACHE`)."""
@@ -544,6 +551,8 @@ def capture_export(model: nn.Module, batches: Sequence[Batch], layers: Sequence[
     # ``module()`` makes train()/eval() raise; the graph is fixed in eval mode either way and
     # ``evaluate`` callables call eval()
     del gm.train, gm.eval
+    if extra:  # ``evaluate``, the Hessian's loss and rounding call it with the user's batches
+        gm.register_forward_pre_hook(partial(_add_keywords, extra), with_kwargs=True, prepend=True)
     for node in list(gm.graph.nodes):
         if node.op == "call_function" and node.target is torch.ops.mpsearch.layer.default:
             x, name = node.args

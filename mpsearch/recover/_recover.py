@@ -37,11 +37,11 @@ from torch.nn.utils import parametrize
 from mpsearch._data import Batch, as_batches, batch_size, output_tensor, run_model
 from mpsearch._validation import check_module, check_positive, invalid
 from mpsearch.backends import get_backend
-from mpsearch.backends._quantize import PlanLike, as_plan, check_assignment
+from mpsearch.backends._quantize import PlanLike, as_plan, check_assignment, never_called
 from mpsearch.layers import quantizable_layers, replace_layers
 from mpsearch.layers._expert_linears import follows_expert_interface
 from mpsearch.layers._experts import expert_rows, expert_weights, from_expert_rows, is_expert_bank
-from mpsearch.layers._layers import is_hf_conv1d
+from mpsearch.layers._layers import NEVER_CALLED, eval_mode, is_hf_conv1d
 from mpsearch.plan import PrecisionPlan
 from mpsearch.profile._cache import hash_batches, hash_model, hash_text
 from mpsearch.profile._metrics import auto_metric, callable_id
@@ -69,7 +69,8 @@ class RecoveryResult:
     fake-quantized model before training and of the returned weights (the best evaluated,
     so never above ``loss_before``), reached at ``best_step`` (0: training did not help).
     ``trained``: the layers fine-tuned with their quantizers; ``frozen``: ``{layer: why}`` for
-    the planned layers left as they were. ``resumed_from``: the checkpoint step this call
+    the planned layers left as they were (a layer the model never calls, reading its weight
+    directly, stays fp32, in ``plan`` too, as :func:`mpsearch.quantize` keeps it). ``resumed_from``: the checkpoint step this call
     started from (``None``: a fresh run).
     """
 
@@ -419,18 +420,6 @@ def _order(step: int, n: int, seed: int) -> int:
     return int(torch.randperm(n, generator=g)[i])
 
 
-@contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """``model`` in eval mode within; every module's own mode is put back afterwards."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for m, mode in modes:
-            m.training = mode
-
-
 def recover(
     model: nn.Module,
     plan: PlanLike,
@@ -511,6 +500,10 @@ def _recover(
     if checkpoint is not None and not isinstance(checkpoint, (str, os.PathLike)):
         raise invalid("checkpoint", checkpoint, "None or a file path")
     path = None if checkpoint is None else Path(checkpoint)
+    choices = plan.resolve_choices(model)
+    uncalled = never_called(model, batches, [n for n, s in assignment.items() if s != "fp32"])
+    for name in uncalled:  # as quantize keeps them: their weights are read, not called
+        assignment[name] = choices[name] = "fp32"
     trained, frozen = _roles(model, assignment)
     if not trained and opts.train == "layers":
         why = "; ".join(f"{n!r}: {r}" for n, r in frozen.items()) or "every layer stays fp32"
@@ -523,7 +516,7 @@ def _recover(
     student = copy.deepcopy(model).eval()
     if plan.rounds:  # the fine-tune starts from the plan's calibrated rounding
         rounder = rounder if rounder is not None else Rounder(model, train_batches)
-        rounder.apply(student, plan.resolve_choices(model), inplace=True, latent=True)
+        rounder.apply(student, choices, inplace=True, latent=True)
     params = _trainable(student, trained, frozen, opts.train)
     flags = {name: p.requires_grad for name, p in student.named_parameters()}
     for p in student.parameters():
@@ -543,7 +536,7 @@ def _recover(
     run = _Run(
         model, student, params, val_batches, opts, steps=steps, lr=lr, path=path, parts=parts
     )
-    with torch.random.fork_rng(devices=[]), _eval_mode(model):
+    with torch.random.fork_rng(devices=[]), eval_mode(model):
         torch.manual_seed(opts.seed)
         if state is not None:
             run.restore(state)
@@ -569,7 +562,7 @@ def _recover(
         best_step=int(run.best_step),
         steps_done=int(run.history[-1]["step"]) if run.history else 0,
         trained=list(trained),
-        frozen=frozen,
+        frozen=frozen | dict.fromkeys(uncalled, f"stays fp32: {NEVER_CALLED}"),
         resumed_from=run.resumed_from,
     )
 
@@ -622,7 +615,7 @@ class _Run:
         self.teacher, self.student, self.params, self.opts = teacher, student, params, opts
         self.steps, self.path, self.parts = steps, path, parts
         self.val_batches = val_batches
-        with _eval_mode(teacher):
+        with eval_mode(teacher):
             self.val_refs = [self.teacher_out(b) for b in val_batches]
         self.loss_fn = _loss_fn(opts, self.val_refs[0])
         self.val_sizes = [batch_size(b) for b in val_batches]

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from mpsearch._data import run_model
 from mpsearch.layers._expert_linears import follows_expert_interface, recording
 from mpsearch.layers._experts import is_expert_bank
-from mpsearch.layers._layers import standard_form, swapped, watched
+from mpsearch.layers._layers import eval_mode, standard_form, swapped, watched
 
 ROUNDABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d)
 """Layers (in their standard form) whose weights calibrated rounding takes: one weight applied
@@ -168,7 +168,12 @@ def collect_stats(
     banks = {n: _BankAccumulator(m) for n, m in modules.items() if is_expert_bank(m)}
     accumulators = {n: _Accumulator(m) for n, m in modules.items() if n not in banks}
     recorders = {name: bank.linears for name, bank in banks.items()}
-    with torch.inference_mode(), watched(model, accumulators), swapped(model, recorders):
+    with (
+        torch.inference_mode(),
+        eval_mode(model),
+        watched(model, accumulators),
+        swapped(model, recorders),
+    ):
         for batch in batches:
             run_model(model, batch)
     found: dict[str, _Accumulator | _BankAccumulator] = {**accumulators, **banks}

@@ -240,3 +240,17 @@ def test_a_model_of_3d_and_transposed_convs_runs_the_whole_pipeline(tmp_path) ->
         model, plan, tmp_path, example_input=calib[0], formats=("plan", "state_dict")
     )
     assert {r.format: r.check for r in exported.records}["plan"] == 0.0
+
+
+def test_quantizing_with_calib_leaves_a_training_models_batchnorm_statistics() -> None:
+    """``quantize(calib=...)`` runs the user's model to find the layers it never calls and,
+    for a calibrated rounding, to gather the layers' inputs: a model left in training mode
+    updated its BatchNorm running statistics there (and the rounding saw batch statistics)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3))
+    before = copy.deepcopy(model.state_dict())
+    calib = [torch.randn(4, 3, 8, 8) + 1.0 for _ in range(2)]
+    quantize(model, "w4a16_pc+gptq", backend="simulate", calib=calib)
+    assert model.training
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, before[name]), name

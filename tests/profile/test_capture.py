@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib
 import warnings
+from typing import Any
 
 import numpy as np
 import pytest
@@ -223,6 +224,37 @@ def test_export_graph_takes_evaluate_and_hessian(monkeypatch) -> None:
     assert graph.info["runner"] == "graph:export"
     hooks = _hooks(monkeypatch, model, data, **kwargs)
     for metric in ("task_drop", "hessian"):
+        np.testing.assert_allclose(graph.pivot(metric), hooks.pivot(metric), rtol=1e-5)
+
+
+class _CachingBranch(_ShapeBranch):
+    """Takes ``use_cache`` (as Hugging Face models do), which ``export`` sets to False."""
+
+    def forward(self, image: torch.Tensor, extra: torch.Tensor, use_cache: bool = True) -> Any:
+        return super().forward(image, extra), ([extra] if use_cache else None)
+
+
+def test_export_graph_added_keywords_do_not_reach_what_calls_the_graph(monkeypatch) -> None:
+    """The graph was exported with ``use_cache=False``; ``evaluate``, the Hessian's loss and
+    calibrated rounding call it with the user's batches, which leave it out."""
+    torch.manual_seed(0)
+    model = _CachingBranch().eval()
+    data = _dict_batches(2)
+
+    def evaluate(net: torch.nn.Module) -> float:
+        return -float(net(**data[0])[0].square().mean())
+
+    def loss_fn(out: torch.Tensor, _batch: object) -> torch.Tensor:
+        return out.logsumexp(-1).mean()
+
+    kwargs = {"progress": False, "evaluate": evaluate, "loss_fn": loss_fn}
+    kwargs["schemes"] = ["w8a8", "w4a16_pc+gptq"]
+    with monkeypatch.context() as patch:
+        _only(patch, "export")
+        graph = profile(model, data, **kwargs)
+    assert graph.info["runner"] == "graph:export"
+    hooks = _hooks(monkeypatch, model, data, **kwargs)
+    for metric in ("mse", "task_drop", "hessian"):
         np.testing.assert_allclose(graph.pivot(metric), hooks.pivot(metric), rtol=1e-5)
 
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from backends.test_layer_kinds import Conv1D  # Hugging Face's Conv1D: weight [in, out]
+from helpers import ReadsWeights
 from sklearn.datasets import load_digits
 from torch import nn
 
@@ -359,3 +360,18 @@ def test_an_expert_bank_trains_in_weight_only_schemes_from_its_calibrated_roundi
     assert torch.equal(frozen.model.experts.gate_up_proj, net.experts.gate_up_proj)
     with pytest.raises(ValueError, match="(?s)'plan' argument leaves recover no layer.*'experts'"):
         recover(net, {"experts": "w8a8"}, calib, steps=2, options=FAST, progress=False)
+
+
+def test_a_layer_whose_weight_is_read_not_called_stays_fp32() -> None:
+    """``gate``'s weight is read directly (as Mamba's ``dt_proj``): its bf16 fake-quantized
+    weight met the fp32 activations in a matrix product and training stopped with a dtype
+    error. It now stays fp32, as ``quantize`` with calibration batches keeps it, and says why."""
+    model = ReadsWeights().eval()
+    batches = [torch.randn(16, 64, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    with pytest.warns(UserWarning, match=r"1 layer\(s\) stay fp32.*'gate'"):
+        res = recover(model, "w4a16_pc+gptq", batches, steps=4, lr=1e-3, progress=False)
+    assert res.trained == ["proj", "head"]
+    assert "never called" in res.frozen["gate"]
+    assert res.plan.resolve(model) == {"proj": "w4a16_pc", "gate": "fp32", "head": "w4a16_pc"}
+    assert torch.equal(res.model.gate.weight, model.gate.weight)
+    assert res.loss_after <= res.loss_before
