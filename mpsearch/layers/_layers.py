@@ -16,6 +16,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 from torch.utils import _pytree as pytree
 
 from mpsearch._validation import check_module, wrong_type
@@ -640,6 +641,20 @@ def _set_out_proj(mha: nn.MultiheadAttention, module: nn.Module) -> None:
     mha.out_proj = module  # type: ignore[assignment]
     if not ours:
         mha.register_forward_hook(_run_out_proj)
+
+
+def unparametrize(module: nn.Module, name: str = "weight") -> None:
+    """Make ``module``'s parametrized tensor ``name`` (``weight_norm``...) a plain parameter
+    holding the value it computes; the module becomes its base type again. torch's deepcopy
+    of a parametrized module shares its injected class with the original, and
+    ``remove_parametrizations`` deletes the tensor's property from that class: the module
+    first gets a class of its own, so the original (the user's model) keeps its tensor."""
+    if not parametrize.is_parametrized(module, name):
+        return
+    cls = type(module)
+    body = {k: v for k, v in vars(cls).items() if k not in ("__dict__", "__weakref__")}
+    module.__class__ = type(cls.__name__, cls.__bases__, body)
+    parametrize.remove_parametrizations(module, name, leave_parametrized=True)
 
 
 @contextmanager

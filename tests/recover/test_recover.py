@@ -375,3 +375,26 @@ def test_a_layer_whose_weight_is_read_not_called_stays_fp32() -> None:
     assert res.plan.resolve(model) == {"proj": "w4a16_pc", "gate": "fp32", "head": "w4a16_pc"}
     assert torch.equal(res.model.gate.weight, model.gate.weight)
     assert res.loss_after <= res.loss_before
+
+
+def test_a_weight_normed_layer_trains_as_a_plain_one_and_the_users_model_keeps_its_own() -> None:
+    """wav2vec2's positional conv is weight-normed: the fine-tune trains the weight its
+    parametrization computes, as a plain parameter of the student's layer; the user's model
+    (whose parametrized class torch's deepcopy shares with the student) is left as it was."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.utils.parametrizations.weight_norm(nn.Conv1d(4, 32, 3, padding=1)),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(32 * 16, 10),
+    ).eval()
+    before = copy.deepcopy(model.state_dict())
+    batches = [torch.randn(16, 4, 16, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    res = recover(model, "w4a16_pc", batches, steps=6, lr=1e-3, progress=False)
+    assert res.trained == ["0", "3"] and res.loss_after <= res.loss_before
+    assert type(res.model[0]) is nn.Conv1d and "0.weight" in res.model.state_dict()
+    assert nn.utils.parametrize.is_parametrized(model[0], "weight")
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, before[name]), name
+    with torch.inference_mode():
+        quantize(res.model, res.plan, backend="simulate")(batches[0])

@@ -140,6 +140,25 @@ def test_collect_stats_is_the_second_moment_of_the_inputs() -> None:
     assert stats["0"].count == 10
 
 
+def test_tiny_inputs_give_their_exact_second_moment_and_the_rounding_of_any_scale() -> None:
+    """A random-initialised MobileViT feeds layers inputs of 1e-22 to 1e-34: their float32
+    products underflowed (zero or a few bits of a subnormal), the Hessian was not positive
+    definite and GPTQ stopped in its Cholesky factorization. Products are now taken on
+    inputs scaled to 1, so the moments are exact to float32 rounding at any scale, and GPTQ
+    (invariant to the Hessian's scale) rounds tiny inputs as it rounds the same inputs at 1."""
+    net = nn.Sequential(nn.Linear(64, 16)).eval()
+    x = correlated(3)
+    spec = get_scheme("w4a16_pc").weight
+    at_one = collect_stats(net, [x], ["0"])["0"].hessian[0]
+    for scale in (1e-22, 1e-34):
+        stats = collect_stats(net, [x * scale], ["0"])["0"]
+        exact = (x * scale).double()
+        got, want = stats.hessian[0] / scale**2, exact.T @ exact / scale**2
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6 * float(want.abs().max()))
+        w = net[0].weight.detach()
+        assert torch.equal(gptq(w, stats.hessian[0], spec), gptq(w, at_one, spec))
+
+
 @pytest.mark.parametrize(
     "layer, shape",
     [(nn.Linear(64, 16), (40, 64)), (nn.Conv2d(8, 8, 3, padding=1, groups=2), (6, 8, 7, 7))],
@@ -390,3 +409,30 @@ def test_a_bank_outside_the_expert_interface_falls_back_to_round_to_nearest_by_n
     assert mps.PrecisionPlan(default="w4a16+gptq").resolve_choices(_moe()[0])["experts"] == (
         "w4a16+gptq"
     )
+
+
+def test_a_weight_normed_layer_rounds_as_the_plain_layer_with_its_weight() -> None:
+    """wav2vec2's positional conv is weight-normed (a parametrization): setting its rounded
+    weight raised "attribute 'weight' already exists". It now rounds as the plain conv that
+    holds the weight the parametrization computes, and the user's model keeps its own."""
+    torch.manual_seed(0)
+    normed = nn.Sequential(
+        nn.utils.parametrizations.weight_norm(nn.Conv1d(4, 32, 3, padding=1)),
+        nn.ReLU(),
+        nn.Conv1d(32, 4, 1),
+    ).eval()
+    plain = nn.Sequential(nn.Conv1d(4, 32, 3, padding=1), nn.ReLU(), nn.Conv1d(32, 4, 1)).eval()
+    with torch.no_grad():
+        plain[0].weight.copy_(normed[0].weight)
+        plain[0].bias.copy_(normed[0].bias)
+        plain[2].load_state_dict(normed[2].state_dict())
+    calib = [torch.randn(8, 4, 16, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    outs = []
+    for model in (normed, plain):
+        q = mps.quantize(model, "w4a16_pc+gptq", backend="simulate", calib=calib)
+        with torch.inference_mode():
+            outs.append(q(calib[0]))
+    assert torch.equal(outs[0], outs[1])
+    # the user's layer keeps its parametrization (torch's deepcopy shares its class)
+    assert nn.utils.parametrize.is_parametrized(normed[0], "weight")
+    torch.testing.assert_close(normed[0].weight, plain[0].weight, rtol=0, atol=0)
