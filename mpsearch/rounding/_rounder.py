@@ -13,6 +13,7 @@ from typing import Any
 import pandas as pd
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from mpsearch._data import as_batches
 from mpsearch._validation import check_module, invalid, wrong_type
@@ -266,8 +267,11 @@ class Rounder:
         original = self.layers[name]
         if not self.needed({name: scheme.name}):
             return original
-        layer = copy.copy(original)
-        layer._parameters = dict(original._parameters)  # its own, so the original keeps its
+        if parametrize.is_parametrized(original):  # torch refuses shallow copies of these
+            layer = copy.deepcopy(original)
+        else:
+            layer = copy.copy(original)
+            layer._parameters = dict(original._parameters)  # its own: the original keeps its
         set_weight(layer, *self.weight(name, scheme))
         return layer
 

@@ -427,12 +427,14 @@ def test_a_weight_normed_layer_rounds_as_the_plain_layer_with_its_weight() -> No
         plain[0].bias.copy_(normed[0].bias)
         plain[2].load_state_dict(normed[2].state_dict())
     calib = [torch.randn(8, 4, 16, generator=torch.Generator().manual_seed(i)) for i in range(3)]
-    outs = []
+    outs, rows = [], []
     for model in (normed, plain):
         q = mps.quantize(model, "w4a16_pc+gptq", backend="simulate", calib=calib)
         with torch.inference_mode():
             outs.append(q(calib[0]))
+        rows.append(mps.profile(model, calib, schemes=["w4a16_pc+gptq"], progress=False))
     assert torch.equal(outs[0], outs[1])
+    assert rows[0].pivot("mse").equals(rows[1].pivot("mse"))
     # the user's layer keeps its parametrization (torch's deepcopy shares its class)
     assert nn.utils.parametrize.is_parametrized(normed[0], "weight")
     torch.testing.assert_close(normed[0].weight, plain[0].weight, rtol=0, atol=0)
