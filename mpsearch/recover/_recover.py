@@ -61,16 +61,17 @@ class RecoveryResult:
     """What :func:`recover` returns.
 
     ``model``: the float model with the recovered weights (eval mode, the user's module types
-    and names; a trained weight-normed layer is its plain base type, holding the weight), to pass to :func:`mpsearch.quantize` with ``plan``: the plan's schemes, rounded
-    to nearest (a calibrated rounding the plan asked for was the fine-tune's start; the
-    fine-tuned weights are meant for round to nearest). ``history``: one row
-    per step (``step``, ``train_loss``, ``val_loss`` where evaluated; step 0 is the model before
-    training). ``loss_before`` / ``loss_after``: the held-out distillation loss of the
-    fake-quantized model before training and of the returned weights (the best evaluated,
-    so never above ``loss_before``), reached at ``best_step`` (0: training did not help).
-    ``trained``: the layers fine-tuned with their quantizers; ``frozen``: ``{layer: why}`` for
-    the planned layers left as they were (a layer the model never calls, reading its weight
-    directly, stays fp32, in ``plan`` too, as :func:`mpsearch.quantize` keeps it). ``resumed_from``: the checkpoint step this call
+    and names; a trained weight-normed layer is its plain base type, holding the weight), to
+    pass to :func:`mpsearch.quantize` with ``plan``: the plan's schemes, rounded to nearest (a
+    calibrated rounding the plan asked for was the fine-tune's start; the fine-tuned weights
+    are meant for round to nearest). ``history``: one row per step (``step``, ``train_loss``,
+    ``val_loss`` where evaluated; step 0 is the model before training). ``loss_before`` /
+    ``loss_after``: the held-out distillation loss of the fake-quantized model before training
+    and of the returned weights (the best evaluated, so never above ``loss_before``), reached
+    at ``best_step`` (0: training did not help). ``trained``: the layers fine-tuned with their
+    quantizers; ``frozen``: ``{layer: why}`` for the planned layers left as they were (a layer
+    the model never calls, reading its weight directly, stays fp32, in ``plan`` too, as
+    :func:`mpsearch.quantize` keeps it). ``resumed_from``: the checkpoint step this call
     started from (``None``: a fresh run).
     """
 
