@@ -30,6 +30,15 @@ def conv_net(classes: int = 10) -> nn.Module:
     ).eval()
 
 
+class StandardizedConv(nn.Conv2d):
+    """timm's ``StdConv2d``: the weight standardized in forward, then the base's call."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        w = (w - w.mean(dim=(1, 2, 3), keepdim=True)) / (w.std(dim=(1, 2, 3), keepdim=True) + 1e-5)
+        return self._conv_forward(x, w, self.bias)
+
+
 class ReadsWeights(nn.Module):
     """Model code that reads layers besides calling them: a dtype check before ``proj`` (as
     Hugging Face ViT and T5 do), ``head``'s weight shape and settings (as CLIP's

@@ -643,18 +643,24 @@ def _set_out_proj(mha: nn.MultiheadAttention, module: nn.Module) -> None:
         mha.register_forward_hook(_run_out_proj)
 
 
-def unparametrize(module: nn.Module, name: str = "weight") -> None:
-    """Make ``module``'s parametrized tensor ``name`` (``weight_norm``...) a plain parameter
-    holding the value it computes; the module becomes its base type again. torch's deepcopy
-    of a parametrized module shares its injected class with the original, and
-    ``remove_parametrizations`` deletes the tensor's property from that class: the module
-    first gets a class of its own, so the original (the user's model) keeps its tensor."""
-    if not parametrize.is_parametrized(module, name):
-        return
-    cls = type(module)
-    body = {k: v for k, v in vars(cls).items() if k not in ("__dict__", "__weakref__")}
-    module.__class__ = type(cls.__name__, cls.__bases__, body)
-    parametrize.remove_parametrizations(module, name, leave_parametrized=True)
+def make_plain(module: nn.Module) -> None:
+    """Make ``module`` the plain layer it computes, in place, holding the weight it computes
+    with: a parametrized weight (``weight_norm``) becomes a plain parameter (the module its
+    base type), and a weight-transforming subclass (:func:`effective_form`: timm's
+    ``StdConv2d``) its base type, its transform folded. A weight set on it afterwards is the
+    weight it computes with. torch's deepcopy of a parametrized module shares its injected
+    class with the original, and ``remove_parametrizations`` deletes the weight's property
+    from that class: the module first gets a class of its own, so the original (the user's
+    model) keeps its weight."""
+    if parametrize.is_parametrized(module, "weight"):
+        cls = type(module)
+        body = {k: v for k, v in vars(cls).items() if k not in ("__dict__", "__weakref__")}
+        module.__class__ = type(cls.__name__, cls.__bases__, body)
+        parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+    folded = effective_form(module)
+    if folded is not None:
+        module.__class__ = type(folded)
+        module._parameters = dict(folded._parameters)
 
 
 @contextmanager

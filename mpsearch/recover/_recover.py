@@ -41,7 +41,7 @@ from mpsearch.backends._quantize import PlanLike, as_plan, check_assignment, nev
 from mpsearch.layers import quantizable_layers, replace_layers
 from mpsearch.layers._expert_linears import follows_expert_interface
 from mpsearch.layers._experts import expert_rows, expert_weights, from_expert_rows, is_expert_bank
-from mpsearch.layers._layers import NEVER_CALLED, eval_mode, is_hf_conv1d, unparametrize
+from mpsearch.layers._layers import NEVER_CALLED, eval_mode, is_hf_conv1d, make_plain
 from mpsearch.plan import PrecisionPlan
 from mpsearch.profile._cache import hash_batches, hash_model, hash_text
 from mpsearch.profile._metrics import auto_metric, callable_id
@@ -61,7 +61,8 @@ class RecoveryResult:
     """What :func:`recover` returns.
 
     ``model``: the float model with the recovered weights (eval mode, the user's module types
-    and names; a trained weight-normed layer is its plain base type, holding the weight), to
+    and names; a trained layer that transforms its weight, ``weight_norm`` or weight
+    standardization, is the plain base type, holding the weight it computed with), to
     pass to :func:`mpsearch.quantize` with ``plan``: the plan's schemes, rounded to nearest (a
     calibrated rounding the plan asked for was the fine-tune's start; the fine-tuned weights
     are meant for round to nearest). ``history``: one row per step (``step``, ``train_loss``,
@@ -515,8 +516,8 @@ def _recover(
         )
 
     student = copy.deepcopy(model).eval()
-    for name in trained:  # weight_norm: the weight it computes is what the fine-tune trains
-        unparametrize(student.get_submodule(name))
+    for name in trained:  # weight_norm, weight standardization: the weight computed with trains
+        make_plain(student.get_submodule(name))
     if plan.rounds:  # the fine-tune starts from the plan's calibrated rounding
         rounder = rounder if rounder is not None else Rounder(model, train_batches)
         rounder.apply(student, choices, inplace=True, latent=True)

@@ -19,7 +19,7 @@ from mpsearch._data import as_batches
 from mpsearch._validation import check_module, invalid, wrong_type
 from mpsearch.layers import quantizable_layers
 from mpsearch.layers._experts import expert_rows, expert_weights, from_expert_rows, is_expert_bank
-from mpsearch.layers._layers import is_hf_conv1d, standard_form, unparametrize
+from mpsearch.layers._layers import is_hf_conv1d, make_plain, standard_form
 from mpsearch.rounding._adaround import adaround
 from mpsearch.rounding._gptq import gptq
 from mpsearch.rounding._grid import Grid, output_error
@@ -335,8 +335,9 @@ def _own_layout(layer: nn.Module, weight: Tensor) -> Tensor:
 
 def set_weight(layer: nn.Module, weight: Weight, bias: Tensor | None) -> None:
     """Give ``layer`` a standard-form ``weight`` (and ``bias``) as new parameters of its own:
-    a tensor it shared with another module (a tied embedding) keeps its values there; a
-    parametrized weight (``weight_norm``) becomes a plain one. A Mixture-of-Experts bank
+    a tensor it shared with another module (a tied embedding) keeps its values there; a layer
+    that transforms its weight (``weight_norm``, weight standardization) becomes the plain
+    layer it computes (:func:`~mpsearch.layers._layers.make_plain`). A Mixture-of-Experts bank
     takes its expert weights by name, in its own layout."""
     if isinstance(weight, dict):
         for name, w in weight.items():
@@ -344,7 +345,7 @@ def set_weight(layer: nn.Module, weight: Weight, bias: Tensor | None) -> None:
             setattr(layer, name, nn.Parameter(w.clone(), requires_grad=old_w.requires_grad))
         return
     old = layer.weight
-    unparametrize(layer)  # weight_norm: ``weight`` is what it computed
+    make_plain(layer)  # weight_norm, weight standardization: the rounded weight is computed with
     layer.weight = nn.Parameter(_own_layout(layer, weight), requires_grad=old.requires_grad)
     if bias is not None:
         layer.bias = nn.Parameter(bias.to(old.dtype).clone(), requires_grad=old.requires_grad)

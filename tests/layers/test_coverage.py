@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import StandardizedConv
 from torch import nn
 
 from mpsearch.layers import coverage, is_quantizable, quantizable_layers
@@ -76,15 +77,6 @@ class _CastingLinear(nn.Linear):
         return nn.functional.linear(x, self.weight.to(x.dtype), self.bias)
 
 
-class _StandardizedConv(nn.Conv2d):
-    """timm's ``StdConv2d``: the weight standardized in forward, then the base's call."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight
-        w = (w - w.mean(dim=(1, 2, 3), keepdim=True)) / (w.std(dim=(1, 2, 3), keepdim=True) + 1e-5)
-        return self._conv_forward(x, w, self.bias)
-
-
 class _SelfPaddedConv(nn.Conv2d):
     """timm's ``Conv2dSame``: pads its input itself, then convolves."""
 
@@ -97,7 +89,7 @@ def test_a_subclass_whose_forward_computes_something_else_is_left_out_with_the_r
     model = nn.Sequential(
         _ScaledEmbedding(64, 16),
         _CastingLinear(16, 16),
-        _StandardizedConv(16, 8, 3),
+        StandardizedConv(16, 8, 3),
         _SelfPaddedConv(8, 8, 2),
         nn.Linear(8, 4),
     )
@@ -122,7 +114,7 @@ def test_a_weight_standardized_conv_is_folded_and_quantized(backend: str) -> Non
     from mpsearch.layers._layers import effective_form, standard_form
 
     torch.manual_seed(0)
-    model = nn.Sequential(_StandardizedConv(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 1))
+    model = nn.Sequential(StandardizedConv(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 1))
     model.eval()
     x = torch.randn(2, 3, 8, 8)
     folded = effective_form(model[0])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import HFMoE
+from helpers import HFMoE, StandardizedConv
 from torch import nn
 
 import mpsearch as mps
@@ -438,3 +438,25 @@ def test_a_weight_normed_layer_rounds_as_the_plain_layer_with_its_weight() -> No
     # the user's layer keeps its parametrization (torch's deepcopy shares its class)
     assert nn.utils.parametrize.is_parametrized(normed[0], "weight")
     torch.testing.assert_close(normed[0].weight, plain[0].weight, rtol=0, atol=0)
+
+
+def test_a_weight_standardizing_conv_keeps_the_codes_its_rounding_chose() -> None:
+    """timm's ``StdConv2d`` (BiT, NFNet) standardizes its weight in forward: the rounded weight
+    was standardized again, and the kernels re-rounded it (884 of 1,152 GPTQ codes changed,
+    and GPTQ came out worse than round to nearest on a ResNetV2). The rounded layer is now
+    the plain conv it computes, holding exactly the rounded weight."""
+    torch.manual_seed(0)
+    model = nn.Sequential(StandardizedConv(8, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 4, 1))
+    model.eval()
+    calib = [
+        torch.randn(8, 8, 12, 12, generator=torch.Generator().manual_seed(i)) for i in range(3)
+    ]
+    rounder = Rounder(model, calib)
+    rounded, _ = rounder.weight("0", "w4a16_pc+gptq")
+    for layer in (
+        rounder.apply(model, {"0": "w4a16_pc+gptq"})[0],
+        rounder.layer("0", "w4a16_pc+gptq"),
+    ):
+        assert type(layer) is nn.Conv2d
+        assert torch.equal(layer.weight, rounded.reshape(layer.weight.shape))
+    assert type(model[0]) is StandardizedConv
