@@ -183,11 +183,12 @@ def quantize(
     by name (``backend="cpu"``) it gets them (a kernel this machine lacks: the default); a
     backend object with choices of its own (``cost.backend``) keeps those.
 
-    With ``calib``, layers that its first batch never calls (the model reads their weights
-    directly, as Mamba's ``conv1d``) stay fp32, with a warning; the search keeps them fp32
-    too. Without it they are replaced, and the model computes with such a layer's stand-in
-    weight: NaN (``mpsearch.layers._layers.stand_in``), which int8 layers downstream turn
-    into wrong finite values. Pass ``calib`` for models that read weights.
+    With ``calib`` (or a ``rounder``: its batches), layers that the first batch never calls
+    (the model reads their weights directly, as Mamba's ``conv1d``) stay fp32, with a warning;
+    the search keeps them fp32 too. Without either they are replaced, and the model computes
+    with such a layer's stand-in weight: NaN (``mpsearch.layers._layers.stand_in``), which
+    int8 layers downstream turn into wrong finite values. Pass ``calib`` for models that read
+    weights.
 
     >>> net = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10)).eval()
     >>> qnet = quantize(net, PrecisionPlan({"0": "w8a8"}, default="bf16"))
@@ -212,8 +213,10 @@ def quantize(
         )
     if calib is not None:
         calib = as_batches(calib, argument="calib")  # read once: an iterator is used again below
+    data = calib if calib is not None else (rounder.batches if rounder is not None else None)
+    if data is not None:  # a rounder's batches show it as well as calib
         changed = [n for n, s in assignment.items() if s != "fp32"]
-        for name in never_called(model, calib, changed):
+        for name in never_called(model, data, changed):
             assignment[name] = "fp32"
             choices[name] = "fp32"
     done = rounded_layers(model)  # rounded by a Rounder already: not again

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import HFMoE, StandardizedConv
+from helpers import HFMoE, ReadsWeights, StandardizedConv
 from torch import nn
 
 import mpsearch as mps
@@ -460,3 +460,16 @@ def test_a_weight_standardizing_conv_keeps_the_codes_its_rounding_chose() -> Non
         assert type(layer) is nn.Conv2d
         assert torch.equal(layer.weight, rounded.reshape(layer.weight.shape))
     assert type(model[0]) is StandardizedConv
+
+
+def test_a_rounder_alone_keeps_a_layer_the_model_never_calls_in_fp32() -> None:
+    """``quantize(..., rounder=...)`` without ``calib``: the rounder's batches show which layers
+    the model never calls (Mamba's ``conv1d``, whose weight it reads), as ``calib`` would.
+    Before, bias correction asked for that layer's statistics and stopped: "never ran"."""
+    model = ReadsWeights().eval()
+    calib = [torch.randn(16, 64, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    rounder = Rounder(model, calib, options=RoundingOptions(bias_correction=True))
+    with pytest.warns(UserWarning, match=r"1 layer\(s\) stay fp32.*'gate'"):
+        q = mps.quantize(model, "w4a16_pc", backend="simulate", rounder=rounder)
+    assert q.mpsearch_assignment["gate"] == "fp32"
+    assert set(rounder.report["layer"]) == {"proj", "head"}
