@@ -525,9 +525,46 @@ def onednn_twin(layer: FbgemmInt8Linear) -> Int8Linear:
     return twin
 
 
+def conv1d_as_2d_dim(conv: nn.Conv1d) -> int:
+    """The dimension a Conv1d's int8 kernel adds to run as a Conv2d: 2 (a 1 x K kernel on
+    ``[N, C, 1, L]``) where oneDNN's int8 conv computes the layer's geometry exactly, else 3
+    (K x 1 on ``[N, C, L, 1]``). As 1 x K, oneDNN gave wrong sums on an AMX Xeon (torch 2.13)
+    for 4 to 16 input channels per group and K = 8, 12, 16, 32, 128 (relative error about 1
+    at every length and batch tried, with 7-bit codes too: not saturation); as K x 1 it was
+    exact on every shape tried, but up to 2.9x slower on others (1 to 512 channels, K = 10,
+    stride 5). Found by one probe per geometry (random codes, exact float64 reference)."""
+    padding = conv.padding[0] if isinstance(conv.padding, tuple) else 0
+    return _conv1d_dim(
+        conv.out_channels, conv.in_channels // conv.groups, conv.kernel_size[0],
+        conv.stride[0], padding, conv.dilation[0], conv.groups,
+    )  # fmt: skip
+
+
+@functools.cache
+def _conv1d_dim(
+    out: int, per_group: int, k: int, stride: int, pad: int, dilation: int, groups: int
+) -> int:
+    g = torch.Generator().manual_seed(0)
+    w = torch.randint(-127, 128, (out, per_group, 1, k), generator=g, dtype=torch.int8)
+    length = dilation * (k - 1) + 4 * stride + 1
+    x = torch.randint(0, 256, (1, per_group * groups, 1, length), generator=g, dtype=torch.uint8)
+    ones = torch.ones(out)
+    geometry = ([1, stride], [0, pad], [1, dilation])
+    packed = torch.ops.onednn.qconv_prepack(w, ones, 1.0, 0, *geometry, groups, None)
+    y = _onednn_overload(torch.ops.onednn.qconv_pointwise, 1.0)(
+        x.contiguous(memory_format=torch.channels_last), 1.0, 0, packed, ones,
+        torch.zeros(out, dtype=torch.int32), None, *geometry, groups,
+        1.0, 0, torch.float32, "none", [], "",
+    )  # fmt: skip
+    ref = F.conv2d(x.double(), w.double(), None, (1, stride), (0, pad), (1, dilation), groups)
+    return 2 if float((y.double() - ref).norm() / ref.norm()) < 1e-5 else 3
+
+
 class Int8Conv(_PackedInt8):
     """``w8a8`` Conv1d/Conv2d on oneDNN (``onednn::qconv_pointwise``), channels-last, float32
-    output; a Conv1d runs as a Conv2d of height 1."""
+    output; a Conv1d runs as a Conv2d of height 1 or width 1 (:func:`conv1d_as_2d_dim`)."""
+
+    dim = 2  # the dimension a Conv1d adds (objects pickled by earlier versions: height 1)
 
     def __init__(
         self, layer: nn.Conv1d | nn.Conv2d, scheme: Scheme, *, act_range: ActRange = None
@@ -535,14 +572,18 @@ class Int8Conv(_PackedInt8):
         super().__init__()
         self.scheme_name = scheme.name
         self.is_1d = isinstance(layer, nn.Conv1d)
+        self.dim = conv1d_as_2d_dim(layer) if self.is_1d else 0
         scheme = int8_kernel_scheme(scheme)
         codes, scale, _ = _weight_codes(layer.weight, scheme)
         weight_shape = tuple(layer.weight.shape)
         codes = codes.reshape(weight_shape).to(torch.int8)
-        pair = (lambda v: (1, *v)) if self.is_1d else (lambda v: tuple(v))
-        pad = (lambda v: (0, *v)) if self.is_1d else (lambda v: tuple(v))
+        pair, pad = (lambda v: tuple(v)), (lambda v: tuple(v))
+        if self.dim == 2:
+            pair, pad = (lambda v: (1, *v)), (lambda v: (0, *v))
+        elif self.dim == 3:
+            pair, pad = (lambda v: (*v, 1)), (lambda v: (*v, 0))
         if self.is_1d:
-            codes = codes.unsqueeze(2)
+            codes = codes.unsqueeze(self.dim)
         # oneDNN's 2-D forms, apart from the layer's own settings (which model code may read:
         # Whisper multiplies its convs' ``stride[0]``)
         self.geometry_2d = (
@@ -560,6 +601,8 @@ class Int8Conv(_PackedInt8):
         self.act = _ActQuant(scheme, act_range)
 
     def _pack(self, codes: Tensor) -> Tensor:
+        if self.is_1d and codes.shape[self.dim] != 1:  # saved in the other orientation
+            codes = codes.transpose(2, 3)
         return torch.ops.onednn.qconv_prepack(
             codes.to(torch.int8).contiguous(), self.w_scale, 1.0, 0,
             *self.geometry_2d, self.groups, None,
@@ -571,7 +614,7 @@ class Int8Conv(_PackedInt8):
     def forward(self, x: Tensor) -> Tensor:
         out_dtype = x.dtype
         if self.is_1d:
-            x = x.unsqueeze(2)
+            x = x.unsqueeze(self.dim)
         q, scale, zero = self.act(x)
         q = q.contiguous(memory_format=torch.channels_last)
         y = _onednn_overload(torch.ops.onednn.qconv_pointwise, scale)(
@@ -580,7 +623,7 @@ class Int8Conv(_PackedInt8):
             1.0, 0, torch.float32, "none", [], "",
         )  # fmt: skip
         if self.is_1d:
-            y = y.squeeze(2)
+            y = y.squeeze(self.dim)
         return y.to(out_dtype)
 
 

@@ -32,7 +32,7 @@ from mpsearch.backends._compiled import (
     check_against,
     failed,
 )
-from mpsearch.backends._kernels import onednn_u8s8_saturates
+from mpsearch.backends._kernels import conv1d_as_2d_dim, onednn_u8s8_saturates
 from mpsearch.backends._registry import Backend, get_backend
 from mpsearch.schemes import Scheme
 
@@ -55,7 +55,8 @@ def _annotated(layer: nn.Module, scheme: str) -> bool:
 
 
 class Conv1dAs2d(nn.Module):
-    """A ``Conv1d`` run as a ``Conv2d`` of height 1 (``[B, C, L]`` in and out), the same
+    """A ``Conv1d`` run as a ``Conv2d`` of height 1 or width 1 (:func:`conv1d_as_2d_dim`:
+    where oneDNN's int8 conv computes it exactly; ``[B, C, L]`` in and out), the same
     arithmetic: the X86 quantizer annotates, and oneDNN fuses, 2-D convolutions only.
 
     >>> conv = nn.Conv1d(2, 3, 5, stride=2, padding=1)
@@ -66,24 +67,29 @@ class Conv1dAs2d(nn.Module):
 
     def __init__(self, conv: nn.Conv1d) -> None:
         super().__init__()
-        padding = conv.padding if isinstance(conv.padding, str) else (0, conv.padding[0])
+        self.dim = conv1d_as_2d_dim(conv)
+
+        def as_2d(value: Any, one: Any) -> Any:
+            return (one, value) if self.dim == 2 else (value, one)
+
+        padding = conv.padding if isinstance(conv.padding, str) else as_2d(conv.padding[0], 0)
         self.conv = nn.Conv2d(
             conv.in_channels,
             conv.out_channels,
-            (1, conv.kernel_size[0]),
-            stride=(1, conv.stride[0]),
+            as_2d(conv.kernel_size[0], 1),
+            stride=as_2d(conv.stride[0], 1),
             padding=padding,
-            dilation=(1, conv.dilation[0]),
+            dilation=as_2d(conv.dilation[0], 1),
             groups=conv.groups,
             bias=conv.bias is not None,
         )
         with torch.no_grad():
-            self.conv.weight.copy_(conv.weight.unsqueeze(2))
+            self.conv.weight.copy_(conv.weight.unsqueeze(self.dim))
             if conv.bias is not None:
                 self.conv.bias.copy_(conv.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(x.unsqueeze(2)).squeeze(2)
+        return self.conv(x.unsqueeze(self.dim)).squeeze(self.dim)
 
 
 def _as_2d(model: nn.Module, names: Iterable[str]) -> None:
