@@ -525,39 +525,64 @@ def onednn_twin(layer: FbgemmInt8Linear) -> Int8Linear:
     return twin
 
 
-def conv1d_as_2d_dim(conv: nn.Conv1d) -> int:
-    """The dimension a Conv1d's int8 kernel adds to run as a Conv2d: 2 (a 1 x K kernel on
-    ``[N, C, 1, L]``) where oneDNN's int8 conv computes the layer's geometry exactly, else 3
-    (K x 1 on ``[N, C, L, 1]``). As 1 x K, oneDNN gave wrong sums on an AMX Xeon (torch 2.13)
-    for 4 to 16 input channels per group and K = 8, 12, 16, 32, 128 (relative error about 1
-    at every length and batch tried, with 7-bit codes too: not saturation); as K x 1 it was
-    exact on every shape tried, but up to 2.9x slower on others (1 to 512 channels, K = 10,
-    stride 5). Found by one probe per geometry (random codes, exact float64 reference)."""
-    padding = conv.padding[0] if isinstance(conv.padding, tuple) else 0
-    return _conv1d_dim(
-        conv.out_channels, conv.in_channels // conv.groups, conv.kernel_size[0],
-        conv.stride[0], padding, conv.dilation[0], conv.groups,
+def onednn_int8_conv_exact(conv: nn.Conv1d | nn.Conv2d, *, dim: int = 2) -> bool:
+    """Whether oneDNN's int8 convolution computes ``conv``'s geometry exactly on this CPU (a
+    Conv1d as a Conv2d with a 1 x K kernel, ``dim=2``, or K x 1, ``dim=3``), found by one
+    probe per geometry: random codes against the float64 convolution. On an AMX Xeon (torch
+    2.13) it gave wrong sums (relative error about 1, at every length and batch tried, with
+    7-bit codes too: not saturation) for 4 or 16 input channels per group with kernels 8, 12,
+    16, 32 or 128 wide: 1 x 8 and 8 x 8 as 2-D kernels, and such Conv1d layers as 1 x K,
+    while K x 1 was exact on every shape tried.
+
+    >>> onednn_int8_conv_exact(nn.Conv2d(3, 8, 3))
+    True
+    """
+    n = len(conv.kernel_size)
+    padding = conv.padding if isinstance(conv.padding, tuple) else (0,) * n
+
+    def as_2d(value: tuple[int, ...], one: int) -> tuple[int, ...]:
+        if n == 2:
+            return tuple(value)
+        return (one, value[0]) if dim == 2 else (value[0], one)
+
+    return _int8_conv_exact(
+        conv.out_channels, conv.in_channels // conv.groups, as_2d(conv.kernel_size, 1),
+        as_2d(conv.stride, 1), as_2d(padding, 0), as_2d(conv.dilation, 1), conv.groups,
     )  # fmt: skip
 
 
+def conv1d_as_2d_dim(conv: nn.Conv1d) -> int:
+    """The dimension a Conv1d's int8 kernel adds to run as a Conv2d: 2 (a 1 x K kernel on
+    ``[N, C, 1, L]``) where oneDNN computes that exactly (:func:`onednn_int8_conv_exact`),
+    else 3 (K x 1 on ``[N, C, L, 1]``): up to 2.9x slower than 1 x K on some shapes (1 to 512
+    channels, K = 10, stride 5), so taken only where needed."""
+    return 2 if onednn_int8_conv_exact(conv, dim=2) else 3
+
+
 @functools.cache
-def _conv1d_dim(
-    out: int, per_group: int, k: int, stride: int, pad: int, dilation: int, groups: int
-) -> int:
+def _int8_conv_exact(
+    out: int,
+    per_group: int,
+    kernel: tuple[int, ...],
+    stride: tuple[int, ...],
+    padding: tuple[int, ...],
+    dilation: tuple[int, ...],
+    groups: int,
+) -> bool:
     g = torch.Generator().manual_seed(0)
-    w = torch.randint(-127, 128, (out, per_group, 1, k), generator=g, dtype=torch.int8)
-    length = dilation * (k - 1) + 4 * stride + 1
-    x = torch.randint(0, 256, (1, per_group * groups, 1, length), generator=g, dtype=torch.uint8)
+    w = torch.randint(-127, 128, (out, per_group, *kernel), generator=g, dtype=torch.int8)
+    size = [d * (k - 1) + 4 * s + 1 for k, s, d in zip(kernel, stride, dilation, strict=True)]
+    x = torch.randint(0, 256, (1, per_group * groups, *size), generator=g, dtype=torch.uint8)
     ones = torch.ones(out)
-    geometry = ([1, stride], [0, pad], [1, dilation])
+    geometry = (list(stride), list(padding), list(dilation))
     packed = torch.ops.onednn.qconv_prepack(w, ones, 1.0, 0, *geometry, groups, None)
     y = _onednn_overload(torch.ops.onednn.qconv_pointwise, 1.0)(
         x.contiguous(memory_format=torch.channels_last), 1.0, 0, packed, ones,
         torch.zeros(out, dtype=torch.int32), None, *geometry, groups,
         1.0, 0, torch.float32, "none", [], "",
     )  # fmt: skip
-    ref = F.conv2d(x.double(), w.double(), None, (1, stride), (0, pad), (1, dilation), groups)
-    return 2 if float((y.double() - ref).norm() / ref.norm()) < 1e-5 else 3
+    ref = F.conv2d(x.double(), w.double(), None, stride, padding, dilation, groups)
+    return float((y.double() - ref).norm() / ref.norm()) < 1e-5
 
 
 class Int8Conv(_PackedInt8):
@@ -763,11 +788,18 @@ def layer_signature(layer: nn.Module) -> str:
 
 
 def conv_int8_check(layer: nn.Module, scheme: Scheme) -> str | None:
-    """oneDNN int8 convolutions take numeric zero padding only."""
+    """oneDNN int8 convolutions take numeric zero padding only, and geometries they compute
+    exactly on this CPU (:func:`onednn_int8_conv_exact`)."""
     if isinstance(layer.padding, str) or getattr(layer, "padding_mode", "zeros") != "zeros":
         return (
             f"the int8 convolution kernel takes numeric zero padding only (this layer has "
             f"padding={layer.padding!r}, padding_mode={layer.padding_mode!r})"
+        )
+    if not (onednn_int8_conv_exact(layer) or onednn_int8_conv_exact(layer, dim=3)):
+        return (
+            "oneDNN's int8 convolution gives wrong sums for this geometry on this CPU (kernel "
+            f"{tuple(layer.kernel_size)}, {layer.in_channels // layer.groups} input channels "
+            "per group; checked by a probe)"
         )
     return None
 
