@@ -551,6 +551,14 @@ def onednn_int8_conv_exact(conv: nn.Conv1d | nn.Conv2d, *, dim: int = 2) -> bool
     )  # fmt: skip
 
 
+def onednn_int8_conv_runs(conv: nn.Conv1d | nn.Conv2d) -> bool:
+    """Whether oneDNN's int8 convolution computes ``conv`` exactly in some 2-D form (a
+    Conv1d: 1 x K or K x 1, see :func:`onednn_int8_conv_exact`)."""
+    return onednn_int8_conv_exact(conv) or (
+        isinstance(conv, nn.Conv1d) and onednn_int8_conv_exact(conv, dim=3)
+    )
+
+
 def conv1d_as_2d_dim(conv: nn.Conv1d) -> int:
     """The dimension a Conv1d's int8 kernel adds to run as a Conv2d: 2 (a 1 x K kernel on
     ``[N, C, 1, L]``) where oneDNN computes that exactly (:func:`onednn_int8_conv_exact`),
@@ -575,12 +583,15 @@ def _int8_conv_exact(
     x = torch.randint(0, 256, (1, per_group * groups, *size), generator=g, dtype=torch.uint8)
     ones = torch.ones(out)
     geometry = (list(stride), list(padding), list(dilation))
-    packed = torch.ops.onednn.qconv_prepack(w, ones, 1.0, 0, *geometry, groups, None)
-    y = _onednn_overload(torch.ops.onednn.qconv_pointwise, 1.0)(
-        x.contiguous(memory_format=torch.channels_last), 1.0, 0, packed, ones,
-        torch.zeros(out, dtype=torch.int32), None, *geometry, groups,
-        1.0, 0, torch.float32, "none", [], "",
-    )  # fmt: skip
+    try:
+        packed = torch.ops.onednn.qconv_prepack(w, ones, 1.0, 0, *geometry, groups, None)
+        y = _onednn_overload(torch.ops.onednn.qconv_pointwise, 1.0)(
+            x.contiguous(memory_format=torch.channels_last), 1.0, 0, packed, ones,
+            torch.zeros(out, dtype=torch.int32), None, *geometry, groups,
+            1.0, 0, torch.float32, "none", [], "",
+        )  # fmt: skip
+    except RuntimeError:  # a geometry oneDNN refuses does not run either
+        return False
     ref = F.conv2d(x.double(), w.double(), None, stride, padding, dilation, groups)
     return float((y.double() - ref).norm() / ref.norm()) < 1e-5
 
@@ -795,7 +806,7 @@ def conv_int8_check(layer: nn.Module, scheme: Scheme) -> str | None:
             f"the int8 convolution kernel takes numeric zero padding only (this layer has "
             f"padding={layer.padding!r}, padding_mode={layer.padding_mode!r})"
         )
-    if not (onednn_int8_conv_exact(layer) or onednn_int8_conv_exact(layer, dim=3)):
+    if not onednn_int8_conv_runs(layer):
         return (
             "oneDNN's int8 convolution gives wrong sums for this geometry on this CPU (kernel "
             f"{tuple(layer.kernel_size)}, {layer.in_channels // layer.groups} input channels "

@@ -34,7 +34,7 @@ from mpsearch.backends._compiled import (
 )
 from mpsearch.backends._kernels import (
     conv1d_as_2d_dim,
-    onednn_int8_conv_exact,
+    onednn_int8_conv_runs,
     onednn_u8s8_saturates,
 )
 from mpsearch.backends._registry import Backend, get_backend
@@ -51,7 +51,7 @@ LAYER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Linear)
 def _annotated(layer: nn.Module, scheme: str) -> bool:
     """Whether ``layer`` in ``scheme`` goes through the pt2e flow (``w8a8`` on a zero-padded
     Conv1d / Conv2d / Linear, a convolution only where oneDNN's int8 kernel computes its
-    geometry exactly: :func:`onednn_int8_conv_exact`); other non-fp32 choices run the ``cpu``
+    geometry exactly: :func:`onednn_int8_conv_runs`); other non-fp32 choices run the ``cpu``
     backend's kernel."""
     if not (
         scheme == "w8a8"
@@ -59,11 +59,7 @@ def _annotated(layer: nn.Module, scheme: str) -> bool:
         and getattr(layer, "padding_mode", "zeros") == "zeros"
     ):
         return False
-    if type(layer) is nn.Linear:
-        return True
-    return onednn_int8_conv_exact(layer) or (
-        type(layer) is nn.Conv1d and onednn_int8_conv_exact(layer, dim=3)
-    )
+    return type(layer) is nn.Linear or onednn_int8_conv_runs(layer)
 
 
 class Conv1dAs2d(nn.Module):
