@@ -537,18 +537,21 @@ def onednn_int8_conv_exact(conv: nn.Conv1d | nn.Conv2d, *, dim: int = 2) -> bool
     >>> onednn_int8_conv_exact(nn.Conv2d(3, 8, 3))
     True
     """
-    n = len(conv.kernel_size)
-    padding = conv.padding if isinstance(conv.padding, tuple) else (0,) * n
-
-    def as_2d(value: tuple[int, ...], one: int) -> tuple[int, ...]:
-        if n == 2:
-            return tuple(value)
-        return (one, value[0]) if dim == 2 else (value[0], one)
-
+    padding = conv.padding if isinstance(conv.padding, tuple) else (0,) * len(conv.kernel_size)
+    dim = dim if isinstance(conv, nn.Conv1d) else 0
     return _int8_conv_exact(
-        conv.out_channels, conv.in_channels // conv.groups, as_2d(conv.kernel_size, 1),
-        as_2d(conv.stride, 1), as_2d(padding, 0), as_2d(conv.dilation, 1), conv.groups,
+        conv.out_channels, conv.in_channels // conv.groups, as_2d(conv.kernel_size, 1, dim),
+        as_2d(conv.stride, 1, dim), as_2d(padding, 0, dim), as_2d(conv.dilation, 1, dim),
+        conv.groups,
     )  # fmt: skip
+
+
+def as_2d(value: tuple[int, ...], one: int, dim: int) -> tuple[int, ...]:
+    """A conv setting in its 2-D form: a Conv1d's ``(v,)`` as ``(one, v)`` (``dim=2``, a
+    1 x K kernel) or ``(v, one)`` (``dim=3``, K x 1); a Conv2d's (``dim=0``) as it is."""
+    if not dim:
+        return tuple(value)
+    return (one, value[0]) if dim == 2 else (value[0], one)
 
 
 def onednn_int8_conv_runs(conv: nn.Conv1d | nn.Conv2d) -> bool:
@@ -613,19 +616,14 @@ class Int8Conv(_PackedInt8):
         codes, scale, _ = _weight_codes(layer.weight, scheme)
         weight_shape = tuple(layer.weight.shape)
         codes = codes.reshape(weight_shape).to(torch.int8)
-        pair, pad = (lambda v: tuple(v)), (lambda v: tuple(v))
-        if self.dim == 2:
-            pair, pad = (lambda v: (1, *v)), (lambda v: (0, *v))
-        elif self.dim == 3:
-            pair, pad = (lambda v: (*v, 1)), (lambda v: (*v, 0))
         if self.is_1d:
             codes = codes.unsqueeze(self.dim)
         # oneDNN's 2-D forms, apart from the layer's own settings (which model code may read:
         # Whisper multiplies its convs' ``stride[0]``)
         self.geometry_2d = (
-            list(pair(layer.stride)),
-            list(pad(layer.padding)),
-            list(pair(layer.dilation)),
+            list(as_2d(layer.stride, 1, self.dim)),
+            list(as_2d(layer.padding, 0, self.dim)),
+            list(as_2d(layer.dilation, 1, self.dim)),
         )
         self.groups = layer.groups
         self.out_channels = layer.out_channels
@@ -954,12 +952,16 @@ __all__ = [
     "Kernel",
     "KernelBackend",
     "RealLayer",
+    "as_2d",
     "choice_key",
+    "conv1d_as_2d_dim",
     "conv_int8_check",
     "fbgemm_int8_linear_preferred",
     "int8_activation_spec",
     "int8_kernel_scheme",
     "layer_signature",
+    "onednn_int8_conv_exact",
+    "onednn_int8_conv_runs",
     "onednn_twin",
     "onednn_u8s8_saturates",
     "per_call_ranges",

@@ -33,6 +33,7 @@ from mpsearch.backends._compiled import (
     failed,
 )
 from mpsearch.backends._kernels import (
+    as_2d,
     conv1d_as_2d_dim,
     onednn_int8_conv_runs,
     onednn_u8s8_saturates,
@@ -75,19 +76,15 @@ class Conv1dAs2d(nn.Module):
 
     def __init__(self, conv: nn.Conv1d) -> None:
         super().__init__()
-        self.dim = conv1d_as_2d_dim(conv)
-
-        def as_2d(value: Any, one: Any) -> Any:
-            return (one, value) if self.dim == 2 else (value, one)
-
-        padding = conv.padding if isinstance(conv.padding, str) else as_2d(conv.padding[0], 0)
+        self.dim = dim = conv1d_as_2d_dim(conv)
+        padding = conv.padding if isinstance(conv.padding, str) else as_2d(conv.padding, 0, dim)
         self.conv = nn.Conv2d(
             conv.in_channels,
             conv.out_channels,
-            as_2d(conv.kernel_size[0], 1),
-            stride=as_2d(conv.stride[0], 1),
+            as_2d(conv.kernel_size, 1, dim),
+            stride=as_2d(conv.stride, 1, dim),
             padding=padding,
-            dilation=as_2d(conv.dilation[0], 1),
+            dilation=as_2d(conv.dilation, 1, dim),
             groups=conv.groups,
             bias=conv.bias is not None,
         )
