@@ -690,7 +690,9 @@ class Int8WeightOnlyLinear(RealLayer):
     def forward(self, x: Tensor) -> Tensor:
         out_dtype = x.dtype
         shape = x.shape
-        x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        x2 = x.reshape(-1, self.in_features).to(
+            torch.bfloat16, memory_format=torch.contiguous_format
+        )
         if self.k_pad:
             x2 = F.pad(x2, (0, self.k_pad))
         y = torch.ops.aten._weight_int8pack_mm(x2, self.weight_int8, self.scales)
@@ -750,7 +752,9 @@ class Int4WeightOnlyLinear(RealLayer):
     def forward(self, x: Tensor) -> Tensor:
         out_dtype = x.dtype
         shape = x.shape
-        x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        x2 = x.reshape(-1, self.in_features).to(
+            torch.bfloat16, memory_format=torch.contiguous_format
+        )
         if self.k_pad:
             x2 = F.pad(x2, (0, self.k_pad))
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(

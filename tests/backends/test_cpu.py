@@ -374,3 +374,32 @@ def test_w8a8_conv2d_with_wide_kernels_is_close_to_fp32(kernel: tuple[int, int])
     layer = get_backend("cpu").quantize_layer(conv, mps.get_scheme("w8a8"))
     with torch.inference_mode():
         assert float((layer(x) - conv(x)).norm() / conv(x).norm()) < 0.03
+
+
+def _linear_kernels() -> list[tuple[str, str, object]]:
+    """Every kernel the cpu backend has for a Linear layer: (scheme, name, kernel)."""
+    from mpsearch.backends._cpu import CPU_IMPLEMENTATIONS, CPU_KERNELS
+
+    found = [(s, k.name, k) for (t, s), k in CPU_KERNELS.items() if t is nn.Linear]
+    found += [
+        (s, k.name, k) for (t, s), ks in CPU_IMPLEMENTATIONS.items() if t is nn.Linear for k in ks
+    ]
+    return found
+
+
+@pytest.mark.parametrize(("scheme", "name", "kernel"), _linear_kernels(), ids=lambda v: str(v)[:20])
+def test_every_linear_kernel_takes_a_transposed_input(scheme: str, name: str, kernel) -> None:
+    """Mamba's ``x_proj`` is called on ``hidden_states.transpose(1, 2)``: the int8 weight-only
+    kernel refused it ("A must be contiguous on the last dimension")."""
+    from mpsearch.schemes import get_scheme
+
+    torch.manual_seed(0)
+    layer = nn.Linear(64, 24)
+    s = get_scheme(scheme)
+    if kernel.check is not None and kernel.check(layer, s) is not None:
+        pytest.skip(kernel.check(layer, s))
+    q = kernel.build(layer, s).eval()
+    x = torch.randn(1, 64, 7).transpose(1, 2)  # [1, 7, 64]: its rows a strided view
+    assert x.stride(-1) != 1
+    with torch.inference_mode():  # the same values (a float GEMM may block them otherwise)
+        torch.testing.assert_close(q(x), q(x.contiguous()), rtol=1e-2, atol=1e-2)

@@ -431,3 +431,115 @@ def test_a_step_needing_a_new_graph_for_new_values_decodes_on_eagerly(monkeypatc
         compiled = measure_decode(decoder, prompt, new_tokens=12, repeats=1)
     assert compiled.tokens == eager.tokens
     assert decoder.compile_info["mode"] == "eager" and not decoder.static
+
+
+def _mamba(seed: int = 0) -> torch.nn.Module:
+    """A state-space causal LM (no keys and values: one recurrent state and a short
+    convolution window per layer)."""
+    torch.manual_seed(seed)
+    config = transformers.MambaConfig(
+        vocab_size=96, hidden_size=32, state_size=8, num_hidden_layers=2, conv_kernel=4
+    )
+    return transformers.MambaForCausalLM(config).eval()
+
+
+def test_a_state_space_model_decodes_and_rolls_back_exactly(monkeypatch) -> None:
+    """Mamba's cache holds states, which cannot be cropped: the decoder records the last ones
+    and restores one on rollback. It stopped with an IndexError before (an empty plain
+    cache); a pass over more tokens than are recorded is split (transformers' scan of a
+    longer pass would start from a zero state), and the records are dropped once they could
+    cover ``ROLLBACK_TOKENS``."""
+    monkeypatch.setattr(decode_module, "ROLLBACK_TOKENS", 4)
+    model = _mamba()
+    decoder = KVDecoder(model)
+    assert decoder.recurrent and decoder.kv_dtype is None
+    tokens = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7]
+    with torch.inference_mode():
+        fresh = model(input_ids=torch.tensor([tokens])).logits[0]
+        decoder.reset()
+        got = decoder.feed(tokens[:6], keep=6)  # a first pass longer than the records
+        torch.testing.assert_close(got, fresh[:6], atol=1e-5, rtol=0)
+        got = decoder.feed(tokens[6:13], keep=5)  # split into passes of 4 and 3 tokens
+        torch.testing.assert_close(got, fresh[8:13], atol=1e-5, rtol=0)
+        decoder.rollback(8)  # back 5 tokens, through both passes
+        assert decoder.seen == 8
+        got = decoder.feed(tokens[8:], keep=6)
+        torch.testing.assert_close(got, fresh[8:], atol=1e-5, rtol=0)
+        decoder.rollback(14)  # nothing to remove: the records are dropped
+        with pytest.raises(ValueError, match="'length'.*recurrent cache rolls back only"):
+            decoder.rollback(13)
+        for token in [1, 2, 3, 4, 5]:  # a fifth step drops the four records first
+            decoder.feed([token], keep=1)
+        with pytest.raises(ValueError, match="'length'"):
+            decoder.rollback(decoder.seen - 2)
+        decoder.rollback(decoder.seen - 1)
+        continued = decoder.feed([7], keep=1)[0]
+        whole = model(input_ids=torch.tensor([[*tokens, 1, 2, 3, 4, 7]])).logits[0, -1]
+    torch.testing.assert_close(continued, whole, atol=1e-5, rtol=0)
+
+
+def test_a_state_space_model_decodes_greedily_as_generate_does_and_falls_back_from_compile() -> (
+    None
+):
+    model = _mamba()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(30)  # well-separated logits: float noise cannot flip an argmax
+    prompt = [5, 7, 11]
+    expected = model.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False)[0]
+    for compile in (False, True):
+        decoder = KVDecoder(model, compile=compile)
+        seq = list(prompt)
+        with torch.inference_mode():
+            decoder.reset(capacity=16)
+            logits = decoder.feed(seq, keep=1)
+            for _ in range(8):
+                seq.append(int(logits[-1].argmax()))
+                logits = decoder.feed(seq[-1:], keep=1)
+        assert seq == expected.tolist()
+        assert decoder.compile_info["mode"] == "eager"
+    assert "recurrent (state-space) layers" in decoder.compile_info["reason"]
+
+
+@needs_compiler
+def test_a_model_whose_cache_is_not_the_static_one_decodes_on_eagerly() -> None:
+    """DeepSeek-V3 (transformers 5.25) stopped with a shape error on a one-token prompt on a
+    StaticCache (its cache holds compressed latents: one head, the latent width)."""
+    torch.manual_seed(0)
+    config = transformers.DeepseekV3Config(
+        vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
+        first_k_dense_replace=1, q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=8,
+        qk_nope_head_dim=8, v_head_dim=16, n_group=1, topk_group=1,
+    )  # fmt: skip
+    model = transformers.DeepseekV3ForCausalLM(config).eval()
+    decoder = KVDecoder(model, compile=True)
+    with pytest.warns(RuntimeWarning, match="did not run on a static KV cache"):
+        decoder.reset(capacity=8)
+        with torch.inference_mode():
+            got = decoder.feed([3], keep=1)
+    assert decoder.compile_info["mode"] == "eager" and not decoder.static
+    with torch.inference_mode():
+        got = torch.cat([got, decoder.feed([1], keep=1), decoder.feed([4], keep=1)])
+        fresh = model(input_ids=torch.tensor([[3, 1, 4]])).logits[0]
+    torch.testing.assert_close(got, fresh, atol=1e-5, rtol=0)
+
+
+def test_a_model_failing_on_a_block_after_its_cache_says_what_failed() -> None:
+    class OneAtATime(torch.nn.Module):  # as DeepSeek-V3 in transformers 5.25 (MLA)
+        def __init__(self, inner: torch.nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids: torch.Tensor, past_key_values=None, **kwargs):
+            if input_ids.shape[1] > 1 and past_key_values.get_seq_length():
+                raise RuntimeError("The size of tensor a (4) must match the size of tensor b (8)")
+            return self.inner(input_ids=input_ids, past_key_values=past_key_values, **kwargs)
+
+    decoder = KVDecoder(OneAtATime(_llama()))
+    decoder.reset()
+    with torch.inference_mode():
+        decoder.feed([3, 1, 4], keep=1)
+        decoder.feed([1], keep=1)
+        with pytest.raises(RuntimeError, match=r"OneAtATime failed on 2 tokens fed after the 4"):
+            decoder.feed([5, 9], keep=2)
