@@ -214,11 +214,12 @@ def quantize(
     if calib is not None:
         calib = as_batches(calib, argument="calib")  # read once: an iterator is used again below
     data = calib if calib is not None else (rounder.batches if rounder is not None else None)
-    if data is not None:  # a rounder's batches show it as well as calib
-        changed = [n for n, s in assignment.items() if s != "fp32"]
-        for name in never_called(model, data, changed):
-            assignment[name] = "fp32"
-            choices[name] = "fp32"
+    changed = [n for n, s in assignment.items() if s != "fp32"]
+    # a rounder's batches show it as well as calib; without either, the model's own example
+    uncalled = never_called(model, data, changed) if data is not None else _uncalled(model, changed)
+    for name in uncalled:
+        assignment[name] = "fp32"
+        choices[name] = "fp32"
     done = rounded_layers(model)  # rounded by a Rounder already: not again
     choices = {n: c for n, c in choices.items() if done.get(n) != c}
     rounder = _rounder_for(model, choices, calib, rounder)
@@ -265,17 +266,23 @@ def _observed_ranges(
     return collect_activation_ranges(model, calib, static, observer=observer) if static else {}
 
 
-def never_called(model: nn.Module, calib: Sequence[Any], names: Iterable[str]) -> list[str]:
-    """The layers of ``names`` that ``model`` does not call on the first ``calib`` batch
-    (warned: they stay fp32)."""
-    called: set[str] = set()
-    callbacks = {n: (lambda _x, n=n: called.add(n)) for n in names}
-    if not callbacks:
+def never_called(
+    model: nn.Module, calib: Sequence[Any], names: Iterable[str], *, warn: bool = True
+) -> list[str]:
+    """The layers of ``names`` that ``model`` does not call on the first ``calib`` batch and
+    whose weights no module it calls holds (T5's ``shared`` embedding is never called, its
+    encoder's and decoder's tied copies are); warned (unless not ``warn``): they stay fp32."""
+    names = list(names)
+    if not names:
         return []
+    aliases = _tied_copies(model, names)
+    watch = {*names, *(a for copies in aliases.values() for a in copies)}
+    called: set[str] = set()
+    callbacks = {n: (lambda _x, n=n: called.add(n)) for n in watch}
     with torch.inference_mode(), eval_mode(model), watched(model, callbacks):
         run_model(model, calib[0])
-    never = [n for n in callbacks if n not in called]
-    if never:
+    never = [n for n in names if n not in called and called.isdisjoint(aliases[n])]
+    if never and warn:
         shown = ", ".join(repr(n) for n in never[:5]) + (", ..." if len(never) > 5 else "")
         warnings.warn(
             f"{len(never)} layer(s) stay fp32, {NEVER_CALLED} (it reads their weights "
@@ -283,6 +290,34 @@ def never_called(model: nn.Module, calib: Sequence[Any], names: Iterable[str]) -
             stacklevel=3,
         )
     return never
+
+
+def _tied_copies(model: nn.Module, names: Sequence[str]) -> dict[str, set[str]]:
+    """For each layer of ``names``, the other modules holding one of its weights."""
+    holders: dict[int, set[str]] = {}
+    for module_name, module in model.named_modules():
+        for param in module.parameters(recurse=False):
+            holders.setdefault(id(param), set()).add(module_name)
+    copies = {}
+    for name in names:
+        params = model.get_submodule(name).parameters()
+        found = {m for p in params for m in holders.get(id(p), ())}
+        copies[name] = {m for m in found if m != name and not m.startswith(f"{name}.")}
+    return copies
+
+
+def _uncalled(model: nn.Module, names: Iterable[str]) -> list[str]:
+    """:func:`never_called` on the example input a Hugging Face model declares
+    (``dummy_inputs``), where it runs the model; else none found. Mamba reads its ``conv1d``
+    and ``dt_proj`` weights directly: quantized without calibration batches, their bf16
+    biases met float32 activations."""
+    example = getattr(model, "dummy_inputs", None)
+    if not isinstance(example, Mapping) or not example:
+        return []
+    try:
+        return never_called(model, [dict(example)], names)
+    except Exception:  # the declared example does not fit this model: nothing to learn
+        return []
 
 
 def _rounder_for(

@@ -20,6 +20,7 @@ from mpsearch._validation import check_module, invalid
 from mpsearch.backends import BACKENDS, Backend, get_backend, quantize, storage_bytes
 from mpsearch.backends._kernels import Kernel, KernelBackend, RealLayer, choice_key, tensor_bytes
 from mpsearch.backends._quantize import PlanLike, applicability_error, as_plan
+from mpsearch.backends._quantize import never_called as never_called_layers
 from mpsearch.backends._simulate import SIMULATED_TYPES
 from mpsearch.cost._autotune import TuneCache, fastest
 from mpsearch.cost._cache import cache_key, read_cache, write_cache
@@ -222,9 +223,12 @@ class CostModel:
         as_is: Sequence[Sequence[str]] = (),
         never_called: Sequence[str] = (),
         schemes: Sequence[str] = (),
+        read_directly: Sequence[str] = (),
     ) -> None:
         self.table = table
         self.never_called = list(never_called)  # quantizable layers the model never calls
+        # of those, the ones whose weights no called module holds: quantize keeps them fp32
+        self.read_directly = list(read_directly)
         self.tuning = tuning if tuning is not None else pd.DataFrame(columns=TUNING_COLUMNS)
         self.model = model
         self.example_input = example_input
@@ -289,8 +293,11 @@ class CostModel:
     def _layer_bytes(self, name: str, scheme: str) -> int | None:
         """Bytes of ``name`` quantized as ``scheme``, ``None`` where the backend keeps the layer
         as it is; measured by :func:`measure_cost`, or, for a layer the model never calls
-        (``quantize`` without ``calib`` replaces it all the same), built here on the backend's
-        default kernel and counted."""
+        (``quantize`` replaces it all the same where a module it calls holds its weights, as
+        T5's tied embeddings), built here on the backend's default kernel and counted; one
+        whose weights the model reads directly stays as it is (``quantize`` keeps it fp32)."""
+        if name in self.read_directly:
+            return None
         if name not in self.never_called:
             return None if (name, scheme) in self._as_is else self._memory[(name, scheme)]
         key = (name, scheme)
@@ -510,6 +517,7 @@ def measure_cost(
         settings={**opts.settings(), "cold": meta["cold"]},
         never_called=never_called,
         schemes=payload["schemes"],
+        read_directly=never_called_layers(model, [example_input], never_called, warn=False),
     )
 
 

@@ -231,8 +231,11 @@ def test_layers_the_model_never_calls_are_left_out_and_searched_in_fp32() -> Non
         cost = measure_cost(model, x, schemes=["w8a8"], repeats=2, warmup=1)
     assert cost.layers == ["proj", "head"] and cost.never_called == ["gate"]
     assert cost.memory_bytes({"proj": "w8a8"}) < cost.fp32_memory_bytes
-    # a plan that quantizes it (quantize without calib replaces it) costs its bytes, no time
-    quantized = mps.quantize(model, "w8a8", backend=cost.backend)
+    # the model reads its weight directly: quantize keeps it fp32 where calib shows it, and
+    # a plan that quantizes it is priced so (no time)
+    assert cost.read_directly == ["gate"]
+    with pytest.warns(UserWarning, match=r"1 layer\(s\) stay fp32.*'gate'"):
+        quantized = mps.quantize(model, "w8a8", backend=cost.backend, calib=[x])
     assert cost.memory_bytes("w8a8") == held_bytes(quantized)
     assert cost.layer_sum_ms("w8a8") == cost.layer_sum_ms({"proj": "w8a8", "head": "w8a8"})
     with pytest.raises(ValueError, match=r"gate in 'fp8': .*simulate"):  # the backend's reason

@@ -177,3 +177,28 @@ def test_a_model_returning_a_cache_is_exported_with_the_cache_off(monkeypatch) -
             rtol=1e-4,
             atol=1e-10,
         )
+
+
+@pytest.mark.parametrize("scheme", ["w8a16", "bf16"])
+def test_a_uniform_plan_keeps_the_layers_mamba_reads_directly_with_or_without_calib(scheme):
+    """Mamba reads ``conv1d``'s and ``dt_proj``'s weights directly. Quantized without
+    calibration batches they were replaced, and their bf16 biases met float32 activations;
+    they now stay fp32 whichever way, found on the model's own example input, and the cost
+    model prices them so (it charged their quantized bytes)."""
+    config_name, model_name, config, make, _ = ARCHITECTURES["mamba"]
+    torch.manual_seed(0)
+    model = getattr(transformers, model_name)(getattr(transformers, config_name)(**config)).eval()
+    calib = [make(4, torch.Generator().manual_seed(0))]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cost = mps.measure_cost(model, calib[0], schemes=[scheme], repeats=1, warmup=0)
+    direct = {f"backbone.layers.0.mixer.{n}" for n in ("conv1d", "dt_proj")}
+    assert set(cost.read_directly) == direct
+    plan = mps.PrecisionPlan.uniform(scheme)
+    for given in (None, calib):
+        with pytest.warns(UserWarning, match="2 layer"):
+            quantized = mps.quantize(model, plan, backend="cpu", calib=given)
+        assert cost.memory_bytes(plan) == held_bytes(quantized)
+        with torch.inference_mode():
+            out = output_tensor(run_model(quantized, calib[0]))
+        assert out.dtype == torch.float32 and bool(out.isfinite().all())
