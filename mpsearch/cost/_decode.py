@@ -109,14 +109,50 @@ def call_spec(module: nn.Module, argument: str) -> CallSpec:
     )
 
 
-def _dynamic_cache() -> Any:
+ROLLBACK_TOKENS = 64
+"""Most tokens a decoder of a model with recurrent layers (Mamba's state-space layers: one
+state per layer, not keys and values per position) can roll back: its cache records the states
+after each of the last tokens (transformers' past recording), and a pass over more tokens than
+this once the cache holds some is split into passes of at most this many (transformers' scan
+of a longer pass starts from a zero state, not the cached one)."""
+
+
+def _dynamic_cache(config: Any = None) -> Any:
+    """A ``transformers.DynamicCache``: full-attention layers that grow (the model's masks
+    apply any window), or, for a ``config`` with recurrent layers, the config's own layers
+    recording the last :data:`ROLLBACK_TOKENS` states so that :meth:`KVDecoder.rollback` can
+    restore them."""
     try:
         from transformers import DynamicCache
     except ImportError:  # pragma: no cover - transformers is the target of decoding
         raise ImportError(
             "decoding keeps a transformers.DynamicCache: pip install transformers"
         ) from None
-    return DynamicCache()
+    if config is None:
+        return DynamicCache()
+    cache = DynamicCache(config=config)
+    cache.activate_past_recording(recurrent_states_to_keep=ROLLBACK_TOKENS)
+    return cache
+
+
+def _recurrent_config(module: nn.Module) -> Any:
+    """The config of ``module`` (itself or the first module inside with one: a wrapper's) where
+    its cache has recurrent (linear-attention, state-space) layers, whose states cannot be
+    cropped like keys and values; else ``None``."""
+    config = next((m.config for m in module.modules() if hasattr(m, "config")), None)
+    if config is None or not hasattr(config, "get_text_config"):
+        return None
+    try:
+        from transformers import DynamicCache
+        from transformers.cache_utils import LinearAttentionCacheLayerMixin
+    except ImportError:  # older transformers: no recurrent cache layers
+        return None
+    try:
+        layers = DynamicCache(config=config).layers
+    except Exception:  # a config the cache cannot read: the plain cache, as before
+        return None
+    recurrent = any(isinstance(layer, LinearAttentionCacheLayerMixin) for layer in layers)
+    return config if recurrent else None
 
 
 WINDOWED = ("sliding_attention", "chunked_attention")
@@ -184,6 +220,11 @@ def _own_step(module: nn.Module) -> Any:
 
 def _static_cache_missing(module: nn.Module) -> str | None:
     """Why ``module`` cannot decode on a ``transformers.StaticCache`` (``None``: it can)."""
+    if _recurrent_config(module) is not None:
+        return (
+            f"{type(module).__name__} has recurrent (state-space) layers: their rollback "
+            "records states in a cache that grows, which a compiled step cannot hold"
+        )
     try:
         _static_cache(module.config, MIN_STATIC_CAPACITY)
     except Exception as error:
@@ -224,6 +265,12 @@ class KVDecoder:
     module tree (:func:`~mpsearch.backends._compiled.lowered_copy`); the eager passes (the
     prompt, the race, the check, a fallback) run the model passed in, which keeps them.
 
+    A model with recurrent cache layers (Mamba, Mamba-2 and the hybrids: Jamba, Bamba,
+    Granite 4 hybrid, LFM2, Qwen3-Next) holds a state per layer, not keys and values per
+    position: its dynamic cache records the states after each token (transformers' past
+    recording) and :meth:`rollback` restores one, for the tokens fed since the last rollback
+    (:data:`ROLLBACK_TOKENS`); it decodes eagerly.
+
     >>> dec = KVDecoder(llama, compile=True)  # doctest: +SKIP
     >>> dec.reset(capacity=80)  # doctest: +SKIP
     >>> logits = dec.feed([1, 2, 3], keep=1)  # doctest: +SKIP
@@ -240,7 +287,10 @@ class KVDecoder:
         self.cache: Any = None
         self.seen = 0
         self.capacity = 0
-        self._kv_dtype: torch.dtype | bool | None = False  # False: not probed yet
+        self._recurrent = _recurrent_config(module)
+        self._rollable = 0  # tokens a recurrent cache can roll back (its recorded states)
+        # False: not probed yet; a recurrent cache holds states, not keys and values
+        self._kv_dtype: torch.dtype | bool | None = None if self.recurrent else False
         self._layout = _layout(module)  # what can_adopt compares, found once
         self.compile_info = dict(_PENDING if compile else _EAGER)
         self._compiled: Any = None
@@ -269,6 +319,11 @@ class KVDecoder:
                 )
 
     @property
+    def recurrent(self) -> bool:
+        """Whether the model's cache has recurrent layers (see :data:`ROLLBACK_TOKENS`)."""
+        return self._recurrent is not None
+
+    @property
     def static(self) -> bool:
         """Whether the cache is a ``StaticCache`` (the compiled path)."""
         return self.compile_info["mode"] != "eager"
@@ -277,8 +332,9 @@ class KVDecoder:
         """Start a new sequence of at most ``capacity`` tokens (a static cache holds the next
         power of two, at least :data:`MIN_STATIC_CAPACITY`, and is reused while it fits)."""
         self.seen = 0
+        self._rollable = 0
         if not self.static:
-            self.cache = _dynamic_cache()
+            self.cache = _dynamic_cache(self._recurrent)
             self.capacity = 0  # 0: the cache is dynamic
             return
         size = max(MIN_STATIC_CAPACITY, 1 << max(capacity - 1, 0).bit_length())
@@ -300,6 +356,37 @@ class KVDecoder:
                 f"at most the {self.capacity} the static cache holds (reset(capacity) with the "
                 "sequence's full length)",
             )
+        if self.recurrent:
+            return self._feed_recurrent(list(tokens), keep)
+        return self._forward(tokens, keep)
+
+    def _feed_recurrent(self, tokens: list[int], keep: int) -> Tensor:
+        """:meth:`feed` on a recurrent cache: after the first pass, passes of at most
+        :data:`ROLLBACK_TOKENS` tokens (each token's state recorded); the recorded states are
+        dropped first once they could cover :data:`ROLLBACK_TOKENS` (memory stays bounded
+        when nothing is rolled back)."""
+        if self._rollable >= ROLLBACK_TOKENS:
+            self.cache.crop(0)  # keeps the states, forgets the recorded ones
+            self._rollable = 0
+        n = len(tokens)
+        if not self.seen:  # from the zero state, transformers' scan is exact at any length
+            logits = self._forward(tokens, keep)
+            # a longer first pass records the states of its last ROLLBACK_TOKENS - 1 tokens
+            self._rollable = n if n <= ROLLBACK_TOKENS else ROLLBACK_TOKENS - 1
+            return logits
+        parts = []
+        for start in range(0, n, ROLLBACK_TOKENS):
+            part = tokens[start : start + ROLLBACK_TOKENS]
+            wanted = keep - (n - start - len(part))  # of the last ``keep``, those in this part
+            got = self._forward(part, min(max(wanted, 1), len(part)))
+            if wanted > 0:
+                parts.append(got)
+        self._rollable += n
+        return torch.cat(parts)
+
+    def _forward(self, tokens: Sequence[int], keep: int) -> Tensor:
+        """One pass over ``tokens``: the float32 logits of the last ``keep`` positions."""
+        n = len(tokens)
         ids = torch.tensor([list(tokens)], dtype=torch.long, device=self.device)
         kwargs: dict[str, Any] = {self.spec.cache: self.cache}
         if self.spec.use_cache:
@@ -309,7 +396,20 @@ class KVDecoder:
         if self.static and 0 < self.seen and n <= MAX_COMPILED_TOKENS:
             out = self._run_compiled((n, keep, self.capacity), ids, kwargs)
         else:
-            out = self.module(input_ids=ids, **kwargs)
+            try:
+                out = self.module(input_ids=ids, **kwargs)
+            except RuntimeError as error:
+                if self.static and not self.seen:  # the model's cache is not the static one
+                    self._fall_back(f"the model did not run on a static KV cache ({error})")
+                    self.reset()
+                    return self._forward(tokens, keep)
+                if n > 1 and self.seen:
+                    raise RuntimeError(
+                        f"{type(self.module).__name__} failed on {n} tokens fed after the "
+                        f"{self.seen} its cache holds ({error}). Speculative verification "
+                        "feeds such blocks; one token a call is what plain decoding needs"
+                    ) from error
+                raise
         self.seen += n
         return output_tensor(out)[0, -keep:].float()
 
@@ -374,13 +474,32 @@ class KVDecoder:
         return True
 
     def rollback(self, length: int) -> None:
-        """Forget every token past the first ``length`` (crop the cache)."""
+        """Forget every token past the first ``length`` (crop the cache). A recurrent cache
+        restores a recorded state: it can roll back the tokens fed since the last rollback (at
+        most :data:`ROLLBACK_TOKENS`)."""
+        if self.recurrent:
+            self._rollback_recurrent(length)
+            return
         if self.seen <= length:
             return
         held = int(self.cache.get_seq_length())
         if held > length:
             self.cache.crop(length - held)  # a negative count: remove that many tokens
         self.seen = length
+
+    def _rollback_recurrent(self, length: int) -> None:
+        removed = max(self.seen - length, 0)
+        if removed > self._rollable:
+            raise invalid(
+                "length",
+                length,
+                f"at least {self.seen - self._rollable}: a recurrent cache rolls back only the "
+                f"tokens fed since the last rollback, at most {ROLLBACK_TOKENS}",
+            )
+        if self.seen:
+            self.cache.crop(-removed)  # also 0: the recorded states are then dropped
+        self.seen -= removed
+        self._rollable = 0
 
     def _run_compiled(self, key: tuple[int, int, int], ids: Tensor, kwargs: dict[str, Any]) -> Any:
         if key in self._checked:  # this decoder's graphs differ only by the key's shapes

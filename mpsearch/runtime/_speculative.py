@@ -40,7 +40,7 @@ from mpsearch.backends import get_backend, quantize
 from mpsearch.backends._kernels import per_call_ranges
 from mpsearch.backends._quantize import as_plan
 from mpsearch.backends._registry import Backend
-from mpsearch.cost._decode import KVDecoder, check_compile
+from mpsearch.cost._decode import ROLLBACK_TOKENS, KVDecoder, check_compile
 from mpsearch.cost._timing import clock
 from mpsearch.plan import PrecisionPlan
 from mpsearch.rounding import Rounder
@@ -128,6 +128,12 @@ class SpeculativeOptions:
         gain = self.min_gain
         if isinstance(gain, bool) or not isinstance(gain, (int, float)) or not 0 <= gain < 1:
             raise invalid("min_gain", gain, "a number in [0, 1)", kind="option")
+
+
+MAX_RECURRENT_K = ROLLBACK_TOKENS - 2
+"""Most tokens drafted a step for a model with recurrent layers: a draft feeds up to k + 1
+tokens between rollbacks, and its cache records the states of at most
+:data:`~mpsearch.cost._decode.ROLLBACK_TOKENS`."""
 
 
 def _check_count(argument: str, value: Any, *, kind: str = "argument", low: int = 1) -> None:
@@ -487,6 +493,13 @@ class SpeculativeController:
     ) -> list[int]:
         """The decoding loop; appends one record per step to ``records``."""
         ref, now = self._reference, self._clock
+        if k > MAX_RECURRENT_K and (ref.recurrent or draft.recurrent):
+            raise invalid(
+                "k",
+                k,
+                f"at most {MAX_RECURRENT_K} for a model with recurrent layers (its cache rolls "
+                f"back at most {ROLLBACK_TOKENS} tokens)",
+            )
         capacity = len(prompt) + max_new_tokens + k + 1
         ref.reset(capacity)
         draft.reset(capacity)

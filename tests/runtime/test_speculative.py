@@ -466,3 +466,40 @@ def test_compiled_variants_reproduce_the_reference_greedy_tokens(llama):
             cached = decoder.feed(seq[decoder.seen :], keep=1)[0]
             fresh = fresh_logits(spec, decoder, seq, prompt)
             torch.testing.assert_close(cached, fresh, atol=1e-4, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def mamba():
+    from transformers import MambaConfig, MambaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = MambaConfig(vocab_size=VOCAB, hidden_size=32, state_size=8, num_hidden_layers=2)
+    model = MambaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(30)
+    return model
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_a_state_space_model_speculates_exactly(mamba, k):
+    """Mamba keeps recurrent states, not keys and values: each rejection restores a recorded
+    state. Its drafts quantized without calibration batches keep the layers it reads
+    directly (``conv1d``, ``dt_proj``) in fp32, found on the model's own example input: their
+    bf16 biases met float32 activations before."""
+    with pytest.warns(UserWarning, match="stay fp32"):
+        draft = quantize(mamba, "w8a16", backend="cpu")
+    assert type(draft.backbone.layers[0].mixer.conv1d) is nn.Conv1d
+    for spec in (
+        SpeculativeController(mamba, draft, k=k),
+        SpeculativeController(mamba, WrongDraft(mamba), k=k),
+    ):
+        for prompt in PROMPTS:
+            expected = reference_greedy(mamba, prompt, 12)
+            assert torch.equal(spec.generate(torch.tensor([prompt]), max_new_tokens=12), expected)
+    assert spec.acceptance_rate == 0.0  # the wrong draft: rejected at every position
+
+
+def test_a_state_space_model_refuses_a_k_beyond_what_its_cache_rolls_back(mamba):
+    spec = SpeculativeController(mamba, WrongDraft(mamba), k=2)
+    with pytest.raises(ValueError, match="'k'.*recurrent layers"):
+        spec.generate(torch.tensor([[1, 2]]), max_new_tokens=4, k=63)
