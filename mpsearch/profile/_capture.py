@@ -405,23 +405,30 @@ _OPAQUE: dict[str, nn.Module] = {}
 """The layers replaced by ``mpsearch::layer`` while a model is exported, by name."""
 
 
-def _original_forward(layer: nn.Module, x: Tensor) -> Tensor:
-    return type(layer).forward(layer, x)
+def _original_forward(layer: nn.Module, *xs: Tensor) -> Tensor:
+    return type(layer).forward(layer, *xs)
 
 
 @torch.library.custom_op("mpsearch::layer", mutates_args=())
-def _layer_op(x: Tensor, name: str) -> Tensor:
-    """Quantizable layer ``name`` applied to ``x``, one opaque node in an exported graph."""
-    return _original_forward(_OPAQUE[name], x)
+def _layer_op(xs: list[Tensor], name: str) -> Tensor:
+    """Quantizable layer ``name`` applied to ``xs`` (its input; a Mixture-of-Experts bank's
+    hidden states and routing), one opaque node in an exported graph."""
+    return _original_forward(_OPAQUE[name], *xs)
 
 
 @_layer_op.register_fake
-def _(x: Tensor, name: str) -> Tensor:
-    return _original_forward(_OPAQUE[name], x)
+def _(xs: list[Tensor], name: str) -> Tensor:
+    return _original_forward(_OPAQUE[name], *xs)
 
 
-def _opaque_call(name: str, x: Tensor) -> Tensor:
-    return torch.ops.mpsearch.layer(x, name)
+def _opaque_call(name: str, *args: Any, **kwargs: Any) -> Tensor:
+    if kwargs:  # in the order forward takes them
+        forward = type(_OPAQUE[name]).forward
+        bound = inspect.signature(forward).bind(_OPAQUE[name], *args, **kwargs)
+        args = tuple(bound.arguments.values())[1:]
+    if not all(isinstance(a, Tensor) for a in args):
+        raise Unsupported(f"layer {name!r} is called with arguments that are not tensors")
+    return torch.ops.mpsearch.layer(list(args), name)
 
 
 @contextmanager
@@ -555,8 +562,8 @@ def capture_export(model: nn.Module, batches: Sequence[Batch], layers: Sequence[
         gm.register_forward_pre_hook(partial(_add_keywords, extra), with_kwargs=True, prepend=True)
     for node in list(gm.graph.nodes):
         if node.op == "call_function" and node.target is torch.ops.mpsearch.layer.default:
-            x, name = node.args
-            node.op, node.target, node.args = "call_module", name, (x,)
+            xs, name = node.args
+            node.op, node.target, node.args = "call_module", name, tuple(xs)
             gm.add_submodule(name, model.get_submodule(name))
         elif node.op == "get_attr" and not node.users:
             gm.graph.erase_node(node)  # e.g. a layer's weight: the layer may be swapped out

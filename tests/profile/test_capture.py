@@ -418,3 +418,26 @@ def test_every_zoo_model_gives_the_hook_runners_rows_on_the_graph(name, monkeypa
     ok = (graph.table["status"] == "ok").to_numpy()
     assert list(ok) == list(hooks.table["status"] == "ok")
     _assert_same_rows(graph, hooks)
+
+
+def test_export_keeps_a_mixture_of_experts_bank_called_with_its_routing(monkeypatch) -> None:
+    """A bank is called with its hidden states and routing (three tensors): export replaced it
+    by a one-input opaque call and failed ('takes 2 positional arguments but 4 were given'),
+    so Jamba, Granite 4 hybrid and Qwen3-Next took the hook runner."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.MixtralConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+        num_experts_per_tok=2, max_position_embeddings=32,
+    )  # fmt: skip
+    model = transformers.MixtralForCausalLM(config).eval()
+    g = torch.Generator().manual_seed(0)
+    data = [{"input_ids": torch.randint(0, 64, (4, 8), generator=g)} for _ in range(2)]
+    kwargs = {"schemes": ["w8a8", "w4a16"], "progress": False}
+    with monkeypatch.context() as patch:
+        _only(patch, "export")
+        graph = profile(model, data, **kwargs)
+    assert graph.info["runner"] == "graph:export", graph.info["runner_fallbacks"]
+    assert "model.layers.0.mlp.experts" in graph.layers
+    _assert_same_rows(graph, _hooks(monkeypatch, model, data, **kwargs))
