@@ -90,6 +90,13 @@ _DECODER = {
     "bos_token_id": 0,
     "eos_token_id": 0,
 }
+_SSM_HEADS = {  # Mamba-2 mixers of the hybrid decoders: 8 heads of 16 (2 x hidden_size)
+    "mamba_n_heads": 8,
+    "mamba_d_head": 16,
+    "mamba_d_state": 8,
+    "mamba_n_groups": 1,
+    "mamba_chunk_size": 16,
+}
 _VISION = {"image_size": 32, "num_labels": 5}
 
 ARCHITECTURES: dict[str, tuple[str, str, dict[str, Any], Inputs]] = {
@@ -179,6 +186,82 @@ ARCHITECTURES: dict[str, tuple[str, str, dict[str, Any], Inputs]] = {
             "use_cache": False,
         },
         _ids,
+    ),
+    # state-space and hybrid decoders: recurrent cache layers, some beside attention
+    "mamba2": (
+        "Mamba2Config",
+        "Mamba2ForCausalLM",
+        {
+            "vocab_size": VOCAB,
+            "hidden_size": 64,
+            "num_heads": 8,
+            "head_dim": 16,
+            "state_size": 8,
+            "n_groups": 1,
+            "num_hidden_layers": 2,
+            "chunk_size": 16,
+            "use_cache": False,
+        },
+        _ids,
+    ),
+    "jamba": (
+        "JambaConfig",
+        "JambaForCausalLM",
+        {
+            **_DECODER,
+            "num_experts": 2,
+            "num_experts_per_tok": 1,
+            "attn_layer_period": 2,
+            "attn_layer_offset": 1,
+            "expert_layer_period": 2,
+            "expert_layer_offset": 1,
+            "mamba_d_state": 8,
+            "mamba_dt_rank": 8,
+            "use_mamba_kernels": False,
+        },
+        _tokens,
+    ),
+    "bamba": (
+        "BambaConfig",
+        "BambaForCausalLM",
+        {**_DECODER, "attn_layer_indices": [1], **_SSM_HEADS},
+        _tokens,
+    ),
+    "granite_hybrid": (
+        "GraniteMoeHybridConfig",
+        "GraniteMoeHybridForCausalLM",
+        {
+            **_DECODER,
+            "layer_types": ["mamba", "attention"],
+            "num_local_experts": 2,
+            "num_experts_per_tok": 1,
+            **_SSM_HEADS,
+        },
+        _tokens,
+    ),
+    "lfm2": (
+        "Lfm2Config",
+        "Lfm2ForCausalLM",
+        {**_DECODER, "layer_types": ["conv", "full_attention"]},
+        _tokens,
+    ),
+    "qwen3_next": (
+        "Qwen3NextConfig",
+        "Qwen3NextForCausalLM",
+        {
+            **_DECODER,
+            "head_dim": 16,
+            "layer_types": ["linear_attention", "full_attention"],
+            "linear_num_value_heads": 4,
+            "linear_num_key_heads": 2,
+            "linear_key_head_dim": 16,
+            "linear_value_head_dim": 16,
+            "num_experts": 4,
+            "num_experts_per_tok": 2,
+            "moe_intermediate_size": 64,
+            "shared_expert_intermediate_size": 64,
+        },
+        _tokens,
     ),
     "t5": (
         "T5Config",
