@@ -244,6 +244,7 @@ def _reference(req: _Request) -> tuple[Runner, str, MetricFn]:
         warn=notes.append,
         e2e_samples=req.options.e2e_samples,
         local_samples=req.options.local_samples,
+        n_schemes=len(req.schemes),
     )
     for note in notes:
         warnings.warn(note, stacklevel=4)

@@ -852,6 +852,23 @@ def _graph_runner(
     return runner
 
 
+EXPORT_MIN_CALLS = 300
+"""``torch.export`` is tried only where the hook runner would call the model at least this
+many times for the end-to-end errors (layers x schemes x batches of the samples it would
+use): an export capture cost 240 to 1,500 calls of a 16-sample batch on the state-space and
+hybrid decoders of ``bench_architectures`` (Mamba 1.7 s, Qwen3-Next 16.5 s; Xeon with AMX,
+1 thread), where their whole profile on the hook runner took 0.4-1.2 s (3 schemes, 256
+samples). A count, not a timing: the same model and data always take the same runner."""
+
+
+def _hook_calls(batches: Sequence[Batch], layers: Sequence[str], n_schemes: int, e2e: Any) -> int:
+    """Model calls the hook runner would make for the end-to-end errors (one output row a
+    sample assumed: at least as many samples as it would pick)."""
+    n_e2e = choose_e2e_samples(e2e, total_samples(batches), float(len(layers)))
+    per_batch = max(batch_size(batches[0]), 1)
+    return len(layers) * n_schemes * math.ceil(n_e2e / per_batch)
+
+
 def build_runner(
     model: nn.Module,
     batches: Sequence[Batch],
@@ -861,10 +878,13 @@ def build_runner(
     warn: Callable[[str], None],
     e2e_samples: Any = None,
     local_samples: Any = None,
+    n_schemes: int | None = None,
 ) -> Runner:
     """The graph runner on the first capture in ``CAPTURES`` that works and reproduces the
     model's output (BatchNorm folded first when ``fold_bn``, else as it is), else the hook
-    runner; ``runner.fallbacks`` says why the captures before failed. ``runner.n_e2e``: the
+    runner; ``runner.fallbacks`` says why the captures before failed. With ``n_schemes``,
+    ``export`` is skipped where the hook runner would call the model fewer than
+    :data:`EXPORT_MIN_CALLS` times (capturing would cost more than it saves). ``runner.n_e2e``: the
     number of samples ``e2e_samples`` picks (:func:`~mpsearch.profile._e2e.choose_e2e_samples`),
     ``runner.n_local`` those ``local_samples`` picks, in ``runner.n_local_batches`` batches.
 
@@ -876,6 +896,14 @@ def build_runner(
     fallbacks: dict[str, str] = {}
     work: nn.Module | None = None
     for method in CAPTURES:
+        if method == "export" and n_schemes is not None:
+            calls = _hook_calls(batches, layers, n_schemes, e2e_samples)
+            if calls < EXPORT_MIN_CALLS:
+                fallbacks["graph:export"] = (
+                    f"not tried: the hook runner calls the model {calls} times, fewer than a "
+                    f"torch.export capture costs ({EXPORT_MIN_CALLS} and up)"
+                )
+                continue
         for fold in (True, False) if (fold_bn and has_bn) else (False,):
             start = time.perf_counter()
             if work is None:
@@ -911,9 +939,13 @@ def build_runner(
     work = copy.deepcopy(model).eval() if work is None else work
     note = " BatchNorm is left unfolded." if (fold_bn and has_bn) else ""
     reasons = "; ".join(f"{name}: {why}" for name, why in fallbacks.items())
+    if fallbacks.get("graph:export", "").startswith("not tried"):
+        why = "the other graph captures fail and an export would cost more than it saves"
+    else:
+        why = "no graph capture works"
     warn(
-        f"profile: using the slower hook runner (whole model re-run per layer and scheme) "
-        f"because no graph capture works ({reasons}).{note}"
+        f"profile: using the hook runner (whole model re-run per layer and scheme) because "
+        f"{why} ({reasons}).{note}"
     )
     quantizable = [n for n in layers if is_quantizable(work.get_submodule(n))]
     runner = HookRunner(

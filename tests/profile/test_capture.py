@@ -84,7 +84,7 @@ def test_hugging_face_model_takes_fx_values_and_matches_hooks(method, monkeypatc
     kwargs = {"schemes": ["bf16", "w8a8"], "progress": False, "e2e_samples": None}
     kwargs["layers"] = layers
     if method == "export":
-        monkeypatch.setattr(runner_module, "CAPTURES", {"export": capture_module.capture_export})
+        _only(monkeypatch, "export")
     graph = profile(wl.model, calib, **kwargs)
     assert graph.info["runner"] == f"graph:{method}"
     if method == "fx(values)":
@@ -102,7 +102,9 @@ def _dict_batches(n: int) -> list[dict[str, torch.Tensor]]:
 
 
 def _only(monkeypatch, method: str) -> None:
+    """Only ``method`` captures, whatever the hook runner's work would be."""
     monkeypatch.setattr(runner_module, "CAPTURES", {method: capture_module.CAPTURES[method]})
+    monkeypatch.setattr(runner_module, "EXPORT_MIN_CALLS", 0)
 
 
 class _BatchBranch(DictInput):
@@ -262,7 +264,7 @@ def test_export_of_in_place_operations_keeps_cached_values(monkeypatch) -> None:
     """ConvBN's in-place ReLU and residual run functionally in the exported graph."""
     model, calib = ConvBN().eval(), batches(2, 4, 3, 6, 6)
     kwargs = {"schemes": ["w8a8"], "progress": False, "e2e_samples": None, "fold_bn": False}
-    monkeypatch.setattr(runner_module, "CAPTURES", {"export": capture_module.capture_export})
+    _only(monkeypatch, "export")
     exported = profile(model, calib, **kwargs)
     assert exported.info["runner"] == "graph:export"
     with pytest.warns(UserWarning, match="BatchNorm is left unfolded"):

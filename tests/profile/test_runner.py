@@ -241,3 +241,13 @@ def test_passes_drop_values_after_their_last_use() -> None:
     env = runner._execute_all(calib[0], {fc2})
     assert set(env) == {fc2, runner.output_node}
     assert torch.equal(runner._final(env), runner.outputs[0])
+
+
+def test_the_hook_runners_calls_decide_whether_export_is_tried() -> None:
+    """Layers x schemes x batches of the samples the hook runner would use: 256 samples in
+    batches of 16, 19 layers, "auto" picks 8 samples (one batch); all samples, 16 batches."""
+    batches = [torch.zeros(16, 4)] * 16
+    layers = [f"l{i}" for i in range(19)]
+    assert runner_module._hook_calls(batches, layers, 3, "auto") == 19 * 3 * 1
+    assert runner_module._hook_calls(batches, layers, 3, None) == 19 * 3 * 16
+    assert runner_module._hook_calls(batches, layers, 3, 20) == 19 * 3 * 2

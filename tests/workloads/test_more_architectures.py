@@ -163,9 +163,13 @@ def test_a_model_returning_a_cache_is_exported_with_the_cache_off(monkeypatch) -
     kwargs = {"schemes": ["w8a8"], "progress": False, "e2e_samples": None}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        skipped = mps.profile(model, calib, **kwargs)  # 6 hook runner calls: export skipped
+        monkeypatch.setattr(runner_module, "EXPORT_MIN_CALLS", 0)
         graph = mps.profile(model, calib, **kwargs)
         monkeypatch.setattr(runner_module, "CAPTURES", {})
         hooks = mps.profile(model, calib, **kwargs)
+    assert skipped.info["runner"] == "hooks"
+    assert skipped.info["runner_fallbacks"]["graph:export"].startswith("not tried")
     assert graph.info["runner"] == "graph:export", graph.info["runner_fallbacks"]
     assert hooks.info["runner"] == "hooks"
     for metric in ("mse", "e2e"):
