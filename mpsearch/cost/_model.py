@@ -409,7 +409,9 @@ def _fit(points: list[dict[str, Any]]) -> dict[str, Any]:
     """``measured = intercept + slope * layer_sum``, fitted robustly (Theil-Sen: the median of
     the pairwise slopes, the median intercept), so one plan timed during a burst of load on a
     shared machine does not tilt the line; slope 1 (the per-layer times add up) when the
-    points give no positive slope.
+    points give no positive slope. The overhead is not negative: where the fitted intercept
+    is, the line goes through the origin (the median ratio measured / layer sum); two plans
+    timed under load once gave a steep line whose negative intercept predicted -3.6 ms.
 
     >>> fit = _fit([{"layer_sum_ms": x, "measured_ms": 2 + x} for x in (1.0, 2.0, 4.0)])
     >>> fit["intercept_ms"], fit["slope"]
@@ -427,6 +429,8 @@ def _fit(points: list[dict[str, Any]]) -> dict[str, Any]:
     if slope <= 0:
         slope = 1.0
     intercept = float(np.median(y - slope * x))
+    if intercept < 0 and (x > 0).any():  # no negative overhead: a line through the origin
+        slope, intercept = float(np.median(y[x > 0] / x[x > 0])), 0.0
     for p in points:
         p["predicted_ms"] = intercept + slope * p["layer_sum_ms"]
         p["rel_error"] = abs(p["predicted_ms"] - p["measured_ms"]) / p["measured_ms"]

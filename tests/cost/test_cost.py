@@ -210,6 +210,18 @@ def test_latency_fit_shrugs_off_one_plan_timed_under_load() -> None:
     assert all(p["predicted_ms"] > 0 for p in fit["points"])
 
 
+def test_latency_fit_never_predicts_a_negative_latency() -> None:
+    """Two plans timed under load: the line through them is steep and its intercept negative,
+    which predicted -3.6 ms for a plan whose layers sum to less (a CI run beside a sweep)."""
+    from mpsearch.cost._model import _fit
+
+    fit = _fit(
+        [{"layer_sum_ms": 1.0, "measured_ms": 2.0}, {"layer_sum_ms": 2.0, "measured_ms": 9.0}]
+    )
+    assert fit["intercept_ms"] == 0.0 and fit["slope"] == pytest.approx(3.25)  # median of 2, 4.5
+    assert all(p["predicted_ms"] > 0 for p in fit["points"])
+
+
 def test_cold_layer_timings_are_a_separate_measurement(tmp_path) -> None:
     """Cold timings (caches flushed before each call) are cached apart from warm ones."""
     import mpsearch as mps
