@@ -29,6 +29,14 @@ VOCAB = 96
 PROMPTS = [[1, 2, 3, 4, 5], [7], [40, 41, 12, 90, 3, 3, 8]]
 
 
+@pytest.fixture(autouse=True)
+def compiled_wins_the_race(monkeypatch) -> None:
+    """Compiled decoding counts as faster than eager (the race is tested in test_decode)."""
+    import mpsearch.cost._decode as decode_module
+
+    monkeypatch.setattr(decode_module, "_race", lambda *args, **kwargs: (1.0, 2.0))
+
+
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
     """Tiny models run fastest (and most steadily on a shared machine) on one thread."""
