@@ -119,20 +119,14 @@ of a longer pass starts from a zero state, not the cached one)."""
 
 def _dynamic_cache(config: Any = None) -> Any:
     """A ``transformers.DynamicCache``: full-attention layers that grow (the model's masks
-    apply any window), or, for a ``config`` with recurrent layers, the config's own layers
-    recording the last :data:`ROLLBACK_TOKENS` states so that :meth:`KVDecoder.rollback` can
-    restore them."""
+    apply any window), or, for a ``config`` with recurrent layers, the config's own layers."""
     try:
         from transformers import DynamicCache
     except ImportError:  # pragma: no cover - transformers is the target of decoding
         raise ImportError(
             "decoding keeps a transformers.DynamicCache: pip install transformers"
         ) from None
-    if config is None:
-        return DynamicCache()
-    cache = DynamicCache(config=config)
-    cache.activate_past_recording(recurrent_states_to_keep=ROLLBACK_TOKENS)
-    return cache
+    return DynamicCache() if config is None else DynamicCache(config=config)
 
 
 def _recurrent_config(module: nn.Module) -> Any:
@@ -267,9 +261,9 @@ class KVDecoder:
 
     A model with recurrent cache layers (Mamba, Mamba-2 and the hybrids: Jamba, Bamba,
     Granite 4 hybrid, LFM2, Qwen3-Next) holds a state per layer, not keys and values per
-    position: its dynamic cache records the states after each token (transformers' past
-    recording) and :meth:`rollback` restores one, for the tokens fed since the last rollback
-    (:data:`ROLLBACK_TOKENS`); it decodes eagerly.
+    position: after the prompt its dynamic cache records the states after each token
+    (transformers' past recording) and :meth:`rollback` restores one, for the tokens fed since
+    the last rollback (:data:`ROLLBACK_TOKENS`); it decodes eagerly.
 
     >>> dec = KVDecoder(llama, compile=True)  # doctest: +SKIP
     >>> dec.reset(capacity=80)  # doctest: +SKIP
@@ -361,19 +355,20 @@ class KVDecoder:
         return self._forward(tokens, keep)
 
     def _feed_recurrent(self, tokens: list[int], keep: int) -> Tensor:
-        """:meth:`feed` on a recurrent cache: after the first pass, passes of at most
-        :data:`ROLLBACK_TOKENS` tokens (each token's state recorded); the recorded states are
-        dropped first once they could cover :data:`ROLLBACK_TOKENS` (memory stays bounded
-        when nothing is rolled back)."""
+        """:meth:`feed` on a recurrent cache. The first pass (the prompt: never rolled back)
+        runs as the model's own generation runs it; later passes record each token's state
+        (transformers' past recording, as its assisted generation does after the prompt), at
+        most :data:`ROLLBACK_TOKENS` tokens each; the recorded states are dropped first once
+        they could cover :data:`ROLLBACK_TOKENS` (memory stays bounded when nothing is
+        rolled back)."""
+        if not self.seen:  # from the zero state, transformers' scan is exact at any length
+            logits = self._forward(tokens, keep)
+            self.cache.activate_past_recording(recurrent_states_to_keep=ROLLBACK_TOKENS)
+            return logits
         if self._rollable >= ROLLBACK_TOKENS:
             self.cache.crop(0)  # keeps the states, forgets the recorded ones
             self._rollable = 0
         n = len(tokens)
-        if not self.seen:  # from the zero state, transformers' scan is exact at any length
-            logits = self._forward(tokens, keep)
-            # a longer first pass records the states of its last ROLLBACK_TOKENS - 1 tokens
-            self._rollable = n if n <= ROLLBACK_TOKENS else ROLLBACK_TOKENS - 1
-            return logits
         parts = []
         for start in range(0, n, ROLLBACK_TOKENS):
             part = tokens[start : start + ROLLBACK_TOKENS]
@@ -475,8 +470,8 @@ class KVDecoder:
 
     def rollback(self, length: int) -> None:
         """Forget every token past the first ``length`` (crop the cache). A recurrent cache
-        restores a recorded state: it can roll back the tokens fed since the last rollback (at
-        most :data:`ROLLBACK_TOKENS`)."""
+        restores a recorded state: it can roll back the tokens fed since the last rollback
+        (at most :data:`ROLLBACK_TOKENS`), not into the first pass."""
         if self.recurrent:
             self._rollback_recurrent(length)
             return

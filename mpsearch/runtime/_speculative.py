@@ -506,12 +506,16 @@ class SpeculativeController:
         seq = list(prompt)
         emitted = 0
         # the reference reads the prompt alone; the draft then adopts its keys and values
-        # rather than running the prompt itself (where the caches allow: KVDecoder.adopt)
+        # rather than running the prompt itself (where the caches allow: KVDecoder.adopt).
+        # A recurrent cache cannot roll back into its first pass: the reference reads the
+        # prompt alone there too, and the draft reads it with the reference's first token
         shared = k > 0 and draft.can_adopt(ref)
+        alone_first = shared or ref.recurrent or draft.recurrent
         with torch.inference_mode():
             while emitted < max_new_tokens:
                 t0 = now()
-                k_step = 0 if shared and not draft.seen else min(k, max_new_tokens - emitted - 1)
+                first = (shared and not draft.seen) or (alone_first and not ref.seen)
+                k_step = 0 if first else min(k, max_new_tokens - emitted - 1)
                 drafted, q = self._draft_tokens(draft, seq, k_step, temperature, eos, generator)
                 t1 = now()
                 unseen, keep = seq[ref.seen :] + drafted, len(drafted) + 1
