@@ -8,7 +8,9 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
+import torch.utils._pytree as pytree
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
 from mpsearch._data import as_batches, run_model
 from mpsearch._validation import check_module, invalid, unknown
@@ -115,10 +117,11 @@ def collect_activation_ranges(
     *,
     observer: str | Observer = "minmax",
 ) -> dict[str, tuple[float, float]]:
-    """Run ``calib`` through ``model`` (full precision) and observe each layer's input range; a
+    """Run ``calib`` through ``model`` (full precision) and observe each layer's input range (a
+    layer no batch reaches has none, and measures its range on each call); a
     Mixture-of-Experts bank's: each of its expert Linear layers' (``<bank>.up.<e>``,
     ``<bank>.down.<e>``, their names in the quantized model), on the tokens routed to it (an
-    expert no token reached has none, and measures its range on each call)."""
+    expert no token reached has none either)."""
     batches = as_batches(calib, argument="calib")
     known = quantizable_layers(model)
     observers = {name: make_observer(observer) for name in layers}
@@ -149,7 +152,8 @@ def collect_activation_ranges(
     with torch.inference_mode(), watched(model, watch), swapped(model, recorders):
         for batch in batches:
             run_model(model, batch)
-    ranges = {n: obs.range() for n, obs in observers.items() if n not in banks}
+    # a layer no batch reaches (an expert no token was routed to) keeps per-call ranges
+    ranges = {n: obs.range() for n, obs in observers.items() if n not in banks and obs.count}
     return {**ranges, **{key: obs.range() for key, obs in sorted(experts.items())}}
 
 
@@ -269,9 +273,12 @@ def _observed_ranges(
 def never_called(
     model: nn.Module, calib: Sequence[Any], names: Iterable[str], *, warn: bool = True
 ) -> list[str]:
-    """The layers of ``names`` that ``model`` does not call on the first ``calib`` batch and
-    whose weights no module it calls holds (T5's ``shared`` embedding is never called, its
-    encoder's and decoder's tied copies are); warned (unless not ``warn``): they stay fp32."""
+    """The layers of ``names`` whose weights ``model`` reads directly on the first ``calib``
+    batch: it does not call them, nor a module holding their weights (T5's ``shared``
+    embedding is never called, its encoder's and decoder's tied copies are), yet an operation
+    takes one of their weights (Mamba's ``dt_proj`` and ``conv1d``). Warned (unless not
+    ``warn``): they stay fp32. A layer the batch does not use at all (an expert no token
+    reached) is not one of them."""
     names = list(names)
     if not names:
         return []
@@ -279,9 +286,17 @@ def never_called(
     watch = {*names, *(a for copies in aliases.values() for a in copies)}
     called: set[str] = set()
     callbacks = {n: (lambda _x, n=n: called.add(n)) for n in watch}
-    with torch.inference_mode(), eval_mode(model), watched(model, callbacks):
+    weights = {n: {id(p) for p in model.get_submodule(n).parameters()} for n in names}
+    reads = _ParameterReads(set().union(*weights.values()))
+    with torch.inference_mode(), eval_mode(model), watched(model, callbacks), reads:
         run_model(model, calib[0])
-    never = [n for n in names if n not in called and called.isdisjoint(aliases[n])]
+    never = [
+        n
+        for n in names
+        if n not in called
+        and called.isdisjoint(aliases[n])
+        and not weights[n].isdisjoint(reads.seen)
+    ]
     if never and warn:
         shown = ", ".join(repr(n) for n in never[:5]) + (", ..." if len(never) > 5 else "")
         warnings.warn(
@@ -290,6 +305,23 @@ def never_called(
             stacklevel=3,
         )
     return never
+
+
+class _ParameterReads(TorchFunctionMode):
+    """Within, which of the tensors ``watched`` (by ``id``) any torch operation takes."""
+
+    def __init__(self, watched: set[int]) -> None:
+        super().__init__()
+        self.watched = watched
+        self.seen: set[int] = set()
+
+    def __torch_function__(
+        self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None
+    ) -> Any:
+        for value in pytree.tree_leaves((args, kwargs or {})):
+            if isinstance(value, Tensor) and id(value) in self.watched:
+                self.seen.add(id(value))
+        return func(*args, **(kwargs or {}))
 
 
 def _tied_copies(model: nn.Module, names: Sequence[str]) -> dict[str, set[str]]:

@@ -403,3 +403,24 @@ def test_every_linear_kernel_takes_a_transposed_input(scheme: str, name: str, ke
     assert x.stride(-1) != 1
     with torch.inference_mode():  # the same values (a float GEMM may block them otherwise)
         torch.testing.assert_close(q(x), q(x.contiguous()), rtol=1e-2, atol=1e-2)
+
+
+def test_a_layer_no_batch_reaches_is_quantized_and_one_read_directly_stays_fp32() -> None:
+    """An expert no calibration token reaches is never called but not read either: it is
+    quantized as the plan says (it stayed fp32 before, as if read directly); ``gate``'s
+    weight is read by the model's own code: it stays fp32."""
+    from helpers import ReadsWeights
+
+    from mpsearch.backends._quantize import never_called
+
+    class WithIdleExpert(ReadsWeights):
+        def __init__(self) -> None:
+            super().__init__()
+            self.idle = nn.Linear(64, 64)  # routed to by no token of these batches
+
+    model = WithIdleExpert().eval()
+    x = torch.randn(8, 64)
+    assert never_called(model, [x], ["proj", "gate", "idle", "head"], warn=False) == ["gate"]
+    with pytest.warns(UserWarning, match=r"1 layer\(s\) stay fp32.*'gate'"):
+        q = mps.quantize(model, "w8a8", backend="cpu", calib=[x])
+    assert type(q.gate) is nn.Linear and isinstance(q.idle, RealLayer)
