@@ -664,6 +664,14 @@ class Int8Conv(_PackedInt8):
 # ---------------------------------------------------------------- weight-only (aten packed mm)
 
 
+def _bf16_rows(x: Tensor, in_features: int, k_pad: int) -> Tensor:
+    """``x`` as contiguous bf16 rows ``[-1, in_features + k_pad]`` (zero-padded), as the packed
+    weight-only kernels take them: a strided input (Mamba's ``x_proj`` reads a transposed
+    tensor) is copied, as they refuse it."""
+    x2 = x.reshape(-1, in_features).to(torch.bfloat16, memory_format=torch.contiguous_format)
+    return F.pad(x2, (0, k_pad)) if k_pad else x2
+
+
 class Int8WeightOnlyLinear(RealLayer):
     """``w8a16`` Linear: int8 per-channel weights, bf16 activations, ``aten._weight_int8pack_mm``.
 
@@ -690,11 +698,7 @@ class Int8WeightOnlyLinear(RealLayer):
     def forward(self, x: Tensor) -> Tensor:
         out_dtype = x.dtype
         shape = x.shape
-        x2 = x.reshape(-1, self.in_features).to(
-            torch.bfloat16, memory_format=torch.contiguous_format
-        )
-        if self.k_pad:
-            x2 = F.pad(x2, (0, self.k_pad))
+        x2 = _bf16_rows(x, self.in_features, self.k_pad)
         y = torch.ops.aten._weight_int8pack_mm(x2, self.weight_int8, self.scales)
         if self.bias is not None:
             y = y + self.bias
@@ -752,11 +756,7 @@ class Int4WeightOnlyLinear(RealLayer):
     def forward(self, x: Tensor) -> Tensor:
         out_dtype = x.dtype
         shape = x.shape
-        x2 = x.reshape(-1, self.in_features).to(
-            torch.bfloat16, memory_format=torch.contiguous_format
-        )
-        if self.k_pad:
-            x2 = F.pad(x2, (0, self.k_pad))
+        x2 = _bf16_rows(x, self.in_features, self.k_pad)
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(
             x2, self.weight_int4, self.group_size, self.scales_and_zeros
         )

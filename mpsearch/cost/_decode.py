@@ -214,11 +214,6 @@ def _own_step(module: nn.Module) -> Any:
 
 def _static_cache_missing(module: nn.Module) -> str | None:
     """Why ``module`` cannot decode on a ``transformers.StaticCache`` (``None``: it can)."""
-    if _recurrent_config(module) is not None:
-        return (
-            f"{type(module).__name__} has recurrent (state-space) layers: their rollback "
-            "records states in a cache that grows, which a compiled step cannot hold"
-        )
     try:
         _static_cache(module.config, MIN_STATIC_CAPACITY)
     except Exception as error:
@@ -293,7 +288,12 @@ class KVDecoder:
         self._lowered = module  # what the compiled step traces
         self._swaps: Swaps = []
         if compile:
-            reason = _cpp_compiler_missing() or _static_cache_missing(module)
+            reason = _cpp_compiler_missing() or (
+                f"{type(module).__name__} has recurrent (state-space) layers: their rollback "
+                "records states in a cache that grows, which a compiled step cannot hold"
+                if self.recurrent
+                else _static_cache_missing(module)
+            )
             if reason is not None:
                 self._fall_back(reason)
             else:  # a copy of the module tree where it swaps layers: eagerly, the model as it is

@@ -493,7 +493,8 @@ class SpeculativeController:
     ) -> list[int]:
         """The decoding loop; appends one record per step to ``records``."""
         ref, now = self._reference, self._clock
-        if k > MAX_RECURRENT_K and (ref.recurrent or draft.recurrent):
+        recurrent = ref.recurrent or draft.recurrent
+        if k > MAX_RECURRENT_K and recurrent:
             raise invalid(
                 "k",
                 k,
@@ -510,11 +511,10 @@ class SpeculativeController:
         # A recurrent cache cannot roll back into its first pass: the reference reads the
         # prompt alone there too, and the draft reads it with the reference's first token
         shared = k > 0 and draft.can_adopt(ref)
-        alone_first = shared or ref.recurrent or draft.recurrent
         with torch.inference_mode():
             while emitted < max_new_tokens:
                 t0 = now()
-                first = (shared and not draft.seen) or (alone_first and not ref.seen)
+                first = (shared and not draft.seen) or (recurrent and not ref.seen)
                 k_step = 0 if first else min(k, max_new_tokens - emitted - 1)
                 drafted, q = self._draft_tokens(draft, seq, k_step, temperature, eos, generator)
                 t1 = now()
