@@ -9,7 +9,7 @@ import os
 import statistics
 import warnings
 from collections.abc import Sequence
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 from unittest import mock
@@ -32,6 +32,7 @@ from mpsearch.backends._compiled import (
     swapped_note,
 )
 from mpsearch.backends._kernels import per_call_ranges
+from mpsearch.cost._attention import decoding_attention
 from mpsearch.cost._timing import clock
 from mpsearch.layers._expert_linears import ExpertLinears
 
@@ -53,7 +54,10 @@ COMPILE_CHOICES = (False, True, "max-autotune")
 """What a decoder's ``compile`` takes: eager, compiled by Inductor, or compiled with each matrix
 product's kernel chosen by measurement (:data:`~mpsearch.backends._compiled.AUTOTUNE_SETTINGS`:
 longer to compile, a few seconds per distinct product shape; Inductor keeps the timings across
-processes, not the compiled graphs)."""
+processes, not the compiled graphs) and one-token steps' attention fused into the graph
+(:func:`~mpsearch.cost._attention.decoding_attention`). ``True`` keeps ATen's attention and
+Inductor's default kernels, whose logits are the same for a token fed alone or in a block,
+which exact speculative verification needs."""
 
 
 def check_compile(value: Any, *, argument: str = "compile") -> bool | str:
@@ -510,7 +514,8 @@ class KVDecoder:
                     "control flow depends on values, as a Mixture-of-Experts routing loop's)"
                 )
                 return self.module(input_ids=ids, **kwargs)
-        with _native_gqa():  # the race calls the graph again: it must find what it traced
+        attention = decoding_attention() if self.compile == "max-autotune" else nullcontext()
+        with _native_gqa(), attention:  # the race calls the graph: it must find what it traced
             return self._compile_and_check(key, ids, kwargs)
 
     def _compile_and_check(

@@ -15,6 +15,7 @@ from mpsearch.backends._compiled import _cpp_compiler_missing
 from mpsearch.backends._kernels import FbgemmInt8Linear, choice_key, onednn_u8s8_saturates
 from mpsearch.cost import KVDecoder, measure_decode
 from mpsearch.cost import _decode as decode_module
+from mpsearch.cost._attention import decoding_attention
 from mpsearch.cost._decode import MIN_STATIC_CAPACITY, DecodeTimer, _native_gqa
 
 transformers = pytest.importorskip("transformers")
@@ -103,8 +104,17 @@ def test_compiled_decode_equals_eager_decode() -> None:
 
 @pytest.mark.slow  # Inductor times its candidate kernels for each matrix product shape
 @needs_compiler
-def test_max_autotune_decoding_equals_eager_decoding_for_two_models_of_one_architecture() -> None:
+def test_max_autotune_decoding_equals_eager_decoding_for_two_models_of_one_architecture(
+    monkeypatch,
+) -> None:
     # the second model once got the first one's prepacked weights from Inductor's graph cache
+    switched: list[bool] = []
+
+    def switch():  # max-autotune traces one-query attention (tests/cost/test_attention.py)
+        switched.append(True)
+        return decoding_attention()
+
+    monkeypatch.setattr(decode_module, "decoding_attention", switch)
     prompt = torch.tensor([[5, 17, 42, 8]])
     for seed in (0, 1):  # one layer, every product 64 wide: few shapes to autotune
         model = _llama(seed, intermediate_size=64, num_hidden_layers=1)
@@ -114,6 +124,7 @@ def test_max_autotune_decoding_equals_eager_decoding_for_two_models_of_one_archi
         assert tuned.compile_info["mode"] == "inductor", (seed, tuned.compile_info)
         assert "compiled by Inductor (max-autotune)" in tuned.compile_info["reason"]
         assert tuned.tokens == eager.tokens
+    assert switched
 
 
 @needs_compiler
