@@ -1,4 +1,4 @@
-"""Attention of one new token over a static KV cache, as matrix products Inductor compiles
+"""Attention of one new token over a static KV cache, as operations Inductor compiles into
 into the decoding step (for ``KVDecoder(compile="max-autotune")``)."""
 
 from __future__ import annotations
