@@ -1,5 +1,5 @@
 """Attention of one new token over a static KV cache, as operations Inductor compiles into
-into the decoding step (for ``KVDecoder(compile="max-autotune")``)."""
+the decoding step (for ``KVDecoder(compile="max-autotune")``)."""
 
 from __future__ import annotations
 
