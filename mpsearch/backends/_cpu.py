@@ -155,7 +155,10 @@ and weight-only CPU kernels are for Linear and 1-D / 2-D convolutions."""
 
 CPU_KERNELS: KernelTable = {
     # fp32: the user's own layer, so an fp32 plan is the user's model (shared weights stay shared)
-    **{(kind, "fp32"): _OWN for kind in (nn.Linear, nn.Conv1d, nn.Conv2d, *FLOAT_ONLY_TYPES)},
+    **{
+        (kind, "fp32"): _OWN
+        for kind in (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding, *FLOAT_ONLY_TYPES)
+    },
     **{(kind, s): _CAST for kind in (nn.Linear, nn.Conv1d, nn.Conv2d, *FLOAT_ONLY_TYPES)
        for s in ("bf16", "fp16")},
     (nn.Linear, "w8a8"): Kernel(
@@ -174,7 +177,7 @@ CPU_KERNELS: KernelTable = {
        for kind in RNN_TYPES for s in ("fp32", "bf16", "fp16")},
     **{(kind, s): _RNN_INT8 for kind in RNN_TYPES for s in INT8_RNN_SCHEMES},
     **{(nn.Embedding, s): Kernel(CastEmbedding, "the table in the scheme's dtype")
-       for s in ("fp32", "bf16", "fp16")},
+       for s in ("bf16", "fp16")},
     **{(nn.Embedding, s): _EMBEDDING_INT for s in EMBEDDING_INT_SCHEMES},
     (ExpertBank, "fp32"): _OWN,
     **{(ExpertBank, s): _EXPERTS for s in EXPERT_SCHEMES},

@@ -45,7 +45,7 @@ class SimulatedEmbedding(nn.Module):
 
 
 class CastEmbedding(RealLayer):
-    """The embedding with its table stored in the scheme's dtype (``fp32``, ``bf16``,
+    """The embedding with its table stored in the scheme's dtype (``bf16``,
     ``fp16``); the rows looked up are cast back to the table's original dtype."""
 
     def __init__(

@@ -243,6 +243,8 @@ def quantize(
         )
         for name, scheme in to_change.items()
     }
+    if impl.real:
+        share_tied_tables(layers, replacements)
     replace_layers(target, replacements)
     if impl.needs_calib:
         result = impl.finalize(target, assignment, calib=calib)  # type: ignore[call-arg]
@@ -251,6 +253,50 @@ def quantize(
     result.mpsearch_assignment = dict(assignment)
     result.mpsearch_backend = impl.name
     return result
+
+
+def float_table(module: nn.Module, shape: torch.Size) -> nn.Module | None:
+    """The module inside ``module`` (a layer's replacement) whose ``weight`` stores the layer's
+    weight, of ``shape``, as a plain float tensor (a cast layer's, an fp32 layer itself), or
+    ``None`` (packed integer codes)."""
+    for owner in module.modules():
+        weight = owner._parameters.get("weight")
+        if weight is not None and weight.is_floating_point() and weight.shape == shape:
+            return owner
+    return None
+
+
+def tied_groups(layers: Mapping[str, nn.Module], names: Iterable[str]) -> list[list[str]]:
+    """The layers of ``names`` whose weights are one tensor (a tied embedding and output
+    layer), in groups of two or more."""
+    groups: dict[int, list[str]] = {}
+    for name in names:
+        weight = getattr(layers[name], "weight", None)
+        if isinstance(weight, Tensor) and weight.layout == torch.strided and weight.numel():
+            groups.setdefault(weight.untyped_storage().data_ptr(), []).append(name)
+    return [g for g in groups.values() if len(g) > 1]
+
+
+def share_tied_tables(layers: Mapping[str, nn.Module], replacements: dict[str, nn.Module]) -> None:
+    """Replacements of tied layers that store the weight as the same float tensor (a bf16
+    embedding and a bf16 output layer) hold one: the model's own where it is that (fp32),
+    else the first one's."""
+    for group in tied_groups(layers, replacements):
+        held = [layers[group[0]].weight]  # an fp32 copy takes the model's own tensor back
+        for name in group:
+            owner = float_table(replacements[name], layers[name].weight.shape)
+            if owner is None:
+                continue
+            weight = owner._parameters["weight"]
+            same = next((t for t in held if _same_tensor(t, weight)), None)
+            if same is None:
+                held.append(weight)
+            else:
+                owner._parameters["weight"] = same
+
+
+def _same_tensor(a: Tensor, b: Tensor) -> bool:
+    return a.dtype == b.dtype and a.stride() == b.stride() and torch.equal(a, b)
 
 
 def _observed_ranges(

@@ -19,7 +19,13 @@ from mpsearch._data import Batch, run_model
 from mpsearch._validation import check_module, invalid
 from mpsearch.backends import BACKENDS, Backend, get_backend, quantize, storage_bytes
 from mpsearch.backends._kernels import Kernel, KernelBackend, RealLayer, choice_key, tensor_bytes
-from mpsearch.backends._quantize import PlanLike, applicability_error, as_plan
+from mpsearch.backends._quantize import (
+    PlanLike,
+    applicability_error,
+    as_plan,
+    float_table,
+    tied_groups,
+)
 from mpsearch.backends._quantize import never_called as never_called_layers
 from mpsearch.backends._simulate import SIMULATED_TYPES
 from mpsearch.cost._autotune import TuneCache, fastest
@@ -221,6 +227,7 @@ class CostModel:
         settings: dict[str, Any],
         tuning: pd.DataFrame | None = None,
         as_is: Sequence[Sequence[str]] = (),
+        tables: Sequence[Sequence[Any]] = (),
         never_called: Sequence[str] = (),
         schemes: Sequence[str] = (),
         read_directly: Sequence[str] = (),
@@ -251,6 +258,10 @@ class CostModel:
         self._supported = indexed["supported"].to_dict()
         self._reason = indexed["reason"].to_dict()
         self._as_is = {(n, s) for n, s in as_is}  # layers the backend runs as they are
+        # tied layers' weights as float tensors (quantize shares equal ones): (dtype, bytes)
+        self._tables = {(n, s): (dtype, int(size)) for n, s, dtype, size in tables}
+        self._tied = tied_groups(quantizable_layers(model), [*self.layers, *self.never_called])
+        self._tied_names = {n for g in self._tied for n in g}
         self._never_called_bytes: dict[tuple[str, str], int | None] = {}
 
     # -------------------------------------------------------------- lookups
@@ -310,6 +321,13 @@ class CostModel:
                 own = {_storage_key(t) for t in layer.parameters()}
                 shares = any(_storage_key(t) in own for t in module.parameters())
                 self._never_called_bytes[key] = None if shares else storage_bytes(module)
+                owner = (
+                    float_table(module, layer.weight.shape) if name in self._tied_names else None
+                )
+                if owner is not None:
+                    self._tables[key] = (str(owner.weight.dtype), tensor_bytes(owner.weight))
+                if shares:
+                    self._as_is.add(key)
         return self._never_called_bytes[key]
 
     def memory_bytes(self, plan: PlanLike) -> int:
@@ -328,7 +346,26 @@ class CostModel:
             if (self.backend.real or s != "fp32") and (size := self._layer_bytes(n, s)) is not None
         }
         kept = sum(size for size, names in self.layer_storages if not names <= replaced.keys())
-        return int(self.rest_bytes + kept + sum(replaced.values()))
+        return int(self.rest_bytes + kept + sum(replaced.values()) - self._shared_tables(chosen))
+
+    def _shared_tables(self, chosen: Mapping[str, str]) -> int:
+        """Bytes ``quantize`` saves by :func:`~mpsearch.backends._quantize.share_tied_tables`:
+        a tied layer's weight stored as the same float tensor as a partner's is held once (the
+        model's own, counted as kept, where a partner runs as it is)."""
+        saved = 0
+        for group in self._tied:
+            seen: set[tuple[str, int]] = set()
+            keys = sorted(
+                ((n, chosen.get(n, "")) for n in group), key=lambda k: k not in self._as_is
+            )
+            for key in keys:  # those run as they are first: their tensor is the model's own
+                table = self._tables.get(key)
+                if table is None:
+                    continue
+                if table in seen and key not in self._as_is:
+                    saved += table[1]
+                seen.add(table)
+        return saved
 
     def memory_mb(self, plan: PlanLike) -> float:
         """:meth:`memory_bytes` in MB (10**6 bytes)."""
@@ -509,6 +546,7 @@ def measure_cost(
         table=pd.DataFrame(payload["rows"], columns=COLUMNS),
         tuning=pd.DataFrame(payload["tuning"], columns=TUNING_COLUMNS),
         as_is=payload["as_is"],
+        tables=payload["tables"],
         model=model,
         example_input=example_input,
         backend=impl,
@@ -605,7 +643,8 @@ def _cache_key(
             "model_bytes": storage_bytes(model),
             # caches before tied weights were split, before int8 layers dropped their zero
             # points and before the rows of substituted variants are stale
-            "memory_layout": "shared storages, no int8 zero points, substitutes, never called",
+            "memory_layout": "shared storages, no int8 zero points, substitutes, never called, "
+            "tied float tables shared",
             "repeats": opts.repeats,
             "warmup": opts.warmup,
             "autotune": opts.autotune,
@@ -632,12 +671,16 @@ class _Job:
     tuning: list[list[Any]] = field(default_factory=list)
     choices: dict[str, str] = field(default_factory=dict)
     as_is: list[tuple[str, str]] = field(default_factory=list)
+    # tied layers' weights stored as float tensors: {(layer, scheme): [dtype, bytes]}
+    tables: dict[tuple[str, str], list[Any]] = field(default_factory=dict)
     untuned: set[str] = field(default_factory=set)  # schemes whose picks lost end to end
+    tied: set[str] = field(default_factory=set)  # layers whose weight another one holds too
     never_called: list[str] = field(default_factory=list)  # priced for their bytes alone
 
     def measure(self) -> dict[str, Any]:
         """The cache payload: rows, memory of the rest of the model, fp32 latency, the fit."""
         all_layers = quantizable_layers(self.model)
+        self.tied = {n for g in tied_groups(all_layers, self.names) for n in g}
         rows: dict[tuple[str, str], list[Any]] = {}
         points = []
         for s in self.schemes:  # fp32 first: the other plans' fp32 layers are timed by then
@@ -673,6 +716,7 @@ class _Job:
             "tuning": self.tuning,
             "choices": self.choices,
             "as_is": self.as_is,
+            "tables": [[*k, *v] for k, v in self.tables.items()],
             "fit": _fit(points),
         }
 
@@ -717,6 +761,9 @@ class _Job:
             memory = ideal_layer_bytes(layer, scheme)
             if isinstance(module, OwnForward):  # the subclass's own tensors (Gemma's scale)
                 memory += sum(tensor_bytes(t) for t in module.buffers(recurse=False))
+        owner = float_table(module, layer.weight.shape) if name in self.tied else None
+        if impl.real and owner is not None:  # quantize shares it with a tied partner's
+            self.tables[(name, scheme.name)] = [str(owner.weight.dtype), tensor_bytes(owner.weight)]
         if ms is None:
             ms = self.time_layer(module, x)
         return [name, scheme.name, int(memory), ms * self.calls[name], True, "", kernel]
@@ -799,6 +846,7 @@ class _Job:
                         t[4] = t[0] not in first
                         first.add(t[0])
                 self.as_is = [a for a in self.as_is if a[1] != scheme.name]
+                self.tables = {k: v for k, v in self.tables.items() if k[1] != scheme.name}
                 return None
         return {
             "plan": f"uniform {scheme.name}",

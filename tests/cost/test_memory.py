@@ -103,6 +103,33 @@ def test_tied_weights_count_once_and_every_copy_kept_counts(backend: str) -> Non
         assert cost.memory_bytes(plan) == emb + quantized - ideal_layer_bytes(layers["emb"], w8)
 
 
+def test_tied_layers_keep_one_tensor_where_they_store_it_alike() -> None:
+    """fp32: the model's own tensor (an fp32 embedding was copied); bf16 on both sides of a tie:
+    one bf16 tensor (each side held its own); the cost model predicts what is held."""
+    torch.manual_seed(0)
+    model = _Tied().eval()
+    ids = torch.randint(0, 64, (4, 8))
+    fp32 = quantize(model, "fp32", backend="cpu")
+    assert fp32.emb.weight is fp32.head.weight and held_bytes(fp32) == held_bytes(model)
+    bf16 = quantize(model, "bf16", backend="cpu")
+    assert bf16.emb.inner.weight is bf16.head.inner.weight
+    assert bf16.a.inner.weight is bf16.b.inner.weight
+    emb, ab = 64 * 32, 32 * 32
+    assert held_bytes(bf16) == 2 * (emb + ab + 2 * 32)  # each weight once, biases, in bf16
+    torch.testing.assert_close(bf16(ids), model(ids), atol=0.05, rtol=0.05)
+    cost = measure_cost(model, ids, schemes=["bf16", "w8a16"], backend="cpu", repeats=1, warmup=0)
+    plans = [
+        "fp32",
+        "bf16",
+        {"emb": "bf16", "a": "bf16", "b": "fp32", "head": "fp32"},
+        {"emb": "fp32", "a": "w8a16", "b": "bf16", "head": "bf16"},
+        {"emb": "w8a16", "a": "bf16", "b": "bf16", "head": "bf16"},
+    ]
+    for plan in plans:
+        assert cost.memory_bytes(plan) == held_bytes(quantize(model, plan, backend=cost.backend))
+    assert cost.memory_bytes("bf16") == held_bytes(bf16)
+
+
 @pytest.mark.parametrize("backend", ["simulate", "cpu"])
 def test_speaker_lstm_w8a8_memory_is_what_the_quantized_lstm_holds(backend: str) -> None:
     wl = load_workload("speaker_lstm", n_calib=4, n_test=4)
