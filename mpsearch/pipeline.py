@@ -36,6 +36,7 @@ from mpsearch.backends import BACKENDS, Backend, get_backend, quantize
 from mpsearch.cost import CostModel, CostOptions, clock, measure_cost, threads
 from mpsearch.cost._decode import DecodeTimer, check_compile
 from mpsearch.cost._model import per_layer_backend
+from mpsearch.layers import quantizable_layers
 from mpsearch.plan import PrecisionPlan
 from mpsearch.profile import ProfileOptions, SensitivityProfile, profile
 from mpsearch.recover import RecoverOptions, RecoveryResult, recover
@@ -955,9 +956,16 @@ class StudySteps:
             return None
         options = settings.rounding_options()
         rounder = getattr(self.profile, "rounder", None)
-        if isinstance(rounder, Rounder) and rounder.options == options:
+        model = self.workload.model
+        # the profile's rounder holds the layers of the graph it captured: a layer the model
+        # never calls (T5's tied `shared` embedding) is not there, and quantize refuses it
+        if (
+            isinstance(rounder, Rounder)
+            and rounder.options == options
+            and set(rounder.layers) == set(quantizable_layers(model))
+        ):
             return rounder
-        return Rounder(self.workload.model, self.workload.calib, options=options)
+        return Rounder(model, self.workload.calib, options=options)
 
     def quantize(self, plan: PrecisionPlan, *, backend: str | Backend | None = None) -> Any:
         """``plan`` quantized on ``backend`` (default: the cost model's, its kernel picks

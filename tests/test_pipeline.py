@@ -235,6 +235,37 @@ def test_rounded_gives_a_model_that_quantizes_to_the_rounded_codes_without_calib
     assert not torch.equal(quantize(net, bare, backend="simulate")(x), expected)  # gptq differs
 
 
+class _SharedUnused(nn.Module):
+    """T5-style: ``shared`` is never called, its weight is held by ``enc``, which is."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shared = nn.Embedding(32, 32)
+        self.enc = nn.Embedding(32, 32)
+        self.enc.weight = self.shared.weight
+        self.head = nn.Linear(32, 4)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.enc(ids).mean(1))
+
+
+def test_a_profile_rounder_without_a_layer_the_model_never_calls_is_not_reused() -> None:
+    import mpsearch as mps
+    from mpsearch.layers import quantizable_layers
+
+    torch.manual_seed(0)
+    net = _SharedUnused().eval()
+    calib = [torch.randint(0, 32, (8, 6)) for _ in range(2)]
+    prof = mps.profile(net, calib, schemes=["w8a16", "w8a16+gptq"], progress=False)
+    assert "shared" not in prof.rounder.layers  # the captured graph never calls it
+    steps = StudySteps(StudyConfig(workload="mlp", rounding=["gptq"]), log=None)
+    steps.__dict__.update(workload=SimpleNamespace(model=net, calib=calib), profile=prof)
+    assert set(steps.rounder.layers) == set(quantizable_layers(net))
+    plan = PrecisionPlan.uniform("w8a16+gptq")
+    out = steps.quantize(plan, backend="cpu")(calib[0])  # refused the rounder before
+    assert out.shape == (8, 4) and torch.isfinite(out).all()
+
+
 def test_recovery_quality_falls_back_to_simulate_where_the_backend_cannot_run_the_plan() -> None:
     from mpsearch.backends import quantize
 
