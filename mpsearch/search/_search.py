@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -327,7 +328,7 @@ def _prepare(
     limits = budget.limits(
         fp32_memory_mb=cost.fp32_memory_bytes / 1e6, fp32_latency_ms=cost.fp32_latency_ms
     )
-    _check_feasible(table, limits)
+    _check_feasible(table, limits, fp32=(cost.fp32_memory_bytes / 1e6, cost.fp32_latency_ms))
     study = _open_study(model, resolved, table, limits, options, workers=workers)
     if options.warm_start:
         _warm_start(study, table, limits)
@@ -526,21 +527,25 @@ def _memory_range(table: ChoiceTable) -> tuple[float, float]:
     return lo, hi
 
 
-def _check_feasible(table: ChoiceTable, limits: tuple[float | None, float | None]) -> None:
+def _check_feasible(
+    table: ChoiceTable, limits: tuple[float | None, float | None], *, fp32: tuple[float, float]
+) -> None:
+    """Refuses a budget no plan of ``table`` meets, saying what would (in MB or ms, and as
+    the fraction of fp32's ``fp32`` (MB, ms) a ``memory_fraction``/``latency_fraction`` takes)."""
     memory_mb, latency_ms = limits
-    if memory_mb is not None:
-        smallest = _memory_range(table)[0] / 1e6
-        if smallest > memory_mb:
+    fastest = table.base_latency + sum(min(v.values()) for v in table.latency.values())
+    for kind, limit, what, least, unit, base in (
+        ("memory", memory_mb, "needs", _memory_range(table)[0] / 1e6, "MB", fp32[0]),
+        ("latency", latency_ms, "is predicted at", fastest, "ms", fp32[1]),
+    ):
+        if limit is not None and least > limit:
+            smallest = "smallest" if kind == "memory" else "fastest"
             raise ValueError(
-                f"The memory budget {memory_mb:.6g} MB cannot be met: the smallest plan in this search "
-                f"space needs {smallest:.6g} MB. Raise 'memory_mb' to at least {smallest:.6g} or widen the space."
-            )
-    if latency_ms is not None:
-        fastest = table.base_latency + sum(min(v.values()) for v in table.latency.values())
-        if fastest > latency_ms:
-            raise ValueError(
-                f"The latency budget {latency_ms:.6g} ms cannot be met: the fastest plan in this search "
-                f"space is predicted at {fastest:.6g} ms. Raise 'latency_ms' to at least {fastest:.6g} or widen the space."
+                f"The {kind} budget {limit:.6g} {unit} cannot be met: the {smallest} plan in this "
+                f"search space {what} {least:.6g} {unit} ({least / base:.3g} of fp32's "
+                f"{base:.6g} {unit}). Raise '{kind}_{unit.lower()}' to at least {least:.6g} (or "
+                f"'{kind}_fraction' to at least {math.ceil(least / base * 1000) / 1000:.3g}), "
+                "or widen the space."
             )
 
 

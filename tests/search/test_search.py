@@ -133,6 +133,8 @@ def test_infeasible_budget_is_refused_with_smallest_value(tmp_path) -> None:
         _search(tmp_path, budget=Budget(memory_mb=0.001))
     with pytest.raises(ValueError, match=r"latency budget 0\.1 ms cannot be met: .* at 0\.3875 ms"):
         _search(tmp_path, budget=Budget(latency_ms=0.1))
+    with pytest.raises(ValueError, match=r"0\.0125 MB \((0\.\d+) of fp32's .*'memory_fraction' to"):
+        _search(tmp_path, budget=Budget(memory_fraction=0.01))  # the fraction it would take
     assert not (tmp_path / "s.db").exists()
 
 
