@@ -90,3 +90,20 @@ class HFMoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, index = self.route(x)
         return x + self.experts(x, index, weights)
+
+
+def tiny_llama(seed: int = 0, **sizes: int) -> nn.Module:
+    """A random-initialised Hugging Face Llama (grouped-query attention: 4 heads, 2 key/value
+    heads; 96-token vocabulary), 2 layers of width 64 unless ``sizes`` say otherwise."""
+    import transformers
+
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(
+        vocab_size=96,
+        hidden_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        **{"intermediate_size": 128, "num_hidden_layers": 2, **sizes},
+    )
+    return transformers.LlamaForCausalLM(config).eval()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import tiny_llama
 
 from mpsearch.cost._attention import decoding_attention, one_query_attention
 
@@ -52,23 +53,10 @@ def test_one_query_attention_keeps_the_dtype_and_the_value_width() -> None:
     torch.testing.assert_close(got, _sdpa(q, k, v, None).to(torch.bfloat16))
 
 
-def _llama() -> torch.nn.Module:
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    return transformers.LlamaForCausalLM(config).eval()
-
-
 def test_eager_calls_inside_the_switch_run_transformers_own_attention() -> None:
     from transformers.modeling_utils import AttentionInterface
 
-    model, ids = _llama(), torch.tensor([[3, 9, 4]])
+    model, ids = tiny_llama(num_hidden_layers=1), torch.tensor([[3, 9, 4]])
     original = AttentionInterface._global_mapping["sdpa"]
     with torch.inference_mode():
         want = model(input_ids=ids).logits
@@ -102,7 +90,7 @@ def _traced_step_ops(model: torch.nn.Module, switch: bool) -> tuple[set[object],
 
 
 def test_a_traced_one_token_step_has_no_attention_kernel_inside_the_switch() -> None:
-    model = _llama()
+    model = tiny_llama(num_hidden_layers=1)
     plain, want = _traced_step_ops(model, switch=False)
     switched, got = _traced_step_ops(model, switch=True)
     assert F.scaled_dot_product_attention in plain

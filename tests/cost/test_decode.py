@@ -8,6 +8,7 @@ import warnings
 
 import pytest
 import torch
+from helpers import tiny_llama as _llama
 
 import mpsearch as mps
 from mpsearch.backends import get_backend
@@ -19,19 +20,6 @@ from mpsearch.cost._attention import decoding_attention
 from mpsearch.cost._decode import MIN_STATIC_CAPACITY, DecodeTimer, _native_gqa
 
 transformers = pytest.importorskip("transformers")
-
-
-def _llama(seed: int = 0, **sizes: int) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    config = transformers.LlamaConfig(
-        vocab_size=96,
-        hidden_size=64,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        **{"intermediate_size": 128, "num_hidden_layers": 2, **sizes},
-    )
-    return transformers.LlamaForCausalLM(config).eval()
 
 
 def test_decode_is_the_models_greedy_generation_and_is_timed() -> None:
