@@ -45,8 +45,8 @@ class SimulatedEmbedding(nn.Module):
 
 
 class CastEmbedding(RealLayer):
-    """The embedding with its table stored in the scheme's dtype (``bf16``,
-    ``fp16``); the rows looked up are cast back to the table's original dtype."""
+    """The embedding with its table stored in the scheme's dtype (``bf16``, ``fp16``); the
+    rows looked up are cast back to the table's original dtype (fp32 runs the user's layer)."""
 
     def __init__(
         self, layer: nn.Embedding, scheme: Scheme, *, act_range: tuple[float, float] | None = None

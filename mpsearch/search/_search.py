@@ -534,14 +534,13 @@ def _check_feasible(
     the fraction of fp32's ``fp32`` (MB, ms) a ``memory_fraction``/``latency_fraction`` takes)."""
     memory_mb, latency_ms = limits
     fastest = table.base_latency + sum(min(v.values()) for v in table.latency.values())
-    for kind, limit, what, least, unit, base in (
-        ("memory", memory_mb, "needs", _memory_range(table)[0] / 1e6, "MB", fp32[0]),
-        ("latency", latency_ms, "is predicted at", fastest, "ms", fp32[1]),
+    for kind, limit, best, what, least, unit, base in (
+        ("memory", memory_mb, "smallest", "needs", _memory_range(table)[0] / 1e6, "MB", fp32[0]),
+        ("latency", latency_ms, "fastest", "is predicted at", fastest, "ms", fp32[1]),
     ):
         if limit is not None and least > limit:
-            smallest = "smallest" if kind == "memory" else "fastest"
             raise ValueError(
-                f"The {kind} budget {limit:.6g} {unit} cannot be met: the {smallest} plan in this "
+                f"The {kind} budget {limit:.6g} {unit} cannot be met: the {best} plan in this "
                 f"search space {what} {least:.6g} {unit} ({least / base:.3g} of fp32's "
                 f"{base:.6g} {unit}). Raise '{kind}_{unit.lower()}' to at least {least:.6g} (or "
                 f"'{kind}_fraction' to at least {math.ceil(least / base * 1000) / 1000:.3g}), "
