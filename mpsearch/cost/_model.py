@@ -87,6 +87,13 @@ def _storage_key(t: torch.Tensor) -> int:
     return t.data_ptr() if real else id(t)
 
 
+def _table(module: nn.Module, layer: nn.Module) -> tuple[str, int] | None:
+    """(dtype, bytes) of ``layer``'s weight where ``module`` (its replacement) stores it as a
+    plain float tensor (:func:`~mpsearch.backends._quantize.float_table`), else ``None``."""
+    owner = float_table(module, layer.weight.shape)
+    return None if owner is None else (str(owner.weight.dtype), tensor_bytes(owner.weight))
+
+
 def held_bytes(model: nn.Module) -> int:
     """Bytes ``model`` (e.g. what ``quantize`` returns) stores: every parameter, buffer and
     packed kernel tensor, each storage once (by ``data_ptr``: tied weights once).
@@ -321,11 +328,9 @@ class CostModel:
                 own = {_storage_key(t) for t in layer.parameters()}
                 shares = any(_storage_key(t) in own for t in module.parameters())
                 self._never_called_bytes[key] = None if shares else storage_bytes(module)
-                owner = (
-                    float_table(module, layer.weight.shape) if name in self._tied_names else None
-                )
-                if owner is not None:
-                    self._tables[key] = (str(owner.weight.dtype), tensor_bytes(owner.weight))
+                table = _table(module, layer) if name in self._tied_names else None
+                if table is not None:
+                    self._tables[key] = table
                 if shares:
                     self._as_is.add(key)
         return self._never_called_bytes[key]
@@ -761,9 +766,9 @@ class _Job:
             memory = ideal_layer_bytes(layer, scheme)
             if isinstance(module, OwnForward):  # the subclass's own tensors (Gemma's scale)
                 memory += sum(tensor_bytes(t) for t in module.buffers(recurse=False))
-        owner = float_table(module, layer.weight.shape) if name in self.tied else None
-        if impl.real and owner is not None:  # quantize shares it with a tied partner's
-            self.tables[(name, scheme.name)] = [str(owner.weight.dtype), tensor_bytes(owner.weight)]
+        table = _table(module, layer) if impl.real and name in self.tied else None
+        if table is not None:  # quantize shares it with a tied partner's
+            self.tables[(name, scheme.name)] = list(table)
         if ms is None:
             ms = self.time_layer(module, x)
         return [name, scheme.name, int(memory), ms * self.calls[name], True, "", kernel]
