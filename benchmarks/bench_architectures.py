@@ -55,6 +55,21 @@ def _ids(n: int, g: torch.Generator) -> dict[str, torch.Tensor]:
     return {"input_ids": torch.randint(0, VOCAB, (n, SEQ), generator=g)}
 
 
+_BART_SIZES = {
+    "vocab_size": VOCAB,
+    "d_model": 64,
+    "encoder_layers": 1,
+    "decoder_layers": 1,
+    "encoder_attention_heads": 4,
+    "decoder_attention_heads": 4,
+    "encoder_ffn_dim": 128,
+    "decoder_ffn_dim": 128,
+    "max_position_embeddings": 64,
+}
+"""BART-style encoder-decoders (BART, Marian): a shared embedding the model never calls, its
+encoder's and decoder's copies and the output layer tied to it."""
+
+
 def _seq2seq(n: int, g: torch.Generator) -> dict[str, torch.Tensor]:
     return {**_tokens(n, g), "decoder_input_ids": torch.randint(0, VOCAB, (n, 8), generator=g)}
 
@@ -276,6 +291,18 @@ ARCHITECTURES: dict[str, tuple[str, str, dict[str, Any], Inputs]] = {
             "use_cache": False,
             "decoder_start_token_id": 0,
         },
+        _seq2seq,
+    ),
+    "bart": (
+        "BartConfig",
+        "BartForConditionalGeneration",
+        {**_BART_SIZES, "use_cache": False},
+        _seq2seq,
+    ),
+    "marian": (
+        "MarianConfig",
+        "MarianMTModel",
+        {**_BART_SIZES, "pad_token_id": 0, "decoder_start_token_id": 0, "use_cache": False},
         _seq2seq,
     ),
     "distilbert": (

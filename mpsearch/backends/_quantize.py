@@ -244,7 +244,7 @@ def quantize(
         for name, scheme in to_change.items()
     }
     if impl.real:
-        share_tied_tables(layers, replacements)
+        share_tied_tensors(layers, replacements)
     replace_layers(target, replacements)
     if impl.needs_calib:
         result = impl.finalize(target, assignment, calib=calib)  # type: ignore[call-arg]
@@ -253,17 +253,6 @@ def quantize(
     result.mpsearch_assignment = dict(assignment)
     result.mpsearch_backend = impl.name
     return result
-
-
-def float_table(module: nn.Module, shape: torch.Size) -> nn.Module | None:
-    """The module inside ``module`` (a layer's replacement) whose ``weight`` stores the layer's
-    weight, of ``shape``, as a plain float tensor (a cast layer's, an fp32 layer itself), or
-    ``None`` (packed integer codes)."""
-    for owner in module.modules():
-        weight = owner._parameters.get("weight")
-        if weight is not None and weight.is_floating_point() and weight.shape == shape:
-            return owner
-    return None
 
 
 def tied_groups(layers: Mapping[str, nn.Module], names: Iterable[str]) -> list[list[str]]:
@@ -277,26 +266,49 @@ def tied_groups(layers: Mapping[str, nn.Module], names: Iterable[str]) -> list[l
     return [g for g in groups.values() if len(g) > 1]
 
 
-def share_tied_tables(layers: Mapping[str, nn.Module], replacements: dict[str, nn.Module]) -> None:
-    """Replacements of tied layers that store the weight as the same float tensor (a bf16
-    embedding and a bf16 output layer) hold one: the model's own where it is that (fp32),
-    else the first one's."""
+def share_tied_tensors(layers: Mapping[str, nn.Module], replacements: dict[str, nn.Module]) -> None:
+    """Replacements of tied layers hold each of their equal tensors once: a bf16 embedding
+    and a bf16 output layer one table, T5's encoder and decoder embeddings (and the shared one
+    they copy) one set of int8 codes; an fp32 copy takes the model's own tensor back."""
     for group in tied_groups(layers, replacements):
-        held = [layers[group[0]].weight]  # an fp32 copy takes the model's own tensor back
+        held = [layers[group[0]].weight]
         for name in group:
-            owner = float_table(replacements[name], layers[name].weight.shape)
-            if owner is None:
-                continue
-            weight = owner._parameters["weight"]
-            same = next((t for t in held if _same_tensor(t, weight)), None)
-            if same is None:
-                held.append(weight)
-            else:
-                owner._parameters["weight"] = same
+            for slots, key in tensor_slots(replacements[name]):
+                tensor = slots[key]
+                same = next((t for t in held if _same_tensor(t, tensor)), None)
+                if same is None:
+                    held.append(tensor)
+                elif same is not tensor:
+                    is_param = isinstance(tensor, nn.Parameter)
+                    slots[key] = (
+                        same
+                        if isinstance(same, nn.Parameter) == is_param
+                        else nn.Parameter(same, requires_grad=tensor.requires_grad)
+                        if is_param
+                        else same.detach()
+                    )
+
+
+def tensor_slots(module: nn.Module) -> list[tuple[dict[str, Any], str]]:
+    """``(dict, key)`` of every parameter and buffer of ``module`` and its submodules, each
+    slot once (a submodule held twice is visited once)."""
+    return [
+        (slots, key)
+        for owner in module.modules()
+        for slots in (owner._parameters, owner._buffers)
+        for key, value in slots.items()
+        if isinstance(value, Tensor)
+    ]
 
 
 def _same_tensor(a: Tensor, b: Tensor) -> bool:
-    return a.dtype == b.dtype and a.stride() == b.stride() and torch.equal(a, b)
+    return (
+        a.dtype == b.dtype
+        and a.shape == b.shape
+        and a.stride() == b.stride()
+        and a.device == b.device
+        and torch.equal(a, b)
+    )
 
 
 def _observed_ranges(

@@ -3,6 +3,7 @@ predicts a plan's memory and latency from them and checks itself against real ru
 
 from __future__ import annotations
 
+import hashlib
 import math
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
@@ -23,7 +24,7 @@ from mpsearch.backends._quantize import (
     PlanLike,
     applicability_error,
     as_plan,
-    float_table,
+    tensor_slots,
     tied_groups,
 )
 from mpsearch.backends._quantize import never_called as never_called_layers
@@ -87,11 +88,22 @@ def _storage_key(t: torch.Tensor) -> int:
     return t.data_ptr() if real else id(t)
 
 
-def _table(module: nn.Module, layer: nn.Module) -> tuple[str, int] | None:
-    """(dtype, bytes) of ``layer``'s weight where ``module`` (its replacement) stores it as a
-    plain float tensor (:func:`~mpsearch.backends._quantize.float_table`), else ``None``."""
-    owner = float_table(module, layer.weight.shape)
-    return None if owner is None else (str(owner.weight.dtype), tensor_bytes(owner.weight))
+def _tensors(module: nn.Module) -> list[tuple[str, int]]:
+    """(digest, bytes) of each tensor ``module`` (a tied layer's replacement) holds, each
+    storage once: ``quantize`` keeps one of the equal tensors among tied layers' replacements
+    (:func:`~mpsearch.backends._quantize.share_tied_tensors`)."""
+    seen: set[int] = set()
+    out = []
+    for slots, key in tensor_slots(module):
+        t = slots[key]
+        if _storage_key(t) in seen or not tensor_bytes(t):
+            continue
+        seen.add(_storage_key(t))
+        data = t.detach().contiguous().reshape(-1).view(torch.uint8).cpu().numpy()
+        digest = hashlib.blake2b(data, digest_size=16)
+        digest.update(f"{t.dtype}{tuple(t.shape)}{t.stride()}".encode())
+        out.append((digest.hexdigest(), tensor_bytes(t)))
+    return out
 
 
 def held_bytes(model: nn.Module) -> int:
@@ -266,7 +278,7 @@ class CostModel:
         self._reason = indexed["reason"].to_dict()
         self._as_is = {(n, s) for n, s in as_is}  # layers the backend runs as they are
         # tied layers' weights as float tensors (quantize shares equal ones): (dtype, bytes)
-        self._tables = {(n, s): (dtype, int(size)) for n, s, dtype, size in tables}
+        self._tables = {(n, s): [(d, int(b)) for d, b in held] for n, s, held in tables}
         self._tied = tied_groups(quantizable_layers(model), [*self.layers, *self.never_called])
         self._tied_names = {n for g in self._tied for n in g}
         self._never_called_bytes: dict[tuple[str, str], int | None] = {}
@@ -328,9 +340,8 @@ class CostModel:
                 own = {_storage_key(t) for t in layer.parameters()}
                 shares = any(_storage_key(t) in own for t in module.parameters())
                 self._never_called_bytes[key] = None if shares else storage_bytes(module)
-                table = _table(module, layer) if name in self._tied_names else None
-                if table is not None:
-                    self._tables[key] = table
+                if name in self._tied_names:
+                    self._tables[key] = _tensors(module)
                 if shares:
                     self._as_is.add(key)
         return self._never_called_bytes[key]
@@ -351,25 +362,23 @@ class CostModel:
             if (self.backend.real or s != "fp32") and (size := self._layer_bytes(n, s)) is not None
         }
         kept = sum(size for size, names in self.layer_storages if not names <= replaced.keys())
-        return int(self.rest_bytes + kept + sum(replaced.values()) - self._shared_tables(chosen))
+        return int(self.rest_bytes + kept + sum(replaced.values()) - self._shared_tensors(chosen))
 
-    def _shared_tables(self, chosen: Mapping[str, str]) -> int:
-        """Bytes ``quantize`` saves by :func:`~mpsearch.backends._quantize.share_tied_tables`:
-        a tied layer's weight stored as the same float tensor as a partner's is held once (the
+    def _shared_tensors(self, chosen: Mapping[str, str]) -> int:
+        """Bytes ``quantize`` saves by :func:`~mpsearch.backends._quantize.share_tied_tensors`:
+        a tensor of a tied layer's replacement equal to one a partner holds is held once (the
         model's own, counted as kept, where a partner runs as it is)."""
         saved = 0
         for group in self._tied:
-            seen: set[tuple[str, int]] = set()
+            seen: set[str] = set()
             keys = sorted(
                 ((n, chosen.get(n, "")) for n in group), key=lambda k: k not in self._as_is
             )
-            for key in keys:  # those run as they are first: their tensor is the model's own
-                table = self._tables.get(key)
-                if table is None:
-                    continue
-                if table in seen and key not in self._as_is:
-                    saved += table[1]
-                seen.add(table)
+            for key in keys:  # those run as they are first: their tensors are the model's own
+                for digest, size in self._tables.get(key, ()):
+                    if digest in seen and key not in self._as_is:
+                        saved += size
+                    seen.add(digest)
         return saved
 
     def memory_mb(self, plan: PlanLike) -> float:
@@ -649,7 +658,7 @@ def _cache_key(
             # caches before tied weights were split, before int8 layers dropped their zero
             # points and before the rows of substituted variants are stale
             "memory_layout": "shared storages, no int8 zero points, substitutes, never called, "
-            "tied float tables shared",
+            "tied tensors shared",
             "repeats": opts.repeats,
             "warmup": opts.warmup,
             "autotune": opts.autotune,
@@ -676,8 +685,8 @@ class _Job:
     tuning: list[list[Any]] = field(default_factory=list)
     choices: dict[str, str] = field(default_factory=dict)
     as_is: list[tuple[str, str]] = field(default_factory=list)
-    # tied layers' weights stored as float tensors: {(layer, scheme): [dtype, bytes]}
-    tables: dict[tuple[str, str], list[Any]] = field(default_factory=dict)
+    # tied layers' replacements: {(layer, scheme): [(digest, bytes) of each tensor]}
+    tables: dict[tuple[str, str], list[tuple[str, int]]] = field(default_factory=dict)
     untuned: set[str] = field(default_factory=set)  # schemes whose picks lost end to end
     tied: set[str] = field(default_factory=set)  # layers whose weight another one holds too
     never_called: list[str] = field(default_factory=list)  # priced for their bytes alone
@@ -721,7 +730,7 @@ class _Job:
             "tuning": self.tuning,
             "choices": self.choices,
             "as_is": self.as_is,
-            "tables": [[*k, *v] for k, v in self.tables.items()],
+            "tables": [[*k, v] for k, v in self.tables.items()],
             "fit": _fit(points),
         }
 
@@ -766,9 +775,8 @@ class _Job:
             memory = ideal_layer_bytes(layer, scheme)
             if isinstance(module, OwnForward):  # the subclass's own tensors (Gemma's scale)
                 memory += sum(tensor_bytes(t) for t in module.buffers(recurse=False))
-        table = _table(module, layer) if impl.real and name in self.tied else None
-        if table is not None:  # quantize shares it with a tied partner's
-            self.tables[(name, scheme.name)] = list(table)
+        if impl.real and name in self.tied:  # quantize shares equal tensors with its partners
+            self.tables[(name, scheme.name)] = _tensors(module)
         if ms is None:
             ms = self.time_layer(module, x)
         return [name, scheme.name, int(memory), ms * self.calls[name], True, "", kernel]

@@ -58,7 +58,10 @@ def fingerprint_parts(
             schemes[name] = name
     return {
         "model weights": _model_digest(model),
-        "search space": _digest([space.params, space.choices, space.pinned]),
+        # followers only where there are some: the studies made before them resume
+        "search space": _digest(
+            [space.params, space.choices, space.pinned, *[space.followers] * bool(space.followers)]
+        ),
         "profile": _digest(table.error),
         "cost": _digest([table.memory, table.latency, table.base_memory, table.base_latency]),
         "schemes": _digest(schemes),
@@ -91,6 +94,7 @@ def check_fingerprint(
             {
                 "params": space.choices,
                 "pinned": space.pinned,
+                "followers": space.followers,
                 "objectives": list(objectives),
                 "limits": list(limits),
             },

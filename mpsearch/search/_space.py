@@ -13,7 +13,7 @@ import yaml
 from torch import nn
 
 from mpsearch._validation import invalid
-from mpsearch.backends._quantize import applicability_error
+from mpsearch.backends._quantize import applicability_error, tied_groups
 from mpsearch.layers import quantizable_layers
 from mpsearch.layers._layers import NEVER_CALLED
 from mpsearch.schemes import SCHEMES, get_scheme
@@ -35,7 +35,11 @@ class ResolvedSpace:
     layers) to its layers; ``choices`` maps it to its schemes, in the space's order.
     ``pinned`` holds the layers fixed to one scheme; ``dropped`` says which scheme was removed
     from which layer and why (not profiled or not measured, or the layer's shape or the
-    backend cannot take it).
+    backend cannot take it). ``followers`` maps a layer the model never calls to the called
+    layer of the same kind holding its weight (T5's ``shared`` embedding and its encoder's
+    copy): it takes that layer's scheme (without a rounding method: its output is never used),
+    so that no full-precision copy of the weight stays behind (``quantize`` holds the tensors
+    tied layers store alike once).
     """
 
     layers: list[str]
@@ -43,6 +47,7 @@ class ResolvedSpace:
     choices: dict[str, list[str]]
     pinned: dict[str, str]
     dropped: dict[str, dict[str, str]] = field(default_factory=dict)
+    followers: dict[str, str] = field(default_factory=dict)
 
     def assignment(self, params: Mapping[str, str]) -> dict[str, str]:
         """``{layer: scheme}`` for every layer from one value per parameter."""
@@ -50,6 +55,8 @@ class ResolvedSpace:
         for param, layers in self.params.items():
             for layer in layers:
                 out[layer] = params[param]
+        for follower, leader in self.followers.items():
+            out[follower] = split_choice(out[leader])[0]
         return {name: out[name] for name in self.layers}
 
     def params_of(self, assignment: Mapping[str, str]) -> dict[str, str]:
@@ -57,6 +64,9 @@ class ResolvedSpace:
         return {param: assignment[layers[0]] for param, layers in self.params.items()}
 
     def layer_choices(self, layer: str) -> list[str]:
+        if layer in self.followers:
+            leader = self.layer_choices(self.followers[layer])
+            return list(dict.fromkeys(split_choice(c)[0] for c in leader))
         if layer in self.pinned:
             return [self.pinned[layer]]
         for param, layers in self.params.items():
@@ -233,13 +243,17 @@ class SearchSpace:
             kept = [s for s in choices[n] if get_scheme(s).weight_bits >= bits]
             choices[n] = kept if "fp32" in kept else ["fp32", *kept]
         missing = _missing_figures(measured, profiled)
+        asked = set(pinned)
         dropped = _drop_unusable(
             self.source, modules, choices, pinned, supported, missing, skipped or {}
         )
-        params = self._tie_groups(modules, choices, pinned)
+        followers = _followers(modules, set(pinned) - asked, skipped or {})
+        for follower in followers:
+            del pinned[follower]
+        params = self._tie_groups(modules, choices, {**pinned, **followers})
         grouped = {m for members in params.values() for m in members}
         for n in names:
-            if n not in pinned and n not in grouped:
+            if n not in pinned and n not in grouped and n not in followers:
                 params[n] = [n]
         ordered = dict(sorted(params.items(), key=lambda kv: names.index(kv[1][0])))
         return ResolvedSpace(
@@ -248,6 +262,7 @@ class SearchSpace:
             choices={p: list(choices[ls[0]]) for p, ls in ordered.items()},
             pinned=pinned,
             dropped=dropped,
+            followers=followers,
         )
 
     def _rule_hits(
@@ -314,9 +329,10 @@ class SearchSpace:
         self,
         modules: dict[str, nn.Module],
         choices: dict[str, list[str]],
-        pinned: dict[str, str],
+        fixed: Collection[str],
     ) -> dict[str, list[str]]:
-        """``{"group:<first layer>": members}`` per group; members' choices narrowed to the common ones."""
+        """``{"group:<first layer>": members}`` per group, less the ``fixed`` layers (pinned or
+        following another); members' choices narrowed to the common ones."""
         names = list(modules)
         params: dict[str, list[str]] = {}
         grouped: set[str] = set()
@@ -333,7 +349,7 @@ class SearchSpace:
                         f"{where}: layer {entry!r} is not a quantizable layer of the model. "
                         f"Layers: {_listing(names)}."
                     )
-            members = [m for m in dict.fromkeys(members) if m not in pinned]
+            members = [m for m in dict.fromkeys(members) if m not in fixed]
             if not members:
                 raise SpaceError(f"{where} matches no searchable layer.")
             overlap = grouped.intersection(members)
@@ -397,6 +413,24 @@ def _with_roundings(choices: list[str], profiled: Collection[str]) -> list[str]:
 def _never_called(name: str, skipped: Mapping[tuple[str, str], str]) -> bool:
     """Whether the profile skipped layer ``name`` as never called."""
     return any(n == name and why == NEVER_CALLED for (n, _), why in skipped.items())
+
+
+def _followers(
+    modules: dict[str, nn.Module], never_called: set[str], skipped: Mapping[tuple[str, str], str]
+) -> dict[str, str]:
+    """``{layer: leader}`` for the ``never_called`` layers (pinned to fp32 for it) that hold
+    the weight of a called layer of the same type: the first such layer leads (see
+    :attr:`ResolvedSpace.followers`)."""
+    followers = {}
+    for group in tied_groups(modules, modules):
+        called = [n for n in group if not _never_called(n, skipped)]
+        for name in group:
+            if name in never_called:
+                kind = type(modules[name])
+                leader = next((n for n in called if type(modules[n]) is kind), None)
+                if leader is not None:
+                    followers[name] = leader
+    return followers
 
 
 def _drop_unusable(

@@ -104,8 +104,7 @@ class ChoiceTable:
                 memory[param][s] = sum(layer_cost[(layer, s)][0] for layer in layers)
                 latency[param][s] = sum(layer_cost[(layer, s)][1] for layer in layers)
         searched = [layer for layers in space.params.values() for layer in layers]
-        reference = space.assignment({p: space.choices[p][0] for p in space.params})
-        reference.update(dict.fromkeys(searched, "fp32"))
+        reference = space.assignment(dict.fromkeys(space.params, "fp32"))
         base_memory = cost.memory_bytes(reference) - sum(
             layer_cost[(n, "fp32")][0] for n in searched
         )

@@ -31,7 +31,11 @@ def _space_from_summary(study: optuna.Study, summary: dict[str, Any]) -> Resolve
     choices = {str(p): list(c) for p, c in summary.get("params", {}).items()}
     params = {p: [p.removeprefix("group:")] for p in choices}
     return ResolvedSpace(
-        layers=layers, params=params, choices=choices, pinned=dict(summary.get("pinned", {}))
+        layers=layers,
+        params=params,
+        choices=choices,
+        pinned=dict(summary.get("pinned", {})),
+        followers=dict(summary.get("followers", {})),
     )
 
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from mpsearch.backends import quantize
+from mpsearch.backends import quantize, storage_bytes
+from mpsearch.backends._kernels import tensor_bytes
 from mpsearch.cost import held_bytes, measure_cost
 from mpsearch.cost._model import ideal_layer_bytes
 from mpsearch.layers import coverage, quantizable_layers
@@ -205,3 +206,52 @@ def test_a_weight_normed_layer_takes_its_parametrized_tensors_with_it(backend: s
 def test_a_weight_normed_layer_is_covered_with_its_parametrized_tensors() -> None:
     cov = coverage(_WeightNormed())
     assert cov.layers == ["conv", "head"] and cov.left_out == [] and cov.share == 1.0
+
+
+class _Seq2Seq(nn.Module):
+    """T5-style: ``shared`` never called, its encoder's and decoder's copies and the output
+    layer hold its weight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shared = nn.Embedding(64, 32)
+        self.enc = nn.Embedding(64, 32)
+        self.dec = nn.Embedding(64, 32)
+        self.head = nn.Linear(32, 64, bias=False)
+        for m in (self.enc, self.dec, self.head):
+            m.weight = self.shared.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.enc(ids) + self.dec(ids.flip(-1)))
+
+
+def test_tied_layers_in_one_integer_scheme_hold_one_set_of_codes() -> None:
+    torch.manual_seed(0)
+    model = _Seq2Seq().eval()
+    ids = torch.randint(0, 64, (4, 8))
+    q = quantize(model, "w8a16", backend="cpu")
+    assert q.enc.codes is q.dec.codes is q.shared.codes
+    assert q.enc.scales is q.dec.scales is q.shared.scales
+    assert held_bytes(q) == tensor_bytes(q.enc.codes) + tensor_bytes(q.enc.scales) + storage_bytes(
+        q.head
+    )
+    with torch.inference_mode():
+        assert float((q(ids) - model(ids)).norm() / model(ids).norm()) < 0.02  # int8 rounding
+    with pytest.warns(UserWarning, match="never called"):
+        cost = measure_cost(
+            model, ids, schemes=["bf16", "w8a16", "w4a16"], backend="cpu", repeats=1, warmup=0
+        )
+    plans = [
+        "w8a16",
+        "w4a16",
+        "bf16",
+        {"shared": "fp32", "enc": "w8a16", "dec": "w8a16", "head": "bf16"},
+        {"shared": "w8a16", "enc": "w4a16", "dec": "w8a16", "head": "w8a16"},
+        {"shared": "bf16", "enc": "w8a16", "dec": "bf16", "head": "fp32"},
+    ]
+    for plan in plans:
+        assert cost.memory_bytes(plan) == held_bytes(quantize(model, plan, backend=cost.backend))
+    # one table where T5's shared embedding follows its copies (before: an fp32 one stayed)
+    follow = {"shared": "w8a16", "enc": "w8a16", "dec": "w8a16", "head": "w8a16"}
+    stay = {**follow, "shared": "fp32"}
+    assert cost.memory_bytes(stay) - cost.memory_bytes(follow) == 64 * 32 * 4

@@ -206,3 +206,41 @@ def test_the_bundled_cnn_space_fits_a_network_without_linear_layers() -> None:
         SearchSpace.from_dict(
             {"schemes": ["bf16"], "rules": [{"type": "Linear", "schemes": ["w8a8"], "optional": 1}]}
         )
+
+
+class TiedNet(nn.Module):
+    """T5-style: ``shared`` is never called; ``enc`` (same weight, called) and ``head`` (the
+    weight tied as an output layer) are."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shared = nn.Embedding(64, 32)
+        self.enc = nn.Embedding(64, 32)
+        self.enc.weight = self.shared.weight
+        self.mid = nn.Linear(32, 32)
+        self.head = nn.Linear(32, 64, bias=False)
+        self.head.weight = self.shared.weight
+
+    def forward(self, ids):
+        return self.head(self.mid(self.enc(ids)))
+
+
+def test_a_never_called_tied_layer_follows_its_called_copy_of_the_same_type() -> None:
+    from mpsearch.layers._layers import NEVER_CALLED
+
+    schemes = ["fp32", "bf16", "w8a16", "w8a16+gptq"]
+    skipped = {("shared", s): NEVER_CALLED for s in schemes}
+    space = SearchSpace(schemes=["fp32", "bf16", "w8a16"]).resolve(
+        TiedNet(), profiled=schemes, skipped=skipped
+    )
+    assert space.followers == {"shared": "enc"}  # head holds the weight too, as a Linear
+    assert "shared" not in space.pinned and "shared" not in space.params
+    plan = space.assignment({"enc": "w8a16+gptq", "mid": "bf16", "head": "bf16"})
+    assert plan == {"shared": "w8a16", "enc": "w8a16+gptq", "mid": "bf16", "head": "bf16"}
+    assert space.layer_choices("shared") == ["fp32", "bf16", "w8a16"]
+    assert space.contains(plan)
+    # without a called copy of its type it stays pinned to fp32, as before
+    alone = SearchSpace(schemes=["bf16"]).resolve(
+        TiedNet(), skipped={**skipped, **{("enc", s): NEVER_CALLED for s in schemes}}
+    )
+    assert alone.followers == {} and alone.pinned == {"shared": "fp32", "enc": "fp32"}
