@@ -35,16 +35,16 @@ def gptq(
     """
     grid = Grid(weight, spec)
     d = weight.shape[1]
-    w = weight.detach().double().clone()
     h = hessian.detach().double().clone()
     dead = h.diagonal() == 0
     h[dead, dead] = 1.0  # an input that is always zero: its column's error costs nothing
     perm = (
         torch.argsort(h.diagonal(), descending=True, stable=True) if act_order else torch.arange(d)
     )
-    w, h = w[:, perm], h[perm][:, perm]
+    h = h[perm][:, perm]
     h.diagonal().add_(damp * float(h.diagonal().mean()))
-    upper = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    upper = _inverse_factor(h)
+    w = weight.detach()[:, perm].to(upper.dtype)
     rounded = torch.empty_like(w)
     for i1 in range(0, d, block_size):
         i2 = min(i1 + block_size, d)
@@ -53,10 +53,22 @@ def gptq(
         u = upper[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = perm[i1 + i : i1 + i + 1]
-            q = grid.dequantize(grid.codes(block[:, i : i + 1], col), col).double()[:, 0]
+            q = grid.dequantize(grid.codes(block[:, i : i + 1], col), col).to(w.dtype)[:, 0]
             rounded[:, i1 + i] = q
             err = (block[:, i] - q) / u[i, i]
             block[:, i:] -= err[:, None] * u[i, i:][None, :]
             errors[:, i] = err
         w[:, i2:] -= errors @ upper[i1:i2, i2:]
     return rounded[:, torch.argsort(perm)].to(weight.dtype)
+
+
+def _inverse_factor(h: Tensor) -> Tensor:
+    """The upper Cholesky factor of the inverse of ``h`` (float64), computed in float32
+    (GPTQ's own precision; about 2x faster than float64 on a 4608-wide Hessian), in float64
+    where float32 finds ``h`` not positive definite."""
+    lower, info = torch.linalg.cholesky_ex(h.float())
+    if int(info) == 0:
+        upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
+        if int(info) == 0:
+            return upper
+    return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)

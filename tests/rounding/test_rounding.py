@@ -473,3 +473,19 @@ def test_a_rounder_alone_keeps_a_layer_the_model_never_calls_in_fp32() -> None:
         q = mps.quantize(model, "w4a16_pc", backend="simulate", rounder=rounder)
     assert q.mpsearch_assignment["gate"] == "fp32"
     assert set(rounder.report["layer"]) == {"proj", "head"}
+
+
+def test_gptq_factors_in_float32_and_in_float64_where_float32_finds_no_factor() -> None:
+    from mpsearch.rounding._gptq import _inverse_factor
+
+    torch.manual_seed(0)
+    a = torch.randn(64, 8, dtype=torch.float64)
+    h = a @ a.T + 1e-6 * torch.eye(64, dtype=torch.float64)  # condition number ~1e8
+    assert int(torch.linalg.cholesky_ex(h.float())[1]) != 0  # not positive definite in float32
+    exact = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    assert torch.equal(_inverse_factor(h), exact)
+    well = a @ a.T + torch.eye(64, dtype=torch.float64)
+    upper = _inverse_factor(well)
+    assert upper.dtype == torch.float32
+    identity = upper.T.double() @ upper.double() @ well  # U^T U is the inverse
+    torch.testing.assert_close(identity, torch.eye(64).double(), atol=1e-5, rtol=0)
