@@ -694,7 +694,8 @@ class _Job:
     def measure(self) -> dict[str, Any]:
         """The cache payload: rows, memory of the rest of the model, fp32 latency, the fit."""
         all_layers = quantizable_layers(self.model)
-        self.tied = {n for g in tied_groups(all_layers, self.names) for n in g}
+        tied = tied_groups(all_layers, [*self.names, *self.never_called])
+        self.tied = {n for g in tied for n in g}
         rows: dict[tuple[str, str], list[Any]] = {}
         points = []
         for s in self.schemes:  # fp32 first: the other plans' fp32 layers are timed by then

@@ -17,6 +17,7 @@ from mpsearch._data import output_tensor, run_model
 from mpsearch.cost import held_bytes
 from mpsearch.layers import coverage
 from mpsearch.layers._layers import NEVER_CALLED
+from mpsearch.schemes._rounding import split_choice
 
 transformers = pytest.importorskip("transformers")
 runner_module = importlib.import_module("mpsearch.profile._runner")
@@ -142,9 +143,14 @@ def test_architecture_runs_the_pipeline_with_exact_memory(name: str) -> None:
         assert prof.info["runner"] == "graph:fx(values)", prof.info["runner_fallbacks"]
     if name == "gemma":  # its scaled embedding is quantized, its own forward kept
         assert "model.embed_tokens" in coverage(model).layers and coverage(model).share > 0.99
+    if name == "t5_encoder":  # T5's shared embedding follows its called copy
+        assert res.space.followers == {"shared": "encoder.embed_tokens"}
     for plan in (res.best(), *res.plans):
-        if never_called:
-            assert plan.resolve(model)[never_called] == "fp32"
+        if never_called:  # the scheme of the called layer holding its weight (T5), else fp32
+            chosen = plan.resolve(model)
+            leader = res.space.followers.get(never_called)
+            expected = "fp32" if leader is None else split_choice(chosen[leader])[0]
+            assert chosen[never_called] == expected
         quantized = mps.quantize(model, plan, backend=cost.backend)
         assert cost.memory_bytes(plan) == held_bytes(quantized)
         assert 0.0 <= agreement(quantized) <= 1.0
