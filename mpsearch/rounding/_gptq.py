@@ -63,9 +63,11 @@ def gptq(
 
 
 def _inverse_factor(h: Tensor) -> Tensor:
-    """The upper Cholesky factor of the inverse of ``h`` (float64), computed in float32
-    (GPTQ's own precision; about 2x faster than float64 on a 4608-wide Hessian), in float64
-    where float32 finds ``h`` not positive definite."""
+    """The upper Cholesky factor of the inverse of ``h`` (float64) scaled to a unit mean
+    diagonal (GPTQ is invariant to the Hessian's scale, and a tiny input's Hessian would
+    underflow float32), computed in float32 (GPTQ's own precision; about 2x faster than
+    float64 on a 4608-wide Hessian), in float64 where float32 finds it not positive definite."""
+    h = h / float(h.diagonal().mean())
     lower, info = torch.linalg.cholesky_ex(h.float())
     if int(info) == 0:
         upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)

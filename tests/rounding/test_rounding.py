@@ -482,10 +482,14 @@ def test_gptq_factors_in_float32_and_in_float64_where_float32_finds_no_factor() 
     a = torch.randn(64, 8, dtype=torch.float64)
     h = a @ a.T + 1e-6 * torch.eye(64, dtype=torch.float64)  # condition number ~1e8
     assert int(torch.linalg.cholesky_ex(h.float())[1]) != 0  # not positive definite in float32
-    exact = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    unit = h / float(h.diagonal().mean())
+    exact = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(unit)), upper=True)
     assert torch.equal(_inverse_factor(h), exact)
     well = a @ a.T + torch.eye(64, dtype=torch.float64)
     upper = _inverse_factor(well)
     assert upper.dtype == torch.float32
-    identity = upper.T.double() @ upper.double() @ well  # U^T U is the inverse
+    identity = upper.T.double() @ upper.double() @ well / float(well.diagonal().mean())
     torch.testing.assert_close(identity, torch.eye(64).double(), atol=1e-5, rtol=0)
+    tiny = _inverse_factor(well * 1e-40)  # below float32's range: factored at unit scale
+    assert tiny.dtype == torch.float32
+    torch.testing.assert_close(tiny, upper)
