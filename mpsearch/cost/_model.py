@@ -277,7 +277,7 @@ class CostModel:
         self._supported = indexed["supported"].to_dict()
         self._reason = indexed["reason"].to_dict()
         self._as_is = {(n, s) for n, s in as_is}  # layers the backend runs as they are
-        # tied layers' weights as float tensors (quantize shares equal ones): (dtype, bytes)
+        # tied layers' replacements: (digest, bytes) of each tensor (quantize shares equal ones)
         self._tables = {(n, s): [(d, int(b)) for d, b in held] for n, s, held in tables}
         self._tied = tied_groups(quantizable_layers(model), [*self.layers, *self.never_called])
         self._tied_names = {n for g in self._tied for n in g}
