@@ -55,7 +55,7 @@ def _ids(n: int, g: torch.Generator) -> dict[str, torch.Tensor]:
     return {"input_ids": torch.randint(0, VOCAB, (n, SEQ), generator=g)}
 
 
-_BART_SIZES = {
+_ENCODER_DECODER = {
     "vocab_size": VOCAB,
     "d_model": 64,
     "encoder_layers": 1,
@@ -64,10 +64,10 @@ _BART_SIZES = {
     "decoder_attention_heads": 4,
     "encoder_ffn_dim": 128,
     "decoder_ffn_dim": 128,
-    "max_position_embeddings": 64,
 }
-"""BART-style encoder-decoders (BART, Marian): a shared embedding the model never calls, its
-encoder's and decoder's copies and the output layer tied to it."""
+"""Sizes of the BART-style encoder-decoders (BART, Marian, Whisper). BART and Marian have a
+shared embedding the model never calls, its encoder's and decoder's copies and the output
+layer tied to it."""
 
 
 def _seq2seq(n: int, g: torch.Generator) -> dict[str, torch.Tensor]:
@@ -296,13 +296,19 @@ ARCHITECTURES: dict[str, tuple[str, str, dict[str, Any], Inputs]] = {
     "bart": (
         "BartConfig",
         "BartForConditionalGeneration",
-        {**_BART_SIZES, "use_cache": False},
+        {**_ENCODER_DECODER, "max_position_embeddings": 64, "use_cache": False},
         _seq2seq,
     ),
     "marian": (
         "MarianConfig",
         "MarianMTModel",
-        {**_BART_SIZES, "pad_token_id": 0, "decoder_start_token_id": 0, "use_cache": False},
+        {
+            **_ENCODER_DECODER,
+            "max_position_embeddings": 64,
+            "pad_token_id": 0,
+            "decoder_start_token_id": 0,
+            "use_cache": False,
+        },
         _seq2seq,
     ),
     "distilbert": (
@@ -382,14 +388,7 @@ ARCHITECTURES: dict[str, tuple[str, str, dict[str, Any], Inputs]] = {
         "WhisperConfig",
         "WhisperForConditionalGeneration",
         {
-            "vocab_size": VOCAB,
-            "d_model": 64,
-            "encoder_layers": 1,
-            "decoder_layers": 1,
-            "encoder_attention_heads": 4,
-            "decoder_attention_heads": 4,
-            "encoder_ffn_dim": 128,
-            "decoder_ffn_dim": 128,
+            **_ENCODER_DECODER,
             "num_mel_bins": 40,
             "max_source_positions": 100,
             "max_target_positions": 32,
