@@ -10,6 +10,8 @@ from typing import Any, Protocol
 
 from torch import nn
 
+from mpsearch.backends._quantize import tied_groups
+from mpsearch.layers import quantizable_layers
 from mpsearch.schemes._rounding import split_choice
 from mpsearch.search._space import ResolvedSpace, SearchSpace, load_space
 
@@ -88,6 +90,7 @@ class ChoiceTable:
         cls, space: ResolvedSpace, profile: ProfileLike, cost: CostLike, *, metric: str = "e2e"
     ) -> ChoiceTable:
         layer_cost = _per_layer_costs(cost, space)
+        _tied_memory(layer_cost, space, cost)
         error: dict[str, dict[str, float]] = {}
         memory: dict[str, dict[str, float]] = {}
         latency: dict[str, dict[str, float]] = {}
@@ -122,6 +125,37 @@ class ChoiceTable:
         mem = self.base_memory + sum(self.memory[p][s] for p, s in params.items())
         lat = self.base_latency + sum(self.latency[p][s] for p, s in params.items())
         return err, mem, lat
+
+
+def _tied_memory(
+    layer_cost: dict[tuple[str, str], tuple[float, float]], space: ResolvedSpace, cost: Any
+) -> None:
+    """Replace (in place) the memory of searched layers that share one weight (a tied
+    embedding and output layer) by their group's: with every layer of the group that takes a
+    scheme in it (the others fp32), the exact bytes the plan adds to the all-fp32 one
+    (``cost.memory_bytes``), split evenly; fp32 adds none. Their own rows each count the whole
+    weight, held once or shared (a bf16 pair holds one table), so the sum of rows was off by a
+    table or more; this way a group in one scheme is priced exactly."""
+    model = getattr(cost, "model", None)
+    if model is None:
+        return
+    layers = {n: p for p, ls in space.params.items() for n in ls}
+    reference = space.assignment(dict.fromkeys(space.params, "fp32"))
+    base = cost.memory_bytes(reference)
+    for group in tied_groups(quantizable_layers(model), layers):
+        choices = {n: space.choices[layers[n]] for n in group}
+        for scheme in {split_choice(c)[0] for cs in choices.values() for c in cs}:
+            takers = [n for n in group if any(split_choice(c)[0] == scheme for c in choices[n])]
+            plan = {**reference, **dict.fromkeys(takers, scheme)}
+            for follower, leader in space.followers.items():
+                plan[follower] = split_choice(plan[leader])[0]
+            share = (cost.memory_bytes(plan) - base) / len(takers)
+            for n in takers:
+                for c in choices[n]:
+                    if split_choice(c)[0] == scheme:
+                        layer_cost[(n, c)] = (share, layer_cost[(n, c)][1])
+        for n in group:
+            layer_cost[(n, "fp32")] = (0.0, layer_cost[(n, "fp32")][1])
 
 
 def _per_layer_costs(cost: Any, space: ResolvedSpace) -> dict[tuple[str, str], tuple[float, float]]:

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from torch import nn
 
 from mpsearch.search import SearchSpace, SpaceError, load_space
@@ -244,3 +245,39 @@ def test_a_never_called_tied_layer_follows_its_called_copy_of_the_same_type() ->
         TiedNet(), skipped={**skipped, **{("enc", s): NEVER_CALLED for s in schemes}}
     )
     assert alone.followers == {} and alone.pinned == {"shared": "fp32", "enc": "fp32"}
+
+
+class _TiedLM(nn.Module):
+    """An embedding tied to the output layer, a Linear between."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(256, 32)
+        self.mid = nn.Linear(32, 32)
+        self.head = nn.Linear(32, 256, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids):
+        return self.head(torch.relu(self.mid(self.emb(ids))))
+
+
+def test_the_choice_table_prices_a_tied_group_in_one_scheme_exactly() -> None:
+    """Each tied layer's own row counts the whole weight (held once, or one bf16 table for
+    both): summed, uniform bf16 came out a table short. Group figures price it exactly; a
+    mixed plan stays an estimate."""
+    import mpsearch as mps
+    from mpsearch.search._table import ChoiceTable, resolve_space
+
+    torch.manual_seed(0)
+    model = _TiedLM().eval()
+    batches = [torch.randint(0, 256, (4, 8)) for _ in range(2)]
+    schemes = ["bf16", "w8a16"]
+    prof = mps.profile(model, batches, schemes=schemes, progress=False)
+    cost = mps.measure_cost(model, batches[0], schemes=schemes, backend="cpu", repeats=1, warmup=0)
+    space = resolve_space(SearchSpace(schemes=["fp32", *schemes]), model, profile=prof, cost=cost)
+    table = ChoiceTable.build(space, prof, cost)
+    for scheme in ["fp32", *schemes]:
+        params = dict.fromkeys(space.params, scheme)
+        assert table.totals(params)[1] == cost.memory_bytes(space.assignment(params))
+    mixed = {"emb": "bf16", "mid": "w8a16", "head": "fp32"}
+    assert table.totals(mixed)[1] != cost.memory_bytes(space.assignment(mixed))  # estimate
