@@ -55,9 +55,15 @@ class ResolvedSpace:
         for param, layers in self.params.items():
             for layer in layers:
                 out[layer] = params[param]
+        out = self.followed(out)
+        return {name: out[name] for name in self.layers}
+
+    def followed(self, plan: Mapping[str, str]) -> dict[str, str]:
+        """``plan`` (``{layer: scheme}``) with each follower given its leader's scheme."""
+        out = dict(plan)
         for follower, leader in self.followers.items():
             out[follower] = split_choice(out[leader])[0]
-        return {name: out[name] for name in self.layers}
+        return out
 
     def params_of(self, assignment: Mapping[str, str]) -> dict[str, str]:
         """The parameter values of an assignment (the inverse of :meth:`assignment`)."""
@@ -247,7 +253,7 @@ class SearchSpace:
         dropped = _drop_unusable(
             self.source, modules, choices, pinned, supported, missing, skipped or {}
         )
-        followers = _followers(modules, set(pinned) - asked, skipped or {})
+        followers = _followers(modules, set(pinned) - asked)
         for follower in followers:
             del pinned[follower]
         params = self._tie_groups(modules, choices, {**pinned, **followers})
@@ -415,21 +421,19 @@ def _never_called(name: str, skipped: Mapping[tuple[str, str], str]) -> bool:
     return any(n == name and why == NEVER_CALLED for (n, _), why in skipped.items())
 
 
-def _followers(
-    modules: dict[str, nn.Module], never_called: set[str], skipped: Mapping[tuple[str, str], str]
-) -> dict[str, str]:
+def _followers(modules: dict[str, nn.Module], never_called: set[str]) -> dict[str, str]:
     """``{layer: leader}`` for the ``never_called`` layers (pinned to fp32 for it) that hold
     the weight of a called layer of the same type: the first such layer leads (see
     :attr:`ResolvedSpace.followers`)."""
     followers = {}
     for group in tied_groups(modules, modules):
-        called = [n for n in group if not _never_called(n, skipped)]
-        for name in group:
-            if name in never_called:
-                kind = type(modules[name])
-                leader = next((n for n in called if type(modules[n]) is kind), None)
-                if leader is not None:
-                    followers[name] = leader
+        for name in (n for n in group if n in never_called):
+            kind = type(modules[name])
+            leader = next(
+                (n for n in group if n not in never_called and type(modules[n]) is kind), None
+            )
+            if leader is not None:
+                followers[name] = leader
     return followers
 
 

@@ -146,9 +146,7 @@ def _tied_memory(
         choices = {n: space.choices[layers[n]] for n in group}
         for scheme in {split_choice(c)[0] for cs in choices.values() for c in cs}:
             takers = [n for n in group if any(split_choice(c)[0] == scheme for c in choices[n])]
-            plan = {**reference, **dict.fromkeys(takers, scheme)}
-            for follower, leader in space.followers.items():
-                plan[follower] = split_choice(plan[leader])[0]
+            plan = space.followed({**reference, **dict.fromkeys(takers, scheme)})
             share = (cost.memory_bytes(plan) - base) / len(takers)
             for n in takers:
                 for c in choices[n]:
