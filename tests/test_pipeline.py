@@ -299,10 +299,13 @@ def test_smooth_key_folds_smoothquant_scales_before_the_profile() -> None:
         torch.testing.assert_close(wl.model(x), plain.model(x), rtol=1e-4, atol=1e-4)
     assert any(line.startswith("smoothing (alpha 0.5):") for line in lines), lines
     assert StudyConfig(smooth={"alpha": 0.7}).smooth_alpha() == 0.7
+    assert StudyConfig(smooth={"alpha": "auto"}).smooth_alpha() == "auto"
     with pytest.raises(ValueError, match="smooth: unknown key"):
         StudyConfig(smooth={"beta": 1})
-    with pytest.raises(ValueError, match="'smooth' argument must be null, a number in"):
+    with pytest.raises(ValueError, match="'smooth' argument must be null, 'auto', a number in"):
         StudyConfig(smooth=2)
+    with pytest.raises(ValueError, match="'smooth' argument must be null, 'auto'.* Got 'max'"):
+        StudyConfig(smooth="max")
 
 
 def test_a_study_refuses_a_whole_model_backend_before_any_work() -> None:

@@ -11,7 +11,14 @@ from torch import nn
 from mpsearch._data import output_tensor, run_model
 from mpsearch.backends import quantize
 from mpsearch.plan import PrecisionPlan
-from mpsearch.rounding._smoothing import NOT_FROM_NORM, smooth_activations, smoothing_scales
+from mpsearch.rounding._smoothing import (
+    AUTO_ALPHAS,
+    NOT_FROM_NORM,
+    smooth_activations,
+    smoothing_scales,
+)
+from mpsearch.schemes import get_scheme
+from mpsearch.schemes._fakequant import fake_quantize
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -168,6 +175,64 @@ def test_outlier_channels_lower_w8a8_error_after_smoothing() -> None:
         assert after < factor * before
 
 
+def _norm_linear(seed: int) -> tuple[nn.Module, list[torch.Tensor], torch.Tensor]:
+    """LayerNorm -> Linear without outliers, two calibration batches of 4 rows, 256 new rows."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.LayerNorm(64), nn.Linear(64, 16)).eval()
+    g = torch.Generator().manual_seed(seed)
+    calib = [torch.randn(4, 64, generator=g) for _ in range(2)]
+    return model, calib, torch.randn(256, 64, generator=g)
+
+
+def test_auto_alpha_folds_outliers_and_refuses_folds_that_do_not_generalise() -> None:
+    torch.manual_seed(3)
+    outliers = GatedMlp().eval()
+    with torch.no_grad():
+        outliers.ln.weight[[3, 11, 20, 27]] *= 50.0
+    res = smooth_activations(outliers, _calib(4, dim=64), alpha="auto")
+    table = res.table.set_index("layer")
+    assert table.loc[["gate", "up"], "smoothed"].all() and res.alpha == "auto"
+    assert res.alphas["ln"] in AUTO_ALPHAS and (table.loc["gate", "alpha"] == res.alphas["ln"])
+    assert table.loc["gate", "error_after"] < 0.5 * table.loc["gate", "error_before"]
+
+    # no outliers and 4 calibration rows a side: a fixed alpha flattens the channels' maxima,
+    # new rows beyond them saturate; "auto" sees it on the held-out half and folds nothing
+    model, calib, new = _norm_linear(seed=0)
+    fixed = smooth_activations(model, calib, alpha=0.5)
+    auto = smooth_activations(model, calib, alpha="auto")
+    row = fixed.table.iloc[0]
+    assert row["smoothed"] and row["error_after"] > 10 * row["error_before"]
+    assert not auto.table.loc[0, "smoothed"] and auto.alphas == {} and auto.scales == {}
+    assert auto.table.loc[0, "reason"].startswith("no alpha in 0..1 lowers its consumers' w8a8")
+    assert auto.table.loc[0, "error_before"] == row["error_before"]
+    for p, q in zip(auto.model.parameters(), model.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+    def w8a8_error(smoothed: nn.Module) -> float:
+        qm = quantize(smoothed, {"1": "w8a8"}, backend="simulate", calib=calib)  # static ranges
+        with torch.no_grad():
+            return _rel_norm(qm(new) - model(new), model(new))
+
+    assert w8a8_error(fixed.model) > 3 * w8a8_error(model)  # the judge saw it coming
+
+
+def test_held_out_error_uses_one_batch_for_ranges_and_the_other_for_the_error() -> None:
+    model, calib, _ = _norm_linear(seed=1)
+    spec = get_scheme("w8a8")
+    w = model[1].weight.detach().double()
+    qw = fake_quantize(w.float(), spec.weight).double()
+    with torch.no_grad():
+        x = [model[0](b).double() for b in calib]
+    error = total = 0.0
+    for fit, test in [(x[0], x[1]), (x[1], x[0])]:
+        lo, hi = torch.aminmax(fit.float())
+        qx = fake_quantize(test.float(), spec.activation, lo=lo, hi=hi).double()
+        error += float((qx @ qw.T - test @ w.T).square().sum())
+        total += float((test @ w.T).square().sum())
+    table = smooth_activations(model, calib, alpha=0.5).table
+    assert table.loc[0, "error_before"] == pytest.approx(error / total, rel=1e-9)
+
+
 def _rel_norm(error: torch.Tensor, reference: torch.Tensor) -> float:
     return float(error.norm() / reference.norm())
 
@@ -237,6 +302,10 @@ def test_bad_arguments_are_refused_with_clear_messages() -> None:
             smooth_activations(block, calib, alpha=alpha)
     with pytest.raises(TypeError, match="'alpha' argument must be a number in"):
         smooth_activations(block, calib, alpha="0.5")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="'scheme' argument must be a scheme that quantizes act"):
+        smooth_activations(block, calib, scheme="w4a16")
+    with pytest.raises(ValueError, match="'scheme' argument must be one of"):
+        smooth_activations(block, calib, scheme="w9a9")
     with pytest.raises(ValueError, match=r"'layers' argument must be one of 'fc1', 'fc2', 'k'"):
         smooth_activations(block, calib, layers=["q", "ln1"])
     with pytest.raises(ValueError, match="'check_tolerance' argument must be a positive number"):
