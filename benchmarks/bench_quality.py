@@ -175,8 +175,9 @@ def perplexity(model: nn.Module, batches: list[Any], targets: list[torch.Tensor]
 
 
 class KLToReference:
-    """Mean KL(fp32 softmax || quantized softmax) over samples (classifiers) or unpadded tokens
-    (language models, by the batch's ``attention_mask``), in nats.
+    """Mean KL(fp32 softmax || quantized softmax) over samples (classifiers, sequence
+    classifiers included) or unpadded tokens (language models, by the batch's
+    ``attention_mask``), in nats.
 
     >>> net = nn.Linear(4, 3)
     >>> KLToReference(net, [torch.randn(5, 4)])(net)
@@ -195,7 +196,7 @@ class KLToReference:
                 log_q = F.log_softmax(_logits(model, batch), dim=-1)
                 kl = (ref.exp() * (ref - log_q)).sum(-1)
                 mask = batch.get("attention_mask") if isinstance(batch, dict) else None
-                if mask is not None:
+                if mask is not None and mask.shape == kl.shape:  # per token, padding left out
                     kl = kl[mask.bool()]
                 total += float(kl.sum())
                 count += kl.numel()

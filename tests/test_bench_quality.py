@@ -70,6 +70,10 @@ def test_kl_to_reference_skips_padded_tokens(bench) -> None:
         "attention_mask": torch.tensor([[1, 0]]),
     }
     assert bench.KLToReference(LM(ref), [batch])(LM(other)) == 0.0
+    # a sequence classifier takes the mask too but gives one distribution per sample
+    pooled = bench.KLToReference(LM(torch.zeros(1, 2)), [batch])(LM(torch.tensor([[0.0, 5.0]])))
+    log_q = torch.log_softmax(torch.tensor([0.0, 5.0]), dim=0)
+    assert pooled == pytest.approx(math.log(0.5) - 0.5 * float(log_q.sum()), rel=1e-6)
 
 
 def tiny_workload():

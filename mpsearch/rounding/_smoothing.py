@@ -65,8 +65,8 @@ class SmoothingResult:
       ``s_j`` of its normalisation, ``NaN`` when not smoothed, ``alpha``: the migration strength
       of its normalisation's fold (``NaN`` when not smoothed), ``error_before`` / ``_after``: the
       quantization error of its normalisation's Linear consumers together under ``scheme``
-      (``||Q(X) Q(W)^T - X W^T||^2 / ||X W^T||^2`` on the normalisation's output ``X`` on the first
-      calibration batch) without and with the fold, ``NaN`` when not judged);
+      on held-out calibration rows (see :func:`_held_out_error`) without and with the fold,
+      ``NaN`` when not judged);
     - ``scales``: ``{normalisation name: s}`` (one factor per channel) of the folds kept;
     - ``alpha``: the migration strength asked for (a number, or ``"auto"``);
     - ``alphas``: ``{normalisation name: alpha}`` of the folds kept.
@@ -288,20 +288,20 @@ def _held_out_error(
     exceed a channel's calibrated maximum saturate (on a ConvNeXt classifier fed 24
     calibration samples, 0.5 lowered the error on them and tripled it on new inputs)."""
     assert scheme.activation is not None
-    weights = [standard_form(layer).weight.detach().double() for layer in fold.consumers.values()]
+    weights = [standard_form(layer).weight.detach().float() for layer in fold.consumers.values()]
     error = total = 0.0
     for fit, test in (halves, halves[::-1]):
-        fit, test = fit.double(), test.double()
         s = torch.ones(fit.shape[-1], dtype=torch.float64)
         if alpha is not None:
             s = smoothing_scales(fit.abs().amax(dim=0), weight_max, alpha)
-        lo, hi = torch.aminmax((fit / s).float())
-        qx = fake_quantize((test / s).float(), scheme.activation, lo=lo, hi=hi).double()
+        s = s.float()
+        lo, hi = torch.aminmax(fit / s)
+        qx = fake_quantize(test / s, scheme.activation, lo=lo, hi=hi)
         for w in weights:
-            qw = fake_quantize((w * s).float(), _weight_spec(scheme.weight, w.shape)).double()
+            qw = fake_quantize(w * s, _weight_spec(scheme.weight, w.shape))
             reference = test @ w.T
-            error += float((qx @ qw.T - reference).square().sum())
-            total += float(reference.square().sum())
+            error += float((qx @ qw.T - reference).double().square().sum())
+            total += float(reference.double().square().sum())
     return error / total if total > 0 else error
 
 
@@ -391,11 +391,11 @@ def smooth_activations(
     ``alpha`` in [0, 1] is the migration strength: 0 gives ``s_j = 1 / max|W_j|`` (the weights
     flattened, all difficulty left in the activations), 1 gives ``s_j = max|X_j|`` (the
     activations flattened, all of it moved into the weights). ``alpha="auto"`` chooses it per
-    normalisation (as Intel Neural Compressor's auto-tuned SmoothQuant does): of
-    :data:`AUTO_ALPHAS` and no fold at all, the one whose consumers' quantization error under
-    ``scheme`` (weights and activations fake-quantized, on the normalisation's output on the
-    first calibration batch) is lowest; a fixed alpha can raise that error (on a ConvNeXt whose
-    activations have no outliers, 0.5 tripled the w8a8 output error), and the table's
+    normalisation: of :data:`AUTO_ALPHAS` and no fold at all, the one whose consumers'
+    quantization error under ``scheme`` is lowest on calibration rows the factors and ranges
+    were not taken from (weights and activations fake-quantized; alternate batches, or the
+    halves of a single one). A fixed alpha can raise that error: without outlier channels,
+    flattened activations leave new inputs no headroom below the calibrated range; the table's
     ``error_before`` / ``error_after`` say by how much either way. ``layers`` restricts the work to the
     normalisations feeding those Linear layers; their other consumers are compensated too and
     appear in the table. The copy is returned in eval mode; ``model`` itself is never modified.

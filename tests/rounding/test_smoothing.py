@@ -230,7 +230,7 @@ def test_held_out_error_uses_one_batch_for_ranges_and_the_other_for_the_error() 
         error += float((qx @ qw.T - test @ w.T).square().sum())
         total += float((test @ w.T).square().sum())
     table = smooth_activations(model, calib, alpha=0.5).table
-    assert table.loc[0, "error_before"] == pytest.approx(error / total, rel=1e-9)
+    assert table.loc[0, "error_before"] == pytest.approx(error / total, rel=1e-4)
 
 
 def _rel_norm(error: torch.Tensor, reference: torch.Tensor) -> float:
