@@ -98,12 +98,17 @@ class PlanRunner:
         if key not in self._cache:
             chosen = get_scheme(scheme)
             layer = self.layers[name]
-            if chosen.rounding != "rtn" or self.rounder is not None:
-                if self.rounder is None:
-                    raise ValueError(
-                        f"Layer {name!r} in {scheme!r} needs calibrated rounding, but the search "
-                        "has no rounder: profile with that choice (the profile's rounder is used)."
-                    )
+            # the profile's rounder knows the layers its graph calls: not a never-called layer
+            # that follows its tied copy's scheme (round to nearest, nothing to correct)
+            known = self.rounder is not None and name in self.rounder.layers
+            if chosen.rounding != "rtn" and not known:
+                raise ValueError(
+                    f"Layer {name!r} in {scheme!r} needs calibrated rounding, but the search "
+                    "has no rounder for it: profile with that choice (the profile's rounder is "
+                    "used)."
+                )
+            if known:
+                assert self.rounder is not None
                 layer = self.rounder.layer(name, chosen)
             self._cache[key] = self.backend.quantize_layer(layer, chosen)
         return self._cache[key]

@@ -115,3 +115,44 @@ def test_space_lists_roundings_after_their_scheme() -> None:
     assert space.schemes == ["fp32", "w4a16+gptq"]
     with pytest.raises(SpaceError, match="unknown scheme 'bf16\\+gptq'"):
         mps.SearchSpace(schemes=["bf16+gptq"])
+
+
+class _TiedEmbeddings(nn.Module):
+    """T5-style: ``shared`` is never called (not in the profile's graph) and follows ``enc``,
+    its called copy; ``head`` reads the same weight as a Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shared = nn.Embedding(64, 32)
+        self.enc = nn.Embedding(64, 32)
+        self.enc.weight = self.shared.weight
+        self.mid = nn.Linear(32, 32)
+        self.head = nn.Linear(32, 64, bias=False)
+        self.head.weight = self.shared.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.mid(self.enc(ids)))
+
+
+@pytest.mark.parametrize("bias_correction", [False, True])
+def test_a_never_called_follower_is_evaluated_beside_rounded_layers(bias_correction: bool) -> None:
+    import optuna
+
+    torch.manual_seed(0)
+    net = _TiedEmbeddings().eval()
+    calib = [torch.randint(0, 64, (8, 12)) for _ in range(2)]
+    options = mps.ProfileOptions(rounding=mps.RoundingOptions(bias_correction=bias_correction))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prof = mps.profile(
+            net, calib, schemes=["w8a16", "w8a16+gptq"], progress=False, options=options
+        )
+        cost = mps.measure_cost(net, calib[0], schemes=["w8a16"], backend="simulate")
+        res = mps.search(
+            net, profile=prof, cost=cost, eval_data=calib, n_trials=8, seed=0, verify=0
+        )
+    assert "shared" not in prof.rounder.layers and res.space.followers == {"shared": "enc"}
+    states = {t.state for t in res.study.trials}
+    assert states == {optuna.trial.TrialState.COMPLETE}  # failed before: KeyError 'shared'
+    plans = [p.resolve_choices(net) for p in res.plans]
+    assert any(p["enc"] == p["shared"] == "w8a16" for p in plans)
