@@ -18,7 +18,7 @@ from mpsearch.backends._registry import Backend, get_backend
 from mpsearch.layers import layer_weights, quantizable_layers, replace_layers, weight_shapes
 from mpsearch.layers._expert_linears import follows_expert_interface, recording
 from mpsearch.layers._experts import is_expert_bank
-from mpsearch.layers._layers import NEVER_CALLED, eval_mode, swapped, watched
+from mpsearch.layers._layers import NEVER_CALLED, eval_mode, same_weights, swapped, watched
 from mpsearch.plan import PrecisionPlan
 from mpsearch.rounding import Rounder
 from mpsearch.rounding._rounder import rounded_layers
@@ -229,8 +229,10 @@ def quantize(
     rounder = _rounder_for(model, choices, calib, rounder)
     target = model if inplace else copy.deepcopy(model)
     target.eval()
-    if rounder is not None:
-        rounder.apply(target, choices, inplace=True)
+    if rounder is not None:  # layers a graph's rounder never saw are rounded to nearest
+        rounder.apply(
+            target, {n: c for n, c in choices.items() if n in rounder.layers}, inplace=True
+        )
     to_change = {n: s for n, s in assignment.items() if s != "fp32" or impl.real}
     layers = quantizable_layers(target)
     if calib is not None and not impl.needs_calib:
@@ -421,9 +423,21 @@ def _rounder_for(
     if rounder is not None:
         if not isinstance(rounder, Rounder):
             raise invalid("rounder", rounder, "a Rounder (mpsearch.rounding.Rounder) or None")
-        if set(rounder.layers) != set(quantizable_layers(model)):
+        if set(rounder.layers) != set(quantizable_layers(model)) and not same_weights(
+            rounder.model, model, rounder.layers
+        ):
             raise invalid(
-                "rounder", rounder, "a Rounder built on this model (the same quantizable layers)"
+                "rounder",
+                rounder,
+                "a Rounder built on this model or on its captured graph (the same quantizable "
+                "layers, or some of them with the same weights)",
+            )
+        unseen = [n for n, c in choices.items() if n not in rounder.layers and c != "fp32"]
+        if missing := [n for n in unseen if get_scheme(choices[n]).rounding != "rtn"]:
+            raise ValueError(
+                f"The rounder has no layer {missing[0]!r} (built on a graph that never calls "
+                f"it), which the plan rounds by a calibrated method ({choices[missing[0]]}): "
+                "give it a round-to-nearest scheme, or pass calib= instead of rounder=."
             )
         return rounder
     rounded = sorted(n for n, c in choices.items() if get_scheme(c).rounding != "rtn")

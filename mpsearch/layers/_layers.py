@@ -8,7 +8,7 @@ import inspect
 import math
 import re
 import weakref
-from collections.abc import Callable, Collection, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -435,6 +435,23 @@ def layer_weights(layer: nn.Module) -> dict[str, Tensor]:
     if is_expert_bank(layer):
         return {name: expert_rows(layer, w) for name, w in expert_weights(layer).items()}
     return {"weight": weight_rows(standard_form(layer))}
+
+
+def same_weights(a: nn.Module, b: nn.Module, names: Iterable[str]) -> bool:
+    """Whether layers ``names`` of ``a`` and ``b`` (e.g. a model and its captured graph) are
+    quantizable in both and hold equal weights (:func:`layer_weights`)."""
+    la, lb = quantizable_layers(a, require=False), quantizable_layers(b, require=False)
+    return all(
+        n in la
+        and n in lb
+        and all(
+            torch.equal(x, y)
+            for x, y in zip(
+                layer_weights(la[n]).values(), layer_weights(lb[n]).values(), strict=True
+            )
+        )
+        for n in names
+    )
 
 
 def weight_rows(layer: nn.Module) -> Tensor:

@@ -26,7 +26,7 @@ from mpsearch._validation import check_module, invalid, unknown
 from mpsearch.backends import Backend, get_backend
 from mpsearch.backends._quantize import applicability_error
 from mpsearch.layers import coverage, layer_weights, quantizable_layers, swapped, weight_shapes
-from mpsearch.layers._layers import NEVER_CALLED
+from mpsearch.layers._layers import NEVER_CALLED, same_weights
 from mpsearch.profile._cache import CODE_VERSION, RowCache, hash_batches, hash_model, hash_text
 from mpsearch.profile._e2e import (
     first_samples,
@@ -506,22 +506,6 @@ class _Measurer:
         return rows
 
 
-def _same_weights(a: nn.Module, b: nn.Module, names: list[str]) -> bool:
-    """Whether layers ``names`` of ``a`` and ``b`` hold equal weights (no BatchNorm folded)."""
-    la, lb = quantizable_layers(a), quantizable_layers(b)
-    return all(
-        n in la
-        and n in lb
-        and all(
-            torch.equal(x, y)
-            for x, y in zip(
-                layer_weights(la[n]).values(), layer_weights(lb[n]).values(), strict=True
-            )
-        )
-        for n in names
-    )
-
-
 def _build_result(
     req: _Request, runner: Runner, plan: _RowPlan, e2e_name: str, measurer: _Measurer
 ) -> SensitivityProfile:
@@ -566,7 +550,7 @@ def _build_result(
     rounder = None
     if any(s.rounding != "rtn" for s in req.schemes):
         rounder = measurer.rounder
-        if rounder is None or not _same_weights(runner.gm, req.model, list(rounder.layers)):
+        if rounder is None or not same_weights(runner.gm, req.model, rounder.layers):
             rounder = Rounder(req.model, req.batches, options=req.options.rounding)
     covered = coverage(req.model)
     if covered.share < COVERAGE_WARNING:

@@ -156,3 +156,13 @@ def test_a_never_called_follower_is_evaluated_beside_rounded_layers(bias_correct
     assert states == {optuna.trial.TrialState.COMPLETE}  # failed before: KeyError 'shared'
     plans = [p.resolve_choices(net) for p in res.plans]
     assert any(p["enc"] == p["shared"] == "w8a16" for p in plans)
+    # the front plans run on real kernels with the profile's rounder (failed before: "must be
+    # a Rounder built on this model"); the never-called layer is rounded to nearest
+    plan = next(p for p in res.plans if p.resolve_choices(net)["enc"] == "w8a16")
+    ids = calib[0]
+    with torch.no_grad():
+        real = mps.quantize(net, plan, backend="cpu", rounder=prof.rounder)(ids)
+        simulated = mps.quantize(net, plan, backend="simulate", rounder=prof.rounder)(ids)
+    assert float((real - simulated).norm() / simulated.norm()) < 0.01  # bf16 activations
+    with pytest.raises(ValueError, match="The rounder has no layer 'shared'"):
+        mps.quantize(net, {"shared": "w8a16+gptq"}, rounder=prof.rounder)
