@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -266,6 +266,25 @@ def tied_groups(layers: Mapping[str, nn.Module], names: Iterable[str]) -> list[l
         if isinstance(weight, Tensor) and weight.layout == torch.strided and weight.numel():
             groups.setdefault(weight.untyped_storage().data_ptr(), []).append(name)
     return [g for g in groups.values() if len(g) > 1]
+
+
+def tied_followers(
+    modules: Mapping[str, nn.Module], never_called: Collection[str]
+) -> dict[str, str]:
+    """``{layer: leader}`` for the ``never_called`` layers that hold the weight of a called
+    layer of the same type (T5's ``shared`` beside ``encoder.embed_tokens``): the first such
+    layer leads, and a plan gives the follower its scheme
+    (:attr:`mpsearch.search.ResolvedSpace.followers`)."""
+    followers = {}
+    for group in tied_groups(modules, modules):
+        for name in (n for n in group if n in never_called):
+            kind = type(modules[name])
+            leader = next(
+                (n for n in group if n not in never_called and type(modules[n]) is kind), None
+            )
+            if leader is not None:
+                followers[name] = leader
+    return followers
 
 
 def share_tied_tensors(layers: Mapping[str, nn.Module], replacements: dict[str, nn.Module]) -> None:

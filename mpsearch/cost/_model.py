@@ -25,6 +25,7 @@ from mpsearch.backends._quantize import (
     applicability_error,
     as_plan,
     tensor_slots,
+    tied_followers,
     tied_groups,
 )
 from mpsearch.backends._quantize import never_called as never_called_layers
@@ -199,10 +200,12 @@ def _capture_inputs(
             f"Layers {never} are never called by the model on 'example_input'; pass "
             "layers= without them, or an example input that runs them."
         )
-    if never:
+    modules = dict(model.named_modules())
+    followers = tied_followers({n: modules[n] for n in names}, never)
+    if alone := [n for n in never if n not in followers]:  # a follower takes its leader's scheme
         warnings.warn(
-            f"measure_cost: {len(never)} quantizable layers are never called on "
-            f"'example_input' and stay in full precision: {never}",
+            f"measure_cost: {len(alone)} quantizable layers are never called on "
+            f"'example_input' and stay in full precision: {alone}",
             stacklevel=3,
         )
     return inputs, {n: c for n, c in calls.items() if c}

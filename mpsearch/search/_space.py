@@ -13,7 +13,7 @@ import yaml
 from torch import nn
 
 from mpsearch._validation import invalid
-from mpsearch.backends._quantize import applicability_error, tied_groups
+from mpsearch.backends._quantize import applicability_error, tied_followers
 from mpsearch.layers import quantizable_layers
 from mpsearch.layers._layers import NEVER_CALLED
 from mpsearch.schemes import SCHEMES, get_scheme
@@ -253,7 +253,7 @@ class SearchSpace:
         dropped = _drop_unusable(
             self.source, modules, choices, pinned, supported, missing, skipped or {}
         )
-        followers = _followers(modules, set(pinned) - asked)
+        followers = tied_followers(modules, set(pinned) - asked)
         for follower in followers:
             del pinned[follower]
         params = self._tie_groups(modules, choices, {**pinned, **followers})
@@ -419,22 +419,6 @@ def _with_roundings(choices: list[str], profiled: Collection[str]) -> list[str]:
 def _never_called(name: str, skipped: Mapping[tuple[str, str], str]) -> bool:
     """Whether the profile skipped layer ``name`` as never called."""
     return any(n == name and why == NEVER_CALLED for (n, _), why in skipped.items())
-
-
-def _followers(modules: dict[str, nn.Module], never_called: set[str]) -> dict[str, str]:
-    """``{layer: leader}`` for the ``never_called`` layers (pinned to fp32 for it) that hold
-    the weight of a called layer of the same type: the first such layer leads (see
-    :attr:`ResolvedSpace.followers`)."""
-    followers = {}
-    for group in tied_groups(modules, modules):
-        for name in (n for n in group if n in never_called):
-            kind = type(modules[name])
-            leader = next(
-                (n for n in group if n not in never_called and type(modules[n]) is kind), None
-            )
-            if leader is not None:
-                followers[name] = leader
-    return followers
 
 
 def _drop_unusable(
