@@ -701,14 +701,15 @@ def controller_curve(
 
     from mpsearch.runtime import Controller
 
-    ctrl = Controller(
-        wl.model,
-        _curve_variants(wl, plans, settings.max_variants),
-        backend=backend,
-        scorer=settings.scorer,
-        example_input=wl.example_input,
-        rounder=rounder,
-    )
+    with threads(num_threads):  # variants are timed (and slow ones dropped) as served below
+        ctrl = Controller(
+            wl.model,
+            _curve_variants(wl, plans, settings.max_variants),
+            backend=backend,
+            scorer=settings.scorer,
+            example_input=wl.example_input,
+            rounder=rounder,
+        )
     with torch.inference_mode():
         reference = [_answers(run_model(wl.model, b)) for b in wl.test]
 

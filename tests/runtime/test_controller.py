@@ -183,11 +183,16 @@ def test_identical_plans_share_one_variant(model) -> None:
     assert [v.name for v in ctrl.variants] == ["w8a8", "fp32"]
 
 
-def _fake_timing(monkeypatch, model: nn.Module, costs: dict[str, float]) -> None:
-    """Variants "measured" at known costs (ms per call), by the marker cutoff of their layer."""
+def _fake_timing(
+    monkeypatch, model: nn.Module, costs: dict[str, float], threads: list[int] | None = None
+) -> None:
+    """Variants "measured" at known costs (ms per call), by the marker cutoff of their layer;
+    the intra-op threads of each measurement appended to ``threads``."""
     names = {0.5: "w8a8", 0.8: "bf16"}
 
     def fake(module: nn.Module, batch, *, repeats: int = 3) -> float:
+        if threads is not None:
+            threads.append(torch.get_num_threads())
         if module is model:
             return costs["fp32"]
         return costs[names[module[0].cutoff]]
@@ -616,7 +621,8 @@ def test_controller_curve_rows_say_why_a_target_is_not_certifiable(
     from mpsearch.pipeline import ControllerCurve, controller_curve
     from mpsearch.workloads import Workload
 
-    _fake_timing(monkeypatch, model, {"w8a8": 1.0, "fp32": 2.0})
+    measured_with: list[int] = []
+    _fake_timing(monkeypatch, model, {"w8a8": 1.0, "fp32": 2.0}, measured_with)
     calib_x, _ = make_inputs(359, seed=1)
     test_x, test_y = make_inputs(64, seed=2)
     wl = Workload(
@@ -628,12 +634,20 @@ def test_controller_curve_rows_say_why_a_target_is_not_certifiable(
         example_input=test_x[:4],
         task="classification",
     )
-    curve = controller_curve(
-        wl,
-        [PrecisionPlan.uniform("w8a8")],
-        backend="marker",
-        settings=ControllerCurve(epsilons=[0.005, 0.05], repeats=1),
-    )
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        curve = controller_curve(
+            wl,
+            [PrecisionPlan.uniform("w8a8")],
+            backend="marker",
+            settings=ControllerCurve(epsilons=[0.005, 0.05], repeats=1),
+            num_threads=1,
+        )
+    finally:
+        torch.set_num_threads(before)
+    # the variants are timed with the study's threads (before: the process's, 2 here)
+    assert measured_with == [1, 1]
     assert curve["method"].tolist() == [
         "static:w8a8",
         "static:fp32",
