@@ -396,7 +396,9 @@ def smooth_activations(
     were not taken from (weights and activations fake-quantized; alternate batches, or the
     halves of a single one). A fixed alpha can raise that error: without outlier channels,
     flattened activations leave new inputs no headroom below the calibrated range; the table's
-    ``error_before`` / ``error_after`` say by how much either way. ``layers`` restricts the work to the
+    ``error_before`` / ``error_after`` say by how much either way. ``scheme`` (``w8a8`` unless
+    given; one that quantizes activations) is the quantization that error is measured under.
+    ``layers`` restricts the work to the
     normalisations feeding those Linear layers; their other consumers are compensated too and
     appear in the table. The copy is returned in eval mode; ``model`` itself is never modified.
 
