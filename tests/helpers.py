@@ -58,6 +58,23 @@ class ReadsWeights(nn.Module):
         return self.head(torch.relu(h @ self.gate.weight.T))[..., :n]
 
 
+class SharedEmbedding(nn.Module):
+    """T5-style tied embeddings: ``shared`` is never called, ``enc`` (the same weight) is, and
+    ``head`` reads that weight as a Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shared = nn.Embedding(64, 32)
+        self.enc = nn.Embedding(64, 32)
+        self.enc.weight = self.shared.weight
+        self.mid = nn.Linear(32, 32)
+        self.head = nn.Linear(32, 64, bias=False)
+        self.head.weight = self.shared.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.mid(self.enc(ids)))
+
+
 class HFMoE(nn.Module):
     """A router over all experts but the last (which no token reaches) and a Hugging Face
     expert bank random-initialised from its config (``family``: Mixtral, ``[experts, out,

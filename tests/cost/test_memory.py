@@ -6,6 +6,7 @@ import warnings
 
 import pytest
 import torch
+from helpers import SharedEmbedding
 from torch import nn
 
 from mpsearch.backends import quantize, storage_bytes
@@ -133,23 +134,9 @@ def test_tied_layers_keep_one_tensor_where_they_store_it_alike() -> None:
     assert cost.memory_bytes("bf16") == held_bytes(bf16)
 
 
-class _SharedEmbedding(nn.Module):
-    """T5-style: ``shared`` is never called, ``enc`` (the same weight) is."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.shared = nn.Embedding(64, 32)
-        self.enc = nn.Embedding(64, 32)
-        self.enc.weight = self.shared.weight
-        self.head = nn.Linear(32, 8)
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.head(self.enc(ids))
-
-
 def test_a_never_called_tied_copy_is_not_said_to_stay_in_full_precision() -> None:
     torch.manual_seed(0)
-    model = _SharedEmbedding().eval()
+    model = SharedEmbedding().eval()
     ids = torch.randint(0, 64, (4, 8))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # said "stay in full precision: ['shared']" before

@@ -6,6 +6,7 @@ import warnings
 
 import pytest
 import torch
+from helpers import SharedEmbedding
 from torch import nn
 
 import mpsearch as mps
@@ -117,29 +118,12 @@ def test_space_lists_roundings_after_their_scheme() -> None:
         mps.SearchSpace(schemes=["bf16+gptq"])
 
 
-class _TiedEmbeddings(nn.Module):
-    """T5-style: ``shared`` is never called (not in the profile's graph) and follows ``enc``,
-    its called copy; ``head`` reads the same weight as a Linear."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.shared = nn.Embedding(64, 32)
-        self.enc = nn.Embedding(64, 32)
-        self.enc.weight = self.shared.weight
-        self.mid = nn.Linear(32, 32)
-        self.head = nn.Linear(32, 64, bias=False)
-        self.head.weight = self.shared.weight
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.head(self.mid(self.enc(ids)))
-
-
 @pytest.mark.parametrize("bias_correction", [False, True])
 def test_a_never_called_follower_is_evaluated_beside_rounded_layers(bias_correction: bool) -> None:
     import optuna
 
     torch.manual_seed(0)
-    net = _TiedEmbeddings().eval()
+    net = SharedEmbedding().eval()
     calib = [torch.randint(0, 64, (8, 12)) for _ in range(2)]
     options = mps.ProfileOptions(rounding=mps.RoundingOptions(bias_correction=bias_correction))
     with warnings.catch_warnings():

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import SharedEmbedding
 from torch import nn
 
 from mpsearch.search import SearchSpace, SpaceError, load_space
@@ -209,30 +210,13 @@ def test_the_bundled_cnn_space_fits_a_network_without_linear_layers() -> None:
         )
 
 
-class TiedNet(nn.Module):
-    """T5-style: ``shared`` is never called; ``enc`` (same weight, called) and ``head`` (the
-    weight tied as an output layer) are."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.shared = nn.Embedding(64, 32)
-        self.enc = nn.Embedding(64, 32)
-        self.enc.weight = self.shared.weight
-        self.mid = nn.Linear(32, 32)
-        self.head = nn.Linear(32, 64, bias=False)
-        self.head.weight = self.shared.weight
-
-    def forward(self, ids):
-        return self.head(self.mid(self.enc(ids)))
-
-
 def test_a_never_called_tied_layer_follows_its_called_copy_of_the_same_type() -> None:
     from mpsearch.layers._layers import NEVER_CALLED
 
     schemes = ["fp32", "bf16", "w8a16", "w8a16+gptq"]
     skipped = {("shared", s): NEVER_CALLED for s in schemes}
     space = SearchSpace(schemes=["fp32", "bf16", "w8a16"]).resolve(
-        TiedNet(), profiled=schemes, skipped=skipped
+        SharedEmbedding(), profiled=schemes, skipped=skipped
     )
     assert space.followers == {"shared": "enc"}  # head holds the weight too, as a Linear
     assert "shared" not in space.pinned and "shared" not in space.params
@@ -242,7 +226,7 @@ def test_a_never_called_tied_layer_follows_its_called_copy_of_the_same_type() ->
     assert space.contains(plan)
     # without a called copy of its type it stays pinned to fp32, as before
     alone = SearchSpace(schemes=["bf16"]).resolve(
-        TiedNet(), skipped={**skipped, **{("enc", s): NEVER_CALLED for s in schemes}}
+        SharedEmbedding(), skipped={**skipped, **{("enc", s): NEVER_CALLED for s in schemes}}
     )
     assert alone.followers == {} and alone.pinned == {"shared": "fp32", "enc": "fp32"}
 
