@@ -74,7 +74,7 @@ def takes_act_range(layer: nn.Module) -> bool:
     return not isinstance(layer, (nn.Embedding, nn.RNNBase))
 
 
-def _range_of(
+def range_of(
     ranges: Mapping[str, tuple[float, float]], name: str, layer: nn.Module
 ) -> tuple[float, float] | dict[str, tuple[float, float]] | None:
     """Layer ``name``'s static activation range; a bank's: its expert Linear layers' (``{"up.0":
@@ -241,7 +241,7 @@ def quantize(
         ranges = {name: (float(lo), float(hi)) for name, (lo, hi) in (act_ranges or {}).items()}
     replacements = {
         name: impl.quantize_layer(
-            layers[name], get_scheme(scheme), act_range=_range_of(ranges, name, layers[name])
+            layers[name], get_scheme(scheme), act_range=range_of(ranges, name, layers[name])
         )
         for name, scheme in to_change.items()
     }

@@ -30,6 +30,7 @@ from torch import nn
 from mpsearch._validation import check_module, exception_line
 from mpsearch.backends import get_backend, quantize
 from mpsearch.backends._kernels import RealLayer
+from mpsearch.backends._quantize import range_of
 from mpsearch.backends._recurrent import SimulatedRNN
 from mpsearch.export._inputs import ModelCall
 from mpsearch.export._qdq import QDQLayer
@@ -120,7 +121,9 @@ def program_model(
     with torch.no_grad():
         simulated = {
             name: sim.quantize_layer(
-                originals[name], get_scheme(assignment[name]), act_range=ranges.get(name)
+                originals[name],
+                get_scheme(assignment[name]),
+                act_range=range_of(ranges, name, originals[name]),  # a bank: its experts'
             )
             for name in opaque
         }

@@ -81,9 +81,9 @@ class ExpertLinears(nn.Module):
     Under ``torch.compile`` and ``torch.export`` every expert runs on every token, weighted by
     the routing (zero where not routed): the same sums, ``experts / top_k`` times the work, in
     one graph of static shapes (the eager loop over the experts its tokens picked reads the
-    routing's values, which needs a graph per routing); an activation range measured per call
-    then spans every token, not only the routed ones (the same for one token; compiled models
-    and decoders check their outputs against the eager ones). Compiled batch-1 decoding of the
+    routing's values, which needs a graph per routing); the rows of tokens not routed to an
+    expert are zeroed at its projections' inputs, so an activation range measured per call
+    spans the routed tokens alone, as in eager. Compiled batch-1 decoding of the
     zoo's Mixtral (A, 1 thread, ``benchmarks/bench_experts.py``) then ran a w4a16 token about
     4x faster than eager and 1.7x faster than the compiled fp32 model; a decoder keeps
     whichever runs faster.
@@ -117,11 +117,14 @@ class ExpertLinears(nn.Module):
         self.up = nn.ModuleList(built("up", up, e) for e in experts)
         self.down = nn.ModuleList(built("down", "down_proj", e) for e in experts)
 
-    def _expert(self, e: int, x: Tensor) -> Tensor:
+    def _expert(self, e: int, x: Tensor, routed: Tensor | None = None) -> Tensor:
+        """Expert ``e`` on ``x``; with ``routed`` (a column of booleans), the rows of other
+        tokens are zeros at both projections' inputs: a range measured per call then holds the
+        routed tokens' values and zero (which every range holds), as on the routed rows alone."""
         bank = self.bank
-        h = self.up[e](x)
+        h = self.up[e](x if routed is None else x * routed)
         h = bank._apply_gate(h) if bank.has_gate else bank.act_fn(h)
-        y = self.down[e](h)
+        y = self.down[e](h if routed is None else h * routed)
         return bank.post_expert_norm(y) if getattr(bank, "has_post_expert_norm", False) else y
 
     def forward(self, hidden: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
@@ -133,7 +136,8 @@ class ExpertLinears(nn.Module):
                 1, torch.where(hit, top_k_index, n), top_k_weights.float() * hit
             )
             for e in range(n):
-                out = out + self._expert(e, hidden).float() * dense[:, e : e + 1]
+                routed = (top_k_index == e).any(dim=-1, keepdim=True)
+                out = out + self._expert(e, hidden, routed).float() * dense[:, e : e + 1]
             return out.to(hidden.dtype)
         k = top_k_index.shape[-1]
         flat, weights = top_k_index.reshape(-1), top_k_weights.reshape(-1)
