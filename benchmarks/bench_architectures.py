@@ -496,7 +496,12 @@ def run_one(name: str, *, trials: int) -> dict[str, Any]:
             with tempfile.TemporaryDirectory() as out:
                 try:
                     written = mps.export_plan(
-                        model, res.best(), out, example_input=example, formats=formats
+                        model,
+                        res.best(),
+                        out,
+                        example_input=example,
+                        formats=formats,
+                        check_inputs=eval_data,
                     )
                     records = written.records
                 except ExportError as error:  # some formats written and checked
@@ -505,6 +510,7 @@ def run_one(name: str, *, trials: int) -> dict[str, Any]:
                         :160
                     ]
             row["formats"] = ", ".join(r.format for r in records)
+            row["export_top1"] = export_agreement(records)
         row["pipeline"] = "ok"
     except Exception as error:  # the failing step and why, for the table
         row["pipeline"] = f"failed at {step}"
@@ -512,6 +518,15 @@ def run_one(name: str, *, trials: int) -> dict[str, Any]:
         traceback.print_exc()
     row["seconds"] = round(time.perf_counter() - started, 1)
     return row
+
+
+def export_agreement(records: list[Any]) -> float:
+    """The lowest top-1 agreement of the exported files with what they were written from on
+    the check inputs, the torch.export program's simulated layers also against the real
+    kernels (NaN when no file was checked on outputs)."""
+    found = [r.top1_agreement for r in records if r.top1_agreement is not None]
+    found += [r.details["agree_vs_real"] for r in records if "agree_vs_real" in r.details]
+    return min(found, default=float("nan"))
 
 
 def row_in_subprocess(name: str, *, trials: int) -> dict[str, Any]:
@@ -541,6 +556,7 @@ COLUMNS = [
     "pipeline",
     "memory_exact",
     "formats",
+    "export_top1",
     "seconds",
     "note",
 ]
@@ -597,7 +613,10 @@ def main() -> None:
             "`runner`: the profiler's runner; `profile_ratio`: profile seconds / (S x one fp32 "
             f"pass over the same {CALIB_BATCHES} calibration batches of 16; one profile: noisy); `memory_exact`: plans whose "
             "`cost.memory_bytes` equals the bytes the quantized model holds; `formats`: export "
-            "formats written and checked; `note`: the error where a step or format failed.",
+            "formats written and checked; `export_top1`: the lowest top-1 agreement of an "
+            "exported file with the model it was written from on the evaluation batches (the "
+            "torch.export program's simulated w8a8 layers also against the real kernels); "
+            "`note`: the error where a step or format failed.",
             "",
             summary + ".",
             "",

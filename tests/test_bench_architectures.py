@@ -37,4 +37,5 @@ def test_one_architecture_runs_the_whole_pipeline_in_its_own_process(bench) -> N
     assert row["pipeline"] == "ok", row.get("note")
     assert row["runner"].startswith("graph:") and row["memory_exact"] == "3/3"
     assert row["formats"].split(", ") == list(bench.FORMATS)
+    assert row["export_top1"] >= 0.9  # the exported files agree with what they were written from
     assert row["profile_ratio"] > 0 and 0.9 < row["coverage"] <= 1
