@@ -593,7 +593,9 @@ def main() -> None:
         f"{len(ok)} of {len(rows)} architectures ran the whole pipeline; the cost model's bytes "
         f"equal the quantized model's on {len(exact)} of them (best, uniform w8a8 and w4a16 "
         "plans); profile / (S x fp32 pass): median "
-        f"{statistics.median(ratios):.2f}, max {max(ratios):.2f}"
+        f"{statistics.median(ratios):.2f}, max {max(ratios):.2f}; exported files' top-1 "
+        f"agreement with what they were written from: min "
+        f"{min((r['export_top1'] for r in ok if 'export_top1' in r), default=float('nan')):.3f}"
         if ratios
         else "no architecture was profiled"
     )
