@@ -221,8 +221,10 @@ class StudyConfig:
         chooses the strength per normalisation, and folds only where it lowers the w8a8 error
         on held-out calibration rows.
 
-        >>> StudyConfig(smooth={"alpha": 0.6}).smooth_alpha(), StudyConfig(smooth="auto").smooth_alpha()
-        (0.6, 'auto')
+        >>> StudyConfig(smooth={"alpha": 0.6}).smooth_alpha()
+        0.6
+        >>> StudyConfig(smooth="auto").smooth_alpha()
+        'auto'
         """
         value = self.smooth
         if isinstance(value, dict):
