@@ -37,7 +37,8 @@ NOT_FROM_NORM = "input is not a normalisation output"
 AUTO_ALPHAS: tuple[float, ...] = tuple(i / 10 for i in range(11))
 """The migration strengths ``alpha="auto"`` tries for each normalisation (besides no fold)."""
 
-_ERROR_ROWS = 512  # at most this many rows of a normalisation's output judge its fold
+_ERROR_ROWS = 4096  # at most this many rows of a normalisation's output judge its fold
+_ERROR_BYTES = 256 * 2**20  # and the rows kept for all normalisations take at most this
 
 TABLE_COLUMNS = [
     "layer",
@@ -160,7 +161,9 @@ def _observe(
     norm_calls: dict[str, tuple[tuple[Any, ...], dict[str, Any], Tensor]] = {}
     norm_rows: dict[str, list[Tensor]] = {name: [] for name in norms}
     batch = [0]
-    per_batch = max(1, _ERROR_ROWS // len(batches))
+    width = sum(int(m.weight.numel()) for m in norms.values())
+    rows = min(_ERROR_ROWS, _ERROR_BYTES // max(1, 4 * width))  # float32 rows, all norms
+    per_batch = max(1, rows // len(batches))
     produced: dict[int, tuple[str, Tensor]] = {}  # id(output) -> (norm, output kept alive)
     first = [True]
 
