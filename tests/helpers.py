@@ -2,9 +2,29 @@
 
 from __future__ import annotations
 
+import importlib
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from types import ModuleType
+
 import pytest
 import torch
 from torch import nn
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@contextmanager
+def benchmark_module(name: str) -> Iterator[ModuleType]:
+    """The script ``benchmarks/<name>.py`` imported as a module (its folder on ``sys.path``
+    meanwhile, for its own imports of ``_tables`` and the other benchmarks)."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        yield importlib.import_module(name)
+    finally:
+        sys.path.remove(str(BENCHMARKS))
 
 
 def sqnr_db(ref: torch.Tensor, out: torch.Tensor) -> float:

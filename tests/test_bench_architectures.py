@@ -3,23 +3,15 @@ pipeline in its own process, and the row it reports."""
 
 from __future__ import annotations
 
-import importlib
-import sys
-from pathlib import Path
-
 import pytest
-
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+from helpers import benchmark_module
 
 
 @pytest.fixture(scope="module")
 def bench():
     pytest.importorskip("transformers")
-    sys.path.insert(0, str(BENCH))
-    try:
-        yield importlib.import_module("bench_architectures")
-    finally:
-        sys.path.remove(str(BENCH))
+    with benchmark_module("bench_architectures") as module:
+        yield module
 
 
 def test_every_architecture_builds_and_takes_its_inputs(bench) -> None:

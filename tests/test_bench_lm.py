@@ -3,26 +3,19 @@ llama.cpp-style mix, and the ``decode`` settings a study config takes for it."""
 
 from __future__ import annotations
 
-import importlib
 import math
-import sys
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
+from helpers import benchmark_module
 
 from mpsearch.pipeline import StudyConfig, StudyDecode
-
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    sys.path.insert(0, str(BENCH))
-    try:
-        yield importlib.import_module("bench_lm")
-    finally:
-        sys.path.remove(str(BENCH))
+    with benchmark_module("bench_lm") as module:
+        yield module
 
 
 def test_q4_k_m_style_keeps_v_and_down_at_8_bits(bench) -> None:

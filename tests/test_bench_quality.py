@@ -3,28 +3,21 @@ a tiny model with tiny settings, and the goal lines."""
 
 from __future__ import annotations
 
-import importlib
 import math
-import sys
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import benchmark_module
 from torch import nn
 
 from mpsearch.workloads._base import labelled_workload
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
-
 
 @pytest.fixture(scope="module")
 def bench():
-    sys.path.insert(0, str(BENCH))
-    try:
-        yield importlib.import_module("bench_quality")
-    finally:
-        sys.path.remove(str(BENCH))
+    with benchmark_module("bench_quality") as module:
+        yield module
 
 
 class Fixed(nn.Module):

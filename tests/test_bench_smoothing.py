@@ -2,23 +2,15 @@
 
 from __future__ import annotations
 
-import importlib
-import sys
-from pathlib import Path
-
 import pytest
-
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+from helpers import benchmark_module
 
 
 @pytest.fixture(scope="module")
 def bench():
     pytest.importorskip("transformers")
-    sys.path.insert(0, str(BENCH))
-    try:
-        yield importlib.import_module("bench_smoothing")
-    finally:
-        sys.path.remove(str(BENCH))
+    with benchmark_module("bench_smoothing") as module:
+        yield module
 
 
 def test_a_row_compares_w8a8_without_and_with_each_smoothing(bench) -> None:

@@ -200,12 +200,14 @@ def _capture_inputs(
             f"Layers {never} are never called by the model on 'example_input'; pass "
             "layers= without them, or an example input that runs them."
         )
-    modules = dict(model.named_modules())
-    followers = tied_followers({n: modules[n] for n in names}, never)
-    if alone := [n for n in never if n not in followers]:  # a follower takes its leader's scheme
+    if never:  # a follower takes its leader's scheme: no warning for it
+        modules = dict(model.named_modules())
+        followers = tied_followers({n: modules[n] for n in names}, never)
+        never = [n for n in never if n not in followers]
+    if never:
         warnings.warn(
-            f"measure_cost: {len(alone)} quantizable layers are never called on "
-            f"'example_input' and stay in full precision: {alone}",
+            f"measure_cost: {len(never)} quantizable layers are never called on "
+            f"'example_input' and stay in full precision: {never}",
             stacklevel=3,
         )
     return inputs, {n: c for n, c in calls.items() if c}
