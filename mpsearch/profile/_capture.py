@@ -178,6 +178,10 @@ SIZED_FACTORIES = ("ones", "zeros", "empty")
 traced values (``torch.ones(batch, length)`` in OPT): called with the size as one tuple while
 ``fx(values)`` traces."""
 
+DATA_FACTORIES = ("tensor", "as_tensor")
+"""``torch`` functions making a tensor from Python data, which cannot read a traced value: a
+call on data holding one is traced while ``fx(values)`` traces."""
+
 EXAMPLE_SIZES = (2, 3)
 """Batch sizes of ``fx(values)``'s two examples (no size 1: broadcasting special-cases it)."""
 
@@ -343,9 +347,11 @@ def _trailing_shapes(batch: Batch) -> tuple[Any, list[Any]]:
 
 
 @contextmanager
-def _sizes_as_tuples() -> Iterator[None]:
-    """:data:`SIZED_FACTORIES` called with traced sizes get them as one tuple (restored after)."""
-    originals = {name: getattr(torch, name) for name in SIZED_FACTORIES}
+def _traceable_factories() -> Iterator[None]:
+    """Meanwhile, :data:`SIZED_FACTORIES` called with traced sizes get them as one tuple, and
+    :data:`DATA_FACTORIES` called on data holding traced values (``torch.tensor(x.size(-1))``
+    in DeBERTa-v2) are traced as a call (restored after)."""
+    originals = {name: getattr(torch, name) for name in (*SIZED_FACTORIES, *DATA_FACTORIES)}
 
     def sized(fn: Callable[..., Any]) -> Callable[..., Any]:
         def call(*size: Any, **kwargs: Any) -> Any:
@@ -355,8 +361,17 @@ def _sizes_as_tuples() -> Iterator[None]:
 
         return call
 
+    def traced(fn: Callable[..., Any]) -> Callable[..., Any]:
+        def call(data: Any, *args: Any, **kwargs: Any) -> Any:
+            proxies = [v for v in pytree.tree_leaves(data) if isinstance(v, fx.Proxy)]
+            if proxies:
+                return proxies[0].tracer.create_proxy("call_function", fn, (data, *args), kwargs)
+            return fn(data, *args, **kwargs)
+
+        return call
+
     for name, fn in originals.items():
-        setattr(torch, name, sized(fn))
+        setattr(torch, name, sized(fn) if name in SIZED_FACTORIES else traced(fn))
     try:
         yield
     finally:
@@ -392,7 +407,7 @@ def capture_fx_values(model: nn.Module, batches: Sequence[Batch], layers: Sequen
     model.__class__ = type(cls.__name__, (cls,), {"forward": namespace["forward"]})
     tracer = _ValueTracer(set(layers), {n: (bound[0][n], bound[1][n]) for n in names})
     try:
-        with torch.inference_mode(), _sizes_as_tuples():
+        with torch.inference_mode(), _traceable_factories():
             graph = tracer.trace(model)
     finally:
         model.__class__ = cls

@@ -13,8 +13,11 @@ Two runners share one interface:
   ``torch.fx.Interpreter`` started from an initial environment (the cached values), and a slow
   CPU operation with an exact faster equivalent (max pooling) runs that
   (:mod:`mpsearch.profile._fastops`).
-- ``HookRunner`` (the fallback when no capture works or a layer is called more than once): a
-  forward hook substitutes the layer's output and the whole model is re-run per scheme.
+  A layer called more than once (weights shared across depth, as in ALBERT, or a cell
+  applied at every step of a loop) has every call in its suffix: each variant re-runs the
+  nodes from its first call on, in the layer's place at every call.
+- ``HookRunner`` (the fallback when no capture works): a forward hook substitutes the layer's
+  output and the whole model is re-run per scheme.
 
 An ``nn.MultiheadAttention``'s ``out_proj`` is never called (its weight and bias are passed to
 ``F.multi_head_attention_forward``), but the attention module's first output is exactly
@@ -167,34 +170,40 @@ class GraphRunner:
             if node.op == "call_module" and node.target in hosted:
                 calls.setdefault(hosted[node.target], []).append(node)
         for name, found in calls.items():
-            node = found[0]
-            if len(found) > 1:
-                raise Unsupported(f"layer {name!r} is called {len(found)} times")
-            if (
-                node.target == name
-                and not is_expert_bank(gm.get_submodule(name))
-                and (len(node.args) != 1 or node.kwargs or not isinstance(node.args[0], fx.Node))
-            ):
-                raise Unsupported(f"layer {name!r} is called with extra arguments")
+            plain = found[0].target == name and not is_expert_bank(gm.get_submodule(name))
+            if len(found) > 1 and not plain:
+                raise Unsupported(f"layer {name!r} is called {len(found)} times by its host")
+            for node in found:
+                if plain and (
+                    len(node.args) != 1 or node.kwargs or not isinstance(node.args[0], fx.Node)
+                ):
+                    raise Unsupported(f"layer {name!r} is called with extra arguments")
         self.layer_node = {name: found[0] for name, found in calls.items()}
+        self.layer_calls = calls
+        self.repeated = {name for name, found in calls.items() if len(found) > 1}
         self.called = set(self.layer_node)
         position = {node: i for i, node in enumerate(self.nodes)}
         self.suffix: dict[str, list[fx.Node]] = {}
         self.boundary: dict[str, set[fx.Node]] = {}
         keep: set[fx.Node] = set()
-        for name, start in self.layer_node.items():
-            down = {start}
+        local_keep: set[fx.Node] = set()
+        for name, found in calls.items():
+            start = found[0]
+            down = set(found)
             for node in self.nodes[position[start] + 1 :]:
                 if any(a in down for a in node.all_input_nodes):
                     down.add(node)
-            suffix = [n for n in self.nodes if n in down and n is not start]
+            # a layer called once: its quantized output is given, the nodes after it re-run;
+            # called more often: every call runs (in place of the layer) with what precedes it
+            suffix = [n for n in self.nodes if n in down and (n is not start or len(found) > 1)]
             border = {a for n in suffix for a in n.all_input_nodes if a not in down}
             self.suffix[name] = suffix
             self.boundary[name] = border
-            keep |= border | {start, *start.all_input_nodes}
+            calls_io = {n for call in found for n in (call, *call.all_input_nodes)}
+            keep |= border | calls_io
+            local_keep |= calls_io
         keep |= set(self.output_node.all_input_nodes)
         self.keep = keep
-        local_keep = {n for s in self.layer_node.values() for n in (s, *s.all_input_nodes)}
         self.local_keep = local_keep
         self.layers = list(layers)
         self.executor = _Executor(gm)
@@ -337,8 +346,10 @@ class GraphRunner:
             kinds[node] = _kind(self.e2e_store[0][node], env[node], full, half)
         result = {}
         for name, start in self.layer_node.items():
-            result[name] = kinds[start] == "batch" and all(
-                kinds[n] != "unsafe" for n in self.boundary[name]
+            result[name] = (
+                name not in self.repeated
+                and kinds[start] == "batch"
+                and all(kinds[n] != "unsafe" for n in self.boundary[name])
             )
         self.kinds = kinds
         return result
@@ -383,27 +394,59 @@ class GraphRunner:
             finals.append(out.unflatten(0, (n, -1)))
         return finals[0] if len(finals) == 1 else torch.cat(finals)
 
+    def _substituted(
+        self, layer: str, qlayers: Sequence[nn.Module], store: dict[fx.Node, Any]
+    ) -> Tensor:
+        """Final outputs ``[len(qlayers), ...]`` of a layer called more than once: per variant,
+        the suffix (every call included) re-run with the variant in the layer's place."""
+        target = self.layer_node[layer].target
+        original = self.executor.modules[target]
+        finals = []
+        for q in qlayers:
+            self.executor.modules[target] = q
+            try:
+                env = {node: store[node] for node in self.boundary[layer]}
+                finals.append(self._final(self.executor.execute(env, self.suffix[layer])))
+            finally:
+                self.executor.modules[target] = original
+        return torch.stack(finals)
+
     def run(
         self, layer: str, qlayers: Sequence[nn.Module], b: int
     ) -> tuple[list[list[Pair]], Tensor]:
         """Local (reference, quantized) output pairs and final outputs on shared batch b
         (stacked: ``[variants, *output shape]``)."""
-        y_ref, outs_q = self._quantized(layer, qlayers, self.store[b])
-        return [[(y_ref, y)] for y in outs_q], self._downstream(layer, outs_q, self.store[b])
+        return self._run(layer, qlayers, self.store[b])
 
     def local(self, layer: str, qlayers: Sequence[nn.Module], b: int) -> list[list[Pair]]:
         """Local (reference, quantized) output pairs of ``layer`` on calibration batch b."""
-        y_ref, outs_q = self._quantized(layer, qlayers, self.store[b])
-        return [[(y_ref, y)] for y in outs_q]
+        return self._run(layer, qlayers, self.store[b], downstream=False)[0]
 
     def e2e(
         self, layer: str, qlayers: Sequence[nn.Module], b: int
     ) -> tuple[list[list[Pair]], Tensor]:
         """Local pairs and final outputs on e2e batch b (stacked: ``[variants of layer,
         *output shape]``)."""
-        store = self.e2e_store[b]
+        return self._run(layer, qlayers, self.e2e_store[b])
+
+    def _run(
+        self,
+        layer: str,
+        qlayers: Sequence[nn.Module],
+        store: dict[fx.Node, Any],
+        *,
+        downstream: bool = True,
+    ) -> tuple[list[list[Pair]], Tensor]:
+        """Local pairs, at each call of ``layer`` on its fp32 input, and (if ``downstream``, else
+        an empty tensor) the final outputs."""
+        none = torch.empty(0)
+        if layer in self.repeated:
+            calls = self.layer_calls[layer]
+            pairs = [[(store[c], q(store[c.args[0]])) for c in calls] for q in qlayers]
+            return pairs, self._substituted(layer, qlayers, store) if downstream else none
         y_ref, outs_q = self._quantized(layer, qlayers, store)
-        return [[(y_ref, y)] for y in outs_q], self._downstream(layer, outs_q, store)
+        finals = self._downstream(layer, outs_q, store) if downstream else none
+        return [[(y_ref, y)] for y in outs_q], finals
 
     def use_e2e_for_local(self) -> None:
         """Measure local errors on the e2e batches, from the runs that give the end-to-end
@@ -687,6 +730,7 @@ class HookRunner:
         finally:
             for h in handles:
                 h.remove()
+        self.calls = counts
         self.called = {name for name, c in counts.items() if c}
         self.n_e2e = choose_e2e_samples(
             e2e_samples,
@@ -738,6 +782,9 @@ class HookRunner:
     def _substituted(
         self, layer: str, qlayers: Sequence[nn.Module], batch: Batch
     ) -> tuple[list[list[Pair]], Tensor]:
+        """Local pairs and final outputs on ``batch``, one run per variant in the layer's place.
+        A layer called more than once has its pairs from an fp32 run (:meth:`local`): at its
+        later calls, a substituted run would give it quantized inputs."""
         all_pairs, finals = [], []
         for q in qlayers:
             pairs: list[Pair] = []
@@ -752,6 +799,8 @@ class HookRunner:
             finally:
                 handle.remove()
             all_pairs.append(pairs)
+        if self.calls[layer] > 1:
+            all_pairs = self._fp32_pairs(layer, qlayers, batch)
         return all_pairs, torch.stack(finals)
 
     def run(
@@ -763,6 +812,11 @@ class HookRunner:
 
     def local(self, layer: str, qlayers: Sequence[nn.Module], b: int) -> list[list[Pair]]:
         """Local pairs on batch b from one fp32 pass (every call of the layer, fp32 inputs)."""
+        return self._fp32_pairs(layer, qlayers, self.batches[b])
+
+    def _fp32_pairs(
+        self, layer: str, qlayers: Sequence[nn.Module], batch: Batch
+    ) -> list[list[Pair]]:
         all_pairs: list[list[Pair]] = [[] for _ in qlayers]
 
         def record(out: Any, ys: list[Any]) -> None:
@@ -771,7 +825,7 @@ class HookRunner:
 
         handle = self._hook(layer, qlayers, record)
         try:
-            run_model(self.gm, self.batches[b])
+            run_model(self.gm, batch)
         finally:
             handle.remove()
         return all_pairs
@@ -779,8 +833,8 @@ class HookRunner:
     def e2e(
         self, layer: str, qlayers: Sequence[nn.Module], b: int
     ) -> tuple[list[list[Pair]], Tensor]:
-        """Local pairs (later calls of the layer get quantized inputs) and final outputs on
-        e2e batch b (stacked: ``[variants of layer, *output shape]``)."""
+        """Local pairs and final outputs on e2e batch b (stacked: ``[variants of layer,
+        *output shape]``)."""
         return self._substituted(layer, qlayers, self.e2e_batches[b])
 
 

@@ -167,14 +167,23 @@ class _SizedOnes(DictInput):
         return super().forward((image * ones).clamp_min(low), extra)
 
 
-def test_fx_values_traces_sized_factories_and_dtype_reads(monkeypatch) -> None:
+class _SizeTensor(DictInput):
+    """``torch.tensor`` of a size read from a traced tensor (DeBERTa-v2's attention scale)."""
+
+    def forward(self, image: torch.Tensor, extra: torch.Tensor) -> torch.Tensor:
+        scale = torch.sqrt(torch.tensor(image.size(-1), dtype=torch.float) * 2)
+        return super().forward(image / scale, extra)
+
+
+@pytest.mark.parametrize("model", [_SizedOnes, _SizeTensor])
+def test_fx_values_traces_factories_and_dtype_reads(model, monkeypatch) -> None:
     torch.manual_seed(0)
-    model = _SizedOnes().eval()
+    model = model().eval()
     data = _dict_batches(2)
-    original = torch.ones
+    originals = torch.ones, torch.tensor
     kwargs = {"schemes": ["bf16", "w8a8"], "progress": False, "e2e_samples": 8}
     graph = profile(model, data, **kwargs)
-    assert torch.ones is original  # the tracing stand-in is gone
+    assert (torch.ones, torch.tensor) == originals  # the tracing stand-ins are gone
     assert graph.info["runner"] == "graph:fx(values)"
     assert "TypeError" in graph.info["runner_fallbacks"]["graph:fx"]
     _assert_same_rows(graph, _hooks(monkeypatch, model, data, **kwargs))

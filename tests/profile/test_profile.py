@@ -338,8 +338,9 @@ class _TwiceCalled(nn.Module):
 
 
 def test_a_schemes_rows_do_not_depend_on_the_other_schemes_profiled() -> None:
-    """With the hook runner the reference of a layer's second call depends on the scheme (its
-    input went through the quantized first call): each scheme's SQNR uses its own signal."""
+    """The hook runner's local pairs at a layer's second call are taken on its fp32 input (in
+    a substituted run that input went through the quantized first call), so no scheme's rows
+    depend on the others'."""
     torch.manual_seed(0)
     model = _TwiceCalled().eval()
     data = batches(3, 8, 16)

@@ -4,6 +4,7 @@ change the numbers."""
 from __future__ import annotations
 
 import importlib
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -251,3 +252,65 @@ def test_the_hook_runners_calls_decide_whether_export_is_tried() -> None:
     assert runner_module._hook_calls(batches, layers, 3, "auto") == 19 * 3 * 1
     assert runner_module._hook_calls(batches, layers, 3, None) == 19 * 3 * 16
     assert runner_module._hook_calls(batches, layers, 3, 20) == 19 * 3 * 2
+
+
+class _Shared(nn.Module):
+    """One Linear applied three times (weights shared across depth, and once on a side branch
+    that does not follow its first call), traceable: no data-dependent control flow."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(16, 16)
+        self.side = nn.Linear(16, 16)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.lin(x))
+        s = self.side(x)
+        h = torch.relu(self.lin(h + s))
+        return self.head(h + self.lin(s))
+
+
+class _Cell(nn.Module):
+    """A recurrent cell written as research code does: one Linear at every step of a loop."""
+
+    def __init__(self, steps: int = 5) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.steps = steps
+        self.inp = nn.Linear(8, 16)
+        self.cell = nn.Linear(16, 16)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.zeros(x.shape[0], 16)
+        for t in range(self.steps):
+            h = torch.tanh(self.inp(x[:, t]) + self.cell(h))
+        return self.head(h)
+
+
+@pytest.mark.parametrize("samples", [{"e2e_samples": None}, {"e2e_samples": 8}], ids=["all", "8"])
+@pytest.mark.parametrize(
+    ("model", "calib"),
+    [(_Shared, batches(3, 8, 16)), (_Cell, batches(3, 8, 5, 8))],
+    ids=["shared", "cell"],
+)
+def test_a_layer_called_more_than_once_takes_the_graph_runner(
+    model, calib, samples, monkeypatch
+) -> None:
+    """Every call of the layer runs its variant. A call's local pair is taken on the input it
+    gets in the end-to-end runs, on its fp32 input where local errors have runs of their own
+    (end-to-end errors on the first 8 samples, local ones on all 24): the rows equal the hook
+    runner's, which took such models before."""
+    net = model().eval()
+    kwargs = {"schemes": ["w4a16_pc", "w8a8", "bf16"], "progress": False, **samples}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback warning
+        graph = profile(net, calib, **kwargs)
+    monkeypatch.setattr(runner_module, "CAPTURES", {})
+    with pytest.warns(UserWarning, match="hook runner"):
+        hooks = profile(net, calib, **kwargs)
+    assert graph.info["runner"].startswith("graph:") and hooks.info["runner"] == "hooks"
+    for metric in ("mse", "sqnr_db", "e2e"):
+        np.testing.assert_allclose(graph.pivot(metric), hooks.pivot(metric), rtol=1e-6)
