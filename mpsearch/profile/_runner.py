@@ -173,11 +173,6 @@ class GraphRunner:
             plain = found[0].target == name and not is_expert_bank(gm.get_submodule(name))
             if len(found) > 1 and not plain:
                 raise Unsupported(f"layer {name!r} is called {len(found)} times by its host")
-            for node in found:
-                if plain and (
-                    len(node.args) != 1 or node.kwargs or not isinstance(node.args[0], fx.Node)
-                ):
-                    raise Unsupported(f"layer {name!r} is called with extra arguments")
         self.layer_node = {name: found[0] for name, found in calls.items()}
         self.layer_calls = calls
         self.repeated = {name for name, found in calls.items() if len(found) > 1}
@@ -441,8 +436,11 @@ class GraphRunner:
         an empty tensor) the final outputs."""
         none = torch.empty(0)
         if layer in self.repeated:
-            calls = self.layer_calls[layer]
-            pairs = [[(store[c], q(store[c.args[0]])) for c in calls] for q in qlayers]
+            inputs = [
+                (c, fx.node.map_arg((c.args, c.kwargs), store.__getitem__))
+                for c in self.layer_calls[layer]
+            ]
+            pairs = [[(store[c], q(*a, **k)) for c, (a, k) in inputs] for q in qlayers]
             return pairs, self._substituted(layer, qlayers, store) if downstream else none
         y_ref, outs_q = self._quantized(layer, qlayers, store)
         finals = self._downstream(layer, outs_q, store) if downstream else none
@@ -861,15 +859,13 @@ def _variants(
     kwargs: dict[str, Any],
 ) -> list[Any]:
     """What ``host(*args, **kwargs)`` gives with ``layer`` quantized as each of ``qlayers``:
-    each on the first input when ``host`` is the layer itself (on all of them for a
-    Mixture-of-Experts bank: the hidden states and their routing). An attention host is run once
+    each on the same arguments when ``host`` is the layer itself (a recurrent layer's initial
+    state, a Mixture-of-Experts bank's routing). An attention host is run once
     with an identity ``out_proj`` (exact in float32: the attention output before the
     projection, as :class:`~mpsearch.layers._layers.CalledOutProj` gives it to a swapped-in
     variant) and each variant projects that output; the host's other outputs are kept."""
     if host is model.get_submodule(layer):
-        if is_expert_bank(host):
-            return [q(*args, **kwargs) for q in qlayers]
-        return [q(args[0]) for q in qlayers]
+        return [q(*args, **kwargs) for q in qlayers]
     with swapped(model, {layer: nn.Identity()}):
         attended, *rest = host(*args, **kwargs)
     return [(q(attended), *rest) for q in qlayers]
