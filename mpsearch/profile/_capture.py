@@ -195,7 +195,7 @@ class _ValueProxy(fx.Proxy):
             first, second = (getattr(v, name, None) for v in self.tracer.examples_of(self.node))
             if first is not None and first == second:
                 return first
-        return super().__getattr__(name)
+        return _ValueAttribute(self, name)
 
     def __len__(self) -> int:  # a tensor's first dimension, a tuple's structure: not data
         return self.tracer.concrete(self.node, len, "len()", data=True)
@@ -205,6 +205,12 @@ class _ValueProxy(fx.Proxy):
 
     def __int__(self) -> int:
         return self.tracer.concrete(self.node, int, "int()")
+
+
+class _ValueAttribute(fx.proxy.Attribute, _ValueProxy):
+    """A traced value's attribute (``x.shape``), with :class:`_ValueProxy`'s ``len``: Python
+    asks for it when the attribute is unpacked as arguments (``x.new_zeros(n, *a.shape)`` in
+    Mamba's scan)."""
 
 
 class _ValueTracer(fx.Tracer):
