@@ -197,6 +197,9 @@ class _ValueProxy(fx.Proxy):
                 return first
         return _ValueAttribute(self, name)
 
+    def __setitem__(self, key: Any, value: Any) -> None:  # rewritten on a copy by the runner
+        self.tracer.create_proxy("call_function", operator.setitem, (self, key, value), {})
+
     def __len__(self) -> int:  # a tensor's first dimension, a tuple's structure: not data
         return self.tracer.concrete(self.node, len, "len()", data=True)
 

@@ -98,14 +98,37 @@ _INPLACE_FUNCTIONS: dict[Any, Any] = {
 }
 
 
+def _set_copy(target: Tensor, key: Any, value: Any) -> Tensor:
+    """A copy of ``target`` with ``copy[key] = value``."""
+    out = target.clone()
+    out[key] = value
+    return out
+
+
 def _remove_inplace(gm: fx.GraphModule) -> None:
-    """Rewrite in-place ops out of ``gm`` so that cached values are never mutated by later ops."""
+    """Rewrite in-place ops out of ``gm`` so that cached values are never mutated by later ops.
+
+    An item assignment ``x[key] = value`` becomes a copy of ``x`` with the item set, read by
+    the nodes after it that read ``x``. Where ``x`` is a view of another value the model reads
+    later, that value misses the assignment: the check of the graph against the model's own
+    output refuses such a graph.
+    """
     changed = False
     for module in gm.modules():
         if getattr(module, "inplace", False) is True:
             module.inplace = False
-    for node in gm.graph.nodes:
-        if node.op == "call_function" and node.target in _INPLACE_FUNCTIONS:
+    position = {node: i for i, node in enumerate(gm.graph.nodes)}
+    for node in list(gm.graph.nodes):
+        if node.op == "call_function" and node.target is operator.setitem:
+            target = node.args[0]
+            with gm.graph.inserting_before(node):
+                copied = gm.graph.call_function(_set_copy, node.args)
+            for user in list(target.users):
+                if user in position and position[user] > position[node]:
+                    user.replace_input_with(target, copied)
+            gm.graph.erase_node(node)
+            changed = True
+        elif node.op == "call_function" and node.target in _INPLACE_FUNCTIONS:
             node.target = _INPLACE_FUNCTIONS[node.target]
             changed = True
         elif (

@@ -199,6 +199,46 @@ def test_fx_values_traces_factories_and_dtype_reads(model, monkeypatch) -> None:
     _assert_same_rows(graph, _hooks(monkeypatch, model, data, **kwargs))
 
 
+class _ItemAssigned(DictInput):
+    """Item assignment on a fresh tensor (BEiT's relative position index, Speech2Text's
+    positions, Qwen3-Next's delta rule), and on a view of a value read afterwards (``view``)."""
+
+    def __init__(self, *, view: bool = False) -> None:
+        super().__init__()
+        self.view = view
+
+    def forward(self, image: torch.Tensor, extra: torch.Tensor) -> torch.Tensor:
+        hidden = self.a(image)
+        if self.view:
+            part = hidden[:, :4]  # hidden itself changes with it
+            part[:, 1:] = 0.0
+            return self.head(torch.relu(hidden + self.b(extra)))
+        bias = hidden.new_zeros(hidden.shape)
+        bias[:, 1:] = hidden[:, :-1]
+        return self.head(torch.relu(hidden + bias + self.b(extra)))
+
+
+@pytest.mark.parametrize("view", [False, True], ids=["fresh", "view"])
+def test_fx_values_rewrites_item_assignment_on_a_copy(view, monkeypatch) -> None:
+    """The graph sets the item on a copy, so no cached value is mutated; where the assigned
+    tensor is a view, the graph is refused (its check against the model's output fails) and
+    the hook runner measures."""
+    torch.manual_seed(0)
+    model = _ItemAssigned(view=view).eval()
+    data = _dict_batches(2)
+    kwargs = {"schemes": ["bf16", "w8a8"], "progress": False, "e2e_samples": None}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        graph = profile(model, data, **kwargs)
+    hooks = _hooks(monkeypatch, model, data, **kwargs)
+    if view:
+        assert graph.info["runner"] == "hooks"
+        assert "does not reproduce" in graph.info["runner_fallbacks"]["graph:fx(values)"]
+    else:
+        assert graph.info["runner"] == "graph:fx(values)"
+    _assert_same_rows(graph, hooks)
+
+
 class _ShapeBranch(DictInput):
     """Branches on an input's shape: fx cannot trace it, torch.export can."""
 
