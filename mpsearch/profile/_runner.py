@@ -108,24 +108,30 @@ def _set_copy(target: Tensor, key: Any, value: Any) -> Tensor:
 def _remove_inplace(gm: fx.GraphModule) -> None:
     """Rewrite in-place ops out of ``gm`` so that cached values are never mutated by later ops.
 
-    An item assignment ``x[key] = value`` becomes a copy of ``x`` with the item set, read by
-    the nodes after it that read ``x``. Where ``x`` is a view of another value the model reads
-    later, that value misses the assignment: the check of the graph against the model's own
-    output refuses such a graph.
+    An in-place method ``x.scatter_(...)`` becomes its out-of-place form, and an item
+    assignment ``x[key] = value`` a copy of ``x`` with the item set: the nodes after it that
+    read ``x`` read the result. Where ``x`` is a view of another value the model reads later,
+    that value misses the change: the check of the graph against the model's own output
+    refuses such a graph.
     """
     changed = False
     for module in gm.modules():
         if getattr(module, "inplace", False) is True:
             module.inplace = False
     position = {node: i for i, node in enumerate(gm.graph.nodes)}
+
+    def read_after(node: fx.Node, new: fx.Node) -> None:
+        """The nodes after ``node`` that read its first argument read ``new`` instead."""
+        target = node.args[0]
+        for user in list(target.users):
+            if user in position and position[user] > position[node]:
+                user.replace_input_with(target, new)
+
     for node in list(gm.graph.nodes):
         if node.op == "call_function" and node.target is operator.setitem:
-            target = node.args[0]
             with gm.graph.inserting_before(node):
                 copied = gm.graph.call_function(_set_copy, node.args)
-            for user in list(target.users):
-                if user in position and position[user] > position[node]:
-                    user.replace_input_with(target, copied)
+            read_after(node, copied)
             gm.graph.erase_node(node)
             changed = True
         elif node.op == "call_function" and node.target in _INPLACE_FUNCTIONS:
@@ -137,8 +143,9 @@ def _remove_inplace(gm: fx.GraphModule) -> None:
             and not node.target.startswith("_")
         ):
             plain = node.target[:-1]
-            if hasattr(torch.Tensor, plain):
+            if hasattr(torch.Tensor, plain):  # x.scatter_(...): x read later is the result
                 node.target = plain
+                read_after(node, node)
                 changed = True
         if node.kwargs.get("inplace") is True:
             node.kwargs = {**node.kwargs, "inplace": False}

@@ -4,6 +4,7 @@ measured them."""
 
 from __future__ import annotations
 
+import functools
 import importlib
 import warnings
 from typing import Any
@@ -218,25 +219,42 @@ class _ItemAssigned(DictInput):
         return self.head(torch.relu(hidden + bias + self.b(extra)))
 
 
-@pytest.mark.parametrize("view", [False, True], ids=["fresh", "view"])
-def test_fx_values_rewrites_item_assignment_on_a_copy(view, monkeypatch) -> None:
-    """The graph sets the item on a copy, so no cached value is mutated; where the assigned
-    tensor is a view, the graph is refused (its check against the model's output fails) and
-    the hook runner measures."""
+class _Scattered(DictInput):
+    """An in-place method whose result is read through its input (DeepSeek-V3's group mask:
+    ``mask.scatter_(1, index, 1)``, then ``mask`` read)."""
+
+    def forward(self, image: torch.Tensor, extra: torch.Tensor) -> torch.Tensor:
+        hidden = self.a(image)
+        mask = torch.zeros_like(hidden)
+        mask.scatter_(1, hidden.topk(8, dim=1).indices, 1.0)
+        return self.head(torch.relu(hidden * mask + self.b(extra)))
+
+
+@pytest.mark.parametrize(
+    ("model", "runner"),
+    [
+        (_ItemAssigned, "graph:fx(values)"),
+        (_Scattered, "graph:fx"),
+        (functools.partial(_ItemAssigned, view=True), "hooks"),
+    ],
+    ids=["item", "scatter_", "item-of-a-view"],
+)
+def test_fx_values_rewrites_in_place_changes_out_of_place(model, runner, monkeypatch) -> None:
+    """The graph sets the item on a copy, runs an in-place method out of place, and the later
+    nodes read the result: no cached value is mutated. Where the changed tensor is a view, the
+    graph is refused (its check against the model's output fails) and the hook runner
+    measures."""
     torch.manual_seed(0)
-    model = _ItemAssigned(view=view).eval()
+    model = model().eval()
     data = _dict_batches(2)
     kwargs = {"schemes": ["bf16", "w8a8"], "progress": False, "e2e_samples": None}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         graph = profile(model, data, **kwargs)
-    hooks = _hooks(monkeypatch, model, data, **kwargs)
-    if view:
-        assert graph.info["runner"] == "hooks"
+    assert graph.info["runner"] == runner
+    if runner == "hooks":
         assert "does not reproduce" in graph.info["runner_fallbacks"]["graph:fx(values)"]
-    else:
-        assert graph.info["runner"] == "graph:fx(values)"
-    _assert_same_rows(graph, hooks)
+    _assert_same_rows(graph, _hooks(monkeypatch, model, data, **kwargs))
 
 
 class _ShapeBranch(DictInput):
