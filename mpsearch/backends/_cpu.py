@@ -268,6 +268,8 @@ _MISSING_BY_KIND: dict[type[nn.Module], str] = {
     },
     nn.RNNBase: "PyTorch's dynamic int8 RNN (w8a8, w4a8_pc) is the only quantized LSTM / GRU "
     "kernel on CPU",
+    nn.RNNCellBase: "PyTorch's dynamic int8 RNN (w8a8, w4a8_pc) is the only quantized LSTM / "
+    "GRU kernel on CPU",
     nn.Embedding: "no kernel for this weight format on an embedding",
     ExpertBank: "a Mixture-of-Experts bank runs schemes with an integer or bf16 / fp16 weight",
 }

@@ -66,12 +66,12 @@ def _with_plan_kernels(impl: Backend, plan: PrecisionPlan) -> Backend:
 
 def takes_act_range(layer: nn.Module) -> bool:
     """Whether ``layer``'s quantized form takes a static activation range: not an embedding
-    (token ids), an LSTM / GRU (the dynamic RNN kernel quantizes each step's state) nor a
+    (token ids), an LSTM / GRU or its cell (the dynamic RNN kernel quantizes each step's state) nor a
     Mixture-of-Experts bank outside Hugging Face's expert interface (weight-only). An interface
     bank takes one per expert Linear layer, observed on the tokens routed to that expert."""
     if is_expert_bank(layer):
         return follows_expert_interface(layer)
-    return not isinstance(layer, (nn.Embedding, nn.RNNBase))
+    return not isinstance(layer, (nn.Embedding, nn.RNNBase, nn.RNNCellBase))
 
 
 def range_of(

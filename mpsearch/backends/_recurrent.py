@@ -1,5 +1,10 @@
 """LSTM and GRU layers: fake-quantized (``simulate``) and on PyTorch's dynamic int8 kernels (``cpu``).
 
+An ``nn.LSTMCell`` / ``nn.GRUCell`` (one step, as research code calls it in a loop) is the
+one-layer LSTM / GRU with the same gates on a sequence of one step (:func:`as_rnn`): each
+module here takes it so, with the cell's inputs and outputs (``cell(x, hx) -> h'`` or
+``(h', c')``).
+
 Every weight matrix (``weight_ih_l{k}``, ``weight_hh_l{k}``, ``_reverse`` too) is quantized by
 the scheme's weight spec with one row per output channel: a per-channel scale is one scale per
 gate row (4 gates x hidden rows for an LSTM, 3 for a GRU). Activations are quantized as PyTorch's
@@ -29,7 +34,37 @@ from mpsearch.backends._kernels import (
 from mpsearch.layers import layer_weights
 from mpsearch.schemes import Scheme, fake_quantize
 
-RNN_TYPES = (nn.LSTM, nn.GRU)
+CELL_TYPES = (nn.LSTMCell, nn.GRUCell)
+RNN_TYPES = (nn.LSTM, nn.GRU, *CELL_TYPES)
+"""The recurrent layers mpsearch quantizes: LSTM, GRU and their one-step cells."""
+
+
+def as_rnn(layer: nn.Module) -> nn.RNNBase:
+    """``layer`` itself, or for a cell the one-layer LSTM / GRU computing it on one step,
+    holding the cell's tensors (``weight_ih`` as ``weight_ih_l0``...: PyTorch's cells and
+    layers order their gates alike).
+
+    >>> cell = nn.GRUCell(4, 8)
+    >>> as_rnn(cell).weight_hh_l0 is cell.weight_hh
+    True
+    """
+    if not isinstance(layer, CELL_TYPES):
+        return layer
+    kind = nn.LSTM if isinstance(layer, nn.LSTMCell) else nn.GRU
+    rnn = kind(layer.input_size, layer.hidden_size, bias=layer.bias, device="meta")
+    for name, tensor in layer.named_parameters():
+        setattr(rnn, f"{name}_l0", tensor)
+    return rnn.train(layer.training)
+
+
+def _cell_call(forward: Any, x: Tensor, hx: Any) -> Any:
+    """A cell's ``(h', c')`` (a GRU cell's ``h'``) from ``forward``, its layer's (x, hx) ->
+    (output, hidden) on sequences: ``x`` ``[batch, in]`` or ``[in]`` as one step."""
+    if hx is not None:
+        hx = tuple(h.unsqueeze(0) for h in hx) if isinstance(hx, tuple) else hx.unsqueeze(0)
+    _, hidden = forward(x.unsqueeze(0), hx)
+    return tuple(h[0] for h in hidden) if isinstance(hidden, tuple) else hidden[0]
+
 
 INT8_RNN_SCHEMES = ("w8a8", "w4a8_pc")
 """Schemes PyTorch's dynamic int8 RNN kernel runs (:class:`Int8DynamicRNN`)."""
@@ -118,6 +153,8 @@ class SimulatedRNN(nn.Module):
         super().__init__()
         self.scheme = scheme
         self.layer_type = type(layer).__name__
+        self.is_cell = isinstance(layer, CELL_TYPES)
+        layer = as_rnn(layer)
         self.inner = layer
         self.cell = _lstm_cell if isinstance(layer, nn.LSTM) else _gru_cell
         dtype = TORCH_DTYPES[scheme.compute_dtype]
@@ -146,7 +183,12 @@ class SimulatedRNN(nn.Module):
         bias = getattr(self.inner, name, None) if self.inner.bias else None
         return None if bias is None else bias.detach().float()
 
-    def forward(self, x: Tensor, hx: Any = None) -> tuple[Tensor, Any]:
+    def forward(self, x: Tensor, hx: Any = None) -> Any:
+        if self.is_cell:
+            return _cell_call(self._sequence, x, hx)
+        return self._sequence(x, hx)
+
+    def _sequence(self, x: Tensor, hx: Any = None) -> tuple[Tensor, Any]:
         if not torch.compiler.is_exporting():
             if self.fused is not None:
                 return self.fused(x, hx)
@@ -204,9 +246,15 @@ class CastRNN(RealLayer):
         super().__init__()
         self.scheme_name = scheme.name
         self.dtype = TORCH_DTYPES[scheme.compute_dtype]
-        self.inner = copy.deepcopy(layer).to(self.dtype).requires_grad_(False)
+        self.is_cell = isinstance(layer, CELL_TYPES)
+        self.inner = copy.deepcopy(as_rnn(layer)).to(self.dtype).requires_grad_(False)
 
-    def forward(self, x: Tensor, hx: Any = None) -> tuple[Tensor, Any]:
+    def forward(self, x: Tensor, hx: Any = None) -> Any:
+        if self.is_cell:
+            return _cell_call(self._sequence, x, hx)
+        return self._sequence(x, hx)
+
+    def _sequence(self, x: Tensor, hx: Any = None) -> tuple[Tensor, Any]:
         out_dtype = x.dtype
         if hx is not None:
             hx = tuple(h.to(self.dtype) for h in hx) if isinstance(hx, tuple) else hx.to(self.dtype)
@@ -238,6 +286,8 @@ class Int8DynamicRNN(_PackedInt8):
     ) -> None:
         super().__init__()
         self.scheme_name = scheme.name
+        self.is_cell = isinstance(layer, CELL_TYPES)
+        layer = as_rnn(layer)
         self.is_lstm = isinstance(layer, nn.LSTM)
         self.num_layers, self.bidirectional = layer.num_layers, layer.bidirectional
         self.batch_first = layer.batch_first
@@ -300,7 +350,12 @@ class Int8DynamicRNN(_PackedInt8):
         numel = sum(a * b for a, b in self.shapes)
         return {"packed_weight": torch.empty(numel, dtype=torch.int8, device="meta")}
 
-    def forward(self, x: Tensor, hx: Any = None) -> tuple[Tensor, Any]:
+    def forward(self, x: Tensor, hx: Any = None) -> Any:
+        if self.is_cell:
+            return _cell_call(self._sequence, x, hx)
+        return self._sequence(x, hx)
+
+    def _sequence(self, x: Tensor, hx: Any = None) -> tuple[Tensor, Any]:
         out_dtype = x.dtype
         x = x.float()
         batched = x.dim() == 3
@@ -335,4 +390,4 @@ class Int8DynamicRNN(_PackedInt8):
         return out.to(out_dtype), hidden.to(out_dtype)
 
 
-__all__ = ["RNN_TYPES", "CastRNN", "Int8DynamicRNN", "SimulatedRNN"]
+__all__ = ["CELL_TYPES", "RNN_TYPES", "CastRNN", "Int8DynamicRNN", "SimulatedRNN", "as_rnn"]

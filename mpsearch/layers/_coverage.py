@@ -15,6 +15,10 @@ _NORM_TYPES += (nn.modules.batchnorm._NormBase,)
 
 _REASONS: list[tuple[Callable[[nn.Module], bool], str]] = [
     (lambda m: isinstance(m, nn.RNNBase), "only LSTM and GRU are quantizable (tanh/ReLU RNN)"),
+    (
+        lambda m: isinstance(m, nn.RNNCellBase),
+        "only LSTM and GRU cells are quantizable (tanh/ReLU RNN cell)",
+    ),
     (lambda m: isinstance(m, nn.EmbeddingBag), "EmbeddingBag: no quantized bag kernel yet"),
     (
         lambda m: isinstance(m, nn.MultiheadAttention),

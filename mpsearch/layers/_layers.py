@@ -37,6 +37,8 @@ QUANTIZABLE_TYPES: tuple[type[nn.Module], ...] = (
     *TRANSPOSED_CONV_TYPES,
     nn.LSTM,
     nn.GRU,
+    nn.LSTMCell,
+    nn.GRUCell,
     nn.Embedding,
 )
 
@@ -418,7 +420,8 @@ def layer_weights(layer: nn.Module) -> dict[str, Tensor]:
       HF ``Conv1D``: its transposed weight (:func:`standard_form`); a transposed convolution:
       its weight by output channel (:func:`weight_rows`);
     - LSTM / GRU: every ``weight_ih_l{k}`` and ``weight_hh_l{k}`` (``_reverse`` too), each
-      ``[gates * hidden, in]``: one row per gate row (4 gates for an LSTM, 3 for a GRU);
+      ``[gates * hidden, in]``: one row per gate row (4 gates for an LSTM, 3 for a GRU); an
+      LSTM / GRU cell: ``weight_ih`` and ``weight_hh``;
     - a Mixture-of-Experts bank (:mod:`mpsearch.layers._experts`): each 3-D expert weight as
       ``[experts * out, in]``, one row per expert's output channel.
 
@@ -432,6 +435,8 @@ def layer_weights(layer: nn.Module) -> dict[str, Tensor]:
             for name in names
             if name.startswith("weight")
         }
+    if isinstance(layer, nn.RNNCellBase):
+        return {"weight_ih": layer.weight_ih, "weight_hh": layer.weight_hh}
     if is_expert_bank(layer):
         return {name: expert_rows(layer, w) for name, w in expert_weights(layer).items()}
     return {"weight": weight_rows(standard_form(layer))}
@@ -490,7 +495,8 @@ def weight_shapes(layer: nn.Module) -> list[tuple[int, ...]]:
 def quantizable_layers(model: nn.Module, *, require: bool = True) -> dict[str, nn.Module]:
     """``{name: module}`` of the quantizable layers, in model order: Linear, Conv1d / 2d / 3d,
     ConvTranspose1d / 2d / 3d and their subclasses (e.g. ``nn.MultiheadAttention``'s
-    ``out_proj``), LSTM and GRU (every weight matrix quantized per gate row), Embedding
+    ``out_proj``), LSTM and GRU and their cells (every weight matrix quantized per gate
+    row), Embedding
     (weight-only), Hugging Face's ``Conv1D`` (GPT-2), run as a Linear on its transposed
     weight (:func:`standard_form`), and Mixture-of-Experts banks (3-D expert weights, one
     layer per bank: :mod:`mpsearch.layers._experts`).

@@ -87,9 +87,9 @@ def _check_optional_callable(argument: str, value: Any) -> None:
 
 def _add_local(local: list[LocalStats], pairs: list[list[tuple[torch.Tensor, ...]]]) -> None:
     """Add each scheme's (reference, quantized) pairs; the signal of a reference tensor shared
-    by several schemes is computed once (keyed by the tensor itself: with the hook runner a
-    layer's later calls have per-scheme references). A layer returning a tuple (an LSTM's
-    ``(output, (h, c))``) is compared on its main output."""
+    by several schemes is computed once (keyed by the tensor itself: a layer called more than
+    once has one per call). A layer returning a tuple (an LSTM's ``(output, (h, c))``, an LSTM
+    cell's ``(h, c)``) is compared on its main output."""
     signals: dict[int, float] = {}  # id of a reference tensor, alive in ``pairs`` meanwhile
     for stats, scheme_pairs in zip(local, pairs, strict=True):
         for ref, quantized in scheme_pairs:

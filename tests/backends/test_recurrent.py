@@ -11,7 +11,7 @@ from torch import nn
 
 from mpsearch.backends import get_backend, quantize
 from mpsearch.backends._kernels import int8_kernel_scheme
-from mpsearch.backends._recurrent import Int8DynamicRNN, SimulatedRNN
+from mpsearch.backends._recurrent import Int8DynamicRNN, SimulatedRNN, as_rnn
 from mpsearch.schemes import fake_quantize, get_scheme
 from mpsearch.schemes._formats import int_range
 from mpsearch.workloads import load_workload
@@ -179,3 +179,78 @@ def test_simulated_int8_rnn_keeps_gradients_flowing_to_its_input() -> None:
     looped.sum().backward()
     assert x.grad is not None and float(x.grad.abs().sum()) > 0
     assert torch.allclose(looped.detach(), sim(x.detach())[0], atol=1e-5)  # the kernel's
+
+
+def _as_tuple(out: object) -> tuple[torch.Tensor, ...]:
+    return out if isinstance(out, tuple) else (out,)  # type: ignore[return-value]
+
+
+@pytest.mark.parametrize("kind", [nn.LSTMCell, nn.GRUCell])
+@torch.no_grad()
+def test_a_cell_is_its_one_step_layer(kind) -> None:
+    """A cell runs as the one-layer LSTM / GRU on one step: in fp32 the cell itself, in every
+    form equal to that layer's one step (batched or not), with the cell's outputs."""
+    torch.manual_seed(0)
+    cell = kind(8, 16).eval()
+    rnn = as_rnn(cell)
+    assert rnn.weight_ih_l0 is cell.weight_ih and rnn.bias_hh_l0 is cell.bias_hh
+    x, h = torch.randn(5, 8), torch.randn(5, 16)
+    hx = (h, torch.randn(5, 16)) if kind is nn.LSTMCell else h
+    seq_hx = tuple(t[None] for t in _as_tuple(hx))
+    seq_hx = seq_hx if kind is nn.LSTMCell else seq_hx[0]
+    for backend, scheme in [
+        ("cpu", "fp32"), ("cpu", "bf16"), ("cpu", "w8a8"), ("simulate", "w8a8"),
+        ("simulate", "w4a16_pc"),
+    ]:  # fmt: skip
+        q_cell = get_backend(backend).quantize_layer(cell, get_scheme(scheme))
+        q_rnn = get_backend(backend).quantize_layer(rnn, get_scheme(scheme))
+        got = _as_tuple(q_cell(x, hx))
+        want = _as_tuple(q_rnn(x[None], seq_hx)[1])
+        assert all(torch.equal(a, b[0]) for a, b in zip(got, want, strict=True))
+        first = tuple(t[0] for t in _as_tuple(hx))  # one sample, unbatched
+        one = _as_tuple(q_cell(x[0], first if kind is nn.LSTMCell else first[0]))
+        seq_first = tuple(t[None] for t in first)
+        want = _as_tuple(q_rnn(x[:1], seq_first if kind is nn.LSTMCell else seq_first[0])[1])
+        assert all(torch.equal(a, b[0]) for a, b in zip(one, want, strict=True))
+        if scheme == "fp32":
+            assert _rel(got[0], _as_tuple(cell(x, hx))[0]) < 1e-6
+
+
+def test_a_loop_of_cells_is_covered_profiled_on_the_graph_and_priced_exactly() -> None:
+    """Research code's decoder: an LSTMCell and a GRUCell stepped in a Python loop, each
+    called with its state. Every parameter is covered, the profile takes the graph runner
+    (the cells called 4 times each, with their state), and the cost model's bytes equal the
+    quantized model's."""
+    from mpsearch.cost import held_bytes, measure_cost
+    from mpsearch.layers import coverage
+    from mpsearch.profile import profile
+
+    class Decoder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lstm = nn.LSTMCell(12, 32)
+            self.gru = nn.GRUCell(32, 24)
+            self.head = nn.Linear(24, 5)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = x.new_zeros(x.shape[0], 32)
+            c, g = torch.zeros_like(h), x.new_zeros(x.shape[0], 24)
+            for t in range(x.shape[1]):
+                h, c = self.lstm(x[:, t], (h, c))
+                g = self.gru(h, g)
+            return self.head(g)
+
+    torch.manual_seed(0)
+    model = Decoder().eval()
+    assert coverage(model).share == 1.0
+    calib = [torch.randn(8, 4, 12) for _ in range(3)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback to the hook runner
+        prof = profile(model, calib, schemes=["bf16", "w8a8"], progress=False)
+    assert prof.info["runner"].startswith("graph:")
+    assert (prof.pivot("sqnr_db").loc[["lstm", "gru"]] > 30).all().all()
+    cost = measure_cost(model, calib[0], schemes=["fp32", "w8a8"], backend="cpu", repeats=1)
+    for plan in ("w8a8", {"lstm": "w8a8", "gru": "fp32", "head": "fp32"}):
+        quantized = quantize(model, plan, backend="cpu")
+        assert cost.memory_bytes(plan) == held_bytes(quantized)
+        assert _rel(quantized(calib[0]), model(calib[0])) < 0.02
