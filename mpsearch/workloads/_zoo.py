@@ -266,6 +266,26 @@ class SpeakerEncoder(nn.Module):
         return self.proj(out[:, -1])
 
 
+class CellDecoder(nn.Module):
+    """Research-code recurrence: an ``nn.LSTMCell`` and an ``nn.GRUCell`` stepped over the
+    frames in a Python loop, each called with its state, then one Linear."""
+
+    def __init__(self, features: int = 40, hidden: int = 96, classes: int = 10) -> None:
+        super().__init__()
+        self.hidden = hidden
+        self.lstm = nn.LSTMCell(features, hidden)
+        self.gru = nn.GRUCell(hidden, hidden)
+        self.head = nn.Linear(hidden, classes)
+
+    def forward(self, frames: torch.Tensor) -> torch.Tensor:
+        h = frames.new_zeros(frames.shape[0], self.hidden)
+        c, g = torch.zeros_like(h), torch.zeros_like(h)
+        for t in range(frames.shape[1]):
+            h, c = self.lstm(frames[:, t], (h, c))
+            g = self.gru(h, g)
+        return self.head(g)
+
+
 class AttentionNet(nn.Module):
     """Patch embedding + ``nn.MultiheadAttention`` (bare ``in_proj_weight``, ``out_proj`` a
     ``Linear`` subclass) + classifier."""
@@ -323,6 +343,12 @@ ZOO.update(
             lambda n, g: torch.randn(n, 20, 40, generator=g),
             "classification",
             note="3-layer LSTM + Linear",
+        ),
+        "cell_decoder": ZooEntry(
+            _plain(CellDecoder),
+            lambda n, g: torch.randn(n, 12, 40, generator=g),
+            "classification",
+            note="nn.LSTMCell + nn.GRUCell stepped in a loop, each with its state",
         ),
         "attention_net": ZooEntry(
             _plain(AttentionNet),

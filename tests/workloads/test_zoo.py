@@ -13,7 +13,7 @@ from mpsearch.workloads import ZOO
 from mpsearch.workloads._zoo import zoo_available
 
 HERE = [n for n, e in ZOO.items() if e.needs in (None, "transformers")]
-EXPECTED_RUNNER = {"flag_net": "graph:fx(concrete_args)"}
+EXPECTED_RUNNER = {"flag_net": "graph:fx(concrete_args)", "cell_decoder": "graph:fx(values)"}
 
 
 @pytest.mark.slow
