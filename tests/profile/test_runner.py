@@ -299,21 +299,27 @@ class _Cell(nn.Module):
 def test_a_layer_called_more_than_once_takes_the_graph_runner(
     model, calib, samples, monkeypatch
 ) -> None:
-    """Every call of the layer runs its variant. A call's local pair is taken on the input it
-    gets in the end-to-end runs, on its fp32 input where local errors have runs of their own
-    (end-to-end errors on the first 8 samples, local ones on all 24): the rows equal the hook
-    runner's, which took such models before."""
-    net = model().eval()
+    """Every call of the layer runs its variant, and each call's local pair is taken on its
+    fp32 input, whether local errors come from the end-to-end runs (all samples) or from runs
+    of their own (end-to-end errors on the first 8 samples): the rows equal the hook runner's,
+    which took such models before."""
     kwargs = {"schemes": ["w4a16_pc", "w8a8", "bf16"], "progress": False, **samples}
+    graph, hooks = _graph_and_hooks(model().eval(), calib, kwargs, monkeypatch)
+    assert graph.info["runner"].startswith("graph:")
+    for metric in ("mse", "sqnr_db", "e2e"):
+        np.testing.assert_allclose(graph.pivot(metric), hooks.pivot(metric), rtol=1e-6)
+
+
+def _graph_and_hooks(net: nn.Module, calib: list, kwargs: dict, monkeypatch) -> tuple:
+    """The profile on the graph (no fallback allowed), then with the hook runner."""
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no fallback warning
         graph = profile(net, calib, **kwargs)
     monkeypatch.setattr(runner_module, "CAPTURES", {})
     with pytest.warns(UserWarning, match="hook runner"):
         hooks = profile(net, calib, **kwargs)
-    assert graph.info["runner"].startswith("graph:") and hooks.info["runner"] == "hooks"
-    for metric in ("mse", "sqnr_db", "e2e"):
-        np.testing.assert_allclose(graph.pivot(metric), hooks.pivot(metric), rtol=1e-6)
+    assert hooks.info["runner"] == "hooks"
+    return graph, hooks
 
 
 class _InitialState(nn.Module):
@@ -337,14 +343,10 @@ def test_a_layers_variants_take_all_its_arguments(monkeypatch) -> None:
     """The variants of a layer called with more than its input (an LSTM's initial state) get
     every argument: bf16 keeps the LSTM's output within 40 dB (without its initial state it
     was 0.6 dB from the fp32 output, on both runners)."""
-    net, calib = _InitialState().eval(), batches(3, 8, 6, 8)
     kwargs = {"schemes": ["bf16", "w8a8"], "progress": False, "e2e_samples": None}
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # no fallback warning
-        graph = profile(net, calib, **kwargs)
-    monkeypatch.setattr(runner_module, "CAPTURES", {})
-    with pytest.warns(UserWarning, match="hook runner"):
-        hooks = profile(net, calib, **kwargs)
+    graph, hooks = _graph_and_hooks(
+        _InitialState().eval(), batches(3, 8, 6, 8), kwargs, monkeypatch
+    )
     assert graph.info["runner"] == "graph:fx"
     assert graph.pivot("sqnr_db").loc["lstm", "bf16"] > 40
     for metric in ("mse", "sqnr_db", "e2e"):
