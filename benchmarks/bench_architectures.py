@@ -82,6 +82,14 @@ def _wave(n: int, g: torch.Generator) -> dict[str, torch.Tensor]:
     return {"input_values": torch.randn(n, 4000, generator=g)}
 
 
+def _filterbanks(n: int, g: torch.Generator) -> dict[str, torch.Tensor]:
+    return {
+        "input_features": torch.randn(n, 60, 40, generator=g),
+        "attention_mask": torch.ones(n, 60, dtype=torch.long),
+        "decoder_input_ids": torch.randint(0, VOCAB, (n, 4), generator=g),
+    }
+
+
 def _mels(n: int, g: torch.Generator) -> dict[str, torch.Tensor]:
     return {
         "input_features": torch.randn(n, 40, 200, generator=g),
@@ -278,6 +286,27 @@ ARCHITECTURES: dict[str, tuple[str, str, dict[str, Any], Inputs]] = {
         },
         _tokens,
     ),
+    "deepseek_v3": (  # multi-head latent attention (low-rank q and kv), shared + routed experts
+        "DeepseekV3Config",
+        "DeepseekV3ForCausalLM",
+        {
+            **_DECODER,
+            "num_key_value_heads": 4,
+            "n_routed_experts": 4,
+            "num_experts_per_tok": 2,
+            "moe_intermediate_size": 32,
+            "n_shared_experts": 1,
+            "first_k_dense_replace": 1,
+            "kv_lora_rank": 16,
+            "q_lora_rank": 24,
+            "qk_rope_head_dim": 8,
+            "qk_nope_head_dim": 8,
+            "v_head_dim": 16,
+            "n_group": 2,
+            "topk_group": 1,
+        },
+        _tokens,
+    ),
     "t5": (
         "T5Config",
         "T5ForConditionalGeneration",
@@ -325,6 +354,24 @@ ARCHITECTURES: dict[str, tuple[str, str, dict[str, Any], Inputs]] = {
         },
         _tokens,
     ),
+    "albert": (  # one layer's weights shared by every depth: each Linear called twice
+        "AlbertConfig",
+        "AlbertForSequenceClassification",
+        {**_SMALL, "embedding_size": 32, "num_labels": 3},
+        _tokens,
+    ),
+    "deberta_v2": (
+        "DebertaV2Config",
+        "DebertaV2ForSequenceClassification",
+        {
+            **_SMALL,
+            "num_labels": 3,
+            "relative_attention": True,
+            "position_buckets": 8,
+            "pos_att_type": ["p2c", "c2p"],
+        },
+        _tokens,
+    ),
     "roberta": (
         "RobertaConfig",
         "RobertaForSequenceClassification",
@@ -342,6 +389,20 @@ ARCHITECTURES: dict[str, tuple[str, str, dict[str, Any], Inputs]] = {
             "num_attention_heads": 4,
             "intermediate_size": 128,
             "patch_size": 8,
+        },
+        _images,
+    ),
+    "beit": (
+        "BeitConfig",
+        "BeitForImageClassification",
+        {
+            **_VISION,
+            "hidden_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "intermediate_size": 128,
+            "patch_size": 8,
+            "use_relative_position_bias": True,
         },
         _images,
     ),
@@ -383,6 +444,21 @@ ARCHITECTURES: dict[str, tuple[str, str, dict[str, Any], Inputs]] = {
             "num_labels": 3,
         },
         _wave,
+    ),
+    "speech2text": (  # strided Conv1d subsampler on filterbank frames
+        "Speech2TextConfig",
+        "Speech2TextForConditionalGeneration",
+        {
+            **_ENCODER_DECODER,
+            "input_feat_per_channel": 40,
+            "input_channels": 1,
+            "conv_channels": 32,
+            "max_source_positions": 64,
+            "max_target_positions": 32,
+            "use_cache": False,
+            "decoder_start_token_id": 0,
+        },
+        _filterbanks,
     ),
     "whisper": (
         "WhisperConfig",
