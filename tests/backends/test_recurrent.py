@@ -187,33 +187,48 @@ def _as_tuple(out: object) -> tuple[torch.Tensor, ...]:
 
 @pytest.mark.parametrize("kind", [nn.LSTMCell, nn.GRUCell])
 @torch.no_grad()
-def test_a_cell_is_its_one_step_layer(kind) -> None:
-    """A cell runs as the one-layer LSTM / GRU on one step: in fp32 the cell itself, in every
-    form equal to that layer's one step (batched or not), with the cell's outputs."""
+def test_a_cell_runs_as_itself_in_float_and_as_its_one_step_layer_in_int8(kind) -> None:
+    """In fp32 / bf16 a cell runs itself in that dtype (exactly the user's cell in fp32), on
+    ``simulate`` too; quantized, as the one-layer LSTM / GRU on one step (batched or not),
+    with the cell's outputs; a weight-only scheme, the cell on its rounded weights."""
     torch.manual_seed(0)
     cell = kind(8, 16).eval()
     rnn = as_rnn(cell)
     assert rnn.weight_ih_l0 is cell.weight_ih and rnn.bias_hh_l0 is cell.bias_hh
     x, h = torch.randn(5, 8), torch.randn(5, 16)
     hx = (h, torch.randn(5, 16)) if kind is nn.LSTMCell else h
-    seq_hx = tuple(t[None] for t in _as_tuple(hx))
-    seq_hx = seq_hx if kind is nn.LSTMCell else seq_hx[0]
-    for backend, scheme in [
-        ("cpu", "fp32"), ("cpu", "bf16"), ("cpu", "w8a8"), ("simulate", "w8a8"),
-        ("simulate", "w4a16_pc"),
-    ]:  # fmt: skip
-        q_cell = get_backend(backend).quantize_layer(cell, get_scheme(scheme))
-        q_rnn = get_backend(backend).quantize_layer(rnn, get_scheme(scheme))
+
+    def states(sample: slice | int, seq: bool) -> object:
+        picked = tuple(t[sample][None] if seq else t[sample] for t in _as_tuple(hx))
+        return picked if kind is nn.LSTMCell else picked[0]
+
+    for scheme, dtype in [("fp32", torch.float32), ("bf16", torch.bfloat16)]:
+        got = _as_tuple(get_backend("cpu").quantize_layer(cell, get_scheme(scheme))(x, hx))
+        cast = tuple(t.to(dtype) for t in _as_tuple(hx))
+        ref = _as_tuple(
+            copy.deepcopy(cell).to(dtype)(x.to(dtype), cast if len(cast) > 1 else cast[0])
+        )
+        assert all(torch.equal(a, b.float()) for a, b in zip(got, ref, strict=True))
+        sim = _as_tuple(get_backend("simulate").quantize_layer(cell, get_scheme(scheme))(x, hx))
+        assert all(torch.equal(a, b) for a, b in zip(sim, got, strict=True))
+    for backend in ("cpu", "simulate"):
+        q_cell = get_backend(backend).quantize_layer(cell, get_scheme("w8a8"))
+        q_rnn = get_backend(backend).quantize_layer(rnn, get_scheme("w8a8"))
         got = _as_tuple(q_cell(x, hx))
-        want = _as_tuple(q_rnn(x[None], seq_hx)[1])
+        want = _as_tuple(q_rnn(x[None], states(slice(None), True))[1])
         assert all(torch.equal(a, b[0]) for a, b in zip(got, want, strict=True))
-        first = tuple(t[0] for t in _as_tuple(hx))  # one sample, unbatched
-        one = _as_tuple(q_cell(x[0], first if kind is nn.LSTMCell else first[0]))
-        seq_first = tuple(t[None] for t in first)
-        want = _as_tuple(q_rnn(x[:1], seq_first if kind is nn.LSTMCell else seq_first[0])[1])
+        one = _as_tuple(q_cell(x[0], states(0, False)))  # one sample, unbatched
+        want = _as_tuple(q_rnn(x[:1], states(0, True))[1])
         assert all(torch.equal(a, b[0]) for a, b in zip(one, want, strict=True))
-        if scheme == "fp32":
-            assert _rel(got[0], _as_tuple(cell(x, hx))[0]) < 1e-6
+    scheme = get_scheme("w4a16_pc")  # weight-only: the cell's own kernel on rounded weights
+    rounded = copy.deepcopy(cell).to(torch.bfloat16)
+    for name in ("weight_ih", "weight_hh"):
+        w = fake_quantize(getattr(cell, name).detach(), scheme.weight)
+        getattr(rounded, name).data.copy_(w)
+    got = _as_tuple(get_backend("simulate").quantize_layer(cell, scheme)(x, hx))
+    cast = tuple(t.bfloat16() for t in _as_tuple(hx))
+    ref = _as_tuple(rounded(x.bfloat16(), cast if len(cast) > 1 else cast[0]))
+    assert all(torch.equal(a, b.float()) for a, b in zip(got, ref, strict=True))
 
 
 def test_a_loop_of_cells_is_covered_profiled_on_the_graph_and_priced_exactly() -> None:
