@@ -16,6 +16,7 @@ from torch import nn
 from mpsearch.layers import quantizable_layers
 from mpsearch.profile import profile
 from mpsearch.profile._e2e import first_samples, most_uncertain, picked_samples
+from mpsearch.workloads import load_workload
 
 runner_module = importlib.import_module("mpsearch.profile._runner")
 
@@ -166,6 +167,19 @@ def test_node_costs_are_multiply_accumulates_or_output_sizes() -> None:
     assert cost["pool"] == b * 8 * 4 * 4  # no multiply-accumulates: its output's size
     assert cost["relu"] == b * 8 * 8 * 8
     assert cost["x"] == cost["scale"] == cost["output"] == 0.0
+
+
+def test_recurrent_cells_count_their_two_matrix_products() -> None:
+    """An LSTM / GRU cell step costs its input and hidden products (counted whole, not run
+    decomposed): 4 or 3 gates x hidden rows x (input + hidden) per sample."""
+    model = load_workload("cell_decoder", n_calib=8, n_test=8, batch_size=8).model
+    calib = batches(1, 8, 12, 40)
+    runner = runner_module.build_runner(
+        model, calib, ["lstm", "gru", "head"], fold_bn=False, warn=print
+    )
+    cost = {str(n): c for n, c in runner.node_cost.items()}
+    assert cost["lstm"] == 8 * 4 * 96 * (40 + 96) and cost["lstm_11"] == cost["lstm"]
+    assert cost["gru"] == 8 * 3 * 96 * (96 + 96)
 
 
 class _ScaledMLP(_WideMLP):
