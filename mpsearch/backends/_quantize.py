@@ -18,7 +18,14 @@ from mpsearch.backends._registry import Backend, get_backend
 from mpsearch.layers import layer_weights, quantizable_layers, replace_layers, weight_shapes
 from mpsearch.layers._expert_linears import follows_expert_interface, recording
 from mpsearch.layers._experts import is_expert_bank
-from mpsearch.layers._layers import NEVER_CALLED, eval_mode, same_weights, swapped, watched
+from mpsearch.layers._layers import (
+    NEVER_CALLED,
+    carry_hooks,
+    eval_mode,
+    same_weights,
+    swapped,
+    watched,
+)
 from mpsearch.plan import PrecisionPlan
 from mpsearch.rounding import Rounder
 from mpsearch.rounding._rounder import rounded_layers
@@ -248,6 +255,11 @@ def quantize(
     if impl.real:
         share_tied_tensors(layers, replacements)
     replace_layers(target, replacements)
+    for name in replacements:  # the user's hooks on a layer keep working
+        parent, _, attr = name.rpartition(".")
+        attention = isinstance(target.get_submodule(parent), nn.MultiheadAttention)
+        if not (attr == "out_proj" and attention):  # an out_proj's hooks never fire
+            carry_hooks(layers[name], target.get_submodule(name))
     if impl.needs_calib:
         result = impl.finalize(target, assignment, calib=calib)  # type: ignore[call-arg]
     else:

@@ -35,11 +35,13 @@ class ExpertBank(nn.Module):
 
 
 def expert_weights(module: nn.Module) -> dict[str, torch.Tensor]:
-    """The module's own 3-D expert weights (:data:`EXPERT_WEIGHTS`), by name."""
+    """The module's own 3-D expert weights (:data:`EXPERT_WEIGHTS`), by name (a scripted
+    module's parameters are no dict: looked up by ``in`` and ``[]``)."""
+    own = module._parameters
     return {
         name: p
         for name in EXPERT_WEIGHTS
-        if isinstance(p := module._parameters.get(name), torch.Tensor) and p.dim() == 3
+        if name in own and isinstance(p := own[name], torch.Tensor) and p.dim() == 3
     }
 
 

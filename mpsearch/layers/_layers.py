@@ -205,6 +205,30 @@ def with_own_forward(layer: nn.Module, module: nn.Module) -> nn.Module:
     return wrapped.train(layer.training)
 
 
+_HOOK_DICTS = (
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+)
+
+
+def carry_hooks(layer: nn.Module, module: nn.Module) -> nn.Module:
+    """``module`` (``layer`` quantized) with ``layer``'s forward hooks and pre-hooks too: what
+    the user's hooks do to the layer's input and output, its quantized form does.
+
+    >>> layer = nn.Linear(2, 2)
+    >>> _ = layer.register_forward_hook(lambda m, args, out: out * 0)
+    >>> carry_hooks(layer, nn.Linear(2, 2))(torch.ones(1, 2))
+    tensor([[0., 0.]], grad_fn=<MulBackward0>)
+    """
+    if module is not layer:
+        for name in _HOOK_DICTS:
+            getattr(module, name).update(getattr(layer, name))
+    return module
+
+
 def _computes_as_its_base(layer: nn.Module) -> bool:
     """Whether ``layer`` runs its base type's forward: its class does not override it, or its
     own forward gives the base's output on a probe input (timm's dtype-casting ``Linear``
@@ -758,9 +782,26 @@ def call_layer(module: nn.Module, x: Tensor | LayerCall) -> Any:
     return module(*x.args, **x.kwargs) if isinstance(x, LayerCall) else module(x)
 
 
+def _pre_hooked(
+    layer: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The arguments ``layer``'s forward gets once its forward pre-hooks (the user's) ran."""
+    for hook_id, hook in layer._forward_pre_hooks.items():
+        if hook_id in layer._forward_pre_hooks_with_kwargs:
+            result = hook(layer, args, kwargs)
+            if result is not None:
+                args, kwargs = result
+        else:
+            result = hook(layer, args)
+            if result is not None:
+                args = result if isinstance(result, tuple) else (result,)
+    return args, kwargs
+
+
 class _Recorder(nn.Module):
-    """``layer`` with ``callback`` called on its input (``whole``: on a :class:`LayerCall`
-    where the call has more inputs); the layer's own attributes read through (model code that
+    """``layer`` with ``callback`` called on its input, as its forward gets it from the
+    user's pre-hooks (``whole``: on a :class:`LayerCall` where the call has more inputs); the
+    layer's own attributes read through (model code that
     checks ``self.proj.weight.dtype``, as Hugging Face ViT and T5 do)."""
 
     def __init__(self, layer: nn.Module, callback: Callable[[Any], None], whole: bool) -> None:
@@ -770,8 +811,9 @@ class _Recorder(nn.Module):
         self.whole = whole
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Any:
-        more = self.whole and (args or kwargs)
-        self.callback(LayerCall((x, *args), dict(kwargs)) if more else x)
+        seen, seen_kwargs = _pre_hooked(self.layer, (x, *args), kwargs)
+        more = self.whole and (len(seen) > 1 or seen_kwargs)
+        self.callback(LayerCall(seen, dict(seen_kwargs)) if more else seen[0])
         return self.layer(x, *args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:

@@ -30,7 +30,7 @@ from mpsearch.cost._timing import cpu_flags
 from mpsearch.layers import layer_forward
 from mpsearch.layers._expert_linears import ExpertLinears, follows_expert_interface
 from mpsearch.layers._experts import is_expert_bank
-from mpsearch.layers._layers import TRANSPOSED_CONV_TYPES, with_own_forward
+from mpsearch.layers._layers import TRANSPOSED_CONV_TYPES, carry_hooks, with_own_forward
 from mpsearch.schemes import Scheme, fake_quantize
 
 _EMULATED = (torch.bfloat16, torch.float16)
@@ -201,4 +201,5 @@ def profile_layer(impl: object, layer: nn.Module, scheme: Scheme) -> nn.Module:
             module = ExpertLinears(layer, scheme, lambda linear, s: profile_layer(impl, linear, s))
     if module is None:
         module = impl.quantize_layer(layer, scheme)  # type: ignore[attr-defined]
-    return with_own_forward(layer, module)  # Gemma's scaled embedding keeps its scale
+    # Gemma's scaled embedding keeps its scale, and a layer its user's hooks
+    return carry_hooks(layer, with_own_forward(layer, module))
