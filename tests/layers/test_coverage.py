@@ -128,3 +128,11 @@ def test_a_weight_standardized_conv_is_folded_and_quantized(backend: str) -> Non
         assert cost.memory_bytes("w8a8") == held_bytes(q)
         model[0].weight.mul_(2.0)  # trained further: folded again, not from a stale copy
         torch.testing.assert_close(effective_form(model[0])(x), model[0](x), rtol=0, atol=0)
+
+
+def test_a_scripted_submodule_is_scanned_like_any_other() -> None:
+    """A ``torch.jit.script``-ed submodule (its parameters are no dict) is left out with a
+    reason; the scan of the layers around it does not fail."""
+    model = nn.Sequential(nn.Linear(8, 8), torch.jit.script(nn.Linear(8, 8)), nn.GELU())
+    assert list(quantizable_layers(model)) == ["0"]
+    assert coverage(model).share == 0.5
