@@ -16,7 +16,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.utils import parametrize
+from torch.nn.utils import parametrize, prune
+from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm
 from torch.utils import _pytree as pytree
 
 from mpsearch._validation import check_module, wrong_type
@@ -214,18 +216,29 @@ _HOOK_DICTS = (
 )
 
 
+_WEIGHT_HOOKS: tuple[type, ...] = (prune.BasePruningMethod, WeightNorm, SpectralNorm)
+"""Pre-hooks that recompute a layer's weight before each call (pruning masks, the old-style
+weight and spectral norms): the quantized layer holds the weight they give, not the hook."""
+
+
 def carry_hooks(layer: nn.Module, module: nn.Module) -> nn.Module:
     """``module`` (``layer`` quantized) with ``layer``'s forward hooks and pre-hooks too: what
-    the user's hooks do to the layer's input and output, its quantized form does.
+    the user's hooks do to the layer's input and output, its quantized form does. Hooks that
+    recompute the weight (:data:`_WEIGHT_HOOKS`) stay behind: their weight is quantized.
 
     >>> layer = nn.Linear(2, 2)
     >>> _ = layer.register_forward_hook(lambda m, args, out: out * 0)
     >>> carry_hooks(layer, nn.Linear(2, 2))(torch.ones(1, 2))
     tensor([[0., 0.]], grad_fn=<MulBackward0>)
     """
-    if module is not layer:
-        for name in _HOOK_DICTS:
-            getattr(module, name).update(getattr(layer, name))
+    if module is layer:
+        return module
+    weights = {
+        key for key, hook in layer._forward_pre_hooks.items() if isinstance(hook, _WEIGHT_HOOKS)
+    }
+    for name in _HOOK_DICTS:
+        kept = {k: v for k, v in getattr(layer, name).items() if k not in weights}
+        getattr(module, name).update(kept)
     return module
 
 

@@ -4,6 +4,7 @@ transposed and 3-D convolutions."""
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -274,3 +275,23 @@ def test_a_quantized_layer_keeps_the_users_hooks() -> None:
             assert float((quantized(x) - net(x)).norm() / net(x).norm()) < 0.02
     prof = profile(net, [x], schemes=["bf16"], progress=False)
     assert (prof.pivot("sqnr_db")["bf16"] > 40).all()
+
+
+@pytest.mark.parametrize("kind", ["prune", "weight_norm", "spectral_norm"])
+def test_hooks_that_recompute_the_weight_stay_behind(kind: str) -> None:
+    """A pruned layer, or one under the old-style weight or spectral norm, recomputes its
+    weight in a pre-hook: its quantized form holds that weight, the hook stays behind (carried
+    over, the pruning hook looked for ``weight_mask`` on the quantized layer)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # weight_norm is deprecated
+        if kind == "prune":
+            torch.nn.utils.prune.l1_unstructured(net[0], "weight", amount=0.5)
+        else:
+            getattr(torch.nn.utils, kind)(net[0])
+    x = torch.randn(32, 16)
+    for backend in ("simulate", "cpu"):
+        quantized = quantize(net, "w8a8", backend=backend, calib=[x])
+        with torch.no_grad():
+            assert float((quantized(x) - net(x)).norm() / net(x).norm()) < 0.02
