@@ -212,16 +212,7 @@ def quantize(
     choices = plan.resolve_choices(model)
     assignment = plan.resolve(model)
     check_assignment(model, assignment, impl)
-    if impl.needs_calib and calib is None:
-        raise invalid(
-            "calib",
-            None,
-            f"calibration batches: the {impl.name!r} backend calibrates the whole model",
-        )
-    if calib is not None and act_ranges is not None:
-        raise invalid(
-            "act_ranges", dict(act_ranges), "None when calib batches are given (one or the other)"
-        )
+    _check_calibration(impl, calib, act_ranges)
     if calib is not None:
         calib = as_batches(calib, argument="calib")  # read once: an iterator is used again below
     data = calib if calib is not None else (rounder.batches if rounder is not None else None)
@@ -254,12 +245,7 @@ def quantize(
     }
     if impl.real:
         share_tied_tensors(layers, replacements)
-    replace_layers(target, replacements)
-    for name in replacements:  # the user's hooks on a layer keep working
-        parent, _, attr = name.rpartition(".")
-        attention = isinstance(target.get_submodule(parent), nn.MultiheadAttention)
-        if not (attr == "out_proj" and attention):  # an out_proj's hooks never fire
-            carry_hooks(layers[name], target.get_submodule(name))
+    _install(target, layers, replacements)
     if impl.needs_calib:
         result = impl.finalize(target, assignment, calib=calib)  # type: ignore[call-arg]
     else:
@@ -267,6 +253,35 @@ def quantize(
     result.mpsearch_assignment = dict(assignment)
     result.mpsearch_backend = impl.name
     return result
+
+
+def _check_calibration(
+    impl: Backend, calib: Any, act_ranges: Mapping[str, tuple[float, float]] | None
+) -> None:
+    """Refuse a backend that calibrates without ``calib``, and ``calib`` with ``act_ranges``."""
+    if impl.needs_calib and calib is None:
+        raise invalid(
+            "calib",
+            None,
+            f"calibration batches: the {impl.name!r} backend calibrates the whole model",
+        )
+    if calib is not None and act_ranges is not None:
+        raise invalid(
+            "act_ranges", dict(act_ranges), "None when calib batches are given (one or the other)"
+        )
+
+
+def _install(
+    target: nn.Module, layers: Mapping[str, nn.Module], replacements: Mapping[str, nn.Module]
+) -> None:
+    """Put ``replacements`` in ``target`` in place of ``layers``, each keeping the user's hooks
+    on the layer it replaces (an ``nn.MultiheadAttention``'s ``out_proj``'s never fire)."""
+    replace_layers(target, replacements)
+    for name in replacements:
+        parent, _, attr = name.rpartition(".")
+        attention = isinstance(target.get_submodule(parent), nn.MultiheadAttention)
+        if not (attr == "out_proj" and attention):
+            carry_hooks(layers[name], target.get_submodule(name))
 
 
 def tied_groups(layers: Mapping[str, nn.Module], names: Iterable[str]) -> list[list[str]]:
