@@ -57,7 +57,7 @@ def pass_time(model: torch.nn.Module, batches: list[Any]) -> float:
     return forward_time(model, batches)[0]
 
 
-PROFILE_RUNS = 3
+PROFILE_RUNS = 5
 """Profiles timed per model (the median is reported), each between two fp32 passes."""
 
 

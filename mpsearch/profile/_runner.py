@@ -628,16 +628,35 @@ def _cell_flops(
     return 2 * math.prod(x[:-1]) * w_ih[0] * (w_ih[1] + w_hh[1])
 
 
-_EXTRA_FLOPS: dict[Any, Any] = {
-    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops,
-    torch.ops.aten._native_multi_head_attention: _native_attention_flops,
-    torch.ops.aten.lstm_cell: _cell_flops,
-    torch.ops.aten.gru_cell: _cell_flops,
-}
+def _linear_flops(x: Sequence[int], w: Sequence[int], *_: Any, **__: Any) -> int:
+    """Flops of ``F.linear``: its matrix product."""
+    return 2 * math.prod(x[:-1]) * w[0] * w[1]
+
+
+def _with_overloads(formulas: dict[Any, Any]) -> dict[Any, Any]:
+    """``formulas`` keyed by operator packet and by each of its overloads: the counter looks an
+    operator's formula up by overload before running it, and decomposes the operator into its
+    elementary operations where it finds none (the packet alone is only read when counting)."""
+    keyed = dict(formulas)
+    for packet, formula in formulas.items():
+        keyed.update({getattr(packet, name): formula for name in packet.overloads()})
+    return keyed
+
+
+_EXTRA_FLOPS: dict[Any, Any] = _with_overloads(
+    {
+        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops,
+        torch.ops.aten._native_multi_head_attention: _native_attention_flops,
+        torch.ops.aten.lstm_cell: _cell_flops,
+        torch.ops.aten.gru_cell: _cell_flops,
+        torch.ops.aten.linear: _linear_flops,
+    }
+)
 """Flop formulas ``torch.utils.flop_counter`` lacks: its CPU attention kernels (without them a
 model's attention counts as no work and its downstream work D comes out too small), and the
-LSTM / GRU cells, which it would otherwise run decomposed into their elementary operations (on
-the zoo's ``cell_decoder`` the counting pass took two fp32 passes' time)."""
+composite LSTM / GRU cells and ``F.linear``, which it would otherwise run decomposed into their
+elementary operations (on the zoo's ``cell_decoder`` the counting pass took 15 ms against 3 ms
+for a plain pass; 4.6 ms with the formulas)."""
 
 
 def _nested_node(value: Any) -> bool:

@@ -82,6 +82,30 @@ def test_fused_attention_counts_as_work() -> None:
     assert runner.downstream_passes() >= (macs["attn"] + macs["head"]) / total > 0.9
 
 
+@pytest.mark.parametrize(
+    ("layer", "args"),
+    [
+        (nn.LSTMCell(6, 5), (torch.randn(3, 6), (torch.zeros(3, 5), torch.zeros(3, 5)))),
+        (nn.GRUCell(6, 5), (torch.randn(3, 6), torch.zeros(3, 5))),
+        (nn.Linear(6, 5), (torch.randn(2, 3, 6),)),
+    ],
+)
+def test_composite_layers_count_without_decomposing(layer: nn.Module, args: tuple) -> None:
+    """A cell or ``F.linear`` counts as one operation (the counter would otherwise run it as
+    its elementary operations, several times slower) with the flops of its matrix products."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def count(mapping: dict) -> dict:
+        counter = FlopCounterMode(display=False, custom_mapping=mapping)
+        with torch.inference_mode(), counter:
+            layer(*args)
+        return {str(k): v for k, v in counter.get_flop_counts()["Global"].items()}
+
+    ours, decomposed = count(runner_module._EXTRA_FLOPS), count({})
+    assert len(ours) == 1 and next(iter(ours)) in {"aten.lstm_cell", "aten.gru_cell", "aten.linear"}
+    assert sum(ours.values()) == sum(decomposed.values()) > 0
+
+
 def _groups(model: nn.Module, calib: list[torch.Tensor]) -> dict[str, int]:
     names = list(quantizable_layers(model))
     runner = runner_module.build_runner(model, calib, names, fold_bn=True, warn=print)
