@@ -18,6 +18,7 @@ few rows) on the many rows of an unfolded input, and exact to the simulation.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -41,6 +42,13 @@ from mpsearch.backends._kernels import (
     _ActQuant,
     fbgemm_int8_linear_preferred,
     int8_kernel_scheme,
+)
+from mpsearch.layers._layers import (
+    TRANSPOSED_CONV_TYPES,
+    from_rows,
+    layer_forward,
+    weight_rows,
+    weight_shapes,
 )
 from mpsearch.schemes import Scheme
 from mpsearch.schemes._fakequant import group_error
@@ -213,43 +221,40 @@ class Im2colWeightOnlyConv(RealLayer):
         return self.geometry.output(self.linear(cols)).to(out_dtype)
 
 
-_CONV_FUNCTIONS: dict[type[nn.Module], Callable[..., Tensor]] = {
-    nn.Conv1d: F.conv1d,
-    nn.Conv2d: F.conv2d,
-}
+def settings_of(layer: nn.Module) -> nn.Module:
+    """``layer`` without its tensors (a shallow copy): the settings :func:`layer_forward` and
+    :func:`from_rows` read (stride, padding and its mode, groups...), holding no weight."""
+    shell = copy.copy(layer)
+    shell._parameters, shell._buffers, shell._modules = {}, {}, {}
+    return shell
 
 
 class DequantConv(RealLayer):
-    """Weight-only Conv1d/Conv2d (any groups): the weight held as a :class:`QuantizedEmbedding`
-    table of ``C_out`` rows (codes packed ``8 // bits`` to a byte, the scheme's scales and zero
-    points), dequantized whole per call and run by the layer's own convolution in the scheme's
-    compute dtype, NCHW: the simulation's arithmetic exactly, at the float convolution's speed
-    plus one dequantization of the (small) weight."""
+    """A weight-only convolution of any type (Conv1d / 2d / 3d, ConvTranspose1d / 2d / 3d;
+    any groups and padding): the weight held as a :class:`QuantizedEmbedding` table of its
+    ``C_out`` output-channel rows (codes packed ``8 // bits`` to a byte, the scheme's scales
+    and zero points), dequantized whole per call and run by the layer's own convolution in
+    the scheme's compute dtype: the simulation's arithmetic exactly, at the float
+    convolution's speed plus one dequantization of the (small) weight."""
 
     def __init__(self, layer: nn.Module, scheme: Scheme, *, act_range: ActRange = None) -> None:
         super().__init__()
         self.scheme_name = scheme.name
         self.dtype = TORCH_DTYPES[scheme.compute_dtype]
-        self.geometry = ConvGeometry.of(layer)
-        weight = layer.weight.detach()
-        self.weight_shape = tuple(weight.shape)
-        rows = weight.reshape(weight.shape[0], -1)  # one row per output channel, as simulated
-        self.table = QuantizedEmbedding(nn.Embedding(*rows.shape, _weight=rows), scheme)
-        self.conv = next(f for kind, f in _CONV_FUNCTIONS.items() if isinstance(layer, kind))
-        self.conv_padding = layer.padding if layer.padding_mode == "zeros" else 0  # pad() did
+        rows = weight_rows(layer).detach()  # one row per output channel, as simulated
+        self.rows_shape = tuple(rows.shape)
+        flat = rows.reshape(rows.shape[0], -1)
+        self.table = QuantizedEmbedding(nn.Embedding(*flat.shape, _weight=flat), scheme)
+        self.settings = [settings_of(layer)]  # in a list: not a submodule (it holds no tensor)
         bias = layer.bias
         self.register_buffer("bias", None if bias is None else bias.detach().to(self.dtype).clone())
 
     def forward(self, x: Tensor) -> Tensor:
         out_dtype = x.dtype
-        rows = torch.arange(self.weight_shape[0], device=x.device)
-        weight = self.table(rows).reshape(self.weight_shape).to(self.dtype)
-        x = x.to(self.dtype)
-        if self.geometry.padding_mode != "zeros":
-            x = self.geometry.pad(x)
-        g = self.geometry
-        y = self.conv(x, weight, self.bias, g.stride, self.conv_padding, g.dilation, g.groups)
-        return y.to(out_dtype)
+        settings = self.settings[0]
+        rows = torch.arange(self.rows_shape[0], device=x.device)
+        weight = from_rows(settings, self.table(rows).reshape(self.rows_shape)).to(self.dtype)
+        return layer_forward(settings, x.to(self.dtype), weight, self.bias).to(out_dtype)
 
 
 def ungrouped_check(layer: nn.Module, scheme: Scheme) -> str | None:
@@ -264,7 +269,7 @@ def ungrouped_check(layer: nn.Module, scheme: Scheme) -> str | None:
 
 def fan_in_group_check(layer: nn.Module, scheme: Scheme) -> str | None:
     """``w4a16``'s groups of 32 must divide the flattened fan-in ``C_in / groups * prod(kernel)``."""
-    return group_error(tuple(layer.weight.shape), scheme.weight)
+    return group_error(weight_shapes(layer)[0], scheme.weight)
 
 
 def weight_only_conv_check(layer: nn.Module, scheme: Scheme) -> str | None:
@@ -295,11 +300,11 @@ CONV_KERNELS: KernelTable = {
         "codes packed in bytes, dequantized per call + the float convolution (any groups)",
         fan_in_group_check,
     )
-    for kind in CONV_TYPES
+    for kind in (*CONV_TYPES, nn.Conv3d, *TRANSPOSED_CONV_TYPES)
     for scheme in _WEIGHT_ONLY_LINEAR
 }
-"""The default weight-only convolution kernels of the ``cpu`` backend: the simulation's
-arithmetic exactly, and faster than the weight-only GEMMs on the unfolded input at every shape
+"""The default weight-only convolution kernels of the ``cpu`` backend, for every convolution
+type: the simulation's arithmetic exactly, and (Conv1d / Conv2d) faster than the weight-only GEMMs on the unfolded input at every shape
 measured (AMD EPYC Zen 4, 2 threads: 64ch 3x3 56x56 batch 8, 14 ms against 112 ms for w8a16;
 Conv1d(1, 64, 512, stride=4) on 16 x 16,000 samples, 51 ms against 166 ms)."""
 

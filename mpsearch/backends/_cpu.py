@@ -150,8 +150,9 @@ interface those its expert Linear layers' kernels take; another bank their weigh
 weight-only (the activation format does not apply: ``mpsearch.backends._experts``)."""
 
 FLOAT_ONLY_TYPES = (nn.Conv3d, *TRANSPOSED_CONV_TYPES)
-"""Layers the ``cpu`` backend runs in float schemes only (fp32, bf16, fp16): PyTorch's int8
-and weight-only CPU kernels are for Linear and 1-D / 2-D convolutions."""
+"""Layers the ``cpu`` backend runs in float and weight-only schemes only (fp32, bf16, fp16;
+w8a16, w4a16, w4a16_pc as :class:`DequantConv`): PyTorch's int8 x int8 CPU kernels are for
+Linear and 1-D / 2-D convolutions."""
 
 CPU_KERNELS: KernelTable = {
     # fp32: the user's own layer, so an fp32 plan is the user's model (shared weights stay shared)
@@ -263,7 +264,8 @@ default oneDNN's (``benchmarks/bench_experts.py``)."""
 
 _MISSING_BY_KIND: dict[type[nn.Module], str] = {
     **{
-        kind: f"{kind.__name__} runs in fp32, bf16 and fp16 only (no integer kernel for it)"
+        kind: f"{kind.__name__} runs in float and weight-only schemes (no int8 x int8 kernel "
+        "for it)"
         for kind in FLOAT_ONLY_TYPES
     },
     nn.RNNBase: "PyTorch's dynamic int8 RNN (w8a8, w4a8_pc) is the only quantized LSTM / GRU "

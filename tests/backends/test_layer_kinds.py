@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from helpers import ReadsWeights
 from torch import nn
 
+import mpsearch as mps
 from mpsearch._data import output_tensor, run_model
 from mpsearch.backends import collect_activation_ranges, quantize
 from mpsearch.layers import quantizable_layers, swapped
@@ -181,9 +182,16 @@ def test_a_transposed_conv_is_quantized_per_output_channel(layer: nn.Module) -> 
 @pytest.mark.parametrize(
     "layer", [*TRANSPOSED, nn.Conv3d(3, 4, 3, padding=1)], ids=lambda m: type(m).__name__
 )
-def test_conv3d_and_transposed_convs_run_float_schemes_on_the_cpu_backend(layer: nn.Module) -> None:
-    """fp32 is the user's layer as it is, bf16 the layer in bf16 (bitwise torch's); integer schemes
-    are refused before any work, naming what the backend runs for the layer."""
+def test_conv3d_and_transposed_convs_run_float_and_weight_only_schemes_on_cpu(
+    layer: nn.Module,
+) -> None:
+    """fp32 is the user's layer as it is, bf16 the layer in bf16 (bitwise torch's); weight-only
+    schemes hold packed codes (the bytes the cost model counts) and equal the simulation
+    exactly (they were refused before: a U-Net's or a vocoder's upsampling stayed float);
+    int8 activations are refused before any work, naming what the backend runs."""
+    from mpsearch.backends._conv import DequantConv
+    from mpsearch.cost import held_bytes
+
     torch.manual_seed(0)
     net = nn.Sequential(layer.eval())
     x = _input(layer)
@@ -192,7 +200,14 @@ def test_conv3d_and_transposed_convs_run_float_schemes_on_the_cpu_backend(layer:
     with torch.inference_mode():
         assert torch.equal(fp32(x), layer(x))
         assert torch.equal(bf16(x), copy.deepcopy(layer).bfloat16()(x.bfloat16()).float())
-    with pytest.raises(ValueError, match=r"runs in fp32, bf16 and fp16 only.*'fp32', 'bf16'"):
+    cost = mps.measure_cost(net, x, schemes=["w8a16", "w4a16_pc"], repeats=1, warmup=0)
+    for scheme in ("w8a16", "w4a16_pc"):
+        real, simulated = (quantize(net, scheme, backend=b) for b in ("cpu", "simulate"))
+        assert isinstance(real[0], DequantConv)
+        assert cost.memory_bytes(scheme) == held_bytes(real) < held_bytes(bf16)
+        with torch.inference_mode():
+            assert torch.equal(real(x), simulated(x))
+    with pytest.raises(ValueError, match=r"runs in float and weight-only schemes.*'w8a16'"):
         quantize(net, "w8a8", backend="cpu")
 
 
