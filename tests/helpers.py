@@ -78,6 +78,22 @@ class ReadsWeights(nn.Module):
         return self.head(torch.relu(h @ self.gate.weight.T))[..., :n]
 
 
+class TiedThroughFunctional(nn.Module):
+    """A language model whose output projection is its embedding's weight through
+    ``F.linear``: ``embed`` is called and its weight read besides (research code's
+    ``logits = h @ self.embed.weight.T``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(40, 32)
+        self.mix = nn.Linear(32, 32)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.mix(self.embed(ids)))
+        return torch.nn.functional.linear(h, self.embed.weight)
+
+
 class SharedEmbedding(nn.Module):
     """T5-style tied embeddings: ``shared`` is never called, ``enc`` (the same weight) is, and
     ``head`` reads that weight as a Linear."""

@@ -20,6 +20,8 @@ from mpsearch.layers._expert_linears import follows_expert_interface, recording
 from mpsearch.layers._experts import is_expert_bank
 from mpsearch.layers._layers import (
     NEVER_CALLED,
+    READ_BESIDES_CALLS,
+    TENSOR_METADATA,
     carry_hooks,
     eval_mode,
     same_weights,
@@ -194,9 +196,10 @@ def quantize(
     by name (``backend="cpu"``) it gets them (a kernel this machine lacks: the default); a
     backend object with choices of its own (``cost.backend``) keeps those.
 
-    With ``calib`` (or a ``rounder``: its batches), layers that the first batch never calls
-    (the model reads their weights directly, as Mamba's ``conv1d``) stay fp32, with a warning;
-    the search keeps them fp32 too. Without either they are replaced, and the model computes
+    With ``calib`` (or a ``rounder``: its batches), layers whose weights the first batch reads
+    directly (never calling them, as Mamba's ``conv1d``, or besides calling them, as an
+    output projection through ``F.linear(h, embed.weight)``) stay fp32, with a warning; the
+    search keeps them fp32 too. Without either they are replaced, and the model computes
     with such a layer's stand-in weight: NaN (``mpsearch.layers._layers.stand_in``), which
     int8 layers downstream turn into wrong finite values. Pass ``calib`` for models that read
     weights.
@@ -218,8 +221,10 @@ def quantize(
     data = calib if calib is not None else (rounder.batches if rounder is not None else None)
     changed = [n for n, s in assignment.items() if s != "fp32"]
     # a rounder's batches show it as well as calib; without either, the model's own example
-    uncalled = never_called(model, data, changed) if data is not None else _uncalled(model, changed)
-    for name in uncalled:
+    read = (
+        read_directly(model, data, changed) if data is not None else _read_directly(model, changed)
+    )
+    for name in read:
         assignment[name] = "fp32"
         choices[name] = "fp32"
     done = rounded_layers(model)  # rounded by a Rounder already: not again
@@ -376,57 +381,92 @@ def _observed_ranges(
     return collect_activation_ranges(model, calib, static, observer=observer) if static else {}
 
 
-def never_called(
+def read_directly(
     model: nn.Module, calib: Sequence[Any], names: Iterable[str], *, warn: bool = True
 ) -> list[str]:
     """The layers of ``names`` whose weights ``model`` reads directly on the first ``calib``
-    batch: it does not call them, nor a module holding their weights (T5's ``shared``
-    embedding is never called, its encoder's and decoder's tied copies are), yet an operation
-    takes one of their weights (Mamba's ``dt_proj`` and ``conv1d``). Warned (unless not
-    ``warn``): they stay fp32. A layer the batch does not use at all (an expert no token
-    reached) is not one of them."""
+    batch, outside their own calls: an operation takes one of their weights while neither the
+    layer nor a module holding its weights runs. Either the layer is never called (Mamba's
+    ``dt_proj`` and ``conv1d``; T5's ``shared`` embedding is not one: its encoder's and
+    decoder's tied copies are called), or it is called and also read (an output projection
+    tied to an embedding through ``F.linear(h, self.embed.weight)``). Warned (unless not
+    ``warn``): they stay fp32, as a quantized layer keeps no float weight to read. A layer
+    the batch does not use at all (an expert no token reached) is not one of them; reading a
+    weight's shape, dtype or device is not a read."""
     names = list(names)
     if not names:
         return []
     aliases = _tied_copies(model, names)
     watch = {*names, *(a for copies in aliases.values() for a in copies)}
+    holders: dict[int, set[str]] = {}
+    for name in watch:
+        for param in model.get_submodule(name).parameters():
+            holders.setdefault(id(param), set()).add(name)
+    running: list[str] = []
     called: set[str] = set()
-    callbacks = {n: (lambda _x, n=n: called.add(n)) for n in watch}
-    weights = {n: {id(p) for p in model.get_submodule(n).parameters()} for n in names}
-    reads = _ParameterReads(set().union(*weights.values()))
-    with torch.inference_mode(), eval_mode(model), watched(model, callbacks), reads:
+    reads = _ParameterReads(holders, running)
+    tracked = {n: _Running(model.get_submodule(n), n, running, called) for n in watch}
+    with torch.inference_mode(), eval_mode(model), swapped(model, tracked), reads:
         run_model(model, calib[0])
-    never = [
-        n
-        for n in names
-        if n not in called
-        and called.isdisjoint(aliases[n])
-        and not weights[n].isdisjoint(reads.seen)
-    ]
-    if never and warn:
-        shown = ", ".join(repr(n) for n in never[:5]) + (", ..." if len(never) > 5 else "")
-        warnings.warn(
-            f"{len(never)} layer(s) stay fp32, {NEVER_CALLED} (it reads their weights "
-            f"directly): {shown}",
-            stacklevel=3,
-        )
-    return never
+    weights = {n: {id(p) for p in model.get_submodule(n).parameters()} for n in names}
+    read = [n for n in names if not weights[n].isdisjoint(reads.outside)]
+    never = [n for n in read if n not in called and called.isdisjoint(aliases[n])]
+    also = [n for n in read if n not in never]
+    if warn:
+        for group, why in (
+            (never, f"{NEVER_CALLED} (it reads their weights directly)"),
+            (also, READ_BESIDES_CALLS),
+        ):
+            if group:
+                shown = ", ".join(repr(n) for n in group[:5]) + (", ..." if len(group) > 5 else "")
+                warnings.warn(f"{len(group)} layer(s) stay fp32, {why}: {shown}", stacklevel=3)
+    return read
+
+
+class _Running(nn.Module):
+    """``layer``, noting in ``called`` that it was called and in ``running`` (a stack) that it
+    runs; its attributes read through (model code reads ``self.proj.weight.dtype``)."""
+
+    def __init__(self, layer: nn.Module, name: str, running: list[str], called: set[str]) -> None:
+        super().__init__()
+        self.layer, self.name, self.running, self.called = layer, name, running, called
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        self.called.add(self.name)
+        self.running.append(self.name)
+        try:
+            return self.layer(*args, **kwargs)
+        finally:
+            self.running.pop()
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("layer"), name)
 
 
 class _ParameterReads(TorchFunctionMode):
-    """Within, which of the tensors ``watched`` (by ``id``) any torch operation takes."""
+    """Within, which parameters (by ``id``) a torch operation reads while none of the modules
+    holding them (``holders``: ``{id: module names}``) is ``running``: ``outside``."""
 
-    def __init__(self, watched: set[int]) -> None:
+    def __init__(self, holders: Mapping[int, set[str]], running: list[str]) -> None:
         super().__init__()
-        self.watched = watched
-        self.seen: set[int] = set()
+        self.holders = holders
+        self.running = running
+        self.outside: set[int] = set()
 
     def __torch_function__(
         self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None
     ) -> Any:
-        for value in pytree.tree_leaves((args, kwargs or {})):
-            if isinstance(value, Tensor) and id(value) in self.watched:
-                self.seen.add(id(value))
+        name = getattr(func, "__name__", "")
+        if name == "__get__":  # a property: ``weight.shape`` or ``weight.T``
+            name = getattr(getattr(func, "__self__", None), "__name__", "")
+        if name not in TENSOR_METADATA:
+            for value in pytree.tree_leaves((args, kwargs or {})):
+                owners = self.holders.get(id(value)) if isinstance(value, Tensor) else None
+                if owners and owners.isdisjoint(self.running):
+                    self.outside.add(id(value))
         return func(*args, **(kwargs or {}))
 
 
@@ -444,8 +484,8 @@ def _tied_copies(model: nn.Module, names: Sequence[str]) -> dict[str, set[str]]:
     return copies
 
 
-def _uncalled(model: nn.Module, names: Iterable[str]) -> list[str]:
-    """:func:`never_called` on the example input a Hugging Face model declares
+def _read_directly(model: nn.Module, names: Iterable[str]) -> list[str]:
+    """:func:`read_directly` on the example input a Hugging Face model declares
     (``dummy_inputs``), where it runs the model; else none found. Mamba reads its ``conv1d``
     and ``dt_proj`` weights directly: quantized without calibration batches, their bf16
     biases met float32 activations."""
@@ -453,7 +493,7 @@ def _uncalled(model: nn.Module, names: Iterable[str]) -> list[str]:
     if not isinstance(example, Mapping) or not example:
         return []
     try:
-        return never_called(model, [dict(example)], names)
+        return read_directly(model, [dict(example)], names)
     except Exception:  # the declared example does not fit this model: nothing to learn
         return []
 

@@ -28,7 +28,9 @@ from mpsearch.backends._quantize import (
     tied_followers,
     tied_groups,
 )
-from mpsearch.backends._quantize import never_called as never_called_layers
+from mpsearch.backends._quantize import (
+    read_directly as layers_read_directly,
+)
 from mpsearch.backends._simulate import SIMULATED_TYPES
 from mpsearch.cost._autotune import TuneCache, fastest
 from mpsearch.cost._cache import cache_key, read_cache, write_cache
@@ -578,7 +580,9 @@ def measure_cost(
         settings={**opts.settings(), "cold": meta["cold"]},
         never_called=never_called,
         schemes=payload["schemes"],
-        read_directly=never_called_layers(model, [example_input], never_called, warn=False),
+        read_directly=layers_read_directly(
+            model, [example_input], [*names, *never_called], warn=False
+        ),
     )
 
 

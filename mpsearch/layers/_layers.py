@@ -597,6 +597,24 @@ NEVER_CALLED = "the layer is never called in the model's forward pass"
 directly, as Mamba's ``dt_proj``, or the layer is a tied copy never run, as T5's ``shared``);
 the search keeps such a layer in fp32."""
 
+READ_BESIDES_CALLS = (
+    "the model reads the layer's weight directly besides calling it (an output projection "
+    "tied to an embedding through F.linear(h, embed.weight), say), and a quantized layer keeps "
+    "no float weight to read"
+)
+"""Why a called layer stays fp32: the search keeps it so, and ``quantize`` too."""
+
+STAYS_FP32 = frozenset({NEVER_CALLED, READ_BESIDES_CALLS})
+"""The profile's reasons for skipping a layer that make the search keep it in fp32."""
+
+TENSOR_METADATA = frozenset(
+    {"dtype", "shape", "device", "requires_grad", "ndim", "layout", "is_cuda", "is_meta"}
+    | {"size", "dim", "numel", "stride", "is_floating_point", "is_contiguous", "element_size"}
+    | {"nelement", "data_ptr", "storage_offset", "untyped_storage", "get_device", "__len__"}
+)
+"""Tensor attributes and methods that read a tensor's metadata, not its values (reading a
+layer's ``weight.shape`` is not a read of its weight)."""
+
 STAND_INS = ("weight", "bias")
 """The tensors of a replaced layer that model code reads besides calling it (Hugging Face
 ViT and T5 cast their input to ``proj.weight.dtype``, CLIP reads

@@ -26,7 +26,7 @@ from mpsearch._validation import check_module, invalid, unknown
 from mpsearch.backends import Backend, get_backend
 from mpsearch.backends._quantize import applicability_error
 from mpsearch.layers import coverage, layer_weights, quantizable_layers, swapped, weight_shapes
-from mpsearch.layers._layers import NEVER_CALLED, same_weights
+from mpsearch.layers._layers import NEVER_CALLED, READ_BESIDES_CALLS, same_weights
 from mpsearch.profile._cache import CODE_VERSION, RowCache, hash_batches, hash_model, hash_text
 from mpsearch.profile._e2e import (
     first_samples,
@@ -304,8 +304,9 @@ def _skipped(req: _Request, runner: Runner) -> dict[tuple[str, str], str]:
     skip: dict[tuple[str, str], str] = {}
     for name in req.names:
         for scheme in req.schemes:
-            if name not in runner.called:
-                skip[(name, scheme.name)] = NEVER_CALLED
+            if name not in runner.called or name in runner.read_directly:
+                why = READ_BESIDES_CALLS if name in runner.called else NEVER_CALLED
+                skip[(name, scheme.name)] = why
                 continue
             layer = runner.gm.get_submodule(name)
             reason = applicability_error(layer, scheme)

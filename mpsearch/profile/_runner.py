@@ -60,9 +60,11 @@ from torch.utils.hooks import RemovableHandle
 
 from mpsearch._data import Batch, batch_size, output_tensor, run_model
 from mpsearch._validation import exception_line
+from mpsearch.backends._quantize import read_directly
 from mpsearch.layers import is_quantizable, swapped
 from mpsearch.layers._batchnorm import fold_graph
 from mpsearch.layers._experts import is_expert_bank
+from mpsearch.layers._layers import TENSOR_METADATA
 from mpsearch.profile._capture import CAPTURES, Capture, Unsupported
 from mpsearch.profile._e2e import (
     choose_e2e_samples,
@@ -207,6 +209,9 @@ class GraphRunner:
         self.layer_calls = calls
         self.repeated = {name for name, found in calls.items() if len(found) > 1}
         self.called = set(self.layer_node)
+        # candidates, confirmed on the model by ``_graph_runner``: a flattened graph does not
+        # say which module read a weight tied to another (Llama's lm_head and embedding)
+        self.read_directly = _params_read(gm, self.nodes, self.called)
         position = {node: i for i, node in enumerate(self.nodes)}
         self.suffix: dict[str, list[fx.Node]] = {}
         self.boundary: dict[str, set[fx.Node]] = {}
@@ -753,6 +758,31 @@ def _repeat(t: Tensor, n: int) -> Tensor:
     return t.repeat(n, *([1] * (t.dim() - 1)))
 
 
+def _params_read(gm: fx.GraphModule, nodes: Sequence[fx.Node], layers: Collection[str]) -> set[str]:
+    """The ``layers`` whose parameters a node of the graph reads besides the layers' own calls
+    (a call is one node, so such a read is model code's, as ``F.linear(h, embed.weight)``);
+    reading a parameter's shape or dtype is not a read."""
+    holders: dict[int, set[str]] = {}
+    for name in layers:
+        for param in gm.get_submodule(name).parameters():
+            holders.setdefault(id(param), set()).add(name)
+    found: set[str] = set()
+    for node in nodes:
+        if node.op == "get_attr" and not all(_metadata_only(user) for user in node.users):
+            value = fx.graph_module._get_attr(gm, str(node.target))
+            found |= holders.get(id(value), set())
+    return found
+
+
+def _metadata_only(user: fx.Node) -> bool:
+    """Whether node ``user`` reads only the metadata of its argument (``w.shape``)."""
+    if user.op == "call_method":
+        return str(user.target) in TENSOR_METADATA
+    if user.op == "call_function" and user.target is getattr:
+        return str(user.args[1]) in TENSOR_METADATA
+    return user.op == "call_function" and str(user.target).startswith("aten.sym_")
+
+
 class HookRunner:
     """The fallback: substitute a layer's output with a forward hook and re-run the whole model."""
 
@@ -790,6 +820,7 @@ class HookRunner:
                 h.remove()
         self.calls = counts
         self.called = {name for name, c in counts.items() if c}
+        self.read_directly = set(read_directly(model, batches, sorted(self.called), warn=False))
         self.n_e2e = choose_e2e_samples(
             e2e_samples,
             total_samples(batches),
@@ -959,6 +990,10 @@ def _graph_runner(
     if not _close(runner.outputs[0], direct, 1e-4 if folded else 1e-6):
         folding = " with BatchNorm folded" if folded else ""
         raise Unsupported(f"the graph{folding} does not reproduce the model's output")
+    if runner.read_directly:
+        runner.read_directly = set(
+            read_directly(model, batches, sorted(runner.read_directly), warn=False)
+        )
     return runner
 
 

@@ -37,11 +37,11 @@ from torch.nn.utils import parametrize
 from mpsearch._data import Batch, as_batches, batch_size, output_tensor, run_model
 from mpsearch._validation import check_module, check_positive, invalid
 from mpsearch.backends import get_backend
-from mpsearch.backends._quantize import PlanLike, as_plan, check_assignment, never_called
+from mpsearch.backends._quantize import PlanLike, as_plan, check_assignment, read_directly
 from mpsearch.layers import quantizable_layers, replace_layers
 from mpsearch.layers._expert_linears import follows_expert_interface
 from mpsearch.layers._experts import expert_rows, expert_weights, from_expert_rows, is_expert_bank
-from mpsearch.layers._layers import NEVER_CALLED, eval_mode, is_hf_conv1d, make_plain
+from mpsearch.layers._layers import eval_mode, is_hf_conv1d, make_plain
 from mpsearch.plan import PrecisionPlan
 from mpsearch.profile._cache import hash_batches, hash_model, hash_text
 from mpsearch.profile._metrics import auto_metric, callable_id
@@ -503,8 +503,8 @@ def _recover(
         raise invalid("checkpoint", checkpoint, "None or a file path")
     path = None if checkpoint is None else Path(checkpoint)
     choices = plan.resolve_choices(model)
-    uncalled = never_called(model, batches, [n for n, s in assignment.items() if s != "fp32"])
-    for name in uncalled:  # as quantize keeps them: their weights are read, not called
+    read = read_directly(model, batches, [n for n, s in assignment.items() if s != "fp32"])
+    for name in read:  # as quantize keeps them: their weights are read directly
         assignment[name] = choices[name] = "fp32"
     trained, frozen = _roles(model, assignment)
     if not trained and opts.train == "layers":
@@ -566,7 +566,7 @@ def _recover(
         best_step=int(run.best_step),
         steps_done=int(run.history[-1]["step"]) if run.history else 0,
         trained=list(trained),
-        frozen=frozen | dict.fromkeys(uncalled, f"stays fp32: {NEVER_CALLED}"),
+        frozen=frozen | dict.fromkeys(read, "stays fp32: the model reads its weights directly"),
         resumed_from=run.resumed_from,
     )
 

@@ -15,7 +15,7 @@ from torch import nn
 from mpsearch._validation import invalid
 from mpsearch.backends._quantize import applicability_error, tied_followers
 from mpsearch.layers import quantizable_layers
-from mpsearch.layers._layers import NEVER_CALLED
+from mpsearch.layers._layers import STAYS_FP32
 from mpsearch.schemes import SCHEMES, get_scheme
 from mpsearch.schemes._rounding import split_choice
 
@@ -417,8 +417,8 @@ def _with_roundings(choices: list[str], profiled: Collection[str]) -> list[str]:
 
 
 def _never_called(name: str, skipped: Mapping[tuple[str, str], str]) -> bool:
-    """Whether the profile skipped layer ``name`` as never called."""
-    return any(n == name and why == NEVER_CALLED for (n, _), why in skipped.items())
+    """Whether the profile skipped layer ``name`` as never called or read directly."""
+    return any(n == name and why in STAYS_FP32 for (n, _), why in skipped.items())
 
 
 def _drop_unusable(
@@ -434,7 +434,7 @@ def _drop_unusable(
     or the backend cannot take; return why.
 
     A layer left with no scheme (a pinned one included) is refused, naming the cause, unless
-    the profile found it never called: it is pinned to ``fp32`` (the model runs it as it is).
+    the profile found it never called or read directly: it is pinned to ``fp32`` (the model runs it as it is).
     """
     dropped: dict[str, dict[str, str]] = {}
     for n, module in modules.items():

@@ -411,7 +411,7 @@ def test_a_layer_no_batch_reaches_is_quantized_and_one_read_directly_stays_fp32(
     weight is read by the model's own code: it stays fp32."""
     from helpers import ReadsWeights
 
-    from mpsearch.backends._quantize import never_called
+    from mpsearch.backends._quantize import read_directly
 
     class WithIdleExpert(ReadsWeights):
         def __init__(self) -> None:
@@ -420,7 +420,7 @@ def test_a_layer_no_batch_reaches_is_quantized_and_one_read_directly_stays_fp32(
 
     model = WithIdleExpert().eval()
     x = torch.randn(8, 64)
-    assert never_called(model, [x], ["proj", "gate", "idle", "head"], warn=False) == ["gate"]
+    assert read_directly(model, [x], ["proj", "gate", "idle", "head"], warn=False) == ["gate"]
     with pytest.warns(UserWarning, match=r"1 layer\(s\) stay fp32.*'gate'"):
         q = mps.quantize(model, "w8a8", backend="cpu", calib=[x])
     assert type(q.gate) is nn.Linear and isinstance(q.idle, RealLayer)

@@ -263,6 +263,40 @@ def test_layers_the_model_never_calls_are_left_out_and_searched_in_fp32() -> Non
         assert mps.quantize(model, res.best(), backend=cost.backend)(x).shape == (16, 4)
 
 
+@pytest.mark.parametrize("runner", ["graph", "hooks"])
+def test_a_layer_read_besides_its_calls_stays_fp32(runner: str, monkeypatch) -> None:
+    """Bug: ``embed`` is called and its weight read by ``F.linear`` too. Quantized, the read
+    got the replaced layer's stand-in weight: every output was NaN, on every backend and
+    scheme (bf16 included), and the profile and the search took the layer for quantizable."""
+    import importlib
+
+    from helpers import TiedThroughFunctional
+
+    from mpsearch.layers._layers import READ_BESIDES_CALLS
+
+    if runner == "hooks":
+        monkeypatch.setattr(importlib.import_module("mpsearch.profile._runner"), "CAPTURES", {})
+    model = TiedThroughFunctional().eval()
+    ids = [
+        torch.randint(0, 40, (4, 6), generator=torch.Generator().manual_seed(i)) for i in range(3)
+    ]
+    cost = measure_cost(model, ids[0], schemes=["bf16", "w8a8"], repeats=2, warmup=1)
+    assert cost.read_directly == ["embed"]
+    for scheme in ("bf16", "w8a8"):
+        with pytest.warns(UserWarning, match=r"1 layer\(s\) stay fp32, the model reads.*'embed'"):
+            quantized = mps.quantize(model, scheme, backend="cpu", calib=ids)
+        assert type(quantized.embed) is nn.Embedding
+        assert cost.memory_bytes(scheme) == held_bytes(quantized)
+        with torch.inference_mode():
+            out, ref = quantized(ids[0]), model(ids[0])
+        assert float((out - ref).norm() / ref.norm()) < 0.02  # finite, near fp32 (was NaN)
+    prof = mps.profile(model, ids, schemes=["bf16", "w8a8"], progress=False)
+    assert prof.info["runner"].startswith(runner)
+    assert set(prof.table.set_index("layer").loc[["embed"], "reason"]) == {READ_BESIDES_CALLS}
+    res = mps.search(model, profile=prof, cost=cost, eval_data=ids, n_trials=4, seed=0)
+    assert all(plan.resolve(model)["embed"] == "fp32" for plan in res.plans)
+
+
 def test_a_uniform_plan_that_substitutes_a_variant_has_a_cost() -> None:
     """``w4a16``'s groups of 32 cannot take a fan-in of 9 or 24 (ConvNeXt's depthwise convs,
     Swin's patch embedding): the plan gives those layers ``w4a16_pc``, which measure_cost
