@@ -537,13 +537,33 @@ def onednn_int8_conv_exact(conv: nn.Conv1d | nn.Conv2d, *, dim: int = 2) -> bool
     >>> onednn_int8_conv_exact(nn.Conv2d(3, 8, 3))
     True
     """
-    padding = conv.padding if isinstance(conv.padding, tuple) else (0,) * len(conv.kernel_size)
+    padding = zero_padding(conv) or (0,) * len(conv.kernel_size)
     dim = dim if isinstance(conv, nn.Conv1d) else 0
     return _int8_conv_exact(
         conv.out_channels, conv.in_channels // conv.groups, as_2d(conv.kernel_size, 1, dim),
         as_2d(conv.stride, 1, dim), as_2d(padding, 0, dim), as_2d(conv.dilation, 1, dim),
         conv.groups,
     )  # fmt: skip
+
+
+def zero_padding(conv: nn.Module) -> tuple[int, ...] | None:
+    """``conv``'s zero padding as numbers per side (``'valid'``: none; ``'same'``: half the
+    dilated kernel's extent where that is whole, as PyTorch pads it), ``None`` where it is
+    not symmetric zero padding (an even ``'same'`` extent, or another ``padding_mode``).
+
+    >>> zero_padding(nn.Conv1d(2, 2, 7, padding="same", dilation=2))
+    (6,)
+    >>> zero_padding(nn.Conv1d(2, 2, 4, padding="same")), zero_padding(nn.Conv2d(2, 2, 3, padding="valid"))
+    (None, (0, 0))
+    """
+    if getattr(conv, "padding_mode", "zeros") != "zeros":
+        return None
+    if not isinstance(conv.padding, str):
+        return tuple(conv.padding)
+    if conv.padding == "valid":
+        return (0,) * len(conv.kernel_size)
+    extents = [d * (k - 1) for k, d in zip(conv.kernel_size, conv.dilation, strict=True)]
+    return None if any(e % 2 for e in extents) else tuple(e // 2 for e in extents)
 
 
 def as_2d(value: tuple[int, ...], one: int, dim: int) -> tuple[int, ...]:
@@ -620,9 +640,11 @@ class Int8Conv(_PackedInt8):
             codes = codes.unsqueeze(self.dim)
         # oneDNN's 2-D forms, apart from the layer's own settings (which model code may read:
         # Whisper multiplies its convs' ``stride[0]``)
+        padding = zero_padding(layer)
+        assert padding is not None, "conv_int8_check refuses other padding"
         self.geometry_2d = (
             list(as_2d(layer.stride, 1, self.dim)),
-            list(as_2d(layer.padding, 0, self.dim)),
+            list(as_2d(padding, 0, self.dim)),
             list(as_2d(layer.dilation, 1, self.dim)),
         )
         self.groups = layer.groups
@@ -801,11 +823,11 @@ def layer_signature(layer: nn.Module) -> str:
 
 
 def conv_int8_check(layer: nn.Module, scheme: Scheme) -> str | None:
-    """oneDNN int8 convolutions take numeric zero padding only, and geometries they compute
-    exactly on this CPU (:func:`onednn_int8_conv_exact`)."""
-    if isinstance(layer.padding, str) or getattr(layer, "padding_mode", "zeros") != "zeros":
+    """oneDNN int8 convolutions take symmetric zero padding only (:func:`zero_padding`), and
+    geometries they compute exactly on this CPU (:func:`onednn_int8_conv_exact`)."""
+    if zero_padding(layer) is None:
         return (
-            f"the int8 convolution kernel takes numeric zero padding only (this layer has "
+            f"the int8 convolution kernel takes symmetric zero padding only (this layer has "
             f"padding={layer.padding!r}, padding_mode={layer.padding_mode!r})"
         )
     if not onednn_int8_conv_runs(layer):

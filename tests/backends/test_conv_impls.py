@@ -41,6 +41,9 @@ LAYERS: dict[str, tuple[nn.Module, tuple[int, ...]]] = {
     "groups": (nn.Conv2d(8, 12, 3, groups=4, stride=2), (2, 8, 9, 9)),
     "depthwise": (nn.Conv2d(8, 8, 3, groups=8, padding=1), (2, 8, 7, 9)),
     "depthwise_1d": (nn.Conv1d(8, 8, 5, groups=8, padding=2, bias=False), (2, 8, 17)),
+    "same_depthwise_1d": (nn.Conv1d(8, 8, 7, groups=8, padding="same"), (2, 8, 19)),  # Conformer
+    "same_dilated": (nn.Conv2d(4, 8, 3, padding="same", dilation=2), (2, 4, 9, 8)),
+    "transposed": (nn.ConvTranspose2d(8, 16, 4, stride=2, padding=1), (2, 8, 5, 6)),
     "linear": (nn.Linear(64, 40), (3, 5, 64)),
     "linear_fan_in_72": (nn.Linear(72, 10), (64, 72)),
 }
@@ -120,6 +123,10 @@ def test_implementations_registered() -> None:
     assert names("long_1d_kernel", "w8a8") == ["default", "im2col"]
     assert names("same_even_kernel", "w8a8") == ["im2col"]  # oneDNN's conv refuses 'same'
     assert names("depthwise", "w8a8") == ["default"]  # im2col runs no groups
+    # symmetric 'same' is numeric zero padding to oneDNN (it refused any 'same' before)
+    assert names("same_depthwise_1d", "w8a8") == ["default"]
+    assert names("same_dilated", "w8a8") == ["default", "im2col"]
+    assert names("transposed", "w8a16") == ["default"] and not names("transposed", "w8a8")
     assert names("long_1d_kernel", "w4a16") == ["default", "im2col"]
     assert names("depthwise", "w8a16") == ["default"]  # dequantized weight: any groups
     other = "fbgemm" if int8_linear_type() is Int8Linear else "onednn"
