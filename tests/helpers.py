@@ -94,6 +94,33 @@ class TiedThroughFunctional(nn.Module):
         return torch.nn.functional.linear(h, self.embed.weight)
 
 
+class PackedLSTM(nn.Module):
+    """Variable-length sequences through ``pack_padded_sequence`` (speech and text research
+    code): an embedding, a bidirectional LSTM on the packed batch, a head on the mean."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(30, 16)
+        self.rnn = nn.LSTM(16, 24, batch_first=True, bidirectional=True)
+        self.head = nn.Linear(48, 4)
+
+    def forward(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+        x = pack_padded_sequence(self.emb(ids), lengths, batch_first=True, enforce_sorted=False)
+        out, _ = pad_packed_sequence(self.rnn(x)[0], batch_first=True)
+        return self.head(out.sum(1) / lengths[:, None].float())
+
+
+def packed_batches(n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``n`` batches of :class:`PackedLSTM`'s inputs: 4 token sequences of unsorted lengths."""
+    g = torch.Generator().manual_seed(1)
+    return [
+        (torch.randint(1, 30, (4, 9), generator=g), torch.tensor([9, 5, 7, 3])) for _ in range(n)
+    ]
+
+
 class SharedEmbedding(nn.Module):
     """T5-style tied embeddings: ``shared`` is never called, ``enc`` (the same weight) is, and
     ``head`` reads that weight as a Linear."""

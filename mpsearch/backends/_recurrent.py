@@ -25,6 +25,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence
 from torch.utils import _pytree as pytree
 
 from mpsearch.backends._kernels import (
@@ -73,15 +74,35 @@ INT8_RNN_SCHEMES = ("w8a8", "w4a8_pc")
 """Schemes PyTorch's dynamic int8 RNN kernel runs (:class:`Int8DynamicRNN`)."""
 
 
-def _states(layer: nn.RNNBase, hx: Any, batch: int, ref: Tensor) -> tuple[Tensor, Tensor | None]:
-    """``(h0, c0)`` shaped ``[layers * directions, batch, hidden]`` (``c0`` ``None`` for a GRU)."""
+def _states(layer: Any, hx: Any, batch: int, ref: Tensor) -> tuple[Tensor, Tensor | None]:
+    """``(h0, c0)`` shaped ``[layers * directions, batch, hidden]`` (``c0`` ``None`` for a GRU)
+    for ``layer``, an LSTM / GRU or an :class:`Int8DynamicRNN`."""
     shape = (layer.num_layers * (2 if layer.bidirectional else 1), batch, layer.hidden_size)
+    is_lstm = isinstance(layer, nn.LSTM) or getattr(layer, "is_lstm", False)
     if hx is None:
         zeros = ref.new_zeros(shape)
-        return zeros, zeros if isinstance(layer, nn.LSTM) else None
-    if isinstance(layer, nn.LSTM):
+        return zeros, zeros if is_lstm else None
+    if is_lstm:
         return hx[0].float().reshape(shape), hx[1].float().reshape(shape)
     return hx.float().reshape(shape), None
+
+
+def _sorted_states(layer: Any, hx: Any, x: PackedSequence) -> tuple[Tensor, Tensor | None]:
+    """:func:`_states` for a packed sequence, in its sorted order (as PyTorch's RNN layers
+    permute them)."""
+    h0, c0 = _states(layer, hx, int(x.batch_sizes[0]), x.data)
+    if x.sorted_indices is None:
+        return h0, c0
+    return h0.index_select(1, x.sorted_indices), (
+        None if c0 is None else c0.index_select(1, x.sorted_indices)
+    )
+
+
+def _unsorted(hidden: Any, x: PackedSequence) -> Any:
+    """A packed sequence's final states back in the caller's order."""
+    if x.unsorted_indices is None:
+        return hidden
+    return pytree.tree_map_only(Tensor, lambda t: t.index_select(1, x.unsorted_indices), hidden)
 
 
 def _quantizes_activations(scheme: Scheme) -> bool:
@@ -196,8 +217,11 @@ class SimulatedRNN(nn.Module):
 
     def _sequence(self, x: Tensor, hx: Any = None) -> tuple[Tensor, Any]:
         if not torch.compiler.is_exporting():
-            if self.kernel and x.device.type == "cpu" and not _needs_grad(x):
+            data = x.data if isinstance(x, PackedSequence) else x
+            if self.kernel and data.device.type == "cpu" and not _needs_grad(data):
                 return self.kernel[0](x, hx)
+        if isinstance(x, PackedSequence):
+            return self._packed_sequence(x, hx)
         layer = self.inner
         out_dtype = x.dtype
         batched = x.dim() == 3
@@ -236,8 +260,53 @@ class SimulatedRNN(nn.Module):
             hidden = tuple(t.squeeze(1) for t in hidden) if c0 is not None else h_t.squeeze(1)
         return out, hidden
 
+    def _packed_sequence(self, x: PackedSequence, hx: Any) -> tuple[PackedSequence, Any]:
+        """A packed sequence as the kernel steps through it: the input projection of each
+        layer from all its steps at once, then at each step the sequences still running (the
+        first ``batch_sizes[t]`` in sorted order), their hidden states quantized together."""
+        layer = self.inner
+        sizes = x.batch_sizes.tolist()
+        starts = [sum(sizes[:t]) for t in range(len(sizes))]
+        h0, c0 = _sorted_states(layer, hx, x)
+        data = x.data.float()
+        directions = 2 if layer.bidirectional else 1
+        h_n: list[Tensor] = []
+        c_n: list[Tensor | None] = []
+        for k in range(layer.num_layers):
+            xq = self._act(data)
+            outs = []
+            for d in range(directions):
+                j = k * directions + d
+                sfx = f"_l{k}{'_reverse' if d else ''}"
+                xw = F.linear(xq, self.weights_q[2 * j], self._bias(f"bias_ih{sfx}"))
+                w_hh, b_hh = self.weights_q[2 * j + 1], self._bias(f"bias_hh{sfx}")
+                h, c = h0[j], None if c0 is None else c0[j]
+                ys: list[Tensor] = [h] * len(sizes)
+                for t in range(len(sizes) - 1, -1, -1) if d else range(len(sizes)):
+                    n, rows = sizes[t], xw[starts[t] : starts[t] + sizes[t]]
+                    hw = F.linear(self._act(h[:n]), w_hh, b_hh)
+                    h_t, c_t = self.cell(rows, hw, h[:n], None if c is None else c[:n])
+                    h = torch.cat([h_t, h[n:]])  # finished sequences keep their last state
+                    c = None if c is None or c_t is None else torch.cat([c_t, c[n:]])
+                    ys[t] = h_t
+                outs.append(torch.cat(ys))
+                h_n.append(h)
+                c_n.append(c)
+            data = torch.cat(outs, dim=1) if directions == 2 else outs[0]
+        out_dtype = x.data.dtype
+        out = PackedSequence(
+            data.to(out_dtype), x.batch_sizes, x.sorted_indices, x.unsorted_indices
+        )
+        h_t = torch.stack(h_n).to(out_dtype)
+        hidden: Any = h_t if c0 is None else (h_t, torch.stack(c_n).to(out_dtype))  # type: ignore[arg-type]
+        return out, _unsorted(hidden, x)
+
     def extra_repr(self) -> str:
         return f"{self.layer_type}, scheme={self.scheme.name!r}"
+
+
+def _is_packed(value: Any) -> bool:
+    return isinstance(value, PackedSequence)
 
 
 class CastRNN(RealLayer):
@@ -255,13 +324,15 @@ class CastRNN(RealLayer):
         self.inner = copy.deepcopy(layer).to(self.dtype).requires_grad_(False)
 
     def forward(self, x: Tensor, hx: Any = None) -> Any:
-        out_dtype = x.dtype
+        out_dtype = x.data.dtype  # a PackedSequence's too
         if out_dtype == self.dtype:
             return self.inner(x, hx)
         if hx is not None:
             hx = tuple(h.to(self.dtype) for h in hx) if isinstance(hx, tuple) else hx.to(self.dtype)
-        out = self.inner(x.to(self.dtype), hx)
-        return pytree.tree_map_only(Tensor, lambda t: t.to(out_dtype), out)
+        out = self.inner(x.to(self.dtype), hx)  # a PackedSequence's indices keep their dtype
+        return pytree.tree_map_only(
+            (Tensor, PackedSequence), lambda t: t.to(out_dtype), out, is_leaf=_is_packed
+        )
 
 
 class Int8DynamicRNN(_PackedInt8):
@@ -356,6 +427,8 @@ class Int8DynamicRNN(_PackedInt8):
         return self._sequence(x, hx)
 
     def _sequence(self, x: Tensor, hx: Any = None) -> tuple[Tensor, Any]:
+        if isinstance(x, PackedSequence):
+            return self._packed_sequence(x, hx)
         out_dtype = x.dtype
         x = x.float()
         batched = x.dim() == 3
@@ -388,6 +461,25 @@ class Int8DynamicRNN(_PackedInt8):
         if self.is_lstm:
             return out.to(out_dtype), tuple(t.to(out_dtype) for t in hidden)
         return out.to(out_dtype), hidden.to(out_dtype)
+
+    def _packed_sequence(self, x: PackedSequence, hx: Any) -> tuple[PackedSequence, Any]:
+        """A packed sequence: the kernel's packed form, as the dynamic quantized LSTM / GRU
+        modules call it (states in sorted order)."""
+        out_dtype = x.data.dtype
+        h0, c0 = _sorted_states(self, hx, x)
+        data, sizes = x.data.float(), x.batch_sizes
+        settings = (True, self.num_layers, 0.0, False, self.bidirectional)
+        if self.is_lstm:
+            out, h, c = torch.quantized_lstm(
+                data, sizes, (h0, c0), self._packed, *settings,
+                dtype=torch.qint8, use_dynamic=True,
+            )  # fmt: skip
+            hidden: Any = (h.to(out_dtype), c.to(out_dtype))
+        else:
+            out, h = torch.quantized_gru(data, sizes, h0, self._packed, *settings)
+            hidden = h.to(out_dtype)
+        packed = PackedSequence(out.to(out_dtype), sizes, x.sorted_indices, x.unsorted_indices)
+        return packed, _unsorted(hidden, x)
 
 
 __all__ = ["CELL_TYPES", "RNN_TYPES", "CastRNN", "Int8DynamicRNN", "SimulatedRNN", "as_rnn"]

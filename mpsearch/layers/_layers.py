@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize, prune
+from torch.nn.utils.rnn import PackedSequence
 from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 from torch.utils import _pytree as pytree
@@ -779,23 +780,29 @@ def watched(
 @dataclass
 class LayerCall:
     """A layer's whole call where its first input is not all it takes (a Mixture-of-Experts
-    bank's hidden states and their routing): what :func:`watched` gives such a layer's
-    callback, and :func:`call_layer` calls a module with. ``shape``, ``dtype`` and ``stride()``
-    are the first input's."""
+    bank's hidden states and their routing) or not a tensor (an RNN's PackedSequence): what
+    :func:`watched` gives such a layer's callback, and :func:`call_layer` calls a module with.
+    ``shape``, ``dtype`` and ``stride()`` are the first input's (a PackedSequence's data's)."""
 
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
 
     @property
+    def first(self) -> Tensor:
+        """The first input (a PackedSequence's data)."""
+        x = self.args[0]
+        return x.data if isinstance(x, PackedSequence) else x
+
+    @property
     def shape(self) -> torch.Size:
-        return self.args[0].shape
+        return self.first.shape
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.args[0].dtype
+        return self.first.dtype
 
     def stride(self) -> tuple[int, ...]:
-        return self.args[0].stride()
+        return self.first.stride()
 
     def detached(self) -> LayerCall:
         """A copy whose tensors are detached clones (kept past the call)."""
@@ -831,7 +838,8 @@ def _pre_hooked(
 
 class _Recorder(nn.Module):
     """``layer`` with ``callback`` called on its input, as its forward gets it from the
-    user's pre-hooks (``whole``: on a :class:`LayerCall` where the call has more inputs); the
+    user's pre-hooks (a PackedSequence's data; ``whole``: a :class:`LayerCall` where the call
+    has more inputs or a PackedSequence); the
     layer's own attributes read through (model code that
     checks ``self.proj.weight.dtype``, as Hugging Face ViT and T5 do)."""
 
@@ -843,8 +851,9 @@ class _Recorder(nn.Module):
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Any:
         seen, seen_kwargs = _pre_hooked(self.layer, (x, *args), kwargs)
-        more = self.whole and (len(seen) > 1 or seen_kwargs)
-        self.callback(LayerCall(seen, dict(seen_kwargs)) if more else seen[0])
+        call = LayerCall(seen, dict(seen_kwargs))
+        more = len(seen) > 1 or seen_kwargs or not isinstance(seen[0], Tensor)
+        self.callback(call if self.whole and more else call.first)
         return self.layer(x, *args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:

@@ -404,9 +404,20 @@ class GraphRunner:
         layer whose node gives a tuple, e.g. an attention module hosting its ``out_proj``, is
         never batchable: :func:`_kind` finds it ``unsafe``).
         """
+        size = self.group.get(layer, 1) if self.batchable.get(layer, False) else 1
+        if size > 1:
+            try:
+                return self._downstream_in_groups(layer, outs_q, store, size)
+            except Exception:  # samples the suffix cannot take together (a PackedSequence's
+                self.batchable[layer] = False  # lengths repeated are unsorted): one at a time
+        return self._downstream_in_groups(layer, outs_q, store, 1)
+
+    def _downstream_in_groups(
+        self, layer: str, outs_q: Sequence[Tensor], store: dict[fx.Node, Any], size: int
+    ) -> Tensor:
+        """:meth:`_downstream`, ``size`` variants per run."""
         start = self.layer_node[layer]
         border = self.boundary[layer]
-        size = self.group.get(layer, 1) if self.batchable.get(layer, False) else 1
         finals = []
         for i in range(0, len(outs_q), size):
             chunk = outs_q[i : i + size]

@@ -121,6 +121,73 @@ def test_simulate_reproduces_the_cpu_kernel_bidirectional_multilayer(kind, schem
     assert _rel(cpu[0], ref[0]) < (0.02 if scheme == "w8a8" else 0.15)
 
 
+def _packed(kind: type[nn.RNNBase], bidirectional: bool) -> tuple[nn.RNNBase, tuple]:
+    """A two-layer RNN and a packed batch of unsorted lengths with a given initial state."""
+    from torch.nn.utils.rnn import pack_padded_sequence
+
+    torch.manual_seed(0)
+    rnn = kind(6, 8, num_layers=2, batch_first=True, bidirectional=bidirectional).eval()
+    x, lengths = torch.randn(4, 7, 6), torch.tensor([7, 3, 5, 2])
+    packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+    h0 = torch.randn(2 * (2 if bidirectional else 1), 4, 8)
+    return rnn, (packed, (h0, torch.randn_like(h0)) if kind is nn.LSTM else h0)
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+@pytest.mark.parametrize("kind", [nn.LSTM, nn.GRU])
+@torch.no_grad()
+def test_a_packed_sequence_runs_on_every_path(kind, bidirectional: bool) -> None:
+    """Bug: a PackedSequence input (variable-length batches: speech, text) raised in every
+    quantized RNN ('PackedSequence' object has no attribute 'dtype'), and the profile with
+    it. The simulated loop steps through the packed batch as the kernel does: with an
+    identity scheme it is the layer itself; in w8a8 it equals the int8 kernel (cpu)."""
+    from torch.nn.utils.rnn import PackedSequence
+
+    rnn, args = _packed(kind, bidirectional)
+    ref = rnn(*args)
+
+    def flat(out: tuple) -> list[torch.Tensor]:
+        assert isinstance(out[0], PackedSequence) and out[0].batch_sizes.equal(ref[0].batch_sizes)
+        return [out[0].data, *(out[1] if kind is nn.LSTM else (out[1],))]
+
+    loop = SimulatedRNN(rnn, get_scheme("fp32"), native=False)
+    for got, want in zip(flat(loop(*args)), flat(ref), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    for scheme in ("bf16", "w8a8"):
+        cpu = get_backend("cpu").quantize_layer(rnn, get_scheme(scheme))(*args)
+        simulated = get_backend("simulate").quantize_layer(rnn, get_scheme(scheme))
+        simulated.kernel, simulated.fused = (), None  # the loop
+        for got, want, exact in zip(flat(cpu), flat(simulated(*args)), flat(ref), strict=True):
+            assert got.dtype == torch.float32
+            assert _rel(got, exact) < 0.02
+            if scheme == "w8a8":
+                assert _rel(got, want) < 1e-5  # the same arithmetic
+
+
+def test_a_packed_sequence_model_is_priced_quantized_and_exported(tmp_path) -> None:
+    """measure_cost records the LSTM's PackedSequence input as a whole call and times it;
+    static ranges are observed on its data; the cost model's memory is what the quantized
+    model holds. torch.export cannot trace the packing (a data-dependent batch size): the
+    plan and state dict are written, and the error names what was not."""
+    from helpers import PackedLSTM, packed_batches
+
+    import mpsearch as mps
+    from mpsearch.cost import held_bytes
+    from mpsearch.export import ExportError
+
+    model, calib = PackedLSTM().eval(), packed_batches(3)
+    cost = mps.measure_cost(model, calib[0], schemes=["bf16", "w8a8"], repeats=2, warmup=1)
+    assert cost.table["supported"].all() and (cost.table["latency_ms"] > 0).all()
+    plan = {"emb": "w8a8", "rnn": "w8a8", "head": "bf16"}
+    quantized = mps.quantize(model, plan, backend=cost.backend, calib=calib)
+    assert cost.memory_bytes(plan) == held_bytes(quantized)
+    with torch.inference_mode():
+        assert _rel(quantized(*calib[1]), model(*calib[1])) < 0.02
+    with pytest.raises(ExportError, match=r"could not write \['onnx', 'program'\]"):
+        mps.export_plan(model, plan, tmp_path, example_input=calib[0], calib=calib)
+    assert {p.name for p in tmp_path.iterdir()} >= {"plan.json", "model.qstate.pt"}
+
+
 @torch.no_grad()
 def test_unbatched_input_and_given_state() -> None:
     torch.manual_seed(0)

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from helpers import PackedLSTM, packed_batches
 from profile_models import ConvBN, DataDependent, DictInput, batches
 
 from mpsearch.backends import get_backend
@@ -413,6 +414,19 @@ def test_weight_normed_layers_take_the_graph_runner(monkeypatch) -> None:
     kwargs = {"schemes": ["bf16", "w8a8"], "progress": False, "e2e_samples": None}
     graph = profile(model, calib, **kwargs)
     assert graph.info["runner"] == "graph:fx" and graph.info["runner_fallbacks"] == {}
+    _assert_same_rows(graph, _hooks(monkeypatch, model, calib, **kwargs))
+
+
+def test_a_packed_sequence_model_takes_the_graph_runner(monkeypatch) -> None:
+    """Bug: the quantized LSTM raised on its PackedSequence input, and the embedding's
+    variants, run together concatenated along the batch, packed repeated (unsorted)
+    lengths. Variants the suffix cannot take together now run one at a time; rows equal
+    the hook runner's."""
+    calib = packed_batches(2)
+    model = PackedLSTM().eval()
+    kwargs = {"schemes": ["bf16", "w8a8"], "progress": False, "e2e_samples": None}
+    graph = profile(model, calib, **kwargs)
+    assert graph.info["runner"].startswith("graph:") and set(graph.table["status"]) == {"ok"}
     _assert_same_rows(graph, _hooks(monkeypatch, model, calib, **kwargs))
 
 
