@@ -19,6 +19,7 @@ biases, the gate nonlinearities and the cell state stay in float32.
 from __future__ import annotations
 
 import copy
+import itertools
 import warnings
 from typing import Any
 
@@ -229,51 +230,44 @@ class SimulatedRNN(nn.Module):
         seq = (seq if batched else seq.unsqueeze(1)).float()
         if hx is not None and not batched:
             hx = tuple(h.unsqueeze(1) for h in hx) if isinstance(hx, tuple) else hx.unsqueeze(1)
-        h0, c0 = _states(layer, hx, seq.shape[1], seq)
-        directions = 2 if layer.bidirectional else 1
-        h_n, c_n = [], []
-        for k in range(layer.num_layers):
-            xq = self._act(seq)  # the whole sequence at once, as the kernel's input projection
-            outs = []
-            for d in range(directions):
-                j = k * directions + d
-                sfx = f"_l{k}{'_reverse' if d else ''}"
-                xw = F.linear(xq, self.weights_q[2 * j], self._bias(f"bias_ih{sfx}"))
-                w_hh, b_hh = self.weights_q[2 * j + 1], self._bias(f"bias_hh{sfx}")
-                h, c = h0[j], None if c0 is None else c0[j]
-                steps = range(seq.shape[0] - 1, -1, -1) if d else range(seq.shape[0])
-                ys: list[Tensor] = [h] * seq.shape[0]
-                for t in steps:
-                    h, c = self.cell(xw[t], F.linear(self._act(h), w_hh, b_hh), h, c)
-                    ys[t] = h
-                outs.append(torch.stack(ys))
-                h_n.append(h)
-                c_n.append(c)
-            seq = torch.cat(outs, dim=2) if directions == 2 else outs[0]
-        out = seq if not batched else (seq.transpose(0, 1) if layer.batch_first else seq)
+        steps, batch = seq.shape[:2]
+        rows, hidden = self._steps(
+            seq.flatten(0, 1), [batch] * steps, *_states(layer, hx, batch, seq)
+        )
+        out = rows.unflatten(0, (steps, batch))
+        out = out if not batched else (out.transpose(0, 1) if layer.batch_first else out)
         out = out.to(out_dtype) if batched else out.squeeze(1).to(out_dtype)
-        h_t = torch.stack(h_n).to(out_dtype)
-        hidden: Any = h_t
-        if c0 is not None:
-            hidden = (h_t, torch.stack(c_n).to(out_dtype))  # type: ignore[arg-type]
+        hidden = pytree.tree_map_only(Tensor, lambda t: t.to(out_dtype), hidden)
         if not batched:
-            hidden = tuple(t.squeeze(1) for t in hidden) if c0 is not None else h_t.squeeze(1)
+            hidden = pytree.tree_map_only(Tensor, lambda t: t.squeeze(1), hidden)
         return out, hidden
 
     def _packed_sequence(self, x: PackedSequence, hx: Any) -> tuple[PackedSequence, Any]:
-        """A packed sequence as the kernel steps through it: the input projection of each
-        layer from all its steps at once, then at each step the sequences still running (the
-        first ``batch_sizes[t]`` in sorted order), their hidden states quantized together."""
+        """A packed sequence, its states in sorted order (see :meth:`_steps`)."""
+        rows, hidden = self._steps(
+            x.data.float(), x.batch_sizes.tolist(), *_sorted_states(self.inner, hx, x)
+        )
+        out_dtype = x.data.dtype
+        out = PackedSequence(
+            rows.to(out_dtype), x.batch_sizes, x.sorted_indices, x.unsorted_indices
+        )
+        return out, _unsorted(pytree.tree_map_only(Tensor, lambda t: t.to(out_dtype), hidden), x)
+
+    def _steps(
+        self, data: Tensor, sizes: list[int], h0: Tensor, c0: Tensor | None
+    ) -> tuple[Tensor, Any]:
+        """The layers on ``data``, the rows of every step in turn (step ``t``: the first
+        ``sizes[t]`` sequences, those still running, as a packed batch holds them), as the
+        kernel steps through them: each layer's input projection from all its rows at once,
+        then at each step the running sequences' hidden states quantized together. The
+        output rows and the final ``h_n`` (``(h_n, c_n)`` for an LSTM)."""
         layer = self.inner
-        sizes = x.batch_sizes.tolist()
-        starts = [sum(sizes[:t]) for t in range(len(sizes))]
-        h0, c0 = _sorted_states(layer, hx, x)
-        data = x.data.float()
+        starts = [0, *itertools.accumulate(sizes)]
         directions = 2 if layer.bidirectional else 1
         h_n: list[Tensor] = []
         c_n: list[Tensor | None] = []
         for k in range(layer.num_layers):
-            xq = self._act(data)
+            xq = self._act(data)  # all steps at once, as the kernel's input projection
             outs = []
             for d in range(directions):
                 j = k * directions + d
@@ -286,20 +280,17 @@ class SimulatedRNN(nn.Module):
                     n, rows = sizes[t], xw[starts[t] : starts[t] + sizes[t]]
                     hw = F.linear(self._act(h[:n]), w_hh, b_hh)
                     h_t, c_t = self.cell(rows, hw, h[:n], None if c is None else c[:n])
-                    h = torch.cat([h_t, h[n:]])  # finished sequences keep their last state
-                    c = None if c is None or c_t is None else torch.cat([c_t, c[n:]])
+                    # the sequences that finished keep their last state
+                    h = h_t if n == len(h) else torch.cat([h_t, h[n:]])
+                    if c is not None and c_t is not None:
+                        c = c_t if n == len(c) else torch.cat([c_t, c[n:]])
                     ys[t] = h_t
                 outs.append(torch.cat(ys))
                 h_n.append(h)
                 c_n.append(c)
             data = torch.cat(outs, dim=1) if directions == 2 else outs[0]
-        out_dtype = x.data.dtype
-        out = PackedSequence(
-            data.to(out_dtype), x.batch_sizes, x.sorted_indices, x.unsorted_indices
-        )
-        h_t = torch.stack(h_n).to(out_dtype)
-        hidden: Any = h_t if c0 is None else (h_t, torch.stack(c_n).to(out_dtype))  # type: ignore[arg-type]
-        return out, _unsorted(hidden, x)
+        h_t = torch.stack(h_n)
+        return data, h_t if c0 is None else (h_t, torch.stack(c_n))  # type: ignore[arg-type]
 
     def extra_repr(self) -> str:
         return f"{self.layer_type}, scheme={self.scheme.name!r}"
