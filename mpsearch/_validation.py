@@ -45,11 +45,30 @@ def wrong_type(argument: str, value: Any, accepted: str) -> InvalidTypeError:
 
 
 def check_module(value: Any, argument: str = "model") -> None:
-    """Raise :class:`InvalidTypeError` unless ``value`` is a ``torch.nn.Module``."""
+    """Raise :class:`InvalidTypeError` unless ``value`` is a ``torch.nn.Module`` (and not
+    ``torch.compile``'s wrapper of one: its compiled graph would not see the layers mpsearch
+    replaces, and a "quantized" model would run the original weights).
+
+    >>> import torch
+    >>> check_module(torch.compile(torch.nn.Linear(2, 2)))
+    Traceback (most recent call last):
+    ...
+    mpsearch._validation.InvalidTypeError: The 'model' argument must be a torch.nn.Module, not torch.compile's wrapper of one (pass model._orig_mod, the module it compiles: mpsearch replaces its layers, which the compiled graph would not see; compile the quantized model afterwards). Got OptimizedModule instead.
+    """
     from torch import nn
 
     if not isinstance(value, nn.Module):
         raise wrong_type(argument, value, "a torch.nn.Module")
+    if type(value).__name__ == "OptimizedModule" and isinstance(
+        getattr(value, "_orig_mod", None), nn.Module
+    ):
+        raise wrong_type(
+            argument,
+            value,
+            "a torch.nn.Module, not torch.compile's wrapper of one (pass model._orig_mod, the "
+            "module it compiles: mpsearch replaces its layers, which the compiled graph would "
+            "not see; compile the quantized model afterwards)",
+        )
 
 
 def invalid(argument: str, value: Any, accepted: str, *, kind: str = "argument") -> ValueError:

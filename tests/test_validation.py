@@ -43,3 +43,18 @@ def test_wrong_type_wording() -> None:
     check_module(nn.Linear(2, 2))
     with pytest.raises(InvalidTypeError, match="'net' argument .* Got str"):
         check_module("x", "net")
+
+
+def test_a_torch_compile_wrapper_is_refused_before_any_work() -> None:
+    """Bug: quantizing ``torch.compile(model)`` gave a model whose compiled graph still ran
+    the original layers (w8a8 output equal to fp32's), and the profile's rows were NaN."""
+    compiled = torch.compile(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)).eval())
+    calib = [torch.randn(4, 8)]
+    for call in (
+        lambda: mps.quantize(compiled, "w8a8", backend="cpu", calib=calib),
+        lambda: mps.profile(compiled, calib, schemes=["w8a8"], progress=False),
+        lambda: mps.measure_cost(compiled, calib[0], schemes=["w8a8"]),
+    ):
+        with pytest.raises(InvalidTypeError, match=r"torch.compile's wrapper.*model._orig_mod"):
+            call()
+    assert mps.quantize(compiled._orig_mod, "w8a8", backend="cpu", calib=calib) is not None
