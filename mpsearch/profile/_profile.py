@@ -35,6 +35,7 @@ from mpsearch.profile._e2e import (
     picked_samples,
     rows_per_sample,
     total_samples,
+    whole_batches,
 )
 from mpsearch.profile._emulate import compute_paths, profile_layer
 from mpsearch.profile._hessian import hutchinson_traces
@@ -50,7 +51,13 @@ from mpsearch.profile._metrics import (
 )
 from mpsearch.profile._options import ProfileOptions
 from mpsearch.profile._result import COLUMNS, SensitivityProfile
-from mpsearch.profile._runner import GraphRunner, Runner, build_runner, checked_output
+from mpsearch.profile._runner import (
+    GraphRunner,
+    Runner,
+    build_runner,
+    checked_output,
+    slices_by_sample,
+)
 from mpsearch.rounding import Rounder, RoundingOptions
 from mpsearch.rounding._stats import rounding_unsupported
 from mpsearch.schemes import Scheme, fake_quantize, get_scheme
@@ -264,7 +271,7 @@ class _RowPlan:
     n_samples: int
     downstream: float
     n_e2e: int
-    pick: str  # which samples the e2e errors use: "all", "first" or "uncertain"
+    pick: str  # which samples the e2e errors use: "all", "first", "uncertain" or "batches"
     skip: dict[tuple[str, str], str] = field(default_factory=dict)
     rows: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
     todo: dict[str, list[Scheme]] = field(default_factory=dict)
@@ -356,9 +363,15 @@ def _pick(req: _Request, runner: Runner, e2e_name: str, subset: bool) -> str:
     (0.762). Where a sample holds many distributions (a language model's tokens) the first
     ones are already a mixed sample and picking by mean entropy ranked no better
     (``benchmarks/bench_e2e_samples.py``), so ``"uncertain"`` is used for one distribution
-    per sample only."""
+    per sample only.
+
+    Where cutting a batch's tensors by their leading dimension does not cut it into samples
+    (a sequence-first model: ``[time, batch, ...]``; checked by :func:`slices_by_sample`), the
+    first whole batches holding ``n_e2e`` samples are used (``"batches"``)."""
     if not subset:
         return "all"
+    if not slices_by_sample(runner):
+        return "batches"
     one_row = rows_per_sample(runner.outputs[0]) == 1
     return (
         "uncertain"
@@ -373,6 +386,8 @@ def _e2e_batches(batches: Sequence[Batch], runner: Runner, plan: _RowPlan) -> Se
         return batches
     if plan.pick == "uncertain":
         return picked_samples(batches, most_uncertain(runner.all_outputs(), plan.n_e2e))
+    if plan.pick == "batches":
+        return batches[: whole_batches(batches, plan.n_e2e - 1) + 1]
     return first_samples(batches, plan.n_e2e)
 
 

@@ -331,6 +331,10 @@ class GraphRunner:
         """The placeholders' values for ``batch``."""
         return dict(zip(self.placeholders, self.capture.inputs(batch), strict=True))
 
+    def output_of(self, batch: Batch) -> Tensor:
+        """The fp32 output of ``batch`` (the main output tensor, float)."""
+        return self._final(self._execute_all(batch, set()))
+
     def _final(self, env: dict[fx.Node, Any]) -> Tensor:
         """The main output tensor (float) in a completed environment."""
         return self.capture.output(env[self.output_node]).float()
@@ -610,6 +614,27 @@ class _GlobalOnly:
         return None
 
 
+def slices_by_sample(runner: GraphRunner | HookRunner) -> bool:
+    """Whether the first half of the first calibration batch, cut as :func:`first_samples`
+    cuts batches (every tensor by its leading dimension), gives the first half of that
+    batch's fp32 output rows. A sequence-first model's (``[time, batch, ...]``, an
+    ``nn.MultiheadAttention`` default) leading dimension is not its samples: cut so, its
+    mask and its input disagreed and the profile raised."""
+    batch, reference = runner.batches[0], runner.outputs[0]
+    size = batch_size(batch)
+    if size < 2:
+        return True
+    if reference.dim() == 0 or reference.shape[0] != size:
+        return False
+    half = size // 2
+    try:
+        with torch.inference_mode():
+            out = runner.output_of(first_samples([batch], half)[0])
+    except Exception:
+        return False
+    return out.shape == reference[:half].shape and _close(out, reference[:half], 1e-4)
+
+
 def checked_output(i: int, out: Tensor) -> Tensor:
     """``out``, the fp32 output of calibration batch ``i``; raises where it is not finite."""
     if not bool(torch.isfinite(out).all()):
@@ -851,6 +876,10 @@ class HookRunner:
     def downstream_passes(self) -> float:
         """End-to-end work per scheme, in fp32 passes: the whole model once per layer."""
         return float(len(self.called))
+
+    def output_of(self, batch: Batch) -> Tensor:
+        """The fp32 output of ``batch`` (the main output tensor, float)."""
+        return output_tensor(run_model(self.gm, batch)).float()
 
     def prepare_e2e(self, e2e_batches: Sequence[Batch]) -> None:
         """Measure end-to-end errors on ``e2e_batches``: all shared when they are

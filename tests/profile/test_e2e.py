@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -276,6 +278,45 @@ def test_auto_takes_the_first_samples_of_a_sequence_model() -> None:
     assert prof.info["e2e_samples"] < 32 and prof.info["e2e_pick"] == "first"
     first = profile(chain(24), calib, schemes=["w8a8"], e2e_samples=prof.info["e2e_samples"])
     pd.testing.assert_frame_equal(prof.pivot("e2e"), first.pivot("e2e"), check_exact=True)
+
+
+class _SequenceFirst(torch.nn.Module):
+    """``nn.MultiheadAttention``'s default layout: ``x`` is ``[time, batch, features]``, its
+    key padding mask ``[batch, time]``; one output row per sample."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = torch.nn.Linear(8, 32)
+        self.attn = torch.nn.MultiheadAttention(32, 4)
+        self.head = torch.nn.Linear(32, 3)
+
+    def forward(self, x: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+        h = self.emb(x)
+        return self.head(self.attn(h, h, h, key_padding_mask=pad)[0].mean(0))
+
+
+@pytest.mark.parametrize("runner", ["graph:fx", "hooks"])
+def test_whole_batches_are_taken_where_a_batch_does_not_cut_into_samples(
+    runner: str, monkeypatch
+) -> None:
+    """Bug: a sequence-first model's batches were cut by their leading dimension (time) for
+    the end-to-end samples, the mask by its batch: the attention raised and so did the
+    profile. Whole batches are taken instead; their rows are exact mode's on them."""
+    g = torch.Generator().manual_seed(0)
+    calib = []
+    for _ in range(8):
+        pad = torch.zeros(4, 6, dtype=torch.bool)
+        pad[1, 4:] = True
+        calib.append((torch.randn(6, 4, 8, generator=g), pad))
+    model = _SequenceFirst().eval()
+    if runner == "hooks":
+        monkeypatch.setattr(importlib.import_module("mpsearch.profile._runner"), "CAPTURES", {})
+    # batch_size() reads the leading dimension, 6: 8 "samples" lie in the first 2 batches
+    prof = profile(model, calib, schemes=["w8a8", "bf16"], e2e_samples=8, progress=False)
+    assert prof.info["e2e_pick"] == "batches" and prof.info["runner"] == runner
+    exact = profile(model, calib[:2], schemes=["w8a8", "bf16"], e2e_samples=None)
+    np.testing.assert_allclose(prof.pivot("e2e"), exact.pivot("e2e"), rtol=1e-6)
 
 
 def test_auto_measures_local_errors_on_the_least_certain_samples_it_runs(tmp_path) -> None:
