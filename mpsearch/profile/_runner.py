@@ -361,19 +361,9 @@ class GraphRunner:
         no = dict.fromkeys(self.layer_node, False)
         batch = self.e2e_batches[0]
         full = batch_size(batch)
-        if full < 2:
-            return no
         half = full // 2
-        try:
-            with torch.inference_mode():
-                env = self._execute_all(first_samples([batch], half)[0])
-        except Exception:
-            return no
-        out_half = self._final(env)
-        ref = self.reference[0]
-        if out_half.shape[:1] != (half,) or ref.shape[:1] != (full,):
-            return no
-        if not _close(out_half, ref[:half], 1e-4):
+        env = _first_half(batch, self.reference[0], self._execute_all, self._final)
+        if env is None:
             return no
         kinds: dict[fx.Node, str] = {}
         for node in self.keep:
@@ -620,19 +610,31 @@ def slices_by_sample(runner: GraphRunner | HookRunner) -> bool:
     batch's fp32 output rows. A sequence-first model's (``[time, batch, ...]``, an
     ``nn.MultiheadAttention`` default) leading dimension is not its samples: cut so, its
     mask and its input disagreed and the profile raised."""
-    batch, reference = runner.batches[0], runner.outputs[0]
-    size = batch_size(batch)
-    if size < 2:
+    batch = runner.batches[0]
+    if batch_size(batch) < 2:
         return True
-    if reference.dim() == 0 or reference.shape[0] != size:
-        return False
-    half = size // 2
+    return _first_half(batch, runner.outputs[0], runner.output_of, lambda out: out) is not None
+
+
+def _first_half(
+    batch: Batch, reference: Tensor, run: Callable[[Batch], Any], output: Callable[[Any], Tensor]
+) -> Any:
+    """``run`` on the first half of ``batch``'s samples (cut as :func:`first_samples` cuts)
+    where its ``output`` is the first half of ``reference``'s rows (the fp32 output of
+    ``batch``), else ``None`` (also where the run raises, or the batch has one sample)."""
+    full = batch_size(batch)
+    half = full // 2
+    if half < 1 or reference.shape[:1] != (full,):
+        return None
     try:
         with torch.inference_mode():
-            out = runner.output_of(first_samples([batch], half)[0])
+            result = run(first_samples([batch], half)[0])
     except Exception:
-        return False
-    return out.shape == reference[:half].shape and _close(out, reference[:half], 1e-4)
+        return None
+    out = output(result)
+    if out.shape != reference[:half].shape or not _close(out, reference[:half], 1e-4):
+        return None
+    return result
 
 
 def checked_output(i: int, out: Tensor) -> Tensor:
