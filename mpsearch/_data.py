@@ -60,21 +60,38 @@ def run_model(model: nn.Module, batch: Batch) -> Any:
 
 
 def output_tensor(output: Any) -> torch.Tensor:
-    """The main tensor of a model output: the tensor itself, the first of a tuple, ``logits`` of a dict."""
+    """The main tensor of a model output: the tensor itself; ``logits`` (or ``out``,
+    ``output``) of a dict or a ``ModelOutput``; else the first floating-point tensor among a
+    dict's values or a tuple's items, each taken as its own main tensor (the first tensor where
+    none is floating: an audio codec's codes come before its waveform).
+
+    >>> output_tensor((torch.zeros(2, dtype=torch.long), torch.ones(2))).dtype
+    torch.float32
+    """
     if isinstance(output, torch.Tensor):
         return output
     if isinstance(output, Mapping):
         for key in ("logits", "out", "output"):
             if key in output:
                 return output_tensor(output[key])
-        return output_tensor(next(iter(output.values())))
-    if isinstance(output, (tuple, list)) and output:
-        return output_tensor(output[0])
-    if hasattr(output, "logits"):
+        items = list(output.values())
+    elif isinstance(output, (tuple, list)):
+        items = list(output)
+    elif hasattr(output, "logits"):
         return output_tensor(output.logits)
-    raise TypeError(
-        f"Cannot find an output tensor in a model output of type {type(output).__name__}."
-    )
+    else:
+        items = []
+    found = []
+    for item in items:
+        try:
+            found.append(output_tensor(item))
+        except TypeError:  # None, a cache object...
+            continue
+    if not found:
+        raise TypeError(
+            f"Cannot find an output tensor in a model output of type {type(output).__name__}."
+        )
+    return next((t for t in found if t.is_floating_point() or t.is_complex()), found[0])
 
 
 def batch_size(batch: Batch) -> int:

@@ -18,7 +18,6 @@ few rows) on the many rows of an unfolded input, and exact to the simulation.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -221,11 +220,18 @@ class Im2colWeightOnlyConv(RealLayer):
         return self.geometry.output(self.linear(cols)).to(out_dtype)
 
 
+_CONV_KINDS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, *TRANSPOSED_CONV_TYPES)
+
+
 def settings_of(layer: nn.Module) -> nn.Module:
-    """``layer`` without its tensors (a shallow copy): the settings :func:`layer_forward` and
+    """``layer`` without its tensors, as its plain convolution type (a weight-normed layer's
+    parametrized class cannot be copied): the settings :func:`layer_forward` and
     :func:`from_rows` read (stride, padding and its mode, groups...), holding no weight."""
-    shell = copy.copy(layer)
-    shell._parameters, shell._buffers, shell._modules = {}, {}, {}
+    kind = next(k for k in _CONV_KINDS if isinstance(layer, k))
+    shell = kind.__new__(kind)
+    tensors = ("_parameters", "_buffers", "_modules")
+    shell.__dict__.update({k: v for k, v in vars(layer).items() if k not in tensors})
+    shell.__dict__.update({k: {} for k in tensors})
     return shell
 
 
@@ -300,7 +306,7 @@ CONV_KERNELS: KernelTable = {
         "codes packed in bytes, dequantized per call + the float convolution (any groups)",
         fan_in_group_check,
     )
-    for kind in (*CONV_TYPES, nn.Conv3d, *TRANSPOSED_CONV_TYPES)
+    for kind in _CONV_KINDS
     for scheme in _WEIGHT_ONLY_LINEAR
 }
 """The default weight-only convolution kernels of the ``cpu`` backend, for every convolution

@@ -331,7 +331,10 @@ def _main_output(out: Any) -> Any:
     def mark(leaf: Any) -> Any:
         if not isinstance(leaf, fx.Proxy):
             return leaf
-        marker = torch.empty(0)
+        examples = getattr(leaf.tracer, "examples_of", None)  # fx(values): the value's dtype
+        example = examples(leaf.node)[0] if examples is not None else None
+        dtype = example.dtype if isinstance(example, Tensor) else torch.float32
+        marker = torch.empty(0, dtype=dtype)
         proxies[id(marker)] = leaf
         return marker
 

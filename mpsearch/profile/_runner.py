@@ -224,7 +224,10 @@ class GraphRunner:
                 if any(a in down for a in node.all_input_nodes):
                     down.add(node)
             # a layer called once: its quantized output is given, the nodes after it re-run;
-            # called more often: every call runs (in place of the layer) with what precedes it
+            # called more often: every call runs (in place of the layer) with what precedes it.
+            # The output always runs: a layer may not reach the main output (an audio codec's
+            # decoder where that output is a loss), which its variants then leave unchanged
+            down.add(self.output_node)
             suffix = [n for n in self.nodes if n in down and (n is not start or len(found) > 1)]
             border = {a for n in suffix for a in n.all_input_nodes if a not in down}
             self.suffix[name] = suffix

@@ -180,7 +180,15 @@ def test_a_transposed_conv_is_quantized_per_output_channel(layer: nn.Module) -> 
 
 
 @pytest.mark.parametrize(
-    "layer", [*TRANSPOSED, nn.Conv3d(3, 4, 3, padding=1)], ids=lambda m: type(m).__name__
+    "layer",
+    [
+        *TRANSPOSED,
+        nn.Conv3d(3, 4, 3, padding=1),
+        # a vocoder's upsampler (HiFi-GAN, EnCodec): its class, made by the parametrization,
+        # cannot be copied (DequantConv copied it for its settings)
+        nn.utils.parametrizations.weight_norm(nn.ConvTranspose1d(4, 6, 8, stride=4)),
+    ],
+    ids=lambda m: type(m).__name__,
 )
 def test_conv3d_and_transposed_convs_run_float_and_weight_only_schemes_on_cpu(
     layer: nn.Module,

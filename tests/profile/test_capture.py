@@ -430,6 +430,41 @@ def test_a_packed_sequence_model_takes_the_graph_runner(monkeypatch) -> None:
     _assert_same_rows(graph, _hooks(monkeypatch, model, calib, **kwargs))
 
 
+class _Codec(torch.nn.Module):
+    """An audio codec's outputs: integer codes, then the decoded waveform (``loss_first``: a
+    loss of the encoder's alone, first, as DAC's output starts)."""
+
+    def __init__(self, *, loss_first: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.loss_first = loss_first
+        self.enc = torch.nn.Conv1d(1, 8, 4, stride=2)
+        self.dec = torch.nn.ConvTranspose1d(8, 1, 4, stride=2)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        z = torch.tanh(self.enc(x))
+        audio = self.dec(z)
+        if self.loss_first:
+            return z.pow(2).mean((1, 2)), audio  # per sample
+        return (z > 0).long().sum(1), audio
+
+
+@pytest.mark.parametrize("loss_first", [False, True])
+def test_a_codec_s_main_output_and_a_layer_that_does_not_reach_it(loss_first, monkeypatch) -> None:
+    """The main output is the first floating-point one (the waveform, not the codes before
+    it). Bug: a layer that does not reach the main output (the decoder, under the encoder's
+    loss) raised KeyError in the graph runner; its variants leave the output unchanged.
+    Rows equal the hook runner's."""
+    model, calib = _Codec(loss_first=loss_first).eval(), batches(2, 4, 1, 32)
+    kwargs = {"schemes": ["bf16", "w8a16"], "progress": False, "e2e_samples": None}
+    _only(monkeypatch, "fx(values)")  # its graph ends at the main output
+    graph = profile(model, calib, **kwargs)
+    assert graph.info["runner"] == "graph:fx(values)"
+    e2e = graph.pivot("e2e")
+    assert (e2e.loc["dec"] == 0).all() if loss_first else (e2e.loc["dec"] > 0).all()
+    _assert_same_rows(graph, _hooks(monkeypatch, model, calib, **kwargs))
+
+
 class Untraceable(torch.nn.Module):
     """Data-dependent control flow: no capture works."""
 
