@@ -31,8 +31,10 @@ from mpsearch.layers._layers import (
 from mpsearch.plan import PrecisionPlan
 from mpsearch.rounding import Rounder
 from mpsearch.rounding._rounder import rounded_layers
-from mpsearch.schemes import Observer, Scheme, get_scheme
+from mpsearch.schemes import SCHEMES, Observer, Scheme, get_scheme
+from mpsearch.schemes._formats import FORMATS
 from mpsearch.schemes._observers import make_observer
+from mpsearch.schemes._rounding import choice_name, split_choice
 
 PlanLike = PrecisionPlan | Mapping[str, str] | str
 
@@ -93,6 +95,80 @@ def range_of(
     prefix = f"{name}."
     found = {k[len(prefix) :]: v for k, v in ranges.items() if k.startswith(prefix)}
     return found or None
+
+
+def runnable_plan(
+    model: nn.Module, plan: PrecisionPlan, backend: Backend, *, warn: bool = False
+) -> PrecisionPlan:
+    """``plan``, where the scheme its default or a regex rule gives a layer has no kernel on
+    ``backend`` for that layer, with that layer named in the nearest scheme the backend runs
+    it in without losing precision (:func:`runnable_variant`: ``w8a8`` -> ``w8a16`` on a
+    transposed convolution, which has no int8 x int8 kernel on ``cpu``): a uniform plan runs
+    on a model whose layers the backend runs in part in the plan's scheme. ``plan`` itself
+    where nothing changes; a scheme named for one layer, or one the backend runs on none of
+    the model's layers (``fp8`` on ``cpu``), is kept (``quantize`` refuses it, naming what the
+    backend runs). ``warn``: a warning names the layers that take another scheme.
+
+    >>> net = nn.Sequential(nn.ConvTranspose1d(4, 4, 2), nn.Flatten(), nn.Linear(20, 2))
+    >>> runnable_plan(net, PrecisionPlan(default="w8a8"), get_backend("cpu")).rules
+    {'0': 'w8a16'}
+    """
+    if not backend.real:
+        return plan
+    layers = quantizable_layers(model)
+    choices = plan.resolve_choices(model)
+    runs = {n: not backend.unsupported_reason(layers[n], get_scheme(c)) for n, c in choices.items()}
+    # a scheme the backend runs on none of the model's layers (fp8 on cpu) is not substituted
+    somewhere = {c for n, c in choices.items() if runs[n]}
+    changed = {}
+    for name, choice in choices.items():
+        if name in plan.rules or runs[name] or choice not in somewhere:
+            continue
+        base, rounding = split_choice(choice)
+        variant = runnable_variant(layers[name], get_scheme(base), backend)
+        if variant is not None:
+            changed[name] = choice_name(variant.name, rounding)
+    if not changed:
+        return plan
+    if warn:
+        given = plan.resolve_choices(model)
+        moved = [f"{n} ({given[n]} -> {c})" for n, c in changed.items()]
+        shown = ", ".join(moved[:5]) + (", ..." if len(moved) > 5 else "")
+        warnings.warn(
+            f"{len(moved)} layer(s) take the nearest scheme the {backend.name!r} backend runs "
+            f"them in, having no kernel of the plan's for them: {shown}",
+            stacklevel=3,
+        )
+    return PrecisionPlan({**plan.rules, **changed}, default=plan.default, metadata=plan.metadata)
+
+
+def runnable_variant(layer: nn.Module, scheme: Scheme, backend: Backend) -> Scheme | None:
+    """The registered scheme ``backend`` runs ``layer`` in whose weight and activation formats
+    are each at least as wide as ``scheme``'s, the narrowest first (weight bits, then
+    activation bits, then ``scheme``'s weight granularity); ``None`` where there is none."""
+    wanted = _widths(scheme)
+    shapes = weight_shapes(layer)
+    found = [
+        s
+        for s in SCHEMES.values()
+        if all(w >= v for w, v in zip(_widths(s), wanted, strict=True))
+        and not any(s.applicability_error(shape) for shape in shapes)
+        and not backend.unsupported_reason(layer, s)
+    ]
+    granularity = scheme.weight.granularity
+    return min(
+        found,
+        key=lambda s: (*_widths(s), s.weight.granularity != granularity, s.name),
+        default=None,
+    )
+
+
+def _widths(scheme: Scheme) -> tuple[int, int]:
+    """Bits of ``scheme``'s weight format and of its activations (its compute dtype where
+    they are only cast)."""
+    act = scheme.activation
+    act_format = act.format if act is not None and not act.is_identity else scheme.compute_dtype
+    return FORMATS[scheme.weight.format].bits, FORMATS[act_format].bits
 
 
 def check_assignment(model: nn.Module, assignment: Mapping[str, str], backend: Backend) -> None:
@@ -212,6 +288,7 @@ def quantize(
     check_module(model)
     plan = as_plan(plan)
     impl = _with_plan_kernels(get_backend(backend), plan)
+    plan = runnable_plan(model, plan, impl, warn=True)
     choices = plan.resolve_choices(model)
     assignment = plan.resolve(model)
     check_assignment(model, assignment, impl)

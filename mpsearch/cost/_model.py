@@ -24,6 +24,7 @@ from mpsearch.backends._quantize import (
     PlanLike,
     applicability_error,
     as_plan,
+    runnable_plan,
     tensor_slots,
     tied_followers,
     tied_groups,
@@ -301,7 +302,7 @@ class CostModel:
         """``{layer: scheme}`` of ``plan`` over the measured layers and the ones the model never
         calls (they cost bytes, not time); refuses pairs not measured or not supported (with
         the reason)."""
-        resolved = as_plan(plan).resolve(self.model)
+        resolved = runnable_plan(self.model, as_plan(plan), self.backend).resolve(self.model)
         problems = []
         for name, scheme in resolved.items():
             if name in self.never_called:
@@ -718,10 +719,13 @@ class _Job:
                 point = self.uniform_point(s, rows)
             points.append(point)
             # the variant a plan of ``s`` gives a layer whose shape ``s`` cannot take (w4a16's
-            # groups of 32 at fan-in 9: w4a16_pc), so that plan has a cost
-            for n, sub in PrecisionPlan.uniform(s.name).substitutions(self.model).items():
-                if n in self.names and (n, sub.used) not in rows:
-                    rows[(n, sub.used)] = self.row(all_layers[n], n, get_scheme(sub.used))
+            # groups of 32 at fan-in 9: w4a16_pc) or the backend runs no kernel of ``s`` for
+            # (w8a8 on a transposed convolution: w8a16), so that plan has a cost
+            uniform = PrecisionPlan.uniform(s.name)
+            used = runnable_plan(self.model, uniform, self.impl).resolve(self.model)
+            for n, scheme in used.items():
+                if n in self.names and (n, scheme) not in rows:
+                    rows[(n, scheme)] = self.row(all_layers[n], n, get_scheme(scheme))
         order = {n: i for i, n in enumerate(self.names)}
         ordered = [rows[k] for k in sorted(rows, key=lambda k: order[k[0]])]  # stable: by layer
         table = pd.DataFrame(ordered, columns=COLUMNS)

@@ -16,7 +16,7 @@ from mpsearch._data import output_tensor
 from mpsearch._io import atomic_path
 from mpsearch._validation import check_module, exception_line, invalid, unknown
 from mpsearch.backends import collect_activation_ranges, get_backend
-from mpsearch.backends._quantize import PlanLike, as_plan, check_assignment
+from mpsearch.backends._quantize import PlanLike, as_plan, check_assignment, runnable_plan
 from mpsearch.export._artifacts import (
     build_quantized,
     export_program,
@@ -399,6 +399,7 @@ def export_plan(
     if not isinstance(backend, str):
         raise invalid("backend", backend, "a backend name")
     example, inputs = _check_inputs(model, example_input, check_inputs)
+    plan = runnable_plan(model, plan, get_backend(backend), warn=True)  # what the files hold
     assignment = plan.resolve(model)
     choices = plan.resolve_choices(model)
     done = rounded_layers(model)

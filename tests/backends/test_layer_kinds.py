@@ -216,7 +216,7 @@ def test_conv3d_and_transposed_convs_run_float_and_weight_only_schemes_on_cpu(
         with torch.inference_mode():
             assert torch.equal(real(x), simulated(x))
     with pytest.raises(ValueError, match=r"runs in float and weight-only schemes.*'w8a16'"):
-        quantize(net, "w8a8", backend="cpu")
+        quantize(net, {"0": "w8a8"}, backend="cpu")  # named for the layer: refused
 
 
 class VideoUpsampler(nn.Module):
@@ -232,6 +232,42 @@ class VideoUpsampler(nn.Module):
     def forward(self, clip: torch.Tensor) -> torch.Tensor:
         x = torch.relu(self.bn(self.stem(clip))).mean(2)  # [B, 8, H, W]
         return self.head(torch.relu(self.up(x)).mean((2, 3)))
+
+
+def test_a_uniform_plan_runs_on_layers_without_its_kernel(tmp_path) -> None:
+    """Bug: uniform w8a8 on a model with a transposed or 3-D convolution was refused on the
+    cpu backend (no int8 x int8 kernel for them): a uniform plan on a U-Net, a vocoder or a
+    video model could not run. Such a layer takes the nearest scheme the backend runs it in
+    without losing precision (w8a16), with a warning; the cost model prices it so and the
+    exported plan records it. A scheme named for the layer is still refused."""
+    from mpsearch.backends._quantize import runnable_variant
+    from mpsearch.cost import held_bytes
+    from mpsearch.schemes import get_scheme
+
+    cpu = mps.get_backend("cpu")
+    up = nn.ConvTranspose2d(8, 8, 2, stride=2)
+    assert runnable_variant(up, get_scheme("w8a8"), cpu).name == "w8a16"
+    assert runnable_variant(up, get_scheme("w4a8"), cpu).name == "w4a16"  # groups kept
+    assert runnable_variant(nn.LSTM(32, 32), get_scheme("w4a16"), cpu).name == "bf16"
+    torch.manual_seed(0)
+    model = VideoUpsampler().eval()
+    clip = torch.randn(2, 3, 2, 8, 8)
+    with pytest.warns(UserWarning, match=r"2 layer\(s\).*stem \(w8a8 -> w8a16\), up \(w8a8"):
+        q = quantize(model, "w8a8", backend="cpu")
+    same = quantize(
+        model, mps.PrecisionPlan({"stem": "w8a16", "up": "w8a16"}, default="w8a8"), backend="cpu"
+    )
+    with torch.inference_mode():
+        assert torch.equal(q(clip), same(clip))
+    cost = mps.measure_cost(model, clip, schemes=["w8a8"], repeats=1, warmup=0)
+    assert cost.memory_bytes("w8a8") == held_bytes(q)
+    with pytest.warns(UserWarning, match="nearest scheme"):
+        written = mps.export_plan(model, "w8a8", tmp_path, example_input=clip, formats=["plan"])
+    assert written is not None
+    saved = mps.PrecisionPlan.load(tmp_path / "plan.json").resolve(model)
+    assert saved == {"stem": "w8a16", "up": "w8a16", "head": "w8a8"}
+    with pytest.raises(ValueError, match="no real kernel for 'w8a8' on ConvTranspose2d"):
+        quantize(model, {"up": "w8a8"}, backend="cpu")
 
 
 def test_a_model_of_3d_and_transposed_convs_runs_the_whole_pipeline(tmp_path) -> None:
