@@ -131,8 +131,7 @@ def runnable_plan(
     if not changed:
         return plan
     if warn:
-        given = plan.resolve_choices(model)
-        moved = [f"{n} ({given[n]} -> {c})" for n, c in changed.items()]
+        moved = [f"{n} ({choices[n]} -> {c})" for n, c in changed.items()]
         shown = ", ".join(moved[:5]) + (", ..." if len(moved) > 5 else "")
         warnings.warn(
             f"{len(moved)} layer(s) take the nearest scheme the {backend.name!r} backend runs "
