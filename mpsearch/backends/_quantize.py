@@ -117,12 +117,19 @@ def runnable_plan(
         return plan
     layers = quantizable_layers(model)
     choices = plan.resolve_choices(model)
-    runs = {n: not backend.unsupported_reason(layers[n], get_scheme(c)) for n, c in choices.items()}
+
+    def runs(name: str) -> bool:
+        return not backend.unsupported_reason(layers[name], get_scheme(choices[name]))
+
+    missing = [n for n in choices if n not in plan.rules and not runs(n)]
+    if not missing:  # a search's plans name every layer: nothing to look up further
+        return plan
     # a scheme the backend runs on none of the model's layers (fp8 on cpu) is not substituted
-    somewhere = {c for n, c in choices.items() if runs[n]}
+    somewhere = {c for n, c in choices.items() if n not in missing and runs(n)}
     changed = {}
-    for name, choice in choices.items():
-        if name in plan.rules or runs[name] or choice not in somewhere:
+    for name in missing:
+        choice = choices[name]
+        if choice not in somewhere:
             continue
         base, rounding = split_choice(choice)
         variant = runnable_variant(layers[name], get_scheme(base), backend)

@@ -302,7 +302,11 @@ class CostModel:
         """``{layer: scheme}`` of ``plan`` over the measured layers and the ones the model never
         calls (they cost bytes, not time); refuses pairs not measured or not supported (with
         the reason)."""
-        resolved = runnable_plan(self.model, as_plan(plan), self.backend).resolve(self.model)
+        plan = as_plan(plan)
+        resolved = plan.resolve(self.model)
+        if any(n not in plan.rules and self._lacks(n, s) for n, s in resolved.items()):
+            # a default or regex rule gives a layer a scheme the backend has no kernel of there
+            resolved = runnable_plan(self.model, plan, self.backend).resolve(self.model)
         problems = []
         for name, scheme in resolved.items():
             if name in self.never_called:
@@ -327,6 +331,14 @@ class CostModel:
                 + "\n".join(problems)
             )
         return {n: s for n, s in resolved.items() if n in self.layers or n in self.never_called}
+
+    def _lacks(self, name: str, scheme: str) -> bool:
+        """Whether the backend has no kernel of ``scheme`` for layer ``name`` (looked up in the
+        table where measured; an unmeasured pair is refused by :meth:`assignment` itself)."""
+        if name in self.never_called:
+            layer = self.model.get_submodule(name)
+            return bool(self.backend.unsupported_reason(layer, get_scheme(scheme)))
+        return not self._supported.get((name, scheme), True)
 
     def _layer_bytes(self, name: str, scheme: str) -> int | None:
         """Bytes of ``name`` quantized as ``scheme``, ``None`` where the backend keeps the layer
