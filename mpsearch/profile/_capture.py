@@ -133,8 +133,27 @@ def _symbolic_trace(
     model: nn.Module, layers: Sequence[str], concrete_args: dict[str, Any] | None = None
 ) -> fx.GraphModule:
     """``torch.fx.symbolic_trace(model, concrete_args)`` with ``layers`` kept as leaves."""
-    graph = _LayerTracer(layers).trace(model, concrete_args=concrete_args)
+    with _attributes_kept(model):
+        graph = _LayerTracer(layers).trace(model, concrete_args=concrete_args)
     return fx.GraphModule(model, graph, type(model).__name__)
+
+
+@contextmanager
+def _attributes_kept(model: nn.Module) -> Iterator[None]:
+    """Puts every module's attributes, parameters, buffers and submodules back after a trace:
+    a ``forward`` caching ``self.pe = f(x, self.pe)`` sets a proxy there (Wav2Vec2-Conformer),
+    which the graph would hold and later runs would call."""
+    saved = [
+        (d, dict(d))
+        for m in model.modules()
+        for d in (vars(m), m._parameters, m._buffers, m._modules)
+    ]
+    try:
+        yield
+    finally:
+        for d, items in saved:
+            d.clear()
+            d.update(items)
 
 
 def capture_fx(model: nn.Module, batches: Sequence[Batch], layers: Sequence[str]) -> Capture:
@@ -257,8 +276,6 @@ class _ValueTracer(fx.Tracer):
         return _ValueProxy(node, self)
 
     def _value(self, node: fx.Node, i: int) -> Any:
-        if node.op == "get_attr":
-            return operator.attrgetter(node.target)(self.root)
         return self.values[node][i]
 
     def examples_of(self, node: fx.Node) -> tuple[Any, Any]:
@@ -270,6 +287,8 @@ class _ValueTracer(fx.Tracer):
             self.computing = was
 
     def _compute(self, node: fx.Node, i: int) -> Any:
+        if node.op == "get_attr":
+            return operator.attrgetter(node.target)(self.root)
         args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: self._value(n, i))
         if node.op == "call_function":
             return node.target(*args, **kwargs)
@@ -289,9 +308,8 @@ class _ValueTracer(fx.Tracer):
         node = super().create_node(kind, target, args, kwargs, name, type_expr)
         if kind == "placeholder":
             self.values[node] = self.examples[target]
-        elif kind == "get_attr":
-            self.static.add(node)  # a parameter or buffer: fixed
-        elif kind != "output":
+        elif kind != "output":  # a get_attr (parameter or buffer, static) is read now: the
+            # trace may set the attribute to a proxy next (Wav2Vec2-Conformer's ``self.pe = ...``)
             self.computing = True
             try:
                 self.values[node] = tuple(self._compute(node, i) for i in range(2))
@@ -419,7 +437,7 @@ def capture_fx_values(model: nn.Module, batches: Sequence[Batch], layers: Sequen
     model.__class__ = type(cls.__name__, (cls,), {"forward": namespace["forward"]})
     tracer = _ValueTracer(set(layers), {n: (bound[0][n], bound[1][n]) for n in names})
     try:
-        with torch.inference_mode(), _traceable_factories():
+        with torch.inference_mode(), _traceable_factories(), _attributes_kept(model):
             graph = tracer.trace(model)
     finally:
         model.__class__ = cls

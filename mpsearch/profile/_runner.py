@@ -1080,8 +1080,9 @@ def build_runner(
 
     Each runner works on its own copy of the model. A capture only traces the copy, so one
     that fails leaves it for the next (a copy of a small Hugging Face model costs about as
-    much as the two fx traces that fail on it); a graph that was made, and maybe folded, and
-    then failed its check takes its copy with it."""
+    much as the two fx traces that fail on it: each puts back the attributes its trace set);
+    a graph that was made, and maybe folded, and then failed its check takes its copy with
+    it."""
     has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
     fallbacks: dict[str, str] = {}
     work: nn.Module | None = None

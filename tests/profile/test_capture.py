@@ -465,6 +465,38 @@ def test_a_codec_s_main_output_and_a_layer_that_does_not_reach_it(loss_first, mo
     _assert_same_rows(graph, _hooks(monkeypatch, model, calib, **kwargs))
 
 
+class _CachedTable(DictInput):
+    """A ``forward`` that caches a buffer on its module (Wav2Vec2-Conformer's relative
+    positions: ``self.pe = self.extend_pe(x, self.pe)``), grown only when too short."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("table", torch.randn(1, 40), persistent=False)
+
+    def forward(self, image: torch.Tensor, extra: torch.Tensor) -> torch.Tensor:
+        hidden = self.a(image)
+        if self.table.size(1) < hidden.size(1):  # a shape: fx(values) takes it as a constant
+            self.table = torch.zeros(1, hidden.size(1))
+        self.table = self.table.to(hidden.dtype)
+        return self.head(torch.relu(hidden + self.table[:, : hidden.size(1)] + self.b(extra)))
+
+
+def test_a_forward_that_caches_a_buffer_on_itself_takes_the_graph_runner(monkeypatch) -> None:
+    """The trace set the buffer to a proxy, which its later reads recursed into; each capture
+    now puts the attributes back (the graph holds the buffer itself)."""
+    torch.manual_seed(0)
+    model = _CachedTable().eval()
+    data = _dict_batches(2)
+    kwargs = {"schemes": ["w8a8"], "progress": False, "e2e_samples": None}
+    graph = profile(model, data, **kwargs)
+    assert graph.info["runner"] == "graph:fx(values)"
+    assert "TraceError" in graph.info["runner_fallbacks"]["graph:fx"]
+    _assert_same_rows(graph, _hooks(monkeypatch, model, data, **kwargs))
+    work = _CachedTable().eval()
+    capture = capture_module.capture_fx_values(work, data, ["a", "b", "head"])
+    assert type(work.table) is torch.Tensor and capture.gm.table is work.table
+
+
 class Untraceable(torch.nn.Module):
     """Data-dependent control flow: no capture works."""
 
