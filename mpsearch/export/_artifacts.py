@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -63,8 +64,16 @@ def state_payload(
         "backend": backend,
         "plan_json": plan.to_json(),
         "act_ranges": {name: [float(lo), float(hi)] for name, (lo, hi) in ranges.items()},
-        "state_dict": {k: v.detach().clone() for k, v in qm.state_dict().items()},
+        "state_dict": _detached(qm.state_dict()),
     }
+
+
+def _detached(state: dict[str, torch.Tensor]) -> OrderedDict[str, torch.Tensor]:
+    """A copy of ``state`` keeping its ``_metadata``: each module's state-dict version, which
+    a module's ``_load_from_state_dict`` may require (torchvision's MNASNet refuses ``None``)."""
+    copied = OrderedDict((k, v.detach().clone()) for k, v in state.items())
+    copied._metadata = getattr(state, "_metadata", OrderedDict())  # type: ignore[attr-defined]
+    return copied
 
 
 def load_quantized(model: nn.Module, path: str | Path) -> nn.Module:

@@ -542,3 +542,31 @@ def test_a_w8a8_lstm_model_exports(backend: str, fmt: str, tmp_path: Path) -> No
     if fmt == "program":  # the simulate module holds no packed kernel to swap
         swapped = ["lstm", "head"] if backend == "cpu" else []
         assert res.record(fmt).details["simulated_layers"] == swapped
+
+
+class _Versioned(nn.Module):
+    """A module whose ``_load_from_state_dict`` needs its state-dict version (torchvision's
+    MNASNet raises "version should be set to 1 or 2 instead of None")."""
+
+    _version = 2
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args) -> None:
+        if local_metadata.get("version") != 2:
+            raise ValueError(f"version should be 2 instead of {local_metadata.get('version')}")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args)
+
+
+def test_the_state_dict_keeps_each_modules_version(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model, x = _Versioned().eval(), torch.randn(4, 8)
+    res = export_plan(model, "w8a8", tmp_path, example_input=x, formats=("state_dict",))
+    assert res.record("state_dict").check == 0
+    loaded = load_quantized(_Versioned(), res.paths["state_dict"])
+    assert torch.equal(loaded(x), mps.quantize(model, "w8a8", backend="cpu")(x))
