@@ -7,7 +7,7 @@
 
 from mpsearch.backends import BACKENDS, get_backend, quantize, register_backend
 from mpsearch.cost import CostModel, CostOptions, measure_cost
-from mpsearch.layers import fold_batchnorm, quantizable_layers
+from mpsearch.layers import fold_batchnorm, quantizable_layers, split_attention
 from mpsearch.plan import PrecisionPlan
 from mpsearch.profile import ProfileOptions, SensitivityProfile
 from mpsearch.profile import profile as profile
@@ -73,4 +73,5 @@ __all__ = [
     "run_workers",
     "search",
     "smooth_activations",
+    "split_attention",
 ]

@@ -23,7 +23,7 @@ _REASONS: list[tuple[Callable[[nn.Module], bool], str]] = [
     (
         lambda m: isinstance(m, nn.MultiheadAttention),
         "in_proj_weight is a bare parameter read by F.multi_head_attention_forward, not a "
-        "layer (its out_proj is quantizable)",
+        "layer: mpsearch.split_attention(model) makes it three Linear layers",
     ),
     (
         lambda m: isinstance(m, _NORM_TYPES) or "norm" in type(m).__name__.lower(),
