@@ -10,7 +10,8 @@ which export formats were written and checked, and where a step failed (with the
 Run: ``python benchmarks/bench_architectures.py`` (``--models mistral,t5`` for a subset);
 writes ``benchmarks/results/architectures.md``. Needs ``transformers`` (``.[dev]``). timm
 models (:data:`TIMM`): ``.venv-vision/bin/python benchmarks/bench_architectures.py --family
-timm`` (``scripts/models_venv.sh`` makes that venv), written to ``architectures_timm.md``.
+timm`` (``scripts/models_venv.sh`` makes that venv), written to ``architectures_timm.md``;
+torchvision models (:data:`TORCHVISION`) the same way with ``--family torchvision``.
 """
 
 from __future__ import annotations
@@ -559,12 +560,59 @@ TIMM: dict[str, int] = {
 """timm model name -> image size (``--family timm``: run it in the torchvision/timm venv,
 ``scripts/models_venv.sh``; PyPI's torchvision does not load beside the pinned torch)."""
 
-FAMILIES = {"hf": ARCHITECTURES, "timm": TIMM}
+_SEGMENTATION = {"num_classes": 4, "weights_backbone": None}
+TORCHVISION: dict[str, tuple[str, dict[str, Any], tuple[int, ...]]] = {
+    "fcn_resnet50": ("fcn_resnet50", {**_SEGMENTATION, "aux_loss": False}, (3, 64, 64)),
+    "deeplabv3_mobilenet_v3_large": ("deeplabv3_mobilenet_v3_large", _SEGMENTATION, (3, 64, 64)),
+    "lraspp_mobilenet_v3_large": ("lraspp_mobilenet_v3_large", _SEGMENTATION, (3, 64, 64)),
+    "r3d_18": ("r3d_18", {"num_classes": 5}, (3, 4, 32, 32)),  # Conv3d video classifiers
+    "r2plus1d_18": ("r2plus1d_18", {"num_classes": 5}, (3, 4, 32, 32)),
+    "shufflenet_v2_x0_5": ("shufflenet_v2_x0_5", {"num_classes": 5}, (3, 64, 64)),
+    "squeezenet1_1": ("squeezenet1_1", {"num_classes": 5}, (3, 64, 64)),
+    "googlenet": (
+        "googlenet",
+        {"num_classes": 5, "aux_logits": False, "init_weights": True},
+        (3, 64, 64),
+    ),
+    "mnasnet0_5": ("mnasnet0_5", {"num_classes": 5}, (3, 64, 64)),
+    "regnet_y_400mf": ("regnet_y_400mf", {"num_classes": 5}, (3, 64, 64)),
+    "swin_t": ("swin_t", {"num_classes": 5}, (3, 64, 64)),
+    "vit": (  # nn.MultiheadAttention: its in-projection split into Linear layers
+        "VisionTransformer",
+        {
+            "image_size": 32,
+            "patch_size": 8,
+            "num_layers": 2,
+            "num_heads": 4,
+            "hidden_dim": 64,
+            "mlp_dim": 128,
+            "num_classes": 5,
+        },
+        (3, 32, 32),
+    ),
+}
+"""name -> (builder in ``torchvision.models``, its arguments, one sample's shape)
+(``--family torchvision``, in the venv of ``scripts/models_venv.sh``). A model holding an
+``nn.MultiheadAttention`` goes through :func:`mpsearch.split_attention` first, as its
+coverage note says to."""
+
+FAMILIES = {"hf": ARCHITECTURES, "timm": TIMM, "torchvision": TORCHVISION}
+TITLES = {"hf": "Hugging Face", "timm": "timm", "torchvision": "torchvision"}
 
 
 def build(name: str) -> tuple[torch.nn.Module, Inputs]:
     """The architecture's model (random weights, eval mode) and its input maker."""
     torch.manual_seed(0)
+    if name in TORCHVISION:
+        import torchvision
+
+        import mpsearch as mps
+
+        builder, kwargs, shape = TORCHVISION[name]
+        model = getattr(torchvision.models, builder)(**kwargs)
+        if any(isinstance(m, torch.nn.MultiheadAttention) for m in model.modules()):
+            model = mps.split_attention(model)
+        return model.eval(), lambda n, g: torch.randn(n, *shape, generator=g)
     if name in TIMM:
         import timm
 
@@ -721,9 +769,8 @@ def main() -> None:
 
     family = FAMILIES[args.family]
     names = model_names(parser, args.models or ",".join(family), family)
-    out = args.out or RESULTS.with_name(
-        f"architectures{'_timm' if args.family == 'timm' else ''}.md"
-    )
+    suffix = "" if args.family == "hf" else f"_{args.family}"
+    out = args.out or RESULTS.with_name(f"architectures{suffix}.md")
     started = time.perf_counter()
     rows = []
     for name in names:
@@ -745,8 +792,7 @@ def main() -> None:
     print(summary)
     text = "\n".join(
         [
-            f"# {'timm' if args.family == 'timm' else 'Hugging Face'} architectures through the "
-            "whole pipeline",
+            f"# {TITLES[args.family]} architectures through the whole pipeline",
             "",
             f"CPU: {cpu_model()}; torch {torch.__version__}, 1 thread; schemes {SCHEMES}; "
             f"{args.trials} trials per search; wall time {time.perf_counter() - started:.0f} s. "

@@ -59,18 +59,24 @@ class SplitAttention(nn.Module):
     ) -> tuple[Tensor, Tensor | None]:
         """``nn.MultiheadAttention.forward`` (``F.multi_head_attention_forward``'s steps)."""
         batched = F._mha_shape_check(query, key, value, key_padding_mask, attn_mask, self.num_heads)
+        dense: dict[int, Tensor] = {}  # each input made contiguous once, not by each Linear
+        for x in (query, key, value):
+            if id(x) not in dense:
+                dense[id(x)] = x.contiguous()
+        q = self.q_proj(dense[id(query)])
+        k, v = self.k_proj(dense[id(key)]), self.v_proj(dense[id(value)])
         if self.batch_first and batched:
-            query, key, value = (x.transpose(0, 1) for x in (query, key, value))
+            q, k, v = (x.transpose(0, 1) for x in (q, k, v))
         if not batched:
-            query, key, value = (x.unsqueeze(1) for x in (query, key, value))
+            q, k, v = (x.unsqueeze(1) for x in (q, k, v))
             key_padding_mask = None if key_padding_mask is None else key_padding_mask.unsqueeze(0)
-        tgt_len, bsz, _ = query.shape
+        tgt_len, bsz, _ = q.shape
         key_padding_mask = F._canonical_mask(
             mask=key_padding_mask,
             mask_name="key_padding_mask",
             other_type=F._none_or_dtype(attn_mask),
             other_name="attn_mask",
-            target_type=query.dtype,
+            target_type=q.dtype,
         )
         if is_causal and attn_mask is None:
             raise RuntimeError("Need attn_mask if specifying the is_causal hint.")
@@ -82,11 +88,10 @@ class SplitAttention(nn.Module):
                 mask_name="attn_mask",
                 other_type=None,
                 other_name="",
-                target_type=query.dtype,
+                target_type=q.dtype,
                 check_other=False,
             )
             is_causal = is_causal and key_padding_mask is None
-        q, k, v = self.q_proj(query), self.k_proj(key), self.v_proj(value)
         if attn_mask is not None and attn_mask.dim() == 2:
             attn_mask = attn_mask.unsqueeze(0)
         if self.bias_k is not None and self.bias_v is not None:
