@@ -609,7 +609,10 @@ def build(name: str) -> tuple[torch.nn.Module, Inputs]:
         import mpsearch as mps
 
         builder, kwargs, shape = TORCHVISION[name]
-        model = getattr(torchvision.models, builder)(**kwargs)
+        if builder in torchvision.models.list_models():  # segmentation and video ones too
+            model = torchvision.models.get_model(builder, weights=None, **kwargs)
+        else:
+            model = getattr(torchvision.models, builder)(**kwargs)
         if any(isinstance(m, torch.nn.MultiheadAttention) for m in model.modules()):
             model = mps.split_attention(model)
         return model.eval(), lambda n, g: torch.randn(n, *shape, generator=g)
