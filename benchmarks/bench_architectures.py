@@ -577,7 +577,7 @@ TORCHVISION: dict[str, tuple[str, dict[str, Any], tuple[int, ...]]] = {
     "mnasnet0_5": ("mnasnet0_5", {"num_classes": 5}, (3, 64, 64)),
     "regnet_y_400mf": ("regnet_y_400mf", {"num_classes": 5}, (3, 64, 64)),
     "swin_t": ("swin_t", {"num_classes": 5}, (3, 64, 64)),
-    "vit": (  # nn.MultiheadAttention: its in-projection split into Linear layers
+    "vision_transformer": (  # nn.MultiheadAttention: its in-projection split into Linears
         "VisionTransformer",
         {
             "image_size": 32,

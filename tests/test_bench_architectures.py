@@ -8,10 +8,15 @@ from helpers import benchmark_module
 
 
 @pytest.fixture(scope="module")
-def bench():
-    pytest.importorskip("transformers")
+def script():
     with benchmark_module("bench_architectures") as module:
         yield module
+
+
+@pytest.fixture(scope="module")
+def bench(script):
+    pytest.importorskip("transformers")
+    return script
 
 
 def test_every_architecture_builds_and_takes_its_inputs(bench) -> None:
@@ -21,6 +26,19 @@ def test_every_architecture_builds_and_takes_its_inputs(bench) -> None:
         model, inputs = bench.build(name)
         with torch.inference_mode():
             model(**inputs(2, torch.Generator().manual_seed(0)))
+
+
+def test_every_torchvision_model_builds_and_attention_is_split(script) -> None:
+    """Runs in the torchvision venv (``scripts/models_venv.sh``); skipped elsewhere."""
+    assert not set(script.TORCHVISION) & (set(script.ARCHITECTURES) | set(script.TIMM))
+    pytest.importorskip("torchvision")
+    import torch
+
+    for name in script.TORCHVISION:
+        model, inputs = script.build(name)
+        assert not any(isinstance(m, torch.nn.MultiheadAttention) for m in model.modules())
+        with torch.inference_mode():
+            model(inputs(2, torch.Generator().manual_seed(0)))
 
 
 @pytest.mark.slow
