@@ -529,6 +529,121 @@ ARCHITECTURES: dict[str, tuple[str, str, dict[str, Any], Inputs]] = {
         },
         _spectrogram,
     ),
+    # more architectures: a relative-position table cached on its module by forward
+    # (Wav2Vec2-Conformer), segmentation and depth heads, TF-style "same" padding, a
+    # multi-query decoder, an RNN-style LM, a recurrent/attention hybrid, two-stream
+    # relative attention on bare parameters (XLNet), Fourier token mixing (FNet)
+    "wav2vec2_conformer": (
+        "Wav2Vec2ConformerConfig",
+        "Wav2Vec2ConformerForSequenceClassification",
+        {
+            **_SMALL,
+            "conv_dim": (32, 32),
+            "conv_stride": (5, 2),
+            "conv_kernel": (10, 3),
+            "num_conv_pos_embeddings": 16,
+            "num_conv_pos_embedding_groups": 4,
+            "conv_depthwise_kernel_size": 7,
+            "position_embeddings_type": "relative",
+            "num_labels": 3,
+        },
+        _wave,
+    ),
+    "segformer": (
+        "SegformerConfig",
+        "SegformerForSemanticSegmentation",
+        {
+            "num_encoder_blocks": 2,
+            "depths": [1, 1],
+            "sr_ratios": [2, 1],
+            "hidden_sizes": [16, 32],
+            "patch_sizes": [7, 3],
+            "strides": [4, 2],
+            "num_attention_heads": [1, 2],
+            "decoder_hidden_size": 32,
+            "num_labels": 4,
+        },
+        _images,
+    ),
+    "dpt": (
+        "DPTConfig",
+        "DPTForDepthEstimation",
+        {
+            "hidden_size": 32,
+            "num_hidden_layers": 4,
+            "num_attention_heads": 2,
+            "intermediate_size": 64,
+            "image_size": 32,
+            "patch_size": 8,
+            "backbone_out_indices": [0, 1, 2, 3],
+            "neck_hidden_sizes": [8, 16, 32, 32],
+            "fusion_hidden_size": 16,
+        },
+        _images,
+    ),
+    "mobilenet_v2": (
+        "MobileNetV2Config",
+        "MobileNetV2ForImageClassification",
+        {**_VISION, "depth_multiplier": 0.35},
+        _images,
+    ),
+    "gpt_bigcode": (
+        "GPTBigCodeConfig",
+        "GPTBigCodeForCausalLM",
+        {
+            "vocab_size": VOCAB,
+            "n_embd": 64,
+            "n_layer": 2,
+            "n_head": 4,
+            "n_positions": 64,
+            "multi_query": True,
+            "use_cache": False,
+        },
+        _tokens,
+    ),
+    "rwkv": (
+        "RwkvConfig",
+        "RwkvForCausalLM",
+        {
+            "vocab_size": VOCAB,
+            "hidden_size": 64,
+            "num_hidden_layers": 2,
+            "attention_hidden_size": 64,
+            "intermediate_size": 128,
+            "context_length": 64,
+            "use_cache": False,
+        },
+        _ids,
+    ),
+    "recurrent_gemma": (
+        "RecurrentGemmaConfig",
+        "RecurrentGemmaForCausalLM",
+        {
+            **_DECODER,
+            "num_hidden_layers": 3,
+            "num_key_value_heads": 1,
+            "head_dim": 16,
+            "lru_width": 64,
+            "attention_window_size": 16,
+            "conv1d_width": 4,
+            "block_types": ["recurrent", "recurrent", "attention"],
+        },
+        _tokens,
+    ),
+    "xlnet": (
+        "XLNetConfig",
+        "XLNetForSequenceClassification",
+        {
+            "vocab_size": VOCAB,
+            "d_model": 64,
+            "n_layer": 2,
+            "n_head": 4,
+            "d_inner": 128,
+            "num_labels": 3,
+        },
+        _tokens,
+    ),
+    "fnet": ("FNetConfig", "FNetForSequenceClassification", {**_SMALL, "num_labels": 3}, _ids),
 }
 """name -> (config class, model class, config, inputs(n, generator)) in ``transformers``."""
 
@@ -579,16 +694,16 @@ TORCHVISION: dict[str, tuple[str, dict[str, Any], tuple[int, ...]]] = {
     "swin_t": ("swin_t", {"num_classes": 5}, (3, 64, 64)),
     "vision_transformer": (  # nn.MultiheadAttention: its in-projection split into Linears
         "VisionTransformer",
-        {
-            "image_size": 32,
+        {  # ViT-Tiny's widths (192, 3 heads, 768), 4 of its 12 blocks, 64 patches
+            "image_size": 64,
             "patch_size": 8,
-            "num_layers": 2,
-            "num_heads": 4,
-            "hidden_dim": 64,
-            "mlp_dim": 128,
+            "num_layers": 4,
+            "num_heads": 3,
+            "hidden_dim": 192,
+            "mlp_dim": 768,
             "num_classes": 5,
         },
-        (3, 32, 32),
+        (3, 64, 64),
     ),
 }
 """name -> (builder in ``torchvision.models``, its arguments, one sample's shape)
