@@ -142,7 +142,8 @@ def _symbolic_trace(
 def _attributes_kept(model: nn.Module) -> Iterator[None]:
     """Puts every module's attributes, parameters, buffers and submodules back after a trace:
     a ``forward`` caching ``self.pe = f(x, self.pe)`` sets a proxy there (Wav2Vec2-Conformer),
-    which the graph would hold and later runs would call."""
+    which the graph would hold and later runs would call. What the trace added stays, but a
+    proxy: the tracer's own constants (``_tensor_constant0``) are read by the graph."""
     saved = [
         (d, dict(d))
         for m in model.modules()
@@ -152,7 +153,8 @@ def _attributes_kept(model: nn.Module) -> Iterator[None]:
         yield
     finally:
         for d, items in saved:
-            d.clear()
+            for key in [k for k, v in d.items() if k not in items and isinstance(v, fx.Proxy)]:
+                del d[key]
             d.update(items)
 
 

@@ -481,18 +481,31 @@ class _CachedTable(DictInput):
         return self.head(torch.relu(hidden + self.table[:, : hidden.size(1)] + self.b(extra)))
 
 
-def test_a_forward_that_caches_a_buffer_on_itself_takes_the_graph_runner(monkeypatch) -> None:
+class _TensorConstant(_CachedTable):
+    """A tensor made in ``forward`` (Gemma-2's soft-cap, Whisper's positions): the tracer
+    stores it on the model as ``_tensor_constant0``, which the graph reads."""
+
+    def forward(self, image: torch.Tensor, extra: torch.Tensor) -> torch.Tensor:
+        scale = torch.tensor([0.5, 2.0]).repeat(16)
+        return super().forward(image * scale[: image.shape[-1]], extra)
+
+
+@pytest.mark.parametrize("model_class", [_CachedTable, _TensorConstant])
+def test_a_forward_that_caches_a_buffer_on_itself_takes_the_graph_runner(
+    model_class, monkeypatch
+) -> None:
     """The trace set the buffer to a proxy, which its later reads recursed into; each capture
-    now puts the attributes back (the graph holds the buffer itself)."""
+    now puts the attributes back (the graph holds the buffer itself) and keeps the constants
+    the tracer added (dropping them sent Gemma-2, Whisper and seven more to the hook runner)."""
     torch.manual_seed(0)
-    model = _CachedTable().eval()
+    model = model_class().eval()
     data = _dict_batches(2)
     kwargs = {"schemes": ["w8a8"], "progress": False, "e2e_samples": None}
     graph = profile(model, data, **kwargs)
     assert graph.info["runner"] == "graph:fx(values)"
-    assert "TraceError" in graph.info["runner_fallbacks"]["graph:fx"]
+    assert "Error" in graph.info["runner_fallbacks"]["graph:fx"]
     _assert_same_rows(graph, _hooks(monkeypatch, model, data, **kwargs))
-    work = _CachedTable().eval()
+    work = model_class().eval()
     capture = capture_module.capture_fx_values(work, data, ["a", "b", "head"])
     assert type(work.table) is torch.Tensor and capture.gm.table is work.table
 
