@@ -87,7 +87,8 @@ def test_split_attention_equals_multihead_attention(
 def test_split_self_attention_unbatched_and_causal(batch_first, need_weights) -> None:
     torch.manual_seed(0)
     mha = nn.MultiheadAttention(E, H, batch_first=batch_first).eval()
-    split = SplitAttention(mha).eval()
+    split = split_attention(mha)  # the model itself an attention module
+    assert isinstance(split, SplitAttention) and not split.training
     x = _inputs(batch_first, E, E)[0]
     one = x[0] if batch_first else x[:, 0]
     causal = nn.Transformer.generate_square_subsequent_mask(L)
