@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -163,7 +164,8 @@ def _pad(mask: Tensor | None) -> Tensor | None:
 def split_attention(model: nn.Module) -> nn.Module:
     """A copy of ``model`` with each ``nn.MultiheadAttention`` a :class:`SplitAttention`:
     its projections become layers (``<name>.q_proj``, ``.k_proj``, ``.v_proj``, ``.out_proj``)
-    that profile, search and quantize see. ``model`` itself is not changed.
+    that profile, search and quantize see. ``model`` itself is not changed; a model without
+    one gets an unchanged copy and a warning.
 
     Outputs equal ``model``'s to float rounding, except at the padded positions of an
     ``nn.TransformerEncoder`` given a ``src_key_padding_mask`` (its nested-tensor path, which
@@ -176,6 +178,12 @@ def split_attention(model: nn.Module) -> nn.Module:
     check_module(model)
     work = copy.deepcopy(model)
     found = [n for n, m in work.named_modules() if isinstance(m, nn.MultiheadAttention)]
+    if not found:
+        warnings.warn(
+            f"split_attention: {type(model).__name__} holds no nn.MultiheadAttention; "
+            "the copy is unchanged.",
+            stacklevel=2,
+        )
     for name in found:
         mha = work.get_submodule(name)
         split = SplitAttention(mha).train(mha.training)

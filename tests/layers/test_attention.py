@@ -151,3 +151,10 @@ def test_split_attention_net_is_covered_profiled_and_quantized() -> None:
     with torch.no_grad():
         agree = (quantized(x).argmax(-1) == split(x).argmax(-1)).float().mean()
     assert agree > 0.9
+
+
+def test_a_model_without_attention_gets_an_unchanged_copy_and_a_warning() -> None:
+    model = nn.Sequential(nn.Linear(4, 4))
+    with pytest.warns(UserWarning, match="holds no nn.MultiheadAttention"):
+        copied = split_attention(model)
+    assert copied is not model and torch.equal(copied[0].weight, model[0].weight)
