@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import fx, nn
@@ -67,6 +69,26 @@ def fold_graph(gm: fx.GraphModule) -> int:
     return count
 
 
+@contextmanager
+def attributes_kept(model: nn.Module) -> Iterator[None]:
+    """Puts every module's attributes, parameters, buffers and submodules back after a trace:
+    a ``forward`` caching ``self.pe = f(x, self.pe)`` sets a proxy there (Wav2Vec2-Conformer),
+    which the graph would hold and later runs would call. What the trace added stays, but a
+    proxy: the tracer's own constants (``_tensor_constant0``) are read by the graph."""
+    saved = [
+        (d, dict(d))
+        for m in model.modules()
+        for d in (vars(m), m._parameters, m._buffers, m._modules)
+    ]
+    try:
+        yield
+    finally:
+        for d, items in saved:
+            for key in [k for k, v in d.items() if k not in items and isinstance(v, fx.Proxy)]:
+                del d[key]
+            d.update(items)
+
+
 def fold_batchnorm(model: nn.Module) -> nn.Module:
     """A copy of ``model`` (eval mode) with each BatchNorm folded into the conv/linear before it.
 
@@ -84,7 +106,8 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     check_module(model)
     work = copy.deepcopy(model).eval()
     try:
-        gm = fx.symbolic_trace(work)
+        with attributes_kept(work):  # the graph module is made from the attributes put back
+            graph = fx.Tracer().trace(work)
     except Exception as exc:  # tracing failures come in many types
         warnings.warn(
             f"fold_batchnorm: {type(model).__name__} cannot be traced with torch.fx ({exc}); "
@@ -92,5 +115,6 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
             stacklevel=2,
         )
         return work
+    gm = fx.GraphModule(work, graph, type(work).__name__)
     fold_graph(gm)
     return gm.eval()

@@ -44,6 +44,7 @@ from torch.export import Dim
 from torch.utils import _pytree as pytree
 
 from mpsearch._data import Batch, batch_size, call_args, output_tensor
+from mpsearch.layers._batchnorm import attributes_kept
 
 CONSTANT_TYPES: tuple[type, ...] = (bool, int, float, str, type(None))
 """Defaults of ``forward`` parameters that ``fx(concrete_args)`` fixes."""
@@ -133,29 +134,9 @@ def _symbolic_trace(
     model: nn.Module, layers: Sequence[str], concrete_args: dict[str, Any] | None = None
 ) -> fx.GraphModule:
     """``torch.fx.symbolic_trace(model, concrete_args)`` with ``layers`` kept as leaves."""
-    with _attributes_kept(model):
+    with attributes_kept(model):
         graph = _LayerTracer(layers).trace(model, concrete_args=concrete_args)
     return fx.GraphModule(model, graph, type(model).__name__)
-
-
-@contextmanager
-def _attributes_kept(model: nn.Module) -> Iterator[None]:
-    """Puts every module's attributes, parameters, buffers and submodules back after a trace:
-    a ``forward`` caching ``self.pe = f(x, self.pe)`` sets a proxy there (Wav2Vec2-Conformer),
-    which the graph would hold and later runs would call. What the trace added stays, but a
-    proxy: the tracer's own constants (``_tensor_constant0``) are read by the graph."""
-    saved = [
-        (d, dict(d))
-        for m in model.modules()
-        for d in (vars(m), m._parameters, m._buffers, m._modules)
-    ]
-    try:
-        yield
-    finally:
-        for d, items in saved:
-            for key in [k for k, v in d.items() if k not in items and isinstance(v, fx.Proxy)]:
-                del d[key]
-            d.update(items)
 
 
 def capture_fx(model: nn.Module, batches: Sequence[Batch], layers: Sequence[str]) -> Capture:
@@ -439,7 +420,7 @@ def capture_fx_values(model: nn.Module, batches: Sequence[Batch], layers: Sequen
     model.__class__ = type(cls.__name__, (cls,), {"forward": namespace["forward"]})
     tracer = _ValueTracer(set(layers), {n: (bound[0][n], bound[1][n]) for n in names})
     try:
-        with torch.inference_mode(), _traceable_factories(), _attributes_kept(model):
+        with torch.inference_mode(), _traceable_factories(), attributes_kept(model):
             graph = tracer.trace(model)
     finally:
         model.__class__ = cls

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from helpers import ReadsWeights
@@ -205,3 +207,33 @@ def test_a_subclass_that_calls_its_base_forward_is_quantized_with_its_own_forwar
     prof = mps.profile(model, [ids, ids], schemes=["bf16"], progress=False)
     assert prof.info["runner"].startswith("graph:")
     assert prof.error("emb", "bf16") < 1e-3  # the scaled lookup's error, not 8x its output
+
+
+class _CachesOnItself(nn.Module):
+    """Conv + BatchNorm whose ``forward`` stores a buffer back on its module, then (``branch``)
+    decides on data: fx cannot trace that, after the trace has set the buffer to a proxy."""
+
+    def __init__(self, *, branch: bool) -> None:
+        super().__init__()
+        self.conv, self.bn, self.branch = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), branch
+        self.register_buffer("table", torch.rand(1, 4, 1, 1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.table = self.table.to(x.dtype)
+        h = self.bn(self.conv(x)) * self.table
+        return -h if self.branch and bool(h.sum() > 1e9) else h
+
+
+@pytest.mark.parametrize("branch", [False, True], ids=["traced", "untraceable"])
+def test_fold_batchnorm_of_a_forward_that_caches_a_buffer_on_itself(branch) -> None:
+    """The copy (folded or, where tracing fails, as it is) held the trace's proxy."""
+    torch.manual_seed(0)
+    model, x = _CachesOnItself(branch=branch).eval(), torch.randn(2, 3, 8, 8)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        folded = fold_batchnorm(model)
+    assert bool(caught) == branch
+    assert type(folded.table) is torch.Tensor
+    assert any(isinstance(m, nn.BatchNorm2d) for m in folded.modules()) == branch
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x), atol=1e-5, rtol=1e-5)
