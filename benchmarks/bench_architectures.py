@@ -130,6 +130,15 @@ _SSM_HEADS = {  # Mamba-2 mixers of the hybrid decoders: 8 heads of 16 (2 x hidd
     "mamba_chunk_size": 16,
 }
 _VISION = {"image_size": 32, "num_labels": 5}
+_WAV2VEC2 = {  # a two-convolution feature encoder on raw audio, a 3-way classifier head
+    **_SMALL,
+    "conv_dim": (32, 32),
+    "conv_stride": (5, 2),
+    "conv_kernel": (10, 3),
+    "num_conv_pos_embeddings": 16,
+    "num_conv_pos_embedding_groups": 4,
+    "num_labels": 3,
+}
 
 ARCHITECTURES: dict[str, tuple[str, str, dict[str, Any], Inputs]] = {
     "mistral": ("MistralConfig", "MistralForCausalLM", _DECODER, _tokens),
@@ -443,15 +452,7 @@ ARCHITECTURES: dict[str, tuple[str, str, dict[str, Any], Inputs]] = {
     "wav2vec2": (
         "Wav2Vec2Config",
         "Wav2Vec2ForSequenceClassification",
-        {
-            **_SMALL,
-            "conv_dim": (32, 32),
-            "conv_stride": (5, 2),
-            "conv_kernel": (10, 3),
-            "num_conv_pos_embeddings": 16,
-            "num_conv_pos_embedding_groups": 4,
-            "num_labels": 3,
-        },
+        _WAV2VEC2,
         _wave,
     ),
     "speech2text": (  # strided Conv1d subsampler on filterbank frames
@@ -536,17 +537,7 @@ ARCHITECTURES: dict[str, tuple[str, str, dict[str, Any], Inputs]] = {
     "wav2vec2_conformer": (
         "Wav2Vec2ConformerConfig",
         "Wav2Vec2ConformerForSequenceClassification",
-        {
-            **_SMALL,
-            "conv_dim": (32, 32),
-            "conv_stride": (5, 2),
-            "conv_kernel": (10, 3),
-            "num_conv_pos_embeddings": 16,
-            "num_conv_pos_embedding_groups": 4,
-            "conv_depthwise_kernel_size": 7,
-            "position_embeddings_type": "relative",
-            "num_labels": 3,
-        },
+        {**_WAV2VEC2, "conv_depthwise_kernel_size": 7, "position_embeddings_type": "relative"},
         _wave,
     ),
     "segformer": (
