@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from mpsearch._data import as_batches, call_args
+from mpsearch._torch_export import quiet_export
 from mpsearch.backends._compiled import (
     _compile_settings,
     _cpp_compiler_missing,
@@ -194,7 +195,7 @@ def _convert(
     _as_2d(model, [n for n in annotated if type(layers[n]) is nn.Conv1d])
 
     args, kwargs = call_args(batches[0])
-    exported = torch.export.export(
+    exported = quiet_export(
         model, args, kwargs, dynamic_shapes=_dynamic_batch(model, args, kwargs)
     ).module()
     with warnings.catch_warnings():  # a pooling after an fp32 output stays fp32, as planned

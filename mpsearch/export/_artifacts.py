@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mpsearch._torch_export import quiet_export
 from mpsearch._validation import check_module, exception_line
 from mpsearch.backends import get_backend, quantize
 from mpsearch.backends._kernels import RealLayer
@@ -174,7 +175,7 @@ def export_program(model: nn.Module, example: ModelCall) -> torch.export.Exporte
     dynamic = example.dynamic_shapes(torch.export.Dim("batch", min=1))
     args, kwargs = example
     try:
-        return torch.export.export(model, args, kwargs, dynamic_shapes=dynamic)
+        return quiet_export(model, args, kwargs, dynamic_shapes=dynamic)
     except Exception as exc:
         warnings.warn(
             "torch.export could not keep the batch dimension dynamic "
@@ -182,7 +183,7 @@ def export_program(model: nn.Module, example: ModelCall) -> torch.export.Exporte
             "program is exported for the example input's batch size only.",
             stacklevel=2,
         )
-        return torch.export.export(model, args, kwargs)
+        return quiet_export(model, args, kwargs)
 
 
 def plan_json_check(path: Path, plan: PrecisionPlan) -> bool:

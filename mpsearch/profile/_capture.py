@@ -44,6 +44,7 @@ from torch.export import Dim
 from torch.utils import _pytree as pytree
 
 from mpsearch._data import Batch, batch_size, call_args, output_tensor
+from mpsearch._torch_export import quiet_export
 from mpsearch.layers._batchnorm import attributes_kept
 
 CONSTANT_TYPES: tuple[type, ...] = (bool, int, float, str, type(None))
@@ -577,7 +578,7 @@ def capture_export(model: nn.Module, batches: Sequence[Batch], layers: Sequence[
     bound = inspect.signature(model.forward).bind(*dyn_args, **dyn_kwargs)
     dynamic = dict(bound.arguments)
     with _opaque_layers(model, layers), _no_stack_traces():
-        program = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic, strict=False)
+        program = quiet_export(model, args, kwargs, dynamic_shapes=dynamic, strict=False)
         if _mutates(program.graph_module):
             with warnings.catch_warnings():  # torch's own deprecation notice, not the user's
                 warnings.filterwarnings("ignore", ".*LeafSpec", FutureWarning)

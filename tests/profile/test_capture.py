@@ -614,3 +614,12 @@ def test_export_keeps_a_mixture_of_experts_bank_called_with_its_routing(monkeypa
     assert graph.info["runner"] == "graph:export", graph.info["runner_fallbacks"]
     assert "model.layers.0.mlp.experts" in graph.layers
     _assert_same_rows(graph, _hooks(monkeypatch, model, data, **kwargs))
+
+
+def test_a_failed_export_capture_prints_no_graph(capsys) -> None:
+    """The fallback records why the export failed in one line; torch's partial graph (650
+    lines for a detection model, printed at every attempt) is not written to stderr."""
+    data = _dict_batches(2)
+    with pytest.raises(Exception, match="data-dependent"):
+        capture_module.capture_export(DataDependent().eval(), data, ["a", "b", "head"])
+    assert "def forward" not in capsys.readouterr().err
