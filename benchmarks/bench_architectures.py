@@ -683,6 +683,16 @@ TORCHVISION: dict[str, tuple[str, dict[str, Any], tuple[int, ...]]] = {
     "mnasnet0_5": ("mnasnet0_5", {"num_classes": 5}, (3, 64, 64)),
     "regnet_y_400mf": ("regnet_y_400mf", {"num_classes": 5}, (3, 64, 64)),
     "swin_t": ("swin_t", {"num_classes": 5}, (3, 64, 64)),
+    "ssdlite320_mobilenet_v3_large": (  # a detector: its raw predictions (RawPredictions)
+        "ssdlite320_mobilenet_v3_large",
+        {"num_classes": 4, "weights_backbone": None},
+        (3, 160, 160),
+    ),
+    "retinanet_resnet50_fpn": (
+        "retinanet_resnet50_fpn",
+        {"num_classes": 4, "weights_backbone": None},
+        (3, 96, 96),
+    ),
     "vision_transformer": (  # nn.MultiheadAttention: its in-projection split into Linears
         "VisionTransformer",
         {  # ViT-Tiny's widths (192, 3 heads, 768), 4 of its 12 blocks, 64 patches
@@ -700,7 +710,24 @@ TORCHVISION: dict[str, tuple[str, dict[str, Any], tuple[int, ...]]] = {
 """name -> (builder in ``torchvision.models``, its arguments, one sample's shape)
 (``--family torchvision``, in the venv of ``scripts/models_venv.sh``). A model holding an
 ``nn.MultiheadAttention`` goes through :func:`mpsearch.split_attention` first, as its
-coverage note says to."""
+coverage note says to; a detector through :class:`RawPredictions`, as the README says."""
+
+
+class RawPredictions(torch.nn.Module):
+    """A torchvision SSD / RetinaNet / FCOS detector's predictions before anchor decoding and
+    non-maximum suppression, on images its ``transform`` already normalized and resized: every
+    anchor's class logits and box regression, ``[batch, anchors, classes + 4]`` (the README's
+    'Detection models')."""
+
+    def __init__(self, detector: torch.nn.Module) -> None:
+        super().__init__()
+        self.detector = detector
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        features = list(self.detector.backbone(images).values())
+        predicted = self.detector.head(features)
+        return torch.cat([predicted["cls_logits"], predicted["bbox_regression"]], dim=-1)
+
 
 FAMILIES = {"hf": ARCHITECTURES, "timm": TIMM, "torchvision": TORCHVISION}
 TITLES = {"hf": "Hugging Face", "timm": "timm", "torchvision": "torchvision"}
@@ -721,6 +748,8 @@ def build(name: str) -> tuple[torch.nn.Module, Inputs]:
             model = getattr(torchvision.models, builder)(**kwargs)
         if any(isinstance(m, torch.nn.MultiheadAttention) for m in model.modules()):
             model = mps.split_attention(model)
+        if hasattr(model, "anchor_generator"):
+            model = RawPredictions(model)
         return model.eval(), lambda n, g: torch.randn(n, *shape, generator=g)
     if name in TIMM:
         import timm

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -63,13 +63,17 @@ def output_tensor(output: Any) -> torch.Tensor:
     """The main tensor of a model output: the tensor itself; ``logits`` (or ``out``,
     ``output``) of a dict or a ``ModelOutput``; else the first floating-point tensor among a
     dict's values or a tuple's items, each taken as its own main tensor (the first tensor where
-    none is floating: an audio codec's codes come before its waveform).
+    none is floating: an audio codec's codes come before its waveform). One dict per sample (a
+    detector's detections) raises ``TypeError`` saying what to profile instead
+    (:func:`per_sample_message`).
 
     >>> output_tensor((torch.zeros(2, dtype=torch.long), torch.ones(2))).dtype
     torch.float32
     """
     if isinstance(output, torch.Tensor):
         return output
+    if isinstance(output, (tuple, list)) and output and all(isinstance(o, Mapping) for o in output):
+        raise TypeError(per_sample_message(output))
     if isinstance(output, Mapping):
         for key in ("logits", "out", "output"):
             if key in output:
@@ -92,6 +96,19 @@ def output_tensor(output: Any) -> torch.Tensor:
             f"Cannot find an output tensor in a model output of type {type(output).__name__}."
         )
     return next((t for t in found if t.is_floating_point() or t.is_complex()), found[0])
+
+
+def per_sample_message(output: Sequence[Mapping[str, Any]]) -> str:
+    """Why an output of one dict per sample (a detector's detections) cannot be compared."""
+    keys = ", ".join(repr(k) for k in list(output[0])[:4])
+    return (
+        f"The model returns one dict per sample (a {type(output).__name__} of {len(output)} "
+        f"dicts with {keys}), as a detector returns its detections after post-processing: "
+        "their number changes with the precision, so a quantized output cannot be compared "
+        "with the fp32 one. Profile, search and quantize a module that returns the raw "
+        "predictions before post-processing (for a torchvision SSD, RetinaNet or FCOS: "
+        "head(list(backbone(images).values())); README, 'Detection models')."
+    )
 
 
 def batch_size(batch: Batch) -> int:

@@ -38,20 +38,27 @@ class Fidelity:
     """Agreement of a model with the fp32 model's outputs on held-out data (no labels needed).
 
     For outputs whose last dimension holds class scores (float, size >= 2), the fraction of
-    positions whose arg-max agrees; otherwise ``1 - MSE / Var(reference)`` (1 is perfect).
+    positions whose arg-max agrees; otherwise, or with ``regression=True`` (a profile measured
+    with ``metric="mse"``: raw box predictions, several regression targets),
+    ``1 - MSE / Var(reference)`` (1 is perfect).
 
     >>> net = nn.Linear(4, 3).eval()
     >>> Fidelity(net, [torch.randn(16, 4)])(net)
     1.0
     """
 
-    def __init__(self, reference: nn.Module, data: Iterable[Any]) -> None:
+    def __init__(
+        self, reference: nn.Module, data: Iterable[Any], *, regression: bool = False
+    ) -> None:
         self.batches = as_batches(data, argument="eval_data")
         with torch.inference_mode():
             self.reference = [output_tensor(run_model(reference, b)).float() for b in self.batches]
         first = self.reference[0]
         self.classification = (
-            first.is_floating_point() and first.dim() >= 2 and first.shape[-1] >= 2
+            not regression
+            and first.is_floating_point()
+            and first.dim() >= 2
+            and first.shape[-1] >= 2
         )
         if not all(torch.isfinite(r).all() for r in self.reference):
             raise ValueError(

@@ -105,7 +105,8 @@ def search(
     """Search per-layer schemes; return the Pareto front of quality × memory × latency.
 
     Quality is ``evaluate(model)`` (higher is better) or, without it, :class:`Fidelity` to the
-    fp32 model on ``eval_data``; memory (exact) and latency (predicted) come from ``cost``.
+    fp32 model on ``eval_data`` (``1 - MSE / Var`` where the profile's metric was ``"mse"``,
+    else arg-max agreement on class scores); memory (exact) and latency (predicted) come from ``cost``.
     ``budget`` limits become Optuna constraints (every trial records all of them). How the
     search runs is :class:`SearchOptions` (``options``); ``n_trials``, ``storage``,
     ``study_name`` and any other option given as a keyword (``sampler="nsga2"``,
@@ -342,7 +343,9 @@ def _prepare(
         runner=PlanRunner(
             model, backend=options.quality_backend, rounder=getattr(profile, "rounder", None)
         ),
-        quality_fn=evaluate if evaluate is not None else Fidelity(model, eval_batches),
+        quality_fn=evaluate
+        if evaluate is not None
+        else Fidelity(model, eval_batches, regression=getattr(profile, "e2e_metric", "") == "mse"),
         screen=_Screen() if options.screen else None,
         study=study,
         n_trials=options.n_trials,

@@ -1,0 +1,55 @@
+"""Fidelity to the fp32 model: arg-max agreement, or ``1 - MSE / Var`` for regression outputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import mpsearch as mps
+from mpsearch.search._quality import Fidelity
+
+
+class _Boxes(nn.Module):
+    """Per-anchor class logits and box offsets in one tensor, as a detector's raw head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(8, 32)
+        self.fc2 = nn.Linear(32, 6 * 7)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.fc1(x))).unflatten(-1, (6, 7))
+
+
+def _data(n: int, seed: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(16, 8, generator=g) for _ in range(n)]
+
+
+def test_regression_fidelity_is_one_minus_mse_over_the_references_variance() -> None:
+    torch.manual_seed(0)
+    ref, other = _Boxes().eval(), _Boxes().eval()
+    data = _data(2, 1)
+    with torch.no_grad():
+        rs, os = [ref(x) for x in data], [other(x) for x in data]
+    error = sum(float((o - r).square().sum()) for o, r in zip(os, rs, strict=True))
+    spread = sum(float((r - r.mean()).square().sum()) for r in rs)  # each batch's own mean
+    expected = 1 - error / spread
+    r, o = torch.cat(rs), torch.cat(os)
+    assert Fidelity(ref, data, regression=True)(other) == pytest.approx(expected, rel=1e-6)
+    agreement = float((o.argmax(-1) == r.argmax(-1)).float().mean())
+    assert Fidelity(ref, data)(other) == pytest.approx(agreement)
+
+
+def test_a_profile_measured_with_mse_makes_the_search_score_by_regression_fidelity() -> None:
+    torch.manual_seed(0)
+    model, calib, held_out = _Boxes().eval(), _data(3, 1), _data(2, 2)
+    cost = mps.measure_cost(model, calib[0], schemes=["fp32", "w8a8"], backend="simulate")
+    for metric, regression in (("mse", True), ("kl", False)):
+        prof = mps.profile(model, calib, schemes=["w8a8"], metric=metric, progress=False)
+        res = mps.search(model, profile=prof, cost=cost, eval_data=held_out, n_trials=3, seed=0)
+        fidelity = Fidelity(model, held_out, regression=regression)
+        for plan, quality in zip(res.plans, res.pareto["quality"], strict=True):
+            quantized = mps.quantize(model, plan, backend="simulate")
+            assert quality == pytest.approx(fidelity(quantized), abs=1e-6)

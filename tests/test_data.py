@@ -1,0 +1,44 @@
+"""The main output tensor of a model output (``mpsearch._data.output_tensor``)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import mpsearch as mps
+from mpsearch._data import output_tensor
+
+
+class _Detector(nn.Module):
+    """Per-sample detections after post-processing: their number depends on the scores."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.cls = nn.Conv2d(8, 3, 1)
+
+    def forward(self, images: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+        scores = self.cls(torch.relu(self.conv(images))).flatten(2).softmax(1)
+        detections = []
+        for s in scores:
+            best, label = s.max(0)
+            keep = best > 0.5
+            boxes = torch.nonzero(keep).float().repeat(1, 2)
+            detections.append({"boxes": boxes, "scores": best[keep], "labels": label[keep]})
+        return detections
+
+
+def test_one_dict_per_sample_is_refused_with_what_to_profile_instead() -> None:
+    torch.manual_seed(0)
+    data = [torch.randn(4, 3, 16, 16) for _ in range(3)]
+    with pytest.raises(TypeError, match=r"one dict per sample \(a list of 4 dicts with 'boxes'"):
+        mps.profile(_Detector().eval(), data, schemes=["w8a8"], progress=False)
+    with pytest.raises(TypeError, match="raw predictions before post-processing"):
+        output_tensor(_Detector().eval()(data[0]))
+
+
+def test_per_sample_dicts_beside_a_tensor_leave_the_tensor_as_the_output() -> None:
+    logits = torch.randn(2, 5)
+    assert output_tensor((logits, [{"boxes": torch.zeros(3, 4)}] * 2)) is logits
+    assert output_tensor({"logits": logits}) is logits
