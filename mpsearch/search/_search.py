@@ -106,7 +106,8 @@ def search(
 
     Quality is ``evaluate(model)`` (higher is better) or, without it, :class:`Fidelity` to the
     fp32 model on ``eval_data`` (``1 - MSE / Var`` where the profile's metric was ``"mse"``,
-    else arg-max agreement on class scores); memory (exact) and latency (predicted) come from ``cost``.
+    else arg-max agreement on class scores); memory (exact) and latency (predicted) come from
+    ``cost``.
     ``budget`` limits become Optuna constraints (every trial records all of them). How the
     search runs is :class:`SearchOptions` (``options``); ``n_trials``, ``storage``,
     ``study_name`` and any other option given as a keyword (``sampler="nsga2"``,
@@ -334,6 +335,7 @@ def _prepare(
     if options.warm_start:
         _warm_start(study, table, limits)
     policy = options.lease_policy
+    regression = getattr(profile, "e2e_metric", None) == "mse"  # scored as it was profiled
     objective = _Objective(
         resolved=resolved,
         table=table,
@@ -345,7 +347,7 @@ def _prepare(
         ),
         quality_fn=evaluate
         if evaluate is not None
-        else Fidelity(model, eval_batches, regression=getattr(profile, "e2e_metric", "") == "mse"),
+        else Fidelity(model, eval_batches, regression=regression),
         screen=_Screen() if options.screen else None,
         study=study,
         n_trials=options.n_trials,
