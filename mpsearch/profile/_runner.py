@@ -77,6 +77,14 @@ from mpsearch.profile._e2e import (
 from mpsearch.profile._fastops import fast_call, has_node
 
 Pair = tuple[Tensor, Tensor]
+HostCall = tuple[tuple[Any, ...], dict[str, Any], Any]
+"""One call of a layer's host in an fp32 pass: its arguments, keyword arguments and output."""
+
+HOOK_CACHE_BYTES = 512 * 1024**2
+"""Most bytes of host inputs and outputs the hook runner keeps from its fp32 passes over the
+local batches: one recording pass per batch then gives every layer's local pairs (replayed on
+the host alone). Past it, each layer's local pairs take a whole-model fp32 pass of their own
+per batch."""
 
 CONCAT_BYTES = 256 * 1024
 """How many of a layer's quantized variants are re-run downstream at once, concatenated along
@@ -842,7 +850,8 @@ class HookRunner:
         self.gm = model
         self.fallbacks: dict[str, str] = {}
         self.batches = batches
-        counts = dict.fromkeys(layers, 0)
+        counts = dict.fromkeys(layers, 0)  # calls in the pass running now
+        calls = dict.fromkeys(layers, 0)  # the most calls in one pass
         handles = []
         for name in layers:
 
@@ -856,11 +865,13 @@ class HookRunner:
             with torch.inference_mode():
                 for batch in batches:
                     self.outputs.append(output_tensor(run_model(model, batch)).float())
+                    for name, c in counts.items():
+                        calls[name], counts[name] = max(calls[name], c), 0
         finally:
             for h in handles:
                 h.remove()
-        self.calls = counts
-        self.called = {name for name, c in counts.items() if c}
+        self.calls = calls
+        self.called = {name for name, c in calls.items() if c}
         self.read_directly = set(read_directly(model, batches, sorted(self.called), warn=False))
         self.n_e2e = choose_e2e_samples(
             e2e_samples,
@@ -873,6 +884,9 @@ class HookRunner:
         self.reference = self.outputs
         self.n_shared = len(batches)
         self.local_on_e2e = False  # later calls of a layer would get quantized inputs
+        self._recorded: dict[int, dict[str, list[HostCall]]] | None = {}
+        self._replayed: set[str] = set()  # layers whose host replay gave its recorded output
+        self._not_replayed: set[str] = set()
 
     def all_outputs(self) -> list[Tensor]:
         """The fp32 outputs of every calibration batch (all computed when counting calls)."""
@@ -945,8 +959,44 @@ class HookRunner:
         return self._substituted(layer, qlayers, self.batches[b])
 
     def local(self, layer: str, qlayers: Sequence[nn.Module], b: int) -> list[list[Pair]]:
-        """Local pairs on batch b from one fp32 pass (every call of the layer, fp32 inputs)."""
-        return self._fp32_pairs(layer, qlayers, self.batches[b])
+        """Local pairs on batch b (every call of the layer, fp32 inputs): the layer's host
+        replayed on the inputs it got in a recording fp32 pass of the batch (one pass for all
+        layers, :meth:`_host_calls`), else from an fp32 pass of the whole model where the
+        recordings would pass :data:`HOOK_CACHE_BYTES` or a replay does not give the recorded
+        output (the host reads state its arguments do not carry)."""
+        calls = self._host_calls(b)
+        if calls is None or layer in self._not_replayed:
+            return self._fp32_pairs(layer, qlayers, self.batches[b])
+        host_name = host_of(self.gm, layer)
+        host = self.gm.get_submodule(host_name)
+        recorded = calls.get(host_name, [])
+        if recorded and layer not in self._replayed:
+            args, kwargs, out = recorded[0]
+            original = self.gm.get_submodule(layer)
+            again = _variants(self.gm, layer, [original], host, args, kwargs)[0]
+            if not _close(output_tensor(again).float(), output_tensor(out).float(), 1e-5):
+                self._not_replayed.add(layer)
+                return self._fp32_pairs(layer, qlayers, self.batches[b])
+            self._replayed.add(layer)
+        all_pairs: list[list[Pair]] = [[] for _ in qlayers]
+        for args, kwargs, out in recorded:
+            ys = _variants(self.gm, layer, qlayers, host, args, kwargs)
+            for y, pairs in zip(ys, all_pairs, strict=True):
+                pairs.append((out, y))
+        return all_pairs
+
+    def _host_calls(self, b: int) -> dict[str, list[HostCall]] | None:
+        """Every called layer's host calls on local batch b (recorded at the first ask), or
+        ``None`` once the recordings would pass :data:`HOOK_CACHE_BYTES`."""
+        if self._recorded is not None and b not in self._recorded:
+            hosts = sorted({host_of(self.gm, name) for name in self.called})
+            budget = HOOK_CACHE_BYTES // max(self.n_local_batches, 1)
+            calls = _record_host_calls(self.gm, hosts, self.batches[b], budget)
+            if calls is None:
+                self._recorded = None
+            else:
+                self._recorded[b] = calls
+        return None if self._recorded is None else self._recorded[b]
 
     def _fp32_pairs(
         self, layer: str, qlayers: Sequence[nn.Module], batch: Batch
@@ -984,6 +1034,42 @@ def host_of(model: nn.Module, layer: str) -> str:
     except AttributeError:
         return layer
     return parent if attr == "out_proj" and attention else layer
+
+
+def _record_host_calls(
+    model: nn.Module, hosts: Sequence[str], batch: Batch, budget: int
+) -> dict[str, list[HostCall]] | None:
+    """Copies of each host's arguments and output at its calls in one fp32 pass of ``batch``
+    (``None`` where they pass ``budget`` bytes)."""
+    calls: dict[str, list[HostCall]] = {name: [] for name in hosts}
+    held = [0]
+
+    def record(name: str, args: Any, kwargs: Any, out: Any) -> None:
+        if held[0] > budget:
+            return
+        call = (_copied(args), _copied(kwargs), _copied(out))
+        held[0] += _nbytes(call)
+        calls[name].append(call)
+
+    handles = [
+        model.get_submodule(name).register_forward_hook(
+            lambda _m, a, k, o, _n=name: record(_n, a, k, o), with_kwargs=True
+        )
+        for name in hosts
+    ]
+    try:
+        with torch.inference_mode():
+            run_model(model, batch)
+    finally:
+        for h in handles:
+            h.remove()
+    return None if held[0] > budget else calls
+
+
+def _copied(value: Any) -> Any:
+    """``value`` with every tensor in it copied (a later in-place operation of the model cannot
+    change what was recorded)."""
+    return pytree.tree_map_only(Tensor, lambda t: t.detach().clone(), value)
 
 
 def _variants(

@@ -389,3 +389,89 @@ def test_a_layers_variants_take_all_its_arguments(monkeypatch) -> None:
     assert graph.pivot("sqnr_db").loc["lstm", "bf16"] > 40
     for metric in ("mse", "sqnr_db", "e2e"):
         np.testing.assert_allclose(graph.pivot(metric), hooks.pivot(metric), rtol=1e-5)
+
+
+class _InPlaceResidual(nn.Module):
+    """A block whose residual is added in place into its second Linear's input after that
+    Linear read it, and a Linear applied twice per pass."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.inp = nn.Linear(8, 16)
+        self.mid = nn.Linear(16, 16)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.inp(x))
+        h += self.mid(h)  # changes mid's recorded input unless it was copied
+        return self.head(self.mid(h))
+
+
+class _Rescaled(nn.Linear):
+    """A Linear whose output scale is state its caller sets before each call."""
+
+    scale = 1.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) * self.scale
+
+
+class _StatefulCalls(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = _Rescaled(16, 16)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for scale in (1.0, 3.0):
+            self.lin.scale = scale
+            x = torch.relu(self.lin(x))
+        return self.head(x)
+
+
+def _hook_profile(model: nn.Module, calib: list, monkeypatch, cache_bytes: int) -> tuple:
+    """The hook runner's profile (end-to-end errors on the first 4 samples: local errors from
+    passes of their own) and the number of times the model ran."""
+    monkeypatch.setattr(runner_module, "CAPTURES", {})
+    monkeypatch.setattr(runner_module, "HOOK_CACHE_BYTES", cache_bytes)
+    ran = [0]
+    handle = model.register_forward_pre_hook(lambda *_: ran.__setitem__(0, ran[0] + 1))
+    try:
+        with pytest.warns(UserWarning, match="hook runner"):
+            prof = profile(
+                model, calib, schemes=["w8a8", "w4a16_pc"], progress=False, e2e_samples=4
+            )
+    finally:
+        handle.remove()
+    return prof, ran[0]
+
+
+@pytest.mark.parametrize("model", [_InPlaceResidual, _StatefulCalls], ids=["inplace", "state"])
+def test_hook_runner_local_errors_from_one_recorded_pass_per_batch(model, monkeypatch) -> None:
+    """Every layer's local pairs come from replaying its host on the inputs one fp32 pass of
+    the batch recorded (copied: an in-place add afterwards does not change them), not from a
+    pass of the whole model per layer; a host whose replay does not give the recorded output
+    (it reads state its caller set) keeps the per-layer pass. Rows equal either way."""
+    calib = batches(3, 8, 16) if model is _StatefulCalls else batches(3, 8, 8)
+    layers = 3 if model is _InPlaceResidual else 2
+    cached, ran = _hook_profile(model().eval(), calib, monkeypatch, 2**30)
+    per_layer, ran_per_layer = _hook_profile(model().eval(), calib, monkeypatch, 0)
+    for metric in ("mse", "sqnr_db", "e2e"):
+        np.testing.assert_allclose(cached.pivot(metric), per_layer.pivot(metric), rtol=1e-6)
+    # local errors on all 3 batches: per layer, a pass per layer and batch (after one
+    # recording pass found the budget passed); cached, one recording pass per batch, and the
+    # per-layer passes of a layer whose replay failed
+    replayed = layers if model is _InPlaceResidual else layers - 1
+    assert ran_per_layer == ran + 3 * replayed - 3 + 1
+
+
+def test_hook_runner_counts_a_layers_calls_per_pass() -> None:
+    """Calls in one forward pass (was: over all calibration batches, so every layer of a model
+    profiled on 2 batches or more counted as called twice and took an extra fp32 pass per
+    layer and batch)."""
+    runner = runner_module.HookRunner(
+        _InPlaceResidual().eval(), batches(3, 8, 8), ["inp", "mid", "head"]
+    )
+    assert runner.calls == {"inp": 1, "mid": 2, "head": 1}
