@@ -63,7 +63,9 @@ def output_tensor(output: Any) -> torch.Tensor:
     """The main tensor of a model output: the tensor itself; ``logits`` (or ``out``,
     ``output``) of a dict or a ``ModelOutput``; else the first floating-point tensor among a
     dict's values or a tuple's items, each taken as its own main tensor (the first tensor where
-    none is floating: an audio codec's codes come before its waveform). One dict per sample (a
+    none is floating: an audio codec's codes come before its waveform), passing over a scalar
+    (a loss, the batch's mean: a forecasting model's output holds one before its predicted
+    distribution's parameters) where one with a batch dimension follows. One dict per sample (a
     detector's detections) raises ``TypeError`` saying what to profile instead
     (:func:`per_sample_message`).
 
@@ -95,7 +97,8 @@ def output_tensor(output: Any) -> torch.Tensor:
         raise TypeError(
             f"Cannot find an output tensor in a model output of type {type(output).__name__}."
         )
-    return next((t for t in found if t.is_floating_point() or t.is_complex()), found[0])
+    floating = [t for t in found if t.is_floating_point() or t.is_complex()]
+    return next((t for t in floating if t.dim()), floating[0] if floating else found[0])
 
 
 def per_sample_message(output: Sequence[Mapping[str, Any]]) -> str:

@@ -42,3 +42,14 @@ def test_per_sample_dicts_beside_a_tensor_leave_the_tensor_as_the_output() -> No
     logits = torch.randn(2, 5)
     assert output_tensor((logits, [{"boxes": torch.zeros(3, 4)}] * 2)) is logits
     assert output_tensor({"logits": logits}) is logits
+
+
+def test_a_scalar_loss_before_per_sample_outputs_is_passed_over() -> None:
+    """A forecasting model given its targets returns its loss (the batch's mean) before its
+    predicted distribution's parameters: the parameters are the output (was: the loss, so
+    profiling compared one number per batch)."""
+    loss, loc, scale = torch.tensor(0.7), torch.randn(4, 6), torch.rand(4, 6)
+    assert output_tensor({"loss": loss, "params": (loc, scale)}) is loc
+    assert output_tensor((loss, torch.zeros(4, dtype=torch.long), loc)) is loc
+    assert output_tensor((loss,)) is loss  # nothing else: the scalar
+    assert output_tensor((torch.zeros(4, dtype=torch.long), loss)) is loss  # floating first

@@ -837,6 +837,9 @@ class HookRunner:
 
     mode = "hooks"
     capture_s = 0.0
+    side_by_side: bool | None = None
+    """Whether a layer's variants run side by side in one run (:meth:`_substituted`); ``None``
+    until a layer decided it."""
 
     def __init__(
         self,
@@ -928,6 +931,81 @@ class HookRunner:
         return host.register_forward_hook(hook, with_kwargs=True)
 
     def _substituted(
+        self, layer: str, qlayers: Sequence[nn.Module], batch: Batch
+    ) -> tuple[list[list[Pair]], Tensor]:
+        """Local pairs and final outputs on ``batch``, the variants in the layer's place: side
+        by side in one run (:meth:`_side_by_side`) once the first layer that could showed it
+        gives the same outputs in less time than one run per variant, else one by one."""
+        if self.calls[layer] != 1 or len(qlayers) < 2 or self.side_by_side is False:
+            return self._one_by_one(layer, qlayers, batch)
+        if self.side_by_side is True:
+            side = self._side_by_side(layer, qlayers, batch)
+            return side if side is not None else self._one_by_one(layer, qlayers, batch)
+        start = time.perf_counter()
+        one = self._one_by_one(layer, qlayers, batch)
+        one_s = time.perf_counter() - start
+        start = time.perf_counter()
+        side = self._side_by_side(layer, qlayers, batch)
+        if side is not None:  # decided on this layer: where it could not, the next one tries
+            faster = time.perf_counter() - start < one_s
+            self.side_by_side = faster and _close(side[1], one[1], 1e-4)
+        return one
+
+    def _side_by_side(
+        self, layer: str, qlayers: Sequence[nn.Module], batch: Batch
+    ) -> tuple[list[list[Pair]], Tensor] | None:
+        """Local pairs and final outputs from one run of ``batch`` repeated once per variant
+        (every tensor whose leading dimension is the batch size), variant i in the layer's
+        place on the i-th copy, or ``None`` where the layer's host gets a value it cannot be so
+        cut (copies not along its leading dimension: sequence-first, a recurrent state), or the
+        repeated batch does not run or its output cannot be cut (``side_by_side`` is then
+        ``False`` for every layer)."""
+        n, size = len(qlayers), batch_size(batch)
+        repeated = pytree.tree_map_only(
+            Tensor, lambda t: _repeat(t, n) if t.dim() and t.shape[0] == size else t, batch
+        )
+        host = self.gm.get_submodule(host_of(self.gm, layer))
+        original = self.gm.get_submodule(layer)
+        all_pairs: list[list[Pair]] = [[] for _ in qlayers]
+
+        def hook(_m: nn.Module, args: Any, kwargs: dict[str, Any], out: Any) -> Any:
+            if self.gm.get_submodule(layer) is not original:
+                return None  # the host re-run by _variants, an identity swapped in
+            outs, parts = _copies(out, n), _copies((args, kwargs), n)
+            if (
+                outs is None
+                or parts is None
+                or not all(_close(output_tensor(o), output_tensor(outs[0]), 1e-5) for o in outs[1:])
+            ):
+                raise _NotSideBySide
+            try:
+                ys = [
+                    _variants(self.gm, layer, [q], host, a, k)[0]
+                    for q, (a, k) in zip(qlayers, parts, strict=True)
+                ]
+                joined = _joined(ys)
+            except Exception as exc:
+                raise _NotSideBySide from exc
+            for pairs, o, y in zip(all_pairs, outs, ys, strict=True):
+                pairs.append((o, y))
+            return joined
+
+        handle = host.register_forward_hook(hook, with_kwargs=True)
+        try:
+            final = output_tensor(run_model(self.gm, repeated)).float()
+        except _NotSideBySide:
+            return None
+        except Exception:  # the repeated batch does not run (its tensors not batch-first)
+            final = torch.zeros(())
+        finally:
+            handle.remove()
+        finals = _copies(final, n)
+        if finals is None:
+            self.side_by_side = False
+            return None
+        return all_pairs, torch.stack(finals)
+
+    def _one_by_one(
         self, layer: str, qlayers: Sequence[nn.Module], batch: Batch
     ) -> tuple[list[list[Pair]], Tensor]:
         """Local pairs and final outputs on ``batch``, one run per variant in the layer's place.
@@ -1034,6 +1112,32 @@ def host_of(model: nn.Module, layer: str) -> str:
     except AttributeError:
         return layer
     return parent if attr == "out_proj" and attention else layer
+
+
+class _NotSideBySide(Exception):
+    """A layer's host got a value its variants' copies cannot be cut from."""
+
+
+def _copies(value: Any, n: int) -> list[Any] | None:
+    """``value`` cut into the ``n`` copies of a batch repeated ``n`` times: every tensor in it
+    split along its leading dimension (``None`` where one's is not a multiple of ``n``)."""
+    leaves, spec = pytree.tree_flatten(value)
+    tensors = [t for t in leaves if isinstance(t, Tensor)]
+    if any(t.dim() == 0 or t.shape[0] % n for t in tensors):
+        return None
+    cut = [t.chunk(n) if isinstance(t, Tensor) else [t] * n for t in leaves]
+    return [pytree.tree_unflatten([c[i] for c in cut], spec) for i in range(n)]
+
+
+def _joined(values: Sequence[Any]) -> Any:
+    """The values of :func:`_copies` put back together (tensors concatenated)."""
+    leaves = [pytree.tree_flatten(v)[0] for v in values]
+    spec = pytree.tree_flatten(values[0])[1]
+    joined = [
+        torch.cat(parts) if isinstance(parts[0], Tensor) else parts[0]
+        for parts in zip(*leaves, strict=True)
+    ]
+    return pytree.tree_unflatten(joined, spec)
 
 
 def _record_host_calls(

@@ -475,3 +475,60 @@ def test_hook_runner_counts_a_layers_calls_per_pass() -> None:
         _InPlaceResidual().eval(), batches(3, 8, 8), ["inp", "mid", "head"]
     )
     assert runner.calls == {"inp": 1, "mid": 2, "head": 1}
+
+
+class _SequenceFirst(nn.Module):
+    """Linears on ``[time, batch, features]`` values (a sequence-first model), and data-dependent
+    control flow (the hook runner)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.inp = nn.Linear(8, 16)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.inp(x.transpose(0, 1)))  # [time, batch, 16]
+        if bool(h.sum() > -1e9):
+            h = h.cumsum(0)
+        return self.head(h[-1])
+
+
+def _hook_rows(model: nn.Module, calib: list, monkeypatch, side_by_side: bool | None) -> tuple:
+    monkeypatch.setattr(runner_module.HookRunner, "side_by_side", side_by_side)
+    return _hook_profile(model, calib, monkeypatch, 2**30)
+
+
+@pytest.mark.parametrize(
+    ("model", "calib", "runs"),
+    [(_InPlaceResidual, batches(3, 8, 8), 2), (_SequenceFirst, batches(3, 8, 6, 8), 0)],
+    ids=["batch-first", "sequence-first"],
+)
+def test_hook_runner_variants_side_by_side(model, calib, runs, monkeypatch) -> None:
+    """Side by side, a layer's two variants take one run of the batch repeated twice instead
+    of one run each: the rows are the one-by-one rows (up to float rounding of the larger
+    matrix products). A layer called twice runs one by one; a host whose values are not
+    batch-first (time first: its copies are not along the leading dimension) too, found by its
+    fp32 output's copies disagreeing, after which the layer runs one by one."""
+    side, ran_side = _hook_rows(model().eval(), calib, monkeypatch, True)
+    one, ran_one = _hook_rows(model().eval(), calib, monkeypatch, False)
+    for metric in ("mse", "sqnr_db", "e2e"):
+        np.testing.assert_allclose(side.pivot(metric), one.pivot(metric), rtol=1e-5)
+    # batch-first: inp and head save a run each on the 4 e2e samples; sequence-first: inp's
+    # try costs a run (its rows would be wrong if it were used), head (batch-first) saves one
+    assert ran_one - ran_side == runs
+
+
+def test_hook_runner_never_cuts_a_scalar_output(monkeypatch) -> None:
+    """A model whose output is one number per batch cannot be cut into its copies: side by
+    side is off for every layer after the first try."""
+
+    class Mean(_InPlaceResidual):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return super().forward(x).mean()
+
+    runner = runner_module.HookRunner(Mean().eval(), batches(2, 8, 8), ["inp", "mid", "head"])
+    monkeypatch.setattr(runner, "side_by_side", True)
+    quantized = [nn.Linear(8, 16), nn.Linear(8, 16)]
+    assert runner._side_by_side("inp", quantized, runner.batches[0]) is None
+    assert runner.side_by_side is False
