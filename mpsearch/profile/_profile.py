@@ -126,6 +126,34 @@ def _add_e2e(
             stats.update(value, n)
 
 
+def stack_finals(
+    finals: Sequence[torch.Tensor], reference: torch.Tensor, reshaped: dict[int, str]
+) -> torch.Tensor:
+    """A layer's variants' final outputs on one e2e batch, ``[variant, *output shape]``. A
+    variant whose output has another shape than the fp32 ``reference`` (a decision in the model
+    depends on it: a speech model's predicted durations set its waveform's length) stands as
+    NaN, so its end-to-end error is ``inf`` and the search leaves it out; ``reshaped[i]`` says
+    how variant i changed the shape.
+
+    >>> ref, why = torch.zeros(2, 5), {}
+    >>> stack_finals([torch.ones(2, 5), torch.ones(2, 7)], ref, why)[1].isnan().all().item()
+    True
+    >>> why
+    {1: 'quantized output changes shape: (2, 7) where the fp32 output is (2, 5)'}
+    """
+    out = []
+    for i, final in enumerate(finals):
+        if final.shape != reference.shape:
+            reshaped.setdefault(
+                i,
+                f"quantized output changes shape: {tuple(final.shape)} where the fp32 output "
+                f"is {tuple(reference.shape)}",
+            )
+            final = torch.full_like(reference, math.nan)
+        out.append(final)
+    return torch.stack(out)
+
+
 def profile(
     model: nn.Module,
     calib_data: Any,
@@ -477,11 +505,12 @@ class _Measurer:
         local = [LocalStats() for _ in schemes]
         e2e = [E2EStats() for _ in schemes]
         finals: list[torch.Tensor] = []  # per e2e batch: [scheme, *output shape]
+        reshaped: dict[int, str] = {}  # scheme index -> how it changed the output's shape
         with torch.inference_mode():
             for b in range(max(runner.n_shared, runner.n_local_batches)):
                 if b < runner.n_shared:
                     pairs, final = runner.run(name, qlayers, b)
-                    finals.append(final)
+                    finals.append(stack_finals(final, self.scorer.refs[b], reshaped))
                 else:
                     pairs = runner.local(name, qlayers, b)
                 if b < runner.n_local_batches:
@@ -490,17 +519,18 @@ class _Measurer:
                 pairs, final = runner.e2e(name, qlayers, b)
                 if runner.local_on_e2e:
                     _add_local(local, pairs)
-                finals.append(final)
+                finals.append(stack_finals(final, self.scorer.refs[b], reshaped))
             _add_e2e(e2e, finals, self.scorer, self.sizes, name, schemes)
         rows = []
         for i, scheme in enumerate(schemes):
+            finite = math.isfinite(e2e[i].mean)
             row = {
                 "mse": local[i].mse,
                 "sqnr_db": local[i].sqnr_db,
                 "e2e": e2e[i].mean,
                 "task_drop": math.nan,
                 "hessian": math.nan,
-                "reason": "" if math.isfinite(e2e[i].mean) else "quantized output not finite",
+                "reason": "" if finite else reshaped.get(i, "quantized output not finite"),
             }
             if self.req.evaluate is not None and self.baseline is not None:
                 with swapped(runner.gm, {name: qlayers[i]}), torch.inference_mode():
@@ -561,6 +591,16 @@ def _build_result(
         warnings.warn(
             f"profile: {len(plan.skip)} (layer, scheme) pairs were skipped "
             f"(status='skipped'):\n{listed}",
+            stacklevel=4,
+        )
+    left_out = table[(table["status"] == "ok") & (table["e2e"] == math.inf)]
+    if len(left_out):
+        listed = "\n".join(
+            f"  {r.layer} / {r.scheme}: {r.reason}" for r in left_out.itertuples(index=False)
+        )
+        warnings.warn(
+            f"profile: {len(left_out)} (layer, scheme) pairs have an infinite end-to-end error "
+            f"(the search leaves them out):\n{listed}",
             stacklevel=4,
         )
     rounder = None

@@ -77,6 +77,9 @@ from mpsearch.profile._e2e import (
 from mpsearch.profile._fastops import fast_call, has_node
 
 Pair = tuple[Tensor, Tensor]
+Finals = list[Tensor]
+"""A layer's variants' final outputs on one batch, one each (a variant may change the
+output's shape: :func:`mpsearch.profile._profile.stack_finals`)."""
 HostCall = tuple[tuple[Any, ...], dict[str, Any], Any]
 """One call of a layer's host in an fp32 pass: its arguments, keyword arguments and output."""
 
@@ -401,8 +404,8 @@ class GraphRunner:
 
     def _downstream(
         self, layer: str, outs_q: Sequence[Tensor], store: dict[fx.Node, Any]
-    ) -> Tensor:
-        """Final outputs ``[len(outs_q), ...]``: the suffix of ``layer`` re-run on each output.
+    ) -> Finals:
+        """Final outputs, one per output in ``outs_q``: the suffix of ``layer`` re-run on each.
 
         Batchable layers run up to ``self.group[layer]`` variants at once, concatenated along
         the batch dimension (fewer, larger operations); the others one variant at a time (a
@@ -419,7 +422,7 @@ class GraphRunner:
 
     def _downstream_in_groups(
         self, layer: str, outs_q: Sequence[Tensor], store: dict[fx.Node, Any], size: int
-    ) -> Tensor:
+    ) -> Finals:
         """:meth:`_downstream`, ``size`` variants per run."""
         start = self.layer_node[layer]
         border = self.boundary[layer]
@@ -437,13 +440,13 @@ class GraphRunner:
                 env.update((node, store[node]) for node in border)
                 env[start] = chunk[0]
             out = self._final(self.executor.execute(env, self.suffix[layer]))
-            finals.append(out.unflatten(0, (n, -1)))
-        return finals[0] if len(finals) == 1 else torch.cat(finals)
+            finals.extend(out.unflatten(0, (n, -1)).unbind(0) if n > 1 else [out])
+        return finals
 
     def _substituted(
         self, layer: str, qlayers: Sequence[nn.Module], store: dict[fx.Node, Any]
-    ) -> Tensor:
-        """Final outputs ``[len(qlayers), ...]`` of a layer called more than once: per variant,
+    ) -> Finals:
+        """Final outputs, one per variant, of a layer called more than once: per variant,
         the suffix (every call included) re-run with the variant in the layer's place."""
         target = self.layer_node[layer].target
         original = self.executor.modules[target]
@@ -455,13 +458,13 @@ class GraphRunner:
                 finals.append(self._final(self.executor.execute(env, self.suffix[layer])))
             finally:
                 self.executor.modules[target] = original
-        return torch.stack(finals)
+        return finals
 
     def run(
         self, layer: str, qlayers: Sequence[nn.Module], b: int
-    ) -> tuple[list[list[Pair]], Tensor]:
+    ) -> tuple[list[list[Pair]], Finals]:
         """Local (reference, quantized) output pairs and final outputs on shared batch b
-        (stacked: ``[variants, *output shape]``)."""
+        (one per variant)."""
         return self._run(layer, qlayers, self.store[b])
 
     def local(self, layer: str, qlayers: Sequence[nn.Module], b: int) -> list[list[Pair]]:
@@ -470,9 +473,8 @@ class GraphRunner:
 
     def e2e(
         self, layer: str, qlayers: Sequence[nn.Module], b: int
-    ) -> tuple[list[list[Pair]], Tensor]:
-        """Local pairs and final outputs on e2e batch b (stacked: ``[variants of layer,
-        *output shape]``)."""
+    ) -> tuple[list[list[Pair]], Finals]:
+        """Local pairs and final outputs on e2e batch b (one per variant of the layer)."""
         return self._run(layer, qlayers, self.e2e_store[b])
 
     def _run(
@@ -482,10 +484,10 @@ class GraphRunner:
         store: dict[fx.Node, Any],
         *,
         downstream: bool = True,
-    ) -> tuple[list[list[Pair]], Tensor]:
+    ) -> tuple[list[list[Pair]], Finals]:
         """Local pairs, at each call of ``layer`` on its fp32 input, and (if ``downstream``, else
         an empty tensor) the final outputs."""
-        none = torch.empty(0)
+        none: Finals = []
         if layer in self.repeated:
             inputs = [
                 (c, fx.node.map_arg((c.args, c.kwargs), store.__getitem__))
@@ -646,6 +648,28 @@ def _first_half(
     if out.shape != reference[:half].shape or not _close(out, reference[:half], 1e-4):
         return None
     return result
+
+
+def _check_deterministic(model: nn.Module, batch: Batch, output: Tensor) -> None:
+    """Raise where ``model`` run again on ``batch`` does not give ``output`` (its fp32 output on
+    it): a forward that samples at random. Every graph capture is refused on such a model (its
+    check against the model's output fails), so the hook runner is where it arrives."""
+    with torch.inference_mode():
+        again = output_tensor(run_model(model, batch)).float()
+    if _close(again, output, 1e-4):
+        return
+    if again.shape != output.shape:
+        how = f"shape {tuple(output.shape)}, then {tuple(again.shape)}"
+    else:
+        how = f"largest difference {float((again - output).abs().max()):.3g}"
+    raise ValueError(
+        "argument 'model': its output on calibration batch 0 changes from one fp32 run to the "
+        f"next ({how}): its forward samples at random (noise as a text-to-speech model adds, "
+        "dropout called with training=True, random sampling). A profile compares each "
+        "quantized layer's output with the fp32 output on the same batch, so the forward must "
+        "be deterministic: turn the sampling off (a Hugging Face VITS model: "
+        "model.noise_scale = model.noise_scale_duration = 0) or seed it inside forward."
+    )
 
 
 def checked_output(i: int, out: Tensor) -> Tensor:
@@ -873,6 +897,7 @@ class HookRunner:
         finally:
             for h in handles:
                 h.remove()
+        _check_deterministic(model, batches[0], self.outputs[0])
         self.calls = calls
         self.called = {name for name, c in calls.items() if c}
         self.read_directly = set(read_directly(model, batches, sorted(self.called), warn=False))
@@ -932,7 +957,7 @@ class HookRunner:
 
     def _substituted(
         self, layer: str, qlayers: Sequence[nn.Module], batch: Batch
-    ) -> tuple[list[list[Pair]], Tensor]:
+    ) -> tuple[list[list[Pair]], Finals]:
         """Local pairs and final outputs on ``batch``, the variants in the layer's place: side
         by side in one run (:meth:`_side_by_side`) once the first layer that could showed it
         gives the same outputs in less time than one run per variant, else one by one."""
@@ -948,12 +973,14 @@ class HookRunner:
         side = self._side_by_side(layer, qlayers, batch)
         if side is not None:  # decided on this layer: where it could not, the next one tries
             faster = time.perf_counter() - start < one_s
-            self.side_by_side = faster and _close(side[1], one[1], 1e-4)
+            self.side_by_side = faster and all(
+                _close(a, b, 1e-4) for a, b in zip(side[1], one[1], strict=True)
+            )
         return one
 
     def _side_by_side(
         self, layer: str, qlayers: Sequence[nn.Module], batch: Batch
-    ) -> tuple[list[list[Pair]], Tensor] | None:
+    ) -> tuple[list[list[Pair]], Finals] | None:
         """Local pairs and final outputs from one run of ``batch`` repeated once per variant
         (every tensor whose leading dimension is the batch size), variant i in the layer's
         place on the i-th copy, or ``None`` where the layer's host gets a value it cannot be so
@@ -1003,11 +1030,11 @@ class HookRunner:
         if finals is None:
             self.side_by_side = False
             return None
-        return all_pairs, torch.stack(finals)
+        return all_pairs, finals
 
     def _one_by_one(
         self, layer: str, qlayers: Sequence[nn.Module], batch: Batch
-    ) -> tuple[list[list[Pair]], Tensor]:
+    ) -> tuple[list[list[Pair]], Finals]:
         """Local pairs and final outputs on ``batch``, one run per variant in the layer's place.
         A layer called more than once has its pairs from an fp32 run (:meth:`local`): at its
         later calls, a substituted run would give it quantized inputs."""
@@ -1027,13 +1054,13 @@ class HookRunner:
             all_pairs.append(pairs)
         if self.calls[layer] > 1:
             all_pairs = self._fp32_pairs(layer, qlayers, batch)
-        return all_pairs, torch.stack(finals)
+        return all_pairs, finals
 
     def run(
         self, layer: str, qlayers: Sequence[nn.Module], b: int
-    ) -> tuple[list[list[Pair]], Tensor]:
+    ) -> tuple[list[list[Pair]], Finals]:
         """Local (reference, quantized) output pairs and final outputs on shared batch b
-        (stacked: ``[variants, *output shape]``)."""
+        (one per variant)."""
         return self._substituted(layer, qlayers, self.batches[b])
 
     def local(self, layer: str, qlayers: Sequence[nn.Module], b: int) -> list[list[Pair]]:
@@ -1094,9 +1121,8 @@ class HookRunner:
 
     def e2e(
         self, layer: str, qlayers: Sequence[nn.Module], b: int
-    ) -> tuple[list[list[Pair]], Tensor]:
-        """Local pairs and final outputs on e2e batch b (stacked: ``[variants of layer,
-        *output shape]``)."""
+    ) -> tuple[list[list[Pair]], Finals]:
+        """Local pairs and final outputs on e2e batch b (one per variant of the layer)."""
         return self._substituted(layer, qlayers, self.e2e_batches[b])
 
 

@@ -40,7 +40,9 @@ class Fidelity:
     For outputs whose last dimension holds class scores (float, size >= 2), the fraction of
     positions whose arg-max agrees; otherwise, or with ``regression=True`` (a profile measured
     with ``metric="mse"``: raw box predictions, several regression targets),
-    ``1 - MSE / Var(reference)`` (1 is perfect).
+    ``1 - MSE / Var(reference)`` (1 is perfect). A batch on which ``model``'s output has
+    another shape than the reference's (a length the model predicts changed) agrees nowhere,
+    or counts as predicting the reference's mean (``1 - MSE / Var`` of 0 on it).
 
     >>> net = nn.Linear(4, 3).eval()
     >>> Fidelity(net, [torch.randn(16, 4)])(net)
@@ -70,12 +72,14 @@ class Fidelity:
         with torch.inference_mode():
             for batch, ref in zip(self.batches, self.reference, strict=True):
                 out = output_tensor(run_model(model, batch)).float()
+                same = out.shape == ref.shape  # else a decision in the model (a length) changed
                 if self.classification:
-                    agree += float((out.argmax(-1) == ref.argmax(-1)).sum())
+                    agree += float((out.argmax(-1) == ref.argmax(-1)).sum()) if same else 0.0
                     total += ref[..., 0].numel()
                 else:
-                    sq += float(((out - ref) ** 2).sum())
-                    var += float(((ref - ref.mean()) ** 2).sum())
+                    spread = float(((ref - ref.mean()) ** 2).sum())
+                    sq += float(((out - ref) ** 2).sum()) if same else spread
+                    var += spread
         if self.classification:
             return agree / total
         return 1.0 - sq / max(var, 1e-12)

@@ -370,3 +370,59 @@ def test_profile_states_its_coverage_and_warns_when_most_is_left_out() -> None:
         prof = profile(model, [torch.randn(8, 16)], schemes=["w8a8"], progress=False)
     assert prof.info["coverage"] == pytest.approx(68 / (68 + 16 * 16 * 16 + 16))
     assert "mix (Bilinear" in prof.info["coverage_note"]
+
+
+class _Durations(nn.Module):
+    """A length predicted from the input sets the output's length, as a speech model's
+    predicted durations set its waveform's: 1.35 > 1.34 in fp32 and bf16 (0.3496 + 1), 1.333
+    after w4a16_pc rounds 0.35 to 5/15 (one scale for [0, 1]): one row shorter."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dur = nn.Linear(2, 1, bias=False)
+        with torch.no_grad():
+            self.dur.weight.copy_(torch.tensor([[0.35, 1.0]]))
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        length = 4 + int(bool(self.dur(x[:, 0, :2]).mean() > 1.34))
+        return self.head(x)[:, :length]
+
+
+def test_a_scheme_that_changes_the_outputs_shape_gets_an_infinite_error() -> None:
+    """Bug: the profile raised torch.stack's size mismatch; the pair is now kept with an
+    infinite end-to-end error (the search leaves it out), the reason and a warning."""
+    torch.manual_seed(0)
+    calib = []
+    for b in batches(3, 8, 6, 4):
+        b[:, 0, :2] = 1.0
+        calib.append(b)
+    with pytest.warns(UserWarning, match="infinite end-to-end error"):
+        prof = profile(_Durations().eval(), calib, schemes=["bf16", "w4a16_pc"], progress=False)
+    table = prof.table.set_index(["layer", "scheme"])
+    assert table.loc[("dur", "w4a16_pc"), "e2e"] == math.inf
+    assert table.loc[("dur", "w4a16_pc"), "reason"] == (
+        "quantized output changes shape: (8, 4, 3) where the fp32 output is (8, 5, 3)"
+    )
+    assert np.isfinite(table.loc[("dur", "bf16"), "e2e"])
+    assert np.isfinite(table.loc[("head", "w4a16_pc"), "e2e"])
+
+
+def test_a_model_whose_output_changes_between_fp32_runs_is_refused() -> None:
+    """A forward that samples at random: every graph capture is refused, and the hook runner
+    says why before profiling rows that would compare noise."""
+
+    class Noisy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(8, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.lin(x) + 0.1 * torch.randn(x.shape[0], 4)
+
+    with (
+        pytest.raises(ValueError, match=r"argument 'model'.*changes from one fp32 run to the next"),
+        warnings.catch_warnings(),
+    ):
+        warnings.simplefilter("ignore")
+        profile(Noisy().eval(), batches(2, 4, 8), schemes=["w8a8"], progress=False)

@@ -53,3 +53,27 @@ def test_a_profile_measured_with_mse_makes_the_search_score_by_regression_fideli
         for plan, quality in zip(res.plans, res.pareto["quality"], strict=True):
             quantized = mps.quantize(model, plan, backend="simulate")
             assert quality == pytest.approx(fidelity(quantized), abs=1e-6)
+
+
+class _Trimmed(_Boxes):
+    """Drops its last anchor on a batch whose first value is positive (a predicted length)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = super().forward(x)
+        return out[:, :-1] if bool(x[0, 0] > 0) else out
+
+
+def test_a_batch_whose_output_changes_shape_agrees_nowhere() -> None:
+    """Bug: Fidelity raised the size mismatch of the comparison. Such a batch now scores as
+    no agreement, or as predicting the reference's mean (0 on it)."""
+    torch.manual_seed(0)
+    ref = _Boxes().eval()
+    trimmed = _Trimmed().eval()
+    trimmed.load_state_dict(ref.state_dict())
+    data = _data(2, 1)
+    data[0][0, 0], data[1][0, 0] = 1.0, -1.0  # batch 0 trimmed, batch 1 not
+    assert Fidelity(ref, data)(trimmed) == pytest.approx(0.5)  # batch 1 agrees everywhere
+    with torch.no_grad():
+        spread = [float((r - r.mean()).square().sum()) for r in (ref(x) for x in data)]
+    expected = 1 - spread[0] / sum(spread)  # batch 1 exact
+    assert Fidelity(ref, data, regression=True)(trimmed) == pytest.approx(expected, rel=1e-6)
