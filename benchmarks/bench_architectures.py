@@ -106,6 +106,35 @@ def _mels(n: int, g: torch.Generator) -> dict[str, torch.Tensor]:
     }
 
 
+def _series(n: int, g: torch.Generator) -> dict[str, torch.Tensor]:
+    return {"past_values": torch.randn(n, 32, 3, generator=g)}  # [batch, context, channels]
+
+
+def _forecast(n: int, g: torch.Generator) -> dict[str, torch.Tensor]:
+    """A forecasting transformer's teacher-forced inputs: its output holds the loss (a scalar)
+    before the predicted distribution's parameters, the output profiled."""
+    past, future = 16 + 4, 4  # context + the largest lag; prediction length
+    return {
+        "past_values": torch.randn(n, past, generator=g),
+        "past_time_features": torch.randn(n, past, 1, generator=g),
+        "past_observed_mask": torch.ones(n, past),
+        "future_values": torch.randn(n, future, generator=g),
+        "future_time_features": torch.randn(n, future, 1, generator=g),
+    }
+
+
+def _image_text(n: int, g: torch.Generator) -> dict[str, torch.Tensor]:
+    return {**_ids(n, g), **_images(n, g)}
+
+
+def _images64(n: int, g: torch.Generator) -> dict[str, torch.Tensor]:
+    return {"pixel_values": torch.randn(n, 3, 64, 64, generator=g)}
+
+
+def _phonemes(n: int, g: torch.Generator) -> dict[str, torch.Tensor]:
+    return {"input_ids": torch.randint(0, 38, (n, 12), generator=g)}
+
+
 _SMALL = {
     "vocab_size": VOCAB,
     "hidden_size": 64,
@@ -635,6 +664,180 @@ ARCHITECTURES: dict[str, tuple[str, str, dict[str, Any], Inputs]] = {
         _tokens,
     ),
     "fnet": ("FNetConfig", "FNetForSequenceClassification", {**_SMALL, "num_labels": 3}, _ids),
+    "patchtst": (
+        "PatchTSTConfig",
+        "PatchTSTForPrediction",
+        {
+            "num_input_channels": 3,
+            "context_length": 32,
+            "patch_length": 8,
+            "patch_stride": 8,
+            "prediction_length": 8,
+            "d_model": 32,
+            "num_attention_heads": 4,
+            "num_hidden_layers": 2,
+            "ffn_dim": 64,
+        },
+        _series,
+    ),
+    "time_series_transformer": (
+        "TimeSeriesTransformerConfig",
+        "TimeSeriesTransformerForPrediction",
+        {
+            "prediction_length": 4,
+            "context_length": 16,
+            "lags_sequence": [1, 2, 3, 4],
+            "num_time_features": 1,
+            "d_model": 32,
+            "encoder_layers": 1,
+            "decoder_layers": 1,
+            "encoder_attention_heads": 2,
+            "decoder_attention_heads": 2,
+            "encoder_ffn_dim": 64,
+            "decoder_ffn_dim": 64,
+        },
+        _forecast,
+    ),
+    "longformer": (
+        "LongformerConfig",
+        "LongformerForSequenceClassification",
+        {**_SMALL, "attention_window": 8, "num_labels": 3, "pad_token_id": 1},
+        _tokens,
+    ),
+    "perceiver": (
+        "PerceiverConfig",
+        "PerceiverForSequenceClassification",
+        {
+            "vocab_size": VOCAB,
+            "d_model": 64,
+            "num_latents": 16,
+            "d_latents": 64,
+            "num_blocks": 1,
+            "num_self_attends_per_block": 2,
+            "num_self_attention_heads": 4,
+            "num_cross_attention_heads": 4,
+            "max_position_embeddings": SEQ,
+            "num_labels": 3,
+        },
+        _ids,
+    ),
+    "clip": (  # the two towers: image-text similarity logits
+        "CLIPConfig",
+        "CLIPModel",
+        {
+            "text_config": {**_SMALL, "max_position_embeddings": SEQ},
+            "vision_config": {
+                "hidden_size": 64,
+                "intermediate_size": 128,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 4,
+                "image_size": 32,
+                "patch_size": 8,
+            },
+            "projection_dim": 32,
+        },
+        _image_text,
+    ),
+    "swin2sr": (  # image to image (x2 super-resolution)
+        "Swin2SRConfig",
+        "Swin2SRForImageSuperResolution",
+        {
+            "image_size": 32,
+            "patch_size": 1,
+            "embed_dim": 16,
+            "depths": [1, 1],
+            "num_heads": [2, 2],
+            "window_size": 4,
+            "upscale": 2,
+            "upsampler": "pixelshuffle",
+        },
+        _images,
+    ),
+    "upernet": (  # semantic segmentation on a ConvNeXt backbone
+        "UperNetConfig",
+        "UperNetForSemanticSegmentation",
+        {
+            "backbone_config": {
+                "model_type": "convnext",
+                "hidden_sizes": [8, 16, 32, 64],
+                "depths": [1, 1, 1, 1],
+                "out_features": ["stage1", "stage2", "stage3", "stage4"],
+            },
+            "hidden_size": 16,
+            "auxiliary_in_channels": 32,
+            "auxiliary_channels": 16,
+            "num_labels": 4,
+        },
+        _images64,
+    ),
+    "rt_detr": (  # a detector whose decoder queries are the encoder's top-scoring anchors
+        "RTDetrConfig",
+        "RTDetrForObjectDetection",
+        {
+            "backbone_config": {
+                "model_type": "rt_detr_resnet",
+                "embedding_size": 16,
+                "hidden_sizes": [16, 32, 64, 128],
+                "depths": [1, 1, 1, 1],
+                "out_features": ["stage2", "stage3", "stage4"],
+            },
+            "encoder_in_channels": [32, 64, 128],
+            "decoder_in_channels": [32, 32, 32],
+            "d_model": 32,
+            "encoder_hidden_dim": 32,
+            "encoder_ffn_dim": 64,
+            "decoder_ffn_dim": 64,
+            "num_queries": 20,
+            "decoder_layers": 1,
+            "num_labels": 4,
+            "encoder_attention_heads": 2,
+            "decoder_attention_heads": 2,
+            "num_denoising": 0,
+        },
+        _images64,
+    ),
+    "vits": (  # text to speech: predicted durations set the waveform's length
+        "VitsConfig",
+        "VitsModel",
+        {
+            "vocab_size": 38,
+            "hidden_size": 32,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "ffn_dim": 64,
+            "flow_size": 16,
+            "spectrogram_bins": 33,
+            "upsample_initial_channel": 32,
+            "upsample_rates": [4, 4],
+            "upsample_kernel_sizes": [8, 8],
+            "resblock_kernel_sizes": [3],
+            "resblock_dilation_sizes": [[1, 3]],
+            "prior_encoder_num_flows": 2,
+            "prior_encoder_num_wavenet_layers": 1,
+            "duration_predictor_num_flows": 2,
+            "duration_predictor_filter_channels": 32,
+            "depth_separable_num_layers": 2,
+            "noise_scale": 0.0,  # no sampling: a deterministic forward (the profile refuses
+            "noise_scale_duration": 0.0,  # one whose fp32 output changes from run to run)
+        },
+        _phonemes,
+    ),
+    "zamba2": (
+        "Zamba2Config",
+        "Zamba2ForCausalLM",
+        {
+            **_DECODER,
+            "num_hidden_layers": 3,
+            "layers_block_type": ["mamba", "hybrid", "mamba"],
+            "mamba_d_state": 8,
+            "mamba_headdim": 16,
+            "n_mamba_heads": 8,
+            "mamba_ngroups": 1,
+            "chunk_size": 16,
+            "use_mem_rope": False,
+        },
+        _tokens,
+    ),
 }
 """name -> (config class, model class, config, inputs(n, generator)) in ``transformers``."""
 

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils import _pytree as pytree
 
 from mpsearch._validation import invalid
 
@@ -123,3 +124,9 @@ def batch_size(batch: Batch) -> int:
         if isinstance(value, torch.Tensor):
             return int(value.shape[0]) if value.dim() else 1
     return 1
+
+
+def copied(value: Any) -> Any:
+    """``value`` with every tensor in it copied (detached): what a later in-place operation of
+    the model cannot change."""
+    return pytree.tree_map_only(torch.Tensor, lambda t: t.detach().clone(), value)

@@ -58,7 +58,7 @@ from torch.utils import _pytree as pytree
 from torch.utils.flop_counter import FlopCounterMode
 from torch.utils.hooks import RemovableHandle
 
-from mpsearch._data import Batch, batch_size, output_tensor, run_model
+from mpsearch._data import Batch, batch_size, copied, output_tensor, run_model
 from mpsearch._validation import exception_line
 from mpsearch.backends._quantize import read_directly
 from mpsearch.layers import is_quantizable, swapped
@@ -486,7 +486,7 @@ class GraphRunner:
         downstream: bool = True,
     ) -> tuple[list[list[Pair]], Finals]:
         """Local pairs, at each call of ``layer`` on its fp32 input, and (if ``downstream``, else
-        an empty tensor) the final outputs."""
+        none) the final outputs."""
         none: Finals = []
         if layer in self.repeated:
             inputs = [
@@ -1177,7 +1177,7 @@ def _record_host_calls(
     def record(name: str, args: Any, kwargs: Any, out: Any) -> None:
         if held[0] > budget:
             return
-        call = (_copied(args), _copied(kwargs), _copied(out))
+        call = (copied(args), copied(kwargs), copied(out))
         held[0] += _nbytes(call)
         calls[name].append(call)
 
@@ -1194,12 +1194,6 @@ def _record_host_calls(
         for h in handles:
             h.remove()
     return None if held[0] > budget else calls
-
-
-def _copied(value: Any) -> Any:
-    """``value`` with every tensor in it copied (a later in-place operation of the model cannot
-    change what was recorded)."""
-    return pytree.tree_map_only(Tensor, lambda t: t.detach().clone(), value)
 
 
 def _variants(

@@ -12,9 +12,8 @@ from typing import Any
 import pandas as pd
 import torch
 from torch import Tensor, nn
-from torch.utils._pytree import tree_map_only
 
-from mpsearch._data import as_batches, output_tensor, run_model
+from mpsearch._data import as_batches, copied, output_tensor, run_model
 from mpsearch._validation import (
     check_fraction,
     check_module,
@@ -132,10 +131,6 @@ def _column_max(layer: nn.Module) -> Tensor:
     return standard_form(layer).weight.detach().abs().amax(dim=0)
 
 
-def _copied(value: Any) -> Any:
-    return tree_map_only(Tensor, lambda t: t.detach().clone(), value)
-
-
 def _input_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     if args:
         return args[0]
@@ -179,7 +174,7 @@ def _observe(
                 return
             produced[id(output)] = (name, output)
             if name not in norm_calls:  # copies: the model may later change them in place
-                norm_calls[name] = (_copied(args), _copied(kwargs), output.detach().clone())
+                norm_calls[name] = (copied(args), copied(kwargs), output.detach().clone())
 
         return hook
 
