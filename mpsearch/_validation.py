@@ -47,7 +47,8 @@ def wrong_type(argument: str, value: Any, accepted: str) -> InvalidTypeError:
 def check_module(value: Any, argument: str = "model") -> None:
     """Raise :class:`InvalidTypeError` unless ``value`` is a ``torch.nn.Module`` (and not
     ``torch.compile``'s wrapper of one: its compiled graph would not see the layers mpsearch
-    replaces, and a "quantized" model would run the original weights).
+    replaces, and a "quantized" model would run the original weights; nor a TorchScript
+    module, whose layers cannot be replaced).
 
     >>> import torch
     >>> check_module(torch.compile(torch.nn.Linear(2, 2)))
@@ -55,6 +56,7 @@ def check_module(value: Any, argument: str = "model") -> None:
     ...
     mpsearch._validation.InvalidTypeError: The 'model' argument must be a torch.nn.Module, not torch.compile's wrapper of one (pass model._orig_mod, the module it compiles: mpsearch replaces its layers, which the compiled graph would not see; compile the quantized model afterwards). Got OptimizedModule instead.
     """
+    import torch
     from torch import nn
 
     if not isinstance(value, nn.Module):
@@ -68,6 +70,14 @@ def check_module(value: Any, argument: str = "model") -> None:
             "a torch.nn.Module, not torch.compile's wrapper of one (pass model._orig_mod, the "
             "module it compiles: mpsearch replaces its layers, which the compiled graph would "
             "not see; compile the quantized model afterwards)",
+        )
+    if isinstance(value, torch.jit.ScriptModule):
+        raise wrong_type(
+            argument,
+            value,
+            "a torch.nn.Module, not a TorchScript module (torch.jit.script, trace or load: "
+            "compiled code whose layers cannot be replaced; pass the Python module it was made "
+            "from, and script or trace the quantized model afterwards)",
         )
 
 

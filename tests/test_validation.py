@@ -58,3 +58,20 @@ def test_a_torch_compile_wrapper_is_refused_before_any_work() -> None:
         with pytest.raises(InvalidTypeError, match=r"torch.compile's wrapper.*model._orig_mod"):
             call()
     assert mps.quantize(compiled._orig_mod, "w8a8", backend="cpu", calib=calib) is not None
+
+
+@pytest.mark.parametrize(
+    "make", [torch.jit.script, lambda m: torch.jit.trace(m, torch.zeros(1, 8))]
+)
+def test_a_torchscript_module_is_refused_naming_what_to_pass(make) -> None:
+    """Was: "has no quantizable layers" (its submodules are compiled code, not Linears), as if
+    the model held none."""
+    scripted = make(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)).eval())
+    calib = [torch.randn(4, 8)]
+    for call in (
+        lambda: mps.quantize(scripted, "w8a8", backend="cpu", calib=calib),
+        lambda: mps.profile(scripted, calib, schemes=["w8a8"], progress=False),
+        lambda: mps.measure_cost(scripted, calib[0], schemes=["w8a8"]),
+    ):
+        with pytest.raises(InvalidTypeError, match=r"not a TorchScript module .* Python module"):
+            call()
