@@ -131,6 +131,21 @@ def _images64(n: int, g: torch.Generator) -> dict[str, torch.Tensor]:
     return {"pixel_values": torch.randn(n, 3, 64, 64, generator=g)}
 
 
+IMAGE_TOKEN = VOCAB - 1
+"""The vision-language models' image placeholder token (16 per prompt: one per patch)."""
+
+
+def _image_prompt(n: int, g: torch.Generator) -> dict[str, torch.Tensor]:
+    """A 32 x 32 image and a 24-token prompt whose tokens 2 to 17 are its 16 patches."""
+    ids = torch.randint(1, VOCAB - 2, (n, 24), generator=g)
+    ids[:, 2:18] = IMAGE_TOKEN
+    return {
+        "input_ids": ids,
+        "attention_mask": torch.ones(n, 24, dtype=torch.long),
+        "pixel_values": torch.randn(n, 3, 32, 32, generator=g),
+    }
+
+
 def _phonemes(n: int, g: torch.Generator) -> dict[str, torch.Tensor]:
     return {"input_ids": torch.randint(0, 38, (n, 12), generator=g)}
 
@@ -159,6 +174,14 @@ _SSM_HEADS = {  # Mamba-2 mixers of the hybrid decoders: 8 heads of 16 (2 x hidd
     "mamba_chunk_size": 16,
 }
 _VISION = {"image_size": 32, "num_labels": 5}
+_VISION_TOWER = {  # a ViT on 32 x 32 images in 8 x 8 patches
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "image_size": 32,
+    "patch_size": 8,
+}
 _WAV2VEC2 = {  # a two-convolution feature encoder on raw audio, a 3-way classifier head
     **_SMALL,
     "conv_dim": (32, 32),
@@ -726,14 +749,7 @@ ARCHITECTURES: dict[str, tuple[str, str, dict[str, Any], Inputs]] = {
         "CLIPModel",
         {
             "text_config": {**_SMALL, "max_position_embeddings": SEQ},
-            "vision_config": {
-                "hidden_size": 64,
-                "intermediate_size": 128,
-                "num_hidden_layers": 2,
-                "num_attention_heads": 4,
-                "image_size": 32,
-                "patch_size": 8,
-            },
+            "vision_config": _VISION_TOWER,
             "projection_dim": 32,
         },
         _image_text,
@@ -821,6 +837,35 @@ ARCHITECTURES: dict[str, tuple[str, str, dict[str, Any], Inputs]] = {
             "noise_scale_duration": 0.0,  # one whose fp32 output changes from run to run)
         },
         _phonemes,
+    ),
+    "llava": (  # a vision-language model: CLIP vision tower, projector, Llama decoder
+        "LlavaConfig",
+        "LlavaForConditionalGeneration",
+        {
+            "vision_config": {"model_type": "clip_vision_model", **_VISION_TOWER},
+            "text_config": {"model_type": "llama", **_DECODER},
+            "image_token_index": IMAGE_TOKEN,
+            "vision_feature_layer": -1,
+            "vision_feature_select_strategy": "default",
+            "image_seq_length": 16,
+        },
+        _image_prompt,
+    ),
+    "paligemma": (  # SigLIP vision tower, Gemma decoder
+        "PaliGemmaConfig",
+        "PaliGemmaForConditionalGeneration",
+        {
+            "vision_config": {
+                "model_type": "siglip_vision_model",
+                **_VISION_TOWER,
+                "projection_dim": 64,
+            },
+            "text_config": {"model_type": "gemma", **_DECODER, "head_dim": 16},
+            "image_token_index": IMAGE_TOKEN,
+            "projection_dim": 64,
+            "hidden_size": 64,
+        },
+        _image_prompt,
     ),
     "zamba2": (
         "Zamba2Config",
