@@ -1026,6 +1026,8 @@ class HookRunner:
             final = torch.zeros(())
         finally:
             handle.remove()
+        if not all(all_pairs):  # the model caught the hook's exception and went on
+            return None
         finals = _copies(final, n)
         if finals is None:
             self.side_by_side = False

@@ -532,3 +532,24 @@ def test_hook_runner_never_cuts_a_scalar_output(monkeypatch) -> None:
     quantized = [nn.Linear(8, 16), nn.Linear(8, 16)]
     assert runner._side_by_side("inp", quantized, runner.batches[0]) is None
     assert runner.side_by_side is False
+
+
+class _Fallback(_SequenceFirst):
+    """Catches any error of its first layer and takes another path (as model code with a
+    fallback does): the side-by-side run's refusal must not pass for its outputs."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        try:
+            h = torch.relu(self.inp(x.transpose(0, 1)))
+        except Exception:
+            h = torch.zeros(x.shape[1], x.shape[0], 16)
+        if bool(h.sum() > -1e9):
+            h = h.cumsum(0)
+        return self.head(h[-1])
+
+
+def test_hook_runner_side_by_side_refused_inside_a_try_block(monkeypatch) -> None:
+    side, _ = _hook_rows(_Fallback().eval(), batches(3, 8, 6, 8), monkeypatch, True)
+    one, _ = _hook_rows(_Fallback().eval(), batches(3, 8, 6, 8), monkeypatch, False)
+    for metric in ("mse", "sqnr_db", "e2e"):
+        np.testing.assert_allclose(side.pivot(metric), one.pivot(metric), rtol=1e-5)
