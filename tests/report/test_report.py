@@ -137,7 +137,8 @@ def test_chromium_renders_every_figure(full_report, rendered) -> None:
         # drawn at natural size (the window may cut the last one at its bottom edge)
         assert row.x1 - row.x0 == width
         assert row.y1 - row.y0 == height or (row.y1 == 2400 and row.y1 - row.y0 > 100)
-        assert row.non_white > 0.05, row
+        # a blank region reads < 0.01 (below); the controller's thin lines read 0.044 at times
+        assert row.non_white > 0.02, row
         assert row.std > 20, row
         assert row.colors >= 8, row
         assert row.magenta < 0.01, row
