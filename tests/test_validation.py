@@ -49,15 +49,21 @@ def test_a_torch_compile_wrapper_is_refused_before_any_work() -> None:
     """Bug: quantizing ``torch.compile(model)`` gave a model whose compiled graph still ran
     the original layers (w8a8 output equal to fp32's), and the profile's rows were NaN."""
     compiled = torch.compile(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)).eval())
+    _refused_everywhere(compiled, r"torch.compile's wrapper.*model._orig_mod")
+    calib = [torch.randn(4, 8)]
+    assert mps.quantize(compiled._orig_mod, "w8a8", backend="cpu", calib=calib) is not None
+
+
+def _refused_everywhere(model: nn.Module, match: str) -> None:
+    """quantize, profile and measure_cost each raise ``InvalidTypeError`` matching ``match``."""
     calib = [torch.randn(4, 8)]
     for call in (
-        lambda: mps.quantize(compiled, "w8a8", backend="cpu", calib=calib),
-        lambda: mps.profile(compiled, calib, schemes=["w8a8"], progress=False),
-        lambda: mps.measure_cost(compiled, calib[0], schemes=["w8a8"]),
+        lambda: mps.quantize(model, "w8a8", backend="cpu", calib=calib),
+        lambda: mps.profile(model, calib, schemes=["w8a8"], progress=False),
+        lambda: mps.measure_cost(model, calib[0], schemes=["w8a8"]),
     ):
-        with pytest.raises(InvalidTypeError, match=r"torch.compile's wrapper.*model._orig_mod"):
+        with pytest.raises(InvalidTypeError, match=match):
             call()
-    assert mps.quantize(compiled._orig_mod, "w8a8", backend="cpu", calib=calib) is not None
 
 
 @pytest.mark.parametrize(
@@ -67,11 +73,4 @@ def test_a_torchscript_module_is_refused_naming_what_to_pass(make) -> None:
     """Was: "has no quantizable layers" (its submodules are compiled code, not Linears), as if
     the model held none."""
     scripted = make(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)).eval())
-    calib = [torch.randn(4, 8)]
-    for call in (
-        lambda: mps.quantize(scripted, "w8a8", backend="cpu", calib=calib),
-        lambda: mps.profile(scripted, calib, schemes=["w8a8"], progress=False),
-        lambda: mps.measure_cost(scripted, calib[0], schemes=["w8a8"]),
-    ):
-        with pytest.raises(InvalidTypeError, match=r"not a TorchScript module .* Python module"):
-            call()
+    _refused_everywhere(scripted, r"not a TorchScript module .* Python module")
