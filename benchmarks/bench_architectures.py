@@ -1038,6 +1038,7 @@ def run_one(name: str, *, trials: int) -> dict[str, Any]:
             prof = mps.profile(model, calib, schemes=SCHEMES, progress=False)
             profile_s = time.perf_counter() - t0
             row["runner"] = prof.info.get("runner")
+            row["metric"] = prof.e2e_metric
             row["profile_ratio"] = profile_s / (len(SCHEMES) * statistics.median(passes))
             step = "measure_cost"
             cost = mps.measure_cost(
@@ -1129,6 +1130,7 @@ COLUMNS = [
     "params",
     "coverage",
     "runner",
+    "metric",
     "profile_ratio",
     "pipeline",
     "memory_exact",
@@ -1187,7 +1189,8 @@ def main() -> None:
             "Each model is built from a small config (random weights) and run in its own "
             "process: profile -> measure_cost (cpu) -> search -> quantize (cpu, the measured "
             "kernels) -> export. `coverage`: share of parameters in quantizable layers; "
-            "`runner`: the profiler's runner; `profile_ratio`: profile seconds / (S x one fp32 "
+            "`runner`: the profiler's runner; `metric`: the end-to-end metric the profile "
+            "chose for the model's output (`auto_metric`); `profile_ratio`: profile seconds / (S x one fp32 "
             f"pass over the same {CALIB_BATCHES} calibration batches of 16; one profile: noisy); `memory_exact`: plans whose "
             "`cost.memory_bytes` equals the bytes the quantized model holds; `formats`: export "
             "formats written and checked; `export_top1`: the lowest top-1 agreement of an "

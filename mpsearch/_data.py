@@ -64,42 +64,60 @@ def output_tensor(output: Any) -> torch.Tensor:
     """The main tensor of a model output: the tensor itself; ``logits`` (or ``out``,
     ``output``) of a dict or a ``ModelOutput``; else the first floating-point tensor among a
     dict's values or a tuple's items, each taken as its own main tensor (the first tensor where
-    none is floating: an audio codec's codes come before its waveform), passing over a scalar
-    (a loss, the batch's mean: a forecasting model's output holds one before its predicted
-    distribution's parameters) where one with a batch dimension follows. One dict per sample (a
+    none is floating: an audio codec's codes come before its waveform), passing over a loss (a
+    field whose name ends in ``loss``: an audio codec's per-sample commitment loss) and a
+    scalar (a loss, the batch's mean: a forecasting model's output holds one before its
+    predicted distribution's parameters) where another output follows. One dict per sample (a
     detector's detections) raises ``TypeError`` saying what to profile instead
     (:func:`per_sample_message`).
 
     >>> output_tensor((torch.zeros(2, dtype=torch.long), torch.ones(2))).dtype
     torch.float32
     """
+    return main_output(output)[0]
+
+
+def main_output(output: Any) -> tuple[torch.Tensor, str | None]:
+    """:func:`output_tensor` and the name it has in the output: the key of the dict or
+    ``ModelOutput`` field holding it (the innermost), ``None`` for a tensor returned as it is
+    or as a tuple's item (what the default metric reads: :func:`~mpsearch.profile.auto_metric`).
+
+    >>> main_output({"loss": torch.tensor(0.5), "last_hidden_state": torch.ones(2, 3)})[1]
+    'last_hidden_state'
+    """
     if isinstance(output, torch.Tensor):
-        return output
+        return output, None
     if isinstance(output, (tuple, list)) and output and all(isinstance(o, Mapping) for o in output):
         raise TypeError(per_sample_message(output))
     if isinstance(output, Mapping):
         for key in ("logits", "out", "output"):
             if key in output:
-                return output_tensor(output[key])
-        items = list(output.values())
+                return _named(output[key], key)
+        items = list(output.items())
     elif isinstance(output, (tuple, list)):
-        items = list(output)
+        items = [(None, item) for item in output]
     elif hasattr(output, "logits"):
-        return output_tensor(output.logits)
+        return _named(output.logits, "logits")
     else:
         items = []
     found = []
-    for item in items:
+    for key, item in items:
         try:
-            found.append(output_tensor(item))
+            found.append(_named(item, key))
         except TypeError:  # None, a cache object...
             continue
     if not found:
         raise TypeError(
             f"Cannot find an output tensor in a model output of type {type(output).__name__}."
         )
-    floating = [t for t in found if t.is_floating_point() or t.is_complex()]
-    return next((t for t in floating if t.dim()), floating[0] if floating else found[0])
+    found = [f for f in found if not (f[1] or "").endswith("loss")] or found
+    floating = [f for f in found if f[0].is_floating_point() or f[0].is_complex()]
+    return next((f for f in floating if f[0].dim()), floating[0] if floating else found[0])
+
+
+def _named(item: Any, key: Any) -> tuple[torch.Tensor, str | None]:
+    tensor, name = main_output(item)
+    return tensor, name if name is not None else (key if isinstance(key, str) else None)
 
 
 def per_sample_message(output: Sequence[Mapping[str, Any]]) -> str:

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import mpsearch as mps
-from mpsearch._data import output_tensor
+from mpsearch._data import main_output, output_tensor
 
 
 class _Detector(nn.Module):
@@ -53,3 +53,31 @@ def test_a_scalar_loss_before_per_sample_outputs_is_passed_over() -> None:
     assert output_tensor((loss, torch.zeros(4, dtype=torch.long), loc)) is loc
     assert output_tensor((loss,)) is loss  # nothing else: the scalar
     assert output_tensor((torch.zeros(4, dtype=torch.long), loss)) is loss  # floating first
+
+
+def test_main_output_names_the_field_it_takes() -> None:
+    hidden, logits, pixels = torch.ones(2, 3, 4), torch.ones(2, 5), torch.ones(2, 4, 8, 8)
+
+    def taken(output: object) -> tuple[int, str | None]:
+        tensor, name = main_output(output)
+        assert tensor is output_tensor(output)
+        return id(tensor), name
+
+    assert taken(hidden) == (id(hidden), None)
+    assert taken((torch.tensor(0.5), logits)) == (id(logits), None)
+    loss = torch.tensor(0.5)
+    assert taken({"loss": loss, "last_hidden_state": hidden}) == (id(hidden), "last_hidden_state")
+    assert taken({"out": pixels, "aux": hidden}) == (id(pixels), "out")
+    # a loss with a batch dimension (an audio codec's): passed over, as a scalar one
+    per_sample = torch.ones(2)
+    assert taken({"loss": per_sample, "audio_values": hidden}) == (id(hidden), "audio_values")
+    assert taken({"vq_loss": per_sample}) == (id(per_sample), "vq_loss")
+    # the innermost name: a tuple of dicts, a dict of a tuple
+    assert taken((torch.tensor(0.5), {"waveform": hidden})) == (id(hidden), "waveform")
+    assert taken({"decoder": (torch.zeros(2, dtype=torch.long), hidden)}) == (id(hidden), "decoder")
+
+    class Output:  # an object with a ``logits`` attribute, not a mapping
+        def __init__(self) -> None:
+            self.logits = logits
+
+    assert taken(Output()) == (id(logits), "logits")

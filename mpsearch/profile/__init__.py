@@ -11,7 +11,13 @@ the name); ``ProfileOptions`` holds how it runs; ``SensitivityProfile`` holds it
 ['0', '2']
 """
 
-from mpsearch.profile._metrics import E2E_METRICS, kl_divergence, mean_squared_error
+from mpsearch.profile._metrics import (
+    E2E_METRICS,
+    auto_metric,
+    kl_divergence,
+    kl_divergence_channels,
+    mean_squared_error,
+)
 from mpsearch.profile._options import ProfileOptions
 from mpsearch.profile._plotdata import heatmap_data
 from mpsearch.profile._profile import DEFAULT_SCHEMES, profile
@@ -23,8 +29,10 @@ __all__ = [
     "E2E_METRICS",
     "ProfileOptions",
     "SensitivityProfile",
+    "auto_metric",
     "heatmap_data",
     "kl_divergence",
+    "kl_divergence_channels",
     "mean_squared_error",
     "profile",
 ]

@@ -84,7 +84,42 @@ def mean_squared_error(ref: Tensor, out: Tensor) -> float:
     return float((ref.double() - out.double()).pow(2).mean())
 
 
-E2E_METRICS: dict[str, MetricFn] = {"kl": kl_divergence, "mse": mean_squared_error}
+def kl_divergence_channels(ref: Tensor, out: Tensor) -> float:
+    """:func:`kl_divergence` with the classes in dimension 1: per-pixel class logits
+    ``[B, C, H, W]`` of a segmentation model.
+
+    >>> ref = torch.randn(2, 5, 3, 4)  # [B, C, H, W]
+    >>> kl_divergence_channels(ref, ref.flip(-1)) == kl_divergence(
+    ...     ref.movedim(1, -1), ref.flip(-1).movedim(1, -1))
+    True
+    """
+    return KLChannelsAgainst(ref)(out)
+
+
+class KLChannelsAgainst(KLAgainst):
+    """:class:`KLAgainst` with the classes in dimension 1 (of each output)."""
+
+    def __init__(self, ref: Tensor) -> None:
+        super().__init__(ref.movedim(1, -1))
+
+    def __call__(self, out: Tensor) -> float:
+        return super().__call__(out.movedim(1, -1))
+
+    def terms(self, outs: Tensor) -> Tensor:
+        return super().terms(outs.movedim(2, -1))
+
+    @staticmethod
+    def count(shape: torch.Size) -> int:
+        return math.prod(shape) // shape[1]
+
+
+E2E_METRICS: dict[str, MetricFn] = {
+    "kl": kl_divergence,
+    "kl_channels": kl_divergence_channels,
+    "mse": mean_squared_error,
+}
+CLASS_DIMS: dict[str, int] = {"kl": -1, "kl_channels": 1}
+"""The dimension holding the classes, for the metrics that compare class scores."""
 
 
 class _MSEAgainst:
@@ -101,6 +136,7 @@ class _MSEAgainst:
 
 BATCHED_METRICS: dict[MetricFn, Callable[[Tensor], Any]] = {
     kl_divergence: KLAgainst,
+    kl_divergence_channels: KLChannelsAgainst,
     mean_squared_error: _MSEAgainst,
 }
 """Built-in metric -> a class built from a reference output whose ``terms(outs)`` gives, for
@@ -174,20 +210,35 @@ class E2EScorer:
         ]
 
 
-def auto_metric(output: Tensor) -> str:
-    """The end-to-end metric chosen for a model output.
+def auto_metric(output: Tensor, name: str | None = None) -> str:
+    """The end-to-end metric chosen for a model output ``output`` named ``name`` (its key in
+    the model's dict or ``ModelOutput``: :func:`~mpsearch._data.main_output`).
 
-    ``"kl"`` (KL divergence of the softmax over the last dimension) when the output is a floating
-    tensor with at least 2 dimensions and a last dimension of at least 2 (class logits: ``[B, C]``
-    or per-token ``[B, T, V]``); ``"mse"`` otherwise (regressors: ``[B]``, ``[B, 1]``, integer
-    outputs). Pass ``metric="mse"`` for multi-output regressors.
+    Class scores, a floating output whose classes hold at least 2 entries, are compared by KL
+    divergence of their softmax: ``"kl"`` over the last dimension (``[B, C]``, per-token
+    ``[B, T, V]``), ``"kl_channels"`` over dimension 1 for 4-D and larger logits (per-pixel
+    ``[B, C, H, W]`` of a segmentation model: a Hugging Face ``logits``, torchvision's
+    ``out``). Class scores are an output of 2 or 3 dimensions with no name, the name ``out`` or
+    ``output``, or a name holding ``logit``, and a 4-D or larger one named ``out`` or holding
+    ``logit``. Everything else is compared
+    by ``"mse"``: a named field that holds no logits (``last_hidden_state``, ``waveform``,
+    ``reconstruction``, ``prediction_outputs``), an unnamed output of 4 or more dimensions (an
+    image), regressors (``[B]``, ``[B, 1]``) and integer outputs.
 
     >>> auto_metric(torch.zeros(4, 10)), auto_metric(torch.zeros(4, 1))
     ('kl', 'mse')
+    >>> auto_metric(torch.zeros(4, 8, 16), "last_hidden_state")
+    'mse'
+    >>> auto_metric(torch.zeros(4, 21, 8, 8), "logits"), auto_metric(torch.zeros(4, 3, 8, 8))
+    ('kl_channels', 'mse')
     """
-    if output.is_floating_point() and output.dim() >= 2 and output.shape[-1] >= 2:
-        return "kl"
-    return "mse"
+    if not output.is_floating_point() or output.dim() < 2:
+        return "mse"
+    if output.dim() <= 3:
+        scores = name in (None, "out", "output") or "logit" in name
+        return "kl" if scores and output.shape[-1] >= 2 else "mse"
+    class_first = name is not None and ("logit" in name or name == "out")
+    return "kl_channels" if class_first and output.shape[1] >= 2 else "mse"
 
 
 def callable_id(fn: Any) -> str:
@@ -202,10 +253,13 @@ def callable_id(fn: Any) -> str:
     return f"{name}\n{source}"
 
 
-def resolve_metric(metric: Any, reference: Tensor) -> tuple[str, MetricFn]:
-    """``(name, function)`` for the ``metric`` argument given the fp32 output ``reference``."""
+def resolve_metric(
+    metric: Any, reference: Tensor, output_name: str | None = None
+) -> tuple[str, MetricFn]:
+    """``(name, function)`` for the ``metric`` argument given the fp32 output ``reference``
+    (named ``output_name`` in the model's output)."""
     if metric is None:
-        name = auto_metric(reference)
+        name = auto_metric(reference, output_name)
         return name, E2E_METRICS[name]
     if isinstance(metric, str):
         if metric not in E2E_METRICS:

@@ -172,8 +172,9 @@ def profile(
     - ``mse`` / ``sqnr_db``: the layer's own output vs its fp32 output, from cached inputs,
       on the samples ``local_samples`` picks;
     - ``e2e``: the error of the model's final output by ``metric`` (``"kl"`` of the softmax
-      over the last dimension, ``"mse"`` or a callable; ``None``: ``"kl"`` for logits, else
-      ``"mse"``), on the samples ``e2e_samples`` picks (see :class:`ProfileOptions`);
+      over the last dimension, ``"kl_channels"`` over dimension 1, ``"mse"`` or a callable;
+      ``None``: KL for logits, else ``"mse"``: :func:`auto_metric`), on the samples
+      ``e2e_samples`` picks (see :class:`ProfileOptions`);
     - ``task_drop``: ``evaluate(fp32 model) - evaluate(quantized model)`` when ``evaluate`` is
       given (one ``evaluate`` call per pair: the costly part);
     - ``hessian``: with ``loss_fn(output, batch) -> scalar``, the HAWQ-V2 score
@@ -285,7 +286,7 @@ def _reference(req: _Request) -> tuple[Runner, str, MetricFn]:
         warnings.warn(note, stacklevel=4)
     for i, ref in enumerate(runner.outputs):  # the graph runner's others: as they are run
         checked_output(i, ref)
-    e2e_name, e2e_fn = resolve_metric(req.options.metric, runner.outputs[0])
+    e2e_name, e2e_fn = resolve_metric(req.options.metric, runner.outputs[0], runner.output_name)
     probe = call_metric(e2e_fn, e2e_name, runner.outputs[0], runner.outputs[0], "fp32 vs fp32")
     if not math.isfinite(probe):
         raise ValueError(f"The metric {e2e_name!r} returned {probe} for identical outputs.")

@@ -58,7 +58,7 @@ from torch.utils import _pytree as pytree
 from torch.utils.flop_counter import FlopCounterMode
 from torch.utils.hooks import RemovableHandle
 
-from mpsearch._data import Batch, batch_size, copied, output_tensor, run_model
+from mpsearch._data import Batch, batch_size, copied, main_output, output_tensor, run_model
 from mpsearch._validation import exception_line
 from mpsearch.backends._quantize import read_directly
 from mpsearch.layers import is_quantizable, swapped
@@ -203,6 +203,7 @@ class GraphRunner:
         self.mode = mode
         self.fallbacks: dict[str, str] = {}
         self.capture_s = 0.0  # seconds spent capturing the graph (set by build_runner)
+        self.output_name: str | None = None  # the main output's name (set by build_runner)
         self.batches = batches
         self.placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         self.nodes: list[fx.Node] = list(gm.graph.nodes)
@@ -861,6 +862,7 @@ class HookRunner:
 
     mode = "hooks"
     capture_s = 0.0
+    output_name: str | None = None
     side_by_side: bool | None = None
     """Whether a layer's variants run side by side in one run (:meth:`_substituted`); ``None``
     until a layer decided it."""
@@ -891,7 +893,8 @@ class HookRunner:
         try:
             with torch.inference_mode():
                 for batch in batches:
-                    self.outputs.append(output_tensor(run_model(model, batch)).float())
+                    output, self.output_name = main_output(run_model(model, batch))
+                    self.outputs.append(output.float())
                     for name, c in counts.items():
                         calls[name], counts[name] = max(calls[name], c), 0
         finally:
@@ -1243,8 +1246,8 @@ def _graph_runner(
         local_samples=local_samples,
     )
     with torch.inference_mode():
-        direct = output_tensor(run_model(model, batches[0])).float()
-    if not _close(runner.outputs[0], direct, 1e-4 if folded else 1e-6):
+        direct, runner.output_name = main_output(run_model(model, batches[0]))
+    if not _close(runner.outputs[0], direct.float(), 1e-4 if folded else 1e-6):
         folding = " with BatchNorm folded" if folded else ""
         raise Unsupported(f"the graph{folding} does not reproduce the model's output")
     if runner.read_directly:

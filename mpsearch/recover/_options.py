@@ -13,7 +13,7 @@ from mpsearch._options import Check, Options, non_negative_int, positive_int, po
 from mpsearch._validation import invalid, unknown
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-LOSSES: tuple[str, ...] = ("auto", "kl", "mse")
+LOSSES: tuple[str, ...] = ("auto", "kl", "kl_channels", "mse")
 TRAIN_MODES: tuple[str, ...] = ("layers", "all")
 
 
@@ -55,8 +55,10 @@ class RecoverOptions(Options):
 
     - ``loss``: the distillation loss against the fp32 model's outputs: ``"kl"`` (KL divergence
       of the softmax over the last dimension, at ``temperature``, scaled by its square),
-      ``"mse"``, ``"auto"`` (``"kl"`` for logits ``[..., C >= 2]``, else ``"mse"``) or a
-      callable ``(student_out, teacher_out) -> scalar tensor``;
+      ``"kl_channels"`` (the same over dimension 1: a segmentation model's ``[B, C, H, W]``),
+      ``"mse"``, ``"auto"`` (the profile's default metric:
+      :func:`~mpsearch.profile.auto_metric`) or a callable
+      ``(student_out, teacher_out) -> scalar tensor``;
     - ``temperature``: the softmax temperature of ``"kl"``;
     - ``train``: ``"layers"`` (the weights and biases of the layers the plan quantizes) or
       ``"all"`` (every parameter but those of the layers left frozen);

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from mpsearch._data import Batch, as_batches, batch_size, output_tensor, run_model
+from mpsearch._data import Batch, as_batches, batch_size, main_output, output_tensor, run_model
 from mpsearch._validation import check_module, check_positive, invalid
 from mpsearch.backends import get_backend
 from mpsearch.backends._quantize import PlanLike, as_plan, check_assignment, read_directly
@@ -44,7 +44,7 @@ from mpsearch.layers._experts import expert_rows, expert_weights, from_expert_ro
 from mpsearch.layers._layers import eval_mode, is_hf_conv1d, make_plain
 from mpsearch.plan import PrecisionPlan
 from mpsearch.profile._cache import hash_batches, hash_model, hash_text
-from mpsearch.profile._metrics import auto_metric, callable_id
+from mpsearch.profile._metrics import CLASS_DIMS, auto_metric, callable_id
 from mpsearch.recover._options import LossFn, RecoverOptions
 from mpsearch.rounding import Rounder
 from mpsearch.schemes import QuantSpec, Scheme, fake_quantize, get_scheme
@@ -285,23 +285,27 @@ def _roles(
 # --- losses ---------------------------------------------------------------------------------
 
 
-def _kl(student: Tensor, teacher: Tensor, *, temperature: float) -> Tensor:
-    log_q = F.log_softmax(student.float() / temperature, dim=-1)
-    log_p = F.log_softmax(teacher.float() / temperature, dim=-1)
-    return (log_p.exp() * (log_p - log_q)).sum(dim=-1).mean() * temperature**2
+def _kl(student: Tensor, teacher: Tensor, *, temperature: float, dim: int) -> Tensor:
+    log_q = F.log_softmax(student.float() / temperature, dim=dim)
+    log_p = F.log_softmax(teacher.float() / temperature, dim=dim)
+    return (log_p.exp() * (log_p - log_q)).sum(dim=dim).mean() * temperature**2
 
 
 def _mse(student: Tensor, teacher: Tensor) -> Tensor:
     return F.mse_loss(student.float(), teacher.float())
 
 
-def _loss_fn(options: RecoverOptions, reference: Tensor) -> LossFn:
+def _loss_fn(options: RecoverOptions, reference: Tensor, name: str | None) -> LossFn:
+    """The loss ``options.loss`` names for the teacher's output ``reference`` (named ``name``
+    in the model's output)."""
     loss = options.loss
     if callable(loss):
         return loss
     if loss == "auto":
-        loss = auto_metric(reference)
-    return partial(_kl, temperature=options.temperature) if loss == "kl" else _mse
+        loss = auto_metric(reference, name)
+    if loss in CLASS_DIMS:
+        return partial(_kl, temperature=options.temperature, dim=CLASS_DIMS[loss])
+    return _mse
 
 
 def _scalar(value: Any, where: str) -> Tensor:
@@ -619,9 +623,10 @@ class _Run:
         self.teacher, self.student, self.params, self.opts = teacher, student, params, opts
         self.steps, self.path, self.parts = steps, path, parts
         self.val_batches = val_batches
-        with eval_mode(teacher):
-            self.val_refs = [self.teacher_out(b) for b in val_batches]
-        self.loss_fn = _loss_fn(opts, self.val_refs[0])
+        with eval_mode(teacher), torch.no_grad():
+            outs = [main_output(run_model(teacher, b)) for b in val_batches]
+        self.val_refs = [out.detach() for out, _ in outs]
+        self.loss_fn = _loss_fn(opts, *outs[0])
         self.val_sizes = [batch_size(b) for b in val_batches]
         self.optimizer = torch.optim.AdamW(
             list(params.values()), lr=lr, weight_decay=opts.weight_decay

@@ -11,9 +11,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from mpsearch._data import as_batches, output_tensor, run_model
+from mpsearch._data import as_batches, main_output, output_tensor, run_model
 from mpsearch.backends import get_backend
 from mpsearch.layers import quantizable_layers, swapped
+from mpsearch.profile._metrics import CLASS_DIMS, E2E_METRICS, auto_metric
 from mpsearch.rounding import Rounder
 from mpsearch.schemes import get_scheme
 
@@ -37,12 +38,15 @@ def quality_value(value: Any) -> float:
 class Fidelity:
     """Agreement of a model with the fp32 model's outputs on held-out data (no labels needed).
 
-    For outputs whose last dimension holds class scores (float, size >= 2), the fraction of
-    positions whose arg-max agrees; otherwise, or with ``regression=True`` (a profile measured
-    with ``metric="mse"``: raw box predictions, several regression targets),
-    ``1 - MSE / Var(reference)`` (1 is perfect). A batch on which ``model``'s output has
-    another shape than the reference's (a length the model predicts changed) agrees nowhere,
-    or counts as predicting the reference's mean (``1 - MSE / Var`` of 0 on it).
+    Scored as a profile with end-to-end ``metric`` compares outputs (``None`` or a callable's
+    name: the metric :func:`~mpsearch.profile.auto_metric` picks for the fp32 output). Class
+    scores (``"kl"``: classes in the last dimension, ``"kl_channels"``: in dimension 1, a
+    segmentation model's pixels) score the fraction of positions whose arg-max agrees; other
+    outputs (``"mse"``, or ``regression=True``: raw box predictions, hidden states, several
+    regression targets) score ``1 - MSE / Var(reference)`` (1 is perfect). A batch on which
+    ``model``'s output has another shape than the reference's (a length the model predicts
+    changed) agrees nowhere, or counts as predicting the reference's mean (``1 - MSE / Var``
+    of 0 on it).
 
     >>> net = nn.Linear(4, 3).eval()
     >>> Fidelity(net, [torch.randn(16, 4)])(net)
@@ -50,18 +54,22 @@ class Fidelity:
     """
 
     def __init__(
-        self, reference: nn.Module, data: Iterable[Any], *, regression: bool = False
+        self,
+        reference: nn.Module,
+        data: Iterable[Any],
+        *,
+        metric: str | None = None,
+        regression: bool = False,
     ) -> None:
         self.batches = as_batches(data, argument="eval_data")
         with torch.inference_mode():
-            self.reference = [output_tensor(run_model(reference, b)).float() for b in self.batches]
-        first = self.reference[0]
-        self.classification = (
-            not regression
-            and first.is_floating_point()
-            and first.dim() >= 2
-            and first.shape[-1] >= 2
-        )
+            outputs = [main_output(run_model(reference, b)) for b in self.batches]
+        self.reference = [out.float() for out, _ in outputs]
+        if regression:
+            metric = "mse"
+        elif metric not in E2E_METRICS:
+            metric = auto_metric(outputs[0][0], outputs[0][1])
+        self.class_dim = CLASS_DIMS.get(metric)
         if not all(torch.isfinite(r).all() for r in self.reference):
             raise ValueError(
                 "The fp32 model gives NaN or inf outputs on 'eval_data'; check the data."
@@ -69,18 +77,19 @@ class Fidelity:
 
     def __call__(self, model: nn.Module) -> float:
         agree, total, sq, var = 0.0, 0, 0.0, 0.0
+        dim = self.class_dim
         with torch.inference_mode():
             for batch, ref in zip(self.batches, self.reference, strict=True):
                 out = output_tensor(run_model(model, batch)).float()
                 same = out.shape == ref.shape  # else a decision in the model (a length) changed
-                if self.classification:
-                    agree += float((out.argmax(-1) == ref.argmax(-1)).sum()) if same else 0.0
-                    total += ref[..., 0].numel()
+                if dim is not None:
+                    agree += float((out.argmax(dim) == ref.argmax(dim)).sum()) if same else 0.0
+                    total += ref.select(dim, 0).numel()
                 else:
                     spread = float(((ref - ref.mean()) ** 2).sum())
                     sq += float(((out - ref) ** 2).sum()) if same else spread
                     var += spread
-        if self.classification:
+        if dim is not None:
             return agree / total
         return 1.0 - sq / max(var, 1e-12)
 

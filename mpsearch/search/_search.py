@@ -335,7 +335,6 @@ def _prepare(
     if options.warm_start:
         _warm_start(study, table, limits)
     policy = options.lease_policy
-    regression = getattr(profile, "e2e_metric", None) == "mse"  # scored as it was profiled
     objective = _Objective(
         resolved=resolved,
         table=table,
@@ -347,7 +346,7 @@ def _prepare(
         ),
         quality_fn=evaluate
         if evaluate is not None
-        else Fidelity(model, eval_batches, regression=regression),
+        else Fidelity(model, eval_batches, metric=getattr(profile, "e2e_metric", None)),
         screen=_Screen() if options.screen else None,
         study=study,
         n_trials=options.n_trials,

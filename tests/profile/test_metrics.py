@@ -9,12 +9,16 @@ import math
 import pytest
 import torch
 
-from mpsearch.profile import kl_divergence, mean_squared_error
+from mpsearch.profile import auto_metric, kl_divergence, kl_divergence_channels, mean_squared_error
 from mpsearch.profile._metrics import E2EScorer
 
 metrics_module = importlib.import_module("mpsearch.profile._metrics")
 
-BUILTIN = [("kl", kl_divergence), ("mse", mean_squared_error)]
+BUILTIN = [
+    ("kl", kl_divergence),
+    ("kl_channels", kl_divergence_channels),
+    ("mse", mean_squared_error),
+]
 
 
 def _where(b: int, i: int) -> str:
@@ -32,7 +36,7 @@ def _case(sizes: list[int], *trailing: int) -> tuple[list[torch.Tensor], list[to
 @pytest.mark.parametrize(("name", "fn"), BUILTIN)
 @pytest.mark.parametrize(
     ("sizes", "trailing"),
-    [([16, 16, 16], (10,)), ([16, 16, 5], (10,)), ([4, 4], (5, 7))],
+    [([16, 16, 16], (10,)), ([16, 16, 5], (10,)), ([4, 4], (5, 7)), ([3, 2], (5, 4, 6))],
 )
 def test_builtin_metrics_equal_one_output_at_a_time(name, fn, sizes, trailing) -> None:
     refs, outs = _case(sizes, *trailing)
@@ -103,3 +107,40 @@ def test_kl_terms_in_row_blocks_equal_one_block(monkeypatch) -> None:
     for i in range(3):
         assert float(blocks[i].mean()) == pytest.approx(kl_divergence(ref, outs[i]), rel=1e-12)
     assert torch.equal(metrics_module.KLAgainst(ref).terms(ref[None]), torch.zeros(1, 30))
+
+
+def test_kl_channels_is_the_mean_kl_of_each_pixels_class_distribution() -> None:
+    """A segmentation model's ``[B, C, H, W]``: one distribution over C per pixel (was: KL over
+    the last dimension, the image's width)."""
+    g = torch.Generator().manual_seed(0)
+    ref = torch.randn(2, 4, 3, 5, generator=g, dtype=torch.float64) * 2
+    out = ref + 0.3 * torch.randn(ref.shape, generator=g, dtype=torch.float64)
+    p, q = ref.softmax(1), out.softmax(1)
+    per_pixel = (p * (p.log() - q.log())).sum(1)  # [B, H, W]
+    assert kl_divergence_channels(ref, out) == pytest.approx(float(per_pixel.mean()), rel=1e-12)
+    assert kl_divergence_channels(ref, out) != pytest.approx(kl_divergence(ref, out), rel=1e-3)
+
+
+@pytest.mark.parametrize(
+    ("shape", "name", "expected"),
+    [
+        ((4, 10), None, "kl"),  # a classifier
+        ((4, 10), "logits", "kl"),
+        ((4, 12, 50), None, "kl"),  # a language model, as a tuple's item
+        ((4, 12), "start_logits", "kl"),  # question answering: a distribution over positions
+        ((4, 10), "out", "kl"),
+        ((4, 1), None, "mse"),  # a regressor
+        ((4,), "logits", "mse"),
+        ((4, 12, 32), "last_hidden_state", "mse"),  # a base model's hidden states
+        ((4, 16000), "waveform", "mse"),  # text to speech
+        ((4, 24, 7), "prediction_outputs", "mse"),  # a forecaster
+        ((4, 21, 8, 8), "logits", "kl_channels"),  # Hugging Face segmentation
+        ((4, 21, 8, 8), "out", "kl_channels"),  # torchvision segmentation
+        ((4, 3, 16, 16), "reconstruction", "mse"),  # super-resolution
+        ((4, 3, 16, 16), None, "mse"),  # an image, returned as it is
+        ((4, 1, 8, 8), "logits", "mse"),
+    ],
+)
+def test_auto_metric_reads_the_outputs_name_and_shape(shape, name, expected) -> None:
+    assert auto_metric(torch.zeros(shape), name) == expected
+    assert auto_metric(torch.zeros(shape, dtype=torch.long), name) == "mse"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import math
 import warnings
 
@@ -247,6 +248,50 @@ def test_residual_cnn_with_bn_matches_quantize_on_folded_model() -> None:
             with torch.inference_mode():
                 kl = np.mean([kl_divergence(folded(x), qm(x)) for x in calib])
             assert prof.error(layer, scheme) == pytest.approx(kl, rel=1e-4, abs=1e-12)
+
+
+class _Segmenter(nn.Module):
+    """Per-pixel class logits ``[B, C, H, W]`` in a dict, with the hidden features beside."""
+
+    def __init__(self, key: str = "logits") -> None:
+        super().__init__()
+        self.key = key
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.head = nn.Conv2d(8, 5, 1)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        hidden = torch.relu(self.conv(x))
+        return {self.key: self.head(hidden) * 4, "hidden": hidden}
+
+
+@pytest.mark.parametrize("hooks", [False, True])
+@pytest.mark.parametrize(
+    ("key", "metric"), [("logits", "kl_channels"), ("last_hidden_state", "mse")]
+)
+def test_default_metric_follows_the_outputs_name(monkeypatch, hooks, key, metric) -> None:
+    """Segmentation logits are compared per pixel over their classes (dimension 1), a field
+    holding no logits by MSE (was: KL over the last dimension, the image's width, for both),
+    on the graph and on the hook runner."""
+    from mpsearch.backends import quantize
+    from mpsearch.profile import E2E_METRICS
+
+    if hooks:
+        monkeypatch.setattr(importlib.import_module("mpsearch.profile._runner"), "CAPTURES", {})
+    torch.manual_seed(0)
+    model = _Segmenter(key).eval()
+    calib = batches(2, 4, 3, 6, 7)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the hook runner's note
+        prof = profile(model, calib, schemes=["w4a8_pc", "w8a8"], progress=False, e2e_samples=None)
+    assert prof.info["runner"] == ("hooks" if hooks else "graph:fx")
+    assert prof.e2e_metric == metric
+    fn = E2E_METRICS[metric]
+    for layer in prof.layers:
+        for scheme in ("w4a8_pc", "w8a8"):
+            qm = quantize(model, {layer: scheme})
+            with torch.inference_mode():
+                want = np.mean([fn(model(x)[key], qm(x)[key]) for x in calib])
+            assert prof.error(layer, scheme) == pytest.approx(want, rel=1e-4)
 
 
 def test_non_finite_quantized_output_is_inf_not_silent() -> None:

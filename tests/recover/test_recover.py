@@ -314,7 +314,9 @@ def test_errors_before_any_work(kwargs: dict, error: type, match: str) -> None:
 
 
 def test_options_are_checked() -> None:
-    with pytest.raises(ValueError, match="'loss' option must be one of 'auto', 'kl', 'mse'"):
+    with pytest.raises(
+        ValueError, match="'loss' option must be one of 'auto', 'kl', 'kl_channels', 'mse'"
+    ):
         RecoverOptions(loss="hinge")
     with pytest.raises(ValueError, match="'temperature' option"):
         RecoverOptions(temperature=0)
@@ -398,3 +400,32 @@ def test_a_weight_normed_layer_trains_as_a_plain_one_and_the_users_model_keeps_i
         assert torch.equal(value, before[name]), name
     with torch.inference_mode():
         quantize(res.model, res.plan, backend="simulate")(batches[0])
+
+
+class _Segmenter(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 3, padding=1)
+        self.head = nn.Conv2d(16, 5, 1)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"logits": self.head(torch.relu(self.conv(x))) * 3}
+
+
+def test_auto_loss_of_segmentation_logits_is_kl_over_each_pixels_classes() -> None:
+    """The default loss follows the profile's default metric: per-pixel KL over dimension 1
+    (was: over the last dimension, the image's width)."""
+    torch.manual_seed(0)
+    net = _Segmenter().eval()
+    calib = [torch.randn(8, 3, 6, 7) for _ in range(6)]
+    opts = RecoverOptions()
+    res = recover(net, "w4a8_pc", calib, steps=2, options=opts, progress=False)
+    held_out = calib[-1]
+    t = opts.temperature
+    with torch.no_grad():
+        student = quantize(net, "w4a8_pc", backend="simulate")(held_out)["logits"] / t
+        teacher = net(held_out)["logits"] / t
+    per_pixel = F.kl_div(
+        student.log_softmax(1), teacher.log_softmax(1), log_target=True, reduction="none"
+    ).sum(1)
+    assert res.loss_before == pytest.approx(float(per_pixel.mean()) * t**2, rel=1e-5)

@@ -77,3 +77,42 @@ def test_a_batch_whose_output_changes_shape_agrees_nowhere() -> None:
         spread = [float((r - r.mean()).square().sum()) for r in (ref(x) for x in data)]
     expected = 1 - spread[0] / sum(spread)  # batch 1 exact
     assert Fidelity(ref, data, regression=True)(trimmed) == pytest.approx(expected, rel=1e-6)
+
+
+class _Segmenter(nn.Module):
+    """Per-pixel class logits ``[B, 5, 4, 6]`` in a dict, as a segmentation model returns."""
+
+    def __init__(self, key: str = "logits") -> None:
+        super().__init__()
+        self.key = key
+        self.fc = nn.Linear(8, 5 * 4 * 6)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {self.key: self.fc(x).unflatten(-1, (5, 4, 6))}
+
+
+def test_segmentation_agreement_is_per_pixel_over_the_classes() -> None:
+    """Bug: the arg-max was taken over the last dimension (the image's width); it is now the
+    class of each pixel, as the profile's ``kl_channels`` compares them."""
+    torch.manual_seed(0)
+    ref, other = _Segmenter().eval(), _Segmenter().eval()
+    data = _data(2, 1)
+    with torch.no_grad():
+        r = torch.cat([ref(x)["logits"] for x in data])
+        o = torch.cat([other(x)["logits"] for x in data])
+    per_pixel = float((o.argmax(1) == r.argmax(1)).float().mean())
+    assert per_pixel != pytest.approx(float((o.argmax(-1) == r.argmax(-1)).float().mean()))
+    assert Fidelity(ref, data)(other) == pytest.approx(per_pixel)
+    assert Fidelity(ref, data, metric="kl_channels")(other) == pytest.approx(per_pixel)
+
+
+def test_a_field_holding_no_logits_is_scored_as_regression() -> None:
+    torch.manual_seed(0)
+    ref, other = _Segmenter("last_hidden_state").eval(), _Segmenter("last_hidden_state").eval()
+    other.load_state_dict(ref.state_dict())
+    data = _data(2, 1)
+    as_regression = Fidelity(ref, data, regression=True)
+    with torch.no_grad():
+        other.fc.weight.add_(0.01)
+    assert Fidelity(ref, data)(other) == as_regression(other) < 1.0
+    assert Fidelity(ref, data, metric="mse")(other) == as_regression(other)
