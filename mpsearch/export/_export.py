@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from mpsearch._data import output_tensor
+from mpsearch._data import main_output
 from mpsearch._io import atomic_path
 from mpsearch._validation import check_module, exception_line, invalid, unknown
 from mpsearch.backends import collect_activation_ranges, get_backend
@@ -27,6 +27,7 @@ from mpsearch.export._artifacts import (
 from mpsearch.export._inputs import ModelCall, as_call
 from mpsearch.export._qdq import ONNX_ACCEPTED, onnx_refusal
 from mpsearch.plan import PrecisionPlan
+from mpsearch.profile._metrics import class_dim
 from mpsearch.rounding import Rounder
 from mpsearch.rounding._rounder import rounded_layers
 from mpsearch.schemes import Observer, get_scheme
@@ -134,18 +135,25 @@ class ExportFormat:
 # ---------------------------------------------------------------- comparing outputs
 
 
-def _outputs(fn: Callable[..., Any], inputs: Sequence[ModelCall]) -> list[torch.Tensor]:
+Output = tuple[torch.Tensor, str | None]
+"""A model's main output (float) and its name (:func:`~mpsearch._data.main_output`)."""
+
+
+def _outputs(fn: Callable[..., Any], inputs: Sequence[ModelCall]) -> list[Output]:
     with torch.inference_mode():
-        return [output_tensor(call(fn)).float() for call in inputs]
+        return [(t.float(), name) for t, name in (main_output(call(fn)) for call in inputs)]
 
 
-def _compare(got: list[torch.Tensor], want: list[torch.Tensor]) -> tuple[float, float]:
+def _compare(got: list[Output], want: list[Output]) -> tuple[float, float]:
+    """The largest absolute difference and the top-1 agreement over the classes of ``want``'s
+    outputs (:func:`~mpsearch.profile._metrics.class_dim`)."""
     diff = 0.0
     agree = total = 0
-    for g, w in zip(got, want, strict=True):
+    for (g, _), (w, name) in zip(got, want, strict=True):
+        dim = class_dim(w, name)
         diff = max(diff, float((g - w).abs().max()))
-        agree += int((g.argmax(-1) == w.argmax(-1)).sum())
-        total += w.argmax(-1).numel()
+        agree += int((g.argmax(dim) == w.argmax(dim)).sum())
+        total += w.argmax(dim).numel()
     return diff, agree / max(total, 1)
 
 

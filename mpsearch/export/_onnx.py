@@ -14,9 +14,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from mpsearch._data import output_tensor
+from mpsearch._data import main_output
 from mpsearch.export._inputs import ModelCall
 from mpsearch.export._qdq import _onnx_translations, needs_opset, to_qdq
+from mpsearch.profile._metrics import class_dim
 from mpsearch.schemes import Scheme
 
 QDQ_OPS: tuple[str, ...] = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear")
@@ -111,8 +112,8 @@ def check_onnx(
     path: Path, reference: nn.Module, inputs: Sequence[ModelCall], *, optimization: str = "all"
 ) -> dict[str, Any]:
     """Run the ONNX file in ONNX Runtime (CPUExecutionProvider) on ``inputs`` and compare with
-    ``reference`` (the PyTorch ``simulate`` model): max abs diff and top-1 agreement of the
-    last output dimension over every input."""
+    ``reference`` (the PyTorch ``simulate`` model): max abs diff and top-1 agreement over
+    the classes (:func:`~mpsearch.profile._metrics.class_dim`) of every input."""
     import onnxruntime as ort
 
     levels = {
@@ -134,10 +135,11 @@ def check_onnx(
         feed = {n: a.detach().cpu().numpy() for n, a in zip(names, tensors, strict=True)}
         out = torch.from_numpy(session.run(None, feed)[0])
         with torch.inference_mode():
-            ref = output_tensor(call(reference)).float()
+            ref, name = main_output(call(reference))
+        ref, dim = ref.float(), class_dim(ref, name)
         max_diff = max(max_diff, float((out.float() - ref).abs().max()))
-        agree += int((out.argmax(-1) == ref.argmax(-1)).sum())
-        total += ref.argmax(-1).numel()
+        agree += int((out.argmax(dim) == ref.argmax(dim)).sum())
+        total += ref.argmax(dim).numel()
     return {"max_abs_diff": max_diff, "top1_agreement": agree / max(total, 1), "n_outputs": total}
 
 

@@ -122,6 +122,17 @@ CLASS_DIMS: dict[str, int] = {"kl": -1, "kl_channels": 1}
 """The dimension holding the classes, for the metrics that compare class scores."""
 
 
+def class_dim(output: Tensor, name: str | None = None) -> int:
+    """The dimension holding the classes of ``output`` (named ``name``), by the metric
+    :func:`auto_metric` picks for it; the last where it holds none (an arg-max there is what
+    a top-1 agreement of such an output compares).
+
+    >>> class_dim(torch.zeros(2, 5)), class_dim(torch.zeros(2, 5, 8, 8), "logits")
+    (-1, 1)
+    """
+    return CLASS_DIMS.get(auto_metric(output, name), -1)
+
+
 class _MSEAgainst:
     def __init__(self, ref: Tensor) -> None:
         self.ref = ref.double()

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from mpsearch._data import output_tensor
+from mpsearch._data import main_output
 from mpsearch._validation import invalid, unknown
 
 try:  # the optional C helper (setup.py): top-2 gaps read where the logits lie
@@ -39,10 +39,20 @@ _F32 = torch.float32
 def answer_logits(output: Any) -> Tensor:
     """Per-input logits ``[B, C]`` of a model output (the last position of ``[B, T, V]``).
 
+    A field that holds no logits (``last_hidden_state``, ``waveform``: named so in the model's
+    dict or ``ModelOutput``, :func:`~mpsearch.profile.auto_metric`) is refused: its arg-max
+    is no answer.
+
     >>> answer_logits(torch.zeros(2, 5, 7)).shape
     torch.Size([2, 7])
     """
-    logits = output_tensor(output)
+    logits, name = main_output(output)
+    if name not in (None, "out", "output") and "logit" not in name:
+        raise ValueError(
+            f"The controller needs class logits; the model's output {name!r} (shape "
+            f"{tuple(logits.shape)}) holds none. Serve a model whose output is its logits (a "
+            "task head, or a wrapper that returns them)."
+        )
     if logits.ndim == 1:
         return logits.unsqueeze(-1)
     if logits.ndim == 2:

@@ -570,3 +570,17 @@ def test_the_state_dict_keeps_each_modules_version(tmp_path: Path) -> None:
     assert res.record("state_dict").check == 0
     loaded = load_quantized(_Versioned(), res.paths["state_dict"])
     assert torch.equal(loaded(x), mps.quantize(model, "w8a8", backend="cpu")(x))
+
+
+def test_top1_agreement_of_segmentation_logits_is_per_pixel_over_the_classes() -> None:
+    """Bug: the arg-max was taken over the last dimension (the map's width). A shift shared by
+    a pixel's classes leaves its class unchanged and moves the arg-max over the width."""
+    from mpsearch.export._export import _compare
+
+    g = torch.Generator().manual_seed(0)
+    want = torch.randn(2, 4, 5, 6, generator=g)
+    got = want + 10 * torch.randn(2, 1, 5, 6, generator=g)  # the same shift for every class
+    assert bool((got.argmax(-1) != want.argmax(-1)).any())
+    diff, agree = _compare([(got, "logits")], [(want, "logits")])
+    assert agree == 1.0 and diff == float((got - want).abs().max())
+    assert _compare([(got, None)], [(want, None)])[1] < 1.0  # an unnamed image: the last dim

@@ -221,6 +221,11 @@ def test_answer_logits_takes_the_last_position_of_a_language_model() -> None:
     torch.testing.assert_close(answer_logits({"logits": out[:, 0]}), out[:, 0])
     with pytest.raises(ValueError, match="shape"):
         answer_logits(torch.zeros(1, 2, 3, 4))
+    with pytest.raises(
+        ValueError, match="output 'last_hidden_state' \\(shape \\(1, 2, 3\\)\\) holds none"
+    ):
+        answer_logits({"loss": torch.tensor(0.5), "last_hidden_state": torch.zeros(1, 2, 3)})
+    torch.testing.assert_close(answer_logits({"start_logits": out[:, 0]}), out[:, 0])
 
 
 def test_registry_and_errors() -> None:
