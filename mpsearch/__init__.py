@@ -9,7 +9,7 @@ from mpsearch.backends import BACKENDS, get_backend, quantize, register_backend
 from mpsearch.cost import CostModel, CostOptions, measure_cost
 from mpsearch.layers import fold_batchnorm, quantizable_layers, split_attention
 from mpsearch.plan import PrecisionPlan
-from mpsearch.profile import ProfileOptions, SensitivityProfile
+from mpsearch.profile import ProfileOptions, SensitivityProfile, select_output
 from mpsearch.profile import profile as profile
 from mpsearch.recover import RecoverOptions, RecoveryResult
 from mpsearch.recover import recover as recover
@@ -72,6 +72,7 @@ __all__ = [
     "register_scheme",
     "run_workers",
     "search",
+    "select_output",
     "smooth_activations",
     "split_attention",
 ]

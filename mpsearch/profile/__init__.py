@@ -19,6 +19,7 @@ from mpsearch.profile._metrics import (
     mean_squared_error,
 )
 from mpsearch.profile._options import ProfileOptions
+from mpsearch.profile._output import select_output
 from mpsearch.profile._plotdata import heatmap_data
 from mpsearch.profile._profile import DEFAULT_SCHEMES, profile
 from mpsearch.profile._result import COLUMNS, SensitivityProfile
@@ -35,4 +36,5 @@ __all__ = [
     "kl_divergence_channels",
     "mean_squared_error",
     "profile",
+    "select_output",
 ]
