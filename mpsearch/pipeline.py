@@ -71,6 +71,20 @@ _SEARCH_KEYS = (
     "seed",
     "load_if_exists",
 )
+# options of the ``profile`` and ``cost`` sections the study sets itself: what sets each
+_SET_BY_STUDY = {
+    "profile": {
+        "max_batches": "the top-level key profile_batches",
+        "cache_dir": "the top-level key cache_dir",
+        "rounding": "the top-level rounding section",
+        "progress": "the command",
+    },
+    "cost": {
+        "cache_dir": "the top-level key cache_dir",
+        "num_threads": "the top-level key num_threads",
+        "timer": "the top-level key timer",
+    },
+}
 
 
 @dataclass
@@ -87,7 +101,10 @@ class StudyConfig:
     ``lease``...); :meth:`search_options` builds them. ``workers`` > 1 runs the search in that
     many processes (:func:`~mpsearch.search.run_workers`), on a journal-file or PostgreSQL
     ``storage``. ``rounding`` adds calibrated rounding choices (:class:`StudyRounding`),
-    ``recover`` a recovery fine-tune of the chosen plan(s) (:class:`StudyRecovery`).
+    ``recover`` a recovery fine-tune of the chosen plan(s) (:class:`StudyRecovery`). The
+    ``profile`` and ``cost`` sections hold :class:`~mpsearch.profile.ProfileOptions` and
+    :class:`~mpsearch.cost.CostOptions` fields (``profile: {metric: mse}``) but those the study
+    sets from its own keys (``max_batches`` from ``profile_batches``, ``cache_dir``...).
 
     >>> StudyConfig(workload="digits_cnn", n_trials=40).study_name
     'digits_cnn'
@@ -114,6 +131,8 @@ class StudyConfig:
     controller: dict[str, Any] = field(default_factory=dict)
     workers: int = 1
     search: dict[str, Any] = field(default_factory=dict)
+    profile: dict[str, Any] = field(default_factory=dict)
+    cost: dict[str, Any] = field(default_factory=dict)
     rounding: dict[str, Any] | list[str] | None = None
     recover: dict[str, Any] | None = None
     workload_options: dict[str, Any] = field(default_factory=dict)
@@ -148,6 +167,8 @@ class StudyConfig:
         ControllerCurve(**(self.controller or {}))  # likewise the controller curve's settings
         self._check_search()
         self.profiled_schemes()  # the rounding settings, and that some scheme can take them
+        self.profile_options()
+        self.cost_options()
         self.recover_settings()
         self.decode_settings()
         self.smooth_alpha()
@@ -189,6 +210,38 @@ class StudyConfig:
         keys = {k: getattr(self, k) for k in _SEARCH_KEYS}
         keys["storage"] = self.storage_url
         return SearchOptions.from_dict({**self.search, **keys, **overrides})
+
+    def _section(self, name: str) -> dict[str, Any]:
+        """The ``profile`` or ``cost`` section, refused unless a mapping of options the study
+        does not set itself."""
+        section = getattr(self, name)
+        if not isinstance(section, dict):
+            raise invalid(name, section, f"a mapping of {name} option names to values")
+        for key in section:
+            if key in _SET_BY_STUDY[name]:
+                raise ValueError(
+                    f"{name}: {key!r} is set by the study, from {_SET_BY_STUDY[name][key]}."
+                )
+        return section
+
+    def profile_options(self, **study: Any) -> ProfileOptions:
+        """The :class:`~mpsearch.profile.ProfileOptions` of the ``profile`` section, with the
+        options the study sets (``study``: max_batches, cache_dir, rounding, progress).
+
+        >>> StudyConfig(profile={"metric": "mse"}).profile_options().metric
+        'mse'
+        """
+        return ProfileOptions.from_dict({**study, **self._section("profile")})
+
+    def cost_options(self, **study: Any) -> CostOptions:
+        """The :class:`~mpsearch.cost.CostOptions` of the ``cost`` section, with the options the
+        study sets (``study``: cache_dir, num_threads, timer; ``cold`` unless the section
+        sets it).
+
+        >>> StudyConfig(cost={"repeats": 5}).cost_options().repeats
+        5
+        """
+        return CostOptions.from_dict({**study, **self._section("cost")})
 
     def deploy_backends(self) -> list[Backend]:
         """The ``deploy`` key: backends the summary also runs the measured plans on, whole-model
@@ -856,7 +909,7 @@ class StudySteps:
         """The sensitivity profile (rows cached under ``cache_dir/profile``)."""
         wl, _ = self.workload, self.fp32_quality
         t0 = time.perf_counter()
-        options = ProfileOptions(
+        options = self.config.profile_options(
             max_batches=self.config.profile_batches,
             cache_dir=Path(self.config.cache_dir) / "profile",
             progress=self._show_progress,
@@ -876,7 +929,7 @@ class StudySteps:
         """The cost model on the study's backend (cached under ``cache_dir/cost``)."""
         wl, _ = self.workload, self.fp32_quality
         t0 = time.perf_counter()
-        options = CostOptions(
+        options = self.config.cost_options(
             cache_dir=Path(self.config.cache_dir) / "cost",
             num_threads=self.config.num_threads,
             timer=self.config.timer,

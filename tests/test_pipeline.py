@@ -392,3 +392,40 @@ def test_deploy_backends_measure_the_plans_they_can_run_beside_fp32(tmp_path) ->
 def test_bad_deploy_backends_are_refused_before_any_work(deploy, message) -> None:
     with pytest.raises(ValueError, match=message):
         StudyConfig(workload="digits_cnn", deploy=deploy)
+
+
+def test_profile_and_cost_sections_reach_the_profile_and_the_cost_model(tmp_path) -> None:
+    """Bug: the README said a study's ``profile:`` and ``cost:`` sections hold those options;
+    the config refused both keys."""
+    config = StudyConfig(
+        workload="mlp",
+        schemes=["w8a8"],
+        cache_dir=str(tmp_path),
+        profile={"metric": "mse", "e2e_samples": None},
+        cost={"repeats": 2, "warmup": 0},
+    )
+    steps = StudySteps(config, log=None)
+    assert steps.profile.e2e_metric == "mse"
+    default = StudyConfig(workload="mlp", schemes=["w8a8"], cache_dir=str(tmp_path))
+    assert StudySteps(default, log=None).profile.e2e_metric == "kl"  # same cache, own rows
+    options = config.cost_options(timer="wall")
+    assert (options.repeats, options.warmup, options.timer) == (2, 0, "wall")
+    assert steps.cost.fp32_latency_ms > 0
+
+
+@pytest.mark.parametrize(
+    ("section", "message"),
+    [
+        ({"profile": {"metric": "kl_last"}}, "'metric' option must be None, one of"),
+        (
+            {"profile": {"max_batches": 2}},
+            "'max_batches' is set by the study, from the top-level key profile_batches",
+        ),
+        ({"profile": ["metric"]}, "'profile' argument must be a mapping of profile option names"),
+        ({"cost": {"repeat": 2}}, r"Unknown measure_cost option\(s\) \['repeat'\]"),
+        ({"cost": {"timer": "wall"}}, "'timer' is set by the study, from the top-level key timer"),
+    ],
+)
+def test_bad_profile_and_cost_sections_are_refused_before_any_work(section, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        StudyConfig(workload="mlp", **section)
