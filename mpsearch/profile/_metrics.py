@@ -221,6 +221,17 @@ class E2EScorer:
         ]
 
 
+def may_hold_scores(name: str | None) -> bool:
+    """Whether an output named ``name`` may hold class scores: no name (a tensor returned as it
+    is, a tuple's item), ``out``, ``output`` or a name holding ``logit``; not a field such as
+    ``last_hidden_state`` or ``waveform``.
+
+    >>> may_hold_scores("start_logits"), may_hold_scores("last_hidden_state")
+    (True, False)
+    """
+    return name in (None, "out", "output") or "logit" in name
+
+
 def auto_metric(output: Tensor, name: str | None = None) -> str:
     """The end-to-end metric chosen for a model output ``output`` named ``name`` (its key in
     the model's dict or ``ModelOutput``: :func:`~mpsearch._data.main_output`).
@@ -231,10 +242,10 @@ def auto_metric(output: Tensor, name: str | None = None) -> str:
     ``[B, C, H, W]`` of a segmentation model: a Hugging Face ``logits``, torchvision's
     ``out``). Class scores are an output of 2 or 3 dimensions with no name, the name ``out`` or
     ``output``, or a name holding ``logit``, and a 4-D or larger one named ``out`` or holding
-    ``logit``. Everything else is compared
-    by ``"mse"``: a named field that holds no logits (``last_hidden_state``, ``waveform``,
-    ``reconstruction``, ``prediction_outputs``), an unnamed output of 4 or more dimensions (an
-    image), regressors (``[B]``, ``[B, 1]``) and integer outputs.
+    ``logit``. Everything else is compared by ``"mse"``: a named field that holds no logits
+    (``last_hidden_state``, ``waveform``, ``reconstruction``, ``prediction_outputs``), an
+    unnamed output of 4 or more dimensions (an image), regressors (``[B]``, ``[B, 1]``) and
+    integer outputs.
 
     >>> auto_metric(torch.zeros(4, 10)), auto_metric(torch.zeros(4, 1))
     ('kl', 'mse')
@@ -246,8 +257,7 @@ def auto_metric(output: Tensor, name: str | None = None) -> str:
     if not output.is_floating_point() or output.dim() < 2:
         return "mse"
     if output.dim() <= 3:
-        scores = name in (None, "out", "output") or "logit" in name
-        return "kl" if scores and output.shape[-1] >= 2 else "mse"
+        return "kl" if may_hold_scores(name) and output.shape[-1] >= 2 else "mse"
     class_first = name is not None and ("logit" in name or name == "out")
     return "kl_channels" if class_first and output.shape[1] >= 2 else "mse"
 

@@ -25,6 +25,7 @@ from torch import Tensor
 
 from mpsearch._data import main_output
 from mpsearch._validation import invalid, unknown
+from mpsearch.profile._metrics import may_hold_scores
 
 try:  # the optional C helper (setup.py): top-2 gaps read where the logits lie
     from mpsearch.runtime import _topgap
@@ -47,7 +48,7 @@ def answer_logits(output: Any) -> Tensor:
     torch.Size([2, 7])
     """
     logits, name = main_output(output)
-    if name not in (None, "out", "output") and "logit" not in name:
+    if not may_hold_scores(name):
         raise ValueError(
             f"The controller needs class logits; the model's output {name!r} (shape "
             f"{tuple(logits.shape)}) holds none. Serve a model whose output is its logits (a "

@@ -69,7 +69,11 @@ class Fidelity:
             metric = "mse"
         elif metric not in E2E_METRICS:
             metric = auto_metric(outputs[0][0], outputs[0][1])
-        self.class_dim = CLASS_DIMS.get(metric)
+        first = self.reference[0]
+        dim = CLASS_DIMS.get(metric)  # class scores need 2 classes (a forced "kl" on [B, 1])
+        self.class_dim = (
+            dim if dim is not None and first.dim() >= 2 and first.shape[dim] >= 2 else None
+        )
         if not all(torch.isfinite(r).all() for r in self.reference):
             raise ValueError(
                 "The fp32 model gives NaN or inf outputs on 'eval_data'; check the data."

@@ -116,3 +116,13 @@ def test_a_field_holding_no_logits_is_scored_as_regression() -> None:
         other.fc.weight.add_(0.01)
     assert Fidelity(ref, data)(other) == as_regression(other) < 1.0
     assert Fidelity(ref, data, metric="mse")(other) == as_regression(other)
+
+
+def test_a_forced_kl_on_one_output_column_is_scored_as_regression() -> None:
+    """An arg-max over one column always agrees: such an output is scored by ``1 - MSE / Var``
+    whatever metric the profile was forced to."""
+    torch.manual_seed(0)
+    ref, other = nn.Linear(8, 1).eval(), nn.Linear(8, 1).eval()
+    data = _data(2, 1)
+    assert Fidelity(ref, data, metric="kl")(other) == Fidelity(ref, data, regression=True)(other)
+    assert Fidelity(ref, data, metric="kl")(other) < 1.0
