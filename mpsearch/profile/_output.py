@@ -94,9 +94,10 @@ def select_output(model: nn.Module, output: OutputSelector) -> nn.Module:
             "output", output, "a field name of the model's output or a callable(output) -> tensor"
         )
     kind = type(model).__mro__[1] if isinstance(model, SelectedOutput) else type(model)
-    selected = copy.copy(model)  # shares the layers; its own top-level dicts, below
+    selected = copy.copy(model)  # shares the layers
     selected.__class__ = _selected_class(kind)
-    for name in ("_modules", "_parameters", "_buffers"):
-        selected.__dict__[name] = dict(getattr(model, name))
+    for name, value in vars(model).items():  # its own children, parameters and hooks tables
+        if isinstance(value, (dict, set)):
+            selected.__dict__[name] = copy.copy(value)
     selected.__dict__["_mps_output"] = output
     return selected

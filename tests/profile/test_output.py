@@ -44,6 +44,11 @@ def test_the_selected_model_keeps_names_parameters_and_the_users_model() -> None
     assert boxes.body is net.body and isinstance(boxes, Detector)
     assert list(boxes(x)) == ["pred_boxes"] and list(net(x)) == ["logits", "pred_boxes"]
     torch.testing.assert_close(boxes(x, scale=2.0)["pred_boxes"], net(x, scale=2.0)["pred_boxes"])
+    # hooks put on it and children replaced in it stay off the user's model
+    hooked = mps.select_output(net, "pred_boxes")
+    hooked.register_forward_hook(lambda m, a, out: out)
+    hooked.cls = nn.Identity()
+    assert not net._forward_hooks and isinstance(net.cls, nn.Linear)
     # selecting again replaces the selector; copies and pickles keep it
     again = mps.select_output(boxes, "logits")
     assert list(again(x)) == ["logits"] and list(boxes(x)) == ["pred_boxes"]
