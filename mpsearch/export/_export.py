@@ -24,7 +24,7 @@ from mpsearch.export._artifacts import (
     program_model,
     state_payload,
 )
-from mpsearch.export._inputs import ModelCall, as_call
+from mpsearch.export._inputs import ModelCall, as_call, check_same_shape
 from mpsearch.export._qdq import ONNX_ACCEPTED, onnx_refusal
 from mpsearch.plan import PrecisionPlan
 from mpsearch.profile._metrics import class_dim
@@ -146,10 +146,12 @@ def _outputs(fn: Callable[..., Any], inputs: Sequence[ModelCall]) -> list[Output
 
 def _compare(got: list[Output], want: list[Output]) -> tuple[float, float]:
     """The largest absolute difference and the top-1 agreement over the classes of ``want``'s
-    outputs (:func:`~mpsearch.profile._metrics.class_dim`)."""
+    outputs (:func:`~mpsearch.profile._metrics.class_dim`); ``ValueError`` where a check
+    input's outputs differ in shape (a length the model predicts changed with the precision)."""
     diff = 0.0
     agree = total = 0
-    for (g, _), (w, name) in zip(got, want, strict=True):
+    for i, ((g, _), (w, name)) in enumerate(zip(got, want, strict=True)):
+        check_same_shape(i, g, w)
         dim = class_dim(w, name)
         diff = max(diff, float((g - w).abs().max()))
         agree += int((g.argmax(dim) == w.argmax(dim)).sum())

@@ -60,3 +60,14 @@ def as_call(example: Any, argument: str, *, model: nn.Module | None = None) -> M
     if kwargs and model is not None and "use_cache" in inspect.signature(model.forward).parameters:
         kwargs.setdefault("use_cache", False)
     return ModelCall(args, kwargs)
+
+
+def check_same_shape(i: int, got: torch.Tensor, want: torch.Tensor) -> None:
+    """``ValueError`` where an exported file's output ``got`` on check input ``i`` has another
+    shape than ``want``, the output of the model it was written from (a length the model
+    predicts changed with the precision): compared, they would broadcast or raise."""
+    if got.shape != want.shape:
+        raise ValueError(
+            f"on check input {i}, the file's output has shape {tuple(got.shape)} where the "
+            f"model it was written from gives {tuple(want.shape)}"
+        )

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from mpsearch._data import main_output
-from mpsearch.export._inputs import ModelCall
+from mpsearch.export._inputs import ModelCall, check_same_shape
 from mpsearch.export._qdq import _onnx_translations, needs_opset, to_qdq
 from mpsearch.profile._metrics import class_dim
 from mpsearch.schemes import Scheme
@@ -130,13 +130,14 @@ def check_onnx(
     max_diff = 0.0
     agree = 0
     total = 0
-    for call in inputs:
+    for i, call in enumerate(inputs):
         tensors = call.tensors()
         feed = {n: a.detach().cpu().numpy() for n, a in zip(names, tensors, strict=True)}
         out = torch.from_numpy(session.run(None, feed)[0])
         with torch.inference_mode():
             ref, name = main_output(call(reference))
         ref, dim = ref.float(), class_dim(ref, name)
+        check_same_shape(i, out, ref)
         max_diff = max(max_diff, float((out.float() - ref).abs().max()))
         agree += int((out.argmax(dim) == ref.argmax(dim)).sum())
         total += ref.argmax(dim).numel()

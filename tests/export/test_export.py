@@ -584,3 +584,8 @@ def test_top1_agreement_of_segmentation_logits_is_per_pixel_over_the_classes() -
     diff, agree = _compare([(got, "logits")], [(want, "logits")])
     assert agree == 1.0 and diff == float((got - want).abs().max())
     assert _compare([(got, None)], [(want, None)])[1] < 1.0  # an unnamed image: the last dim
+    # was: the broadcast error of the subtraction (or a silent broadcast)
+    with pytest.raises(
+        ValueError, match=r"check input 1, the file's output has shape \(2, 4, 5, 5\)"
+    ):
+        _compare([(want, "logits"), (want[..., :5], "logits")], [(want, "logits")] * 2)
