@@ -71,6 +71,18 @@ shared embedding the model never calls, its encoder's and decoder's copies and t
 layer tied to it."""
 
 
+_ENCODER_DECODER_SMALL = {
+    "d_model": 32,
+    "encoder_layers": 1,
+    "decoder_layers": 1,
+    "encoder_attention_heads": 2,
+    "decoder_attention_heads": 2,
+    "encoder_ffn_dim": 64,
+    "decoder_ffn_dim": 64,
+}
+"""The same, half as wide, for the forecasting and detection transformers."""
+
+
 def _seq2seq(n: int, g: torch.Generator) -> dict[str, torch.Tensor]:
     return {**_tokens(n, g), "decoder_input_ids": torch.randint(0, VOCAB, (n, 8), generator=g)}
 
@@ -711,13 +723,7 @@ ARCHITECTURES: dict[str, tuple[str, str, dict[str, Any], Inputs]] = {
             "context_length": 16,
             "lags_sequence": [1, 2, 3, 4],
             "num_time_features": 1,
-            "d_model": 32,
-            "encoder_layers": 1,
-            "decoder_layers": 1,
-            "encoder_attention_heads": 2,
-            "decoder_attention_heads": 2,
-            "encoder_ffn_dim": 64,
-            "decoder_ffn_dim": 64,
+            **_ENCODER_DECODER_SMALL,
         },
         _forecast,
     ),
@@ -941,13 +947,7 @@ ARCHITECTURES: dict[str, tuple[str, str, dict[str, Any], Inputs]] = {
                 "depths": [1, 1, 1, 1],
                 "out_features": ["stage4"],
             },
-            "d_model": 32,
-            "encoder_layers": 1,
-            "decoder_layers": 1,
-            "encoder_attention_heads": 2,
-            "decoder_attention_heads": 2,
-            "encoder_ffn_dim": 64,
-            "decoder_ffn_dim": 64,
+            **_ENCODER_DECODER_SMALL,
             "num_queries": 10,
             "num_labels": 4,
         },
