@@ -51,9 +51,11 @@ from mpsearch.runtime._scorers import (
     Scorer,
     answer_logits,
     checked_scores,
+    input_scores,
     log_cut,
     make_scorer,
     score_stages,
+    stage_answers,
 )
 
 ScorerLike = str | Scorer | Callable[[Tensor], Tensor]
@@ -257,7 +259,11 @@ class Controller:
 
     For language-model outputs ``[B, T, V]`` the per-input answer is the next-token
     prediction at the last position, and scores see the last-position logits; the whole
-    ``[B, T, V]`` output of the serving variant is returned.
+    ``[B, T, V]`` output of the serving variant is returned. For dense outputs (a
+    segmentation model's per-pixel ``logits`` / ``out`` ``[B, C, H, W]``) an input's score is
+    the mean of the scorer's per-pixel scores, and it agrees with the reference when at least
+    ``min_agreement`` of its pixels take the reference's arg-max (the rate calibration bounds
+    is then the share of inputs below that).
 
     >>> net = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)).eval()
     >>> ctrl = Controller(net, ["w8a8"], backend="simulate", order="given")
@@ -283,8 +289,11 @@ class Controller:
         audit_size: int = 100_000,
         audit_sink: str | Path | None = None,
         rounder: Rounder | None = None,
+        min_agreement: float = 0.99,
     ) -> None:
         _check_arguments(model, plans, order)
+        check_fraction("min_agreement", min_agreement)
+        self.min_agreement = float(min_agreement)
         self.scorer = make_scorer(scorer)
         impl = get_backend(backend)
         self.backend = impl.name
@@ -428,13 +437,16 @@ class Controller:
         for k in range(len(variants) - 1):
             m = n if rows is None else len(rows)
             logits = out if type(out) is Tensor and out.ndim == 2 else answer_logits(out)
-            values = rule.values[k](logits)
-            hard = _hard_rows(values, m, rule.cut, self.scorer.name)
+            if logits.ndim == 2:
+                values, cut, to_score = rule.values[k](logits), rule.cut, rule.to_score
+            else:  # dense: the mean per-position scores against the threshold itself
+                values, cut, to_score = self._dense_scores(logits, k), rule.threshold, None
+            hard = _hard_rows(values, m, cut, self.scorer.name)
             if not hard:
                 decision += clock() - t1
-                stages.append(_Stage(rows, stage_time / max(m, 1), values, rule.to_score))
+                stages.append(_Stage(rows, stage_time / max(m, 1), values, to_score))
                 break
-            stages.append(_Stage(rows, stage_time / m, values, rule.to_score))
+            stages.append(_Stage(rows, stage_time / m, values, to_score))
             if len(hard) < m:
                 picked = np.asarray(hard, dtype=np.int64)
                 rows = picked if rows is None else rows[picked]
@@ -550,10 +562,15 @@ class Controller:
         s["decision_share"] = s["decision_s"] / s["inference_s"] if s["inference_s"] else math.nan
         return s
 
+    def _dense_scores(self, logits: Tensor, stage: int) -> list[float]:
+        """The scores of dense logits ``[B, C, P]`` at ``stage``: the mean per-position ones."""
+        scores = input_scores(self.scorer, logits, stage)
+        return checked_scores(scores, len(logits), self.scorer.name).tolist()
+
     # -- calibration ----------------------------------------------------------------------------
     def stage_outputs(self, data: Any) -> list[Tensor]:
-        """Per-input logits ``[N, C]`` of **every** variant on ``data`` (for calibration only),
-        as float32 CPU tensors."""
+        """Per-input logits ``[N, C]`` (dense outputs: ``[N, C, P]``, every position kept) of
+        **every** variant on ``data`` (for calibration only), as float32 CPU tensors."""
         batches = as_batches(data, argument="data")
         per_variant: list[list[Tensor]] = [[] for _ in self.variants]
         with torch.inference_mode():
@@ -562,6 +579,13 @@ class Controller:
                     logits = answer_logits(run_model(v.module, batch))
                     per_variant[k].append(logits.detach().float().cpu())
         return [torch.cat(chunks) for chunks in per_variant]
+
+    def stage_answers(self, stage_logits: Sequence[Tensor]) -> np.ndarray:
+        """Per-input answers ``[K, N]`` from :meth:`stage_outputs`, each differing from the
+        reference's (the last row) exactly where the input disagrees with the reference (dense
+        outputs: fewer than ``min_agreement`` of its positions agree; see
+        :func:`~mpsearch.runtime._scorers.stage_answers`)."""
+        return stage_answers(stage_logits, min_agreement=self.min_agreement)
 
     def stage_scores(self, stage_logits: Sequence[Tensor]) -> np.ndarray:
         """The scorer's checked scores ``[K - 1, N]`` (float64) of the stages but the last,
@@ -631,9 +655,11 @@ class Controller:
         batches = as_batches(data, argument="data")
         logits = self._calibration_logits(batches, outputs)
         n = int(logits[0].shape[0])
+        if logits[0].ndim == 3:
+            self._check_dense(labels)
         label_array = None if labels is None else self._labels(labels, batches, n)
         fit_idx, test_idx = _split(n, fit_share, opts.seed)
-        answers = np.stack([lg.argmax(-1).cpu().numpy() for lg in logits])
+        answers = self.stage_answers(logits)
         if self.scorer.learned:
             self._fit_scorer(logits, answers, fit_idx, fit_share)
         scores = self.stage_scores(logits)
@@ -670,15 +696,36 @@ class Controller:
         n_data = sum(batch_size(b) for b in batches)
         logits = list(outputs) if isinstance(outputs, (list, tuple)) else []
         if len(logits) != len(self.variants) or any(
-            not isinstance(lg, Tensor) or lg.dim() != 2 or lg.shape[0] != n_data for lg in logits
+            not isinstance(lg, Tensor)
+            or lg.dim() not in (2, 3)
+            or lg.shape[0] != n_data
+            or lg.shape != logits[-1].shape
+            for lg in logits
         ):
             raise invalid(
                 "outputs",
                 outputs,
-                f"the {len(self.variants)} per-variant logits [N={n_data}, C] returned by "
-                "stage_outputs(data)",
+                f"the {len(self.variants)} per-variant logits [N={n_data}, C] (dense: "
+                "[N, C, P]) returned by stage_outputs(data)",
             )
         return [lg.detach().float().cpu() for lg in logits]
+
+    def _check_dense(self, labels: Any) -> None:
+        """Refuse what dense outputs do not support, naming what to use instead."""
+        if labels is not None:
+            raise invalid(
+                "labels",
+                "per-input labels",
+                "none for a dense output (its answers are per-position maps): bound "
+                "max_disagreement, the share of inputs below min_agreement, instead",
+            )
+        if self.scorer.learned:
+            raise invalid(
+                "scorer",
+                self.scorer.name,
+                "a fixed scorer for a dense output (ratio, max_softmax, margin, entropy or a "
+                "callable): the learned gate reads per-input logits [N, C]",
+            )
 
     def _fit_scorer(
         self, logits: list[Tensor], answers: np.ndarray, fit_idx: np.ndarray, fit_share: float

@@ -7,6 +7,10 @@ score is above the stage's threshold. The built-in scores lie in ``[0, 1]``.
 Per-input answer: for classifier outputs ``[B, C]`` the answer is ``argmax`` over ``C``;
 for language-model outputs ``[B, T, V]`` the answer is the **next-token prediction at the
 last position** (``logits[:, -1].argmax(-1)``), and the scores see those last-position logits.
+Dense outputs (a segmentation map's per-pixel logits ``[B, C, H, W]``: class dimension 1) have
+an answer per position: an input agrees with the reference when at least ``min_agreement`` of
+its positions take the reference's arg-max (:func:`stage_answers`), and its score is the mean
+of the scorer's per-position scores (:func:`input_scores`).
 
 A scorer has one definition, :meth:`Scorer.score` (a tensor in, a tensor out: what
 calibration uses), and at most one fast path, :meth:`Scorer.fast` (Python floats for the
@@ -25,7 +29,7 @@ from torch import Tensor
 
 from mpsearch._data import main_output
 from mpsearch._validation import invalid, unknown
-from mpsearch.profile._metrics import may_hold_scores
+from mpsearch.profile._metrics import class_dim, may_hold_scores
 
 try:  # the optional C helper (setup.py): top-2 gaps read where the logits lie
     from mpsearch.runtime import _topgap
@@ -38,7 +42,10 @@ _F32 = torch.float32
 
 
 def answer_logits(output: Any) -> Tensor:
-    """Per-input logits ``[B, C]`` of a model output (the last position of ``[B, T, V]``).
+    """Per-input logits ``[B, C]`` of a model output (the last position of ``[B, T, V]``), or
+    the per-position logits ``[B, C, P]`` of a dense output (``[B, C, H, W]`` named ``logits``
+    or ``out``, positions flattened: the outputs :func:`~mpsearch.profile.auto_metric` compares
+    by ``kl_channels``).
 
     A field that holds no logits (``last_hidden_state``, ``waveform``: named so in the model's
     dict or ``ModelOutput``, :func:`~mpsearch.profile.auto_metric`) is refused: its arg-max
@@ -46,6 +53,8 @@ def answer_logits(output: Any) -> Tensor:
 
     >>> answer_logits(torch.zeros(2, 5, 7)).shape
     torch.Size([2, 7])
+    >>> answer_logits({"logits": torch.zeros(2, 3, 4, 4)}).shape
+    torch.Size([2, 3, 16])
     """
     logits, name = main_output(output)
     if not may_hold_scores(name):
@@ -60,9 +69,51 @@ def answer_logits(output: Any) -> Tensor:
         return logits
     if logits.ndim == 3:
         return logits.select(1, -1)
+    if class_dim(logits, name) == 1:
+        return logits.flatten(2)
     raise ValueError(
-        "The controller needs per-input logits [B, C] or language-model logits [B, T, V]; "
-        f"got an output of shape {tuple(logits.shape)}."
+        "The controller needs per-input logits [B, C], language-model logits [B, T, V] or "
+        "per-pixel logits [B, C, H, W] in a field named 'logits' or 'out'; got an unnamed "
+        f"output of shape {tuple(logits.shape)} (return it as {{'logits': ...}} if dimension 1 "
+        "holds its classes)."
+    )
+
+
+def input_scores(scorer: Scorer, logits: Tensor, stage: int = 0) -> Tensor:
+    """Scores ``[B]`` of :func:`answer_logits`' logits at ``stage``: the scorer's own for
+    ``[B, C]``; for dense logits ``[B, C, P]`` the mean (float64) of its scores of the
+    ``B * P`` positions.
+
+    >>> input_scores(make_scorer("margin"), torch.zeros(2, 3, 4)).tolist()
+    [1.0, 1.0]
+    """
+    if logits.ndim == 2:
+        return scorer.score(logits, stage)
+    b, c, p = logits.shape
+    per_position = scorer.score(logits.transpose(1, 2).reshape(b * p, c), stage)
+    return torch.from_numpy(checked_scores(per_position, b * p, scorer.name)).view(b, p).mean(1)
+
+
+def stage_answers(stage_logits: Sequence[Tensor], *, min_agreement: float) -> np.ndarray:
+    """Per-input answers ``[K, N]`` of each variant's :func:`answer_logits` (the last: the
+    reference's), which differ from the reference's exactly where the input disagrees with it.
+
+    ``[N, C]``: the arg-max. Dense ``[N, C, P]``: 0 where at least ``min_agreement`` of the
+    input's positions take the reference's arg-max (the reference's own: all 0), else 1.
+
+    >>> ref = torch.tensor([[[1.0, 1.0], [0.0, 0.0]]])  # one input, 2 classes, 2 positions
+    >>> stage_answers([torch.tensor([[[1.0, 0.0], [0.0, 1.0]]]), ref], min_agreement=0.5)
+    array([[0],
+           [0]])
+    """
+    if stage_logits[-1].ndim == 2:
+        return np.stack([lg.argmax(-1).cpu().numpy() for lg in stage_logits])
+    reference = stage_logits[-1].argmax(1)
+    return np.stack(
+        [
+            (lg.argmax(1) == reference).double().mean(1).lt(min_agreement).long().cpu().numpy()
+            for lg in stage_logits
+        ]
     )
 
 
@@ -426,7 +477,8 @@ def checked_scores(scores: Any, n: int, name: str) -> np.ndarray:
 
 
 def score_stages(scorer: Scorer, stage_logits: Sequence[Tensor]) -> np.ndarray:
-    """Checked scores ``[S, N]`` (float64) of ``S`` stages' float32 logits ``[N, C]``.
+    """Checked scores ``[S, N]`` (float64) of ``S`` stages' float32 logits ``[N, C]`` (or
+    dense ``[N, C, P]``: :func:`input_scores`).
 
     >>> score_stages(make_scorer("margin"), [torch.zeros(3, 2)]).shape
     (1, 3)
@@ -436,5 +488,5 @@ def score_stages(scorer: Scorer, stage_logits: Sequence[Tensor]) -> np.ndarray:
     rows = []
     for stage, logits in enumerate(stage_logits):
         logits = _as_float(logits.detach().cpu())
-        rows.append(checked_scores(scorer.score(logits, stage), logits.shape[0], scorer.name))
+        rows.append(checked_scores(input_scores(scorer, logits, stage), len(logits), scorer.name))
     return np.stack(rows)

@@ -26,7 +26,8 @@ from mpsearch.runtime._calibration import cascade_cost, served_answers, served_s
 def cascade_arrays(controller: Any, data: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(answers [K, N], scores [K - 1, N], costs [K])`` of a controller's variants on ``data``.
 
-    Answers are each variant's per-input argmax, scores the controller's scorer on each stage
+    Answers are each variant's per-input argmax (dense outputs: whether the input agrees with
+    the reference, :meth:`~mpsearch.runtime.Controller.stage_answers`), scores the controller's scorer on each stage
     but the last, costs the variants' measured ms per input (the controller needs an
     ``example_input``, or one call to :meth:`~mpsearch.runtime.Controller.calibrate`).
 
@@ -39,7 +40,7 @@ def cascade_arrays(controller: Any, data: Any) -> tuple[np.ndarray, np.ndarray, 
             "example_input=... (or calibrate it once) before computing its trade-off."
         )
     logits = controller.stage_outputs(data)
-    answers = np.stack([lg.argmax(-1).numpy() for lg in logits])
+    answers = controller.stage_answers(logits)
     # the scores calibration routes on, so that the curve's thresholds route alike
     scores = np.asarray(controller.stage_scores(logits), dtype=np.float64)
     return answers, scores, costs

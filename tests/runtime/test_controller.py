@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import warnings
@@ -724,3 +725,88 @@ def test_plans_that_differ_in_rounding_are_distinct_variants() -> None:
         assert not torch.equal(ctrl.variants[0].module(x), expected)
     with pytest.raises(ValueError, match="needs calibration data"):
         Controller(net, ["w4a16+gptq"], backend="simulate")
+
+
+class _DenseMarker(nn.Module):
+    """The fixture's classifier at every pixel of a 4 x 4 map: inputs ``[B, 8, 4, 4]``,
+    per-pixel logits ``{"logits": [B, 4, 4, 4]}`` (a segmentation model's output)."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        b, f, h, w = x.shape
+        y = self.inner(x.permute(0, 2, 3, 1).reshape(b * h * w, f))
+        return {"logits": y.view(b, h, w, -1).permute(0, 3, 1, 2)}
+
+
+def _dense_inputs(make_inputs, n: int, *, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` maps of 16 clean pixels, each input with 0, 1 or 3 of them marked (wrong on the
+    cheap variant); and each input's count of marked pixels."""
+    pixels, _ = make_inputs(16 * n, seed=seed, marked=0.0)
+    x = pixels.view(n, 4, 4, 8).permute(0, 3, 1, 2).contiguous()
+    g = torch.Generator().manual_seed(seed)
+    marked = torch.tensor([0, 1, 3])[torch.randint(0, 3, (n,), generator=g)]
+    for i, m in enumerate(marked.tolist()):
+        x[i, 0].view(-1)[:m] = 0.9
+    return x, marked
+
+
+def test_dense_outputs_escalate_exactly_the_inputs_below_min_agreement(model, make_inputs) -> None:
+    """Segmentation-style outputs: an input disagrees when fewer than ``min_agreement`` (0.9)
+    of its 16 pixels take the reference's class: 3 marked pixels (13 / 16), not 1 (15 / 16).
+    A target no loss fits certifies the threshold that escalates exactly those, and the served
+    maps are the reference's on them and the cheap variant's elsewhere."""
+    from mpsearch.viz.data import cascade_arrays
+
+    dense = _DenseMarker(model).eval()
+    ctrl = _ctrl(dense, min_agreement=0.9)
+    x, marked = _dense_inputs(make_inputs, 400, seed=1)
+    outputs = ctrl.stage_outputs(list(x.split(32)))
+    assert [tuple(o.shape) for o in outputs] == [(400, 4, 16)] * 2
+    assert ctrl.stage_answers(outputs)[0].tolist() == (marked == 3).long().tolist()
+    report = ctrl.calibrate(list(x.split(32)), max_disagreement=0.006, delta=0.1, outputs=outputs)
+    assert report.certified and report.empirical_disagreement == 0.0
+    assert report.share["w8a8"] == pytest.approx(float((marked < 3).float().mean()))
+    x, marked = _dense_inputs(make_inputs, 300, seed=2)
+    hard = marked == 3
+    out = ctrl(x)
+    assert ctrl.audit["variant"].tolist() == hard.long().tolist()
+    with torch.inference_mode():
+        cheap, ref = ctrl.variants[0].module(x)["logits"], dense(x)["logits"]
+    assert torch.equal(out["logits"][hard], ref[hard])
+    assert torch.equal(out["logits"][~hard], cheap[~hard])
+    ctrl.variants = tuple(dataclasses.replace(v, cost_ms=1.0) for v in ctrl.variants)
+    answers, scores, _ = cascade_arrays(ctrl, [x])
+    assert answers.tolist() == [hard.long().tolist(), [0] * 300]
+    assert scores.tolist() == ctrl.audit["score_0"].to_numpy()[None].tolist()
+
+
+@pytest.mark.parametrize("scorer", ["max_softmax", "margin", "ratio", "entropy"])
+def test_dense_served_scores_equal_calibration_scores(model, make_inputs, scorer) -> None:
+    """Each input's score is the mean of its pixels' scores, the same served one by one, in
+    batches or in calibration; the decision compares it with the threshold itself."""
+    ctrl = _ctrl(_DenseMarker(model).eval(), scorer=scorer)
+    x, _ = _dense_inputs(make_inputs, 40, seed=3)
+    expected = ctrl.stage_scores(ctrl.stage_outputs([x]))[0]
+    threshold = float(np.median(expected))
+    ctrl.set_threshold(threshold)
+    for chunk in (1, 7):
+        ctrl.audit_log.clear()
+        for part in x.split(chunk):
+            ctrl(part)
+        assert ctrl.audit["score_0"].tolist() == expected.tolist(), chunk
+        assert ctrl.audit["variant"].tolist() == (expected > threshold).astype(int).tolist()
+
+
+def test_dense_outputs_refuse_labels_and_the_learned_gate(model, make_inputs) -> None:
+    dense = _DenseMarker(model).eval()
+    x, marked = _dense_inputs(make_inputs, 64, seed=4)
+    with pytest.raises(ValueError, match="'labels'"):
+        _ctrl(dense).calibrate([x], max_quality_drop=0.1, labels=[marked])
+    with pytest.raises(ValueError, match="'scorer'.*'gate'"):
+        _ctrl(dense, scorer="gate").calibrate([x])
+    for bad in (0.0, 1.5, "high"):
+        with pytest.raises(ValueError, match="min_agreement"):
+            _ctrl(dense, min_agreement=bad)

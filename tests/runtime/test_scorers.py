@@ -13,11 +13,13 @@ from mpsearch.runtime._scorers import (
     answer_logits,
     entropy_score,
     fit_logistic,
+    input_scores,
     log_cut,
     margin_score,
     max_softmax_score,
     ratio_score,
     score_stages,
+    stage_answers,
     top2_gaps,
 )
 
@@ -221,11 +223,56 @@ def test_answer_logits_takes_the_last_position_of_a_language_model() -> None:
     torch.testing.assert_close(answer_logits({"logits": out[:, 0]}), out[:, 0])
     with pytest.raises(ValueError, match="shape"):
         answer_logits(torch.zeros(1, 2, 3, 4))
+    with pytest.raises(ValueError, match="holds none"):  # a 4-D field that holds no scores
+        answer_logits({"pixel_values": torch.zeros(1, 2, 3, 4)})
     with pytest.raises(
         ValueError, match="output 'last_hidden_state' \\(shape \\(1, 2, 3\\)\\) holds none"
     ):
         answer_logits({"loss": torch.tensor(0.5), "last_hidden_state": torch.zeros(1, 2, 3)})
     torch.testing.assert_close(answer_logits({"start_logits": out[:, 0]}), out[:, 0])
+
+
+def test_answer_logits_keeps_every_position_of_a_dense_output() -> None:
+    """Per-pixel logits named like class scores ([B, C, H, W], classes on dim 1) keep their
+    positions, flattened; an unnamed 4-D output is refused, saying how to name it."""
+    seg = torch.randn(2, 3, 4, 5)
+    for output in ({"logits": seg}, {"out": seg, "aux": seg}):
+        got = answer_logits(output)
+        assert got.shape == (2, 3, 20)
+        assert torch.equal(got[1, :, 7], seg[1, :, 1, 2])
+    with pytest.raises(ValueError, match=r"return it as \{'logits': \.\.\.\}"):
+        answer_logits(seg)
+
+
+@pytest.mark.parametrize("name", ["max_softmax", "margin", "ratio", "entropy"])
+def test_a_dense_input_scores_the_mean_of_its_positions(name: str) -> None:
+    scorer = make_scorer(name)
+    logits = torch.randn(3, 5, 7, generator=torch.Generator().manual_seed(0))
+    expected = [scorer.score(logits[i].T.contiguous()).double().mean().item() for i in range(3)]
+    got = input_scores(scorer, logits)
+    assert got.dtype == torch.float64
+    assert got.tolist() == pytest.approx(expected, rel=1e-15, abs=0)
+    assert score_stages(scorer, [logits])[0].tolist() == got.tolist()
+    flat = logits[:, :, 0]  # a classifier's logits go to the scorer as they are
+    assert input_scores(scorer, flat).tolist() == scorer.score(flat).tolist()
+
+
+def test_dense_answers_differ_from_the_reference_below_min_agreement() -> None:
+    """A dense input agrees when at least ``min_agreement`` of its positions take the
+    reference's arg-max: 7 of 10 agreeing is agreement at 0.7, not at 0.71."""
+    reference = torch.zeros(3, 2, 10)
+    reference[:, 0] = 1.0  # class 0 everywhere
+    variant = reference.clone()
+    for i, wrong in enumerate((0, 3, 4)):  # input i has `wrong` positions on class 1
+        variant[i, 1, :wrong] = 2.0
+    assert stage_answers([variant, reference], min_agreement=0.7).tolist() == [
+        [0, 0, 1],
+        [0, 0, 0],
+    ]
+    assert stage_answers([variant, reference], min_agreement=0.71)[0].tolist() == [0, 1, 1]
+    assert stage_answers([variant, reference], min_agreement=1.0)[0].tolist() == [0, 1, 1]
+    classes = torch.tensor([[0.0, 1.0], [2.0, 1.0]])  # a classifier's answers: the arg-max
+    assert stage_answers([classes, classes], min_agreement=0.5).tolist() == [[1, 0], [1, 0]]
 
 
 def test_registry_and_errors() -> None:
