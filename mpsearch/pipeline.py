@@ -29,9 +29,9 @@ import torch
 import yaml
 from torch import nn
 
-from mpsearch._data import output_tensor, run_model
+from mpsearch._data import run_model
 from mpsearch._io import atomic_path
-from mpsearch._validation import exception_line, invalid, unknown
+from mpsearch._validation import check_fraction, exception_line, invalid, unknown
 from mpsearch.backends import BACKENDS, Backend, get_backend, quantize
 from mpsearch.cost import CostModel, CostOptions, clock, measure_cost, threads
 from mpsearch.cost._decode import DecodeTimer, check_compile
@@ -628,7 +628,8 @@ class ControllerCurve:
     For each ``epsilons`` target a cascade :class:`~mpsearch.runtime.Controller` over the
     front's plans and fp32 (at most ``max_variants``, cheapest first) is calibrated on the
     calibration split (``max_disagreement=eps``, ``delta``, ``scorer``) and measured on the
-    test split, next to each variant served alone. Empty ``epsilons``: no curve.
+    test split, next to each variant served alone. Empty ``epsilons``: no curve. A
+    segmentation workload's image agrees with fp32 when ``min_agreement`` of its pixels do.
 
     >>> ControllerCurve(epsilons=[0.01, 0.05]).scorer
     'ratio'
@@ -639,9 +640,12 @@ class ControllerCurve:
     delta: float = 0.1
     max_variants: int = 3
     repeats: int = 3
+    min_agreement: float = 0.99
 
     def __post_init__(self) -> None:
         from mpsearch.runtime import SCORERS
+
+        check_fraction("controller.min_agreement", self.min_agreement, open_high=False)
 
         if not isinstance(self.epsilons, list) or not all(
             isinstance(e, (int, float)) and not isinstance(e, bool) and 0 < e < 1
@@ -688,8 +692,17 @@ def _curve_variants(wl: Workload, plans: list[PrecisionPlan], max_variants: int)
 
 
 def _answers(out: Any) -> Any:
-    logits = output_tensor(out)
-    return (logits[:, -1] if logits.dim() == 3 else logits).argmax(-1)
+    """Per-input answers: the class (the last position's for a language model), or a dense
+    output's class map ``[B, P]``."""
+    from mpsearch.runtime._scorers import answer_logits
+
+    return answer_logits(out).argmax(1)
+
+
+def _agreeing(answer: Any, reference: Any, min_agreement: float) -> int:
+    """How many inputs answer as the reference does (a class map: ``min_agreement`` of it)."""
+    same = answer == reference
+    return int((same if same.ndim == 1 else same.double().mean(1) >= min_agreement).sum())
 
 
 def _serve_test_split(
@@ -698,6 +711,7 @@ def _serve_test_split(
     reference: list[Any],
     repeats: int,
     read: Callable[[], float],
+    min_agreement: float,
 ) -> dict[str, float]:
     """Latency per input (the best of ``repeats`` runs of each test batch), disagreement with
     ``reference`` and accuracy (NaN without labels) of ``serve`` on the test split."""
@@ -714,7 +728,7 @@ def _serve_test_split(
                 times.append(read() - t0)
             per_input.append(min(times) * 1e3 / len(ref))
             answer = _answers(out)
-            agree += int((answer == ref).sum())
+            agree += _agreeing(answer, ref, min_agreement)
             correct += int((answer == target).sum())
             n += len(answer)
     return {
@@ -764,12 +778,15 @@ def controller_curve(
             scorer=settings.scorer,
             example_input=wl.example_input,
             rounder=rounder,
+            min_agreement=settings.min_agreement,
         )
     with torch.inference_mode():
         reference = [_answers(run_model(wl.model, b)) for b in wl.test]
 
     def measure(serve: Callable[[Any], Any]) -> dict[str, float]:
-        return _serve_test_split(wl, serve, reference, settings.repeats, clock(timer))
+        return _serve_test_split(
+            wl, serve, reference, settings.repeats, clock(timer), settings.min_agreement
+        )
 
     rows = []
     jobs = [*ctrl.variants, *settings.epsilons]

@@ -292,7 +292,7 @@ class Controller:
         min_agreement: float = 0.99,
     ) -> None:
         _check_arguments(model, plans, order)
-        check_fraction("min_agreement", min_agreement)
+        check_fraction("min_agreement", min_agreement, open_high=False)
         self.min_agreement = float(min_agreement)
         self.scorer = make_scorer(scorer)
         impl = get_backend(backend)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -82,7 +83,8 @@ def answer_logits(output: Any) -> Tensor:
 def input_scores(scorer: Scorer, logits: Tensor, stage: int = 0) -> Tensor:
     """Scores ``[B]`` of :func:`answer_logits`' logits at ``stage``: the scorer's own for
     ``[B, C]``; for dense logits ``[B, C, P]`` the mean (float64) of its scores of the
-    ``B * P`` positions.
+    ``B * P`` positions (the built-in scorers score them all along dimension 1 at once,
+    ``FunctionScorer.positions``; other scorers see them as ``B * P`` rows of ``C`` logits).
 
     >>> input_scores(make_scorer("margin"), torch.zeros(2, 3, 4)).tolist()
     [1.0, 1.0]
@@ -90,7 +92,11 @@ def input_scores(scorer: Scorer, logits: Tensor, stage: int = 0) -> Tensor:
     if logits.ndim == 2:
         return scorer.score(logits, stage)
     b, c, p = logits.shape
-    per_position = scorer.score(logits.transpose(1, 2).reshape(b * p, c), stage)
+    positions = getattr(scorer, "positions", None)
+    if positions is not None:
+        per_position = positions(logits).reshape(b * p)
+    else:
+        per_position = scorer.score(logits.transpose(1, 2).reshape(b * p, c), stage)
     return torch.from_numpy(checked_scores(per_position, b * p, scorer.name)).view(b, p).mean(1)
 
 
@@ -121,31 +127,40 @@ def _as_float(logits: Tensor) -> Tensor:
     return logits if logits.dtype is _F32 else logits.float()
 
 
-def max_softmax_score(logits: Tensor) -> Tensor:
-    """``1 - max softmax probability`` (0: fully confident), in float64 from float32
-    probabilities.
+def max_softmax_score(logits: Tensor, dim: int = -1) -> Tensor:
+    """``1 - max softmax probability`` over the classes in ``dim`` (0: fully confident), in
+    float64 from float32 probabilities.
 
     >>> max_softmax_score(torch.tensor([[0.0, 0.0]])).tolist()
     [0.5]
     """
-    return 1.0 - torch.softmax(_as_float(logits), -1).amax(-1).double()
+    return 1.0 - torch.softmax(_as_float(logits), dim).amax(dim).double()
 
 
 def _max_softmax_fast(logits: Tensor) -> list[float]:
     return [1.0 - p for p in torch.softmax(_as_float(logits), -1).amax(-1).tolist()]
 
 
-def margin_score(logits: Tensor) -> Tensor:
-    """``1 - (p_1 - p_2)``, one minus the gap between the two largest probabilities, in
-    float64 from float32 probabilities.
+def _top2(values: Tensor, dim: int) -> tuple[Tensor, Tensor]:
+    """The largest and the second largest of ``values`` along ``dim`` (``topk(2)``'s values,
+    found by a max and a masked max: several times faster along a dimension that is not the
+    last)."""
+    first, index = values.max(dim, keepdim=True)
+    second = values.scatter(dim, index, -math.inf).amax(dim)
+    return first.squeeze(dim), second
+
+
+def margin_score(logits: Tensor, dim: int = -1) -> Tensor:
+    """``1 - (p_1 - p_2)``, one minus the gap between the two largest probabilities over the
+    classes in ``dim``, in float64 from float32 probabilities.
 
     >>> margin_score(torch.tensor([[0.0, 0.0]])).tolist()
     [1.0]
     """
-    if logits.shape[-1] < 2:
-        return torch.zeros(logits.shape[0], dtype=torch.float64)
-    top = torch.softmax(_as_float(logits), -1).topk(2, -1).values.double()
-    return 1.0 - (top[:, 0] - top[:, 1])
+    if logits.shape[dim] < 2:
+        return torch.zeros(logits.select(dim, 0).shape, dtype=torch.float64)
+    p1, p2 = _top2(torch.softmax(_as_float(logits), dim), dim)
+    return 1.0 - (p1.double() - p2.double())
 
 
 def _margin_fast(logits: Tensor) -> list[float]:
@@ -166,6 +181,14 @@ def ratio_score(logits: Tensor) -> Tensor:
     [1.0, 0.1353]
     """
     return torch.tensor([math.exp(g) for g in top2_gaps(logits)], dtype=torch.float64)
+
+
+def _ratio_positions(logits: Tensor) -> Tensor:
+    """:func:`ratio_score` of every position of dense logits ``[B, C, P]`` at once: ``[B, P]``."""
+    if logits.shape[1] < 2:
+        return torch.zeros(logits.select(1, 0).shape, dtype=torch.float64)
+    l1, l2 = _top2(logits, 1)
+    return (l2.double() - l1.double()).exp_()
 
 
 _ROW_MAX_CLASSES = 192
@@ -210,16 +233,17 @@ def top2_gaps(logits: Tensor) -> list[float]:
     return [second - first for first, second in top]
 
 
-def entropy_score(logits: Tensor) -> Tensor:
-    """Entropy of the softmax divided by ``log C`` (0: one-hot, 1: uniform).
+def entropy_score(logits: Tensor, dim: int = -1) -> Tensor:
+    """Entropy of the softmax over the classes in ``dim`` divided by ``log C`` (0: one-hot, 1:
+    uniform).
 
     >>> [round(v, 4) for v in entropy_score(torch.zeros(1, 4)).tolist()]
     [1.0]
     """
-    c = logits.shape[-1]
+    c = logits.shape[dim]
     if c < 2:
-        return torch.zeros(logits.shape[0])
-    h = torch.special.entr(torch.softmax(_as_float(logits), -1)).sum(-1)
+        return torch.zeros(logits.select(dim, 0).shape)
+    h = torch.special.entr(torch.softmax(_as_float(logits), dim)).sum(dim)
     return h.div_(math.log(c)).clamp_(0.0, 1.0)
 
 
@@ -265,7 +289,9 @@ class FunctionScorer(Scorer):
     """A scorer from a plain function ``logits [B, C] -> scores [B]`` (same for every stage).
 
     ``fast`` (logits -> floats, kept as ``fast_fn``) is an optional equal of ``fn`` for
-    serving; with ``fast_is_log`` it returns the scores' natural logarithms.
+    serving; with ``fast_is_log`` it returns the scores' natural logarithms. ``positions``
+    (dense logits ``[B, C, P]`` -> scores ``[B, P]``) is an optional equal of ``fn`` at every
+    position at once, for :func:`input_scores`.
 
     >>> FunctionScorer(max_softmax_score, name="max_softmax")(torch.zeros(1, 2)).tolist()
     [0.5]
@@ -279,6 +305,7 @@ class FunctionScorer(Scorer):
         bounded: bool = False,
         fast: FastFn | None = None,
         fast_is_log: bool = False,
+        positions: ScoreFn | None = None,
     ) -> None:
         if not callable(fn):
             raise invalid("scorer", fn, "a scorer name or a callable logits -> scores")
@@ -287,6 +314,7 @@ class FunctionScorer(Scorer):
         if fast_is_log and fast is None:
             raise invalid("fast_is_log", fast_is_log, "False unless a 'fast' function is given")
         self.fn = fn
+        self.positions = positions
         self.fast_fn = fast
         self.fast_is_log = fast_is_log
         self.name = name or getattr(fn, "__name__", "callable")
@@ -388,13 +416,30 @@ class GateScorer(Scorer):
 
 SCORERS: dict[str, Callable[[], Scorer]] = {
     "max_softmax": lambda: FunctionScorer(
-        max_softmax_score, name="max_softmax", bounded=True, fast=_max_softmax_fast
+        max_softmax_score,
+        name="max_softmax",
+        bounded=True,
+        fast=_max_softmax_fast,
+        positions=partial(max_softmax_score, dim=1),
     ),
-    "margin": lambda: FunctionScorer(margin_score, name="margin", bounded=True, fast=_margin_fast),
+    "margin": lambda: FunctionScorer(
+        margin_score,
+        name="margin",
+        bounded=True,
+        fast=_margin_fast,
+        positions=partial(margin_score, dim=1),
+    ),
     "ratio": lambda: FunctionScorer(
-        ratio_score, name="ratio", bounded=True, fast=top2_gaps, fast_is_log=True
+        ratio_score,
+        name="ratio",
+        bounded=True,
+        fast=top2_gaps,
+        fast_is_log=True,
+        positions=_ratio_positions,
     ),
-    "entropy": lambda: FunctionScorer(entropy_score, name="entropy", bounded=True),
+    "entropy": lambda: FunctionScorer(
+        entropy_score, name="entropy", bounded=True, positions=partial(entropy_score, dim=1)
+    ),
     "gate": GateScorer,
 }
 

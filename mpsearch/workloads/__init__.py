@@ -1,6 +1,6 @@
 """Bundled reference workloads: small trained models with their data splits and quality measure.
 
-They need no network: the digits come with scikit-learn, the text with Python's
+They need no network: the digits (classified, and segmented in scenes) come with scikit-learn, the text with Python's
 ``pydoc_data``, and the ResNet-18 is seeded random. Trained weights are cached on disk.
 
 >>> from mpsearch.workloads import load_workload
@@ -12,7 +12,15 @@ They need no network: the digits come with scikit-learn, the text with Python's
 from __future__ import annotations
 
 # Importing the builder modules registers them in WORKLOADS.
-from mpsearch.workloads import _char_mlp, _digits, _resnet, _stdlib_lm, _text, _zoo  # noqa: F401
+from mpsearch.workloads import (  # noqa: F401
+    _char_mlp,
+    _digits,
+    _digits_seg,
+    _resnet,
+    _stdlib_lm,
+    _text,
+    _zoo,
+)
 from mpsearch.workloads._base import (
     WORKLOADS,
     Workload,

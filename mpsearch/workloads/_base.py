@@ -14,8 +14,8 @@ from mpsearch._data import output_tensor, run_model
 from mpsearch._validation import invalid, unknown
 from mpsearch.workloads._cache import resolve_cache_dir
 
-Task = Literal["classification", "language_model", "regression"]
-TASKS: tuple[str, ...] = ("classification", "language_model", "regression")
+Task = Literal["classification", "language_model", "regression", "segmentation"]
+TASKS: tuple[str, ...] = ("classification", "language_model", "regression", "segmentation")
 
 
 @dataclass
@@ -125,10 +125,39 @@ def negative_mse(model: nn.Module, batches: list[Any], targets: list[torch.Tenso
     return -total / count
 
 
+def mean_iou(model: nn.Module, batches: list[Any], targets: list[torch.Tensor]) -> float:
+    """Mean intersection over union of per-pixel classes (``argmax`` over dimension 1 of
+    ``[B, C, H, W]`` logits against ``[B, H, W]`` labels), over the classes that occur in
+    the labels or the predictions, counted over all batches.
+
+    >>> logits = torch.tensor([[[[2.0, 0.0]], [[0.0, 1.0]]]])  # one image, 2 classes, 1 x 2
+    >>> mean_iou(nn.Identity(), [logits], [torch.tensor([[[0, 0]]])])
+    0.25
+    """
+    hits, unions = [], []
+    for batch, target in zip(batches, targets, strict=True):
+        logits = _logits(model, batch)
+        classes = logits.shape[1]
+        predicted, target = logits.argmax(dim=1).flatten(), target.flatten()
+        hit = torch.bincount(predicted[predicted == target], minlength=classes)
+        hits.append(hit)
+        unions.append(
+            torch.bincount(predicted, minlength=classes)
+            + torch.bincount(target, minlength=classes)
+            - hit
+        )
+    if not hits:
+        raise invalid("batches", batches, "at least one batch")
+    intersection, union = torch.stack(hits).sum(0), torch.stack(unions).sum(0)
+    present = union > 0
+    return float((intersection[present].double() / union[present]).mean())
+
+
 METRICS: dict[str, Metric] = {
     "classification": top1_accuracy,
     "language_model": top1_accuracy,
     "regression": negative_mse,
+    "segmentation": mean_iou,
 }
 
 

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from mpsearch._data import output_tensor
 from mpsearch.workloads._base import (
     Workload,
     labelled_workload,
@@ -114,7 +115,8 @@ def _digits() -> tuple[torch.Tensor, torch.Tensor, str]:
 def _train(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: TrainConfig, *, seed: int
 ) -> dict[str, Any]:
-    """Adam on cross-entropy for ``config.epochs`` seeded shuffles of ``(x, y)``."""
+    """Adam on cross-entropy for ``config.epochs`` seeded shuffles of ``(x, y)`` (per pixel for
+    a segmentation model's ``{"out": [B, C, H, W]}`` against ``y [B, H, W]``)."""
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     steps_per_epoch = -(-len(x) // config.batch_size)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
@@ -126,7 +128,7 @@ def _train(
     for _ in range(config.epochs):
         order = torch.randperm(len(x), generator=generator)
         for index in torch.split(order, config.batch_size):
-            loss = F.cross_entropy(model(x[index]), y[index])
+            loss = F.cross_entropy(output_tensor(model(x[index])), y[index])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
