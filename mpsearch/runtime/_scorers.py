@@ -313,6 +313,8 @@ class FunctionScorer(Scorer):
             raise invalid("fast", fast, "a callable logits -> list of floats, or None")
         if fast_is_log and fast is None:
             raise invalid("fast_is_log", fast_is_log, "False unless a 'fast' function is given")
+        if positions is not None and not callable(positions):
+            raise invalid("positions", positions, "a callable logits [B, C, P] -> [B, P], or None")
         self.fn = fn
         self.positions = positions
         self.fast_fn = fast

@@ -256,6 +256,8 @@ def test_a_dense_input_scores_the_mean_of_its_positions(name: str) -> None:
     rows = FunctionScorer(scorer.score)  # a scorer without `positions`: rows of C logits
     assert input_scores(rows, logits).tolist() == pytest.approx(expected, rel=1e-15, abs=0)
     assert score_stages(scorer, [logits])[0].tolist() == got.tolist()
+    with pytest.raises(ValueError, match="'positions'"):
+        FunctionScorer(scorer.score, positions="mean")
     flat = logits[:, :, 0]  # a classifier's logits go to the scorer as they are
     assert input_scores(scorer, flat).tolist() == scorer.score(flat).tolist()
 
