@@ -40,6 +40,8 @@ from bench_profile import forward_time
 import mpsearch as mps
 from mpsearch._data import output_tensor, run_model
 from mpsearch.cost import cpu_model
+from mpsearch.runtime import rank_cascades
+from mpsearch.runtime._scorers import answer_logits
 from mpsearch.workloads import load_workload
 from mpsearch.workloads._base import mean_iou
 
@@ -141,6 +143,7 @@ def main() -> None:
         row["ms_per_scene"] = timed[label]
         row["x_fp32"] = timed["fp32"] / timed[label]
     lines = [_verdict(list(rows.values()), eps) for eps in EPS]
+    lines += [_selection(servers, static_ms, wl.calib, eps) for eps in EPS]
     for line in lines:
         print(line)
     text = "\n".join(
@@ -176,6 +179,29 @@ def main() -> None:
         ]
     )
     write_result(args.out, text)
+
+
+def _selection(
+    servers: dict[str, Any], static_ms: dict[str, float], calib: list[Any], eps: float
+) -> str:
+    """What ``rank_cascades`` picks at ``eps`` from the calibration scenes and the measured
+    costs alone: each static plan served alone, or as a cascade's cheap stage before fp32."""
+    with torch.inference_mode():
+        logits = {
+            label: torch.cat([answer_logits(run_model(servers[label], b)).float() for b in calib])
+            for label in static_ms
+        }
+    reference = logits.pop("fp32")
+    table = rank_cascades(
+        logits, reference, costs={k: static_ms[k] for k in logits},
+        reference_cost=static_ms["fp32"], max_disagreement=eps, delta=DELTA,
+        reference_name="fp32", min_agreement=MIN_AGREEMENT,
+    )  # fmt: skip
+    top = table.iloc[0]
+    return (
+        f"`rank_cascades` at eps {eps} (calibration scenes and measured costs only) picks "
+        f"`{top['stages']}`, predicted {static_ms['fp32'] / top['predicted_ms']:.2f}x fp32"
+    )
 
 
 def _verdict(rows: list[dict[str, Any]], eps: float) -> str:

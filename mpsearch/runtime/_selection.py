@@ -20,7 +20,7 @@ from torch import Tensor
 
 from mpsearch._validation import check_fraction, invalid
 from mpsearch.runtime._calibration import default_grid, learn_then_test, losses, served_stage
-from mpsearch.runtime._scorers import Scorer, make_scorer, score_stages
+from mpsearch.runtime._scorers import Scorer, make_scorer, score_stages, stage_answers
 
 COLUMNS = (
     "candidate",
@@ -50,8 +50,10 @@ def _check_cost(
 def _check_logits(candidates: Any, reference: Any) -> None:
     if not isinstance(candidates, Mapping) or not candidates:
         raise invalid("candidates", candidates, "a non-empty mapping name -> logits [N, C]")
-    if not isinstance(reference, Tensor) or reference.dim() != 2:
-        raise invalid("reference", reference, "the reference's per-input logits [N, C]")
+    if not isinstance(reference, Tensor) or reference.dim() not in (2, 3):
+        raise invalid(
+            "reference", reference, "the reference's per-input logits [N, C] (dense: [N, C, P])"
+        )
     for name, logits in candidates.items():
         if not isinstance(logits, Tensor) or tuple(logits.shape) != tuple(reference.shape):
             shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
@@ -72,11 +74,12 @@ def _check_costs(names: list[str], costs: Any, extra: Mapping[str, Any]) -> None
 
 
 def _cascade_row(
-    scorer: Scorer, logits: Tensor, ref_answer: np.ndarray, eps: float, delta: float
+    scorer: Scorer, logits: Tensor, answers: np.ndarray, eps: float, delta: float
 ) -> dict[str, Any]:
-    """Calibrate the two-variant cascade ``candidate -> reference`` at ``eps``."""
+    """Calibrate the two-variant cascade ``candidate -> reference`` at ``eps`` (``answers``:
+    the candidate's and the reference's, :func:`stage_answers`)."""
     scores = score_stages(scorer, [logits.float()])
-    answers = np.stack([logits.argmax(-1).cpu().numpy(), ref_answer])
+    ref_answer = answers[1]
     res = learn_then_test(
         scores, answers, targets={"disagreement": eps}, delta=delta, grid=default_grid()
     )
@@ -93,20 +96,18 @@ def _cascade_row(
     }
 
 
-def _alone_row(
-    logits: Tensor | None, ref_answer: np.ndarray, eps: float, delta: float
-) -> dict[str, Any]:
-    """Serve one variant to every input (``None``: the reference itself, risk 0)."""
-    if logits is None:
+def _alone_row(answers: np.ndarray | None, eps: float, delta: float) -> dict[str, Any]:
+    """Serve one variant to every input (``answers``: its and the reference's; ``None``: the
+    reference itself, risk 0)."""
+    if answers is None:
         disagreement, certified = 0.0, True
     else:
-        answers = np.stack([logits.argmax(-1).cpu().numpy(), ref_answer])
         grid = np.array([-np.inf, np.inf])  # the one candidate: never escalate
         res = learn_then_test(
-            np.zeros((1, len(ref_answer))), answers, targets={"disagreement": eps}, delta=delta,
+            np.zeros((1, answers.shape[1])), answers, targets={"disagreement": eps}, delta=delta,
             grid=grid,
         )  # fmt: skip
-        disagreement, certified = float((answers[0] != ref_answer).mean()), res.certified
+        disagreement, certified = float((answers[0] != answers[1]).mean()), res.certified
     return {
         "kind": "alone",
         "disagreement_alone": disagreement,
@@ -146,6 +147,7 @@ def rank_cascades(
     tolerance: float = 0.0,
     decision_cost: float = 0.0,
     reference_name: str = "reference",
+    min_agreement: float = 0.99,
 ) -> pd.DataFrame:
     """Rank the ways to serve at a target: each variant alone and each two-variant cascade
     ``candidate -> reference``, by predicted cost per input. The first row is the choice.
@@ -165,6 +167,8 @@ def rank_cascades(
     first; among them predicted costs within ``tolerance`` (relative) of the cheapest tie
     (``tied``: measured costs are noisy) and fewer escalations rank first, a variant alone
     before a cascade. ``saving`` is ``1 - predicted_ms / alone_ms`` (the reference alone).
+    Dense logits ``[N, C, P]`` (a segmentation model's, from :meth:`Controller.stage_outputs`)
+    count an input as agreeing when ``min_agreement`` of its positions do.
 
     >>> import torch
     >>> ref = torch.tensor([[4.0, 0.0], [0.0, 4.0], [4.0, 0.0]])
@@ -189,23 +193,24 @@ def rank_cascades(
     )
     check_fraction("max_disagreement", max_disagreement)
     check_fraction("delta", delta)
+    check_fraction("min_agreement", min_agreement, open_high=False)
     score = make_scorer(scorer)
     if score.learned or not score.bounded:
         raise invalid(
             "scorer", score.name, "a fixed bounded scorer (ratio, max_softmax, margin, entropy)"
         )
-    ref_answer = reference.argmax(-1).cpu().numpy()
     rows = []
     for name in names:
         cost = float(costs[name])
-        cascade = _cascade_row(score, candidates[name], ref_answer, max_disagreement, delta)
+        answers = stage_answers([candidates[name], reference], min_agreement=min_agreement)
+        cascade = _cascade_row(score, candidates[name], answers, max_disagreement, delta)
         extra = cascade["share_escalated"] * float(escalation) + float(decision_cost)
         rows.append({**cascade, "candidate": name, "stages": f"{name} -> {reference_name}",
                      "cost_ms": cost, "predicted_ms": cost + extra})  # fmt: skip
-        alone = _alone_row(candidates[name], ref_answer, max_disagreement, delta)
+        alone = _alone_row(answers, max_disagreement, delta)
         rows.append({**alone, "candidate": name, "stages": name, "cost_ms": cost,
                      "predicted_ms": cost})  # fmt: skip
-    alone = _alone_row(None, ref_answer, max_disagreement, delta)
+    alone = _alone_row(None, max_disagreement, delta)
     rows.append({**alone, "candidate": reference_name, "stages": reference_name,
                  "cost_ms": float(reference_cost), "predicted_ms": float(reference_cost)})  # fmt: skip
     table = pd.DataFrame(rows, columns=list(COLUMNS))

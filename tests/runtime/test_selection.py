@@ -169,3 +169,26 @@ def test_bad_input_is_refused_by_name() -> None:
                 {"good": reference}, reference, costs={"good": 1.0}, reference_cost=4.0,
                 tolerance=tolerance,  # type: ignore[arg-type]
             )  # fmt: skip
+
+
+def test_dense_logits_count_an_input_by_min_agreement() -> None:
+    """Per-pixel logits [N, C, P]: the 'noisy' map is unsure and wrong at 2 of 10 positions of
+    the HARD inputs and at 1 position of 10 others. At min_agreement 0.85 only the HARD inputs
+    disagree, and the cascade escalates exactly those; at 0.95 all 30 do."""
+    reference = torch.tensor([5.0, 0.0]).view(1, 2, 1).repeat(N, 1, 10)
+    noisy = reference.clone()
+    noisy[:HARD, :, :2] = torch.tensor([0.0, 0.1]).view(2, 1)
+    noisy[HARD : HARD + 10, :, :1] = torch.tensor([0.0, 0.1]).view(2, 1)
+    common = {"costs": {"noisy": 1.0}, "reference_cost": 4.0, "delta": 0.1}
+    rows = rank_cascades(
+        {"noisy": noisy}, reference, max_disagreement=0.005, min_agreement=0.85, **common
+    ).set_index("stages")
+    assert rows.loc["noisy", "disagreement_alone"] == HARD / N
+    assert rows.loc["noisy -> reference", "share_escalated"] == HARD / N
+    assert rows.loc["noisy -> reference", "served_disagreement"] == 0.0
+    rows = rank_cascades(
+        {"noisy": noisy}, reference, max_disagreement=0.05, min_agreement=0.95, **common
+    ).set_index("stages")
+    assert rows.loc["noisy", "disagreement_alone"] == (HARD + 10) / N
+    with pytest.raises(ValueError, match="min_agreement"):
+        rank_cascades({"noisy": noisy}, reference, min_agreement=0, **common)
