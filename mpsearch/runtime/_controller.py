@@ -263,7 +263,8 @@ class Controller:
     segmentation model's per-pixel ``logits`` / ``out`` ``[B, C, H, W]``) an input's score is
     the mean of the scorer's per-pixel scores, and it agrees with the reference when at least
     ``min_agreement`` of its pixels take the reference's arg-max (the rate calibration bounds
-    is then the share of inputs below that).
+    is then the share of inputs below that); so are the tokens of a token classifier's
+    ``[B, T, C]`` (Hugging Face ``TokenClassifierOutput``), padding included.
 
     >>> net = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)).eval()
     >>> ctrl = Controller(net, ["w8a8"], backend="simulate", order="given")
@@ -578,6 +579,14 @@ class Controller:
                 for k, v in enumerate(self.variants):
                     logits = answer_logits(run_model(v.module, batch))
                     per_variant[k].append(logits.detach().float().cpu())
+        sizes = sorted({tuple(chunk.shape[1:]) for chunk in per_variant[-1]})
+        if len(sizes) > 1:
+            raise invalid(
+                "data",
+                f"batches whose outputs differ in size after the batch dimension ({sizes})",
+                "batches of one output size (dense outputs are compared position by position: "
+                "resize the images, or pad the sequences to one length)",
+            )
         return [torch.cat(chunks) for chunks in per_variant]
 
     def stage_answers(self, stage_logits: Sequence[Tensor]) -> np.ndarray:

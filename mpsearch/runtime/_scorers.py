@@ -42,11 +42,16 @@ FastFn = Callable[[Tensor], list[float]]
 _F32 = torch.float32
 
 
+PER_TOKEN_OUTPUTS = frozenset({"TokenClassifierOutput"})
+"""Output types whose ``[B, T, C]`` logits answer at every position (Hugging Face token
+classification, audio frame classification), not at the last one as a language model does."""
+
+
 def answer_logits(output: Any) -> Tensor:
     """Per-input logits ``[B, C]`` of a model output (the last position of ``[B, T, V]``), or
-    the per-position logits ``[B, C, P]`` of a dense output (``[B, C, H, W]`` named ``logits``
-    or ``out``, positions flattened: the outputs :func:`~mpsearch.profile.auto_metric` compares
-    by ``kl_channels``).
+    the per-position logits ``[B, C, P]`` of a dense output: ``[B, C, H, W]`` named ``logits``
+    or ``out`` (positions flattened: the outputs :func:`~mpsearch.profile.auto_metric` compares
+    by ``kl_channels``), or a :data:`PER_TOKEN_OUTPUTS` output's ``[B, T, C]`` (as ``[B, C, T]``).
 
     A field that holds no logits (``last_hidden_state``, ``waveform``: named so in the model's
     dict or ``ModelOutput``, :func:`~mpsearch.profile.auto_metric`) is refused: its arg-max
@@ -69,6 +74,8 @@ def answer_logits(output: Any) -> Tensor:
     if logits.ndim == 2:
         return logits
     if logits.ndim == 3:
+        if type(output).__name__ in PER_TOKEN_OUTPUTS:
+            return logits.transpose(1, 2)
         return logits.select(1, -1)
     if class_dim(logits, name) == 1:
         return logits.flatten(2)

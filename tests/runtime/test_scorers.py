@@ -244,6 +244,16 @@ def test_answer_logits_keeps_every_position_of_a_dense_output() -> None:
         answer_logits(seg)
 
 
+def test_answer_logits_keeps_every_token_of_a_token_classifier() -> None:
+    """A token classifier's [B, T, C] answers at every token (as [B, C, T]); a language
+    model's [B, T, V] at the last position."""
+    outputs = pytest.importorskip("transformers.modeling_outputs")
+    logits = torch.randn(2, 5, 3)
+    got = answer_logits(outputs.TokenClassifierOutput(logits=logits))
+    assert got.shape == (2, 3, 5) and torch.equal(got, logits.transpose(1, 2))
+    assert torch.equal(answer_logits(outputs.CausalLMOutput(logits=logits)), logits[:, -1])
+
+
 @pytest.mark.parametrize("name", ["max_softmax", "margin", "ratio", "entropy"])
 def test_a_dense_input_scores_the_mean_of_its_positions(name: str) -> None:
     scorer = make_scorer(name)
