@@ -27,9 +27,10 @@ def cascade_arrays(controller: Any, data: Any) -> tuple[np.ndarray, np.ndarray, 
     """``(answers [K, N], scores [K - 1, N], costs [K])`` of a controller's variants on ``data``.
 
     Answers are each variant's per-input argmax (dense outputs: whether the input agrees with
-    the reference, :meth:`~mpsearch.runtime.Controller.stage_answers`), scores the controller's scorer on each stage
-    but the last, costs the variants' measured ms per input (the controller needs an
-    ``example_input``, or one call to :meth:`~mpsearch.runtime.Controller.calibrate`).
+    the reference, :meth:`~mpsearch.runtime.Controller.stage_answers`), scores the
+    controller's scorer on each stage but the last, costs the variants' measured ms per input
+    (the controller needs an ``example_input``, or one call to
+    :meth:`~mpsearch.runtime.Controller.calibrate`).
 
     >>> answers, scores, costs = cascade_arrays(ctrl, wl.test)  # doctest: +SKIP
     """
