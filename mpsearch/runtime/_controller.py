@@ -596,6 +596,31 @@ class Controller:
         :func:`~mpsearch.runtime._scorers.stage_answers`)."""
         return stage_answers(stage_logits, min_agreement=self.min_agreement)
 
+    def stage_arrays(self, data: Any) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`stage_answers` and :meth:`stage_scores` of every variant on ``data``, computed
+        batch by batch: only these ``[K, N]`` and ``[K - 1, N]`` arrays are kept, never the
+        logits (a segmentation model's are ``C x H x W`` floats per input and variant), and
+        dense outputs may differ in size between batches. What :meth:`calibrate` computes
+        when it is given no ``outputs`` and its scorer is not learned.
+
+        >>> answers, scores = ctrl.stage_arrays(calib)  # doctest: +SKIP
+        """
+        answers, scores, _ = self._stream(as_batches(data, argument="data"))
+        return answers, scores
+
+    def _stream(self, batches: list[Any]) -> tuple[np.ndarray, np.ndarray, bool]:
+        answers, scores, dense = [], [], False
+        with torch.inference_mode():
+            for batch in batches:
+                logits = [
+                    answer_logits(run_model(v.module, batch)).detach().float().cpu()
+                    for v in self.variants
+                ]
+                dense = logits[0].ndim == 3
+                answers.append(self.stage_answers(logits))
+                scores.append(self.stage_scores(logits))
+        return np.concatenate(answers, axis=1), np.concatenate(scores, axis=1), dense
+
     def stage_scores(self, stage_logits: Sequence[Tensor]) -> np.ndarray:
         """The scorer's checked scores ``[K - 1, N]`` (float64) of the stages but the last,
         from :meth:`stage_outputs`: what calibration and the trade-off curves route on.
@@ -638,7 +663,9 @@ class Controller:
         Learned or unbounded scorers are fitted on a ``fit_fraction`` share of ``data``
         (default 0.3; 0 for the built-in fixed scorers) and tested on the rest. ``outputs``
         may pass the per-variant logits of :meth:`stage_outputs` on ``data`` to reuse them
-        across calls (e.g. a sweep of targets) instead of running every variant again.
+        across calls (e.g. a sweep of targets) instead of running every variant again; without
+        them a fixed scorer's answers and scores are computed batch by batch
+        (:meth:`stage_arrays`), no logits kept.
         ``options`` (a :class:`CalibrateOptions`) carries the same settings; keywords given
         here override its fields. When the test inputs are too few to certify the target even
         with no loss at all, the report's ``note`` says so and how many it needs.
@@ -662,16 +689,21 @@ class Controller:
         )
         fit_share = self._fit_share(opts, labels)
         batches = as_batches(data, argument="data")
-        logits = self._calibration_logits(batches, outputs)
-        n = int(logits[0].shape[0])
-        if logits[0].ndim == 3:
+        logits: list[Tensor] = []
+        if outputs is None and not self.scorer.learned:  # batch by batch: no logits kept
+            answers, scores, dense = self._stream(batches)
+        else:
+            logits = self._calibration_logits(batches, outputs)
+            answers, dense = self.stage_answers(logits), logits[0].ndim == 3
+        if dense:
             self._check_dense(labels)
+        n = answers.shape[1]
         label_array = None if labels is None else self._labels(labels, batches, n)
         fit_idx, test_idx = _split(n, fit_share, opts.seed)
-        answers = self.stage_answers(logits)
-        if self.scorer.learned:
-            self._fit_scorer(logits, answers, fit_idx, fit_share)
-        scores = self.stage_scores(logits)
+        if logits:
+            if self.scorer.learned:
+                self._fit_scorer(logits, answers, fit_idx, fit_share)
+            scores = self.stage_scores(logits)
         result = learn_then_test(
             scores[:, test_idx],
             answers[:, test_idx],

@@ -40,11 +40,9 @@ def cascade_arrays(controller: Any, data: Any) -> tuple[np.ndarray, np.ndarray, 
             "The controller's variants have no measured cost: build it with "
             "example_input=... (or calibrate it once) before computing its trade-off."
         )
-    logits = controller.stage_outputs(data)
-    answers = controller.stage_answers(logits)
-    # the scores calibration routes on, so that the curve's thresholds route alike
-    scores = np.asarray(controller.stage_scores(logits), dtype=np.float64)
-    return answers, scores, costs
+    # the answers and scores calibration routes on, so that the curve's thresholds route alike
+    answers, scores = controller.stage_arrays(data)
+    return answers, np.asarray(scores, dtype=np.float64), costs
 
 
 def _check_arrays(

@@ -461,6 +461,9 @@ def test_calibrate_reuses_stage_outputs(model, make_inputs) -> None:
     fresh = ctrl.calibrate(data, max_disagreement=0.05)
     reused = ctrl.calibrate(data, max_disagreement=0.05, outputs=outputs)
     assert reused.threshold == fresh.threshold and reused.share == fresh.share
+    answers, scores = ctrl.stage_arrays(data)  # what ``fresh`` computed, batch by batch
+    assert np.array_equal(answers, ctrl.stage_answers(outputs))
+    assert np.array_equal(scores, ctrl.stage_scores(outputs))
     with pytest.raises(ValueError, match="'outputs'"):
         ctrl.calibrate(data, max_disagreement=0.05, outputs=outputs[:1])
     with pytest.raises(ValueError, match="'outputs'"):
@@ -889,3 +892,23 @@ def test_token_classifier_outputs_answer_at_every_token(model, make_inputs) -> N
     assert ctrl.audit["variant"].tolist() == (marked == 2).long().tolist()
     with pytest.raises(ValueError, match="'data'.*pad the sequences to one length"):
         ctrl.stage_outputs([x[:30], x[30:60, :9]])
+
+
+def test_dense_calibration_keeps_no_logits_and_takes_maps_of_any_size(model, make_inputs) -> None:
+    """Calibrated without ``outputs``, a dense controller computes its answers and scores
+    batch by batch (the logits of every variant are never held at once): the same as from
+    :meth:`stage_outputs`, and maps of another size in another batch are fine."""
+    ctrl = _ctrl(_DenseMarker(model).eval(), min_agreement=0.9)
+    x, marked = _dense_inputs(make_inputs, 400, seed=1)
+    data = list(x.split(32))
+    answers, scores = ctrl.stage_arrays(data)
+    outputs = ctrl.stage_outputs(data)
+    assert np.array_equal(answers, ctrl.stage_answers(outputs))
+    np.testing.assert_allclose(scores, ctrl.stage_scores(outputs), rtol=1e-6, atol=0)
+    report = ctrl.calibrate(data, max_disagreement=0.006, delta=0.1)
+    assert report.certified and report.share["w8a8"] == float((marked < 3).double().mean())
+    wide = torch.cat([x[:32], x[:32, :, :, :2]], dim=3)  # the same 32 inputs on 4 x 6 maps
+    answers, _ = ctrl.stage_arrays([x[:32], wide])
+    assert answers.shape == (2, 64)
+    # on 24 pixels: 1 marked pixel is 2 wrong (agrees, 22 / 24), 3 are 5 wrong (disagrees)
+    assert answers[0, 32:].tolist() == (marked[:32] == 3).long().tolist()
