@@ -528,7 +528,10 @@ def onednn_twin(layer: FbgemmInt8Linear) -> Int8Linear:
 def onednn_int8_conv_exact(conv: nn.Conv1d | nn.Conv2d, *, dim: int = 2) -> bool:
     """Whether oneDNN's int8 convolution computes ``conv``'s geometry exactly on this CPU (a
     Conv1d as a Conv2d with a 1 x K kernel, ``dim=2``, or K x 1, ``dim=3``), found by one
-    probe per geometry: random codes against the float64 convolution. On an AMX Xeon (torch
+    probe per geometry: random codes against the float64 convolution, in the range the int8
+    kernels give weights on this CPU (7-bit where the u8 x s8 products saturate: with 8-bit
+    codes, an AVX2 EPYC found no geometry exact and sent every w8a8 convolution of a
+    ``cpu-pt2e`` plan to a kernel ``torch.export`` cannot capture). On an AMX Xeon (torch
     2.13) it gave wrong sums (relative error about 1, at every length and batch tried, with
     7-bit codes too: not saturation) for 4 or 16 input channels per group with kernels 8, 12,
     16, 32 or 128 wide: 1 x 8 and 8 x 8 as 2-D kernels, and such Conv1d layers as 1 x K,
@@ -601,7 +604,8 @@ def _int8_conv_exact(
     groups: int,
 ) -> bool:
     g = torch.Generator().manual_seed(0)
-    w = torch.randint(-127, 128, (out, per_group, *kernel), generator=g, dtype=torch.int8)
+    top = 63 if onednn_u8s8_saturates() else 127  # the codes the kernels get (int8_kernel_scheme)
+    w = torch.randint(-top, top + 1, (out, per_group, *kernel), generator=g, dtype=torch.int8)
     size = [d * (k - 1) + 4 * s + 1 for k, s, d in zip(kernel, stride, dilation, strict=True)]
     x = torch.randint(0, 256, (1, per_group * groups, *size), generator=g, dtype=torch.uint8)
     ones = torch.ones(out)

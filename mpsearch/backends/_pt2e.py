@@ -282,7 +282,11 @@ class CpuPt2eBackend(Backend):
             f"cpu-pt2e: running the plan on the cpu backend: {reason}", RuntimeWarning, stacklevel=3
         )
         own = _pt2e_layers(model, assignment)  # the other layers run cpu kernels already
-        fallback = quantize(model, dict.fromkeys(own, "w8a8"), backend="cpu", calib=batches)
+        fallback = (
+            quantize(model, dict.fromkeys(own, "w8a8"), backend="cpu", calib=batches)
+            if own
+            else model  # nothing was left to the pt2e flow (before: "no quantizable layers")
+        )
         fallback.mpsearch_compile = {"mode": "cpu", "reason": reason}
         return fallback
 

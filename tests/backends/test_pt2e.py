@@ -251,3 +251,57 @@ def test_a_conv2d_onednn_computes_wrongly_runs_the_cpu_kernel_inside_the_compile
     x = torch.randn(4, 3, 12, 20)
     with torch.no_grad():
         assert float((q(x) - net(x)).norm() / net(x).norm()) < 0.05
+
+
+def test_a_plan_with_no_pt2e_layer_falls_back_to_its_cpu_kernels_as_they_are() -> None:
+    """Every layer on a ``cpu`` kernel (a w8a16 Linear, an int8 LSTM export cannot capture):
+    the fallback is the model as built; it used to quantize it again and stop with "no
+    quantizable layers"."""
+
+    class Tagger(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(6, 8)
+            self.lstm = nn.LSTM(8, 8, batch_first=True)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.lstm(torch.relu(self.fc(x)))[0]
+
+    torch.manual_seed(0)
+    net = Tagger().eval()
+    calib = [torch.randn(4, 5, 6) for _ in range(2)]
+    plan = {"fc": "w8a16", "lstm": "w8a8"}
+    with pytest.warns(RuntimeWarning, match="cpu-pt2e: running the plan on the cpu backend"):
+        q = mps.quantize(net, plan, backend="cpu-pt2e", calib=calib)
+    assert q.mpsearch_compile["mode"] == "cpu"
+    x = torch.randn(3, 5, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(q(x), mps.quantize(net, plan, backend="cpu", calib=calib)(x))
+
+
+def test_a_saturating_cpu_probes_convolutions_with_the_codes_its_kernels_get() -> None:
+    """Capped to AVX2 (no VNNI: oneDNN's u8 x s8 products saturate), the int8 kernels give
+    weights 7-bit codes; the geometry probe draws the same, so a plain 3 x 3 convolution is
+    exact there. With 8-bit codes it found no geometry exact on an AVX2 EPYC, and every
+    w8a8 convolution of a ``cpu-pt2e`` plan went to a kernel export cannot capture."""
+    import os
+    import subprocess
+    import sys
+
+    probe = (
+        "from torch import nn; from mpsearch.backends._kernels import onednn_int8_conv_exact, "
+        "onednn_u8s8_saturates as s; "
+        "print(s(), onednn_int8_conv_exact(nn.Conv2d(64, 64, 3, padding=1)))"
+    )
+    caps = {
+        "ONEDNN_MAX_CPU_ISA": "AVX2",
+        "ATEN_CPU_CAPABILITY": "avx2",
+        "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2",
+        "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+    }
+    run = subprocess.run(
+        [sys.executable, "-c", probe], env={**os.environ, **caps}, capture_output=True, text=True
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    saturates, exact = run.stdout.split()[-2:]
+    assert exact == "True", (saturates, exact)
