@@ -203,16 +203,19 @@ def test_the_cost_model_refuses_to_time_it_layer_by_layer() -> None:
         mps.measure_cost(net, torch.randn(2, 3, 16, 16), schemes=["w8a8"], backend="cpu-pt2e")
 
 
+class Tagger(nn.Module):
+    """A Linear and an LSTM (int8 on the cpu backend: an op export cannot take)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(6, 8)
+        self.lstm = nn.LSTM(8, 8, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lstm(torch.relu(self.fc(x)))[0]
+
+
 def test_a_cpu_kernel_export_cannot_capture_falls_back_to_the_cpu_backend_whole() -> None:
-    class Tagger(nn.Module):  # an LSTM (int8 on the cpu backend: an op export cannot take)
-        def __init__(self) -> None:
-            super().__init__()
-            self.fc = nn.Linear(6, 8)
-            self.lstm = nn.LSTM(8, 8, batch_first=True)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.lstm(torch.relu(self.fc(x)))[0]
-
     torch.manual_seed(0)
     net = Tagger().eval()
     calib = [torch.randn(4, 5, 6) for _ in range(2)]
@@ -257,16 +260,6 @@ def test_a_plan_with_no_pt2e_layer_falls_back_to_its_cpu_kernels_as_they_are() -
     """Every layer on a ``cpu`` kernel (a w8a16 Linear, an int8 LSTM export cannot capture):
     the fallback is the model as built; it used to quantize it again and stop with "no
     quantizable layers"."""
-
-    class Tagger(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.fc = nn.Linear(6, 8)
-            self.lstm = nn.LSTM(8, 8, batch_first=True)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.lstm(torch.relu(self.fc(x)))[0]
-
     torch.manual_seed(0)
     net = Tagger().eval()
     calib = [torch.randn(4, 5, 6) for _ in range(2)]
