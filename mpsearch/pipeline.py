@@ -43,6 +43,7 @@ from mpsearch.recover import RecoverOptions, RecoveryResult, recover
 from mpsearch.report import FILES, StudyRecord
 from mpsearch.report._record import RECOVERY_COLUMNS
 from mpsearch.rounding import Rounder, RoundingOptions, smooth_activations
+from mpsearch.runtime._scorers import agrees, answer_logits
 from mpsearch.schemes import get_scheme
 from mpsearch.schemes._rounding import DEFAULT_ROUNDING, ROUNDINGS, choice_name, split_choice
 from mpsearch.search import (
@@ -694,15 +695,7 @@ def _curve_variants(wl: Workload, plans: list[PrecisionPlan], max_variants: int)
 def _answers(out: Any) -> Any:
     """Per-input answers: the class (the last position's for a language model), or a dense
     output's class map ``[B, P]``."""
-    from mpsearch.runtime._scorers import answer_logits
-
     return answer_logits(out).argmax(1)
-
-
-def _agreeing(answer: Any, reference: Any, min_agreement: float) -> int:
-    """How many inputs answer as the reference does (a class map: ``min_agreement`` of it)."""
-    same = answer == reference
-    return int((same if same.ndim == 1 else same.double().mean(1) >= min_agreement).sum())
 
 
 def _serve_test_split(
@@ -728,7 +721,7 @@ def _serve_test_split(
                 times.append(read() - t0)
             per_input.append(min(times) * 1e3 / len(ref))
             answer = _answers(out)
-            agree += _agreeing(answer, ref, min_agreement)
+            agree += int(agrees(answer, ref, min_agreement=min_agreement).sum())
             correct += int((answer == target).sum())
             n += len(answer)
     return {

@@ -169,7 +169,12 @@ def _own_forward_class(kind: type[nn.Module]) -> type[nn.Module]:
 
 
 def _rebuild_own_forward(kind: type[nn.Module], state: dict[str, Any]) -> nn.Module:
-    cls = _own_forward_class(kind)
+    return rebuilt(_own_forward_class(kind), state)
+
+
+def rebuilt(cls: type[nn.Module], state: dict[str, Any]) -> nn.Module:
+    """An instance of ``cls`` holding ``state`` as its ``__dict__`` (``__init__`` not run):
+    how a pickle restores a module whose class is made at run time."""
     module = cls.__new__(cls)
     module.__dict__.update(state)
     return module

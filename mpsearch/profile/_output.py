@@ -11,6 +11,7 @@ from typing import Any
 from torch import nn
 
 from mpsearch._validation import check_module, wrong_type
+from mpsearch.layers._layers import rebuilt
 
 OutputSelector = str | Callable[[Any], Any]
 
@@ -43,10 +44,7 @@ def _selected_class(kind: type[nn.Module]) -> type[nn.Module]:
 
 
 def _rebuild(kind: type[nn.Module], state: dict[str, Any]) -> nn.Module:
-    cls = _selected_class(kind)
-    module = cls.__new__(cls)
-    module.__dict__.update(state)
-    return module
+    return rebuilt(_selected_class(kind), state)
 
 
 def _select(output: Any, selector: OutputSelector) -> Any:

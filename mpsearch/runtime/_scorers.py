@@ -91,7 +91,7 @@ def input_scores(scorer: Scorer, logits: Tensor, stage: int = 0) -> Tensor:
     """Scores ``[B]`` of :func:`answer_logits`' logits at ``stage``: the scorer's own for
     ``[B, C]``; for dense logits ``[B, C, P]`` the mean (float64) of its scores of the
     ``B * P`` positions (the built-in scorers score them all along dimension 1 at once,
-    ``FunctionScorer.positions``; other scorers see them as ``B * P`` rows of ``C`` logits).
+    ``Scorer.positions``; other scorers see them as ``B * P`` rows of ``C`` logits).
 
     >>> input_scores(make_scorer("margin"), torch.zeros(2, 3, 4)).tolist()
     [1.0, 1.0]
@@ -99,9 +99,8 @@ def input_scores(scorer: Scorer, logits: Tensor, stage: int = 0) -> Tensor:
     if logits.ndim == 2:
         return scorer.score(logits, stage)
     b, c, p = logits.shape
-    positions = getattr(scorer, "positions", None)
-    if positions is not None:
-        per_position = positions(logits).reshape(b * p)
+    if scorer.positions is not None:
+        per_position = scorer.positions(logits).reshape(b * p)
     else:
         per_position = scorer.score(logits.transpose(1, 2).reshape(b * p, c), stage)
     return torch.from_numpy(checked_scores(per_position, b * p, scorer.name)).view(b, p).mean(1)
@@ -124,10 +123,21 @@ def stage_answers(stage_logits: Sequence[Tensor], *, min_agreement: float) -> np
     reference = stage_logits[-1].argmax(1)
     return np.stack(
         [
-            (lg.argmax(1) == reference).double().mean(1).lt(min_agreement).long().cpu().numpy()
+            (~agrees(lg.argmax(1), reference, min_agreement=min_agreement)).long().cpu().numpy()
             for lg in stage_logits
         ]
     )
+
+
+def agrees(answer: Tensor, reference: Tensor, *, min_agreement: float) -> Tensor:
+    """Whether each input's answer is the reference's: per-input answers ``[N]`` equal, or
+    per-position answers ``[N, P]`` equal at ``min_agreement`` of the positions at least.
+
+    >>> agrees(torch.tensor([[0, 1], [1, 1]]), torch.ones(2, 2), min_agreement=0.5).tolist()
+    [True, True]
+    """
+    same = answer == reference
+    return same if same.ndim == 1 else same.double().mean(1) >= min_agreement
 
 
 def _as_float(logits: Tensor) -> Tensor:
@@ -272,6 +282,9 @@ class Scorer:
     bounded: bool = True
     learned: bool = False
     fast_is_log: bool = False
+    positions: ScoreFn | None = None
+    """Optional: :meth:`score` of every position of dense logits ``[B, C, P]`` at once,
+    ``[B, P]`` (:func:`input_scores`)."""
 
     def score(self, logits: Tensor, stage: int = 0) -> Tensor:
         """Scores ``[B]`` of per-input logits ``[B, C]`` at ``stage`` of the cascade."""
