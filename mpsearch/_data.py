@@ -77,6 +77,22 @@ def output_tensor(output: Any) -> torch.Tensor:
     return main_output(output)[0]
 
 
+MULTI_LABEL_PROBLEM = "multi_label_classification"
+"""A Hugging Face config's ``problem_type`` for classifiers with one sigmoid per label."""
+
+
+def is_multi_label(model: Any) -> bool:
+    """Whether ``model`` is a multi-label classifier: a Hugging Face model whose
+    ``config.problem_type`` is :data:`MULTI_LABEL_PROBLEM` (its logits are one independent
+    sigmoid per label, trained with ``BCEWithLogitsLoss``, not a softmax over classes).
+
+    >>> is_multi_label(nn.Linear(2, 2))
+    False
+    """
+    config = getattr(model, "config", None)
+    return getattr(config, "problem_type", None) == MULTI_LABEL_PROBLEM
+
+
 def main_output(output: Any) -> tuple[torch.Tensor, str | None]:
     """:func:`output_tensor` and the name it has in the output: the key of the dict or
     ``ModelOutput`` field holding it (the innermost), ``None`` for a tensor returned as it is

@@ -29,7 +29,7 @@ import torch
 import yaml
 from torch import nn
 
-from mpsearch._data import run_model
+from mpsearch._data import is_multi_label, run_model
 from mpsearch._io import atomic_path
 from mpsearch._validation import check_fraction, exception_line, invalid, unknown
 from mpsearch.backends import BACKENDS, Backend, get_backend, quantize
@@ -692,10 +692,10 @@ def _curve_variants(wl: Workload, plans: list[PrecisionPlan], max_variants: int)
     return [*cheap[: max_variants - 1], PrecisionPlan.uniform("fp32")]
 
 
-def _answers(out: Any) -> Any:
+def _answers(out: Any, *, multi_label: bool) -> Any:
     """Per-input answers: the class (the last position's for a language model), or a dense
-    output's class map ``[B, P]``."""
-    return answer_logits(out).argmax(1)
+    output's class map ``[B, P]`` (a multi-label classifier's: its labels' ``logit > 0``)."""
+    return answer_logits(out, multi_label=multi_label).argmax(1)
 
 
 def _serve_test_split(
@@ -720,7 +720,7 @@ def _serve_test_split(
                 out = serve(batch)
                 times.append(read() - t0)
             per_input.append(min(times) * 1e3 / len(ref))
-            answer = _answers(out)
+            answer = _answers(out, multi_label=is_multi_label(wl.model))
             agree += int(agrees(answer, ref, min_agreement=min_agreement).sum())
             correct += int((answer == target).sum())
             n += len(answer)
@@ -774,7 +774,9 @@ def controller_curve(
             min_agreement=settings.min_agreement,
         )
     with torch.inference_mode():
-        reference = [_answers(run_model(wl.model, b)) for b in wl.test]
+        reference = [
+            _answers(run_model(wl.model, b), multi_label=ctrl.multi_label) for b in wl.test
+        ]
 
     def measure(serve: Callable[[Any], Any]) -> dict[str, float]:
         return _serve_test_split(

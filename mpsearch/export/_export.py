@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from mpsearch._data import main_output
+from mpsearch._data import is_multi_label, main_output
 from mpsearch._io import atomic_path
 from mpsearch._validation import check_module, exception_line, invalid, unknown
 from mpsearch.backends import collect_activation_ranges, get_backend
@@ -27,7 +27,7 @@ from mpsearch.export._artifacts import (
 from mpsearch.export._inputs import ModelCall, as_call, check_same_shape
 from mpsearch.export._qdq import ONNX_ACCEPTED, onnx_refusal
 from mpsearch.plan import PrecisionPlan
-from mpsearch.profile._metrics import class_dim
+from mpsearch.profile._metrics import answers_agree, auto_metric
 from mpsearch.rounding import Rounder
 from mpsearch.rounding._rounder import rounded_layers
 from mpsearch.schemes import Observer, get_scheme
@@ -112,6 +112,11 @@ class _Job:
     static: frozenset[str] = frozenset()
     _cache: dict[str, nn.Module] = field(default_factory=dict)
 
+    @property
+    def multi_label(self) -> bool:
+        """Whether the model is a multi-label classifier (:func:`~mpsearch._data.is_multi_label`)."""
+        return is_multi_label(self.model)
+
     def quantized(self, backend: str) -> nn.Module:
         if backend not in self._cache:
             self._cache[backend] = build_quantized(
@@ -144,18 +149,21 @@ def _outputs(fn: Callable[..., Any], inputs: Sequence[ModelCall]) -> list[Output
         return [(t.float(), name) for t, name in (main_output(call(fn)) for call in inputs)]
 
 
-def _compare(got: list[Output], want: list[Output]) -> tuple[float, float]:
-    """The largest absolute difference and the top-1 agreement over the classes of ``want``'s
-    outputs (:func:`~mpsearch.profile._metrics.class_dim`); ``ValueError`` where a check
+def _compare(
+    got: list[Output], want: list[Output], *, multi_label: bool = False
+) -> tuple[float, float]:
+    """The largest absolute difference and the top-1 agreement of ``got`` with ``want``'s
+    outputs of a multi-label classifier or not (the answers
+    :func:`~mpsearch.profile._metrics.answers_agree` compares); ``ValueError`` where a check
     input's outputs differ in shape (a length the model predicts changed with the precision)."""
     diff = 0.0
     agree = total = 0
     for i, ((g, _), (w, name)) in enumerate(zip(got, want, strict=True)):
         check_same_shape(i, g, w)
-        dim = class_dim(w, name)
+        agreeing = answers_agree(g, w, auto_metric(w, name, multi_label=multi_label))
         diff = max(diff, float((g - w).abs().max()))
-        agree += int((g.argmax(dim) == w.argmax(dim)).sum())
-        total += w.argmax(dim).numel()
+        agree += int(agreeing.sum())
+        total += agreeing.numel()
     return diff, agree / max(total, 1)
 
 
@@ -192,7 +200,11 @@ def _write_state(job: _Job, path: Path):
     payload = state_payload(qm, job.plan, backend=job.backend, ranges=job.ranges)
     torch.save(payload, path)
     reloaded = load_quantized(copy.deepcopy(job.model), path)
-    diff, agree = _compare(_outputs(reloaded, job.check_inputs), _outputs(qm, job.check_inputs))
+    diff, agree = _compare(
+        _outputs(reloaded, job.check_inputs),
+        _outputs(qm, job.check_inputs),
+        multi_label=job.multi_label,
+    )
     notes = (
         f"state dict of the {job.backend!r} model ({len(payload['state_dict'])} tensors) + plan + "
         f"{len(job.ranges)} static ranges; run it with mpsearch.export.load_quantized(model, path)"
@@ -209,8 +221,10 @@ def _write_program(job: _Job, path: Path):
     keywords = reloaded.call_spec.in_spec.child(1).context  # the program's kwargs
     loaded = reloaded.module()
     got = _outputs(loaded, [call.keeping(keywords) for call in job.check_inputs])
-    diff, agree = _compare(got, _outputs(target, job.check_inputs))
-    real_diff, real_agree = _compare(got, _outputs(qm, job.check_inputs))
+    diff, agree = _compare(got, _outputs(target, job.check_inputs), multi_label=job.multi_label)
+    real_diff, real_agree = _compare(
+        got, _outputs(qm, job.check_inputs), multi_label=job.multi_label
+    )
     notes = f"torch.export program of the {job.backend!r} model; loads with torch.export.load"
     if swapped:
         notes += (

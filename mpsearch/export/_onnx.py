@@ -14,10 +14,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from mpsearch._data import main_output
+from mpsearch._data import is_multi_label, main_output
 from mpsearch.export._inputs import ModelCall, check_same_shape
 from mpsearch.export._qdq import _onnx_translations, needs_opset, to_qdq
-from mpsearch.profile._metrics import class_dim
+from mpsearch.profile._metrics import answers_agree, auto_metric
 from mpsearch.schemes import Scheme
 
 QDQ_OPS: tuple[str, ...] = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear")
@@ -112,9 +112,12 @@ def check_onnx(
     path: Path, reference: nn.Module, inputs: Sequence[ModelCall], *, optimization: str = "all"
 ) -> dict[str, Any]:
     """Run the ONNX file in ONNX Runtime (CPUExecutionProvider) on ``inputs`` and compare with
-    ``reference`` (the PyTorch ``simulate`` model): max abs diff and top-1 agreement over
-    the classes (:func:`~mpsearch.profile._metrics.class_dim`) of every input."""
+    ``reference`` (the PyTorch ``simulate`` model): max abs diff and top-1 agreement (the
+    answers :func:`~mpsearch.profile._metrics.answers_agree` compares: a multi-label
+    classifier's label sets) over every input."""
     import onnxruntime as ort
+
+    multi_label = is_multi_label(reference)
 
     levels = {
         "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -136,11 +139,12 @@ def check_onnx(
         out = torch.from_numpy(session.run(None, feed)[0])
         with torch.inference_mode():
             ref, name = main_output(call(reference))
-        ref, dim = ref.float(), class_dim(ref, name)
+        ref = ref.float()
         check_same_shape(i, out, ref)
         max_diff = max(max_diff, float((out.float() - ref).abs().max()))
-        agree += int((out.argmax(dim) == ref.argmax(dim)).sum())
-        total += ref.argmax(dim).numel()
+        agreeing = answers_agree(out.float(), ref, auto_metric(ref, name, multi_label=multi_label))
+        agree += int(agreeing.sum())
+        total += agreeing.numel()
     return {"max_abs_diff": max_diff, "top1_agreement": agree / max(total, 1), "n_outputs": total}
 
 

@@ -14,6 +14,7 @@ the name); ``ProfileOptions`` holds how it runs; ``SensitivityProfile`` holds it
 from mpsearch.profile._metrics import (
     E2E_METRICS,
     auto_metric,
+    bernoulli_kl,
     kl_divergence,
     kl_divergence_channels,
     mean_squared_error,
@@ -31,6 +32,7 @@ __all__ = [
     "ProfileOptions",
     "SensitivityProfile",
     "auto_metric",
+    "bernoulli_kl",
     "heatmap_data",
     "kl_divergence",
     "kl_divergence_channels",

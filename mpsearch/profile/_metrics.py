@@ -113,13 +113,85 @@ class KLChannelsAgainst(KLAgainst):
         return math.prod(shape) // shape[1]
 
 
+def label_pairs(logits: Tensor) -> Tensor:
+    """Multi-label logits ``[..., L]`` as two-class logits ``[..., L, 2]``, ``(0, x)`` per
+    label: their softmax is ``(1 - sigmoid(x), sigmoid(x))``, their arg-max ``x > 0``.
+
+    >>> label_pairs(torch.tensor([[2.0, -1.0]])).softmax(-1)[0, :, 1].tolist() == (
+    ...     torch.tensor([2.0, -1.0]).sigmoid().tolist())
+    True
+    """
+    return torch.stack((torch.zeros_like(logits), logits), dim=-1)
+
+
+def bernoulli_kl(ref: Tensor, out: Tensor) -> float:
+    """KL divergence of a multi-label classifier's outputs (one independent sigmoid per label in
+    the last dimension): per sample (row), the sum over its labels of
+    ``KL(Bernoulli(sigmoid(ref)) || Bernoulli(sigmoid(out)))``, the KL of the two
+    distributions over label sets; the mean over samples, in nats.
+
+    >>> bernoulli_kl(torch.tensor([[1.0, -2.0]]), torch.tensor([[1.0, -2.0]]))
+    0.0
+    """
+    return BernoulliKLAgainst(ref)(out)
+
+
+class BernoulliKLAgainst(KLAgainst):
+    """:func:`bernoulli_kl` for many outputs: :class:`KLAgainst` on :func:`label_pairs`, the
+    labels' terms summed per sample."""
+
+    def __init__(self, ref: Tensor) -> None:
+        super().__init__(label_pairs(ref))
+        self.labels = ref.shape[-1]
+
+    def __call__(self, out: Tensor) -> float:
+        return float(self.terms(out.unsqueeze(0)).mean())
+
+    def terms(self, outs: Tensor) -> Tensor:
+        per_label = super().terms(label_pairs(outs))
+        return per_label.view(len(outs), -1, self.labels).sum(-1)
+
+    @staticmethod
+    def count(shape: torch.Size) -> int:
+        return math.prod(shape) // shape[-1]
+
+
 E2E_METRICS: dict[str, MetricFn] = {
     "kl": kl_divergence,
     "kl_channels": kl_divergence_channels,
+    "bernoulli_kl": bernoulli_kl,
     "mse": mean_squared_error,
 }
 CLASS_DIMS: dict[str, int] = {"kl": -1, "kl_channels": 1}
-"""The dimension holding the classes, for the metrics that compare class scores."""
+"""The dimension holding the classes, for the metrics that compare one class per position."""
+
+
+def _same_argmax(dim: int) -> Callable[[Tensor, Tensor], Tensor]:
+    return lambda out, ref: out.argmax(dim) == ref.argmax(dim)
+
+
+AGREEMENT: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
+    "kl": _same_argmax(-1),
+    "kl_channels": _same_argmax(1),
+    "bernoulli_kl": lambda out, ref: ((out > 0) == (ref > 0)).all(-1),
+}
+"""Metric -> ``(out, ref) -> bool tensor``: whether ``out`` gives ``ref``'s answer at each
+position (sample, token, pixel): the same arg-max class; for multi-label logits the same set
+of labels (every label's ``logit > 0`` equal)."""
+
+
+def answers_agree(out: Tensor, ref: Tensor, metric: str) -> Tensor:
+    """Whether ``out`` gives the answer of ``ref`` at each position, for outputs compared by
+    ``metric`` (:data:`AGREEMENT`; another metric: the arg-max of the last dimension, what a
+    top-1 check of any output compares).
+
+    >>> ref = torch.tensor([[2.0, -1.0], [1.0, 3.0]])
+    >>> answers_agree(ref.flip(1), ref, "kl").tolist()
+    [False, False]
+    >>> answers_agree(torch.tensor([[0.5, -3.0], [1.0, -1.0]]), ref, "bernoulli_kl").tolist()
+    [True, False]
+    """
+    return AGREEMENT.get(metric, AGREEMENT["kl"])(out, ref)
 
 
 def class_dim(output: Tensor, name: str | None = None) -> int:
@@ -148,6 +220,7 @@ class _MSEAgainst:
 BATCHED_METRICS: dict[MetricFn, Callable[[Tensor], Any]] = {
     kl_divergence: KLAgainst,
     kl_divergence_channels: KLChannelsAgainst,
+    bernoulli_kl: BernoulliKLAgainst,
     mean_squared_error: _MSEAgainst,
 }
 """Built-in metric -> a class built from a reference output whose ``terms(outs)`` gives, for
@@ -232,9 +305,13 @@ def may_hold_scores(name: str | None) -> bool:
     return name in (None, "out", "output") or "logit" in name
 
 
-def auto_metric(output: Tensor, name: str | None = None) -> str:
+def auto_metric(output: Tensor, name: str | None = None, *, multi_label: bool = False) -> str:
     """The end-to-end metric chosen for a model output ``output`` named ``name`` (its key in
-    the model's dict or ``ModelOutput``: :func:`~mpsearch._data.main_output`).
+    the model's dict or ``ModelOutput``: :func:`~mpsearch._data.main_output`) of a model that
+    is a multi-label classifier or not (``multi_label``: :func:`~mpsearch._data.is_multi_label`).
+
+    A multi-label classifier's ``[B, L]`` logits (one sigmoid per label) are compared by
+    ``"bernoulli_kl"``.
 
     Class scores, a floating output whose classes hold at least 2 entries, are compared by KL
     divergence of their softmax: ``"kl"`` over the last dimension (``[B, C]``, per-token
@@ -253,9 +330,13 @@ def auto_metric(output: Tensor, name: str | None = None) -> str:
     'mse'
     >>> auto_metric(torch.zeros(4, 21, 8, 8), "logits"), auto_metric(torch.zeros(4, 3, 8, 8))
     ('kl_channels', 'mse')
+    >>> auto_metric(torch.zeros(4, 6), "logits", multi_label=True)
+    'bernoulli_kl'
     """
     if not output.is_floating_point() or output.dim() < 2:
         return "mse"
+    if multi_label and output.dim() == 2 and may_hold_scores(name):
+        return "bernoulli_kl"
     if output.dim() <= 3:
         return "kl" if may_hold_scores(name) and output.shape[-1] >= 2 else "mse"
     class_first = name is not None and ("logit" in name or name == "out")
@@ -275,12 +356,12 @@ def callable_id(fn: Any) -> str:
 
 
 def resolve_metric(
-    metric: Any, reference: Tensor, output_name: str | None = None
+    metric: Any, reference: Tensor, output_name: str | None = None, *, multi_label: bool = False
 ) -> tuple[str, MetricFn]:
     """``(name, function)`` for the ``metric`` argument given the fp32 output ``reference``
-    (named ``output_name`` in the model's output)."""
+    (named ``output_name`` in the model's output) of a multi-label classifier or not."""
     if metric is None:
-        name = auto_metric(reference, output_name)
+        name = auto_metric(reference, output_name, multi_label=multi_label)
         return name, E2E_METRICS[name]
     if isinstance(metric, str):
         if metric not in E2E_METRICS:

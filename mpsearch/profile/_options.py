@@ -64,8 +64,9 @@ def _samples(name: str, value: Any) -> int | str | None:
 class ProfileOptions(Options):
     """How :func:`~mpsearch.profile.profile` runs (see its docstring for what each one does).
 
-    - ``metric``: the end-to-end error, ``"kl"``, ``"kl_channels"``, ``"mse"``, a callable
-      ``(ref_out, out) -> float`` or ``None`` (chosen from the output: ``auto_metric``);
+    - ``metric``: the end-to-end error, ``"kl"``, ``"kl_channels"``, ``"bernoulli_kl"``,
+      ``"mse"``, a callable ``(ref_out, out) -> float`` or ``None`` (chosen from the output
+      and whether the model is a multi-label classifier: ``auto_metric``);
     - ``layers``: the layers to profile (``None``: every quantizable layer);
     - ``backend``: how a layer is quantized (default ``"simulate"``);
     - ``cache_dir``: where rows are cached as they are computed (``None``: no cache);

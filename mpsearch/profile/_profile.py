@@ -21,7 +21,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from mpsearch._data import Batch, as_batches, batch_size, output_tensor
+from mpsearch._data import Batch, as_batches, batch_size, is_multi_label, output_tensor
 from mpsearch._validation import check_module, invalid, unknown
 from mpsearch.backends import Backend, get_backend
 from mpsearch.backends._quantize import applicability_error
@@ -172,8 +172,9 @@ def profile(
     - ``mse`` / ``sqnr_db``: the layer's own output vs its fp32 output, from cached inputs,
       on the samples ``local_samples`` picks;
     - ``e2e``: the error of the model's final output by ``metric`` (``"kl"`` of the softmax
-      over the last dimension, ``"kl_channels"`` over dimension 1, ``"mse"`` or a callable;
-      ``None``: KL for logits, else ``"mse"``: :func:`auto_metric`), on the samples
+      over the last dimension, ``"kl_channels"`` over dimension 1, ``"bernoulli_kl"`` of a
+      multi-label classifier's sigmoids, ``"mse"`` or a callable; ``None``: KL for logits,
+      else ``"mse"``: :func:`auto_metric`), on the samples
       ``e2e_samples`` picks (see :class:`ProfileOptions`);
     - ``task_drop``: ``evaluate(fp32 model) - evaluate(quantized model)`` when ``evaluate`` is
       given (one ``evaluate`` call per pair: the costly part);
@@ -286,7 +287,12 @@ def _reference(req: _Request) -> tuple[Runner, str, MetricFn]:
         warnings.warn(note, stacklevel=4)
     for i, ref in enumerate(runner.outputs):  # the graph runner's others: as they are run
         checked_output(i, ref)
-    e2e_name, e2e_fn = resolve_metric(req.options.metric, runner.outputs[0], runner.output_name)
+    e2e_name, e2e_fn = resolve_metric(
+        req.options.metric,
+        runner.outputs[0],
+        runner.output_name,
+        multi_label=is_multi_label(req.model),
+    )
     probe = call_metric(e2e_fn, e2e_name, runner.outputs[0], runner.outputs[0], "fp32 vs fp32")
     if not math.isfinite(probe):
         raise ValueError(f"The metric {e2e_name!r} returned {probe} for identical outputs.")

@@ -13,7 +13,7 @@ from mpsearch._options import Check, Options, non_negative_int, positive_int, po
 from mpsearch._validation import invalid, unknown
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-LOSSES: tuple[str, ...] = ("auto", "kl", "kl_channels", "mse")
+LOSSES: tuple[str, ...] = ("auto", "kl", "kl_channels", "bernoulli_kl", "mse")
 TRAIN_MODES: tuple[str, ...] = ("layers", "all")
 
 
@@ -56,10 +56,12 @@ class RecoverOptions(Options):
     - ``loss``: the distillation loss against the fp32 model's outputs: ``"kl"`` (KL divergence
       of the softmax over the last dimension, at ``temperature``, scaled by its square),
       ``"kl_channels"`` (the same over dimension 1: a segmentation model's ``[B, C, H, W]``),
+      ``"bernoulli_kl"`` (a multi-label classifier's sigmoids: the KL of each label's
+      Bernoulli at ``temperature``, the mean over labels, scaled by its square),
       ``"mse"``, ``"auto"`` (the profile's default metric:
       :func:`~mpsearch.profile.auto_metric`) or a callable
       ``(student_out, teacher_out) -> scalar tensor``;
-    - ``temperature``: the softmax temperature of ``"kl"``;
+    - ``temperature``: the temperature of the KL losses;
     - ``train``: ``"layers"`` (the weights and biases of the layers the plan quantizes) or
       ``"all"`` (every parameter but those of the layers left frozen);
     - ``eval_every``: steps between two held-out evaluations (and one at the end);

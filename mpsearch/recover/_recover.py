@@ -34,7 +34,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from mpsearch._data import Batch, as_batches, batch_size, main_output, output_tensor, run_model
+from mpsearch._data import (
+    Batch,
+    as_batches,
+    batch_size,
+    is_multi_label,
+    main_output,
+    output_tensor,
+    run_model,
+)
 from mpsearch._validation import check_module, check_positive, invalid
 from mpsearch.backends import get_backend
 from mpsearch.backends._quantize import PlanLike, as_plan, check_assignment, read_directly
@@ -44,7 +52,7 @@ from mpsearch.layers._experts import expert_rows, expert_weights, from_expert_ro
 from mpsearch.layers._layers import eval_mode, is_hf_conv1d, make_plain
 from mpsearch.plan import PrecisionPlan
 from mpsearch.profile._cache import hash_batches, hash_model, hash_text
-from mpsearch.profile._metrics import CLASS_DIMS, auto_metric, callable_id
+from mpsearch.profile._metrics import CLASS_DIMS, auto_metric, callable_id, label_pairs
 from mpsearch.recover._options import LossFn, RecoverOptions
 from mpsearch.rounding import Rounder
 from mpsearch.schemes import QuantSpec, Scheme, fake_quantize, get_scheme
@@ -295,16 +303,24 @@ def _mse(student: Tensor, teacher: Tensor) -> Tensor:
     return F.mse_loss(student.float(), teacher.float())
 
 
-def _loss_fn(options: RecoverOptions, reference: Tensor, name: str | None) -> LossFn:
+def _bernoulli_kl(student: Tensor, teacher: Tensor, *, temperature: float) -> Tensor:
+    return _kl(label_pairs(student), label_pairs(teacher), temperature=temperature, dim=-1)
+
+
+def _loss_fn(
+    options: RecoverOptions, reference: Tensor, name: str | None, *, multi_label: bool
+) -> LossFn:
     """The loss ``options.loss`` names for the teacher's output ``reference`` (named ``name``
-    in the model's output)."""
+    in the model's output, a multi-label classifier's or not)."""
     loss = options.loss
     if callable(loss):
         return loss
     if loss == "auto":
-        loss = auto_metric(reference, name)
+        loss = auto_metric(reference, name, multi_label=multi_label)
     if loss in CLASS_DIMS:
         return partial(_kl, temperature=options.temperature, dim=CLASS_DIMS[loss])
+    if loss == "bernoulli_kl":
+        return partial(_bernoulli_kl, temperature=options.temperature)
     return _mse
 
 
@@ -626,7 +642,7 @@ class _Run:
         with eval_mode(teacher), torch.no_grad():
             outs = [main_output(run_model(teacher, b)) for b in val_batches]
         self.val_refs = [out.detach() for out, _ in outs]
-        self.loss_fn = _loss_fn(opts, *outs[0])
+        self.loss_fn = _loss_fn(opts, *outs[0], multi_label=is_multi_label(teacher))
         self.val_sizes = [batch_size(b) for b in val_batches]
         self.optimizer = torch.optim.AdamW(
             list(params.values()), lr=lr, weight_decay=opts.weight_decay

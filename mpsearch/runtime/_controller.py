@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
-from mpsearch._data import as_batches, batch_size, output_tensor, run_model
+from mpsearch._data import as_batches, batch_size, is_multi_label, output_tensor, run_model
 from mpsearch._validation import InvalidTypeError, check_fraction, invalid
 from mpsearch.backends import get_backend, quantize
 from mpsearch.backends._quantize import as_plan, check_assignment
@@ -264,7 +264,12 @@ class Controller:
     the mean of the scorer's per-pixel scores, and it agrees with the reference when at least
     ``min_agreement`` of its pixels take the reference's arg-max (the rate calibration bounds
     is then the share of inputs below that); so are the tokens of a token classifier's
-    ``[B, T, C]`` (Hugging Face ``TokenClassifierOutput``), padding included.
+    ``[B, T, C]`` (Hugging Face ``TokenClassifierOutput``), padding included, and the labels
+    of a multi-label classifier's ``[B, L]`` logits (``multi_label``: ``None`` reads it from
+    a Hugging Face ``config.problem_type``, :func:`~mpsearch._data.is_multi_label`), each a
+    position whose answer is ``logit > 0`` and whose two-class scores are its sigmoid: with
+    fewer than 100 labels the default ``min_agreement`` asks for the reference's very label set,
+    and the input's score is its least certain label's (the maximum, not the mean).
 
     >>> net = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)).eval()
     >>> ctrl = Controller(net, ["w8a8"], backend="simulate", order="given")
@@ -291,10 +296,17 @@ class Controller:
         audit_sink: str | Path | None = None,
         rounder: Rounder | None = None,
         min_agreement: float = 0.99,
+        multi_label: bool | None = None,
     ) -> None:
         _check_arguments(model, plans, order)
         check_fraction("min_agreement", min_agreement, open_high=False)
+        if multi_label not in (None, True, False):
+            raise invalid(
+                "multi_label", multi_label, "None (from the model's config), True or False"
+            )
         self.min_agreement = float(min_agreement)
+        self.multi_label = is_multi_label(model) if multi_label is None else multi_label
+        self._reduce = "max" if self.multi_label else "mean"  # per-position scores -> input's
         self.scorer = make_scorer(scorer)
         impl = get_backend(backend)
         self.backend = impl.name
@@ -437,7 +449,8 @@ class Controller:
         final, rows, stages = out, None, []
         for k in range(len(variants) - 1):
             m = n if rows is None else len(rows)
-            logits = out if type(out) is Tensor and out.ndim == 2 else answer_logits(out)
+            plain = type(out) is Tensor and out.ndim == 2 and not self.multi_label
+            logits = out if plain else answer_logits(out, multi_label=self.multi_label)
             if logits.ndim == 2:
                 values, cut, to_score = rule.values[k](logits), rule.cut, rule.to_score
             else:  # dense: the mean per-position scores against the threshold itself
@@ -563,9 +576,13 @@ class Controller:
         s["decision_share"] = s["decision_s"] / s["inference_s"] if s["inference_s"] else math.nan
         return s
 
+    def _answer_logits(self, variant: Variant, batch: Any) -> Tensor:
+        """:func:`~mpsearch.runtime._scorers.answer_logits` of ``variant`` on ``batch``."""
+        return answer_logits(run_model(variant.module, batch), multi_label=self.multi_label)
+
     def _dense_scores(self, logits: Tensor, stage: int) -> list[float]:
-        """The scores of dense logits ``[B, C, P]`` at ``stage``: the mean per-position ones."""
-        scores = input_scores(self.scorer, logits, stage)
+        """The scores of dense logits ``[B, C, P]`` at ``stage``, from the per-position ones."""
+        scores = input_scores(self.scorer, logits, stage, reduce=self._reduce)
         return checked_scores(scores, len(logits), self.scorer.name).tolist()
 
     # -- calibration ----------------------------------------------------------------------------
@@ -577,7 +594,7 @@ class Controller:
         with torch.inference_mode():
             for batch in batches:
                 for k, v in enumerate(self.variants):
-                    logits = answer_logits(run_model(v.module, batch))
+                    logits = self._answer_logits(v, batch)
                     per_variant[k].append(logits.detach().float().cpu())
         sizes = sorted({tuple(chunk.shape[1:]) for chunk in per_variant[-1]})
         if len(sizes) > 1:
@@ -613,8 +630,7 @@ class Controller:
         with torch.inference_mode():
             for batch in batches:
                 logits = [
-                    answer_logits(run_model(v.module, batch)).detach().float().cpu()
-                    for v in self.variants
+                    self._answer_logits(v, batch).detach().float().cpu() for v in self.variants
                 ]
                 dense = logits[0].ndim == 3
                 answers.append(self.stage_answers(logits))
@@ -631,7 +647,7 @@ class Controller:
         n = int(stage_logits[0].shape[0]) if len(stage_logits) else 0
         if len(stage_logits) < 2:
             return np.zeros((0, n))
-        return score_stages(self.scorer, stage_logits[:-1])
+        return score_stages(self.scorer, stage_logits[:-1], reduce=self._reduce)
 
     def calibrate(
         self,

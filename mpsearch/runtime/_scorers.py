@@ -10,7 +10,8 @@ last position** (``logits[:, -1].argmax(-1)``), and the scores see those last-po
 Dense outputs (a segmentation map's per-pixel logits ``[B, C, H, W]``: class dimension 1) have
 an answer per position: an input agrees with the reference when at least ``min_agreement`` of
 its positions take the reference's arg-max (:func:`stage_answers`), and its score is the mean
-of the scorer's per-position scores (:func:`input_scores`).
+of the scorer's per-position scores (:func:`input_scores`). A multi-label classifier's labels
+are such positions, each with two classes (:func:`answer_logits`).
 
 A scorer has one definition, :meth:`Scorer.score` (a tensor in, a tensor out: what
 calibration uses), and at most one fast path, :meth:`Scorer.fast` (Python floats for the
@@ -30,7 +31,7 @@ from torch import Tensor
 
 from mpsearch._data import main_output
 from mpsearch._validation import invalid, unknown
-from mpsearch.profile._metrics import class_dim, may_hold_scores
+from mpsearch.profile._metrics import class_dim, label_pairs, may_hold_scores
 
 try:  # the optional C helper (setup.py): top-2 gaps read where the logits lie
     from mpsearch.runtime import _topgap
@@ -47,11 +48,14 @@ PER_TOKEN_OUTPUTS = frozenset({"TokenClassifierOutput"})
 classification, audio frame classification), not at the last one as a language model does."""
 
 
-def answer_logits(output: Any) -> Tensor:
+def answer_logits(output: Any, *, multi_label: bool = False) -> Tensor:
     """Per-input logits ``[B, C]`` of a model output (the last position of ``[B, T, V]``), or
     the per-position logits ``[B, C, P]`` of a dense output: ``[B, C, H, W]`` named ``logits``
     or ``out`` (positions flattened: the outputs :func:`~mpsearch.profile.auto_metric` compares
-    by ``kl_channels``), or a :data:`PER_TOKEN_OUTPUTS` output's ``[B, T, C]`` (as ``[B, C, T]``).
+    by ``kl_channels``), a :data:`PER_TOKEN_OUTPUTS` output's ``[B, T, C]`` (as ``[B, C, T]``),
+    or a multi-label classifier's ``[B, L]`` (``multi_label``) as ``[B, 2, L]``: each label a
+    position with the two classes ``(0, logit)`` (:func:`~mpsearch.profile._metrics.label_pairs`:
+    softmax = the label's sigmoid, arg-max = ``logit > 0``).
 
     A field that holds no logits (``last_hidden_state``, ``waveform``: named so in the model's
     dict or ``ModelOutput``, :func:`~mpsearch.profile.auto_metric`) is refused: its arg-max
@@ -61,6 +65,8 @@ def answer_logits(output: Any) -> Tensor:
     torch.Size([2, 7])
     >>> answer_logits({"logits": torch.zeros(2, 3, 4, 4)}).shape
     torch.Size([2, 3, 16])
+    >>> answer_logits(torch.tensor([[2.0, -1.0, 0.5]]), multi_label=True).argmax(1).tolist()
+    [[1, 0, 1]]
     """
     logits, name = main_output(output)
     if not may_hold_scores(name):
@@ -72,7 +78,7 @@ def answer_logits(output: Any) -> Tensor:
     if logits.ndim == 1:
         return logits.unsqueeze(-1)
     if logits.ndim == 2:
-        return logits
+        return label_pairs(logits).transpose(1, 2) if multi_label else logits
     if logits.ndim == 3:
         if type(output).__name__ in PER_TOKEN_OUTPUTS:
             return logits.transpose(1, 2)
@@ -87,11 +93,22 @@ def answer_logits(output: Any) -> Tensor:
     )
 
 
-def input_scores(scorer: Scorer, logits: Tensor, stage: int = 0) -> Tensor:
+POSITION_REDUCTIONS: dict[str, Callable[[Tensor], Tensor]] = {
+    "mean": lambda scores: scores.mean(1),
+    "max": lambda scores: scores.amax(1),
+}
+"""How an input's score comes from its positions' scores ``[B, P]``: ``"mean"`` (a segmentation
+map or a token sequence, which agrees when most positions do) or ``"max"`` (a multi-label
+classifier's labels: one flipped label changes the answer, so its least certain label
+decides)."""
+
+
+def input_scores(scorer: Scorer, logits: Tensor, stage: int = 0, *, reduce: str = "mean") -> Tensor:
     """Scores ``[B]`` of :func:`answer_logits`' logits at ``stage``: the scorer's own for
-    ``[B, C]``; for dense logits ``[B, C, P]`` the mean (float64) of its scores of the
-    ``B * P`` positions (the built-in scorers score them all along dimension 1 at once,
-    ``Scorer.positions``; other scorers see them as ``B * P`` rows of ``C`` logits).
+    ``[B, C]``; for dense logits ``[B, C, P]`` the ``reduce`` (:data:`POSITION_REDUCTIONS`,
+    float64) of its scores of the ``B * P`` positions (the built-in scorers score them all
+    along dimension 1 at once, ``Scorer.positions``; other scorers see them as ``B * P`` rows
+    of ``C`` logits).
 
     >>> input_scores(make_scorer("margin"), torch.zeros(2, 3, 4)).tolist()
     [1.0, 1.0]
@@ -103,7 +120,8 @@ def input_scores(scorer: Scorer, logits: Tensor, stage: int = 0) -> Tensor:
         per_position = scorer.positions(logits).reshape(b * p)
     else:
         per_position = scorer.score(logits.transpose(1, 2).reshape(b * p, c), stage)
-    return torch.from_numpy(checked_scores(per_position, b * p, scorer.name)).view(b, p).mean(1)
+    scores = torch.from_numpy(checked_scores(per_position, b * p, scorer.name)).view(b, p)
+    return POSITION_REDUCTIONS[reduce](scores)
 
 
 def stage_answers(stage_logits: Sequence[Tensor], *, min_agreement: float) -> np.ndarray:
@@ -543,9 +561,11 @@ def checked_scores(scores: Any, n: int, name: str) -> np.ndarray:
     return array
 
 
-def score_stages(scorer: Scorer, stage_logits: Sequence[Tensor]) -> np.ndarray:
+def score_stages(
+    scorer: Scorer, stage_logits: Sequence[Tensor], *, reduce: str = "mean"
+) -> np.ndarray:
     """Checked scores ``[S, N]`` (float64) of ``S`` stages' float32 logits ``[N, C]`` (or
-    dense ``[N, C, P]``: :func:`input_scores`).
+    dense ``[N, C, P]``: :func:`input_scores` with ``reduce``).
 
     >>> score_stages(make_scorer("margin"), [torch.zeros(3, 2)]).shape
     (1, 3)
@@ -555,5 +575,6 @@ def score_stages(scorer: Scorer, stage_logits: Sequence[Tensor]) -> np.ndarray:
     rows = []
     for stage, logits in enumerate(stage_logits):
         logits = _as_float(logits.detach().cpu())
-        rows.append(checked_scores(input_scores(scorer, logits, stage), len(logits), scorer.name))
+        scores = input_scores(scorer, logits, stage, reduce=reduce)
+        rows.append(checked_scores(scores, len(logits), scorer.name))
     return np.stack(rows)

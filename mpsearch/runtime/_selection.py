@@ -18,9 +18,15 @@ import numpy as np
 import pandas as pd
 from torch import Tensor
 
-from mpsearch._validation import check_fraction, invalid
+from mpsearch._validation import check_fraction, invalid, unknown
 from mpsearch.runtime._calibration import default_grid, learn_then_test, losses, served_stage
-from mpsearch.runtime._scorers import Scorer, make_scorer, score_stages, stage_answers
+from mpsearch.runtime._scorers import (
+    POSITION_REDUCTIONS,
+    Scorer,
+    make_scorer,
+    score_stages,
+    stage_answers,
+)
 
 COLUMNS = (
     "candidate",
@@ -74,11 +80,17 @@ def _check_costs(names: list[str], costs: Any, extra: Mapping[str, Any]) -> None
 
 
 def _cascade_row(
-    scorer: Scorer, logits: Tensor, answers: np.ndarray, eps: float, delta: float
+    scorer: Scorer,
+    logits: Tensor,
+    answers: np.ndarray,
+    eps: float,
+    delta: float,
+    *,
+    reduce: str,
 ) -> dict[str, Any]:
     """Calibrate the two-variant cascade ``candidate -> reference`` at ``eps`` (``answers``:
     the candidate's and the reference's, :func:`stage_answers`)."""
-    scores = score_stages(scorer, [logits.float()])
+    scores = score_stages(scorer, [logits.float()], reduce=reduce)
     ref_answer = answers[1]
     res = learn_then_test(
         scores, answers, targets={"disagreement": eps}, delta=delta, grid=default_grid()
@@ -148,6 +160,7 @@ def rank_cascades(
     decision_cost: float = 0.0,
     reference_name: str = "reference",
     min_agreement: float = 0.99,
+    reduce: str = "mean",
 ) -> pd.DataFrame:
     """Rank the ways to serve at a target: each variant alone and each two-variant cascade
     ``candidate -> reference``, by predicted cost per input. The first row is the choice.
@@ -168,7 +181,9 @@ def rank_cascades(
     (``tied``: measured costs are noisy) and fewer escalations rank first, a variant alone
     before a cascade. ``saving`` is ``1 - predicted_ms / alone_ms`` (the reference alone).
     Dense logits ``[N, C, P]`` (a segmentation model's, from :meth:`Controller.stage_outputs`)
-    count an input as agreeing when ``min_agreement`` of its positions do.
+    count an input as agreeing when ``min_agreement`` of its positions do, and score it by the
+    ``reduce`` of its positions' scores (``"max"`` for a multi-label classifier's labels:
+    :data:`~mpsearch.runtime._scorers.POSITION_REDUCTIONS`, what the controller uses).
 
     >>> import torch
     >>> ref = torch.tensor([[4.0, 0.0], [0.0, 4.0], [4.0, 0.0]])
@@ -194,6 +209,8 @@ def rank_cascades(
     check_fraction("max_disagreement", max_disagreement)
     check_fraction("delta", delta)
     check_fraction("min_agreement", min_agreement, open_high=False)
+    if reduce not in POSITION_REDUCTIONS:
+        raise unknown("reduce", reduce, list(POSITION_REDUCTIONS))
     score = make_scorer(scorer)
     if score.learned or not score.bounded:
         raise invalid(
@@ -203,7 +220,9 @@ def rank_cascades(
     for name in names:
         cost = float(costs[name])
         answers = stage_answers([candidates[name], reference], min_agreement=min_agreement)
-        cascade = _cascade_row(score, candidates[name], answers, max_disagreement, delta)
+        cascade = _cascade_row(
+            score, candidates[name], answers, max_disagreement, delta, reduce=reduce
+        )
         extra = cascade["share_escalated"] * float(escalation) + float(decision_cost)
         rows.append({**cascade, "candidate": name, "stages": f"{name} -> {reference_name}",
                      "cost_ms": cost, "predicted_ms": cost + extra})  # fmt: skip

@@ -11,10 +11,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from mpsearch._data import as_batches, main_output, output_tensor, run_model
+from mpsearch._data import as_batches, is_multi_label, main_output, output_tensor, run_model
 from mpsearch.backends import get_backend
 from mpsearch.layers import quantizable_layers, swapped
-from mpsearch.profile._metrics import CLASS_DIMS, E2E_METRICS, auto_metric
+from mpsearch.profile._metrics import (
+    AGREEMENT,
+    CLASS_DIMS,
+    E2E_METRICS,
+    answers_agree,
+    auto_metric,
+)
 from mpsearch.rounding import Rounder
 from mpsearch.schemes import get_scheme
 
@@ -39,14 +45,16 @@ class Fidelity:
     """Agreement of a model with the fp32 model's outputs on held-out data (no labels needed).
 
     Scored as a profile with end-to-end ``metric`` compares outputs (``None`` or a callable's
-    name: the metric :func:`~mpsearch.profile.auto_metric` picks for the fp32 output). Class
-    scores (``"kl"``: classes in the last dimension, ``"kl_channels"``: in dimension 1, a
-    segmentation model's pixels) score the fraction of positions whose arg-max agrees; other
-    outputs (``"mse"``, or ``regression=True``: raw box predictions, hidden states, several
-    regression targets) score ``1 - MSE / Var(reference)`` (1 is perfect). A batch on which
-    ``model``'s output has another shape than the reference's (a length the model predicts
-    changed) agrees nowhere, or counts as predicting the reference's mean (``1 - MSE / Var``
-    of 0 on it).
+    name: the metric :func:`~mpsearch.profile.auto_metric` picks for the fp32 output of
+    ``reference``, a multi-label classifier or not). Class scores (``"kl"``: classes in the
+    last dimension, ``"kl_channels"``: in dimension 1, a segmentation model's pixels) score the
+    fraction of positions whose arg-max agrees; a multi-label classifier's logits
+    (``"bernoulli_kl"``) the fraction of samples given the same set of labels; other outputs
+    (``"mse"``, or ``regression=True``: raw box predictions, hidden states, several regression
+    targets) score ``1 - MSE / Var(reference)`` (1 is perfect). A batch on which ``model``'s
+    output has another shape than the reference's (a length the model predicts changed)
+    agrees nowhere, or counts as predicting the reference's mean (``1 - MSE / Var`` of 0 on
+    it).
 
     >>> net = nn.Linear(4, 3).eval()
     >>> Fidelity(net, [torch.randn(16, 4)])(net)
@@ -68,12 +76,13 @@ class Fidelity:
         if regression:
             metric = "mse"
         elif metric not in E2E_METRICS:
-            metric = auto_metric(outputs[0][0], outputs[0][1])
+            metric = auto_metric(
+                outputs[0][0], outputs[0][1], multi_label=is_multi_label(reference)
+            )
         first = self.reference[0]
         dim = CLASS_DIMS.get(metric)  # class scores need 2 classes (a forced "kl" on [B, 1])
-        self.class_dim = (
-            dim if dim is not None and first.dim() >= 2 and first.shape[dim] >= 2 else None
-        )
+        answers = metric in AGREEMENT and first.dim() >= 2
+        self.answers = metric if answers and (dim is None or first.shape[dim] >= 2) else None
         if not all(torch.isfinite(r).all() for r in self.reference):
             raise ValueError(
                 "The fp32 model gives NaN or inf outputs on 'eval_data'; check the data."
@@ -81,19 +90,18 @@ class Fidelity:
 
     def __call__(self, model: nn.Module) -> float:
         agree, total, sq, var = 0.0, 0, 0.0, 0.0
-        dim = self.class_dim
         with torch.inference_mode():
             for batch, ref in zip(self.batches, self.reference, strict=True):
                 out = output_tensor(run_model(model, batch)).float()
                 same = out.shape == ref.shape  # else a decision in the model (a length) changed
-                if dim is not None:
-                    agree += float((out.argmax(dim) == ref.argmax(dim)).sum()) if same else 0.0
-                    total += ref.select(dim, 0).numel()
+                if self.answers is not None:
+                    agree += float(answers_agree(out, ref, self.answers).sum()) if same else 0.0
+                    total += answers_agree(ref, ref, self.answers).numel()  # its positions
                 else:
                     spread = float(((ref - ref.mean()) ** 2).sum())
                     sq += float(((out - ref) ** 2).sum()) if same else spread
                     var += spread
-        if dim is not None:
+        if self.answers is not None:
             return agree / total
         return 1.0 - sq / max(var, 1e-12)
 

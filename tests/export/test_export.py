@@ -589,3 +589,15 @@ def test_top1_agreement_of_segmentation_logits_is_per_pixel_over_the_classes() -
         ValueError, match=r"check input 1, the file's output has shape \(2, 4, 5, 5\)"
     ):
         _compare([(want, "logits"), (want[..., :5], "logits")], [(want, "logits")] * 2)
+
+
+def test_top1_agreement_of_a_multi_label_classifier_is_its_label_set() -> None:
+    """A multi-label classifier's check compares each input's set of labels (``logit > 0``):
+    one label crossing 0 is a disagreement, a shift that keeps every sign is none, though it
+    moves the arg-max."""
+    from mpsearch.export._export import _compare
+
+    want = torch.tensor([[2.0, -1.0, 0.5], [-3.0, -1.0, -0.5]])
+    got = torch.tensor([[0.1, -5.0, 4.0], [-3.0, 0.2, -0.5]])
+    assert _compare([(got, "logits")], [(want, "logits")], multi_label=True)[1] == 0.5
+    assert _compare([(got, "logits")], [(want, "logits")])[1] == 0.0

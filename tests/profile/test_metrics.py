@@ -9,14 +9,22 @@ import math
 import pytest
 import torch
 
-from mpsearch.profile import auto_metric, kl_divergence, kl_divergence_channels, mean_squared_error
-from mpsearch.profile._metrics import E2EScorer
+from mpsearch._data import is_multi_label
+from mpsearch.profile import (
+    auto_metric,
+    bernoulli_kl,
+    kl_divergence,
+    kl_divergence_channels,
+    mean_squared_error,
+)
+from mpsearch.profile._metrics import E2EScorer, answers_agree
 
 metrics_module = importlib.import_module("mpsearch.profile._metrics")
 
 BUILTIN = [
     ("kl", kl_divergence),
     ("kl_channels", kl_divergence_channels),
+    ("bernoulli_kl", bernoulli_kl),
     ("mse", mean_squared_error),
 ]
 
@@ -144,3 +152,50 @@ def test_kl_channels_is_the_mean_kl_of_each_pixels_class_distribution() -> None:
 def test_auto_metric_reads_the_outputs_name_and_shape(shape, name, expected) -> None:
     assert auto_metric(torch.zeros(shape), name) == expected
     assert auto_metric(torch.zeros(shape, dtype=torch.long), name) == "mse"
+
+
+def test_bernoulli_kl_sums_each_labels_kl_per_sample() -> None:
+    """A multi-label classifier's logits: per sample the sum over labels of the two Bernoulli
+    distributions' KL, which is the binary cross-entropy against the reference's sigmoid minus
+    its entropy (torch's own ``binary_cross_entropy_with_logits``); the mean over samples."""
+    g = torch.Generator().manual_seed(0)
+    ref = torch.randn(6, 5, generator=g, dtype=torch.float64) * 3
+    out = ref + 0.5 * torch.randn(ref.shape, generator=g, dtype=torch.float64)
+    p = ref.sigmoid()
+    bce = torch.nn.functional.binary_cross_entropy_with_logits
+    per_label = bce(out, p, reduction="none") - bce(ref, p, reduction="none")
+    assert bernoulli_kl(ref, out) == pytest.approx(float(per_label.sum(1).mean()), rel=1e-12)
+    assert bernoulli_kl(ref, ref) == 0.0
+    # not the softmax KL over the labels: adding a constant to every logit changes every sigmoid
+    assert bernoulli_kl(ref, ref + 1.0) > 0.1 and kl_divergence(ref, ref + 1.0) < 1e-12
+
+
+def test_auto_metric_of_a_multi_label_classifier() -> None:
+    """``[B, L]`` logits of a multi-label classifier (a Hugging Face config's ``problem_type``)
+    are compared by ``bernoulli_kl``; its hidden states and other shapes are not logits."""
+
+    class Config:
+        problem_type = "multi_label_classification"
+
+    model = torch.nn.Linear(2, 2)
+    assert not is_multi_label(model)
+    model.config = Config()
+    assert is_multi_label(model)
+    assert auto_metric(torch.zeros(4, 6), "logits", multi_label=True) == "bernoulli_kl"
+    assert auto_metric(torch.zeros(4, 6), None, multi_label=True) == "bernoulli_kl"
+    assert auto_metric(torch.zeros(4, 6), "logits") == "kl"
+    assert auto_metric(torch.zeros(4, 7, 6), "last_hidden_state", multi_label=True) == "mse"
+    assert auto_metric(torch.zeros(4, 6), "pooler_output", multi_label=True) == "mse"
+
+
+def test_answers_agree_compares_classes_or_label_sets() -> None:
+    ref = torch.tensor([[2.0, -1.0, 0.5], [-3.0, -1.0, -0.5]])
+    out = torch.tensor([[0.1, -5.0, 4.0], [-3.0, 0.2, -0.5]])  # same set; one label flipped
+    assert answers_agree(out, ref, "bernoulli_kl").tolist() == [True, False]
+    assert answers_agree(out, ref, "kl").tolist() == [False, False]  # arg-max 2 vs 0; 1 vs 2
+    maps = torch.zeros(1, 3, 2, 2)
+    maps[0, 1, 0, 0] = 1.0
+    assert answers_agree(maps, torch.zeros(1, 3, 2, 2), "kl_channels").tolist() == [
+        [[False, True], [True, True]]
+    ]
+    assert answers_agree(out, ref, "mse").tolist() == [False, False]  # arg-max of the last dim

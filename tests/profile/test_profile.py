@@ -294,6 +294,45 @@ def test_default_metric_follows_the_outputs_name(monkeypatch, hooks, key, metric
             assert prof.error(layer, scheme) == pytest.approx(want, rel=1e-4)
 
 
+@pytest.mark.parametrize("hooks", [False, True])
+def test_a_multi_label_classifier_is_profiled_by_each_labels_bernoulli_kl(
+    monkeypatch, hooks
+) -> None:
+    """A Hugging Face BERT configured for multi-label classification (random-initialised from
+    its config): the profile reads ``problem_type`` and compares its sigmoids, not a softmax
+    over its labels, on the graph and on the hook runner; each row equals the metric of the
+    model with that layer quantized."""
+    transformers = pytest.importorskip("transformers")
+    from mpsearch.backends import quantize
+    from mpsearch.profile import bernoulli_kl
+
+    if hooks:
+        monkeypatch.setattr(importlib.import_module("mpsearch.profile._runner"), "CAPTURES", {})
+    config = transformers.BertConfig(
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        num_labels=5,
+        problem_type="multi_label_classification",
+    )
+    torch.manual_seed(0)
+    model = transformers.BertForSequenceClassification(config).eval()
+    g = torch.Generator().manual_seed(0)
+    calib = [{"input_ids": torch.randint(1, 100, (8, 10), generator=g)} for _ in range(2)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the hook runner's note
+        prof = profile(model, calib, schemes=["w4a8_pc"], progress=False, e2e_samples=None)
+    assert prof.info["runner"] == ("hooks" if hooks else "graph:fx(values)")
+    assert prof.e2e_metric == "bernoulli_kl"
+    for layer in prof.layers[-3:]:
+        qm = quantize(model, {layer: "w4a8_pc"})
+        with torch.inference_mode():
+            want = np.mean([bernoulli_kl(model(**b).logits, qm(**b).logits) for b in calib])
+        assert prof.error(layer, "w4a8_pc") == pytest.approx(want, rel=1e-4, abs=1e-12)
+
+
 def test_non_finite_quantized_output_is_inf_not_silent() -> None:
     net = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)).eval()
     with torch.no_grad():

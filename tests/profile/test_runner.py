@@ -345,7 +345,10 @@ def test_a_layer_called_more_than_once_takes_the_graph_runner(
     graph, hooks = _graph_and_hooks(model().eval(), calib, kwargs, monkeypatch)
     assert graph.info["runner"].startswith("graph:")
     for metric in ("mse", "sqnr_db", "e2e"):
-        np.testing.assert_allclose(graph.pivot(metric), hooks.pivot(metric), rtol=1e-6)
+        # rtol 1e-4: an MSE of 1e-6 between two outputs near 1 magnifies their last bits, which
+        # varied between runs on machine A (Xeon, AMX) under `pytest -n 2`: 1.7e-5 relative
+        # in one run of two, with or without this session's changes
+        np.testing.assert_allclose(graph.pivot(metric), hooks.pivot(metric), rtol=1e-4)
 
 
 def _graph_and_hooks(net: nn.Module, calib: list, kwargs: dict, monkeypatch) -> tuple:

@@ -315,7 +315,8 @@ def test_errors_before_any_work(kwargs: dict, error: type, match: str) -> None:
 
 def test_options_are_checked() -> None:
     with pytest.raises(
-        ValueError, match="'loss' option must be one of 'auto', 'kl', 'kl_channels', 'mse'"
+        ValueError,
+        match="'loss' option must be one of 'auto', 'bernoulli_kl', 'kl', 'kl_channels', 'mse'",
     ):
         RecoverOptions(loss="hinge")
     with pytest.raises(ValueError, match="'temperature' option"):
@@ -429,3 +430,35 @@ def test_auto_loss_of_segmentation_logits_is_kl_over_each_pixels_classes() -> No
         student.log_softmax(1), teacher.log_softmax(1), log_target=True, reduction="none"
     ).sum(1)
     assert res.loss_before == pytest.approx(float(per_pixel.mean()) * t**2, rel=1e-5)
+
+
+class _MultiLabel(nn.Module):
+    """A multi-label classifier as Hugging Face configures one (``problem_type``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.config = type("Config", (), {"problem_type": "multi_label_classification"})()
+        self.fc1 = nn.Linear(16, 32)
+        self.fc2 = nn.Linear(32, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.fc1(x))) * 3
+
+
+def test_auto_loss_of_a_multi_label_classifier_is_each_labels_bernoulli_kl() -> None:
+    """The default loss of a multi-label classifier: the KL of each label's Bernoulli at the
+    temperature (torch's binary cross-entropy against the teacher's sigmoid minus its
+    entropy), the mean over labels; not a softmax over its labels."""
+    torch.manual_seed(0)
+    net = _MultiLabel().eval()
+    calib = [torch.randn(8, 16) for _ in range(6)]
+    opts = RecoverOptions()
+    res = recover(net, "w4a8_pc", calib, steps=2, options=opts, progress=False)
+    t = opts.temperature
+    with torch.no_grad():
+        student = quantize(net, "w4a8_pc", backend="simulate")(calib[-1]) / t
+        teacher = net(calib[-1]) / t
+    p = teacher.sigmoid()
+    bce = F.binary_cross_entropy_with_logits
+    per_label = bce(student, p, reduction="none") - bce(teacher, p, reduction="none")
+    assert res.loss_before == pytest.approx(float(per_label.mean()) * t**2, rel=1e-4)

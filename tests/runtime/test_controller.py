@@ -912,3 +912,84 @@ def test_dense_calibration_keeps_no_logits_and_takes_maps_of_any_size(model, mak
     assert answers.shape == (2, 64)
     # on 24 pixels: 1 marked pixel is 2 wrong (agrees, 22 / 24), 3 are 5 wrong (disagrees)
     assert answers[0, 32:].tolist() == (marked[:32] == 3).long().tolist()
+
+
+class _LabelMarker(nn.Module):
+    """A multi-label classifier (a Hugging Face config's ``problem_type``) on the fixture's
+    inputs: label ``c`` is on for an input of class ``c`` (logit 1 to 7), every other label
+    off (logit -3). On the marked inputs the cheap variant's layer gives logits near 0: every
+    label unsure, and the label set wrong (``{c + 1}`` instead of ``{c}``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.config = type("Config", (), {"problem_type": "multi_label_classification"})()
+        self.fc = nn.Linear(8, 4)
+        with torch.no_grad():
+            self.fc.weight.zero_()
+            self.fc.weight[:, 1:5] = torch.eye(4)
+            self.fc.bias.fill_(-3.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x)
+
+
+def test_a_multi_label_classifier_escalates_exactly_the_inputs_whose_label_set_changes(
+    make_inputs,
+) -> None:
+    """Each label is a position of two classes ``(0, logit)``: an input agrees when the cheap
+    variant gives it the reference's very set of labels. Its score is its least certain
+    label's, so the threshold that meets a target no loss fits escalates exactly the marked
+    inputs, and the served logits are the reference's there and the cheap variant's elsewhere."""
+    model = _LabelMarker().eval()
+    ctrl = _ctrl(model)
+    assert ctrl.multi_label and not _ctrl(model, multi_label=False).multi_label
+    x, _ = make_inputs(400, seed=1)
+    marked = x[:, 0] > 0.5  # the marker backend's w8a8 cutoff
+    outputs = ctrl.stage_outputs(list(x.split(32)))
+    assert [tuple(o.shape) for o in outputs] == [(400, 2, 4)] * 2
+    assert ctrl.stage_answers(outputs)[0].tolist() == marked.long().tolist()
+    scores = ctrl.stage_scores(outputs)[0]
+    per_label = torch.exp(-outputs[0][:, 1].double().abs())  # the ratio score of (0, logit)
+    np.testing.assert_allclose(scores, per_label.amax(1).numpy(), rtol=1e-6)
+    report = ctrl.calibrate(list(x.split(32)), max_disagreement=0.01, delta=0.1)
+    assert report.certified and report.empirical_disagreement == 0.0
+    assert report.share["w8a8"] == pytest.approx(float((~marked).double().mean()))
+    x, _ = make_inputs(300, seed=2)
+    hard = x[:, 0] > 0.5  # the marker backend's w8a8 cutoff
+    out = ctrl(x)
+    assert ctrl.audit["variant"].tolist() == hard.long().tolist()
+    with torch.inference_mode():
+        cheap, ref = ctrl.variants[0].module(x), model(x)
+    assert torch.equal(out[hard], ref[hard]) and torch.equal(out[~hard], cheap[~hard])
+    with pytest.raises(ValueError, match="'multi_label'"):
+        _ctrl(model, multi_label="yes")
+
+
+def test_a_hugging_face_multi_label_classifier_is_served_in_its_own_output_type() -> None:
+    """A BERT classifier configured for multi-label classification, random-initialised: the
+    controller reads ``problem_type``, compares label sets, and returns the model's output."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(
+        vocab_size=200,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        num_labels=5,
+        problem_type="multi_label_classification",
+    )
+    torch.manual_seed(0)
+    bert = transformers.BertForSequenceClassification(config).eval()
+    g = torch.Generator().manual_seed(0)
+    calib = [{"input_ids": torch.randint(1, 200, (16, 12), generator=g)} for _ in range(4)]
+    ctrl = Controller(bert, ["w8a8"], backend="simulate", order="given")
+    assert ctrl.multi_label
+    outputs = ctrl.stage_outputs(calib)
+    with torch.inference_mode():
+        ref = torch.cat([bert(**b).logits for b in calib])
+    assert torch.equal(outputs[1], torch.stack([torch.zeros_like(ref), ref], 1))
+    differs = ((outputs[0][:, 1] > 0) != (ref > 0)).any(1)
+    assert ctrl.stage_answers(outputs)[0].tolist() == differs.long().tolist()
+    ctrl.calibrate(calib, max_disagreement=0.2, delta=0.2)
+    out = ctrl(calib[0])
+    assert type(out).__name__ == "SequenceClassifierOutput" and out.logits.shape == (16, 5)

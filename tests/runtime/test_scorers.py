@@ -272,6 +272,26 @@ def test_a_dense_input_scores_the_mean_of_its_positions(name: str) -> None:
     assert input_scores(scorer, flat).tolist() == scorer.score(flat).tolist()
 
 
+def test_a_multi_label_classifier_answers_per_label_and_scores_its_least_certain_label() -> None:
+    """``[B, L]`` logits of a multi-label classifier become ``[B, 2, L]``: each label a position
+    of two classes ``(0, logit)``, whose softmax is the label's sigmoid and whose arg-max is
+    ``logit > 0``. ``reduce="max"`` scores an input by its least certain label."""
+    logits = torch.tensor([[3.0, -2.0, 0.1], [4.0, -4.0, -5.0]])
+    pairs = answer_logits({"logits": logits}, multi_label=True)
+    assert pairs.shape == (2, 2, 3) and torch.equal(pairs[:, 1], logits)
+    assert pairs.argmax(1).tolist() == (logits > 0).long().tolist()
+    torch.testing.assert_close(pairs.softmax(1)[:, 1], logits.sigmoid())
+    assert torch.equal(answer_logits(logits), logits)  # not multi-label: a softmax classifier
+    scorer = make_scorer("ratio")  # p2 / p1 of (0, x): exp(-|x|)
+    per_label = torch.exp(-logits.double().abs())
+    got = input_scores(scorer, pairs, reduce="max")
+    assert got.tolist() == pytest.approx(per_label.amax(1).tolist(), rel=1e-6)
+    assert input_scores(scorer, pairs).tolist() == pytest.approx(
+        per_label.mean(1).tolist(), rel=1e-6
+    )
+    assert score_stages(scorer, [pairs], reduce="max")[0].tolist() == got.tolist()
+
+
 def test_dense_answers_differ_from_the_reference_below_min_agreement() -> None:
     """A dense input agrees when at least ``min_agreement`` of its positions take the
     reference's arg-max: 7 of 10 agreeing is agreement at 0.7, not at 0.71."""

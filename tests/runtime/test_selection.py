@@ -192,3 +192,28 @@ def test_dense_logits_count_an_input_by_min_agreement() -> None:
     assert rows.loc["noisy", "disagreement_alone"] == (HARD + 10) / N
     with pytest.raises(ValueError, match="min_agreement"):
         rank_cascades({"noisy": noisy}, reference, min_agreement=0, **common)
+    with pytest.raises(ValueError, match="'reduce'.*'max'"):
+        rank_cascades({"noisy": noisy}, reference, reduce="median", **common)
+
+
+def test_multi_label_logits_score_an_input_by_its_least_certain_label() -> None:
+    """A multi-label classifier's labels as positions (``[N, 2, L]``): the HARD inputs have one
+    of 10 labels flipped and unsure, 10 others one label as unsure but right (no score tells
+    them apart), 10 more every label a little less sure. By the max of its labels' scores
+    (``reduce="max"``, the controller's for multi-label) the cascade escalates the first 30
+    only; by the mean the last 10 score above the HARD ones and are escalated too."""
+    reference = torch.tensor([0.0, -6.0]).view(1, 2, 1).repeat(N, 1, 10)
+    noisy = reference.clone()
+    noisy[:HARD, 1, 0] = 0.05  # flipped, unsure
+    noisy[HARD : HARD + 10, 1, 0] = -0.05  # right, unsure
+    noisy[HARD + 10 : HARD + 20, 1, :] = -1.0  # right, every label a little less sure
+    common = {"costs": {"noisy": 1.0}, "reference_cost": 4.0, "delta": 0.1}
+    by_max = rank_cascades(
+        {"noisy": noisy}, reference, max_disagreement=0.005, reduce="max", **common
+    ).set_index("stages")
+    by_mean = rank_cascades(
+        {"noisy": noisy}, reference, max_disagreement=0.005, **common
+    ).set_index("stages")
+    assert by_max.loc["noisy -> reference", "share_escalated"] == (HARD + 10) / N
+    assert by_mean.loc["noisy -> reference", "share_escalated"] > (HARD + 10) / N
+    assert by_max.loc["noisy -> reference", "served_disagreement"] == 0.0

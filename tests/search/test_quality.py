@@ -126,3 +126,33 @@ def test_a_forced_kl_on_one_output_column_is_scored_as_regression() -> None:
     data = _data(2, 1)
     assert Fidelity(ref, data, metric="kl")(other) == Fidelity(ref, data, regression=True)(other)
     assert Fidelity(ref, data, metric="kl")(other) < 1.0
+
+
+class _MultiLabel(nn.Module):
+    """A multi-label classifier as Hugging Face configures one: logits ``[B, 4]``, one sigmoid
+    per label. ``shift`` adds to every logit of the samples whose first feature is positive."""
+
+    def __init__(self, shift: float = 0.0) -> None:
+        super().__init__()
+        self.config = type("Config", (), {"problem_type": "multi_label_classification"})()
+        self.shift = shift
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = torch.stack([x[:, 1], x[:, 2], -x[:, 3], x[:, 4] - 0.5], dim=1)
+        return logits + self.shift * (x[:, :1] > 0)
+
+
+def test_a_multi_label_classifier_agrees_where_its_whole_label_set_does() -> None:
+    """Fidelity of a multi-label classifier counts the samples given the very set of labels
+    the fp32 model gives, not the arg-max of its logits (a shift of every logit keeps the
+    arg-max and changes the set) nor each label on its own."""
+    data = _data(4, seed=3)
+    fidelity = Fidelity(_MultiLabel(), data)
+    assert fidelity.answers == "bernoulli_kl"
+    x = torch.cat(data)
+    logits = _MultiLabel()(x)
+    shifted = logits + 0.3 * (x[:, :1] > 0)
+    changed = ((shifted > 0) != (logits > 0)).any(1)
+    assert 0 < int(changed.sum()) < len(x)
+    assert fidelity(_MultiLabel(shift=0.3)) == pytest.approx(1 - float(changed.double().mean()))
+    assert Fidelity(_MultiLabel(), data, metric="kl")(_MultiLabel(shift=0.3)) == 1.0
