@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
 from mpsearch._data import as_batches, batch_size, is_multi_label, output_tensor, run_model
-from mpsearch._validation import InvalidTypeError, check_fraction, invalid
+from mpsearch._validation import InvalidTypeError, check_fraction, invalid, unknown
 from mpsearch.backends import get_backend, quantize
 from mpsearch.backends._quantize import as_plan, check_assignment
 from mpsearch.backends._registry import Backend
@@ -48,6 +48,7 @@ from mpsearch.runtime._calibration import (
     served_stage,
 )
 from mpsearch.runtime._scorers import (
+    POSITION_REDUCTIONS,
     Scorer,
     answer_logits,
     checked_scores,
@@ -269,7 +270,10 @@ class Controller:
     a Hugging Face ``config.problem_type``, :func:`~mpsearch._data.is_multi_label`), each a
     position whose answer is ``logit > 0`` and whose two-class scores are its sigmoid: with
     fewer than 100 labels the default ``min_agreement`` asks for the reference's very label set,
-    and the input's score is its least certain label's (the maximum, not the mean).
+    and the input's score is its least certain label's. ``reduce`` sets how a dense input's
+    score comes from its positions' (``"mean"`` or ``"max"``,
+    :data:`~mpsearch.runtime._scorers.POSITION_REDUCTIONS`; ``None``: the max for a multi-label
+    classifier, else the mean).
 
     >>> net = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)).eval()
     >>> ctrl = Controller(net, ["w8a8"], backend="simulate", order="given")
@@ -297,6 +301,7 @@ class Controller:
         rounder: Rounder | None = None,
         min_agreement: float = 0.99,
         multi_label: bool | None = None,
+        reduce: str | None = None,
     ) -> None:
         _check_arguments(model, plans, order)
         check_fraction("min_agreement", min_agreement, open_high=False)
@@ -305,8 +310,10 @@ class Controller:
                 "multi_label", multi_label, "None (from the model's config), True or False"
             )
         self.min_agreement = float(min_agreement)
+        if reduce is not None and reduce not in POSITION_REDUCTIONS:
+            raise unknown("reduce", reduce, ["None", *POSITION_REDUCTIONS])
         self.multi_label = is_multi_label(model) if multi_label is None else multi_label
-        self._reduce = "max" if self.multi_label else "mean"  # per-position scores -> input's
+        self.reduce = reduce or ("max" if self.multi_label else "mean")
         self.scorer = make_scorer(scorer)
         impl = get_backend(backend)
         self.backend = impl.name
@@ -582,7 +589,7 @@ class Controller:
 
     def _dense_scores(self, logits: Tensor, stage: int) -> list[float]:
         """The scores of dense logits ``[B, C, P]`` at ``stage``, from the per-position ones."""
-        scores = input_scores(self.scorer, logits, stage, reduce=self._reduce)
+        scores = input_scores(self.scorer, logits, stage, reduce=self.reduce)
         return checked_scores(scores, len(logits), self.scorer.name).tolist()
 
     # -- calibration ----------------------------------------------------------------------------
@@ -647,7 +654,7 @@ class Controller:
         n = int(stage_logits[0].shape[0]) if len(stage_logits) else 0
         if len(stage_logits) < 2:
             return np.zeros((0, n))
-        return score_stages(self.scorer, stage_logits[:-1], reduce=self._reduce)
+        return score_stages(self.scorer, stage_logits[:-1], reduce=self.reduce)
 
     def calibrate(
         self,

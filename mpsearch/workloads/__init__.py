@@ -1,6 +1,6 @@
 """Bundled reference workloads: small trained models with their data splits and quality measure.
 
-They need no network: the digits (classified, and segmented in scenes) come with scikit-learn, the text with Python's
+They need no network: the digits (classified, and segmented and tagged in scenes) come with scikit-learn, the text with Python's
 ``pydoc_data``, and the ResNet-18 is seeded random. Trained weights are cached on disk.
 
 >>> from mpsearch.workloads import load_workload
@@ -16,6 +16,7 @@ from mpsearch.workloads import (  # noqa: F401
     _char_mlp,
     _digits,
     _digits_seg,
+    _digits_tags,
     _resnet,
     _stdlib_lm,
     _text,

@@ -14,8 +14,14 @@ from mpsearch._data import output_tensor, run_model
 from mpsearch._validation import invalid, unknown
 from mpsearch.workloads._cache import resolve_cache_dir
 
-Task = Literal["classification", "language_model", "regression", "segmentation"]
-TASKS: tuple[str, ...] = ("classification", "language_model", "regression", "segmentation")
+Task = Literal["classification", "language_model", "multilabel", "regression", "segmentation"]
+TASKS: tuple[str, ...] = (
+    "classification",
+    "language_model",
+    "multilabel",
+    "regression",
+    "segmentation",
+)
 
 
 @dataclass
@@ -60,7 +66,8 @@ class Workload:
     def evaluate(self, model: nn.Module) -> float:
         """Task quality of ``model`` on the ``test`` batches; higher is better.
 
-        Top-1 accuracy against ``test_labels`` (per token for a language model), or, where no
+        Top-1 accuracy against ``test_labels`` (per token for a language model; a multi-label
+        classifier's: the share of samples given exactly their set of labels), or, where no
         labels exist, top-1 agreement with ``reference``; negative mean squared error for
         regression. Runs under ``torch.inference_mode`` and accepts any module with the same
         call signature as ``self.model`` (quantized copies included); the module's
@@ -153,9 +160,27 @@ def mean_iou(model: nn.Module, batches: list[Any], targets: list[torch.Tensor]) 
     return float((intersection[present].double() / union[present]).mean())
 
 
+def subset_accuracy(model: nn.Module, batches: list[Any], targets: list[torch.Tensor]) -> float:
+    """Fraction of samples whose predicted set of labels (``logit > 0`` of a multi-label
+    classifier's ``[B, L]``) is exactly the target's (multi-hot ``[B, L]``).
+
+    >>> logits = torch.tensor([[2.0, -1.0], [1.0, 1.0]])
+    >>> subset_accuracy(nn.Identity(), [logits], [torch.tensor([[1, 0], [1, 0]])])
+    0.5
+    """
+    correct = 0
+    total = 0
+    for batch, target in zip(batches, targets, strict=True):
+        predicted = _logits(model, batch) > 0
+        correct += int((predicted == target.bool()).all(dim=-1).sum())
+        total += len(target)
+    return correct / total
+
+
 METRICS: dict[str, Metric] = {
     "classification": top1_accuracy,
     "language_model": top1_accuracy,
+    "multilabel": subset_accuracy,
     "regression": negative_mse,
     "segmentation": mean_iou,
 }

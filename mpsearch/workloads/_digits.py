@@ -113,10 +113,17 @@ def _digits() -> tuple[torch.Tensor, torch.Tensor, str]:
 
 
 def _train(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: TrainConfig, *, seed: int
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    config: TrainConfig,
+    *,
+    seed: int,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
 ) -> dict[str, Any]:
-    """Adam on cross-entropy for ``config.epochs`` seeded shuffles of ``(x, y)`` (per pixel for
-    a segmentation model's ``{"out": [B, C, H, W]}`` against ``y [B, H, W]``)."""
+    """Adam on ``loss_fn`` (cross-entropy: per pixel for a segmentation model's
+    ``{"out": [B, C, H, W]}`` against ``y [B, H, W]``) for ``config.epochs`` seeded shuffles of
+    ``(x, y)``."""
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     steps_per_epoch = -(-len(x) // config.batch_size)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
@@ -128,7 +135,7 @@ def _train(
     for _ in range(config.epochs):
         order = torch.randperm(len(x), generator=generator)
         for index in torch.split(order, config.batch_size):
-            loss = F.cross_entropy(output_tensor(model(x[index])), y[index])
+            loss = loss_fn(output_tensor(model(x[index])), y[index])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -963,6 +963,11 @@ def test_a_multi_label_classifier_escalates_exactly_the_inputs_whose_label_set_c
     assert torch.equal(out[hard], ref[hard]) and torch.equal(out[~hard], cheap[~hard])
     with pytest.raises(ValueError, match="'multi_label'"):
         _ctrl(model, multi_label="yes")
+    assert ctrl.reduce == "max" and _ctrl(model, multi_label=False).reduce == "mean"
+    by_mean = _ctrl(model, reduce="mean")
+    assert by_mean.stage_scores(outputs)[0] == pytest.approx(per_label.mean(1).numpy(), rel=1e-6)
+    with pytest.raises(ValueError, match="'reduce'.*'max'"):
+        _ctrl(model, reduce="median")
 
 
 def test_a_hugging_face_multi_label_classifier_is_served_in_its_own_output_type() -> None:
@@ -993,3 +998,41 @@ def test_a_hugging_face_multi_label_classifier_is_served_in_its_own_output_type(
     ctrl.calibrate(calib, max_disagreement=0.2, delta=0.2)
     out = ctrl(calib[0])
     assert type(out).__name__ == "SequenceClassifierOutput" and out.logits.shape == (16, 5)
+
+
+def test_controller_curve_of_a_multi_label_classifier_counts_label_sets(
+    make_inputs, monkeypatch
+) -> None:
+    """The study's controller curve on a multi-label workload: an input disagrees when its label
+    set differs from fp32's, and the accuracy is the share of inputs given exactly their
+    labelled set (was: labels compared with per-label answers one by one)."""
+    from mpsearch.pipeline import ControllerCurve, controller_curve
+    from mpsearch.workloads import Workload
+
+    model = _LabelMarker().eval()
+    monkeypatch.setattr(
+        controller_module, "time_module", lambda module, batch, **_: 2.0 if module is model else 1.0
+    )
+    calib, _ = make_inputs(400, seed=1)
+    test, classes = make_inputs(64, seed=2)
+    tags = nn.functional.one_hot(classes, 4).float()
+    tags[:8, (classes[:8] + 1) % 4] = 1.0  # 8 inputs labelled with one more label than fp32 gives
+    wl = Workload(
+        name="tags",
+        model=model,
+        calib=list(calib.split(32)),
+        test=list(test.split(32)),
+        test_labels=list(tags.split(32)),
+        example_input=test[:4],
+        task="multilabel",
+    )
+    settings = ControllerCurve(epsilons=[0.05], repeats=1, min_agreement=1.0)
+    curve = controller_curve(
+        wl, [PrecisionPlan.uniform("w8a8")], backend="marker", settings=settings
+    )
+    rows = curve.set_index("method")
+    marked = test[:, 0] > 0.5  # the marker backend's w8a8 cutoff
+    assert rows.loc["static:w8a8", "disagreement"] == float(marked.double().mean())
+    assert rows.loc["static:fp32", "accuracy"] == 56 / 64
+    wrong = marked | (torch.arange(64) < 8)
+    assert rows.loc["static:w8a8", "accuracy"] == float((~wrong).double().mean())

@@ -90,7 +90,7 @@ def all_workloads(
 
 BUNDLED = ["char_mlp", "digits_cnn", "mlp", "resnet18", "text_transformer"]
 LANGUAGE_MODELS = ["stdlib_lm", "stdlib_lm_tiny"]  # tested in test_stdlib_lm.py
-BENCHMARK_ONLY = ["digits_resnet18", "digits_seg"]  # a minute of training: built by benchmarks
+BENCHMARK_ONLY = ["digits_resnet18", "digits_seg", "digits_tags"]  # built by benchmarks, studies
 
 
 def test_registry_names() -> None:
