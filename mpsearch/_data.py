@@ -93,6 +93,33 @@ def is_multi_label(model: Any) -> bool:
     return getattr(config, "problem_type", None) == MULTI_LABEL_PROBLEM
 
 
+MASK_KEYS = ("decoder_attention_mask", "attention_mask")
+"""Batch keys whose ``[B, T]`` 0/1 mask says which positions of a per-token output are real
+tokens (a decoder's first: its logits follow the decoder's tokens)."""
+
+
+def token_mask(batch: Batch, output: torch.Tensor) -> torch.Tensor | None:
+    """Which positions of a per-token ``output`` ``[B, T, ...]`` hold real tokens: the batch's
+    :data:`MASK_KEYS` mask (bool ``[B, T]``) whose shape is ``output``'s first two dimensions;
+    ``None`` where there is none (a tensor batch, a mask of other positions, an output of one
+    answer per sample), or where it masks nothing.
+
+    >>> mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    >>> token_mask({"input_ids": mask, "attention_mask": mask}, torch.zeros(2, 3, 5)).tolist()
+    [[True, True, False], [True, True, True]]
+    >>> token_mask({"attention_mask": mask}, torch.zeros(2, 5)) is None
+    True
+    """
+    if not isinstance(batch, Mapping) or output.dim() < 3:
+        return None
+    for key in MASK_KEYS:
+        mask = batch.get(key)
+        if isinstance(mask, torch.Tensor) and tuple(mask.shape) == tuple(output.shape[:2]):
+            mask = mask.bool().to(output.device)
+            return None if bool(mask.all()) else mask
+    return None
+
+
 def main_output(output: Any) -> tuple[torch.Tensor, str | None]:
     """:func:`output_tensor` and the name it has in the output: the key of the dict or
     ``ModelOutput`` field holding it (the innermost), ``None`` for a tensor returned as it is

@@ -692,10 +692,11 @@ def _curve_variants(wl: Workload, plans: list[PrecisionPlan], max_variants: int)
     return [*cheap[: max_variants - 1], PrecisionPlan.uniform("fp32")]
 
 
-def _answers(out: Any, *, multi_label: bool) -> Any:
-    """Per-input answers: the class (the last position's for a language model), or a dense
-    output's class map ``[B, P]`` (a multi-label classifier's: its labels' ``logit > 0``)."""
-    return answer_logits(out, multi_label=multi_label).argmax(1)
+def _answers(out: Any, batch: Any, *, multi_label: bool) -> Any:
+    """Per-input answers to ``batch``: the class (the last real token's for a language model),
+    or a dense output's class map ``[B, P]`` (a multi-label classifier's: its labels'
+    ``logit > 0``)."""
+    return answer_logits(out, multi_label=multi_label, batch=batch).argmax(1)
 
 
 def _serve_test_split(
@@ -720,7 +721,7 @@ def _serve_test_split(
                 out = serve(batch)
                 times.append(read() - t0)
             per_input.append(min(times) * 1e3 / len(ref))
-            answer = _answers(out, multi_label=is_multi_label(wl.model))
+            answer = _answers(out, batch, multi_label=is_multi_label(wl.model))
             agree += int(agrees(answer, ref, min_agreement=min_agreement).sum())
             correct += int(agrees(answer, target, min_agreement=1.0).sum())  # a label set
             n += len(answer)
@@ -775,7 +776,7 @@ def controller_curve(
         )
     with torch.inference_mode():
         reference = [
-            _answers(run_model(wl.model, b), multi_label=ctrl.multi_label) for b in wl.test
+            _answers(run_model(wl.model, b), b, multi_label=ctrl.multi_label) for b in wl.test
         ]
 
     def measure(serve: Callable[[Any], Any]) -> dict[str, float]:

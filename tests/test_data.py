@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import mpsearch as mps
-from mpsearch._data import main_output, output_tensor
+from mpsearch._data import main_output, output_tensor, token_mask
 
 
 class _Detector(nn.Module):
@@ -81,3 +81,17 @@ def test_main_output_names_the_field_it_takes() -> None:
             self.logits = logits
 
     assert taken(Output()) == (id(logits), "logits")
+
+
+def test_token_mask_marks_the_real_tokens_of_a_per_token_output() -> None:
+    """A dict batch's ``[B, T]`` mask of an output's first two dimensions (a decoder's own mask
+    first); none for other shapes, tensor batches, or a mask with no padding."""
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 0]])
+    decoder = torch.tensor([[1, 0, 0], [1, 1, 0]])
+    batch = {"input_ids": mask, "attention_mask": mask, "decoder_attention_mask": decoder}
+    assert torch.equal(token_mask(batch, torch.zeros(2, 4, 7)), mask.bool())
+    assert torch.equal(token_mask(batch, torch.zeros(2, 3, 7)), decoder.bool())
+    assert token_mask(batch, torch.zeros(2, 5, 7)) is None  # positions of something else
+    assert token_mask(batch, torch.zeros(2, 7)) is None  # one answer per sample
+    assert token_mask(mask, torch.zeros(2, 4, 7)) is None  # a tensor batch
+    assert token_mask({"attention_mask": torch.ones(2, 4)}, torch.zeros(2, 4, 7)) is None

@@ -70,9 +70,9 @@ class KLAgainst:
         return torch.cat(parts, dim=1).clamp_min(0.0)
 
     @staticmethod
-    def count(shape: torch.Size) -> int:
-        """Number of terms (rows) of one output of ``shape``."""
-        return math.prod(shape) // shape[-1]
+    def rows(shape: torch.Size) -> tuple[int, ...]:
+        """The grid of terms (rows) of one output of ``shape``: all but its last dimension."""
+        return tuple(shape[:-1])
 
 
 def mean_squared_error(ref: Tensor, out: Tensor) -> float:
@@ -109,8 +109,8 @@ class KLChannelsAgainst(KLAgainst):
         return super().terms(outs.movedim(2, -1))
 
     @staticmethod
-    def count(shape: torch.Size) -> int:
-        return math.prod(shape) // shape[1]
+    def rows(shape: torch.Size) -> tuple[int, ...]:
+        return (shape[0], *shape[2:])
 
 
 def label_pairs(logits: Tensor) -> Tensor:
@@ -152,8 +152,8 @@ class BernoulliKLAgainst(KLAgainst):
         return per_label.view(len(outs), -1, self.labels).sum(-1)
 
     @staticmethod
-    def count(shape: torch.Size) -> int:
-        return math.prod(shape) // shape[-1]
+    def rows(shape: torch.Size) -> tuple[int, ...]:
+        return tuple(shape[:-1])
 
 
 E2E_METRICS: dict[str, MetricFn] = {
@@ -213,8 +213,31 @@ class _MSEAgainst:
         return (outs.double() - self.ref).square_().reshape(len(outs), -1)
 
     @staticmethod
-    def count(shape: torch.Size) -> int:
-        return math.prod(shape)
+    def rows(shape: torch.Size) -> tuple[int, ...]:
+        return tuple(shape)
+
+
+def term_weights(rows: tuple[int, ...], mask: Tensor | None) -> Tensor | None:
+    """float64 weights ``[prod(rows)]`` of the terms of one output laid out on the grid ``rows``
+    from a token mask ``[B, T]`` (:func:`~mpsearch._data.token_mask`): 1 at real tokens, 0 at
+    padding; ``None`` without a mask or where the grid does not start with its positions.
+
+    >>> term_weights((2, 3), torch.tensor([[True, True, False], [True, False, False]])).tolist()
+    [1.0, 1.0, 0.0, 1.0, 0.0, 0.0]
+    """
+    if mask is None or tuple(rows[:2]) != tuple(mask.shape):
+        return None
+    view = mask.reshape(*mask.shape, *[1] * (len(rows) - 2))
+    return view.expand(rows).reshape(-1).double()
+
+
+def _weighted_mean(terms: Tensor, weights: Tensor | None) -> Tensor:
+    """Per-output mean of ``terms`` ``[outputs, n]`` over the terms whose ``weights`` ``[n]`` are
+    not 0 (padding left out; all of them where every weight is 0 or there are none)."""
+    if weights is None:
+        return terms.mean(dim=-1)
+    kept = terms[:, weights > 0]
+    return kept.mean(dim=-1) if kept.shape[1] else terms.mean(dim=-1)
 
 
 BATCHED_METRICS: dict[MetricFn, Callable[[Tensor], Any]] = {
@@ -224,7 +247,8 @@ BATCHED_METRICS: dict[MetricFn, Callable[[Tensor], Any]] = {
     mean_squared_error: _MSEAgainst,
 }
 """Built-in metric -> a class built from a reference output whose ``terms(outs)`` gives, for
-every ``outs[i]`` at once, terms whose mean is the metric (float64 ``[len(outs), count]``)."""
+every ``outs[i]`` at once, terms whose mean is the metric (float64 ``[len(outs), count]``),
+laid out on the grid ``rows(shape)`` of one output."""
 
 
 class E2EScorer:
@@ -233,7 +257,9 @@ class E2EScorer:
     Built-in metrics (:data:`BATCHED_METRICS`) score all schemes on all batches in one set of
     tensor operations (the references' share, e.g. their softmax, computed once; the numbers
     equal the metric's own up to the order of float64 sums); a callable metric is called per
-    output. A non-finite output scores ``inf`` (a callable is not called on it).
+    output. A non-finite output scores ``inf`` (a callable is not called on it). ``masks``
+    (per batch, :func:`~mpsearch._data.token_mask` or ``None``) leave the padding of per-token
+    outputs out of the built-in metrics.
 
     >>> ref = torch.tensor([[1.0, 2.0]])
     >>> scorer = E2EScorer([ref], "kl", kl_divergence)
@@ -241,14 +267,26 @@ class E2EScorer:
     [[0.0, inf]]
     """
 
-    def __init__(self, refs: Sequence[Tensor], name: str, fn: MetricFn) -> None:
+    def __init__(
+        self,
+        refs: Sequence[Tensor],
+        name: str,
+        fn: MetricFn,
+        masks: Sequence[Tensor | None] | None = None,
+    ) -> None:
         self.refs, self.name, self.fn = list(refs), name, fn
         self.kind = BATCHED_METRICS.get(fn)
         self.joint = None
+        self.weights: list[Tensor | None] = [None] * len(self.refs)
+        if self.kind is not None and masks is not None:
+            self.weights = [
+                term_weights(self.kind.rows(r.shape), m)
+                for r, m in zip(self.refs, masks, strict=True)
+            ]
         shapes = {tuple(r.shape[1:]) for r in self.refs}
         if self.kind is not None and len(shapes) == 1 and all(r.dim() >= 1 for r in self.refs):
             self.joint = self.kind(torch.cat(self.refs))
-            self.counts = [self.kind.count(r.shape) for r in self.refs]
+            self.counts = [math.prod(self.kind.rows(r.shape)) for r in self.refs]
         self._per_batch: dict[int, Any] = {}
 
     def __call__(
@@ -260,14 +298,18 @@ class E2EScorer:
             return [self._called(b, out, where) for b, out in enumerate(outs)]
         if self.joint is not None and all(o.shape[2:] == outs[0].shape[2:] for o in outs):
             terms = self.joint.terms(outs[0] if len(outs) == 1 else torch.cat(list(outs), dim=1))
-            if len(set(self.counts)) == 1:
+            if len(set(self.counts)) == 1 and not any(w is not None for w in self.weights):
                 means = terms.view(len(terms), len(outs), -1).mean(dim=-1)
             else:
-                means = torch.stack([t.mean(dim=1) for t in terms.split(self.counts, 1)], 1)
+                parts = terms.split(self.counts, 1)
+                means = torch.stack(
+                    [_weighted_mean(t, w) for t, w in zip(parts, self.weights, strict=True)], 1
+                )
             values = means.T.tolist()
         else:
             values = [
-                self._batched(b).terms(out).mean(dim=1).tolist() for b, out in enumerate(outs)
+                _weighted_mean(self._batched(b).terms(out), self.weights[b]).tolist()
+                for b, out in enumerate(outs)
             ]
         for b, row in enumerate(values):
             for i, value in enumerate(row):

@@ -21,7 +21,14 @@ import pandas as pd
 import torch
 from torch import nn
 
-from mpsearch._data import Batch, as_batches, batch_size, is_multi_label, output_tensor
+from mpsearch._data import (
+    Batch,
+    as_batches,
+    batch_size,
+    is_multi_label,
+    output_tensor,
+    token_mask,
+)
 from mpsearch._validation import check_module, invalid, unknown
 from mpsearch.backends import Backend, get_backend
 from mpsearch.backends._quantize import applicability_error
@@ -449,7 +456,9 @@ class _Measurer:
         if plan.todo:
             runner.prepare_e2e(_e2e_batches(req.batches, runner, plan))
             # the references' share of the metric (e.g. their softmax), computed once
-            scorer = E2EScorer(runner.reference, e2e_name, e2e_fn)
+            pairs = zip(runner.e2e_batches, runner.reference, strict=True)
+            masks = [token_mask(b, r) for b, r in pairs]  # per-token outputs: padding left out
+            scorer = E2EScorer(runner.reference, e2e_name, e2e_fn, masks)
             sizes = [batch_size(b) for b in runner.e2e_batches]
         baseline = None
         if req.evaluate is not None:

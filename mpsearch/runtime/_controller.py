@@ -453,11 +453,13 @@ class Controller:
         t1 = clock()
         inference = stage_time = t1 - start
         decision = 0.0
-        final, rows, stages = out, None, []
+        final, rows, stages, served = out, None, [], x
         for k in range(len(variants) - 1):
             m = n if rows is None else len(rows)
             plain = type(out) is Tensor and out.ndim == 2 and not self.multi_label
-            logits = out if plain else answer_logits(out, multi_label=self.multi_label)
+            logits = (
+                out if plain else answer_logits(out, multi_label=self.multi_label, batch=served)
+            )
             if logits.ndim == 2:
                 values, cut, to_score = rule.values[k](logits), rule.cut, rule.to_score
             else:  # dense: the mean per-position scores against the threshold itself
@@ -474,7 +476,8 @@ class Controller:
             index = None if rows is None else torch.from_numpy(rows)
             t2 = clock()
             decision += t2 - t1
-            out = run_model(variants[k + 1].module, x if index is None else _take(x, index, n))
+            served = x if index is None else _take(x, index, n)
+            out = run_model(variants[k + 1].module, served)
             t1 = clock()
             stage_time = t1 - t2
             inference += stage_time
@@ -585,7 +588,8 @@ class Controller:
 
     def _answer_logits(self, variant: Variant, batch: Any) -> Tensor:
         """:func:`~mpsearch.runtime._scorers.answer_logits` of ``variant`` on ``batch``."""
-        return answer_logits(run_model(variant.module, batch), multi_label=self.multi_label)
+        output = run_model(variant.module, batch)
+        return answer_logits(output, multi_label=self.multi_label, batch=batch)
 
     def _dense_scores(self, logits: Tensor, stage: int) -> list[float]:
         """The scores of dense logits ``[B, C, P]`` at ``stage``, from the per-position ones

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from mpsearch._data import main_output
+from mpsearch._data import main_output, token_mask
 from mpsearch._validation import invalid, unknown
 from mpsearch.profile._metrics import class_dim, label_pairs, may_hold_scores
 
@@ -48,8 +48,10 @@ PER_TOKEN_OUTPUTS = frozenset({"TokenClassifierOutput"})
 classification, audio frame classification), not at the last one as a language model does."""
 
 
-def answer_logits(output: Any, *, multi_label: bool = False) -> Tensor:
-    """Per-input logits ``[B, C]`` of a model output (the last position of ``[B, T, V]``), or
+def answer_logits(output: Any, *, multi_label: bool = False, batch: Any = None) -> Tensor:
+    """Per-input logits ``[B, C]`` of a model output (the last position of ``[B, T, V]``: of
+    each row's last real token where ``batch``'s ``attention_mask`` marks right padding,
+    :func:`~mpsearch._data.token_mask`), or
     the per-position logits ``[B, C, P]`` of a dense output: ``[B, C, H, W]`` named ``logits``
     or ``out`` (positions flattened: the outputs :func:`~mpsearch.profile.auto_metric` compares
     by ``kl_channels``), a :data:`PER_TOKEN_OUTPUTS` output's ``[B, T, C]`` (as ``[B, C, T]``),
@@ -82,7 +84,11 @@ def answer_logits(output: Any, *, multi_label: bool = False) -> Tensor:
     if logits.ndim == 3:
         if type(output).__name__ in PER_TOKEN_OUTPUTS:
             return logits.transpose(1, 2)
-        return logits.select(1, -1)
+        mask = token_mask(batch, logits) if batch is not None else None
+        if mask is None:
+            return logits.select(1, -1)
+        last = mask.shape[1] - 1 - mask.flip(1).int().argmax(1)
+        return logits[torch.arange(len(logits), device=logits.device), last]
     if class_dim(logits, name) == 1:
         return logits.flatten(2)
     raise ValueError(

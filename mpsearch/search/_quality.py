@@ -11,7 +11,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from mpsearch._data import as_batches, is_multi_label, main_output, output_tensor, run_model
+from mpsearch._data import (
+    as_batches,
+    is_multi_label,
+    main_output,
+    output_tensor,
+    run_model,
+    token_mask,
+)
 from mpsearch.backends import get_backend
 from mpsearch.layers import quantizable_layers, swapped
 from mpsearch.profile._metrics import (
@@ -51,7 +58,9 @@ class Fidelity:
     fraction of positions whose arg-max agrees; a multi-label classifier's logits
     (``"bernoulli_kl"``) the fraction of samples given the same set of labels; other outputs
     (``"mse"``, or ``regression=True``: raw box predictions, hidden states, several regression
-    targets) score ``1 - MSE / Var(reference)`` (1 is perfect). A batch on which ``model``'s
+    targets) score ``1 - MSE / Var(reference)`` (1 is perfect). Per-token answers leave out
+    the padding a dict batch's ``attention_mask`` marks (:func:`~mpsearch._data.token_mask`).
+    A batch on which ``model``'s
     output has another shape than the reference's (a length the model predicts changed)
     agrees nowhere, or counts as predicting the reference's mean (``1 - MSE / Var`` of 0 on
     it).
@@ -73,6 +82,7 @@ class Fidelity:
         with torch.inference_mode():
             outputs = [main_output(run_model(reference, b)) for b in self.batches]
         self.reference = [out.float() for out, _ in outputs]
+        self.masks = [token_mask(b, r) for b, r in zip(self.batches, self.reference, strict=True)]
         if regression:
             metric = "mse"
         elif metric not in E2E_METRICS:
@@ -91,12 +101,15 @@ class Fidelity:
     def __call__(self, model: nn.Module) -> float:
         agree, total, sq, var = 0.0, 0, 0.0, 0.0
         with torch.inference_mode():
-            for batch, ref in zip(self.batches, self.reference, strict=True):
+            for batch, ref, mask in zip(self.batches, self.reference, self.masks, strict=True):
                 out = output_tensor(run_model(model, batch)).float()
                 same = out.shape == ref.shape  # else a decision in the model (a length) changed
                 if self.answers is not None:
-                    agree += float(answers_agree(out, ref, self.answers).sum()) if same else 0.0
-                    total += answers_agree(ref, ref, self.answers).numel()  # its positions
+                    real = answers_agree(ref, ref, self.answers)  # every position, or the tokens'
+                    real = mask if mask is not None and mask.shape == real.shape else real
+                    if same:
+                        agree += float((answers_agree(out, ref, self.answers) & real).sum())
+                    total += int(real.sum())
                 else:
                     spread = float(((ref - ref.mean()) ** 2).sum())
                     sq += float(((out - ref) ** 2).sum()) if same else spread

@@ -199,3 +199,24 @@ def test_answers_agree_compares_classes_or_label_sets() -> None:
         [[False, True], [True, True]]
     ]
     assert answers_agree(out, ref, "mse").tolist() == [False, False]  # arg-max of the last dim
+
+
+@pytest.mark.parametrize(("name", "fn"), [("kl", kl_divergence), ("mse", mean_squared_error)])
+def test_padding_is_left_out_of_per_token_metrics(name, fn) -> None:
+    """A token mask per batch: each output's metric is the metric over the real tokens alone,
+    in one set of operations for every batch (equal shapes) and batch by batch (unequal)."""
+    g = torch.Generator().manual_seed(0)
+    for lengths in ([5, 5], [5, 3]):
+        refs = [torch.randn(3, t, 6, generator=g) * 3 for t in lengths]
+        outs = [r + 0.3 * torch.randn(2, *r.shape, generator=g) for r in refs]
+        masks = [torch.arange(t) < torch.tensor([[t], [2], [1]]) for t in lengths]
+        for out in outs:  # garbage at the padding, where it must not count
+            out[:, 1, 3:, 0] += 100.0
+        scorer = E2EScorer(refs, name, fn, masks)
+        assert (scorer.joint is not None) == (lengths[0] == lengths[1])
+        got = scorer(outs, _where)
+        for b, (ref, batch, mask) in enumerate(zip(refs, outs, masks, strict=True)):
+            want = [fn(ref[mask], out[mask]) for out in batch]
+            assert got[b] == pytest.approx(want, rel=1e-12)
+        unmasked = E2EScorer(refs, name, fn)(outs, _where)
+        assert unmasked[0][0] > 10 * got[0][0]

@@ -333,6 +333,38 @@ def test_a_multi_label_classifier_is_profiled_by_each_labels_bernoulli_kl(
         assert prof.error(layer, "w4a8_pc") == pytest.approx(want, rel=1e-4, abs=1e-12)
 
 
+def test_the_padding_of_a_language_models_batches_is_left_out_of_its_rows() -> None:
+    """A causal LM on right-padded batches (random-initialised GPT-2): each row is the KL over
+    the real tokens of the model with that layer quantized, not over the padding too."""
+    transformers = pytest.importorskip("transformers")
+    from mpsearch.backends import quantize
+    from mpsearch.profile import kl_divergence
+
+    config = transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64, n_positions=16)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    g = torch.Generator().manual_seed(0)
+    calib = []
+    for _ in range(2):
+        lengths = torch.randint(3, 11, (6,), generator=g)
+        mask = (torch.arange(10) < lengths[:, None]).long()
+        calib.append(
+            {"input_ids": torch.randint(0, 64, (6, 10), generator=g), "attention_mask": mask}
+        )
+    prof = profile(model, calib, schemes=["w4a8_pc"], progress=False, e2e_samples=None)
+    assert prof.info["runner"].startswith("graph:")
+    for layer in prof.layers:
+        qm = quantize(model, {layer: "w4a8_pc"})
+        real, padded = [], []
+        with torch.inference_mode():
+            for b in calib:
+                ref, out, mask = model(**b).logits, qm(**b).logits, b["attention_mask"].bool()
+                real.append(kl_divergence(ref[mask], out[mask]))
+                padded.append(kl_divergence(ref, out))
+        assert prof.error(layer, "w4a8_pc") == pytest.approx(np.mean(real), rel=1e-4)
+        assert prof.error(layer, "w4a8_pc") != pytest.approx(np.mean(padded), rel=1e-3)
+
+
 def test_non_finite_quantized_output_is_inf_not_silent() -> None:
     net = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)).eval()
     with torch.no_grad():

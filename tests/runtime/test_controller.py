@@ -1036,3 +1036,28 @@ def test_controller_curve_of_a_multi_label_classifier_counts_label_sets(
     assert rows.loc["static:fp32", "accuracy"] == 56 / 64
     wrong = marked | (torch.arange(64) < 8)
     assert rows.loc["static:w8a8", "accuracy"] == float((~wrong).double().mean())
+
+
+def test_a_language_model_on_right_padded_batches_answers_at_each_rows_last_token() -> None:
+    """Random-initialised GPT-2 on right-padded prompts: the controller's answers and scores
+    read each prompt's last real token, in calibration and when served (rows escalated with
+    their own padding)."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64, n_positions=16)
+    torch.manual_seed(0)
+    gpt2 = transformers.GPT2LMHeadModel(config).eval()
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(2, 9, (16,), generator=g)
+    batch = {
+        "input_ids": torch.randint(0, 64, (16, 8), generator=g),
+        "attention_mask": (torch.arange(8) < lengths[:, None]).long(),
+    }
+    ctrl = Controller(gpt2, ["w8a8"], backend="simulate", order="given")
+    outputs = ctrl.stage_outputs([batch])
+    with torch.inference_mode():
+        logits = gpt2(**batch).logits
+    assert torch.equal(outputs[1], logits[torch.arange(16), lengths - 1])
+    scores = ctrl.stage_scores(outputs)[0]
+    ctrl.set_threshold(float(np.median(scores)))
+    ctrl(batch)
+    np.testing.assert_allclose(ctrl.audit["score_0"], scores, rtol=1e-6)

@@ -244,6 +244,19 @@ def test_answer_logits_keeps_every_position_of_a_dense_output() -> None:
         answer_logits(seg)
 
 
+def test_a_language_model_answers_at_each_rows_last_real_token() -> None:
+    """Right padding (an ``attention_mask`` of the output's ``[B, T]``): the answer is the
+    logits at each row's last real token, not at the padding after it; left padding, a
+    tensor batch or no padding: the last position."""
+    logits = torch.randn(3, 5, 7)
+    right = {"attention_mask": torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]])}
+    got = answer_logits({"logits": logits}, batch=right)
+    assert torch.equal(got, torch.stack([logits[0, 2], logits[1, 4], logits[2, 0]]))
+    left = {"attention_mask": torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 0, 0, 0, 1]])}
+    assert torch.equal(answer_logits({"logits": logits}, batch=left), logits[:, -1])
+    assert torch.equal(answer_logits(logits, batch=torch.zeros(3, 5)), logits[:, -1])
+
+
 def test_answer_logits_keeps_every_token_of_a_token_classifier() -> None:
     """A token classifier's [B, T, C] answers at every token (as [B, C, T]); a language
     model's [B, T, V] at the last position."""

@@ -156,3 +156,33 @@ def test_a_multi_label_classifier_agrees_where_its_whole_label_set_does() -> Non
     assert 0 < int(changed.sum()) < len(x)
     assert fidelity(_MultiLabel(shift=0.3)) == pytest.approx(1 - float(changed.double().mean()))
     assert Fidelity(_MultiLabel(), data, metric="kl")(_MultiLabel(shift=0.3)) == 1.0
+
+
+class _Tokens(nn.Module):
+    """Per-token logits ``[B, T, 3]`` of a dict batch: class ``input_ids % 3`` at every token,
+    turned to class 0 at the tokens ``flip`` marks."""
+
+    def __init__(self, flip: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.flip = flip
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict:
+        classes = input_ids % 3
+        if self.flip is not None:
+            classes = torch.where(self.flip, torch.zeros_like(classes), classes)
+        return {"logits": nn.functional.one_hot(classes, 3).float() * 4}
+
+
+def test_per_token_agreement_leaves_the_padding_out() -> None:
+    """Right-padded batches: a token flipped at the padding is no disagreement, one flipped at a
+    real token is one of the real tokens (was: every position counted)."""
+    ids = torch.tensor([[1, 2, 4, 5, 7], [2, 4, 1, 2, 5]])
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    data = [{"input_ids": ids, "attention_mask": mask}]
+    fidelity = Fidelity(_Tokens(), data)
+    at_padding = torch.zeros(2, 5, dtype=torch.bool)
+    at_padding[0, 3:] = True
+    assert fidelity(_Tokens(at_padding)) == 1.0
+    at_token = torch.zeros(2, 5, dtype=torch.bool)
+    at_token[1, 0] = True
+    assert fidelity(_Tokens(at_token)) == pytest.approx(1 - 1 / 8)
