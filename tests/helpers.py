@@ -187,3 +187,30 @@ def tiny_llama(seed: int = 0, **sizes: int) -> nn.Module:
         **{"intermediate_size": 128, "num_hidden_layers": 2, **sizes},
     )
     return transformers.LlamaForCausalLM(config).eval()
+
+
+def tiny_multi_label_bert(seed: int = 0) -> nn.Module:
+    """A random-initialised Hugging Face BERT classifier configured for multi-label
+    classification (5 labels, 100-token vocabulary, 1 layer of width 32)."""
+    import transformers
+
+    torch.manual_seed(seed)
+    config = transformers.BertConfig(
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        num_labels=5,
+        problem_type="multi_label_classification",
+    )
+    return transformers.BertForSequenceClassification(config).eval()
+
+
+def tiny_gpt2(seed: int = 0) -> nn.Module:
+    """A random-initialised Hugging Face GPT-2 (64-token vocabulary, 1 layer of width 32)."""
+    import transformers
+
+    torch.manual_seed(seed)
+    config = transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64, n_positions=16)
+    return transformers.GPT2LMHeadModel(config).eval()

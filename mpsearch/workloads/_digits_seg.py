@@ -11,7 +11,8 @@ models; quality is the mean intersection over union over the 11 classes.
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -19,6 +20,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from mpsearch.workloads._base import (
+    Task,
     Workload,
     labelled_workload,
     register_workload,
@@ -97,36 +99,65 @@ class DigitsSegNet(nn.Module):
         return {"out": self.head(x)}
 
 
+@dataclass(frozen=True)
+class SceneTask:
+    """A workload on digit scenes: what its model answers and how it trains."""
+
+    name: str
+    build: Callable[[], nn.Module]
+    targets: Callable[[torch.Tensor], torch.Tensor]
+    """Each scene's target from its pixel labels ``[n, 24, 24]``."""
+    config: TrainConfig
+    task: Task
+    scenes: dict[str, int] = field(default_factory=lambda: dict(SCENES))
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy
+
+
+def scene_workload(
+    spec: SceneTask, *, seed: int, cache_dir: Path, n_calib: int, n_test: int | None,
+    batch_size: int,
+) -> Workload:  # fmt: skip
+    """The workload ``spec`` describes: scenes drawn from the disjoint splits of the digits
+    classifiers' digits, its model trained on the train scenes (once, cached) and measured on
+    the test scenes."""
+    images, labels, digest = _digits()
+    parts = dict(zip(spec.scenes, split_indices(len(images), SPLIT, seed=seed), strict=True))
+    n_cal = take("n_calib", n_calib, spec.scenes["calib"])
+    n_tst = take("n_test", n_test, spec.scenes["test"])
+    data = {}
+    for k, (part, idx) in enumerate(parts.items()):
+        x, y = digit_scenes(images[idx], labels[idx], spec.scenes[part], seed=seed + k)
+        data[part] = (x, spec.targets(y))
+    key = fingerprint(
+        spec.name, asdict(spec.config), digest, SPLIT, spec.scenes, GRID, INK, MAX_NOISE
+    )
+    model, info = load_or_train(
+        spec.name,
+        seed=seed,
+        cache_dir=cache_dir,
+        key=key,
+        build=spec.build,
+        train=lambda m: _train(m, *data["train"], spec.config, seed=seed, loss_fn=spec.loss_fn),
+    )
+    return labelled_workload(
+        spec.name,
+        model,
+        calib=(data["calib"][0][:n_cal], data["calib"][1][:n_cal]),
+        test=(data["test"][0][:n_tst], data["test"][1][:n_tst]),
+        batch_size=batch_size,
+        task=spec.task,
+        info=info,
+    )
+
+
 @register_workload("digits_seg")
 def build_digits_seg(
     *, seed: int, cache_dir: Path, n_calib: int, n_test: int | None, batch_size: int
 ) -> Workload:
     """Segmentation of digit scenes: inputs ``[B, 1, 24, 24]``, ``{"out": [B, 11, 24, 24]}``
     per-pixel logits, mean IoU as quality (trained once, about 40 s on 2 cores, and cached)."""
-    images, labels, digest = _digits()
-    splits = dict(zip(SCENES, split_indices(len(images), SPLIT, seed=seed), strict=True))
-    n_cal = take("n_calib", n_calib, SCENES["calib"])
-    n_tst = take("n_test", n_test, SCENES["test"])
-    data = {
-        part: digit_scenes(images[idx], labels[idx], SCENES[part], seed=seed + k)
-        for k, (part, idx) in enumerate(splits.items())
-    }
-    model, info = load_or_train(
-        "digits_seg",
-        seed=seed,
-        cache_dir=cache_dir,
-        key=fingerprint(
-            "digits_seg", asdict(SEG_CONFIG), digest, SPLIT, SCENES, GRID, INK, MAX_NOISE
-        ),
-        build=DigitsSegNet,
-        train=lambda m: _train(m, *data["train"], SEG_CONFIG, seed=seed),
-    )
-    return labelled_workload(
-        "digits_seg",
-        model,
-        calib=(data["calib"][0][:n_cal], data["calib"][1][:n_cal]),
-        test=(data["test"][0][:n_tst], data["test"][1][:n_tst]),
+    spec = SceneTask("digits_seg", DigitsSegNet, lambda y: y, SEG_CONFIG, "segmentation")
+    return scene_workload(
+        spec, seed=seed, cache_dir=cache_dir, n_calib=n_calib, n_test=n_test,
         batch_size=batch_size,
-        task="segmentation",
-        info=info,
-    )
+    )  # fmt: skip

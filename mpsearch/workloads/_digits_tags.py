@@ -10,7 +10,7 @@ scenes given exactly their set of labels.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -18,16 +18,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from mpsearch._data import MULTI_LABEL_PROBLEM
-from mpsearch.workloads._base import (
-    Workload,
-    labelled_workload,
-    register_workload,
-    split_indices,
-    take,
-)
-from mpsearch.workloads._cache import fingerprint, load_or_train
-from mpsearch.workloads._digits import SPLIT, TrainConfig, _digits, _train
-from mpsearch.workloads._digits_seg import BACKGROUND, SCENES, digit_scenes
+from mpsearch.workloads._base import Workload, register_workload
+from mpsearch.workloads._digits import TrainConfig
+from mpsearch.workloads._digits_seg import BACKGROUND, SCENES, SceneTask, scene_workload
 
 NUM_LABELS = 10
 TAG_SCENES = {**SCENES, "train": 10_000}
@@ -91,30 +84,11 @@ def build_digits_tags(
     """Multi-label tagging of digit scenes: inputs ``[B, 1, 24, 24]``, logits ``[B, 10]`` (one
     sigmoid per digit class), the share of scenes tagged exactly right as quality (trained
     once and cached)."""
-    images, labels, digest = _digits()
-    splits = dict(zip(TAG_SCENES, split_indices(len(images), SPLIT, seed=seed), strict=True))
-    n_cal = take("n_calib", n_calib, TAG_SCENES["calib"])
-    n_tst = take("n_test", n_test, TAG_SCENES["test"])
-    data = {}
-    for k, (part, idx) in enumerate(splits.items()):
-        x, y = digit_scenes(images[idx], labels[idx], TAG_SCENES[part], seed=seed + k)
-        data[part] = (x, scene_tags(y))
-    model, info = load_or_train(
-        "digits_tags",
-        seed=seed,
-        cache_dir=cache_dir,
-        key=fingerprint("digits_tags", asdict(TAGS_CONFIG), digest, SPLIT, TAG_SCENES),
-        build=DigitsTagNet,
-        train=lambda m: _train(
-            m, *data["train"], TAGS_CONFIG, seed=seed, loss_fn=F.binary_cross_entropy_with_logits
-        ),
-    )
-    return labelled_workload(
-        "digits_tags",
-        model,
-        calib=(data["calib"][0][:n_cal], data["calib"][1][:n_cal]),
-        test=(data["test"][0][:n_tst], data["test"][1][:n_tst]),
+    spec = SceneTask(
+        "digits_tags", DigitsTagNet, scene_tags, TAGS_CONFIG, "multilabel", scenes=TAG_SCENES,
+        loss_fn=F.binary_cross_entropy_with_logits,
+    )  # fmt: skip
+    return scene_workload(
+        spec, seed=seed, cache_dir=cache_dir, n_calib=n_calib, n_test=n_test,
         batch_size=batch_size,
-        task="multilabel",
-        info=info,
-    )
+    )  # fmt: skip

@@ -302,23 +302,15 @@ def test_a_multi_label_classifier_is_profiled_by_each_labels_bernoulli_kl(
     its config): the profile reads ``problem_type`` and compares its sigmoids, not a softmax
     over its labels, on the graph and on the hook runner; each row equals the metric of the
     model with that layer quantized."""
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
+    from helpers import tiny_multi_label_bert
+
     from mpsearch.backends import quantize
     from mpsearch.profile import bernoulli_kl
 
     if hooks:
         monkeypatch.setattr(importlib.import_module("mpsearch.profile._runner"), "CAPTURES", {})
-    config = transformers.BertConfig(
-        vocab_size=100,
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=64,
-        num_labels=5,
-        problem_type="multi_label_classification",
-    )
-    torch.manual_seed(0)
-    model = transformers.BertForSequenceClassification(config).eval()
+    model = tiny_multi_label_bert()
     g = torch.Generator().manual_seed(0)
     calib = [{"input_ids": torch.randint(1, 100, (8, 10), generator=g)} for _ in range(2)]
     with warnings.catch_warnings():
@@ -336,13 +328,13 @@ def test_a_multi_label_classifier_is_profiled_by_each_labels_bernoulli_kl(
 def test_the_padding_of_a_language_models_batches_is_left_out_of_its_rows() -> None:
     """A causal LM on right-padded batches (random-initialised GPT-2): each row is the KL over
     the real tokens of the model with that layer quantized, not over the padding too."""
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
+    from helpers import tiny_gpt2
+
     from mpsearch.backends import quantize
     from mpsearch.profile import kl_divergence
 
-    config = transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64, n_positions=16)
-    torch.manual_seed(0)
-    model = transformers.GPT2LMHeadModel(config).eval()
+    model = tiny_gpt2()
     g = torch.Generator().manual_seed(0)
     calib = []
     for _ in range(2):

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from helpers import tiny_gpt2, tiny_multi_label_bert
 from torch import nn
 
 from mpsearch.backends import quantize
@@ -973,20 +974,10 @@ def test_a_multi_label_classifier_escalates_exactly_the_inputs_whose_label_set_c
 def test_a_hugging_face_multi_label_classifier_is_served_in_its_own_output_type() -> None:
     """A BERT classifier configured for multi-label classification, random-initialised: the
     controller reads ``problem_type``, compares label sets, and returns the model's output."""
-    transformers = pytest.importorskip("transformers")
-    config = transformers.BertConfig(
-        vocab_size=200,
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=64,
-        num_labels=5,
-        problem_type="multi_label_classification",
-    )
-    torch.manual_seed(0)
-    bert = transformers.BertForSequenceClassification(config).eval()
+    pytest.importorskip("transformers")
+    bert = tiny_multi_label_bert()
     g = torch.Generator().manual_seed(0)
-    calib = [{"input_ids": torch.randint(1, 200, (16, 12), generator=g)} for _ in range(4)]
+    calib = [{"input_ids": torch.randint(1, 100, (16, 12), generator=g)} for _ in range(4)]
     ctrl = Controller(bert, ["w8a8"], backend="simulate", order="given")
     assert ctrl.multi_label
     outputs = ctrl.stage_outputs(calib)
@@ -1042,10 +1033,8 @@ def test_a_language_model_on_right_padded_batches_answers_at_each_rows_last_toke
     """Random-initialised GPT-2 on right-padded prompts: the controller's answers and scores
     read each prompt's last real token, in calibration and when served (rows escalated with
     their own padding)."""
-    transformers = pytest.importorskip("transformers")
-    config = transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64, n_positions=16)
-    torch.manual_seed(0)
-    gpt2 = transformers.GPT2LMHeadModel(config).eval()
+    pytest.importorskip("transformers")
+    gpt2 = tiny_gpt2()
     g = torch.Generator().manual_seed(0)
     lengths = torch.randint(2, 9, (16,), generator=g)
     batch = {
