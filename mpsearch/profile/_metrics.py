@@ -217,27 +217,25 @@ class _MSEAgainst:
         return tuple(shape)
 
 
-def term_weights(rows: tuple[int, ...], mask: Tensor | None) -> Tensor | None:
-    """float64 weights ``[prod(rows)]`` of the terms of one output laid out on the grid ``rows``
-    from a token mask ``[B, T]`` (:func:`~mpsearch._data.token_mask`): 1 at real tokens, 0 at
-    padding; ``None`` without a mask or where the grid does not start with its positions.
+def kept_terms(rows: tuple[int, ...], mask: Tensor | None) -> Tensor | None:
+    """Which terms ``[prod(rows)]`` of one output laid out on the grid ``rows`` a token mask
+    ``[B, T]`` keeps (:func:`~mpsearch._data.token_mask`): those of real tokens, not of padding;
+    ``None`` without a mask or where the grid does not start with its positions.
 
-    >>> term_weights((2, 3), torch.tensor([[True, True, False], [True, False, False]])).tolist()
-    [1.0, 1.0, 0.0, 1.0, 0.0, 0.0]
+    >>> kept_terms((2, 3), torch.tensor([[True, True, False], [True, False, False]])).tolist()
+    [True, True, False, True, False, False]
     """
     if mask is None or tuple(rows[:2]) != tuple(mask.shape):
         return None
-    view = mask.reshape(*mask.shape, *[1] * (len(rows) - 2))
-    return view.expand(rows).reshape(-1).double()
+    return mask.reshape(*mask.shape, *[1] * (len(rows) - 2)).expand(rows).reshape(-1)
 
 
-def _weighted_mean(terms: Tensor, weights: Tensor | None) -> Tensor:
-    """Per-output mean of ``terms`` ``[outputs, n]`` over the terms whose ``weights`` ``[n]`` are
-    not 0 (padding left out; all of them where every weight is 0 or there are none)."""
-    if weights is None:
+def _kept_mean(terms: Tensor, kept: Tensor | None) -> Tensor:
+    """Per-output mean of ``terms`` ``[outputs, n]`` over the ``kept`` ones (all of them where
+    none is kept or there is no mask)."""
+    if kept is None or not bool(kept.any()):
         return terms.mean(dim=-1)
-    kept = terms[:, weights > 0]
-    return kept.mean(dim=-1) if kept.shape[1] else terms.mean(dim=-1)
+    return terms[:, kept].mean(dim=-1)
 
 
 BATCHED_METRICS: dict[MetricFn, Callable[[Tensor], Any]] = {
@@ -277,10 +275,10 @@ class E2EScorer:
         self.refs, self.name, self.fn = list(refs), name, fn
         self.kind = BATCHED_METRICS.get(fn)
         self.joint = None
-        self.weights: list[Tensor | None] = [None] * len(self.refs)
+        self.kept: list[Tensor | None] = [None] * len(self.refs)
         if self.kind is not None and masks is not None:
-            self.weights = [
-                term_weights(self.kind.rows(r.shape), m)
+            self.kept = [
+                kept_terms(self.kind.rows(r.shape), m)
                 for r, m in zip(self.refs, masks, strict=True)
             ]
         shapes = {tuple(r.shape[1:]) for r in self.refs}
@@ -298,17 +296,17 @@ class E2EScorer:
             return [self._called(b, out, where) for b, out in enumerate(outs)]
         if self.joint is not None and all(o.shape[2:] == outs[0].shape[2:] for o in outs):
             terms = self.joint.terms(outs[0] if len(outs) == 1 else torch.cat(list(outs), dim=1))
-            if len(set(self.counts)) == 1 and not any(w is not None for w in self.weights):
+            if len(set(self.counts)) == 1 and all(k is None for k in self.kept):
                 means = terms.view(len(terms), len(outs), -1).mean(dim=-1)
             else:
                 parts = terms.split(self.counts, 1)
                 means = torch.stack(
-                    [_weighted_mean(t, w) for t, w in zip(parts, self.weights, strict=True)], 1
+                    [_kept_mean(t, k) for t, k in zip(parts, self.kept, strict=True)], 1
                 )
             values = means.T.tolist()
         else:
             values = [
-                _weighted_mean(self._batched(b).terms(out), self.weights[b]).tolist()
+                _kept_mean(self._batched(b).terms(out), self.kept[b]).tolist()
                 for b, out in enumerate(outs)
             ]
         for b, row in enumerate(values):
