@@ -36,8 +36,10 @@ def _hooks(monkeypatch, model, calib, **kwargs):
 
 
 def _assert_same_rows(graph, hooks) -> None:
+    # rtol 1e-4: local MSEs of 1e-8 between outputs near 1 magnify the outputs' last bits, which
+    # vary between the runners' batch layouts on machine A (Xeon, AMX): 1.6e-5 relative seen
     for metric in ("mse", "sqnr_db"):
-        np.testing.assert_allclose(graph.pivot(metric), hooks.pivot(metric), rtol=1e-5)
+        np.testing.assert_allclose(graph.pivot(metric), hooks.pivot(metric), rtol=1e-4)
     # KL divergences down to 1e-10: float rounding of the graph's operations shows there
     np.testing.assert_allclose(graph.pivot("e2e"), hooks.pivot("e2e"), rtol=1e-4, atol=1e-10)
 

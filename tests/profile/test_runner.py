@@ -347,7 +347,6 @@ def test_a_layer_called_more_than_once_takes_the_graph_runner(
     for metric in ("mse", "sqnr_db", "e2e"):
         # rtol 1e-4: an MSE of 1e-6 between two outputs near 1 magnifies their last bits, which
         # varied between runs on machine A (Xeon, AMX) under `pytest -n 2`: 1.7e-5 relative
-        # in one run of two, with or without this session's changes
         np.testing.assert_allclose(graph.pivot(metric), hooks.pivot(metric), rtol=1e-4)
 
 
