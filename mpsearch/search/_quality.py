@@ -82,7 +82,6 @@ class Fidelity:
         with torch.inference_mode():
             outputs = [main_output(run_model(reference, b)) for b in self.batches]
         self.reference = [out.float() for out, _ in outputs]
-        self.masks = [token_mask(b, r) for b, r in zip(self.batches, self.reference, strict=True)]
         if regression:
             metric = "mse"
         elif metric not in E2E_METRICS:
@@ -93,6 +92,14 @@ class Fidelity:
         dim = CLASS_DIMS.get(metric)  # class scores need 2 classes (a forced "kl" on [B, 1])
         answers = metric in AGREEMENT and first.dim() >= 2
         self.answers = metric if answers and (dim is None or first.shape[dim] >= 2) else None
+        self.positions: list[torch.Tensor] = []  # per batch: the positions counted (real tokens)
+        if self.answers is not None:
+            for batch, ref in zip(self.batches, self.reference, strict=True):
+                every = answers_agree(ref, ref, self.answers)
+                mask = token_mask(batch, ref)
+                self.positions.append(
+                    mask if mask is not None and mask.shape == every.shape else every
+                )
         if not all(torch.isfinite(r).all() for r in self.reference):
             raise ValueError(
                 "The fp32 model gives NaN or inf outputs on 'eval_data'; check the data."
@@ -101,15 +108,14 @@ class Fidelity:
     def __call__(self, model: nn.Module) -> float:
         agree, total, sq, var = 0.0, 0, 0.0, 0.0
         with torch.inference_mode():
-            for batch, ref, mask in zip(self.batches, self.reference, self.masks, strict=True):
+            for b, (batch, ref) in enumerate(zip(self.batches, self.reference, strict=True)):
                 out = output_tensor(run_model(model, batch)).float()
                 same = out.shape == ref.shape  # else a decision in the model (a length) changed
                 if self.answers is not None:
-                    real = answers_agree(ref, ref, self.answers)  # every position, or the tokens'
-                    real = mask if mask is not None and mask.shape == real.shape else real
+                    counted = self.positions[b]
                     if same:
-                        agree += float((answers_agree(out, ref, self.answers) & real).sum())
-                    total += int(real.sum())
+                        agree += float((answers_agree(out, ref, self.answers) & counted).sum())
+                    total += int(counted.sum())
                 else:
                     spread = float(((ref - ref.mean()) ** 2).sum())
                     sq += float(((out - ref) ** 2).sum()) if same else spread
